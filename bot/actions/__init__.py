@@ -1,0 +1,1 @@
+"""Button handlers, one module per feature."""

@@ -1,0 +1,380 @@
+"""The `/runctl` command grammar: text in, a command model or a UsageError out.
+
+Each command is a ``Spec``; adding one is adding a spec to ``SPECS``.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import shlex
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from workers import commands as c
+from workers.errors import UsageError
+
+MAX_TEXT = 4000
+MAX_ARGS = 100
+MAX_ARG_LEN = 1000
+INSTANCE_RE = re.compile(r"^i-(?:[0-9a-f]{8}|[0-9a-f]{17})$")
+_SMART_QUOTES = str.maketrans({"“": '"', "”": '"', "‘": "'", "’": "'"})
+_MENTION = re.compile(r"^<@([UW][A-Z0-9]+)(?:\|[^>]*)?>$")
+_REF_BAD = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
+
+FlagKind = Literal["switch", "bool", "int", "str", "user", "instance"]
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str  # without the leading dashes
+    dest: str
+    kind: FlagKind
+    metavar: str = ""
+    value: Any = True  # what a switch sets
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    usage: str
+    summary: str
+    positionals: tuple[str, ...] = ()  # dest names, in order
+    optional_positionals: int = 0  # how many trailing positionals may be omitted
+    flags: tuple[Flag, ...] = ()
+    passthrough: bool = False  # accepts `-- args...`
+    build: Callable[..., c.Command] = field(default=c.HelpCommand)
+    details: str = ""
+
+    def flag(self, name: str) -> Flag | None:
+        return next((f for f in self.flags if f.name == name), None)
+
+
+def _switch(name: str, dest: str, value: Any = True) -> Flag:
+    return Flag(name, dest, "switch", value=value)
+
+
+SPECS: dict[str, Spec] = {
+    s.name: s
+    for s in (
+        Spec(
+            "train",
+            "/runctl train <instance-id> <script.py> [--ref REF] [--sync-code|--no-sync-code] "
+            "[--wait|--no-wait] [--force] [--checkpoint-interval N] [--no-deps] [--rebuild-env] "
+            "-- <script args...>",
+            "Ship the code at REF and start a training run on an instance.",
+            positionals=("instance_id", "script"),
+            flags=(
+                Flag("ref", "ref", "str", "REF"),
+                Flag("sync-code", "sync_code", "bool"),
+                _switch("no-sync-code", "sync_code", False),
+                Flag("wait", "wait", "bool"),
+                _switch("no-wait", "wait", False),
+                _switch("force", "force"),
+                Flag("checkpoint-interval", "checkpoint_interval", "int", "N"),
+                _switch("no-deps", "deps", False),
+                _switch("rebuild-env", "rebuild_env"),
+            ),
+            passthrough=True,
+            build=c.TrainCommand,
+            details="Everything after `--` goes to the script verbatim. One training per "
+            "instance: a live run blocks a new one unless `--force` (which stops it gracefully "
+            "first). `--wait` (default) follows the run in the message thread.",
+        ),
+        Spec(
+            "status",
+            "/runctl status <instance-id>",
+            "Instance state, uptime, the live run and its progress.",
+            positionals=("instance_id",),
+            build=c.StatusCommand,
+        ),
+        Spec(
+            "stop",
+            "/runctl stop <instance-id> [--grace SECONDS] [--force]",
+            "Checkpoint the live run (SIGTERM), then stop the instance.",
+            positionals=("instance_id",),
+            flags=(Flag("grace", "grace", "int", "SECONDS"), _switch("force", "force")),
+            build=c.StopCommand,
+            details="The run gets SIGTERM and up to --grace seconds (default 120) to save a "
+            "checkpoint; the report says what it saved. `--force` skips that (admins).",
+        ),
+        Spec(
+            "start",
+            "/runctl start <instance-id> [--no-wait]",
+            "Start a stopped instance; offers to resume the last stopped run.",
+            positionals=("instance_id",),
+            flags=(Flag("wait", "wait", "bool"), _switch("no-wait", "wait", False)),
+            build=c.StartCommand,
+        ),
+        Spec(
+            "terminate",
+            "/runctl terminate <instance-id>",
+            "Ask to terminate an instance; nothing happens until the button is clicked.",
+            positionals=("instance_id",),
+            build=c.TerminateCommand,
+            details="Posts a confirmation in the channel with the instance's checkpoints and "
+            "cost. [Terminate] needs the requester or an admin, and expires after 10 minutes.",
+        ),
+        Spec(
+            "resources",
+            "/runctl resources [--all] [--sort cost|uptime|type] [--user @someone]",
+            "Managed instances with uptime, $/h, cost so far and who is training.",
+            flags=(
+                _switch("all", "all"),
+                Flag("sort", "sort", "str", "cost|uptime|type", choices=("cost", "uptime", "type")),
+                Flag("user", "user", "user", "@someone"),
+            ),
+            build=c.ResourcesCommand,
+        ),
+        Spec(
+            "checkpoints",
+            "/runctl checkpoints <instance-id> [--run RUN_ID]",
+            "List a run's checkpoints on the instance, with an integrity check.",
+            positionals=("instance_id",),
+            flags=(Flag("run", "run_id", "str", "RUN_ID"),),
+            build=c.CheckpointsCommand,
+        ),
+        Spec(
+            "audit",
+            "/runctl audit [N] [--instance i-…] [--user @x]",
+            "The newest N audit records (admins).",
+            positionals=("count",),
+            optional_positionals=1,
+            flags=(Flag("instance", "instance_id", "instance", "i-…"), Flag("user", "user", "user", "@x")),
+            build=c.AuditCommand,
+        ),
+        Spec(
+            "help",
+            "/runctl help [command]",
+            "This help, or one command's.",
+            positionals=("topic",),
+            optional_positionals=1,
+            build=c.HelpCommand,
+        ),
+    )
+}
+
+
+def parse(text: str) -> c.AnyCommand:
+    """Parse the text after `/runctl`. Raises UsageError, never anything else."""
+    if len(text) > MAX_TEXT:
+        raise UsageError(f"That command is {len(text)} characters; the limit is {MAX_TEXT}.")
+    tokens = tokenize(text)
+    if not tokens:
+        return c.HelpCommand()
+    name, rest = tokens[0].lower(), tokens[1:]
+    spec = SPECS.get(name)
+    if spec is None:
+        raise UsageError(
+            f"Unknown command `{tokens[0]}`.",
+            usage="/runctl " + "|".join(SPECS),
+            suggestion="/runctl help",
+        )
+    values = _parse_tokens(spec, rest)
+    if spec.name == "help" and values.get("topic") not in (None, *SPECS):
+        raise UsageError(f"No help for `{values['topic']}`.", usage=spec.usage)
+    try:
+        command: c.AnyCommand = spec.build(**values)  # type: ignore[assignment]
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise UsageError(f"Bad value for {where}: {err['msg']}.", usage=spec.usage) from None
+    return command
+
+
+def tokenize(text: str) -> list[str]:
+    text = text.translate(_SMART_QUOTES)
+    try:
+        tokens = shlex.split(text)
+    except ValueError as exc:
+        raise UsageError(f"Could not read that command: {exc} (check your quotes).") from None
+    if len(tokens) > MAX_ARGS:
+        raise UsageError(f"Too many arguments ({len(tokens)}); the limit is {MAX_ARGS}.")
+    for tok in tokens:
+        if len(tok) > MAX_ARG_LEN:
+            raise UsageError(
+                f"An argument is {len(tok)} characters long; the limit is {MAX_ARG_LEN}."
+            )
+        bad = next((ch for ch in tok if unicodedata.category(ch) == "Cc"), None)
+        if bad is not None:
+            raise UsageError(
+                f"Argument {tok[:40]!r} contains a control character ({bad!r}); "
+                "newlines, tabs and NUL are not allowed inside an argument."
+            )
+    return tokens
+
+
+def _parse_tokens(spec: Spec, tokens: list[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    positionals: list[str] = []
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok == "--":
+            if not spec.passthrough:
+                raise UsageError(f"`{spec.name}` takes no script arguments.", usage=spec.usage)
+            values["args"] = tuple(tokens[i + 1 :])
+            break
+        if tok.startswith("-") and len(tok) > 1 and not _is_number(tok):
+            name, eq, inline = tok.lstrip("-").partition("=")
+            flag = spec.flag(name) if tok.startswith("--") else None
+            if flag is None:
+                _unknown_flag(spec, tokens, i, positionals)
+            assert flag is not None
+            if flag.kind == "switch":
+                if eq:
+                    raise UsageError(f"`--{name}` takes no value.", usage=spec.usage)
+                values[flag.dest] = flag.value
+                i += 1
+                continue
+            if flag.kind == "bool" and not eq:
+                values[flag.dest] = True
+                i += 1
+                continue
+            if eq:
+                raw = inline
+            elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+                raw = tokens[i + 1]
+                i += 1
+            else:
+                raise UsageError(f"`--{name}` needs a value ({flag.metavar}).", usage=spec.usage)
+            values[flag.dest] = _convert(spec, flag, raw)
+            i += 1
+            continue
+        if spec.passthrough and len(positionals) == len(spec.positionals):
+            _missing_separator(spec, tokens, i)
+        positionals.append(tok)
+        i += 1
+    required = len(spec.positionals) - spec.optional_positionals
+    if len(positionals) < required:
+        missing = spec.positionals[len(positionals)]
+        raise UsageError(f"Missing <{missing.replace('_', '-')}>.", usage=spec.usage)
+    if len(positionals) > len(spec.positionals):
+        raise UsageError(f"Unexpected `{positionals[len(spec.positionals)]}`.", usage=spec.usage)
+    for dest, raw in zip(spec.positionals, positionals, strict=False):
+        values[dest] = _positional(spec, dest, raw)
+    return values
+
+
+def _positional(spec: Spec, dest: str, raw: str) -> Any:
+    if dest == "instance_id":
+        return _instance(spec, raw)
+    if dest == "script":
+        return check_script_path(raw, spec.usage)
+    if dest == "count":
+        if not raw.isdigit():
+            raise UsageError(f"N must be a number, not `{raw}`.", usage=spec.usage)
+        return int(raw)
+    return raw
+
+
+def _convert(spec: Spec, flag: Flag, raw: str) -> Any:
+    if flag.kind == "int":
+        if not raw.isdigit():
+            raise UsageError(f"`--{flag.name}` needs a whole number, not `{raw}`.", usage=spec.usage)
+        return int(raw)
+    if flag.kind == "bool":
+        lowered = raw.lower()
+        if lowered not in ("true", "false"):
+            raise UsageError(f"`--{flag.name}=` takes true or false, not `{raw}`.", usage=spec.usage)
+        return lowered == "true"
+    if flag.kind == "user":
+        match = _MENTION.match(raw)
+        if match:
+            return match.group(1)
+        if re.fullmatch(r"@?[UW][A-Z0-9]{2,}", raw):
+            return raw.lstrip("@")
+        raise UsageError(
+            f"`--{flag.name}` needs a Slack mention like @someone, not `{raw}`.", usage=spec.usage
+        )
+    if flag.kind == "instance":
+        return _instance(spec, raw)
+    if flag.choices and raw not in flag.choices:
+        raise UsageError(
+            f"`--{flag.name}` must be one of {', '.join(flag.choices)}, not `{raw}`.",
+            usage=spec.usage,
+        )
+    if flag.name == "ref":
+        return check_ref(raw, spec.usage)
+    return raw
+
+
+def _instance(spec: Spec, raw: str) -> str:
+    if not INSTANCE_RE.match(raw):
+        raise UsageError(
+            f"`{raw}` is not an instance id (expected i- followed by 8 or 17 hex digits, "
+            "e.g. i-0abc1234def567890).",
+            usage=spec.usage,
+        )
+    return raw
+
+
+def check_script_path(raw: str, usage: str = "") -> str:
+    problem = ""
+    norm = posixpath.normpath(raw) if raw else raw
+    if not raw:
+        problem = "is empty"
+    elif raw.startswith("/") or raw.startswith("~"):
+        problem = "is absolute; give a path relative to the repository root"
+    elif ".." in raw.split("/") or norm.startswith(".."):
+        problem = "leaves the repository (`..`)"
+    elif "\\" in raw:
+        problem = "contains a backslash; use `/`"
+    elif not norm.endswith(".py"):
+        problem = "is not a Python script (.py)"
+    if problem:
+        raise UsageError(f"Script path `{raw}` {problem}.", usage=usage)
+    return norm
+
+
+def check_ref(raw: str, usage: str = "") -> str:
+    """git check-ref-format's rules, plus: a ref never starts with `-`."""
+    bad = (
+        raw.startswith("-")
+        or raw in ("", "@")
+        or len(raw) > 200
+        or _REF_BAD.search(raw) is not None
+        or raw.endswith((".", "/", ".lock"))
+        or any(part.startswith(".") or part.endswith(".lock") for part in raw.split("/"))
+    )
+    if bad:
+        raise UsageError(f"`{raw}` is not a valid git ref.", usage=usage)
+    return raw
+
+
+def _is_number(tok: str) -> bool:
+    return re.fullmatch(r"-\d+(\.\d+)?", tok) is not None
+
+
+def _unknown_flag(spec: Spec, tokens: list[str], i: int, positionals: list[str]) -> None:
+    if spec.passthrough and len(positionals) == len(spec.positionals):
+        _missing_separator(spec, tokens, i)
+    if spec.name == "terminate" and tokens[i] == "--force":
+        raise UsageError(
+            "`terminate` always asks for confirmation; there is no `--force`.", usage=spec.usage
+        )
+    raise UsageError(f"Unknown option `{tokens[i]}` for `{spec.name}`.", usage=spec.usage)
+
+
+def _missing_separator(spec: Spec, tokens: list[str], i: int) -> None:
+    fixed = [spec.name, *tokens[:i], "--", *tokens[i:]]
+    raise UsageError(
+        f"`{tokens[i]}` looks like an argument for your script, but there is no `--` before it. "
+        "runctl does not guess where its own options end.",
+        usage=spec.usage,
+        suggestion="/runctl " + shlex.join(fixed),
+    )
+
+
+def help_text(topic: str | None = None) -> str:
+    if topic:
+        spec = SPECS[topic]
+        return f"`{spec.usage}`\n{spec.summary}" + (f"\n{spec.details}" if spec.details else "")
+    lines = ["*runctl* — run and watch training jobs on EC2 from Slack."]
+    lines += [f"• `{s.usage}`\n    {s.summary}" for s in SPECS.values()]
+    return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""Shared fixtures: real Redis, the moto sandbox with the executing-SSM shim,
+the fake Slack Web API, and Services wired to all three."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import pytest
+import redis as redis_mod
+from slack_sdk import WebClient
+
+from workers import context
+from workers.context import Services
+from workers.inline import InlineWorker
+from workers.notifier import Notifier
+from workers.sandbox.aws import Sandbox, SeedInfo, seed
+from workers.sandbox.example_repo import make_example_repo
+from workers.sandbox.fake_slack import FakeSlack
+from workers.settings import Settings
+
+REDIS_URL = os.environ.get("RUNCTL_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+BUCKET = "runctl-test-bundles"
+TOKEN = "xoxb-test-token"
+
+
+@pytest.fixture
+def real_redis() -> Iterator[redis_mod.Redis]:
+    client = redis_mod.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis_mod.ConnectionError:
+        pytest.fail(f"Redis is not running at {REDIS_URL}; start it with `redis-server --daemonize yes`")
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def fake_redis() -> redis_mod.Redis:
+    return fakeredis.FakeRedis(server=fakeredis.FakeServer())
+
+
+@pytest.fixture(scope="session")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    box = Sandbox(tmp_path_factory.mktemp("sandbox"))
+    box.start()
+    old = {k: os.environ.get(k) for k in box.env()}
+    os.environ.update(box.env())
+    yield box
+    box.stop()
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def fleet_seed(sandbox: Sandbox) -> SeedInfo:
+    """Fresh instances per test, so state never leaks between tests."""
+    return seed(sandbox.endpoint_url, "us-east-1", BUCKET)
+
+
+@pytest.fixture(scope="session")
+def example_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_example_repo(tmp_path_factory.mktemp("repo") / "training-code")
+
+
+@pytest.fixture(scope="session")
+def slack() -> Iterator[FakeSlack]:
+    fake = FakeSlack()
+    fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def settings(slack: FakeSlack, example_repo: Path, tmp_path: Path) -> Settings:
+    return Settings(
+        SLACK_BOT_TOKEN=TOKEN,
+        SLACK_SIGNING_SECRET="test-signing-secret",
+        SLACK_API_URL=slack.base_url,
+        REDIS_URL=REDIS_URL,
+        RUNCTL_REPO=str(example_repo),
+        RUNCTL_S3_BUCKET=BUCKET,
+        RUNCTL_MIRROR_DIR=tmp_path / "mirror",
+        RUNCTL_CHANNEL="C0OPS",
+        RUNCTL_ADMINS=["U0ADMIN"],
+        RUNCTL_POLL_MIN_SECONDS=0.2,
+        RUNCTL_POLL_MAX_SECONDS=0.5,
+        RUNCTL_LAUNCH_CHECK_SECONDS=0.5,
+        RUNCTL_STOP_GRACE_SECONDS=20,
+    )
+
+
+@pytest.fixture
+def svc(settings: Settings, real_redis: redis_mod.Redis, slack: FakeSlack, sandbox: Sandbox) -> Iterator[Services]:
+    slack.reset()
+    services = Services(
+        settings=settings,
+        redis=real_redis,
+        notifier=Notifier(WebClient(token=TOKEN, base_url=slack.base_url)),
+    )
+    context.install(services)
+    yield services
+    context.install(None)
+
+
+@pytest.fixture
+def worker(svc: Services) -> InlineWorker:
+    return InlineWorker(svc.redis)
+
+
+def sent_commands(svc: Services, instance_id: str) -> list[dict[str, Any]]:
+    """moto's own list of SSM commands sent to an instance."""
+    return list(svc.fleet.ssm.list_commands(InstanceId=instance_id)["Commands"])

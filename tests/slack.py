@@ -1,0 +1,88 @@
+"""Signed Slack requests, as Slack sends them."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+from urllib.parse import urlencode
+
+from slack_bolt.request import BoltRequest
+from slack_sdk.signature import SignatureVerifier
+
+SECRET = "test-signing-secret"
+
+
+def sign(body: str, secret: str = SECRET, timestamp: int | None = None) -> dict[str, str]:
+    ts = str(int(time.time()) if timestamp is None else timestamp)
+    sig = SignatureVerifier(secret).generate_signature(timestamp=ts, body=body)
+    return {
+        "content-type": "application/x-www-form-urlencoded",
+        "x-slack-request-timestamp": ts,
+        "x-slack-signature": sig,
+    }
+
+
+def command_body(text: str, user: str = "U0ALICE", channel: str = "C0TRAIN", **extra: str) -> str:
+    fields = {
+        "token": "legacy",
+        "team_id": "T0TEAM",
+        "team_domain": "example",
+        "channel_id": channel,
+        "channel_name": "training",
+        "user_id": user,
+        "user_name": user.lower(),
+        "command": "/runctl",
+        "text": text,
+        "api_app_id": "A0RUNCTL",
+        "response_url": extra.pop("response_url", "https://hooks.slack.invalid/commands/1"),
+        "trigger_id": extra.pop("trigger_id", f"trig.{time.monotonic_ns()}"),
+        **extra,
+    }
+    return urlencode(fields)
+
+
+def command(
+    text: str, user: str = "U0ALICE", channel: str = "C0TRAIN", secret: str = SECRET, **extra: str
+) -> BoltRequest:
+    body = command_body(text, user, channel, **extra)
+    return BoltRequest(body=body, headers=sign(body, secret))
+
+
+def action_body(payload: dict[str, Any]) -> str:
+    return urlencode({"payload": json.dumps(payload)})
+
+
+def action(payload: dict[str, Any], secret: str = SECRET) -> BoltRequest:
+    body = action_body(payload)
+    return BoltRequest(body=body, headers=sign(body, secret))
+
+
+def click(message: dict[str, Any], action_id: str, user: str, channel: str = "C0TRAIN") -> dict[str, Any]:
+    """A block_actions payload for clicking the button `action_id` in a posted message."""
+    for block in message.get("blocks", []):
+        for element in block.get("elements", []) if block.get("type") == "actions" else []:
+            if element.get("action_id") == action_id:
+                return {
+                    "type": "block_actions",
+                    "team": {"id": "T0TEAM", "domain": "example"},
+                    "user": {"id": user, "username": user.lower(), "team_id": "T0TEAM"},
+                    "api_app_id": "A0RUNCTL",
+                    "token": "legacy",
+                    "container": {"type": "message", "message_ts": message["ts"], "channel_id": channel},
+                    "trigger_id": f"trig.{time.monotonic_ns()}",
+                    "channel": {"id": channel, "name": "training"},
+                    "message": message,
+                    "response_url": "https://hooks.slack.invalid/actions/1",
+                    "actions": [
+                        {
+                            "type": "button",
+                            "action_id": action_id,
+                            "block_id": block.get("block_id", ""),
+                            "text": element.get("text"),
+                            "value": element.get("value", ""),
+                            "action_ts": f"{time.time():.6f}",
+                        }
+                    ],
+                }
+    raise AssertionError(f"no button {action_id} in message {message.get('ts')}")

@@ -1,0 +1,307 @@
+"""The fleet: EC2, SSM and S3 through boto3. botocore errors stop here and
+come out as our own typed errors."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from workers.errors import (
+    AgentOffline,
+    AwsError,
+    InstanceNotFound,
+    NotManaged,
+    RemoteTimeout,
+    RunctlError,
+    Throttled,
+    WrongState,
+)
+
+BOTO_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 8}, connect_timeout=5)
+SSM_OUTPUT_LIMIT = 24_000
+PRESIGN_SECONDS = 300
+
+
+@dataclass(frozen=True)
+class Instance:
+    id: str
+    type: str
+    state: str
+    region: str
+    name: str = ""
+    launch_time: datetime | None = None
+    availability_zone: str = ""
+    lifecycle: str = "on-demand"
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.id})" if self.name else self.id
+
+
+@dataclass(frozen=True)
+class ScriptResult:
+    instance_id: str
+    status: str  # Success | Failed | TimedOut | Cancelled ...
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "Success" and self.exit_code == 0
+
+
+def translate(exc: ClientError | BotoCoreError, action: str) -> RunctlError:
+    if isinstance(exc, BotoCoreError):
+        return AwsError(
+            f"Could not reach AWS while trying to {action}.",
+            why=str(exc),
+            fix="Check AWS credentials, region and network of the worker.",
+        )
+    err = exc.response.get("Error", {})
+    code, message = str(err.get("Code", "")), str(err.get("Message", ""))
+    if code.startswith("InvalidInstanceID"):
+        return InstanceNotFound(f"No such instance while trying to {action}.", why=message)
+    if code in ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException"):
+        return AwsError(
+            f"AWS refused to {action}: the worker's IAM role lacks a permission.",
+            code=code,
+            why=message,
+            fix="Add the permission to the worker's IAM policy (README: Running against AWS).",
+        )
+    if code in ("Throttling", "ThrottlingException", "RequestLimitExceeded"):
+        return Throttled(f"AWS is throttling us while trying to {action}.", code=code, why=message)
+    if code == "IncorrectInstanceState":
+        return WrongState(f"The instance is in the wrong state to {action}.", state="", why=message)
+    if code in ("InvalidInstanceId", "InvalidTarget"):
+        return AgentOffline(
+            f"SSM cannot reach the instance to {action}.",
+            why=message,
+            fix="Check that the SSM agent runs and the instance profile has "
+            "AmazonSSMManagedInstanceCore.",
+        )
+    return AwsError(f"AWS error while trying to {action}: {code}", code=code, why=message)
+
+
+@contextmanager
+def aws_call(action: str) -> Iterator[None]:
+    try:
+        yield
+    except (ClientError, BotoCoreError) as exc:
+        raise translate(exc, action) from exc
+
+
+class Fleet:
+    def __init__(
+        self,
+        scope: tuple[str, str] | None,
+        bucket: str | None = None,
+        session: boto3.Session | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.scope = scope
+        self.bucket = bucket
+        self.session = session or boto3.Session()
+        self.sleep = sleep
+        self.clock = clock
+        self.ec2: Any = self.session.client("ec2", config=BOTO_CONFIG)
+        self.ssm: Any = self.session.client("ssm", config=BOTO_CONFIG)
+        self.s3: Any = self.session.client("s3", config=BOTO_CONFIG)
+        self.region = str(self.ec2.meta.region_name)
+
+    # --- EC2 ---------------------------------------------------------------
+    def describe(self, instance_ids: list[str] | None = None) -> list[Instance]:
+        return list(self.iter_instances(instance_ids))
+
+    def iter_instances(
+        self, instance_ids: list[str] | None = None, page_size: int = 1000
+    ) -> Iterator[Instance]:
+        filters = []
+        if self.scope:
+            filters.append({"Name": f"tag:{self.scope[0]}", "Values": [self.scope[1]]})
+        kwargs: dict[str, Any] = {"Filters": filters}
+        if instance_ids:
+            kwargs["InstanceIds"] = instance_ids
+        else:
+            kwargs["PaginationConfig"] = {"PageSize": page_size}
+        with aws_call("describe instances"):
+            for page in self.ec2.get_paginator("describe_instances").paginate(**kwargs):
+                for reservation in page.get("Reservations", []):
+                    for raw in reservation.get("Instances", []):
+                        yield self._instance(raw)
+
+    def _instance(self, raw: Mapping[str, Any]) -> Instance:
+        tags = {t["Key"]: t["Value"] for t in raw.get("Tags", []) or []}
+        return Instance(
+            id=raw["InstanceId"],
+            type=raw.get("InstanceType", ""),
+            state=raw.get("State", {}).get("Name", "unknown"),
+            region=self.region,
+            name=tags.get("Name", ""),
+            launch_time=raw.get("LaunchTime"),
+            availability_zone=raw.get("Placement", {}).get("AvailabilityZone", ""),
+            lifecycle=raw.get("InstanceLifecycle", "on-demand"),
+            tags=tags,
+        )
+
+    def get(self, instance_id: str) -> Instance:
+        """One managed instance; an instance outside the scope is refused."""
+        try:
+            found = self.describe([instance_id])
+        except InstanceNotFound:
+            found = []
+        if found:
+            return found[0]
+        with aws_call("describe instances"):
+            try:
+                pages = self.ec2.describe_instances(InstanceIds=[instance_id])
+            except ClientError as exc:
+                if "InvalidInstanceID" in str(exc.response.get("Error", {}).get("Code", "")):
+                    raise InstanceNotFound(
+                        f"Instance {instance_id} does not exist in {self.region}.",
+                        why="It may have been terminated long ago, or live in another region.",
+                        fix="/runctl resources",
+                    ) from None
+                raise
+        if not any(r.get("Instances") for r in pages.get("Reservations", [])):
+            raise InstanceNotFound(f"Instance {instance_id} does not exist in {self.region}.")
+        assert self.scope is not None
+        key, value = self.scope
+        raise NotManaged(
+            f"Instance {instance_id} is not managed by runctl.",
+            why=f"runctl only touches instances tagged `{key}={value}`.",
+            fix=f"aws ec2 create-tags --resources {instance_id} --tags Key={key},Value={value}",
+        )
+
+    def start(self, instance_id: str) -> None:
+        with aws_call(f"start {instance_id}"):
+            self.ec2.start_instances(InstanceIds=[instance_id])
+
+    def stop(self, instance_id: str) -> None:
+        with aws_call(f"stop {instance_id}"):
+            self.ec2.stop_instances(InstanceIds=[instance_id])
+
+    def terminate(self, instance_id: str) -> None:
+        with aws_call(f"terminate {instance_id}"):
+            self.ec2.terminate_instances(InstanceIds=[instance_id])
+
+    def wait_for_state(
+        self, instance_id: str, wanted: tuple[str, ...], timeout: float, poll: float = 5.0
+    ) -> Instance:
+        deadline = self.clock() + timeout
+        delay = min(1.0, poll)
+        while True:
+            inst = self.get(instance_id)
+            if inst.state in wanted:
+                return inst
+            if self.clock() >= deadline:
+                raise RemoteTimeout(
+                    f"{inst.label} is still `{inst.state}` after {int(timeout)} s "
+                    f"(waiting for {' or '.join(wanted)}).",
+                    fix=f"/runctl status {instance_id}",
+                )
+            self.sleep(delay)
+            delay = min(delay * 2, poll)
+
+    # --- SSM ---------------------------------------------------------------
+    def agent_status(self, instance_ids: list[str]) -> dict[str, str]:
+        status: dict[str, str] = {}
+        with aws_call("check the SSM agent"):
+            paginator = self.ssm.get_paginator("describe_instance_information")
+            for page in paginator.paginate(
+                Filters=[{"Key": "InstanceIds", "Values": instance_ids}]
+            ):
+                for info in page.get("InstanceInformationList", []):
+                    status[info["InstanceId"]] = info.get("PingStatus", "Unknown")
+        return status
+
+    def send(self, instance_ids: list[str], script: str, timeout: int = 600) -> str:
+        with aws_call("send a command through SSM"):
+            resp = self.ssm.send_command(
+                InstanceIds=instance_ids,
+                DocumentName="AWS-RunShellScript",
+                Parameters={"commands": [script], "executionTimeout": [str(timeout)]},
+                TimeoutSeconds=max(30, min(timeout, 2_592_000)),
+                Comment="runctl",
+            )
+        return str(resp["Command"]["CommandId"])
+
+    def result(self, command_id: str, instance_id: str) -> ScriptResult | None:
+        """The finished result, or None while the command still runs."""
+        try:
+            inv = self.ssm.get_command_invocation(CommandId=command_id, InstanceId=instance_id)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "InvocationDoesNotExist":
+                return None  # not registered yet: SSM is eventually consistent
+            raise translate(exc, "read a command result") from exc
+        except BotoCoreError as exc:
+            raise translate(exc, "read a command result") from exc
+        if inv["Status"] in ("Pending", "InProgress", "Delayed"):
+            return None
+        return ScriptResult(
+            instance_id=instance_id,
+            status=inv["Status"],
+            exit_code=int(inv.get("ResponseCode", -1)),
+            stdout=inv.get("StandardOutputContent", ""),
+            stderr=inv.get("StandardErrorContent", ""),
+        )
+
+    def run(self, instance_id: str, script: str, timeout: int = 120) -> ScriptResult:
+        return self.run_many([instance_id], script, timeout)[instance_id]
+
+    def run_many(self, instance_ids: list[str], script: str, timeout: int = 120) -> dict[str, ScriptResult]:
+        command_id = self.send(instance_ids, script, timeout)
+        deadline = self.clock() + timeout + 30
+        pending = list(instance_ids)
+        results: dict[str, ScriptResult] = {}
+        delay = 0.1
+        while pending:
+            self.sleep(delay)
+            for iid in list(pending):
+                res = self.result(command_id, iid)
+                if res is not None:
+                    results[iid] = res
+                    pending.remove(iid)
+            if pending and self.clock() > deadline:
+                raise RemoteTimeout(
+                    f"The SSM command {command_id} did not finish within {timeout} s.",
+                    fix="Check the instance's SSM agent, then retry.",
+                )
+            delay = min(delay * 2, 2.0)
+        return results
+
+    # --- S3 ----------------------------------------------------------------
+    def has_object(self, key: str) -> bool:
+        try:
+            self.s3.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise translate(exc, f"check s3://{self.bucket}/{key}") from exc
+        return True
+
+    def upload(self, key: str, data: bytes) -> None:
+        with aws_call(f"upload the code bundle to s3://{self.bucket}"):
+            self.s3.put_object(Bucket=self.bucket, Key=key, Body=data)
+
+    def presign(self, key: str, seconds: int = PRESIGN_SECONDS) -> str:
+        with aws_call("presign the code bundle"):
+            return str(
+                self.s3.generate_presigned_url(
+                    "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=seconds
+                )
+            )
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)

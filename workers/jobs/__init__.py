@@ -1,0 +1,1 @@
+"""RQ jobs. Each takes plain JSON-able arguments and stores failures as data."""

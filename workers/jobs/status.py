@@ -1,0 +1,55 @@
+"""`/runctl status`: the instance, its live run and the lock holder, as an ephemeral reply."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from workers.commands import Requester, StatusCommand
+from workers.context import services
+from workers.errors import RunctlError
+from workers.locks import train_lock
+from workers.render import checkpoint_text, duration, progress_text
+
+
+def status(command: dict[str, Any], requester: dict[str, Any]) -> str:
+    svc = services()
+    cmd = StatusCommand.model_validate(command)
+    who = Requester.model_validate(requester)
+    try:
+        text = describe(cmd.instance_id)
+    except RunctlError as exc:
+        text = exc.as_text()
+    svc.notifier.ephemeral(who.channel_id, who.user_id, text)
+    return text
+
+
+def describe(instance_id: str) -> str:
+    svc = services()
+    now = svc.clock()
+    inst = svc.fleet.get(instance_id)
+    lines = [f"*{inst.label}* · {inst.type} · `{inst.state}`"]
+    if inst.state == "running" and inst.launch_time:
+        lines.append(f"Up {duration((now - inst.launch_time).total_seconds())} (since last start)")
+    run = svc.runs.live_on(instance_id)
+    if run:
+        since = run.started_at or run.created_at
+        lines.append(
+            f"Live run `{run.run_id}`: <@{run.user_id}> · `{run.script}` · {run.state.value} "
+            f"for {duration((now - since).total_seconds())}"
+        )
+        if run.progress:
+            lines.append(progress_text(run.progress))
+        if run.checkpoint:
+            lines.append("Newest checkpoint: " + checkpoint_text(run.checkpoint, now))
+        if run.env_hash:
+            built = f", built {run.env_built_at:%Y-%m-%d %H:%M} UTC" if run.env_built_at else ""
+            lines.append(f"Environment `envs/{run.env_hash}`{built}")
+    else:
+        last = svc.runs.latest(instance_id)
+        lines.append("No live run." + (f" Last: `{last.run_id}` {last.state.value}." if last else ""))
+    holder = train_lock(svc.redis, instance_id).holder()
+    if holder:
+        lines.append(f"Train lock: run `{holder.run_id}` by <@{holder.user_id}>")
+    else:
+        lines.append("Train lock: free")
+    return "\n".join(lines)

@@ -1,0 +1,317 @@
+"""The train flow: check, lock, ship, launch, confirm, then hand over to the monitor."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from datetime import timedelta
+from typing import Any
+
+from workers import scripts
+from workers.commands import Requester, TrainCommand
+from workers.context import Services, services
+from workers.errors import (
+    AgentOffline,
+    RunConflict,
+    RunctlError,
+    WrongState,
+)
+from workers.fleet import Instance
+from workers.jobs import envsetup
+from workers.jobs.runmsg import fail, publish, reply
+from workers.locks import Holder, train_lock
+from workers.runs import Run, RunState
+from workers.snapshot import parse as parse_snapshot
+
+log = logging.getLogger(__name__)
+
+_DECLARES_INTERVAL = re.compile(r"""["']--checkpoint[-_]interval["']""")
+_CHECKPOINT_SIGNS = re.compile(
+    r"checkpoint|RUNCTL_CHECKPOINT_DIR|torch\.save|save_pretrained|\.ckpt", re.IGNORECASE
+)
+
+
+def train(command: dict[str, Any], requester: dict[str, Any], run_id: str) -> str:
+    svc = services()
+    cmd = TrainCommand.model_validate(command)
+    who = Requester.model_validate(requester)
+    run = svc.runs.get(run_id) or svc.runs.create(new_run(svc, cmd, who, run_id))
+    return TrainFlow(svc, cmd, run).execute().state.value
+
+
+def new_run(svc: Services, cmd: TrainCommand, who: Requester, run_id: str) -> Run:
+    return Run(
+        run_id=run_id,
+        instance_id=cmd.instance_id,
+        user_id=who.user_id,
+        channel_id=who.channel_id,
+        script=cmd.script,
+        args=cmd.args,
+        ref=cmd.ref or svc.settings.RUNCTL_REF,
+        sync_code=cmd.sync_code,
+        wait=cmd.wait,
+        deps=cmd.deps,
+        rebuild_env=cmd.rebuild_env,
+        checkpoint_interval=cmd.checkpoint_interval,
+        created_at=svc.clock(),
+    )
+
+
+class TrainFlow:
+    def __init__(self, svc: Services, cmd: TrainCommand, run: Run) -> None:
+        self.svc = svc
+        self.cmd = cmd
+        self.run = run
+        self.root = svc.settings.RUNCTL_REMOTE_ROOT
+        self.token: str | None = None
+
+    def execute(self) -> Run:
+        run = self.run
+        run.state = RunState.STARTING
+        publish(self.svc, run)
+        try:
+            source = self.check_code()
+            inst = self.check_instance()
+            self.take_lock()
+            self.check_instance_side()
+            self.plan_checkpoints(source)
+            url = self.ship_code()
+            python = envsetup.prepare(self.svc, self.run, url)
+            self.launch(inst, url, python)
+        except RunctlError as exc:
+            self.release()
+            launched = run.started_at is not None
+            return fail(self.svc, run, exc, RunState.FAILED if launched else RunState.REFUSED)
+        except Exception:
+            log.exception("train %s crashed", run.run_id)
+            self.release()
+            return fail(
+                self.svc,
+                run,
+                RunctlError(
+                    "runctl hit an internal error while starting this run.",
+                    why="The worker log has the traceback.",
+                    fix=f"Check `/runctl status {run.instance_id}`, then retry.",
+                ),
+                RunState.FAILED,
+            )
+        return run
+
+    # --- steps -----------------------------------------------------------
+    def check_code(self) -> str | None:
+        """Resolve the ref and check the script, before anything reaches the instance."""
+        if not self.run.sync_code:
+            self.run.notes.append(
+                ":information_source: `--no-sync-code`: running the tree already on the instance."
+            )
+            return None
+        repo = self.svc.repo
+        repo.sync()
+        self.run.sha = repo.resolve(self.run.ref)
+        data = repo.check_script(self.run.sha, self.run.ref, self.run.script)
+        return data.decode(errors="replace")
+
+    def check_instance(self) -> Instance:
+        fleet = self.svc.fleet
+        iid = self.run.instance_id
+        inst = fleet.get(iid)
+        if inst.state in ("stopped", "stopping"):
+            raise WrongState(
+                f"{inst.label} is {inst.state}.",
+                state=inst.state,
+                why="A training needs a running instance.",
+                fix=f"/runctl start {iid}",
+            )
+        if inst.state in ("terminated", "shutting-down"):
+            raise WrongState(
+                f"{inst.label} is {inst.state}; it cannot run anything again.",
+                state=inst.state,
+                fix="/runctl resources",
+            )
+        if inst.state == "pending":
+            reply(self.svc, self.run, f"{inst.label} is starting; waiting for it.", mention=False)
+            inst = fleet.wait_for_state(
+                iid, ("running",), self.svc.settings.RUNCTL_PENDING_WAIT_SECONDS
+            )
+        ping = fleet.agent_status([iid]).get(iid)
+        if ping != "Online":
+            raise AgentOffline(
+                f"The SSM agent on {inst.label} is {ping or 'not registered'}.",
+                why="runctl runs commands through SSM Run Command.",
+                fix="Attach an instance profile with the AmazonSSMManagedInstanceCore policy and "
+                "make sure amazon-ssm-agent is running (`sudo systemctl status amazon-ssm-agent`).",
+            )
+        return inst
+
+    def take_lock(self) -> None:
+        run = self.run
+        holder = Holder(
+            run_id=run.run_id, user_id=run.user_id, script=run.script, since=self.svc.clock()
+        )
+        lock = train_lock(self.svc.redis, run.instance_id)
+        token = holder.token()
+        if lock.acquire(token):
+            self.token = token
+            run.lock_token = token
+            return
+        other = lock.holder()
+        if not self.cmd.force:
+            raise conflict(run.instance_id, other.run_id if other else "?", other, "Redis lock")
+        if other:
+            self.stop_previous(other.run_id)
+        self.svc.redis.set(lock.key, token, px=lock.ttl_ms)
+        self.token = token
+        run.lock_token = token
+
+    def check_instance_side(self) -> None:
+        """Redis may have lost the lock; the instance's pid files are the truth."""
+        result = self.svc.fleet.run(self.run.instance_id, scripts.probe_live_runs(self.root))
+        live = [line.split() for line in result.stdout.splitlines() if line.startswith("live ")]
+        live = [parts for parts in live if len(parts) == 3 and parts[1] != self.run.run_id]
+        if not live:
+            return
+        if not self.cmd.force:
+            other_run = self.svc.runs.get(live[0][1])
+            holder = (
+                Holder(
+                    run_id=other_run.run_id,
+                    user_id=other_run.user_id,
+                    script=other_run.script,
+                    since=other_run.started_at or other_run.created_at,
+                )
+                if other_run
+                else None
+            )
+            raise conflict(self.run.instance_id, live[0][1], holder, f"pid {live[0][2]}")
+        for _, other_id, _ in live:
+            self.stop_previous(other_id)
+
+    def stop_previous(self, other_run_id: str) -> None:
+        grace = self.svc.settings.RUNCTL_STOP_GRACE_SECONDS
+        reply(
+            self.svc,
+            self.run,
+            f"`--force`: stopping run `{other_run_id}` gracefully (SIGTERM, up to {grace} s).",
+            mention=False,
+        )
+        res = self.svc.fleet.run(
+            self.run.instance_id, scripts.stop_run(self.root, other_run_id, grace), grace + 60
+        )
+        self.run.notes.append(f":octagonal_sign: `--force` stopped run `{other_run_id}` ({res.stdout.strip()}).")
+        other = self.svc.runs.get(other_run_id)
+        if other and not other.state.ended:
+            other.state = RunState.STOPPED
+            other.ended_by = "force"
+            other.ended_at = self.svc.clock()
+            publish(self.svc, other)
+            reply(self.svc, other, f"stopped by <@{self.run.user_id}> with `--force` for run `{self.run.run_id}`.")
+
+    def plan_checkpoints(self, source: str | None) -> None:
+        run = self.run
+        if source is None:
+            return
+        passed = any(a == "--checkpoint-interval" or a.startswith("--checkpoint-interval=") for a in run.args)
+        if _DECLARES_INTERVAL.search(source) and not passed:
+            interval = run.checkpoint_interval or 1
+            run.args = (*run.args, "--checkpoint-interval", str(interval))
+            run.notes.append(
+                f":floppy_disk: Added `--checkpoint-interval {interval}`: the script accepts it "
+                "and you did not pass one."
+            )
+        elif not _CHECKPOINT_SIGNS.search(source):
+            run.notes.append(
+                f":warning: `{run.script}` shows no sign of checkpointing; a stop or interruption "
+                "will lose its progress. Save to `$RUNCTL_CHECKPOINT_DIR` to be safe."
+            )
+
+    def ship_code(self) -> str | None:
+        if not self.run.sync_code:
+            return None
+        fleet = self.svc.fleet
+        key = f"runctl/bundles/{self.run.sha}.tar.gz"
+        if not fleet.has_object(key):
+            fleet.upload(key, self.svc.repo.archive(self.run.sha))
+        return fleet.presign(key)
+
+    def launch(self, inst: Instance, bundle_url: str | None, python: str = "python3") -> None:
+        run = self.run
+        env = {
+            "RUNCTL_RUN_ID": run.run_id,
+            "RUNCTL_CHECKPOINT_INTERVAL": str(run.checkpoint_interval or 1),
+            "PYTHONUNBUFFERED": "1",
+        }
+        meta = json.dumps(
+            {"run_id": run.run_id, "user": run.user_id, "script": run.script, "sha": run.sha}
+        )
+        script = scripts.launch(
+            self.root,
+            run.run_id,
+            run.script,
+            run.args,
+            env,
+            meta,
+            bundle_url,
+            python=python,
+            checkpoint_run_id=run.checkpoint_run_id,
+        )
+        result = self.svc.fleet.run(run.instance_id, script, timeout=600)
+        if not result.ok:
+            raise launch_error(run, result.exit_code, result.stderr or result.stdout)
+        run.started_at = self.svc.clock()
+        run.state = RunState.RUNNING
+        publish(self.svc, run)
+        self.svc.sleep(self.svc.settings.RUNCTL_LAUNCH_CHECK_SECONDS)
+        snap = parse_snapshot(
+            self.svc.fleet.run(run.instance_id, scripts.run_status(self.root, run.run_id)).stdout
+        )
+        from workers.jobs.monitor import absorb, finish, schedule
+
+        absorb(run, snap)
+        if snap.ended:
+            finish(self.svc, run, snap)
+            return
+        publish(self.svc, run)
+        if not run.wait:
+            reply(
+                self.svc,
+                run,
+                f"run `{run.run_id}` started (`--no-wait`: no progress updates here). "
+                f"`/runctl status {run.instance_id}` shows it.",
+            )
+        schedule(self.svc, run.run_id, timedelta(seconds=self.svc.settings.RUNCTL_POLL_MIN_SECONDS))
+        self.token = None  # the monitor owns the lock from here
+
+    def release(self) -> None:
+        if self.token:
+            train_lock(self.svc.redis, self.run.instance_id).release(self.token)
+            self.token = None
+
+
+def conflict(instance_id: str, run_id: str, holder: Holder | None, evidence: str) -> RunConflict:
+    who = (
+        f"<@{holder.user_id}> is training `{holder.script}` (run `{run_id}`) since "
+        f"<!date^{int(holder.since.timestamp())}^{{date_short_pretty}} {{time}}|{holder.since:%Y-%m-%d %H:%M} UTC>"
+        if holder
+        else f"A training process (run `{run_id}`) is alive"
+    )
+    return RunConflict(
+        f"{instance_id} is busy: {who}.",
+        why=f"One training per instance (seen via {evidence}).",
+        fix=f"wait for it to finish; `/runctl stop {instance_id}` to checkpoint and stop it; "
+        "or add `--force` to stop it gracefully and start yours.",
+    )
+
+
+def launch_error(run: Run, code: int, output: str) -> RunctlError:
+    if code == 3:
+        return RunctlError(
+            f"`{run.script}` is not on {run.instance_id}.",
+            why="`--no-sync-code` runs the tree already on the instance, and it has no such file.",
+            fix=f"Run without `--no-sync-code` to ship the code at `{run.ref}`.",
+        )
+    return RunctlError(
+        f"Launching on {run.instance_id} failed (exit {code}).",
+        detail=output.strip()[-1500:],
+        fix=f"/runctl status {run.instance_id}",
+    )

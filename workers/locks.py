@@ -1,0 +1,112 @@
+"""Owner-checked Redis locks with a TTL.
+
+`runctl:lock:train:<instance>` holds one training per instance; its value names
+the run. `runctl:lock:op:<instance>` serialises stop/start/train/terminate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+
+from pydantic import BaseModel
+from redis import Redis
+
+from workers.errors import RunConflict
+
+TRAIN_TTL_MS = 15 * 60 * 1000  # renewed by the monitor's heartbeat
+OP_TTL_MS = 5 * 60 * 1000
+
+_EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class Holder(BaseModel):
+    run_id: str
+    user_id: str
+    script: str = ""
+    since: datetime
+    operation: str = "train"
+
+    def token(self) -> str:
+        return self.model_dump_json()
+
+
+class RedisLock:
+    def __init__(self, redis: Redis, key: str, ttl_ms: int) -> None:
+        self.redis = redis
+        self.key = key
+        self.ttl_ms = ttl_ms
+
+    def acquire(self, token: str) -> bool:
+        return bool(self.redis.set(self.key, token, nx=True, px=self.ttl_ms))
+
+    def extend(self, token: str) -> bool:
+        return bool(self.redis.eval(_EXTEND, 1, self.key, token, self.ttl_ms))
+
+    def release(self, token: str) -> bool:
+        return bool(self.redis.eval(_RELEASE, 1, self.key, token))
+
+    def raw(self) -> str | None:
+        value = self.redis.get(self.key)
+        if value is None:
+            return None
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    def holder(self) -> Holder | None:
+        raw = self.raw()
+        if raw is None:
+            return None
+        try:
+            return Holder.model_validate_json(raw)
+        except ValueError:
+            return None
+
+    def ttl_seconds(self) -> float:
+        return max(0.0, float(self.redis.pttl(self.key)) / 1000)
+
+
+def train_lock(redis: Redis, instance_id: str) -> RedisLock:
+    return RedisLock(redis, f"runctl:lock:train:{instance_id}", TRAIN_TTL_MS)
+
+
+def op_lock(redis: Redis, instance_id: str) -> RedisLock:
+    return RedisLock(redis, f"runctl:lock:op:{instance_id}", OP_TTL_MS)
+
+
+@contextmanager
+def operation(
+    redis: Redis, instance_id: str, holder: Holder, wait_seconds: float = 10.0
+) -> Iterator[None]:
+    """Hold the per-instance operation lock; wait briefly, then refuse with who holds it."""
+    lock = op_lock(redis, instance_id)
+    token = holder.token()
+    deadline = time.monotonic() + wait_seconds
+    delay = 0.05
+    while not lock.acquire(token):
+        if time.monotonic() >= deadline:
+            other = lock.holder()
+            who = f"`{other.operation}` by <@{other.user_id}>" if other else "another operation"
+            raise RunConflict(
+                f"{instance_id} is busy: {who} is in progress.",
+                why="runctl runs one stop/start/train/terminate at a time per instance.",
+                fix=f"Try again in a minute, or check `/runctl status {instance_id}`.",
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
+    try:
+        yield
+    finally:
+        lock.release(token)

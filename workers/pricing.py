@@ -1,0 +1,178 @@
+"""EC2 hourly prices: the shipped on-demand table and live, Redis-cached spot quotes.
+
+No figure is ever invented: a type or region missing from the table, or a spot
+market AWS reports nothing for, is ``None`` and shows as "price unknown".
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from importlib import resources
+from typing import TYPE_CHECKING, Literal, cast
+
+if TYPE_CHECKING:
+    from redis import Redis
+    from types_boto3_ec2 import EC2Client
+    from types_boto3_ec2.literals import InstanceTypeType
+
+PriceKind = Literal["on-demand", "spot"]
+
+SPOT_CACHE_SECONDS = 3600
+SPOT_KEY_PREFIX = "runctl:price:spot:"
+# Stored when AWS has no spot price, so unknown types are not re-queried every sweep.
+_SPOT_MISS = "none"
+
+UNKNOWN = "price unknown"
+_CENT = Decimal("0.01")
+
+
+class PriceBook:
+    """On-demand USD/hour prices by region and instance type."""
+
+    def __init__(
+        self, as_of: date, source: str, prices: Mapping[str, Mapping[str, Decimal]]
+    ) -> None:
+        self._as_of = as_of
+        self._source = source
+        self._prices = {region: dict(types) for region, types in prices.items()}
+
+    @classmethod
+    def from_json(cls, text: str) -> PriceBook:
+        """Parse and validate the prices.json document; refuse anything but positive USD."""
+        doc = json.loads(text)
+        if doc.get("currency") != "USD":
+            raise ValueError(f"price table currency must be USD, got {doc.get('currency')!r}")
+        prices: dict[str, dict[str, Decimal]] = {}
+        for region, types in doc["regions"].items():
+            prices[region] = {
+                instance_type: _positive_decimal(raw, f"{region}/{instance_type}")
+                for instance_type, raw in types.items()
+            }
+        return cls(date.fromisoformat(doc["as_of"]), str(doc["source"]), prices)
+
+    @property
+    def as_of(self) -> date:
+        return self._as_of
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    def on_demand(self, region: str, instance_type: str) -> Decimal | None:
+        return self._prices.get(region, {}).get(instance_type)
+
+    def instance_types(self, region: str) -> frozenset[str]:
+        return frozenset(self._prices.get(region, {}))
+
+
+@functools.cache
+def load_price_book() -> PriceBook:
+    """The table shipped as package data (workers/data/prices.json), parsed once."""
+    text = resources.files("workers").joinpath("data/prices.json").read_text(encoding="utf-8")
+    return PriceBook.from_json(text)
+
+
+def spot_price(
+    ec2_client: EC2Client, redis: Redis, availability_zone: str, instance_type: str
+) -> Decimal | None:
+    """Current Linux spot price in one AZ, cached in Redis for an hour (misses too)."""
+    key = f"{SPOT_KEY_PREFIX}{availability_zone}:{instance_type}"
+    cached = _as_text(redis.get(key))
+    if cached is not None:
+        return None if cached == _SPOT_MISS else Decimal(cached)
+
+    response = ec2_client.describe_spot_price_history(
+        AvailabilityZone=availability_zone,
+        InstanceTypes=[cast("InstanceTypeType", instance_type)],
+        ProductDescriptions=["Linux/UNIX"],
+        StartTime=datetime.now(UTC),
+    )
+    # Filter again here: not every EC2 endpoint (moto, for one) honours AvailabilityZone.
+    entries = [
+        entry
+        for entry in response.get("SpotPriceHistory", [])
+        if entry.get("AvailabilityZone") == availability_zone and "SpotPrice" in entry
+    ]
+    newest = max(entries, key=lambda entry: entry["Timestamp"], default=None)
+    price = None if newest is None else _positive_decimal(newest["SpotPrice"], key)
+    redis.set(key, _SPOT_MISS if price is None else str(price), ex=SPOT_CACHE_SECONDS)
+    return price
+
+
+@dataclass(frozen=True)
+class Price:
+    usd_per_hour: Decimal | None
+    kind: PriceKind
+
+    @property
+    def known(self) -> bool:
+        return self.usd_per_hour is not None
+
+    def describe(self) -> str:
+        if self.usd_per_hour is None:
+            return UNKNOWN
+        suffix = " spot" if self.kind == "spot" else ""
+        return f"${format_rate(self.usd_per_hour)}/h{suffix}"
+
+
+def hourly_price(
+    book: PriceBook,
+    ec2_client: EC2Client,
+    redis: Redis,
+    region: str,
+    availability_zone: str,
+    instance_type: str,
+    lifecycle: str | None,
+) -> Price:
+    """What an instance costs per hour; ``lifecycle`` is EC2's ``InstanceLifecycle``.
+
+    Only plain on-demand (no lifecycle) and spot are priced. Capacity blocks and
+    scheduled instances are billed on other schedules, so they are "unknown"
+    rather than shown at an on-demand figure that would be wrong.
+    """
+    if lifecycle == "spot":
+        return Price(spot_price(ec2_client, redis, availability_zone, instance_type), "spot")
+    if lifecycle is None:
+        return Price(book.on_demand(region, instance_type), "on-demand")
+    return Price(None, "on-demand")
+
+
+def format_usd(amount: Decimal | None) -> str:
+    """An amount of money: "$1,234.56", "<$0.01" for a positive sub-cent, or "price unknown"."""
+    if amount is None:
+        return UNKNOWN
+    if amount < 0:
+        raise ValueError(f"a cost cannot be negative: {amount}")
+    if 0 < amount < _CENT:
+        return "<$0.01"
+    return f"${amount.quantize(_CENT, rounding=ROUND_HALF_UP):,}"
+
+
+def format_rate(rate: Decimal) -> str:
+    """An hourly rate exactly as published, at least to the cent: 1.006, 0.10, 98.32."""
+    text = format(rate.normalize(), "f")
+    whole, _, fraction = text.partition(".")
+    return f"{int(whole):,}.{fraction.ljust(2, '0')}"
+
+
+def _positive_decimal(raw: object, what: str) -> Decimal:
+    try:
+        value = Decimal(str(raw))
+    except InvalidOperation:
+        raise ValueError(f"{what}: {raw!r} is not a decimal price") from None
+    if not value.is_finite() or value <= 0:
+        raise ValueError(f"{what}: {raw!r} is not a positive price")
+    return value
+
+
+def _as_text(value: object) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode()
+    raise TypeError(f"unexpected Redis reply {value!r}")

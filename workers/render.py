@@ -1,0 +1,129 @@
+"""Run messages as Block Kit: one parent message per run, rendered from the run record."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from slack_sdk.models.blocks import (
+    Block,
+    ContextBlock,
+    MarkdownTextObject,
+    SectionBlock,
+)
+
+from workers.ids import BlockId
+from workers.notifier import clamp
+from workers.runs import Checkpoint, Progress, Run, RunState
+
+EMOJI = {
+    RunState.QUEUED: ":hourglass_flowing_sand:",
+    RunState.STARTING: ":rocket:",
+    RunState.SETTING_UP: ":package:",
+    RunState.RUNNING: ":arrows_counterclockwise:",
+    RunState.STOPPING: ":octagonal_sign:",
+    RunState.SUCCEEDED: ":white_check_mark:",
+    RunState.FAILED: ":x:",
+    RunState.STOPPED: ":double_vertical_bar:",
+    RunState.REFUSED: ":no_entry:",
+    RunState.LOST: ":grey_question:",
+}
+
+
+def duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    days, rem = divmod(seconds, 86400)
+    hours, rem = divmod(rem, 3600)
+    minutes, secs = divmod(rem, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+def size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def bar(fraction: float, width: int = 20) -> str:
+    fraction = min(1.0, max(0.0, fraction))
+    filled = round(fraction * width)
+    return "█" * filled + "░" * (width - filled) + f" {fraction:.0%}"
+
+
+def progress_text(p: Progress) -> str:
+    parts: list[str] = []
+    if p.epoch is not None and p.total_epochs:
+        done = p.epoch
+        if p.step is not None and p.total_steps:
+            fraction = p.step / p.total_steps
+        else:
+            fraction = done / p.total_epochs
+        parts.append(f"`{bar(fraction)}`  epoch {p.epoch}/{p.total_epochs}")
+    elif p.epoch is not None:
+        parts.append(f"epoch {p.epoch}")
+    for name, value in list(p.metrics.items())[:3]:
+        parts.append(f"{name} {value:.4g}")
+    if p.eta_seconds is not None and p.eta_seconds > 0:
+        parts.append(f"ETA {duration(p.eta_seconds)}")
+    if p.source == "log":
+        parts.append("_(from training.log)_")
+    return "  ·  ".join(parts)
+
+
+def checkpoint_text(ck: Checkpoint, now: datetime) -> str:
+    epoch = f", epoch {ck.epoch}" if ck.epoch is not None else ""
+    age = duration((now - ck.modified_at).total_seconds())
+    return f"`{ck.name}` ({size(ck.size)}{epoch}, {age} ago)"
+
+
+def run_summary(run: Run) -> str:
+    return f"{run.state.value}: `{run.script}` on `{run.instance_id}` ({run.run_id})"
+
+
+def run_blocks(run: Run, now: datetime | None = None) -> tuple[str, list[Block]]:
+    now = now or datetime.now(UTC)
+    head = (
+        f"{EMOJI[run.state]} *{run.state.value.capitalize()}* · `{run.script}` on "
+        f"`{run.instance_id}` · <@{run.user_id}>"
+    )
+    details = [f"run `{run.run_id}`", f"ref `{run.ref}`" + (f" @ `{run.sha[:10]}`" if run.sha else "")]
+    if run.started_at:
+        end = run.ended_at or now
+        details.append(f"elapsed {duration((end - run.started_at).total_seconds())}")
+    if run.exit_code is not None:
+        details.append(f"exit code {run.exit_code}")
+    if run.setup_seconds is not None:
+        details.append(f"env ready in {duration(run.setup_seconds)}")
+    blocks: list[Block] = [
+        SectionBlock(block_id=BlockId.RUN_HEADER, text=MarkdownTextObject(text=clamp(head))),
+    ]
+    lines: list[str] = []
+    if run.progress:
+        lines.append(progress_text(run.progress))
+    if run.checkpoint:
+        lines.append("Newest checkpoint: " + checkpoint_text(run.checkpoint, now))
+    if lines:
+        blocks.append(
+            SectionBlock(
+                block_id=BlockId.RUN_PROGRESS, text=MarkdownTextObject(text=clamp("\n".join(lines)))
+            )
+        )
+    if run.args:
+        details.append("args `" + clamp(" ".join(run.args), 300) + "`")
+    blocks.append(
+        ContextBlock(
+            block_id=BlockId.RUN_DETAILS,
+            elements=[MarkdownTextObject(text=clamp(" · ".join(details)))],
+        )
+    )
+    for note in run.notes[-5:]:
+        blocks.append(ContextBlock(elements=[MarkdownTextObject(text=clamp(note))]))
+    return run_summary(run), blocks

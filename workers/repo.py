@@ -1,0 +1,136 @@
+"""The worker's git mirror of the training repository: resolve refs, check
+scripts, and build code bundles, all before anything reaches an instance."""
+
+from __future__ import annotations
+
+import difflib
+import fcntl
+import posixpath
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from workers.errors import ConfigError, RefNotFound, ScriptNotFound, ScriptSyntaxError
+
+
+class GitError(Exception):
+    pass
+
+
+class CodeRepo:
+    def __init__(self, source: str, mirror_dir: Path) -> None:
+        self.source = source
+        self.mirror = mirror_dir
+
+    def _git(self, *args: str, input_: bytes | None = None) -> bytes:
+        proc = subprocess.run(
+            ["git", "--git-dir", str(self.mirror), *args],
+            input=input_,
+            capture_output=True,
+            timeout=300,
+        )
+        if proc.returncode != 0:
+            raise GitError(proc.stderr.decode(errors="replace").strip())
+        return proc.stdout
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.mirror.parent.mkdir(parents=True, exist_ok=True)
+        with open(str(self.mirror) + ".lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def sync(self) -> None:
+        with self._locked():
+            if not (self.mirror / "HEAD").exists():
+                proc = subprocess.run(
+                    ["git", "clone", "--mirror", "--quiet", "--", self.source, str(self.mirror)],
+                    capture_output=True,
+                    timeout=600,
+                )
+                if proc.returncode != 0:
+                    raise ConfigError(
+                        f"Could not clone RUNCTL_REPO ({self.source}).",
+                        why=proc.stderr.decode(errors="replace").strip()[-500:],
+                        fix="Check RUNCTL_REPO and the worker's git credentials.",
+                    )
+            else:
+                try:
+                    self._git("remote", "update", "--prune")
+                except GitError as exc:
+                    raise ConfigError(
+                        f"Could not fetch RUNCTL_REPO ({self.source}).", why=str(exc)[-500:]
+                    ) from None
+
+    def resolve(self, ref: str) -> str:
+        try:
+            out = self._git("rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}")
+        except GitError:
+            branches = self._git("for-each-ref", "--format=%(refname:short)", "refs/heads", "refs/tags")
+            names = branches.decode().split()
+            close = difflib.get_close_matches(ref, names, n=3)
+            hint = f" Did you mean {', '.join(f'`{n}`' for n in close)}?" if close else ""
+            raise RefNotFound(
+                f"`{ref}` is not a branch, tag or commit of the training repository.{hint}",
+                why=f"Known branches and tags: {', '.join(names[:15]) or 'none'}.",
+                fix="Push the branch, or pass an existing one with `--ref`.",
+            ) from None
+        return out.decode().strip()
+
+    def files(self, sha: str) -> list[str]:
+        return self._git("ls-tree", "-r", "--name-only", "-z", sha).decode().split("\0")[:-1]
+
+    def _entry(self, sha: str, path: str) -> tuple[str, str] | None:
+        out = self._git("ls-tree", "-z", sha, "--", path).decode()
+        if not out:
+            return None
+        meta, _, _name = out.rstrip("\0").partition("\t")
+        mode, kind, obj = meta.split()
+        return mode, obj if kind == "blob" else ""
+
+    def read(self, sha: str, path: str, _depth: int = 0) -> bytes | None:
+        """A file's bytes at sha; symlinks are followed only while they stay in the tree."""
+        entry = self._entry(sha, path)
+        if entry is None or not entry[1]:
+            return None
+        mode, obj = entry
+        data = self._git("cat-file", "blob", obj)
+        if mode == "120000":
+            target = posixpath.normpath(posixpath.join(posixpath.dirname(path), data.decode()))
+            if target.startswith("..") or target.startswith("/") or _depth > 5:
+                raise ScriptNotFound(
+                    f"`{path}` is a symlink that points outside the repository ({data.decode()}).",
+                    why="runctl only runs files inside the repository tree.",
+                )
+            return self.read(sha, target, _depth + 1)
+        return data
+
+    def check_script(self, sha: str, ref: str, path: str) -> bytes:
+        data = self.read(sha, path)
+        if data is None:
+            candidates = [f for f in self.files(sha) if f.endswith(".py")]
+            close = difflib.get_close_matches(path, candidates, n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(f'`{n}`' for n in close)}?" if close else ""
+            raise ScriptNotFound(
+                f"`{path}` does not exist at `{ref}` ({sha[:10]}).{hint}",
+                why="Script paths are relative to the repository root.",
+                fix="Check the path, or push the file and retry.",
+            )
+        try:
+            compile(data, path, "exec", dont_inherit=True)
+        except SyntaxError as exc:
+            line = (exc.text or "").rstrip()
+            raise ScriptSyntaxError(
+                f"`{path}` has a syntax error at line {exc.lineno}: {exc.msg}.",
+                why=f"Checked at `{ref}` ({sha[:10]}) before anything was sent to the instance.",
+                fix="Fix the script, push, and run the same command again.",
+                detail=f"{path}:{exc.lineno}: {line}" if line else "",
+            ) from None
+        return data
+
+    def archive(self, sha: str) -> bytes:
+        return self._git("archive", "--format=tar.gz", sha)

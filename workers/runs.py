@@ -1,0 +1,148 @@
+"""Run records: one JSON document per run in Redis, plus per-instance history."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, Field
+from redis import Redis
+
+from workers.errors import ErrorInfo
+
+HISTORY = 50
+
+
+class RunState(StrEnum):
+    QUEUED = "queued"
+    STARTING = "starting"
+    SETTING_UP = "setting up environment"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    SUCCEEDED = "finished"
+    FAILED = "failed"
+    STOPPED = "stopped"
+    REFUSED = "not started"
+    LOST = "lost"
+
+    @property
+    def ended(self) -> bool:
+        return self in _ENDED
+
+
+_ENDED = {RunState.SUCCEEDED, RunState.FAILED, RunState.STOPPED, RunState.REFUSED, RunState.LOST}
+
+
+class Progress(BaseModel):
+    epoch: int | None = None
+    total_epochs: int | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    eta_seconds: float | None = None
+    updated_at: datetime | None = None
+    source: str = "file"
+
+
+class Checkpoint(BaseModel):
+    name: str
+    size: int
+    modified_at: datetime
+    epoch: int | None = None
+
+
+class Run(BaseModel):
+    run_id: str
+    instance_id: str
+    user_id: str
+    channel_id: str
+    script: str
+    args: tuple[str, ...] = ()
+    ref: str = "main"
+    sha: str = ""
+    sync_code: bool = True
+    wait: bool = True
+    deps: bool = True
+    rebuild_env: bool = False
+    checkpoint_interval: int | None = None
+    checkpoint_run_id: str | None = None  # a resumed run reuses its predecessor's directory
+    state: RunState = RunState.QUEUED
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    exit_code: int | None = None
+    ended_by: str = ""  # "exit" | "stop" | "force" | "lost"
+    message_ts: str | None = None
+    progress: Progress | None = None
+    checkpoint: Checkpoint | None = None
+    env_hash: str | None = None
+    env_built_at: datetime | None = None
+    setup_seconds: float | None = None
+    notes: list[str] = Field(default_factory=list)
+    log_tail: str = ""
+    error: ErrorInfo | None = None
+    polls: int = 0
+    lock_token: str = ""
+
+    @property
+    def command_text(self) -> str:
+        import shlex
+
+        parts = ["/runctl", "train", self.instance_id, self.script, "--ref", self.ref]
+        if self.args:
+            parts += ["--", *self.args]
+        return shlex.join(parts)
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    now = now or datetime.now(UTC)
+    return f"r{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+class RunStore:
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+
+    @staticmethod
+    def _key(run_id: str) -> str:
+        return f"runctl:run:{run_id}"
+
+    def create(self, run: Run) -> Run:
+        pipe = self.redis.pipeline()
+        pipe.set(self._key(run.run_id), run.model_dump_json())
+        pipe.lpush(f"runctl:runs:instance:{run.instance_id}", run.run_id)
+        pipe.ltrim(f"runctl:runs:instance:{run.instance_id}", 0, HISTORY - 1)
+        pipe.zadd("runctl:runs:all", {run.run_id: run.created_at.timestamp()})
+        pipe.execute()
+        return run
+
+    def get(self, run_id: str) -> Run | None:
+        raw = self.redis.get(self._key(run_id))
+        return Run.model_validate_json(raw) if raw else None
+
+    def save(self, run: Run) -> Run:
+        pipe = self.redis.pipeline()
+        pipe.set(self._key(run.run_id), run.model_dump_json())
+        if run.state.ended:
+            pipe.srem("runctl:runs:live", run.run_id)
+        elif run.state in (RunState.RUNNING, RunState.SETTING_UP, RunState.STOPPING):
+            pipe.sadd("runctl:runs:live", run.run_id)
+        pipe.execute()
+        return run
+
+    def live(self) -> list[Run]:
+        ids = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in self.redis.smembers("runctl:runs:live"))
+        return [r for r in (self.get(i) for i in ids) if r is not None]
+
+    def history(self, instance_id: str, count: int = 10) -> list[Run]:
+        ids = self.redis.lrange(f"runctl:runs:instance:{instance_id}", 0, count - 1)
+        runs = (self.get(i.decode() if isinstance(i, bytes) else str(i)) for i in ids)
+        return [r for r in runs if r is not None]
+
+    def latest(self, instance_id: str) -> Run | None:
+        found = self.history(instance_id, 1)
+        return found[0] if found else None
+
+    def live_on(self, instance_id: str) -> Run | None:
+        return next((r for r in self.live() if r.instance_id == instance_id), None)

@@ -1,0 +1,39 @@
+"""The example training repository the sandbox ships: a real git repo with the
+example script, a script with a syntax error, and one that never checkpoints."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+TRAINING_DIR = Path(__file__).resolve().parents[2] / "training"
+
+BROKEN = "import sys\n\ndef main(:\n    pass\n"
+NO_CHECKPOINTS = (
+    "import time\n\nfor epoch in range(1, 4):\n"
+    "    time.sleep(0.2)\n    print(f'epoch {epoch}/3 loss={1 / epoch:.3f}', flush=True)\n"
+)
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(
+        ["git", "-C", str(repo), "-c", "user.name=runctl", "-c", "user.email=runctl@example.invalid", *args],
+        check=True,
+        capture_output=True,
+    )
+
+
+def make_example_repo(dest: Path) -> Path:
+    """Create (or recreate) the repository at dest on branch main; returns dest."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    _git(dest, "init", "-q", "-b", "main")
+    shutil.copy(TRAINING_DIR / "train_with_checkpoints.py", dest / "train_with_checkpoints.py")
+    (dest / "broken.py").write_text(BROKEN)
+    (dest / "no_checkpoints.py").write_text(NO_CHECKPOINTS)
+    (dest / "README.md").write_text("Example training code for the runctl sandbox.\n")
+    _git(dest, "add", "-A")
+    _git(dest, "commit", "-q", "-m", "example training code")
+    return dest

@@ -1,0 +1,187 @@
+"""Run scripts: launch, probe, status and stop of a training run.
+
+Rules: POSIX sh (dash), the remote root only through ``$RUNCTL_ROOT`` (set on
+the first line), and every value that came from a user through ``shlex.quote``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shlex
+from collections.abc import Mapping, Sequence
+
+q = shlex.quote
+
+SECTION = "::runctl::"
+
+
+def header(root: str) -> str:
+    return f"RUNCTL_ROOT={q(root)}\nset -u\nexport RUNCTL_ROOT\n"
+
+
+def run_dir(run_id: str) -> str:
+    return f'"$RUNCTL_ROOT/runs/"{q(run_id)}'
+
+
+def probe_live_runs(root: str) -> str:
+    """Print `live <run-id> <pid>` for every run whose training process is alive."""
+    return header(root) + (
+        'for d in "$RUNCTL_ROOT"/runs/*/; do\n'
+        '  [ -f "$d/pid" ] || continue\n'
+        '  [ -f "$d/exit_code" ] && continue\n'
+        '  pid=$(cat "$d/pid" 2>/dev/null) || continue\n'
+        '  case "$pid" in ""|*[!0-9]*) continue ;; esac\n'
+        '  if kill -0 "$pid" 2>/dev/null; then\n'
+        '    printf \'live %s %s\\n\' "$(basename "$d")" "$pid"\n'
+        "  fi\n"
+        "done\n"
+    )
+
+
+def wrapper(
+    run_id: str,
+    script: str,
+    args: Sequence[str],
+    env: Mapping[str, str],
+    python: str = "python3",
+    checkpoint_run_id: str | None = None,
+) -> str:
+    """The detached wrapper: runs the training as a child so `pid` is the training
+    process itself, and records its exit code when it ends."""
+    exports = "".join(f"export {k}={q(v)}\n" for k, v in env.items())
+    argv = " ".join(q(a) for a in (python, "-u", script, *args))
+    rdir = run_dir(run_id)
+    return (
+        f"RUN_DIR={rdir}\n"
+        'cd "$RUNCTL_ROOT/code" || { echo 127 > "$RUN_DIR/exit_code"; exit 127; }\n'
+        'export RUNCTL_RUN_DIR="$RUN_DIR"\n'
+        'export RUNCTL_PROGRESS_FILE="$RUN_DIR/progress.json"\n'
+        f"export RUNCTL_CHECKPOINT_DIR={run_dir(checkpoint_run_id or run_id)}/checkpoints\n"
+        f"{exports}"
+        'mkdir -p "$RUNCTL_CHECKPOINT_DIR"\n'
+        "echo $$ > \"$RUN_DIR/pgid\"\n"
+        # A caught trap resets to default in the child, so the training keeps
+        # default signal handling while this shell survives to record the exit.
+        "trap ':' TERM INT HUP\n"
+        f'{argv} </dev/null >>"$RUN_DIR/training.log" 2>&1 &\n'
+        "child=$!\n"
+        'echo "$child" > "$RUN_DIR/pid.tmp" && mv "$RUN_DIR/pid.tmp" "$RUN_DIR/pid"\n'
+        "while :; do\n"
+        '  wait "$child"; rc=$?\n'
+        '  kill -0 "$child" 2>/dev/null || break\n'
+        "done\n"
+        'echo "$rc" > "$RUN_DIR/exit_code.tmp" && mv "$RUN_DIR/exit_code.tmp" "$RUN_DIR/exit_code"\n'
+    )
+
+
+def fetch_code(bundle_url: str, run_id: str) -> str:
+    """Download and unpack a bundle into $RUNCTL_ROOT/code (swap in atomically)."""
+    tmp = f'"$RUNCTL_ROOT/code.tmp."{q(run_id)}'
+    return (
+        f"BUNDLE_URL={q(bundle_url)}\n"
+        f"TMP={tmp}\n"
+        'rm -rf "$TMP" && mkdir -p "$TMP"\n'
+        'if command -v curl >/dev/null 2>&1; then\n'
+        '  curl -fsS --retry 3 -o "$TMP.tar.gz" "$BUNDLE_URL"\n'
+        "elif command -v wget >/dev/null 2>&1; then\n"
+        '  wget -q -O "$TMP.tar.gz" "$BUNDLE_URL"\n'
+        "else\n"
+        '  python3 -c \'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])\' "$BUNDLE_URL" "$TMP.tar.gz"\n'
+        "fi || { echo 'runctl: could not download the code bundle' >&2; exit 20; }\n"
+        'tar -xzf "$TMP.tar.gz" -C "$TMP" || { echo "runctl: could not unpack the code bundle" >&2; exit 21; }\n'
+        'rm -f "$TMP.tar.gz"\n'
+        'rm -rf "$RUNCTL_ROOT/code.old"\n'
+        'if [ -d "$RUNCTL_ROOT/code" ]; then mv "$RUNCTL_ROOT/code" "$RUNCTL_ROOT/code.old"; fi\n'
+        'mv "$TMP" "$RUNCTL_ROOT/code"\n'
+        'rm -rf "$RUNCTL_ROOT/code.old"\n'
+    )
+
+
+def launch(
+    root: str,
+    run_id: str,
+    script: str,
+    args: Sequence[str],
+    env: Mapping[str, str],
+    meta_json: str,
+    bundle_url: str | None,
+    python: str = "python3",
+    checkpoint_run_id: str | None = None,
+) -> str:
+    """Ship code (unless bundle_url is None), then start the wrapper detached."""
+    eof = "RUNCTL_EOF_" + secrets.token_hex(6)
+    body = wrapper(run_id, script, args, env, python, checkpoint_run_id)
+    return (
+        header(root)
+        + f"RUN_DIR={run_dir(run_id)}\n"
+        + 'mkdir -p "$RUN_DIR" "$RUNCTL_ROOT/runs"\n'
+        + (fetch_code(bundle_url, run_id) if bundle_url else "")
+        + f"if [ ! -f \"$RUNCTL_ROOT/code/\"{q(script)} ]; then\n"
+        + f"  echo \"runctl: script {q(script)} is not in $RUNCTL_ROOT/code on this instance\" >&2\n"
+        + "  exit 3\n"
+        + "fi\n"
+        + f"printf '%s\\n' {q(meta_json)} > \"$RUN_DIR/meta.json\"\n"
+        + f"cat > \"$RUN_DIR/run.sh\" <<'{eof}'\n{body}{eof}\n"
+        + ': > "$RUN_DIR/training.log"\n'
+        + 'setsid sh "$RUN_DIR/run.sh" </dev/null >/dev/null 2>&1 &\n'
+        + "echo launched\n"
+    )
+
+
+def run_status(root: str, run_id: str, log_lines: int = 15) -> str:
+    """One snapshot of a run: alive, exit code, progress file, log tail, newest checkpoint."""
+    s = SECTION
+    return header(root) + (
+        f"RUN_DIR={run_dir(run_id)}\n"
+        'if [ ! -d "$RUN_DIR" ]; then echo "' + s + 'missing"; exit 0; fi\n'
+        'echo "' + s + 'now $(date +%s)"\n'
+        'pid=$(cat "$RUN_DIR/pid" 2>/dev/null || true)\n'
+        'case "$pid" in ""|*[!0-9]*) alive=0 ;; *) if kill -0 "$pid" 2>/dev/null; then alive=1; else alive=0; fi ;; esac\n'
+        'echo "' + s + 'alive $alive"\n'
+        'if [ -n "$pid" ]; then echo "' + s + 'pid $pid"; fi\n'
+        'pgid=$(cat "$RUN_DIR/pgid" 2>/dev/null || true)\n'
+        'case "$pgid" in ""|*[!0-9]*) ;; *) if kill -0 "$pgid" 2>/dev/null; then echo "' + s + 'wrapper 1"; fi ;; esac\n'
+        'if [ -f "$RUN_DIR/exit_code" ]; then echo "' + s + 'exit $(cat "$RUN_DIR/exit_code")"; fi\n'
+        'if [ -f "$RUN_DIR/progress.json" ]; then\n'
+        '  echo "' + s + 'progress"; head -c 4000 "$RUN_DIR/progress.json"; echo\n'
+        "fi\n"
+        'ck="$RUN_DIR/checkpoints"\n'
+        'if [ -d "$ck" ]; then\n'
+        '  newest=$(ls -t "$ck" 2>/dev/null | grep -v -e \'^manifest.json$\' -e \'^completed.json$\' -e \'^\\.\' | head -n 1)\n'
+        '  if [ -n "$newest" ]; then\n'
+        '    echo "' + s + 'checkpoint $(wc -c < "$ck/$newest" | tr -d \' \') $(date -r "$ck/$newest" +%s) $newest"\n'
+        "  fi\n"
+        "fi\n"
+        'echo "' + s + 'log"\n'
+        f'tail -n {int(log_lines)} "$RUN_DIR/training.log" 2>/dev/null | cut -c1-300\n'
+        'echo "' + s + 'end"\n'
+    )
+
+
+def stop_run(root: str, run_id: str, grace: int) -> str:
+    """SIGTERM the training process, wait up to `grace` seconds, then SIGKILL its group.
+
+    Prints `stopped term <secs>`, `stopped kill <secs>` or `stopped none`."""
+    return header(root) + (
+        f"RUN_DIR={run_dir(run_id)}\n"
+        f"GRACE={int(grace)}\n"
+        'pid=$(cat "$RUN_DIR/pid" 2>/dev/null || true)\n'
+        'pgid=$(cat "$RUN_DIR/pgid" 2>/dev/null || true)\n'
+        'case "$pid" in ""|*[!0-9]*) echo "stopped none"; exit 0 ;; esac\n'
+        'if ! kill -0 "$pid" 2>/dev/null; then echo "stopped none"; exit 0; fi\n'
+        'date +%s > "$RUN_DIR/stop_requested"\n'
+        'kill -TERM "$pid" 2>/dev/null || true\n'
+        "waited=0\n"
+        'while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt "$GRACE" ]; do\n'
+        "  sleep 1; waited=$((waited + 1))\n"
+        "done\n"
+        'if kill -0 "$pid" 2>/dev/null; then\n'
+        '  case "$pgid" in ""|*[!0-9]*) kill -KILL "$pid" 2>/dev/null ;; *) kill -KILL -"$pgid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null ;; esac\n'
+        '  echo 137 > "$RUN_DIR/exit_code"\n'
+        '  echo "stopped kill $waited"\n'
+        "else\n"
+        "  n=0\n"
+        '  while [ ! -f "$RUN_DIR/exit_code" ] && [ "$n" -lt 5 ]; do sleep 1; n=$((n + 1)); done\n'
+        '  echo "stopped term $waited"\n'
+        "fi\n"
+    )

@@ -1,0 +1,100 @@
+"""Configuration from the environment. Names are public interface (see README)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from workers.errors import ConfigError
+
+Role = Literal["web", "worker", "clock", "socket", "console"]
+
+_REQUIRED: dict[str, tuple[str, ...]] = {
+    "web": ("SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET"),
+    "socket": ("SLACK_BOT_TOKEN", "SLACK_APP_TOKEN"),
+    "worker": ("SLACK_BOT_TOKEN", "RUNCTL_REPO", "RUNCTL_S3_BUCKET"),
+    "clock": (),
+    "console": (),
+}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore")
+
+    SLACK_BOT_TOKEN: SecretStr | None = None
+    SLACK_SIGNING_SECRET: SecretStr | None = None
+    SLACK_APP_TOKEN: SecretStr | None = None
+    SLACK_API_URL: str | None = None
+    REDIS_URL: str = "redis://127.0.0.1:6379/0"
+    RUNCTL_REPO: str | None = None
+    RUNCTL_REF: str = "main"
+    RUNCTL_S3_BUCKET: str | None = None
+    RUNCTL_REMOTE_ROOT: str = "/opt/runctl"
+    RUNCTL_CHANNEL: str | None = None
+    RUNCTL_ADMINS: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    RUNCTL_SCOPE_TAG: str = "runctl:managed=true"
+    RUNCTL_MIRROR_DIR: Path = Path.home() / ".cache" / "runctl" / "mirror"
+    RUNCTL_STOP_GRACE_SECONDS: int = Field(120, ge=0, le=3600)
+    RUNCTL_PENDING_WAIT_SECONDS: int = Field(300, ge=0)
+    RUNCTL_SWEEP_MINUTES: int = Field(5, ge=1, le=1440)
+    RUNCTL_WARN_UPTIME_HOURS: float = Field(24, gt=0)
+    RUNCTL_WARN_COST_USD: float = Field(10, gt=0)
+    RUNCTL_IDLE_MINUTES: int = Field(60, ge=1)
+    RUNCTL_CHECKPOINT_WARN_MINUTES: int = Field(60, ge=1)
+    RUNCTL_DIGEST_CRON: str = "0 9 * * *"
+    RUNCTL_POLICY_FILE: Path | None = None
+    RUNCTL_AUDIT_MAXLEN: int = Field(100_000, ge=100)
+    RUNCTL_RATE_PER_MINUTE: int = Field(20, ge=1)
+    RUNCTL_POLL_MIN_SECONDS: float = Field(5, gt=0)
+    RUNCTL_POLL_MAX_SECONDS: float = Field(150, gt=0)
+    RUNCTL_LAUNCH_CHECK_SECONDS: float = Field(2, ge=0)
+
+    @field_validator("RUNCTL_ADMINS", mode="before")
+    @classmethod
+    def _split_admins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("RUNCTL_SCOPE_TAG")
+    @classmethod
+    def _scope_shape(cls, value: str) -> str:
+        if value and "=" not in value:
+            raise ValueError("expected KEY=VALUE, e.g. runctl:managed=true (empty disables)")
+        return value
+
+    @property
+    def scope(self) -> tuple[str, str] | None:
+        if not self.RUNCTL_SCOPE_TAG:
+            return None
+        key, _, value = self.RUNCTL_SCOPE_TAG.partition("=")
+        return key, value
+
+    def secret(self, name: str) -> str:
+        value = getattr(self, name)
+        if value is None:
+            raise ConfigError(f"{name} is not set")
+        return str(value.get_secret_value())
+
+    def require(self, role: Role) -> Settings:
+        for name in _REQUIRED[role]:
+            if getattr(self, name) in (None, ""):
+                raise ConfigError(
+                    f"runctl: {name} is not set; the {role} process needs it (see README, Settings)"
+                )
+        return self
+
+
+def load(role: Role = "console") -> Settings:
+    """Load and check settings; any problem is one ConfigError line naming the variable."""
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = ".".join(str(p) for p in err["loc"]) or "settings"
+        raise ConfigError(f"runctl: invalid setting {name}: {err['msg']}") from None
+    return settings.require(role)
+

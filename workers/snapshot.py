@@ -1,0 +1,110 @@
+"""Parse the output of ``scripts.run_status`` into a typed snapshot."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from workers.runs import Checkpoint, Progress
+from workers.scripts import SECTION
+
+_EPOCH = re.compile(r"epoch\s*[:=]?\s*(\d+)\s*/\s*(\d+)", re.IGNORECASE)
+_METRIC = re.compile(r"\b(loss|acc|accuracy|val_loss|lr)\s*[=:]\s*([-+0-9.eE]+)")
+_CKPT_EPOCH = re.compile(r"epoch[-_]?0*(\d+)", re.IGNORECASE)
+
+
+@dataclass
+class Snapshot:
+    missing: bool = False
+    alive: bool = False
+    has_pid: bool = False
+    wrapper_alive: bool = False
+    exit_code: int | None = None
+    instance_now: datetime | None = None
+    progress: Progress | None = None
+    checkpoint: Checkpoint | None = None
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def ended(self) -> bool:
+        if self.exit_code is not None:
+            return True
+        return self.has_pid and not self.alive and not self.wrapper_alive
+
+
+def parse(output: str) -> Snapshot:
+    snap = Snapshot()
+    section = ""
+    progress_lines: list[str] = []
+    for line in output.splitlines():
+        if line.startswith(SECTION):
+            word, _, rest = line[len(SECTION) :].partition(" ")
+            section = word
+            if word == "missing":
+                snap.missing = True
+            elif word == "now" and rest.isdigit():
+                snap.instance_now = datetime.fromtimestamp(int(rest), UTC)
+            elif word == "alive":
+                snap.alive = rest.strip() == "1"
+            elif word == "pid":
+                snap.has_pid = True
+            elif word == "wrapper":
+                snap.wrapper_alive = rest.strip() == "1"
+            elif word == "exit":
+                snap.exit_code = int(rest) if rest.strip().lstrip("-").isdigit() else -1
+            elif word == "checkpoint":
+                snap.checkpoint = _checkpoint(rest)
+            continue
+        if section == "progress":
+            progress_lines.append(line)
+        elif section == "log":
+            snap.log.append(line)
+    if progress_lines:
+        snap.progress = progress_from_file("\n".join(progress_lines))
+    if snap.progress is None:
+        snap.progress = progress_from_log(snap.log)
+    return snap
+
+
+def _checkpoint(rest: str) -> Checkpoint | None:
+    parts = rest.split(" ", 2)
+    if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
+        return None
+    match = _CKPT_EPOCH.search(parts[2])
+    return Checkpoint(
+        name=parts[2],
+        size=int(parts[0]),
+        modified_at=datetime.fromtimestamp(int(parts[1]), UTC),
+        epoch=int(match.group(1)) if match else None,
+    )
+
+
+def progress_from_file(text: str) -> Progress | None:
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            return None
+        metrics = {
+            str(k): float(v)
+            for k, v in (data.get("metrics") or {}).items()
+            if isinstance(v, int | float)
+        }
+        return Progress.model_validate({**data, "metrics": metrics, "source": "file"})
+    except ValueError:
+        return None
+
+
+def progress_from_log(lines: list[str]) -> Progress | None:
+    for line in reversed(lines):
+        match = _EPOCH.search(line)
+        if match:
+            metrics = {m.group(1): float(m.group(2)) for m in _METRIC.finditer(line)}
+            return Progress(
+                epoch=int(match.group(1)),
+                total_epochs=int(match.group(2)),
+                metrics=metrics,
+                source="log",
+            )
+    return None
