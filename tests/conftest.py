@@ -22,7 +22,8 @@ from workers.sandbox.example_repo import make_example_repo
 from workers.sandbox.fake_slack import FakeSlack
 from workers.settings import Settings
 
-REDIS_URL = os.environ.get("RUNCTL_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+# One db per test process, so parallel runs on one machine never flush each other.
+REDIS_URL = os.environ.get("RUNCTL_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{1 + os.getpid() % 14}")
 BUCKET = "runctl-test-bundles"
 TOKEN = "xoxb-test-token"
 

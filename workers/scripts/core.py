@@ -38,6 +38,14 @@ def probe_live_runs(root: str) -> str:
     )
 
 
+def interpreter(python: str) -> str:
+    """The interpreter as shell text; an environment under ``$RUNCTL_ROOT/`` keeps the root expanded."""
+    prefix = "$RUNCTL_ROOT/"
+    if python.startswith(prefix):
+        return f'"$RUNCTL_ROOT"/{q(python[len(prefix):])}'
+    return q(python)
+
+
 def wrapper(
     run_id: str,
     script: str,
@@ -49,7 +57,7 @@ def wrapper(
     """The detached wrapper: runs the training as a child so `pid` is the training
     process itself, and records its exit code when it ends."""
     exports = "".join(f"export {k}={q(v)}\n" for k, v in env.items())
-    argv = " ".join(q(a) for a in (python, "-u", script, *args))
+    argv = " ".join([interpreter(python), *(q(a) for a in ("-u", script, *args))])
     rdir = run_dir(run_id)
     return (
         f"RUN_DIR={rdir}\n"
@@ -97,20 +105,8 @@ def fetch_code(bundle_url: str, run_id: str) -> str:
     )
 
 
-def launch(
-    root: str,
-    run_id: str,
-    script: str,
-    args: Sequence[str],
-    env: Mapping[str, str],
-    meta_json: str,
-    bundle_url: str | None,
-    python: str = "python3",
-    checkpoint_run_id: str | None = None,
-) -> str:
-    """Ship code (unless bundle_url is None), then start the wrapper detached."""
-    eof = "RUNCTL_EOF_" + secrets.token_hex(6)
-    body = wrapper(run_id, script, args, env, python, checkpoint_run_id)
+def sync_code(root: str, run_id: str, script: str, bundle_url: str | None) -> str:
+    """Ship code (unless bundle_url is None) and check the script is there (exit 3 if not)."""
     return (
         header(root)
         + f"RUN_DIR={run_dir(run_id)}\n"
@@ -120,10 +116,36 @@ def launch(
         + f"  echo \"runctl: script {q(script)} is not in $RUNCTL_ROOT/code on this instance\" >&2\n"
         + "  exit 3\n"
         + "fi\n"
+        + "echo synced\n"
+    )
+
+
+def launch(
+    root: str,
+    run_id: str,
+    script: str,
+    args: Sequence[str],
+    env: Mapping[str, str],
+    meta_json: str,
+    python: str = "python3",
+    checkpoint_run_id: str | None = None,
+) -> str:
+    """Start the wrapper detached; the code is already in place (``sync_code``)."""
+    eof = "RUNCTL_EOF_" + secrets.token_hex(6)
+    body = wrapper(run_id, script, args, env, python, checkpoint_run_id)
+    return (
+        header(root)
+        + f"RUN_DIR={run_dir(run_id)}\n"
+        + 'mkdir -p "$RUN_DIR"\n'
         + f"printf '%s\\n' {q(meta_json)} > \"$RUN_DIR/meta.json\"\n"
         + f"cat > \"$RUN_DIR/run.sh\" <<'{eof}'\n{body}{eof}\n"
         + ': > "$RUN_DIR/training.log"\n'
         + 'setsid sh "$RUN_DIR/run.sh" </dev/null >/dev/null 2>&1 &\n'
+        # Return only once the detached wrapper is in its own session, so the
+        # agent's process-group kill at the end of this command cannot reach it.
+        + "n=0\n"
+        + 'while [ ! -f "$RUN_DIR/pid" ] && [ ! -f "$RUN_DIR/exit_code" ] && [ "$n" -lt 100 ]; do sleep 0.1; n=$((n + 1)); done\n'
+        + 'if [ ! -f "$RUN_DIR/pid" ] && [ ! -f "$RUN_DIR/exit_code" ]; then echo "runctl: the training process did not start" >&2; exit 4; fi\n'
         + "echo launched\n"
     )
 
@@ -155,33 +177,4 @@ def run_status(root: str, run_id: str, log_lines: int = 15) -> str:
         'echo "' + s + 'log"\n'
         f'tail -n {int(log_lines)} "$RUN_DIR/training.log" 2>/dev/null | cut -c1-300\n'
         'echo "' + s + 'end"\n'
-    )
-
-
-def stop_run(root: str, run_id: str, grace: int) -> str:
-    """SIGTERM the training process, wait up to `grace` seconds, then SIGKILL its group.
-
-    Prints `stopped term <secs>`, `stopped kill <secs>` or `stopped none`."""
-    return header(root) + (
-        f"RUN_DIR={run_dir(run_id)}\n"
-        f"GRACE={int(grace)}\n"
-        'pid=$(cat "$RUN_DIR/pid" 2>/dev/null || true)\n'
-        'pgid=$(cat "$RUN_DIR/pgid" 2>/dev/null || true)\n'
-        'case "$pid" in ""|*[!0-9]*) echo "stopped none"; exit 0 ;; esac\n'
-        'if ! kill -0 "$pid" 2>/dev/null; then echo "stopped none"; exit 0; fi\n'
-        'date +%s > "$RUN_DIR/stop_requested"\n'
-        'kill -TERM "$pid" 2>/dev/null || true\n'
-        "waited=0\n"
-        'while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt "$GRACE" ]; do\n'
-        "  sleep 1; waited=$((waited + 1))\n"
-        "done\n"
-        'if kill -0 "$pid" 2>/dev/null; then\n'
-        '  case "$pgid" in ""|*[!0-9]*) kill -KILL "$pid" 2>/dev/null ;; *) kill -KILL -"$pgid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null ;; esac\n'
-        '  echo 137 > "$RUN_DIR/exit_code"\n'
-        '  echo "stopped kill $waited"\n'
-        "else\n"
-        "  n=0\n"
-        '  while [ ! -f "$RUN_DIR/exit_code" ] && [ "$n" -lt 5 ]; do sleep 1; n=$((n + 1)); done\n'
-        '  echo "stopped term $waited"\n'
-        "fi\n"
     )

@@ -1,0 +1,332 @@
+"""Who may do what, where.
+
+The policy comes from ``RUNCTL_POLICY_FILE`` (TOML or YAML) when it is set, and is
+re-read whenever the file changes (cached by mtime), so an edit takes effect on the
+next check. Without a file, the default applies:
+
+- everyone may ``train``, ``status``, ``resources`` and ``checkpoints``;
+- ``stop`` and ``start`` are for the run's owner or admins;
+- ``terminate``, ``force`` and ``audit`` are for admins;
+- admins come from ``RUNCTL_ADMINS``; any channel; scope ``RUNCTL_SCOPE_TAG``.
+
+A policy file (every key optional; unknown keys are errors)::
+
+    admins = ["U0ADMIN", "S0PLATFORM"]      # added to RUNCTL_ADMINS; S… = a user group
+    channels = ["C0TRAIN"]                  # where commands are accepted; empty = anywhere
+    scope = "runctl:managed=true"           # instance tag filter; default RUNCTL_SCOPE_TAG
+    [roles]
+    ml = ["U0ALICE", "S0MLTEAM"]
+    [commands]                              # roles per command; built-ins: everyone, owner, admin
+    train = ["ml", "admin"]
+    stop = ["owner", "ml", "admin"]
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from slack_sdk.errors import SlackApiError
+
+from workers.commands import Requester
+from workers.errors import ConfigError, PermissionDenied
+from workers.notifier import make_client
+from workers.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Action = Literal["train", "status", "resources", "checkpoints", "stop", "start", "terminate", "force", "audit"]
+EVERYONE, OWNER, ADMIN = "everyone", "owner", "admin"
+BUILTIN_ROLES = (EVERYONE, OWNER, ADMIN)
+DEFAULT_COMMANDS: dict[str, tuple[str, ...]] = {
+    "train": (EVERYONE,),
+    "status": (EVERYONE,),
+    "resources": (EVERYONE,),
+    "checkpoints": (EVERYONE,),
+    "help": (EVERYONE,),
+    "stop": (OWNER, ADMIN),
+    "start": (OWNER, ADMIN),
+    "terminate": (ADMIN,),
+    "force": (ADMIN,),
+    "audit": (ADMIN,),
+}
+# Actions other modules may name that the policy file does not list (button verbs).
+FALLBACK_ROLES = (OWNER, ADMIN)
+GROUP_TTL_SECONDS = 300.0
+GROUP_FAILURE_TTL_SECONDS = 30.0
+
+MemberId = Annotated[str, Field(pattern=r"^[UWS][A-Z0-9]{2,}$")]
+ChannelId = Annotated[str, Field(pattern=r"^[CGD][A-Z0-9]{2,}$")]
+
+
+class Policy(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    admins: tuple[MemberId, ...] = ()
+    channels: tuple[ChannelId, ...] = ()
+    scope: str | None = None
+    roles: dict[str, tuple[MemberId, ...]] = Field(default_factory=dict)
+    commands: dict[Action, tuple[str, ...]] = Field(default_factory=dict)
+
+    @field_validator("scope")
+    @classmethod
+    def _scope_shape(cls, value: str | None) -> str | None:
+        if value and "=" not in value:
+            raise ValueError("expected KEY=VALUE, e.g. runctl:managed=true (empty disables)")
+        return value
+
+    @field_validator("roles")
+    @classmethod
+    def _no_builtin_redefinition(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        clash = sorted(set(value) & set(BUILTIN_ROLES))
+        if clash:
+            raise ValueError(f"role {clash[0]!r} is built in; list admins under `admins`")
+        return value
+
+    @model_validator(mode="after")
+    def _roles_exist(self) -> Policy:
+        for action, roles in self.commands.items():
+            for role in roles:
+                if role not in self.roles and role not in BUILTIN_ROLES:
+                    known = ", ".join([*BUILTIN_ROLES, *self.roles])
+                    raise ValueError(f"commands.{action} names role {role!r}, which is not defined (known: {known})")
+        return self
+
+    def roles_for(self, action: str) -> tuple[str, ...]:
+        listed: tuple[str, ...] | None = self.commands.get(action)  # type: ignore[call-overload]
+        if listed is not None:
+            return listed
+        return DEFAULT_COMMANDS.get(action, FALLBACK_ROLES)
+
+
+# --- loading -----------------------------------------------------------------
+
+_cache: dict[Path, tuple[tuple[int, int], Policy]] = {}
+_cache_lock = threading.Lock()
+
+
+def load(settings: Settings) -> Policy:
+    """The current policy: the file's (re-read when it changed) or the default."""
+    path = settings.RUNCTL_POLICY_FILE
+    if path is None:
+        return Policy()
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise ConfigError(
+            f"The policy file {path} cannot be read ({exc.strerror}).",
+            why="RUNCTL_POLICY_FILE points at it; runctl refuses every command rather than guess a policy.",
+            fix=f"Create {path}, or unset RUNCTL_POLICY_FILE to use the default policy.",
+        ) from None
+    stamp = (stat.st_mtime_ns, stat.st_size)
+    with _cache_lock:
+        cached = _cache.get(path)
+        if cached and cached[0] == stamp:
+            return cached[1]
+    policy = parse(path)
+    with _cache_lock:
+        _cache[path] = (stamp, policy)
+    return policy
+
+
+def parse(path: Path) -> Policy:
+    """Read and validate a policy file; any problem is one ConfigError naming the key."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            data: Any = yaml.safe_load(text) or {}
+        else:
+            data = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        kind = "YAML" if path.suffix.lower() in (".yaml", ".yml") else "TOML"
+        raise _invalid(path, f"it is not valid {kind}: {exc}") from None
+    if not isinstance(data, dict):
+        raise _invalid(path, "its top level must be a table/mapping")
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "policy"
+        raise _invalid(path, f"{where}: {err['msg']}") from None
+
+
+def _invalid(path: Path, why: str) -> ConfigError:
+    return ConfigError(
+        f"The policy file {path} is invalid, so runctl refuses commands until it is fixed.",
+        why=why,
+        fix=f"Fix {path} (the format is in the README, Security); the change takes effect immediately.",
+    )
+
+
+def scope(settings: Settings) -> tuple[str, str] | None:
+    """The instance scope tag: the policy file's, else RUNCTL_SCOPE_TAG."""
+    tag = load(settings).scope
+    if tag is None:
+        return settings.scope
+    if not tag:
+        return None
+    key, _, value = tag.partition("=")
+    return key, value
+
+
+def admins(settings: Settings) -> list[str]:
+    """Admin user and group ids: RUNCTL_ADMINS plus the policy file's."""
+    ids = list(settings.RUNCTL_ADMINS)
+    for member in _safe_policy(settings).admins:
+        if member not in ids:
+            ids.append(member)
+    return ids
+
+
+def _safe_policy(settings: Settings) -> Policy:
+    try:
+        return load(settings)
+    except ConfigError:
+        return Policy()
+
+
+# --- user groups ---------------------------------------------------------------
+
+_groups: dict[str, tuple[float, frozenset[str]]] = {}
+_groups_lock = threading.Lock()
+_group_errors: dict[str, str] = {}
+
+
+def group_members(settings: Settings, group_id: str) -> frozenset[str]:
+    """Members of a Slack user group via usergroups.users.list, cached for 5 minutes.
+
+    Failures fail closed (nobody is a member) and are retried after 30 s."""
+    now = time.monotonic()
+    with _groups_lock:
+        hit = _groups.get(group_id)
+        if hit and hit[0] > now:
+            return hit[1]
+    try:
+        resp = make_client(settings).usergroups_users_list(usergroup=group_id)
+        members = frozenset(str(u) for u in resp.get("users") or [])
+        expires, error = now + GROUP_TTL_SECONDS, ""
+    except SlackApiError as exc:
+        members = frozenset()
+        expires, error = now + GROUP_FAILURE_TTL_SECONDS, str(exc.response.get("error", "error"))
+        log.warning("could not list members of user group %s: %s", group_id, error)
+    with _groups_lock:
+        _groups[group_id] = (expires, members)
+        if error:
+            _group_errors[group_id] = error
+        else:
+            _group_errors.pop(group_id, None)
+    return members
+
+
+def forget_groups() -> None:
+    with _groups_lock:
+        _groups.clear()
+        _group_errors.clear()
+
+
+def _is_member(settings: Settings, user_id: str, members: Iterable[str]) -> bool:
+    for member in members:
+        if member == user_id:
+            return True
+        if member.startswith("S") and user_id in group_members(settings, member):
+            return True
+    return False
+
+
+# --- checks ----------------------------------------------------------------------
+
+
+def allowed(settings: Settings, user_id: str, action: str, owner_id: str | None = None) -> bool:
+    try:
+        check(settings, user_id, action, owner_id)
+    except PermissionDenied:
+        return False
+    return True
+
+
+def check(settings: Settings, user_id: str, action: str, owner_id: str | None = None) -> None:
+    """Raise PermissionDenied unless user_id may perform action.
+
+    owner_id is the owner of the run the action touches; ``owner`` is satisfied
+    when it is the user, or when there is no run (owner_id None). A broken policy
+    file raises ConfigError: it refuses rather than guess."""
+    policy = load(settings)
+    roles = policy.roles_for(action)
+    admin_ids = admins(settings)
+    for role in roles:
+        if role == EVERYONE:
+            return
+        if role == OWNER and owner_id in (None, user_id):
+            return
+        if role == ADMIN and _is_member(settings, user_id, admin_ids):
+            return
+        if role in policy.roles and _is_member(settings, user_id, policy.roles[role]):
+            return
+    raise PermissionDenied(
+        f"You can't `{action}` here: it needs {_describe(roles, owner_id)}.",
+        why=f"Admins: {_mentions(admin_ids) or 'nobody yet (set RUNCTL_ADMINS)'}." + _group_trouble(),
+        fix="Ask an admin to do it, or to add you to "
+        + (f"role `{_named_role(roles)}` in the policy file ({settings.RUNCTL_POLICY_FILE})"
+           if settings.RUNCTL_POLICY_FILE and _named_role(roles)
+           else "RUNCTL_ADMINS or the policy file (RUNCTL_POLICY_FILE)")
+        + ".",
+    )
+
+
+def check_channel(settings: Settings, channel_id: str) -> None:
+    channels = load(settings).channels
+    if channels and channel_id not in channels:
+        where = ", ".join(f"<#{c}>" for c in channels)
+        raise PermissionDenied(
+            "runctl does not take commands in this channel.",
+            why=f"The policy allows commands only in {where}.",
+            fix=f"Run it in {where}, or ask an admin ({_mentions(admins(settings)) or 'set RUNCTL_ADMINS'}) "
+            "to add this channel to `channels` in the policy file.",
+        )
+
+
+def recheck(settings: Settings, who: Requester, *actions: str, owner_id: str | None = None) -> None:
+    """The worker's check just before acting: channel, then every action."""
+    if who.channel_id:
+        check_channel(settings, who.channel_id)
+    for action in actions:
+        check(settings, who.user_id, action, owner_id)
+
+
+def _describe(roles: tuple[str, ...], owner_id: str | None) -> str:
+    names = []
+    for role in roles:
+        if role == OWNER:
+            names.append(f"the run's owner (<@{owner_id}>)" if owner_id else "the run's owner")
+        else:
+            names.append(f"role `{role}`")
+    if not names:
+        return "a role, and the policy gives this command to nobody"
+    return " or ".join(names)
+
+
+def _named_role(roles: tuple[str, ...]) -> str:
+    return next((r for r in roles if r not in (EVERYONE, OWNER)), "")
+
+
+def _mentions(ids: Iterable[str]) -> str:
+    return ", ".join(f"<!subteam^{i}>" if i.startswith("S") else f"<@{i}>" for i in ids)
+
+
+def _group_trouble() -> str:
+    with _groups_lock:
+        errors = dict(_group_errors)
+    if not errors:
+        return ""
+    listed = ", ".join(f"{g} ({e})" for g, e in sorted(errors.items()))
+    return (
+        f" Could not read user group(s) {listed}; members of those groups are refused until it works "
+        "(the bot token needs the `usergroups:read` scope)."
+    )
