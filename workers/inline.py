@@ -10,8 +10,17 @@ from typing import Any
 from redis import Redis
 from rq import Queue, SimpleWorker
 from rq.registry import ScheduledJobRegistry
+from rq.timeouts import TimerDeathPenalty
 
 from workers.context import QUEUE
+
+
+class _ThreadSafeWorker(SimpleWorker):  # type: ignore[misc]
+    death_penalty_class = TimerDeathPenalty  # SIGALRM only works in the main thread
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            super()._install_signal_handlers()
 
 
 class InlineWorker:
@@ -48,7 +57,7 @@ class InlineWorker:
             return False
         self.busy.set()
         try:
-            worker = SimpleWorker(self.queues, connection=self.redis)
+            worker = _ThreadSafeWorker(self.queues, connection=self.redis)
             worker.work(burst=True, logging_level="WARNING")
         finally:
             self.busy.clear()

@@ -1,0 +1,266 @@
+"""The console demo: the whole bot on this machine, no Slack, AWS or Redis server.
+
+fakeredis in-process, the AWS sandbox (moto + the executing-SSM shim), a fake
+Slack Web API and an in-process worker. Each typed `/runctl ...` line goes through
+the same Bolt app (`app.dispatch`) with a signed request; posted messages print as
+text, and a button is clicked by typing its number (Errbot's text backend and
+Hubot's shell adapter work the same way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import urlencode
+
+import fakeredis
+from slack_bolt import App
+from slack_bolt.request import BoltRequest
+from slack_sdk import WebClient
+from slack_sdk.signature import SignatureVerifier
+
+from bot.app import build_app
+from workers import context
+from workers.context import Services
+from workers.inline import InlineWorker
+from workers.notifier import Notifier
+from workers.sandbox.aws import Sandbox, SeedInfo, seed
+from workers.sandbox.example_repo import make_example_repo
+from workers.sandbox.fake_slack import FakeSlack, Message
+from workers.settings import Settings
+
+SECRET = "console-signing-secret"
+TOKEN = "xoxb-console"
+CHANNEL = "C0CONSOLE"
+USER = "U0YOU"
+_MENTION = re.compile(r"<@([A-Z0-9]+)(?:\|[^>]*)?>")
+_DATE = re.compile(r"<!date\^\d+\^[^|]*\|([^>]*)>")
+
+
+def sign(body: str) -> dict[str, str]:
+    ts = str(int(time.time()))
+    return {
+        "content-type": "application/x-www-form-urlencoded",
+        "x-slack-request-timestamp": ts,
+        "x-slack-signature": SignatureVerifier(SECRET).generate_signature(timestamp=ts, body=body),
+    }
+
+
+def plain(text: str) -> str:
+    text = _MENTION.sub(lambda m: "@" + m.group(1).lower().removeprefix("u0"), text)
+    return _DATE.sub(lambda m: m.group(1), text)
+
+
+class Console:
+    def __init__(self, out: TextIO, user: str = USER) -> None:
+        self.out = out
+        self.user = user
+        self.buttons: list[tuple[Message, dict[str, Any], dict[str, Any]]] = []
+        self.lock = threading.Lock()
+
+    # --- rendering ------------------------------------------------------------
+    def show(self, kind: str, msg: Any) -> None:
+        if not isinstance(msg, Message):
+            if kind == "file":
+                self.say(f"  [file] {getattr(msg, 'filename', '?')}: {getattr(msg, 'title', '')}")
+            return
+        if kind == "delete":
+            return
+        where = "ephemeral" if msg.ephemeral else ("thread" if msg.thread_ts else f"#{msg.channel}")
+        tag = {"post": "", "update": " (updated)", "ephemeral": "", "response_url": ""}.get(kind, "")
+        lines = self.render(msg)
+        with self.lock:
+            self.say(f"[{where}{tag}] " + (lines[0] if lines else ""))
+            for line in lines[1:]:
+                self.say("    " + line)
+
+    def render(self, msg: Message) -> list[str]:
+        if not msg.blocks:
+            return plain(msg.text).splitlines() or [""]
+        lines: list[str] = []
+        for block in msg.blocks:
+            kind = block.get("type")
+            if kind in ("section", "header"):
+                text = (block.get("text") or {}).get("text", "")
+                lines += plain(text).splitlines()
+                for field in block.get("fields") or []:
+                    lines += plain(field.get("text", "")).splitlines()
+            elif kind == "context":
+                lines += [plain(e.get("text", "")) for e in block.get("elements", []) if "text" in e]
+            elif kind == "actions":
+                labels = []
+                for element in block.get("elements", []):
+                    if element.get("type") == "button":
+                        self.buttons.append((msg, block, element))
+                        labels.append(f"[{len(self.buttons)}] {element['text']['text']}")
+                lines.append("  ".join(labels) + "   (type the number to click)")
+            elif kind == "divider":
+                lines.append("-" * 20)
+        return lines
+
+    def say(self, line: str) -> None:
+        print(line, file=self.out, flush=True)
+
+    # --- input ----------------------------------------------------------------
+    def command(self, app: App, text: str) -> None:
+        body = urlencode(
+            {
+                "team_id": "T0CONSOLE",
+                "channel_id": CHANNEL,
+                "channel_name": "console",
+                "user_id": self.user,
+                "user_name": "you",
+                "command": "/runctl",
+                "text": text,
+                "api_app_id": "A0RUNCTL",
+                "response_url": "",
+                "trigger_id": f"console.{time.monotonic_ns()}",
+            }
+        )
+        resp = app.dispatch(BoltRequest(body=body, headers=sign(body)))
+        if resp.status != 200:
+            self.say(f"[http {resp.status}] {resp.body}")
+            return
+        if resp.body:
+            try:
+                data = json.loads(resp.body)
+            except ValueError:
+                data = {"text": resp.body}
+            self.say("[only you] " + plain(str(data.get("text", ""))).replace("\n", "\n    "))
+
+    def click(self, app: App, number: int) -> None:
+        if not 1 <= number <= len(self.buttons):
+            self.say(f"No button [{number}].")
+            return
+        msg, block, element = self.buttons[number - 1]
+        payload = {
+            "type": "block_actions",
+            "team": {"id": "T0CONSOLE", "domain": "console"},
+            "user": {"id": self.user, "username": "you", "team_id": "T0CONSOLE"},
+            "api_app_id": "A0RUNCTL",
+            "container": {"type": "message", "message_ts": msg.ts, "channel_id": msg.channel},
+            "trigger_id": f"console.{time.monotonic_ns()}",
+            "channel": {"id": msg.channel, "name": "console"},
+            "message": {"ts": msg.ts, "text": msg.text, "blocks": msg.blocks},
+            "response_url": "",
+            "actions": [
+                {
+                    "type": "button",
+                    "action_id": element.get("action_id"),
+                    "block_id": block.get("block_id", ""),
+                    "text": element.get("text"),
+                    "value": element.get("value", ""),
+                    "action_ts": f"{time.time():.6f}",
+                }
+            ],
+        }
+        body = urlencode({"payload": json.dumps(payload)})
+        resp = app.dispatch(BoltRequest(body=body, headers=sign(body)))
+        if resp.status != 200:
+            self.say(f"[http {resp.status}] {resp.body}")
+
+
+def wait_idle(svc: Services, worker: InlineWorker, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if worker.idle() and not svc.runs.live() and not worker.scheduled():
+            time.sleep(0.3)
+            if worker.idle() and not worker.scheduled():
+                return
+        time.sleep(0.2)
+
+
+def banner(seeded: SeedInfo) -> str:
+    rows = "\n".join(f"    {name:<12} {iid}" for name, iid in seeded.instances.items())
+    return (
+        "runctl console: the bot, a sandboxed AWS and a fake Slack, all on this machine.\n"
+        f"Instances:\n{rows}\n"
+        "Try:\n"
+        "    /runctl train $gpu-box-1 train_with_checkpoints.py -- --epochs 5\n"
+        "    /runctl status $gpu-box-1\n"
+        "    /runctl help\n"
+        "`$gpu-box-1` stands for that instance's id. A number clicks that button;\n"
+        "/wait waits for running work; /quit leaves."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--workdir", type=Path, default=None, help="where the sandbox keeps its files")
+    args = parser.parse_args(argv)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="runctl-console-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = sys.stdout
+    console = Console(out)
+
+    sandbox = Sandbox(workdir / "aws")
+    sandbox.start()
+    os.environ.update(sandbox.env())
+    seeded = seed(sandbox.endpoint_url, "us-east-1", "runctl-console-bundles")
+    repo = make_example_repo(workdir / "training-code")
+    slack = FakeSlack()
+    slack.start()
+    slack.on_event(console.show)
+    settings = Settings(
+        SLACK_BOT_TOKEN=TOKEN,
+        SLACK_SIGNING_SECRET=SECRET,
+        SLACK_API_URL=slack.base_url,
+        RUNCTL_REPO=str(repo),
+        RUNCTL_S3_BUCKET="runctl-console-bundles",
+        RUNCTL_MIRROR_DIR=workdir / "mirror",
+        RUNCTL_CHANNEL=CHANNEL,
+        RUNCTL_ADMINS=[USER],
+        RUNCTL_POLL_MIN_SECONDS=1,
+        RUNCTL_POLL_MAX_SECONDS=3,
+        RUNCTL_LAUNCH_CHECK_SECONDS=1,
+        RUNCTL_STOP_GRACE_SECONDS=30,
+    )
+    redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    client = WebClient(token=TOKEN, base_url=slack.base_url)
+    services = Services(settings=settings, redis=redis, notifier=Notifier(client))
+    context.install(services)
+    app = build_app(settings, redis, client=client)
+    worker = InlineWorker(redis)
+    worker.start()
+    console.say(banner(seeded))
+    try:
+        for raw in sys.stdin:
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            console.say(f"> {line}")
+            if line in ("/quit", "/exit"):
+                break
+            if line == "/wait":
+                wait_idle(services, worker)
+            elif line.isdigit():
+                console.click(app, int(line))
+            elif line.startswith("/runctl"):
+                for name, iid in seeded.instances.items():
+                    line = line.replace(f"${name}", iid)
+                console.command(app, line.removeprefix("/runctl").strip())
+            else:
+                console.say("Type `/runctl ...`, a button number, /wait or /quit.")
+        else:
+            wait_idle(services, worker)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        worker.stop()
+        slack.stop()
+        sandbox.stop()
+        context.install(None)
+    console.say(f"Sandbox files (instances' remote roots) are in {workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
