@@ -12,9 +12,10 @@ from slack_bolt.context.respond import Respond
 from slack_sdk import WebClient
 
 from bot import handlers
-from bot.middleware import parse_command
+from bot.middleware import gate_click, gate_command, once, parse_command
+from workers import audit
 from workers.context import QUEUE
-from workers.errors import RunctlError
+from workers.errors import PermissionDenied, RateLimited, RunctlError
 from workers.notifier import make_client
 from workers.settings import Settings
 
@@ -30,7 +31,7 @@ def build_app(
     client = client or make_client(settings)
     app = App(
         client=client,
-        signing_secret=settings.secret("SLACK_SIGNING_SECRET") if settings.SLACK_SIGNING_SECRET else None,
+        signing_secret=settings.secret("SLACK_SIGNING_SECRET"),
         token_verification_enabled=token_verification,
         request_verification_enabled=True,
         process_before_response=False,
@@ -45,7 +46,8 @@ def build_app(
         context["queue"] = queue
         next()
 
-    app.command("/runctl", middleware=[parse_command])(handlers.runctl)
+    app.middleware(gate_click)
+    app.command("/runctl", middleware=[once, parse_command, gate_command])(handlers.runctl)
     handlers.register_actions(app)
 
     @app.error
@@ -55,7 +57,24 @@ def build_app(
         else:
             log.exception("unhandled error", exc_info=error)
             text = ":boom: runctl hit an internal error; nothing was queued. The admins can find it in the web log."
+        audit.record(redis, settings.RUNCTL_AUDIT_MAXLEN, _failure_record(body, error))
         if respond is not None and body.get("response_url"):
             respond(text=text, response_type="ephemeral", replace_original=False)
 
     return app
+
+
+def _failure_record(body: dict[str, Any], error: Exception) -> audit.Record:
+    """An audit record for a request that raised past the middleware (handlers, buttons)."""
+    actions = body.get("actions") or [{}]
+    click = body.get("type") == "block_actions"
+    refused = isinstance(error, PermissionDenied | RateLimited)
+    what = error.what if isinstance(error, RunctlError) else "internal error"
+    return audit.Record(
+        user=(body.get("user") or {}).get("id", "") if click else body.get("user_id", ""),
+        channel=(body.get("channel") or {}).get("id", "") if click else body.get("channel_id", ""),
+        text=f"click {actions[0].get('action_id', '')}" if click else ("/runctl " + body.get("text", "")).strip()[:500],
+        decision="refused" if refused else "failed",
+        outcome=f"{type(error).__name__}: {what}",
+        source="click" if click else "command",
+    )

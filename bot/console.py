@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlencode
@@ -45,12 +46,12 @@ _MENTION = re.compile(r"<@([A-Z0-9]+)(?:\|[^>]*)?>")
 _DATE = re.compile(r"<!date\^\d+\^[^|]*\|([^>]*)>")
 
 
-def sign(body: str) -> dict[str, str]:
+def sign(body: str) -> dict[str, str | Sequence[str]]:
     ts = str(int(time.time()))
     return {
         "content-type": "application/x-www-form-urlencoded",
         "x-slack-request-timestamp": ts,
-        "x-slack-signature": SignatureVerifier(SECRET).generate_signature(timestamp=ts, body=body),
+        "x-slack-signature": SignatureVerifier(SECRET).generate_signature(timestamp=ts, body=body) or "",
     }
 
 

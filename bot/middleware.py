@@ -1,20 +1,158 @@
-"""Per-listener middleware: parse first, then the checks, before anything is queued."""
+"""The front door. Everything here runs before anything is queued.
+
+Slash command (per-listener, in order): ``once`` (drop replays), ``parse_command``,
+``gate_command`` (channel, rate limit, permission tier).
+Button click (global, ``gate_click``): drop replays, rate limit, permission tier of
+the clicking user. Every decision is audited; every refusal is ephemeral.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
-from slack_bolt import Ack
+from redis import Redis
+from slack_bolt import Ack, BoltRequest
+from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError
 
+from bot import guards
 from bot.grammar import parse
-from workers.errors import UsageError
+from workers import audit, commands, policy
+from workers.errors import RunctlError, UsageError
+from workers.ids import ActionId
+from workers.runs import RunStore
+from workers.settings import Settings
+
+log = logging.getLogger(__name__)
+Next = Callable[[], None]
+
+# The policy action a click needs before its handler runs; the handler adds the
+# owner/requester check it alone can make. None: the handler decides alone.
+CLICK_TIERS: dict[str, str | None] = {
+    ActionId.TERMINATE_CONFIRM: "terminate",
+    ActionId.TERMINATE_STOP_INSTEAD: "stop",
+    ActionId.TERMINATE_CANCEL: None,
+    ActionId.RESUME_TRAINING: "train",
+    ActionId.WARN_STOP_NOW: "stop",
+    ActionId.WARN_SNOOZE: None,
+    ActionId.WARN_KEEP: None,
+}
 
 
-def parse_command(ack: Ack, body: dict[str, Any], context: dict[str, Any], next: Callable[[], None]) -> None:
+def tiers(command: commands.AnyCommand) -> list[str]:
+    """The policy actions a command needs: its own, plus `force` when it asks for it."""
+    if isinstance(command, commands.HelpCommand):
+        return []
+    needed: list[str] = [command.name]
+    if getattr(command, "force", False):
+        needed.append("force")
+    return needed
+
+
+def owner_of(redis: Redis, command: commands.AnyCommand) -> str | None:
+    """The run the command touches: the live run for stop, the last run for start."""
+    runs = RunStore(redis)
+    if isinstance(command, commands.StopCommand):
+        live = runs.live_on(command.instance_id)
+        return live.user_id if live else None
+    if isinstance(command, commands.StartCommand):
+        last = runs.latest(command.instance_id)
+        return last.user_id if last else None
+    return None
+
+
+def once(ack: Ack, body: dict[str, Any], request: BoltRequest, context: dict[str, Any], next: Next) -> None:
+    """Act on a request once: Slack retries (X-Slack-Retry-Num) and replays are acked and dropped."""
+    key = guards.request_key(body, request.raw_body)
+    if not guards.first_delivery(context["redis"], key):
+        retry = request.headers.get("x-slack-retry-num", ["0"])[0]
+        log.info("dropping repeated delivery %s (retry %s)", key, retry)
+        ack()
+        return
+    next()
+
+
+def parse_command(ack: Ack, body: dict[str, Any], context: dict[str, Any], next: Next) -> None:
     try:
         context["command"] = parse(body.get("text", ""))
     except UsageError as exc:
         ack(text=exc.as_text(), response_type="ephemeral")
+        _audit_command(context, body, "failed", f"usage error: {exc.what}")
         return
     next()
+
+
+def gate_command(ack: Ack, body: dict[str, Any], context: dict[str, Any], next: Next) -> None:
+    command: commands.AnyCommand = context["command"]
+    settings: Settings = context["settings"]
+    redis: Redis = context["redis"]
+    user = body.get("user_id", "")
+    needed = tiers(command)
+    instance = getattr(command, "instance_id", None) or ""
+    try:
+        if needed:
+            policy.check_channel(settings, body.get("channel_id", ""))
+        guards.rate_limit(redis, user, settings.RUNCTL_RATE_PER_MINUTE)
+        owner = owner_of(redis, command) if needed else None
+        for action in needed:
+            policy.check(settings, user, action, owner)
+    except RunctlError as exc:
+        ack(text=exc.as_text(), response_type="ephemeral")
+        _audit_command(context, body, "refused", f"{type(exc).__name__}: {exc.what}", instance)
+        return
+    _audit_command(context, body, "allowed", "queued" if needed else "answered", instance)
+    next()
+
+
+def gate_click(ack: Ack, body: dict[str, Any], client: WebClient, context: dict[str, Any], next: Next) -> None:
+    """Global middleware; only button clicks (block_actions) are gated here."""
+    actions = body.get("actions") or []
+    if body.get("type") != "block_actions" or not actions:
+        next()
+        return
+    settings: Settings = context["settings"]
+    redis: Redis = context["redis"]
+    user = (body.get("user") or {}).get("id", "")
+    channel = (body.get("channel") or {}).get("id", "") or (body.get("container") or {}).get("channel_id", "")
+    action_id = str(actions[0].get("action_id", ""))
+    if not guards.first_delivery(redis, guards.request_key(body, "")):
+        ack()
+        return
+    entry = audit.Record(user=user, channel=channel, text=f"click {action_id}", decision="allowed", source="click")
+    try:
+        guards.rate_limit(redis, user, settings.RUNCTL_RATE_PER_MINUTE)
+        tier = CLICK_TIERS.get(action_id)
+        if tier is not None:
+            policy.check(settings, user, tier)
+    except RunctlError as exc:
+        ack()
+        _tell(client, channel, user, exc.as_text())
+        refused = entry.model_copy(update={"decision": "refused", "outcome": f"{type(exc).__name__}: {exc.what}"})
+        audit.record(redis, settings.RUNCTL_AUDIT_MAXLEN, refused)
+        return
+    audit.record(redis, settings.RUNCTL_AUDIT_MAXLEN, entry.model_copy(update={"outcome": "passed to the handler"}))
+    next()
+
+
+def _tell(client: WebClient, channel: str, user: str, text: str) -> None:
+    try:
+        client.chat_postEphemeral(channel=channel, user=user, text=text)
+    except SlackApiError as exc:
+        log.warning("could not tell %s about a refused click: %s", user, exc.response.get("error"))
+
+
+def _audit_command(
+    context: dict[str, Any], body: dict[str, Any], decision: audit.Decision, outcome: str, instance: str = ""
+) -> None:
+    settings: Settings = context["settings"]
+    entry = audit.Record(
+        user=body.get("user_id", ""),
+        channel=body.get("channel_id", ""),
+        text=("/runctl " + body.get("text", "")).strip()[:500],
+        decision=decision,
+        outcome=outcome,
+        instance=instance,
+    )
+    audit.record(context["redis"], settings.RUNCTL_AUDIT_MAXLEN, entry)

@@ -21,7 +21,7 @@ def main() -> int:
         print(exc.what, file=sys.stderr)
         return 2
     app = build_app(settings, Redis.from_url(settings.REDIS_URL))
-    SocketModeHandler(app, settings.secret("SLACK_APP_TOKEN")).start()
+    SocketModeHandler(app, settings.secret("SLACK_APP_TOKEN")).start()  # type: ignore[no-untyped-call]
     return 0
 
 

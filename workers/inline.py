@@ -15,12 +15,12 @@ from rq.timeouts import TimerDeathPenalty
 from workers.context import QUEUE
 
 
-class _ThreadSafeWorker(SimpleWorker):  # type: ignore[misc]
+class _ThreadSafeWorker(SimpleWorker):
     death_penalty_class = TimerDeathPenalty  # SIGALRM only works in the main thread
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is threading.main_thread():
-            super()._install_signal_handlers()
+            super()._install_signal_handlers()  # type: ignore[no-untyped-call]
 
 
 class InlineWorker:
@@ -35,7 +35,7 @@ class InlineWorker:
         """Move scheduled jobs that are due (or all of them) onto their queue."""
         moved = 0
         for queue in self.queues:
-            registry = ScheduledJobRegistry(queue=queue)
+            registry = ScheduledJobRegistry(queue=queue)  # type: ignore[no-untyped-call]
             ids = registry.get_job_ids() if everything else registry.get_jobs_to_schedule(int(time.time()))
             for job_id in ids:
                 job = queue.fetch_job(job_id)
@@ -49,7 +49,11 @@ class InlineWorker:
         return sum(int(q.count) for q in self.queues)
 
     def scheduled(self) -> int:
-        return sum(ScheduledJobRegistry(queue=q).count for q in self.queues)
+        total = 0
+        for queue in self.queues:
+            registry = ScheduledJobRegistry(queue=queue)  # type: ignore[no-untyped-call]
+            total += int(registry.count)
+        return total
 
     def work(self) -> bool:
         """Run every queued job once; True if any ran."""

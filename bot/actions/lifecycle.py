@@ -1,7 +1,80 @@
-"""Placeholder until its issue lands; see the issue tracker."""
+"""Buttons of the lifecycle messages: [Terminate] / [Stop instead] / [Cancel] on a
+terminate confirmation, and [Resume training] on a start report.
 
-from slack_bolt import App
+Each acks first, checks the clicking user (not the requester) where only the
+handler can, then queues the work. A button's value is only a nonce or a run id.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rq import Queue
+from slack_bolt import Ack, App
+from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError
+
+from workers.commands import Requester
+from workers.confirm import ConfirmStore
+from workers.ids import ActionId
+from workers.settings import Settings
+
+JOBS = "workers.jobs.lifecycle"
+
+
+def clicker_of(body: dict[str, Any]) -> Requester:
+    channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id", "")
+    user = body.get("user") or {}
+    return Requester(
+        user_id=user.get("id", ""),
+        channel_id=channel,
+        user_name=user.get("username", ""),
+        response_url=body.get("response_url"),
+        request_id=body.get("trigger_id", ""),
+    )
+
+
+def _message_ts(body: dict[str, Any]) -> str:
+    return str((body.get("container") or {}).get("message_ts") or (body.get("message") or {}).get("ts", ""))
+
+
+def confirmation_click(ack: Ack, body: dict[str, Any], context: dict[str, Any], client: WebClient) -> None:
+    ack()
+    action = body["actions"][0]
+    nonce = str(action.get("value", ""))
+    who = clicker_of(body)
+    settings: Settings = context["settings"]
+    asked = ConfirmStore(context["redis"]).receipt(nonce)
+    requester = asked.requester_id if asked else None
+    if requester is not None and who.user_id != requester and who.user_id not in settings.RUNCTL_ADMINS:
+        text = (
+            f":no_entry: Only <@{requester}>, who asked, or an admin can answer this confirmation; "
+            "nothing was done."
+        )
+        try:
+            client.chat_postEphemeral(channel=who.channel_id, user=who.user_id, text=text)
+        except SlackApiError:
+            client.chat_postMessage(channel=who.user_id, text=text)
+        return
+    queue: Queue = context["queue"]
+    queue.enqueue(
+        f"{JOBS}.confirm_click",
+        str(action["action_id"]),
+        nonce,
+        who.model_dump(mode="json"),
+        _message_ts(body),
+        job_timeout=3600,
+    )
+
+
+def resume_click(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None:
+    ack()
+    run_id = str(body["actions"][0].get("value", ""))
+    queue: Queue = context["queue"]
+    queue.enqueue(f"{JOBS}.resume", run_id, clicker_of(body).model_dump(mode="json"), _message_ts(body))
 
 
 def register(app: App) -> None:
-    return None
+    for action in (ActionId.TERMINATE_CONFIRM, ActionId.TERMINATE_STOP_INSTEAD, ActionId.TERMINATE_CANCEL):
+        app.action(action.value)(confirmation_click)
+    app.action(ActionId.RESUME_TRAINING.value)(resume_click)

@@ -1,7 +1,95 @@
-"""Placeholder until its issue lands; see the issue tracker."""
+"""Buttons on cost and uptime warnings: ack at once, check, then queue the work."""
 
-from slack_bolt import App
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rq import Queue
+from slack_bolt import Ack, App
+from slack_bolt.context.respond import Respond
+from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError
+from slack_sdk.models.blocks import InputBlock, PlainTextInputElement
+from slack_sdk.models.views import View
+
+from workers import policy
+from workers.commands import Requester
+from workers.ids import ActionId
+from workers.settings import Settings
+from workers.warnings import Kind, WarningStore, parse_button_value
+
+JOBS = "workers.jobs.warning_actions"
+KEEP_VIEW = "warn_keep_reason"
+REASON_BLOCK, REASON_INPUT = "reason", "reason_input"
+
+
+def _clicked(body: dict[str, Any]) -> tuple[str, Kind, str, str]:
+    """(instance id, kind, user id, channel id) of a button click."""
+    instance_id, kind = parse_button_value(body["actions"][0]["value"])
+    channel = body.get("channel", {}).get("id") or body.get("container", {}).get("channel_id", "")
+    return instance_id, kind, body["user"]["id"], channel
+
+
+def stop_now(ack: Ack, body: dict[str, Any], context: dict[str, Any], respond: Respond) -> None:
+    ack()
+    settings: Settings = context["settings"]
+    instance_id, kind, user, channel = _clicked(body)
+    record = WarningStore(context["redis"]).get(instance_id, kind)
+    # PermissionDenied goes to the app's error funnel, which answers the clicker privately.
+    policy.check(settings, user, "stop", record.owner if record else None)
+    who = Requester(user_id=user, channel_id=channel, request_id=body.get("trigger_id", ""))
+    queue: Queue = context["queue"]
+    queue.enqueue(f"{JOBS}.stop_now", instance_id, kind.value, who.model_dump(mode="json"), job_timeout=3600)
+    respond(
+        text=f":octagonal_sign: Stopping `{instance_id}`; a live run saves its checkpoint first. "
+        "Progress follows in the warning's thread.",
+        response_type="ephemeral",
+        replace_original=False,
+    )
+
+
+def snooze(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None:
+    ack()
+    instance_id, kind, user, _ = _clicked(body)
+    context["queue"].enqueue(f"{JOBS}.snooze", instance_id, kind.value, user)
+
+
+def keep(ack: Ack, body: dict[str, Any], context: dict[str, Any], client: WebClient) -> None:
+    ack()
+    instance_id, kind, user, _ = _clicked(body)
+    view = View(
+        type="modal",
+        callback_id=KEEP_VIEW,
+        private_metadata=json.dumps({"instance_id": instance_id, "kind": kind.value}),
+        title="Keep running",
+        submit="Keep running",
+        close="Cancel",
+        blocks=[
+            InputBlock(
+                block_id=REASON_BLOCK,
+                label=f"Why does {instance_id} need to keep running?",
+                element=PlainTextInputElement(action_id=REASON_INPUT, max_length=500),
+            )
+        ],
+    )
+    try:
+        client.views_open(trigger_id=body["trigger_id"], view=view)
+    except SlackApiError:
+        # No modal (expired trigger, or a client without views): record the decision without a reason.
+        context["queue"].enqueue(f"{JOBS}.keep", instance_id, kind.value, user, "")
+
+
+def keep_reason(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None:
+    ack()
+    view = body["view"]
+    meta = json.loads(view.get("private_metadata") or "{}")
+    reason = view["state"]["values"][REASON_BLOCK][REASON_INPUT].get("value") or ""
+    context["queue"].enqueue(f"{JOBS}.keep", meta["instance_id"], meta["kind"], body["user"]["id"], reason)
 
 
 def register(app: App) -> None:
-    return None
+    app.action(ActionId.WARN_STOP_NOW.value)(stop_now)
+    app.action(ActionId.WARN_SNOOZE.value)(snooze)
+    app.action(ActionId.WARN_KEEP.value)(keep)
+    app.view(KEEP_VIEW)(keep_reason)
