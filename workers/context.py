@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from redis import Redis
 from rq import Queue
 
+from workers import policy
 from workers import settings as settings_mod
 from workers.errors import ConfigError
 from workers.fleet import Fleet
@@ -49,7 +50,7 @@ class Services:
     def fleet(self) -> Fleet:
         if self._fleet is None:
             self._fleet = Fleet(
-                self.settings.scope, self.settings.RUNCTL_S3_BUCKET, sleep=self.sleep
+                policy.scope(self.settings), self.settings.RUNCTL_S3_BUCKET, sleep=self.sleep
             )
         return self._fleet
 

@@ -17,7 +17,8 @@ what happened, why, and the exact command that fixes it.
     │   ├── ScriptNotFound
     │   └── ScriptSyntaxError
     ├── RemoteError             a script on the instance failed
-    │   └── RemoteTimeout
+    │   ├── RemoteTimeout
+    │   └── EnvSetupError       the run's environment could not be built
     └── AwsError                a botocore ClientError, translated at the fleet boundary
         └── Throttled
 
@@ -133,6 +134,10 @@ class RemoteError(RunctlError):
 
 
 class RemoteTimeout(RemoteError):
+    pass
+
+
+class EnvSetupError(RemoteError):
     pass
 
 

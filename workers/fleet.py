@@ -27,6 +27,7 @@ from workers.errors import (
 
 BOTO_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 8}, connect_timeout=5)
 SSM_OUTPUT_LIMIT = 24_000
+LIST_OUTPUT_LIMIT = 2_500  # ListCommandInvocations truncates each output here
 PRESIGN_SECONDS = 300
 
 
@@ -259,25 +260,59 @@ class Fleet:
     def run(self, instance_id: str, script: str, timeout: int = 120) -> ScriptResult:
         return self.run_many([instance_id], script, timeout)[instance_id]
 
+    def results(self, command_id: str, instance_ids: list[str]) -> dict[str, ScriptResult]:
+        """Finished results of one command; one ListCommandInvocations call serves up to 50
+        instances, and an output SSM truncated there is fetched whole."""
+        if len(instance_ids) == 1:
+            one = self.result(command_id, instance_ids[0])
+            return {instance_ids[0]: one} if one else {}
+        done: dict[str, ScriptResult] = {}
+        wanted = set(instance_ids)
+        with aws_call("read command results"):
+            pages = self.ssm.get_paginator("list_command_invocations").paginate(
+                CommandId=command_id, Details=True
+            )
+            for page in pages:
+                for inv in page.get("CommandInvocations", []):
+                    iid = inv.get("InstanceId", "")
+                    if iid not in wanted or inv.get("Status") in ("Pending", "InProgress", "Delayed"):
+                        continue
+                    plugins = inv.get("CommandPlugins") or [{}]
+                    output = str(plugins[0].get("Output", ""))
+                    if len(output) >= LIST_OUTPUT_LIMIT - 100:
+                        full = self.result(command_id, iid)
+                        if full is not None:
+                            done[iid] = full
+                        continue
+                    done[iid] = ScriptResult(
+                        instance_id=iid,
+                        status=str(inv["Status"]),
+                        exit_code=int(plugins[0].get("ResponseCode", -1)),
+                        stdout=output,
+                        stderr="",
+                    )
+        return done
+
     def run_many(self, instance_ids: list[str], script: str, timeout: int = 120) -> dict[str, ScriptResult]:
-        command_id = self.send(instance_ids, script, timeout)
-        deadline = self.clock() + timeout + 30
-        pending = list(instance_ids)
+        """Send one script to many instances (≤ 50 per SendCommand) and wait for all results."""
         results: dict[str, ScriptResult] = {}
-        delay = 0.1
-        while pending:
-            self.sleep(delay)
-            for iid in list(pending):
-                res = self.result(command_id, iid)
-                if res is not None:
+        for start in range(0, len(instance_ids), 50):
+            batch = instance_ids[start : start + 50]
+            command_id = self.send(batch, script, timeout)
+            deadline = self.clock() + timeout + 30
+            pending = list(batch)
+            delay = 0.5
+            while pending:
+                self.sleep(delay)
+                for iid, res in self.results(command_id, pending).items():
                     results[iid] = res
                     pending.remove(iid)
-            if pending and self.clock() > deadline:
-                raise RemoteTimeout(
-                    f"The SSM command {command_id} did not finish within {timeout} s.",
-                    fix="Check the instance's SSM agent, then retry.",
-                )
-            delay = min(delay * 2, 2.0)
+                if pending and self.clock() > deadline:
+                    raise RemoteTimeout(
+                        f"The SSM command {command_id} did not finish within {timeout} s.",
+                        fix="Check the instance's SSM agent, then retry.",
+                    )
+                delay = min(delay * 2, 2.0)
         return results
 
     # --- S3 ----------------------------------------------------------------

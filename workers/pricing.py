@@ -96,7 +96,9 @@ def spot_price(
     entries = [
         entry
         for entry in response.get("SpotPriceHistory", [])
-        if entry.get("AvailabilityZone") == availability_zone and "SpotPrice" in entry
+        if entry.get("AvailabilityZone") == availability_zone
+        and "SpotPrice" in entry
+        and "Timestamp" in entry
     ]
     newest = max(entries, key=lambda entry: entry["Timestamp"], default=None)
     price = None if newest is None else _positive_decimal(newest["SpotPrice"], key)
@@ -125,7 +127,7 @@ def hourly_price(
     ec2_client: EC2Client,
     redis: Redis,
     region: str,
-    availability_zone: str,
+    az: str,
     instance_type: str,
     lifecycle: str | None,
 ) -> Price:
@@ -136,7 +138,7 @@ def hourly_price(
     rather than shown at an on-demand figure that would be wrong.
     """
     if lifecycle == "spot":
-        return Price(spot_price(ec2_client, redis, availability_zone, instance_type), "spot")
+        return Price(spot_price(ec2_client, redis, az, instance_type), "spot")
     if lifecycle is None:
         return Price(book.on_demand(region, instance_type), "on-demand")
     return Price(None, "on-demand")

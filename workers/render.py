@@ -60,15 +60,20 @@ def bar(fraction: float, width: int = 20) -> str:
 
 def progress_text(p: Progress) -> str:
     parts: list[str] = []
-    if p.epoch is not None and p.total_epochs:
-        done = p.epoch
-        if p.step is not None and p.total_steps:
-            fraction = p.step / p.total_steps
-        else:
-            fraction = done / p.total_epochs
-        parts.append(f"`{bar(fraction)}`  epoch {p.epoch}/{p.total_epochs}")
-    elif p.epoch is not None:
-        parts.append(f"epoch {p.epoch}")
+    fraction: float | None = None
+    if p.step is not None and p.total_steps:
+        fraction = p.step / p.total_steps
+    elif p.epoch is not None and p.total_epochs:
+        fraction = p.epoch / p.total_epochs
+    where = ""
+    if p.epoch is not None:
+        where = f"epoch {p.epoch}/{p.total_epochs}" if p.total_epochs else f"epoch {p.epoch}"
+    elif p.step is not None:
+        where = f"step {p.step}/{p.total_steps}" if p.total_steps else f"step {p.step}"
+    if fraction is not None:
+        parts.append(f"`{bar(fraction)}`  {where}".rstrip())
+    elif where:
+        parts.append(where)
     for name, value in list(p.metrics.items())[:3]:
         parts.append(f"{name} {value:.4g}")
     if p.eta_seconds is not None and p.eta_seconds > 0:

@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     RUNCTL_AUDIT_MAXLEN: int = Field(100_000, ge=100)
     RUNCTL_RATE_PER_MINUTE: int = Field(20, ge=1)
     RUNCTL_POLL_MIN_SECONDS: float = Field(5, gt=0)
-    RUNCTL_POLL_MAX_SECONDS: float = Field(150, gt=0)
+    RUNCTL_POLL_MAX_SECONDS: float = Field(240, gt=0)
     RUNCTL_LAUNCH_CHECK_SECONDS: float = Field(2, ge=0)
 
     @field_validator("RUNCTL_ADMINS", mode="before")

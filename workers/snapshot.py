@@ -34,7 +34,30 @@ class Snapshot:
         return self.has_pid and not self.alive and not self.wrapper_alive
 
 
+def parse_many(output: str) -> dict[str, Snapshot]:
+    """Split ``runs_status`` output into one snapshot per run it reports."""
+    now_line = ""
+    chunks: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in output.splitlines():
+        if line.startswith(SECTION + "now "):
+            now_line = line
+        elif line.startswith(SECTION + "run "):
+            current = chunks.setdefault(line[len(SECTION) + 4 :].strip(), [])
+        elif current is not None:
+            current.append(line)
+    return {run_id: _parse_one("\n".join([now_line, *lines])) for run_id, lines in chunks.items()}
+
+
 def parse(output: str) -> Snapshot:
+    """The snapshot of the one run a ``run_status`` script reported (missing if none)."""
+    found = parse_many(output)
+    if not found:
+        return Snapshot(missing=True)
+    return next(iter(found.values()))
+
+
+def _parse_one(output: str) -> Snapshot:
     snap = Snapshot()
     section = ""
     progress_lines: list[str] = []

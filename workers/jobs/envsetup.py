@@ -1,11 +1,170 @@
-"""Placeholder: the training-environment issue fills this in."""
+"""The environment step of a run: after the code is on the instance and before
+training starts, reuse or build the virtualenv its requirements need."""
 
 from __future__ import annotations
 
+import re
+from datetime import UTC, datetime
+
+from workers import envs
 from workers.context import Services
-from workers.runs import Run
+from workers.errors import EnvSetupError
+from workers.fleet import ScriptResult
+from workers.jobs.runmsg import publish
+from workers.render import duration
+from workers.runs import Run, RunState
+from workers.scripts import SECTION
+from workers.scripts import env as env_scripts
+
+SYSTEM_PYTHON = "python3"
+TIMEOUT_SECONDS = 1800
+DETAIL_CHARS = 2000
+
+# What pip and uv print about the requirement they could not install, most specific first.
+_CULPRIT = (
+    re.compile(r"Invalid requirement: '([^']+)'"),
+    re.compile(r"No matching distribution found for (\S+)"),
+    re.compile(r"Could not find a version that satisfies the requirement (\S+)"),
+    re.compile(r"Directory '([^']+)' is not installable"),
+    re.compile(r"Failed (?:building wheel for|to build) `?([^\s`]+)"),
+    re.compile(r"Because (\S+) was not found"),
+    re.compile(r"Distribution not found at: (\S+)"),
+    re.compile(r"No such file or directory: '([^']+)'"),
+)
 
 
-def prepare(svc: Services, run: Run, bundle_url: str | None) -> str:
-    """Return the interpreter the run should use."""
-    return "python3"
+def prepare(svc: Services, run: Run) -> str:
+    """Return the interpreter the run should use; raise EnvSetupError if its
+    environment cannot be built (the caller fails the run)."""
+    if not run.deps:
+        run.notes.append(":package: `--no-deps`: no environment step; the run uses the system `python3`.")
+        return SYSTEM_PYTHON
+    if not run.sync_code:
+        run.notes.append(
+            ":package: `--no-sync-code`: no environment step (requirements are read at a commit); "
+            "the run uses the system `python3`."
+        )
+        return SYSTEM_PYTHON
+    reqs = envs.find(svc.repo, run.sha, run.script)
+    if reqs is None:
+        run.notes.append(
+            f":package: No `requirements.txt` or `pyproject.toml` dependencies for `{run.script}` "
+            f"at `{run.ref}`; the run uses the system `python3`."
+        )
+        return SYSTEM_PYTHON
+
+    run.state = RunState.SETTING_UP
+    publish(svc, run)
+    script = env_scripts.setup_env(
+        svc.settings.RUNCTL_REMOTE_ROOT,
+        run.run_id,
+        reqs.digest,
+        reqs.workdir,
+        reqs.source,
+        reqs.text if reqs.from_pyproject else None,
+        rebuild=run.rebuild_env,
+    )
+    began = svc.clock()
+    result = svc.fleet.run(run.instance_id, script, timeout=TIMEOUT_SECONDS)
+    run.setup_seconds = (svc.clock() - began).total_seconds()
+    report = _parse(result.stdout)
+    if not result.ok:
+        raise setup_error(run, reqs, result, report)
+    run.env_hash = report.get("env")
+    built_at, _, installer = report.get("built", report.get("reused", "")).partition(" ")
+    run.env_built_at = datetime.fromtimestamp(int(built_at), UTC) if built_at.isdigit() else None
+    took = duration(run.setup_seconds)
+    if "built" in report:
+        pruned = f"; pruned {report['pruned']} old one(s)" if "pruned" in report else ""
+        run.notes.append(
+            f":package: Built environment `{run.env_hash}` from `{reqs.source}` with {installer} "
+            f"in {took}{pruned}. Later runs with the same requirements reuse it."
+        )
+    else:
+        run.notes.append(f":package: Reused environment `{run.env_hash}` ({took}).")
+    publish(svc, run)
+    return f"$RUNCTL_ROOT/envs/{run.env_hash}/bin/python"
+
+
+def _parse(stdout: str) -> dict[str, str]:
+    """The script's ``SECTION`` lines as key -> value; ``pruned`` becomes a count."""
+    found: dict[str, str] = {}
+    pruned = 0
+    for line in stdout.splitlines():
+        if not line.startswith(SECTION):
+            continue
+        key, _, value = line[len(SECTION):].partition(" ")
+        if key == "pruned":
+            pruned += 1
+        else:
+            found[key] = value.strip()
+    if pruned:
+        found["pruned"] = str(pruned)
+    return found
+
+
+def _log_tail(stdout: str) -> str:
+    lines = stdout.splitlines()
+    marks = [i for i, line in enumerate(lines) if line.startswith(f"{SECTION}failed")]
+    tail = lines[marks[-1] + 1 :] if marks else [ln for ln in lines if not ln.startswith(SECTION)]
+    return "\n".join(tail).strip()[-DETAIL_CHARS:]
+
+
+def culprit(log: str) -> str | None:
+    """The requirement pip (or uv) says it could not install, if it says."""
+    for pattern in _CULPRIT:
+        match = pattern.search(log)
+        if match:
+            return match.group(1).rstrip(".,:;")
+    return None
+
+
+def setup_error(
+    run: Run, reqs: envs.Requirements, result: ScriptResult, report: dict[str, str]
+) -> EnvSetupError:
+    where = f"`{reqs.source}` at `{run.ref}`" + (f" ({run.sha[:10]})" if run.sha else "")
+    log = _log_tail(result.stdout) or result.stderr.strip()[-DETAIL_CHARS:]
+    retry = f"`{run.command_text}`"
+    reason = report.get("failed", "")
+    if result.status == "TimedOut":
+        return EnvSetupError(
+            f"Setting up the environment on {run.instance_id} took longer than "
+            f"{TIMEOUT_SECONDS // 60} min; training was not started.",
+            why=f"Installing {where} did not finish. The half-built environment is rebuilt next time.",
+            fix=f"Look at `setup.log` in the run directory, then retry: {retry}.",
+            detail=log,
+        )
+    if reason == "venv":
+        return EnvSetupError(
+            f"Could not create a virtualenv on {run.instance_id}; training was not started.",
+            why="`python3 -m venv` failed; on Debian/Ubuntu the venv module is a separate package.",
+            fix=f"On the instance: `sudo apt-get install -y python3-venv`, then retry: {retry}. "
+            "Or add `--no-deps` to use the system `python3`.",
+            detail=log,
+        )
+    if reason == "no-python":
+        return EnvSetupError(
+            f"{run.instance_id} has no `python3` on its PATH; training was not started.",
+            fix=f"Install Python 3 on the instance (e.g. `sudo apt-get install -y python3`), then retry: {retry}.",
+        )
+    if reason == "locked":
+        return EnvSetupError(
+            f"Another build of environment `{report.get('env', '?')}` on {run.instance_id} "
+            "held its lock too long; training was not started.",
+            why="Two runs never build the same environment at once.",
+            fix=f"`/runctl status {run.instance_id}`, then retry: {retry}.",
+        )
+    name = culprit(log)
+    what = (
+        f"Installing `{name}` failed on {run.instance_id}; training was not started."
+        if name
+        else f"Installing the requirements failed on {run.instance_id} "
+        f"(exit {result.exit_code}); training was not started."
+    )
+    return EnvSetupError(
+        what,
+        why=f"The run's environment comes from {where}. The half-built environment was removed.",
+        fix=f"Fix `{reqs.source}`, push, and run the same command again: {retry}. "
+        "`--no-deps` skips the environment step.",
+        detail=log,
+    )

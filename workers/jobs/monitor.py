@@ -13,15 +13,41 @@ from workers.jobs.runmsg import publish, reply
 from workers.locks import train_lock
 from workers.render import checkpoint_text, duration
 from workers.runs import Run, RunState
-from workers.snapshot import Snapshot
-from workers.snapshot import parse as parse_snapshot
+from workers.snapshot import Snapshot, parse_many
 
 log = logging.getLogger(__name__)
 LOG_TAIL_LINES = 15
 
 
+DUE = "runctl:monitor:due"  # zset: run id -> when it should next be polled
+TICK_AT = "runctl:monitor:tick_at"  # when the next tick job is scheduled
+BATCH = 50  # SendCommand targets at most 50 instances
+
+# Set TICK_AT to ARGV[1] unless an earlier tick, still in the future, is already scheduled.
+_SET_IF_EARLIER = """
+local cur = tonumber(redis.call('GET', KEYS[1]))
+if cur == nil or cur > tonumber(ARGV[1]) or cur < tonumber(ARGV[2]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', 86400)
+  return 1
+end
+return 0
+"""
+
+
 def schedule(svc: Services, run_id: str, delay: timedelta) -> None:
-    svc.queue.enqueue_in(delay, "workers.jobs.monitor.monitor", run_id, job_timeout=300)
+    """Poll run_id after delay. All due runs are polled together by one tick job."""
+    at = svc.clock() + delay
+    svc.redis.zadd(DUE, {run_id: at.timestamp()})
+    ensure_tick(svc, at.timestamp())
+
+
+def ensure_tick(svc: Services, at: float) -> None:
+    now = svc.clock().timestamp()
+    # A recorded tick more than 10 minutes overdue belongs to a dead worker: replace it.
+    if svc.redis.eval(_SET_IF_EARLIER, 1, TICK_AT, repr(at), repr(now - 600)):
+        svc.queue.enqueue_in(
+            timedelta(seconds=max(0.0, at - now)), "workers.jobs.monitor.tick", job_timeout=900
+        )
 
 
 def next_delay(svc: Services, polls: int) -> timedelta:
@@ -39,46 +65,103 @@ def absorb(run: Run, snap: Snapshot) -> None:
         run.log_tail = "\n".join(snap.log)
 
 
-def monitor(run_id: str) -> str:
+def tick() -> str:
+    """Poll every run that is due, one SSM command per 50 instances."""
     svc = services()
-    run = svc.runs.get(run_id)
-    if run is None or run.state.ended:
-        return "gone"
+    now = svc.clock().timestamp()
+    svc.redis.delete(TICK_AT)
+    horizon = now + svc.settings.RUNCTL_POLL_MIN_SECONDS / 4
+    due = [m.decode() if isinstance(m, bytes) else str(m) for m in svc.redis.zrangebyscore(DUE, "-inf", horizon)]
+    claimed = [run_id for run_id in due if svc.redis.zrem(DUE, run_id)]  # one tick claims each
+    runs = [r for r in (svc.runs.get(i) for i in claimed) if r is not None and not r.state.ended]
+    for start in range(0, len(runs), BATCH):
+        poll(svc, runs[start : start + BATCH])
+    upcoming = svc.redis.zrange(DUE, 0, 0, withscores=True)
+    if upcoming:
+        ensure_tick(svc, float(upcoming[0][1]))
+    return f"polled {len(runs)}"
+
+
+def monitor(run_id: str) -> str:
+    """Poll one run now (kept for jobs queued by older versions)."""
+    svc = services()
+    schedule(svc, run_id, timedelta(0))
+    return tick()
+
+
+def poll(svc: Services, runs: list[Run]) -> None:
+    by_instance: dict[str, list[Run]] = {}
+    for run in runs:
+        by_instance.setdefault(run.instance_id, []).append(run)
+    batched = len(by_instance) > 1
+    # Batched output comes back through ListCommandInvocations (2,500 chars each): keep it short.
+    script = scripts.runs_status(
+        svc.settings.RUNCTL_REMOTE_ROOT,
+        [r.run_id for r in runs],
+        log_lines=5 if batched else LOG_TAIL_LINES,
+        line_chars=160 if batched else 300,
+    )
     try:
-        out = svc.fleet.run(run.instance_id, scripts.run_status(svc.settings.RUNCTL_REMOTE_ROOT, run_id))
+        results = svc.fleet.run_many(list(by_instance), script)
     except Throttled:
-        schedule(svc, run_id, next_delay(svc, run.polls + 2))
-        return "throttled"
-    except InstanceError as exc:
-        return lost(svc, run, exc)
+        for run in runs:
+            schedule(svc, run.run_id, next_delay(svc, run.polls + 2))
+        return
     except RunctlError as exc:
-        log.warning("monitor %s: %s", run_id, exc.what)
-        run.polls += 1
-        svc.runs.save(run)
-        schedule(svc, run_id, next_delay(svc, run.polls))
-        return "retry"
-    snap = parse_snapshot(out.stdout)
-    if snap.missing:
-        return lost(svc, run, RunctlError(f"The run directory of `{run_id}` is gone from the instance."))
+        if batched:  # one bad instance fails the whole SendCommand: poll one by one
+            for group in by_instance.values():
+                poll(svc, group)
+            return
+        for run in runs:
+            unreachable(svc, run, exc)
+        return
+    for iid, group in by_instance.items():
+        result = results.get(iid)
+        found = parse_many(result.stdout) if result else {}
+        for run in group:
+            update(svc, run, found.get(run.run_id))
+
+
+def unreachable(svc: Services, run: Run, exc: RunctlError) -> None:
+    """The instance did not answer: lost if it is gone or stopped, else try again later."""
+    try:
+        inst = svc.fleet.get(run.instance_id)
+    except InstanceError as gone:
+        lost(svc, run, gone)
+        return
+    except RunctlError:
+        inst = None
+    if inst is not None and inst.state not in ("running", "pending"):
+        lost(svc, run, RunctlError(f"{inst.label} is `{inst.state}`.", why=exc.what))
+        return
+    log.warning("monitor %s: %s", run.run_id, exc.what)
+    run.polls += 1
+    svc.runs.save(run)
+    schedule(svc, run.run_id, next_delay(svc, run.polls))
+
+
+def update(svc: Services, run: Run, snap: Snapshot | None) -> None:
+    if snap is None or snap.missing:
+        lost(svc, run, RunctlError(f"The run directory of `{run.run_id}` is gone from the instance."))
+        return
     absorb(run, snap)
     train_lock(svc.redis, run.instance_id).extend(run.lock_token)
     if snap.ended:
         finish(svc, run, snap)
-        return run.state.value
+        return
     run.polls += 1
     if run.wait:
         publish(svc, run)
     else:
         svc.runs.save(run)
-    schedule(svc, run_id, next_delay(svc, run.polls))
-    return "running"
+    schedule(svc, run.run_id, next_delay(svc, run.polls))
 
 
 def finish(svc: Services, run: Run, snap: Snapshot) -> None:
     """The run ended on its own: record it, release the lock, tell the requester."""
     current = svc.runs.get(run.run_id)
-    if current is not None and current.state.ended:
-        return  # a stop flow already closed it
+    if current is not None and (current.state.ended or current.state is RunState.STOPPING):
+        return  # a stop flow closes it (or already did)
     run.exit_code = snap.exit_code if snap.exit_code is not None else -1
     run.ended_at = svc.clock()
     run.ended_by = run.ended_by or "exit"

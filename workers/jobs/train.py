@@ -8,7 +8,7 @@ import re
 from datetime import timedelta
 from typing import Any
 
-from workers import scripts
+from workers import audit, policy, scripts
 from workers.commands import Requester, TrainCommand
 from workers.context import Services, services
 from workers.errors import (
@@ -36,8 +36,14 @@ def train(command: dict[str, Any], requester: dict[str, Any], run_id: str) -> st
     svc = services()
     cmd = TrainCommand.model_validate(command)
     who = Requester.model_validate(requester)
+    try:  # the policy may have changed since the front door let this in
+        policy.recheck(svc.settings, who, "train", *(["force"] if cmd.force else []))
+    except RunctlError as exc:
+        return audit.refuse(svc, who, exc, run_id=run_id, instance=cmd.instance_id)
     run = svc.runs.get(run_id) or svc.runs.create(new_run(svc, cmd, who, run_id))
-    return TrainFlow(svc, cmd, run).execute().state.value
+    run = TrainFlow(svc, cmd, run).execute()
+    audit.record(svc.redis, svc.settings.RUNCTL_AUDIT_MAXLEN, audit.of_run(who, run))
+    return run.state.value
 
 
 def new_run(svc: Services, cmd: TrainCommand, who: Requester, run_id: str) -> Run:
@@ -76,13 +82,13 @@ class TrainFlow:
             self.take_lock()
             self.check_instance_side()
             self.plan_checkpoints(source)
-            url = self.ship_code()
-            python = envsetup.prepare(self.svc, self.run, url)
-            self.launch(inst, url, python)
+            self.ship_code()
+            python = envsetup.prepare(self.svc, self.run)
+            self.launch(inst, python)
         except RunctlError as exc:
             self.release()
-            launched = run.started_at is not None
-            return fail(self.svc, run, exc, RunState.FAILED if launched else RunState.REFUSED)
+            started = run.started_at is not None or run.state is RunState.SETTING_UP
+            return fail(self.svc, run, exc, RunState.FAILED if started else RunState.REFUSED)
         except Exception:
             log.exception("train %s crashed", run.run_id)
             self.release()
@@ -225,16 +231,18 @@ class TrainFlow:
                 "will lose its progress. Save to `$RUNCTL_CHECKPOINT_DIR` to be safe."
             )
 
-    def ship_code(self) -> str | None:
-        if not self.run.sync_code:
-            return None
-        fleet = self.svc.fleet
-        key = f"runctl/bundles/{self.run.sha}.tar.gz"
-        if not fleet.has_object(key):
-            fleet.upload(key, self.svc.repo.archive(self.run.sha))
-        return fleet.presign(key)
+    def ship_code(self) -> None:
+        run, fleet, url = self.run, self.svc.fleet, None
+        if run.sync_code:
+            key = f"runctl/bundles/{run.sha}.tar.gz"
+            if not fleet.has_object(key):
+                fleet.upload(key, self.svc.repo.archive(run.sha))
+            url = fleet.presign(key)
+        result = fleet.run(run.instance_id, scripts.sync_code(self.root, run.run_id, run.script, url), 600)
+        if not result.ok:
+            raise launch_error(run, result.exit_code, result.stderr or result.stdout)
 
-    def launch(self, inst: Instance, bundle_url: str | None, python: str = "python3") -> None:
+    def launch(self, inst: Instance, python: str = "python3") -> None:
         run = self.run
         env = {
             "RUNCTL_RUN_ID": run.run_id,
@@ -251,7 +259,6 @@ class TrainFlow:
             run.args,
             env,
             meta,
-            bundle_url,
             python=python,
             checkpoint_run_id=run.checkpoint_run_id,
         )

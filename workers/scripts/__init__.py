@@ -14,9 +14,11 @@ from workers.scripts.core import (
     q,
     run_dir,
     run_status,
-    stop_run,
+    runs_status,
+    sync_code,
     wrapper,
 )
+from workers.scripts.lifecycle import stop_run
 
 __all__ = [
     "SECTION",
@@ -27,6 +29,8 @@ __all__ = [
     "q",
     "run_dir",
     "run_status",
+    "runs_status",
     "stop_run",
+    "sync_code",
     "wrapper",
 ]

@@ -67,6 +67,7 @@ def wrapper(
         f"export RUNCTL_CHECKPOINT_DIR={run_dir(checkpoint_run_id or run_id)}/checkpoints\n"
         f"{exports}"
         'mkdir -p "$RUNCTL_CHECKPOINT_DIR"\n'
+        'printf \'%s\\n\' "$RUNCTL_CHECKPOINT_DIR" > "$RUN_DIR/checkpoint_dir"\n'
         "echo $$ > \"$RUN_DIR/pgid\"\n"
         # A caught trap resets to default in the child, so the training keeps
         # default signal handling while this shell survives to record the exit.
@@ -152,11 +153,20 @@ def launch(
 
 def run_status(root: str, run_id: str, log_lines: int = 15) -> str:
     """One snapshot of a run: alive, exit code, progress file, log tail, newest checkpoint."""
+    return runs_status(root, [run_id], log_lines)
+
+
+def runs_status(root: str, run_ids: Sequence[str], log_lines: int = 15, line_chars: int = 300) -> str:
+    """Snapshots of several runs in one script, so one SSM command can serve many
+    instances; each instance reports the runs it has, each after `::runctl::run <id>`."""
     s = SECTION
+    ids = " ".join(q(r) for r in run_ids)
     return header(root) + (
-        f"RUN_DIR={run_dir(run_id)}\n"
-        'if [ ! -d "$RUN_DIR" ]; then echo "' + s + 'missing"; exit 0; fi\n'
         'echo "' + s + 'now $(date +%s)"\n'
+        f"for RUN_ID in {ids}; do\n"
+        'RUN_DIR="$RUNCTL_ROOT/runs/$RUN_ID"\n'
+        '[ -d "$RUN_DIR" ] || continue\n'
+        'echo "' + s + 'run $RUN_ID"\n'
         'pid=$(cat "$RUN_DIR/pid" 2>/dev/null || true)\n'
         'case "$pid" in ""|*[!0-9]*) alive=0 ;; *) if kill -0 "$pid" 2>/dev/null; then alive=1; else alive=0; fi ;; esac\n'
         'echo "' + s + 'alive $alive"\n'
@@ -165,9 +175,9 @@ def run_status(root: str, run_id: str, log_lines: int = 15) -> str:
         'case "$pgid" in ""|*[!0-9]*) ;; *) if kill -0 "$pgid" 2>/dev/null; then echo "' + s + 'wrapper 1"; fi ;; esac\n'
         'if [ -f "$RUN_DIR/exit_code" ]; then echo "' + s + 'exit $(cat "$RUN_DIR/exit_code")"; fi\n'
         'if [ -f "$RUN_DIR/progress.json" ]; then\n'
-        '  echo "' + s + 'progress"; head -c 4000 "$RUN_DIR/progress.json"; echo\n'
+        '  echo "' + s + 'progress"; head -c 1500 "$RUN_DIR/progress.json"; echo\n'
         "fi\n"
-        'ck="$RUN_DIR/checkpoints"\n'
+        'ck=$(cat "$RUN_DIR/checkpoint_dir" 2>/dev/null || echo "$RUN_DIR/checkpoints")\n'
         'if [ -d "$ck" ]; then\n'
         '  newest=$(ls -t "$ck" 2>/dev/null | grep -v -e \'^manifest.json$\' -e \'^completed.json$\' -e \'^\\.\' | head -n 1)\n'
         '  if [ -n "$newest" ]; then\n'
@@ -175,6 +185,7 @@ def run_status(root: str, run_id: str, log_lines: int = 15) -> str:
         "  fi\n"
         "fi\n"
         'echo "' + s + 'log"\n'
-        f'tail -n {int(log_lines)} "$RUN_DIR/training.log" 2>/dev/null | cut -c1-300\n'
+        f'tail -n {int(log_lines)} "$RUN_DIR/training.log" 2>/dev/null | cut -c1-{int(line_chars)}\n'
         'echo "' + s + 'end"\n'
+        "done\n"
     )

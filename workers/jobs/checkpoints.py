@@ -1,0 +1,209 @@
+"""`/runctl checkpoints <instance-id> [--run RUN_ID]`: a run's checkpoints on the
+instance with an integrity check, as an ephemeral reply."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, SectionBlock
+
+from workers.checkpoints import CheckpointListing, FoundCheckpoint, discover
+from workers.commands import CheckpointsCommand, Requester
+from workers.context import Services, services
+from workers.errors import AgentOffline, RunctlError, WrongState
+from workers.fleet import Instance
+from workers.notifier import MAX_TEXT, clamp
+from workers.render import duration, size
+
+MAX_ROWS = 60
+MAX_BLOCKS = 50
+PROTOCOL_DOC = "the checkpoint manifest section of `training/README.md`"
+
+
+def checkpoints(command: dict[str, Any], requester: dict[str, Any]) -> str:
+    svc = services()
+    cmd = CheckpointsCommand.model_validate(command)
+    who = Requester.model_validate(requester)
+    blocks: list[Block] | None = None
+    try:
+        inst = reachable(svc, cmd.instance_id)
+        listing = discover(svc.fleet, svc.settings.RUNCTL_REMOTE_ROOT, cmd.instance_id, cmd.run_id)
+        text, blocks = listing_message(inst, listing, cmd.run_id, who.user_id, svc.clock())
+    except RunctlError as exc:
+        text = exc.as_text()
+    svc.notifier.ephemeral(who.channel_id, who.user_id, text, blocks)
+    return text
+
+
+def reachable(svc: Services, instance_id: str) -> Instance:
+    """The instance, if a script can run on it now; else a typed error that says what to do."""
+    inst = svc.fleet.get(instance_id)
+    if inst.state in ("stopped", "stopping"):
+        raise WrongState(
+            f"{inst.label} is {inst.state}, so its checkpoints cannot be listed.",
+            state=inst.state,
+            why="Checkpoints live on the instance's disk and are read by a script run through SSM. "
+            "A stopped instance keeps its disk: they are still there.",
+            fix=f"/runctl start {instance_id}",
+        )
+    if inst.state in ("terminated", "shutting-down"):
+        raise WrongState(
+            f"{inst.label} is {inst.state}; its disk and any checkpoints on it are gone.",
+            state=inst.state,
+            fix="/runctl resources",
+        )
+    if inst.state == "pending":
+        raise WrongState(
+            f"{inst.label} is still starting.",
+            state=inst.state,
+            why="Its SSM agent needs a minute after boot.",
+            fix=f"/runctl checkpoints {instance_id}",
+        )
+    ping = svc.fleet.agent_status([instance_id]).get(instance_id)
+    if ping != "Online":
+        raise AgentOffline(
+            f"The SSM agent on {inst.label} is {ping or 'not registered'}.",
+            why="runctl reads checkpoints through SSM Run Command.",
+            fix="Attach an instance profile with the AmazonSSMManagedInstanceCore policy and "
+            "make sure amazon-ssm-agent is running (`sudo systemctl status amazon-ssm-agent`).",
+        )
+    return inst
+
+
+def checkpoint_line(ck: FoundCheckpoint, now: datetime, newest_valid: bool = False, in_manifest: bool = True) -> str:
+    """One row: integrity mark, name, epoch, size, age (and why, if corrupt)."""
+    facts = [f"epoch {ck.epoch}"] if ck.epoch is not None else []
+    facts.append(size(ck.size) + (" (directory)" if ck.is_dir else ""))
+    if ck.problem != "file is missing":
+        facts.append(f"{duration((now - ck.modified_at).total_seconds())} ago")
+    body = f"`{ck.name}` · " + " · ".join(facts)
+    if ck.sha256_ok is False:
+        return f":x: *CORRUPT* {body} — {ck.problem}"
+    if ck.sha256_ok is True:
+        return f":white_check_mark: {body}" + ("  :star: *newest valid*" if newest_valid else "")
+    return f"• {body}" + ("" if in_manifest else "  _(integrity unknown: no sha256 for it in the manifest)_")
+
+
+def listing_message(
+    inst: Instance, listing: CheckpointListing, asked_run: str | None, user_id: str, now: datetime
+) -> tuple[str, list[Block]]:
+    iid = inst.id
+    if listing.missing:
+        known = ", ".join(f"`{r}`" for r in listing.known_runs)
+        err = RunctlError(
+            f"No run `{listing.run_id}` on {inst.label}.",
+            why=f"Runs with checkpoints there: {known}." if known else "No run there has checkpoints.",
+            fix=f"/runctl checkpoints {iid} --run {listing.known_runs[0]}"
+            if listing.known_runs
+            else f"/runctl checkpoints {iid}",
+        )
+        return err.what, [_section(err.as_text())]
+    if listing.run_id is None:
+        text = (
+            f":open_file_folder: No runs on {inst.label} yet, so no checkpoints. "
+            f"Start one: `/runctl train {iid} train_with_checkpoints.py`"
+        )
+        return text, [_section(text)]
+    run = listing.run_id
+    if not listing.checkpoints:
+        text = f":open_file_folder: Run `{run}` on {inst.label} has no checkpoints."
+        hint = (
+            "Save checkpoints to `$RUNCTL_CHECKPOINT_DIR` (runctl sets it for every run) so that a stop "
+            f"or an instance loss doesn't cost the work; see {PROTOCOL_DOC}."
+        )
+        return text, [_section(text), _context(hint)]
+
+    count = len(listing.checkpoints)
+    best = listing.newest_valid
+    summary = f"{count} checkpoint{'s' if count != 1 else ''} · {size(listing.total_size)}"
+    if best is not None:
+        summary += f" · newest valid: `{best.name}`" + (f" (epoch {best.epoch})" if best.epoch is not None else "")
+    head = f":floppy_disk: *Checkpoints of run `{run}`* on {inst.label}\n{summary}"
+    blocks: list[Block] = [_section(head)]
+    if asked_run is None and listing.newest_run_id and listing.newest_run_id != run:
+        blocks.append(
+            _context(
+                f"The newest run, `{listing.newest_run_id}`, has no checkpoints of its own (a resumed run "
+                f"writes into the run it resumed), so this is run `{run}`, the newest with checkpoints. "
+                f"Another run: `/runctl checkpoints {iid} --run RUN_ID`"
+            )
+        )
+    # Without any manifest one hint says it all; with one, rows lacking an entry say so themselves.
+    rows = [
+        checkpoint_line(ck, now, ck is best, in_manifest=not listing.has_manifest or ck.sha256_ok is not None)
+        for ck in listing.checkpoints[:MAX_ROWS]
+    ]
+    left_out = count - len(rows) + listing.omitted
+    if left_out > 0:
+        rows.append(f"… and {left_out} more not shown")
+    blocks.extend(_section(chunk) for chunk in _chunks(rows))
+
+    corrupt = listing.corrupt
+    if corrupt:
+        blocks.append(_section(_corrupt_warning(corrupt, best, user_id)))
+    if listing.unverified:
+        if not listing.has_manifest:
+            blocks.append(
+                _context(
+                    ":information_source: No `manifest.json` in this run's checkpoint directory, so integrity "
+                    "can't be checked. Record each checkpoint's file, sha256, size and epoch in a manifest to "
+                    f"get a :white_check_mark:/:x: here; see {PROTOCOL_DOC}, or copy what "
+                    "`train_with_checkpoints.py` does."
+                )
+            )
+        else:
+            blocks.append(
+                _context(
+                    ":information_source: Files marked • have no manifest entry with a sha256, so their "
+                    f"integrity is unknown; see {PROTOCOL_DOC}."
+                )
+            )
+    text = f"Checkpoints of run {run} on {inst.label}: {summary}" + (
+        f" · {len(corrupt)} corrupt" if corrupt else ""
+    )
+    return text, blocks[:MAX_BLOCKS]
+
+
+def _corrupt_warning(corrupt: list[FoundCheckpoint], best: FoundCheckpoint | None, user_id: str) -> str:
+    names = ", ".join(f"`{c.name}` ({c.problem})" for c in corrupt[:10])
+    if len(corrupt) > 10:
+        names += f" and {len(corrupt) - 10} more"
+    one = len(corrupt) == 1
+    lines = [
+        f":warning: <@{user_id}> {len(corrupt)} corrupt checkpoint{'' if one else 's'}: {names}.",
+        "A truncated or changed file usually means a kill during a write or a full disk "
+        "(check with `df -h` on the instance).",
+    ]
+    if best is not None:
+        where = f" (epoch {best.epoch})" if best.epoch is not None else ""
+        lines.append(
+            f"Resume from `{best.name}`{where}, the newest valid one. `train_with_checkpoints.py` "
+            "does that on its own: it skips corrupt checkpoints with a warning."
+        )
+    else:
+        lines.append("No valid checkpoint is left in this run: a resume starts from the beginning.")
+    return clamp("\n".join(lines))
+
+
+def _chunks(rows: list[str]) -> list[str]:
+    """Pack rows into section texts of at most MAX_TEXT characters."""
+    chunks: list[str] = []
+    current = ""
+    for row in rows:
+        row = clamp(row, 500)
+        if current and len(current) + 1 + len(row) > MAX_TEXT:
+            chunks.append(current)
+            current = ""
+        current = f"{current}\n{row}" if current else row
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _section(text: str) -> SectionBlock:
+    return SectionBlock(text=MarkdownTextObject(text=clamp(text)))
+
+
+def _context(text: str) -> ContextBlock:
+    return ContextBlock(elements=[MarkdownTextObject(text=clamp(text))])

@@ -1,0 +1,216 @@
+"""The embedded AWS: moto in server mode behind the executing-SSM shim.
+
+moto keeps its state in process globals, so one process holds at most one live
+Sandbox, and ``start()`` begins from an empty AWS.
+
+    python -m workers.sandbox.aws --root DIR [--port N]
+
+runs one in the foreground until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import TYPE_CHECKING, ClassVar, Self
+
+import boto3
+from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+from werkzeug.serving import WSGIRequestHandler, make_server
+
+from workers.sandbox.ssm_shim import Agent, SsmShim
+
+if TYPE_CHECKING:
+    from types_boto3_ec2.literals import InstanceTypeType
+    from types_boto3_ec2.type_defs import TagTypeDef
+
+HOST = "127.0.0.1"
+ACCESS_KEY = SECRET_KEY = "testing"
+# "Deep Learning AMI Ubuntu Linux - 2.4_Oct2017", one of moto's default AMIs in every region.
+AMI_ID = "ami-dca37ea5"
+MANAGED_TAG = "runctl:managed"
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass
+
+
+class Sandbox(ThreadedMotoServer):
+    _live: ClassVar[Sandbox | None] = None
+    _live_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, root: Path, region: str = "us-east-1", port: int = 0) -> None:
+        super().__init__(ip_address=HOST, port=port, verbose=False)
+        self.root = Path(root)
+        self.region = region
+        self._agent = Agent(self.root, self.instance_dir)
+        self._startup_error: BaseException | None = None
+
+    def _server_entry(self) -> None:
+        app = SsmShim(DomainDispatcherApplication(create_backend_app), self._agent, self.region)
+        try:
+            self._server = make_server(self._ip_address, self._port, app, threaded=True, request_handler=_QuietHandler)
+        except BaseException as exc:  # start() waits on the event: never leave it unset
+            self._startup_error = exc
+            self._server_ready_event.set()
+            return
+        self._server_ready_event.set()
+        self._server.serve_forever()
+
+    def start(self) -> None:
+        with Sandbox._live_lock:
+            if Sandbox._live is not None:
+                raise RuntimeError("a Sandbox is already running in this process")
+            Sandbox._live = self
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            super().start()
+            if self._startup_error is not None:
+                self._thread = None
+                raise self._startup_error
+            reset = urllib.request.Request(f"{self.endpoint_url}/moto-api/reset", method="POST")
+            with urllib.request.urlopen(reset, timeout=10):
+                pass
+        except BaseException:
+            with Sandbox._live_lock:
+                Sandbox._live = None
+            raise
+
+    def stop(self) -> None:
+        """Stop serving and kill every process the shim started, detached ones too."""
+        if self._thread is None:
+            return
+        super().stop()
+        if self._server is not None:
+            self._server.server_close()
+        self._thread = None
+        self._agent.shutdown()
+        with Sandbox._live_lock:
+            if Sandbox._live is self:
+                Sandbox._live = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def endpoint_url(self) -> str:
+        host, port = self.get_host_and_port()
+        return f"http://{host}:{port}"
+
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_DEFAULT_REGION": self.region,
+        }
+
+    def instance_dir(self, instance_id: str) -> Path:
+        """The directory standing in for the instance's remote root."""
+        path = self.root / "instances" / instance_id
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def sent_scripts(self, instance_id: str) -> list[str]:
+        """The scripts the shim ran on ``instance_id``, oldest first, as run
+        (that is, with ``RUNCTL_ROOT`` rewritten)."""
+        return self._agent.sent_scripts(instance_id)
+
+
+# --- seeding ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SeedInfo:
+    instances: dict[str, str]  # Name tag -> instance id
+    bucket: str
+
+
+# name, instance type, managed, running
+SEED_INSTANCES: tuple[tuple[str, InstanceTypeType, bool, bool], ...] = (
+    ("gpu-box-1", "g5.xlarge", True, True),
+    ("gpu-box-2", "p3.2xlarge", True, True),
+    ("cpu-box", "t3.medium", True, True),
+    ("old-box", "g4dn.xlarge", True, False),
+    ("not-managed", "t3.micro", False, True),
+)
+
+
+def seed(endpoint_url: str, region: str, bucket: str) -> SeedInfo:
+    """Create the demo fleet and bucket through the public API."""
+    session = boto3.Session(aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY, region_name=region)
+    s3 = session.client("s3", endpoint_url=endpoint_url)
+    if region == "us-east-1":
+        s3.create_bucket(Bucket=bucket)
+    else:
+        s3.create_bucket(
+            Bucket=bucket,
+            CreateBucketConfiguration={"LocationConstraint": region},  # type: ignore[typeddict-item]
+        )
+    ec2 = session.client("ec2", endpoint_url=endpoint_url)
+    instances: dict[str, str] = {}
+    for name, instance_type, managed, running in SEED_INSTANCES:
+        tags: list[TagTypeDef] = [{"Key": "Name", "Value": name}]
+        if managed:
+            tags.append({"Key": MANAGED_TAG, "Value": "true"})
+        reply = ec2.run_instances(
+            ImageId=AMI_ID,
+            InstanceType=instance_type,
+            MinCount=1,
+            MaxCount=1,
+            TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
+        )
+        instances[name] = reply["Instances"][0]["InstanceId"]
+        if not running:
+            ec2.stop_instances(InstanceIds=[instances[name]])
+    return SeedInfo(instances=instances, bucket=bucket)
+
+
+# --- CLI ------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workers.sandbox.aws", description=__doc__)
+    parser.add_argument("--root", type=Path, required=True, help="directory for instance roots")
+    parser.add_argument("--port", type=int, default=0, help="port to bind (0: any free port)")
+    parser.add_argument("--region", default="us-east-1", help="default region")
+    args = parser.parse_args(argv)
+
+    done = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with Sandbox(args.root, region=args.region, port=args.port) as sandbox:
+        print(f"sandbox listening on {sandbox.endpoint_url}", flush=True)
+        done.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Everything is stopped; skip the interpreter's teardown of moto's module
+    # state, which takes seconds.
+    os._exit(code)

@@ -1,0 +1,133 @@
+"""The environment script: reuse or build the run's virtualenv at
+``$RUNCTL_ROOT/envs/<digest16>-py<X.Y>``, log to the run's ``setup.log``, prune old ones.
+
+Output lines (after ``SECTION``): ``env <name>``, then ``reused <built-epoch>`` or
+``built <built-epoch> <installer>`` and any ``pruned <name>``; on failure
+``failed <reason>`` followed by the last lines of ``setup.log``.
+Exit codes: 40 install failed, 41 no venv, 42 no python3, 43 another build held the env too long.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from workers.scripts.core import SECTION, header, q, run_dir
+
+KEEP_ENVS = 3  # environments used by this many most recent runs survive a prune
+LOG_TAIL = 30
+LOCK_WAIT_SECONDS = 1800
+
+INSTALL_FAILED, NO_VENV, NO_PYTHON, LOCK_TIMEOUT = 40, 41, 42, 43
+
+
+def setup_env(
+    root: str,
+    run_id: str,
+    digest: str,
+    workdir: str,
+    requirements: str,
+    generated: str | None,
+    rebuild: bool = False,
+    keep: int = KEEP_ENVS,
+) -> str:
+    """``requirements`` is the file's path in the code tree; when ``generated`` is
+    given (dependencies from pyproject.toml) it is written to the run directory
+    and installed instead."""
+    s = SECTION
+    eof = "RUNCTL_EOF_" + secrets.token_hex(6)
+    if generated is not None:
+        req = '"$RUN_DIR/requirements.txt"'
+        write_req = f"cat > {req} <<'{eof}'\n{generated}{'' if generated.endswith(chr(10)) else chr(10)}{eof}\n"
+    else:
+        req = f'"$RUNCTL_ROOT/code/"{q(requirements)}'
+        write_req = ""
+    work = f'"$RUNCTL_ROOT/code/"{q(workdir)}' if workdir else '"$RUNCTL_ROOT/code"'
+    tail = f'tail -n {LOG_TAIL} "$LOG" | cut -c1-300'
+    return header(root) + (
+        f"RUN_DIR={run_dir(run_id)}\n"
+        'LOG="$RUN_DIR/setup.log"\n'
+        'mkdir -p "$RUN_DIR" "$RUNCTL_ROOT/envs"\n'
+        f"{write_req}"
+        "if ! command -v python3 >/dev/null 2>&1; then\n"
+        f'  echo "{s}failed no-python"; exit {NO_PYTHON}\n'
+        "fi\n"
+        "PYVER=$(python3 -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])')\n"
+        f'NAME={q(digest[:16])}-py"$PYVER"\n'
+        'ENV="$RUNCTL_ROOT/envs/$NAME"\n'
+        'LOCK="$ENV.lock"\n'
+        f'echo "{s}env $NAME"\n'
+        # The train lock already serialises runs on an instance; this directory
+        # lock keeps two builders of one env apart even without it.
+        "waited=0\n"
+        'while ! mkdir "$LOCK" 2>/dev/null; do\n'
+        '  holder=$(cat "$LOCK/pid" 2>/dev/null || true)\n'
+        '  case "$holder" in\n'
+        '    ""|*[!0-9]*) ;;\n'
+        '    *) if ! kill -0 "$holder" 2>/dev/null; then rm -rf "$LOCK"; continue; fi ;;\n'
+        "  esac\n"
+        f'  if [ "$waited" -ge {LOCK_WAIT_SECONDS} ]; then echo "{s}failed locked"; exit {LOCK_TIMEOUT}; fi\n'
+        "  sleep 2; waited=$((waited + 2))\n"
+        "done\n"
+        'echo $$ > "$LOCK/pid"\n'
+        "trap 'rm -rf \"$LOCK\"' EXIT\n"
+        f"REBUILD={1 if rebuild else 0}\n"
+        'if [ "$REBUILD" = 0 ] && [ -f "$ENV/.runctl-ready" ]; then\n'
+        '  built=$(cat "$ENV/.runctl-ready")\n'
+        '  echo "runctl: reusing environment $NAME (built $(date -u -d "@$built" 2>/dev/null || echo "$built"))" > "$LOG"\n'
+        '  printf \'%s\\n\' "$NAME" > "$RUN_DIR/env"\n'
+        f'  echo "{s}reused $built"\n'
+        "  exit 0\n"
+        "fi\n"
+        'rm -rf "$ENV"\n'
+        f'echo "runctl: building environment $NAME from {q(requirements)}" > "$LOG"\n'
+        # ensurepip alone takes 10-20 s; uv or a recent system pip can install
+        # into a pip-less venv instead.
+        "if command -v uv >/dev/null 2>&1; then\n"
+        "  INSTALLER=uv; WITH_PIP=--without-pip\n"
+        "elif python3 -c 'import sys, pip; sys.exit(tuple(map(int, pip.__version__.split(\".\")[:2])) < (22, 3))' 2>/dev/null; then\n"
+        "  INSTALLER=system-pip; WITH_PIP=--without-pip\n"
+        "else\n"
+        "  INSTALLER=pip; WITH_PIP=\n"
+        "fi\n"
+        'echo "runctl: python $PYVER, installer $INSTALLER" >> "$LOG"\n'
+        'if ! python3 -m venv $WITH_PIP "$ENV" >> "$LOG" 2>&1; then\n'
+        '  rm -rf "$ENV"\n'
+        f'  echo "{s}failed venv"; {tail}; exit {NO_VENV}\n'
+        "fi\n"
+        f"cd {work} || exit {INSTALL_FAILED}\n"
+        'case "$INSTALLER" in\n'
+        f'  uv) uv pip install --python "$ENV/bin/python" -r {req} ;;\n'
+        f'  system-pip) python3 -m pip --python "$ENV/bin/python" install --progress-bar off -r {req} ;;\n'
+        f'  *) "$ENV/bin/python" -m pip install --progress-bar off -r {req} ;;\n'
+        'esac >> "$LOG" 2>&1\n'
+        "rc=$?\n"
+        'if [ "$rc" -ne 0 ]; then\n'
+        '  echo "runctl: install failed (exit $rc); removed the half-built environment" >> "$LOG"\n'
+        '  rm -rf "$ENV"\n'
+        f'  echo "{s}failed install"; {tail}; exit {INSTALL_FAILED}\n'
+        "fi\n"
+        'date +%s > "$ENV/.runctl-ready"\n'
+        'printf \'%s\\n\' "$NAME" > "$RUN_DIR/env"\n'
+        'echo "runctl: environment $NAME ready" >> "$LOG"\n'
+        f'echo "{s}built $(cat "$ENV/.runctl-ready") $INSTALLER"\n'
+        + prune(keep)
+    )
+
+
+def prune(keep: int) -> str:
+    """Remove environments no recent run used; one being built (locked) is left alone."""
+    s = SECTION
+    return (
+        f'recent=$(ls -t "$RUNCTL_ROOT"/runs/*/env 2>/dev/null | head -n {int(keep)} | while read -r f; do cat "$f"; done)\n'
+        'for d in "$RUNCTL_ROOT"/envs/*; do\n'
+        '  [ -d "$d" ] || continue\n'
+        '  n=$(basename "$d")\n'
+        '  case "$n" in *.lock) continue ;; esac\n'
+        '  [ "$n" = "$NAME" ] && continue\n'
+        '  [ -d "$d.lock" ] && continue\n'
+        '  if ! printf \'%s\\n\' "$recent" | grep -qxF "$n"; then\n'
+        '    rm -rf "$d"\n'
+        f'    echo "{s}pruned $n"\n'
+        "  fi\n"
+        "done\n"
+    )
