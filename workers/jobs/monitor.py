@@ -141,6 +141,9 @@ def unreachable(svc: Services, run: Run, exc: RunctlError) -> None:
 
 
 def update(svc: Services, run: Run, snap: Snapshot | None) -> None:
+    current = svc.runs.get(run.run_id)
+    if current is None or current.state.ended or current.state is RunState.STOPPING:
+        return  # a stop flow owns the run now
     if snap is None or snap.missing:
         lost(svc, run, RunctlError(f"The run directory of `{run.run_id}` is gone from the instance."))
         return

@@ -22,6 +22,7 @@ from workers.jobs import envsetup
 from workers.jobs.runmsg import fail, publish, reply
 from workers.locks import Holder, train_lock
 from workers.runs import Run, RunState
+from workers.scripts.lifecycle import parse_stop
 from workers.snapshot import parse as parse_snapshot
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,15 @@ class TrainFlow:
         res = self.svc.fleet.run(
             self.run.instance_id, scripts.stop_run(self.root, other_run_id, grace), grace + 60
         )
-        self.run.notes.append(f":octagonal_sign: `--force` stopped run `{other_run_id}` ({res.stdout.strip()}).")
+        outcome = parse_stop(res.stdout)
+        if outcome is None or outcome.how == "none":
+            how = "it had already exited"
+        elif outcome.how == "kill":
+            how = f"SIGKILL after {outcome.waited} s; it ignored SIGTERM"
+        else:
+            saved = f", saved `{outcome.saved[-1]}`" if outcome.saved else ", it saved no checkpoint"
+            how = f"exited {outcome.waited} s after SIGTERM{saved}"
+        self.run.notes.append(f":octagonal_sign: `--force` stopped run `{other_run_id}` ({how}).")
         other = self.svc.runs.get(other_run_id)
         if other and not other.state.ended:
             other.state = RunState.STOPPED

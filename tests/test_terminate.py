@@ -1,0 +1,191 @@
+"""Terminate goes only through the confirmation message; every click here is a
+signed block_actions payload built from the message the bot posted."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+from workers.commands import Requester, TerminateCommand
+from workers.confirm import ConfirmStore
+from workers.context import Services
+from workers.ids import ActionId
+from workers.inline import InlineWorker
+from workers.jobs.lifecycle import terminate
+from workers.runs import RunState
+from workers.sandbox.aws import Sandbox, SeedInfo
+from workers.sandbox.fake_slack import FakeSlack, Message
+
+from .slack import click
+from .test_lifecycle import (
+    ALICE,
+    CHANNEL,
+    SLOW,
+    as_dict,
+    dispatch,
+    posted,
+    run_dir,
+    send_click,
+    text_of,
+    train_on,
+    wait_for_epoch,
+)
+
+
+def ask(iid: str, who: Requester = ALICE) -> None:
+    terminate(TerminateCommand(instance_id=iid).model_dump(mode="json"), who.model_dump(mode="json"))
+
+
+def confirmation(slack: FakeSlack, ts: str | None = None) -> Message:
+    if ts is not None:
+        return next(m for m in slack.messages(CHANNEL) if m.ts == ts)
+    return posted(slack, "asks to *terminate")
+
+
+def buttons(m: Message) -> list[dict[str, Any]]:
+    return [e for b in m.blocks if b.get("type") == "actions" for e in b.get("elements", [])]
+
+
+def count_terminate_calls(svc: Services) -> list[int]:
+    calls: list[int] = []
+    svc.fleet.ec2.meta.events.register("before-call.ec2.TerminateInstances", lambda **_: calls.append(1))
+    return calls
+
+
+def test_confirmation_shows_what_would_be_lost_and_touches_nothing(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    iid = fleet_seed.instances["gpu-box-1"]
+    train_on(iid, "--epochs", "2", "--steps-per-epoch", "1", "--step-seconds", "0")
+    worker.drain()
+    calls = count_terminate_calls(svc)
+
+    ask(iid)
+
+    m = confirmation(slack)
+    text = text_of(m)
+    assert "gpu-box-1" in text and "g5.xlarge" in text and "`running`" in text and "<@U0ALICE>" in text
+    assert "2 checkpoints" in text and "ckpt-epoch-00002.json" in text and "deletes them" in text
+    assert "$1.006/h" in text and "No live run" in text
+    found = {b["action_id"]: b for b in buttons(m)}
+    assert set(found) == {ActionId.TERMINATE_CONFIRM, ActionId.TERMINATE_STOP_INSTEAD, ActionId.TERMINATE_CANCEL}
+    danger = found[ActionId.TERMINATE_CONFIRM]
+    assert danger["style"] == "danger" and "confirm" in danger
+    nonce = danger["value"]
+    assert all(b["value"] == nonce for b in found.values()) and iid not in nonce
+    record = ConfirmStore(svc.redis).peek(nonce)
+    assert record is not None and record.instance_id == iid and record.requester_id == "U0ALICE"
+    assert 590 <= svc.redis.ttl(f"runctl:confirm:terminate:{nonce}") <= 600
+    assert calls == [] and svc.fleet.get(iid).state == "running"
+
+
+def test_a_click_by_someone_else_is_refused_and_nothing_happens(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    iid = fleet_seed.instances["cpu-box"]
+    ask(iid)
+    m = confirmation(slack)
+    for button in (ActionId.TERMINATE_CONFIRM, ActionId.TERMINATE_CANCEL, ActionId.TERMINATE_STOP_INSTEAD):
+        dispatch(svc, slack, worker, click(as_dict(m), button, "U0BOB"))
+    refusals = slack.ephemerals("U0BOB")
+    assert len(refusals) == 3
+    assert all("nothing was done" in r.text or "admin" in r.text for r in refusals)
+    assert svc.fleet.get(iid).state == "running"
+    assert buttons(confirmation(slack, m.ts))  # still waiting for an answer
+    assert ConfirmStore(svc.redis).peek(buttons(m)[0]["value"]) is not None
+
+
+def test_two_concurrent_clicks_terminate_exactly_once_after_a_graceful_stop(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, sandbox: Sandbox, worker: InlineWorker
+) -> None:
+    iid = fleet_seed.instances["gpu-box-2"]
+    run_id = train_on(iid, *SLOW)
+    wait_for_epoch(sandbox, iid, run_id, 2)
+    ask(iid)
+    m = confirmation(slack)
+    assert "Live run `r-life-1`" in text_of(m)
+    calls = count_terminate_calls(svc)
+
+    # A double click: both requests reach the bot and both jobs run at the same time.
+    for _ in range(2):
+        payload = click(as_dict(m), ActionId.TERMINATE_CONFIRM, "U0ADMIN")
+        send_click(svc, slack, worker, payload)  # payloads differ by action_ts, as real double clicks do
+    jobs = [svc.queue.fetch_job(j) for j in svc.queue.job_ids]
+    assert len(jobs) == 2
+    barrier = threading.Barrier(2)
+
+    def perform(job: Any) -> None:
+        barrier.wait()
+        job.perform()
+
+    threads = [threading.Thread(target=perform, args=(j,)) for j in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+
+    assert len(calls) == 1
+    assert svc.fleet.get(iid).state in ("shutting-down", "terminated")
+    final = confirmation(slack, m.ts)
+    assert not buttons(final)
+    assert "terminated by <@U0ADMIN>" in text_of(final) and "on SIGTERM" in text_of(final)
+    assert any("already used" in e.text for e in slack.ephemerals("U0ADMIN"))
+    run = svc.runs.get(run_id)
+    assert run is not None and run.state is RunState.STOPPED and run.ended_by == "terminate"
+    assert list((run_dir(sandbox, iid, run_id) / "checkpoints").glob("ckpt-epoch-*.json"))
+
+
+def test_an_expired_confirmation_is_refused(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    iid = fleet_seed.instances["cpu-box"]
+    ask(iid)
+    m = confirmation(slack)
+    nonce = buttons(m)[0]["value"]
+    svc.redis.pexpire(f"runctl:confirm:terminate:{nonce}", 1)  # as Redis does after 10 minutes
+    time.sleep(0.01)
+    calls = count_terminate_calls(svc)
+
+    dispatch(svc, slack, worker, click(as_dict(m), ActionId.TERMINATE_CONFIRM, "U0ADMIN"))
+
+    expired = f"This confirmation expired. Run `/runctl terminate {iid}` again."
+    assert any(e.text == expired for e in slack.ephemerals("U0ADMIN"))
+    assert calls == [] and svc.fleet.get(iid).state == "running"
+    final = confirmation(slack, m.ts)
+    assert not buttons(final) and "expired" in final.text
+
+
+def test_stop_instead_stops_the_instance(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    iid = fleet_seed.instances["gpu-box-1"]
+    ask(iid)
+    m = confirmation(slack)
+    calls = count_terminate_calls(svc)
+
+    dispatch(svc, slack, worker, click(as_dict(m), ActionId.TERMINATE_STOP_INSTEAD, "U0ALICE"))
+
+    assert calls == [] and svc.fleet.get(iid).state == "stopped"
+    final = confirmation(slack, m.ts)
+    assert not buttons(final) and "chose to stop instead" in final.text
+    summary = [x.text for x in slack.thread(CHANNEL, m.ts)]
+    assert any("stopped *gpu-box-1" in t for t in summary), summary
+
+
+def test_cancel_closes_the_message_and_says_who(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    iid = fleet_seed.instances["cpu-box"]
+    ask(iid)
+    m = confirmation(slack)
+    dispatch(svc, slack, worker, click(as_dict(m), ActionId.TERMINATE_CANCEL, "U0ALICE"))
+    final = confirmation(slack, m.ts)
+    assert not buttons(final) and "cancelled by <@U0ALICE>" in final.text
+    assert svc.fleet.get(iid).state == "running"
+    # a late click on the closed confirmation changes nothing
+    dispatch(svc, slack, worker, click(as_dict(m), ActionId.TERMINATE_CONFIRM, "U0ADMIN"))
+    assert svc.fleet.get(iid).state == "running"
+    assert any("already used" in e.text and "Cancel" in e.text for e in slack.ephemerals("U0ADMIN"))
+    assert json.dumps(final.blocks).count("button") == 0

@@ -1,0 +1,608 @@
+"""Instance lifecycle: stop (checkpoint first), start (offer to resume) and
+terminate (only through a confirmation button).
+
+Every flow holds the per-instance operation lock, so it never interleaves with a
+train launch or another lifecycle operation on the same instance.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from slack_sdk.errors import SlackApiError
+
+from workers import policy, scripts
+from workers.checkpoints import CheckpointListing, FoundCheckpoint, discover, discover_all
+from workers.commands import Requester, StartCommand, StopCommand, TerminateCommand, TrainCommand
+from workers.confirm import Confirmation, ConfirmStore, new_nonce
+from workers.context import Services, services
+from workers.errors import AgentOffline, RunctlError, WrongState
+from workers.fleet import Instance, aws_call
+from workers.ids import ActionId
+from workers.jobs.runmsg import publish, reply
+from workers.locks import Holder, operation, train_lock
+from workers.pricing import format_usd, hourly_price, load_price_book
+from workers.queueing import enqueue
+from workers.render import duration
+from workers.render_lifecycle import (
+    Cost,
+    checkpoint_line,
+    checkpoints_summary,
+    closed_blocks,
+    confirmation_blocks,
+    ready_blocks,
+    summary_blocks,
+)
+from workers.runs import Checkpoint, Run, RunState, new_run_id
+from workers.scripts.lifecycle import StopResult, parse_stop
+from workers.uptime import UptimeLedger
+
+log = logging.getLogger(__name__)
+
+STOPPED_WAIT_SECONDS = 600
+TERMINATED_WAIT_SECONDS = 120
+AGENT_WAIT_SECONDS = 300
+RESUME_CLAIM_SECONDS = 7 * 86400
+
+
+# --- job entry points ---------------------------------------------------------------
+
+
+def stop(command: dict[str, Any], requester: dict[str, Any]) -> str:
+    cmd = StopCommand.model_validate(command)
+    who = Requester.model_validate(requester)
+    svc = services()
+    try:
+        return stop_flow(svc, cmd.instance_id, who, cmd.grace, cmd.force)
+    except RunctlError as exc:
+        answer(svc, who, exc.as_text())
+        return exc.what
+
+
+def start(command: dict[str, Any], requester: dict[str, Any]) -> str:
+    cmd = StartCommand.model_validate(command)
+    who = Requester.model_validate(requester)
+    return start_flow(services(), cmd.instance_id, who, cmd.wait)
+
+
+def terminate(command: dict[str, Any], requester: dict[str, Any]) -> str:
+    cmd = TerminateCommand.model_validate(command)
+    who = Requester.model_validate(requester)
+    svc = services()
+    try:
+        return ask_to_terminate(svc, cmd.instance_id, who)
+    except RunctlError as exc:
+        answer(svc, who, exc.as_text())
+        return exc.what
+
+
+def confirm_click(action: str, nonce: str, clicker: dict[str, Any], message_ts: str) -> str:
+    """A click on [Terminate], [Stop instead] or [Cancel]; the bot already checked who clicked."""
+    return ConfirmClick(services(), ActionId(action), nonce, Requester.model_validate(clicker), message_ts).handle()
+
+
+def resume(run_id: str, clicker: dict[str, Any], message_ts: str) -> str:
+    return resume_flow(services(), run_id, Requester.model_validate(clicker), message_ts)
+
+
+# --- replies ----------------------------------------------------------------------
+
+
+def answer(svc: Services, who: Requester, text: str, thread_ts: str | None = None) -> None:
+    """In the thread when there is one (everyone sees button outcomes), else privately."""
+    try:
+        if thread_ts:
+            svc.notifier.post(who.channel_id, f"<@{who.user_id}> {text}", thread_ts=thread_ts)
+        else:
+            svc.notifier.ephemeral(who.channel_id, who.user_id, text)
+    except SlackApiError as exc:
+        log.warning("could not answer %s: %s", who.user_id, exc.response.get("error"))
+
+
+def holder(svc: Services, who: Requester, what: str) -> Holder:
+    return Holder(run_id="-", user_id=who.user_id, since=svc.clock(), operation=what)
+
+
+# --- cost ------------------------------------------------------------------------
+
+
+def session_cost(svc: Services, inst: Instance, until: datetime) -> Cost:
+    """Uptime since the last start (LaunchTime) and its cost where a price is known."""
+    seconds = (until - inst.launch_time).total_seconds() if inst.launch_time else None
+    lifecycle = None if inst.lifecycle == "on-demand" else inst.lifecycle
+    try:
+        with aws_call("look up the instance price"):
+            price = hourly_price(
+                load_price_book(), svc.fleet.ec2, svc.redis, inst.region, inst.availability_zone, inst.type, lifecycle
+            )
+    except RunctlError as exc:
+        log.warning("price of %s: %s", inst.id, exc.what)
+        return Cost(seconds, format_usd(None), format_usd(None))
+    rate = price.usd_per_hour
+    amount = None if rate is None or seconds is None else rate * Decimal(seconds) / Decimal(3600)
+    return Cost(seconds, format_usd(amount), price.describe())
+
+
+# --- halting runs (shared by stop and terminate) -----------------------------------
+
+
+@dataclass
+class Halt:
+    run_id: str
+    run: Run | None
+    result: StopResult
+    listing: CheckpointListing | None
+    report: str
+
+    @property
+    def saved(self) -> FoundCheckpoint | None:
+        return _saved_since_signal(self.listing, self.result)
+
+
+def _saved_since_signal(listing: CheckpointListing | None, result: StopResult) -> FoundCheckpoint | None:
+    if listing is None:
+        return None
+    fresh = [c for c in listing.checkpoints if c.name in result.saved]
+    return max(fresh, key=lambda c: (c.epoch or 0, c.modified_at), default=None)
+
+
+def _newest(listing: CheckpointListing | None) -> FoundCheckpoint | None:
+    if listing is None:
+        return None
+    return listing.newest_valid or listing.newest
+
+
+class Halter:
+    """Stops the training runs alive on an instance, each given SIGTERM and `grace` seconds."""
+
+    def __init__(self, svc: Services, inst: Instance, actor: Requester, grace: int, force: bool, why: str) -> None:
+        self.svc = svc
+        self.inst = inst
+        self.actor = actor
+        self.grace = grace
+        self.force = force
+        self.why = why  # "stop" | "terminate": recorded as the run's ended_by
+        self.root = svc.settings.RUNCTL_REMOTE_ROOT
+
+    def live_run_ids(self, known: Run | None) -> list[str]:
+        """Runs alive on the instance (its pid files are the truth) plus the one Redis knows."""
+        ids = [known.run_id] if known else []
+        result = self.svc.fleet.run(self.inst.id, scripts.probe_live_runs(self.root))
+        for line in result.stdout.splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "live" and parts[1] not in ids:
+                ids.append(parts[1])
+        return ids
+
+    def halt_all(self, known: Run | None) -> list[Halt]:
+        return [self.halt(run_id) for run_id in self.live_run_ids(known)]
+
+    def halt(self, run_id: str) -> Halt:
+        svc = self.svc
+        run = svc.runs.get(run_id)
+        if run is not None and not run.state.ended:
+            run.state = RunState.STOPPING
+            publish(svc, run)
+            verb = "Killing it at once (`--force`)" if self.force else f"SIGTERM, up to {self.grace} s to save"
+            reply(svc, run, f"<@{self.actor.user_id}> is {self._doing()} {self.inst.label}. {verb}.", mention=False)
+        ck_dir = (run.checkpoint_run_id or run_id) if run else run_id
+        script = scripts.stop_run(self.root, run_id, self.grace, force=self.force, checkpoint_run_id=ck_dir)
+        out = svc.fleet.run(self.inst.id, script, timeout=self.grace + 60)
+        result = parse_stop(out.stdout) or StopResult("none")
+        listing: CheckpointListing | None
+        try:
+            listing = discover(svc.fleet, self.root, self.inst.id, ck_dir)
+        except RunctlError as exc:
+            log.warning("checkpoint discovery on %s: %s", self.inst.id, exc.what)
+            listing = None
+        script_name = run.script if run else f"run {run_id}"
+        halt = Halt(run_id, run, result, listing, "")
+        halt.report = self.report(script_name, halt)
+        if run is not None:
+            self.close(run, halt)
+        return halt
+
+    def _doing(self) -> str:
+        return "terminating" if self.why == "terminate" else "stopping"
+
+    def report(self, script: str, halt: Halt) -> str:
+        now = self.svc.clock()
+        result, saved, newest = halt.result, halt.saved, _newest(halt.listing)
+        if result.how == "none":
+            return f"Run `{halt.run_id}`: no training process was alive any more."
+        lost = (
+            f"progress since epoch {newest.epoch} (the newest checkpoint, `{newest.name}`, "
+            f"{duration((now - newest.modified_at).total_seconds())} ago) is lost"
+            if newest is not None and newest.epoch is not None
+            else f"progress since {checkpoint_line(newest, now)} is lost"
+            if newest is not None
+            else "all its progress is lost: it has no checkpoint at all"
+        )
+        if halt.listing is None:
+            lost = "runctl could not list its checkpoints to tell what was saved"
+        if self.force:
+            return (
+                f":rotating_light: `--force`: `{script}` was killed at once (SIGKILL), without a chance "
+                f"to save; {lost}."
+            )
+        saved_text = f"saved {checkpoint_line(saved, now)}" if saved else ""
+        if result.how == "kill":
+            head = (
+                f":rotating_light: *`{script}` did not exit within {self.grace} s of SIGTERM, so runctl "
+                "killed it (SIGKILL).*"
+            )
+            if saved:
+                return f"{head} Before that it {saved_text}; anything after that checkpoint is lost."
+            return (
+                f"{head} It wrote no checkpoint after the signal; {lost}. Make it exit after saving on "
+                "SIGTERM, or allow more time with `--grace SECONDS`."
+            )
+        if saved:
+            return f":floppy_disk: `{script}` {saved_text} on SIGTERM and exited after {result.waited} s."
+        return (
+            f":rotating_light: *`{script}` wrote no checkpoint on SIGTERM; {lost}.* It has no SIGTERM "
+            "handler that saves: catch SIGTERM (`signal.signal(signal.SIGTERM, ...)`), write a checkpoint "
+            "to `$RUNCTL_CHECKPOINT_DIR`, then exit."
+        )
+
+    def close(self, run: Run, halt: Halt) -> None:
+        """The run ended here: record it, release its lock, close its parent message."""
+        svc = self.svc
+        found = halt.saved or _newest(halt.listing)
+        if found is not None and not found.is_dir:
+            run.checkpoint = Checkpoint(
+                name=found.name, size=found.size, modified_at=found.modified_at, epoch=found.epoch
+            )
+        run.state = RunState.STOPPED
+        run.ended_by = "force" if self.force else self.why
+        run.ended_at = svc.clock()
+        if halt.result.how == "kill":
+            run.exit_code = 137
+        run.notes.append(f":octagonal_sign: {self._doing().capitalize()} by <@{self.actor.user_id}>.")
+        release_train_lock(svc, run.instance_id, run.run_id)
+        publish(svc, run)
+        reply(svc, run, halt.report)
+
+
+def release_train_lock(svc: Services, instance_id: str, run_id: str) -> None:
+    lock = train_lock(svc.redis, instance_id)
+    held = lock.holder()
+    raw = lock.raw()
+    if held is not None and held.run_id == run_id and raw is not None:
+        lock.release(raw)
+
+
+# --- stop ------------------------------------------------------------------------
+
+
+def stop_flow(
+    svc: Services,
+    instance_id: str,
+    actor: Requester,
+    grace: int | None = None,
+    force: bool = False,
+    thread_ts: str | None = None,
+) -> str:
+    """Checkpoint and stop the live run, stop the instance, post the summary (in `thread_ts`
+    when given); returns the outcome in a line. Raises RunctlError when the stop did not happen."""
+    with operation(svc.redis, instance_id, holder(svc, actor, "stop")):
+        done, lines = _stop_locked(svc, instance_id, actor, grace, force)
+    if not done:
+        answer(svc, actor, lines[0], thread_ts)
+        return lines[0]
+    text, blocks = summary_blocks(lines)
+    try:
+        svc.notifier.post(actor.channel_id, text, blocks, thread_ts=thread_ts)
+    except SlackApiError as exc:
+        log.warning("could not post the stop summary: %s", exc.response.get("error"))
+    return lines[0]
+
+
+def _stop_locked(
+    svc: Services, iid: str, actor: Requester, grace: int | None, force: bool
+) -> tuple[bool, list[str]]:
+    """(True, summary paragraphs) once stopped; (False, [reason]) when nothing was done."""
+    fleet = svc.fleet
+    inst = fleet.get(iid)
+    if inst.state == "stopping":
+        return False, [f"{inst.label} is already stopping. `/runctl status {iid}` shows when it is stopped."]
+    if inst.state == "stopped":
+        return False, [f"{inst.label} is already stopped; nothing to do. `/runctl start {iid}` starts it."]
+    if inst.state in ("terminated", "shutting-down"):
+        raise WrongState(f"{inst.label} is {inst.state}; it cannot be stopped.", state=inst.state,
+                         fix="/runctl resources")
+    if inst.state == "pending":
+        inst = fleet.wait_for_state(iid, ("running",), svc.settings.RUNCTL_PENDING_WAIT_SECONDS)
+    known = svc.runs.live_on(iid)
+    policy.check(svc.settings, actor.user_id, "stop", known.user_id if known else None)
+    if force:
+        policy.check(svc.settings, actor.user_id, "force")
+    wait = svc.settings.RUNCTL_STOP_GRACE_SECONDS if grace is None else grace
+    halter = Halter(svc, inst, actor, wait, force, "stop")
+    try:
+        halts = halter.halt_all(known)
+    except AgentOffline as exc:
+        if not force:
+            raise AgentOffline(
+                f"Can't reach {inst.label} to let its training save a checkpoint.",
+                why=exc.why or exc.what,
+                fix=f"Fix the SSM agent and retry, or `/runctl stop {iid} --force` to stop it without saving.",
+            ) from exc
+        halts = []
+    now = svc.clock()
+    cost = session_cost(svc, inst, now)
+    fleet.stop(iid)
+    inst = fleet.wait_for_state(iid, ("stopped",), STOPPED_WAIT_SECONDS)
+    UptimeLedger(svc.redis).mark_stopped(iid, now)
+    lines = [f":double_vertical_bar: <@{actor.user_id}> stopped *{inst.label}* ({inst.type}); it is `stopped`."]
+    for halt in halts:
+        run = halt.run
+        if run is not None:
+            took = duration(((run.ended_at or now) - (run.started_at or run.created_at)).total_seconds())
+            lines.append(f"Run `{run.run_id}` (`{run.script}`, <@{run.user_id}>) ran {took}. {halt.report}")
+        else:
+            lines.append(halt.report)
+    if not halts:
+        lines.append("No training was running." if not force or known is None
+                     else "The instance was unreachable, so its training was not signalled.")
+    lines.append(cost.text("Up this session"))
+    return True, lines
+
+
+# --- start -----------------------------------------------------------------------
+
+
+def start_flow(svc: Services, instance_id: str, actor: Requester, wait: bool = True) -> str:
+    try:
+        with operation(svc.redis, instance_id, holder(svc, actor, "start")):
+            text, ready = _start_locked(svc, instance_id, actor, wait)
+    except RunctlError as exc:
+        answer(svc, actor, exc.as_text())
+        return exc.what
+    if not ready:
+        answer(svc, actor, text)
+        return text
+    last = svc.runs.latest(instance_id)
+    offer = last if last and last.ended_by in ("stop", "force") and last.checkpoint else None
+    body, blocks = ready_blocks(text, offer)
+    try:
+        svc.notifier.post(actor.channel_id, body, blocks)
+    except SlackApiError as exc:
+        log.warning("could not post the start report: %s", exc.response.get("error"))
+    return body
+
+
+def _start_locked(svc: Services, iid: str, actor: Requester, wait: bool) -> tuple[str, bool]:
+    fleet = svc.fleet
+    inst = fleet.get(iid)
+    if inst.state != "stopped":
+        hint = {
+            "running": f"it is already running. `/runctl status {iid}` shows what it is doing.",
+            "pending": "it is already starting.",
+            "stopping": f"it is still stopping; run `/runctl start {iid}` again once it is stopped.",
+        }.get(inst.state, "it can never run again." if inst.state in ("terminated", "shutting-down") else "")
+        return f"{inst.label} is `{inst.state}`, so there is nothing to start: {hint}".rstrip(": "), False
+    began = svc.clock()
+    fleet.start(iid)
+    if not wait:
+        return (
+            f":arrow_forward: <@{actor.user_id}> started *{inst.label}* (`--no-wait`). "
+            f"`/runctl status {iid}` shows when it is running."
+        ), True
+    budget = svc.settings.RUNCTL_PENDING_WAIT_SECONDS
+    inst = fleet.wait_for_state(iid, ("running",), budget)
+    UptimeLedger(svc.redis).mark_running(iid, inst.launch_time or svc.clock())
+    _wait_for_agent(svc, inst, AGENT_WAIT_SECONDS)
+    took = duration((svc.clock() - began).total_seconds())
+    return (
+        f":white_check_mark: <@{actor.user_id}> started *{inst.label}* ({inst.type}): `running`, "
+        f"SSM agent Online, ready in {took}."
+    ), True
+
+
+def _wait_for_agent(svc: Services, inst: Instance, timeout: float) -> None:
+    deadline = svc.fleet.clock() + timeout
+    delay = 0.5
+    while True:
+        ping = svc.fleet.agent_status([inst.id]).get(inst.id)
+        if ping == "Online":
+            return
+        if svc.fleet.clock() >= deadline:
+            raise AgentOffline(
+                f"{inst.label} is running, but its SSM agent is {ping or 'not registered'} after {int(timeout)} s.",
+                why="runctl reaches instances through SSM Run Command; training can't start without it.",
+                fix="Check `sudo systemctl status amazon-ssm-agent` on the instance and its instance profile "
+                f"(AmazonSSMManagedInstanceCore), then `/runctl status {inst.id}`.",
+            )
+        svc.sleep(delay)
+        delay = min(delay * 2, 10.0)
+
+
+def resume_flow(svc: Services, run_id: str, clicker: Requester, message_ts: str) -> str:
+    """[Resume training]: the stopped run's exact command again, from its checkpoint directory."""
+    old = svc.runs.get(run_id)
+    if old is None:
+        text = f"Run `{run_id}` is no longer known to runctl, so it can't be resumed."
+        answer(svc, clicker, text)
+        return text
+    new_id = new_run_id(svc.clock())
+    claimed = svc.redis.set(f"runctl:resume:{run_id}", f"{new_id} {clicker.user_id}", nx=True,
+                            ex=RESUME_CLAIM_SECONDS)
+    if not claimed:
+        raw = svc.redis.get(f"runctl:resume:{run_id}")
+        prior = (raw.decode() if isinstance(raw, bytes) else str(raw or "")).split()
+        by = f" by <@{prior[1]}> as run `{prior[0]}`" if len(prior) == 2 else ""
+        text = f"Run `{run_id}` was already resumed{by}."
+        answer(svc, clicker, text)
+        return text
+    run = svc.runs.create(
+        Run(
+            run_id=new_id,
+            instance_id=old.instance_id,
+            user_id=clicker.user_id,
+            channel_id=old.channel_id,
+            script=old.script,
+            args=old.args,
+            ref=old.ref,
+            sync_code=old.sync_code,
+            wait=old.wait,
+            deps=old.deps,
+            checkpoint_interval=old.checkpoint_interval,
+            checkpoint_run_id=old.checkpoint_run_id or old.run_id,
+            created_at=svc.clock(),
+            notes=[f":repeat: Resumes run `{old.run_id}` from its checkpoint directory."],
+        )
+    )
+    cmd = TrainCommand(
+        instance_id=old.instance_id,
+        script=old.script,
+        ref=old.ref,
+        sync_code=old.sync_code,
+        wait=old.wait,
+        checkpoint_interval=old.checkpoint_interval,
+        deps=old.deps,
+        args=old.args,
+    )
+    enqueue(svc.queue, cmd, clicker, run.run_id)
+    text, blocks = closed_blocks(
+        f":repeat: <@{clicker.user_id}> resumed run `{old.run_id}` as run `{run.run_id}` on "
+        f"`{old.instance_id}`; it continues from its last checkpoint."
+    )
+    try:
+        svc.notifier.update(clicker.channel_id, message_ts, text, blocks)
+    except SlackApiError as exc:
+        log.warning("could not update the start report: %s", exc.response.get("error"))
+    return text
+
+
+# --- terminate -------------------------------------------------------------------
+
+
+def ask_to_terminate(svc: Services, iid: str, who: Requester) -> str:
+    """Post the confirmation in the channel; nothing touches the instance until a click."""
+    inst = svc.fleet.get(iid)
+    if inst.state in ("terminated", "shutting-down"):
+        text = f"{inst.label} is already `{inst.state}`; there is nothing to terminate."
+        answer(svc, who, text)
+        return text
+    now = svc.clock()
+    listings: list[CheckpointListing] | None = None
+    note = ""
+    if inst.state == "running":
+        try:
+            listings = discover_all(svc.fleet, svc.settings.RUNCTL_REMOTE_ROOT, iid)
+        except RunctlError as exc:
+            note = exc.what
+    else:
+        note = f"the instance is `{inst.state}`, so runctl can't look; anything on its root volume is deleted"
+    conf = Confirmation(nonce=new_nonce(), instance_id=iid, requester_id=who.user_id, channel_id=who.channel_id,
+                        created_at=now)
+    text, blocks = confirmation_blocks(
+        inst,
+        session_cost(svc, inst, now) if inst.state == "running" else Cost(None, "", ""),
+        svc.runs.live_on(iid),
+        checkpoints_summary(listings, now, note),
+        conf.nonce,
+        who.user_id,
+        conf.expires_at,
+        now,
+    )
+    conf.message_ts = svc.notifier.post(who.channel_id, text, blocks)
+    ConfirmStore(svc.redis).save(conf)
+    return text
+
+
+class ConfirmClick:
+    def __init__(self, svc: Services, action: ActionId, nonce: str, clicker: Requester, message_ts: str) -> None:
+        self.svc = svc
+        self.action = action
+        self.nonce = nonce
+        self.clicker = clicker
+        self.message_ts = message_ts
+        self.store = ConfirmStore(svc.redis)
+
+    def handle(self) -> str:
+        who = f"<@{self.clicker.user_id}>"
+        label = {
+            ActionId.TERMINATE_CONFIRM: "Terminate",
+            ActionId.TERMINATE_STOP_INSTEAD: "Stop instead",
+            ActionId.TERMINATE_CANCEL: "Cancel",
+        }.get(self.action, self.action.value)
+        conf = self.store.consume(self.nonce, f"{who} clicked {label}")
+        if conf is None:
+            return self.too_late()
+        if self.action is ActionId.TERMINATE_CANCEL:
+            return self.show(conf, f":x: Terminate of `{conf.instance_id}` cancelled by {who}.")
+        if self.action is ActionId.TERMINATE_STOP_INSTEAD:
+            self.show(conf, f":octagonal_sign: {who} chose to stop `{conf.instance_id}` instead. Stopping…")
+            try:
+                outcome = stop_flow(self.svc, conf.instance_id, self.clicker, thread_ts=conf.message_ts)
+            except RunctlError as exc:
+                answer(self.svc, self.clicker, exc.as_text(), conf.message_ts)
+                outcome = f"it did not happen: {exc.what}"
+            return self.show(conf, f":octagonal_sign: {who} chose to stop instead of terminating: {outcome}")
+        self.show(conf, f":hourglass_flowing_sand: {who} confirmed: terminating `{conf.instance_id}`…")
+        try:
+            with operation(self.svc.redis, conf.instance_id, holder(self.svc, self.clicker, "terminate")):
+                text = self.terminate(conf)
+        except RunctlError as exc:
+            text = f":warning: Terminate of `{conf.instance_id}` did not happen: {exc.what}"
+            answer(self.svc, self.clicker, exc.as_text(), conf.message_ts)
+        return self.show(conf, text)
+
+    def too_late(self) -> str:
+        outcome = self.store.outcome(self.nonce)
+        if outcome:
+            text = f"This confirmation was already used: {outcome}."
+            answer(self.svc, self.clicker, text)
+            return text
+        asked = self.store.receipt(self.nonce)
+        iid = asked.instance_id if asked else "<instance-id>"
+        text = f"This confirmation expired. Run `/runctl terminate {iid}` again."
+        answer(self.svc, self.clicker, text)
+        if asked is not None:
+            self.store.settle(self.nonce, "it expired")
+            self.show(asked, f":hourglass: {text}")
+        return text
+
+    def terminate(self, conf: Confirmation) -> str:
+        svc = self.svc
+        iid = conf.instance_id
+        inst = svc.fleet.get(iid)
+        if inst.state in ("terminated", "shutting-down"):
+            return f"{inst.label} is already `{inst.state}`; nothing was done."
+        if inst.state == "stopping":
+            return (f"{inst.label} is `stopping` (someone is stopping it); nothing was terminated. "
+                    f"Run `/runctl terminate {iid}` again once it is stopped.")
+        now = svc.clock()
+        cost = session_cost(svc, inst, now) if inst.state == "running" else None
+        reports: list[str] = []
+        if inst.state == "running":
+            known = svc.runs.live_on(iid)
+            halter = Halter(svc, inst, self.clicker, svc.settings.RUNCTL_STOP_GRACE_SECONDS, False, "terminate")
+            try:
+                reports = [h.report for h in halter.halt_all(known)]
+            except AgentOffline as exc:
+                reports = [f":warning: Could not reach the instance to let a training save first ({exc.what})."]
+        svc.fleet.terminate(iid)
+        inst = svc.fleet.wait_for_state(iid, ("shutting-down", "terminated"), TERMINATED_WAIT_SECONDS)
+        UptimeLedger(svc.redis).observe(iid, "terminated", None, now)
+        lines = [f":wastebasket: *{inst.label}* terminated by <@{self.clicker.user_id}> "
+                 f"(asked by <@{conf.requester_id}>); it is `{inst.state}`."]
+        lines += reports
+        if cost is not None:
+            lines.append(cost.text("Up this session"))
+        return "\n".join(lines)
+
+    def show(self, conf: Confirmation, text: str) -> str:
+        """Replace the confirmation with `text`, without buttons."""
+        blocks_text, blocks = closed_blocks(text)
+        try:
+            self.svc.notifier.update(conf.channel_id, conf.message_ts or self.message_ts, blocks_text, blocks)
+        except SlackApiError as exc:
+            log.warning("could not update the terminate confirmation: %s", exc.response.get("error"))
+        return text

@@ -1,0 +1,181 @@
+"""Block Kit for the lifecycle commands: the terminate confirmation, its closed
+form, the stop summary and the start report with [Resume training]."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from slack_sdk.models.blocks import (
+    ActionsBlock,
+    Block,
+    ButtonElement,
+    ConfirmObject,
+    ContextBlock,
+    MarkdownTextObject,
+    PlainTextObject,
+    SectionBlock,
+)
+
+from workers.checkpoints import CheckpointListing, FoundCheckpoint
+from workers.fleet import Instance
+from workers.ids import ActionId, BlockId
+from workers.notifier import clamp
+from workers.render import duration, size
+from workers.runs import Run
+
+MAX_SECTIONS = 45  # Slack allows 50 blocks; keep room for the header and actions
+
+
+@dataclass(frozen=True)
+class Cost:
+    """An instance's running time and what it cost, as shown to users."""
+
+    seconds: float | None  # None: not known (never seen running)
+    amount: str  # "$1.23", "<$0.01" or "price unknown"
+    rate: str  # "$1.006/h" or "price unknown"
+
+    def text(self, label: str) -> str:
+        if self.seconds is None:
+            return f"{label}: unknown"
+        return f"{label} {duration(self.seconds)} · cost {self.amount} ({self.rate})"
+
+
+def checkpoint_line(ck: FoundCheckpoint, now: datetime) -> str:
+    epoch = f", epoch {ck.epoch}" if ck.epoch is not None else ""
+    age = duration((now - ck.modified_at).total_seconds())
+    return f"`{ck.name}` ({size(ck.size)}{epoch}, {age} ago)"
+
+
+def checkpoints_summary(listings: Sequence[CheckpointListing] | None, now: datetime, note: str) -> str:
+    """The terminate warning about what would be lost with the root volume."""
+    if listings is None:
+        return f":grey_question: Checkpoints: could not be listed ({note})."
+    found = [ls for ls in listings if ls.checkpoints]
+    if not found:
+        return ":white_circle: No checkpoints found on the instance."
+    count = sum(len(ls.checkpoints) for ls in found)
+    total = sum(ls.total_size for ls in found)
+    newest = max((c for ls in found for c in ls.checkpoints), key=lambda c: c.modified_at)
+    runs = ", ".join(f"`{ls.run_id}`" for ls in found[:5]) + (" …" if len(found) > 5 else "")
+    return (
+        f":warning: *{count} checkpoint{'s' if count != 1 else ''} ({size(total)})* in run "
+        f"{runs}; newest {checkpoint_line(newest, now)}.\n"
+        "*Terminating deletes them with the root volume.* Stop instead to keep them."
+    )
+
+
+def confirmation_blocks(
+    inst: Instance,
+    cost: Cost,
+    live: Run | None,
+    checkpoints: str,
+    nonce: str,
+    requester_id: str,
+    expires_at: datetime,
+    now: datetime,
+) -> tuple[str, list[Block]]:
+    head = f":warning: <@{requester_id}> asks to *terminate {inst.label}* · {inst.type} · `{inst.state}`"
+    lines = [cost.text("Up")]
+    if live is not None:
+        since = live.started_at or live.created_at
+        lines.append(
+            f":arrows_counterclockwise: Live run `{live.run_id}`: <@{live.user_id}> · `{live.script}` · "
+            f"for {duration((now - since).total_seconds())}. It gets SIGTERM and saves first."
+        )
+    else:
+        lines.append("No live run.")
+    lines.append(checkpoints)
+    expiry = f"<!date^{int(expires_at.timestamp())}^{{time}}|{expires_at:%H:%M} UTC>"
+    confirm = ConfirmObject(
+        title="Terminate for good?",
+        text=clamp(f"{inst.label} and its root volume will be deleted. This cannot be undone.", 300),
+        confirm="Terminate",
+        deny="Keep it",
+        style="danger",
+    )
+    blocks: list[Block] = [
+        SectionBlock(text=MarkdownTextObject(text=clamp(head))),
+        SectionBlock(text=MarkdownTextObject(text=clamp("\n".join(lines)))),
+        ActionsBlock(
+            block_id=BlockId.TERMINATE_ACTIONS,
+            elements=[
+                ButtonElement(
+                    text=PlainTextObject(text="Terminate"),
+                    action_id=ActionId.TERMINATE_CONFIRM,
+                    value=nonce,
+                    style="danger",
+                    confirm=confirm,
+                ),
+                ButtonElement(
+                    text=PlainTextObject(text="Stop instead"),
+                    action_id=ActionId.TERMINATE_STOP_INSTEAD,
+                    value=nonce,
+                    style="primary",
+                ),
+                ButtonElement(
+                    text=PlainTextObject(text="Cancel"), action_id=ActionId.TERMINATE_CANCEL, value=nonce
+                ),
+            ],
+        ),
+        ContextBlock(
+            elements=[
+                MarkdownTextObject(
+                    text=f"Only <@{requester_id}> or an admin can click. Expires at {expiry} (10 minutes)."
+                )
+            ]
+        ),
+    ]
+    return f"Terminate {inst.label}? Waiting for confirmation.", blocks
+
+
+def closed_blocks(text: str, footer: str = "") -> tuple[str, list[Block]]:
+    """A message whose buttons are gone, replaced by what happened."""
+    blocks: list[Block] = [SectionBlock(text=MarkdownTextObject(text=clamp(text)))]
+    if footer:
+        blocks.append(ContextBlock(elements=[MarkdownTextObject(text=clamp(footer))]))
+    return text.splitlines()[0], blocks
+
+
+def summary_blocks(lines: Sequence[str]) -> tuple[str, list[Block]]:
+    """A report of several paragraphs: one section each, within Slack's limits."""
+    blocks: list[Block] = [
+        SectionBlock(text=MarkdownTextObject(text=clamp(line))) for line in lines[:MAX_SECTIONS] if line
+    ]
+    return (lines[0] if lines else ""), blocks
+
+
+def ready_blocks(text: str, resume: Run | None) -> tuple[str, list[Block]]:
+    """The start report, with [Resume training] when the last run was stopped with a checkpoint."""
+    blocks: list[Block] = [SectionBlock(text=MarkdownTextObject(text=clamp(text)))]
+    if resume is not None and resume.checkpoint is not None:
+        ck = resume.checkpoint
+        epoch = f" (epoch {ck.epoch})" if ck.epoch is not None else ""
+        command = shlex.join([resume.script, *resume.args])
+        blocks.append(
+            SectionBlock(
+                text=MarkdownTextObject(
+                    text=clamp(
+                        f"Run `{resume.run_id}` (`{resume.script}` at `{resume.ref}`) was stopped at "
+                        f"`{ck.name}`{epoch}. Resume it from there with the same command:\n"
+                        f"`{command}`"
+                    )
+                )
+            )
+        )
+        blocks.append(
+            ActionsBlock(
+                block_id=BlockId.RESUME_ACTIONS,
+                elements=[
+                    ButtonElement(
+                        text=PlainTextObject(text="Resume training"),
+                        action_id=ActionId.RESUME_TRAINING,
+                        value=resume.run_id,
+                        style="primary",
+                    )
+                ],
+            )
+        )
+    return text.splitlines()[0], blocks
