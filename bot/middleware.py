@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from redis import Redis
-from slack_bolt import Ack, BoltRequest
+from slack_bolt import Ack, BoltRequest, BoltResponse
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
@@ -27,6 +27,7 @@ from workers.settings import Settings
 
 log = logging.getLogger(__name__)
 Next = Callable[[], None]
+Reply = BoltResponse | None
 
 # The policy action a click needs before its handler runs; the handler adds the
 # owner/requester check it alone can make. None: the handler decides alone.
@@ -63,28 +64,28 @@ def owner_of(redis: Redis, command: commands.AnyCommand) -> str | None:
     return None
 
 
-def once(ack: Ack, body: dict[str, Any], request: BoltRequest, context: dict[str, Any], next: Next) -> None:
+def once(ack: Ack, body: dict[str, Any], request: BoltRequest, context: dict[str, Any], next: Next) -> Reply:
     """Act on a request once: Slack retries (X-Slack-Retry-Num) and replays are acked and dropped."""
     key = guards.request_key(body, request.raw_body)
     if not guards.first_delivery(context["redis"], key):
         retry = request.headers.get("x-slack-retry-num", ["0"])[0]
         log.info("dropping repeated delivery %s (retry %s)", key, retry)
-        ack()
-        return
+        return ack()
     next()
+    return None
 
 
-def parse_command(ack: Ack, body: dict[str, Any], context: dict[str, Any], next: Next) -> None:
+def parse_command(ack: Ack, body: dict[str, Any], context: dict[str, Any], next: Next) -> Reply:
     try:
         context["command"] = parse(body.get("text", ""))
     except UsageError as exc:
-        ack(text=exc.as_text(), response_type="ephemeral")
         _audit_command(context, body, "failed", f"usage error: {exc.what}")
-        return
+        return ack(text=exc.as_text(), response_type="ephemeral")
     next()
+    return None
 
 
-def gate_command(ack: Ack, body: dict[str, Any], context: dict[str, Any], next: Next) -> None:
+def gate_command(ack: Ack, body: dict[str, Any], context: dict[str, Any], next: Next) -> Reply:
     command: commands.AnyCommand = context["command"]
     settings: Settings = context["settings"]
     redis: Redis = context["redis"]
@@ -99,27 +100,26 @@ def gate_command(ack: Ack, body: dict[str, Any], context: dict[str, Any], next: 
         for action in needed:
             policy.check(settings, user, action, owner)
     except RunctlError as exc:
-        ack(text=exc.as_text(), response_type="ephemeral")
         _audit_command(context, body, "refused", f"{type(exc).__name__}: {exc.what}", instance)
-        return
+        return ack(text=exc.as_text(), response_type="ephemeral")
     _audit_command(context, body, "allowed", "queued" if needed else "answered", instance)
     next()
+    return None
 
 
-def gate_click(ack: Ack, body: dict[str, Any], client: WebClient, context: dict[str, Any], next: Next) -> None:
+def gate_click(ack: Ack, body: dict[str, Any], client: WebClient, context: dict[str, Any], next: Next) -> Reply:
     """Global middleware; only button clicks (block_actions) are gated here."""
     actions = body.get("actions") or []
     if body.get("type") != "block_actions" or not actions:
         next()
-        return
+        return None
     settings: Settings = context["settings"]
     redis: Redis = context["redis"]
     user = (body.get("user") or {}).get("id", "")
     channel = (body.get("channel") or {}).get("id", "") or (body.get("container") or {}).get("channel_id", "")
     action_id = str(actions[0].get("action_id", ""))
     if not guards.first_delivery(redis, guards.request_key(body, "")):
-        ack()
-        return
+        return ack()
     entry = audit.Record(user=user, channel=channel, text=f"click {action_id}", decision="allowed", source="click")
     try:
         guards.rate_limit(redis, user, settings.RUNCTL_RATE_PER_MINUTE)
@@ -127,13 +127,13 @@ def gate_click(ack: Ack, body: dict[str, Any], client: WebClient, context: dict[
         if tier is not None:
             policy.check(settings, user, tier)
     except RunctlError as exc:
-        ack()
         _tell(client, channel, user, exc.as_text())
         refused = entry.model_copy(update={"decision": "refused", "outcome": f"{type(exc).__name__}: {exc.what}"})
         audit.record(redis, settings.RUNCTL_AUDIT_MAXLEN, refused)
-        return
+        return ack()
     audit.record(redis, settings.RUNCTL_AUDIT_MAXLEN, entry.model_copy(update={"outcome": "passed to the handler"}))
     next()
+    return None
 
 
 def _tell(client: WebClient, channel: str, user: str, text: str) -> None:

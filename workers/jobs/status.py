@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from workers import audit, policy
 from workers.commands import Requester, StatusCommand
 from workers.context import services
 from workers.errors import RunctlError
@@ -16,10 +17,12 @@ def status(command: dict[str, Any], requester: dict[str, Any]) -> str:
     cmd = StatusCommand.model_validate(command)
     who = Requester.model_validate(requester)
     try:
-        text = describe(cmd.instance_id)
+        policy.recheck(svc.settings, who, "status")
+        text, entry = describe(cmd.instance_id), audit.of(who, "allowed", "answered", instance=cmd.instance_id)
     except RunctlError as exc:
-        text = exc.as_text()
+        text, entry = exc.as_text(), audit.of(who, audit.decision_of(exc), exc.what, instance=cmd.instance_id)
     svc.notifier.ephemeral(who.channel_id, who.user_id, text)
+    audit.record(svc.redis, svc.settings.RUNCTL_AUDIT_MAXLEN, entry)
     return text
 
 
