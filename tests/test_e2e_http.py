@@ -52,13 +52,15 @@ def processes(
         "RUNCTL_LAUNCH_CHECK_SECONDS": "0.5",
     }
     bindir = Path(sys.executable).parent
+    web_log = open(tmp_path / "web.log", "w")  # noqa: SIM115 (lives as long as the process)
+    worker_log = open(tmp_path / "worker.log", "w")  # noqa: SIM115
     web = subprocess.Popen(
         [str(bindir / "gunicorn"), "bot.web:create()", "--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "4"],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "web.log", "w"),
+        env=env, stdout=subprocess.DEVNULL, stderr=web_log,
     )
     worker = subprocess.Popen(
         [str(bindir / "rq"), "worker", "--with-scheduler", "--url", REDIS_URL, "runctl"],
-        env=env, stdout=open(tmp_path / "worker.log", "w"), stderr=subprocess.STDOUT,
+        env=env, stdout=worker_log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -76,6 +78,8 @@ def processes(
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+    web_log.close()
+    worker_log.close()
 
 
 def post(url: str, body: str, headers: dict[str, str]) -> tuple[int, str]:
