@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from rq import Queue
 from slack_bolt import Ack, App
-from slack_bolt.context.respond import Respond
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 from slack_sdk.models.blocks import InputBlock, PlainTextInputElement
@@ -15,49 +15,77 @@ from slack_sdk.models.views import View
 
 from workers import policy
 from workers.commands import Requester
+from workers.errors import PermissionDenied
 from workers.ids import ActionId
 from workers.settings import Settings
 from workers.warnings import Kind, WarningStore, parse_button_value
 
+log = logging.getLogger(__name__)
 JOBS = "workers.jobs.warning_actions"
 KEEP_VIEW = "warn_keep_reason"
 REASON_BLOCK, REASON_INPUT = "reason", "reason_input"
 
 
-def _clicked(body: dict[str, Any]) -> tuple[str, Kind, str, str]:
-    """(instance id, kind, user id, channel id) of a button click."""
-    instance_id, kind = parse_button_value(body["actions"][0]["value"])
-    channel = body.get("channel", {}).get("id") or body.get("container", {}).get("channel_id", "")
-    return instance_id, kind, body["user"]["id"], channel
+def _clicked(body: dict[str, Any]) -> tuple[str, Kind, str, str] | None:
+    """(instance id, kind, user id, channel id) of a button click; None for a value we never rendered."""
+    value = str((body.get("actions") or [{}])[0].get("value", ""))
+    try:
+        instance_id, kind = parse_button_value(value)
+    except ValueError:
+        log.warning("ignoring a warning button with value %r", value[:100])
+        return None
+    channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id", "")
+    return instance_id, kind, (body.get("user") or {}).get("id", ""), channel
 
 
-def stop_now(ack: Ack, body: dict[str, Any], context: dict[str, Any], respond: Respond) -> None:
+def stop_now(ack: Ack, body: dict[str, Any], context: dict[str, Any], client: WebClient) -> None:
     ack()
     settings: Settings = context["settings"]
-    instance_id, kind, user, channel = _clicked(body)
+    clicked = _clicked(body)
+    if clicked is None:
+        return
+    instance_id, kind, user, channel = clicked
     record = WarningStore(context["redis"]).get(instance_id, kind)
-    # PermissionDenied goes to the app's error funnel, which answers the clicker privately.
-    policy.check(settings, user, "stop", record.owner if record else None)
+    try:
+        # The middleware checked the tier; only here is the owner known.
+        policy.check(settings, user, "stop", record.owner if record else None)
+    except PermissionDenied as exc:
+        _tell(client, channel, user, exc.as_text())
+        return
     who = Requester(user_id=user, channel_id=channel, request_id=body.get("trigger_id", ""))
     queue: Queue = context["queue"]
     queue.enqueue(f"{JOBS}.stop_now", instance_id, kind.value, who.model_dump(mode="json"), job_timeout=3600)
-    respond(
-        text=f":octagonal_sign: Stopping `{instance_id}`; a live run saves its checkpoint first. "
+    _tell(
+        client,
+        channel,
+        user,
+        f":octagonal_sign: Stopping `{instance_id}`; a live run saves its checkpoint first. "
         "Progress follows in the warning's thread.",
-        response_type="ephemeral",
-        replace_original=False,
     )
+
+
+def _tell(client: WebClient, channel: str, user: str, text: str) -> None:
+    try:
+        client.chat_postEphemeral(channel=channel, user=user, text=text)
+    except SlackApiError:
+        client.chat_postMessage(channel=user, text=text)
 
 
 def snooze(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None:
     ack()
-    instance_id, kind, user, _ = _clicked(body)
+    clicked = _clicked(body)
+    if clicked is None:
+        return
+    instance_id, kind, user, _ = clicked
     context["queue"].enqueue(f"{JOBS}.snooze", instance_id, kind.value, user)
 
 
 def keep(ack: Ack, body: dict[str, Any], context: dict[str, Any], client: WebClient) -> None:
     ack()
-    instance_id, kind, user, _ = _clicked(body)
+    clicked = _clicked(body)
+    if clicked is None:
+        return
+    instance_id, kind, user, _ = clicked
     view = View(
         type="modal",
         callback_id=KEEP_VIEW,

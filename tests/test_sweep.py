@@ -1,0 +1,270 @@
+"""The periodic sweep against moto + real Redis with a fixed clock: which warnings
+it posts, that it never posts one twice, and what the buttons do."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from slack_sdk import WebClient
+
+from bot.app import build_app
+from workers.context import Services
+from workers.ids import ActionId
+from workers.inline import InlineWorker
+from workers.jobs.sweep import sweep
+from workers.runs import Checkpoint, Run, RunState
+from workers.sandbox.aws import SeedInfo
+from workers.sandbox.fake_slack import FakeSlack, Message
+from workers.warnings import Kind, Status, WarningStore
+
+from .conftest import TOKEN
+from .slack import action, click
+
+OPS = "C0OPS"
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+def launched(svc: Services, iid: str) -> datetime:
+    inst = svc.fleet.get(iid)
+    assert inst.launch_time is not None
+    return inst.launch_time
+
+
+def warnings_for(slack: FakeSlack, iid: str, channel: str = OPS) -> list[Message]:
+    return [m for m in slack.messages(channel) if f"`{iid}`" in _all_text(m) and m.thread_ts is None]
+
+
+def _all_text(m: Message) -> str:
+    return m.text + " " + str(m.blocks)
+
+
+def kinds_posted(slack: FakeSlack, iid: str) -> list[str]:
+    posts = [c for c in slack.calls_to("chat.postMessage") if f"`{iid}`" in str(c.params) and c.error is None]
+    return sorted(k.value for k in Kind for c in posts if _kind_of(c.params) == k)
+
+
+def _kind_of(params: dict[str, Any]) -> Kind | None:
+    text = str(params.get("blocks", ""))
+    for kind in Kind:
+        if f"|{kind.value}" in text:
+            return kind
+    return None
+
+
+def as_dict(m: Message) -> dict[str, Any]:
+    return {"type": "message", "ts": m.ts, "text": m.text, "blocks": m.blocks}
+
+
+def ended_run(iid: str, user: str, ended_at: datetime) -> Run:
+    return Run(
+        run_id="r-done-1", instance_id=iid, user_id=user, channel_id="C0TRAIN", script="train.py",
+        state=RunState.SUCCEEDED, created_at=ended_at - timedelta(hours=3),
+        started_at=ended_at - timedelta(hours=3), ended_at=ended_at, exit_code=0,
+    )
+
+
+@pytest.fixture
+def clock(svc: Services, fleet_seed: SeedInfo) -> Clock:
+    """30 hours after the seeded fleet was launched."""
+    c = Clock(launched(svc, fleet_seed.instances["gpu-box-1"]) + timedelta(hours=30))
+    svc.clock = c
+    return c
+
+
+def test_long_uptime_high_cost_and_idle_are_warned_in_the_channel(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, clock: Clock
+) -> None:
+    gpu, cpu, old = (fleet_seed.instances[n] for n in ("gpu-box-1", "cpu-box", "old-box"))
+    svc.runs.create(ended_run(gpu, "U0ALICE", clock.now - timedelta(hours=2)))
+
+    sweep()
+
+    # g5.xlarge at $1.006/h for 30 h: over 24 h, over $10, idle 2 h since the run ended.
+    assert kinds_posted(slack, gpu) == ["cost", "idle", "uptime"]
+    texts = {(_kind_of({"blocks": m.blocks})): _all_text(m) for m in warnings_for(slack, gpu)}
+    assert "running for 1d 6h in total" in texts[Kind.UPTIME]
+    assert "$30.18 so far" in texts[Kind.COST]
+    idle = texts[Kind.IDLE]
+    assert "idle for 2h 00m" in idle and "since run `r-done-1` ended" in idle
+    assert "that idle time cost $2.01" in idle
+    assert all("<@U0ALICE>" in t for t in texts.values())  # the last run's owner
+    assert all(f"/runctl stop {gpu}" in t for t in texts.values())
+    # t3.medium: 30 h is long and idle, but $1.25 is under the cost limit.
+    assert kinds_posted(slack, cpu) == ["idle", "uptime"]
+    assert kinds_posted(slack, old) == []  # stopped
+    buttons = [e["action_id"] for b in warnings_for(slack, gpu)[0].blocks if b["type"] == "actions"
+               for e in b["elements"]]
+    assert buttons == [ActionId.WARN_STOP_NOW, ActionId.WARN_SNOOZE, ActionId.WARN_KEEP]
+
+
+def test_a_run_without_a_new_checkpoint_is_warned_in_its_own_thread(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, clock: Clock
+) -> None:
+    iid = fleet_seed.instances["gpu-box-2"]
+    parent = svc.notifier.post("C0TRAIN", "run parent")
+    run = Run(
+        run_id="r-quiet-1", instance_id=iid, user_id="U0BOB", channel_id="C0TRAIN", script="train.py",
+        state=RunState.RUNNING, started_at=clock.now - timedelta(hours=5), message_ts=parent,
+        checkpoint=Checkpoint(name="ckpt-epoch-00003.json", size=10, modified_at=clock.now - timedelta(minutes=95)),
+    )
+    svc.runs.create(run)
+    svc.runs.save(run)
+
+    sweep()
+
+    replies = slack.thread("C0TRAIN", parent)
+    assert len(replies) == 1
+    text = _all_text(replies[0])
+    assert "<@U0BOB>" in text and "r-quiet-1" in text
+    assert "no new checkpoint for 1h 35m" in text and "ckpt-epoch-00003.json" in text
+    assert "idle" not in kinds_posted(slack, iid)  # it is training
+
+
+def test_two_sweeps_at_once_post_each_warning_once_and_later_sweeps_update_it(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, clock: Clock
+) -> None:
+    iid = fleet_seed.instances["gpu-box-1"]
+    threads = [threading.Thread(target=sweep) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sweep()
+    clock.advance(hours=1)
+    sweep()
+
+    assert kinds_posted(slack, iid) == ["cost", "idle", "uptime"]
+    idle = WarningStore(svc.redis).get(iid, Kind.IDLE)
+    assert idle is not None and idle.ts is not None
+    updates = [c for c in slack.calls_to("chat.update") if c.params.get("ts") == idle.ts]
+    assert updates, "later sweeps refresh the existing message"
+    shown = next(m for m in slack.messages(OPS) if m.ts == idle.ts)
+    assert "idle for 1d 7h" in _all_text(shown)  # 31 h now
+
+
+def dispatch(svc: Services, slack: FakeSlack, worker: InlineWorker, payload: dict[str, Any]) -> None:
+    payload["response_url"] = slack.response_url("warning")
+    app = build_app(svc.settings, svc.redis, WebClient(token=TOKEN, base_url=slack.base_url), token_verification=False)
+    before = worker.pending()
+    response = app.dispatch(action(payload))
+    assert response.status == 200
+    deadline = time.monotonic() + 5
+    while worker.pending() == before and time.monotonic() < deadline:
+        time.sleep(0.02)  # Bolt runs the listener after the ack, in its own thread
+    worker.drain(timeout=60)
+
+
+def test_snooze_silences_a_warning_for_24_hours(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, clock: Clock, worker: InlineWorker
+) -> None:
+    iid = fleet_seed.instances["gpu-box-1"]
+    sweep()
+    idle = WarningStore(svc.redis).get(iid, Kind.IDLE)
+    assert idle is not None
+    message = next(m for m in slack.messages(OPS) if m.ts == idle.ts)
+
+    dispatch(svc, slack, worker, click(as_dict(message), ActionId.WARN_SNOOZE, "U0CAROL", channel=OPS))
+
+    snoozed = WarningStore(svc.redis).get(iid, Kind.IDLE)
+    assert snoozed is not None and snoozed.status is Status.SNOOZED
+    shown = next(m for m in slack.messages(OPS) if m.ts == idle.ts)
+    assert "Snoozed by <@U0CAROL>" in _all_text(shown)
+    assert not [b for b in shown.blocks if b["type"] == "actions"]  # the decision is made
+
+    clock.advance(hours=23)
+    updates_before = len(slack.calls_to("chat.update"))
+    sweep()
+    assert kinds_posted(slack, iid).count("idle") == 1
+    assert not [c for c in slack.calls_to("chat.update")[updates_before:] if c.params.get("ts") == idle.ts]
+
+    clock.advance(hours=2)  # the window is over and it is still idle: warn again
+    sweep()
+    assert kinds_posted(slack, iid).count("idle") == 2
+
+
+def test_keep_running_records_who_kept_it(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, clock: Clock, worker: InlineWorker
+) -> None:
+    iid = fleet_seed.instances["gpu-box-1"]
+    sweep()
+    cost = WarningStore(svc.redis).get(iid, Kind.COST)
+    assert cost is not None
+    message = next(m for m in slack.messages(OPS) if m.ts == cost.ts)
+
+    # The fake Slack has no views.open, so the modal falls back to recording without a reason.
+    dispatch(svc, slack, worker, click(as_dict(message), ActionId.WARN_KEEP, "U0DAVE", channel=OPS))
+
+    kept = WarningStore(svc.redis).get(iid, Kind.COST)
+    assert kept is not None and kept.status is Status.KEPT and kept.acted_by == "U0DAVE"
+    shown = next(m for m in slack.messages(OPS) if m.ts == cost.ts)
+    assert "Kept running by <@U0DAVE>" in _all_text(shown)
+
+
+def test_warning_resolves_when_the_instance_stops(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, clock: Clock
+) -> None:
+    iid = fleet_seed.instances["cpu-box"]
+    sweep()
+    uptime = WarningStore(svc.redis).get(iid, Kind.UPTIME)
+    assert uptime is not None
+    svc.fleet.stop(iid)
+    clock.advance(minutes=5)
+    sweep()
+    shown = next(m for m in slack.messages(OPS) if m.ts == uptime.ts)
+    assert "Resolved (the instance is stopped)" in _all_text(shown)
+    assert not [b for b in shown.blocks if b["type"] == "actions"]
+
+
+def test_stop_now_stops_the_instance_through_the_stop_flow(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, clock: Clock, worker: InlineWorker
+) -> None:
+    iid = fleet_seed.instances["gpu-box-1"]
+    svc.runs.create(ended_run(iid, "U0ALICE", clock.now - timedelta(hours=2)))
+    sweep()
+    idle = WarningStore(svc.redis).get(iid, Kind.IDLE)
+    assert idle is not None
+    message = next(m for m in slack.messages(OPS) if m.ts == idle.ts)
+
+    dispatch(svc, slack, worker, click(as_dict(message), ActionId.WARN_STOP_NOW, "U0ALICE", channel=OPS))
+
+    assert svc.fleet.get(iid).state in ("stopping", "stopped")
+    stopping = WarningStore(svc.redis).get(iid, Kind.IDLE)
+    assert stopping is not None and stopping.acted_by == "U0ALICE"
+    assert slack.thread(OPS, idle.ts or ""), "the stop summary goes into the warning's thread"
+    shown = next(m for m in slack.messages(OPS) if m.ts == idle.ts)
+    assert "Stop requested by <@U0ALICE>" in _all_text(shown)
+    clock.advance(minutes=5)
+    sweep()
+    resolved = WarningStore(svc.redis).get(iid, Kind.IDLE)
+    assert resolved is not None and resolved.status is Status.RESOLVED
+
+
+def test_stop_now_is_refused_for_someone_who_is_not_the_owner(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, clock: Clock, worker: InlineWorker
+) -> None:
+    iid = fleet_seed.instances["gpu-box-1"]
+    svc.runs.create(ended_run(iid, "U0ALICE", clock.now - timedelta(hours=2)))
+    sweep()
+    idle = WarningStore(svc.redis).get(iid, Kind.IDLE)
+    assert idle is not None
+    message = next(m for m in slack.messages(OPS) if m.ts == idle.ts)
+
+    dispatch(svc, slack, worker, click(as_dict(message), ActionId.WARN_STOP_NOW, "U0MALLORY", channel=OPS))
+
+    assert svc.fleet.get(iid).state == "running"
+    [said] = slack.ephemerals("U0MALLORY")
+    assert "You can't `stop` here" in said.text and said.channel == OPS

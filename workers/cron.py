@@ -1,0 +1,29 @@
+"""The clock process's schedule, for rq's cron scheduler:
+
+    TZ=UTC rq cron workers/cron.py --url "$REDIS_URL"
+
+The sweep runs every RUNCTL_SWEEP_MINUTES, the digest on RUNCTL_DIGEST_CRON.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from rq import cron
+
+from workers import settings as settings_mod
+from workers.context import QUEUE
+from workers.jobs.digest import digest
+from workers.jobs.sweep import sweep
+
+# rq matches cron fields against local time; RUNCTL_DIGEST_CRON is documented as UTC.
+os.environ["TZ"] = "UTC"
+time.tzset()
+
+_settings = settings_mod.load("clock")
+SWEEP_SECONDS = _settings.RUNCTL_SWEEP_MINUTES * 60
+
+# A sweep that has not started within one interval is stale: the next one replaces it.
+cron.register(sweep, QUEUE, interval=SWEEP_SECONDS, ttl=SWEEP_SECONDS, job_timeout=SWEEP_SECONDS, name="sweep")
+cron.register(digest, QUEUE, cron=_settings.RUNCTL_DIGEST_CRON, job_timeout=600, name="digest")

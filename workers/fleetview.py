@@ -1,0 +1,104 @@
+"""The fleet view: each managed instance with its price, accumulated uptime and
+cost, live run, owner and idle time. `/runctl resources`, the sweep and the
+digest all read the fleet through here, so they never disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from workers.context import Services
+from workers.fleet import Instance
+from workers.pricing import Price, hourly_price, load_price_book
+from workers.runs import Run
+from workers.uptime import UptimeLedger
+
+OWNER_TAG = "runctl:user"
+_HOUR = Decimal(3600)
+
+
+@dataclass(frozen=True)
+class Row:
+    instance: Instance
+    price: Price
+    uptime_seconds: float  # accumulated over every running interval, not since the last start
+    cost: Decimal | None  # None when the price is unknown
+    live_run: Run | None
+    last_run: Run | None
+    owner: str | None  # Slack user id: who started the last run, else the runctl:user tag
+    idle_since: datetime | None  # set only for a running instance with nothing training
+
+    @property
+    def id(self) -> str:
+        return self.instance.id
+
+    @property
+    def running(self) -> bool:
+        return self.instance.state == "running"
+
+    @property
+    def idle(self) -> bool:
+        return self.idle_since is not None
+
+    def idle_seconds(self, now: datetime) -> float:
+        return max(0.0, (now - self.idle_since).total_seconds()) if self.idle_since else 0.0
+
+    def cost_of(self, seconds: float) -> Decimal | None:
+        if self.price.usd_per_hour is None:
+            return None
+        return self.price.usd_per_hour * Decimal(int(seconds)) / _HOUR
+
+
+def ledger(svc: Services) -> UptimeLedger:
+    return UptimeLedger(svc.redis, svc.clock)
+
+
+def collect(svc: Services, instances: Iterable[Instance], now: datetime) -> list[Row]:
+    """Fold each sighting into the uptime ledger, then build its row."""
+    book = load_price_book()
+    uptime = ledger(svc)
+    live = {run.instance_id: run for run in svc.runs.live()}
+    ec2: Any = svc.fleet.ec2
+    rows: list[Row] = []
+    for inst in instances:
+        uptime.observe(inst.id, inst.state, inst.launch_time, now)
+        # Fleet reports plain on-demand as "on-demand"; pricing takes EC2's absent lifecycle.
+        lifecycle = None if inst.lifecycle == "on-demand" else inst.lifecycle
+        price = hourly_price(
+            book, ec2, svc.redis, inst.region, inst.availability_zone, inst.type, lifecycle
+        )
+        last = svc.runs.latest(inst.id)
+        run = live.get(inst.id)
+        rows.append(
+            Row(
+                instance=inst,
+                price=price,
+                uptime_seconds=uptime.running_seconds(inst.id, now),
+                cost=uptime.cost(inst.id, price.usd_per_hour, now),
+                live_run=run,
+                last_run=last,
+                owner=last.user_id if last else inst.tags.get(OWNER_TAG) or None,
+                idle_since=_idle_since(inst, run, last, uptime.running_since(inst.id)),
+            )
+        )
+    return rows
+
+
+def view(svc: Services, now: datetime | None = None) -> list[Row]:
+    """The whole managed fleet: one paginated describe."""
+    return collect(svc, svc.fleet.iter_instances(), now or svc.clock())
+
+
+def _idle_since(
+    inst: Instance, live: Run | None, last: Run | None, running_since: datetime | None
+) -> datetime | None:
+    if inst.state != "running" or live is not None:
+        return None
+    if last is not None and not last.state.ended:
+        return None  # a run is queued or starting on it
+    marks = [m for m in (running_since, last.ended_at if last else None) if m is not None]
+    return max(marks) if marks else None

@@ -1,0 +1,215 @@
+"""The daily digest in RUNCTL_CHANNEL: yesterday's and this month's spend per
+person and per instance type, what runs and what idles now, the top spenders,
+open warnings, and a chart of the last 7 days."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, time, timedelta
+from decimal import Decimal
+
+from slack_sdk.errors import SlackApiError
+from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, SectionBlock
+
+from workers import chart, fleetview
+from workers.context import Services, services
+from workers.fleetview import OWNER_TAG, Row
+from workers.notifier import clamp
+from workers.pricing import format_usd
+from workers.render import duration
+from workers.runs import Run
+from workers.textblocks import sections
+from workers.uptime import UptimeLedger
+from workers.warnings import WarningRecord, WarningStore
+
+log = logging.getLogger(__name__)
+LIST_LIMIT = 10
+CHART_DAYS = 7
+NOBODY = "nobody"  # running time with no run and no runctl:user tag
+_HOUR = Decimal(3600)
+
+
+@dataclass
+class Spend:
+    """USD per person and per instance type over one window."""
+
+    person: dict[str, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
+    type: dict[str, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
+
+    @property
+    def total(self) -> Decimal:
+        return sum(self.type.values(), Decimal(0))
+
+
+def digest() -> str:
+    svc = services()
+    now = svc.clock()
+    channel = svc.settings.RUNCTL_CHANNEL
+    if not channel:
+        log.warning("RUNCTL_CHANNEL is not set; no digest")
+        return "no channel"
+    # The clock may fire twice (a restart, a second clock process): one digest per day.
+    if not svc.redis.set(f"runctl:digest:{now:%Y-%m-%d}", "1", nx=True, ex=3 * 86400):
+        return "already posted today"
+    rows = fleetview.view(svc, now)
+    text, blocks, png = build(svc, rows, now)
+    ts = svc.notifier.post(channel, text, blocks)
+    if png is not None:
+        try:
+            svc.notifier.upload(channel, f"runctl-spend-{now:%Y%m%d}.png", png, "Spend per person, last 7 days",
+                                thread_ts=ts)
+        except SlackApiError as exc:
+            log.warning("digest chart upload failed: %s", exc.response.get("error"))
+    return text
+
+
+def build(svc: Services, rows: list[Row], now: datetime) -> tuple[str, list[Block], bytes | None]:
+    today = datetime.combine(now.date(), time(), now.tzinfo)
+    days = [today - timedelta(days=n) for n in range(CHART_DAYS, 0, -1)]
+    month_start = today.replace(day=1)
+    runs = runs_since(svc, min(days[0], month_start), now)
+    daily = [spend(svc, rows, runs, day, day + timedelta(days=1), now) for day in days]
+    yesterday, month = daily[-1], spend(svc, rows, runs, month_start, now, now)
+    open_warnings = WarningStore(svc.redis).open()
+    text, blocks = render(rows, yesterday, month, open_warnings, now)
+    people = {p for s in daily for p, v in s.person.items() if v}
+    png = chart.spend_chart(
+        [d.date() for d in days], {name_of(svc, p): [s.person.get(p, Decimal(0)) for s in daily] for p in people}
+    ) if people else None
+    return text, blocks, png
+
+
+def runs_since(svc: Services, since: datetime, now: datetime) -> dict[str, list[Run]]:
+    """Runs that may overlap [since, now], by instance: created since, or still live."""
+    # Runs are indexed by creation time; a run created up to 30 days earlier may still overlap.
+    oldest = (since - timedelta(days=30)).timestamp()
+    ids = {_text(i) for i in svc.redis.zrangebyscore("runctl:runs:all", oldest, "+inf")}
+    by_instance: dict[str, list[Run]] = defaultdict(list)
+    found = [r for r in (svc.runs.get(i) for i in ids) if r is not None] + svc.runs.live()
+    seen: set[str] = set()
+    for run in found:
+        if run.run_id not in seen and (run.ended_at is None or run.ended_at > since):
+            seen.add(run.run_id)
+            by_instance[run.instance_id].append(run)
+    return by_instance
+
+
+def spend(
+    svc: Services, rows: list[Row], runs: dict[str, list[Run]], start: datetime, end: datetime, now: datetime
+) -> Spend:
+    """Running cost in [start, end): to whoever ran training then, the rest to the instance's tag owner."""
+    ledger = UptimeLedger(svc.redis, svc.clock)
+    out = Spend()
+    for row in rows:
+        rate = row.price.usd_per_hour
+        if rate is None:
+            continue
+        total = ledger.seconds_between(row.id, start, end)
+        if total <= 0:
+            continue
+        attributed = 0.0
+        for run in runs.get(row.id, []):
+            begin = max(start, run.started_at or run.created_at)
+            finish = min(end, run.ended_at or now)
+            if finish > begin:
+                seconds = ledger.seconds_between(row.id, begin, finish)
+                out.person[run.user_id] += rate * Decimal(seconds) / _HOUR
+                attributed += seconds
+        rest = total - attributed
+        if rest > 0:
+            owner = row.instance.tags.get(OWNER_TAG) or row.owner or NOBODY
+            out.person[owner] += rate * Decimal(rest) / _HOUR
+        out.type[row.instance.type] += rate * Decimal(total) / _HOUR
+    return out
+
+
+def render(
+    rows: list[Row], yesterday: Spend, month: Spend, warnings: list[WarningRecord], now: datetime
+) -> tuple[str, list[Block]]:
+    running = [r for r in rows if r.running]
+    idle = sorted((r for r in running if r.idle), key=lambda r: -(r.cost_of(r.idle_seconds(now)) or 0))
+    burn = sum((r.price.usd_per_hour or Decimal(0) for r in running), Decimal(0))
+    head = (
+        f":bar_chart: *runctl daily digest* · {now:%A %d %B %Y}\n"
+        f"Yesterday *{format_usd(yesterday.total)}* · month to date *{format_usd(month.total)}* · "
+        f"burning {format_usd(burn)}/h now ({format_usd(burn * 24)}/day)"
+    )
+    blocks: list[Block] = [SectionBlock(text=MarkdownTextObject(text=clamp(head)))]
+
+    top = sorted(yesterday.person.items(), key=lambda kv: -kv[1])[:3]
+    medals = (":first_place_medal:", ":second_place_medal:", ":third_place_medal:")
+    if top:
+        line = "  ".join(f"{m} {who(p)} {format_usd(v)}" for m, (p, v) in zip(medals, top, strict=False))
+        blocks += sections([f"*Top spenders yesterday*  {line}"], 1)
+    blocks += _table("Per person", yesterday.person, month.person, who)
+    blocks += _table("Per instance type", yesterday.type, month.type, lambda t: f"`{t}`")
+    blocks += _listing(
+        f"Running now ({len(running)})",
+        [_running_line(r) for r in sorted(running, key=lambda r: -(r.cost or 0))],
+        "nothing is running",
+    )
+    blocks += _listing(
+        f"Idle now ({len(idle)})",
+        [f"*{r.instance.label}* idle {duration(r.idle_seconds(now))}, that cost "
+         f"{format_usd(r.cost_of(r.idle_seconds(now)))} · `/runctl stop {r.id}`" for r in idle],
+        "nothing is idle",
+    )
+    blocks += _listing(
+        f"Open warnings ({len(warnings)})",
+        [f"{w.kind.value} · {w.label} · {w.status.value}" + (f" by <@{w.acted_by}>" if w.acted_by else "")
+         for w in warnings],
+        "none",
+    )
+    unpriced = sum(1 for r in rows if not r.price.known)
+    note = "Spend counts every running interval runctl has seen; a run's time goes to whoever started it."
+    if unpriced:
+        note += f" {unpriced} instance(s) have an unknown price and are left out."
+    blocks.append(ContextBlock(elements=[MarkdownTextObject(text=note)]))
+    return f"runctl digest: yesterday {format_usd(yesterday.total)}, month {format_usd(month.total)}", blocks
+
+
+def who(person: str) -> str:
+    return "_no owner_" if person == NOBODY else f"<@{person}>"
+
+
+def name_of(svc: Services, person: str) -> str:
+    """A readable chart label: the Slack display name, else the raw id."""
+    if person == NOBODY:
+        return "no owner"
+    try:
+        user = svc.notifier.client.users_info(user=person)["user"]
+        return str(user.get("profile", {}).get("display_name") or user.get("name") or person)
+    except (SlackApiError, KeyError, TypeError):
+        return person
+
+
+def _table(
+    title: str, day: dict[str, Decimal], month: dict[str, Decimal], label: Callable[[str], str]
+) -> list[SectionBlock]:
+    zero = Decimal(0)
+    keys = sorted(set(day) | set(month), key=lambda k: -month.get(k, zero))
+    lines = [f"{label(k)} — yesterday {format_usd(day.get(k, zero))} · month {format_usd(month.get(k, zero))}"
+             for k in keys]
+    return _listing(title, lines, "no spend")
+
+
+def _listing(title: str, lines: list[str], empty: str) -> list[SectionBlock]:
+    shown = lines[:LIST_LIMIT] or [f"_{empty}_"]
+    if len(lines) > LIST_LIMIT:
+        shown.append(f"…and {len(lines) - LIST_LIMIT} more (`/runctl resources --all` lists every instance)")
+    return sections([f"*{title}*", *shown], 2)
+
+
+def _running_line(row: Row) -> str:
+    parts = [f"*{row.instance.label}* {row.instance.type}", f"{format_usd(row.cost)} so far"]
+    if row.live_run:
+        parts.append(f"<@{row.live_run.user_id}> training `{clamp(row.live_run.script, 60)}`")
+    return " · ".join(parts)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+

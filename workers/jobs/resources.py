@@ -1,0 +1,173 @@
+"""`/runctl resources`: the managed fleet with uptime, prices, cost so far, who is
+training what, idle flags and inline warnings; a CSV of every row beyond the first 20."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, SectionBlock
+
+from workers import fleetview
+from workers.commands import Requester, ResourcesCommand
+from workers.context import services
+from workers.errors import RunctlError
+from workers.fleetview import Row
+from workers.notifier import clamp
+from workers.pricing import format_usd, load_price_book
+from workers.render import duration
+from workers.textblocks import sections
+from workers.warnings import Finding, detect
+
+ROW_LIMIT = 20
+MAX_BLOCKS = 50
+HOURS_PER_MONTH = 730  # AWS's own convention for monthly estimates
+STATE_ORDER = ("running", "pending", "stopping", "stopped", "shutting-down", "terminated")
+SHOWN_BY_DEFAULT = frozenset({"running", "pending", "stopping"})
+
+
+def resources(command: dict[str, Any], requester: dict[str, Any]) -> str:
+    svc = services()
+    cmd = ResourcesCommand.model_validate(command)
+    who = Requester.model_validate(requester)
+    now = svc.clock()
+    try:
+        everything = fleetview.view(svc, now)
+    except RunctlError as exc:
+        svc.notifier.ephemeral(who.channel_id, who.user_id, exc.as_text())
+        return exc.what
+    rows = select(everything, cmd)
+    findings = detect(svc.settings, rows, now)
+    text, blocks = render(cmd, rows, findings, now, hidden=len(everything) - len(rows))
+    ts = svc.notifier.post(who.channel_id, text, blocks)
+    if len(rows) > ROW_LIMIT:
+        svc.notifier.upload(
+            who.channel_id,
+            f"runctl-resources-{now:%Y%m%d-%H%M}.csv",
+            to_csv(rows, findings, now),
+            title=f"runctl resources: all {len(rows)} instances",
+            thread_ts=ts,
+        )
+    return text
+
+
+def select(rows: list[Row], cmd: ResourcesCommand) -> list[Row]:
+    chosen = [r for r in rows if cmd.all or r.instance.state in SHOWN_BY_DEFAULT]
+    if cmd.user:
+        chosen = [r for r in chosen if cmd.user in (r.owner, r.live_run.user_id if r.live_run else None)]
+    return sorted(chosen, key=_sort_key(cmd.sort))
+
+
+def _sort_key(sort: str) -> Callable[[Row], tuple[Any, ...]]:
+    def state(row: Row) -> int:
+        name = row.instance.state
+        return STATE_ORDER.index(name) if name in STATE_ORDER else len(STATE_ORDER)
+
+    if sort == "uptime":
+        return lambda r: (state(r), -r.uptime_seconds, r.id)
+    if sort == "type":
+        return lambda r: (state(r), r.instance.type, r.id)
+    # cost: highest first; unknown prices after every known one
+    return lambda r: (state(r), r.cost is None, -(r.cost or Decimal(0)), r.id)
+
+
+def totals(rows: list[Row]) -> tuple[Decimal, int]:
+    """Hourly burn of the running rows, and how many running rows have no known price."""
+    running = [r for r in rows if r.running]
+    burn = sum((r.price.usd_per_hour for r in running if r.price.usd_per_hour is not None), Decimal(0))
+    return burn, sum(1 for r in running if not r.price.known)
+
+
+def row_line(row: Row, warnings: list[Finding], now: datetime) -> str:
+    inst = row.instance
+    parts = [f"*{inst.name or '(no name)'}* `{inst.id}` {inst.type}"]
+    if row.uptime_seconds:
+        parts.append(f"up {duration(row.uptime_seconds)}")
+    parts += [row.price.describe(), f"{format_usd(row.cost)} so far"]
+    if row.live_run:
+        run = row.live_run
+        parts.append(f"<@{run.user_id}> training `{clamp(run.script, 80)}` (`{run.run_id}`)")
+    elif row.owner:
+        parts.append(f"owner <@{row.owner}>")
+    if row.idle:
+        parts.append(f":zzz: idle {duration(row.idle_seconds(now))}")
+    line = " · ".join(parts)
+    if warnings:
+        line += "\n    :warning: " + "; ".join(f.summary for f in warnings)
+    return line
+
+
+def render(
+    cmd: ResourcesCommand, rows: list[Row], findings: list[Finding], now: datetime, hidden: int
+) -> tuple[str, list[Block]]:
+    burn, unpriced = totals(rows)
+    running = sum(1 for r in rows if r.running)
+    head = (
+        f":bar_chart: *Fleet* · {running} running of {len(rows)} shown · burn *{format_usd(burn)}/h* · "
+        f"{format_usd(burn * 24)}/day · {format_usd(burn * HOURS_PER_MONTH)}/month"
+    )
+    if unpriced:
+        head += f"\n:grey_question: {unpriced} running instance(s) have an unknown price and are not in the totals."
+    if findings:
+        head += f"\n:warning: {len(findings)} warning(s) below."
+    if hidden and not cmd.all:
+        head += f"\n{hidden} stopped/terminated or filtered out; `/runctl resources --all` lists them."
+    by_instance: dict[str, list[Finding]] = {}
+    for f in findings:
+        by_instance.setdefault(f.instance_id, []).append(f)
+    lines: list[str] = []
+    state = ""
+    for row in rows[:ROW_LIMIT]:
+        if row.instance.state != state:
+            state = row.instance.state
+            lines.append(f"*{state.capitalize()}*")
+        lines.append(row_line(row, by_instance.get(row.id, []), now))
+    if not rows:
+        lines.append("No managed instances match." + ("" if cmd.all else " Try `/runctl resources --all`."))
+    if len(rows) > ROW_LIMIT:
+        lines.append(f"…and {len(rows) - ROW_LIMIT} more: the full list is attached as CSV in the thread.")
+    book = load_price_book()
+    footer = (
+        f"sorted by {cmd.sort} · cost so far sums every running interval runctl has seen · "
+        f"on-demand prices as of {book.as_of:%Y-%m-%d}; spot prices from AWS, refreshed hourly"
+    )
+    blocks: list[Block] = [SectionBlock(text=MarkdownTextObject(text=clamp(head)))]
+    blocks += sections(lines, MAX_BLOCKS - 2)
+    blocks.append(ContextBlock(elements=[MarkdownTextObject(text=clamp(footer))]))
+    summary = f"Fleet: {running} running, burn {format_usd(burn)}/h"
+    return summary, blocks
+
+
+def to_csv(rows: list[Row], findings: list[Finding], now: datetime) -> bytes:
+    warned: dict[str, list[str]] = {}
+    for f in findings:
+        warned.setdefault(f.instance_id, []).append(f.kind.value)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(
+        ["state", "name", "instance_id", "type", "usd_per_hour", "uptime_hours", "cost_usd",
+         "owner", "run_id", "script", "idle_minutes", "warnings"]
+    )
+    for r in rows:
+        rate = r.price.usd_per_hour
+        writer.writerow(
+            [
+                r.instance.state,
+                r.instance.name,
+                r.id,
+                r.instance.type,
+                "" if rate is None else str(rate),
+                f"{r.uptime_seconds / 3600:.2f}",
+                "" if r.cost is None else f"{r.cost:.2f}",
+                r.owner or "",
+                r.live_run.run_id if r.live_run else "",
+                r.live_run.script if r.live_run else "",
+                f"{r.idle_seconds(now) / 60:.0f}" if r.idle else "",
+                " ".join(warned.get(r.id, [])),
+            ]
+        )
+    return out.getvalue().encode()
