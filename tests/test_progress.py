@@ -79,9 +79,10 @@ def test_parent_message_shows_bar_epoch_metric_and_eta_from_the_progress_file(
     log = "epoch 9/10 loss=9.0\n"  # the file wins over the log
     live_run(svc, sandbox, iid, training_process, log, json.dumps(PROGRESS))
 
-    assert monitor(RUN_ID) == "running"
+    assert monitor(RUN_ID) == "polled 1"
 
     run = svc.runs.get(RUN_ID)
+    assert run is not None and run.state is RunState.RUNNING
     assert run is not None and run.progress is not None and run.progress.source == "file"
     text = progress_block(slack, run.message_ts)
     assert "`█████████░░░░░░░░░░░ 45%`" in text  # step 45 of 100
@@ -100,10 +101,10 @@ def test_without_a_usable_progress_file_the_log_is_parsed(
         run_id = f"{RUN_ID}-{n}"
         live_run(svc, sandbox, iid, training_process, log, progress, run_id)
 
-        assert monitor(run_id) == "running"
+        assert monitor(run_id).startswith("polled")
 
         run = svc.runs.get(run_id)
-        assert run is not None
+        assert run is not None and run.state is RunState.RUNNING
         text = progress_block(slack, run.message_ts)
         assert "67%" in text and "epoch 2/3" in text and "loss 0.5" in text, progress
         assert "_(from training.log)_" in text, progress
