@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import difflib
 import fcntl
+import os
 import posixpath
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,26 +47,37 @@ class CodeRepo:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def sync(self) -> None:
+        asked = time.time()
+        stamp = Path(str(self.mirror) + ".fetched")
         with self._locked():
-            if not (self.mirror / "HEAD").exists():
-                proc = subprocess.run(
-                    ["git", "clone", "--mirror", "--quiet", "--", self.source, str(self.mirror)],
-                    capture_output=True,
-                    timeout=600,
+            # A fetch that *started* after we asked is as fresh as ours would be.
+            if stamp.exists() and stamp.stat().st_mtime >= asked:
+                return
+            started = time.time()
+            self._fetch()
+            stamp.touch()
+            os.utime(stamp, (started, started))
+
+    def _fetch(self) -> None:
+        if not (self.mirror / "HEAD").exists():
+            proc = subprocess.run(
+                ["git", "clone", "--mirror", "--quiet", "--", self.source, str(self.mirror)],
+                capture_output=True,
+                timeout=600,
+            )
+            if proc.returncode != 0:
+                raise ConfigError(
+                    f"Could not clone RUNCTL_REPO ({self.source}).",
+                    why=proc.stderr.decode(errors="replace").strip()[-500:],
+                    fix="Check RUNCTL_REPO and the worker's git credentials.",
                 )
-                if proc.returncode != 0:
-                    raise ConfigError(
-                        f"Could not clone RUNCTL_REPO ({self.source}).",
-                        why=proc.stderr.decode(errors="replace").strip()[-500:],
-                        fix="Check RUNCTL_REPO and the worker's git credentials.",
-                    )
-            else:
-                try:
-                    self._git("remote", "update", "--prune")
-                except GitError as exc:
-                    raise ConfigError(
-                        f"Could not fetch RUNCTL_REPO ({self.source}).", why=str(exc)[-500:]
-                    ) from None
+        else:
+            try:
+                self._git("remote", "update", "--prune")
+            except GitError as exc:
+                raise ConfigError(
+                    f"Could not fetch RUNCTL_REPO ({self.source}).", why=str(exc)[-500:]
+                ) from None
 
     def resolve(self, ref: str) -> str:
         try:
