@@ -34,7 +34,7 @@ def build_app(
         signing_secret=settings.secret("SLACK_SIGNING_SECRET"),
         token_verification_enabled=token_verification,
         request_verification_enabled=True,
-        process_before_response=False,
+        process_before_response=True,  # listeners only ack and enqueue; a thread hop adds a 10 ms poll
         name="runctl",
     )
     queue = Queue(QUEUE, connection=redis)

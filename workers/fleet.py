@@ -257,8 +257,8 @@ class Fleet:
             stderr=inv.get("StandardErrorContent", ""),
         )
 
-    def run(self, instance_id: str, script: str, timeout: int = 120) -> ScriptResult:
-        return self.run_many([instance_id], script, timeout)[instance_id]
+    def run(self, instance_id: str, script: str, timeout: int = 120, first_poll: float = 0.1) -> ScriptResult:
+        return self.run_many([instance_id], script, timeout, first_poll)[instance_id]
 
     def results(self, command_id: str, instance_ids: list[str]) -> dict[str, ScriptResult]:
         """Finished results of one command; one ListCommandInvocations call serves up to 50
@@ -293,15 +293,19 @@ class Fleet:
                     )
         return done
 
-    def run_many(self, instance_ids: list[str], script: str, timeout: int = 120) -> dict[str, ScriptResult]:
-        """Send one script to many instances (≤ 50 per SendCommand) and wait for all results."""
+    def run_many(
+        self, instance_ids: list[str], script: str, timeout: int = 120, first_poll: float = 0.1
+    ) -> dict[str, ScriptResult]:
+        """Send one script to many instances (≤ 50 per SendCommand) and wait for all results,
+        polling after first_poll seconds, then doubling up to 2 s. Someone waits on the short
+        default (a train is 4 commands); the monitor, which no one waits on, passes more."""
         results: dict[str, ScriptResult] = {}
         for start in range(0, len(instance_ids), 50):
             batch = instance_ids[start : start + 50]
             command_id = self.send(batch, script, timeout)
             deadline = self.clock() + timeout + 30
             pending = list(batch)
-            delay = 0.5
+            delay = first_poll
             while pending:
                 self.sleep(delay)
                 for iid, res in self.results(command_id, pending).items():

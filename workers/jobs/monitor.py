@@ -22,6 +22,7 @@ LOG_TAIL_LINES = 15
 DUE = "runctl:monitor:due"  # zset: run id -> when it should next be polled
 TICK_AT = "runctl:monitor:tick_at"  # when the next tick job is scheduled
 BATCH = 50  # SendCommand targets at most 50 instances
+POLL_FIRST_WAIT = 1.0  # s before the first result check: SSM usually has the status by then
 
 # Set TICK_AT to ARGV[1] unless an earlier tick, still in the future, is already scheduled.
 _SET_IF_EARLIER = """
@@ -102,7 +103,7 @@ def poll(svc: Services, runs: list[Run]) -> None:
         line_chars=160 if batched else 300,
     )
     try:
-        results = svc.fleet.run_many(list(by_instance), script)
+        results = svc.fleet.run_many(list(by_instance), script, first_poll=POLL_FIRST_WAIT)
     except Throttled:
         for run in runs:
             schedule(svc, run.run_id, next_delay(svc, run.polls + 2))

@@ -1,0 +1,1 @@
+"""Benchmarks: one script per benchmark, each run as `python bench/<name>.py` (see README.md)."""

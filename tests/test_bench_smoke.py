@@ -1,0 +1,78 @@
+"""Each benchmark under bench/, smoke-sized, run exactly as documented
+(`python bench/<name>.py --smoke`), so they keep working. No assertions on
+time: only that the figures are printed and the correctness figures hold."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import REDIS_URL
+
+ROOT = Path(__file__).resolve().parents[1]
+MARK = "BENCH-JSON "
+
+pytestmark = pytest.mark.redis
+
+
+def run_bench(name: str) -> tuple[str, dict[str, Any]]:
+    # A benchmark flushes its Redis db: give it this test process's own db, not the
+    # benchmarks' default (db 15), which someone may be benchmarking on right now.
+    env = {**os.environ, "RUNCTL_BENCH_REDIS_URL": REDIS_URL}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / f"{name}.py"), "--smoke"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
+    assert len(lines) == 1, proc.stdout
+    return proc.stdout, json.loads(lines[0].removeprefix(MARK))
+
+
+def printed(stdout: str, *names: str) -> None:
+    for name in names:
+        assert any(line.split() and line.split()[0] == name for line in stdout.splitlines()), f"{name} not printed"
+
+
+def test_ack_latency_prints_percentiles_and_every_request_is_acked() -> None:
+    out, fig = run_bench("ack_latency")
+    printed(out, "p50_ms", "p95_ms", "p99_ms", "p99_of_slack_limit", "requests_per_s")
+    assert fig["non_200"] == 0
+    assert fig["jobs_queued"] == fig["requests"] // 2  # every train ack queued its job; status too
+    assert fig["p50_ms"] <= fig["p95_ms"] <= fig["p99_ms"] <= fig["max_ms"]
+
+
+def test_command_to_running_prints_median_and_p95() -> None:
+    out, fig = run_bench("command_to_running")
+    printed(out, "median_seconds", "p95_seconds")
+    assert 0 < fig["median_seconds"] <= fig["p95_seconds"]
+
+
+def test_lock_race_never_starts_two_runs() -> None:
+    out, fig = run_bench("lock_race")
+    printed(out, "double_starts", "acquire_p99_ms", "release_p99_ms")
+    assert fig["double_starts"] == 0 and fig["trials_without_start"] == 0
+    assert fig["e2e_double_starts"] == 0
+    assert fig["e2e_second_runs_without_redis_lock"] == 0
+    assert fig["e2e_refused_by_instance_check"] >= fig["e2e_trials"]
+
+
+def test_sweep_makes_one_describe_per_page_and_resources_fits_slack() -> None:
+    out, fig = run_bench("sweep_10k")
+    printed(out, "sweep_seconds", "peak_rss_mb", "ec2_calls")
+    assert fig["ec2_calls"] == fig["expected_calls"]
+    assert fig["resources_problems"] == 0
+    assert fig["resources_csv_rows"] == fig["instances"] * 9 // 10  # every running instance, in the CSV
+
+
+def test_aws_calls_are_counted_and_shared_between_runs() -> None:
+    out, fig = run_bench("aws_calls")
+    printed(out, "runs=1", "runs=3")
+    assert fig["runs=1 calls_per_run_hour"] > 0
+    assert fig["runs=3 calls_per_run_hour"] < fig["runs=1 calls_per_run_hour"]  # one SendCommand serves all three
