@@ -297,7 +297,7 @@ class Fleet:
         self, instance_ids: list[str], script: str, timeout: int = 120, first_poll: float = 0.1
     ) -> dict[str, ScriptResult]:
         """Send one script to many instances (≤ 50 per SendCommand) and wait for all results,
-        polling after first_poll seconds, then doubling up to 2 s. Someone waits on the short
+        polling after first_poll seconds, then 1.5 times longer each time, up to 2 s. Someone waits on the short
         default (a train is 4 commands); the monitor, which no one waits on, passes more."""
         results: dict[str, ScriptResult] = {}
         for start in range(0, len(instance_ids), 50):
@@ -316,7 +316,7 @@ class Fleet:
                         f"The SSM command {command_id} did not finish within {timeout} s.",
                         fix="Check the instance's SSM agent, then retry.",
                     )
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 1.5, 2.0)
         return results
 
     # --- S3 ----------------------------------------------------------------

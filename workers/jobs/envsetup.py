@@ -36,23 +36,32 @@ _CULPRIT = (
 def prepare(svc: Services, run: Run) -> str:
     """Return the interpreter the run should use; raise EnvSetupError if its
     environment cannot be built (the caller fails the run)."""
+    reqs = requirements(svc, run)
+    return SYSTEM_PYTHON if reqs is None else build(svc, run, reqs)
+
+
+def requirements(svc: Services, run: Run) -> envs.Requirements | None:
+    """The requirements this run needs an environment for, or None (noted on the run)."""
     if not run.deps:
         run.notes.append(":package: `--no-deps`: no environment step; the run uses the system `python3`.")
-        return SYSTEM_PYTHON
+        return None
     if not run.sync_code:
         run.notes.append(
             ":package: `--no-sync-code`: no environment step (requirements are read at a commit); "
             "the run uses the system `python3`."
         )
-        return SYSTEM_PYTHON
+        return None
     reqs = envs.find(svc.repo, run.sha, run.script)
     if reqs is None:
         run.notes.append(
             f":package: No `requirements.txt` or `pyproject.toml` dependencies for `{run.script}` "
             f"at `{run.ref}`; the run uses the system `python3`."
         )
-        return SYSTEM_PYTHON
+    return reqs
 
+
+def build(svc: Services, run: Run, reqs: envs.Requirements) -> str:
+    """Reuse or build the environment on the instance; return its interpreter."""
     run.state = RunState.SETTING_UP
     publish(svc, run)
     script = env_scripts.setup_env(

@@ -79,13 +79,17 @@ class TrainFlow:
         publish(self.svc, run)
         try:
             source = self.check_code()
-            inst = self.check_instance()
+            self.check_instance()
             self.take_lock()
-            self.check_instance_side()
             self.plan_checkpoints(source)
-            self.ship_code()
-            python = envsetup.prepare(self.svc, self.run)
-            self.launch(inst, python)
+            url = self.bundle_url()
+            reqs = envsetup.requirements(self.svc, run)
+            if reqs is None:  # the usual case: one SSM command checks, ships and starts
+                self.deliver(url, self.launch_body(envsetup.SYSTEM_PYTHON))
+            else:
+                self.deliver(url, "")
+                self.start(self.launch_body(envsetup.build(self.svc, run, reqs)))
+            self.confirm_started()
         except RunctlError as exc:
             self.release()
             started = run.started_at is not None or run.state is RunState.SETTING_UP
@@ -171,28 +175,42 @@ class TrainFlow:
         self.token = token
         run.lock_token = token
 
-    def check_instance_side(self) -> None:
-        """Redis may have lost the lock; the instance's pid files are the truth."""
-        result = self.svc.fleet.run(self.run.instance_id, scripts.probe_live_runs(self.root))
-        live = [line.split() for line in result.stdout.splitlines() if line.startswith("live ")]
-        live = [parts for parts in live if len(parts) == 3 and parts[1] != self.run.run_id]
-        if not live:
-            return
-        if not self.cmd.force:
-            other_run = self.svc.runs.get(live[0][1])
-            holder = (
-                Holder(
-                    run_id=other_run.run_id,
-                    user_id=other_run.user_id,
-                    script=other_run.script,
-                    since=other_run.started_at or other_run.created_at,
+    def deliver(self, bundle_url: str | None, launch: str) -> None:
+        """Ship the code (and start the run, given its launch script) in one SSM command,
+        unless the instance says another training is alive: Redis may have lost the lock,
+        the instance's pid files are the truth."""
+        run, fleet = self.run, self.svc.fleet
+        script = scripts.deliver(self.root, run.run_id, run.script, bundle_url, launch)
+        result = fleet.run(run.instance_id, script, 600)
+        if result.exit_code == scripts.BUSY_EXIT:
+            live = [p for p in (line.split() for line in result.stdout.splitlines()) if len(p) == 3 and p[0] == "live"]
+            if not self.cmd.force:
+                other_run = self.svc.runs.get(live[0][1]) if live else None
+                holder = (
+                    Holder(
+                        run_id=other_run.run_id,
+                        user_id=other_run.user_id,
+                        script=other_run.script,
+                        since=other_run.started_at or other_run.created_at,
+                    )
+                    if other_run
+                    else None
                 )
-                if other_run
-                else None
-            )
-            raise conflict(self.run.instance_id, live[0][1], holder, f"pid {live[0][2]}")
-        for _, other_id, _ in live:
-            self.stop_previous(other_id)
+                other_id, pid = (live[0][1], live[0][2]) if live else ("?", "?")
+                raise conflict(run.instance_id, other_id, holder, f"pid {pid}")
+            for _, other_id, _ in live:
+                self.stop_previous(other_id)
+            result = fleet.run(run.instance_id, script, 600)
+        if not result.ok:
+            raise launch_error(run, result.exit_code, result.stderr or result.stdout)
+        if launch:
+            self.mark_started()
+
+    def start(self, launch: str) -> None:
+        result = self.svc.fleet.run(self.run.instance_id, scripts.header(self.root) + launch, timeout=600)
+        if not result.ok:
+            raise launch_error(self.run, result.exit_code, result.stderr or result.stdout)
+        self.mark_started()
 
     def stop_previous(self, other_run_id: str) -> None:
         grace = self.svc.settings.RUNCTL_STOP_GRACE_SECONDS
@@ -240,29 +258,25 @@ class TrainFlow:
                 "will lose its progress. Save to `$RUNCTL_CHECKPOINT_DIR` to be safe."
             )
 
-    def ship_code(self) -> None:
-        run, fleet, url = self.run, self.svc.fleet, None
-        if run.sync_code:
-            key = f"runctl/bundles/{run.sha}.tar.gz"
-            if not fleet.has_object(key):
-                fleet.upload(key, self.svc.repo.archive(run.sha))
-            url = fleet.presign(key)
-        result = fleet.run(run.instance_id, scripts.sync_code(self.root, run.run_id, run.script, url), 600)
-        if not result.ok:
-            raise launch_error(run, result.exit_code, result.stderr or result.stdout)
+    def bundle_url(self) -> str | None:
+        """Upload the `git archive` once per commit; instances fetch it through a presigned URL."""
+        run, fleet = self.run, self.svc.fleet
+        if not run.sync_code:
+            return None
+        key = f"runctl/bundles/{run.sha}.tar.gz"
+        if not fleet.has_object(key):
+            fleet.upload(key, self.svc.repo.archive(run.sha))
+        return fleet.presign(key)
 
-    def launch(self, inst: Instance, python: str = "python3") -> None:
+    def launch_body(self, python: str) -> str:
         run = self.run
         env = {
             "RUNCTL_RUN_ID": run.run_id,
             "RUNCTL_CHECKPOINT_INTERVAL": str(run.checkpoint_interval or 1),
             "PYTHONUNBUFFERED": "1",
         }
-        meta = json.dumps(
-            {"run_id": run.run_id, "user": run.user_id, "script": run.script, "sha": run.sha}
-        )
-        script = scripts.launch(
-            self.root,
+        meta = json.dumps({"run_id": run.run_id, "user": run.user_id, "script": run.script, "sha": run.sha})
+        return scripts.launch_body(
             run.run_id,
             run.script,
             run.args,
@@ -271,21 +285,24 @@ class TrainFlow:
             python=python,
             checkpoint_run_id=run.checkpoint_run_id,
         )
-        result = self.svc.fleet.run(run.instance_id, script, timeout=600)
-        if not result.ok:
-            raise launch_error(run, result.exit_code, result.stderr or result.stdout)
-        run.started_at = self.svc.clock()
-        run.state = RunState.RUNNING
-        publish(self.svc, run)
+
+    def mark_started(self) -> None:
+        self.run.started_at = self.svc.clock()
+        self.run.state = RunState.RUNNING
+        publish(self.svc, self.run)
+
+    def confirm_started(self) -> None:
+        """About 2 s after the launch, check the process is alive; if it already died,
+        report its exit code and log tail. Then the monitor takes over the lock."""
+        run = self.run
         self.svc.sleep(self.svc.settings.RUNCTL_LAUNCH_CHECK_SECONDS)
-        snap = parse_snapshot(
-            self.svc.fleet.run(run.instance_id, scripts.run_status(self.root, run.run_id)).stdout
-        )
+        snap = parse_snapshot(self.svc.fleet.run(run.instance_id, scripts.run_status(self.root, run.run_id)).stdout)
         from workers.jobs.monitor import absorb, finish, schedule
 
         absorb(run, snap)
         if snap.ended:
             finish(self.svc, run, snap)
+            self.token = None
             return
         publish(self.svc, run)
         if not run.wait:

@@ -6,10 +6,13 @@ One module per area: ``core`` (runs), ``checkpoints``, ``lifecycle``, ``env``.
 """
 
 from workers.scripts.core import (
+    BUSY_EXIT,
     SECTION,
+    deliver,
     fetch_code,
     header,
     launch,
+    launch_body,
     probe_live_runs,
     q,
     run_dir,
@@ -21,10 +24,13 @@ from workers.scripts.core import (
 from workers.scripts.lifecycle import stop_run
 
 __all__ = [
+    "BUSY_EXIT",
     "SECTION",
+    "deliver",
     "fetch_code",
     "header",
     "launch",
+    "launch_body",
     "probe_live_runs",
     "q",
     "run_dir",

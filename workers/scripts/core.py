@@ -23,9 +23,11 @@ def run_dir(run_id: str) -> str:
     return f'"$RUNCTL_ROOT/runs/"{q(run_id)}'
 
 
-def probe_live_runs(root: str) -> str:
-    """Print `live <run-id> <pid>` for every run whose training process is alive."""
-    return header(root) + (
+BUSY_EXIT = 75  # `deliver` found another live training and changed nothing
+
+
+def _probe_body() -> str:
+    return (
         'for d in "$RUNCTL_ROOT"/runs/*/; do\n'
         '  [ -f "$d/pid" ] || continue\n'
         '  [ -f "$d/exit_code" ] && continue\n'
@@ -36,6 +38,11 @@ def probe_live_runs(root: str) -> str:
         "  fi\n"
         "done\n"
     )
+
+
+def probe_live_runs(root: str) -> str:
+    """Print `live <run-id> <pid>` for every run whose training process is alive."""
+    return header(root) + _probe_body()
 
 
 def interpreter(python: str) -> str:
@@ -106,11 +113,9 @@ def fetch_code(bundle_url: str, run_id: str) -> str:
     )
 
 
-def sync_code(root: str, run_id: str, script: str, bundle_url: str | None) -> str:
-    """Ship code (unless bundle_url is None) and check the script is there (exit 3 if not)."""
+def _sync_body(run_id: str, script: str, bundle_url: str | None) -> str:
     return (
-        header(root)
-        + f"RUN_DIR={run_dir(run_id)}\n"
+        f"RUN_DIR={run_dir(run_id)}\n"
         + 'mkdir -p "$RUN_DIR" "$RUNCTL_ROOT/runs"\n'
         + (fetch_code(bundle_url, run_id) if bundle_url else "")
         + f"if [ ! -f \"$RUNCTL_ROOT/code/\"{q(script)} ]; then\n"
@@ -118,6 +123,25 @@ def sync_code(root: str, run_id: str, script: str, bundle_url: str | None) -> st
         + "  exit 3\n"
         + "fi\n"
         + "echo synced\n"
+    )
+
+
+def sync_code(root: str, run_id: str, script: str, bundle_url: str | None) -> str:
+    """Ship code (unless bundle_url is None) and check the script is there (exit 3 if not)."""
+    return header(root) + _sync_body(run_id, script, bundle_url)
+
+
+def deliver(root: str, run_id: str, script: str, bundle_url: str | None, then: str = "") -> str:
+    """One command for the usual train: refuse (exit BUSY_EXIT, `live` lines) if another
+    training is alive, else ship the code and run ``then`` (a ``launch_body``)."""
+    return (
+        header(root)
+        + "live=$(\n"
+        + _probe_body()
+        + f")\nlive=$(printf '%s\\n' \"$live\" | grep -v \"^live {run_id} \" || true)\n"
+        + f'if [ -n "$live" ]; then printf \'%s\\n\' "$live"; exit {BUSY_EXIT}; fi\n'
+        + _sync_body(run_id, script, bundle_url)
+        + then
     )
 
 
@@ -132,11 +156,22 @@ def launch(
     checkpoint_run_id: str | None = None,
 ) -> str:
     """Start the wrapper detached; the code is already in place (``sync_code``)."""
+    return header(root) + launch_body(run_id, script, args, env, meta_json, python, checkpoint_run_id)
+
+
+def launch_body(
+    run_id: str,
+    script: str,
+    args: Sequence[str],
+    env: Mapping[str, str],
+    meta_json: str,
+    python: str = "python3",
+    checkpoint_run_id: str | None = None,
+) -> str:
     eof = "RUNCTL_EOF_" + secrets.token_hex(6)
     body = wrapper(run_id, script, args, env, python, checkpoint_run_id)
     return (
-        header(root)
-        + f"RUN_DIR={run_dir(run_id)}\n"
+        f"RUN_DIR={run_dir(run_id)}\n"
         + 'mkdir -p "$RUN_DIR"\n'
         + f"printf '%s\\n' {q(meta_json)} > \"$RUN_DIR/meta.json\"\n"
         + f"cat > \"$RUN_DIR/run.sh\" <<'{eof}'\n{body}{eof}\n"
