@@ -117,15 +117,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def count_round_trips(redis: Redis) -> list[int]:
-    """Count the commands this client sends one by one (a pipeline counts once)."""
+    """Count what this client sends: one command, or one whole pipeline, is one round trip."""
     counter = [0]
-    send: Any = redis.execute_command
+    pool = redis.connection_pool
+    checkout: Any = pool.get_connection
 
-    def counted(*args: Any, **options: Any) -> Any:
-        counter[0] += 1
-        return send(*args, **options)
+    def counted_checkout(*args: Any, **kwargs: Any) -> Any:
+        conn = checkout(*args, **kwargs)
+        if not getattr(conn, "_bench_counted", False):
+            send: Any = conn.send_packed_command
 
-    redis.execute_command = counted  # type: ignore[method-assign]
+            def counted_send(*a: Any, **k: Any) -> None:
+                counter[0] += 1
+                send(*a, **k)
+
+            conn.send_packed_command = counted_send
+            conn._bench_counted = True
+        return conn
+
+    pool.get_connection = counted_checkout  # type: ignore[method-assign]
     return counter
 
 

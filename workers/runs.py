@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
 
@@ -133,7 +134,8 @@ class RunStore:
 
     def live(self) -> list[Run]:
         ids = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in self.redis.smembers("runctl:runs:live"))
-        return [r for r in (self.get(i) for i in ids) if r is not None]
+        runs = self.get_many(ids)
+        return [runs[i] for i in ids if i in runs]
 
     def history(self, instance_id: str, count: int = 10) -> list[Run]:
         ids = self.redis.lrange(f"runctl:runs:instance:{instance_id}", 0, count - 1)
@@ -144,5 +146,25 @@ class RunStore:
         found = self.history(instance_id, 1)
         return found[0] if found else None
 
+    def get_many(self, run_ids: Sequence[str]) -> dict[str, Run]:
+        """The runs that exist among ``run_ids``, in one MGET."""
+        raws = self.redis.mget([self._key(i) for i in run_ids]) if run_ids else []
+        return {i: Run.model_validate_json(raw) for i, raw in zip(run_ids, raws, strict=True) if raw}
+
+    def latest_many(self, instance_ids: Iterable[str]) -> dict[str, Run]:
+        """``latest`` for many instances in two round trips; instances with no run are left out."""
+        ids = list(instance_ids)
+        pipe = self.redis.pipeline(transaction=False)
+        for instance_id in ids:
+            pipe.lindex(f"runctl:runs:instance:{instance_id}", 0)
+        heads = pipe.execute() if ids else []
+        run_ids = {iid: _text(head) for iid, head in zip(ids, heads, strict=True) if head is not None}
+        runs = self.get_many(list(run_ids.values()))
+        return {iid: runs[rid] for iid, rid in run_ids.items() if rid in runs}
+
     def live_on(self, instance_id: str) -> Run | None:
         return next((r for r in self.live() if r.instance_id == instance_id), None)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -10,13 +10,15 @@ actions cannot open two intervals or close one twice.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from redis import Redis
+    from redis.client import Pipeline
 
 KEY_PREFIX = "runctl:uptime:"
 MAX_INTERVALS = 500
@@ -78,6 +80,42 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+class Sighting(NamedTuple):
+    """One instance as a fleet describe reported it."""
+
+    instance_id: str
+    state: str
+    launch_time: datetime | None
+
+
+@dataclass(frozen=True)
+class Uptime:
+    """One instance's intervals as read in one go; every figure the fleet view needs."""
+
+    intervals_us: tuple[tuple[int, int | None], ...]
+
+    @property
+    def running_since(self) -> datetime | None:
+        """Start of the open interval, or None when the instance is not running."""
+        if self.intervals_us and self.intervals_us[-1][1] is None:
+            return _from_us(self.intervals_us[-1][0])
+        return None
+
+    def running_seconds(self, now: datetime) -> float:
+        """Total running time; an open interval counts up to ``now``."""
+        return self.running_us(now) / 1_000_000
+
+    def cost(self, price: Decimal | None, now: datetime) -> Decimal | None:
+        """Accumulated cost at ``price`` USD/hour; None when the price is unknown."""
+        if price is None:
+            return None
+        return price * self.running_us(now) / _US_PER_HOUR
+
+    def running_us(self, now: datetime) -> int:
+        now_us = _to_us(now)
+        return sum(max(0, (now_us if end is None else end) - start) for start, end in self.intervals_us)
+
+
 class UptimeLedger:
     def __init__(self, redis: Redis, clock: Callable[[], datetime] = utc_now) -> None:
         self._redis = redis
@@ -103,26 +141,45 @@ class UptimeLedger:
         ``at``; a stopping/stopped/terminated one has its interval closed at
         ``at``, the best we know. ``pending`` (and anything unknown) changes nothing.
         """
-        if state == "running":
-            self._open_interval(instance_id, preferred=launch_time or at, fallback=at)
-        elif state in STOPPED_STATES:
-            self.mark_stopped(instance_id, at)
-            if state == "terminated":
-                self._redis.expire(_key(instance_id), TERMINATED_RETENTION)
+        self._observe(self._redis, Sighting(instance_id, state, launch_time), at)
+
+    def observe_many(self, sightings: Iterable[Sighting], at: datetime) -> None:
+        """``observe`` for many instances in one round trip (one pipeline).
+
+        The pipeline is not a transaction: each open/close is still its own Lua
+        script, atomic per instance, which is all ``observe`` promises.
+        """
+        pipe = self._redis.pipeline(transaction=False)
+        for sighting in sightings:
+            self._observe(pipe, sighting, at)
+        if len(pipe):
+            pipe.execute()
+
+    def read(self, instance_id: str) -> Uptime:
+        return Uptime(tuple(self._intervals_us(instance_id)))
+
+    def read_many(self, instance_ids: Iterable[str]) -> dict[str, Uptime]:
+        """Every instance's intervals in one round trip (one pipeline of LRANGE)."""
+        ids = list(instance_ids)
+        pipe: Pipeline = self._redis.pipeline(transaction=False)
+        for instance_id in ids:
+            pipe.lrange(_key(instance_id), 0, -1)
+        replies = pipe.execute() if ids else []
+        return {
+            instance_id: Uptime(tuple(_split(_text(item)) for item in reply))
+            for instance_id, reply in zip(ids, replies, strict=True)
+        }
 
     def intervals(self, instance_id: str) -> list[Interval]:
         return [_parse(raw) for raw in self._raw(instance_id)]
 
     def running_since(self, instance_id: str) -> datetime | None:
         """Start of the open interval, or None when the instance is not running."""
-        intervals = self.intervals(instance_id)
-        if intervals and intervals[-1][1] is None:
-            return intervals[-1][0]
-        return None
+        return self.read(instance_id).running_since
 
     def running_seconds(self, instance_id: str, now: datetime | None = None) -> float:
         """Total running time; an open interval counts up to ``now``."""
-        return self._running_us(instance_id, now) / 1_000_000
+        return self.read(instance_id).running_seconds(now or self._clock())
 
     def seconds_between(self, instance_id: str, start: datetime, end: datetime) -> float:
         """Running time that falls inside the window [start, end)."""
@@ -140,19 +197,24 @@ class UptimeLedger:
         """Accumulated cost at ``price`` USD/hour; None when the price is unknown."""
         if price is None:
             return None
-        return price * self._running_us(instance_id, now) / _US_PER_HOUR
+        return self.read(instance_id).cost(price, now or self._clock())
 
-    def _open_interval(self, instance_id: str, preferred: datetime, fallback: datetime) -> None:
+    def _observe(self, client: Redis | Pipeline, sighting: Sighting, at: datetime) -> None:
+        instance_id, state, launch_time = sighting
+        if state == "running":
+            self._open_interval(instance_id, preferred=launch_time or at, fallback=at, client=client)
+        elif state in STOPPED_STATES:
+            self._close(keys=[_key(instance_id)], args=[_to_us(at)], client=client)
+            if state == "terminated":
+                client.expire(_key(instance_id), TERMINATED_RETENTION)
+
+    def _open_interval(
+        self, instance_id: str, preferred: datetime, fallback: datetime, client: Redis | Pipeline | None = None
+    ) -> None:
         self._open(
             keys=[_key(instance_id)],
             args=[_to_us(preferred), _to_us(fallback), MAX_INTERVALS],
-        )
-
-    def _running_us(self, instance_id: str, now: datetime | None) -> int:
-        now_us = _to_us(now or self._clock())
-        return sum(
-            max(0, (now_us if end is None else end) - start)
-            for start, end in self._intervals_us(instance_id)
+            client=client,
         )
 
     def _intervals_us(self, instance_id: str) -> list[tuple[int, int | None]]:
@@ -162,7 +224,11 @@ class UptimeLedger:
         reply = self._redis.lrange(_key(instance_id), 0, -1)
         if not isinstance(reply, list):
             raise TypeError(f"unexpected Redis reply {reply!r}")
-        return [item.decode() if isinstance(item, bytes) else str(item) for item in reply]
+        return [_text(item) for item in reply]
+
+
+def _text(item: object) -> str:
+    return item.decode() if isinstance(item, bytes) else str(item)
 
 
 def _key(instance_id: str) -> str:

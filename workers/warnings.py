@@ -125,14 +125,19 @@ class WarningStore:
         return record
 
     def open(self) -> list[WarningRecord]:
+        members = sorted(_text(m) for m in self.redis.smembers(OPEN_SET))
+        keys = [self._key(iid, Kind(kind)) for iid, _, kind in (m.rpartition(":") for m in members)]
+        raws = self.redis.mget(keys) if keys else []
         found: list[WarningRecord] = []
-        for member in sorted(_text(m) for m in self.redis.smembers(OPEN_SET)):
-            instance_id, _, kind = member.rpartition(":")
-            record = self.get(instance_id, Kind(kind))
+        stale: list[str] = []
+        for member, raw in zip(members, raws, strict=True):
+            record = WarningRecord.model_validate_json(raw) if raw else None
             if record is None or record.status is Status.RESOLVED:
-                self.redis.srem(OPEN_SET, member)
+                stale.append(member)
             else:
                 found.append(record)
+        if stale:
+            self.redis.srem(OPEN_SET, *stale)
         return found
 
     def for_instance(self, instance_id: str) -> list[WarningRecord]:
