@@ -2,10 +2,13 @@
 
 Starts gunicorn exactly as the Procfile does (against real Redis db 15 and a
 fake Slack Web API for Bolt's start-up auth.test), then sends N signed
-`/runctl train` and `/runctl status` requests from C concurrent asyncio clients,
-a new connection per request as Slack does, and times each request to its response.
+`/runctl train` and `/runctl status` requests from C concurrent closed-loop asyncio
+clients, and times each request to its response. The requests are signed before the
+clock starts and sent over keep-alive connections (`--new-connections`: one per
+request), so the load generator stays cheap; it reports its own CPU beside the
+server's (gunicorn master + workers) and Redis's.
 
-    python bench/ack_latency.py [-n 2000] [-c 50] [--workers 2] [--threads 4] [--smoke]
+    python bench/ack_latency.py [-n 2000] [-c 50] [--workers W] [--threads T] [--new-connections] [--smoke]
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import urlencode
 
 from slack_sdk.signature import SignatureVerifier
 
@@ -32,6 +36,7 @@ from bench import harness
 from workers.sandbox.fake_slack import FakeSlack
 
 SLACK_LIMIT_MS = 3000.0
+INSTANCE = "i-0123456789abcdef0"
 REPLY_TIMEOUT = 10.0  # seconds; a hung request fails the run instead of hanging it
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,21 +47,36 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def procfile_web(port: int, workers: int, threads: int) -> list[str]:
+def procfile_web(port: int, workers: int | None, threads: int | None) -> list[str]:
     """The Procfile's web command, with the port and (for tuning) the pool sizes swapped in."""
     line = next(line for line in (ROOT / "Procfile").read_text().splitlines() if line.startswith("web:"))
     argv = shlex.split(line.removeprefix("web:").replace("${PORT:-3000}", str(port)))
     for flag, value in (("--workers", workers), ("--threads", threads)):
-        if flag in argv:
+        if value is not None and flag in argv:
             argv[argv.index(flag) + 1] = str(value)
+        elif value is not None:
+            argv += [flag, str(value)]
     if "--access-logfile" in argv:  # a log line per request is not what we measure
         del argv[argv.index("--access-logfile") : argv.index("--access-logfile") + 2]
     argv[0] = str(Path(sys.executable).parent / argv[0])
     return argv
 
 
+def procfile_pool(workers: int | None, threads: int | None) -> str:
+    """How the measured gunicorn was configured, as the report shows it."""
+    argv = procfile_web(0, workers, threads)
+
+    def flag(name: str, default: str) -> str:
+        return argv[argv.index(name) + 1] if name in argv else default
+
+    threads_ = flag("--threads", "1")
+    default_class = "gthread" if int(threads_) > 1 else "sync"  # gunicorn's own choice
+    return f"{flag('--workers', '1')} workers x {threads_} threads, {flag('--worker-class', default_class)}"
+
+
 @contextmanager
-def web_process(slack: FakeSlack, workers: int, threads: int) -> Iterator[int]:
+def web_process(slack: FakeSlack, workers: int | None, threads: int | None) -> Iterator[tuple[int, int]]:
+    """gunicorn from the Procfile; (port, pid of its master)."""
     port = free_port()
     env = {
         **os.environ,
@@ -84,7 +104,7 @@ def web_process(slack: FakeSlack, workers: int, threads: int) -> Iterator[int]:
                         log.seek(0)
                         raise SystemExit(f"gunicorn did not come up:\n{log.read().decode()[-3000:]}") from None
                     time.sleep(0.2)
-            yield port
+            yield port, proc.pid
         finally:
             proc.terminate()
             try:
@@ -93,15 +113,15 @@ def web_process(slack: FakeSlack, workers: int, threads: int) -> Iterator[int]:
                 proc.kill()
 
 
-def requests(n: int, tag: str) -> list[bytes]:
+def requests(n: int, tag: str, keep_alive: bool) -> list[bytes]:
     """n signed HTTP requests, alternating train and status, each with its own trigger id
-    (a repeated one would be dropped as a replay)."""
-    from urllib.parse import urlencode
-
+    (a repeated one would be dropped as a replay). Built before the clock starts: signing
+    is the load generator's work, not the server's."""
     verifier = SignatureVerifier(harness.SECRET)
+    connection = "keep-alive" if keep_alive else "close"
     out = []
     for i in range(n):
-        text = "status" if i % 2 else f"train i-0123456789abcdef0 train.py -- --epochs {i}"
+        text = f"status {INSTANCE}" if i % 2 else f"train {INSTANCE} train.py -- --epochs {i}"
         body = urlencode(
             {
                 "team_id": "T0TEAM", "channel_id": "C0TRAIN", "user_id": "U0ALICE", "user_name": "alice",
@@ -113,7 +133,7 @@ def requests(n: int, tag: str) -> list[bytes]:
         sig = verifier.generate_signature(timestamp=ts, body=body)
         head = (
             "POST /slack/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            "Content-Type: application/x-www-form-urlencoded\r\nConnection: close\r\n"
+            f"Content-Type: application/x-www-form-urlencoded\r\nConnection: {connection}\r\n"
             f"X-Slack-Request-Timestamp: {ts}\r\nX-Slack-Signature: {sig}\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
         )
@@ -121,60 +141,106 @@ def requests(n: int, tag: str) -> list[bytes]:
     return out
 
 
-async def one(port: int, payload: bytes) -> int:
-    """Send one request on its own connection, as Slack does; its HTTP status."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(payload)
-        reply = await reader.read()  # the server closes: "Connection: close"
-    finally:
-        writer.close()
-    return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/") else 0
+async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, payload: bytes) -> tuple[int, bool]:
+    """Send one request and read its response; (HTTP status, whether the server keeps the connection)."""
+    writer.write(payload)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length, keep = 0, True
+    for line in head.lower().split(b"\r\n")[1:]:
+        if line.startswith(b"content-length:"):
+            length = int(line[15:])
+        elif line.startswith(b"connection:"):
+            keep = b"close" not in line
+    await reader.readexactly(length)
+    return status, keep
 
 
-async def client(port: int, queue: asyncio.Queue[bytes], latencies: list[float], statuses: list[int]) -> None:
-    while not queue.empty():
-        payload = queue.get_nowait()
+async def client(
+    port: int, payloads: Iterator[bytes], keep_alive: bool, latencies: list[float], statuses: list[int]
+) -> None:
+    """One closed-loop client: the next request goes when the last one's response is in."""
+    conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+    for payload in payloads:
         started = time.perf_counter()
         try:
-            status = await asyncio.wait_for(one(port, payload), REPLY_TIMEOUT)
-        except (TimeoutError, OSError):
-            status = 0  # counted as not acked
+            if conn is None:
+                conn = await asyncio.open_connection("127.0.0.1", port)
+            status, keep = await asyncio.wait_for(exchange(*conn, payload), REPLY_TIMEOUT)
+        except (TimeoutError, OSError, ValueError, IndexError, asyncio.IncompleteReadError):
+            status, keep = 0, False  # counted as not acked
         latencies.append((time.perf_counter() - started) * 1000)
         statuses.append(status)
+        if conn is not None and not (keep and keep_alive):
+            conn[1].close()
+            conn = None
+    if conn is not None:
+        conn[1].close()
 
 
-async def load(port: int, payloads: list[bytes], concurrency: int) -> tuple[list[float], list[int], float]:
-    queue: asyncio.Queue[bytes] = asyncio.Queue()
-    for payload in payloads:
-        queue.put_nowait(payload)
+async def load(
+    port: int, payloads: list[bytes], concurrency: int, keep_alive: bool
+) -> tuple[list[float], list[int], float, float]:
+    """Latencies (ms), statuses, wall time (s) and this process's CPU time (s) for the run."""
+    shared = iter(payloads)  # every client takes the next request from one iterator
     latencies: list[float] = []
     statuses: list[int] = []
-    started = time.perf_counter()
-    await asyncio.gather(*(client(port, queue, latencies, statuses) for _ in range(concurrency)))
-    return latencies, statuses, time.perf_counter() - started
+    cpu, started = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(client(port, shared, keep_alive, latencies, statuses) for _ in range(concurrency)))
+    return latencies, statuses, time.perf_counter() - started, time.process_time() - cpu
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children (gunicorn's master and workers), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pids = [pid]
+    while pids:
+        current = pids.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pids.extend(int(c) for c in (task / "children").read_text().split())
+        except OSError:
+            continue  # gone, or /proc is not Linux's: the figure is then a lower bound
+    return total
+
+
+def redis_cpu_seconds(redis: harness.redis_mod.Redis) -> float:
+    info = redis.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = harness.arguments(__doc__ or "", "100 requests from 10 clients")
     parser.add_argument("-n", type=int, default=2000, help="requests")
     parser.add_argument("-c", type=int, default=50, help="concurrent clients")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=None, help="gunicorn workers (default: the Procfile's)")
+    parser.add_argument("--threads", type=int, default=None, help="gunicorn threads (default: the Procfile's)")
+    parser.add_argument(
+        "--new-connections", action="store_true", help="one TCP connection per request instead of keep-alive"
+    )
     args = parser.parse_args(argv)
     n, c = (100, 10) if args.smoke else (args.n, args.c)
+    keep_alive = not args.new_connections
     redis = harness.bench_redis()
-    with harness.fake_slack() as slack, web_process(slack, args.workers, args.threads) as port:
-        asyncio.run(load(port, requests(min(50, n), "warm"), min(c, 10)))  # warm every worker up
+    warm, payloads = requests(min(200, n), "warm", keep_alive), requests(n, "run", keep_alive)
+    with harness.fake_slack() as slack, web_process(slack, args.workers, args.threads) as (port, pid):
+        asyncio.run(load(port, warm, c, keep_alive))  # every worker and connection warmed up
         before = int(redis.llen("rq:queue:runctl"))
-        latencies, statuses, wall = asyncio.run(load(port, requests(n, "run"), c))
+        server_cpu, redis_cpu = tree_cpu_seconds(pid), redis_cpu_seconds(redis)
+        latencies, statuses, wall, client_cpu = asyncio.run(load(port, payloads, c, keep_alive))
+        server_cpu, redis_cpu = tree_cpu_seconds(pid) - server_cpu, redis_cpu_seconds(redis) - redis_cpu
         queued = int(redis.llen("rq:queue:runctl")) - before
+        pool = procfile_pool(args.workers, args.threads)
     redis.flushdb()
     p99 = harness.percentile(latencies, 99)
     figures: dict[str, harness.Figure] = {
         "requests": n,
         "concurrency": c,
-        "gunicorn": f"{args.workers} workers x {args.threads} threads",
+        "connections": "keep-alive" if keep_alive else "one per request",
+        "gunicorn": pool,
         "p50_ms": round(harness.percentile(latencies, 50), 1),
         "p95_ms": round(harness.percentile(latencies, 95), 1),
         "p99_ms": round(p99, 1),
@@ -184,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         "requests_per_s": round(len(latencies) / wall, 1),
         "non_200": sum(1 for s in statuses if s != 200),
         "jobs_queued": queued,
+        "server_cpu_ms_per_request": round(server_cpu * 1000 / n, 2),
+        "redis_cpu_ms_per_request": round(redis_cpu * 1000 / n, 2),
+        "client_cpu_ms_per_request": round(client_cpu * 1000 / n, 2),
+        "client_cpu_cores": round(client_cpu / wall, 2),
     }
     harness.report("ack_latency", figures, {"p99_ms": "≤ 50 at C=50", "over_3000_ms": "= 0", "non_200": "= 0"})
     return 0

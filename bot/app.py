@@ -12,7 +12,7 @@ from slack_bolt.context.respond import Respond
 from slack_sdk import WebClient
 
 from bot import handlers
-from bot.middleware import gate_click, gate_command, once, parse_command
+from bot.middleware import admit_command, gate_click
 from workers import audit
 from workers.context import QUEUE
 from workers.errors import PermissionDenied, RateLimited, RunctlError
@@ -47,7 +47,7 @@ def build_app(
         next()
 
     app.middleware(gate_click)
-    app.command("/runctl", middleware=[once, parse_command, gate_command])(handlers.runctl)
+    app.command("/runctl", middleware=[admit_command])(handlers.runctl)
     handlers.register_actions(app)
 
     @app.error

@@ -1,4 +1,8 @@
-"""Redis-backed request guards: once-only delivery and a per-user rate limit."""
+"""Redis-backed request guards: once-only delivery and a per-user rate limit.
+
+Both are decided by one Lua script, so admitting a request costs a single Redis
+round trip (the ack path's budget is a few milliseconds of CPU per request).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,24 @@ from workers.errors import RateLimited
 
 SEEN_TTL_SECONDS = 3600
 WINDOW_SECONDS = 60
+
+# KEYS: seen key, rate key. ARGV: seen ttl, count (0/1), now, window, limit, member.
+# Returns {0} for a repeat; {1} when admitted; {1, count, oldest score} when over the limit.
+# A repeat or an uncounted request never touches the window; a refused one is not added to it.
+_ADMIT = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return {0} end
+if ARGV[2] == '0' then return {1} end
+local now, window = tonumber(ARGV[3]), tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], 0, now - window)
+local count = redis.call('ZCARD', KEYS[2])
+if count >= tonumber(ARGV[5]) then
+  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  return {1, count, oldest[2] or ARGV[3]}
+end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[6])
+redis.call('EXPIRE', KEYS[2], 2 * window)
+return {1}
+"""
 
 
 def request_key(body: dict[str, Any], raw_body: str) -> str:
@@ -27,28 +49,22 @@ def request_key(body: dict[str, Any], raw_body: str) -> str:
     return "body:" + hashlib.sha256(raw_body.encode()).hexdigest()
 
 
-def first_delivery(redis: Redis, key: str) -> bool:
-    """True the first time a key is seen (within an hour); False for a replay or retry."""
-    return bool(redis.set(f"runctl:seen:{key}", "1", nx=True, ex=SEEN_TTL_SECONDS))
-
-
-def rate_limit(redis: Redis, user_id: str, per_minute: int, now: float | None = None) -> None:
-    """Count one request for user_id in a sliding 60 s window; RateLimited past per_minute."""
+def admit(redis: Redis, key: str, user_id: str, per_minute: int, count: bool = True, now: float | None = None) -> bool:
+    """False for a replay or retry of `key` (seen within the hour). Otherwise True, after
+    counting one request for user_id in a sliding 60 s window (when `count`);
+    RateLimited, uncounted, when the user already sent per_minute in it."""
     now = time.time() if now is None else now
-    key = f"runctl:rate:{user_id}"
-    pipe = redis.pipeline()
-    pipe.zremrangebyscore(key, 0, now - WINDOW_SECONDS)
-    pipe.zrange(key, 0, 0, withscores=True)
-    pipe.zcard(key)
-    oldest, count = pipe.execute()[1:]
-    if count >= per_minute:
-        wait = max(1, int(WINDOW_SECONDS - (now - float(oldest[0][1])) + 0.999)) if oldest else WINDOW_SECONDS
+    member = f"{now:.6f}:{time.monotonic_ns()}"
+    args = (SEEN_TTL_SECONDS, int(count), repr(now), WINDOW_SECONDS, per_minute, member)
+    reply = redis.eval(_ADMIT, 2, f"runctl:seen:{key}", f"runctl:rate:{user_id}", *args)
+    if not reply[0]:
+        return False
+    if len(reply) > 1:
+        sent, oldest = int(reply[1]), float(reply[2])
+        wait = max(1, int(WINDOW_SECONDS - (now - oldest) + 0.999))
         raise RateLimited(
-            f"Slow down: you sent {count} runctl requests in the last minute; the limit is {per_minute}.",
+            f"Slow down: you sent {sent} runctl requests in the last minute; the limit is {per_minute}.",
             why="The limit protects the AWS API quotas and the channel.",
             fix=f"Try again in {wait} s. (Admins can raise RUNCTL_RATE_PER_MINUTE.)",
         )
-    pipe = redis.pipeline()
-    pipe.zadd(key, {f"{now:.6f}:{time.monotonic_ns()}": now})
-    pipe.expire(key, WINDOW_SECONDS * 2)
-    pipe.execute()
+    return True

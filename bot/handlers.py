@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from redis.client import Pipeline
 from rq import Queue
 from slack_bolt import Ack, App
 
@@ -27,21 +28,25 @@ def requester_of(body: dict[str, Any]) -> Requester:
 def runctl(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None:
     command: AnyCommand = context["command"]
     queue: Queue = context["queue"]
+    batch: Pipeline = context["batch"]  # holds the audit record of this request (bot.middleware)
     who = requester_of(body)
     if isinstance(command, HelpCommand):
         ack(text=help_text(command.topic), response_type="ephemeral")
-        return
-    if isinstance(command, TrainCommand):
+    elif isinstance(command, TrainCommand):
         run_id = new_run_id()
         ack(
             text=f":hourglass_flowing_sand: Queued run `{run_id}`: `{command.script}` on "
             f"`{command.instance_id}`. I'll post it in this channel and follow it in the thread.",
             response_type="ephemeral",
         )
-        enqueue(queue, command, who, run_id)
-        return
-    ack(text=f":hourglass_flowing_sand: `{command.name}` queued; the answer follows here.", response_type="ephemeral")
-    enqueue(queue, command, who)
+        enqueue(queue, command, who, run_id, pipeline=batch)
+    else:
+        ack(
+            text=f":hourglass_flowing_sand: `{command.name}` queued; the answer follows here.",
+            response_type="ephemeral",
+        )
+        enqueue(queue, command, who, pipeline=batch)
+    batch.execute()
 
 
 def register_actions(app: App) -> None:

@@ -1,7 +1,7 @@
 """The front door. Everything here runs before anything is queued.
 
-Slash command (per-listener, in order): ``once`` (drop replays), ``parse_command``,
-``gate_command`` (channel, rate limit, permission tier).
+Slash command (per-listener, ``admit_command``): drop replays, then usage, channel,
+rate limit, permission tier.
 Button click (global, ``gate_click``): drop replays, rate limit, permission tier of
 the clicking user. Every decision is audited; every refusal is ephemeral.
 """
@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from redis import Redis
+from redis.client import Pipeline
 from slack_bolt import Ack, BoltRequest, BoltResponse
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
@@ -64,45 +65,55 @@ def owner_of(redis: Redis, command: commands.AnyCommand) -> str | None:
     return None
 
 
-def once(ack: Ack, body: dict[str, Any], request: BoltRequest, context: dict[str, Any], next: Next) -> Reply:
-    """Act on a request once: Slack retries (X-Slack-Retry-Num) and replays are acked and dropped."""
-    key = guards.request_key(body, request.raw_body)
-    if not guards.first_delivery(context["redis"], key):
-        retry = request.headers.get("x-slack-retry-num", ["0"])[0]
-        log.info("dropping repeated delivery %s (retry %s)", key, retry)
-        return ack()
-    next()
-    return None
+def admit_command(ack: Ack, body: dict[str, Any], request: BoltRequest, context: dict[str, Any], next: Next) -> Reply:
+    """Replays dropped; then usage, channel, rate limit and permission tier, each decision audited.
 
-
-def parse_command(ack: Ack, body: dict[str, Any], context: dict[str, Any], next: Next) -> Reply:
-    try:
-        context["command"] = parse(body.get("text", ""))
-    except UsageError as exc:
-        _audit_command(context, body, "failed", f"usage error: {exc.what}")
-        return ack(text=exc.as_text(), response_type="ephemeral")
-    next()
-    return None
-
-
-def gate_command(ack: Ack, body: dict[str, Any], context: dict[str, Any], next: Next) -> Reply:
-    command: commands.AnyCommand = context["command"]
+    Parsing and the channel check need no Redis, so they run first: they decide whether the
+    request counts against the rate limit, and one round trip then settles replay and rate."""
     settings: Settings = context["settings"]
     redis: Redis = context["redis"]
     user = body.get("user_id", "")
-    needed = tiers(command)
-    instance = getattr(command, "instance_id", None) or ""
+    usage: UsageError | None = None
+    refusal: RunctlError | None = None
     try:
+        command = parse(body.get("text", ""))
+        needed = tiers(command)
         if needed:
             policy.check_channel(settings, body.get("channel_id", ""))
-        guards.rate_limit(redis, user, settings.RUNCTL_RATE_PER_MINUTE)
-        owner = owner_of(redis, command) if needed else None
-        for action in needed:
-            policy.check(settings, user, action, owner)
+    except UsageError as exc:
+        usage = exc
     except RunctlError as exc:
-        _audit_command(context, body, "refused", f"{type(exc).__name__}: {exc.what}", instance)
-        return ack(text=exc.as_text(), response_type="ephemeral")
-    _audit_command(context, body, "allowed", "queued" if needed else "answered", instance)
+        refusal = exc
+    key = guards.request_key(body, request.raw_body)
+    try:
+        first = guards.admit(redis, key, user, settings.RUNCTL_RATE_PER_MINUTE, count=not (usage or refusal))
+    except RunctlError as exc:
+        first, refusal = True, exc
+    if not first:
+        retry = request.headers.get("x-slack-retry-num", ["0"])[0]
+        log.info("dropping repeated delivery %s (retry %s)", key, retry)
+        return ack()
+    if usage is not None:
+        _audit_command(context, body, "failed", f"usage error: {usage.what}")
+        return ack(text=usage.as_text(), response_type="ephemeral")
+    instance = getattr(command, "instance_id", None) or ""
+    try:
+        if refusal is None:
+            owner = owner_of(redis, command) if needed else None
+            for action in needed:
+                policy.check(settings, user, action, owner)
+    except RunctlError as exc:
+        refusal = exc
+    if refusal is not None:
+        _audit_command(context, body, "refused", f"{type(refusal).__name__}: {refusal.what}", instance)
+        return ack(text=refusal.as_text(), response_type="ephemeral")
+    # The listener sends this batch with its job: the allowed record and the job go in one
+    # MULTI/EXEC round trip. multi() now, because RQ refuses a pipeline that has commands but no MULTI.
+    batch = redis.pipeline()
+    batch.multi()
+    _audit_command(context, body, "allowed", "queued" if needed else "answered", instance, batch)
+    context["command"] = command
+    context["batch"] = batch
     next()
     return None
 
@@ -118,11 +129,10 @@ def gate_click(ack: Ack, body: dict[str, Any], client: WebClient, context: dict[
     user = (body.get("user") or {}).get("id", "")
     channel = (body.get("channel") or {}).get("id", "") or (body.get("container") or {}).get("channel_id", "")
     action_id = str(actions[0].get("action_id", ""))
-    if not guards.first_delivery(redis, guards.request_key(body, "")):
-        return ack()
     entry = audit.Record(user=user, channel=channel, text=f"click {action_id}", decision="allowed", source="click")
     try:
-        guards.rate_limit(redis, user, settings.RUNCTL_RATE_PER_MINUTE)
+        if not guards.admit(redis, guards.request_key(body, ""), user, settings.RUNCTL_RATE_PER_MINUTE):
+            return ack()
         tier = CLICK_TIERS.get(action_id)
         if tier is not None:
             policy.check(settings, user, tier)
@@ -144,7 +154,12 @@ def _tell(client: WebClient, channel: str, user: str, text: str) -> None:
 
 
 def _audit_command(
-    context: dict[str, Any], body: dict[str, Any], decision: audit.Decision, outcome: str, instance: str = ""
+    context: dict[str, Any],
+    body: dict[str, Any],
+    decision: audit.Decision,
+    outcome: str,
+    instance: str = "",
+    batch: Pipeline | None = None,
 ) -> None:
     settings: Settings = context["settings"]
     entry = audit.Record(
@@ -155,4 +170,4 @@ def _audit_command(
         outcome=outcome,
         instance=instance,
     )
-    audit.record(context["redis"], settings.RUNCTL_AUDIT_MAXLEN, entry)
+    audit.record(batch if batch is not None else context["redis"], settings.RUNCTL_AUDIT_MAXLEN, entry)

@@ -31,12 +31,16 @@ def wsgi(settings: Settings, redis: Redis) -> WSGIApp:
         if path == "/slack/events":
             return handler(environ, start_response)
         if path == "/healthz":
-            start_response("200 OK", [("Content-Type", "text/plain")])
-            return [b"ok\n"]
-        start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"not found\n"]
+            return _plain(start_response, "200 OK", b"ok\n")
+        return _plain(start_response, "404 Not Found", b"not found\n")
 
     return application
+
+
+def _plain(start_response: StartResponse, status: str, body: bytes) -> list[bytes]:
+    # A length, so keep-alive clients (load balancers' health checks) need not parse chunked bodies.
+    start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
 
 
 def create() -> WSGIApp:

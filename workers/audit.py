@@ -83,6 +83,7 @@ def refuse(svc: Services, who: Requester, error: RunctlError, run_id: str = "", 
 
 
 def record(redis: Redis, maxlen: int, entry: Record) -> None:
+    """Log the record and add it to the stream; on a pipeline, the XADD goes when its owner executes it."""
     log.info(json.dumps(entry.model_dump(mode="json"), ensure_ascii=False, sort_keys=True))
     try:
         redis.xadd(STREAM, entry.fields(), maxlen=maxlen, approximate=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from redis.client import Pipeline
 from rq import Queue
 from rq.job import Job
 
@@ -19,9 +20,14 @@ JOBS: dict[str, str] = {
 }
 
 
-def enqueue(queue: Queue, command: Command, requester: Requester, run_id: str | None = None) -> Job:
+def enqueue(
+    queue: Queue, command: Command, requester: Requester, run_id: str | None = None, pipeline: Pipeline | None = None
+) -> Job:
+    """Queue the command's job; with a pipeline, the job is written when its owner executes it."""
     path = JOBS[command.name]
     args: list[object] = [command.model_dump(mode="json"), requester.model_dump(mode="json")]
     if run_id is not None:
         args.append(run_id)
-    return queue.enqueue(path, *args, job_timeout=3600, result_ttl=86400, failure_ttl=7 * 86400)
+    return queue.enqueue(
+        path, *args, job_timeout=3600, result_ttl=86400, failure_ttl=7 * 86400, pipeline=pipeline
+    )

@@ -1,0 +1,65 @@
+"""The slash-command front door: one Redis round trip decides replay and rate; the
+allowed record and the job land together."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis as redis_mod
+from rq import Queue
+from slack_bolt import App
+from slack_sdk import WebClient
+
+from bot.app import build_app
+from tests.conftest import TOKEN
+from tests.slack import command
+from workers import audit
+from workers.context import QUEUE
+from workers.sandbox.fake_slack import FakeSlack
+from workers.settings import Settings
+
+IID = "i-0123456789abcdef0"
+
+
+def make(settings: Settings, redis: redis_mod.Redis, slack: FakeSlack) -> App:
+    return build_app(settings, redis, WebClient(token=TOKEN, base_url=slack.base_url), token_verification=False)
+
+
+def text(response: Any) -> str:
+    return str(json.loads(response.body)["text"]) if response.body else ""
+
+
+def test_usage_errors_and_replays_do_not_use_up_the_rate_limit(
+    settings: Settings, real_redis: redis_mod.Redis, slack: FakeSlack
+) -> None:
+    settings.RUNCTL_RATE_PER_MINUTE = 2
+    app = make(settings, real_redis, slack)
+    assert "Missing <instance-id>" in text(app.dispatch(command("status", user="U0CARL")))
+    first = command(f"status {IID}", user="U0CARL", trigger_id="t.same")
+    assert "queued" in text(app.dispatch(first))
+    assert text(app.dispatch(command(f"status {IID}", user="U0CARL", trigger_id="t.same"))) == ""
+    assert "queued" in text(app.dispatch(command(f"status {IID}", user="U0CARL")))
+    over = text(app.dispatch(command(f"status {IID}", user="U0CARL")))
+    assert "you sent 2 runctl requests" in over and "Try again in" in over
+    assert Queue(QUEUE, connection=real_redis).count == 2
+
+
+def test_an_allowed_command_is_audited_with_its_job(
+    settings: Settings, real_redis: redis_mod.Redis, slack: FakeSlack
+) -> None:
+    app = make(settings, real_redis, slack)
+    assert app.dispatch(command(f"train {IID} train.py -- --epochs 1", user="U0DANA")).status == 200
+    (entry,) = audit.newest(real_redis, 5, user="U0DANA")
+    assert (entry.decision, entry.outcome, entry.instance) == ("allowed", "queued", IID)
+    (job,) = Queue(QUEUE, connection=real_redis).jobs
+    assert job.func_name == "workers.jobs.train.train" and job.args[1]["user_id"] == "U0DANA"
+
+
+def test_help_is_audited_as_answered_and_queues_nothing(
+    settings: Settings, fake_redis: redis_mod.Redis, slack: FakeSlack
+) -> None:
+    app = make(settings, fake_redis, slack)
+    assert "/runctl train <instance-id>" in text(app.dispatch(command("help train", user="U0ERIN")))
+    assert [e.outcome for e in audit.newest(fake_redis, 5, user="U0ERIN")] == ["answered"]
+    assert Queue(QUEUE, connection=fake_redis).count == 0
