@@ -12,7 +12,7 @@ import hashlib
 import io
 import shutil
 import subprocess
-import threading
+import uuid
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -115,7 +115,7 @@ def settings(settings: Settings, deps_repo: Path, monkeypatch: pytest.MonkeyPatc
 
 def run_train(svc: Services, worker: InlineWorker, iid: str, **kw: Any) -> Run:
     cmd = TrainCommand(instance_id=iid, script=kw.pop("script", "train.py"), **kw)
-    run_id = f"r-env-{threading.get_ident()}-{id(cmd)}"
+    run_id = f"r-env-{uuid.uuid4().hex[:12]}"
     train(cmd.model_dump(mode="json"), ALICE.model_dump(mode="json"), run_id)
     worker.drain()
     run = svc.runs.get(run_id)

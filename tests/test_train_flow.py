@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from typing import Any
 
 from workers.commands import Requester, TrainCommand
@@ -22,7 +23,7 @@ BOB = Requester(user_id="U0BOB", channel_id="C0TRAIN")
 
 def start(iid: str, script: str = "train_with_checkpoints.py", *args: str, who: Requester = ALICE, **kw: Any) -> str:
     cmd = TrainCommand(instance_id=iid, script=script, args=args, **kw)
-    run_id = f"r-test-{threading.get_ident()}-{id(cmd)}"
+    run_id = f"r-test-{uuid.uuid4().hex[:12]}"
     train(cmd.model_dump(mode="json"), who.model_dump(mode="json"), run_id)
     return run_id
 
