@@ -23,7 +23,6 @@ from workers.jobs.runmsg import fail, publish, reply
 from workers.locks import Holder, train_lock
 from workers.runs import Run, RunState
 from workers.scripts.lifecycle import parse_stop
-from workers.snapshot import parse as parse_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -292,19 +291,12 @@ class TrainFlow:
         publish(self.svc, self.run)
 
     def confirm_started(self) -> None:
-        """About 2 s after the launch, check the process is alive; if it already died,
-        report its exit code and log tail. Then the monitor takes over the lock."""
-        run = self.run
-        self.svc.sleep(self.svc.settings.RUNCTL_LAUNCH_CHECK_SECONDS)
-        snap = parse_snapshot(self.svc.fleet.run(run.instance_id, scripts.run_status(self.root, run.run_id)).stdout)
-        from workers.jobs.monitor import absorb, finish, schedule
+        """The monitor's first poll, about 2 s after the launch, confirms the process is
+        alive or reports its exit code and log tail. Scheduling it, rather than sleeping
+        here, frees this worker for the next command at once."""
+        from workers.jobs.monitor import schedule
 
-        absorb(run, snap)
-        if snap.ended:
-            finish(self.svc, run, snap)
-            self.token = None
-            return
-        publish(self.svc, run)
+        run = self.run
         if not run.wait:
             reply(
                 self.svc,
@@ -312,7 +304,7 @@ class TrainFlow:
                 f"run `{run.run_id}` started (`--no-wait`: no progress updates here). "
                 f"`/runctl status {run.instance_id}` shows it.",
             )
-        schedule(self.svc, run.run_id, timedelta(seconds=self.svc.settings.RUNCTL_POLL_MIN_SECONDS))
+        schedule(self.svc, run.run_id, timedelta(seconds=self.svc.settings.RUNCTL_LAUNCH_CHECK_SECONDS))
         self.token = None  # the monitor owns the lock from here
 
     def release(self) -> None:
