@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from bot.grammar import parse
 from workers.commands import TrainCommand
-from workers.scripts import header, launch, wrapper
+from workers.scripts import header, launch_body, wrapper
 
 HOSTILE = [
     "$(touch pwned)", "`touch pwned`", "; touch pwned", "' ; touch pwned '", '"$(touch pwned)"',
@@ -165,7 +165,7 @@ def test_json_stub_through_the_full_launch_script(shell: Shell, root: Path, json
     args = [*HOSTILE, "RUNCTL_EOF_0", "EOF"]
     env = {"RUNCTL_RUN_ID": run_id, "EXTRA": "$(touch pwned) `touch pwned` '\""}
     meta = json.dumps({"script": "$(touch pwned)"})
-    rc, out = shell.run(launch(str(root), run_id, "a b.py", args, env, meta, python=json_stub))
+    rc, out = shell.run(header(str(root)) + launch_body(run_id, "a b.py", args, env, meta, python=json_stub))
     assert rc == 0 and "launched" in out
     exit_code = root / "runs" / run_id / "exit_code"
     for _ in range(200):

@@ -1,4 +1,4 @@
-"""Parse the output of ``scripts.run_status`` into a typed snapshot."""
+"""Parse the output of ``scripts.runs_status`` into typed snapshots."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def parse_many(output: str) -> dict[str, Snapshot]:
 
 
 def parse(output: str) -> Snapshot:
-    """The snapshot of the one run a ``run_status`` script reported (missing if none)."""
+    """The snapshot of the one run a ``runs_status`` script reported (missing if none)."""
     found = parse_many(output)
     if not found:
         return Snapshot(missing=True)

@@ -126,11 +126,6 @@ def _sync_body(run_id: str, script: str, bundle_url: str | None) -> str:
     )
 
 
-def sync_code(root: str, run_id: str, script: str, bundle_url: str | None) -> str:
-    """Ship code (unless bundle_url is None) and check the script is there (exit 3 if not)."""
-    return header(root) + _sync_body(run_id, script, bundle_url)
-
-
 def deliver(root: str, run_id: str, script: str, bundle_url: str | None, then: str = "") -> str:
     """One command for the usual train: refuse (exit BUSY_EXIT, `live` lines) if another
     training is alive, else ship the code and run ``then`` (a ``launch_body``)."""
@@ -145,20 +140,6 @@ def deliver(root: str, run_id: str, script: str, bundle_url: str | None, then: s
     )
 
 
-def launch(
-    root: str,
-    run_id: str,
-    script: str,
-    args: Sequence[str],
-    env: Mapping[str, str],
-    meta_json: str,
-    python: str = "python3",
-    checkpoint_run_id: str | None = None,
-) -> str:
-    """Start the wrapper detached; the code is already in place (``sync_code``)."""
-    return header(root) + launch_body(run_id, script, args, env, meta_json, python, checkpoint_run_id)
-
-
 def launch_body(
     run_id: str,
     script: str,
@@ -168,6 +149,7 @@ def launch_body(
     python: str = "python3",
     checkpoint_run_id: str | None = None,
 ) -> str:
+    """Start the wrapper detached (the code is already in place); ends once it runs."""
     eof = "RUNCTL_EOF_" + secrets.token_hex(6)
     body = wrapper(run_id, script, args, env, python, checkpoint_run_id)
     return (
@@ -184,11 +166,6 @@ def launch_body(
         + 'if [ ! -f "$RUN_DIR/pid" ] && [ ! -f "$RUN_DIR/exit_code" ]; then echo "runctl: the training process did not start" >&2; exit 4; fi\n'
         + "echo launched\n"
     )
-
-
-def run_status(root: str, run_id: str, log_lines: int = 15) -> str:
-    """One snapshot of a run: alive, exit code, progress file, log tail, newest checkpoint."""
-    return runs_status(root, [run_id], log_lines)
 
 
 def runs_status(root: str, run_ids: Sequence[str], log_lines: int = 15, line_chars: int = 300) -> str:
