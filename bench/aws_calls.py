@@ -28,13 +28,13 @@ from typing import Any
 import boto3
 
 from bench import harness
-from workers import context
-from workers.context import Services
-from workers.fleet import Fleet
+from workers import services
+from workers.aws.fleet import Fleet
 from workers.jobs import monitor
 from workers.jobs.sweep import sweep
-from workers.runs import Run, RunState
 from workers.sandbox.aws import Sandbox, seed
+from workers.services import Services
+from workers.state.runs import Run, RunState
 
 
 class SimClock:
@@ -137,11 +137,11 @@ def scenario(box: Sandbox, concurrent: int, minutes: float) -> dict[str, harness
         runs = [live_run(svc, box, iid, n, clock.now) for n, iid in enumerate(ids)]
         counter = CallCounter()
         counter.watch(svc.fleet)
-        context.install(svc)
+        services.install(svc)
         try:
             simulate(svc, clock, counter, runs, minutes)
         finally:
-            context.install(None)
+            services.install(None)
             redis.flushdb()
     hours = minutes / 60
     per_run_hour = counter.total / hours / concurrent

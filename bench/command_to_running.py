@@ -35,10 +35,10 @@ from slack_sdk.signature import SignatureVerifier
 
 from bench import harness
 from bench.ack_latency import free_port, procfile_web
-from workers.runs import RunState
 from workers.sandbox.aws import Sandbox, seed
 from workers.sandbox.example_repo import make_example_repo
 from workers.sandbox.fake_slack import FakeSlack
+from workers.state.runs import RunState
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "train_with_checkpoints.py -- --epochs 1 --steps-per-epoch 1 --step-seconds 3"

@@ -17,11 +17,11 @@ from tempfile import TemporaryDirectory
 import redis as redis_mod
 from slack_sdk import WebClient
 
-from workers.context import Services
-from workers.notifier import Notifier
 from workers.sandbox.aws import Sandbox
 from workers.sandbox.fake_slack import FakeSlack
+from workers.services import Services
 from workers.settings import Settings
+from workers.slack.client import Notifier
 
 REDIS_URL = os.environ.get("RUNCTL_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
 TOKEN = "xoxb-bench-token"

@@ -2,7 +2,7 @@
 
 Part 1, the lock itself: TRIALS trials; in each, 20 contenders (2 worker
 processes x 10 threads, released together by a barrier) race for
-`workers.locks.train_lock` on one instance against real Redis. The winner
+`workers.state.locks.train_lock` on one instance against real Redis. The winner
 holds the lock until every contender has tried, as a real run would. Prints
 double starts (trials with more than one winner; must be 0), trials with no
 winner, and p50/p99 acquire and release times.
@@ -34,14 +34,14 @@ from typing import Any
 import redis as redis_mod
 
 from bench import harness
-from workers import context, scripts
+from workers import remote, services
 from workers.commands import Requester, TrainCommand
-from workers.context import Services
 from workers.jobs.train import train
-from workers.locks import Holder, train_lock
-from workers.runs import RunState
 from workers.sandbox.aws import seed
 from workers.sandbox.example_repo import make_example_repo
+from workers.services import Services
+from workers.state.locks import Holder, train_lock
+from workers.state.runs import RunState
 
 PROCESSES = 2
 THREADS = 10
@@ -165,7 +165,7 @@ def end_to_end(trials: int, racers: int, later: int) -> dict[str, harness.Figure
             slack, RUNCTL_REPO=str(repo), RUNCTL_MIRROR_DIR=Path(tmp) / "mirror", RUNCTL_LAUNCH_CHECK_SECONDS=0.5
         )
         svc = harness.services(config, redis, slack)
-        context.install(svc)
+        services.install(svc)
         try:
             iid = seed(box.endpoint_url, box.region, harness.BUCKET).instances["gpu-box-1"]
             svc.repo.sync()  # warm the mirror so the race is about the lock
@@ -181,10 +181,10 @@ def end_to_end(trials: int, racers: int, later: int) -> dict[str, harness.Figure
                 second += sum(1 for _, state, _ in after if state is not RunState.REFUSED)
                 by_instance += sum(1 for _, _, what in after if running[0] in what)
                 for run_id in running:
-                    svc.fleet.run(iid, scripts.stop_run(root, run_id, 10), 60)
+                    svc.fleet.run(iid, remote.stop_run(root, run_id, 10), 60)
                 redis.delete(train_lock(redis, iid).key)
         finally:
-            context.install(None)
+            services.install(None)
             redis.flushdb()
     return {
         "e2e_trials": trials,

@@ -25,9 +25,9 @@ from botocore.awsrequest import AWSResponse, HTTPHeaders
 from redis import Redis
 
 from bench import harness
-from workers import context
+from workers import services
+from workers.aws.fleet import Fleet
 from workers.commands import Requester, ResourcesCommand
-from workers.fleet import Fleet
 from workers.jobs.resources import resources
 from workers.jobs.sweep import sweep
 from workers.sandbox.fake_slack import FakeSlack, block_problems
@@ -97,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         fleet.ec2.meta.events.register("before-call.ec2.*", pages)
         svc._fleet = fleet
         svc.clock = lambda: now
-        context.install(svc)
+        services.install(svc)
         try:
             figures = measure(n, pages, slack, redis)
         finally:
-            context.install(None)
+            services.install(None)
             redis.flushdb()
     harness.report(
         "sweep_10k",

@@ -14,10 +14,10 @@ from slack_sdk import WebClient
 from bot import handlers
 from bot.middleware import admit_command, gate_click
 from workers import audit
-from workers.context import QUEUE
 from workers.errors import PermissionDenied, RateLimited, RunctlError
-from workers.notifier import make_client
+from workers.queueing import QUEUE
 from workers.settings import Settings
+from workers.slack.client import make_client
 
 log = logging.getLogger(__name__)
 

@@ -29,14 +29,14 @@ from slack_sdk import WebClient
 from slack_sdk.signature import SignatureVerifier
 
 from bot.app import build_app
-from workers import context
-from workers.context import Services
-from workers.inline import InlineWorker
-from workers.notifier import Notifier
+from workers import services
 from workers.sandbox.aws import Sandbox, SeedInfo, seed
 from workers.sandbox.example_repo import make_example_repo
 from workers.sandbox.fake_slack import FakeSlack, Message
+from workers.sandbox.inline import InlineWorker
+from workers.services import Services
 from workers.settings import Settings
+from workers.slack.client import Notifier
 
 SECRET = "console-signing-secret"
 TOKEN = "xoxb-console"
@@ -226,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
     client = WebClient(token=TOKEN, base_url=slack.base_url)
-    services = Services(settings=settings, redis=redis, notifier=Notifier(client))
-    context.install(services)
+    svc = Services(settings=settings, redis=redis, notifier=Notifier(client))
+    services.install(svc)
     app = build_app(settings, redis, client=client)
     worker = InlineWorker(redis)
     worker.start()
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             if line in ("/quit", "/exit"):
                 break
             if line == "/wait":
-                wait_idle(services, worker)
+                wait_idle(svc, worker)
             elif line.isdigit():
                 console.click(app, int(line))
             elif line.startswith("/runctl"):
@@ -251,14 +251,14 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 console.say("Type `/runctl ...`, a button number, /wait or /quit.")
         else:
-            wait_idle(services, worker)
+            wait_idle(svc, worker)
     except KeyboardInterrupt:
         pass
     finally:
         worker.stop()
         slack.stop()
         sandbox.stop()
-        context.install(None)
+        services.install(None)
     console.say(f"Sandbox files (instances' remote roots) are in {workdir}")
     return 0
 

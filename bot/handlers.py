@@ -11,7 +11,7 @@ from slack_bolt import Ack, App
 from bot.grammar import help_text
 from workers.commands import AnyCommand, HelpCommand, Requester, TrainCommand
 from workers.queueing import enqueue
-from workers.runs import new_run_id
+from workers.state.runs import new_run_id
 
 
 def requester_of(body: dict[str, Any]) -> Requester:

@@ -22,9 +22,9 @@ from bot import guards
 from bot.grammar import parse
 from workers import audit, commands, policy
 from workers.errors import RunctlError, UsageError
-from workers.ids import ActionId
-from workers.runs import RunStore
 from workers.settings import Settings
+from workers.slack.ids import ActionId
+from workers.state.runs import RunStore
 
 log = logging.getLogger(__name__)
 Next = Callable[[], None]

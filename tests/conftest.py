@@ -13,14 +13,14 @@ import pytest
 import redis as redis_mod
 from slack_sdk import WebClient
 
-from workers import context
-from workers.context import Services
-from workers.inline import InlineWorker
-from workers.notifier import Notifier
+from workers import services
 from workers.sandbox.aws import Sandbox, SeedInfo, seed
 from workers.sandbox.example_repo import make_example_repo
 from workers.sandbox.fake_slack import FakeSlack
+from workers.sandbox.inline import InlineWorker
+from workers.services import Services
 from workers.settings import Settings
+from workers.slack.client import Notifier
 
 # One db per test process, so parallel runs on one machine never flush each other.
 REDIS_URL = os.environ.get("RUNCTL_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{1 + os.getpid() % 14}")
@@ -102,14 +102,14 @@ def settings(slack: FakeSlack, example_repo: Path, tmp_path: Path) -> Settings:
 @pytest.fixture
 def svc(settings: Settings, real_redis: redis_mod.Redis, slack: FakeSlack, sandbox: Sandbox) -> Iterator[Services]:
     slack.reset()
-    services = Services(
+    current = Services(
         settings=settings,
         redis=real_redis,
         notifier=Notifier(WebClient(token=TOKEN, base_url=slack.base_url)),
     )
-    context.install(services)
-    yield services
-    context.install(None)
+    services.install(current)
+    yield current
+    services.install(None)
 
 
 @pytest.fixture

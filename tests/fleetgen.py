@@ -8,9 +8,9 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from workers.context import Services
-from workers.fleet import Instance
-from workers.uptime import UptimeLedger
+from workers.aws.fleet import Instance
+from workers.services import Services
+from workers.state.uptime import UptimeLedger
 
 TYPES = ("g5.xlarge", "p3.2xlarge", "t3.medium", "m5.large", "x9.mystery")  # the last has no price
 

@@ -14,10 +14,10 @@ from slack_sdk import WebClient
 
 from bot.app import build_app
 from workers import audit
-from workers.context import Services
-from workers.inline import InlineWorker
 from workers.jobs.audit import audit as audit_job
 from workers.sandbox.fake_slack import FakeSlack
+from workers.sandbox.inline import InlineWorker
+from workers.services import Services
 
 from .conftest import TOKEN
 from .slack import command

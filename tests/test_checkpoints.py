@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from workers.checkpoints import discover, discover_all
 from workers.commands import CheckpointsCommand, Requester
-from workers.context import Services
 from workers.jobs.checkpoints import checkpoints
+from workers.remote.checkpoints import discover, discover_all
 from workers.sandbox.aws import Sandbox, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack, Message
+from workers.services import Services
 
 from .conftest import sent_commands
 

@@ -14,7 +14,7 @@ import redis as redis_mod
 from rq import Queue
 from rq.cron import CronScheduler
 
-from workers.context import QUEUE
+from workers.queueing import QUEUE
 
 from .conftest import REDIS_URL
 

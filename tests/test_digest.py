@@ -9,13 +9,13 @@ from decimal import Decimal
 
 import pytest
 
-from workers.context import Services
+from workers.cost.pricing import format_usd
 from workers.jobs.digest import digest
-from workers.pricing import format_usd
-from workers.runs import Run, RunState
 from workers.sandbox.aws import SeedInfo
 from workers.sandbox.fake_slack import FakeSlack, Message
-from workers.uptime import UptimeLedger
+from workers.services import Services
+from workers.state.runs import Run, RunState
+from workers.state.uptime import UptimeLedger
 
 from .fleetgen import generate, install_fleet
 

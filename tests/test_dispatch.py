@@ -11,7 +11,7 @@ from slack_bolt import App
 from slack_sdk import WebClient
 
 from bot.app import build_app
-from workers.context import QUEUE
+from workers.queueing import QUEUE
 from workers.sandbox.fake_slack import FakeSlack
 from workers.settings import Settings
 

@@ -19,20 +19,20 @@ from typing import Any
 
 import pytest
 
-from workers import envs
+from workers.aws import envs
+from workers.aws.repo import CodeRepo
 from workers.commands import Requester, TrainCommand
-from workers.context import Services
 from workers.errors import CodeError
-from workers.inline import InlineWorker
 from workers.jobs.envsetup import culprit
 from workers.jobs.train import train
-from workers.locks import train_lock
-from workers.repo import CodeRepo
-from workers.runs import Run, RunState
+from workers.remote.env import setup_env
 from workers.sandbox.aws import Sandbox, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
-from workers.scripts.env import setup_env
+from workers.sandbox.inline import InlineWorker
+from workers.services import Services
 from workers.settings import Settings
+from workers.state.locks import train_lock
+from workers.state.runs import Run, RunState
 
 ALICE = Requester(user_id="U0ALICE", channel_id="C0ENV")
 

@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import redis
 
-from workers import fleetview
-from workers.context import Services
-from workers.runs import Run, RunState
-from workers.uptime import Sighting, UptimeLedger
-from workers.warnings import OPEN_SET, Kind, WarningRecord, WarningStore
+from workers.cost import fleetview
+from workers.services import Services
+from workers.state.runs import Run, RunState
+from workers.state.uptime import Sighting, UptimeLedger
+from workers.state.warnings import OPEN_SET, Kind, WarningRecord, WarningStore
 
 from .fleetgen import generate
 

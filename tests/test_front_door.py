@@ -15,7 +15,7 @@ from bot.app import build_app
 from tests.conftest import TOKEN
 from tests.slack import command
 from workers import audit
-from workers.context import QUEUE
+from workers.queueing import QUEUE
 from workers.sandbox.fake_slack import FakeSlack
 from workers.settings import Settings
 

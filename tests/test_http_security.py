@@ -18,9 +18,9 @@ import redis as redis_mod
 from rq import Queue
 
 from workers import audit
-from workers.context import QUEUE
-from workers.ids import ActionId, BlockId
+from workers.queueing import QUEUE
 from workers.sandbox.fake_slack import FakeSlack
+from workers.slack.ids import ActionId, BlockId
 
 from .conftest import REDIS_URL, TOKEN
 from .slack import SECRET, action_body, click, command_body, sign

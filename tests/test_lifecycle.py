@@ -14,16 +14,16 @@ from slack_sdk import WebClient
 
 from bot.app import build_app
 from workers.commands import Requester, StartCommand, StopCommand, TrainCommand
-from workers.context import Services
-from workers.ids import ActionId
-from workers.inline import InlineWorker
 from workers.jobs.lifecycle import start, stop
 from workers.jobs.train import train
-from workers.locks import train_lock
-from workers.runs import RunState
+from workers.remote.lifecycle import stop_run
 from workers.sandbox.aws import Sandbox, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack, Message
-from workers.scripts.lifecycle import stop_run
+from workers.sandbox.inline import InlineWorker
+from workers.services import Services
+from workers.slack.ids import ActionId
+from workers.state.locks import train_lock
+from workers.state.runs import RunState
 
 from .conftest import TOKEN
 from .slack import action, click

@@ -18,14 +18,16 @@ from slack_sdk import WebClient
 from bot.app import build_app
 from workers import audit, policy
 from workers.commands import Requester, TrainCommand
-from workers.context import QUEUE, Services
 from workers.errors import ConfigError, PermissionDenied
-from workers.ids import ActionId, BlockId
-from workers.inline import InlineWorker
-from workers.runs import Run, RunState, RunStore
+from workers.queueing import QUEUE
 from workers.sandbox.aws import SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
+from workers.sandbox.inline import InlineWorker
+from workers.services import Services
 from workers.settings import Settings
+from workers.slack import usergroups
+from workers.slack.ids import ActionId, BlockId
+from workers.state.runs import Run, RunState, RunStore
 
 from .conftest import TOKEN, sent_commands
 from .slack import action, click, command
@@ -161,9 +163,9 @@ def groups(slack: FakeSlack, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[
         return {"users": members[group]}
 
     monkeypatch.setitem(slack._methods, "usergroups.users.list", users_list)
-    policy.forget_groups()
+    usergroups.forget()
     yield members
-    policy.forget_groups()
+    usergroups.forget()
 
 
 def test_user_group_roles_are_resolved_and_cached(

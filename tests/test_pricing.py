@@ -23,7 +23,7 @@ from scripts.update_prices import (
     parse_price_item,
     write_atomically,
 )
-from workers.pricing import (
+from workers.cost.pricing import (
     SPOT_CACHE_SECONDS,
     Price,
     PriceBook,

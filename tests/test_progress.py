@@ -11,16 +11,16 @@ from typing import Any
 import pytest
 
 from workers.commands import Requester, TrainCommand
-from workers.context import Services
-from workers.ids import BlockId
-from workers.inline import InlineWorker
 from workers.jobs.monitor import monitor
 from workers.jobs.train import train
-from workers.render import progress_text
-from workers.runs import Progress, Run, RunState
+from workers.remote.status import progress_from_file
 from workers.sandbox.aws import Sandbox, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
-from workers.snapshot import progress_from_file
+from workers.sandbox.inline import InlineWorker
+from workers.services import Services
+from workers.slack.ids import BlockId
+from workers.slack.messages.run import progress_text
+from workers.state.runs import Progress, Run, RunState
 
 ALICE = Requester(user_id="U0ALICE", channel_id="C0TRAIN")
 RUN_ID = "r20261128-120000-abcdef"

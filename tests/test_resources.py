@@ -8,13 +8,13 @@ from datetime import datetime, timedelta
 
 import pytest
 
+from workers.aws.fleet import Instance
 from workers.commands import Requester, ResourcesCommand
-from workers.context import Services
-from workers.fleet import Instance
 from workers.jobs.resources import resources
-from workers.runs import Run, RunState
 from workers.sandbox.aws import SeedInfo
 from workers.sandbox.fake_slack import FakeSlack, Message
+from workers.services import Services
+from workers.state.runs import Run, RunState
 
 from .fleetgen import generate, install_fleet
 

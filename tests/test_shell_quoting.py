@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from bot.grammar import parse
 from workers.commands import TrainCommand
-from workers.scripts import header, launch_body, wrapper
+from workers.remote import header, launch_body, wrapper
 
 HOSTILE = [
     "$(touch pwned)", "`touch pwned`", "; touch pwned", "' ; touch pwned '", '"$(touch pwned)"',

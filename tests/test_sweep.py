@@ -12,14 +12,14 @@ import pytest
 from slack_sdk import WebClient
 
 from bot.app import build_app
-from workers.context import Services
-from workers.ids import ActionId
-from workers.inline import InlineWorker
 from workers.jobs.sweep import sweep
-from workers.runs import Checkpoint, Run, RunState
 from workers.sandbox.aws import SeedInfo
 from workers.sandbox.fake_slack import FakeSlack, Message
-from workers.warnings import Kind, Status, WarningStore
+from workers.sandbox.inline import InlineWorker
+from workers.services import Services
+from workers.slack.ids import ActionId
+from workers.state.runs import Checkpoint, Run, RunState
+from workers.state.warnings import Kind, Status, WarningStore
 
 from .conftest import TOKEN
 from .slack import action, click

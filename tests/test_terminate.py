@@ -9,14 +9,14 @@ import time
 from typing import Any
 
 from workers.commands import Requester, TerminateCommand
-from workers.confirm import ConfirmStore
-from workers.context import Services
-from workers.ids import ActionId
-from workers.inline import InlineWorker
 from workers.jobs.lifecycle import terminate
-from workers.runs import RunState
 from workers.sandbox.aws import Sandbox, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack, Message
+from workers.sandbox.inline import InlineWorker
+from workers.services import Services
+from workers.slack.ids import ActionId
+from workers.state.confirmations import ConfirmStore
+from workers.state.runs import RunState
 
 from .slack import click
 from .test_lifecycle import (

@@ -7,13 +7,13 @@ import uuid
 from typing import Any
 
 from workers.commands import Requester, TrainCommand
-from workers.context import Services
-from workers.inline import InlineWorker
 from workers.jobs.train import train
-from workers.locks import train_lock
-from workers.runs import RunState
 from workers.sandbox.aws import Sandbox, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
+from workers.sandbox.inline import InlineWorker
+from workers.services import Services
+from workers.state.locks import train_lock
+from workers.state.runs import RunState
 
 from .conftest import sent_commands
 
@@ -164,11 +164,10 @@ def test_live_process_blocks_second_run_even_without_redis_lock(
     assert second.error is not None and "busy" in second.error.what and first in second.error.what
     assert "--force" in second.error.fix and f"/runctl stop {iid}" in second.error.fix
     # the first run is untouched
-    from workers import scripts
-
-    probe = svc.fleet.run(iid, scripts.probe_live_runs(svc.settings.RUNCTL_REMOTE_ROOT))
+    from workers import remote
+    probe = svc.fleet.run(iid, remote.probe_live_runs(svc.settings.RUNCTL_REMOTE_ROOT))
     assert f"live {first} " in probe.stdout
-    svc.fleet.run(iid, scripts.stop_run(svc.settings.RUNCTL_REMOTE_ROOT, first, 10), 60)
+    svc.fleet.run(iid, remote.stop_run(svc.settings.RUNCTL_REMOTE_ROOT, first, 10), 60)
 
 
 def test_fifty_concurrent_train_jobs_start_exactly_one_run(
@@ -197,9 +196,8 @@ def test_fifty_concurrent_train_jobs_start_exactly_one_run(
     launched = [s for s in sandbox.sent_scripts(iid) if "setsid sh" in s]
     assert len(launched) == 1
     winner = run_ids[states.index(RunState.RUNNING)]
-    from workers import scripts
-
-    svc.fleet.run(iid, scripts.stop_run(svc.settings.RUNCTL_REMOTE_ROOT, winner, 10), 60)
+    from workers import remote
+    svc.fleet.run(iid, remote.stop_run(svc.settings.RUNCTL_REMOTE_ROOT, winner, 10), 60)
 
 
 def test_status_shows_state_live_run_progress_and_lock_holder(svc: Services, fleet_seed: SeedInfo, slack: FakeSlack) -> None:
@@ -215,6 +213,5 @@ def test_status_shows_state_live_run_progress_and_lock_holder(svc: Services, fle
     assert f"Live run `{run_id}`: <@U0ALICE>" in text and "train_with_checkpoints.py" in text, text
     assert f"Train lock: run `{run_id}` by <@U0ALICE>" in text, text
     assert any(e.user == "U0BOB" and "Live run" in e.text for e in slack.ephemerals())
-    from workers import scripts
-
-    svc.fleet.run(iid, scripts.stop_run(svc.settings.RUNCTL_REMOTE_ROOT, run_id, 10), 60)
+    from workers import remote
+    svc.fleet.run(iid, remote.stop_run(svc.settings.RUNCTL_REMOTE_ROOT, run_id, 10), 60)

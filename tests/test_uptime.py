@@ -10,8 +10,8 @@ import pytest
 import redis
 import time_machine
 
-from workers.pricing import format_usd
-from workers.uptime import MAX_INTERVALS, UptimeLedger
+from workers.cost.pricing import format_usd
+from workers.state.uptime import MAX_INTERVALS, UptimeLedger
 
 pytestmark = pytest.mark.redis
 

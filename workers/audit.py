@@ -21,10 +21,10 @@ from redis.typing import EncodableT, FieldT
 
 from workers.commands import Requester
 from workers.errors import PermissionDenied, RateLimited, RunctlError
-from workers.runs import Run
+from workers.state.runs import Run
 
 if TYPE_CHECKING:
-    from workers.context import Services
+    from workers.services import Services
 
 STREAM = "runctl:audit"
 log = logging.getLogger("runctl.audit")

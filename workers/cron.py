@@ -13,9 +13,9 @@ import time
 from rq import cron
 
 from workers import settings as settings_mod
-from workers.context import QUEUE
 from workers.jobs.digest import digest
 from workers.jobs.sweep import sweep
+from workers.queueing import QUEUE
 
 # rq matches cron fields against local time; RUNCTL_DIGEST_CRON is documented as UTC.
 os.environ["TZ"] = "UTC"

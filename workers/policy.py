@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
@@ -33,12 +32,11 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from slack_sdk.errors import SlackApiError
 
 from workers.commands import Requester
 from workers.errors import ConfigError, PermissionDenied
-from workers.notifier import make_client
 from workers.settings import Settings
+from workers.slack import usergroups
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +57,6 @@ DEFAULT_COMMANDS: dict[str, tuple[str, ...]] = {
 }
 # Actions other modules may name that the policy file does not list (button verbs).
 FALLBACK_ROLES = (OWNER, ADMIN)
-GROUP_TTL_SECONDS = 300.0
-GROUP_FAILURE_TTL_SECONDS = 30.0
 
 MemberId = Annotated[str, Field(pattern=r"^[UWS][A-Z0-9]{2,}$")]
 ChannelId = Annotated[str, Field(pattern=r"^[CGD][A-Z0-9]{2,}$")]
@@ -192,50 +188,11 @@ def _safe_policy(settings: Settings) -> Policy:
         return Policy()
 
 
-# --- user groups ---------------------------------------------------------------
-
-_groups: dict[str, tuple[float, frozenset[str]]] = {}
-_groups_lock = threading.Lock()
-_group_errors: dict[str, str] = {}
-
-
-def group_members(settings: Settings, group_id: str) -> frozenset[str]:
-    """Members of a Slack user group via usergroups.users.list, cached for 5 minutes.
-
-    Failures fail closed (nobody is a member) and are retried after 30 s."""
-    now = time.monotonic()
-    with _groups_lock:
-        hit = _groups.get(group_id)
-        if hit and hit[0] > now:
-            return hit[1]
-    try:
-        resp = make_client(settings).usergroups_users_list(usergroup=group_id)
-        members = frozenset(str(u) for u in resp.get("users") or [])
-        expires, error = now + GROUP_TTL_SECONDS, ""
-    except SlackApiError as exc:
-        members = frozenset()
-        expires, error = now + GROUP_FAILURE_TTL_SECONDS, str(exc.response.get("error", "error"))
-        log.warning("could not list members of user group %s: %s", group_id, error)
-    with _groups_lock:
-        _groups[group_id] = (expires, members)
-        if error:
-            _group_errors[group_id] = error
-        else:
-            _group_errors.pop(group_id, None)
-    return members
-
-
-def forget_groups() -> None:
-    with _groups_lock:
-        _groups.clear()
-        _group_errors.clear()
-
-
 def _is_member(settings: Settings, user_id: str, members: Iterable[str]) -> bool:
     for member in members:
         if member == user_id:
             return True
-        if member.startswith("S") and user_id in group_members(settings, member):
+        if member.startswith("S") and user_id in usergroups.members(settings, member):
             return True
     return False
 
@@ -271,7 +228,7 @@ def check(settings: Settings, user_id: str, action: str, owner_id: str | None = 
             return
     raise PermissionDenied(
         f"You can't `{action}` here: it needs {_describe(roles, owner_id)}.",
-        why=f"Admins: {_mentions(admin_ids) or 'nobody yet (set RUNCTL_ADMINS)'}." + _group_trouble(),
+        why=f"Admins: {_mentions(admin_ids) or 'nobody yet (set RUNCTL_ADMINS)'}." + usergroups.trouble(),
         fix="Ask an admin to do it, or to add you to "
         + (f"role `{_named_role(roles)}` in the policy file ({settings.RUNCTL_POLICY_FILE})"
            if settings.RUNCTL_POLICY_FILE and _named_role(roles)
@@ -318,15 +275,3 @@ def _named_role(roles: tuple[str, ...]) -> str:
 
 def _mentions(ids: Iterable[str]) -> str:
     return ", ".join(f"<!subteam^{i}>" if i.startswith("S") else f"<@{i}>" for i in ids)
-
-
-def _group_trouble() -> str:
-    with _groups_lock:
-        errors = dict(_group_errors)
-    if not errors:
-        return ""
-    listed = ", ".join(f"{g} ({e})" for g, e in sorted(errors.items()))
-    return (
-        f" Could not read user group(s) {listed}; members of those groups are refused until it works "
-        "(the bot token needs the `usergroups:read` scope)."
-    )

@@ -1,6 +1,12 @@
-"""Which job runs each command, and how the front queues it."""
+"""The queue, every job's import path, and how the front queues a command.
+
+RQ stores a job's import path in Redis, so these strings outlive a deploy: a
+rename here needs a shim at the old path for jobs still queued.
+"""
 
 from __future__ import annotations
+
+from enum import StrEnum
 
 from redis.client import Pipeline
 from rq import Queue
@@ -8,15 +14,41 @@ from rq.job import Job
 
 from workers.commands import Command, Requester
 
-JOBS: dict[str, str] = {
-    "train": "workers.jobs.train.train",
-    "status": "workers.jobs.status.status",
-    "stop": "workers.jobs.lifecycle.stop",
-    "start": "workers.jobs.lifecycle.start",
-    "terminate": "workers.jobs.lifecycle.terminate",
-    "resources": "workers.jobs.resources.resources",
-    "checkpoints": "workers.jobs.checkpoints.checkpoints",
-    "audit": "workers.jobs.audit.audit",
+QUEUE = "runctl"
+
+
+class JobPath(StrEnum):
+    TRAIN = "workers.jobs.train.train"
+    STATUS = "workers.jobs.status.status"
+    STOP = "workers.jobs.lifecycle.stop"
+    START = "workers.jobs.lifecycle.start"
+    TERMINATE = "workers.jobs.lifecycle.terminate"
+    RESOURCES = "workers.jobs.resources.resources"
+    CHECKPOINTS = "workers.jobs.checkpoints.checkpoints"
+    AUDIT = "workers.jobs.audit.audit"
+    CONFIRM_CLICK = "workers.jobs.lifecycle.confirm_click"
+    RESUME = "workers.jobs.lifecycle.resume"
+    MONITOR_TICK = "workers.jobs.monitor.tick"
+    SWEEP = "workers.jobs.sweep.sweep"
+    DIGEST = "workers.jobs.digest.digest"
+    WARNING_STOP_NOW = "workers.jobs.warning_actions.stop_now"
+    WARNING_SNOOZE = "workers.jobs.warning_actions.snooze"
+    WARNING_KEEP = "workers.jobs.warning_actions.keep"
+
+    @property
+    def module(self) -> str:
+        return self.value.rsplit(".", 1)[0]
+
+
+JOBS: dict[str, JobPath] = {
+    "train": JobPath.TRAIN,
+    "status": JobPath.STATUS,
+    "stop": JobPath.STOP,
+    "start": JobPath.START,
+    "terminate": JobPath.TERMINATE,
+    "resources": JobPath.RESOURCES,
+    "checkpoints": JobPath.CHECKPOINTS,
+    "audit": JobPath.AUDIT,
 }
 
 
@@ -29,5 +61,5 @@ def enqueue(
     if run_id is not None:
         args.append(run_id)
     return queue.enqueue(
-        path, *args, job_timeout=3600, result_ttl=86400, failure_ttl=7 * 86400, pipeline=pipeline
+        path.value, *args, job_timeout=3600, result_ttl=86400, failure_ttl=7 * 86400, pipeline=pipeline
     )

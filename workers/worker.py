@@ -13,18 +13,16 @@ from typing import Any
 from botocore.exceptions import BotoCoreError
 from rq import Worker
 
-from workers import context
+from workers import services
 from workers.errors import ConfigError
-from workers.queueing import JOBS
-
-EXTRA_JOBS = ("workers.jobs.monitor", "workers.jobs.sweep", "workers.jobs.digest", "workers.jobs.warning_actions")
+from workers.queueing import JobPath
 
 
 def warm() -> None:
-    for module in {path.rsplit(".", 1)[0] for path in JOBS.values()} | set(EXTRA_JOBS):
+    for module in {path.module for path in JobPath}:
         importlib.import_module(module)
     try:
-        svc = context.services()
+        svc = services.current()
     except ConfigError as exc:
         print(exc.what, file=sys.stderr)
         raise SystemExit(2) from None

@@ -15,11 +15,10 @@ from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
 from workers.commands import Requester
-from workers.confirm import ConfirmStore
-from workers.ids import ActionId
+from workers.queueing import JobPath
 from workers.settings import Settings
-
-JOBS = "workers.jobs.lifecycle"
+from workers.slack.ids import ActionId
+from workers.state.confirmations import ConfirmStore
 
 
 def clicker_of(body: dict[str, Any]) -> Requester:
@@ -58,7 +57,7 @@ def confirmation_click(ack: Ack, body: dict[str, Any], context: dict[str, Any], 
         return
     queue: Queue = context["queue"]
     queue.enqueue(
-        f"{JOBS}.confirm_click",
+        JobPath.CONFIRM_CLICK.value,
         str(action["action_id"]),
         nonce,
         who.model_dump(mode="json"),
@@ -71,7 +70,7 @@ def resume_click(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> Non
     ack()
     run_id = str(body["actions"][0].get("value", ""))
     queue: Queue = context["queue"]
-    queue.enqueue(f"{JOBS}.resume", run_id, clicker_of(body).model_dump(mode="json"), _message_ts(body))
+    queue.enqueue(JobPath.RESUME.value, run_id, clicker_of(body).model_dump(mode="json"), _message_ts(body))
 
 
 def register(app: App) -> None:

@@ -16,12 +16,12 @@ from slack_sdk.models.views import View
 from workers import policy
 from workers.commands import Requester
 from workers.errors import PermissionDenied
-from workers.ids import ActionId
+from workers.queueing import JobPath
 from workers.settings import Settings
-from workers.warnings import Kind, WarningStore, parse_button_value
+from workers.slack.ids import ActionId
+from workers.state.warnings import Kind, WarningStore, parse_button_value
 
 log = logging.getLogger(__name__)
-JOBS = "workers.jobs.warning_actions"
 KEEP_VIEW = "warn_keep_reason"
 REASON_BLOCK, REASON_INPUT = "reason", "reason_input"
 
@@ -54,7 +54,9 @@ def stop_now(ack: Ack, body: dict[str, Any], context: dict[str, Any], client: We
         return
     who = Requester(user_id=user, channel_id=channel, request_id=body.get("trigger_id", ""))
     queue: Queue = context["queue"]
-    queue.enqueue(f"{JOBS}.stop_now", instance_id, kind.value, who.model_dump(mode="json"), job_timeout=3600)
+    queue.enqueue(
+        JobPath.WARNING_STOP_NOW.value, instance_id, kind.value, who.model_dump(mode="json"), job_timeout=3600
+    )
     _tell(
         client,
         channel,
@@ -77,7 +79,7 @@ def snooze(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None:
     if clicked is None:
         return
     instance_id, kind, user, _ = clicked
-    context["queue"].enqueue(f"{JOBS}.snooze", instance_id, kind.value, user)
+    context["queue"].enqueue(JobPath.WARNING_SNOOZE.value, instance_id, kind.value, user)
 
 
 def keep(ack: Ack, body: dict[str, Any], context: dict[str, Any], client: WebClient) -> None:
@@ -105,7 +107,7 @@ def keep(ack: Ack, body: dict[str, Any], context: dict[str, Any], client: WebCli
         client.views_open(trigger_id=body["trigger_id"], view=view)
     except SlackApiError:
         # No modal (expired trigger, or a client without views): record the decision without a reason.
-        context["queue"].enqueue(f"{JOBS}.keep", instance_id, kind.value, user, "")
+        context["queue"].enqueue(JobPath.WARNING_KEEP.value, instance_id, kind.value, user, "")
 
 
 def keep_reason(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None:
@@ -113,7 +115,7 @@ def keep_reason(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None
     view = body["view"]
     meta = json.loads(view.get("private_metadata") or "{}")
     reason = view["state"]["values"][REASON_BLOCK][REASON_INPUT].get("value") or ""
-    context["queue"].enqueue(f"{JOBS}.keep", meta["instance_id"], meta["kind"], body["user"]["id"], reason)
+    context["queue"].enqueue(JobPath.WARNING_KEEP.value, meta["instance_id"], meta["kind"], body["user"]["id"], reason)
 
 
 def register(app: App) -> None:

@@ -10,9 +10,9 @@ from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, Sec
 from workers import audit as trail
 from workers import policy
 from workers.commands import AuditCommand, Requester
-from workers.context import services
 from workers.errors import RunctlError
-from workers.notifier import MAX_TEXT
+from workers.services import current
+from workers.slack.client import MAX_TEXT
 
 MAX_LINE = 600
 MAX_SECTIONS = 45
@@ -20,7 +20,7 @@ MARK = {"allowed": ":white_check_mark:", "refused": ":no_entry:", "failed": ":x:
 
 
 def audit(command: dict[str, Any], requester: dict[str, Any]) -> str:
-    svc = services()
+    svc = current()
     cmd = AuditCommand.model_validate(command)
     who = Requester.model_validate(requester)
     settings = svc.settings

@@ -8,13 +8,13 @@ from typing import Any
 
 from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, SectionBlock
 
-from workers.checkpoints import CheckpointListing, FoundCheckpoint, discover
+from workers.aws.fleet import Instance
 from workers.commands import CheckpointsCommand, Requester
-from workers.context import Services, services
 from workers.errors import AgentOffline, RunctlError, WrongState
-from workers.fleet import Instance
-from workers.notifier import MAX_TEXT, clamp
-from workers.render import duration, size
+from workers.remote.checkpoints import CheckpointListing, FoundCheckpoint, discover
+from workers.services import Services, current
+from workers.slack.client import MAX_TEXT, clamp
+from workers.slack.format import duration, size
 
 MAX_ROWS = 60
 MAX_BLOCKS = 50
@@ -22,7 +22,7 @@ PROTOCOL_DOC = "the checkpoint manifest section of `training/README.md`"
 
 
 def checkpoints(command: dict[str, Any], requester: dict[str, Any]) -> str:
-    svc = services()
+    svc = current()
     cmd = CheckpointsCommand.model_validate(command)
     who = Requester.model_validate(requester)
     blocks: list[Block] | None = None

@@ -14,16 +14,17 @@ from decimal import Decimal
 from slack_sdk.errors import SlackApiError
 from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, SectionBlock
 
-from workers import chart, fleetview
-from workers.context import Services, services
-from workers.fleetview import OWNER_TAG, Row
-from workers.notifier import clamp
-from workers.pricing import format_usd
-from workers.render import duration
-from workers.runs import Run
-from workers.textblocks import sections
-from workers.uptime import UptimeLedger
-from workers.warnings import WarningRecord, WarningStore
+from workers.cost import fleetview
+from workers.cost.fleetview import OWNER_TAG, Row
+from workers.cost.pricing import format_usd
+from workers.services import Services, current
+from workers.slack import chart
+from workers.slack.blocks import sections
+from workers.slack.client import clamp
+from workers.slack.format import duration
+from workers.state.runs import Run
+from workers.state.uptime import UptimeLedger
+from workers.state.warnings import WarningRecord, WarningStore
 
 log = logging.getLogger(__name__)
 LIST_LIMIT = 10
@@ -45,7 +46,7 @@ class Spend:
 
 
 def digest() -> str:
-    svc = services()
+    svc = current()
     now = svc.clock()
     channel = svc.settings.RUNCTL_CHANNEL
     if not channel:

@@ -6,15 +6,15 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 
-from workers import envs
-from workers.context import Services
+from workers.aws import envs
+from workers.aws.fleet import ScriptResult
 from workers.errors import EnvSetupError
-from workers.fleet import ScriptResult
-from workers.jobs.runmsg import publish
-from workers.render import duration
-from workers.runs import Run, RunState
-from workers.scripts import SECTION
-from workers.scripts import env as env_scripts
+from workers.remote import SECTION
+from workers.remote import env as env_scripts
+from workers.services import Services
+from workers.slack.format import duration
+from workers.slack.thread import publish
+from workers.state.runs import Run, RunState
 
 SYSTEM_PYTHON = "python3"
 TIMEOUT_SECONDS = 1800

@@ -15,20 +15,18 @@ from typing import Any
 
 from slack_sdk.errors import SlackApiError
 
-from workers import policy, scripts
-from workers.checkpoints import CheckpointListing, FoundCheckpoint, discover, discover_all
+from workers import policy, remote
+from workers.aws.fleet import Instance, aws_call
 from workers.commands import Requester, StartCommand, StopCommand, TerminateCommand, TrainCommand
-from workers.confirm import Confirmation, ConfirmStore, new_nonce
-from workers.context import Services, services
+from workers.cost.pricing import format_usd, hourly_price, load_price_book
 from workers.errors import AgentOffline, RunctlError, WrongState
-from workers.fleet import Instance, aws_call
-from workers.ids import ActionId
-from workers.jobs.runmsg import publish, reply
-from workers.locks import Holder, operation, train_lock
-from workers.pricing import format_usd, hourly_price, load_price_book
 from workers.queueing import enqueue
-from workers.render import duration
-from workers.render_lifecycle import (
+from workers.remote.checkpoints import CheckpointListing, FoundCheckpoint, discover, discover_all
+from workers.remote.lifecycle import StopResult, parse_stop
+from workers.services import Services, current
+from workers.slack.format import duration
+from workers.slack.ids import ActionId
+from workers.slack.messages.lifecycle import (
     Cost,
     checkpoint_line,
     checkpoints_summary,
@@ -37,9 +35,11 @@ from workers.render_lifecycle import (
     ready_blocks,
     summary_blocks,
 )
-from workers.runs import Checkpoint, Run, RunState, new_run_id
-from workers.scripts.lifecycle import StopResult, parse_stop
-from workers.uptime import UptimeLedger
+from workers.slack.thread import publish, reply
+from workers.state.confirmations import Confirmation, ConfirmStore, new_nonce
+from workers.state.locks import Holder, operation, train_lock
+from workers.state.runs import Checkpoint, Run, RunState, new_run_id
+from workers.state.uptime import UptimeLedger
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ RESUME_CLAIM_SECONDS = 7 * 86400
 def stop(command: dict[str, Any], requester: dict[str, Any]) -> str:
     cmd = StopCommand.model_validate(command)
     who = Requester.model_validate(requester)
-    svc = services()
+    svc = current()
     try:
         return stop_flow(svc, cmd.instance_id, who, cmd.grace, cmd.force)
     except RunctlError as exc:
@@ -66,13 +66,13 @@ def stop(command: dict[str, Any], requester: dict[str, Any]) -> str:
 def start(command: dict[str, Any], requester: dict[str, Any]) -> str:
     cmd = StartCommand.model_validate(command)
     who = Requester.model_validate(requester)
-    return start_flow(services(), cmd.instance_id, who, cmd.wait)
+    return start_flow(current(), cmd.instance_id, who, cmd.wait)
 
 
 def terminate(command: dict[str, Any], requester: dict[str, Any]) -> str:
     cmd = TerminateCommand.model_validate(command)
     who = Requester.model_validate(requester)
-    svc = services()
+    svc = current()
     try:
         return ask_to_terminate(svc, cmd.instance_id, who)
     except RunctlError as exc:
@@ -82,11 +82,11 @@ def terminate(command: dict[str, Any], requester: dict[str, Any]) -> str:
 
 def confirm_click(action: str, nonce: str, clicker: dict[str, Any], message_ts: str) -> str:
     """A click on [Terminate], [Stop instead] or [Cancel]; the bot already checked who clicked."""
-    return ConfirmClick(services(), ActionId(action), nonce, Requester.model_validate(clicker), message_ts).handle()
+    return ConfirmClick(current(), ActionId(action), nonce, Requester.model_validate(clicker), message_ts).handle()
 
 
 def resume(run_id: str, clicker: dict[str, Any], message_ts: str) -> str:
-    return resume_flow(services(), run_id, Requester.model_validate(clicker), message_ts)
+    return resume_flow(current(), run_id, Requester.model_validate(clicker), message_ts)
 
 
 # --- replies ----------------------------------------------------------------------
@@ -171,7 +171,7 @@ class Halter:
     def live_run_ids(self, known: Run | None) -> list[str]:
         """Runs alive on the instance (its pid files are the truth) plus the one Redis knows."""
         ids = [known.run_id] if known else []
-        result = self.svc.fleet.run(self.inst.id, scripts.probe_live_runs(self.root))
+        result = self.svc.fleet.run(self.inst.id, remote.probe_live_runs(self.root))
         for line in result.stdout.splitlines():
             parts = line.split()
             if len(parts) == 3 and parts[0] == "live" and parts[1] not in ids:
@@ -190,7 +190,7 @@ class Halter:
             verb = "Killing it at once (`--force`)" if self.force else f"SIGTERM, up to {self.grace} s to save"
             reply(svc, run, f"<@{self.actor.user_id}> is {self._doing()} {self.inst.label}. {verb}.", mention=False)
         ck_dir = (run.checkpoint_run_id or run_id) if run else run_id
-        script = scripts.stop_run(self.root, run_id, self.grace, force=self.force, checkpoint_run_id=ck_dir)
+        script = remote.stop_run(self.root, run_id, self.grace, force=self.force, checkpoint_run_id=ck_dir)
         out = svc.fleet.run(self.inst.id, script, timeout=self.grace + 60)
         result = parse_stop(out.stdout) or StopResult("none")
         listing: CheckpointListing | None

@@ -6,14 +6,16 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from workers import scripts
-from workers.context import Services, services
+from workers import remote
 from workers.errors import InstanceError, RunctlError, Throttled
-from workers.jobs.runmsg import publish, reply
-from workers.locks import train_lock
-from workers.render import checkpoint_text, duration
-from workers.runs import Run, RunState
-from workers.snapshot import Snapshot, parse_many
+from workers.queueing import JobPath
+from workers.remote.status import Snapshot, parse_many
+from workers.services import Services, current
+from workers.slack.format import duration
+from workers.slack.messages.run import checkpoint_text
+from workers.slack.thread import publish, reply
+from workers.state.locks import train_lock
+from workers.state.runs import Run, RunState
 
 log = logging.getLogger(__name__)
 LOG_TAIL_LINES = 15
@@ -47,7 +49,7 @@ def ensure_tick(svc: Services, at: float) -> None:
     # A recorded tick more than 10 minutes overdue belongs to a dead worker: replace it.
     if svc.redis.eval(_SET_IF_EARLIER, 1, TICK_AT, repr(at), repr(now - 600)):
         svc.queue.enqueue_in(
-            timedelta(seconds=max(0.0, at - now)), "workers.jobs.monitor.tick", job_timeout=900
+            timedelta(seconds=max(0.0, at - now)), JobPath.MONITOR_TICK.value, job_timeout=900
         )
 
 
@@ -68,7 +70,7 @@ def absorb(run: Run, snap: Snapshot) -> None:
 
 def tick() -> str:
     """Poll every run that is due, one SSM command per 50 instances."""
-    svc = services()
+    svc = current()
     now = svc.clock().timestamp()
     svc.redis.delete(TICK_AT)
     horizon = now + svc.settings.RUNCTL_POLL_MIN_SECONDS / 4
@@ -85,7 +87,7 @@ def tick() -> str:
 
 def monitor(run_id: str) -> str:
     """Poll one run now (kept for jobs queued by older versions)."""
-    svc = services()
+    svc = current()
     schedule(svc, run_id, timedelta(0))
     return tick()
 
@@ -96,7 +98,7 @@ def poll(svc: Services, runs: list[Run]) -> None:
         by_instance.setdefault(run.instance_id, []).append(run)
     batched = len(by_instance) > 1
     # Batched output comes back through ListCommandInvocations (2,500 chars each): keep it short.
-    script = scripts.runs_status(
+    script = remote.runs_status(
         svc.settings.RUNCTL_REMOTE_ROOT,
         [r.run_id for r in runs],
         log_lines=5 if batched else LOG_TAIL_LINES,

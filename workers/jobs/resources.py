@@ -12,16 +12,16 @@ from typing import Any
 
 from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, SectionBlock
 
-from workers import fleetview
 from workers.commands import Requester, ResourcesCommand
-from workers.context import services
+from workers.cost import fleetview
+from workers.cost.findings import Finding, detect
+from workers.cost.fleetview import Row
+from workers.cost.pricing import format_usd, load_price_book
 from workers.errors import RunctlError
-from workers.fleetview import Row
-from workers.notifier import clamp
-from workers.pricing import format_usd, load_price_book
-from workers.render import duration
-from workers.textblocks import sections
-from workers.warnings import Finding, detect
+from workers.services import current
+from workers.slack.blocks import sections
+from workers.slack.client import clamp
+from workers.slack.format import duration
 
 ROW_LIMIT = 20
 MAX_BLOCKS = 50
@@ -31,7 +31,7 @@ SHOWN_BY_DEFAULT = frozenset({"running", "pending", "stopping"})
 
 
 def resources(command: dict[str, Any], requester: dict[str, Any]) -> str:
-    svc = services()
+    svc = current()
     cmd = ResourcesCommand.model_validate(command)
     who = Requester.model_validate(requester)
     now = svc.clock()

@@ -6,14 +6,15 @@ from typing import Any
 
 from workers import audit, policy
 from workers.commands import Requester, StatusCommand
-from workers.context import services
 from workers.errors import RunctlError
-from workers.locks import train_lock
-from workers.render import checkpoint_text, duration, progress_text
+from workers.services import current
+from workers.slack.format import duration
+from workers.slack.messages.run import checkpoint_text, progress_text
+from workers.state.locks import train_lock
 
 
 def status(command: dict[str, Any], requester: dict[str, Any]) -> str:
-    svc = services()
+    svc = current()
     cmd = StatusCommand.model_validate(command)
     who = Requester.model_validate(requester)
     try:
@@ -27,7 +28,7 @@ def status(command: dict[str, Any], requester: dict[str, Any]) -> str:
 
 
 def describe(instance_id: str) -> str:
-    svc = services()
+    svc = current()
     now = svc.clock()
     inst = svc.fleet.get(instance_id)
     lines = [f"*{inst.label}* · {inst.type} · `{inst.state}`"]

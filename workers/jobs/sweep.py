@@ -8,16 +8,18 @@ from datetime import datetime
 
 from slack_sdk.errors import SlackApiError
 
-from workers import fleetview
-from workers.context import Services, services
+from workers.cost import fleetview
+from workers.cost.findings import Finding, detect
 from workers.errors import RunctlError
-from workers.warnings import Finding, Status, WarningRecord, WarningStore, detect, render
+from workers.services import Services, current
+from workers.slack.messages.warning import render
+from workers.state.warnings import Status, WarningRecord, WarningStore
 
 log = logging.getLogger(__name__)
 
 
 def sweep() -> str:
-    svc = services()
+    svc = current()
     now = svc.clock()
     try:
         rows = fleetview.view(svc, now)

@@ -8,21 +8,16 @@ import re
 from datetime import timedelta
 from typing import Any
 
-from workers import audit, policy, scripts
+from workers import audit, policy, remote
+from workers.aws.fleet import Instance
 from workers.commands import Requester, TrainCommand
-from workers.context import Services, services
-from workers.errors import (
-    AgentOffline,
-    RunConflict,
-    RunctlError,
-    WrongState,
-)
-from workers.fleet import Instance
+from workers.errors import AgentOffline, RunConflict, RunctlError, WrongState
 from workers.jobs import envsetup
-from workers.jobs.runmsg import fail, publish, reply
-from workers.locks import Holder, train_lock
-from workers.runs import Run, RunState
-from workers.scripts.lifecycle import parse_stop
+from workers.remote.lifecycle import parse_stop
+from workers.services import Services, current
+from workers.slack.thread import fail, publish, reply
+from workers.state.locks import Holder, train_lock
+from workers.state.runs import Run, RunState
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +28,7 @@ _CHECKPOINT_SIGNS = re.compile(
 
 
 def train(command: dict[str, Any], requester: dict[str, Any], run_id: str) -> str:
-    svc = services()
+    svc = current()
     cmd = TrainCommand.model_validate(command)
     who = Requester.model_validate(requester)
     try:  # the policy may have changed since the front door let this in
@@ -179,9 +174,9 @@ class TrainFlow:
         unless the instance says another training is alive: Redis may have lost the lock,
         the instance's pid files are the truth."""
         run, fleet = self.run, self.svc.fleet
-        script = scripts.deliver(self.root, run.run_id, run.script, bundle_url, launch)
+        script = remote.deliver(self.root, run.run_id, run.script, bundle_url, launch)
         result = fleet.run(run.instance_id, script, 600)
-        if result.exit_code == scripts.BUSY_EXIT:
+        if result.exit_code == remote.BUSY_EXIT:
             live = [p for p in (line.split() for line in result.stdout.splitlines()) if len(p) == 3 and p[0] == "live"]
             if not self.cmd.force:
                 other_run = self.svc.runs.get(live[0][1]) if live else None
@@ -206,7 +201,7 @@ class TrainFlow:
             self.mark_started()
 
     def start(self, launch: str) -> None:
-        result = self.svc.fleet.run(self.run.instance_id, scripts.header(self.root) + launch, timeout=600)
+        result = self.svc.fleet.run(self.run.instance_id, remote.header(self.root) + launch, timeout=600)
         if not result.ok:
             raise launch_error(self.run, result.exit_code, result.stderr or result.stdout)
         self.mark_started()
@@ -220,7 +215,7 @@ class TrainFlow:
             mention=False,
         )
         res = self.svc.fleet.run(
-            self.run.instance_id, scripts.stop_run(self.root, other_run_id, grace), grace + 60
+            self.run.instance_id, remote.stop_run(self.root, other_run_id, grace), grace + 60
         )
         outcome = parse_stop(res.stdout)
         if outcome is None or outcome.how == "none":
@@ -275,7 +270,7 @@ class TrainFlow:
             "PYTHONUNBUFFERED": "1",
         }
         meta = json.dumps({"run_id": run.run_id, "user": run.user_id, "script": run.script, "sha": run.sha})
-        return scripts.launch_body(
+        return remote.launch_body(
             run.run_id,
             run.script,
             run.args,

@@ -12,24 +12,25 @@ from typing import Any
 from slack_sdk.errors import SlackApiError
 
 from workers.commands import Requester
-from workers.context import Services, services
 from workers.errors import RunctlError
 from workers.jobs.lifecycle import stop_flow
-from workers.warnings import WINDOW, Kind, Status, WarningRecord, WarningStore, render
+from workers.services import Services, current
+from workers.slack.messages.warning import render
+from workers.state.warnings import WINDOW, Kind, Status, WarningRecord, WarningStore
 
 log = logging.getLogger(__name__)
 
 
 def snooze(instance_id: str, kind: str, user_id: str) -> str:
-    return _quiet(services(), instance_id, Kind(kind), user_id, Status.SNOOZED, "")
+    return _quiet(current(), instance_id, Kind(kind), user_id, Status.SNOOZED, "")
 
 
 def keep(instance_id: str, kind: str, user_id: str, reason: str = "") -> str:
-    return _quiet(services(), instance_id, Kind(kind), user_id, Status.KEPT, reason.strip()[:500])
+    return _quiet(current(), instance_id, Kind(kind), user_id, Status.KEPT, reason.strip()[:500])
 
 
 def stop_now(instance_id: str, kind: str, requester: dict[str, Any]) -> str:
-    svc = services()
+    svc = current()
     actor = Requester.model_validate(requester)
     store = WarningStore(svc.redis)
     record = store.get(instance_id, Kind(kind))

@@ -6,10 +6,10 @@ import logging
 
 from slack_sdk.errors import SlackApiError
 
-from workers.context import Services
 from workers.errors import ErrorInfo, RunctlError
-from workers.render import run_blocks
-from workers.runs import Run, RunState
+from workers.services import Services
+from workers.slack.messages.run import run_blocks
+from workers.state.runs import Run, RunState
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ the first line by ``header``), and every user-controlled value through ``shlex.q
 One module per area: ``core`` (runs), ``checkpoints``, ``lifecycle``, ``env``.
 """
 
-from workers.scripts.core import (
+from workers.remote.core import (
     BUSY_EXIT,
     SECTION,
     deliver,
@@ -18,7 +18,7 @@ from workers.scripts.core import (
     runs_status,
     wrapper,
 )
-from workers.scripts.lifecycle import stop_run
+from workers.remote.lifecycle import stop_run
 
 __all__ = [
     "BUSY_EXIT",

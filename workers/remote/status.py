@@ -7,8 +7,8 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from workers.runs import Checkpoint, Progress
-from workers.scripts import SECTION
+from workers.remote import SECTION
+from workers.state.runs import Checkpoint, Progress
 
 _EPOCH = re.compile(r"epoch\s*[:=]?\s*(\d+)\s*/\s*(\d+)", re.IGNORECASE)
 _METRIC = re.compile(r"\b(loss|acc|accuracy|val_loss|lr)\s*[=:]\s*([-+0-9.eE]+)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import secrets
 
-from workers.scripts.core import SECTION, header, q, run_dir
+from workers.remote.core import SECTION, header, q, run_dir
 
 KEEP_ENVS = 3  # environments used by this many most recent runs survive a prune
 LOG_TAIL = 30

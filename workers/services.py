@@ -15,14 +15,13 @@ from rq import Queue
 
 from workers import policy
 from workers import settings as settings_mod
+from workers.aws.fleet import Fleet
+from workers.aws.repo import CodeRepo
 from workers.errors import ConfigError
-from workers.fleet import Fleet
-from workers.notifier import Notifier, make_client
-from workers.repo import CodeRepo
-from workers.runs import RunStore
+from workers.queueing import QUEUE
 from workers.settings import Settings
-
-QUEUE = "runctl"
+from workers.slack.client import Notifier, make_client
+from workers.state.runs import RunStore
 
 
 def utc_now() -> datetime:
@@ -74,7 +73,7 @@ def from_settings(settings: Settings) -> Services:
     return Services(settings=settings, redis=redis, notifier=Notifier(make_client(settings)))
 
 
-def services() -> Services:
+def current() -> Services:
     global _installed
     if _installed is None:
         _installed = from_settings(settings_mod.load("worker"))

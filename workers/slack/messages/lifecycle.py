@@ -19,12 +19,12 @@ from slack_sdk.models.blocks import (
     SectionBlock,
 )
 
-from workers.checkpoints import CheckpointListing, FoundCheckpoint
-from workers.fleet import Instance
-from workers.ids import ActionId, BlockId
-from workers.notifier import clamp
-from workers.render import duration, size
-from workers.runs import Run
+from workers.aws.fleet import Instance
+from workers.remote.checkpoints import CheckpointListing, FoundCheckpoint
+from workers.slack.client import clamp
+from workers.slack.format import duration, size
+from workers.slack.ids import ActionId, BlockId
+from workers.state.runs import Run
 
 MAX_SECTIONS = 45  # Slack allows 50 blocks; keep room for the header and actions
 

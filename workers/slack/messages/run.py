@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from slack_sdk.models.blocks import (
-    Block,
-    ContextBlock,
-    MarkdownTextObject,
-    SectionBlock,
-)
+from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, SectionBlock
 
-from workers.ids import BlockId
-from workers.notifier import clamp
-from workers.runs import Checkpoint, Progress, Run, RunState
+from workers.slack.client import clamp
+from workers.slack.format import bar, duration, size
+from workers.slack.ids import BlockId
+from workers.state.runs import Checkpoint, Progress, Run, RunState
 
 EMOJI = {
     RunState.QUEUED: ":hourglass_flowing_sand:",
@@ -27,35 +23,6 @@ EMOJI = {
     RunState.REFUSED: ":no_entry:",
     RunState.LOST: ":grey_question:",
 }
-
-
-def duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    days, rem = divmod(seconds, 86400)
-    hours, rem = divmod(rem, 3600)
-    minutes, secs = divmod(rem, 60)
-    if days:
-        return f"{days}d {hours}h"
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    if minutes:
-        return f"{minutes}m {secs:02d}s"
-    return f"{secs}s"
-
-
-def size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
-
-
-def bar(fraction: float, width: int = 20) -> str:
-    fraction = min(1.0, max(0.0, fraction))
-    filled = round(fraction * width)
-    return "█" * filled + "░" * (width - filled) + f" {fraction:.0%}"
 
 
 def progress_text(p: Progress) -> str:

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from slack_sdk.models.blocks import MarkdownTextObject, SectionBlock
 
-from workers.notifier import MAX_TEXT, clamp
+from workers.slack.client import MAX_TEXT, clamp
 
 
 def sections(lines: Iterable[str], max_blocks: int, limit: int = MAX_TEXT) -> list[SectionBlock]:

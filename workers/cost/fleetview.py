@@ -12,11 +12,11 @@ from decimal import Decimal
 from itertools import islice
 from typing import Any
 
-from workers.context import Services
-from workers.fleet import Instance
-from workers.pricing import Price, hourly_price, load_price_book
-from workers.runs import Run
-from workers.uptime import Sighting, UptimeLedger
+from workers.aws.fleet import Instance
+from workers.cost.pricing import Price, hourly_price, load_price_book
+from workers.services import Services
+from workers.state.runs import Run
+from workers.state.uptime import Sighting, UptimeLedger
 
 OWNER_TAG = "runctl:user"
 PAGE = 1000  # instances per batch of Redis reads/writes: one describe page

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from workers.scripts.core import header, run_dir
+from workers.remote.core import header, run_dir
 
 _RESULT = re.compile(r"^stopped (term|kill|none)(?: (\d+))?(?: (\d+))?\s*$", re.MULTILINE)
 _SAVED = re.compile(r"^saved (.+)$", re.MULTILINE)

@@ -12,7 +12,7 @@ from rq import Queue, SimpleWorker
 from rq.registry import ScheduledJobRegistry
 from rq.timeouts import TimerDeathPenalty
 
-from workers.context import QUEUE
+from workers.queueing import QUEUE
 
 
 class _ThreadSafeWorker(SimpleWorker):
