@@ -13,6 +13,7 @@ from workers.commands import AuditCommand, Requester
 from workers.errors import RunctlError
 from workers.services import current
 from workers.slack.client import MAX_TEXT
+from workers.slack.escape import code, escape
 
 MAX_LINE = 600
 MAX_SECTIONS = 45
@@ -62,13 +63,13 @@ def line(r: trail.Record) -> str:
     if r.channel:
         parts.append(f"<#{r.channel}>")
     parts.append(f"{MARK.get(r.decision, '')} {r.decision}")
-    what = " → ".join(x for x in (code(r.text) if r.text else "", escape(r.outcome)) if x)
+    what = " → ".join(x for x in (code(r.text, 300) if r.text else "", escape(r.outcome)) if x)
     if what:
         parts.append(what)
     if r.run_id:
-        parts.append(f"run `{escape(r.run_id)}`")
+        parts.append(f"run {code(r.run_id)}")
     if r.instance:
-        parts.append(f"`{escape(r.instance)}`")
+        parts.append(code(r.instance))
     text = " · ".join(parts)
     return text if len(text) <= MAX_LINE else text[: MAX_LINE - 1] + "…"
 
@@ -86,12 +87,3 @@ def chunks(lines: list[str], limit: int = MAX_TEXT) -> list[str]:
     if current:
         out.append(current)
     return out
-
-
-def escape(text: str) -> str:
-    """User text shown verbatim: no mentions, links or formatting can be smuggled in."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def code(text: str) -> str:
-    return "`" + escape(text).replace("`", "ˋ")[:300] + "`"
