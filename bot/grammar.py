@@ -315,21 +315,11 @@ def _instance(spec: Spec, raw: str) -> str:
 
 
 def check_script_path(raw: str, usage: str = "") -> str:
-    problem = ""
-    norm = posixpath.normpath(raw) if raw else raw
-    if not raw:
-        problem = "is empty"
-    elif raw.startswith("/") or raw.startswith("~"):
-        problem = "is absolute; give a path relative to the repository root"
-    elif ".." in raw.split("/") or norm.startswith(".."):
-        problem = "leaves the repository (`..`)"
-    elif "\\" in raw:
-        problem = "contains a backslash; use `/`"
-    elif not norm.endswith(".py"):
-        problem = "is not a Python script (.py)"
+    """The same rule with or without `--no-sync-code` (the job checks it again)."""
+    problem = c.script_problem(raw)
     if problem:
         raise UsageError(f"Script path `{raw}` {problem}.", usage=usage)
-    return norm
+    return posixpath.normpath(raw)
 
 
 def check_ref(raw: str, usage: str = "") -> str:

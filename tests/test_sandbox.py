@@ -151,7 +151,7 @@ def test_runctl_root_is_rewritten_to_the_instance_dir(sandbox: Sandbox, fleet: S
     root = sandbox.instance_dir(box)
     assert inv["StandardOutputContent"] == f"{root}\n"
     assert (root / "runs" / "r1" / "exit_code").read_text() == "42\n"
-    assert sandbox.sent_scripts(box)[-1].startswith(f"RUNCTL_ROOT={shlex.quote(str(root))}\n")
+    assert sandbox.sent_scripts(box)[-1].startswith(f'RUNCTL_ROOT={shlex.quote(str(root))}\n')
 
 
 def test_scripts_run_under_dash_not_bash(fleet: SeedInfo, ssm: SSMClient) -> None:
@@ -332,7 +332,7 @@ def test_presigned_s3_url_downloads_from_a_script(
         "get_object", Params={"Bucket": fleet.bucket, "Key": "bundles/b1.txt"}, ExpiresIn=60
     )
     box = fleet.instances["gpu-box-1"]
-    command_id = _send(ssm, [box], f"curl -sSf -o bundle.txt {shlex.quote(url)}", "cat bundle.txt")
+    command_id = _send(ssm, [box], f'curl -sSf -o bundle.txt {shlex.quote(url)}', "cat bundle.txt")
 
     inv = _wait(ssm, command_id, box)
 

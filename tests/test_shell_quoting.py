@@ -3,6 +3,7 @@ is ever interpreted by the shell on the instance."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import select
@@ -186,3 +187,63 @@ def test_the_grammar_hands_args_over_unchanged(args: list[str]) -> None:
     command = parse(text)
     assert isinstance(command, TrainCommand)
     assert list(command.args) == args
+
+
+# --- the rule, checked on the source: a quoted word is never inside another quoting context ---
+
+QUOTERS = {"q", "quote", "interpreter", "run_dir"}  # each returns shell words already quoted
+
+
+def _quoter(node: ast.expr) -> str | None:
+    if isinstance(node, ast.Call):
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+        return name if name in QUOTERS else None
+    return None
+
+
+def shell_state(text: str, state: str = "") -> str:
+    """The quoting context ("", "'" or '"') at the end of `text`, read as sh would."""
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if state == "'":
+            state = "" if ch == "'" else state
+        elif ch == "\\":
+            i += 1
+        elif state == '"':
+            state = "" if ch == '"' else state
+        elif ch in "'\"":
+            state = ch
+        i += 1
+    return state
+
+
+def nested_quotes(source: str) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.JoinedStr):
+            continue
+        state = ""
+        for part in node.values:
+            if isinstance(part, ast.Constant) and isinstance(part.value, str):
+                state = shell_state(part.value, state)
+            elif isinstance(part, ast.FormattedValue) and (name := _quoter(part.value)) and state:
+                found.append(f"line {node.lineno}: {name}(...) inside {state}")
+    return found
+
+
+def test_the_nesting_check_catches_the_old_pattern() -> None:
+    assert nested_quotes('f"  echo \\"runctl: script {q(script)} is missing\\" >&2"')
+    assert nested_quotes("f\"echo 'x {shlex.quote(v)}'\"")
+    assert not nested_quotes("f'SCRIPT={q(script)}\\nprintf \"%s\" \"$SCRIPT\"'")
+    assert not nested_quotes("f'\"$RUNCTL_ROOT/runs/\"{q(run_id)}'")
+
+
+def test_no_builder_puts_a_quoted_value_inside_another_quoting_context() -> None:
+    problems = {
+        str(path): found
+        for path in sorted(Path("workers").rglob("*.py"))
+        if (found := nested_quotes(path.read_text()))
+    }
+    assert problems == {}

@@ -2,11 +2,46 @@
 
 from __future__ import annotations
 
+import posixpath
+import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 InstanceId = Annotated[str, Field(pattern=r"^i-(?:[0-9a-f]{8}|[0-9a-f]{17})$")]
+SCRIPT_CHARS = re.compile(r"[A-Za-z0-9._/-]+")
+
+
+def script_problem(path: str) -> str:
+    """Why `path` is not a script runctl runs ("" if it is one): a relative path inside the
+    repository, ending in .py, of letters, digits and `._-/` only, so no shell ever reads
+    anything in it, with or without `--no-sync-code`."""
+    norm = posixpath.normpath(path) if path else path
+    bad = sorted({ch for ch in path if not SCRIPT_CHARS.fullmatch(ch)})
+    if not path:
+        return "is empty"
+    if path.startswith("/") or path.startswith("~"):
+        return "is absolute; give a path relative to the repository root"
+    if ".." in path.split("/") or norm.startswith(".."):
+        return "leaves the repository (`..`)"
+    if "\\" in path:
+        return "contains a backslash; use `/`"
+    if bad:
+        shown = " ".join(repr(ch) for ch in bad[:5])
+        return f"contains {shown}; a script path may hold only letters, digits and `._-/`"
+    if not norm.endswith(".py"):
+        return "is not a Python script (.py)"
+    return ""
+
+
+def _script(path: str) -> str:
+    problem = script_problem(path)
+    if problem:
+        raise ValueError(f"the script path {problem}")
+    return posixpath.normpath(path)
+
+
+ScriptPath = Annotated[str, AfterValidator(_script)]
 
 
 class Command(BaseModel):
@@ -17,7 +52,7 @@ class Command(BaseModel):
 class TrainCommand(Command):
     name: Literal["train"] = "train"
     instance_id: InstanceId
-    script: str
+    script: ScriptPath
     ref: str | None = None
     sync_code: bool = True
     wait: bool = True

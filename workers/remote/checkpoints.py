@@ -144,7 +144,7 @@ def list_checkpoints(root: str, run_id: str | None, verify: bool = True) -> str:
     s = SECTION
     if run_id is not None:
         body = (
-            f"RUN={q(run_id)}\n"
+            f'RUN={q(run_id)}\n'
             'if valid_id "$RUN" && [ -d "$RUNS/$RUN" ]; then\n'
             '  list_run "$RUN"\n'
             "else\n"

@@ -6,6 +6,7 @@ the first line), and every value that came from a user through ``shlex.quote``.
 
 from __future__ import annotations
 
+import re
 import secrets
 import shlex
 from collections.abc import Mapping, Sequence
@@ -13,14 +14,23 @@ from collections.abc import Mapping, Sequence
 q = shlex.quote
 
 SECTION = "::runctl::"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def header(root: str) -> str:
-    return f"RUNCTL_ROOT={q(root)}\nset -u\nexport RUNCTL_ROOT\n"
+    return f'RUNCTL_ROOT={q(root)}\nset -u\nexport RUNCTL_ROOT\n'
 
 
 def run_dir(run_id: str) -> str:
     return f'"$RUNCTL_ROOT/runs/"{q(run_id)}'
+
+
+def heredoc_end(body: str) -> str:
+    """A quoted here-document's end word that no line of ``body`` can match."""
+    while True:
+        eof = "RUNCTL_EOF_" + secrets.token_hex(6)
+        if eof not in body:
+            return eof
 
 
 BUSY_EXIT = 75  # `deliver` found another live training and changed nothing
@@ -63,7 +73,10 @@ def wrapper(
 ) -> str:
     """The detached wrapper: runs the training as a child so `pid` is the training
     process itself, and records its exit code when it ends."""
-    exports = "".join(f"export {k}={q(v)}\n" for k, v in env.items())
+    bad = [k for k in env if not _ENV_NAME.fullmatch(k)]
+    if bad:
+        raise ValueError(f"not environment variable names: {bad!r}")
+    exports = "".join(f'export {k}={q(v)}\n' for k, v in env.items())
     argv = " ".join([interpreter(python), *(q(a) for a in ("-u", script, *args))])
     rdir = run_dir(run_id)
     return (
@@ -94,7 +107,7 @@ def fetch_code(bundle_url: str, run_id: str) -> str:
     """Download and unpack a bundle into $RUNCTL_ROOT/code (swap in atomically)."""
     tmp = f'"$RUNCTL_ROOT/code.tmp."{q(run_id)}'
     return (
-        f"BUNDLE_URL={q(bundle_url)}\n"
+        f'BUNDLE_URL={q(bundle_url)}\n'
         f"TMP={tmp}\n"
         'rm -rf "$TMP" && mkdir -p "$TMP"\n'
         'if command -v curl >/dev/null 2>&1; then\n'
@@ -118,8 +131,9 @@ def _sync_body(run_id: str, script: str, bundle_url: str | None) -> str:
         f"RUN_DIR={run_dir(run_id)}\n"
         + 'mkdir -p "$RUN_DIR" "$RUNCTL_ROOT/runs"\n'
         + (fetch_code(bundle_url, run_id) if bundle_url else "")
-        + f"if [ ! -f \"$RUNCTL_ROOT/code/\"{q(script)} ]; then\n"
-        + f"  echo \"runctl: script {q(script)} is not in $RUNCTL_ROOT/code on this instance\" >&2\n"
+        + f'SCRIPT={q(script)}\n'
+        + 'if [ ! -f "$RUNCTL_ROOT/code/$SCRIPT" ]; then\n'
+        + "  printf 'runctl: script %s is not in %s/code on this instance\\n' \"$SCRIPT\" \"$RUNCTL_ROOT\" >&2\n"
         + "  exit 3\n"
         + "fi\n"
         + "echo synced\n"
@@ -133,7 +147,12 @@ def deliver(root: str, run_id: str, script: str, bundle_url: str | None, then: s
         header(root)
         + "live=$(\n"
         + _probe_body()
-        + f")\nlive=$(printf '%s\\n' \"$live\" | grep -v \"^live {run_id} \" || true)\n"
+        + ")\n"
+        + f'RUN_ID={q(run_id)}\n'
+        # Lines of other runs only; the run id is compared as a value, never read as a pattern.
+        + 'live=$(printf \'%s\\n\' "$live" | while read -r word rid pid; do\n'
+        + '  if [ "$word" = live ] && [ "$rid" != "$RUN_ID" ]; then printf \'live %s %s\\n\' "$rid" "$pid"; fi\n'
+        + "done)\n"
         + f'if [ -n "$live" ]; then printf \'%s\\n\' "$live"; exit {BUSY_EXIT}; fi\n'
         + _sync_body(run_id, script, bundle_url)
         + then
@@ -150,12 +169,13 @@ def launch_body(
     checkpoint_run_id: str | None = None,
 ) -> str:
     """Start the wrapper detached (the code is already in place); ends once it runs."""
-    eof = "RUNCTL_EOF_" + secrets.token_hex(6)
     body = wrapper(run_id, script, args, env, python, checkpoint_run_id)
+    eof = heredoc_end(body)
     return (
         f"RUN_DIR={run_dir(run_id)}\n"
         + 'mkdir -p "$RUN_DIR"\n'
-        + f"printf '%s\\n' {q(meta_json)} > \"$RUN_DIR/meta.json\"\n"
+        + f'META={q(meta_json)}\n'
+        + "printf '%s\\n' \"$META\" > \"$RUN_DIR/meta.json\"\n"
         + f"cat > \"$RUN_DIR/run.sh\" <<'{eof}'\n{body}{eof}\n"
         + ': > "$RUN_DIR/training.log"\n'
         + 'setsid sh "$RUN_DIR/run.sh" </dev/null >/dev/null 2>&1 &\n'

@@ -9,9 +9,7 @@ Exit codes: 40 install failed, 41 no venv, 42 no python3, 43 another build held 
 
 from __future__ import annotations
 
-import secrets
-
-from workers.remote.core import SECTION, header, q, run_dir
+from workers.remote.core import SECTION, header, heredoc_end, q, run_dir
 
 KEEP_ENVS = 3  # environments used by this many most recent runs survive a prune
 LOG_TAIL = 30
@@ -34,18 +32,21 @@ def setup_env(
     given (dependencies from pyproject.toml) it is written to the run directory
     and installed instead."""
     s = SECTION
-    eof = "RUNCTL_EOF_" + secrets.token_hex(6)
     if generated is not None:
-        req = '"$RUN_DIR/requirements.txt"'
-        write_req = f"cat > {req} <<'{eof}'\n{generated}{'' if generated.endswith(chr(10)) else chr(10)}{eof}\n"
+        text = generated if generated.endswith("\n") else generated + "\n"
+        eof = heredoc_end(text)
+        req = 'REQ="$RUN_DIR/requirements.txt"\n'
+        write_req = f"cat > \"$REQ\" <<'{eof}'\n{text}{eof}\n"
     else:
-        req = f'"$RUNCTL_ROOT/code/"{q(requirements)}'
+        req = f'REQ="$RUNCTL_ROOT/code/"{q(requirements)}\n'
         write_req = ""
-    work = f'"$RUNCTL_ROOT/code/"{q(workdir)}' if workdir else '"$RUNCTL_ROOT/code"'
+    work = f'WORK="$RUNCTL_ROOT/code/"{q(workdir)}\n' if workdir else 'WORK="$RUNCTL_ROOT/code"\n'
     tail = f'tail -n {LOG_TAIL} "$LOG" | cut -c1-300'
     return header(root) + (
         f"RUN_DIR={run_dir(run_id)}\n"
         'LOG="$RUN_DIR/setup.log"\n'
+        f"{req}{work}"
+        f'REQ_NAME={q(requirements)}\n'
         'mkdir -p "$RUN_DIR" "$RUNCTL_ROOT/envs"\n'
         f"{write_req}"
         "if ! command -v python3 >/dev/null 2>&1; then\n"
@@ -79,7 +80,7 @@ def setup_env(
         "  exit 0\n"
         "fi\n"
         'rm -rf "$ENV"\n'
-        f'echo "runctl: building environment $NAME from {q(requirements)}" > "$LOG"\n'
+        'printf \'runctl: building environment %s from %s\\n\' "$NAME" "$REQ_NAME" > "$LOG"\n'
         # ensurepip alone takes 10-20 s; uv or a recent system pip can install
         # into a pip-less venv instead.
         "if command -v uv >/dev/null 2>&1; then\n"
@@ -94,11 +95,11 @@ def setup_env(
         '  rm -rf "$ENV"\n'
         f'  echo "{s}failed venv"; {tail}; exit {NO_VENV}\n'
         "fi\n"
-        f"cd {work} || exit {INSTALL_FAILED}\n"
+        f'cd "$WORK" || exit {INSTALL_FAILED}\n'
         'case "$INSTALLER" in\n'
-        f'  uv) uv pip install --python "$ENV/bin/python" -r {req} ;;\n'
-        f'  system-pip) python3 -m pip --python "$ENV/bin/python" install --progress-bar off -r {req} ;;\n'
-        f'  *) "$ENV/bin/python" -m pip install --progress-bar off -r {req} ;;\n'
+        '  uv) uv pip install --python "$ENV/bin/python" -r "$REQ" ;;\n'
+        '  system-pip) python3 -m pip --python "$ENV/bin/python" install --progress-bar off -r "$REQ" ;;\n'
+        '  *) "$ENV/bin/python" -m pip install --progress-bar off -r "$REQ" ;;\n'
         'esac >> "$LOG" 2>&1\n'
         "rc=$?\n"
         'if [ "$rc" -ne 0 ]; then\n'

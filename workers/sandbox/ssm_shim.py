@@ -73,7 +73,7 @@ def _iso(moment: datetime | None) -> str:
 
 def rewrite_root(script: str, root: Path) -> str:
     """Point the script's one ``RUNCTL_ROOT=`` line at ``root``."""
-    line = f"RUNCTL_ROOT={shlex.quote(str(root))}"
+    line = f'RUNCTL_ROOT={shlex.quote(str(root))}'
     return _ROOT_LINE.sub(lambda _: line, script, count=1)
 
 
