@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import boto3
 import pytest
+from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from workers.sandbox.aws import AMI_ID, MANAGED_TAG, Sandbox, SeedInfo, seed
@@ -54,7 +55,7 @@ def ec2(sandbox: Sandbox, aws: boto3.Session) -> EC2Client:
 
 @pytest.fixture(scope="module")
 def s3(sandbox: Sandbox, aws: boto3.Session) -> S3Client:
-    return aws.client("s3", endpoint_url=sandbox.endpoint_url)
+    return aws.client("s3", endpoint_url=sandbox.endpoint_url, config=Config(signature_version="s3v4"))
 
 
 def _launch(ec2: EC2Client, **tags: str) -> str:
@@ -338,6 +339,32 @@ def test_presigned_s3_url_downloads_from_a_script(
 
     assert (inv["Status"], inv["StandardOutputContent"]) == ("Success", "bundle bytes")
     assert (sandbox.instance_dir(box) / "bundle.txt").read_bytes() == b"bundle bytes"
+
+
+def test_presigned_download_refuses_sigv2_and_can_redirect_once(
+    sandbox: Sandbox, fleet: SeedInfo, aws: boto3.Session, s3: S3Client, ssm: SSMClient
+) -> None:
+    s3.put_object(Bucket=fleet.bucket, Key="bundles/b2.txt", Body=b"v4 only")
+    params = {"Bucket": fleet.bucket, "Key": "bundles/b2.txt"}
+    v2 = aws.client("s3", endpoint_url=sandbox.endpoint_url, config=Config(signature_version="s3"))
+    v2_url = v2.generate_presigned_url("get_object", Params=params, ExpiresIn=60)
+    v4_url = s3.generate_presigned_url("get_object", Params=params, ExpiresIn=60)
+    assert "X-Amz-Algorithm" not in v2_url and "X-Amz-Algorithm=AWS4-HMAC-SHA256" in v4_url
+    sandbox.s3.redirect_next()
+    box = fleet.instances["cpu-box"]
+    command_id = _send(
+        ssm,
+        [box],
+        f"V2={shlex.quote(v2_url)}",
+        f"V4={shlex.quote(v4_url)}",
+        "curl -sS -o /dev/null -w 'v2 %{http_code}\\n' \"$V2\"",
+        "curl -sS -o /dev/null -w 'redirect %{http_code}\\n' \"$V4\"",
+        "curl -sS -w ' %{http_code}\\n' \"$V4\"",
+    )
+
+    inv = _wait(ssm, command_id, box)
+
+    assert inv["StandardOutputContent"].splitlines() == ["v2 400", "redirect 307", "v4 only 200"]
 
 
 def test_seeded_fleet_is_found_by_the_managed_tag(fleet: SeedInfo, ec2: EC2Client) -> None:

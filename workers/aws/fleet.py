@@ -26,9 +26,13 @@ from workers.errors import (
 )
 
 BOTO_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 8}, connect_timeout=5)
+# Buckets created since June 2020 refuse SigV2, which botocore still presigns with in some
+# regions; virtual addressing names the bucket's regional host (no 307 from the global one).
+S3_CONFIG = BOTO_CONFIG.merge(Config(signature_version="s3v4", s3={"addressing_style": "virtual"}))
 SSM_OUTPUT_LIMIT = 24_000
 LIST_OUTPUT_LIMIT = 2_500  # ListCommandInvocations truncates each output here
 PRESIGN_SECONDS = 300
+PRESIGN_MARGIN_SECONDS = 60
 
 
 @dataclass(frozen=True)
@@ -117,8 +121,9 @@ class Fleet:
         self.clock = clock
         self.ec2: Any = self.session.client("ec2", config=BOTO_CONFIG)
         self.ssm: Any = self.session.client("ssm", config=BOTO_CONFIG)
-        self.s3: Any = self.session.client("s3", config=BOTO_CONFIG)
+        self.s3: Any = self.session.client("s3", config=S3_CONFIG)
         self.region = str(self.ec2.meta.region_name)
+        self._presigner: Any = None
 
     # --- EC2 ---------------------------------------------------------------
     def describe(self, instance_ids: list[str] | None = None) -> list[Instance]:
@@ -333,10 +338,25 @@ class Fleet:
         with aws_call(f"upload the code bundle to s3://{self.bucket}"):
             self.s3.put_object(Bucket=self.bucket, Key=key, Body=data)
 
+    def bucket_region(self) -> str:
+        """The bucket's own region: S3 names it in ``x-amz-bucket-region`` on HeadBucket,
+        on a 403 or 301 too; the worker's region when it does not."""
+        headers: Mapping[str, str]
+        try:
+            headers = self.s3.head_bucket(Bucket=self.bucket)["ResponseMetadata"]["HTTPHeaders"]
+        except ClientError as exc:
+            headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        except BotoCoreError as exc:
+            raise translate(exc, f"find the region of s3://{self.bucket}") from exc
+        return str(headers.get("x-amz-bucket-region") or self.region)
+
     def presign(self, key: str, seconds: int = PRESIGN_SECONDS) -> str:
+        """A SigV4 GET URL on the bucket's regional endpoint, valid for ``seconds``."""
         with aws_call("presign the code bundle"):
+            if self._presigner is None:
+                self._presigner = self.session.client("s3", region_name=self.bucket_region(), config=S3_CONFIG)
             return str(
-                self.s3.generate_presigned_url(
+                self._presigner.generate_presigned_url(
                     "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=seconds
                 )
             )

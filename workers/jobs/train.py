@@ -9,7 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 from workers import audit, policy, remote
-from workers.aws.fleet import Instance
+from workers.aws.fleet import PRESIGN_MARGIN_SECONDS, Instance
 from workers.commands import Requester, TrainCommand
 from workers.errors import AgentOffline, RunConflict, RunctlError, WrongState
 from workers.jobs import envsetup
@@ -20,6 +20,8 @@ from workers.state.locks import Holder, train_lock
 from workers.state.runs import Run, RunState
 
 log = logging.getLogger(__name__)
+
+DELIVER_SECONDS = 600  # the deliver command's delivery timeout, and its execution timeout
 
 _DECLARES_INTERVAL = re.compile(r"""["']--checkpoint[-_]interval["']""")
 _CHECKPOINT_SIGNS = re.compile(
@@ -175,7 +177,7 @@ class TrainFlow:
         the instance's pid files are the truth."""
         run, fleet = self.run, self.svc.fleet
         script = remote.deliver(self.root, run.run_id, run.script, bundle_url, launch)
-        result = fleet.run(run.instance_id, script, 600)
+        result = fleet.run(run.instance_id, script, DELIVER_SECONDS)
         if result.exit_code == remote.BUSY_EXIT:
             live = [p for p in (line.split() for line in result.stdout.splitlines()) if len(p) == 3 and p[0] == "live"]
             if not self.cmd.force:
@@ -194,7 +196,9 @@ class TrainFlow:
                 raise conflict(run.instance_id, other_id, holder, f"pid {pid}")
             for _, other_id, _ in live:
                 self.stop_previous(other_id)
-            result = fleet.run(run.instance_id, script, 600)
+            # Stopping took time: sign a fresh URL for the second command.
+            script = remote.deliver(self.root, run.run_id, run.script, self.bundle_url(), launch)
+            result = fleet.run(run.instance_id, script, DELIVER_SECONDS)
         if not result.ok:
             raise launch_error(run, result.exit_code, result.stderr or result.stdout)
         if launch:
@@ -260,7 +264,9 @@ class TrainFlow:
         key = f"runctl/bundles/{run.sha}.tar.gz"
         if not fleet.has_object(key):
             fleet.upload(key, self.svc.repo.archive(run.sha))
-        return fleet.presign(key)
+        # SSM may hold the command DELIVER_SECONDS before it starts, then the script may
+        # run DELIVER_SECONDS: the URL outlives both.
+        return fleet.presign(key, 2 * DELIVER_SECONDS + PRESIGN_MARGIN_SECONDS)
 
     def launch_body(self, python: str) -> str:
         run = self.run
@@ -329,6 +335,15 @@ def launch_error(run: Run, code: int, output: str) -> RunctlError:
             f"`{run.script}` is not on {run.instance_id}.",
             why="`--no-sync-code` runs the tree already on the instance, and it has no such file.",
             fix=f"Run without `--no-sync-code` to ship the code at `{run.ref}`.",
+        )
+    said = next((line for line in output.splitlines() if line.startswith("runctl: could not")), "")
+    if code in (remote.DOWNLOAD_FAILED, remote.UNPACK_FAILED) and said:
+        step = "download" if code == remote.DOWNLOAD_FAILED else "unpack"
+        return RunctlError(
+            f"{run.instance_id} could not {step} the code bundle; training was not started.",
+            why=said.removeprefix("runctl: ")[:600],
+            fix="Check that the instance reaches S3 (HTTPS to the bucket's region, a proxy or "
+            f"VPC endpoint if it has no internet), then run the same command again: `{run.command_text}`.",
         )
     return RunctlError(
         f"Launching on {run.instance_id} failed (exit {code}).",

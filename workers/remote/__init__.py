@@ -7,7 +7,9 @@ One module per area: ``core`` (runs), ``checkpoints``, ``lifecycle``, ``env``.
 
 from workers.remote.core import (
     BUSY_EXIT,
+    DOWNLOAD_FAILED,
     SECTION,
+    UNPACK_FAILED,
     deliver,
     fetch_code,
     header,
@@ -22,7 +24,9 @@ from workers.remote.lifecycle import stop_run
 
 __all__ = [
     "BUSY_EXIT",
+    "DOWNLOAD_FAILED",
     "SECTION",
+    "UNPACK_FAILED",
     "deliver",
     "fetch_code",
     "header",

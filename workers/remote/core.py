@@ -103,22 +103,53 @@ def wrapper(
     )
 
 
+DOWNLOAD_FAILED, UNPACK_FAILED = 20, 21
+
+# urllib follows redirects; it prints the final HTTP status (0: no answer) for the shell.
+_PY_FETCH = """import sys, urllib.error, urllib.request
+try:
+    r = urllib.request.urlopen(sys.argv[1], timeout=120); code, body = r.status, r.read()
+except urllib.error.HTTPError as e:
+    code, body = e.code, e.read()
+except OSError as e:
+    code, body = 0, str(e).encode()
+open(sys.argv[2], "wb").write(body); print(code)
+"""
+
+
 def fetch_code(bundle_url: str, run_id: str) -> str:
-    """Download and unpack a bundle into $RUNCTL_ROOT/code (swap in atomically)."""
+    """Download (following redirects) and unpack a bundle into $RUNCTL_ROOT/code, swapped
+    in atomically. A failure says which step failed, the HTTP status and the body's first bytes."""
     tmp = f'"$RUNCTL_ROOT/code.tmp."{q(run_id)}'
+    first_bytes = "head -c 200 \"$BUNDLE\" 2>/dev/null | tr -c '[:print:]' '.'"
     return (
         f'BUNDLE_URL={q(bundle_url)}\n'
         f"TMP={tmp}\n"
-        'rm -rf "$TMP" && mkdir -p "$TMP"\n'
-        'if command -v curl >/dev/null 2>&1; then\n'
-        '  curl -fsS --retry 3 -o "$TMP.tar.gz" "$BUNDLE_URL"\n'
+        'BUNDLE="$TMP.tar.gz"\n'
+        'rm -rf "$TMP" "$BUNDLE" && mkdir -p "$TMP"\n'
+        "status=\n"
+        "if command -v curl >/dev/null 2>&1; then\n"
+        "  status=$(curl -sSL --retry 3 -o \"$BUNDLE\" -w '%{http_code}' \"$BUNDLE_URL\") || :\n"
         "elif command -v wget >/dev/null 2>&1; then\n"
-        '  wget -q -O "$TMP.tar.gz" "$BUNDLE_URL"\n'
+        "  status=$(wget -S --content-on-error -O \"$BUNDLE\" \"$BUNDLE_URL\" 2>&1 "
+        "| sed -n 's/^ *HTTP\\/[0-9.]* \\([0-9][0-9][0-9]\\).*/\\1/p' | tail -n 1) || :\n"
         "else\n"
-        '  python3 -c \'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])\' "$BUNDLE_URL" "$TMP.tar.gz"\n'
-        "fi || { echo 'runctl: could not download the code bundle' >&2; exit 20; }\n"
-        'tar -xzf "$TMP.tar.gz" -C "$TMP" || { echo "runctl: could not unpack the code bundle" >&2; exit 21; }\n'
-        'rm -f "$TMP.tar.gz"\n'
+        f"  status=$(python3 -c {q(_PY_FETCH)} \"$BUNDLE_URL\" \"$BUNDLE\") || :\n"
+        "fi\n"
+        'if [ "$status" != 200 ]; then\n'
+        "  printf 'runctl: could not download the code bundle (HTTP %s); the response began: %s\\n' "
+        f'"${{status:-none}}" "$({first_bytes})" >&2\n'
+        '  rm -rf "$TMP" "$BUNDLE"\n'
+        f"  exit {DOWNLOAD_FAILED}\n"
+        "fi\n"
+        'if ! tar -xzf "$BUNDLE" -C "$TMP" 2>"$TMP.err"; then\n'
+        "  printf 'runctl: could not unpack the code bundle (HTTP %s, %s bytes): %s; it began: %s\\n' "
+        '"$status" "$(wc -c < "$BUNDLE" | tr -d \' \')" "$(head -c 200 "$TMP.err" | tr -c \'[:print:]\' \' \')" '
+        f'"$({first_bytes})" >&2\n'
+        '  rm -rf "$TMP" "$TMP.err" "$BUNDLE"\n'
+        f"  exit {UNPACK_FAILED}\n"
+        "fi\n"
+        'rm -f "$BUNDLE" "$TMP.err"\n'
         'rm -rf "$RUNCTL_ROOT/code.old"\n'
         'if [ -d "$RUNCTL_ROOT/code" ]; then mv "$RUNCTL_ROOT/code" "$RUNCTL_ROOT/code.old"; fi\n'
         'mv "$TMP" "$RUNCTL_ROOT/code"\n'

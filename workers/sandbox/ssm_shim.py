@@ -533,13 +533,75 @@ def _int_param(value: Any, name: str) -> int:
         raise ApiError("InvalidParameters", f"{name} must be a whole number of seconds") from exc
 
 
+class S3Gate:
+    """What S3 does to presigned GETs that moto lets through: buckets created since June
+    2020 refuse SigV2 (400 InvalidRequest), and a new bucket outside us-east-1 answers
+    307 Temporary Redirect until DNS settles (``redirect_next``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._redirects = 0
+        self._expired = False
+        self.seen: list[str] = []  # the query strings of presigned GETs, oldest first
+
+    def redirect_next(self, count: int = 1) -> None:
+        with self._lock:
+            self._redirects += count
+
+    def expire_next(self) -> None:
+        """The next presigned GET arrives after its URL expired."""
+        with self._lock:
+            self._expired = True
+
+    def check(self, environ: WSGIEnvironment) -> tuple[int, list[tuple[str, str]], bytes] | None:
+        """An answer instead of moto's, or None to pass the request on."""
+        query = environ.get("QUERY_STRING", "")
+        params = parse_qs(query)
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD") or environ.get("HTTP_AUTHORIZATION"):
+            return None
+        if not ({"X-Amz-Signature", "Signature", "AWSAccessKeyId"} & params.keys()):
+            return None
+        with self._lock:
+            self.seen.append(query)
+        if params.get("X-Amz-Algorithm") != ["AWS4-HMAC-SHA256"]:
+            return 400, [], _s3_error(
+                "InvalidRequest",
+                "The authorization mechanism you have provided is not supported. Please use AWS4-HMAC-SHA256.",
+            )
+        with self._lock:
+            redirect = self._redirects > 0
+            self._redirects -= redirect
+            expired, self._expired = self._expired, False
+        if expired:
+            return 403, [], _s3_error("AccessDenied", "Request has expired")
+        if redirect:
+            location = f"http://{environ.get('HTTP_HOST', '')}{environ.get('PATH_INFO', '')}?{query}"
+            body = _s3_error(
+                "TemporaryRedirect",
+                "Please re-send this request to the specified temporary endpoint. "
+                "Continue to use the original request endpoint for future requests.",
+            )
+            return 307, [("Location", location)], body
+        return None
+
+
+def _s3_error(code: str, message: str) -> bytes:
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
+        f"<RequestId>{uuid.uuid4().hex[:16].upper()}</RequestId></Error>"
+    ).encode()
+
+
 class SsmShim:
     """The WSGI middleware; ``app`` is moto's dispatcher."""
 
-    def __init__(self, app: WSGIApplication, agent: Agent, default_region: str) -> None:
+    def __init__(
+        self, app: WSGIApplication, agent: Agent, default_region: str, s3: S3Gate | None = None
+    ) -> None:
         self._app = app
         self._agent = agent
         self._default_region = default_region
+        self._s3 = s3 or S3Gate()
         self._handlers: dict[str, Callable[[WSGIEnvironment, RequestContext, dict[str, Any]], Any]] = {
             "AmazonSSM.SendCommand": self._send_command,
             "AmazonSSM.GetCommandInvocation": self._get_command_invocation,
@@ -551,6 +613,11 @@ class SsmShim:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         handler = self._handlers.get(environ.get("HTTP_X_AMZ_TARGET", ""))
         ctx = _context(environ, self._default_region)
+        s3_answer = self._s3.check(environ) if handler is None else None
+        if s3_answer is not None:
+            code, headers, body = s3_answer
+            headers = [*headers, ("Content-Type", "application/xml"), ("Content-Length", str(len(body)))]
+            return _reply(start_response, f"{code} {HTTP_STATUS_CODES[code]}", headers, body)
         try:
             if handler is not None:
                 try:
