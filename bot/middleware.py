@@ -20,11 +20,10 @@ from slack_sdk.errors import SlackApiError
 
 from bot import guards
 from bot.grammar import parse
-from workers import audit, commands, policy
+from workers import audit, policy
 from workers.errors import RunctlError, UsageError
 from workers.settings import Settings
 from workers.slack.ids import ActionId
-from workers.state.runs import RunStore
 
 log = logging.getLogger(__name__)
 Next = Callable[[], None]
@@ -43,28 +42,6 @@ CLICK_TIERS: dict[str, str | None] = {
 }
 
 
-def tiers(command: commands.AnyCommand) -> list[str]:
-    """The policy actions a command needs: its own, plus `force` when it asks for it."""
-    if isinstance(command, commands.HelpCommand):
-        return []
-    needed: list[str] = [command.name]
-    if getattr(command, "force", False):
-        needed.append("force")
-    return needed
-
-
-def owner_of(redis: Redis, command: commands.AnyCommand) -> str | None:
-    """The run the command touches: the live run for stop, the last run for start."""
-    runs = RunStore(redis)
-    if isinstance(command, commands.StopCommand):
-        live = runs.live_on(command.instance_id)
-        return live.user_id if live else None
-    if isinstance(command, commands.StartCommand):
-        last = runs.latest(command.instance_id)
-        return last.user_id if last else None
-    return None
-
-
 def admit_command(ack: Ack, body: dict[str, Any], request: BoltRequest, context: dict[str, Any], next: Next) -> Reply:
     """Replays dropped; then usage, channel, rate limit and permission tier, each decision audited.
 
@@ -77,7 +54,7 @@ def admit_command(ack: Ack, body: dict[str, Any], request: BoltRequest, context:
     refusal: RunctlError | None = None
     try:
         command = parse(body.get("text", ""))
-        needed = tiers(command)
+        needed = policy.actions(command)
         if needed:
             policy.check_channel(settings, body.get("channel_id", ""))
     except UsageError as exc:
@@ -99,7 +76,7 @@ def admit_command(ack: Ack, body: dict[str, Any], request: BoltRequest, context:
     instance = getattr(command, "instance_id", None) or ""
     try:
         if refusal is None:
-            owner = owner_of(redis, command) if needed else None
+            owner = policy.owner_of(redis, command) if needed else None
             for action in needed:
                 policy.check(settings, user, action, owner)
     except RunctlError as exc:

@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from workers.commands import Requester, TerminateCommand
 from workers.jobs.lifecycle import terminate
@@ -32,6 +35,14 @@ from .test_lifecycle import (
     train_on,
     wait_for_epoch,
 )
+
+
+@pytest.fixture(autouse=True)
+def alice_may_terminate(svc: Services, tmp_path: Path) -> None:
+    """Terminate is admins' by default; here, as in a team's policy file, role `ml` may ask for one."""
+    path = tmp_path / "policy.toml"
+    path.write_text('[roles]\nml = ["U0ALICE"]\n[commands]\nterminate = ["ml", "admin"]\n')
+    svc.settings.RUNCTL_POLICY_FILE = path  # the app and the worker share this Settings object
 
 
 def ask(iid: str, who: Requester = ALICE) -> None:

@@ -32,11 +32,14 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from redis import Redis
 
+from workers import commands
 from workers.commands import Requester
 from workers.errors import ConfigError, PermissionDenied
 from workers.settings import Settings
 from workers.slack import usergroups
+from workers.state.runs import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +250,44 @@ def check_channel(settings: Settings, channel_id: str) -> None:
             fix=f"Run it in {where}, or ask an admin ({_mentions(admins(settings)) or 'set RUNCTL_ADMINS'}) "
             "to add this channel to `channels` in the policy file.",
         )
+
+
+def actions(command: commands.Command) -> list[str]:
+    """The policy actions a command needs: its own, plus `force` when it asks for it."""
+    if isinstance(command, commands.HelpCommand):
+        return []
+    needed: list[str] = [command.name]
+    if getattr(command, "force", False):
+        needed.append("force")
+    return needed
+
+
+def owner_of(redis: Redis, command: commands.Command) -> str | None:
+    """The owner of the run the command touches: the live run's for stop, the last run's for start."""
+    runs = RunStore(redis)
+    if isinstance(command, commands.StopCommand):
+        live = runs.live_on(command.instance_id)
+        return live.user_id if live else None
+    if isinstance(command, commands.StartCommand):
+        last = runs.latest(command.instance_id)
+        return last.user_id if last else None
+    return None
+
+
+def is_admin(settings: Settings, user_id: str) -> bool:
+    """An admin by RUNCTL_ADMINS, the policy file's `admins`, or a user group listed there."""
+    return _is_member(settings, user_id, admins(settings))
+
+
+def check_answer(settings: Settings, user_id: str, requester_id: str | None) -> None:
+    """A confirmation is answered by the person who asked for it or by an admin."""
+    if requester_id is None or user_id == requester_id or is_admin(settings, user_id):
+        return
+    raise PermissionDenied(
+        f"Only <@{requester_id}>, who asked, or an admin can answer this confirmation; nothing was done.",
+        why=f"Admins: {_mentions(admins(settings)) or 'nobody yet (set RUNCTL_ADMINS)'}." + usergroups.trouble(),
+        fix=f"Ask <@{requester_id}> or an admin to click it.",
+    )
 
 
 def recheck(settings: Settings, who: Requester, *actions: str, owner_id: str | None = None) -> None:

@@ -14,7 +14,9 @@ from slack_bolt import Ack, App
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
+from workers import policy
 from workers.commands import Requester
+from workers.errors import PermissionDenied
 from workers.queueing import JobPath
 from workers.settings import Settings
 from workers.slack.ids import ActionId
@@ -44,16 +46,13 @@ def confirmation_click(ack: Ack, body: dict[str, Any], context: dict[str, Any], 
     who = clicker_of(body)
     settings: Settings = context["settings"]
     asked = ConfirmStore(context["redis"]).receipt(nonce)
-    requester = asked.requester_id if asked else None
-    if requester is not None and who.user_id != requester and who.user_id not in settings.RUNCTL_ADMINS:
-        text = (
-            f":no_entry: Only <@{requester}>, who asked, or an admin can answer this confirmation; "
-            "nothing was done."
-        )
+    try:
+        policy.check_answer(settings, who.user_id, asked.requester_id if asked else None)
+    except PermissionDenied as exc:
         try:
-            client.chat_postEphemeral(channel=who.channel_id, user=who.user_id, text=text)
+            client.chat_postEphemeral(channel=who.channel_id, user=who.user_id, text=exc.as_text())
         except SlackApiError:
-            client.chat_postMessage(channel=who.user_id, text=text)
+            client.chat_postMessage(channel=who.user_id, text=exc.as_text())
         return
     queue: Queue = context["queue"]
     queue.enqueue(

@@ -3,15 +3,12 @@ as an ephemeral reply that stays within Slack's limits."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, SectionBlock
 
 from workers import audit as trail
-from workers import policy
-from workers.commands import AuditCommand, Requester
-from workers.errors import RunctlError
-from workers.services import current
+from workers.commands import AuditCommand
+from workers.jobs import funnel
+from workers.jobs.funnel import Job
 from workers.slack.client import MAX_TEXT
 from workers.slack.escape import code, escape
 
@@ -20,27 +17,17 @@ MAX_SECTIONS = 45
 MARK = {"allowed": ":white_check_mark:", "refused": ":no_entry:", "failed": ":x:"}
 
 
-def audit(command: dict[str, Any], requester: dict[str, Any]) -> str:
-    svc = current()
-    cmd = AuditCommand.model_validate(command)
-    who = Requester.model_validate(requester)
-    settings = svc.settings
-    try:
-        policy.recheck(settings, who, "audit")
-    except RunctlError as exc:
-        trail.record(svc.redis, settings.RUNCTL_AUDIT_MAXLEN, trail.of(who, "refused", exc.what))
-        svc.notifier.ephemeral(who.channel_id, who.user_id, exc.as_text())
-        return "refused"
-    records = trail.newest(svc.redis, cmd.count, cmd.instance_id, cmd.user)
+@funnel.command(AuditCommand)
+def audit(job: Job, cmd: AuditCommand) -> str:
+    records = trail.newest(job.svc.redis, cmd.count, cmd.instance_id, cmd.user)
     title = title_of(cmd, len(records))
     sections = [SectionBlock(text=MarkdownTextObject(text=chunk)) for chunk in chunks([line(r) for r in records])]
     blocks: list[Block] = [SectionBlock(text=MarkdownTextObject(text=title)), *sections]
     if len(sections) > MAX_SECTIONS:
         blocks = blocks[: MAX_SECTIONS + 1]
         blocks.append(ContextBlock(elements=[MarkdownTextObject(text="… more records; ask for fewer (N).")]))
-    svc.notifier.ephemeral(who.channel_id, who.user_id, title, blocks)
-    trail.record(svc.redis, settings.RUNCTL_AUDIT_MAXLEN, trail.of(who, "allowed", f"showed {len(records)} records"))
-    return "ok"
+    job.tell(title, blocks)
+    return f"showed {len(records)} records"
 
 
 def title_of(cmd: AuditCommand, found: int) -> str:

@@ -4,15 +4,16 @@ instance with an integrity check, as an ephemeral reply."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, SectionBlock
 
 from workers.aws.fleet import Instance
-from workers.commands import CheckpointsCommand, Requester
+from workers.commands import CheckpointsCommand
 from workers.errors import AgentOffline, RunctlError, WrongState
+from workers.jobs import funnel
+from workers.jobs.funnel import Job
 from workers.remote.checkpoints import CheckpointListing, FoundCheckpoint, discover
-from workers.services import Services, current
+from workers.services import Services
 from workers.slack.client import MAX_TEXT, clamp
 from workers.slack.format import duration, size
 
@@ -21,19 +22,14 @@ MAX_BLOCKS = 50
 PROTOCOL_DOC = "the checkpoint manifest section of `training/README.md`"
 
 
-def checkpoints(command: dict[str, Any], requester: dict[str, Any]) -> str:
-    svc = current()
-    cmd = CheckpointsCommand.model_validate(command)
-    who = Requester.model_validate(requester)
-    blocks: list[Block] | None = None
-    try:
-        inst = reachable(svc, cmd.instance_id)
-        listing = discover(svc.fleet, svc.settings.RUNCTL_REMOTE_ROOT, cmd.instance_id, cmd.run_id)
-        text, blocks = listing_message(inst, listing, cmd.run_id, who.user_id, svc.clock())
-    except RunctlError as exc:
-        text = exc.as_text()
-    svc.notifier.ephemeral(who.channel_id, who.user_id, text, blocks)
-    return text
+@funnel.command(CheckpointsCommand)
+def checkpoints(job: Job, cmd: CheckpointsCommand) -> str:
+    svc = job.svc
+    inst = reachable(svc, cmd.instance_id)
+    listing = discover(svc.fleet, svc.settings.RUNCTL_REMOTE_ROOT, cmd.instance_id, cmd.run_id)
+    text, blocks = listing_message(inst, listing, cmd.run_id, job.actor.user_id, svc.clock())
+    job.tell(text, blocks)
+    return f"listed {len(listing.checkpoints)} checkpoints"
 
 
 def reachable(svc: Services, instance_id: str) -> Instance:

@@ -17,6 +17,7 @@ from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, Sec
 from workers.cost import fleetview
 from workers.cost.fleetview import OWNER_TAG, Row
 from workers.cost.pricing import format_usd
+from workers.jobs import funnel
 from workers.services import Services, current
 from workers.slack import chart
 from workers.slack.blocks import sections
@@ -45,6 +46,7 @@ class Spend:
         return sum(self.type.values(), Decimal(0))
 
 
+@funnel.system("digest")
 def digest() -> str:
     svc = current()
     now = svc.clock()

@@ -11,7 +11,6 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
 
 from slack_sdk.errors import SlackApiError
 
@@ -20,10 +19,12 @@ from workers.aws.fleet import Instance, aws_call
 from workers.commands import Requester, StartCommand, StopCommand, TerminateCommand, TrainCommand
 from workers.cost.pricing import format_usd, hourly_price, load_price_book
 from workers.errors import AgentOffline, RunctlError, WrongState
+from workers.jobs import funnel
+from workers.jobs.funnel import Job
 from workers.queueing import enqueue
 from workers.remote.checkpoints import CheckpointListing, FoundCheckpoint, discover, discover_all
 from workers.remote.lifecycle import StopResult, parse_stop
-from workers.services import Services, current
+from workers.services import Services
 from workers.slack.format import duration
 from workers.slack.ids import ActionId
 from workers.slack.messages.lifecycle import (
@@ -52,41 +53,31 @@ RESUME_CLAIM_SECONDS = 7 * 86400
 # --- job entry points ---------------------------------------------------------------
 
 
-def stop(command: dict[str, Any], requester: dict[str, Any]) -> str:
-    cmd = StopCommand.model_validate(command)
-    who = Requester.model_validate(requester)
-    svc = current()
-    try:
-        return stop_flow(svc, cmd.instance_id, who, cmd.grace, cmd.force)
-    except RunctlError as exc:
-        answer(svc, who, exc.as_text())
-        return exc.what
+@funnel.command(StopCommand)
+def stop(job: Job, cmd: StopCommand) -> str:
+    return stop_flow(job.svc, cmd.instance_id, job.actor, cmd.grace, cmd.force)
 
 
-def start(command: dict[str, Any], requester: dict[str, Any]) -> str:
-    cmd = StartCommand.model_validate(command)
-    who = Requester.model_validate(requester)
-    return start_flow(current(), cmd.instance_id, who, cmd.wait)
+@funnel.command(StartCommand)
+def start(job: Job, cmd: StartCommand) -> str:
+    return start_flow(job.svc, cmd.instance_id, job.actor, cmd.wait)
 
 
-def terminate(command: dict[str, Any], requester: dict[str, Any]) -> str:
-    cmd = TerminateCommand.model_validate(command)
-    who = Requester.model_validate(requester)
-    svc = current()
-    try:
-        return ask_to_terminate(svc, cmd.instance_id, who)
-    except RunctlError as exc:
-        answer(svc, who, exc.as_text())
-        return exc.what
+@funnel.command(TerminateCommand)
+def terminate(job: Job, cmd: TerminateCommand) -> str:
+    return ask_to_terminate(job.svc, cmd.instance_id, job.actor)
 
 
-def confirm_click(action: str, nonce: str, clicker: dict[str, Any], message_ts: str) -> str:
-    """A click on [Terminate], [Stop instead] or [Cancel]; the bot already checked who clicked."""
-    return ConfirmClick(current(), ActionId(action), nonce, Requester.model_validate(clicker), message_ts).handle()
+@funnel.click("click terminate confirmation", 2)
+def confirm_click(job: Job, action: str, nonce: str, message_ts: str) -> str:
+    """A click on [Terminate], [Stop instead] or [Cancel] (`confirm_click(action, nonce, actor, message_ts)`)."""
+    return ConfirmClick(job, ActionId(action), nonce, message_ts).handle()
 
 
-def resume(run_id: str, clicker: dict[str, Any], message_ts: str) -> str:
-    return resume_flow(current(), run_id, Requester.model_validate(clicker), message_ts)
+@funnel.click("click resume training", 1, "train")
+def resume(job: Job, run_id: str, message_ts: str) -> str:
+    """[Resume training] (`resume(run_id, actor, message_ts)`)."""
+    return resume_flow(job.svc, run_id, job.actor, message_ts)
 
 
 # --- replies ----------------------------------------------------------------------
@@ -357,12 +348,8 @@ def _stop_locked(
 
 
 def start_flow(svc: Services, instance_id: str, actor: Requester, wait: bool = True) -> str:
-    try:
-        with operation(svc.redis, instance_id, holder(svc, actor, "start")):
-            text, ready = _start_locked(svc, instance_id, actor, wait)
-    except RunctlError as exc:
-        answer(svc, actor, exc.as_text())
-        return exc.what
+    with operation(svc.redis, instance_id, holder(svc, actor, "start")):
+        text, ready = _start_locked(svc, instance_id, actor, wait)
     if not ready:
         answer(svc, actor, text)
         return text
@@ -517,13 +504,14 @@ def ask_to_terminate(svc: Services, iid: str, who: Requester) -> str:
 
 
 class ConfirmClick:
-    def __init__(self, svc: Services, action: ActionId, nonce: str, clicker: Requester, message_ts: str) -> None:
-        self.svc = svc
+    def __init__(self, job: Job, action: ActionId, nonce: str, message_ts: str) -> None:
+        self.job = job
+        self.svc = job.svc
         self.action = action
         self.nonce = nonce
-        self.clicker = clicker
+        self.clicker = job.actor
         self.message_ts = message_ts
-        self.store = ConfirmStore(svc.redis)
+        self.store = ConfirmStore(job.svc.redis)
 
     def handle(self) -> str:
         who = f"<@{self.clicker.user_id}>"
@@ -532,9 +520,17 @@ class ConfirmClick:
             ActionId.TERMINATE_STOP_INSTEAD: "Stop instead",
             ActionId.TERMINATE_CANCEL: "Cancel",
         }.get(self.action, self.action.value)
+        asked = self.store.receipt(self.nonce)
+        if asked is not None:
+            # The policy now, not the one the front door saw: a refusal leaves the buttons to others.
+            self.job.instance_id = asked.instance_id
+            policy.check_answer(self.svc.settings, self.clicker.user_id, asked.requester_id)
+            if self.action is ActionId.TERMINATE_CONFIRM:
+                self.job.allow("terminate")
         conf = self.store.consume(self.nonce, f"{who} clicked {label}")
         if conf is None:
             return self.too_late()
+        self.job.thread_ts = conf.message_ts  # from here on, everyone sees what happened
         if self.action is ActionId.TERMINATE_CANCEL:
             return self.show(conf, f":x: Terminate of `{conf.instance_id}` cancelled by {who}.")
         if self.action is ActionId.TERMINATE_STOP_INSTEAD:
@@ -542,16 +538,17 @@ class ConfirmClick:
             try:
                 outcome = stop_flow(self.svc, conf.instance_id, self.clicker, thread_ts=conf.message_ts)
             except RunctlError as exc:
-                answer(self.svc, self.clicker, exc.as_text(), conf.message_ts)
-                outcome = f"it did not happen: {exc.what}"
+                self.show(conf, f":octagonal_sign: {who} chose to stop instead of terminating: it did not happen: "
+                          f"{exc.what}")
+                raise
             return self.show(conf, f":octagonal_sign: {who} chose to stop instead of terminating: {outcome}")
         self.show(conf, f":hourglass_flowing_sand: {who} confirmed: terminating `{conf.instance_id}`…")
         try:
             with operation(self.svc.redis, conf.instance_id, holder(self.svc, self.clicker, "terminate")):
                 text = self.terminate(conf)
         except RunctlError as exc:
-            text = f":warning: Terminate of `{conf.instance_id}` did not happen: {exc.what}"
-            answer(self.svc, self.clicker, exc.as_text(), conf.message_ts)
+            self.show(conf, f":warning: Terminate of `{conf.instance_id}` did not happen: {exc.what}")
+            raise
         return self.show(conf, text)
 
     def too_late(self) -> str:

@@ -8,6 +8,7 @@ from datetime import timedelta
 
 from workers import remote
 from workers.errors import InstanceError, RunctlError, Throttled
+from workers.jobs import funnel
 from workers.queueing import JobPath
 from workers.remote.status import Snapshot, parse_many
 from workers.services import Services, current
@@ -68,6 +69,7 @@ def absorb(run: Run, snap: Snapshot) -> None:
         run.log_tail = "\n".join(snap.log)
 
 
+@funnel.system("monitor tick")
 def tick() -> str:
     """Poll every run that is due, one SSM command per 50 instances."""
     svc = current()

@@ -12,13 +12,13 @@ from typing import Any
 
 from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, SectionBlock
 
-from workers.commands import Requester, ResourcesCommand
+from workers.commands import ResourcesCommand
 from workers.cost import fleetview
 from workers.cost.findings import Finding, detect
 from workers.cost.fleetview import Row
 from workers.cost.pricing import format_usd, load_price_book
-from workers.errors import RunctlError
-from workers.services import current
+from workers.jobs import funnel
+from workers.jobs.funnel import Job
 from workers.slack.blocks import sections
 from workers.slack.client import clamp
 from workers.slack.format import duration
@@ -30,16 +30,11 @@ STATE_ORDER = ("running", "pending", "stopping", "stopped", "shutting-down", "te
 SHOWN_BY_DEFAULT = frozenset({"running", "pending", "stopping"})
 
 
-def resources(command: dict[str, Any], requester: dict[str, Any]) -> str:
-    svc = current()
-    cmd = ResourcesCommand.model_validate(command)
-    who = Requester.model_validate(requester)
+@funnel.command(ResourcesCommand)
+def resources(job: Job, cmd: ResourcesCommand) -> str:
+    svc, who = job.svc, job.actor
     now = svc.clock()
-    try:
-        everything = fleetview.view(svc, now)
-    except RunctlError as exc:
-        svc.notifier.ephemeral(who.channel_id, who.user_id, exc.as_text())
-        return exc.what
+    everything = fleetview.view(svc, now)
     rows = select(everything, cmd)
     findings = detect(svc.settings, rows, now)
     text, blocks = render(cmd, rows, findings, now, hidden=len(everything) - len(rows))
@@ -52,7 +47,7 @@ def resources(command: dict[str, Any], requester: dict[str, Any]) -> str:
             title=f"runctl resources: all {len(rows)} instances",
             thread_ts=ts,
         )
-    return text
+    return f"listed {len(rows)} instances"
 
 
 def select(rows: list[Row], cmd: ResourcesCommand) -> list[Row]:

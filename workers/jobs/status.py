@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from workers import audit, policy
-from workers.commands import Requester, StatusCommand
-from workers.errors import RunctlError
+from workers.commands import StatusCommand
+from workers.jobs import funnel
+from workers.jobs.funnel import Job
 from workers.services import current
 from workers.slack.format import duration
 from workers.slack.messages.run import checkpoint_text, progress_text
 from workers.state.locks import train_lock
 
 
-def status(command: dict[str, Any], requester: dict[str, Any]) -> str:
-    svc = current()
-    cmd = StatusCommand.model_validate(command)
-    who = Requester.model_validate(requester)
-    try:
-        policy.recheck(svc.settings, who, "status")
-        text, entry = describe(cmd.instance_id), audit.of(who, "allowed", "answered", instance=cmd.instance_id)
-    except RunctlError as exc:
-        text, entry = exc.as_text(), audit.of(who, audit.decision_of(exc), exc.what, instance=cmd.instance_id)
-    svc.notifier.ephemeral(who.channel_id, who.user_id, text)
-    audit.record(svc.redis, svc.settings.RUNCTL_AUDIT_MAXLEN, entry)
-    return text
+@funnel.command(StatusCommand)
+def status(job: Job, cmd: StatusCommand) -> str:
+    job.tell(describe(cmd.instance_id))
+    return "answered"
 
 
 def describe(instance_id: str) -> str:

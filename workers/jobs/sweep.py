@@ -11,6 +11,7 @@ from slack_sdk.errors import SlackApiError
 from workers.cost import fleetview
 from workers.cost.findings import Finding, detect
 from workers.errors import RunctlError
+from workers.jobs import funnel
 from workers.services import Services, current
 from workers.slack.messages.warning import render
 from workers.state.warnings import Status, WarningRecord, WarningStore
@@ -18,6 +19,7 @@ from workers.state.warnings import Status, WarningRecord, WarningStore
 log = logging.getLogger(__name__)
 
 
+@funnel.system("sweep")
 def sweep() -> str:
     svc = current()
     now = svc.clock()

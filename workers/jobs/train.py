@@ -6,16 +6,16 @@ import json
 import logging
 import re
 from datetime import timedelta
-from typing import Any
 
-from workers import audit, policy, remote
+from workers import remote
 from workers.aws.fleet import PRESIGN_MARGIN_SECONDS, Instance
 from workers.commands import Requester, TrainCommand
 from workers.errors import AgentOffline, RunConflict, RunctlError, WrongState
-from workers.jobs import envsetup
+from workers.jobs import envsetup, funnel
+from workers.jobs.funnel import Job
 from workers.remote.lifecycle import parse_stop
-from workers.services import Services, current
-from workers.slack.thread import fail, publish, reply
+from workers.services import Services
+from workers.slack.thread import publish, reply
 from workers.state.locks import Holder, train_lock
 from workers.state.runs import Run, RunState
 
@@ -29,18 +29,11 @@ _CHECKPOINT_SIGNS = re.compile(
 )
 
 
-def train(command: dict[str, Any], requester: dict[str, Any], run_id: str) -> str:
-    svc = current()
-    cmd = TrainCommand.model_validate(command)
-    who = Requester.model_validate(requester)
-    try:  # the policy may have changed since the front door let this in
-        policy.recheck(svc.settings, who, "train", *(["force"] if cmd.force else []))
-    except RunctlError as exc:
-        return audit.refuse(svc, who, exc, run_id=run_id, instance=cmd.instance_id)
-    run = svc.runs.get(run_id) or svc.runs.create(new_run(svc, cmd, who, run_id))
-    run = TrainFlow(svc, cmd, run).execute()
-    audit.record(svc.redis, svc.settings.RUNCTL_AUDIT_MAXLEN, audit.of_run(who, run))
-    return run.state.value
+@funnel.command(TrainCommand)
+def train(job: Job, cmd: TrainCommand, run_id: str) -> str:
+    svc = job.svc
+    job.run = svc.runs.get(run_id) or svc.runs.create(new_run(svc, cmd, job.actor, run_id))
+    return TrainFlow(job, cmd).execute().state.value
 
 
 def new_run(svc: Services, cmd: TrainCommand, who: Requester, run_id: str) -> Run:
@@ -62,11 +55,13 @@ def new_run(svc: Services, cmd: TrainCommand, who: Requester, run_id: str) -> Ru
 
 
 class TrainFlow:
-    def __init__(self, svc: Services, cmd: TrainCommand, run: Run) -> None:
-        self.svc = svc
+    def __init__(self, job: Job, cmd: TrainCommand) -> None:
+        assert job.run is not None
+        self.job = job
+        self.svc = job.svc
         self.cmd = cmd
-        self.run = run
-        self.root = svc.settings.RUNCTL_REMOTE_ROOT
+        self.run = job.run
+        self.root = job.svc.settings.RUNCTL_REMOTE_ROOT
         self.token: str | None = None
 
     def execute(self) -> Run:
@@ -86,23 +81,12 @@ class TrainFlow:
                 self.deliver(url, "")
                 self.start(self.launch_body(envsetup.build(self.svc, run, reqs)))
             self.confirm_started()
-        except RunctlError as exc:
-            self.release()
+        except RunctlError:
             started = run.started_at is not None or run.state is RunState.SETTING_UP
-            return fail(self.svc, run, exc, RunState.FAILED if started else RunState.REFUSED)
-        except Exception:
-            log.exception("train %s crashed", run.run_id)
-            self.release()
-            return fail(
-                self.svc,
-                run,
-                RunctlError(
-                    "runctl hit an internal error while starting this run.",
-                    why="The worker log has the traceback.",
-                    fix=f"Check `/runctl status {run.instance_id}`, then retry.",
-                ),
-                RunState.FAILED,
-            )
+            self.job.failed_state = RunState.FAILED if started else RunState.REFUSED
+            raise
+        finally:
+            self.release()  # the funnel tells the run's thread what went wrong
         return run
 
     # --- steps -----------------------------------------------------------

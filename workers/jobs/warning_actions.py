@@ -7,50 +7,58 @@ message so the channel sees who decided what.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from slack_sdk.errors import SlackApiError
 
-from workers.commands import Requester
 from workers.errors import RunctlError
+from workers.jobs import funnel
+from workers.jobs.funnel import Job
 from workers.jobs.lifecycle import stop_flow
-from workers.services import Services, current
+from workers.services import Services
 from workers.slack.messages.warning import render
 from workers.state.warnings import WINDOW, Kind, Status, WarningRecord, WarningStore
 
 log = logging.getLogger(__name__)
 
 
-def snooze(instance_id: str, kind: str, user_id: str) -> str:
-    return _quiet(current(), instance_id, Kind(kind), user_id, Status.SNOOZED, "")
+@funnel.click("click snooze warning", 2)
+def snooze(job: Job, instance_id: str, kind: str) -> str:
+    """[Snooze 24h] (`snooze(instance_id, kind, actor)`)."""
+    job.instance_id = instance_id
+    return _quiet(job.svc, instance_id, Kind(kind), job.actor.user_id, Status.SNOOZED, "")
 
 
-def keep(instance_id: str, kind: str, user_id: str, reason: str = "") -> str:
-    return _quiet(current(), instance_id, Kind(kind), user_id, Status.KEPT, reason.strip()[:500])
+@funnel.click("click keep running", 2)
+def keep(job: Job, instance_id: str, kind: str, reason: str = "") -> str:
+    """[Keep running] with its reason (`keep(instance_id, kind, actor, reason)`)."""
+    job.instance_id = instance_id
+    return _quiet(job.svc, instance_id, Kind(kind), job.actor.user_id, Status.KEPT, reason.strip()[:500])
 
 
-def stop_now(instance_id: str, kind: str, requester: dict[str, Any]) -> str:
-    svc = current()
-    actor = Requester.model_validate(requester)
+@funnel.click("click stop now", 2)
+def stop_now(job: Job, instance_id: str, kind: str) -> str:
+    """[Stop now] (`stop_now(instance_id, kind, actor)`)."""
+    svc = job.svc
+    job.instance_id = instance_id
     store = WarningStore(svc.redis)
     record = store.get(instance_id, Kind(kind))
+    job.allow("stop", owner_id=record.owner if record else None)
+    actor = job.actor
     thread_ts = None
     if record is not None:
         record.status, record.acted_by, record.updated_at = Status.STOPPING, actor.user_id, svc.clock()
         _show(svc, store.save(record))
         thread_ts = record.thread_ts or record.ts
-        actor = actor.model_copy(update={"channel_id": record.channel})
+        actor = job.actor = actor.model_copy(update={"channel_id": record.channel})
+        job.thread_ts = thread_ts
     try:
         return stop_flow(svc, instance_id, actor, thread_ts=thread_ts)
-    except RunctlError as exc:
-        # The stop did not happen: bring the buttons back and say why, in the thread.
+    except RunctlError:
+        # The stop did not happen: bring the buttons back; the funnel says why, in the thread.
         if record is not None:
             record.status, record.acted_by = Status.OPEN, None
             _show(svc, store.save(record))
-            svc.notifier.post(record.channel, f"<@{actor.user_id}> {exc.as_text()}", thread_ts=thread_ts)
-        else:
-            svc.notifier.ephemeral(actor.channel_id, actor.user_id, exc.as_text())
-        return exc.what
+        raise
 
 
 def _quiet(svc: Services, instance_id: str, kind: Kind, user_id: str, status: Status, reason: str) -> str:
