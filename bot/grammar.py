@@ -66,7 +66,7 @@ SPECS: dict[str, Spec] = {
             "train",
             "/runctl train <instance-id> <script.py> [--ref REF] [--sync-code|--no-sync-code] "
             "[--wait|--no-wait] [--force] [--checkpoint-interval N] [--no-deps] [--rebuild-env] "
-            "-- <script args...>",
+            "[--then stop|terminate|keep] -- <script args...>",
             "Ship the code at REF and start a training run on an instance.",
             positionals=("instance_id", "script"),
             flags=(
@@ -79,12 +79,14 @@ SPECS: dict[str, Spec] = {
                 Flag("checkpoint-interval", "checkpoint_interval", "int", "N"),
                 _switch("no-deps", "deps", False),
                 _switch("rebuild-env", "rebuild_env"),
+                Flag("then", "then", "str", "stop|terminate|keep", choices=("stop", "terminate", "keep")),
             ),
             passthrough=True,
             build=c.TrainCommand,
             details="Everything after `--` goes to the script verbatim. One training per "
             "instance: a live run blocks a new one unless `--force` (which stops it gracefully "
-            "first). `--wait` (default) follows the run in the message thread.",
+            "first). `--wait` (default) follows the run in the message thread. `--then stop` (or "
+            "`terminate`) stops the instance when the run ends, however it ends.",
         ),
         Spec(
             "status",
@@ -147,6 +149,32 @@ SPECS: dict[str, Spec] = {
             optional_positionals=1,
             flags=(Flag("instance", "instance_id", "instance", "i-…"), Flag("user", "user", "user", "@x")),
             build=c.AuditCommand,
+        ),
+        Spec(
+            "launch",
+            "/runctl launch <preset|instance-type> [--spot] [--region R] [--name NAME] [--disk GB]",
+            "Launch an instance from an admin-defined template, after a confirmation with its price.",
+            positionals=("target",),
+            flags=(
+                _switch("spot", "spot"),
+                Flag("region", "region", "str", "R"),
+                Flag("name", "instance_name", "str", "NAME"),
+                Flag("disk", "disk", "int", "GB"),
+            ),
+            build=c.LaunchCommand,
+            details="The AMI, subnet, security group and instance profile come from the launch file "
+            "(RUNCTL_LAUNCH_FILE), never from chat. [Launch] needs the requester or an admin, and "
+            "expires after 10 minutes. Caps per person and for the team are refused with the numbers.",
+        ),
+        Spec(
+            "autostop",
+            "/runctl autostop <instance-id> <minutes>|off",
+            "Stop an instance after that many minutes with no live run (heads-up first).",
+            positionals=("instance_id", "minutes"),
+            build=c.AutostopCommand,
+            details="Idle means no live run and, where nvidia-smi exists, the GPUs under "
+            "RUNCTL_AUTOSTOP_GPU_PERCENT. Its owner gets a heads-up with [Keep running 1h] / [Stop now] "
+            "first. A live run is never interrupted.",
         ),
         Spec(
             "help",
@@ -266,6 +294,12 @@ def _positional(spec: Spec, dest: str, raw: str) -> Any:
         return _instance(spec, raw)
     if dest == "script":
         return check_script_path(raw, spec.usage)
+    if dest == "minutes":
+        if raw.lower() == "off":
+            return None
+        if not raw.isdigit():
+            raise UsageError(f"Give the idle minutes as a number, or `off`, not `{raw}`.", usage=spec.usage)
+        return int(raw)
     if dest == "count":
         if not raw.isdigit():
             raise UsageError(f"N must be a number, not `{raw}`.", usage=spec.usage)

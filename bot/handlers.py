@@ -50,7 +50,8 @@ def runctl(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None:
 
 
 def register_actions(app: App) -> None:
-    from bot.actions import lifecycle, warnings
+    from bot.actions import launch, lifecycle, warnings
 
     lifecycle.register(app)
     warnings.register(app)
+    launch.register(app)

@@ -39,6 +39,11 @@ CLICK_TIERS: dict[str, str | None] = {
     ActionId.WARN_STOP_NOW: "stop",
     ActionId.WARN_SNOOZE: None,
     ActionId.WARN_KEEP: None,
+    ActionId.LAUNCH_CONFIRM: "launch",
+    ActionId.LAUNCH_CANCEL: None,
+    ActionId.TRAIN_ON_IT: "train",
+    ActionId.AUTOSTOP_KEEP: None,
+    ActionId.AUTOSTOP_STOP_NOW: "stop",
 }
 
 

@@ -76,3 +76,13 @@ def test_aws_calls_are_counted_and_shared_between_runs() -> None:
     printed(out, "runs=1", "runs=3")
     assert fig["runs=1 calls_per_run_hour"] > 0
     assert fig["runs=3 calls_per_run_hour"] < fig["runs=1 calls_per_run_hour"]  # one SendCommand serves all three
+
+
+def test_waste_counts_the_idle_cost_removed_and_interrupts_no_run() -> None:
+    out, fig = run_bench("waste")
+    printed(out, "baseline_idle_usd", "autostop_idle_removed_share", "then_stop_idle_removed_share")
+    for policy in ("then_stop", "autostop", "both"):
+        assert fig[f"{policy}_live_runs_interrupted"] == 0
+        assert fig[f"{policy}_busy_usd_unchanged"] is True
+        assert 0 < fig[f"{policy}_idle_removed_share"] <= 1
+    assert fig["autostop_stops"] > 0 and fig["autostop_headsups"] >= fig["autostop_stops"]

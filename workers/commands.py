@@ -42,6 +42,7 @@ def _script(path: str) -> str:
 
 
 ScriptPath = Annotated[str, AfterValidator(_script)]
+Then = Literal["stop", "terminate", "keep"]
 
 
 class Command(BaseModel):
@@ -60,6 +61,7 @@ class TrainCommand(Command):
     checkpoint_interval: int | None = Field(None, ge=1, le=100_000)
     deps: bool = True
     rebuild_env: bool = False
+    then: Then | None = None  # None: RUNCTL_THEN
     args: tuple[str, ...] = ()
 
 
@@ -111,6 +113,21 @@ class AuditCommand(Command):
     user: str | None = None
 
 
+class LaunchCommand(Command):
+    name: Literal["launch"] = "launch"
+    target: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a preset, or an instance type
+    spot: bool = False
+    region: str | None = Field(None, pattern=r"^[a-z]{2}(-[a-z]+)+-\d$")
+    instance_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
+    disk: int | None = Field(None, ge=8, le=16384)
+
+
+class AutostopCommand(Command):
+    name: Literal["autostop"] = "autostop"
+    instance_id: InstanceId
+    minutes: int | None = Field(None, ge=5, le=7 * 24 * 60)  # None: off
+
+
 AnyCommand = (
     TrainCommand
     | StatusCommand
@@ -121,6 +138,8 @@ AnyCommand = (
     | ResourcesCommand
     | CheckpointsCommand
     | AuditCommand
+    | LaunchCommand
+    | AutostopCommand
 )
 
 

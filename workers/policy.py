@@ -43,7 +43,9 @@ from workers.state.runs import RunStore
 
 log = logging.getLogger(__name__)
 
-Action = Literal["train", "status", "resources", "checkpoints", "stop", "start", "terminate", "force", "audit"]
+Action = Literal[
+    "train", "status", "resources", "checkpoints", "stop", "start", "terminate", "force", "audit", "launch", "autostop"
+]
 EVERYONE, OWNER, ADMIN = "everyone", "owner", "admin"
 BUILTIN_ROLES = (EVERYONE, OWNER, ADMIN)
 DEFAULT_COMMANDS: dict[str, tuple[str, ...]] = {
@@ -57,6 +59,8 @@ DEFAULT_COMMANDS: dict[str, tuple[str, ...]] = {
     "terminate": (ADMIN,),
     "force": (ADMIN,),
     "audit": (ADMIN,),
+    "launch": (EVERYONE,),  # within the caps of RUNCTL_LAUNCH_FILE
+    "autostop": (OWNER, ADMIN),
 }
 # Actions other modules may name that the policy file does not list (button verbs).
 FALLBACK_ROLES = (OWNER, ADMIN)

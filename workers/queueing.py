@@ -34,6 +34,12 @@ class JobPath(StrEnum):
     WARNING_STOP_NOW = "workers.jobs.warning_actions.stop_now"
     WARNING_SNOOZE = "workers.jobs.warning_actions.snooze"
     WARNING_KEEP = "workers.jobs.warning_actions.keep"
+    LAUNCH = "workers.jobs.launch.launch"
+    AUTOSTOP = "workers.jobs.autostop.autostop"
+    AUTOSTOP_KEEP = "workers.jobs.autostop.keep"
+    AUTOSTOP_STOP_NOW = "workers.jobs.autostop.stop_now"
+    AUTOSTOP_STOP = "workers.jobs.autostop.stop_idle"
+    THEN = "workers.jobs.autostop.then"
 
     @property
     def module(self) -> str:
@@ -49,6 +55,8 @@ JOBS: dict[str, JobPath] = {
     "resources": JobPath.RESOURCES,
     "checkpoints": JobPath.CHECKPOINTS,
     "audit": JobPath.AUDIT,
+    "launch": JobPath.LAUNCH,
+    "autostop": JobPath.AUTOSTOP,
 }
 
 

@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     RUNCTL_POLL_MIN_SECONDS: float = Field(5, gt=0)
     RUNCTL_POLL_MAX_SECONDS: float = Field(240, gt=0)
     RUNCTL_LAUNCH_CHECK_SECONDS: float = Field(2, ge=0)
+    RUNCTL_LAUNCH_FILE: Path | None = None
+    RUNCTL_LAUNCH_POLL_SECONDS: float = Field(5, gt=0)
+    RUNCTL_THEN: Literal["stop", "terminate", "keep"] = "keep"
+    RUNCTL_AUTOSTOP_MINUTES: int = Field(0, ge=0)
+    RUNCTL_AUTOSTOP_HEADSUP_MINUTES: float = Field(10, ge=0)
+    RUNCTL_AUTOSTOP_GPU_PERCENT: float = Field(10, ge=0, le=100)
 
     @field_validator("RUNCTL_ADMINS", mode="before")
     @classmethod

@@ -68,10 +68,14 @@ def terminate(job: Job, cmd: TerminateCommand) -> str:
     return ask_to_terminate(job.svc, cmd.instance_id, job.actor)
 
 
-@funnel.click("click terminate confirmation", 2)
+@funnel.click("click confirmation", 2)
 def confirm_click(job: Job, action: str, nonce: str, message_ts: str) -> str:
-    """A click on [Terminate], [Stop instead] or [Cancel] (`confirm_click(action, nonce, actor, message_ts)`)."""
-    return ConfirmClick(job, ActionId(action), nonce, message_ts).handle()
+    """A click on a confirmation's button: [Terminate], [Stop instead], [Cancel], or a launch's
+    [Launch]/[Cancel] (`confirm_click(action, nonce, actor, message_ts)`)."""
+    from workers.jobs.launch import LaunchClick
+
+    kind = LaunchClick if ActionId(action) in LaunchClick.ACTIONS else ConfirmClick
+    return kind(job, ActionId(action), nonce, message_ts).handle()
 
 
 @funnel.click("click resume training", 1, "train")
@@ -559,7 +563,8 @@ class ConfirmClick:
             return text
         asked = self.store.receipt(self.nonce)
         iid = asked.instance_id if asked else "<instance-id>"
-        text = f"This confirmation expired. Run `/runctl terminate {iid}` again."
+        again = asked.command if asked and asked.command else f"/runctl terminate {iid}"
+        text = f"This confirmation expired. Run `{again}` again."
         answer(self.svc, self.clicker, text)
         if asked is not None:
             self.store.settle(self.nonce, "it expired")

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 from workers import remote
 from workers.errors import InstanceError, RunctlError, Throttled
-from workers.jobs import funnel
+from workers.jobs import autostop, funnel
 from workers.queueing import JobPath
 from workers.remote.status import Snapshot, parse_many
 from workers.services import Services, current
@@ -176,6 +176,7 @@ def finish(svc: Services, run: Run, snap: Snapshot) -> None:
     run.state = RunState.SUCCEEDED if run.exit_code == 0 else RunState.FAILED
     train_lock(svc.redis, run.instance_id).release(run.lock_token)
     publish(svc, run)
+    autostop.after_run(svc, run)
     took = duration((run.ended_at - (run.started_at or run.created_at)).total_seconds())
     ck = (
         "Newest checkpoint: " + checkpoint_text(run.checkpoint, run.ended_at)
@@ -203,4 +204,5 @@ def lost(svc: Services, run: Run, exc: RunctlError) -> str:
     train_lock(svc.redis, run.instance_id).release(run.lock_token)
     publish(svc, run)
     reply(svc, run, f":grey_question: lost track of run `{run.run_id}`: {exc.what}")
+    autostop.after_run(svc, run)
     return run.state.value

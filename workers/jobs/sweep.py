@@ -11,7 +11,7 @@ from slack_sdk.errors import SlackApiError
 from workers.cost import fleetview
 from workers.cost.findings import Finding, detect
 from workers.errors import RunctlError
-from workers.jobs import funnel
+from workers.jobs import autostop, funnel
 from workers.services import Services, current
 from workers.slack.messages.warning import render
 from workers.state.warnings import Status, WarningRecord, WarningStore
@@ -34,7 +34,8 @@ def sweep() -> str:
     posted = sum(warn(svc, store, finding, now) for finding in findings)
     states = {row.id: row.instance.state for row in rows}
     resolved = resolve_cleared(svc, store, {f.key for f in findings}, states, now)
-    return f"{len(rows)} instances, {len(findings)} warnings ({posted} new), {resolved} resolved"
+    stopping = autostop.check(svc, rows, now)
+    return f"{len(rows)} instances, {len(findings)} warnings ({posted} new), {resolved} resolved, {stopping} autostop"
 
 
 def warn(svc: Services, store: WarningStore, finding: Finding, now: datetime) -> bool:

@@ -50,6 +50,7 @@ def new_run(svc: Services, cmd: TrainCommand, who: Requester, run_id: str) -> Ru
         deps=cmd.deps,
         rebuild_env=cmd.rebuild_env,
         checkpoint_interval=cmd.checkpoint_interval,
+        then=cmd.then or svc.settings.RUNCTL_THEN,
         created_at=svc.clock(),
     )
 

@@ -72,6 +72,8 @@ class Sandbox(ThreadedMotoServer):
             if Sandbox._live is not None:
                 raise RuntimeError("a Sandbox is already running in this process")
             Sandbox._live = self
+        # AWS-managed policies (AmazonSSMManagedInstanceCore) exist in every real account.
+        os.environ.setdefault("MOTO_IAM_LOAD_MANAGED_POLICIES", "true")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             super().start()
@@ -130,6 +132,13 @@ class Sandbox(ThreadedMotoServer):
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def exhaust(self, instance_type: str, zone: str, full: bool = True) -> None:
+        """Make RunInstances of ``instance_type`` in ``zone`` fail with InsufficientInstanceCapacity."""
+        if full:
+            self._agent.exhausted.add((instance_type, zone))
+        else:
+            self._agent.exhausted.discard((instance_type, zone))
+
     def sent_scripts(self, instance_id: str) -> list[str]:
         """The scripts the shim ran on ``instance_id``, oldest first, as run
         (that is, with ``RUNCTL_ROOT`` rewritten)."""
@@ -183,6 +192,41 @@ def seed(endpoint_url: str, region: str, bucket: str) -> SeedInfo:
         if not running:
             ec2.stop_instances(InstanceIds=[instances[name]])
     return SeedInfo(instances=instances, bucket=bucket)
+
+
+@dataclass(frozen=True)
+class LaunchSeed:
+    ami: str
+    subnets: tuple[str, ...]  # the default VPC's, one per zone, in zone order
+    zones: tuple[str, ...]
+    security_group: str
+    instance_profile: str  # its role has AmazonSSMManagedInstanceCore
+    bare_profile: str  # its role has no policy: an agent with it never registers
+
+
+def seed_launch(endpoint_url: str, region: str) -> LaunchSeed:
+    """What an admin's launch template names: network, security group and instance profiles."""
+    session = boto3.Session(aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY, region_name=region)
+    ec2 = session.client("ec2", endpoint_url=endpoint_url)
+    iam = session.client("iam", endpoint_url=endpoint_url)
+    subnets = sorted(
+        (s["AvailabilityZone"], s["SubnetId"])
+        for s in ec2.describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])["Subnets"]
+    )
+    suffix = os.urandom(3).hex()
+    group = ec2.create_security_group(GroupName=f"runctl-{suffix}", Description="runctl instances")["GroupId"]
+    trust = '{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"ec2.amazonaws.com"},' \
+        '"Action":"sts:AssumeRole"}]}'
+    names = []
+    for kind, policy in (("ssm", "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"), ("bare", None)):
+        name = f"runctl-{kind}-{suffix}"
+        iam.create_role(RoleName=name, AssumeRolePolicyDocument=trust)
+        if policy:
+            iam.attach_role_policy(RoleName=name, PolicyArn=policy)
+        iam.create_instance_profile(InstanceProfileName=name)
+        iam.add_role_to_instance_profile(InstanceProfileName=name, RoleName=name)
+        names.append(name)
+    return LaunchSeed(AMI_ID, tuple(s for _, s in subnets), tuple(z for z, _ in subnets), group, names[0], names[1])
 
 
 # --- CLI ------------------------------------------------------------------------------

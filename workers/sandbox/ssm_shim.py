@@ -230,6 +230,7 @@ class Agent:
         self._cancelled: set[tuple[str, str]] = set()
         self._threads: list[threading.Thread] = []
         self._timers: list[threading.Timer] = []
+        self.exhausted: set[tuple[str, str]] = set()  # (instance type, zone) with no capacity
 
     # --- reading ---
     def invocation(self, command_id: str, instance_id: str) -> Invocation | None:
@@ -392,20 +393,36 @@ class Agent:
 # --- EC2 state, read from moto's backend ------------------------------------------
 
 
+SSM_CORE_POLICY = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
+
+
 @dataclass(frozen=True)
 class Ec2Instance:
     id: str
     state: str
     tags: dict[str, str]
     private_ip: str
+    # The policies of its instance profile's roles; None without a profile (the sandbox then
+    # stands for an account with Default Host Management Configuration).
+    profile_policies: frozenset[str] | None = None
 
     @property
     def ssm(self) -> str:
         """``online``, ``offline`` or ``none`` (not registered with SSM)."""
         if self.state != "running":
             return "none"
+        if self.profile_policies is not None and SSM_CORE_POLICY not in self.profile_policies:
+            return "none"  # the agent gets no credentials to register with
         knob = self.tags.get(SSM_TAG, "online")
         return knob if knob in ("offline", "none") else "online"
+
+
+def _profile_policies(backend: Any, instance_id: str) -> frozenset[str] | None:
+    association = backend.iam_instance_profile_associations.get(instance_id)
+    if association is None:
+        return None
+    roles = association.iam_instance_profile.roles or []
+    return frozenset(arn for role in roles for arn in role.managed_policies)
 
 
 def ec2_instances(account_id: str, region: str) -> dict[str, Ec2Instance]:
@@ -421,6 +438,7 @@ def ec2_instances(account_id: str, region: str) -> dict[str, Ec2Instance]:
                     state=str(inst.state),
                     tags=dict(backend.tags.get(inst.id, {})),
                     private_ip=str(inst.private_ip or ""),
+                    profile_policies=_profile_policies(backend, inst.id),
                 )
                 for inst in backend.all_instances()
             }
@@ -629,16 +647,41 @@ class SsmShim:
                     return _reply(start_response, *result)
                 return _json_reply(start_response, result)
             if ctx.service == "ec2":
-                return self._ec2(environ, start_response)
+                return self._ec2(environ, ctx, start_response)
         except ApiError as err:
             return _json_reply(start_response, {"__type": err.code, "message": err.message}, err.status)
         return self._app(environ, start_response)
 
     # --- EC2 ---
-    def _ec2(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+    def _capacity(self, ctx: RequestContext, params: dict[str, list[str]]) -> bytes | None:
+        """EC2's InsufficientInstanceCapacity (a 500, "Server." error) for a zone made full
+        with ``Sandbox.exhaust``."""
+        itype = params.get("InstanceType", [""])[0]
+        zone = params.get("Placement.AvailabilityZone", [""])[0]
+        subnet = params.get("SubnetId", [""])[0]
+        if subnet:
+            try:
+                zone = str(ec2_backends[ctx.account_id][ctx.region].get_subnet(subnet).availability_zone)
+            except Exception:  # moto answers for an unknown subnet itself
+                return None
+        zone = zone or ctx.region + "a"
+        if (itype, zone) not in self._agent.exhausted:
+            return None
+        message = (f"We currently do not have sufficient {itype} capacity in the Availability Zone you requested "
+                   f"({zone}). Our system will be working on provisioning additional capacity.")
+        return (
+            '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error><Code>InsufficientInstanceCapacity'
+            f"</Code><Message>{message}</Message></Error></Errors><RequestID>{uuid.uuid4()}</RequestID></Response>"
+        ).encode()
+
+    def _ec2(self, environ: WSGIEnvironment, ctx: RequestContext, start_response: StartResponse) -> Iterable[bytes]:
         body = _read_body(environ)
         params = parse_qs(environ.get("QUERY_STRING", "")) | parse_qs(body.decode("utf-8", "replace"))
         action = params.get("Action", [""])[0]
+        if action == "RunInstances":
+            refusal = self._capacity(ctx, params)
+            if refusal is not None:
+                return _reply(start_response, "500 Internal Server Error", [("Content-Type", "text/xml")], refusal)
         status, headers, reply = _call_app(self._app, environ)
         if action in POWER_OFF_ACTIONS and status.startswith("200"):
             ids = [v[0] for k, v in params.items() if _INSTANCE_PARAM.match(k)]

@@ -11,6 +11,11 @@ class ActionId(StrEnum):
     WARN_STOP_NOW = "warn_stop_now"
     WARN_SNOOZE = "warn_snooze"
     WARN_KEEP = "warn_keep"
+    LAUNCH_CONFIRM = "launch_confirm"
+    LAUNCH_CANCEL = "launch_cancel"
+    TRAIN_ON_IT = "launch_train_on_it"
+    AUTOSTOP_KEEP = "autostop_keep"
+    AUTOSTOP_STOP_NOW = "autostop_stop_now"
 
 
 class BlockId(StrEnum):
@@ -20,3 +25,5 @@ class BlockId(StrEnum):
     TERMINATE_ACTIONS = "terminate_actions"
     RESUME_ACTIONS = "resume_actions"
     WARNING_ACTIONS = "warning_actions"
+    LAUNCH_ACTIONS = "launch_actions"
+    AUTOSTOP_ACTIONS = "autostop_actions"

@@ -1,4 +1,4 @@
-"""Terminate confirmations kept in Redis.
+"""Confirmations (terminate, launch) kept in Redis.
 
 A confirmation lives for 10 minutes under ``runctl:confirm:terminate:<nonce>`` and
 is consumed atomically (GET+DEL in one Lua step), so of any number of clicks exactly
@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import secrets
 from datetime import datetime, timedelta
+from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from redis import Redis
 
 TTL = timedelta(minutes=10)
@@ -21,11 +22,14 @@ RECEIPT_TTL = timedelta(days=7)
 
 class Confirmation(BaseModel):
     nonce: str
-    instance_id: str
+    instance_id: str = ""  # empty for a launch: there is no instance yet
     requester_id: str
     channel_id: str
     created_at: datetime
     message_ts: str | None = None
+    kind: str = "terminate"
+    command: str = ""  # what to run again once it expired; empty: `/runctl terminate <instance>`
+    payload: dict[str, Any] = Field(default_factory=dict)  # what the click acts on (a launch's spec)
 
     @property
     def expires_at(self) -> datetime:

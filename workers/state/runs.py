@@ -74,6 +74,7 @@ class Run(BaseModel):
     ended_at: datetime | None = None
     exit_code: int | None = None
     ended_by: str = ""  # "exit" | "stop" | "force" | "lost"
+    then: str = "keep"  # "stop" | "terminate" | "keep": what happens to the instance when the run ends
     message_ts: str | None = None
     progress: Progress | None = None
     checkpoint: Checkpoint | None = None

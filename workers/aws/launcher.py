@@ -1,0 +1,281 @@
+"""Launching instances from the admins' launch file, never from ids typed in chat.
+
+``RUNCTL_LAUNCH_FILE`` (TOML or YAML, re-read when it changes)::
+
+    [template]                       # AMI, network and profile for every launch
+    ami = "ami-0123456789abcdef0"
+    subnets = ["subnet-aaa", "subnet-bbb"]   # tried in order; a full zone moves on to the next
+    security_groups = ["sg-0123"]
+    instance_profile = "runctl-instance"     # with AmazonSSMManagedInstanceCore
+    disk_gb = 100
+    [presets.gpu]
+    instance_type = "g5.xlarge"
+    disk_gb = 200                    # optional, else the template's
+    users = ["U0ALICE", "S0MLTEAM"]  # optional: who may use it; empty = whoever may launch
+    [limits]
+    instance_types = ["t3.medium"]   # launchable by type name; admins may launch any priced type
+    user_instances = 2               # concurrent launched instances per person
+    user_usd_per_hour = 5
+    team_instances = 10
+    team_usd_per_hour = 40
+"""
+
+from __future__ import annotations
+
+import threading
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import yaml
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from workers.aws.fleet import BOTO_CONFIG, Fleet, Instance, translate
+from workers.errors import AwsError, ConfigError
+
+OWNER_TAG = "runctl:user"
+PRESET_TAG = "runctl:preset"
+CAPACITY_CODES = ("InsufficientInstanceCapacity", "InsufficientCapacity", "UnfulfillableCapacity")
+# A full zone stays full for minutes: retrying it in place only delays the next zone.
+RUN_CONFIG = BOTO_CONFIG.merge(Config(retries={"mode": "adaptive", "max_attempts": 1}))
+
+_AMI = r"^ami-[0-9a-f]{8,17}$"
+
+
+class Template(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    ami: str = Field(pattern=_AMI)
+    subnets: tuple[str, ...] = Field(min_length=1)
+    security_groups: tuple[str, ...] = ()
+    instance_profile: str = Field(min_length=1)
+    disk_gb: int = Field(100, ge=8, le=16384)
+
+
+class Preset(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    instance_type: str = Field(pattern=r"^[a-z0-9-]+\.[a-z0-9-]+$")
+    disk_gb: int | None = Field(None, ge=8, le=16384)
+    spot: bool = False
+    users: tuple[str, ...] = ()
+
+
+class Limits(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    instance_types: tuple[str, ...] = ()
+    user_instances: int = Field(2, ge=0)
+    user_usd_per_hour: Decimal = Field(Decimal(10), ge=0)
+    team_instances: int = Field(10, ge=0)
+    team_usd_per_hour: Decimal = Field(Decimal(50), ge=0)
+
+
+class LaunchFile(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    template: Template
+    presets: dict[str, Preset] = Field(default_factory=dict)
+    limits: Limits = Field(default_factory=Limits)
+
+
+_cache: dict[Path, tuple[tuple[int, int], LaunchFile]] = {}
+_lock = threading.Lock()
+
+
+def load(path: Path | None) -> LaunchFile:
+    if path is None:
+        raise ConfigError(
+            "Launching is not set up here.",
+            why="runctl launches only from an admin-defined template, and RUNCTL_LAUNCH_FILE is not set.",
+            fix="An admin writes the launch file (README: Launch) and sets RUNCTL_LAUNCH_FILE.",
+        )
+    try:
+        stat = path.stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        with _lock:
+            if path in _cache and _cache[path][0] == stamp:
+                return _cache[path][1]
+        text = path.read_text(encoding="utf-8")
+        data: Any = yaml.safe_load(text) if path.suffix.lower() in (".yaml", ".yml") else tomllib.loads(text)
+        parsed = LaunchFile.model_validate(data or {})
+    except OSError as exc:
+        raise _invalid(path, f"it cannot be read ({exc.strerror})") from None
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise _invalid(path, f"it does not parse: {exc}") from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise _invalid(path, f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+    with _lock:
+        _cache[path] = (stamp, parsed)
+    return parsed
+
+
+def _invalid(path: Path, why: str) -> ConfigError:
+    return ConfigError(
+        f"The launch file {path} is invalid, so nothing can be launched.",
+        why=why,
+        fix=f"Fix {path} (README: Launch); the change takes effect on the next launch.",
+    )
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One launch, fully resolved: what the confirmation shows and the click launches."""
+
+    preset: str  # the preset's name, or the instance type when launched by type
+    instance_type: str
+    spot: bool
+    disk_gb: int
+    name: str
+    region: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Spec:
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Held:
+    """What the requester and the team already run from launches."""
+
+    user_instances: int
+    user_usd_per_hour: Decimal
+    team_instances: int
+    team_usd_per_hour: Decimal
+    unpriced: int  # launched instances whose price is unknown, left out of the sums
+
+
+def launched(instances: Iterable[Instance]) -> list[Instance]:
+    """Instances runctl launched that cost compute now (pending or running)."""
+    return [i for i in instances if PRESET_TAG in i.tags and i.state in ("pending", "running")]
+
+
+class CapacityError(AwsError):
+    pass
+
+
+class Launcher:
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.ec2: Any = fleet.session.client("ec2", config=RUN_CONFIG)
+
+    def zone_of(self, subnet: str) -> str:
+        try:
+            found = self.fleet.ec2.describe_subnets(SubnetIds=[subnet])["Subnets"]
+        except (ClientError, BotoCoreError) as exc:
+            raise translate(exc, f"describe subnet {subnet} of the launch template") from exc
+        return str(found[0]["AvailabilityZone"]) if found else ""
+
+    def run(self, template: Template, spec: Spec, user_id: str, token: str, scope: tuple[str, str] | None) -> str:
+        """RunInstances in the template's subnets in turn; returns the instance id.
+
+        ``token`` makes each attempt idempotent (ClientToken): a retried job launches nothing twice."""
+        tags = [
+            {"Key": "Name", "Value": spec.name},
+            {"Key": OWNER_TAG, "Value": user_id},
+            {"Key": PRESET_TAG, "Value": spec.preset},
+        ]
+        if scope is not None:
+            tags.append({"Key": scope[0], "Value": scope[1]})
+        full: list[str] = []
+        for index, subnet in enumerate(template.subnets):
+            kwargs: dict[str, Any] = {
+                "ImageId": template.ami,
+                "InstanceType": spec.instance_type,
+                "MinCount": 1,
+                "MaxCount": 1,
+                "ClientToken": f"{token}-{index}",
+                "SubnetId": subnet,
+                "IamInstanceProfile": {"Name": template.instance_profile},
+                "BlockDeviceMappings": [
+                    {"DeviceName": "/dev/sda1", "Ebs": {"VolumeSize": spec.disk_gb, "VolumeType": "gp3",
+                                                        "DeleteOnTermination": True}}
+                ],
+                "TagSpecifications": [{"ResourceType": "instance", "Tags": tags},
+                                      {"ResourceType": "volume", "Tags": tags}],
+                "MetadataOptions": {"HttpTokens": "required"},
+            }
+            if template.security_groups:
+                kwargs["SecurityGroupIds"] = list(template.security_groups)
+            if spec.spot:
+                # Persistent with stop: a one-time spot instance cannot be stopped, and stopping is
+                # what autostop and `--then stop` do.
+                kwargs["InstanceMarketOptions"] = {
+                    "MarketType": "spot",
+                    "SpotOptions": {"SpotInstanceType": "persistent", "InstanceInterruptionBehavior": "stop"},
+                }
+            try:
+                reply = self.ec2.run_instances(**kwargs)
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                if code in CAPACITY_CODES:
+                    full.append(self.zone_of(subnet) or subnet)
+                    continue
+                raise translate(exc, f"launch a {spec.instance_type}") from exc
+            except BotoCoreError as exc:
+                raise translate(exc, f"launch a {spec.instance_type}") from exc
+            return str(reply["Instances"][0]["InstanceId"])
+        raise self.capacity_error(spec, full)
+
+    def capacity_error(self, spec: Spec, full: list[str]) -> CapacityError:
+        zones = [z for z in self.offered_zones(spec.instance_type) if z not in full]
+        kind = "spot " if spec.spot else ""
+        where = f"Offered in this region also in: {', '.join(zones)}." if zones else (
+            f"No other zone of {self.fleet.region} offers {spec.instance_type}.")
+        regions = self.offered_regions(spec.instance_type)
+        if regions:
+            where += f" Other regions offering it: {', '.join(regions)}."
+        return CapacityError(
+            f"AWS has no {kind}capacity for {spec.instance_type} in {', '.join(full)} right now; nothing was launched.",
+            code="InsufficientInstanceCapacity",
+            why=where,
+            fix="Ask an admin to add a subnet in one of those zones to the launch template, try again later, "
+            + ("or launch without `--spot`." if spec.spot else "or try `--spot` or another preset."),
+        )
+
+    def offered_zones(self, instance_type: str) -> list[str]:
+        try:
+            pages = self.fleet.ec2.get_paginator("describe_instance_type_offerings").paginate(
+                LocationType="availability-zone", Filters=[{"Name": "instance-type", "Values": [instance_type]}]
+            )
+            return sorted({str(o["Location"]) for page in pages for o in page.get("InstanceTypeOfferings", [])})
+        except (ClientError, BotoCoreError):
+            return []
+
+    def offered_regions(self, instance_type: str, limit: int = 6) -> list[str]:
+        """Other regions whose offerings list the type (one call per region, a few regions)."""
+        try:
+            names = [r["RegionName"] for r in self.fleet.ec2.describe_regions()["Regions"]]
+        except (ClientError, BotoCoreError):
+            return []
+        found: list[str] = []
+        for name in sorted(n for n in names if n != self.fleet.region):
+            if len(found) >= limit:
+                break
+            try:
+                client = self.fleet.session.client("ec2", region_name=name, config=BOTO_CONFIG)
+                offers = client.describe_instance_type_offerings(
+                    LocationType="region", Filters=[{"Name": "instance-type", "Values": [instance_type]}]
+                )["InstanceTypeOfferings"]
+            except (ClientError, BotoCoreError):
+                continue
+            if offers:
+                found.append(name)
+        return found
+
+    def wait_running(self, instance_id: str, delay: float, timeout: float) -> None:
+        waiter = self.fleet.ec2.get_waiter("instance_running")
+        try:
+            waiter.wait(InstanceIds=[instance_id],
+                        WaiterConfig={"Delay": delay, "MaxAttempts": max(1, int(timeout / delay))})
+        except Exception as exc:  # botocore's WaiterError
+            raise AwsError(
+                f"{instance_id} did not reach `running` within {int(timeout)} s.",
+                why=str(exc),
+                fix=f"/runctl status {instance_id}",
+            ) from exc

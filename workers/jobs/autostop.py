@@ -1,0 +1,320 @@
+"""Stopping what nobody uses: `train --then stop|terminate`, `/runctl autostop`, and the
+sweep's autostop check with its heads-up, [Keep running 1h] and [Stop now]."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from slack_sdk.errors import SlackApiError
+
+from workers import audit, remote
+from workers.aws.fleet import Instance
+from workers.aws.launcher import OWNER_TAG
+from workers.commands import AutostopCommand, Requester
+from workers.cost.fleetview import Row
+from workers.cost.pricing import format_rate, hourly_price, load_price_book
+from workers.errors import RunctlError
+from workers.jobs import funnel
+from workers.jobs.funnel import SYSTEM, Job
+from workers.jobs.lifecycle import STOPPED_WAIT_SECONDS, TERMINATED_WAIT_SECONDS, answer, holder, stop_flow
+from workers.queueing import JobPath
+from workers.remote import gpu
+from workers.services import Services, current
+from workers.slack.format import duration
+from workers.slack.messages.launch import headsup_blocks
+from workers.slack.messages.lifecycle import closed_blocks
+from workers.state import autostop as rules
+from workers.state.autostop import AutostopStore, Setting, Verdict
+from workers.state.locks import operation, train_lock
+from workers.state.runs import Run
+from workers.state.uptime import UptimeLedger
+
+log = logging.getLogger(__name__)
+
+
+# --- cost saved -------------------------------------------------------------------
+
+
+def saving(svc: Services, inst: Instance) -> str:
+    lifecycle = None if inst.lifecycle == "on-demand" else inst.lifecycle
+    try:
+        price = hourly_price(load_price_book(), svc.fleet.ec2, svc.redis, inst.region, inst.availability_zone,
+                             inst.type, lifecycle)
+    except Exception as exc:  # a failed price lookup never blocks a stop
+        log.warning("price of %s: %s", inst.id, exc)
+        return "saves its hourly price (unknown)"
+    rate = price.usd_per_hour
+    return f"saves ${format_rate(rate)}/h" if rate is not None else "saves its hourly price (unknown)"
+
+
+def _idle_stop(svc: Services, iid: str, how: str) -> tuple[Instance | None, str]:
+    """Stop (or terminate) iid unless anything trains on it; (instance, why not) when it did not."""
+    with operation(svc.redis, iid, holder(svc, SYSTEM, how)):
+        inst = svc.fleet.get(iid)
+        if inst.state != "running":
+            return None, f"it is `{inst.state}`"
+        live = svc.runs.live_on(iid)
+        if live is not None or train_lock(svc.redis, iid).holder() is not None:
+            return None, f"run `{live.run_id}` is live on it" if live else "a training is starting on it"
+        # The pid files on the instance are the truth: a run runctl lost track of still counts.
+        probe = svc.fleet.run(iid, remote.probe_live_runs(svc.settings.RUNCTL_REMOTE_ROOT))
+        alive = [line.split()[1] for line in probe.stdout.splitlines() if line.startswith("live ")]
+        if alive:
+            return None, f"run `{alive[0]}` is alive on it"
+        now = svc.clock()
+        if how == "terminate":
+            svc.fleet.terminate(iid)
+            inst = svc.fleet.wait_for_state(iid, ("shutting-down", "terminated"), TERMINATED_WAIT_SECONDS)
+            UptimeLedger(svc.redis).observe(iid, "terminated", None, now)
+        else:
+            svc.fleet.stop(iid)
+            inst = svc.fleet.wait_for_state(iid, ("stopped",), STOPPED_WAIT_SECONDS)
+            UptimeLedger(svc.redis).mark_stopped(iid, now)
+        return inst, ""
+
+
+# --- train --then ------------------------------------------------------------------
+
+
+def after_run(svc: Services, run: Run) -> None:
+    """The monitor calls this once a run has ended, however it ended."""
+    if run.then in ("stop", "terminate"):
+        svc.queue.enqueue(JobPath.THEN.value, run.run_id, job_timeout=1800)
+
+
+@funnel.system("train --then")
+def then(run_id: str) -> str:
+    svc = current()
+    run = svc.runs.get(run_id)
+    if run is None:
+        return "unknown run"
+    try:
+        cost = saving(svc, svc.fleet.get(run.instance_id))
+        inst, why_not = _idle_stop(svc, run.instance_id, run.then)
+    except RunctlError as exc:
+        _reply(svc, run, f":warning: `--then {run.then}`: {run.instance_id} was left running: {exc.what}")
+        return exc.what
+    if inst is None:
+        text = f":information_source: `--then {run.then}`: `{run.instance_id}` was left running, because {why_not}."
+        _reply(svc, run, text)
+        return text
+    verb = "terminated" if run.then == "terminate" else "stopped"
+    back = "" if run.then == "terminate" else f" `/runctl start {inst.id}` brings it back."
+    text = (f":double_vertical_bar: Run `{run.run_id}` ended, so *{inst.label}* was {verb} "
+            f"(`--then {run.then}`): {cost}.{back}")
+    _reply(svc, run, text)
+    who = Requester(user_id=run.user_id, channel_id=run.channel_id)
+    audit.record(svc.redis, svc.settings.RUNCTL_AUDIT_MAXLEN,
+                 audit.of(who, "allowed", f"{verb} after the run (--then {run.then})", run.run_id, inst.id))
+    return text
+
+
+def _reply(svc: Services, run: Run, text: str) -> None:
+    try:
+        svc.notifier.post(run.channel_id, f"<@{run.user_id}> {text}", thread_ts=run.message_ts)
+    except SlackApiError as exc:
+        log.warning("could not reply on run %s: %s", run.run_id, exc.response.get("error"))
+
+
+# --- /runctl autostop -------------------------------------------------------------
+
+
+def owner_of(svc: Services, inst: Instance) -> str | None:
+    last = svc.runs.latest(inst.id)
+    return inst.tags.get(OWNER_TAG) or (last.user_id if last else None)
+
+
+@funnel.command(AutostopCommand)
+def autostop(job: Job, cmd: AutostopCommand) -> str:
+    svc, who = job.svc, job.actor
+    store = AutostopStore(svc.redis)
+    inst = svc.fleet.get(cmd.instance_id)
+    owner = owner_of(svc, inst)
+    job.allow("autostop", owner_id=owner)
+    old = store.get(inst.id)
+    if cmd.minutes is None:
+        store.delete(inst.id)
+        text = f":zzz: <@{who.user_id}> turned autostop off for *{inst.label}*; it runs until someone stops it."
+        if old is not None and old.headsup_ts:
+            _close_headsup(svc, old, text)
+        svc.notifier.post(who.channel_id, text)
+    else:
+        headsup = svc.settings.RUNCTL_AUTOSTOP_HEADSUP_MINUTES
+        text = (f":alarm_clock: <@{who.user_id}> set autostop on *{inst.label}*: stopped after {cmd.minutes} min "
+                f"with no live run (and idle GPUs where it has them), with a heads-up to "
+                f"{f'<@{owner}>' if owner else 'its owner'} {headsup:g} min before. A live run is never interrupted.")
+        thread = old.thread_ts if old else None
+        channel = old.channel if old else who.channel_id
+        if thread is None:
+            last = svc.runs.latest(inst.id)
+            if last is not None and last.message_ts:
+                channel, thread = last.channel_id, last.message_ts
+        ts = svc.notifier.post(channel, text, thread_ts=thread)
+        store.save(Setting(instance_id=inst.id, minutes=cmd.minutes, set_by=who.user_id, channel=channel,
+                           thread_ts=thread or ts, owner=owner))
+        if channel != who.channel_id or thread:
+            answer(svc, who, text)
+    return text
+
+
+# --- the sweep's check ------------------------------------------------------------
+
+
+def check(svc: Services, rows: list[Row], now: datetime) -> int:
+    """Heads-ups and stops for instances with autostop; returns how many it acted on."""
+    store = AutostopStore(svc.redis)
+    settings = {s.instance_id: s for s in store.all()}
+    if not settings:
+        return 0
+    minutes_before = svc.settings.RUNCTL_AUTOSTOP_HEADSUP_MINUTES
+    by_id = {r.id: r for r in rows}
+    verdicts: dict[str, Verdict] = {}
+    for iid, setting in settings.items():
+        row = by_id.get(iid)
+        if row is None:
+            continue
+        idle = setting.idle_since(row.idle_since)
+        verdicts[iid] = rules.decide(setting.minutes, minutes_before, idle, now, setting.headsup_at,
+                                     setting.kept_until)
+    busy = _busy_gpus(svc, [i for i, v in verdicts.items() if v in (Verdict.HEADS_UP, Verdict.STOP)])
+    acted = 0
+    for iid, verdict in verdicts.items():
+        setting, row = settings[iid], by_id[iid]
+        if iid in busy:
+            setting.gpu_busy_at = now
+            store.save(setting)
+            verdict = rules.decide(setting.minutes, minutes_before, setting.idle_since(row.idle_since), now,
+                                   setting.headsup_at, setting.kept_until)
+        if verdict is Verdict.RESET:
+            _close_headsup(svc, setting, f":arrows_counterclockwise: *{row.instance.label}* is busy again; "
+                           "autostop waits until it is idle.")
+            setting.headsup_at, setting.headsup_ts = None, None
+            store.save(setting)
+        elif verdict is Verdict.HEADS_UP:
+            _headsup(svc, setting, row, now)
+            store.save(setting)
+            acted += 1
+        elif verdict is Verdict.STOP and store.claim_stop(iid):
+            svc.queue.enqueue(JobPath.AUTOSTOP_STOP.value, iid, job_timeout=1800)
+            acted += 1
+    return acted
+
+
+def _busy_gpus(svc: Services, ids: list[str]) -> set[str]:
+    """Instances whose busiest GPU is at or above RUNCTL_AUTOSTOP_GPU_PERCENT (nvidia-smi)."""
+    if not ids:
+        return set()
+    try:
+        results = svc.fleet.run_many(ids, gpu.utilization(svc.settings.RUNCTL_REMOTE_ROOT))
+    except RunctlError as exc:
+        log.warning("autostop: GPU probe failed (%s); deciding on runs alone", exc.what)
+        return set()
+    limit = svc.settings.RUNCTL_AUTOSTOP_GPU_PERCENT
+    return {iid for iid, res in results.items() if (u := gpu.parse(res.stdout)) is not None and u >= limit}
+
+
+def _headsup(svc: Services, setting: Setting, row: Row, now: datetime) -> None:
+    idle = setting.idle_since(row.idle_since) or now
+    due = rules.due_at(setting.minutes, idle, setting.kept_until)
+    wait = max(due, now + timedelta(minutes=svc.settings.RUNCTL_AUTOSTOP_HEADSUP_MINUTES))
+    who = f"<@{setting.owner}>" if setting.owner else "Heads-up:"
+    cost = row.cost_of((now - idle).total_seconds())
+    spent = f" (${format_rate(cost.quantize(Decimal('0.01')))})" if cost is not None else ""
+    text = (f":alarm_clock: {who} *{row.instance.label}* has had no live run for "
+            f"{duration((now - idle).total_seconds())}{spent}. Autostop stops it in "
+            f"{duration((wait - now).total_seconds())} unless a run starts or you keep it.")
+    body, blocks = headsup_blocks(text, setting.instance_id)
+    try:
+        setting.headsup_ts = svc.notifier.post(setting.channel, body, blocks, thread_ts=setting.thread_ts)
+    except SlackApiError as exc:
+        log.warning("autostop heads-up for %s: %s", setting.instance_id, exc.response.get("error"))
+    setting.headsup_at = now
+
+
+def _close_headsup(svc: Services, setting: Setting, text: str) -> None:
+    if not setting.headsup_ts:
+        return
+    body, blocks = closed_blocks(text)
+    try:
+        svc.notifier.update(setting.channel, setting.headsup_ts, body, blocks)
+    except SlackApiError as exc:
+        log.warning("autostop heads-up for %s: %s", setting.instance_id, exc.response.get("error"))
+
+
+@funnel.system("autostop")
+def stop_idle(instance_id: str) -> str:
+    """The sweep decided STOP: stop it unless a run started meanwhile."""
+    svc = current()
+    store = AutostopStore(svc.redis)
+    setting = store.get(instance_id)
+    try:
+        if setting is None:
+            return "autostop was turned off"
+        before = svc.fleet.get(instance_id)
+        cost = saving(svc, before)
+        inst, why_not = _idle_stop(svc, instance_id, "stop")
+        if inst is None:
+            left = f":arrows_counterclockwise: Autostop left *{before.label}* running: {why_not}."
+            _close_headsup(svc, setting, left)
+            setting.headsup_at, setting.headsup_ts = None, None
+            store.save(setting)
+            return why_not
+        text = (f":double_vertical_bar: Autostop stopped *{inst.label}* after {setting.minutes} min with no live run: "
+                f"{cost}. `/runctl start {inst.id}` brings it back.")
+        _close_headsup(svc, setting, text)
+        owner = f"<@{setting.owner}> " if setting.owner else ""
+        svc.notifier.post(setting.channel, owner + text, thread_ts=setting.thread_ts)
+        setting.headsup_at, setting.headsup_ts, setting.kept_until = None, None, None
+        store.save(setting)
+        who = Requester(user_id=setting.owner or "runctl", channel_id=setting.channel)
+        audit.record(svc.redis, svc.settings.RUNCTL_AUDIT_MAXLEN,
+                     audit.of(who, "allowed", "autostopped (idle)", instance=inst.id))
+        return text
+    except RunctlError as exc:
+        log.warning("autostop of %s: %s", instance_id, exc.what)
+        return exc.what
+    finally:
+        store.release_stop(instance_id)
+
+
+# --- the heads-up's buttons -------------------------------------------------------
+
+
+@funnel.click("click keep running 1h", 1)
+def keep(job: Job, instance_id: str, message_ts: str) -> str:
+    """[Keep running 1h] on an autostop heads-up (`keep(instance_id, actor, message_ts)`)."""
+    svc, who = job.svc, job.actor
+    job.instance_id = instance_id
+    store = AutostopStore(svc.redis)
+    setting = store.get(instance_id)
+    if setting is None:
+        text = f"Autostop is off for `{instance_id}`; nothing to keep."
+        answer(svc, who, text)
+        return text
+    setting.kept_until = svc.clock() + rules.KEEP
+    setting.headsup_at = None
+    text = (f":ok_hand: <@{who.user_id}> keeps `{instance_id}` running for another hour; autostop asks again "
+            "before it stops.")
+    _close_headsup(svc, setting, text)
+    setting.headsup_ts = None
+    store.save(setting)
+    return text
+
+
+@funnel.click("click autostop stop now", 1, "stop")
+def stop_now(job: Job, instance_id: str, message_ts: str) -> str:
+    """[Stop now] on an autostop heads-up (`stop_now(instance_id, actor, message_ts)`)."""
+    svc, who = job.svc, job.actor
+    job.instance_id = instance_id
+    store = AutostopStore(svc.redis)
+    setting = store.get(instance_id)
+    thread = setting.thread_ts if setting else None
+    job.thread_ts = thread
+    outcome = stop_flow(svc, instance_id, who, thread_ts=thread)
+    if setting is not None:
+        _close_headsup(svc, setting, f":double_vertical_bar: <@{who.user_id}> clicked [Stop now]: {outcome}")
+        setting.headsup_at, setting.headsup_ts, setting.kept_until = None, None, None
+        store.save(setting)
+    return outcome

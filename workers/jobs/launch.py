@@ -1,0 +1,266 @@
+"""`/runctl launch`: a confirmation with the price, then [Launch] runs the instance from the
+admins' template, waits for `running` and the SSM agent, and offers [Train on it]."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from decimal import Decimal
+
+from slack_sdk.errors import SlackApiError
+
+from workers import audit, policy
+from workers.aws import launcher
+from workers.aws.launcher import Held, Launcher, LaunchFile, Spec
+from workers.commands import LaunchCommand, Requester
+from workers.cost import fleetview
+from workers.cost.pricing import format_rate, format_usd, load_price_book, spot_price
+from workers.errors import PermissionDenied, RunctlError
+from workers.jobs import funnel
+from workers.jobs.funnel import Job
+from workers.jobs.lifecycle import AGENT_WAIT_SECONDS, ConfirmClick, _wait_for_agent
+from workers.services import Services
+from workers.slack.format import duration
+from workers.slack.ids import ActionId
+from workers.slack.messages.launch import confirm_blocks, ready_blocks, train_command
+from workers.state.autostop import AutostopStore, Setting
+from workers.state.confirmations import Confirmation, ConfirmStore, new_nonce
+from workers.state.uptime import UptimeLedger
+
+log = logging.getLogger(__name__)
+CAPS_LOCK_SECONDS = 120
+
+
+@funnel.command(LaunchCommand)
+def launch(job: Job, cmd: LaunchCommand) -> str:
+    return ask_to_launch(job.svc, cmd, job.actor)
+
+
+# --- what to launch ------------------------------------------------------------------
+
+
+def resolve(svc: Services, config: LaunchFile, cmd: LaunchCommand, who: Requester) -> Spec:
+    """The preset or type, checked against the launch file: never an AMI or network from chat."""
+    region = svc.fleet.region
+    if cmd.region not in (None, region):
+        raise PermissionDenied(
+            f"This runctl launches only in {region}, not {cmd.region}.",
+            why="Its worker watches one region (AWS_DEFAULT_REGION); an instance elsewhere could "
+            "not be trained on, stopped or priced.",
+            fix=f"`/runctl launch {cmd.target}` (in {region}), or ask an admin for a worker in {cmd.region}.",
+        )
+    preset = config.presets.get(cmd.target)
+    is_admin = policy.is_admin(svc.settings, who.user_id)
+    if preset is not None:
+        if preset.users and not is_admin and not policy._is_member(svc.settings, who.user_id, preset.users):
+            raise PermissionDenied(
+                f"Preset `{cmd.target}` is not open to you.",
+                why=f"The launch file gives it to {', '.join(f'<@{u}>' for u in preset.users)}.",
+                fix=f"Pick another preset ({_presets(config)}), or ask an admin.",
+            )
+        itype, disk, spot = preset.instance_type, preset.disk_gb, preset.spot
+    else:
+        itype, disk, spot = cmd.target, None, False
+        priced = load_price_book().on_demand(region, itype) is not None
+        if itype not in config.limits.instance_types and not (is_admin and priced):
+            raise PermissionDenied(
+                f"`{cmd.target}` is neither a preset nor an instance type you may launch.",
+                why=f"Presets: {_presets(config)}. Types: "
+                f"{', '.join(f'`{t}`' for t in config.limits.instance_types) or 'none besides presets'}.",
+                fix=f"`/runctl launch {next(iter(config.presets), '<preset>')}`",
+            )
+    short = secrets.token_hex(2)
+    return Spec(
+        preset=cmd.target,
+        instance_type=itype,
+        spot=cmd.spot or spot,
+        disk_gb=cmd.disk or disk or config.template.disk_gb,
+        name=cmd.instance_name or f"{cmd.target}-{(who.user_name or who.user_id).lower()}-{short}",
+        region=region,
+    )
+
+
+def _presets(config: LaunchFile) -> str:
+    return ", ".join(f"`{n}` ({p.instance_type})" for n, p in config.presets.items()) or "none"
+
+
+@dataclass(frozen=True)
+class Quote:
+    usd_per_hour: Decimal | None
+    kind: str  # "on-demand" | "spot"
+    zone: str
+
+    def text(self) -> str:
+        if self.usd_per_hour is None:
+            return f"price unknown ({self.kind})"
+        rate = f"${format_rate(self.usd_per_hour)}/h"
+        return f"{rate} spot in {self.zone}" if self.kind == "spot" else f"{rate} on-demand"
+
+
+def quote(svc: Services, config: LaunchFile, spec: Spec) -> Quote:
+    zone = Launcher(svc.fleet).zone_of(config.template.subnets[0])
+    if spec.spot:
+        try:
+            rate = spot_price(svc.fleet.ec2, svc.redis, zone, spec.instance_type)
+        except Exception as exc:  # botocore errors: show "unknown", never a guess
+            log.warning("spot price of %s in %s: %s", spec.instance_type, zone, exc)
+            rate = None
+        return Quote(rate, "spot", zone)
+    return Quote(load_price_book().on_demand(spec.region, spec.instance_type), "on-demand", zone)
+
+
+def held(rows: list[fleetview.Row], user_id: str) -> Held:
+    mine = [r for r in rows if r.instance.tags.get(launcher.OWNER_TAG) == user_id]
+    every = launcher.launched(r.instance for r in rows)
+    ids = {i.id for i in every}
+    team = [r for r in rows if r.id in ids]
+    mine = [r for r in mine if r.id in ids]
+    return Held(
+        user_instances=len(mine),
+        user_usd_per_hour=sum((r.price.usd_per_hour or Decimal(0) for r in mine), Decimal(0)),
+        team_instances=len(team),
+        team_usd_per_hour=sum((r.price.usd_per_hour or Decimal(0) for r in team), Decimal(0)),
+        unpriced=sum(1 for r in team if r.price.usd_per_hour is None),
+    )
+
+
+def check_caps(config: LaunchFile, now_held: Held, price: Quote, user_id: str) -> None:
+    """Refuse past a cap, with the numbers."""
+    limits = config.limits
+    rate = price.usd_per_hour or Decimal(0)
+    problems: list[str] = []
+    if now_held.user_instances + 1 > limits.user_instances:
+        problems.append(f"you already run {now_held.user_instances} launched instance"
+                        f"{'s' if now_held.user_instances != 1 else ''}; the cap is {limits.user_instances} per person")
+    if now_held.user_usd_per_hour + rate > limits.user_usd_per_hour:
+        problems.append(f"you would burn ${format_rate(now_held.user_usd_per_hour + rate)}/h "
+                        f"(${format_rate(now_held.user_usd_per_hour)}/h now + ${format_rate(rate)}/h); "
+                        f"the cap is ${format_rate(limits.user_usd_per_hour)}/h per person")
+    if now_held.team_instances + 1 > limits.team_instances:
+        problems.append(f"the team runs {now_held.team_instances} launched instances; "
+                        f"the cap is {limits.team_instances}")
+    if now_held.team_usd_per_hour + rate > limits.team_usd_per_hour:
+        problems.append(f"the team would burn ${format_rate(now_held.team_usd_per_hour + rate)}/h; "
+                        f"the cap is ${format_rate(limits.team_usd_per_hour)}/h")
+    if price.usd_per_hour is None:
+        problems.append("its price is unknown, so it cannot be counted against the $/h caps")
+    if problems:
+        raise PermissionDenied(
+            "Launch refused: " + "; ".join(problems) + ".",
+            why="The caps are in the launch file (RUNCTL_LAUNCH_FILE, `[limits]`).",
+            fix=f"Stop one first (`/runctl resources --user <@{user_id}>` lists yours), or ask an admin.",
+        )
+
+
+def ask_to_launch(svc: Services, cmd: LaunchCommand, who: Requester) -> str:
+    config = launcher.load(svc.settings.RUNCTL_LAUNCH_FILE)
+    spec = resolve(svc, config, cmd, who)
+    price = quote(svc, config, spec)
+    now = svc.clock()
+    rows = fleetview.view(svc, now)
+    mine = held(rows, who.user_id)
+    check_caps(config, mine, price, who.user_id)
+    spend = [r for r in rows if r.owner == who.user_id]
+    burn = sum((r.price.usd_per_hour or Decimal(0) for r in spend if r.running), Decimal(0))
+    so_far = sum((r.cost or Decimal(0) for r in spend), Decimal(0))
+    daily = None if price.usd_per_hour is None else price.usd_per_hour * 24
+    head = (f":rocket: <@{who.user_id}> asks to *launch {spec.name}* · {spec.instance_type}"
+            f"{' (spot)' if spec.spot else ''} · preset `{spec.preset}` · {spec.disk_gb} GB disk")
+    lines = [
+        f"*{price.text()}* · about {format_usd(daily)} a day if it runs around the clock.",
+        f"<@{who.user_id}> now: {len([r for r in spend if r.running])} running instance(s) at "
+        f"${format_rate(burn)}/h, {format_usd(so_far)} spent on them so far.",
+        f"Launched instances: yours {mine.user_instances}/{config.limits.user_instances}, "
+        f"team {mine.team_instances}/{config.limits.team_instances}.",
+    ]
+    if svc.settings.RUNCTL_AUTOSTOP_MINUTES:
+        lines.append(f"Autostop: stopped after {svc.settings.RUNCTL_AUTOSTOP_MINUTES} min with no live run "
+                     "(`/runctl autostop <instance> off` to keep it).")
+    command = "/runctl launch " + cmd.target + (" --spot" if cmd.spot else "")
+    conf = Confirmation(nonce=new_nonce(), requester_id=who.user_id, channel_id=who.channel_id, created_at=now,
+                        kind="launch", command=command, payload=spec.as_dict())
+    text, blocks = confirm_blocks(head, lines, conf.nonce, who.user_id, conf.expires_at)
+    conf.message_ts = svc.notifier.post(who.channel_id, text, blocks)
+    ConfirmStore(svc.redis).save(conf)
+    return f"launch of {spec.instance_type} ({price.text()}) awaits confirmation"
+
+
+# --- the click -------------------------------------------------------------------
+
+
+class LaunchClick(ConfirmClick):
+    ACTIONS = (ActionId.LAUNCH_CONFIRM, ActionId.LAUNCH_CANCEL)
+
+    def handle(self) -> str:
+        who = f"<@{self.clicker.user_id}>"
+        label = "Launch" if self.action is ActionId.LAUNCH_CONFIRM else "Cancel"
+        asked = self.store.receipt(self.nonce)
+        if asked is not None:  # the policy now: a refusal leaves the buttons to others
+            policy.check_answer(self.svc.settings, self.clicker.user_id, asked.requester_id)
+            if self.action is ActionId.LAUNCH_CONFIRM:
+                self.job.allow("launch")
+        conf = self.store.consume(self.nonce, f"{who} clicked {label}")
+        if conf is None:
+            return self.too_late()
+        self.job.thread_ts = conf.message_ts  # from here on, everyone sees what happened
+        spec = Spec.from_dict(conf.payload)
+        if self.action is ActionId.LAUNCH_CANCEL:
+            return self.show(conf, f":x: Launch of *{spec.name}* ({spec.instance_type}) cancelled by {who}.")
+        self.show(conf, f":hourglass_flowing_sand: {who} confirmed: launching *{spec.name}* ({spec.instance_type})…")
+        try:
+            return self.launch(conf, spec)
+        except RunctlError as exc:
+            self.show(conf, f":warning: Launch of *{spec.name}* did not happen: {exc.what}")
+            raise
+
+    def record(self, conf: Confirmation, outcome: str, instance: str) -> None:
+        """A step of the launch in the audit trail, as the requester's (the funnel records the click's end)."""
+        asker = Requester(user_id=conf.requester_id, channel_id=conf.channel_id,
+                          text=conf.command.removeprefix("/runctl "))
+        entry = audit.of(asker, "allowed", f"launch {outcome} (clicked by <@{self.clicker.user_id}>)",
+                         instance=instance)
+        audit.record(self.svc.redis, self.svc.settings.RUNCTL_AUDIT_MAXLEN, entry)
+
+    def launch(self, conf: Confirmation, spec: Spec) -> str:
+        svc = self.svc
+        asker = Requester(user_id=conf.requester_id, channel_id=conf.channel_id)
+        policy.recheck(svc.settings, asker, "launch")  # the policy may have changed in 10 minutes
+        config = launcher.load(svc.settings.RUNCTL_LAUNCH_FILE)
+        began = svc.clock()
+        run = Launcher(svc.fleet)
+        # Caps are checked and the instance launched under one lock: two launches at once
+        # cannot both squeeze under a cap.
+        with svc.redis.lock("runctl:launch:caps", timeout=CAPS_LOCK_SECONDS, blocking_timeout=30):
+            check_caps(config, held(fleetview.view(svc, began), asker.user_id), quote(svc, config, spec),
+                       asker.user_id)
+            iid = run.run(config.template, spec, asker.user_id, conf.nonce, policy.scope(svc.settings))
+        self.job.instance_id = iid
+        self.record(conf, "launched", iid)
+        self.show(conf, f":hourglass_flowing_sand: *{spec.name}* is `{iid}`: waiting for `running` and its SSM agent…")
+        settings = svc.settings
+        run.wait_running(iid, settings.RUNCTL_LAUNCH_POLL_SECONDS, settings.RUNCTL_PENDING_WAIT_SECONDS)
+        inst = svc.fleet.get(iid)
+        UptimeLedger(svc.redis).mark_running(iid, inst.launch_time or svc.clock())
+        _wait_for_agent(svc, inst, AGENT_WAIT_SECONDS)
+        took = duration((svc.clock() - began).total_seconds())
+        lines = [f":white_check_mark: <@{asker.user_id}> *{inst.label}* is ready: {inst.type}"
+                 f"{' spot' if spec.spot else ''} in {inst.availability_zone}, `running`, SSM agent Online, "
+                 f"in {took}."]
+        minutes = settings.RUNCTL_AUTOSTOP_MINUTES
+        if minutes:
+            AutostopStore(svc.redis).save(Setting(instance_id=iid, minutes=minutes, set_by="launch",
+                                                  channel=conf.channel_id, thread_ts=conf.message_ts,
+                                                  owner=asker.user_id))
+            lines.append(f"Autostop: it stops after {minutes} min with no live run, with a heads-up here first "
+                         f"(`/runctl autostop {iid} off` keeps it).")
+        lines.append(f"Train on it: `{train_command(iid)}`")
+        text, blocks = ready_blocks("\n".join(lines), iid)
+        try:
+            svc.notifier.update(conf.channel_id, conf.message_ts or self.message_ts, text, blocks)
+            svc.notifier.post(conf.channel_id, f"<@{asker.user_id}> `{iid}` is ready.", thread_ts=conf.message_ts)
+        except SlackApiError as exc:
+            log.warning("could not post the launch report: %s", exc.response.get("error"))
+        self.record(conf, "ready", iid)
+        return text
+
