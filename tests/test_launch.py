@@ -209,3 +209,18 @@ def test_cancel_launches_nothing(
     assert "cancelled by <@U0ALICE>" in current(slack, m.ts).text and not buttons(current(slack, m.ts))
     dispatch(svc, slack, worker, click(as_dict(m), ActionId.LAUNCH_CONFIRM, "U0ALICE"))
     assert launched_ids(svc) == []
+
+
+def test_the_sandbox_agent_registers_only_with_the_ssm_managed_instance_core_policy(
+    svc: Services, template: LaunchSeed
+) -> None:
+    ec2 = svc.fleet.ec2
+    ids = {}
+    for profile in (template.instance_profile, template.bare_profile):
+        made = ec2.run_instances(ImageId=template.ami, InstanceType="t3.medium", MinCount=1, MaxCount=1,
+                                 IamInstanceProfile={"Name": profile},
+                                 TagSpecifications=[{"ResourceType": "instance",
+                                                     "Tags": [{"Key": "runctl:preset", "Value": "t"}]}])
+        ids[profile] = made["Instances"][0]["InstanceId"]
+    status = svc.fleet.agent_status(list(ids.values()))
+    assert status == {ids[template.instance_profile]: "Online"}  # the bare one never registers
