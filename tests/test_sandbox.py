@@ -109,7 +109,7 @@ def _wait_dead(pid: int, timeout: float = 5.0) -> bool:
 
 def test_failed_script_reports_exit_code_and_real_output(sandbox: Sandbox, fleet: SeedInfo, ssm: SSMClient) -> None:
     box = fleet.instances["gpu-box-1"]
-    command_id = _send(ssm, [box], "echo hello from $SANDBOX_INSTANCE_ID", "echo oops >&2", "exit 3")
+    command_id = _send(ssm, [box], "echo hello from $AWS_SSM_INSTANCE_ID", "echo oops >&2", "exit 3")
 
     inv = _wait(ssm, command_id, box)
 
@@ -155,6 +155,34 @@ def test_runctl_root_is_rewritten_to_the_instance_dir(sandbox: Sandbox, fleet: S
     assert sandbox.sent_scripts(box)[-1].startswith(f'RUNCTL_ROOT={shlex.quote(str(root))}\n')
 
 
+def test_scripts_get_exactly_the_agents_environment(sandbox: Sandbox, fleet: SeedInfo, ssm: SSMClient) -> None:
+    """amazon-ssm-agent (executers.go, runshellscript.go): the commands in a `_script.sh`
+    run by `sh -c`, with the agent's own environment plus AWS_SSM_*: under systemd
+    that is PATH and nothing else, no HOME; in the agent's working directory."""
+    box = fleet.instances["cpu-box"]
+    os.environ["RUNCTL_LEAK_CHECK"] = "from the developer"
+    try:
+        command_id = _send(ssm, [box], "env", 'echo "cwd=$(pwd) script=$0"', 'echo "home=${HOME-unset}"')
+        inv = _wait(ssm, command_id, box)
+    finally:
+        del os.environ["RUNCTL_LEAK_CHECK"]
+
+    lines = inv["StandardOutputContent"].splitlines()
+    env = dict(line.split("=", 1) for line in lines[:-2])
+    env.pop("PWD", None)  # set by the shell itself
+    assert env == {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "AWS_SSM_INSTANCE_ID": box,
+        "AWS_SSM_REGION_NAME": "us-east-1",
+        "AWS_SSM_PLATFORM_NAME": "ubuntu",
+        "AWS_SSM_PLATFORM_VERSION": "22.04",
+    }
+    cwd, script = (part.split("=", 1)[1] for part in lines[-2].split())
+    assert Path(script).name == "_script.sh" and not script.startswith(str(sandbox.instance_dir(box)))
+    assert not cwd.startswith(str(sandbox.instance_dir(box)))
+    assert lines[-1] == "home=unset"
+
+
 def test_scripts_run_under_dash_not_bash(fleet: SeedInfo, ssm: SSMClient) -> None:
     box = fleet.instances["cpu-box"]
     command_id = _send(ssm, [box], "echo {a,b}", "[[ 1 == 1 ]] && echo bash", 'echo "rc=$?"')
@@ -172,6 +200,8 @@ def test_only_detached_processes_outlive_the_command_until_the_instance_stops(
     command_id = _send(
         ssm,
         [box],
+        "RUNCTL_ROOT=/opt/runctl",
+        "cd \"$RUNCTL_ROOT\"",
         "setsid sh -c 'echo $$ > detached.pid; exec sleep 300' </dev/null >/dev/null 2>&1 &",
         "sleep 300 & echo $! > plain.pid",
         "while [ ! -s detached.pid ]; do sleep 0.01; done",
@@ -275,7 +305,7 @@ def test_commands_are_listed_for_their_instances_only(fleet: SeedInfo, ec2: EC2C
 
 def test_list_command_invocations_with_details(sandbox: Sandbox, fleet: SeedInfo, ssm: SSMClient) -> None:
     boxes = [fleet.instances[n] for n in ("gpu-box-1", "gpu-box-2", "cpu-box")]
-    command_id = _send(ssm, boxes, "echo out $SANDBOX_INSTANCE_ID", "echo err >&2", "exit 1")
+    command_id = _send(ssm, boxes, "echo out $AWS_SSM_INSTANCE_ID", "echo err >&2", "exit 1")
     for box in boxes:
         _wait(ssm, command_id, box)
 
@@ -301,7 +331,7 @@ def test_list_command_invocations_with_details(sandbox: Sandbox, fleet: SeedInfo
 def test_concurrent_commands_keep_their_own_results(fleet: SeedInfo, ssm: SSMClient) -> None:
     boxes = [fleet.instances[n] for n in ("gpu-box-1", "gpu-box-2", "cpu-box")]
     with ThreadPoolExecutor(max_workers=8) as pool:
-        sent = list(pool.map(lambda n: (n, _send(ssm, boxes, f"echo job-{n} $SANDBOX_INSTANCE_ID")), range(12)))
+        sent = list(pool.map(lambda n: (n, _send(ssm, boxes, f"echo job-{n} $AWS_SSM_INSTANCE_ID")), range(12)))
         results = list(pool.map(lambda job: (job[0], [_wait(ssm, job[1], box) for box in boxes]), sent))
 
     for n, invocations in results:
@@ -333,7 +363,10 @@ def test_presigned_s3_url_downloads_from_a_script(
         "get_object", Params={"Bucket": fleet.bucket, "Key": "bundles/b1.txt"}, ExpiresIn=60
     )
     box = fleet.instances["gpu-box-1"]
-    command_id = _send(ssm, [box], f'curl -sSf -o bundle.txt {shlex.quote(url)}', "cat bundle.txt")
+    command_id = _send(
+        ssm, [box], "RUNCTL_ROOT=/opt/runctl", f'curl -sSf -o "$RUNCTL_ROOT/bundle.txt" {shlex.quote(url)}',
+        'cat "$RUNCTL_ROOT/bundle.txt"',
+    )
 
     inv = _wait(ssm, command_id, box)
 

@@ -21,6 +21,15 @@ def header(root: str) -> str:
     return f'RUNCTL_ROOT={q(root)}\nset -u\nexport RUNCTL_ROOT\n'
 
 
+def home() -> str:
+    """The SSM agent gives scripts no HOME: set the user's own, for tools that read it."""
+    return (
+        '[ -n "${HOME:-}" ] || HOME=$(getent passwd "$(id -u)" 2>/dev/null | cut -d: -f6)\n'
+        '[ -n "$HOME" ] || HOME=/root\n'
+        "export HOME\n"
+    )
+
+
 def run_dir(run_id: str) -> str:
     return f'"$RUNCTL_ROOT/runs/"{q(run_id)}'
 
@@ -82,7 +91,8 @@ def wrapper(
     return (
         f"RUN_DIR={rdir}\n"
         'cd "$RUNCTL_ROOT/code" || { echo 127 > "$RUN_DIR/exit_code"; exit 127; }\n'
-        'export RUNCTL_RUN_DIR="$RUN_DIR"\n'
+        + home()
+        + 'export RUNCTL_RUN_DIR="$RUN_DIR"\n'
         'export RUNCTL_PROGRESS_FILE="$RUN_DIR/progress.json"\n'
         f"export RUNCTL_CHECKPOINT_DIR={run_dir(checkpoint_run_id or run_id)}/checkpoints\n"
         f"{exports}"

@@ -9,7 +9,7 @@ Exit codes: 40 install failed, 41 no venv, 42 no python3, 43 another build held 
 
 from __future__ import annotations
 
-from workers.remote.core import SECTION, header, heredoc_end, q, run_dir
+from workers.remote.core import SECTION, header, heredoc_end, home, q, run_dir
 
 KEEP_ENVS = 3  # environments used by this many most recent runs survive a prune
 LOG_TAIL = 30
@@ -83,7 +83,14 @@ def setup_env(
         'printf \'runctl: building environment %s from %s\\n\' "$NAME" "$REQ_NAME" > "$LOG"\n'
         # ensurepip alone takes 10-20 s; uv or a recent system pip can install
         # into a pip-less venv instead.
-        "if command -v uv >/dev/null 2>&1; then\n"
+        # The agent's PATH lacks ~/.local/bin and ~/.cargo/bin, where uv's installer puts it.
+        + home()
+        + 'UV=$(command -v uv 2>/dev/null || true)\n'
+        'for c in "$RUNCTL_ROOT/bin/uv" "$HOME/.local/bin/uv" "$HOME/.cargo/bin/uv"; do\n'
+        '  [ -z "$UV" ] && [ -x "$c" ] && UV=$c\n'
+        "done\n"
+        'export PIP_CACHE_DIR="$RUNCTL_ROOT/cache/pip" UV_CACHE_DIR="$RUNCTL_ROOT/cache/uv"\n'
+        'if [ -n "$UV" ]; then\n'
         "  INSTALLER=uv; WITH_PIP=--without-pip\n"
         "elif python3 -c 'import sys, pip; sys.exit(tuple(map(int, pip.__version__.split(\".\")[:2])) < (22, 3))' 2>/dev/null; then\n"
         "  INSTALLER=system-pip; WITH_PIP=--without-pip\n"
@@ -97,7 +104,7 @@ def setup_env(
         "fi\n"
         f'cd "$WORK" || exit {INSTALL_FAILED}\n'
         'case "$INSTALLER" in\n'
-        '  uv) uv pip install --python "$ENV/bin/python" -r "$REQ" ;;\n'
+        '  uv) "$UV" pip install --python "$ENV/bin/python" -r "$REQ" ;;\n'
         '  system-pip) python3 -m pip --python "$ENV/bin/python" install --progress-bar off -r "$REQ" ;;\n'
         '  *) "$ENV/bin/python" -m pip install --progress-bar off -r "$REQ" ;;\n'
         'esac >> "$LOG" 2>&1\n'

@@ -2,8 +2,10 @@
 
 moto records ``SendCommand`` but executes nothing and lacks
 ``DescribeInstanceInformation`` and ``ListCommandInvocations``. The shim runs
-each script with ``/bin/sh`` in the instance's directory, the way the SSM agent
-would, and answers the invocation APIs from what really happened. EC2
+each script the way the SSM agent does: written to ``_script.sh``, run with ``sh``
+in the agent's working directory with only the agent's environment (``PATH``,
+``AWS_SSM_*``, no ``HOME``), its process group killed when it ends; and answers the invocation APIs from
+what really happened. EC2
 ``StopInstances``, ``TerminateInstances`` and ``RebootInstances`` also kill every
 process started for those instances, as losing power would.
 """
@@ -18,6 +20,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import threading
@@ -39,7 +42,11 @@ from werkzeug.wsgi import get_input_stream
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-INSTANCE_ENV = "SANDBOX_INSTANCE_ID"
+# The agent's environment (amazon-ssm-agent executers.go prepareEnvironment): its own, which
+# under systemd is only this PATH and no HOME (aws/amazon-ssm-agent issue 427), plus AWS_SSM_*.
+AGENT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+INSTANCE_ENV = "AWS_SSM_INSTANCE_ID"  # also how the sandbox finds an instance's processes
+PLATFORM_NAME, PLATFORM_VERSION = "ubuntu", "22.04"
 SSM_TAG = "sandbox:ssm"  # "offline" -> ConnectionLost, "none" -> not managed by SSM
 PLUGIN = "aws:runShellScript"
 DOCUMENT = "AWS-RunShellScript"
@@ -249,20 +256,38 @@ class Agent:
             return list(self._scripts.get(instance_id, []))
 
     # --- running ---
-    def run(self, inv: Invocation, script: str, timeout: float) -> None:
+    def working_dir(self, instance_id: str) -> Path:
+        """Stands in for the agent's working directory, ``/`` under systemd."""
+        path = self._work / instance_id / "cwd"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def environment(self, instance_id: str, region: str) -> dict[str, str]:
+        """Exactly what a script sees from the agent."""
+        return {
+            "PATH": AGENT_PATH,
+            INSTANCE_ENV: instance_id,
+            "AWS_SSM_REGION_NAME": region,
+            "AWS_SSM_PLATFORM_NAME": PLATFORM_NAME,
+            "AWS_SSM_PLATFORM_VERSION": PLATFORM_VERSION,
+        }
+
+    def run(self, inv: Invocation, script: str, timeout: float, region: str = "us-east-1") -> None:
         """Record ``inv`` as InProgress and run ``script`` for it in a thread."""
-        instance_dir = self._instance_dir(inv.instance_id)
-        script = rewrite_root(script, instance_dir)
-        work = self._work / inv.instance_id / inv.command_id
+        script = rewrite_root(script, self._instance_dir(inv.instance_id))
+        # Where the agent writes it: .../document/orchestration/<command-id>/awsrunShellScript/0.awsrunShellScript/
+        work = self._work / inv.instance_id / "orchestration" / inv.command_id / "awsrunShellScript"
         work.mkdir(parents=True, exist_ok=True)
-        (work / "script.sh").write_text(script)
+        path = work / "_script.sh"
+        path.write_text(script)
+        path.chmod(0o700)
         key = (inv.command_id, inv.instance_id)
         with self._lock:
             self._invocations[key] = inv
             self._scripts.setdefault(inv.instance_id, []).append(script)
             thread = threading.Thread(
                 target=self._execute,
-                args=(key, work, instance_dir, timeout),
+                args=(key, work, self.environment(inv.instance_id, region), timeout),
                 name=f"ssm-{inv.instance_id}-{inv.command_id[:8]}",
                 daemon=True,
             )
@@ -286,22 +311,23 @@ class Agent:
             if inv.status == "Pending":
                 inv.status, inv.status_details, inv.ended = "TimedOut", "DeliveryTimedOut", _now()
 
-    def _execute(self, key: tuple[str, str], work: Path, cwd: Path, timeout: float) -> None:
+    def _execute(self, key: tuple[str, str], work: Path, env: dict[str, str], timeout: float) -> None:
         try:
-            self._run_shell(key, work, cwd, timeout)
+            self._run_shell(key, work, env, timeout)
         except BaseException as exc:  # never leave an invocation InProgress for ever
             self._finish(key, "Failed", "Failed", -1, stderr=f"sandbox agent error: {exc!r}")
             raise
 
-    def _run_shell(self, key: tuple[str, str], work: Path, cwd: Path, timeout: float) -> None:
-        env = {**os.environ, INSTANCE_ENV: key[1]}
+    def _run_shell(self, key: tuple[str, str], work: Path, env: dict[str, str], timeout: float) -> None:
         with self._lock:
             self._invocations[key].started = _now()
         try:
             with (work / "stdout").open("wb") as out, (work / "stderr").open("wb") as err:
+                # runshellscript.go: `sh -c <script path>`, sh found on the agent's PATH, as root.
                 shell = subprocess.Popen(
-                    ["/bin/sh", str(work / "script.sh")],
-                    cwd=cwd,
+                    ["sh", "-c", str(work / "_script.sh")],
+                    executable=shutil.which("sh", path=AGENT_PATH),
+                    cwd=self.working_dir(key[1]),
                     env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=out,
@@ -748,7 +774,7 @@ class SsmShim:
             if known[iid].ssm == "offline":
                 self._agent.hold(inv, delivery)
             else:
-                self._agent.run(inv, script, timeout)
+                self._agent.run(inv, script, timeout, ctx.region)
         return status, headers, body
 
     def _get_command_invocation(
