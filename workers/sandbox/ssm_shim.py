@@ -323,9 +323,11 @@ class Agent:
             self._invocations[key].started = _now()
         try:
             with (work / "stdout").open("wb") as out, (work / "stderr").open("wb") as err:
-                # runshellscript.go: `sh -c <script path>`, sh found on the agent's PATH, as root.
+                # runshellscript.go runs `sh -c <script path>` (sh on the agent's PATH, as root);
+                # `sh <path>` is the same script without exec'ing the file, which could meet
+                # ETXTBSY while another thread's fork still holds it open for writing.
                 shell = subprocess.Popen(
-                    ["sh", "-c", str(work / "_script.sh")],
+                    ["sh", str(work / "_script.sh")],
                     executable=shutil.which("sh", path=AGENT_PATH),
                     cwd=self.working_dir(key[1]),
                     env=env,
