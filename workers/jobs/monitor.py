@@ -79,8 +79,14 @@ def tick() -> str:
     due = [m.decode() if isinstance(m, bytes) else str(m) for m in svc.redis.zrangebyscore(DUE, "-inf", horizon)]
     claimed = [run_id for run_id in due if svc.redis.zrem(DUE, run_id)]  # one tick claims each
     runs = [r for r in (svc.runs.get(i) for i in claimed) if r is not None and not r.state.ended]
-    for start in range(0, len(runs), BATCH):
-        poll(svc, runs[start : start + BATCH])
+    try:
+        for start in range(0, len(runs), BATCH):
+            poll(svc, runs[start : start + BATCH])
+    except Exception:
+        for run in runs:  # claimed but not rescheduled: still follow them after the crash
+            if svc.redis.zscore(DUE, run.run_id) is None:
+                schedule(svc, run.run_id, next_delay(svc, run.polls + 1))
+        raise
     upcoming = svc.redis.zrange(DUE, 0, 0, withscores=True)
     if upcoming:
         ensure_tick(svc, float(upcoming[0][1]))
