@@ -1,5 +1,5 @@
-"""Hostile args reach the training program exactly as typed: nothing a user writes
-is ever interpreted by the shell on the instance."""
+"""Hostile values reach the instance exactly as typed: nothing a user, the training repo or
+the instance itself writes is ever interpreted by the shell there (dash, as SSM runs it)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import json
 import os
 import select
 import shlex
+import shutil
 import subprocess
+import tarfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +22,10 @@ from hypothesis import strategies as st
 
 from bot.grammar import parse
 from workers.commands import TrainCommand
-from workers.remote import header, launch_body, wrapper
+from workers.remote import deliver, header, launch_body, probe_live_runs, runs_status, wrapper
+from workers.remote.checkpoints import list_all_checkpoints, list_checkpoints
+from workers.remote.env import setup_env
+from workers.remote.lifecycle import stop_run
 
 HOSTILE = [
     "$(touch pwned)", "`touch pwned`", "; touch pwned", "' ; touch pwned '", '"$(touch pwned)"',
@@ -39,9 +45,12 @@ class Shell:
     """One long-lived `sh` (dash) that runs each script in a subshell: the script
     text runs exactly as sent, without paying a process start per example."""
 
-    def __init__(self) -> None:
+    def __init__(self, cwd: Path | None = None) -> None:
+        dash = shutil.which("dash")
+        if dash is None:
+            pytest.fail("dash is not installed (`apt-get install dash`); instance scripts must run under it")
         self.proc = subprocess.Popen(
-            ["sh"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            [dash], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd
         )
 
     def run(self, script: str, timeout: float = 10.0) -> tuple[int, str]:
@@ -247,3 +256,139 @@ def test_no_builder_puts_a_quoted_value_inside_another_quoting_context() -> None
         if (found := nested_quotes(path.read_text()))
     }
     assert problems == {}
+
+
+# --- every builder input, through the real built scripts under dash ---------------------
+
+MARK = "MARKER"
+INJECTIONS = [
+    f"$(touch {MARK})", f"`touch {MARK}`", f"; touch {MARK}", f"\ntouch {MARK}\n", f"' ; touch {MARK} ; '",
+    f'" ; touch {MARK} ; "', f"\"$(touch {MARK})\"", f"'$(touch {MARK})'", f"&& touch {MARK}", f"| touch {MARK}",
+    f"$(touch {MARK}).py", f"\\$(touch {MARK})", f"${{x:-$(touch {MARK})}}", f"\nRUNCTL_EOF_0\ntouch {MARK}\n",
+]
+ANY = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=30)
+VALUE = st.one_of(
+    st.sampled_from(INJECTIONS),
+    st.tuples(ANY, st.sampled_from(INJECTIONS), ANY).map("".join),
+    st.lists(st.sampled_from(INJECTIONS + HOSTILE), min_size=1, max_size=4).map("".join),
+)
+
+
+def _name(text: str) -> str:
+    """One path component that stays where it is put (no `/`, not `.` or `..`)."""
+    text = text.replace("/", "_")[:60]
+    return "x" if text in ("", ".", "..") else text
+
+
+NAME = VALUE.map(_name)
+
+
+def _stubs(base: Path, argv_json: str) -> Path:
+    """A PATH with fake tools, so the environment and download steps run to the end in
+    milliseconds: `uv` prints its argv as JSON, `curl` copies a prepared bundle."""
+    bin_dir = base / "bin"
+    bin_dir.mkdir()
+    shutil.copy(argv_json, bin_dir / "uv")
+    stub(bin_dir, "python3", '#!/bin/sh\ncase "$1" in\n  -c) echo 3.11 ;;\n  -m) for last; do :; done; mkdir -p "$last/bin" ;;\nesac\n')
+    bundle = base / "bundle.tar.gz"
+    (base / "train.py").write_text("print('hi')\n")
+    with tarfile.open(bundle, "w:gz") as tar:
+        tar.add(base / "train.py", arcname="train.py")
+    stub(bin_dir, "curl", f'#!/bin/sh\nwhile [ "$#" -gt 0 ]; do [ "$1" = -o ] && out=$2; shift; done\ncp {shlex.quote(str(bundle))} "$out"\n')
+    return bin_dir
+
+
+@pytest.fixture(scope="module")
+def playground(tmp_path_factory: pytest.TempPathFactory, fast_json_stub: str) -> Iterator[tuple[Shell, Path, Path, str]]:
+    base = tmp_path_factory.mktemp("hostile")
+    bin_dir = _stubs(base, fast_json_stub)
+    shell = Shell(cwd=base)
+    yield shell, base, bin_dir, fast_json_stub
+    shell.close()
+
+
+def markers(base: Path) -> list[Path]:
+    return [p for p in base.rglob("*") if p.name.startswith(MARK)]
+
+
+def _wait_for(path: Path, seconds: float = 5.0) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if path.exists():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{path} never appeared")
+
+
+# 40 examples of 13 hostile values each, every builder run for real: about 15 s.
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(
+    root_name=NAME, run_id=NAME, resumed=NAME, script=VALUE, args=st.lists(VALUE, max_size=3),
+    env_value=VALUE, ref=VALUE, url=VALUE, digest=NAME, workdir=NAME, requirements=VALUE,
+    generated=st.none() | VALUE, checkpoint=NAME,
+)
+@example(
+    root_name="$(touch MARKER)", run_id="$(touch MARKER)", resumed="`touch MARKER`", script="$(id > MARKER).py",
+    args=["; touch MARKER"], env_value="$(touch MARKER)", ref="main;touch MARKER", url="http://x/$(touch MARKER)",
+    digest="$(touch MARKER)", workdir="$(touch MARKER)", requirements="$(touch MARKER).txt",
+    generated="RUNCTL_EOF_0\n$(touch MARKER)", checkpoint="$(touch MARKER).pt",
+)
+def test_no_value_reaching_any_builder_is_ever_executed(
+    playground: tuple[Shell, Path, Path, str], root_name: str, run_id: str, resumed: str, script: str,
+    args: list[str], env_value: str, ref: str, url: str, digest: str, workdir: str, requirements: str,
+    generated: str | None, checkpoint: str,
+) -> None:
+    shell, base, bin_dir, argv_json = playground
+    if resumed == run_id:
+        resumed += "-0"
+    root = base / "roots" / root_name
+    shutil.rmtree(base / "roots", ignore_errors=True)
+    for run in (run_id, resumed):
+        (root / "runs" / run / "checkpoints").mkdir(parents=True)
+    # Instance-side names are as hostile as user input: a checkpoint file and its manifest entry.
+    ck = root / "runs" / resumed / "checkpoints"
+    (ck / checkpoint).write_bytes(b"w")
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": [{"file": checkpoint, "epoch": 1, "size": 1}]}))
+    path = f"PATH={shlex.quote(str(bin_dir))}:$PATH\nexport PATH\n"
+
+    def run(script_text: str) -> tuple[int, str]:
+        return shell.run(path + script_text)
+
+    # The usual train: probe, ship (curl), check the script is in the tree.
+    rc, out = run(deliver(str(root), run_id, script, url))
+    if rc == 3:
+        assert f"runctl: script {script} is not in" in out
+    # The environment step: the requirements path and a generated file reach the installer unchanged.
+    (root / "code" / workdir).mkdir(parents=True, exist_ok=True)
+    rc, out = run(setup_env(str(root), run_id, digest, workdir, requirements, generated, rebuild=True))
+    assert rc == 0, out
+    log = (root / "runs" / run_id / "setup.log").read_text()
+    want = root / "runs" / run_id / "requirements.txt" if generated is not None else root / "code" / requirements
+    installed = [json.loads(line) for line in log.split("\n") if line.startswith('["pip"')]
+    assert installed and installed[0][-2:] == ["-r", str(want)], log
+    assert f"from {requirements}" in log
+    if generated is not None:
+        assert want.read_text() == (generated if generated.endswith("\n") else generated + "\n")
+    # The launch: the training gets every value verbatim, the metadata file keeps them as data.
+    meta = json.dumps({"run_id": run_id, "script": script, "ref": ref})
+    env = {"RUNCTL_RUN_ID": run_id, "USER_VALUE": env_value}
+    rc, out = run(header(str(root)) + launch_body(run_id, script, args, env, meta, python=argv_json, checkpoint_run_id=resumed))
+    assert rc == 0 and "launched" in out, out
+    rdir = root / "runs" / run_id
+    _wait_for(rdir / "exit_code")
+    assert json.loads((rdir / "training.log").read_bytes().decode().split("\n")[0]) == ["-u", script, *args]
+    assert json.loads((rdir / "meta.json").read_text()) == json.loads(meta)
+    assert (rdir / "checkpoint_dir").read_text() == f"{root}/runs/{resumed}/checkpoints\n"
+    # Everything that reads the run directories back.
+    for text in (
+        probe_live_runs(str(root)),
+        runs_status(str(root), [run_id, resumed]),
+        stop_run(str(root), run_id, 1, checkpoint_run_id=resumed),
+        stop_run(str(root), resumed, 0, force=True),
+        list_checkpoints(str(root), resumed),
+        list_checkpoints(str(root), run_id + "-missing"),
+        list_checkpoints(str(root), None),
+        list_all_checkpoints(str(root)),
+    ):
+        rc, out = run(text)
+        assert rc == 0, out
+    assert not markers(base), markers(base)

@@ -53,7 +53,7 @@ _FUNCTIONS = (
     '  printf \'%s\\n\' "$1" | sed -n "s/.*\\"$2\\"[[:space:]]*:[[:space:]]*\\"\\{0,1\\}\\($3\\).*/\\1/p" | head -n 1\n'
     "}\n"
     "valid_id() {\n"
-    '  case "$1" in ""|*[!A-Za-z0-9_.-]*) return 1 ;; esac\n'
+    '  case "$1" in ""|.|..|*[!A-Za-z0-9_.-]*) return 1 ;; esac\n'
     "}\n"
     "has_ckpt() {  # the run directory's checkpoints/ holds something besides manifest/marker\n"
     '  [ -d "$1/checkpoints" ] || return 1\n'
