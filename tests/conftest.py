@@ -4,6 +4,8 @@ the fake Slack Web API, and Services wired to all three."""
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from workers.sandbox.aws import Sandbox, SeedInfo, seed
 from workers.sandbox.example_repo import make_example_repo
 from workers.sandbox.fake_slack import FakeSlack
 from workers.sandbox.inline import InlineWorker
+from workers.sandbox.ssm_shim import AGENT_PATH
 from workers.services import Services
 from workers.settings import Settings
 from workers.slack.client import Notifier
@@ -25,6 +28,9 @@ from workers.slack.client import Notifier
 # One db per test process, so parallel runs on one machine never flush each other.
 REDIS_URL = os.environ.get("RUNCTL_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{1 + os.getpid() % 14}")
 BUCKET = "runctl-test-bundles"
+# Sandbox instances run scripts with the SSM agent's PATH, as real ones do. A machine whose
+# only Python is elsewhere (pyenv, say) names it, as RUNCTL_PYTHON or a runctl:python tag would.
+INSTANCE_PYTHON = "python3" if shutil.which("python3", path=AGENT_PATH) else sys.executable
 TOKEN = "xoxb-test-token"
 
 
@@ -96,6 +102,7 @@ def settings(slack: FakeSlack, example_repo: Path, tmp_path: Path) -> Settings:
         RUNCTL_POLL_MAX_SECONDS=0.5,
         RUNCTL_LAUNCH_CHECK_SECONDS=0.5,
         RUNCTL_STOP_GRACE_SECONDS=20,
+        RUNCTL_PYTHON=INSTANCE_PYTHON,
     )
 
 

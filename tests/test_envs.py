@@ -12,6 +12,7 @@ import hashlib
 import io
 import shutil
 import subprocess
+import sys
 import uuid
 import zipfile
 from pathlib import Path
@@ -106,10 +107,8 @@ def deps_repo(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def settings(settings: Settings, deps_repo: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    # The shim runs scripts with the worker's environment: keep pip off the network.
-    monkeypatch.setenv("PIP_NO_INDEX", "1")
-    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+def settings(settings: Settings, deps_repo: Path) -> Settings:
+    # pip runs with the SSM agent's environment only; requirements name local wheels.
     return settings.model_copy(update={"RUNCTL_REPO": str(deps_repo)})
 
 
@@ -226,6 +225,63 @@ def test_no_deps_and_no_requirements_use_system_python(
     assert none.state is RunState.SUCCEEDED and none.env_hash is None
     assert any("No `requirements.txt`" in n for n in none.notes)
     assert not any("setup.log" in s for s in sandbox.sent_scripts(iid))
+
+
+def test_interpreter_from_the_instance_tag_builds_an_env_that_sees_its_packages(
+    svc: Services, worker: InlineWorker, fleet_seed: SeedInfo, sandbox: Sandbox, deps_repo: Path
+) -> None:
+    """A Deep Learning AMI's torch lives in its own interpreter (here: the one running the
+    tests, whose `moto` the agent's python3 lacks); requirements go on top, torch stays."""
+    iid = fleet_seed.instances["gpu-box-1"]
+    image_python = str(Path(sys.base_prefix, "bin", "python3"))
+    svc.fleet.ec2.create_tags(Resources=[iid], Tags=[{"Key": "runctl:python", "Value": image_python}])
+    commit(deps_repo, {"image.py": "import moto, tinylib\nprint('moto', bool(moto), 'tinylib', tinylib.VERSION)\n"})
+    run = run_train(svc, worker, iid, script="image.py")
+    assert run.state is RunState.SUCCEEDED, (run.error, run.log_tail)
+    assert run.python == image_python and run.env_hash is not None
+    log = (sandbox.instance_dir(iid) / "runs" / run.run_id / "training.log").read_text()
+    assert "moto True tinylib 0.1" in log
+    cfg = (sandbox.instance_dir(iid) / "envs" / run.env_hash / "pyvenv.cfg").read_text()
+    assert "include-system-site-packages = true" in cfg and f"home = {Path(image_python).parent}" in cfg
+    # the agent's python3 gets an environment of its own, not this one
+    svc.fleet.ec2.delete_tags(Resources=[iid], Tags=[{"Key": "runctl:python"}])
+    plain = run_train(svc, worker, iid, script="train.py")
+    assert plain.state is RunState.SUCCEEDED and plain.python == svc.settings.RUNCTL_PYTHON and plain.env_hash != run.env_hash
+
+    from workers.jobs.status import describe
+
+    svc.fleet.ec2.create_tags(Resources=[iid], Tags=[{"Key": "runctl:python", "Value": image_python}])
+    commit(deps_repo, {"slow.py": "import time, tinylib\ntime.sleep(30)\n"})
+    cmd = TrainCommand(instance_id=iid, script="slow.py")
+    train(cmd.model_dump(mode="json"), ALICE.model_dump(mode="json"), "r-env-status")
+    text = describe(iid)
+    assert f"Interpreter `{image_python}`" in text, text
+    assert "Environment `envs/" in text and f"(built from `{image_python}`)" in text, text
+    from workers import remote
+
+    svc.fleet.run(iid, remote.stop_run(svc.settings.RUNCTL_REMOTE_ROOT, "r-env-status", 5), 60)
+
+
+def test_a_bad_python_tag_is_refused_with_the_command_that_fixes_it(
+    svc: Services, worker: InlineWorker, fleet_seed: SeedInfo
+) -> None:
+    iid = fleet_seed.instances["cpu-box"]
+    svc.fleet.ec2.create_tags(Resources=[iid], Tags=[{"Key": "runctl:python", "Value": "python3; reboot"}])
+    run = run_train(svc, worker, iid, script="train.py")
+    assert run.state is RunState.REFUSED and run.error is not None
+    assert "runctl:python" in run.error.what and "create-tags" in run.error.fix
+
+
+def test_requirements_with_only_comments_skip_the_environment_step(
+    svc: Services, worker: InlineWorker, fleet_seed: SeedInfo, sandbox: Sandbox, deps_repo: Path
+) -> None:
+    iid = fleet_seed.instances["cpu-box"]
+    commit(deps_repo, {"requirements.txt": "# pinned later\n\n   # torch comes with the AMI\n", "plain.py": "print('ok')\n"})
+    run = run_train(svc, worker, iid, script="plain.py")
+    assert run.state is RunState.SUCCEEDED and run.env_hash is None
+    assert any("names no packages" in n for n in run.notes)
+    assert not any("setup.log" in s for s in sandbox.sent_scripts(iid))
+    assert not (sandbox.instance_dir(iid) / "envs").exists()
 
 
 # --- finding requirements (real git repository, no instance) -------------------------

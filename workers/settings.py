@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -21,6 +22,16 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
 }
 
 
+_PYTHON = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*|/[A-Za-z0-9_.+/-]+")
+
+
+def python_path(value: str) -> str:
+    """An interpreter: a command name on the instance's PATH or an absolute path."""
+    if not _PYTHON.fullmatch(value) or "/../" in f"{value}/":
+        raise ValueError(f"expected a command name or an absolute path, e.g. /opt/conda/bin/python, got {value!r}")
+    return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=True, extra="ignore")
 
@@ -33,6 +44,7 @@ class Settings(BaseSettings):
     RUNCTL_REF: str = "main"
     RUNCTL_S3_BUCKET: str | None = None
     RUNCTL_REMOTE_ROOT: str = "/opt/runctl"
+    RUNCTL_PYTHON: str = "python3"
     RUNCTL_CHANNEL: str | None = None
     RUNCTL_ADMINS: Annotated[list[str], NoDecode] = Field(default_factory=list)
     RUNCTL_SCOPE_TAG: str = "runctl:managed=true"
@@ -71,6 +83,11 @@ class Settings(BaseSettings):
         if value and "=" not in value:
             raise ValueError("expected KEY=VALUE, e.g. runctl:managed=true (empty disables)")
         return value
+
+    @field_validator("RUNCTL_PYTHON")
+    @classmethod
+    def _python_shape(cls, value: str) -> str:
+        return python_path(value)
 
     @property
     def scope(self) -> tuple[str, str] | None:

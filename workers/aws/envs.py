@@ -39,6 +39,11 @@ class Requirements:
     digest: str  # sha256 over the text, the files it includes and the local packages it names
 
     @property
+    def empty(self) -> bool:
+        """Only blank lines and comments: nothing to install."""
+        return not any(line.split("#", 1)[0].strip() for line in self.text.splitlines())
+
+    @property
     def from_pyproject(self) -> bool:
         return self.source.endswith("pyproject.toml")
 

@@ -32,6 +32,7 @@ S3_CONFIG = BOTO_CONFIG.merge(Config(signature_version="s3v4", s3={"addressing_s
 SSM_OUTPUT_LIMIT = 24_000
 LIST_OUTPUT_LIMIT = 2_500  # ListCommandInvocations truncates each output here
 PRESIGN_SECONDS = 300
+PYTHON_TAG = "runctl:python"  # the instance's training interpreter, over RUNCTL_PYTHON
 PRESIGN_MARGIN_SECONDS = 60
 
 

@@ -3,11 +3,12 @@ training starts, reuse or build the virtualenv its requirements need."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from datetime import UTC, datetime
 
 from workers.aws import envs
-from workers.aws.fleet import ScriptResult
+from workers.aws.fleet import PYTHON_TAG, ScriptResult
 from workers.errors import EnvSetupError
 from workers.remote import SECTION
 from workers.remote import env as env_scripts
@@ -16,7 +17,6 @@ from workers.slack.format import duration
 from workers.slack.thread import publish
 from workers.state.runs import Run, RunState
 
-SYSTEM_PYTHON = "python3"
 TIMEOUT_SECONDS = 1800
 DETAIL_CHARS = 2000
 
@@ -34,29 +34,34 @@ _CULPRIT = (
 
 
 def prepare(svc: Services, run: Run) -> str:
-    """Return the interpreter the run should use; raise EnvSetupError if its
-    environment cannot be built (the caller fails the run)."""
+    """Return the interpreter the run should use (``run.python`` itself, or its
+    environment's); raise EnvSetupError if the environment cannot be built."""
     reqs = requirements(svc, run)
-    return SYSTEM_PYTHON if reqs is None else build(svc, run, reqs)
+    return run.python if reqs is None else build(svc, run, reqs)
 
 
 def requirements(svc: Services, run: Run) -> envs.Requirements | None:
     """The requirements this run needs an environment for, or None (noted on the run)."""
     if not run.deps:
-        run.notes.append(":package: `--no-deps`: no environment step; the run uses the system `python3`.")
+        run.notes.append(f":package: `--no-deps`: no environment step; the run uses `{run.python}`.")
         return None
     if not run.sync_code:
         run.notes.append(
             ":package: `--no-sync-code`: no environment step (requirements are read at a commit); "
-            "the run uses the system `python3`."
+            f"the run uses `{run.python}`."
         )
         return None
     reqs = envs.find(svc.repo, run.sha, run.script)
     if reqs is None:
         run.notes.append(
             f":package: No `requirements.txt` or `pyproject.toml` dependencies for `{run.script}` "
-            f"at `{run.ref}`; the run uses the system `python3`."
+            f"at `{run.ref}`; the run uses `{run.python}`."
         )
+    elif reqs.empty:
+        run.notes.append(
+            f":package: `{reqs.source}` names no packages; no environment step, the run uses `{run.python}`."
+        )
+        return None
     return reqs
 
 
@@ -64,14 +69,17 @@ def build(svc: Services, run: Run, reqs: envs.Requirements) -> str:
     """Reuse or build the environment on the instance; return its interpreter."""
     run.state = RunState.SETTING_UP
     publish(svc, run)
+    # One environment per requirements *and* base interpreter: it sees that one's packages.
+    digest = hashlib.sha256(f"{reqs.digest}\0{run.python}".encode()).hexdigest()
     script = env_scripts.setup_env(
         svc.settings.RUNCTL_REMOTE_ROOT,
         run.run_id,
-        reqs.digest,
+        digest,
         reqs.workdir,
         reqs.source,
         reqs.text if reqs.from_pyproject else None,
         rebuild=run.rebuild_env,
+        python=run.python,
     )
     began = svc.clock()
     result = svc.fleet.run(run.instance_id, script, timeout=TIMEOUT_SECONDS)
@@ -146,15 +154,17 @@ def setup_error(
     if reason == "venv":
         return EnvSetupError(
             f"Could not create a virtualenv on {run.instance_id}; training was not started.",
-            why="`python3 -m venv` failed; on Debian/Ubuntu the venv module is a separate package.",
+            why=f"`{run.python} -m venv` failed; on Debian/Ubuntu the venv module is a separate package.",
             fix=f"On the instance: `sudo apt-get install -y python3-venv`, then retry: {retry}. "
-            "Or add `--no-deps` to use the system `python3`.",
+            f"Or add `--no-deps` to run with `{run.python}` itself.",
             detail=log,
         )
     if reason == "no-python":
         return EnvSetupError(
-            f"{run.instance_id} has no `python3` on its PATH; training was not started.",
-            fix=f"Install Python 3 on the instance (e.g. `sudo apt-get install -y python3`), then retry: {retry}.",
+            f"{run.instance_id} has no `{run.python}` on the SSM agent's PATH; training was not started.",
+            why="Scripts run with the agent's PATH (/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin).",
+            fix=f"Tag the instance with its interpreter: `aws ec2 create-tags --resources {run.instance_id} "
+            f"--tags Key={PYTHON_TAG},Value=/path/to/python` (or set RUNCTL_PYTHON), then retry: {retry}.",
         )
     if reason == "locked":
         return EnvSetupError(

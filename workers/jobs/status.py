@@ -35,9 +35,13 @@ def describe(instance_id: str) -> str:
             lines.append(progress_text(run.progress))
         if run.checkpoint:
             lines.append("Newest checkpoint: " + checkpoint_text(run.checkpoint, now))
+        if run.python:
+            lines.append(f"Interpreter `{run.python}`")
         if run.env_hash:
             built = f", built {run.env_built_at:%Y-%m-%d %H:%M} UTC" if run.env_built_at else ""
-            lines.append(f"Environment `envs/{run.env_hash}`{built}")
+            lines.append(f"Environment `envs/{run.env_hash}` (built from `{run.python or 'python3'}`){built}")
+        elif run.python:
+            lines.append("Environment: none (the interpreter's own packages)")
     else:
         last = svc.runs.latest(instance_id)
         lines.append("No live run." + (f" Last: `{last.run_id}` {last.state.value}." if last else ""))

@@ -8,13 +8,14 @@ import re
 from datetime import timedelta
 
 from workers import remote
-from workers.aws.fleet import PRESIGN_MARGIN_SECONDS, Instance
+from workers.aws.fleet import PRESIGN_MARGIN_SECONDS, PYTHON_TAG, Instance
 from workers.commands import Requester, TrainCommand
 from workers.errors import AgentOffline, RunConflict, RunctlError, WrongState
 from workers.jobs import envsetup, funnel
 from workers.jobs.funnel import Job
 from workers.remote.lifecycle import parse_stop
 from workers.services import Services
+from workers.settings import python_path
 from workers.slack.thread import publish, reply
 from workers.state.locks import Holder, train_lock
 from workers.state.runs import Run, RunState
@@ -71,13 +72,13 @@ class TrainFlow:
         publish(self.svc, run)
         try:
             source = self.check_code()
-            self.check_instance()
+            self.run.python = self.interpreter(self.check_instance())
             self.take_lock()
             self.plan_checkpoints(source)
             url = self.bundle_url()
             reqs = envsetup.requirements(self.svc, run)
             if reqs is None:  # the usual case: one SSM command checks, ships and starts
-                self.deliver(url, self.launch_body(envsetup.SYSTEM_PYTHON))
+                self.deliver(url, self.launch_body(run.python))
             else:
                 self.deliver(url, "")
                 self.start(self.launch_body(envsetup.build(self.svc, run, reqs)))
@@ -135,6 +136,23 @@ class TrainFlow:
                 "make sure amazon-ssm-agent is running (`sudo systemctl status amazon-ssm-agent`).",
             )
         return inst
+
+    def interpreter(self, inst: Instance) -> str:
+        """The instance's `runctl:python` tag, else RUNCTL_PYTHON: on a Deep Learning AMI the
+        agent's `python3` is not the one with torch and CUDA."""
+        tagged = inst.tags.get(PYTHON_TAG)
+        if tagged is None:
+            return self.svc.settings.RUNCTL_PYTHON
+        try:
+            return python_path(tagged.strip())
+        except ValueError:
+            raise RunctlError(
+                f"{inst.label} has an unusable `{PYTHON_TAG}` tag.",
+                why="It must be an absolute path (or a command name on the SSM agent's PATH) "
+                "of letters, digits and `._+-/`.",
+                fix=f"aws ec2 create-tags --resources {inst.id} --tags "
+                f"Key={PYTHON_TAG},Value=/opt/conda/envs/pytorch/bin/python",
+            ) from None
 
     def take_lock(self) -> None:
         run = self.run

@@ -27,10 +27,12 @@ def setup_env(
     generated: str | None,
     rebuild: bool = False,
     keep: int = KEEP_ENVS,
+    python: str = "python3",
 ) -> str:
     """``requirements`` is the file's path in the code tree; when ``generated`` is
     given (dependencies from pyproject.toml) it is written to the run directory
-    and installed instead."""
+    and installed instead. The environment is built from ``python`` and sees its
+    site packages (``--system-site-packages``), so an image's torch is not reinstalled."""
     s = SECTION
     if generated is not None:
         text = generated if generated.endswith("\n") else generated + "\n"
@@ -47,12 +49,13 @@ def setup_env(
         'LOG="$RUN_DIR/setup.log"\n'
         f"{req}{work}"
         f'REQ_NAME={q(requirements)}\n'
+        f"PYTHON={q(python)}\n"
         'mkdir -p "$RUN_DIR" "$RUNCTL_ROOT/envs"\n'
         f"{write_req}"
-        "if ! command -v python3 >/dev/null 2>&1; then\n"
+        'if ! command -v "$PYTHON" >/dev/null 2>&1; then\n'
         f'  echo "{s}failed no-python"; exit {NO_PYTHON}\n'
         "fi\n"
-        "PYVER=$(python3 -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])')\n"
+        "PYVER=$(\"$PYTHON\" -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])')\n"
         f'NAME={q(digest[:16])}-py"$PYVER"\n'
         'ENV="$RUNCTL_ROOT/envs/$NAME"\n'
         'LOCK="$ENV.lock"\n'
@@ -92,20 +95,20 @@ def setup_env(
         'export PIP_CACHE_DIR="$RUNCTL_ROOT/cache/pip" UV_CACHE_DIR="$RUNCTL_ROOT/cache/uv"\n'
         'if [ -n "$UV" ]; then\n'
         "  INSTALLER=uv; WITH_PIP=--without-pip\n"
-        "elif python3 -c 'import sys, pip; sys.exit(tuple(map(int, pip.__version__.split(\".\")[:2])) < (22, 3))' 2>/dev/null; then\n"
+        "elif \"$PYTHON\" -c 'import sys, pip; sys.exit(tuple(map(int, pip.__version__.split(\".\")[:2])) < (22, 3))' 2>/dev/null; then\n"
         "  INSTALLER=system-pip; WITH_PIP=--without-pip\n"
         "else\n"
         "  INSTALLER=pip; WITH_PIP=\n"
         "fi\n"
-        'echo "runctl: python $PYVER, installer $INSTALLER" >> "$LOG"\n'
-        'if ! python3 -m venv $WITH_PIP "$ENV" >> "$LOG" 2>&1; then\n'
+        'printf \'runctl: python %s (%s), installer %s\\n\' "$PYVER" "$PYTHON" "$INSTALLER" >> "$LOG"\n'
+        'if ! "$PYTHON" -m venv --system-site-packages $WITH_PIP "$ENV" >> "$LOG" 2>&1; then\n'
         '  rm -rf "$ENV"\n'
         f'  echo "{s}failed venv"; {tail}; exit {NO_VENV}\n'
         "fi\n"
         f'cd "$WORK" || exit {INSTALL_FAILED}\n'
         'case "$INSTALLER" in\n'
         '  uv) "$UV" pip install --python "$ENV/bin/python" -r "$REQ" ;;\n'
-        '  system-pip) python3 -m pip --python "$ENV/bin/python" install --progress-bar off -r "$REQ" ;;\n'
+        '  system-pip) "$PYTHON" -m pip --python "$ENV/bin/python" install --progress-bar off -r "$REQ" ;;\n'
         '  *) "$ENV/bin/python" -m pip install --progress-bar off -r "$REQ" ;;\n'
         'esac >> "$LOG" 2>&1\n'
         "rc=$?\n"

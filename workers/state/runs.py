@@ -78,6 +78,7 @@ class Run(BaseModel):
     message_ts: str | None = None
     progress: Progress | None = None
     checkpoint: Checkpoint | None = None
+    python: str = ""  # the interpreter the run was set up with (RUNCTL_PYTHON or the runctl:python tag)
     env_hash: str | None = None
     env_built_at: datetime | None = None
     setup_seconds: float | None = None
