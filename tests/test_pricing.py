@@ -23,6 +23,7 @@ from scripts.update_prices import (
     parse_price_item,
     write_atomically,
 )
+from workers.aws.fleet import Fleet
 from workers.cost.pricing import (
     SPOT_CACHE_SECONDS,
     Price,
@@ -54,9 +55,14 @@ def redis_client() -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def ec2() -> Iterator[Any]:
+def fleet() -> Iterator[Fleet]:
     with mock_aws():
-        yield boto3.client("ec2", region_name="us-east-1")
+        yield Fleet(None, session=boto3.Session(region_name="us-east-1"))
+
+
+@pytest.fixture
+def ec2(fleet: Fleet) -> Any:
+    return fleet.ec2
 
 
 def count_calls(client: Any, operation: str) -> list[str]:
@@ -175,12 +181,12 @@ def test_price_describe() -> None:
 # --- spot ----------------------------------------------------------------------------
 
 
-def test_spot_price_from_moto_is_cached_for_an_hour(ec2: Any, redis_client: redis.Redis) -> None:
+def test_spot_price_from_moto_is_cached_for_an_hour(fleet: Fleet, ec2: Any, redis_client: redis.Redis) -> None:
     calls = count_calls(ec2, "DescribeSpotPriceHistory")
 
     # moto answers every offered type with a fixed SpotPrice of "0.00001".
-    assert spot_price(ec2, redis_client, AZ, "g5.xlarge") == Decimal("0.00001")
-    assert spot_price(ec2, redis_client, AZ, "g5.xlarge") == Decimal("0.00001")
+    assert spot_price(fleet, redis_client, AZ, "g5.xlarge") == Decimal("0.00001")
+    assert spot_price(fleet, redis_client, AZ, "g5.xlarge") == Decimal("0.00001")
 
     assert calls == ["DescribeSpotPriceHistory"]
     key = f"runctl:price:spot:{AZ}:g5.xlarge"
@@ -188,20 +194,19 @@ def test_spot_price_from_moto_is_cached_for_an_hour(ec2: Any, redis_client: redi
     assert 0 < redis_client.ttl(key) <= SPOT_CACHE_SECONDS
 
 
-def test_spot_miss_is_cached_too(ec2: Any, redis_client: redis.Redis) -> None:
+def test_spot_miss_is_cached_too(fleet: Fleet, ec2: Any, redis_client: redis.Redis) -> None:
     calls = count_calls(ec2, "DescribeSpotPriceHistory")
 
-    assert spot_price(ec2, redis_client, AZ, "p99.bogus") is None
-    assert spot_price(ec2, redis_client, AZ, "p99.bogus") is None
+    assert spot_price(fleet, redis_client, AZ, "p99.bogus") is None
+    assert spot_price(fleet, redis_client, AZ, "p99.bogus") is None
 
     assert len(calls) == 1
     assert redis_client.get(f"runctl:price:spot:{AZ}:p99.bogus") == b"none"
 
 
 def test_spot_takes_the_newest_entry_of_the_asked_zone(redis_client: redis.Redis) -> None:
-    ec2 = boto3.client(
-        "ec2", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
-    )
+    fleet = Fleet(None, session=boto3.Session(region_name="us-east-1", aws_access_key_id="x",
+                                              aws_secret_access_key="x"))
     history = [
         {"AvailabilityZone": AZ, "InstanceType": "m5.large", "SpotPrice": "0.0300",
          "Timestamp": datetime(2026, 1, 1, 10, tzinfo=UTC)},
@@ -210,7 +215,7 @@ def test_spot_takes_the_newest_entry_of_the_asked_zone(redis_client: redis.Redis
         {"AvailabilityZone": "us-east-1b", "InstanceType": "m5.large", "SpotPrice": "0.0900",
          "Timestamp": datetime(2026, 1, 1, 13, tzinfo=UTC)},
     ]  # fmt: skip
-    with Stubber(ec2) as stub:
+    with Stubber(fleet.ec2) as stub:
         stub.add_response(
             "describe_spot_price_history",
             {"SpotPriceHistory": history},
@@ -221,22 +226,22 @@ def test_spot_takes_the_newest_entry_of_the_asked_zone(redis_client: redis.Redis
                 "StartTime": ANY,
             },
         )
-        assert spot_price(ec2, redis_client, AZ, "m5.large") == Decimal("0.0350")
+        assert spot_price(fleet, redis_client, AZ, "m5.large") == Decimal("0.0350")
         stub.assert_no_pending_responses()
 
 
 def test_hourly_price_follows_the_lifecycle(
-    book: PriceBook, ec2: Any, redis_client: redis.Redis
+    book: PriceBook, fleet: Fleet, redis_client: redis.Redis
 ) -> None:
-    on_demand = hourly_price(book, ec2, redis_client, "us-east-1", AZ, "g5.xlarge", None)
+    on_demand = hourly_price(book, fleet, redis_client, "us-east-1", AZ, "g5.xlarge", None)
     assert on_demand == Price(Decimal("1.006"), "on-demand")
     assert on_demand.describe() == "$1.006/h"
 
-    spot = hourly_price(book, ec2, redis_client, "us-east-1", AZ, "g5.xlarge", "spot")
+    spot = hourly_price(book, fleet, redis_client, "us-east-1", AZ, "g5.xlarge", "spot")
     assert spot == Price(Decimal("0.00001"), "spot")
 
     # Capacity blocks are billed differently; the on-demand figure would be a guess.
-    block = hourly_price(book, ec2, redis_client, "us-east-1", AZ, "p5.48xlarge", "capacity-block")
+    block = hourly_price(book, fleet, redis_client, "us-east-1", AZ, "p5.48xlarge", "capacity-block")
     assert block.describe() == "price unknown"
 
 

@@ -15,7 +15,8 @@ what happened, why, and the exact command that fixes it.
     ├── CodeError
     │   ├── RefNotFound
     │   ├── ScriptNotFound
-    │   └── ScriptSyntaxError
+    │   ├── ScriptSyntaxError
+    │   └── GitError        git failed in the worker's mirror of the repository
     ├── RemoteError             a script on the instance failed
     │   ├── RemoteTimeout
     │   └── EnvSetupError       the run's environment could not be built
@@ -126,6 +127,10 @@ class ScriptNotFound(CodeError):
 
 
 class ScriptSyntaxError(CodeError):
+    pass
+
+
+class GitError(CodeError):
     pass
 
 

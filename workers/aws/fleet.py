@@ -325,6 +325,18 @@ class Fleet:
                 delay = min(delay * 1.5, 2.0)
         return results
 
+    # --- prices -------------------------------------------------------------
+    def spot_price_history(self, availability_zone: str, instance_type: str) -> list[Mapping[str, Any]]:
+        """Today's Linux spot quotes for one type in one zone (pricing keeps the newest)."""
+        with aws_call("look up spot prices"):
+            response = self.ec2.describe_spot_price_history(
+                AvailabilityZone=availability_zone,
+                InstanceTypes=[instance_type],
+                ProductDescriptions=["Linux/UNIX"],
+                StartTime=datetime.now(UTC),
+            )
+        return list(response.get("SpotPriceHistory", []))
+
     # --- S3 ----------------------------------------------------------------
     def has_object(self, key: str) -> bool:
         try:

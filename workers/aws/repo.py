@@ -13,11 +13,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from workers.errors import ConfigError, RefNotFound, ScriptNotFound, ScriptSyntaxError
+from workers.errors import ConfigError, GitError, RefNotFound, ScriptNotFound, ScriptSyntaxError
 
-
-class GitError(Exception):
-    pass
+__all__ = ["CodeRepo", "GitError"]
 
 
 class CodeRepo:
@@ -33,7 +31,12 @@ class CodeRepo:
             timeout=300,
         )
         if proc.returncode != 0:
-            raise GitError(proc.stderr.decode(errors="replace").strip())
+            raise GitError(
+                f"`git {args[0]}` failed in the worker's copy of the training repository.",
+                why=proc.stderr.decode(errors="replace").strip()[-500:] or f"git exited {proc.returncode}.",
+                fix=f"Run the command again; if it fails the same way, delete the worker's mirror "
+                f"({self.mirror}, RUNCTL_MIRROR_DIR) so that the next command clones it afresh.",
+            )
         return proc.stdout
 
     @contextmanager
@@ -76,7 +79,7 @@ class CodeRepo:
                 self._git("remote", "update", "--prune")
             except GitError as exc:
                 raise ConfigError(
-                    f"Could not fetch RUNCTL_REPO ({self.source}).", why=str(exc)[-500:]
+                    f"Could not fetch RUNCTL_REPO ({self.source}).", why=exc.why, fix=exc.fix
                 ) from None
 
     def resolve(self, ref: str) -> str:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from itertools import islice
-from typing import Any
 
 from workers.aws.fleet import Instance
 from workers.cost.pricing import Price, hourly_price, load_price_book
@@ -114,9 +113,8 @@ class _Prices:
         lifecycle = None if inst.lifecycle == "on-demand" else inst.lifecycle
         key = (inst.region, inst.availability_zone, inst.type, lifecycle)
         if key not in self._seen:
-            ec2: Any = self._svc.fleet.ec2
             self._seen[key] = hourly_price(
-                self._book, ec2, self._svc.redis, inst.region, inst.availability_zone, inst.type, lifecycle
+                self._book, self._svc.fleet, self._svc.redis, inst.region, inst.availability_zone, inst.type, lifecycle
             )
         return self._seen[key]
 

@@ -10,15 +10,15 @@ import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from importlib import resources
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from workers.errors import AwsError
 
 if TYPE_CHECKING:
     from redis import Redis
-    from types_boto3_ec2 import EC2Client
-    from types_boto3_ec2.literals import InstanceTypeType
 
 PriceKind = Literal["on-demand", "spot"]
 
@@ -28,6 +28,13 @@ SPOT_KEY_PREFIX = "runctl:price:spot:"
 _SPOT_MISS = "none"
 
 UNKNOWN = "price unknown"
+DENIED_CODES = ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException")
+
+
+class SpotQuotes(Protocol):
+    """Where spot quotes come from: the fleet's AWS boundary (`Fleet.spot_price_history`)."""
+
+    def spot_price_history(self, availability_zone: str, instance_type: str) -> list[Mapping[str, Any]]: ...
 _CENT = Decimal("0.01")
 
 
@@ -77,25 +84,18 @@ def load_price_book() -> PriceBook:
     return PriceBook.from_json(text)
 
 
-def spot_price(
-    ec2_client: EC2Client, redis: Redis, availability_zone: str, instance_type: str
-) -> Decimal | None:
-    """Current Linux spot price in one AZ, cached in Redis for an hour (misses too)."""
+def spot_price(quotes: SpotQuotes, redis: Redis, availability_zone: str, instance_type: str) -> Decimal | None:
+    """Current Linux spot price in one AZ, cached in Redis for an hour (misses too).
+    Raises AwsError (typed at the fleet boundary) when AWS does not answer."""
     key = f"{SPOT_KEY_PREFIX}{availability_zone}:{instance_type}"
     cached = _as_text(redis.get(key))
     if cached is not None:
         return None if cached == _SPOT_MISS else Decimal(cached)
 
-    response = ec2_client.describe_spot_price_history(
-        AvailabilityZone=availability_zone,
-        InstanceTypes=[cast("InstanceTypeType", instance_type)],
-        ProductDescriptions=["Linux/UNIX"],
-        StartTime=datetime.now(UTC),
-    )
     # Filter again here: not every EC2 endpoint (moto, for one) honours AvailabilityZone.
     entries = [
         entry
-        for entry in response.get("SpotPriceHistory", [])
+        for entry in quotes.spot_price_history(availability_zone, instance_type)
         if entry.get("AvailabilityZone") == availability_zone
         and "SpotPrice" in entry
         and "Timestamp" in entry
@@ -110,6 +110,7 @@ def spot_price(
 class Price:
     usd_per_hour: Decimal | None
     kind: PriceKind
+    unknown_why: str = ""  # why a price is unknown, when that is not simply "no such price"
 
     @property
     def known(self) -> bool:
@@ -117,14 +118,14 @@ class Price:
 
     def describe(self) -> str:
         if self.usd_per_hour is None:
-            return UNKNOWN
+            return f"{UNKNOWN} ({self.unknown_why})" if self.unknown_why else UNKNOWN
         suffix = " spot" if self.kind == "spot" else ""
         return f"${format_rate(self.usd_per_hour)}/h{suffix}"
 
 
 def hourly_price(
     book: PriceBook,
-    ec2_client: EC2Client,
+    quotes: SpotQuotes,
     redis: Redis,
     region: str,
     az: str,
@@ -138,7 +139,11 @@ def hourly_price(
     rather than shown at an on-demand figure that would be wrong.
     """
     if lifecycle == "spot":
-        return Price(spot_price(ec2_client, redis, az, instance_type), "spot")
+        try:
+            return Price(spot_price(quotes, redis, az, instance_type), "spot")
+        except AwsError as exc:  # a cost listing still answers, without this one figure
+            denied = exc.code in DENIED_CODES
+            return Price(None, "spot", "no permission for spot prices" if denied else "AWS did not answer")
     if lifecycle is None:
         return Price(book.on_demand(region, instance_type), "on-demand")
     return Price(None, "on-demand")

@@ -15,7 +15,7 @@ from decimal import Decimal
 from slack_sdk.errors import SlackApiError
 
 from workers import policy, remote
-from workers.aws.fleet import Instance, aws_call
+from workers.aws.fleet import Instance
 from workers.commands import Requester, StartCommand, StopCommand, TerminateCommand, TrainCommand
 from workers.cost.pricing import format_usd, hourly_price, load_price_book
 from workers.errors import AgentOffline, RunctlError, WrongState
@@ -109,14 +109,9 @@ def session_cost(svc: Services, inst: Instance, until: datetime) -> Cost:
     """Uptime since the last start (LaunchTime) and its cost where a price is known."""
     seconds = (until - inst.launch_time).total_seconds() if inst.launch_time else None
     lifecycle = None if inst.lifecycle == "on-demand" else inst.lifecycle
-    try:
-        with aws_call("look up the instance price"):
-            price = hourly_price(
-                load_price_book(), svc.fleet.ec2, svc.redis, inst.region, inst.availability_zone, inst.type, lifecycle
-            )
-    except RunctlError as exc:
-        log.warning("price of %s: %s", inst.id, exc.what)
-        return Cost(seconds, format_usd(None), format_usd(None))
+    price = hourly_price(
+        load_price_book(), svc.fleet, svc.redis, inst.region, inst.availability_zone, inst.type, lifecycle
+    )
     rate = price.usd_per_hour
     amount = None if rate is None or seconds is None else rate * Decimal(seconds) / Decimal(3600)
     return Cost(seconds, format_usd(amount), price.describe())

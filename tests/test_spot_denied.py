@@ -1,0 +1,69 @@
+"""A worker role without ec2:DescribeSpotPriceHistory: the cost views still answer, and the
+spot instance's price says why it is unknown."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from botocore.awsrequest import AWSResponse
+
+from workers.commands import Requester, ResourcesCommand
+from workers.jobs.sweep import sweep
+from workers.queueing import enqueue
+from workers.sandbox.aws import AMI_ID, MANAGED_TAG, SeedInfo
+from workers.sandbox.fake_slack import FakeSlack
+from workers.sandbox.inline import InlineWorker
+from workers.services import Services
+
+ALICE = Requester(user_id="U0ALICE", channel_id="C0TRAIN")
+DENIED = "price unknown (no permission for spot prices)"
+
+
+def deny_spot_prices(svc: Services) -> list[str]:
+    """EC2's answer to a role without the permission: 403, Client.UnauthorizedOperation."""
+    asked: list[str] = []
+
+    def refuse(**_: Any) -> tuple[AWSResponse, dict[str, Any]]:
+        asked.append("DescribeSpotPriceHistory")
+        error = {"Code": "UnauthorizedOperation", "Message": "You are not authorized to perform this operation."}
+        return AWSResponse("https://ec2.us-east-1.amazonaws.com/", 403, {}, None), {"Error": error}
+
+    svc.fleet.ec2.meta.events.register("before-call.ec2.DescribeSpotPriceHistory", refuse)
+    return asked
+
+
+def spot_instance(svc: Services) -> str:
+    reply = svc.fleet.ec2.run_instances(
+        ImageId=AMI_ID, InstanceType="g5.xlarge", MinCount=1, MaxCount=1,
+        InstanceMarketOptions={"MarketType": "spot"},
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [
+            {"Key": "Name", "Value": "spot-box"}, {"Key": MANAGED_TAG, "Value": "true"}]}],
+    )
+    return str(reply["Instances"][0]["InstanceId"])
+
+
+def test_resources_answers_with_the_spot_price_unknown_and_why(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    iid = spot_instance(svc)
+    assert svc.fleet.get(iid).lifecycle == "spot"
+    asked = deny_spot_prices(svc)
+
+    enqueue(svc.queue, ResourcesCommand(), ALICE)
+    worker.drain()
+
+    assert asked
+    fleet = [m for m in slack.messages("C0TRAIN") if m.text.startswith("Fleet:")]
+    assert fleet, [e.text for e in slack.ephemerals("U0ALICE")]
+    row = next(line for b in fleet[0].blocks for line in (b.get("text") or {}).get("text", "").splitlines()
+               if iid in line)
+    assert DENIED in row and "price unknown so far" in row, row
+    assert "$1.006/h" in str(fleet[0].blocks)  # the on-demand boxes keep their prices
+
+
+def test_the_sweep_still_runs(svc: Services, fleet_seed: SeedInfo, slack: FakeSlack) -> None:
+    spot_instance(svc)
+    asked = deny_spot_prices(svc)
+    outcome = sweep()
+    assert asked and re.match(r"\d+ instances, \d+ warnings", outcome), outcome
