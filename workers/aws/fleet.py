@@ -198,6 +198,17 @@ class Fleet:
         with aws_call(f"stop {instance_id}"):
             self.ec2.stop_instances(InstanceIds=[instance_id])
 
+    def spot_request_type(self, instance_id: str) -> str:
+        """``one-time`` or ``persistent``: only a persistent spot request's instance can be
+        stopped. An instance with no request on record counts as one-time (RunInstances'
+        default)."""
+        with aws_call(f"describe the spot request of {instance_id}"):
+            reply = self.ec2.describe_spot_instance_requests(
+                Filters=[{"Name": "instance-id", "Values": [instance_id]}]
+            )
+        types = {str(r.get("Type", "")) for r in reply.get("SpotInstanceRequests", [])}
+        return "persistent" if types == {"persistent"} else "one-time"
+
     def terminate(self, instance_id: str) -> None:
         with aws_call(f"terminate {instance_id}"):
             self.ec2.terminate_instances(InstanceIds=[instance_id])

@@ -311,6 +311,17 @@ def _stop_locked(
     policy.check(svc.settings, actor.user_id, "stop", known.user_id if known else None)
     if force:
         policy.check(svc.settings, actor.user_id, "force")
+    if inst.lifecycle == "spot" and fleet.spot_request_type(iid) != "persistent":
+        raise WrongState(
+            f"{inst.label} is a one-time spot instance: AWS cannot stop it, so runctl did not touch "
+            f"{'run `' + known.run_id + '`' if known else 'it'}.",
+            state=inst.state,
+            why="Only instances of a persistent spot request can be stopped; a one-time spot "
+            "instance can only run or be terminated (which deletes its disk and the checkpoints on it).",
+            fix=f"`/runctl terminate {iid}` (asks for confirmation; a live training gets SIGTERM and "
+            f"{svc.settings.RUNCTL_STOP_GRACE_SECONDS} s to checkpoint first), or keep it running "
+            "and let the training finish.",
+        )
     wait = svc.settings.RUNCTL_STOP_GRACE_SECONDS if grace is None else grace
     halter = Halter(svc, inst, actor, wait, force, "stop")
     try:
@@ -340,6 +351,11 @@ def _stop_locked(
         lines.append("No training was running." if not force or known is None
                      else "The instance was unreachable, so its training was not signalled.")
     lines.append(cost.text("Up this session"))
+    if inst.lifecycle == "spot":
+        lines.append(
+            f":information_source: A persistent spot request's instance: its request is `disabled` while "
+            f"stopped, and `/runctl start {iid}` starts it again when spot capacity allows."
+        )
     return True, lines
 
 

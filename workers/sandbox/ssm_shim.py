@@ -475,6 +475,32 @@ def ec2_instances(account_id: str, region: str) -> dict[str, Ec2Instance]:
     raise ApiError("InternalServerError", "EC2 state kept changing", 500)
 
 
+def one_time_spot(account_id: str, region: str, instance_id: str) -> bool:
+    """A spot instance whose request is one-time (or unknown: RunInstances' spot
+    market options default to one-time) cannot be stopped."""
+    try:
+        backend = ec2_backends[account_id][region]
+        inst = backend.get_instance(instance_id)
+    except Exception:  # unknown ids: moto answers for them
+        return False
+    if getattr(inst, "lifecycle", None) != "spot":
+        return False
+    for request in list(backend.spot_instance_requests.values()):
+        if getattr(request, "instance", None) is not None and request.instance.id == instance_id:
+            return str(request.type) != "persistent"
+    return True
+
+
+def _ec2_error(start_response: StartResponse, code: str, message: str, status: int = 400) -> Iterable[bytes]:
+    """An error in EC2's query-protocol XML."""
+    body = (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error><Code>{code}</Code>'
+        f"<Message>{message}</Message></Error></Errors><RequestID>{uuid.uuid4()}</RequestID></Response>"
+    ).encode()
+    headers = [("Content-Type", "text/xml"), ("Content-Length", str(len(body)))]
+    return _reply(start_response, f"{status} {HTTP_STATUS_CODES[status]}", headers, body)
+
+
 # --- the middleware -----------------------------------------------------------------
 
 
@@ -710,6 +736,16 @@ class SsmShim:
             refusal = self._capacity(ctx, params)
             if refusal is not None:
                 return _reply(start_response, "500 Internal Server Error", [("Content-Type", "text/xml")], refusal)
+        if action == "StopInstances":
+            for iid in (v[0] for k, v in params.items() if _INSTANCE_PARAM.match(k)):
+                if one_time_spot(ctx.account_id, ctx.region, iid):
+                    return _ec2_error(
+                        start_response,
+                        "UnsupportedOperation",
+                        f"You can't stop the Spot Instance '{iid}' because it is associated with a one-time "
+                        "Spot Instance request. You can only stop Spot Instances associated with persistent "
+                        "Spot Instance requests.",
+                    )
         status, headers, reply = _call_app(self._app, environ)
         if action in POWER_OFF_ACTIONS and status.startswith("200"):
             ids = [v[0] for k, v in params.items() if _INSTANCE_PARAM.match(k)]
