@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     RUNCTL_CHANNEL: str | None = None
     RUNCTL_ADMINS: Annotated[list[str], NoDecode] = Field(default_factory=list)
     RUNCTL_SCOPE_TAG: str = "runctl:managed=true"
-    RUNCTL_MIRROR_DIR: Path = Path.home() / ".cache" / "runctl" / "mirror"
+    RUNCTL_MIRROR_DIR: Path = Path.home() / ".cache" / "runctl" / "mirrors"  # one mirror per RUNCTL_REPO inside
     RUNCTL_STOP_GRACE_SECONDS: int = Field(120, ge=0, le=3600)
     RUNCTL_PENDING_WAIT_SECONDS: int = Field(300, ge=0)
     RUNCTL_SWEEP_MINUTES: int = Field(5, ge=1, le=1440)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import fcntl
+import hashlib
 import os
 import posixpath
 import subprocess
@@ -18,10 +19,16 @@ from workers.errors import ConfigError, GitError, RefNotFound, ScriptNotFound, S
 __all__ = ["CodeRepo", "GitError"]
 
 
+def mirror_name(source: str) -> str:
+    """One mirror per repository URL: a changed RUNCTL_REPO gets its own, never the old
+    remote, and two deployments of different repositories never share one."""
+    return f"{hashlib.sha256(source.encode()).hexdigest()[:16]}.git"
+
+
 class CodeRepo:
-    def __init__(self, source: str, mirror_dir: Path) -> None:
+    def __init__(self, source: str, mirrors_dir: Path) -> None:
         self.source = source
-        self.mirror = mirror_dir
+        self.mirror = mirrors_dir / mirror_name(source)
 
     def _git(self, *args: str, input_: bytes | None = None) -> bytes:
         proc = subprocess.run(
