@@ -388,8 +388,8 @@ def test_presigned_download_refuses_sigv2_and_can_redirect_once(
     command_id = _send(
         ssm,
         [box],
-        f"V2={shlex.quote(v2_url)}",
-        f"V4={shlex.quote(v4_url)}",
+        f'V2={shlex.quote(v2_url)}',
+        f'V4={shlex.quote(v4_url)}',
         "curl -sS -o /dev/null -w 'v2 %{http_code}\\n' \"$V2\"",
         "curl -sS -o /dev/null -w 'redirect %{http_code}\\n' \"$V4\"",
         "curl -sS -w ' %{http_code}\\n' \"$V4\"",

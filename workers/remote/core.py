@@ -144,7 +144,7 @@ def fetch_code(bundle_url: str, run_id: str) -> str:
         "  status=$(wget -S --content-on-error -O \"$BUNDLE\" \"$BUNDLE_URL\" 2>&1 "
         "| sed -n 's/^ *HTTP\\/[0-9.]* \\([0-9][0-9][0-9]\\).*/\\1/p' | tail -n 1) || :\n"
         "else\n"
-        f"  status=$(python3 -c {q(_PY_FETCH)} \"$BUNDLE_URL\" \"$BUNDLE\") || :\n"
+        f'  status=$(python3 -c {q(_PY_FETCH)} "$BUNDLE_URL" "$BUNDLE") || :\n'
         "fi\n"
         'if [ "$status" != 200 ]; then\n'
         "  printf 'runctl: could not download the code bundle (HTTP %s); the response began: %s\\n' "
