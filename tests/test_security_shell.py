@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -15,13 +16,15 @@ from slack_sdk import WebClient
 
 from bot.app import build_app
 from workers import remote
-from workers.commands import Requester
+from workers.commands import Requester, StopCommand, TrainCommand
+from workers.jobs.lifecycle import stop
 from workers.jobs.train import train
 from workers.queueing import QUEUE
 from workers.sandbox.aws import Sandbox, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
 from workers.services import Services
 from workers.settings import Settings
+from workers.state.runs import RunState
 
 from . import slack as s
 from .conftest import TOKEN
@@ -75,3 +78,59 @@ def test_a_builder_handed_the_attack_executes_nothing(
     assert f"runctl: script {script} is not in" in result.stderr
     assert not marker.exists()
     assert not list(sandbox.instance_dir(iid).rglob("pwned"))
+
+
+# --- 3. stop with a disconnected SSM agent ----------------------------------------------
+
+ADMIN = Requester(user_id="U0ADMIN", channel_id="C0TRAIN")
+SLOW = ("--epochs", "200", "--steps-per-epoch", "4", "--step-seconds", "0.05", "--checkpoint-interval", "100")
+
+
+def _train(iid: str, run_id: str) -> None:
+    cmd = TrainCommand(instance_id=iid, script="train_with_checkpoints.py", args=SLOW)
+    train(cmd.model_dump(mode="json"), ALICE.model_dump(mode="json"), run_id)
+
+
+def _pid_alive(sandbox: Sandbox, iid: str, run_id: str) -> bool:
+    pid = int((sandbox.instance_dir(iid) / "runs" / run_id / "pid").read_text())
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop(iid: str, who: Requester = ALICE, **kw: object) -> str:
+    return stop(StopCommand(instance_id=iid, **kw).model_dump(mode="json"), who.model_dump(mode="json"))
+
+
+@pytest.mark.parametrize("agent", ["undeliverable", "offline"])
+def test_stop_with_a_lost_agent_refuses_to_power_off_and_force_still_can(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, sandbox: Sandbox, agent: str
+) -> None:
+    """undeliverable: SSM still lists the agent Online and takes the commands, which end
+    Undeliverable (the old code read the empty output as "nothing alive" and powered off);
+    offline: the agent is ConnectionLost."""
+    iid = fleet_seed.instances["gpu-box-1"]
+    run_id = f"r-lost-{agent}"
+    _train(iid, run_id)
+    assert svc.runs.get(run_id).state is RunState.RUNNING  # type: ignore[union-attr]
+    svc.fleet.ec2.create_tags(Resources=[iid], Tags=[{"Key": "sandbox:ssm", "Value": agent}])
+
+    _stop(iid)
+
+    assert svc.fleet.get(iid).state == "running"
+    assert _pid_alive(sandbox, iid, run_id)
+    answer = slack.ephemerals("U0ALICE")[-1].text
+    assert "was not stopped" in answer and "SSM agent" in answer, answer
+    assert f"/runctl stop {iid} --force" in answer
+    run = svc.runs.get(run_id)
+    assert run is not None and run.state is RunState.RUNNING
+    assert not [m for m in slack.messages("C0TRAIN") if "stopped *gpu-box-1" in m.text]
+
+    _stop(iid, ADMIN, force=True)
+
+    assert svc.fleet.get(iid).state == "stopped"
+    assert "not signalled" in json.dumps([m.blocks for m in slack.messages("C0TRAIN")]) + " ".join(
+        m.text for m in slack.messages("C0TRAIN")
+    )

@@ -33,6 +33,8 @@ SSM_OUTPUT_LIMIT = 24_000
 LIST_OUTPUT_LIMIT = 2_500  # ListCommandInvocations truncates each output here
 PRESIGN_SECONDS = 300
 PYTHON_TAG = "runctl:python"  # the instance's training interpreter, over RUNCTL_PYTHON
+# StatusDetails of an invocation the agent never received (SSM API reference, GetCommandInvocation).
+UNDELIVERED = ("Undeliverable", "DeliveryTimedOut")
 PRESIGN_MARGIN_SECONDS = 60
 
 
@@ -60,10 +62,16 @@ class ScriptResult:
     exit_code: int
     stdout: str
     stderr: str
+    details: str = ""  # StatusDetails: Undeliverable, DeliveryTimedOut, ExecutionTimedOut ...
 
     @property
     def ok(self) -> bool:
         return self.status == "Success" and self.exit_code == 0
+
+    @property
+    def delivered(self) -> bool:
+        """False when the agent never received the script, so nothing of it ran."""
+        return self.details not in UNDELIVERED
 
 
 def translate(exc: ClientError | BotoCoreError, action: str) -> RunctlError:
@@ -272,6 +280,7 @@ class Fleet:
             exit_code=int(inv.get("ResponseCode", -1)),
             stdout=inv.get("StandardOutputContent", ""),
             stderr=inv.get("StandardErrorContent", ""),
+            details=str(inv.get("StatusDetails", "")),
         )
 
     def run(self, instance_id: str, script: str, timeout: int = 120, first_poll: float = 0.1) -> ScriptResult:
@@ -307,6 +316,7 @@ class Fleet:
                         exit_code=int(plugins[0].get("ResponseCode", -1)),
                         stdout=output,
                         stderr="",
+                        details=str(inv.get("StatusDetails", "")),
                     )
         return done
 

@@ -15,10 +15,10 @@ from decimal import Decimal
 from slack_sdk.errors import SlackApiError
 
 from workers import policy, remote
-from workers.aws.fleet import Instance
+from workers.aws.fleet import Instance, ScriptResult
 from workers.commands import Requester, StartCommand, StopCommand, TerminateCommand, TrainCommand
 from workers.cost.pricing import format_usd, hourly_price, load_price_book
-from workers.errors import AgentOffline, RunctlError, WrongState
+from workers.errors import AgentOffline, RemoteError, RunctlError, WrongState
 from workers.jobs import funnel
 from workers.jobs.funnel import Job
 from workers.queueing import enqueue
@@ -146,6 +146,26 @@ def _newest(listing: CheckpointListing | None) -> FoundCheckpoint | None:
     return listing.newest_valid or listing.newest
 
 
+def unconfirmed(result: ScriptResult, label: str, instance_id: str, what: str) -> RunctlError:
+    """A script that did not report: the agent never took it, or it did not finish. Either way
+    nothing tells whether the training is alive, so callers must not go on as if it were not."""
+    status = f"{result.status}/{result.details}" if result.details else result.status
+    if not result.delivered:
+        return AgentOffline(
+            f"The SSM agent on {label} did not take the command to {what} ({status}).",
+            why="The agent is offline or lost its connection, so the training got no SIGTERM and "
+            "nothing could tell whether it is alive.",
+            fix="Check `sudo systemctl status amazon-ssm-agent` on the instance and its instance profile "
+            "(AmazonSSMManagedInstanceCore), then retry.",
+        )
+    return RemoteError(
+        f"The command to {what} on {label} did not finish ({status}, exit {result.exit_code}).",
+        why="runctl can't tell whether the training saved a checkpoint or is still alive.",
+        fix=f"`/runctl status {instance_id}`, then retry.",
+        detail=(result.stderr or result.stdout).strip()[-1500:],
+    )
+
+
 class Halter:
     """Stops the training runs alive on an instance, each given SIGTERM and `grace` seconds."""
 
@@ -162,6 +182,8 @@ class Halter:
         """Runs alive on the instance (its pid files are the truth) plus the one Redis knows."""
         ids = [known.run_id] if known else []
         result = self.svc.fleet.run(self.inst.id, remote.probe_live_runs(self.root))
+        if not result.ok:
+            raise self.unconfirmed(result, "look for live trainings")
         for line in result.stdout.splitlines():
             parts = line.split()
             if len(parts) == 3 and parts[0] == "live" and parts[1] not in ids:
@@ -182,7 +204,10 @@ class Halter:
         ck_dir = (run.checkpoint_run_id or run_id) if run else run_id
         script = remote.stop_run(self.root, run_id, self.grace, force=self.force, checkpoint_run_id=ck_dir)
         out = svc.fleet.run(self.inst.id, script, timeout=self.grace + 60)
-        result = parse_stop(out.stdout) or StopResult("none")
+        parsed = parse_stop(out.stdout)
+        if parsed is None:  # never "nothing was alive": the script did not say so
+            raise self.unconfirmed(out, f"signal run `{run_id}`")
+        result = parsed
         listing: CheckpointListing | None
         try:
             listing = discover(svc.fleet, self.root, self.inst.id, ck_dir)
@@ -195,6 +220,9 @@ class Halter:
         if run is not None:
             self.close(run, halt)
         return halt
+
+    def unconfirmed(self, result: ScriptResult, what: str) -> RunctlError:
+        return unconfirmed(result, self.inst.label, self.inst.id, what)
 
     def _doing(self) -> str:
         return "terminating" if self.why == "terminate" else "stopping"
@@ -324,16 +352,24 @@ def _stop_locked(
         )
     wait = svc.settings.RUNCTL_STOP_GRACE_SECONDS if grace is None else grace
     halter = Halter(svc, inst, actor, wait, force, "stop")
+    halts: list[Halt] = []
     try:
+        ping = fleet.agent_status([iid]).get(iid)
+        if ping != "Online":
+            raise AgentOffline(f"Its SSM agent is {ping or 'not registered'}.", fix="")
         halts = halter.halt_all(known)
-    except AgentOffline as exc:
+    except (AgentOffline, RemoteError) as exc:
+        # Powering off now would kill a training mid-epoch with no SIGTERM: only on --force.
         if not force:
-            raise AgentOffline(
-                f"Can't reach {inst.label} to let its training save a checkpoint.",
-                why=exc.why or exc.what,
-                fix=f"Fix the SSM agent and retry, or `/runctl stop {iid} --force` to stop it without saving.",
+            kind = AgentOffline if isinstance(exc, AgentOffline) else RemoteError
+            raise kind(
+                f"{inst.label} was not stopped: runctl can't reach it to let its training save a checkpoint. "
+                f"{exc.what}",
+                why=exc.why or "runctl signals the training through SSM Run Command before powering off.",
+                fix=f"{exc.fix or 'Fix the SSM agent, then retry.'} Or `/runctl stop {iid} --force` to power it "
+                "off without saving (the training gets no SIGTERM).",
             ) from exc
-        halts = []
+        log.warning("stop --force of %s without signalling its training: %s", iid, exc.what)
     now = svc.clock()
     cost = session_cost(svc, inst, now)
     fleet.stop(iid)

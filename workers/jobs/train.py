@@ -13,6 +13,7 @@ from workers.commands import Requester, TrainCommand
 from workers.errors import AgentOffline, RunConflict, RunctlError, WrongState
 from workers.jobs import envsetup, funnel
 from workers.jobs.funnel import Job
+from workers.jobs.lifecycle import unconfirmed
 from workers.remote.lifecycle import parse_stop
 from workers.services import Services
 from workers.settings import python_path
@@ -225,7 +226,9 @@ class TrainFlow:
             self.run.instance_id, remote.stop_run(self.root, other_run_id, grace), grace + 60
         )
         outcome = parse_stop(res.stdout)
-        if outcome is None or outcome.how == "none":
+        if outcome is None:  # undelivered or unfinished: the other run may well be alive
+            raise unconfirmed(res, self.run.instance_id, self.run.instance_id, f"stop run `{other_run_id}`")
+        if outcome.how == "none":
             how = "it had already exited"
         elif outcome.how == "kill":
             how = f"SIGKILL after {outcome.waited} s; it ignored SIGTERM"

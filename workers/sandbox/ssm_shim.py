@@ -47,7 +47,10 @@ if TYPE_CHECKING:
 AGENT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 INSTANCE_ENV = "AWS_SSM_INSTANCE_ID"  # also how the sandbox finds an instance's processes
 PLATFORM_NAME, PLATFORM_VERSION = "ubuntu", "22.04"
-SSM_TAG = "sandbox:ssm"  # "offline" -> ConnectionLost, "none" -> not managed by SSM
+# "offline": ConnectionLost, commands stay Pending until delivery times out;
+# "undeliverable": still Online to SSM, but every command ends Undeliverable without running
+# (an agent that lost its connection before SSM noticed); "none": not managed by SSM.
+SSM_TAG = "sandbox:ssm"
 PLUGIN = "aws:runShellScript"
 DOCUMENT = "AWS-RunShellScript"
 STDOUT_LIMIT = 24_000
@@ -305,6 +308,13 @@ class Agent:
             self._timers.append(timer)
         timer.start()
 
+    def undeliverable(self, inv: Invocation) -> None:
+        """SSM could not hand the command to the agent: terminal at once, nothing ran.
+        (Status is an enum without Undeliverable, botocore's service model; it is in StatusDetails.)"""
+        inv.status, inv.status_details, inv.ended = "Failed", "Undeliverable", _now()
+        with self._lock:
+            self._invocations[(inv.command_id, inv.instance_id)] = inv
+
     def _delivery_timed_out(self, key: tuple[str, str]) -> None:
         with self._lock:
             inv = self._invocations[key]
@@ -442,7 +452,7 @@ class Ec2Instance:
         if self.profile_policies is not None and SSM_CORE_POLICY not in self.profile_policies:
             return "none"  # the agent gets no credentials to register with
         knob = self.tags.get(SSM_TAG, "online")
-        return knob if knob in ("offline", "none") else "online"
+        return knob if knob in ("offline", "undeliverable", "none") else "online"
 
 
 def _profile_policies(backend: Any, instance_id: str) -> frozenset[str] | None:
@@ -811,6 +821,8 @@ class SsmShim:
             )
             if known[iid].ssm == "offline":
                 self._agent.hold(inv, delivery)
+            elif known[iid].ssm == "undeliverable":
+                self._agent.undeliverable(inv)
             else:
                 self._agent.run(inv, script, timeout, ctx.region)
         return status, headers, body
@@ -855,8 +867,8 @@ class SsmShim:
         infos = [
             {
                 "InstanceId": inst.id,
-                "PingStatus": "Online" if inst.ssm == "online" else "ConnectionLost",
-                "LastPingDateTime": (now if inst.ssm == "online" else now - timedelta(minutes=30)).timestamp(),
+                "PingStatus": "ConnectionLost" if inst.ssm == "offline" else "Online",
+                "LastPingDateTime": (now - timedelta(minutes=30) if inst.ssm == "offline" else now).timestamp(),
                 "AgentVersion": AGENT_VERSION,
                 "IsLatestVersion": True,
                 "PlatformType": "Linux",
