@@ -3,7 +3,11 @@ runs executed by the SSM shim, the periodic sweep run with a shifted clock."""
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
 
 from workers.jobs.sweep import sweep
 from workers.sandbox.aws import Sandbox, SeedInfo
@@ -136,3 +140,38 @@ def test_decide_waits_for_the_heads_up_and_never_stops_while_busy() -> None:
     kept = now + timedelta(minutes=30)
     assert decide(30, 10, idle, now, now - timedelta(minutes=10), kept_until=kept) is Verdict.WAIT
     assert decide(30, 10, idle, kept - timedelta(minutes=10), now - timedelta(minutes=10), kept) is Verdict.HEADS_UP
+
+
+def test_busy_gpus_restart_the_idle_clock(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An nvidia-smi on the sandbox instances' PATH that reports what the test writes.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-smi"
+    fake.write_text(f'#!/bin/sh\ncat {tmp_path / "util"}\n')
+    fake.chmod(0o755)
+    (tmp_path / "util").write_text("87\n2\n")  # two GPUs, the first busy
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    iid = fleet_seed.instances["gpu-box-1"]
+    t0 = datetime.now(UTC)
+    slash(svc, slack, worker, f"autostop {iid} 30")
+
+    at(svc, t0 + timedelta(minutes=25))  # no live run for 25 min, but a GPU at 87 %
+    sweep()
+    assert not [m for m in slack.messages(CHANNEL) if "Autostop stops it" in m.text]
+
+    (tmp_path / "util").write_text("3\n0\n")
+    at(svc, t0 + timedelta(minutes=50))  # idle 25 min since the GPUs were last seen busy
+    sweep()
+    heads_up = [m for m in slack.messages(CHANNEL) if "Autostop stops it" in m.text]
+    assert len(heads_up) == 1 and "no live run for 25m" in heads_up[0].text, [m.text for m in heads_up]
+    at(svc, t0 + timedelta(minutes=56))  # 30 min after the busy sighting, but the heads-up was 6 min ago
+    sweep()
+    worker.drain()
+    assert svc.fleet.get(iid).state == "running"
+    at(svc, t0 + timedelta(minutes=61))
+    sweep()
+    worker.drain()
+    assert svc.fleet.get(iid).state == "stopped"
