@@ -20,6 +20,7 @@ from workers.sandbox.fake_slack import FakeSlack, Message
 from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.slack.ids import ActionId
+from workers.state.autostop import AutostopStore
 
 from .conftest import TOKEN
 from .slack import click, command
@@ -58,7 +59,9 @@ team_instances = 5
 team_usd_per_hour = 20
 """
     )
-    svc.settings = svc.settings.model_copy(update={"RUNCTL_LAUNCH_FILE": path, "RUNCTL_LAUNCH_POLL_SECONDS": 0.2})
+    svc.settings = svc.settings.model_copy(
+        update={"RUNCTL_LAUNCH_FILE": path, "RUNCTL_LAUNCH_POLL_SECONDS": 0.2, "RUNCTL_AUTOSTOP_MINUTES": 45}
+    )
     yield made
     for iid in launched_ids(svc):  # moto lives for the session: leave nothing for the next test's caps
         svc.fleet.ec2.terminate_instances(InstanceIds=[iid])
@@ -137,6 +140,9 @@ def test_launch_asks_with_the_price_then_one_double_click_launches_one_tagged_re
     body = text_of(final)
     assert f"alice-gpu ({iid})" in body and "SSM agent Online" in body and f"/runctl train {iid}" in body
     assert set(buttons(final)) == {ActionId.TRAIN_ON_IT}
+    assert "Autostop: it stops after 45 min with no live run" in body  # RUNCTL_AUTOSTOP_MINUTES
+    setting = AutostopStore(svc.redis).get(iid)
+    assert setting is not None and setting.minutes == 45 and setting.thread_ts == m.ts and setting.owner == "U0ALICE"
     assert any("already used" in e.text for e in slack.ephemerals("U0ALICE"))
     assert any(f"`{iid}` is ready" in r.text for r in slack.thread(CHANNEL, m.ts))
     outcomes = [r.outcome for r in audit.newest(svc.redis, 20)]
@@ -224,3 +230,20 @@ def test_the_sandbox_agent_registers_only_with_the_ssm_managed_instance_core_pol
         ids[profile] = made["Instances"][0]["InstanceId"]
     status = svc.fleet.agent_status(list(ids.values()))
     assert status == {ids[template.instance_profile]: "Online"}  # the bare one never registers
+
+
+def test_spot_launch_quotes_the_zones_spot_price_and_asks_for_a_stoppable_request(
+    svc: Services, template: LaunchSeed, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    slash(svc, slack, worker, "launch gpu --spot")
+    m = confirmation(slack)
+    assert f"$0.00001/h spot in {template.zones[0]}" in text_of(m)  # moto's spot price history
+    sent: list[dict[str, Any]] = []
+    svc.fleet.session.events.register("provide-client-params.ec2.RunInstances", lambda params, **_: sent.append(params))
+    dispatch(svc, slack, worker, click(as_dict(m), ActionId.LAUNCH_CONFIRM, "U0ALICE"))
+    (iid,) = launched_ids(svc)
+    raw = svc.fleet.ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]
+    assert raw.get("InstanceLifecycle") == "spot"
+    assert "is ready" in text_of(current(slack, m.ts))
+    options = sent[0]["InstanceMarketOptions"]["SpotOptions"]  # a one-time spot instance could not be stopped
+    assert options == {"SpotInstanceType": "persistent", "InstanceInterruptionBehavior": "stop"}
