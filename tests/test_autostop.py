@@ -3,13 +3,13 @@ runs executed by the SSM shim, the periodic sweep run with a shifted clock."""
 
 from __future__ import annotations
 
-import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from workers.jobs.sweep import sweep
+from workers.sandbox import ssm_shim
 from workers.sandbox.aws import Sandbox, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
 from workers.sandbox.inline import InlineWorker
@@ -153,7 +153,8 @@ def test_busy_gpus_restart_the_idle_clock(
     fake.write_text(f'#!/bin/sh\ncat {tmp_path / "util"}\n')
     fake.chmod(0o755)
     (tmp_path / "util").write_text("87\n2\n")  # two GPUs, the first busy
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    # The agent's PATH is fixed (the shim's AGENT_PATH, as under systemd): this instance "has the driver".
+    monkeypatch.setattr(ssm_shim, "AGENT_PATH", f"{bin_dir}:{ssm_shim.AGENT_PATH}")
     iid = fleet_seed.instances["gpu-box-1"]
     t0 = datetime.now(UTC)
     slash(svc, slack, worker, f"autostop {iid} 30")
