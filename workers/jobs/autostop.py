@@ -40,10 +40,10 @@ log = logging.getLogger(__name__)
 def saving(svc: Services, inst: Instance) -> str:
     lifecycle = None if inst.lifecycle == "on-demand" else inst.lifecycle
     try:
-        price = hourly_price(load_price_book(), svc.fleet.ec2, svc.redis, inst.region, inst.availability_zone,
+        price = hourly_price(load_price_book(), svc.fleet, svc.redis, inst.region, inst.availability_zone,
                              inst.type, lifecycle)
-    except Exception as exc:  # a failed price lookup never blocks a stop
-        log.warning("price of %s: %s", inst.id, exc)
+    except RunctlError as exc:  # a failed price lookup never blocks a stop
+        log.warning("price of %s: %s", inst.id, exc.what)
         return "saves its hourly price (unknown)"
     rate = price.usd_per_hour
     return f"saves ${format_rate(rate)}/h" if rate is not None else "saves its hourly price (unknown)"

@@ -16,7 +16,7 @@ from workers.aws.launcher import Held, Launcher, LaunchFile, Spec
 from workers.commands import LaunchCommand, Requester
 from workers.cost import fleetview
 from workers.cost.pricing import format_rate, format_usd, load_price_book, spot_price
-from workers.errors import PermissionDenied, RunctlError
+from workers.errors import AwsError, PermissionDenied, RunctlError
 from workers.jobs import funnel
 from workers.jobs.funnel import Job
 from workers.jobs.lifecycle import AGENT_WAIT_SECONDS, ConfirmClick, _wait_for_agent
@@ -102,9 +102,9 @@ def quote(svc: Services, config: LaunchFile, spec: Spec) -> Quote:
     zone = Launcher(svc.fleet).zone_of(config.template.subnets[0])
     if spec.spot:
         try:
-            rate = spot_price(svc.fleet.ec2, svc.redis, zone, spec.instance_type)
-        except Exception as exc:  # botocore errors: show "unknown", never a guess
-            log.warning("spot price of %s in %s: %s", spec.instance_type, zone, exc)
+            rate = spot_price(svc.fleet, svc.redis, zone, spec.instance_type)
+        except AwsError as exc:  # shown as "price unknown", never a guess (and the $/h caps refuse it)
+            log.warning("spot price of %s in %s: %s", spec.instance_type, zone, exc.what)
             rate = None
         return Quote(rate, "spot", zone)
     return Quote(load_price_book().on_demand(spec.region, spec.instance_type), "on-demand", zone)
