@@ -123,7 +123,7 @@ class Console:
                 "text": text,
                 "api_app_id": "A0RUNCTL",
                 "response_url": "",
-                "trigger_id": f"console.{time.monotonic_ns()}",
+                "trigger_id": f"{time.monotonic_ns()}.{int(time.time())}.c0501e",
             }
         )
         resp = app.dispatch(BoltRequest(body=body, headers=sign(body)))
@@ -148,7 +148,7 @@ class Console:
             "user": {"id": self.user, "username": "you", "team_id": "T0CONSOLE"},
             "api_app_id": "A0RUNCTL",
             "container": {"type": "message", "message_ts": msg.ts, "channel_id": msg.channel},
-            "trigger_id": f"console.{time.monotonic_ns()}",
+            "trigger_id": f"{time.monotonic_ns()}.{int(time.time())}.c0501e",
             "channel": {"id": msg.channel, "name": "console"},
             "message": {"ts": msg.ts, "text": msg.text, "blocks": msg.blocks},
             "response_url": "",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from typing import Any
 from urllib.parse import urlencode
@@ -11,6 +12,11 @@ from slack_bolt.request import BoltRequest
 from slack_sdk.signature import SignatureVerifier
 
 SECRET = "test-signing-secret"
+
+
+def trigger_id() -> str:
+    """In Slack's format ("132456.7890123.abcdef"), unique per request."""
+    return f"{time.monotonic_ns()}.{int(time.time())}.{secrets.token_hex(8)}"
 
 
 def sign(body: str, secret: str = SECRET, timestamp: int | None = None) -> dict[str, str]:
@@ -36,7 +42,7 @@ def command_body(text: str, user: str = "U0ALICE", channel: str = "C0TRAIN", **e
         "text": text,
         "api_app_id": "A0RUNCTL",
         "response_url": extra.pop("response_url", "https://hooks.slack.invalid/commands/1"),
-        "trigger_id": extra.pop("trigger_id", f"trig.{time.monotonic_ns()}"),
+        "trigger_id": extra.pop("trigger_id", trigger_id()),
         **extra,
     }
     return urlencode(fields)
@@ -70,7 +76,7 @@ def click(message: dict[str, Any], action_id: str, user: str, channel: str = "C0
                     "api_app_id": "A0RUNCTL",
                     "token": "legacy",
                     "container": {"type": "message", "message_ts": message["ts"], "channel_id": channel},
-                    "trigger_id": f"trig.{time.monotonic_ns()}",
+                    "trigger_id": trigger_id(),
                     "channel": {"id": channel, "name": "training"},
                     "message": message,
                     "response_url": "https://hooks.slack.invalid/actions/1",

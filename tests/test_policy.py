@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,26 +151,17 @@ def test_missing_policy_file_refuses(settings: Settings, tmp_path: Path) -> None
 
 
 @pytest.fixture
-def groups(slack: FakeSlack, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
-    """usergroups.users.list on the fake Slack (it does not answer it by itself)."""
-    members: dict[str, list[str]] = {"S0MLTEAM": [ALICE]}
-
-    def users_list(params: dict[str, Any]) -> dict[str, Any]:
-        group = params.get("usergroup", "")
-        if group not in members:
-            from workers.sandbox.fake_slack import SlackError
-
-            raise SlackError("no_such_subteam")
-        return {"users": members[group]}
-
-    monkeypatch.setitem(slack._methods, "usergroups.users.list", users_list)
+def groups(slack: FakeSlack) -> Iterator[None]:
+    """User group S0MLTEAM = [Alice] on the fake Slack; S0GONE does not exist."""
+    slack.reset()
+    slack.add_usergroup("S0MLTEAM", [ALICE])
     usergroups.forget()
-    yield members
+    yield
     usergroups.forget()
 
 
 def test_user_group_roles_are_resolved_and_cached(
-    settings: Settings, tmp_path: Path, slack: FakeSlack, groups: dict[str, list[str]]
+    settings: Settings, tmp_path: Path, slack: FakeSlack, groups: None
 ) -> None:
     slack.reset()
     text = "admins = ['S0GONE']\n[roles]\nml = ['S0MLTEAM']\n[commands]\ntrain = ['ml']\n"

@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 from slack_sdk import WebClient
 
+from bot.actions.warnings import KEEP_VIEW, REASON_BLOCK, REASON_INPUT
 from bot.app import build_app
 from workers.jobs.sweep import sweep
 from workers.sandbox.aws import SeedInfo
-from workers.sandbox.fake_slack import FakeSlack, Message
+from workers.sandbox.fake_slack import FakeSlack, Message, OpenedView
 from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.slack.ids import ActionId
@@ -22,7 +23,7 @@ from workers.state.runs import Checkpoint, Run, RunState
 from workers.state.warnings import Kind, Status, WarningStore
 
 from .conftest import TOKEN
-from .slack import action, click
+from .slack import action, click, trigger_id
 
 OPS = "C0OPS"
 
@@ -205,13 +206,40 @@ def test_keep_running_records_who_kept_it(
     assert cost is not None
     message = next(m for m in slack.messages(OPS) if m.ts == cost.ts)
 
-    # The fake Slack has no views.open, so the modal falls back to recording without a reason.
-    dispatch(svc, slack, worker, click(as_dict(message), ActionId.WARN_KEEP, "U0DAVE", channel=OPS))
+    pressed = click(as_dict(message), ActionId.WARN_KEEP, "U0DAVE", channel=OPS)
+    app = build_app(svc.settings, svc.redis, WebClient(token=TOKEN, base_url=slack.base_url), token_verification=False)
+    assert app.dispatch(action(pressed)).status == 200
+    [opened] = slack.wait_for(slack.views)  # the modal asks for the reason; nothing is decided yet
+    assert opened.trigger_id == pressed["trigger_id"] and opened.view["callback_id"] == KEEP_VIEW
+    assert WarningStore(svc.redis).get(iid, Kind.COST).status is Status.OPEN  # type: ignore[union-attr]
+
+    reason = "final eval <!channel> needs `one` more day"
+    assert app.dispatch(action(submission(opened, "U0DAVE", reason))).status == 200
+    worker.drain(timeout=60)
 
     kept = WarningStore(svc.redis).get(iid, Kind.COST)
     assert kept is not None and kept.status is Status.KEPT and kept.acted_by == "U0DAVE"
+    assert kept.reason == reason
     shown = next(m for m in slack.messages(OPS) if m.ts == cost.ts)
-    assert "Kept running by <@U0DAVE>" in _all_text(shown)
+    assert "Kept running by <@U0DAVE>" in _all_text(shown) and "final eval" in _all_text(shown)
+
+
+def submission(opened: OpenedView, user: str, reason: str) -> dict[str, Any]:
+    """The view_submission Slack sends when `user` submits the modal with `reason` typed in."""
+    return {
+        "type": "view_submission",
+        "team": {"id": "T0TEAM", "domain": "example"},
+        "user": {"id": user, "username": user.lower(), "team_id": "T0TEAM"},
+        "api_app_id": "A0RUNCTL",
+        "token": "legacy",
+        "trigger_id": trigger_id(),
+        "view": {
+            **opened.view,
+            "id": opened.id,
+            "team_id": "T0TEAM",
+            "state": {"values": {REASON_BLOCK: {REASON_INPUT: {"type": "plain_text_input", "value": reason}}}},
+        },
+    }
 
 
 def test_warning_resolves_when_the_instance_stops(

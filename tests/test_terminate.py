@@ -17,6 +17,7 @@ from workers.sandbox.aws import Sandbox, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack, Message
 from workers.sandbox.inline import InlineWorker
 from workers.services import Services
+from workers.slack import usergroups
 from workers.slack.ids import ActionId
 from workers.state.confirmations import ConfirmStore
 from workers.state.runs import RunState
@@ -200,3 +201,24 @@ def test_cancel_closes_the_message_and_says_who(
     assert svc.fleet.get(iid).state == "running"
     assert any("already used" in e.text and "Cancel" in e.text for e in slack.ephemerals("U0ADMIN"))
     assert json.dumps(final.blocks).count("button") == 0
+
+
+def test_an_admin_named_only_in_the_policy_file_or_its_user_group_confirms_a_terminate(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, tmp_path: Path
+) -> None:
+    path = tmp_path / "admins.toml"
+    path.write_text('admins = ["U0BOSS", "S0PLATFORM"]\n[roles]\nml = ["U0ALICE"]\n[commands]\nterminate = ["ml", "admin"]\n')
+    svc.settings.RUNCTL_POLICY_FILE = path
+    slack.add_usergroup("S0PLATFORM", ["U0CAROL"])
+    usergroups.forget()
+    assert "U0BOSS" not in svc.settings.RUNCTL_ADMINS and "U0CAROL" not in svc.settings.RUNCTL_ADMINS
+
+    for admin, box in (("U0BOSS", "cpu-box"), ("U0CAROL", "gpu-box-1")):
+        iid = fleet_seed.instances[box]
+        ask(iid)
+        m = posted(slack, f"Terminate {box} ")
+        dispatch(svc, slack, worker, click(as_dict(m), ActionId.TERMINATE_CONFIRM, admin))
+        assert not slack.ephemerals(admin), [e.text for e in slack.ephemerals(admin)]
+        assert svc.fleet.get(iid).state in ("shutting-down", "terminated")
+        assert f"terminated by <@{admin}> (asked by <@U0ALICE>)" in text_of(confirmation(slack, m.ts))
+    usergroups.forget()

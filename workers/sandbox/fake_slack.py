@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -42,6 +43,9 @@ MAX_ACTIONS = 25
 MAX_BUTTON_TEXT = 75
 MAX_BUTTON_VALUE = 2_000
 MAX_ID = 255
+MAX_VIEW_BYTES = 250_000
+# Slack's format for trigger_id ("132456.7890123.abcdef"); each is exchanged once.
+TRIGGER_ID = re.compile(r"^\d+\.\d+\.[0-9a-f]+$")
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,15 @@ class Call:
     at: float  # time.monotonic()
     error: str | None = None  # the error Slack answered with, None when ok
     response_url: str | None = None  # the name, for calls to a response_url
+
+
+@dataclass(frozen=True)
+class OpenedView:
+    """A modal opened with views.open, as Slack holds it (with its id)."""
+
+    id: str
+    trigger_id: str
+    view: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -231,6 +244,8 @@ class FakeSlack:
             "conversations.info": self._conversations_info,
             "files.getUploadURLExternal": self._get_upload_url,
             "files.completeUploadExternal": self._complete_upload,
+            "views.open": self._views_open,
+            "usergroups.users.list": self._usergroup_users,
         }
         self.reset()
 
@@ -285,6 +300,19 @@ class FakeSlack:
             self._files: list[UploadedFile] = []
             self._uploads: dict[str, dict[str, Any]] = {}
             self._rate_limits: dict[str, tuple[int, int]] = {}
+            self._views: list[OpenedView] = []
+            self._exchanged: set[str] = set()
+            self._usergroups: dict[str, tuple[str, ...]] = {}
+
+    def add_usergroup(self, group_id: str, members: Iterable[str]) -> None:
+        """A user group (`S…`) that usergroups.users.list answers with `members`."""
+        with self._lock:
+            self._usergroups[group_id] = tuple(members)
+
+    def views(self) -> list[OpenedView]:
+        """The modals opened with views.open, oldest first."""
+        with self._lock:
+            return list(self._views)
 
     def rate_limit(self, method: str, times: int = 1, retry_after: int = 1) -> None:
         """The next ``times`` calls of ``method`` get HTTP 429 ``ratelimited``."""
@@ -507,6 +535,41 @@ class FakeSlack:
                 "is_member": True,
             }
         }
+
+    def _views_open(self, params: dict[str, Any]) -> dict[str, Any]:
+        raw = params.get("view")  # JSON text in a form body, an object in a JSON body
+        if not raw:
+            raise SlackError("invalid_arguments")
+        trigger = str(params.get("trigger_id") or "")
+        if not TRIGGER_ID.match(trigger):
+            raise SlackError("invalid_trigger_id")
+        text = raw if isinstance(raw, str) else json.dumps(raw)
+        if len(text.encode()) > MAX_VIEW_BYTES:
+            raise SlackError("view_too_large")
+        try:
+            view = json.loads(text)
+        except ValueError:
+            raise SlackError("invalid_arguments") from None
+        if not isinstance(view, dict):
+            raise SlackError("invalid_arguments")
+        if view.get("type") != "modal" or not view.get("title") or not isinstance(view.get("blocks"), list):
+            raise SlackError("invalid_arguments", ["[ERROR] a modal needs a type, a title and blocks"])
+        with self._lock:
+            if trigger in self._exchanged:
+                raise SlackError("exchanged_trigger_id")
+            self._exchanged.add(trigger)
+        opened = OpenedView(self._next_id("V"), trigger, view)
+        with self._lock:
+            self._views.append(opened)
+        return {"view": {**view, "id": opened.id, "team_id": TEAM_ID, "state": {"values": {}}}}
+
+    def _usergroup_users(self, params: dict[str, Any]) -> dict[str, Any]:
+        group = _require(params, "usergroup", "no_such_subteam")
+        with self._lock:
+            members = self._usergroups.get(group)
+        if members is None:
+            raise SlackError("no_such_subteam")
+        return {"users": list(members)}
 
     def _get_upload_url(self, params: dict[str, Any]) -> dict[str, Any]:
         filename = _require(params, "filename")
