@@ -163,7 +163,6 @@ def groups(slack: FakeSlack) -> Iterator[None]:
 def test_user_group_roles_are_resolved_and_cached(
     settings: Settings, tmp_path: Path, slack: FakeSlack, groups: None
 ) -> None:
-    slack.reset()
     text = "admins = ['S0GONE']\n[roles]\nml = ['S0MLTEAM']\n[commands]\ntrain = ['ml']\n"
     s = settings.model_copy(update={"RUNCTL_POLICY_FILE": write(tmp_path / "p.toml", text)})
     policy.check(s, ALICE, "train")
