@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from workers.sandbox.aws import Sandbox, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
 from workers.services import Services
 from workers.settings import Settings
+from workers.state import locks
+from workers.state.locks import op_lock
 from workers.state.runs import RunState
 
 from . import slack as s
@@ -134,3 +137,61 @@ def test_stop_with_a_lost_agent_refuses_to_power_off_and_force_still_can(
     assert "not signalled" in json.dumps([m.blocks for m in slack.messages("C0TRAIN")]) + " ".join(
         m.text for m in slack.messages("C0TRAIN")
     )
+
+
+# --- 13. the operation lock: taken by train, renewed while held -------------------------
+
+STUBBORN = ("--epochs", "400", "--steps-per-epoch", "4", "--step-seconds", "0.05", "--ignore-sigterm")
+
+
+def _stop_in_background(svc: Services, iid: str, run_id: str, grace: int) -> threading.Thread:
+    cmd = TrainCommand(instance_id=iid, script="train_with_checkpoints.py", args=STUBBORN)
+    train(cmd.model_dump(mode="json"), ALICE.model_dump(mode="json"), run_id)
+    assert svc.runs.get(run_id).state is RunState.RUNNING  # type: ignore[union-attr]
+    stopping = threading.Thread(target=_stop, args=(iid,), kwargs={"grace": grace})
+    stopping.start()
+    lock = op_lock(svc.redis, iid)
+    deadline = time.monotonic() + 10
+    while (lock.holder() is None or lock.holder().operation != "stop") and time.monotonic() < deadline:  # type: ignore[union-attr]
+        time.sleep(0.02)
+    return stopping
+
+
+def test_train_force_during_a_stop_waits_for_it_instead_of_launching_under_it(
+    svc: Services, fleet_seed: SeedInfo, sandbox: Sandbox
+) -> None:
+    """The old train took no operation lock: `--force` signalled the run a second time and
+    launched while the stop went on to power the instance off under the new run."""
+    iid = fleet_seed.instances["gpu-box-2"]
+    stopping = _stop_in_background(svc, iid, "r-op-first", grace=3)
+    cmd = TrainCommand(instance_id=iid, script="train_with_checkpoints.py", force=True)
+    train(cmd.model_dump(mode="json"), ADMIN.model_dump(mode="json"), "r-op-second")
+    stopping.join(60)
+
+    second = svc.runs.get("r-op-second")
+    assert second is not None and second.state is RunState.REFUSED, second
+    assert second.error is not None and ("is stopped" in second.error.what or "busy: `stop`" in second.error.what)
+    assert len([s for s in sandbox.sent_scripts(iid) if "signal_group" in s]) == 1  # Alice's stop only
+    assert not (sandbox.instance_dir(iid) / "runs" / "r-op-second").exists()
+    assert svc.fleet.get(iid).state == "stopped"
+
+
+def test_the_operation_lock_is_held_for_the_whole_of_a_stop_longer_than_its_ttl(
+    svc: Services, fleet_seed: SeedInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TTL scaled from 300 s to 0.6 s, grace 3 s: the lock must never lapse mid-stop."""
+    monkeypatch.setattr(locks, "OP_TTL_MS", 600)
+    iid = fleet_seed.instances["gpu-box-1"]
+    stopping = _stop_in_background(svc, iid, "r-op-long", grace=3)
+    lock = op_lock(svc.redis, iid)
+    seen: list[str | None] = []
+    until = time.monotonic() + 2.0  # more than three TTLs, still inside the 3 s grace
+    while time.monotonic() < until:
+        holder = lock.holder()
+        seen.append(holder.operation if holder else None)
+        time.sleep(0.05)
+    assert stopping.is_alive()
+    assert set(seen) == {"stop"}, seen
+    stopping.join(60)
+    assert svc.fleet.get(iid).state == "stopped"
+    assert lock.holder() is None  # released once done

@@ -18,7 +18,7 @@ from workers.remote.lifecycle import parse_stop
 from workers.services import Services
 from workers.settings import python_path
 from workers.slack.thread import publish, reply
-from workers.state.locks import Holder, train_lock
+from workers.state.locks import Holder, operation, train_lock
 from workers.state.runs import Run, RunState
 
 log = logging.getLogger(__name__)
@@ -73,17 +73,23 @@ class TrainFlow:
         publish(self.svc, run)
         try:
             source = self.check_code()
-            self.run.python = self.interpreter(self.check_instance())
-            self.take_lock()
-            self.plan_checkpoints(source)
-            url = self.bundle_url()
-            reqs = envsetup.requirements(self.svc, run)
-            if reqs is None:  # the usual case: one SSM command checks, ships and starts
-                self.deliver(url, self.launch_body(run.python))
-            else:
-                self.deliver(url, "")
-                self.start(self.launch_body(envsetup.build(self.svc, run, reqs)))
-            self.confirm_started()
+            other = self.claim()
+            # The operation lock keeps a stop, start or terminate of this instance from
+            # interleaving with the launch (a stop could power off under a fresh run).
+            doing = Holder(run_id=run.run_id, user_id=run.user_id, script=run.script, since=self.svc.clock())
+            with operation(self.svc.redis, run.instance_id, doing):
+                self.run.python = self.interpreter(self.check_instance())
+                if self.token is None:
+                    self.take_over(other)
+                self.plan_checkpoints(source)
+                url = self.bundle_url()
+                reqs = envsetup.requirements(self.svc, run)
+                if reqs is None:  # the usual case: one SSM command checks, ships and starts
+                    self.deliver(url, self.launch_body(run.python))
+                else:
+                    self.deliver(url, "")
+                    self.start(self.launch_body(envsetup.build(self.svc, run, reqs)))
+                self.confirm_started()
         except RunctlError:
             started = run.started_at is not None or run.state is RunState.SETTING_UP
             self.job.failed_state = RunState.FAILED if started else RunState.REFUSED
@@ -155,7 +161,9 @@ class TrainFlow:
                 f"Key={PYTHON_TAG},Value=/opt/conda/envs/pytorch/bin/python",
             ) from None
 
-    def take_lock(self) -> None:
+    def claim(self) -> Holder | None:
+        """Take the train lock, or refuse at once while another run holds it; with `--force`,
+        the holder to stop once the operation lock is held (the lock is then taken over)."""
         run = self.run
         holder = Holder(
             run_id=run.run_id, user_id=run.user_id, script=run.script, since=self.svc.clock()
@@ -165,10 +173,16 @@ class TrainFlow:
         if lock.acquire(token):
             self.token = token
             run.lock_token = token
-            return
+            return None
         other = lock.holder()
         if not self.cmd.force:
             raise conflict(run.instance_id, other.run_id if other else "?", other, "Redis lock")
+        return other
+
+    def take_over(self, other: Holder | None) -> None:
+        run = self.run
+        lock = train_lock(self.svc.redis, run.instance_id)
+        token = Holder(run_id=run.run_id, user_id=run.user_id, script=run.script, since=self.svc.clock()).token()
         if other:
             self.stop_previous(other.run_id)
         self.svc.redis.set(lock.key, token, px=lock.ttl_ms)

@@ -49,7 +49,7 @@ def setup_env(
         'LOG="$RUN_DIR/setup.log"\n'
         f"{req}{work}"
         f'REQ_NAME={q(requirements)}\n'
-        f"PYTHON={q(python)}\n"
+        f'PYTHON={q(python)}\n'
         'mkdir -p "$RUN_DIR" "$RUNCTL_ROOT/envs"\n'
         f"{write_req}"
         'if ! command -v "$PYTHON" >/dev/null 2>&1; then\n'

@@ -6,6 +6,8 @@ the run. `runctl:lock:op:<instance>` serialises stop/start/train/terminate.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +17,8 @@ from pydantic import BaseModel
 from redis import Redis
 
 from workers.errors import RunConflict
+
+log = logging.getLogger(__name__)
 
 TRAIN_TTL_MS = 15 * 60 * 1000  # renewed by the monitor's heartbeat
 OP_TTL_MS = 5 * 60 * 1000
@@ -83,7 +87,7 @@ def train_lock(redis: Redis, instance_id: str) -> RedisLock:
 
 
 def op_lock(redis: Redis, instance_id: str) -> RedisLock:
-    return RedisLock(redis, f"runctl:lock:op:{instance_id}", OP_TTL_MS)
+    return RedisLock(redis, f"runctl:lock:op:{instance_id}", OP_TTL_MS)  # renewed while held
 
 
 @contextmanager
@@ -106,7 +110,23 @@ def operation(
             )
         time.sleep(delay)
         delay = min(delay * 2, 1.0)
+    done = threading.Event()
+    renewer = threading.Thread(
+        target=_renew, args=(lock, token, done), name=f"op-lock-{instance_id}", daemon=True
+    )
+    renewer.start()
     try:
         yield
     finally:
+        done.set()
+        renewer.join()
         lock.release(token)
+
+
+def _renew(lock: RedisLock, token: str, done: threading.Event) -> None:
+    """Extend the lock every third of its TTL while it is held: a stop may wait up to an
+    hour for its training to checkpoint, far past the TTL."""
+    while not done.wait(lock.ttl_ms / 3000):
+        if not lock.extend(token):
+            log.warning("lost %s while holding it", lock.key)
+            return
