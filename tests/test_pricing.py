@@ -234,8 +234,8 @@ def test_hourly_price_follows_the_lifecycle(
     book: PriceBook, fleet: Fleet, redis_client: redis.Redis
 ) -> None:
     on_demand = hourly_price(book, fleet, redis_client, "us-east-1", AZ, "g5.xlarge", None)
-    assert on_demand == Price(Decimal("1.006"), "on-demand")
-    assert on_demand.describe() == "$1.006/h"
+    assert on_demand == Price(Decimal("1.006"), "on-demand", table_date=book.as_of)  # no Price List here
+    assert on_demand.describe() == f"$1.006/h (table of {book.as_of:%Y-%m-%d})"
 
     spot = hourly_price(book, fleet, redis_client, "us-east-1", AZ, "g5.xlarge", "spot")
     assert spot == Price(Decimal("0.00001"), "spot")

@@ -14,6 +14,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from workers.cost import pricelist
 from workers.errors import (
     AgentOffline,
     AwsError,
@@ -133,6 +134,7 @@ class Fleet:
         self.s3: Any = self.session.client("s3", config=S3_CONFIG)
         self.region = str(self.ec2.meta.region_name)
         self._presigner: Any = None
+        self._pricing: Any = None
 
     # --- EC2 ---------------------------------------------------------------
     def describe(self, instance_ids: list[str] | None = None) -> list[Instance]:
@@ -357,6 +359,17 @@ class Fleet:
                 StartTime=datetime.now(UTC),
             )
         return list(response.get("SpotPriceHistory", []))
+
+    def on_demand_products(self, region: str, instance_type: str) -> list[str]:
+        """The Price List's entries (JSON text) for one type's Linux on-demand price in one
+        region. The API is served from us-east-1 for every region."""
+        with aws_call("look up on-demand prices"):
+            if self._pricing is None:
+                self._pricing = self.session.client("pricing", region_name="us-east-1", config=BOTO_CONFIG)
+            pages = self._pricing.get_paginator("get_products").paginate(
+                ServiceCode="AmazonEC2", Filters=pricelist.filters(region, instance_type)
+            )
+            return [str(raw) for page in pages for raw in page.get("PriceList", [])]
 
     # --- S3 ----------------------------------------------------------------
     def has_object(self, key: str) -> bool:

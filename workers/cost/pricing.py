@@ -15,6 +15,7 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from workers.cost.pricelist import parse_price_item
 from workers.errors import AwsError
 
 if TYPE_CHECKING:
@@ -24,6 +25,11 @@ PriceKind = Literal["on-demand", "spot"]
 
 SPOT_CACHE_SECONDS = 3600
 SPOT_KEY_PREFIX = "runctl:price:spot:"
+ON_DEMAND_CACHE_SECONDS = 86400
+ON_DEMAND_KEY_PREFIX = "runctl:price:on-demand:"
+# After the Price List API failed (denied, unreachable), the table answers for this long.
+ON_DEMAND_RETRY_SECONDS = 600
+_API_DOWN = "unavailable"
 # Stored when AWS has no spot price, so unknown types are not re-queried every sweep.
 _SPOT_MISS = "none"
 
@@ -35,6 +41,12 @@ class SpotQuotes(Protocol):
     """Where spot quotes come from: the fleet's AWS boundary (`Fleet.spot_price_history`)."""
 
     def spot_price_history(self, availability_zone: str, instance_type: str) -> list[Mapping[str, Any]]: ...
+
+
+class Quotes(SpotQuotes, Protocol):
+    """Spot quotes and the Price List API's on-demand entries (`Fleet.on_demand_products`)."""
+
+    def on_demand_products(self, region: str, instance_type: str) -> list[str]: ...
 _CENT = Decimal("0.01")
 
 
@@ -111,6 +123,7 @@ class Price:
     usd_per_hour: Decimal | None
     kind: PriceKind
     unknown_why: str = ""  # why a price is unknown, when that is not simply "no such price"
+    table_date: date | None = None  # set when the figure is the shipped table's, not AWS's today
 
     @property
     def known(self) -> bool:
@@ -120,12 +133,37 @@ class Price:
         if self.usd_per_hour is None:
             return f"{UNKNOWN} ({self.unknown_why})" if self.unknown_why else UNKNOWN
         suffix = " spot" if self.kind == "spot" else ""
-        return f"${format_rate(self.usd_per_hour)}/h{suffix}"
+        dated = f" (table of {self.table_date:%Y-%m-%d})" if self.table_date else ""
+        return f"${format_rate(self.usd_per_hour)}/h{suffix}{dated}"
+
+
+def on_demand_price(book: PriceBook, quotes: Quotes, redis: Redis, region: str, instance_type: str) -> Price:
+    """Today's Linux on-demand price from the Price List API, cached in Redis for a day;
+    the shipped table (its date on the price) when the API has none or does not answer."""
+    key = f"{ON_DEMAND_KEY_PREFIX}{region}:{instance_type}"
+    cached = _as_text(redis.get(key))
+    if cached is None:
+        try:
+            rows = [
+                row
+                for raw in quotes.on_demand_products(region, instance_type)
+                if (row := parse_price_item(json.loads(raw))) is not None and row[:2] == (region, instance_type)
+            ]
+            prices = {row[2] for row in rows}
+            cached = format(prices.pop().normalize(), "f") if len(prices) == 1 else _SPOT_MISS
+            redis.set(key, cached, ex=ON_DEMAND_CACHE_SECONDS)
+        except (AwsError, ValueError):
+            cached = _API_DOWN
+            redis.set(key, cached, ex=ON_DEMAND_RETRY_SECONDS)
+    if cached not in (_SPOT_MISS, _API_DOWN):
+        return Price(Decimal(cached), "on-demand")
+    table = book.on_demand(region, instance_type)
+    return Price(table, "on-demand", table_date=book.as_of if table is not None else None)
 
 
 def hourly_price(
     book: PriceBook,
-    quotes: SpotQuotes,
+    quotes: Quotes,
     redis: Redis,
     region: str,
     az: str,
@@ -145,7 +183,7 @@ def hourly_price(
             denied = exc.code in DENIED_CODES
             return Price(None, "spot", "no permission for spot prices" if denied else "AWS did not answer")
     if lifecycle is None:
-        return Price(book.on_demand(region, instance_type), "on-demand")
+        return on_demand_price(book, quotes, redis, region, instance_type)
     return Price(None, "on-demand")
 
 

@@ -128,7 +128,8 @@ def render(
     book = load_price_book()
     footer = (
         f"sorted by {cmd.sort} · cost so far sums every running interval runctl has seen · "
-        f"on-demand prices as of {book.as_of:%Y-%m-%d}; spot prices from AWS, refreshed hourly"
+        "on-demand prices from the AWS Price List (refreshed daily), else from runctl's table "
+        f"of {book.as_of:%Y-%m-%d} where marked; spot prices from AWS, refreshed hourly"
     )
     blocks: list[Block] = [SectionBlock(text=MarkdownTextObject(text=clamp(head)))]
     blocks += sections(lines, MAX_BLOCKS - 2)

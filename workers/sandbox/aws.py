@@ -26,7 +26,7 @@ from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 from werkzeug.serving import WSGIRequestHandler, make_server
 
-from workers.sandbox.ssm_shim import Agent, S3Gate, SsmShim
+from workers.sandbox.ssm_shim import Agent, PriceList, S3Gate, SsmShim
 
 if TYPE_CHECKING:
     from types_boto3_ec2.literals import InstanceTypeType
@@ -54,10 +54,11 @@ class Sandbox(ThreadedMotoServer):
         self.region = region
         self._agent = Agent(self.root, self.instance_dir)
         self.s3 = S3Gate()
+        self.prices = PriceList()
         self._startup_error: BaseException | None = None
 
     def _server_entry(self) -> None:
-        app = SsmShim(DomainDispatcherApplication(create_backend_app), self._agent, self.region, self.s3)
+        app = SsmShim(DomainDispatcherApplication(create_backend_app), self._agent, self.region, self.s3, self.prices)
         try:
             self._server = make_server(self._ip_address, self._port, app, threaded=True, request_handler=_QuietHandler)
         except BaseException as exc:  # start() waits on the event: never leave it unset

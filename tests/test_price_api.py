@@ -1,0 +1,67 @@
+"""On-demand prices from the Price List API (pricing:GetProducts), cached in Redis for a
+day, with the shipped table (and its date) as the fallback; unknown stays unknown."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from workers.commands import Requester, ResourcesCommand
+from workers.cost.pricing import ON_DEMAND_CACHE_SECONDS, load_price_book
+from workers.jobs.resources import resources
+from workers.sandbox.aws import AMI_ID, MANAGED_TAG, Sandbox, SeedInfo
+from workers.sandbox.fake_slack import FakeSlack
+from workers.services import Services
+
+from .test_resources import text_of
+
+ALICE = Requester(user_id="U0ALICE", channel_id="C0TRAIN")
+
+
+@pytest.fixture(autouse=True)
+def price_list(sandbox: Sandbox) -> Iterator[None]:
+    sandbox.prices.reset()
+    yield
+    sandbox.prices.reset()
+
+
+def lines(slack: FakeSlack, *instance_ids: str) -> list[str]:
+    resources(ResourcesCommand(all=True).model_dump(mode="json"), ALICE.model_dump(mode="json"))
+    shown = text_of(slack.messages("C0TRAIN")[-1]).splitlines()
+    return [next(ln for ln in shown if iid in ln) for iid in instance_ids]
+
+
+def test_price_comes_from_the_price_list_api_and_the_table_is_the_dated_fallback(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, sandbox: Sandbox
+) -> None:
+    odd = svc.fleet.ec2.run_instances(
+        ImageId=AMI_ID, InstanceType="x2iedn.xlarge", MinCount=1, MaxCount=1,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": MANAGED_TAG, "Value": "true"}]}],
+    )["Instances"][0]["InstanceId"]
+    sandbox.prices.set("us-east-1", "g5.xlarge", "0.9130000000")  # AWS's price today, not the table's 1.006
+    gpu, cpu = fleet_seed.instances["gpu-box-1"], fleet_seed.instances["cpu-box"]
+    as_of = f"{load_price_book().as_of:%Y-%m-%d}"
+
+    gpu_line, cpu_line, odd_line = lines(slack, gpu, cpu, odd)
+
+    assert "$0.913/h" in gpu_line and "table of" not in gpu_line
+    assert f"$0.0416/h (table of {as_of})" in cpu_line  # the API has no t3.medium: the table answers
+    assert "price unknown" in odd_line and "$0.00" not in odd_line  # neither knows it
+    cached = "runctl:price:on-demand:us-east-1:g5.xlarge"
+    assert svc.redis.get(cached) == b"0.913"
+    assert ON_DEMAND_CACHE_SECONDS - 60 < svc.redis.ttl(cached) <= ON_DEMAND_CACHE_SECONDS
+
+    calls = sandbox.prices.calls
+    lines(slack, gpu, cpu)
+    assert sandbox.prices.calls == calls  # a day's cache: no second round of GetProducts
+
+
+def test_a_denied_price_list_falls_back_to_the_table_with_its_date(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, sandbox: Sandbox
+) -> None:
+    sandbox.prices.set("us-east-1", "g5.xlarge", "0.913")
+    sandbox.prices.denied = True  # the worker's role lacks pricing:GetProducts
+    (gpu_line,) = lines(slack, fleet_seed.instances["gpu-box-1"])
+    assert f"$1.006/h (table of {load_price_book().as_of:%Y-%m-%d})" in gpu_line
+    assert 0 < svc.redis.ttl("runctl:price:on-demand:us-east-1:g5.xlarge") <= 600  # asks again soon
