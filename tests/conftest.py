@@ -127,3 +127,13 @@ def worker(svc: Services) -> InlineWorker:
 def sent_commands(svc: Services, instance_id: str) -> list[dict[str, Any]]:
     """moto's own list of SSM commands sent to an instance."""
     return list(svc.fleet.ssm.list_commands(InstanceId=instance_id)["Commands"])
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`torch` tests (slow: PyTorch loads for seconds per process) run only when selected, `-m torch`."""
+    if "torch" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="PyTorch example: `pip install torch==2.13.0`, then `python3 -m pytest -m torch`")
+    for item in items:
+        if item.get_closest_marker("torch") is not None:
+            item.add_marker(skip)

@@ -1,4 +1,5 @@
-"""End-to-end tests of training/train_with_checkpoints.py, run as real subprocesses.
+"""End-to-end tests of training/train_with_checkpoints.py (and the runctl_protocol module
+it shares with train_torch.py), run as real subprocesses.
 
 Every wait polls a condition against a deadline; nothing relies on fixed sleeps.
 """
@@ -6,7 +7,6 @@ Every wait polls a condition against a deadline; nothing relies on fixed sleeps.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import pty
@@ -26,9 +26,21 @@ from typing import Any
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "training" / "train_with_checkpoints.py"
-EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+) loss=(\d+\.\d{6})$")
-RESUME_LINE = re.compile(r"^resuming from (.+) \(epoch (\d+)\)$")
+from .training import (
+    DEADLINE,
+    SCRIPT,
+    Run,
+    assert_valid_entry,
+    clean_env,
+    epoch_lines,
+    epochs_of,
+    manifest,
+    marker,
+    resumed_epoch,
+    run_script,
+    wait_until,
+)
+
 PROGRESS_KEYS = {
     "epoch",
     "total_epochs",
@@ -38,101 +50,6 @@ PROGRESS_KEYS = {
     "eta_seconds",
     "updated_at",
 }
-DEADLINE = 15.0
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNCTL_")}
-    env.update(extra)
-    return env
-
-
-def run_script(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        cwd=cwd,
-        env=env if env is not None else clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=DEADLINE,
-        check=False,
-    )
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
-
-class Run:
-    """A running script whose stdout/stderr lines are collected by reader threads."""
-
-    def __init__(self, *args: str, cwd: Path, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(SCRIPT), *args],
-            cwd=cwd,
-            env=env if env is not None else clean_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
-        self._threads = [
-            threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout), daemon=True),
-            threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr), daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    @staticmethod
-    def _pump(stream: Any, sink: list[str]) -> None:
-        for line in stream:
-            sink.append(line.rstrip("\n"))
-
-    def wait_for(self, condition: Callable[[], bool], what: str) -> None:
-        def check() -> bool:
-            if condition():
-                return True
-            if self.proc.poll() is not None:
-                for thread in self._threads:
-                    thread.join(timeout=DEADLINE)
-                if condition():
-                    return True
-                pytest.fail(
-                    f"process exited ({self.proc.returncode}) before {what}\n"
-                    f"stdout: {self.stdout}\nstderr: {self.stderr}"
-                )
-            return False
-
-        wait_until(check, what)
-
-    def wait_for_line(self, pattern: str, *, stderr: bool = False) -> None:
-        lines = self.stderr if stderr else self.stdout
-        regex = re.compile(pattern)
-        self.wait_for(lambda: any(regex.search(line) for line in list(lines)), repr(pattern))
-
-    def signal(self, signum: int) -> None:
-        self.proc.send_signal(signum)
-
-    def finish(self) -> int:
-        try:
-            code = self.proc.wait(timeout=DEADLINE)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            pytest.fail(f"process did not exit\nstdout: {self.stdout}\nstderr: {self.stderr}")
-        for thread in self._threads:
-            thread.join(timeout=DEADLINE)
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.finish()
 
 
 @pytest.fixture
@@ -148,53 +65,6 @@ def start(runs: list[Run], *args: str, cwd: Path, env: dict[str, str] | None = N
     run = Run(*args, cwd=cwd, env=env)
     runs.append(run)
     return run
-
-
-def epochs_of(lines: list[str] | str) -> list[int]:
-    if isinstance(lines, str):
-        lines = lines.splitlines()
-    return [int(m.group(1)) for line in lines if (m := EPOCH_LINE.match(line))]
-
-
-def epoch_lines(lines: list[str] | str) -> list[str]:
-    if isinstance(lines, str):
-        lines = lines.splitlines()
-    return [line for line in lines if EPOCH_LINE.match(line)]
-
-
-def manifest(ckdir: Path) -> list[dict[str, Any]]:
-    data = json.loads((ckdir / "manifest.json").read_text())
-    assert data["format_version"] == 1
-    entries: list[dict[str, Any]] = data["checkpoints"]
-    return entries
-
-
-def assert_valid_entry(ckdir: Path, entry: dict[str, Any]) -> None:
-    assert set(entry) == {"file", "sha256", "size", "epoch", "step", "created_at", "format_version"}
-    data = (ckdir / entry["file"]).read_bytes()
-    assert entry["file"] == f"ckpt-epoch-{entry['epoch']:05d}.json"
-    assert len(data) == entry["size"]
-    assert hashlib.sha256(data).hexdigest() == entry["sha256"]
-    assert entry["format_version"] == 1
-    payload = json.loads(data)
-    assert payload["format_version"] == 1
-    assert payload["epoch"] == entry["epoch"]
-    assert payload["step"] == entry["step"]
-    assert set(payload) == {"format_version", "epoch", "step", "model", "optimizer"}
-    datetime.fromisoformat(entry["created_at"])
-
-
-def marker(ckdir: Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((ckdir / "completed.json").read_text())
-    return data
-
-
-def resumed_epoch(stdout: str | list[str]) -> tuple[str, int]:
-    lines = stdout.splitlines() if isinstance(stdout, str) else stdout
-    for line in lines:
-        if m := RESUME_LINE.match(line):
-            return Path(m.group(1)).name, int(m.group(2))
-    raise AssertionError(f"no 'resuming from' line in {lines}")
 
 
 FAST = ("--steps-per-epoch", "3", "--step-seconds", "0")
@@ -339,7 +209,7 @@ def test_already_complete_exits_zero(tmp_path: Path) -> None:
 # 3./4. SIGTERM
 
 
-def test_sigterm_saves_checkpoint_and_exits_zero(tmp_path: Path, runs: list[Run]) -> None:
+def test_sigterm_saves_checkpoint_and_exits_143(tmp_path: Path, runs: list[Run]) -> None:
     ckdir = tmp_path / "ck"
     run = start(
         runs,
@@ -349,7 +219,7 @@ def test_sigterm_saves_checkpoint_and_exits_zero(tmp_path: Path, runs: list[Run]
     )
     run.wait_for_line(r"^epoch 1/100 ")
     run.signal(signal.SIGTERM)
-    assert run.finish() == 0
+    assert run.finish() == 143  # 128 + SIGTERM: `train && evaluate` stops here
 
     last = max(epochs_of(run.stdout))
     saved = [line for line in run.stdout if line.startswith("received SIGTERM, checkpoint saved")]
@@ -359,7 +229,7 @@ def test_sigterm_saves_checkpoint_and_exits_zero(tmp_path: Path, runs: list[Run]
     for entry in entries:
         assert_valid_entry(ckdir, entry)
     assert marker(ckdir) | {"finished_at": None} == {
-        "exit_status": 0,
+        "exit_status": 143,
         "epoch": last,
         "finished_at": None,
         "reason": "signal",
@@ -367,8 +237,10 @@ def test_sigterm_saves_checkpoint_and_exits_zero(tmp_path: Path, runs: list[Run]
     }
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_before_first_epoch_has_nothing_to_save(tmp_path: Path, runs: list[Run], signum: int) -> None:
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_before_first_epoch_has_nothing_to_save(
+    tmp_path: Path, runs: list[Run], signum: int, status: int
+) -> None:
     ckdir, progress = tmp_path / "ck", tmp_path / "progress.json"
     run = start(
         runs,
@@ -378,12 +250,13 @@ def test_signal_before_first_epoch_has_nothing_to_save(tmp_path: Path, runs: lis
     )
     run.wait_for(progress.exists, "progress file")
     run.signal(signum)
-    assert run.finish() == 0
+    assert run.finish() == status
     name = signal.Signals(signum).name
     assert f"received {name}, no epoch completed yet: nothing new to save" in run.stdout
     assert not (ckdir / "manifest.json").exists()
     assert not list(ckdir.glob("ckpt-*"))
     assert marker(ckdir)["epoch"] == 0
+    assert marker(ckdir)["exit_status"] == status
     assert marker(ckdir)["reason"] == "signal"
     assert marker(ckdir)["checkpoint"] is None
 
@@ -418,7 +291,7 @@ def test_interrupted_and_resumed_run_covers_each_epoch_once(tmp_path: Path, runs
     first = start(runs, *args, "--step-seconds", "0.03", "--checkpoint-dir", str(ckdir), cwd=tmp_path)
     first.wait_for_line(rf"^epoch 2/{epochs} ")
     first.signal(signal.SIGTERM)
-    assert first.finish() == 0
+    assert first.finish() == 143
     second = run_script(*args, "--step-seconds", "0", "--checkpoint-dir", str(ckdir), cwd=tmp_path)
     assert second.returncode == 0, second.stderr
 
@@ -560,7 +433,7 @@ def test_stale_marker_removed_at_start(tmp_path: Path, runs: list[Run]) -> None:
     run.wait_for(progress.exists, "progress file")
     assert not (ckdir / "completed.json").exists()
     run.signal(signal.SIGTERM)
-    assert run.finish() == 0
+    assert run.finish() == 143
     assert marker(ckdir)["reason"] == "signal"
 
 
@@ -752,3 +625,85 @@ def test_tqdm_bar_replaces_epoch_lines_on_a_terminal(tmp_path: Path, size: tuple
     assert code == 0
     assert epochs_of(stdout) == [1, 2, 3, 4, 5]
     assert "5/5" not in terminal
+
+
+def screen_lines(raw: str) -> list[str]:
+    """The lines a terminal shows for `raw`: `\\r` returns to the line's start and overwrites."""
+    lines: list[str] = []
+    line: list[str] = []
+    col = 0
+    for ch in raw:
+        if ch == "\n":
+            lines.append("".join(line).rstrip())
+            line, col = [], 0
+        elif ch == "\r":
+            col = 0
+        else:
+            if col < len(line):
+                line[col] = ch
+            else:
+                line.append(ch)
+            col += 1
+    if line:
+        lines.append("".join(line).rstrip())
+    return lines
+
+
+def test_tqdm_bar_names_the_epoch_in_progress_and_sigterm_notice_gets_its_own_line(tmp_path: Path) -> None:
+    pytest.importorskip("tqdm")
+    ckdir, progress = tmp_path / "ck", tmp_path / "progress.json"
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(SCRIPT),
+            *("--epochs", "8", "--steps-per-epoch", "40", "--step-seconds", "0.02"),
+            *("--checkpoint-interval", "100", "--checkpoint-dir", str(ckdir), "--progress-file", str(progress)),
+        ],
+        cwd=tmp_path,
+        env=clean_env(TERM="dumb"),
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        text=True,
+    )
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+
+        def in_epoch_3() -> bool:
+            try:
+                record = json.loads(progress.read_text())
+            except (FileNotFoundError, ValueError):
+                return False
+            return bool(record["epoch"] == 3 and record["step"] > 80)
+
+        wait_until(in_epoch_3, "a progress write in the middle of epoch 3")
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=DEADLINE)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(timeout=DEADLINE)
+        os.close(master)
+    terminal = b"".join(chunks).decode(errors="replace")
+
+    assert proc.returncode == 143
+    notice = "received SIGTERM, finishing the current step and saving (send it again to exit at once)"
+    assert notice in screen_lines(terminal), screen_lines(terminal)  # a whole line, not glued to the bar
+    before = terminal[: terminal.index("received SIGTERM")]
+    assert re.findall(r"epoch (\d+)/8", before)[-1] == "3"  # the bar names the epoch being trained
+    assert "received SIGTERM, checkpoint saved" in stdout and "(epoch 2)" in stdout

@@ -1,5 +1,6 @@
 """The example training repository the sandbox ships: a real git repo with the
-example script, a script with a syntax error, and one that never checkpoints."""
+example scripts (stdlib and PyTorch, with their shared protocol module), a script
+with a syntax error, and one that never checkpoints."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import subprocess
 from pathlib import Path
 
 TRAINING_DIR = Path(__file__).resolve().parents[2] / "training"
+# The example scripts import their protocol from the module beside them.
+EXAMPLES = ("runctl_protocol.py", "train_with_checkpoints.py", "train_torch.py")
 
 BROKEN = "import sys\n\ndef main(:\n    pass\n"
 NO_CHECKPOINTS = (
@@ -30,7 +33,8 @@ def make_example_repo(dest: Path) -> Path:
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     _git(dest, "init", "-q", "-b", "main")
-    shutil.copy(TRAINING_DIR / "train_with_checkpoints.py", dest / "train_with_checkpoints.py")
+    for name in EXAMPLES:
+        shutil.copy(TRAINING_DIR / name, dest / name)
     (dest / "broken.py").write_text(BROKEN)
     (dest / "no_checkpoints.py").write_text(NO_CHECKPOINTS)
     (dest / "README.md").write_text("Example training code for the runctl sandbox.\n")
