@@ -16,7 +16,7 @@ from workers.slack.format import duration
 from workers.slack.messages.run import checkpoint_text
 from workers.slack.thread import publish, reply
 from workers.state.locks import train_lock
-from workers.state.runs import Run, RunState
+from workers.state.runs import STOP_SIGNALS, Run, RunState, ended_state
 
 log = logging.getLogger(__name__)
 LOG_TAIL_LINES = 15
@@ -179,7 +179,7 @@ def finish(svc: Services, run: Run, snap: Snapshot) -> None:
     run.exit_code = snap.exit_code if snap.exit_code is not None else -1
     run.ended_at = svc.clock()
     run.ended_by = run.ended_by or "exit"
-    run.state = RunState.SUCCEEDED if run.exit_code == 0 else RunState.FAILED
+    run.state = ended_state(run.exit_code)
     train_lock(svc.redis, run.instance_id).release(run.lock_token)
     publish(svc, run)
     autostop.after_run(svc, run)
@@ -191,6 +191,14 @@ def finish(svc: Services, run: Run, snap: Snapshot) -> None:
     )
     if run.exit_code == 0:
         reply(svc, run, f":white_check_mark: run `{run.run_id}` finished (exit 0) in {took}. {ck}")
+    elif run.state is RunState.STOPPED:
+        signame = STOP_SIGNALS[run.exit_code]
+        reply(
+            svc,
+            run,
+            f":double_vertical_bar: run `{run.run_id}` was stopped by {signame} from outside runctl "
+            f"(exit {run.exit_code}) after {took}. {ck}",
+        )
     else:
         code = "unknown (the process vanished)" if snap.exit_code is None else str(run.exit_code)
         tail = "\n".join(snap.log[-LOG_TAIL_LINES:]) or "(training.log is empty)"

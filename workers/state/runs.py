@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import signal
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -33,6 +34,17 @@ class RunState(StrEnum):
 
 
 _ENDED = {RunState.SUCCEEDED, RunState.FAILED, RunState.STOPPED, RunState.REFUSED, RunState.LOST}
+
+# 128 + the signal: a training that exits so after SIGINT/SIGTERM was stopped, not broken
+# (the example scripts save, then exit 130/143 so that `train && evaluate` goes no further).
+STOP_SIGNALS = {128 + signal.SIGINT: "SIGINT", 128 + signal.SIGTERM: "SIGTERM"}
+
+
+def ended_state(exit_code: int) -> RunState:
+    """The state of a run whose training exited with `exit_code` on its own."""
+    if exit_code == 0:
+        return RunState.SUCCEEDED
+    return RunState.STOPPED if exit_code in STOP_SIGNALS else RunState.FAILED
 
 
 class Progress(BaseModel):
