@@ -218,7 +218,7 @@ def test_stopped_and_unmanaged_instances_are_not_contacted_and_get_the_fix(
     assert "stopped" in reply.text and f"Fix: /runctl start {stopped}" in reply.text
     unmanaged = fleet_seed.instances["not-managed"]
     reply = ask(svc, slack, unmanaged)
-    assert "not managed" in reply.text and "create-tags" in reply.text
+    assert f"runctl manages no instance {unmanaged}" in reply.text and "create-tags" not in reply.text
     assert sent_commands(svc, stopped) == [] and sent_commands(svc, unmanaged) == []
 
 

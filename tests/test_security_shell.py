@@ -17,8 +17,9 @@ from slack_sdk import WebClient
 
 from bot.app import build_app
 from workers import remote
-from workers.commands import Requester, StopCommand, TrainCommand
+from workers.commands import Requester, StatusCommand, StopCommand, TrainCommand
 from workers.jobs.lifecycle import stop
+from workers.jobs.status import status
 from workers.jobs.train import train
 from workers.queueing import QUEUE
 from workers.sandbox.aws import Sandbox, SeedInfo
@@ -195,3 +196,29 @@ def test_the_operation_lock_is_held_for_the_whole_of_a_stop_longer_than_its_ttl(
     stopping.join(60)
     assert svc.fleet.get(iid).state == "stopped"
     assert lock.holder() is None  # released once done
+
+
+# --- 14. which instance ids exist; checkpoint hashes cached on the instance -------------
+
+
+def test_unmanaged_and_missing_instances_get_the_same_answer_except_for_admins(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack
+) -> None:
+    unmanaged, missing = fleet_seed.instances["not-managed"], "i-0123456789abcdef0"
+
+    def told(iid: str, who: Requester) -> str:
+        status(StatusCommand(instance_id=iid).model_dump(mode="json"), who.model_dump(mode="json"))
+        return slack.ephemerals(who.user_id)[-1].text.replace(iid, "<id>")
+
+    assert told(unmanaged, ALICE) == told(missing, ALICE)
+    assert "runctl manages no instance <id>" in told(missing, ALICE)
+    # The run thread of a train is public: the same there.
+    for iid, run_id in ((unmanaged, "r-exists-1"), (missing, "r-exists-2")):
+        cmd = TrainCommand(instance_id=iid, script="train_with_checkpoints.py")
+        train(cmd.model_dump(mode="json"), ALICE.model_dump(mode="json"), run_id)
+    first, second = (svc.runs.get(r) for r in ("r-exists-1", "r-exists-2"))
+    assert first is not None and second is not None and first.error is not None and second.error is not None
+    assert first.error.what.replace(unmanaged, "<id>") == second.error.what.replace(missing, "<id>")
+    assert "create-tags" not in json.dumps([m.text for m in slack.messages("C0TRAIN")])
+    # Admins keep the detail.
+    assert "create-tags" in told(unmanaged, ADMIN) and "does not exist" in told(missing, ADMIN)

@@ -43,9 +43,9 @@ def test_stopped_instance_gets_the_fix(svc: Services, fleet_seed: SeedInfo, slac
     assert any(f"/runctl start {iid}" in t and "<@U0ALICE>" in t for t in replies)
 
 
-def test_unmanaged_instance_is_refused_with_the_tag_command(svc: Services, fleet_seed: SeedInfo) -> None:
+def test_unmanaged_instance_is_refused_with_the_tag_command_for_an_admin(svc: Services, fleet_seed: SeedInfo) -> None:
     iid = fleet_seed.instances["not-managed"]
-    run = svc.runs.get(start(iid))
+    run = svc.runs.get(start(iid, who=Requester(user_id="U0ADMIN", channel_id="C0TRAIN")))
     assert run is not None and run.state is RunState.REFUSED
     assert run.error is not None and "not managed" in run.error.what
     assert "create-tags" in run.error.fix and "runctl:managed" in run.error.fix

@@ -89,7 +89,15 @@ class RateLimited(RunctlError):
 
 
 class InstanceError(RunctlError):
-    pass
+    def __init__(
+        self, what: str, *, why: str = "", fix: str = "", detail: str = "", public: RunctlError | None = None
+    ) -> None:
+        super().__init__(what, why=why, fix=fix, detail=detail)
+        # What a non-admin is told instead, where the detail itself tells too much.
+        self.public = public
+
+    def seen_by(self, admin: bool) -> RunctlError:
+        return self if admin or self.public is None else self.public
 
 
 class InstanceNotFound(InstanceError):

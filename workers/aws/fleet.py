@@ -172,13 +172,19 @@ class Fleet:
         )
 
     def get(self, instance_id: str) -> Instance:
-        """One managed instance; an instance outside the scope is refused."""
+        """One managed instance; an instance outside the scope is refused. Both refusals
+        carry the same public answer, so non-admins never learn which instance ids exist."""
         try:
             found = self.describe([instance_id])
         except InstanceNotFound:
             found = []
         if found:
             return found[0]
+        public = InstanceNotFound(
+            f"runctl manages no instance {instance_id} in {self.region}.",
+            why="It does not exist there, or runctl may not touch it; an admin can tell which.",
+            fix="`/runctl resources` lists the instances runctl manages.",
+        )
         with aws_call("describe instances"):
             try:
                 pages = self.ec2.describe_instances(InstanceIds=[instance_id])
@@ -188,16 +194,18 @@ class Fleet:
                         f"Instance {instance_id} does not exist in {self.region}.",
                         why="It may have been terminated long ago, or live in another region.",
                         fix="/runctl resources",
+                        public=public,
                     ) from None
                 raise
         if not any(r.get("Instances") for r in pages.get("Reservations", [])):
-            raise InstanceNotFound(f"Instance {instance_id} does not exist in {self.region}.")
+            raise InstanceNotFound(f"Instance {instance_id} does not exist in {self.region}.", public=public)
         assert self.scope is not None
         key, value = self.scope
         raise NotManaged(
             f"Instance {instance_id} is not managed by runctl.",
             why=f"runctl only touches instances tagged `{key}={value}`.",
             fix=f"aws ec2 create-tags --resources {instance_id} --tags Key={key},Value={value}",
+            public=public,
         )
 
     def start(self, instance_id: str) -> None:

@@ -24,7 +24,7 @@ from slack_sdk.models.blocks import Block
 
 from workers import audit, policy
 from workers.commands import Command, Requester
-from workers.errors import RunctlError
+from workers.errors import InstanceError, RunctlError
 from workers.services import Services, current
 from workers.slack.thread import fail
 from workers.state.runs import Run, RunState
@@ -97,7 +97,10 @@ def settle(job: Job, flow: Callable[[], str]) -> str:
         outcome = flow()
     except RunctlError as exc:
         decision = audit.decision_of(exc)
-        _report(job, exc)
+        if isinstance(exc, InstanceError):  # the audit keeps the detail, for admins
+            _report(job, exc.seen_by(policy.is_admin(job.svc.settings, job.actor.user_id)))
+        else:
+            _report(job, exc)
         head = job.run.state.value if job.run is not None else type(exc).__name__
         job.audit(decision, f"{head}: {exc.what}")
         return "refused" if decision == "refused" else exc.what
