@@ -125,15 +125,47 @@ def test_stop_during_a_run_saves_a_checkpoint_on_sigterm_and_stops_the_instance(
     assert any("kill -\"$1\" -\"$pgid\"" in s for s in sandbox.sent_scripts(iid))
 
 
+def test_stop_with_the_default_interval_reports_the_checkpoint_it_already_had(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, sandbox: Sandbox
+) -> None:
+    iid = fleet_seed.instances["gpu-box-1"]
+    run_id = train_on(iid, "--epochs", "40", "--steps-per-epoch", "4", "--step-seconds", "0.1")  # interval 1
+    wait_for_epoch(sandbox, iid, run_id, 3)
+
+    stop_cmd(iid)
+
+    text = text_of(posted(slack, "stopped *gpu-box-1"))
+    found = re.search(r"the newest checkpoint \(epoch (\d+), `ckpt-epoch-(\d+)\.json`\) was already saved; "
+                      r"the partial epoch (\d+) is discarded", text)
+    assert found and int(found[1]) == int(found[2]) >= 3 and int(found[3]) == int(found[1]) + 1, text
+    assert "SIGTERM handler" not in text and ":rotating_light:" not in text and "is lost" not in text
+
+
+def test_a_script_without_a_handler_still_gets_the_loud_loss_report(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, sandbox: Sandbox
+) -> None:
+    iid = fleet_seed.instances["gpu-box-2"]
+    cmd = TrainCommand(instance_id=iid, script="no_handler.py", args=("100",))
+    train(cmd.model_dump(mode="json"), ALICE.model_dump(mode="json"), "r-no-handler")
+    wait_for_epoch(sandbox, iid, "r-no-handler", 4)  # epoch 3 saved; 4 finished unsaved
+
+    stop_cmd(iid)
+
+    text = text_of(posted(slack, "stopped *gpu-box-2"))
+    assert ":rotating_light:" in text and "wrote no checkpoint on SIGTERM" in text, text
+    assert re.search(r"progress since epoch 3 \(the newest checkpoint, `ckpt-epoch-00003.json`", text), text
+    assert "no SIGTERM handler" in text and "already saved" not in text
+
+
 def test_a_script_that_ignores_sigterm_is_killed_and_the_loss_is_reported(
     svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, sandbox: Sandbox
 ) -> None:
     iid = fleet_seed.instances["gpu-box-2"]
     run_id = train_on(
-        iid, "--epochs", "40", "--steps-per-epoch", "4", "--step-seconds", "0.5",
-        "--checkpoint-interval", "1", "--ignore-sigterm",
+        iid, "--epochs", "40", "--steps-per-epoch", "4", "--step-seconds", "0.75",
+        "--checkpoint-interval", "2", "--ignore-sigterm",
     )
-    wait_for_epoch(sandbox, iid, run_id, 1)  # saved epoch 1; epoch 2 ends 2 s later, after the grace
+    wait_for_epoch(sandbox, iid, run_id, 3)  # saved epoch 2, finished 3; epoch 4 ends 3 s later, after the grace
 
     stop_cmd(iid, grace=1)
 

@@ -166,6 +166,17 @@ def unconfirmed(result: ScriptResult, label: str, instance_id: str, what: str) -
     )
 
 
+def _already_saved(newest: FoundCheckpoint | None, finished: int | None) -> str:
+    """When the newest checkpoint holds the last finished epoch, what a stop costs (only the
+    epoch in progress); "" when that is not known to be so (then progress may be lost)."""
+    if newest is None or newest.epoch is None or finished is None or newest.epoch < finished:
+        return ""
+    return (
+        f"the newest checkpoint (epoch {newest.epoch}, `{newest.name}`) was already saved; "
+        f"the partial epoch {newest.epoch + 1} is discarded"
+    )
+
+
 class Halter:
     """Stops the training runs alive on an instance, each given SIGTERM and `grace` seconds."""
 
@@ -242,7 +253,10 @@ class Halter:
         )
         if halt.listing is None:
             lost = "runctl could not list its checkpoints to tell what was saved"
+        kept = _already_saved(newest, result.finished_epoch)
         if self.force:
+            if kept:
+                return f":octagonal_sign: `--force`: `{script}` was killed at once (SIGKILL); {kept}."
             return (
                 f":rotating_light: `--force`: `{script}` was killed at once (SIGKILL), without a chance "
                 f"to save; {lost}."
@@ -255,12 +269,16 @@ class Halter:
             )
             if saved:
                 return f"{head} Before that it {saved_text}; anything after that checkpoint is lost."
+            if kept:
+                return f"{head} Nothing is lost: {kept}. Make it exit promptly on SIGTERM."
             return (
                 f"{head} It wrote no checkpoint after the signal; {lost}. Make it exit after saving on "
                 "SIGTERM, or allow more time with `--grace SECONDS`."
             )
         if saved:
             return f":floppy_disk: `{script}` {saved_text} on SIGTERM and exited after {result.waited} s."
+        if kept:
+            return f":floppy_disk: `{script}` exited {result.waited} s after SIGTERM; {kept}."
         return (
             f":rotating_light: *`{script}` wrote no checkpoint on SIGTERM; {lost}.* It has no SIGTERM "
             "handler that saves: catch SIGTERM (`signal.signal(signal.SIGTERM, ...)`), write a checkpoint "

@@ -6,13 +6,17 @@ the first line), and every value that came from a user through ``shlex.quote``.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from typing import Any, Literal
 
 from workers.remote.core import header, run_dir
 
 _RESULT = re.compile(r"^stopped (term|kill|none)(?: (\d+))?(?: (\d+))?\s*$", re.MULTILINE)
 _SAVED = re.compile(r"^saved (.+)$", re.MULTILINE)
+_JSON_LINE = re.compile(r"^(progress|marker) (\{.*\})\s*$", re.MULTILINE)
+StopHow = Literal["term", "kill", "none"]
 
 
 def stop_run(
@@ -23,7 +27,9 @@ def stop_run(
     `force` sends SIGKILL straight away. Prints ``saved <name>`` for each checkpoint
     written after the signal (in the directory of `checkpoint_run_id`, default the run's
     own), then ``stopped <term|kill|none> <waited-seconds> <signal-epoch-seconds>``
-    (``stopped none`` when nothing was alive); ``parse_stop`` reads them.
+    (``stopped none`` when nothing was alive); ``parse_stop`` reads them. Before the
+    signal it prints ``progress <progress.json>``, after the exit ``marker <completed.json>``
+    (when the script wrote one since): they tell which epoch had finished.
     """
     first = "KILL" if force else "TERM"
     return header(root) + (
@@ -41,6 +47,8 @@ def stop_run(
         '  if [ -n "$pgid" ]; then kill -"$1" -"$pgid" 2>/dev/null || kill -"$1" "$pid" 2>/dev/null\n'
         '  else kill -"$1" "$pid" 2>/dev/null; fi\n'
         "}\n"
+        'if [ -f "$RUN_DIR/progress.json" ]; then printf \'progress %s\\n\' '
+        '"$(head -c 2000 "$RUN_DIR/progress.json" | tr -d \'\\r\\n\')"; fi\n'
         "signalled=$(date +%s)\n"
         'echo "$signalled" > "$RUN_DIR/stop_requested"\n'
         f"signal_group {first} || true\n"
@@ -64,16 +72,20 @@ def stop_run(
         '    echo "saved ${f##*/}"\n'
         "  done\n"
         "fi\n"
+        'if [ -n "$(find "$CK_DIR/completed.json" -newer "$RUN_DIR/stop_requested" 2>/dev/null)" ]; then\n'
+        '  printf \'marker %s\\n\' "$(head -c 2000 "$CK_DIR/completed.json" | tr -d \'\\r\\n\')"\n'
+        "fi\n"
         'echo "stopped $how $waited $signalled"\n'
     )
 
 
 @dataclass(frozen=True)
 class StopResult:
-    how: str  # "term": exited after SIGTERM; "kill": SIGKILLed; "none": nothing was alive
+    how: StopHow  # "term": exited after SIGTERM; "kill": SIGKILLed; "none": nothing was alive
     waited: int = 0
     signalled_at: int | None = None  # epoch seconds on the instance's clock
     saved: tuple[str, ...] = ()  # checkpoint names written after the signal
+    finished_epoch: int | None = None  # the last epoch the run completed, when it said
 
 
 def parse_stop(stdout: str) -> StopResult | None:
@@ -82,4 +94,32 @@ def parse_stop(stdout: str) -> StopResult | None:
         return None
     how, waited, at = match.groups()
     saved = tuple(name.rstrip("\r") for name in _SAVED.findall(stdout))
-    return StopResult(how, int(waited or 0), int(at) if at else None, saved)
+    found = {kind: _object(raw) for kind, raw in _JSON_LINE.findall(stdout)}
+    finished = _marker_epoch(found.get("marker")) if "marker" in found else _progress_epoch(found.get("progress"))
+    return StopResult(how, int(waited or 0), int(at) if at else None, saved, finished)  # type: ignore[arg-type]
+
+
+def _object(raw: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _marker_epoch(marker: dict[str, Any] | None) -> int | None:
+    """completed.json's `epoch`: the last completed epoch (training/README.md)."""
+    return _count((marker or {}).get("epoch"))
+
+
+def _progress_epoch(progress: dict[str, Any] | None) -> int | None:
+    """Completed epochs from progress.json's global step: step // steps per epoch."""
+    p = progress or {}
+    step, total_steps, total_epochs = _count(p.get("step")), _count(p.get("total_steps")), _count(p.get("total_epochs"))
+    if step is None or not total_steps or not total_epochs or total_steps % total_epochs:
+        return None
+    return step // (total_steps // total_epochs)

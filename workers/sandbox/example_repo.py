@@ -18,6 +18,24 @@ NO_CHECKPOINTS = (
     "    time.sleep(0.2)\n    print(f'epoch {epoch}/3 loss={1 / epoch:.3f}', flush=True)\n"
 )
 
+# Checkpoints every 3rd epoch and reports progress, but has no SIGTERM handler: a stop kills it.
+NO_HANDLER = """import json, os, sys, time
+
+ck, progress = os.environ["RUNCTL_CHECKPOINT_DIR"], os.environ["RUNCTL_PROGRESS_FILE"]
+epochs, steps = int(sys.argv[1]) if len(sys.argv) > 1 else 100, 4
+for epoch in range(1, epochs + 1):
+    for step in range(steps):
+        time.sleep(0.05)
+        with open(progress + ".tmp", "w") as f:
+            json.dump({"epoch": epoch, "total_epochs": epochs, "step": (epoch - 1) * steps + step + 1,
+                       "total_steps": epochs * steps}, f)
+        os.replace(progress + ".tmp", progress)
+    print(f"epoch {epoch}/{epochs} done", flush=True)
+    if epoch % 3 == 0:
+        with open(os.path.join(ck, f"ckpt-epoch-{epoch:05d}.json"), "w") as f:
+            json.dump({"epoch": epoch}, f)
+"""
+
 
 def _git(repo: Path, *args: str) -> None:
     subprocess.run(
@@ -37,6 +55,7 @@ def make_example_repo(dest: Path) -> Path:
         shutil.copy(TRAINING_DIR / name, dest / name)
     (dest / "broken.py").write_text(BROKEN)
     (dest / "no_checkpoints.py").write_text(NO_CHECKPOINTS)
+    (dest / "no_handler.py").write_text(NO_HANDLER)
     (dest / "README.md").write_text("Example training code for the runctl sandbox.\n")
     _git(dest, "add", "-A")
     _git(dest, "commit", "-q", "-m", "example training code")
