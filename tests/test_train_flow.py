@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from typing import Any
@@ -124,7 +125,9 @@ def test_nonzero_exit_is_reported_as_failure_with_log_tail(
     assert train_lock(svc.redis, iid).holder() is None
 
 
-def test_script_args_reach_the_script_verbatim(svc: Services, fleet_seed: SeedInfo, sandbox: Sandbox, worker: InlineWorker) -> None:
+def test_script_args_reach_the_script_verbatim(
+    svc: Services, fleet_seed: SeedInfo, sandbox: Sandbox, worker: InlineWorker, slack: FakeSlack
+) -> None:
     iid = fleet_seed.instances["cpu-box"]
     tricky = ("--epochs", "1", "--steps-per-epoch", "1", "--step-seconds", "0")
     run_id = start(iid, "train_with_checkpoints.py", *tricky, checkpoint_interval=2)
@@ -132,6 +135,10 @@ def test_script_args_reach_the_script_verbatim(svc: Services, fleet_seed: SeedIn
     run = svc.runs.get(run_id)
     assert run is not None and run.state is RunState.SUCCEEDED, run.error
     assert run.args == (*tricky, "--checkpoint-interval", "2")
+    # runctl's own --checkpoint-interval 2 was passed: the note says it was passed on, not "you did not pass one"
+    parent = next(m for m in slack.messages(run.channel_id) if m.ts == run.message_ts)
+    shown = parent.text + json.dumps(parent.blocks)
+    assert "Passed your `--checkpoint-interval 2` on to the script" in shown and "did not pass" not in shown
 
 
 def test_no_checkpointing_script_is_warned_about(svc: Services, fleet_seed: SeedInfo, worker: InlineWorker) -> None:

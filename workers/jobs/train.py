@@ -267,8 +267,10 @@ class TrainFlow:
             interval = run.checkpoint_interval or 1
             run.args = (*run.args, "--checkpoint-interval", str(interval))
             run.notes.append(
-                f":floppy_disk: Added `--checkpoint-interval {interval}`: the script accepts it "
-                "and you did not pass one."
+                f":floppy_disk: Passed your `--checkpoint-interval {interval}` on to the script, which accepts it."
+                if run.checkpoint_interval
+                else ":floppy_disk: Added `--checkpoint-interval 1` (runctl's default): the script accepts it "
+                "and you set no interval."
             )
         elif not _CHECKPOINT_SIGNS.search(source):
             run.notes.append(
