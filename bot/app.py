@@ -7,16 +7,17 @@ from typing import Any
 
 from redis import Redis
 from rq import Queue
-from slack_bolt import Ack, App
+from slack_bolt import App, BoltContext, BoltRequest, BoltResponse
 from slack_bolt.context.respond import Respond
 from slack_sdk import WebClient
 
-from bot import handlers
-from bot.middleware import admit_command, gate_click
+from bot import handlers, signing
+from bot.middleware import Reply, admit_command, front_record, gate_click
 from workers import audit
 from workers.errors import PermissionDenied, RateLimited, RunctlError
 from workers.queueing import QUEUE
 from workers.settings import Settings
+from workers.slack import hooks
 from workers.slack.client import make_client
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,12 @@ def build_app(
     queue = Queue(QUEUE, connection=redis)
 
     @app.middleware
-    def inject(context: dict[str, Any], next: Any) -> None:
+    def inject(context: BoltContext, body: dict[str, Any], next: Any) -> None:
+        # Global middleware runs after Bolt's signature check: from here on the body is Slack's.
         context["settings"] = settings
         context["redis"] = redis
         context["queue"] = queue
+        _trust_response_url(settings, context, body)
         next()
 
     app.middleware(gate_click)
@@ -51,30 +54,71 @@ def build_app(
     handlers.register_actions(app)
 
     @app.error
-    def funnel(error: Exception, body: dict[str, Any], respond: Respond | None, ack: Ack | None) -> None:
+    def funnel(error: Exception, body: dict[str, Any], request: BoltRequest, respond: Respond | None) -> Reply:
+        if not _authentic(settings, request):
+            # Bolt's verifier raises on a malformed timestamp and lands here: such a request
+            # gets a 401 and nothing else (no audit from its body, no respond, no call out).
+            log.warning("refused a request that failed verification (%s)", type(error).__name__)
+            return BoltResponse(status=401, body={"error": "invalid request"})
         if isinstance(error, RunctlError):
             text = error.as_text()
         else:
             log.exception("unhandled error", exc_info=error)
             text = ":boom: runctl hit an internal error; nothing was queued. The admins can find it in the web log."
-        audit.record(redis, settings.RUNCTL_AUDIT_MAXLEN, _failure_record(body, error))
-        if respond is not None and body.get("response_url"):
+        front_record(settings, redis, _failure_record(body, error))
+        if respond is not None and hooks.trusted(settings, respond.response_url):
             respond(text=text, response_type="ephemeral", replace_original=False)
+        return None
 
     return app
 
 
+def _authentic(settings: Settings, request: BoltRequest) -> bool:
+    """Over Socket Mode (an authenticated connection), or signed by Slack."""
+    if request.mode == "socket_mode":
+        return True
+    headers = request.headers
+    timestamp = next(iter(headers.get("x-slack-request-timestamp", ())), None)
+    signature = next(iter(headers.get("x-slack-signature", ())), None)
+    secret = settings.secret("SLACK_SIGNING_SECRET")
+    return signing.signed(secret, timestamp, signature, request.raw_body.encode())
+
+
+def _trust_response_url(settings: Settings, context: BoltContext, body: dict[str, Any]) -> None:
+    """Drop a response_url that is not Slack's, from the context (so `respond` cannot use
+    it) and from the body (so no Requester carries it to a worker)."""
+    url = context.response_url
+    if url is None or hooks.trusted(settings, url) == url:
+        return
+    log.warning("ignoring a response_url that is not Slack's: %.100r", url)
+    context["response_url"] = None
+    context.pop("respond", None)
+    if "response_url" in body:
+        body["response_url"] = None
+
+
 def _failure_record(body: dict[str, Any], error: Exception) -> audit.Record:
-    """An audit record for a request that raised past the middleware (handlers, buttons)."""
+    """An audit record for a request that raised past the middleware (handlers, buttons).
+    Built from a body that may be odd (that may be why it raised), so every field is coerced."""
     actions = body.get("actions") or [{}]
-    click = body.get("type") == "block_actions"
+    click = body.get("type") in ("block_actions", "view_submission")
     refused = isinstance(error, PermissionDenied | RateLimited)
     what = error.what if isinstance(error, RunctlError) else "internal error"
+    if click:
+        user, channel = _field(body, "user", "id"), _field(body, "channel", "id")
+        text = f"click {_field(actions[0], 'action_id')}"
+    else:
+        user, channel = _field(body, "user_id"), _field(body, "channel_id")
+        text = ("/runctl " + _field(body, "text")).strip()[:500]
     return audit.Record(
-        user=(body.get("user") or {}).get("id", "") if click else body.get("user_id", ""),
-        channel=(body.get("channel") or {}).get("id", "") if click else body.get("channel_id", ""),
-        text=f"click {actions[0].get('action_id', '')}" if click else ("/runctl " + body.get("text", "")).strip()[:500],
+        user=user, channel=channel, text=text,
         decision="refused" if refused else "failed",
         outcome=f"{type(error).__name__}: {what}",
         source="click" if click else "command",
     )
+
+
+def _field(data: Any, *path: str) -> str:
+    for key in path:
+        data = data.get(key) if isinstance(data, dict) else None
+    return data if isinstance(data, str) else ""

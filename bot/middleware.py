@@ -2,8 +2,9 @@
 
 Slash command (per-listener, ``admit_command``): drop replays, then usage, channel,
 rate limit, permission tier.
-Button click (global, ``gate_click``): drop replays, rate limit, permission tier of
-the clicking user. Every decision is audited; every refusal is ephemeral.
+Button click or modal submission (global, ``gate_click``): drop replays, rate limit,
+permission tier of the clicking user. Every decision is audited (capped per user per
+minute, ``front_record``); every refusal is private.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from slack_sdk.errors import SlackApiError
 
 from bot import guards
 from bot.grammar import parse
-from workers import audit, policy
+from workers import audit, commands, policy
 from workers.errors import RunctlError, UsageError
 from workers.settings import Settings
 from workers.slack.ids import ActionId
@@ -48,15 +49,18 @@ CLICK_TIERS: dict[str, str | None] = {
 
 
 def admit_command(ack: Ack, body: dict[str, Any], request: BoltRequest, context: dict[str, Any], next: Next) -> Reply:
-    """Replays dropped; then usage, channel, rate limit and permission tier, each decision audited.
+    """Replays dropped; then rate limit, usage, channel and permission tier, each decision audited.
 
-    Parsing and the channel check need no Redis, so they run first: they decide whether the
-    request counts against the rate limit, and one round trip then settles replay and rate."""
+    Every signed request counts against the rate limit, usage errors and channel refusals
+    too (issue 11: a flood of them is still a flood; issue 17 will exempt `help` and usage
+    errors). One round trip settles replay and rate; parsing needs no Redis."""
     settings: Settings = context["settings"]
     redis: Redis = context["redis"]
     user = body.get("user_id", "")
     usage: UsageError | None = None
     refusal: RunctlError | None = None
+    command: commands.AnyCommand | None = None
+    needed: list[str] = []
     try:
         command = parse(body.get("text", ""))
         needed = policy.actions(command)
@@ -68,9 +72,9 @@ def admit_command(ack: Ack, body: dict[str, Any], request: BoltRequest, context:
         refusal = exc
     key = guards.request_key(body, request.raw_body)
     try:
-        first = guards.admit(redis, key, user, settings.RUNCTL_RATE_PER_MINUTE, count=not (usage or refusal))
-    except RunctlError as exc:
-        first, refusal = True, exc
+        first = guards.admit(redis, key, user, settings.RUNCTL_RATE_PER_MINUTE)
+    except RunctlError as exc:  # over the rate limit: that answer wins over any other
+        first, usage, refusal = True, None, exc
     if not first:
         retry = request.headers.get("x-slack-retry-num", ["0"])[0]
         log.info("dropping repeated delivery %s (retry %s)", key, retry)
@@ -80,7 +84,7 @@ def admit_command(ack: Ack, body: dict[str, Any], request: BoltRequest, context:
         return ack(text=usage.as_text(), response_type="ephemeral")
     instance = getattr(command, "instance_id", None) or ""
     try:
-        if refusal is None:
+        if refusal is None and command is not None:
             owner = policy.owner_of(redis, command) if needed else None
             for action in needed:
                 policy.check(settings, user, action, owner)
@@ -100,37 +104,49 @@ def admit_command(ack: Ack, body: dict[str, Any], request: BoltRequest, context:
     return None
 
 
-def gate_click(ack: Ack, body: dict[str, Any], client: WebClient, context: dict[str, Any], next: Next) -> Reply:
-    """Global middleware; only button clicks (block_actions) are gated here."""
+def gate_click(
+    ack: Ack, body: dict[str, Any], request: BoltRequest, client: WebClient, context: dict[str, Any], next: Next
+) -> Reply:
+    """Global middleware for button clicks (block_actions) and modal submissions
+    (view_submission): replay, rate limit, tier, audit. Other requests pass."""
     actions = body.get("actions") or []
-    if body.get("type") != "block_actions" or not actions:
+    if body.get("type") == "block_actions" and actions:
+        action_id = str(actions[0].get("action_id", ""))
+        label, tier, key = f"click {action_id}", CLICK_TIERS.get(action_id), guards.request_key(body, "")
+    elif body.get("type") == "view_submission":
+        # The handler alone knows what the modal is about, so it makes the policy check.
+        view = body.get("view") or {}
+        label, tier, key = f"submit {view.get('callback_id', '')}", None, guards.request_key(body, request.raw_body)
+    else:
         next()
         return None
     settings: Settings = context["settings"]
     redis: Redis = context["redis"]
     user = (body.get("user") or {}).get("id", "")
     channel = (body.get("channel") or {}).get("id", "") or (body.get("container") or {}).get("channel_id", "")
-    action_id = str(actions[0].get("action_id", ""))
-    entry = audit.Record(user=user, channel=channel, text=f"click {action_id}", decision="allowed", source="click")
+    entry = audit.Record(user=user, channel=channel, text=label, decision="allowed", source="click")
     try:
-        if not guards.admit(redis, guards.request_key(body, ""), user, settings.RUNCTL_RATE_PER_MINUTE):
+        if not guards.admit(redis, key, user, settings.RUNCTL_RATE_PER_MINUTE):
             return ack()
-        tier = CLICK_TIERS.get(action_id)
         if tier is not None:
             policy.check(settings, user, tier)
     except RunctlError as exc:
         _tell(client, channel, user, exc.as_text())
         refused = entry.model_copy(update={"decision": "refused", "outcome": f"{type(exc).__name__}: {exc.what}"})
-        audit.record(redis, settings.RUNCTL_AUDIT_MAXLEN, refused)
+        front_record(settings, redis, refused)
         return ack()
-    audit.record(redis, settings.RUNCTL_AUDIT_MAXLEN, entry.model_copy(update={"outcome": "passed to the handler"}))
+    front_record(settings, redis, entry.model_copy(update={"outcome": "passed to the handler"}))
     next()
     return None
 
 
 def _tell(client: WebClient, channel: str, user: str, text: str) -> None:
+    """Privately: ephemeral in the channel, or a DM when there is none (a modal)."""
     try:
-        client.chat_postEphemeral(channel=channel, user=user, text=text)
+        if channel:
+            client.chat_postEphemeral(channel=channel, user=user, text=text)
+        else:
+            client.chat_postMessage(channel=user, text=text)
     except SlackApiError as exc:
         log.warning("could not tell %s about a refused click: %s", user, exc.response.get("error"))
 
@@ -152,4 +168,9 @@ def _audit_command(
         outcome=outcome,
         instance=instance,
     )
-    audit.record(batch if batch is not None else context["redis"], settings.RUNCTL_AUDIT_MAXLEN, entry)
+    front_record(settings, batch if batch is not None else context["redis"], entry)
+
+
+def front_record(settings: Settings, redis: Redis, entry: audit.Record) -> None:
+    """Every audit record the front door writes: capped per user per minute."""
+    audit.record(redis, settings.RUNCTL_AUDIT_MAXLEN, entry, settings.RUNCTL_AUDIT_PER_MINUTE)

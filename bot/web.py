@@ -1,40 +1,122 @@
 """HTTP mode: the Bolt app as a WSGI application for gunicorn, at /slack/events.
 
-    gunicorn 'bot.web:create()' --bind 0.0.0.0:$PORT
+    gunicorn -c gunicorn.conf.py 'bot.web:create()' --bind 0.0.0.0:$PORT
+
+Before Bolt sees a request, the front door here refuses, without reading or parsing
+the body: headers that cannot be a fresh Slack signature (401) and a declared length
+over MAX_BODY_BYTES (413). It then reads at most MAX_BODY_BYTES (chunked bodies too),
+within BODY_SECONDS, and checks the signature over those bytes (401). Only a signed
+body is handed to Bolt, which parses it (and checks the signature again).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import socket
 import sys
+import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, BinaryIO
 
 from redis import Redis
 from slack_bolt.adapter.wsgi import SlackRequestHandler
 
+from bot import signing
 from bot.app import build_app
 from workers.errors import ConfigError
 from workers.settings import Settings, load
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+log = logging.getLogger(__name__)
+
+# Slack's payloads are small: a click carries its message (50 blocks of 3,000 chars at
+# most, url-encoded JSON), a modal its view. 512 KiB leaves room and bounds the memory
+# and HMAC work an unsigned client can cause per request.
+MAX_BODY_BYTES = 512 * 1024
+BODY_SECONDS = 10.0  # a client trickling its body holds a thread at most this long
+_CHUNK = 64 * 1024
+
+
+class TooLarge(Exception):
+    pass
 
 
 def wsgi(settings: Settings, redis: Redis) -> WSGIApp:
     # Signature verification is always on here: build_app enables it and requires the secret.
     app = build_app(settings, redis)
     handler = SlackRequestHandler(app)
+    secret = settings.secret("SLACK_SIGNING_SECRET")
+
+    def events(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("REQUEST_METHOD") != "POST":
+            return _plain(start_response, "405 Method Not Allowed", b"POST only\n")
+        timestamp = environ.get("HTTP_X_SLACK_REQUEST_TIMESTAMP")
+        signature = environ.get("HTTP_X_SLACK_SIGNATURE")
+        if not signing.plausible(timestamp, signature):
+            return _plain(start_response, "401 Unauthorized", b"invalid request\n")
+        try:
+            declared = int(environ.get("CONTENT_LENGTH") or -1)
+        except ValueError:
+            return _plain(start_response, "400 Bad Request", b"bad Content-Length\n")
+        if declared > MAX_BODY_BYTES:
+            return _plain(start_response, "413 Content Too Large", b"request body too large\n")
+        try:
+            body = read_capped(environ, MAX_BODY_BYTES)
+        except TooLarge:
+            return _plain(start_response, "413 Content Too Large", b"request body too large\n")
+        except TimeoutError:
+            return _plain(start_response, "408 Request Timeout", b"request body too slow\n")
+        if not signing.signed(secret, timestamp, signature, body):
+            return _plain(start_response, "401 Unauthorized", b"invalid request\n")
+        signed = {**environ, "wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body))}
+        return handler(signed, start_response)
 
     def application(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/slack/events":
-            return handler(environ, start_response)
+            return events(environ, start_response)
         if path == "/healthz":
             return _plain(start_response, "200 OK", b"ok\n")
         return _plain(start_response, "404 Not Found", b"not found\n")
 
     return application
+
+
+def read_capped(environ: dict[str, Any], limit: int, seconds: float = BODY_SECONDS) -> bytes:
+    """The request body, read in chunks: TooLarge past `limit` bytes, TimeoutError past
+    `seconds` (each read is bounded by the socket timeout when gunicorn exposes it)."""
+    stream: BinaryIO | None = environ.get("wsgi.input")
+    if stream is None:
+        return b""
+    sock: socket.socket | None = environ.get("gunicorn.socket")
+    before = sock.gettimeout() if sock is not None else None
+    deadline = time.monotonic() + seconds
+    parts: list[bytes] = []
+    size = 0
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            if sock is not None:
+                sock.settimeout(left)
+            try:
+                chunk = stream.read(min(_CHUNK, limit + 1 - size))
+            except OSError as exc:  # socket.timeout is TimeoutError, an OSError
+                raise TimeoutError from exc
+            if not chunk:
+                return b"".join(parts)
+            size += len(chunk)
+            if size > limit:
+                raise TooLarge
+            parts.append(chunk)
+    finally:
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.settimeout(before)
 
 
 def _plain(start_response: StartResponse, status: str, body: bytes) -> list[bytes]:

@@ -30,10 +30,11 @@ def text(response: Any) -> str:
     return str(json.loads(response.body)["text"]) if response.body else ""
 
 
-def test_usage_errors_and_replays_do_not_use_up_the_rate_limit(
+def test_every_signed_request_counts_against_the_rate_limit_but_a_replay_does_not(
     settings: Settings, real_redis: redis_mod.Redis, slack: FakeSlack
 ) -> None:
-    settings.RUNCTL_RATE_PER_MINUTE = 2
+    # Issue 11: usage errors count too (issue 17 will exempt help and usage errors).
+    settings.RUNCTL_RATE_PER_MINUTE = 3
     app = make(settings, real_redis, slack)
     assert "Missing <instance-id>" in text(app.dispatch(command("status", user="U0CARL")))
     first = command(f"status {IID}", user="U0CARL", trigger_id="t.same")
@@ -41,7 +42,7 @@ def test_usage_errors_and_replays_do_not_use_up_the_rate_limit(
     assert text(app.dispatch(command(f"status {IID}", user="U0CARL", trigger_id="t.same"))) == ""
     assert "queued" in text(app.dispatch(command(f"status {IID}", user="U0CARL")))
     over = text(app.dispatch(command(f"status {IID}", user="U0CARL")))
-    assert "you sent 2 runctl requests" in over and "Try again in" in over
+    assert "you sent 3 runctl requests" in over and "Try again in" in over
     assert Queue(QUEUE, connection=real_redis).count == 2
 
 

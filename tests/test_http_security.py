@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -15,15 +18,21 @@ from pathlib import Path
 
 import pytest
 import redis as redis_mod
+from pydantic import SecretStr
 from rq import Queue
+from slack_bolt.request import BoltRequest
+from slack_sdk import WebClient
+from slack_sdk.signature import SignatureVerifier
 
+from bot.app import build_app
 from workers import audit
 from workers.queueing import QUEUE
 from workers.sandbox.fake_slack import FakeSlack
+from workers.settings import Settings
 from workers.slack.ids import ActionId, BlockId
 
 from .conftest import REDIS_URL, TOKEN
-from .slack import SECRET, action_body, click, command_body, sign
+from .slack import SECRET, action, action_body, click, command, command_body, sign
 
 ROOT = Path(__file__).resolve().parents[1]
 IID = "i-0123456789abcdef0"
@@ -141,3 +150,114 @@ def test_a_replayed_click_acts_once(web: str, real_redis: redis_mod.Redis) -> No
     assert again == retry == 200 and first in (200, 404)  # 404 only while no handler is registered
     clicks = [r for r in audit.newest(real_redis, 10) if r.source == "click"]
     assert len(clicks) == 1 and clicks[0].text == "click terminate_cancel"
+
+
+# --- issue 11 #2: a request that fails verification for any reason gets 401 and nothing else
+
+
+class Listener:
+    """A local HTTP server that records every request: the target of a forged response_url."""
+
+    def __init__(self) -> None:
+        self.hits: list[str] = []
+        hits = self.hits
+
+        class Record(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                hits.append(self.path)
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Record)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def listener() -> Iterator[Listener]:
+    target = Listener()
+    yield target
+    target.close()
+
+
+def raw_request(base: str, headers: list[tuple[str, str]], body: bytes = b"") -> tuple[int, str]:
+    """POST with headers exactly as given (repeats kept, as a client may send them)."""
+    conn = http.client.HTTPConnection(base.removeprefix("http://"), timeout=10)
+    try:
+        conn.putrequest("POST", "/slack/events")
+        for name, value in headers:
+            conn.putheader(name, value)
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
+
+
+MALFORMED = [
+    pytest.param([("X-Slack-Request-Timestamp", "abc")], id="abc"),
+    pytest.param([("X-Slack-Request-Timestamp", "ts, 1")], id="joined"),
+    pytest.param([("X-Slack-Request-Timestamp", "ts"), ("X-Slack-Request-Timestamp", "1")], id="two-headers"),
+]
+
+
+@pytest.mark.parametrize("stamp", MALFORMED)
+def test_a_malformed_timestamp_gets_401_and_no_audit_no_respond(
+    web: str, real_redis: redis_mod.Redis, listener: Listener, stamp: list[tuple[str, str]]
+) -> None:
+    body = command_body(f"terminate {IID}", user="U0ADMIN", response_url=listener.url)
+    forged = SignatureVerifier(SECRET).generate_signature(timestamp=stamp[0][1], body=body)
+    headers = [("Content-Type", "application/x-www-form-urlencoded"), *stamp, ("X-Slack-Signature", forged)]
+    status, _ = raw_request(web, headers, body.encode())
+    assert status == 401
+    assert queued(real_redis) == 0  # also long enough for a wrongly made POST to arrive
+    assert listener.hits == []
+    assert real_redis.xlen(audit.STREAM) == 0
+
+
+@pytest.mark.parametrize("stamp", ["abc", "ts, 1"])
+def test_a_malformed_timestamp_through_dispatch_is_refused_by_the_error_funnel(
+    settings: Settings, real_redis: redis_mod.Redis, slack: FakeSlack, listener: Listener, stamp: str
+) -> None:
+    """The same attack past the WSGI front door (Bolt's verifier raises; the funnel must not act)."""
+    settings.SLACK_SIGNING_SECRET = SecretStr(SECRET)
+    app = build_app(settings, real_redis, WebClient(token=TOKEN, base_url=slack.base_url), token_verification=False)
+    body = command_body(f"status {IID}", response_url=listener.url)
+    headers = {**sign(body), "x-slack-request-timestamp": stamp}
+    slack.reset()
+    assert app.dispatch(BoltRequest(body=body, headers=headers)).status == 401
+    time.sleep(0.2)
+    assert listener.hits == [] and slack.calls == []
+    assert real_redis.xlen(audit.STREAM) == 0 and Queue(QUEUE, connection=real_redis).count == 0
+
+
+def test_respond_goes_only_to_slack_response_urls(
+    settings: Settings, real_redis: redis_mod.Redis, slack: FakeSlack, listener: Listener
+) -> None:
+    """A signed request that fails in a handler is answered at its response_url only when
+    that is Slack's (here the fake Slack's host, as SLACK_API_URL configures it)."""
+    settings.SLACK_SIGNING_SECRET = SecretStr(SECRET)
+    app = build_app(settings, real_redis, WebClient(token=TOKEN, base_url=slack.base_url), token_verification=False)
+    slack.reset()
+    for url in (listener.url, "https://hooks.slack.com.evil.example/x", slack.response_url("ok")):
+        payload = {
+            "type": "block_actions", "user": {"id": "U0ALICE"}, "channel": {"id": 5},  # a type the gate refuses
+            "trigger_id": f"t.{time.monotonic_ns()}", "response_url": url,
+            "actions": [{"action_id": ActionId.TERMINATE_CANCEL, "value": "n", "action_ts": "1.2"}],
+        }
+        app.dispatch(action(payload))
+    time.sleep(0.2)
+    assert listener.hits == []
+    assert [c.response_url for c in slack.calls_to("response_url")] == ["ok"]  # the internal-error note
+    # ...and a command's job never carries a foreign response_url to the worker.
+    app.dispatch(command(f"status {IID}", response_url=listener.url))
+    (job,) = Queue(QUEUE, connection=real_redis).jobs
+    assert job.args[1]["response_url"] is None

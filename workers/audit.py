@@ -4,6 +4,12 @@ Records go to the Redis stream ``runctl:audit`` (approximately capped at
 ``RUNCTL_AUDIT_MAXLEN``) and, as one JSON line each, to the ``runctl.audit`` log.
 Writing a record never raises: an audit outage is logged, not turned into a
 failed command.
+
+The front door writes with a per-user cap (``RUNCTL_AUDIT_PER_MINUTE``), so one user
+flooding requests cannot evict everyone else's records from the length-capped stream:
+over the cap, a user's records are counted, not written; the first one dropped writes a
+``dropped`` marker, and the user's first record of a later minute is preceded by
+"N more from U… dropped". The log line is written for every record either way.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ if TYPE_CHECKING:
 STREAM = "runctl:audit"
 log = logging.getLogger("runctl.audit")
 
-Decision = Literal["allowed", "refused", "failed"]
+Decision = Literal["allowed", "refused", "failed", "dropped"]  # dropped: the per-user cap
 Source = Literal["command", "click", "worker"]
 
 
@@ -82,11 +88,56 @@ def refuse(svc: Services, who: Requester, error: RunctlError, run_id: str = "", 
     return "refused"
 
 
-def record(redis: Redis, maxlen: int, entry: Record) -> None:
-    """Log the record and add it to the stream; on a pipeline, the XADD goes when its owner executes it."""
+# KEYS: stream, the user's quota hash. ARGV: maxlen, cap, minute, minute label, time, user, source, fields...
+# The hash holds the current minute's count and drops; a new minute first writes the
+# last one's "N more … dropped" record. One script, so the cap costs no extra round trip.
+_CAPPED = """
+local function add(fields)
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(fields))
+end
+local function note(outcome)
+  add({'time', ARGV[5], 'user', ARGV[6], 'channel', '', 'text', '', 'decision', 'dropped',
+       'outcome', outcome, 'run_id', '', 'instance', '', 'source', ARGV[7]})
+end
+local q = redis.call('HMGET', KEYS[2], 'minute', 'count', 'dropped', 'label')
+if q[1] ~= ARGV[3] then
+  if q[3] and tonumber(q[3]) > 0 then
+    note(q[3] .. ' more from ' .. ARGV[6] .. ' dropped in the minute from ' .. q[4] ..
+         ' (over ' .. ARGV[2] .. ' records a minute)')
+  end
+  redis.call('HSET', KEYS[2], 'minute', ARGV[3], 'count', 0, 'dropped', 0, 'label', ARGV[4])
+  redis.call('EXPIRE', KEYS[2], 86400)
+end
+local count = redis.call('HINCRBY', KEYS[2], 'count', 1)
+if count > tonumber(ARGV[2]) then
+  redis.call('HINCRBY', KEYS[2], 'dropped', 1)
+  if count == tonumber(ARGV[2]) + 1 then
+    note('over ' .. ARGV[2] .. ' records a minute: more from ' .. ARGV[6] .. ' in the minute from ' ..
+         ARGV[4] .. ' are dropped; their number follows with the next record')
+  end
+  return 0
+end
+add({unpack(ARGV, 8)})
+return 1
+"""
+
+
+def record(redis: Redis, maxlen: int, entry: Record, per_minute: int = 0) -> None:
+    """Log the record and add it to the stream; on a pipeline, the write goes when its owner executes it.
+
+    per_minute > 0 caps the stream writes of entry.user (the front door passes
+    RUNCTL_AUDIT_PER_MINUTE); the workers' outcome records are not capped."""
     log.info(json.dumps(entry.model_dump(mode="json"), ensure_ascii=False, sort_keys=True))
     try:
-        redis.xadd(STREAM, entry.fields(), maxlen=maxlen, approximate=True)
+        if per_minute <= 0:
+            redis.xadd(STREAM, entry.fields(), maxlen=maxlen, approximate=True)
+            return
+        fields = entry.fields()
+        flat = [part for pair in fields.items() for part in pair]
+        minute = int(entry.time.timestamp() // 60)
+        label = f"{entry.time:%H:%M} UTC"
+        args = (maxlen, per_minute, minute, label, fields["time"], entry.user, entry.source, *flat)
+        redis.eval(_CAPPED, 2, STREAM, f"runctl:audit:quota:{entry.user}", *args)
     except RedisError:
         log.exception("could not write the audit record to Redis")
 

@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     RUNCTL_DIGEST_CRON: str = "0 9 * * *"
     RUNCTL_POLICY_FILE: Path | None = None
     RUNCTL_AUDIT_MAXLEN: int = Field(100_000, ge=100)
+    RUNCTL_AUDIT_PER_MINUTE: int = Field(30, ge=1)  # front-door records per user per minute
     RUNCTL_RATE_PER_MINUTE: int = Field(20, ge=1)
     RUNCTL_POLL_MIN_SECONDS: float = Field(5, gt=0)
     RUNCTL_POLL_MAX_SECONDS: float = Field(240, gt=0)

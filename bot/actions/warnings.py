@@ -13,7 +13,8 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.models.blocks import InputBlock, PlainTextInputElement
 from slack_sdk.models.views import View
 
-from workers import policy
+from bot.middleware import front_record
+from workers import audit, policy
 from workers.commands import Requester
 from workers.errors import PermissionDenied
 from workers.queueing import JobPath
@@ -23,6 +24,7 @@ from workers.state.warnings import Kind, WarningStore, parse_button_value
 
 log = logging.getLogger(__name__)
 KEEP_VIEW = "warn_keep_reason"
+KEEP_REFUSED = "Only the instance's owner or an admin can keep it running; nothing was changed."
 REASON_BLOCK, REASON_INPUT = "reason", "reason_input"
 
 
@@ -73,12 +75,36 @@ def _tell(client: WebClient, channel: str, user: str, text: str) -> None:
         client.chat_postMessage(channel=user, text=text)
 
 
-def snooze(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None:
+def refusal(context: dict[str, Any], user: str, verb: str, instance_id: str, kind: Kind) -> PermissionDenied | None:
+    """Snooze and Keep are the instance owner's or an admin's (the policy's rule for
+    button verbs it does not list); a refusal is audited. None: allowed."""
+    settings: Settings = context["settings"]
+    record = WarningStore(context["redis"]).get(instance_id, kind)
+    owner = record.owner if record else None
+    if policy.allowed(settings, user, verb, owner_id=owner):
+        return None
+    try:
+        policy.check(settings, user, verb, owner)
+    except PermissionDenied as exc:
+        entry = audit.Record(
+            user=user, text=f"{verb} {kind.value} warning", decision="refused",
+            outcome=f"PermissionDenied: {exc.what}", instance=instance_id, source="click",
+        )
+        front_record(settings, context["redis"], entry)
+        return exc
+    return None  # the policy file changed in between: allowed now
+
+
+def snooze(ack: Ack, body: dict[str, Any], context: dict[str, Any], client: WebClient) -> None:
     ack()
     clicked = _clicked(body)
     if clicked is None:
         return
-    instance_id, kind, user, _ = clicked
+    instance_id, kind, user, channel = clicked
+    refused = refusal(context, user, "snooze", instance_id, kind)
+    if refused is not None:
+        _tell(client, channel, user, refused.as_text())
+        return
     context["queue"].enqueue(JobPath.WARNING_SNOOZE.value, instance_id, kind.value, user)
 
 
@@ -87,7 +113,11 @@ def keep(ack: Ack, body: dict[str, Any], context: dict[str, Any], client: WebCli
     clicked = _clicked(body)
     if clicked is None:
         return
-    instance_id, kind, user, _ = clicked
+    instance_id, kind, user, channel = clicked
+    refused = refusal(context, user, "keep", instance_id, kind)
+    if refused is not None:
+        _tell(client, channel, user, refused.as_text())
+        return
     view = View(
         type="modal",
         callback_id=KEEP_VIEW,
@@ -111,11 +141,19 @@ def keep(ack: Ack, body: dict[str, Any], context: dict[str, Any], client: WebCli
 
 
 def keep_reason(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None:
-    ack()
+    """The [Keep running] modal's submission: the same owner-or-admin rule as the click
+    (the gate has rate-limited and audited it); a refusal is shown in the modal."""
     view = body["view"]
     meta = json.loads(view.get("private_metadata") or "{}")
+    user = body["user"]["id"]
+    instance_id, kind = str(meta.get("instance_id", "")), Kind(str(meta.get("kind", "")))
+    refused = refusal(context, user, "keep", instance_id, kind)
+    if refused is not None:
+        ack(response_action="errors", errors={REASON_BLOCK: KEEP_REFUSED})
+        return
+    ack()
     reason = view["state"]["values"][REASON_BLOCK][REASON_INPUT].get("value") or ""
-    context["queue"].enqueue(JobPath.WARNING_KEEP.value, meta["instance_id"], meta["kind"], body["user"]["id"], reason)
+    context["queue"].enqueue(JobPath.WARNING_KEEP.value, instance_id, kind.value, user, reason)
 
 
 def register(app: App) -> None:

@@ -14,7 +14,7 @@ from workers.slack.escape import code, escape
 
 MAX_LINE = 600
 MAX_SECTIONS = 45
-MARK = {"allowed": ":white_check_mark:", "refused": ":no_entry:", "failed": ":x:"}
+MARK = {"allowed": ":white_check_mark:", "refused": ":no_entry:", "failed": ":x:", "dropped": ":warning:"}
 
 
 @funnel.command(AuditCommand)
