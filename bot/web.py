@@ -5,7 +5,7 @@
 Before Bolt sees a request, the front door here refuses, without reading or parsing
 the body: headers that cannot be a fresh Slack signature (401) and a declared length
 over MAX_BODY_BYTES (413). It then reads at most MAX_BODY_BYTES (chunked bodies too),
-within BODY_SECONDS, and checks the signature over those bytes (401). Only a signed
+within BODY_SECONDS (a watchdog ends slower reads), and checks the signature over those bytes (401). Only a signed
 body is handed to Bolt, which parses it (and checks the signature again).
 """
 
@@ -16,6 +16,7 @@ import io
 import logging
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, BinaryIO
@@ -86,27 +87,27 @@ def wsgi(settings: Settings, redis: Redis) -> WSGIApp:
 
 
 def read_capped(environ: dict[str, Any], limit: int, seconds: float = BODY_SECONDS) -> bytes:
-    """The request body, read in chunks: TooLarge past `limit` bytes, TimeoutError past
-    `seconds` (each read is bounded by the socket timeout when gunicorn exposes it)."""
+    """The request body, read in chunks: TooLarge past `limit` bytes, TimeoutError when it
+    is not all there within `seconds` (a client that stalls or trickles: when gunicorn
+    exposes the socket, the watchdog shuts its read side at the deadline)."""
     stream: BinaryIO | None = environ.get("wsgi.input")
     if stream is None:
         return b""
     sock: socket.socket | None = environ.get("gunicorn.socket")
-    before = sock.gettimeout() if sock is not None else None
     deadline = time.monotonic() + seconds
+    token = _WATCHDOG.arm(sock, deadline) if sock is not None else None
     parts: list[bytes] = []
     size = 0
     try:
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError
-            if sock is not None:
-                sock.settimeout(left)
             try:
                 chunk = stream.read(min(_CHUNK, limit + 1 - size))
-            except OSError as exc:  # socket.timeout is TimeoutError, an OSError
-                raise TimeoutError from exc
+            except Exception as exc:  # gunicorn's NoMoreData, socket errors: the read side was shut
+                if time.monotonic() >= deadline:
+                    raise TimeoutError from exc
+                raise
+            if time.monotonic() >= deadline:
+                raise TimeoutError
             if not chunk:
                 return b"".join(parts)
             size += len(chunk)
@@ -114,9 +115,48 @@ def read_capped(environ: dict[str, Any], limit: int, seconds: float = BODY_SECON
                 raise TooLarge
             parts.append(chunk)
     finally:
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.settimeout(before)
+        if token is not None:
+            _WATCHDOG.disarm(token)
+
+
+class Watchdog:
+    """One thread that shuts the read side of sockets whose body is overdue, which wakes
+    a worker thread blocked reading it (per-read socket timeouts do not stop a trickle)."""
+
+    def __init__(self) -> None:
+        self._due: dict[int, tuple[float, socket.socket]] = {}
+        self._wake = threading.Condition()
+        self._next = 0
+        self._thread: threading.Thread | None = None
+
+    def arm(self, sock: socket.socket, deadline: float) -> int:
+        with self._wake:
+            self._next += 1
+            self._due[self._next] = (deadline, sock)
+            if self._thread is None:  # started in the worker process, after gunicorn forks
+                self._thread = threading.Thread(target=self._run, name="body-watchdog", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+            return self._next
+
+    def disarm(self, token: int) -> None:
+        with self._wake:
+            self._due.pop(token, None)
+
+    def _run(self) -> None:
+        with self._wake:
+            while True:
+                now = time.monotonic()
+                for token, (deadline, sock) in list(self._due.items()):
+                    if deadline <= now:
+                        del self._due[token]
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RD)
+                soonest = min((d for d, _ in self._due.values()), default=now + 60)
+                self._wake.wait(max(0.01, soonest - now))
+
+
+_WATCHDOG = Watchdog()
 
 
 def _plain(start_response: StartResponse, status: str, body: bytes) -> list[bytes]:

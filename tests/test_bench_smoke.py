@@ -86,3 +86,13 @@ def test_waste_counts_the_idle_cost_removed_and_interrupts_no_run() -> None:
         assert fig[f"{policy}_busy_usd_unchanged"] is True
         assert 0 < fig[f"{policy}_idle_removed_share"] <= 1
     assert fig["autostop_stops"] > 0 and fig["autostop_headsups"] >= fig["autostop_stops"]
+
+
+def test_front_door_abuse_is_refused_before_the_body_is_read() -> None:
+    out, fig = run_bench("front_door_abuse")
+    printed(out, "rss_mb_at_start", "unsigned_body", "fields_unsigned", "signed_after")
+    assert [fig[f"{name} answer"] for name in ("unsigned_body", "shaped_body", "shaped_chunked_body")] == [
+        "401", "413", "413"
+    ]
+    assert (fig["fields_unsigned answer"], fig["fields_signed answer"]) == ("401", "413")
+    assert fig["signed_after answer"] == "200"

@@ -4,6 +4,8 @@ allowed record and the job land together."""
 from __future__ import annotations
 
 import json
+import re
+from datetime import timedelta
 from typing import Any
 
 import redis as redis_mod
@@ -64,3 +66,39 @@ def test_help_is_audited_as_answered_and_queues_nothing(
     assert "/runctl train <instance-id>" in text(app.dispatch(command("help train", user="U0ERIN")))
     assert [e.outcome for e in audit.newest(fake_redis, 5, user="U0ERIN")] == ["answered"]
     assert Queue(QUEUE, connection=fake_redis).count == 0
+
+
+def test_a_user_flooding_signed_usage_errors_is_rate_limited(
+    settings: Settings, real_redis: redis_mod.Redis, slack: FakeSlack
+) -> None:
+    settings.RUNCTL_RATE_PER_MINUTE = 5
+    app = make(settings, real_redis, slack)
+    answers = [text(app.dispatch(command("status", user="U0MALLORY"))) for _ in range(8)]
+    assert all("Missing <instance-id>" in a for a in answers[:5])
+    assert all("Slow down: you sent 5 runctl requests" in a for a in answers[5:])
+    # The limit is per user: someone else is not slowed down by it.
+    assert "queued" in text(app.dispatch(command(f"status {IID}", user="U0ALICE")))
+
+
+def test_admins_audit_records_survive_a_flood(settings: Settings, real_redis: redis_mod.Redis, slack: FakeSlack) -> None:
+    """One user's flood cannot evict the others' records from the length-capped stream:
+    past RUNCTL_AUDIT_PER_MINUTE a user's records are counted, and the count recorded."""
+    settings.RUNCTL_AUDIT_MAXLEN = 100
+    app = make(settings, real_redis, slack)
+    assert "queued" in text(app.dispatch(command(f"status {IID}", user="U0ADMIN")))
+    flood = 400
+    for _ in range(flood):
+        app.dispatch(command("status", user="U0MALLORY"))
+    records = audit.newest(real_redis, 1000)
+    assert [r.text for r in records if r.user == "U0ADMIN"] == [f"/runctl status {IID}"]
+    mallory = [r for r in records if r.user == "U0MALLORY"]
+    cap = settings.RUNCTL_AUDIT_PER_MINUTE
+    assert len(mallory) <= 2 * (cap + 1)  # two minutes at most, if the flood crossed one
+    assert any(r.decision == "dropped" and "are dropped" in r.outcome for r in mallory)
+    # Mallory's next record in a later minute first records how many were dropped.
+    later = audit.Record(user="U0MALLORY", decision="failed", text="/runctl status", time=records[0].time + timedelta(minutes=2))
+    audit.record(real_redis, settings.RUNCTL_AUDIT_MAXLEN, later, cap)
+    mallory = [r for r in audit.newest(real_redis, 1000) if r.user == "U0MALLORY"]
+    counted = [int(m.group(1)) for r in mallory if (m := re.match(r"(\d+) more from U0MALLORY dropped", r.outcome))]
+    written = [r for r in mallory if r.decision != "dropped"]
+    assert counted and sum(counted) + len(written) == flood + 1

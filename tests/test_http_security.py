@@ -63,6 +63,7 @@ def web(slack: FakeSlack) -> Iterator[str]:
         stderr=subprocess.PIPE,
     )
     base = f"http://127.0.0.1:{port}"
+    MASTER[base] = proc.pid
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -97,6 +98,7 @@ def queued(redis: redis_mod.Redis, expect: int = 0) -> int:
 
 
 FORM = {"content-type": "application/x-www-form-urlencoded"}
+MASTER: dict[str, int] = {}  # base URL -> gunicorn master pid
 
 
 @pytest.mark.parametrize(
@@ -248,10 +250,10 @@ def test_respond_goes_only_to_slack_response_urls(
     app = build_app(settings, real_redis, WebClient(token=TOKEN, base_url=slack.base_url), token_verification=False)
     slack.reset()
     for url in (listener.url, "https://hooks.slack.com.evil.example/x", slack.response_url("ok")):
-        payload = {
-            "type": "block_actions", "user": {"id": "U0ALICE"}, "channel": {"id": 5},  # a type the gate refuses
+        payload = {  # a username of the wrong type: the handler raises, the gate (which ignores it) does not
+            "type": "block_actions", "user": {"id": "U0ALICE", "username": 5}, "channel": {"id": "C0TRAIN"},
             "trigger_id": f"t.{time.monotonic_ns()}", "response_url": url,
-            "actions": [{"action_id": ActionId.TERMINATE_CANCEL, "value": "n", "action_ts": "1.2"}],
+            "actions": [{"action_id": ActionId.TERMINATE_CANCEL, "value": "n", "action_ts": f"{time.time():.6f}"}],
         }
         app.dispatch(action(payload))
     time.sleep(0.2)
@@ -261,3 +263,83 @@ def test_respond_goes_only_to_slack_response_urls(
     app.dispatch(command(f"status {IID}", response_url=listener.url))
     (job,) = Queue(QUEUE, connection=real_redis).jobs
     assert job.args[1]["response_url"] is None
+
+
+# --- issue 11 #9: bodies over the limit are refused before they are read; nothing is parsed unsigned
+
+MB = 1024 * 1024
+
+
+def worker_peak_rss_mb(base: str) -> float:
+    """Peak resident memory (VmHWM) of the (single) gunicorn worker."""
+    master = MASTER[base]
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    (worker,) = children
+    status = Path(f"/proc/{worker}/status").read_text()
+    kb = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))
+    return int(kb) / 1024
+
+
+def send_streaming(base: str, head: list[tuple[str, str]], chunks: Iterator[bytes], chunked: bool = False) -> int:
+    """Send the headers, then stream the body from another thread while this one waits for
+    the answer (a front door that answers early is seen before the body is through)."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    lines = ["POST /slack/events HTTP/1.1", f"Host: {host}", *(f"{k}: {v}" for k, v in head)]
+    if chunked:
+        lines.append("Transfer-Encoding: chunked")
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+
+    def pump() -> None:
+        try:
+            for chunk in chunks:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+            if chunked:
+                sock.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass  # the server answered and closed: what a front door may do
+
+    sender = threading.Thread(target=pump, daemon=True)
+    sender.start()
+    try:
+        status_line = sock.makefile("rb").readline()
+    finally:
+        sender.join(timeout=30)
+        sock.close()
+    return int(status_line.split()[1])
+
+
+def hundred_mb() -> Iterator[bytes]:
+    block = b"a" * MB
+    for _ in range(100):
+        yield block
+
+
+def plausible_headers() -> list[tuple[str, str]]:
+    """Headers shaped like a fresh signature (the HMAC is wrong, which needs the body to tell)."""
+    return [("X-Slack-Request-Timestamp", str(int(time.time()))), ("X-Slack-Signature", "v0=" + "ab" * 32)]
+
+
+def test_a_100_mb_body_is_refused_without_the_worker_growing(web: str, real_redis: redis_mod.Redis) -> None:
+    before = worker_peak_rss_mb(web)
+    form = ("Content-Type", "application/x-www-form-urlencoded")
+    size = ("Content-Length", str(100 * MB))
+    assert send_streaming(web, [form, size], hundred_mb()) == 401  # unsigned
+    assert send_streaming(web, [form, size, *plausible_headers()], hundred_mb()) == 413  # declared too large
+    assert send_streaming(web, [form, *plausible_headers()], hundred_mb(), chunked=True) == 413  # capped read
+    after = worker_peak_rss_mb(web)
+    print(f"worker peak RSS {before:.0f} MB -> {after:.0f} MB after three 100 MB bodies")
+    assert after - before < 20
+    assert real_redis.xlen(audit.STREAM) == 0
+
+
+def test_three_million_form_fields_are_answered_before_the_body_is_sent(web: str) -> None:
+    """Nothing is read or parsed before the headers could be a signature: the 401 comes
+    while the client has not sent a byte of its 12 MB body. A body signed with the real
+    secret is still refused by its declared size, unread."""
+    body = b"a=1&" * 3_000_000
+    form = ("Content-Type", "application/x-www-form-urlencoded")
+    size = ("Content-Length", str(len(body)))
+    assert send_streaming(web, [form, size], iter(())) == 401
+    signed = [(k, v) for k, v in sign(body.decode()).items() if k.startswith("x-slack")]
+    assert send_streaming(web, [form, size, *signed], iter(())) == 413

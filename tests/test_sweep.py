@@ -3,6 +3,7 @@ it posts, that it never posts one twice, and what the buttons do."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from datetime import datetime, timedelta
@@ -13,6 +14,7 @@ from slack_sdk import WebClient
 
 from bot.actions.warnings import KEEP_VIEW, REASON_BLOCK, REASON_INPUT
 from bot.app import build_app
+from workers import audit
 from workers.jobs.sweep import sweep
 from workers.sandbox.aws import SeedInfo
 from workers.sandbox.fake_slack import FakeSlack, Message, OpenedView
@@ -173,6 +175,7 @@ def test_snooze_silences_a_warning_for_24_hours(
     svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, clock: Clock, worker: InlineWorker
 ) -> None:
     iid = fleet_seed.instances["gpu-box-1"]
+    svc.runs.create(ended_run(iid, "U0CAROL", clock.now - timedelta(hours=2)))  # Snooze is the owner's
     sweep()
     idle = WarningStore(svc.redis).get(iid, Kind.IDLE)
     assert idle is not None
@@ -201,6 +204,7 @@ def test_keep_running_records_who_kept_it(
     svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, clock: Clock, worker: InlineWorker
 ) -> None:
     iid = fleet_seed.instances["gpu-box-1"]
+    svc.runs.create(ended_run(iid, "U0DAVE", clock.now - timedelta(hours=2)))  # Keep is the owner's
     sweep()
     cost = WarningStore(svc.redis).get(iid, Kind.COST)
     assert cost is not None
@@ -296,3 +300,83 @@ def test_stop_now_is_refused_for_someone_who_is_not_the_owner(
     assert svc.fleet.get(iid).state == "running"
     [said] = slack.ephemerals("U0MALLORY")
     assert "You can't `stop` here" in said.text and said.channel == OPS
+
+
+def test_snooze_and_keep_are_the_owners_or_an_admins(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, clock: Clock, worker: InlineWorker
+) -> None:
+    iid = fleet_seed.instances["gpu-box-1"]
+    svc.runs.create(ended_run(iid, "U0ALICE", clock.now - timedelta(hours=2)))
+    sweep()
+    idle, cost = (WarningStore(svc.redis).get(iid, k) for k in (Kind.IDLE, Kind.COST))
+    assert idle is not None and cost is not None and idle.owner == "U0ALICE"
+    for record, button in ((idle, ActionId.WARN_SNOOZE), (cost, ActionId.WARN_KEEP)):
+        message = next(m for m in slack.messages(OPS) if m.ts == record.ts)
+        app_dispatch(svc, slack, click(as_dict(message), button, "U0MALLORY", channel=OPS))
+    worker.drain(timeout=30)
+    assert [WarningStore(svc.redis).get(iid, k).status for k in (Kind.IDLE, Kind.COST)] == [Status.OPEN] * 2  # type: ignore[union-attr]
+    said = [n.text for n in slack.ephemerals("U0MALLORY")]
+    assert len(said) == 2 and "You can't `snooze`" in said[0] and "You can't `keep`" in said[1]
+    refused = [r for r in audit.newest(svc.redis, 20, user="U0MALLORY") if r.decision == "refused"]
+    assert {r.text for r in refused} == {"snooze idle warning", "keep cost warning"}
+
+    message = next(m for m in slack.messages(OPS) if m.ts == idle.ts)
+    dispatch(svc, slack, worker, click(as_dict(message), ActionId.WARN_SNOOZE, "U0ADMIN", channel=OPS))
+    assert WarningStore(svc.redis).get(iid, Kind.IDLE).status is Status.SNOOZED  # type: ignore[union-attr]
+
+
+def keep_submission(iid: str, user: str, reason: str) -> dict[str, Any]:
+    """A view_submission of the [Keep running] modal, as Slack sends it."""
+    return {
+        "type": "view_submission",
+        "team": {"id": "T0TEAM", "domain": "example"},
+        "user": {"id": user, "username": user.lower(), "team_id": "T0TEAM"},
+        "api_app_id": "A0RUNCTL",
+        "token": "legacy",
+        "trigger_id": f"trig.{time.monotonic_ns()}",
+        "view": {
+            "id": f"V{time.monotonic_ns()}",
+            "type": "modal",
+            "callback_id": KEEP_VIEW,
+            "private_metadata": json.dumps({"instance_id": iid, "kind": Kind.COST.value}),
+            "state": {"values": {REASON_BLOCK: {REASON_INPUT: {"type": "plain_text_input", "value": reason}}}},
+            "hash": "1700000000.abc",
+        },
+        "response_urls": [],
+    }
+
+
+def app_dispatch(svc: Services, slack: FakeSlack, payload: dict[str, Any]) -> dict[str, Any]:
+    app = build_app(svc.settings, svc.redis, WebClient(token=TOKEN, base_url=slack.base_url), token_verification=False)
+    response = app.dispatch(action(payload))
+    assert response.status == 200
+    return json.loads(response.body) if response.body else {}
+
+
+def test_the_keep_running_modal_is_checked_rate_limited_and_audited(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, clock: Clock, worker: InlineWorker
+) -> None:
+    iid = fleet_seed.instances["gpu-box-1"]
+    svc.runs.create(ended_run(iid, "U0ALICE", clock.now - timedelta(hours=2)))
+    sweep()
+    svc.settings.RUNCTL_RATE_PER_MINUTE = 2
+
+    answer = app_dispatch(svc, slack, keep_submission(iid, "U0MALLORY", "mine now"))
+    assert answer["response_action"] == "errors" and "owner or an admin" in answer["errors"][REASON_BLOCK]
+    assert worker.pending() == 0
+    assert WarningStore(svc.redis).get(iid, Kind.COST).status is Status.OPEN  # type: ignore[union-attr]
+    trail = [(r.text, r.decision) for r in audit.newest(svc.redis, 10, user="U0MALLORY")]
+    assert trail == [("keep cost warning", "refused"), (f"submit {KEEP_VIEW}", "allowed")]
+
+    assert app_dispatch(svc, slack, keep_submission(iid, "U0ALICE", "eval <b>run</b> until 18:00")) == {}
+    worker.drain(timeout=30)
+    kept = WarningStore(svc.redis).get(iid, Kind.COST)
+    assert kept is not None and kept.status is Status.KEPT and kept.acted_by == "U0ALICE"
+    assert kept.reason == "eval <b>run</b> until 18:00"
+
+    app_dispatch(svc, slack, keep_submission(iid, "U0ALICE", "again"))
+    assert app_dispatch(svc, slack, keep_submission(iid, "U0ALICE", "and again")) == {}  # closed; told by DM
+    assert worker.pending() == 1  # the second submission; the third was over the limit
+    (dm,) = [m for m in slack.messages("U0ALICE") if "Slow down" in m.text]
+    assert "you sent 2 runctl requests" in dm.text
+    assert audit.newest(svc.redis, 1, user="U0ALICE")[0].decision == "refused"
