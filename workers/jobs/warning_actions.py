@@ -23,15 +23,17 @@ log = logging.getLogger(__name__)
 
 @funnel.click("click snooze warning", 2)
 def snooze(job: Job, instance_id: str, kind: str) -> str:
-    """[Snooze 24h] (`snooze(instance_id, kind, actor)`)."""
+    """[Snooze 24h] (`snooze(instance_id, kind, actor)`): the owner's or an admin's."""
     job.instance_id = instance_id
+    _allow_owner(job, "snooze", instance_id, Kind(kind))
     return _quiet(job.svc, instance_id, Kind(kind), job.actor.user_id, Status.SNOOZED, "")
 
 
 @funnel.click("click keep running", 2)
 def keep(job: Job, instance_id: str, kind: str, reason: str = "") -> str:
-    """[Keep running] with its reason (`keep(instance_id, kind, actor, reason)`)."""
+    """[Keep running] with its reason (`keep(instance_id, kind, actor, reason)`): the owner's or an admin's."""
     job.instance_id = instance_id
+    _allow_owner(job, "keep", instance_id, Kind(kind))
     return _quiet(job.svc, instance_id, Kind(kind), job.actor.user_id, Status.KEPT, reason.strip()[:500])
 
 
@@ -59,6 +61,11 @@ def stop_now(job: Job, instance_id: str, kind: str) -> str:
             record.status, record.acted_by = Status.OPEN, None
             _show(svc, store.save(record))
         raise
+
+
+def _allow_owner(job: Job, verb: str, instance_id: str, kind: Kind) -> None:
+    record = WarningStore(job.svc.redis).get(instance_id, kind)
+    job.allow(verb, owner_id=record.owner if record else None)
 
 
 def _quiet(svc: Services, instance_id: str, kind: Kind, user_id: str, status: Status, reason: str) -> str:
