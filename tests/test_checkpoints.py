@@ -285,3 +285,33 @@ def test_a_manifest_written_by_another_script_with_the_readme_recipe_is_verified
         ("model-e1.pt", 1, False),
     ]
     assert listing.newest_valid is not None and listing.newest_valid.name == "model-e2.pt"
+
+
+def hashed_by_last_listing(svc: Services, iid: str) -> int:
+    """How many files the newest listing on the instance really read (its `hashed` line)."""
+    last = max(sent_commands(svc, iid), key=lambda c: c["RequestedDateTime"])
+    out = svc.fleet.ssm.get_command_invocation(CommandId=last["CommandId"], InstanceId=iid)["StandardOutputContent"]
+    return int(next(line.split()[-1] for line in out.splitlines() if line.startswith("::runctl::hashed ")))
+
+
+def test_a_second_listing_reuses_the_hashes_and_a_changed_file_is_read_again(
+    svc: Services, fleet_seed: SeedInfo, sandbox: Sandbox, slack: FakeSlack
+) -> None:
+    """Hashes are cached on the instance by (size, inode, mtime): a listing of unchanged
+    multi-GB checkpoints reads nothing again, and a rewritten one is still caught."""
+    iid = fleet_seed.instances["gpu-box-2"]
+    ckdir = train_into(sandbox, iid, NEW_RUN, epochs=4)
+
+    first = ask(svc, slack, iid)
+    assert hashed_by_last_listing(svc, iid) == 3
+    second = ask(svc, slack, iid)
+    assert hashed_by_last_listing(svc, iid) == 0
+    marks = [r.split(" · ")[:2] for r in rows(second)]
+    assert marks == [r.split(" · ")[:2] for r in rows(first)] and all(":white_check_mark:" in m[0] for m in marks)
+
+    flip_a_byte(ckdir / "ckpt-epoch-00004.json")
+    third = ask(svc, slack, iid)
+    assert hashed_by_last_listing(svc, iid) == 1
+    assert "CORRUPT" in row(third, "ckpt-epoch-00004.json")
+    assert ":white_check_mark:" in row(third, "ckpt-epoch-00003.json")
+    assert ".runctl-sha256" not in "\n".join(texts(third))

@@ -15,6 +15,10 @@ Output, one record a line (names are always the last field, so they may hold spa
     ::runctl::file <size> <mtime> <name>   checkpoint-looking file not in the manifest
     ::runctl::dir <size> <mtime> <name>    a sub-directory (e.g. save_pretrained output)
     ::runctl::more <count>             files left out to keep the output small
+    ::runctl::hashed <count>           files whose sha256 was computed (not taken from the cache)
+
+sha256s are cached per checkpoint directory in `.runctl-sha256` (one `<size:inode:mtime> <sha256>
+<name>` line a file), so listing unchanged multi-GB checkpoints again reads none of them.
 
 `status` is ok | sha | size | missing | unreadable | nosha | unverified; "-" marks
 an unknown number. Rules as everywhere in this package: POSIX sh, `$RUNCTL_ROOT` only.
@@ -48,6 +52,22 @@ _FUNCTIONS = (
     "hash_of() {\n"
     '  if command -v sha256sum >/dev/null 2>&1; then sha256sum "$1" 2>/dev/null | cut -d" " -f1\n'
     '  else shasum -a 256 "$1" 2>/dev/null | cut -d" " -f1; fi\n'
+    "}\n"
+    "HASHED=0\n"
+    "cached_hash() {  # cached_hash <dir> <name>: sets HASH\n"
+    '  HASH=""; _key=$(stat -c "%s:%i:%y" "$1/$2" 2>/dev/null | tr " " "_")\n'
+    '  _cache="$1/.runctl-sha256"\n'
+    '  if [ -n "$_key" ] && [ -f "$_cache" ]; then\n'
+    '    while IFS=" " read -r _k _h _n; do\n'
+    '      if [ "$_k" = "$_key" ] && [ "$_n" = "$2" ]; then HASH=$_h; fi\n'
+    "    done <<RUNCTL_CACHE\n"
+    '$(grep -F -e "$_key " "$_cache" 2>/dev/null)\n'
+    "RUNCTL_CACHE\n"
+    "  fi\n"
+    '  [ -n "$HASH" ] && return 0\n'
+    '  HASH=$(hash_of "$1/$2"); HASHED=$((HASHED + 1))\n'
+    '  if [ -n "$HASH" ] && [ -n "$_key" ]; then printf \'%s %s %s\\n\' "$_key" "$HASH" "$2" >> "$_cache" 2>/dev/null; fi\n'
+    "  return 0\n"
     "}\n"
     "field() {  # field <json-object-text> <key> <value-pattern>\n"
     '  printf \'%s\\n\' "$1" | sed -n "s/.*\\"$2\\"[[:space:]]*:[[:space:]]*\\"\\{0,1\\}\\($3\\).*/\\1/p" | head -n 1\n'
@@ -90,7 +110,7 @@ _FUNCTIONS = (
     '      elif [ "$VERIFY" != 1 ]; then st=unverified\n'
     '      elif [ -z "$want_sha" ]; then st=nosha\n'
     "      else\n"
-    '        got=$(hash_of "$f")\n'
+    '        cached_hash "$ck" "$name"; got=$HASH\n'
     '        if [ -z "$got" ]; then st=unreadable\n'
     '        elif [ "$got" = "$want_sha" ]; then st=ok\n'
     "        else st=sha; fi\n"
@@ -134,6 +154,9 @@ _FUNCTIONS = (
 )
 
 
+_HASHED = 'echo "' + SECTION + 'hashed $HASHED"\n'
+
+
 def _prelude(root: str, verify: bool) -> str:
     return header(root) + f"VERIFY={1 if verify else 0}\n" + _FUNCTIONS
 
@@ -168,13 +191,13 @@ def list_checkpoints(root: str, run_id: str | None, verify: bool = True) -> str:
             "set -- $(runs_with_checkpoints)\n"
             'list_run "${1:-$newest}"\n'
         )
-    return _prelude(root, verify) + f"{{\n{body}}} | head -c {OUTPUT_LIMIT}\nexit 0\n"
+    return _prelude(root, verify) + f"{{\n{body}{_HASHED}}} | head -c {OUTPUT_LIMIT}\nexit 0\n"
 
 
 def list_all_checkpoints(root: str, verify: bool = True) -> str:
     """Every run directory that holds checkpoints, newest first."""
     body = 'for rid in $(runs_with_checkpoints); do list_run "$rid"; done\n'
-    return _prelude(root, verify) + f"{{\n{body}}} | head -c {OUTPUT_LIMIT}\nexit 0\n"
+    return _prelude(root, verify) + f"{{\n{body}{_HASHED}}} | head -c {OUTPUT_LIMIT}\nexit 0\n"
 
 
 # Hashing multi-GB checkpoints takes a while; the listing waits for it.
