@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, WaiterError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from workers.aws.fleet import BOTO_CONFIG, Fleet, Instance, translate
@@ -273,7 +273,7 @@ class Launcher:
         try:
             waiter.wait(InstanceIds=[instance_id],
                         WaiterConfig={"Delay": delay, "MaxAttempts": max(1, int(timeout / delay))})
-        except Exception as exc:  # botocore's WaiterError
+        except WaiterError as exc:
             raise AwsError(
                 f"{instance_id} did not reach `running` within {int(timeout)} s.",
                 why=str(exc),

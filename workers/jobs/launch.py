@@ -3,11 +3,13 @@ admins' template, waits for `running` and the SSM agent, and offers [Train on it
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 from dataclasses import dataclass
 from decimal import Decimal
 
+from redis.exceptions import LockError
 from slack_sdk.errors import SlackApiError
 
 from workers import audit, policy
@@ -16,7 +18,7 @@ from workers.aws.launcher import Held, Launcher, LaunchFile, Spec
 from workers.commands import LaunchCommand, Requester
 from workers.cost import fleetview
 from workers.cost.pricing import format_rate, format_usd, load_price_book, spot_price
-from workers.errors import AwsError, PermissionDenied, RunctlError
+from workers.errors import AwsError, PermissionDenied, RunConflict, RunctlError
 from workers.jobs import funnel
 from workers.jobs.funnel import Job
 from workers.jobs.lifecycle import AGENT_WAIT_SECONDS, ConfirmClick, _wait_for_agent
@@ -231,10 +233,20 @@ class LaunchClick(ConfirmClick):
         run = Launcher(svc.fleet)
         # Caps are checked and the instance launched under one lock: two launches at once
         # cannot both squeeze under a cap.
-        with svc.redis.lock("runctl:launch:caps", timeout=CAPS_LOCK_SECONDS, blocking_timeout=30):
+        lock = svc.redis.lock("runctl:launch:caps", timeout=CAPS_LOCK_SECONDS)
+        if not lock.acquire(blocking_timeout=30):
+            raise RunConflict(
+                "Other launches kept the caps check busy for 30 s; nothing was launched.",
+                why="Launches are checked against the caps one at a time.",
+                fix=f"`{conf.command}` again in a minute.",
+            )
+        try:
             check_caps(config, held(fleetview.view(svc, began), asker.user_id), quote(svc, config, spec),
                        asker.user_id)
             iid = run.run(config.template, spec, asker.user_id, conf.nonce, policy.scope(svc.settings))
+        finally:
+            with contextlib.suppress(LockError):  # it outlived its timeout: the next launch already took it
+                lock.release()
         self.job.instance_id = iid
         self.record(conf, "launched", iid)
         self.show(conf, f":hourglass_flowing_sand: *{spec.name}* is `{iid}`: waiting for `running` and its SSM agent…")
