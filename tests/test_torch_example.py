@@ -11,12 +11,14 @@ import io
 import json
 import re
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from workers.aws.fleet import PYTHON_TAG
 from workers.commands import Requester, StopCommand, TrainCommand
 from workers.jobs.lifecycle import stop
 from workers.jobs.train import train
@@ -131,6 +133,8 @@ def test_stop_report_on_the_torch_example_names_its_saved_checkpoint(
     svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, sandbox: Sandbox
 ) -> None:
     iid = fleet_seed.instances["gpu-box-1"]
+    # As on a Deep Learning AMI: the agent's `python3` has no torch; the tag names the one that does.
+    svc.fleet.ec2.create_tags(Resources=[iid], Tags=[{"Key": PYTHON_TAG, "Value": sys.executable}])
     run_id = "r-torch-1"
     script_args = ("--epochs", "40", "--steps-per-epoch", "10", "--step-seconds", "0.05", "--checkpoint-interval", "100")
     cmd = TrainCommand(instance_id=iid, script="train_torch.py", args=script_args)
