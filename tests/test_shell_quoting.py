@@ -25,6 +25,7 @@ from workers.commands import TrainCommand
 from workers.remote import deliver, header, launch_body, probe_live_runs, runs_status, wrapper
 from workers.remote.checkpoints import list_all_checkpoints, list_checkpoints
 from workers.remote.env import setup_env
+from workers.remote.gpu import utilization
 from workers.remote.lifecycle import stop_run
 
 HOSTILE = [
@@ -325,20 +326,26 @@ def _wait_for(path: Path, seconds: float = 5.0) -> None:
 @given(
     root_name=NAME, run_id=NAME, resumed=NAME, script=VALUE, args=st.lists(VALUE, max_size=3),
     env_value=VALUE, ref=VALUE, url=VALUE, digest=NAME, workdir=NAME, requirements=VALUE,
-    generated=st.none() | VALUE, checkpoint=NAME,
+    generated=st.none() | VALUE, checkpoint=NAME, python_dir=NAME,
 )
 @example(
     root_name="$(touch MARKER)", run_id="$(touch MARKER)", resumed="`touch MARKER`", script="$(id > MARKER).py",
     args=["; touch MARKER"], env_value="$(touch MARKER)", ref="main;touch MARKER", url="http://x/$(touch MARKER)",
     digest="$(touch MARKER)", workdir="$(touch MARKER)", requirements="$(touch MARKER).txt",
-    generated="RUNCTL_EOF_0\n$(touch MARKER)", checkpoint="$(touch MARKER).pt",
+    generated="RUNCTL_EOF_0\n$(touch MARKER)", checkpoint="$(touch MARKER).pt", python_dir="$(touch MARKER)",
 )
 def test_no_value_reaching_any_builder_is_ever_executed(
     playground: tuple[Shell, Path, Path, str], root_name: str, run_id: str, resumed: str, script: str,
     args: list[str], env_value: str, ref: str, url: str, digest: str, workdir: str, requirements: str,
-    generated: str | None, checkpoint: str,
+    generated: str | None, checkpoint: str, python_dir: str,
 ) -> None:
     shell, base, bin_dir, argv_json = playground
+    # The interpreters (an instance tag or RUNCTL_PYTHON names them) live under a hostile path too.
+    interpreters = base / "py" / python_dir
+    shutil.rmtree(base / "py", ignore_errors=True)
+    interpreters.mkdir(parents=True)
+    python = str(shutil.copy(bin_dir / "python3", interpreters / "python3"))
+    argv_json = str(shutil.copy(argv_json, interpreters / "argv-json"))
     if resumed == run_id:
         resumed += "-0"
     root = base / "roots" / root_name
@@ -360,7 +367,7 @@ def test_no_value_reaching_any_builder_is_ever_executed(
         assert f"runctl: script {script} is not in" in out
     # The environment step: the requirements path and a generated file reach the installer unchanged.
     (root / "code" / workdir).mkdir(parents=True, exist_ok=True)
-    rc, out = run(setup_env(str(root), run_id, digest, workdir, requirements, generated, rebuild=True))
+    rc, out = run(setup_env(str(root), run_id, digest, workdir, requirements, generated, rebuild=True, python=str(python)))
     assert rc == 0, out
     log = (root / "runs" / run_id / "setup.log").read_text()
     want = root / "runs" / run_id / "requirements.txt" if generated is not None else root / "code" / requirements
@@ -382,6 +389,7 @@ def test_no_value_reaching_any_builder_is_ever_executed(
     # Everything that reads the run directories back.
     for text in (
         probe_live_runs(str(root)),
+        utilization(str(root)),
         runs_status(str(root), [run_id, resumed]),
         stop_run(str(root), run_id, 1, checkpoint_run_id=resumed),
         stop_run(str(root), resumed, 0, force=True),
