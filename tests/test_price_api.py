@@ -26,8 +26,10 @@ def price_list(sandbox: Sandbox) -> Iterator[None]:
     sandbox.prices.reset()
 
 
-def lines(slack: FakeSlack, *instance_ids: str) -> list[str]:
-    resources(ResourcesCommand(all=True).model_dump(mode="json"), ALICE.model_dump(mode="json"))
+def lines(svc: Services, slack: FakeSlack, *instance_ids: str) -> list[str]:
+    # moto keeps other tests' instances: these are the ones owned by U0PRICE.
+    svc.fleet.ec2.create_tags(Resources=list(instance_ids), Tags=[{"Key": "runctl:user", "Value": "U0PRICE"}])
+    resources(ResourcesCommand(all=True, user="U0PRICE").model_dump(mode="json"), ALICE.model_dump(mode="json"))
     shown = text_of(slack.messages("C0TRAIN")[-1]).splitlines()
     return [next(ln for ln in shown if iid in ln) for iid in instance_ids]
 
@@ -43,7 +45,7 @@ def test_price_comes_from_the_price_list_api_and_the_table_is_the_dated_fallback
     gpu, cpu = fleet_seed.instances["gpu-box-1"], fleet_seed.instances["cpu-box"]
     as_of = f"{load_price_book().as_of:%Y-%m-%d}"
 
-    gpu_line, cpu_line, odd_line = lines(slack, gpu, cpu, odd)
+    gpu_line, cpu_line, odd_line = lines(svc, slack, gpu, cpu, odd)
 
     assert "$0.913/h" in gpu_line and "table of" not in gpu_line
     assert f"$0.0416/h (table of {as_of})" in cpu_line  # the API has no t3.medium: the table answers
@@ -53,7 +55,7 @@ def test_price_comes_from_the_price_list_api_and_the_table_is_the_dated_fallback
     assert ON_DEMAND_CACHE_SECONDS - 60 < svc.redis.ttl(cached) <= ON_DEMAND_CACHE_SECONDS
 
     calls = sandbox.prices.calls
-    lines(slack, gpu, cpu)
+    lines(svc, slack, gpu, cpu)
     assert sandbox.prices.calls == calls  # a day's cache: no second round of GetProducts
 
 
@@ -62,6 +64,6 @@ def test_a_denied_price_list_falls_back_to_the_table_with_its_date(
 ) -> None:
     sandbox.prices.set("us-east-1", "g5.xlarge", "0.913")
     sandbox.prices.denied = True  # the worker's role lacks pricing:GetProducts
-    (gpu_line,) = lines(slack, fleet_seed.instances["gpu-box-1"])
+    (gpu_line,) = lines(svc, slack, fleet_seed.instances["gpu-box-1"])
     assert f"$1.006/h (table of {load_price_book().as_of:%Y-%m-%d})" in gpu_line
     assert 0 < svc.redis.ttl("runctl:price:on-demand:us-east-1:g5.xlarge") <= 600  # asks again soon
