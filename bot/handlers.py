@@ -11,6 +11,7 @@ from slack_bolt import Ack, App
 from bot.grammar import help_text
 from workers.commands import AnyCommand, HelpCommand, Requester, TrainCommand
 from workers.queueing import enqueue
+from workers.slack.escape import code
 from workers.state.runs import new_run_id
 
 
@@ -35,7 +36,7 @@ def runctl(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None:
     elif isinstance(command, TrainCommand):
         run_id = new_run_id()
         ack(
-            text=f":hourglass_flowing_sand: Queued run `{run_id}`: `{command.script}` on "
+            text=f":hourglass_flowing_sand: Queued run `{run_id}`: {code(command.script)} on "
             f"`{command.instance_id}`. I'll post it in this channel and follow it in the thread.",
             response_type="ephemeral",
         )

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from workers.slack.escape import block
+
 
 class ErrorInfo(BaseModel):
     """An error stored on a run record or job result."""
@@ -47,7 +49,7 @@ class ErrorInfo(BaseModel):
         if self.fix:
             parts.append(f"Fix: {self.fix}")
         if self.detail:
-            parts.append(f"```{self.detail}```")
+            parts.append(block(self.detail))
         return "\n".join(parts)
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from workers.errors import CodeError
+from workers.slack.escape import code, escape
 
 DIGEST_VERSION = b"runctl-env-v1\n"
 _INCLUDES = ("-r", "--requirement", "-c", "--constraint")
@@ -76,9 +77,9 @@ def _pyproject_dependencies(path: str, data: bytes) -> list[str]:
         doc = tomllib.loads(data.decode(errors="replace"))
     except tomllib.TOMLDecodeError as exc:
         raise CodeError(
-            f"`{path}` is not valid TOML: {exc}.",
+            f"{code(path)} is not valid TOML: {escape(exc)}.",
             why="runctl reads `[project] dependencies` from it to set up the run's environment.",
-            fix=f"Fix `{path}` and push, or run with `--no-deps` to skip the environment step.",
+            fix=f"Fix {code(path)} and push, or run with `--no-deps` to skip the environment step.",
         ) from None
     project = doc.get("project")
     deps = project.get("dependencies") if isinstance(project, dict) else None

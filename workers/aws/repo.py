@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from workers.errors import ConfigError, GitError, RefNotFound, ScriptNotFound, ScriptSyntaxError
+from workers.redact import redact
+from workers.slack.escape import code, escape
 
 __all__ = ["CodeRepo", "GitError"]
 
@@ -40,7 +42,8 @@ class CodeRepo:
         if proc.returncode != 0:
             raise GitError(
                 f"`git {args[0]}` failed in the worker's copy of the training repository.",
-                why=proc.stderr.decode(errors="replace").strip()[-500:] or f"git exited {proc.returncode}.",
+                why=escape(redact(proc.stderr.decode(errors="replace").strip())[-500:])
+                or f"git exited {proc.returncode}.",
                 fix=f"Run the command again; if it fails the same way, delete the worker's mirror "
                 f"({self.mirror}, RUNCTL_MIRROR_DIR) so that the next command clones it afresh.",
             )
@@ -77,8 +80,8 @@ class CodeRepo:
             )
             if proc.returncode != 0:
                 raise ConfigError(
-                    f"Could not clone RUNCTL_REPO ({self.source}).",
-                    why=proc.stderr.decode(errors="replace").strip()[-500:],
+                    f"Could not clone RUNCTL_REPO ({code(redact(self.source))}).",
+                    why=escape(redact(proc.stderr.decode(errors="replace").strip())[-500:]),
                     fix="Check RUNCTL_REPO and the worker's git credentials.",
                 )
         else:
@@ -86,7 +89,7 @@ class CodeRepo:
                 self._git("remote", "update", "--prune")
             except GitError as exc:
                 raise ConfigError(
-                    f"Could not fetch RUNCTL_REPO ({self.source}).", why=exc.why, fix=exc.fix
+                    f"Could not fetch RUNCTL_REPO ({code(redact(self.source))}).", why=exc.why, fix=exc.fix
                 ) from None
 
     def resolve(self, ref: str) -> str:
@@ -96,10 +99,10 @@ class CodeRepo:
             branches = self._git("for-each-ref", "--format=%(refname:short)", "refs/heads", "refs/tags")
             names = branches.decode().split()
             close = difflib.get_close_matches(ref, names, n=3)
-            hint = f" Did you mean {', '.join(f'`{n}`' for n in close)}?" if close else ""
+            hint = f" Did you mean {', '.join(code(n) for n in close)}?" if close else ""
             raise RefNotFound(
-                f"`{ref}` is not a branch, tag or commit of the training repository.{hint}",
-                why=f"Known branches and tags: {', '.join(names[:15]) or 'none'}.",
+                f"{code(ref)} is not a branch, tag or commit of the training repository.{hint}",
+                why=f"Known branches and tags: {', '.join(code(n) for n in names[:15]) or 'none'}.",
                 fix="Push the branch, or pass an existing one with `--ref`.",
             ) from None
         return out.decode().strip()
@@ -126,7 +129,8 @@ class CodeRepo:
             target = posixpath.normpath(posixpath.join(posixpath.dirname(path), data.decode()))
             if target.startswith("..") or target.startswith("/") or _depth > 5:
                 raise ScriptNotFound(
-                    f"`{path}` is a symlink that points outside the repository ({data.decode()}).",
+                    f"{code(path)} is a symlink that points outside the repository "
+                    f"({code(data.decode(errors='replace'))}).",
                     why="runctl only runs files inside the repository tree.",
                 )
             return self.read(sha, target, _depth + 1)
@@ -137,9 +141,9 @@ class CodeRepo:
         if data is None:
             candidates = [f for f in self.files(sha) if f.endswith(".py")]
             close = difflib.get_close_matches(path, candidates, n=3, cutoff=0.5)
-            hint = f" Did you mean {', '.join(f'`{n}`' for n in close)}?" if close else ""
+            hint = f" Did you mean {', '.join(code(n) for n in close)}?" if close else ""
             raise ScriptNotFound(
-                f"`{path}` does not exist at `{ref}` ({sha[:10]}).{hint}",
+                f"{code(path)} does not exist at {code(ref)} ({sha[:10]}).{hint}",
                 why="Script paths are relative to the repository root.",
                 fix="Check the path, or push the file and retry.",
             )
@@ -148,8 +152,8 @@ class CodeRepo:
         except SyntaxError as exc:
             line = (exc.text or "").rstrip()
             raise ScriptSyntaxError(
-                f"`{path}` has a syntax error at line {exc.lineno}: {exc.msg}.",
-                why=f"Checked at `{ref}` ({sha[:10]}) before anything was sent to the instance.",
+                f"{code(path)} has a syntax error at line {exc.lineno}: {escape(exc.msg)}.",
+                why=f"Checked at {code(ref)} ({sha[:10]}) before anything was sent to the instance.",
                 fix="Fix the script, push, and run the same command again.",
                 detail=f"{path}:{exc.lineno}: {line}" if line else "",
             ) from None

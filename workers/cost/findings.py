@@ -9,6 +9,7 @@ from decimal import Decimal
 from workers.cost.fleetview import Row
 from workers.cost.pricing import format_usd
 from workers.settings import Settings
+from workers.slack.escape import code
 from workers.slack.format import duration
 from workers.state.runs import RunState
 from workers.state.warnings import Kind
@@ -99,10 +100,10 @@ def _checkpoint_findings(settings: Settings, row: Row, now: datetime) -> list[Fi
     if quiet <= settings.RUNCTL_CHECKPOINT_WARN_MINUTES * 60:
         return []
     what = (
-        f"the newest is `{run.checkpoint.name}`" if run.checkpoint else "it has written none since it started"
+        f"the newest is {code(run.checkpoint.name)}" if run.checkpoint else "it has written none since it started"
     )
     headline = (
-        f"Run `{run.run_id}` (`{run.script}`) on *{row.instance.label}* has written no new checkpoint for "
+        f"Run `{run.run_id}` ({code(run.script)}) on *{row.instance.label}* has written no new checkpoint for "
         f"{duration(quiet)} ({what}). If it crashes now, that work is lost; check `training.log` with "
         f"`/runctl status {row.id}`."
     )

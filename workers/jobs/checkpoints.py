@@ -15,6 +15,7 @@ from workers.jobs.funnel import Job
 from workers.remote.checkpoints import CheckpointListing, FoundCheckpoint, discover
 from workers.services import Services
 from workers.slack.client import MAX_TEXT, clamp
+from workers.slack.escape import code, escape
 from workers.slack.format import duration, size
 
 MAX_ROWS = 60
@@ -73,9 +74,9 @@ def checkpoint_line(ck: FoundCheckpoint, now: datetime, newest_valid: bool = Fal
     facts.append(size(ck.size) + (" (directory)" if ck.is_dir else ""))
     if ck.problem != "file is missing":
         facts.append(f"{duration((now - ck.modified_at).total_seconds())} ago")
-    body = f"`{ck.name}` · " + " · ".join(facts)
+    body = f"{code(ck.name)} · " + " · ".join(facts)
     if ck.sha256_ok is False:
-        return f":x: *CORRUPT* {body} — {ck.problem}"
+        return f":x: *CORRUPT* {body} — {escape(ck.problem)}"
     if ck.sha256_ok is True:
         return f":white_check_mark: {body}" + ("  :star: *newest valid*" if newest_valid else "")
     return f"• {body}" + ("" if in_manifest else "  _(integrity unknown: no sha256 for it in the manifest)_")
@@ -86,11 +87,11 @@ def listing_message(
 ) -> tuple[str, list[Block]]:
     iid = inst.id
     if listing.missing:
-        known = ", ".join(f"`{r}`" for r in listing.known_runs)
+        known = ", ".join(code(r) for r in listing.known_runs)
         err = RunctlError(
-            f"No run `{listing.run_id}` on {inst.label}.",
+            f"No run {code(listing.run_id)} on {inst.label}.",
             why=f"Runs with checkpoints there: {known}." if known else "No run there has checkpoints.",
-            fix=f"/runctl checkpoints {iid} --run {listing.known_runs[0]}"
+            fix=f"/runctl checkpoints {iid} --run {escape(listing.known_runs[0])}"
             if listing.known_runs
             else f"/runctl checkpoints {iid}",
         )
@@ -103,7 +104,7 @@ def listing_message(
         return text, [_section(text)]
     run = listing.run_id
     if not listing.checkpoints:
-        text = f":open_file_folder: Run `{run}` on {inst.label} has no checkpoints."
+        text = f":open_file_folder: Run {code(run)} on {inst.label} has no checkpoints."
         hint = (
             "Save checkpoints to `$RUNCTL_CHECKPOINT_DIR` (runctl sets it for every run) so that a stop "
             f"or an instance loss doesn't cost the work; see {PROTOCOL_DOC}."
@@ -114,14 +115,14 @@ def listing_message(
     best = listing.newest_valid
     summary = f"{count} checkpoint{'s' if count != 1 else ''} · {size(listing.total_size)}"
     if best is not None:
-        summary += f" · newest valid: `{best.name}`" + (f" (epoch {best.epoch})" if best.epoch is not None else "")
-    head = f":floppy_disk: *Checkpoints of run `{run}`* on {inst.label}\n{summary}"
+        summary += f" · newest valid: {code(best.name)}" + (f" (epoch {best.epoch})" if best.epoch is not None else "")
+    head = f":floppy_disk: *Checkpoints of run {code(run)}* on {inst.label}\n{summary}"
     blocks: list[Block] = [_section(head)]
     if asked_run is None and listing.newest_run_id and listing.newest_run_id != run:
         blocks.append(
             _context(
-                f"The newest run, `{listing.newest_run_id}`, has no checkpoints of its own (a resumed run "
-                f"writes into the run it resumed), so this is run `{run}`, the newest with checkpoints. "
+                f"The newest run, {code(listing.newest_run_id)}, has no checkpoints of its own (a resumed run "
+                f"writes into the run it resumed), so this is run {code(run)}, the newest with checkpoints. "
                 f"Another run: `/runctl checkpoints {iid} --run RUN_ID`"
             )
         )
@@ -155,14 +156,14 @@ def listing_message(
                     f"integrity is unknown; see {PROTOCOL_DOC}."
                 )
             )
-    text = f"Checkpoints of run {run} on {inst.label}: {summary}" + (
+    text = f"Checkpoints of run {escape(run)} on {inst.label}: {summary}" + (
         f" · {len(corrupt)} corrupt" if corrupt else ""
     )
     return text, blocks[:MAX_BLOCKS]
 
 
 def _corrupt_warning(corrupt: list[FoundCheckpoint], best: FoundCheckpoint | None, user_id: str) -> str:
-    names = ", ".join(f"`{c.name}` ({c.problem})" for c in corrupt[:10])
+    names = ", ".join(f"{code(c.name)} ({escape(c.problem)})" for c in corrupt[:10])
     if len(corrupt) > 10:
         names += f" and {len(corrupt) - 10} more"
     one = len(corrupt) == 1
@@ -174,7 +175,7 @@ def _corrupt_warning(corrupt: list[FoundCheckpoint], best: FoundCheckpoint | Non
     if best is not None:
         where = f" (epoch {best.epoch})" if best.epoch is not None else ""
         lines.append(
-            f"Resume from `{best.name}`{where}, the newest valid one. `train_with_checkpoints.py` "
+            f"Resume from {code(best.name)}{where}, the newest valid one. `train_with_checkpoints.py` "
             "does that on its own: it skips corrupt checkpoints with a warning."
         )
     else:

@@ -22,6 +22,7 @@ from workers.services import Services, current
 from workers.slack import chart
 from workers.slack.blocks import sections
 from workers.slack.client import clamp
+from workers.slack.escape import code
 from workers.slack.format import duration
 from workers.state.runs import Run
 from workers.state.uptime import UptimeLedger
@@ -209,7 +210,7 @@ def _listing(title: str, lines: list[str], empty: str) -> list[SectionBlock]:
 def _running_line(row: Row) -> str:
     parts = [f"*{row.instance.label}* {row.instance.type}", f"{format_usd(row.cost)} so far"]
     if row.live_run:
-        parts.append(f"<@{row.live_run.user_id}> training `{clamp(row.live_run.script, 60)}`")
+        parts.append(f"<@{row.live_run.user_id}> training {code(row.live_run.script, 60)}")
     return " · ".join(parts)
 
 

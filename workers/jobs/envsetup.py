@@ -13,6 +13,7 @@ from workers.errors import EnvSetupError
 from workers.remote import SECTION
 from workers.remote import env as env_scripts
 from workers.services import Services
+from workers.slack.escape import code, escape
 from workers.slack.format import duration
 from workers.slack.thread import publish
 from workers.state.runs import Run, RunState
@@ -54,12 +55,12 @@ def requirements(svc: Services, run: Run) -> envs.Requirements | None:
     reqs = envs.find(svc.repo, run.sha, run.script)
     if reqs is None:
         run.notes.append(
-            f":package: No `requirements.txt` or `pyproject.toml` dependencies for `{run.script}` "
-            f"at `{run.ref}`; the run uses `{run.python}`."
+            f":package: No `requirements.txt` or `pyproject.toml` dependencies for {code(run.script)} "
+            f"at {code(run.ref)}; the run uses {code(run.python)}."
         )
     elif reqs.empty:
         run.notes.append(
-            f":package: `{reqs.source}` names no packages; no environment step, the run uses `{run.python}`."
+            f":package: {code(reqs.source)} names no packages; no environment step, the run uses {code(run.python)}."
         )
         return None
     return reqs
@@ -94,11 +95,11 @@ def build(svc: Services, run: Run, reqs: envs.Requirements) -> str:
     if "built" in report:
         pruned = f"; pruned {report['pruned']} old one(s)" if "pruned" in report else ""
         run.notes.append(
-            f":package: Built environment `{run.env_hash}` from `{reqs.source}` with {installer} "
+            f":package: Built environment {code(run.env_hash)} from {code(reqs.source)} with {escape(installer)} "
             f"in {took}{pruned}. Later runs with the same requirements reuse it."
         )
     else:
-        run.notes.append(f":package: Reused environment `{run.env_hash}` ({took}).")
+        run.notes.append(f":package: Reused environment {code(run.env_hash)} ({took}).")
     publish(svc, run)
     return f"$RUNCTL_ROOT/envs/{run.env_hash}/bin/python"
 
@@ -139,9 +140,9 @@ def culprit(log: str) -> str | None:
 def setup_error(
     run: Run, reqs: envs.Requirements, result: ScriptResult, report: dict[str, str]
 ) -> EnvSetupError:
-    where = f"`{reqs.source}` at `{run.ref}`" + (f" ({run.sha[:10]})" if run.sha else "")
+    where = f"{code(reqs.source)} at {code(run.ref)}" + (f" ({run.sha[:10]})" if run.sha else "")
     log = _log_tail(result.stdout) or result.stderr.strip()[-DETAIL_CHARS:]
-    retry = f"`{run.command_text}`"
+    retry = code(run.command_text)
     reason = report.get("failed", "")
     if result.status == "TimedOut":
         return EnvSetupError(
@@ -168,14 +169,14 @@ def setup_error(
         )
     if reason == "locked":
         return EnvSetupError(
-            f"Another build of environment `{report.get('env', '?')}` on {run.instance_id} "
+            f"Another build of environment {code(report.get('env', '?'))} on {run.instance_id} "
             "held its lock too long; training was not started.",
             why="Two runs never build the same environment at once.",
             fix=f"`/runctl status {run.instance_id}`, then retry: {retry}.",
         )
     name = culprit(log)
     what = (
-        f"Installing `{name}` failed on {run.instance_id}; training was not started."
+        f"Installing {code(name)} failed on {run.instance_id}; training was not started."
         if name
         else f"Installing the requirements failed on {run.instance_id} "
         f"(exit {result.exit_code}); training was not started."
@@ -183,7 +184,7 @@ def setup_error(
     return EnvSetupError(
         what,
         why=f"The run's environment comes from {where}. The half-built environment was removed.",
-        fix=f"Fix `{reqs.source}`, push, and run the same command again: {retry}. "
+        fix=f"Fix {code(reqs.source)}, push, and run the same command again: {retry}. "
         "`--no-deps` skips the environment step.",
         detail=log,
     )

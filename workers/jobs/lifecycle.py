@@ -25,6 +25,7 @@ from workers.queueing import enqueue
 from workers.remote.checkpoints import CheckpointListing, FoundCheckpoint, discover, discover_all
 from workers.remote.lifecycle import StopResult, parse_stop
 from workers.services import Services
+from workers.slack.escape import code
 from workers.slack.format import duration
 from workers.slack.ids import ActionId
 from workers.slack.messages.lifecycle import (
@@ -172,7 +173,7 @@ def _already_saved(newest: FoundCheckpoint | None, finished: int | None) -> str:
     if newest is None or newest.epoch is None or finished is None or newest.epoch < finished:
         return ""
     return (
-        f"the newest checkpoint (epoch {newest.epoch}, `{newest.name}`) was already saved; "
+        f"the newest checkpoint (epoch {newest.epoch}, {code(newest.name)}) was already saved; "
         f"the partial epoch {newest.epoch + 1} is discarded"
     )
 
@@ -225,7 +226,7 @@ class Halter:
         except RunctlError as exc:
             log.warning("checkpoint discovery on %s: %s", self.inst.id, exc.what)
             listing = None
-        script_name = run.script if run else f"run {run_id}"
+        script_name = code(run.script) if run else f"run {code(run_id)}"
         halt = Halt(run_id, run, result, listing, "")
         halt.report = self.report(script_name, halt)
         if run is not None:
@@ -242,9 +243,9 @@ class Halter:
         now = self.svc.clock()
         result, saved, newest = halt.result, halt.saved, _newest(halt.listing)
         if result.how == "none":
-            return f"Run `{halt.run_id}`: no training process was alive any more."
+            return f"Run {code(halt.run_id)}: no training process was alive any more."
         lost = (
-            f"progress since epoch {newest.epoch} (the newest checkpoint, `{newest.name}`, "
+            f"progress since epoch {newest.epoch} (the newest checkpoint, {code(newest.name)}, "
             f"{duration((now - newest.modified_at).total_seconds())} ago) is lost"
             if newest is not None and newest.epoch is not None
             else f"progress since {checkpoint_line(newest, now)} is lost"
@@ -256,15 +257,15 @@ class Halter:
         kept = _already_saved(newest, result.finished_epoch)
         if self.force:
             if kept:
-                return f":octagonal_sign: `--force`: `{script}` was killed at once (SIGKILL); {kept}."
+                return f":octagonal_sign: `--force`: {script} was killed at once (SIGKILL); {kept}."
             return (
-                f":rotating_light: `--force`: `{script}` was killed at once (SIGKILL), without a chance "
+                f":rotating_light: `--force`: {script} was killed at once (SIGKILL), without a chance "
                 f"to save; {lost}."
             )
         saved_text = f"saved {checkpoint_line(saved, now)}" if saved else ""
         if result.how == "kill":
             head = (
-                f":rotating_light: *`{script}` did not exit within {self.grace} s of SIGTERM, so runctl "
+                f":rotating_light: *{script} did not exit within {self.grace} s of SIGTERM, so runctl "
                 "killed it (SIGKILL).*"
             )
             if saved:
@@ -276,11 +277,11 @@ class Halter:
                 "SIGTERM, or allow more time with `--grace SECONDS`."
             )
         if saved:
-            return f":floppy_disk: `{script}` {saved_text} on SIGTERM and exited after {result.waited} s."
+            return f":floppy_disk: {script} {saved_text} on SIGTERM and exited after {result.waited} s."
         if kept:
-            return f":floppy_disk: `{script}` exited {result.waited} s after SIGTERM; {kept}."
+            return f":floppy_disk: {script} exited {result.waited} s after SIGTERM; {kept}."
         return (
-            f":rotating_light: *`{script}` wrote no checkpoint on SIGTERM; {lost}.* It has no SIGTERM "
+            f":rotating_light: *{script} wrote no checkpoint on SIGTERM; {lost}.* It has no SIGTERM "
             "handler that saves: catch SIGTERM (`signal.signal(signal.SIGTERM, ...)`), write a checkpoint "
             "to `$RUNCTL_CHECKPOINT_DIR`, then exit."
         )
@@ -398,7 +399,7 @@ def _stop_locked(
         run = halt.run
         if run is not None:
             took = duration(((run.ended_at or now) - (run.started_at or run.created_at)).total_seconds())
-            lines.append(f"Run `{run.run_id}` (`{run.script}`, <@{run.user_id}>) ran {took}. {halt.report}")
+            lines.append(f"Run `{run.run_id}` ({code(run.script)}, <@{run.user_id}>) ran {took}. {halt.report}")
         else:
             lines.append(halt.report)
     if not halts:

@@ -12,6 +12,7 @@ from workers.jobs import autostop, funnel
 from workers.queueing import JobPath
 from workers.remote.status import Snapshot, parse_many
 from workers.services import Services, current
+from workers.slack.escape import block
 from workers.slack.format import duration
 from workers.slack.messages.run import checkpoint_text
 from workers.slack.thread import publish, reply
@@ -206,7 +207,7 @@ def finish(svc: Services, run: Run, snap: Snapshot) -> None:
             svc,
             run,
             f":x: run `{run.run_id}` failed with exit code {code} after {took}. {ck}\n"
-            f"Last lines of training.log:\n```{tail[-2500:]}```",
+            f"Last lines of training.log:\n{block(tail[-2500:])}",
         )
 
 

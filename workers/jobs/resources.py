@@ -21,6 +21,7 @@ from workers.jobs import funnel
 from workers.jobs.funnel import Job
 from workers.slack.blocks import sections
 from workers.slack.client import clamp
+from workers.slack.escape import code, escape
 from workers.slack.format import duration
 
 ROW_LIMIT = 20
@@ -79,13 +80,13 @@ def totals(rows: list[Row]) -> tuple[Decimal, int]:
 
 def row_line(row: Row, warnings: list[Finding], now: datetime) -> str:
     inst = row.instance
-    parts = [f"*{inst.name or '(no name)'}* `{inst.id}` {inst.type}"]
+    parts = [f"*{escape(inst.name or '(no name)')}* `{inst.id}` {inst.type}"]
     if row.uptime_seconds:
         parts.append(f"up {duration(row.uptime_seconds)}")
     parts += [row.price.describe(), f"{format_usd(row.cost)} so far"]
     if row.live_run:
         run = row.live_run
-        parts.append(f"<@{run.user_id}> training `{clamp(run.script, 80)}` (`{run.run_id}`)")
+        parts.append(f"<@{run.user_id}> training {code(run.script, 80)} (`{run.run_id}`)")
     elif row.owner:
         parts.append(f"owner <@{row.owner}>")
     if row.idle:

@@ -6,6 +6,7 @@ from workers.commands import StatusCommand
 from workers.jobs import funnel
 from workers.jobs.funnel import Job
 from workers.services import current
+from workers.slack.escape import code
 from workers.slack.format import duration
 from workers.slack.messages.run import checkpoint_text, progress_text
 from workers.state.locks import train_lock
@@ -28,7 +29,7 @@ def describe(instance_id: str) -> str:
     if run:
         since = run.started_at or run.created_at
         lines.append(
-            f"Live run `{run.run_id}`: <@{run.user_id}> · `{run.script}` · {run.state.value} "
+            f"Live run `{run.run_id}`: <@{run.user_id}> · {code(run.script)} · {run.state.value} "
             f"for {duration((now - since).total_seconds())}"
         )
         if run.progress:

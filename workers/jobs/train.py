@@ -17,6 +17,7 @@ from workers.jobs.lifecycle import unconfirmed
 from workers.remote.lifecycle import parse_stop
 from workers.services import Services
 from workers.settings import python_path
+from workers.slack.escape import code
 from workers.slack.thread import publish, reply
 from workers.state.locks import Holder, operation, train_lock
 from workers.state.runs import Run, RunState
@@ -247,7 +248,7 @@ class TrainFlow:
         elif outcome.how == "kill":
             how = f"SIGKILL after {outcome.waited} s; it ignored SIGTERM"
         else:
-            saved = f", saved `{outcome.saved[-1]}`" if outcome.saved else ", it saved no checkpoint"
+            saved = f", saved {code(outcome.saved[-1])}" if outcome.saved else ", it saved no checkpoint"
             how = f"exited {outcome.waited} s after SIGTERM{saved}"
         self.run.notes.append(f":octagonal_sign: `--force` stopped run `{other_run_id}` ({how}).")
         other = self.svc.runs.get(other_run_id)
@@ -274,7 +275,7 @@ class TrainFlow:
             )
         elif not _CHECKPOINT_SIGNS.search(source):
             run.notes.append(
-                f":warning: `{run.script}` shows no sign of checkpointing; a stop or interruption "
+                f":warning: {code(run.script)} shows no sign of checkpointing; a stop or interruption "
                 "will lose its progress. Save to `$RUNCTL_CHECKPOINT_DIR` to be safe."
             )
 
@@ -338,7 +339,7 @@ class TrainFlow:
 
 def conflict(instance_id: str, run_id: str, holder: Holder | None, evidence: str) -> RunConflict:
     who = (
-        f"<@{holder.user_id}> is training `{holder.script}` (run `{run_id}`) since "
+        f"<@{holder.user_id}> is training {code(holder.script)} (run `{run_id}`) since "
         f"<!date^{int(holder.since.timestamp())}^{{date_short_pretty}} {{time}}|{holder.since:%Y-%m-%d %H:%M} UTC>"
         if holder
         else f"A training process (run `{run_id}`) is alive"
@@ -351,12 +352,12 @@ def conflict(instance_id: str, run_id: str, holder: Holder | None, evidence: str
     )
 
 
-def launch_error(run: Run, code: int, output: str) -> RunctlError:
-    if code == 3:
+def launch_error(run: Run, exit_code: int, output: str) -> RunctlError:
+    if exit_code == 3:
         return RunctlError(
-            f"`{run.script}` is not on {run.instance_id}.",
+            f"{code(run.script)} is not on {run.instance_id}.",
             why="`--no-sync-code` runs the tree already on the instance, and it has no such file.",
-            fix=f"Run without `--no-sync-code` to ship the code at `{run.ref}`.",
+            fix=f"Run without `--no-sync-code` to ship the code at {code(run.ref)}.",
         )
     said = next((line for line in output.splitlines() if line.startswith("runctl: could not")), "")
     if code in (remote.DOWNLOAD_FAILED, remote.UNPACK_FAILED) and said:
@@ -368,7 +369,7 @@ def launch_error(run: Run, code: int, output: str) -> RunctlError:
             f"VPC endpoint if it has no internet), then run the same command again: `{run.command_text}`.",
         )
     return RunctlError(
-        f"Launching on {run.instance_id} failed (exit {code}).",
+        f"Launching on {run.instance_id} failed (exit {exit_code}).",
         detail=output.strip()[-1500:],
         fix=f"/runctl status {run.instance_id}",
     )

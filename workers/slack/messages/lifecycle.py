@@ -22,6 +22,7 @@ from slack_sdk.models.blocks import (
 from workers.aws.fleet import Instance
 from workers.remote.checkpoints import CheckpointListing, FoundCheckpoint
 from workers.slack.client import clamp
+from workers.slack.escape import code
 from workers.slack.format import duration, size
 from workers.slack.ids import ActionId, BlockId
 from workers.state.runs import Run
@@ -46,7 +47,7 @@ class Cost:
 def checkpoint_line(ck: FoundCheckpoint, now: datetime) -> str:
     epoch = f", epoch {ck.epoch}" if ck.epoch is not None else ""
     age = duration((now - ck.modified_at).total_seconds())
-    return f"`{ck.name}` ({size(ck.size)}{epoch}, {age} ago)"
+    return f"{code(ck.name)} ({size(ck.size)}{epoch}, {age} ago)"
 
 
 def checkpoints_summary(listings: Sequence[CheckpointListing] | None, now: datetime, note: str) -> str:
@@ -59,7 +60,7 @@ def checkpoints_summary(listings: Sequence[CheckpointListing] | None, now: datet
     count = sum(len(ls.checkpoints) for ls in found)
     total = sum(ls.total_size for ls in found)
     newest = max((c for ls in found for c in ls.checkpoints), key=lambda c: c.modified_at)
-    runs = ", ".join(f"`{ls.run_id}`" for ls in found[:5]) + (" …" if len(found) > 5 else "")
+    runs = ", ".join(code(ls.run_id) for ls in found[:5]) + (" …" if len(found) > 5 else "")
     return (
         f":warning: *{count} checkpoint{'s' if count != 1 else ''} ({size(total)})* in run "
         f"{runs}; newest {checkpoint_line(newest, now)}.\n"
@@ -82,7 +83,7 @@ def confirmation_blocks(
     if live is not None:
         since = live.started_at or live.created_at
         lines.append(
-            f":arrows_counterclockwise: Live run `{live.run_id}`: <@{live.user_id}> · `{live.script}` · "
+            f":arrows_counterclockwise: Live run `{live.run_id}`: <@{live.user_id}> · {code(live.script)} · "
             f"for {duration((now - since).total_seconds())}. It gets SIGTERM and saves first."
         )
     else:
@@ -158,9 +159,9 @@ def ready_blocks(text: str, resume: Run | None) -> tuple[str, list[Block]]:
             SectionBlock(
                 text=MarkdownTextObject(
                     text=clamp(
-                        f"Run `{resume.run_id}` (`{resume.script}` at `{resume.ref}`) was stopped at "
-                        f"`{ck.name}`{epoch}. Resume it from there with the same command:\n"
-                        f"`{command}`"
+                        f"Run `{resume.run_id}` ({code(resume.script)} at {code(resume.ref)}) was stopped at "
+                        f"{code(ck.name)}{epoch}. Resume it from there with the same command:\n"
+                        f"{code(command)}"
                     )
                 )
             )

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, SectionBlock
 
 from workers.slack.client import clamp
+from workers.slack.escape import code, escape
 from workers.slack.format import bar, duration, size
 from workers.slack.ids import BlockId
 from workers.state.runs import Checkpoint, Progress, Run, RunState
@@ -42,7 +43,7 @@ def progress_text(p: Progress) -> str:
     elif where:
         parts.append(where)
     for name, value in list(p.metrics.items())[:3]:
-        parts.append(f"{name} {value:.4g}")
+        parts.append(f"{escape(name)} {value:.4g}")
     if p.eta_seconds is not None and p.eta_seconds > 0:
         parts.append(f"ETA {duration(p.eta_seconds)}")
     if p.source == "log":
@@ -53,20 +54,20 @@ def progress_text(p: Progress) -> str:
 def checkpoint_text(ck: Checkpoint, now: datetime) -> str:
     epoch = f", epoch {ck.epoch}" if ck.epoch is not None else ""
     age = duration((now - ck.modified_at).total_seconds())
-    return f"`{ck.name}` ({size(ck.size)}{epoch}, {age} ago)"
+    return f"{code(ck.name)} ({size(ck.size)}{epoch}, {age} ago)"
 
 
 def run_summary(run: Run) -> str:
-    return f"{run.state.value}: `{run.script}` on `{run.instance_id}` ({run.run_id})"
+    return f"{run.state.value}: {code(run.script)} on `{run.instance_id}` ({run.run_id})"
 
 
 def run_blocks(run: Run, now: datetime | None = None) -> tuple[str, list[Block]]:
     now = now or datetime.now(UTC)
     head = (
-        f"{EMOJI[run.state]} *{run.state.value.capitalize()}* · `{run.script}` on "
+        f"{EMOJI[run.state]} *{run.state.value.capitalize()}* · {code(run.script)} on "
         f"`{run.instance_id}` · <@{run.user_id}>"
     )
-    details = [f"run `{run.run_id}`", f"ref `{run.ref}`" + (f" @ `{run.sha[:10]}`" if run.sha else "")]
+    details = [f"run `{run.run_id}`", f"ref {code(run.ref)}" + (f" @ `{run.sha[:10]}`" if run.sha else "")]
     if run.started_at:
         end = run.ended_at or now
         details.append(f"elapsed {duration((end - run.started_at).total_seconds())}")
@@ -89,7 +90,7 @@ def run_blocks(run: Run, now: datetime | None = None) -> tuple[str, list[Block]]
             )
         )
     if run.args:
-        details.append("args `" + clamp(" ".join(run.args), 300) + "`")
+        details.append("args " + code(" ".join(run.args), 300))
     blocks.append(
         ContextBlock(
             block_id=BlockId.RUN_DETAILS,

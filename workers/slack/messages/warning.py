@@ -13,6 +13,7 @@ from slack_sdk.models.blocks import (
 )
 
 from workers.slack.client import clamp
+from workers.slack.escape import escape
 from workers.slack.ids import ActionId, BlockId
 from workers.state.warnings import Kind, Status, WarningRecord, button_value
 
@@ -40,12 +41,12 @@ def _outcome(record: WarningRecord) -> str:
     if record.status is Status.SNOOZED:
         return f":mute: Snoozed by {who} until {until}."
     if record.status is Status.KEPT:
-        reason = f": “{record.reason}”" if record.reason else " (no reason given)"
+        reason = f": “{escape(record.reason)}”" if record.reason else " (no reason given)"
         return f":white_check_mark: Kept running by {who}{reason}. Quiet until {until}."
     if record.status is Status.STOPPING:
         return f":octagonal_sign: Stop requested by {who}; progress in the thread."
     if record.status is Status.RESOLVED:
-        return ":heavy_check_mark: Resolved" + (f" ({record.reason})." if record.reason else ".")
+        return ":heavy_check_mark: Resolved" + (f" ({escape(record.reason)})." if record.reason else ".")
     return ""
 
 
