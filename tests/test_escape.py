@@ -17,6 +17,7 @@ def test_escape_turns_broadcasts_mentions_and_links_into_text() -> None:
     out = escape(hostile)
     assert not LIVE.search(out) and "<" not in out and ">" not in out
     assert out.startswith("&lt;!channel&gt;") and "a&amp;b" in out
+    assert escape("`x`") == f"{BACKTICK}x{BACKTICK}"  # no code span opened outside one either
 
 
 def test_a_code_span_cannot_be_closed_from_inside() -> None:
@@ -38,4 +39,5 @@ def test_a_code_block_cannot_be_closed_from_inside() -> None:
 def test_no_text_yields_markup_or_an_extra_backtick(text: str) -> None:
     for out in (escape(text), code(text), block(text)):
         assert "<" not in out and ">" not in out
+    assert "`" not in escape(text)
     assert code(text).count("`") == 2 and block(text).count("`") == 6
