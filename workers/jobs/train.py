@@ -17,7 +17,7 @@ from workers.jobs.lifecycle import unconfirmed
 from workers.remote.lifecycle import parse_stop
 from workers.services import Services
 from workers.settings import python_path
-from workers.slack.escape import code
+from workers.slack.escape import code, escape
 from workers.slack.thread import publish, reply
 from workers.state.locks import Holder, operation, train_lock
 from workers.state.runs import Run, RunState
@@ -360,13 +360,13 @@ def launch_error(run: Run, exit_code: int, output: str) -> RunctlError:
             fix=f"Run without `--no-sync-code` to ship the code at {code(run.ref)}.",
         )
     said = next((line for line in output.splitlines() if line.startswith("runctl: could not")), "")
-    if code in (remote.DOWNLOAD_FAILED, remote.UNPACK_FAILED) and said:
-        step = "download" if code == remote.DOWNLOAD_FAILED else "unpack"
+    if exit_code in (remote.DOWNLOAD_FAILED, remote.UNPACK_FAILED) and said:
+        step = "download" if exit_code == remote.DOWNLOAD_FAILED else "unpack"
         return RunctlError(
             f"{run.instance_id} could not {step} the code bundle; training was not started.",
-            why=said.removeprefix("runctl: ")[:600],
+            why=escape(said.removeprefix("runctl: ")[:600]),
             fix="Check that the instance reaches S3 (HTTPS to the bucket's region, a proxy or "
-            f"VPC endpoint if it has no internet), then run the same command again: `{run.command_text}`.",
+            f"VPC endpoint if it has no internet), then run the same command again: {code(run.command_text)}.",
         )
     return RunctlError(
         f"Launching on {run.instance_id} failed (exit {exit_code}).",
