@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from workers import commands as c
 from workers.errors import UsageError
+from workers.slack.escape import code, escape
 
 MAX_TEXT = 4000
 MAX_ARGS = 100
@@ -199,13 +200,13 @@ def parse(text: str) -> c.AnyCommand:
     spec = SPECS.get(name)
     if spec is None:
         raise UsageError(
-            f"Unknown command `{tokens[0]}`.",
+            f"Unknown command {code(tokens[0])}.",
             usage="/runctl " + "|".join(SPECS),
             suggestion="/runctl help",
         )
     values = _parse_tokens(spec, rest)
     if spec.name == "help" and values.get("topic") not in (None, *SPECS):
-        raise UsageError(f"No help for `{values['topic']}`.", usage=spec.usage)
+        raise UsageError(f"No help for {code(values['topic'])}.", usage=spec.usage)
     try:
         command: c.AnyCommand = spec.build(**values)  # type: ignore[assignment]
     except ValidationError as exc:
@@ -283,7 +284,7 @@ def _parse_tokens(spec: Spec, tokens: list[str]) -> dict[str, Any]:
         missing = spec.positionals[len(positionals)]
         raise UsageError(f"Missing <{missing.replace('_', '-')}>.", usage=spec.usage)
     if len(positionals) > len(spec.positionals):
-        raise UsageError(f"Unexpected `{positionals[len(spec.positionals)]}`.", usage=spec.usage)
+        raise UsageError(f"Unexpected {code(positionals[len(spec.positionals)])}.", usage=spec.usage)
     for dest, raw in zip(spec.positionals, positionals, strict=False):
         values[dest] = _positional(spec, dest, raw)
     return values
@@ -302,7 +303,7 @@ def _positional(spec: Spec, dest: str, raw: str) -> Any:
         return int(raw)
     if dest == "count":
         if not raw.isdigit():
-            raise UsageError(f"N must be a number, not `{raw}`.", usage=spec.usage)
+            raise UsageError(f"N must be a number, not {code(raw)}.", usage=spec.usage)
         return int(raw)
     return raw
 
@@ -310,12 +311,12 @@ def _positional(spec: Spec, dest: str, raw: str) -> Any:
 def _convert(spec: Spec, flag: Flag, raw: str) -> Any:
     if flag.kind == "int":
         if not raw.isdigit():
-            raise UsageError(f"`--{flag.name}` needs a whole number, not `{raw}`.", usage=spec.usage)
+            raise UsageError(f"`--{flag.name}` needs a whole number, not {code(raw)}.", usage=spec.usage)
         return int(raw)
     if flag.kind == "bool":
         lowered = raw.lower()
         if lowered not in ("true", "false"):
-            raise UsageError(f"`--{flag.name}=` takes true or false, not `{raw}`.", usage=spec.usage)
+            raise UsageError(f"`--{flag.name}=` takes true or false, not {code(raw)}.", usage=spec.usage)
         return lowered == "true"
     if flag.kind == "user":
         match = _MENTION.match(raw)
@@ -324,13 +325,13 @@ def _convert(spec: Spec, flag: Flag, raw: str) -> Any:
         if re.fullmatch(r"@?[UW][A-Z0-9]{2,}", raw):
             return raw.lstrip("@")
         raise UsageError(
-            f"`--{flag.name}` needs a Slack mention like @someone, not `{raw}`.", usage=spec.usage
+            f"`--{flag.name}` needs a Slack mention like @someone, not {code(raw)}.", usage=spec.usage
         )
     if flag.kind == "instance":
         return _instance(spec, raw)
     if flag.choices and raw not in flag.choices:
         raise UsageError(
-            f"`--{flag.name}` must be one of {', '.join(flag.choices)}, not `{raw}`.",
+            f"`--{flag.name}` must be one of {', '.join(flag.choices)}, not {code(raw)}.",
             usage=spec.usage,
         )
     if flag.name == "ref":
@@ -341,7 +342,7 @@ def _convert(spec: Spec, flag: Flag, raw: str) -> Any:
 def _instance(spec: Spec, raw: str) -> str:
     if not INSTANCE_RE.match(raw):
         raise UsageError(
-            f"`{raw}` is not an instance id (expected i- followed by 8 or 17 hex digits, "
+            f"{code(raw)} is not an instance id (expected i- followed by 8 or 17 hex digits, "
             "e.g. i-0abc1234def567890).",
             usage=spec.usage,
         )
@@ -352,7 +353,7 @@ def check_script_path(raw: str, usage: str = "") -> str:
     """The same rule with or without `--no-sync-code` (the job checks it again)."""
     problem = c.script_problem(raw)
     if problem:
-        raise UsageError(f"Script path `{raw}` {problem}.", usage=usage)
+        raise UsageError(f"Script path {code(raw)} {escape(problem)}.", usage=usage)
     return posixpath.normpath(raw)
 
 
@@ -367,7 +368,7 @@ def check_ref(raw: str, usage: str = "") -> str:
         or any(part.startswith(".") or part.endswith(".lock") for part in raw.split("/"))
     )
     if bad:
-        raise UsageError(f"`{raw}` is not a valid git ref.", usage=usage)
+        raise UsageError(f"{code(raw)} is not a valid git ref.", usage=usage)
     return raw
 
 
@@ -382,13 +383,13 @@ def _unknown_flag(spec: Spec, tokens: list[str], i: int, positionals: list[str])
         raise UsageError(
             "`terminate` always asks for confirmation; there is no `--force`.", usage=spec.usage
         )
-    raise UsageError(f"Unknown option `{tokens[i]}` for `{spec.name}`.", usage=spec.usage)
+    raise UsageError(f"Unknown option {code(tokens[i])} for `{spec.name}`.", usage=spec.usage)
 
 
 def _missing_separator(spec: Spec, tokens: list[str], i: int) -> None:
     fixed = [spec.name, *tokens[:i], "--", *tokens[i:]]
     raise UsageError(
-        f"`{tokens[i]}` looks like an argument for your script, but there is no `--` before it. "
+        f"{code(tokens[i])} looks like an argument for your script, but there is no `--` before it. "
         "runctl does not guess where its own options end.",
         usage=spec.usage,
         suggestion="/runctl " + shlex.join(fixed),

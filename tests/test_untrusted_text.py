@@ -32,7 +32,7 @@ from workers.state.runs import Run, RunState
 from workers.state.warnings import Kind, Status, WarningStore
 
 from .conftest import TOKEN
-from .slack import action
+from .slack import action, command
 
 ALICE = Requester(user_id="U0ALICE", channel_id="C0TRAIN")
 # What an attacker types or makes the instance print: every live form Slack knows, and a
@@ -68,8 +68,6 @@ def hostile_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo.mkdir()
     _git(repo, "init", "-q", "-b", "main")
     (repo / "hostile.py").write_text(HOSTILE_SCRIPT)
-    (repo / HOSTILE_PATH).parent.mkdir()
-    (repo / HOSTILE_PATH).write_text("print('fine')\n")
     _git(repo, "add", "-A")
     _git(repo, "commit", "-q", "-m", "hostile")
     _git(repo, "branch", HOSTILE_REF)
@@ -149,17 +147,20 @@ def test_hostile_args_ref_log_checkpoint_and_metric_names_are_shown_as_text(
     assert_inert(shown)
 
 
-def test_hostile_script_path_is_shown_as_text(
-    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker
+@pytest.mark.parametrize("as_slack_sends_it", [True, False], ids=["html-escaped", "raw"])
+def test_hostile_script_path_is_refused_and_echoed_as_text(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, as_slack_sends_it: bool
 ) -> None:
     iid = fleet_seed.instances["cpu-box"]
-    run_id = f"r-hostile-{uuid.uuid4().hex[:8]}"
-    cmd = TrainCommand(instance_id=iid, script=HOSTILE_PATH, deps=False)
-    train(cmd.model_dump(mode="json"), ALICE.model_dump(mode="json"), run_id)
-    worker.drain()
-    shown = everything(slack, "C0TRAIN")
-    assert any("&lt;!here&gt;ˋpwnˋ&lt;!channel&gt;" in t for t in shown), shown  # refused or run: shown
-    assert_inert(shown)
+    path = HOSTILE_PATH.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") if as_slack_sends_it \
+        else HOSTILE_PATH
+    app = build_app(svc.settings, svc.redis, WebClient(token=TOKEN, base_url=slack.base_url), token_verification=False)
+    resp = app.dispatch(command(f"train {iid} {path} -- {HOSTILE}"))
+    assert resp.status == 200
+    reply = json.loads(resp.body)
+    assert reply["response_type"] == "ephemeral" and "Queued" not in reply["text"]
+    assert "script path" in reply["text"]
+    assert_inert([reply["text"]])
 
 
 def test_keep_running_reason_is_shown_as_text(

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from workers.slack.escape import block
+from workers.slack.escape import block, code
 
 
 class ErrorInfo(BaseModel):
@@ -72,7 +72,7 @@ class RunctlError(Exception):
 
 class UsageError(RunctlError):
     def __init__(self, what: str, *, usage: str = "", suggestion: str = "") -> None:
-        fix = f"`{suggestion}`" if suggestion else ""
+        fix = code(suggestion) if suggestion else ""
         super().__init__(what, why=f"Usage: `{usage}`" if usage else "", fix=fix)
         self.usage = usage
         self.suggestion = suggestion
