@@ -64,8 +64,11 @@ def test_default_owner_or_admin(settings: Settings, action_name: str) -> None:
     policy.check(settings, ALICE, action_name, owner_id=ALICE)
     policy.check(settings, ADMIN, action_name, owner_id=ALICE)
     text = refused(settings, BOB, action_name, owner=ALICE)
-    assert "the run's owner (<@U0ALICE>) or role `admin`" in text
+    assert "the owner (<@U0ALICE>) or role `admin`" in text
     assert "Admins: <@U0ADMIN>" in text
+    # Nobody owns it (no run, no runctl:user tag): admins only, never "anyone".
+    policy.check(settings, ADMIN, action_name, owner_id=None)
+    assert "the owner (it has none" in refused(settings, BOB, action_name, owner=None)
 
 
 @pytest.mark.parametrize("action_name", ["terminate", "force", "audit"])
@@ -292,12 +295,14 @@ def test_a_click_is_checked_against_the_current_policy(
     slack.reset()
     stop_button = message(ActionId.WARN_STOP_NOW)
     app.dispatch(action(click(stop_button, ActionId.WARN_STOP_NOW, user=BOB)))
-    assert slack.ephemerals(BOB) == []  # the default lets the gate pass; the handler checks the owner
+    # the default lets the gate pass; the handler checks the owner, and no warning names one
+    (first,) = slack.ephemerals(BOB)
+    assert "You can't `stop`" in first.text and "the owner (it has none" in first.text
     settings.RUNCTL_POLICY_FILE = write(tmp_path / "p.toml", "[commands]\nstop = ['admin']\n")
     app.dispatch(action(click(stop_button, ActionId.WARN_STOP_NOW, user=BOB)))
-    (note,) = slack.ephemerals(BOB)
-    assert "You can't `stop`" in note.text
-    assert [e.decision for e in audit.newest(real_redis, 5)] == ["refused", "allowed"]
+    note = slack.ephemerals(BOB)[1]
+    assert "You can't `stop` here: it needs role `admin`." in note.text
+    assert [e.decision for e in audit.newest(real_redis, 5)] == ["refused", "refused"]
 
 
 # --- the worker checks again, just before acting -------------------------------------------

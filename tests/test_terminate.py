@@ -222,3 +222,38 @@ def test_an_admin_named_only_in_the_policy_file_or_its_user_group_confirms_a_ter
         assert svc.fleet.get(iid).state in ("shutting-down", "terminated")
         assert f"terminated by <@{admin}> (asked by <@U0ALICE>)" in text_of(confirmation(slack, m.ts))
     usergroups.forget()
+
+
+def test_a_confirmation_that_no_longer_holds_asks_again_instead_of_terminating(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, sandbox: Sandbox, worker: InlineWorker
+) -> None:
+    """Issue 11, finding 12: "No live run" was shown, then a run started; the click must not kill it."""
+    from workers import remote
+
+    iid = fleet_seed.instances["cpu-box"]
+    ask(iid)
+    m = confirmation(slack)
+    assert "No live run" in text_of(m)
+    run_id = train_on(iid, *SLOW, run_id="r-after-ask")
+    wait_for_epoch(sandbox, iid, run_id, 1)
+    calls = count_terminate_calls(svc)
+    try:
+        send_click(svc, slack, worker, click(as_dict(m), ActionId.TERMINATE_CONFIRM, "U0ADMIN"))
+        for job_id in svc.queue.job_ids:
+            job = svc.queue.fetch_job(job_id)
+            if job is not None and job.func_name.endswith("confirm_click"):
+                job.perform()
+
+        assert calls == [] and svc.fleet.get(iid).state == "running"
+        run = svc.runs.get(run_id)
+        assert run is not None and run.state is RunState.RUNNING
+        old = confirmation(slack, m.ts)
+        assert not buttons(old)
+        assert "Nothing was terminated" in old.text and f"run `{run_id}` is live now" in old.text
+        fresh = confirmation(slack)
+        assert fresh.ts != m.ts and buttons(fresh)
+        assert f"Live run `{run_id}`" in text_of(fresh) and "It gets SIGTERM and saves first" in text_of(fresh)
+        # the old buttons are spent
+        assert ConfirmStore(svc.redis).peek(buttons(m)[0]["value"]) is None
+    finally:
+        svc.fleet.run(iid, remote.stop_run(svc.settings.RUNCTL_REMOTE_ROOT, run_id, 10), 60)

@@ -5,7 +5,7 @@ re-read whenever the file changes (cached by mtime), so an edit takes effect on 
 next check. Without a file, the default applies:
 
 - everyone may ``train``, ``status``, ``resources`` and ``checkpoints``;
-- ``stop`` and ``start`` are for the run's owner or admins;
+- ``stop`` and ``start`` are for the instance's owner or admins (see ``owner``);
 - ``terminate``, ``force`` and ``audit`` are for admins;
 - admins come from ``RUNCTL_ADMINS``; any channel; scope ``RUNCTL_SCOPE_TAG``.
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -39,7 +39,7 @@ from workers.commands import Requester
 from workers.errors import ConfigError, PermissionDenied
 from workers.settings import Settings
 from workers.slack import usergroups
-from workers.state.runs import RunStore
+from workers.state.runs import Run, RunStore
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ Action = Literal[
     "train", "status", "resources", "checkpoints", "stop", "start", "terminate", "force", "audit", "launch", "autostop"
 ]
 EVERYONE, OWNER, ADMIN = "everyone", "owner", "admin"
+OWNER_TAG = "runctl:user"  # the instance tag naming its owner when no run does
 BUILTIN_ROLES = (EVERYONE, OWNER, ADMIN)
 DEFAULT_COMMANDS: dict[str, tuple[str, ...]] = {
     "train": (EVERYONE,),
@@ -215,19 +216,23 @@ def allowed(settings: Settings, user_id: str, action: str, owner_id: str | None 
     return True
 
 
-def check(settings: Settings, user_id: str, action: str, owner_id: str | None = None) -> None:
+def check(
+    settings: Settings, user_id: str, action: str, owner_id: str | None = None, *, defer_owner: bool = False
+) -> None:
     """Raise PermissionDenied unless user_id may perform action.
 
-    owner_id is the owner of the run the action touches; ``owner`` is satisfied
-    when it is the user, or when there is no run (owner_id None). A broken policy
-    file raises ConfigError: it refuses rather than guess."""
+    owner_id is the owner of what the action touches (``owner``, ``owner_of``); ``owner``
+    is satisfied only when it is the user: None means nobody owns it, so only the other
+    roles (admins) pass. ``defer_owner``: the caller cannot know the owner (the bot reads
+    no EC2 tags), so ``owner`` passes here and the worker's check decides. A broken
+    policy file raises ConfigError: it refuses rather than guess."""
     policy = load(settings)
     roles = policy.roles_for(action)
     admin_ids = admins(settings)
     for role in roles:
         if role == EVERYONE:
             return
-        if role == OWNER and owner_id in (None, user_id):
+        if role == OWNER and (defer_owner or (owner_id is not None and owner_id == user_id)):
             return
         if role == ADMIN and _is_member(settings, user_id, admin_ids):
             return
@@ -266,16 +271,36 @@ def actions(command: commands.Command) -> list[str]:
     return needed
 
 
-def owner_of(redis: Redis, command: commands.Command) -> str | None:
-    """The owner of the run the command touches: the live run's for stop, the last run's for start."""
+def owner(live: Run | None, history: Iterable[Run], tags: Mapping[str, str] | None) -> str | None:
+    """The owner rule: who started the live run, else the last run (newest first in
+    `history`; one that took the train lock), else the `runctl:user` tag, else nobody
+    (None: admins only)."""
+    if live is not None:
+        return live.user_id
+    for run in history:
+        if run.lock_token or run.started_at:
+            return run.user_id
+    return (tags or {}).get(OWNER_TAG) or None
+
+
+def owner_of(
+    redis: Redis, command: commands.Command, tags: Callable[[str], Mapping[str, str]] | None = None
+) -> str | None:
+    """The owner of the instance the command touches (`owner`); `tags(instance_id)` is
+    asked only when no run tells. Without it (the bot) None may mean "only the tag knows"."""
+    instance_id = getattr(command, "instance_id", None)
+    return instance_owner(redis, instance_id, tags) if instance_id else None
+
+
+def instance_owner(
+    redis: Redis, instance_id: str, tags: Callable[[str], Mapping[str, str]] | None = None
+) -> str | None:
+    """`owner` of an instance from its runs in Redis, then (when given) its tags."""
     runs = RunStore(redis)
-    if isinstance(command, commands.StopCommand):
-        live = runs.live_on(command.instance_id)
-        return live.user_id if live else None
-    if isinstance(command, commands.StartCommand):
-        last = runs.latest(command.instance_id)
-        return last.user_id if last else None
-    return None
+    found = owner(runs.live_on(instance_id), runs.history(instance_id), None)
+    if found is None and tags is not None:
+        found = owner(None, (), tags(instance_id))
+    return found
 
 
 def is_admin(settings: Settings, user_id: str) -> bool:
@@ -306,7 +331,8 @@ def _describe(roles: tuple[str, ...], owner_id: str | None) -> str:
     names = []
     for role in roles:
         if role == OWNER:
-            names.append(f"the run's owner (<@{owner_id}>)" if owner_id else "the run's owner")
+            names.append(f"the owner (<@{owner_id}>)" if owner_id
+                         else f"the owner (it has none: no run and no `{OWNER_TAG}` tag)")
         else:
             names.append(f"role `{role}`")
     if not names:

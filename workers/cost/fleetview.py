@@ -11,13 +11,13 @@ from datetime import datetime
 from decimal import Decimal
 from itertools import islice
 
+from workers import policy
 from workers.aws.fleet import Instance
 from workers.cost.pricing import Price, hourly_price, load_price_book
 from workers.services import Services
 from workers.state.runs import Run
 from workers.state.uptime import Sighting, UptimeLedger
 
-OWNER_TAG = "runctl:user"
 PAGE = 1000  # instances per batch of Redis reads/writes: one describe page
 _HOUR = Decimal(3600)
 
@@ -87,7 +87,7 @@ def collect(svc: Services, instances: Iterable[Instance], now: datetime) -> list
                     cost=used.cost(price.usd_per_hour, now),
                     live_run=run,
                     last_run=last,
-                    owner=last.user_id if last else inst.tags.get(OWNER_TAG) or None,
+                    owner=policy.owner(run, [last] if last else [], inst.tags),
                     idle_since=_idle_since(inst, run, last, used.running_since),
                 )
             )

@@ -14,8 +14,9 @@ from decimal import Decimal
 from slack_sdk.errors import SlackApiError
 from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, SectionBlock
 
+from workers import policy
 from workers.cost import fleetview
-from workers.cost.fleetview import OWNER_TAG, Row
+from workers.cost.fleetview import Row
 from workers.cost.pricing import format_usd
 from workers.jobs import funnel
 from workers.services import Services, current
@@ -124,7 +125,7 @@ def spend(
                 attributed += seconds
         rest = total - attributed
         if rest > 0:
-            owner = row.instance.tags.get(OWNER_TAG) or row.owner or NOBODY
+            owner = row.instance.tags.get(policy.OWNER_TAG) or row.owner or NOBODY
             out.person[owner] += rate * Decimal(rest) / _HOUR
         out.type[row.instance.type] += rate * Decimal(total) / _HOUR
     return out

@@ -137,7 +137,8 @@ def command(model: type[C]) -> Callable[[Callable[..., str]], Entry]:
             job = Job(svc, actor, f"/runctl {cmd.name}", instance_id=getattr(cmd, "instance_id", None) or "")
 
             def run() -> str:
-                job.allow(*policy.actions(cmd), owner_id=policy.owner_of(svc.redis, cmd))
+                owner = policy.owner_of(svc.redis, cmd, tags=lambda iid: svc.fleet.get(iid).tags)
+                job.allow(*policy.actions(cmd), owner_id=owner)
                 return str(flow(job, cmd, *extra))
 
             return settle(job, run)

@@ -38,7 +38,7 @@ from workers.slack.messages.lifecycle import (
     summary_blocks,
 )
 from workers.slack.thread import publish, reply
-from workers.state.confirmations import Confirmation, ConfirmStore, new_nonce
+from workers.state.confirmations import Confirmation, ConfirmStore, Shown, new_nonce
 from workers.state.locks import Holder, operation, train_lock
 from workers.state.runs import Checkpoint, Run, RunState, new_run_id
 from workers.state.uptime import UptimeLedger
@@ -345,6 +345,7 @@ def _stop_locked(
     """(True, summary paragraphs) once stopped; (False, [reason]) when nothing was done."""
     fleet = svc.fleet
     inst = fleet.get(iid)
+    policy.check(svc.settings, actor.user_id, "stop", policy.instance_owner(svc.redis, iid, lambda _: inst.tags))
     if inst.state == "stopping":
         return False, [f"{inst.label} is already stopping. `/runctl status {iid}` shows when it is stopped."]
     if inst.state == "stopped":
@@ -355,7 +356,6 @@ def _stop_locked(
     if inst.state == "pending":
         inst = fleet.wait_for_state(iid, ("running",), svc.settings.RUNCTL_PENDING_WAIT_SECONDS)
     known = svc.runs.live_on(iid)
-    policy.check(svc.settings, actor.user_id, "stop", known.user_id if known else None)
     if force:
         policy.check(svc.settings, actor.user_id, "force")
     if inst.lifecycle == "spot" and fleet.spot_request_type(iid) != "persistent":
@@ -436,6 +436,7 @@ def start_flow(svc: Services, instance_id: str, actor: Requester, wait: bool = T
 def _start_locked(svc: Services, iid: str, actor: Requester, wait: bool) -> tuple[str, bool]:
     fleet = svc.fleet
     inst = fleet.get(iid)
+    policy.check(svc.settings, actor.user_id, "start", policy.instance_owner(svc.redis, iid, lambda _: inst.tags))
     if inst.state != "stopped":
         hint = {
             "running": f"it is already running. `/runctl status {iid}` shows what it is doing.",
@@ -486,6 +487,8 @@ def resume_flow(svc: Services, run_id: str, clicker: Requester, message_ts: str)
         text = f"Run `{run_id}` is no longer known to runctl, so it can't be resumed."
         answer(svc, clicker, text)
         return text
+    # It writes into the stopped run's checkpoint directory: that run's owner's, or an admin's.
+    policy.check(svc.settings, clicker.user_id, "resume", old.user_id)
     new_id = new_run_id(svc.clock())
     claimed = svc.redis.set(f"runctl:resume:{run_id}", f"{new_id} {clicker.user_id}", nx=True,
                             ex=RESUME_CLAIM_SECONDS)
@@ -547,21 +550,13 @@ def ask_to_terminate(svc: Services, iid: str, who: Requester) -> str:
         answer(svc, who, text)
         return text
     now = svc.clock()
-    listings: list[CheckpointListing] | None = None
-    note = ""
-    if inst.state == "running":
-        try:
-            listings = discover_all(svc.fleet, svc.settings.RUNCTL_REMOTE_ROOT, iid)
-        except RunctlError as exc:
-            note = exc.what
-    else:
-        note = f"the instance is `{inst.state}`, so runctl can't look; anything on its root volume is deleted"
+    live, listings, note, shown = what_would_be_lost(svc, inst)
     conf = Confirmation(nonce=new_nonce(), instance_id=iid, requester_id=who.user_id, channel_id=who.channel_id,
-                        created_at=now)
+                        created_at=now, shown=shown)
     text, blocks = confirmation_blocks(
         inst,
         session_cost(svc, inst, now) if inst.state == "running" else Cost(None, "", ""),
-        svc.runs.live_on(iid),
+        live,
         checkpoints_summary(listings, now, note),
         conf.nonce,
         who.user_id,
@@ -571,6 +566,25 @@ def ask_to_terminate(svc: Services, iid: str, who: Requester) -> str:
     conf.message_ts = svc.notifier.post(who.channel_id, text, blocks)
     ConfirmStore(svc.redis).save(conf)
     return text
+
+
+def what_would_be_lost(
+    svc: Services, inst: Instance
+) -> tuple[Run | None, list[CheckpointListing] | None, str, Shown]:
+    """The live run and the checkpoints a terminate would destroy, and their summary for a re-check."""
+    listings: list[CheckpointListing] | None = None
+    note = ""
+    if inst.state == "running":
+        try:
+            listings = discover_all(svc.fleet, svc.settings.RUNCTL_REMOTE_ROOT, inst.id)
+        except RunctlError as exc:
+            note = exc.what
+    else:
+        note = f"the instance is `{inst.state}`, so runctl can't look; anything on its root volume is deleted"
+    live = svc.runs.live_on(inst.id)
+    runs = None if listings is None else tuple(sorted(ls.run_id or "" for ls in listings if ls.checkpoints))
+    return live, listings, note, Shown(state=inst.state, live_run_id=live.run_id if live else None,
+                                       checkpoint_runs=runs)
 
 
 class ConfirmClick:
@@ -615,11 +629,16 @@ class ConfirmClick:
         self.show(conf, f":hourglass_flowing_sand: {who} confirmed: terminating `{conf.instance_id}`…")
         try:
             with operation(self.svc.redis, conf.instance_id, holder(self.svc, self.clicker, "terminate")):
-                text = self.terminate(conf)
+                text, changed = self.terminate(conf)
         except RunctlError as exc:
             self.show(conf, f":warning: Terminate of `{conf.instance_id}` did not happen: {exc.what}")
             raise
-        return self.show(conf, text)
+        self.show(conf, text)
+        if changed:
+            self.store.settle(self.nonce, "it was out of date; a fresh confirmation was posted")
+            asker = self.clicker.model_copy(update={"channel_id": conf.channel_id})
+            ask_to_terminate(self.svc, conf.instance_id, asker)
+        return text
 
     def too_late(self) -> str:
         outcome = self.store.outcome(self.nonce)
@@ -637,15 +656,21 @@ class ConfirmClick:
             self.show(asked, f":hourglass: {text}")
         return text
 
-    def terminate(self, conf: Confirmation) -> str:
+    def terminate(self, conf: Confirmation) -> tuple[str, bool]:
+        """What happened, and whether a fresh confirmation must be asked (what it showed changed)."""
         svc = self.svc
         iid = conf.instance_id
         inst = svc.fleet.get(iid)
         if inst.state in ("terminated", "shutting-down"):
-            return f"{inst.label} is already `{inst.state}`; nothing was done."
+            return f"{inst.label} is already `{inst.state}`; nothing was done.", False
         if inst.state == "stopping":
             return (f"{inst.label} is `stopping` (someone is stopping it); nothing was terminated. "
-                    f"Run `/runctl terminate {iid}` again once it is stopped.")
+                    f"Run `/runctl terminate {iid}` again once it is stopped."), False
+        if conf.shown is not None:
+            changes = conf.shown.changes(what_would_be_lost(svc, inst)[3])
+            if changes:
+                return (f":arrows_counterclockwise: Nothing was terminated: since this was asked, "
+                        f"{'; '.join(changes)}. A fresh confirmation with what would be lost now follows."), True
         now = svc.clock()
         cost = session_cost(svc, inst, now) if inst.state == "running" else None
         reports: list[str] = []
@@ -664,7 +689,7 @@ class ConfirmClick:
         lines += reports
         if cost is not None:
             lines.append(cost.text("Up this session"))
-        return "\n".join(lines)
+        return "\n".join(lines), False
 
     def show(self, conf: Confirmation, text: str) -> str:
         """Replace the confirmation with `text`, without buttons."""

@@ -174,6 +174,7 @@ class TrainFlow:
         if lock.acquire(token):
             self.token = token
             run.lock_token = token
+            self.svc.runs.save(run)  # live from here: stop, start and terminate see it and its owner
             return None
         other = lock.holder()
         if not self.cmd.force:
@@ -189,6 +190,7 @@ class TrainFlow:
         self.svc.redis.set(lock.key, token, px=lock.ttl_ms)
         self.token = token
         run.lock_token = token
+        self.svc.runs.save(run)
 
     def deliver(self, bundle_url: str | None, launch: str) -> None:
         """Ship the code (and start the run, given its launch script) in one SSM command,

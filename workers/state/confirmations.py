@@ -16,8 +16,35 @@ from typing import Any
 from pydantic import BaseModel, Field
 from redis import Redis
 
+from workers.slack.escape import code
+
 TTL = timedelta(minutes=10)
 RECEIPT_TTL = timedelta(days=7)
+
+
+class Shown(BaseModel):
+    """What a confirmation told people would be lost; a click re-checks it."""
+
+    state: str  # the instance's
+    live_run_id: str | None = None
+    checkpoint_runs: tuple[str, ...] | None = None  # runs with checkpoints; None: could not be listed
+
+    def changes(self, now: Shown) -> list[str]:
+        """What is different `now`, in words; empty when the confirmation still holds."""
+        out: list[str] = []
+        if now.live_run_id != self.live_run_id:
+            out.append(
+                f"run {code(now.live_run_id)} is live now" if now.live_run_id and not self.live_run_id
+                else f"run {code(self.live_run_id)} is no longer live" if not now.live_run_id
+                else f"the live run is {code(now.live_run_id)} now, not {code(self.live_run_id)}"
+            )
+        if now.state != self.state:
+            out.append(f"the instance is `{now.state}` now, not `{self.state}`")
+        elif now.checkpoint_runs is not None and now.checkpoint_runs != self.checkpoint_runs:
+            new = sorted(set(now.checkpoint_runs) - set(self.checkpoint_runs or ()))
+            out.append(f"run {', '.join(code(r) for r in new[:5])} has checkpoints now" if new
+                       else "checkpoints listed then are gone")
+        return out
 
 
 class Confirmation(BaseModel):
@@ -30,6 +57,7 @@ class Confirmation(BaseModel):
     kind: str = "terminate"
     command: str = ""  # what to run again once it expired; empty: `/runctl terminate <instance>`
     payload: dict[str, Any] = Field(default_factory=dict)  # what the click acts on (a launch's spec)
+    shown: Shown | None = None
 
     @property
     def expires_at(self) -> datetime:

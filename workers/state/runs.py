@@ -141,8 +141,8 @@ class RunStore:
         pipe.set(self._key(run.run_id), run.model_dump_json())
         if run.state.ended:
             pipe.srem("runctl:runs:live", run.run_id)
-        elif run.state in (RunState.RUNNING, RunState.SETTING_UP, RunState.STOPPING):
-            pipe.sadd("runctl:runs:live", run.run_id)
+        elif run.lock_token or run.state in (RunState.RUNNING, RunState.SETTING_UP, RunState.STOPPING):
+            pipe.sadd("runctl:runs:live", run.run_id)  # live from the moment it takes the train lock
         pipe.execute()
         return run
 
