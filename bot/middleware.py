@@ -130,7 +130,7 @@ def gate_click(
         if not guards.admit(redis, key, user, settings.RUNCTL_RATE_PER_MINUTE):
             return ack()
         if tier is not None:
-            policy.check(settings, user, tier)
+            policy.check(settings, user, tier, defer_owner=True)  # the handler knows what was clicked
     except RunctlError as exc:
         _tell(client, channel, user, exc.as_text())
         refused = entry.model_copy(update={"decision": "refused", "outcome": f"{type(exc).__name__}: {exc.what}"})

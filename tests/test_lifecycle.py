@@ -181,6 +181,7 @@ def test_a_script_that_ignores_sigterm_is_killed_and_the_loss_is_reported(
 
 def test_stop_of_a_stopped_instance_is_a_no_op(svc: Services, fleet_seed: SeedInfo, slack: FakeSlack) -> None:
     iid = fleet_seed.instances["old-box"]
+    svc.fleet.ec2.create_tags(Resources=[iid], Tags=[{"Key": "runctl:user", "Value": "U0ALICE"}])  # hers
     assert "already stopped" in stop_cmd(iid)
     assert any("already stopped" in m.text for m in slack.ephemerals("U0ALICE"))
     assert not slack.calls_to("chat.postMessage")
@@ -188,6 +189,7 @@ def test_stop_of_a_stopped_instance_is_a_no_op(svc: Services, fleet_seed: SeedIn
 
 def test_stop_with_force_needs_an_admin(svc: Services, fleet_seed: SeedInfo, slack: FakeSlack) -> None:
     iid = fleet_seed.instances["cpu-box"]
+    svc.fleet.ec2.create_tags(Resources=[iid], Tags=[{"Key": "runctl:user", "Value": "U0ALICE"}])  # hers
     stop_cmd(iid, force=True)
     assert any("`force`" in m.text and "admin" in m.text for m in slack.ephemerals("U0ALICE"))
     assert svc.fleet.get(iid).state == "running"
@@ -195,6 +197,7 @@ def test_stop_with_force_needs_an_admin(svc: Services, fleet_seed: SeedInfo, sla
 
 def test_start_only_from_stopped(svc: Services, fleet_seed: SeedInfo, slack: FakeSlack) -> None:
     iid = fleet_seed.instances["cpu-box"]
+    svc.fleet.ec2.create_tags(Resources=[iid], Tags=[{"Key": "runctl:user", "Value": "U0ALICE"}])  # hers
     start(StartCommand(instance_id=iid).model_dump(mode="json"), ALICE.model_dump(mode="json"))
     assert any("already running" in m.text for m in slack.ephemerals("U0ALICE"))
 

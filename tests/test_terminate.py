@@ -173,13 +173,16 @@ def test_stop_instead_stops_the_instance(
     svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker
 ) -> None:
     iid = fleet_seed.instances["gpu-box-1"]
+    # stop is the owner's: no run has been on it, so its runctl:user tag says whose it is
+    svc.fleet.ec2.create_tags(Resources=[iid], Tags=[{"Key": "runctl:user", "Value": "U0ALICE"}])
     ask(iid)
     m = confirmation(slack)
     calls = count_terminate_calls(svc)
 
     dispatch(svc, slack, worker, click(as_dict(m), ActionId.TERMINATE_STOP_INSTEAD, "U0ALICE"))
 
-    assert calls == [] and svc.fleet.get(iid).state == "stopped"
+    assert calls == [] and svc.fleet.get(iid).state == "stopped", [x.text for x in slack.messages(CHANNEL)] + [
+        e.text for e in slack.ephemerals()]
     final = confirmation(slack, m.ts)
     assert not buttons(final) and "chose to stop instead" in final.text
     summary = [x.text for x in slack.thread(CHANNEL, m.ts)]

@@ -283,6 +283,12 @@ def owner(live: Run | None, history: Iterable[Run], tags: Mapping[str, str] | No
     return (tags or {}).get(OWNER_TAG) or None
 
 
+def needs_owner(settings: Settings, actions: Iterable[str]) -> bool:
+    """Whether the current policy gives any of `actions` to the `owner` role."""
+    policy = load(settings)
+    return any(OWNER in policy.roles_for(action) for action in actions)
+
+
 def owner_of(
     redis: Redis, command: commands.Command, tags: Callable[[str], Mapping[str, str]] | None = None
 ) -> str | None:
@@ -319,12 +325,14 @@ def check_answer(settings: Settings, user_id: str, requester_id: str | None) -> 
     )
 
 
-def recheck(settings: Settings, who: Requester, *actions: str, owner_id: str | None = None) -> None:
+def recheck(
+    settings: Settings, who: Requester, *actions: str, owner_id: str | None = None, defer_owner: bool = False
+) -> None:
     """The worker's check just before acting: channel, then every action."""
     if who.channel_id:
         check_channel(settings, who.channel_id)
     for action in actions:
-        check(settings, who.user_id, action, owner_id)
+        check(settings, who.user_id, action, owner_id, defer_owner=defer_owner)
 
 
 def _describe(roles: tuple[str, ...], owner_id: str | None) -> str:

@@ -48,9 +48,9 @@ class Job:
     failed_state: RunState = RunState.FAILED  # what the run becomes when the flow raises
     audited: bool = field(default=False, repr=False)
 
-    def allow(self, *actions: str, owner_id: str | None = None) -> None:
-        """The current policy's verdict for the actor, in the actor's channel."""
-        policy.recheck(self.svc.settings, self.actor, *actions, owner_id=owner_id)
+    def allow(self, *actions: str, owner_id: str | None = None, defer_owner: bool = False) -> None:
+        """The current policy's verdict for the actor, in the actor's channel (`policy.check`)."""
+        policy.recheck(self.svc.settings, self.actor, *actions, owner_id=owner_id, defer_owner=defer_owner)
 
     def tell(self, text: str, blocks: Sequence[Block] | None = None) -> None:
         """To the actor: in the thread the job belongs to, else privately (ephemeral, else DM)."""
@@ -137,8 +137,10 @@ def command(model: type[C]) -> Callable[[Callable[..., str]], Entry]:
             job = Job(svc, actor, f"/runctl {cmd.name}", instance_id=getattr(cmd, "instance_id", None) or "")
 
             def run() -> str:
-                owner = policy.owner_of(svc.redis, cmd, tags=lambda iid: svc.fleet.get(iid).tags)
-                job.allow(*policy.actions(cmd), owner_id=owner)
+                needed = policy.actions(cmd)
+                # The owner's tag costs an EC2 call: read it only when the policy asks for an owner.
+                tags = (lambda iid: svc.fleet.get(iid).tags) if policy.needs_owner(svc.settings, needed) else None
+                job.allow(*needed, owner_id=policy.owner_of(svc.redis, cmd, tags=tags))
                 return str(flow(job, cmd, *extra))
 
             return settle(job, run)
@@ -162,7 +164,7 @@ def click(what: str, actor_at: int, *actions: str) -> Callable[[Callable[..., st
             rest = args[:actor_at] + args[actor_at + 1 :]
 
             def run() -> str:
-                job.allow(*actions)
+                job.allow(*actions, defer_owner=True)  # the flow checks the owner of what was clicked
                 return str(flow(job, *rest))
 
             return settle(job, run)
