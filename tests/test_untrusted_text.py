@@ -176,7 +176,7 @@ def test_keep_running_reason_is_shown_as_text(
     svc.clock = lambda: launched + timedelta(hours=30)
     svc.runs.create(Run(run_id="r-owner", instance_id=iid, user_id="U0ALICE", channel_id="C0TRAIN",
                         script="train.py", state=RunState.SUCCEEDED, created_at=launched,
-                        ended_at=launched + timedelta(hours=1)))
+                        started_at=launched, ended_at=launched + timedelta(hours=1)))
     sweep()
     record = WarningStore(svc.redis).get(iid, Kind.COST)
     assert record is not None
