@@ -59,8 +59,12 @@ def test_a_bundle_that_does_not_unpack_says_what_arrived(
 ) -> None:
     svc.repo.sync()
     sha = svc.repo.resolve("main")
-    svc.fleet.upload(f"runctl/bundles/{sha}.tar.gz", b"<html>captive portal</html>")
-    run = svc.runs.get(start(fleet_seed.instances["cpu-box"], "train_with_checkpoints.py", *QUICK))
+    key = f"runctl/bundles/{sha}.tar.gz"
+    svc.fleet.upload(key, b"<html>captive portal</html>")
+    try:
+        run = svc.runs.get(start(fleet_seed.instances["cpu-box"], "train_with_checkpoints.py", *QUICK))
+    finally:  # bundles are cached by sha in the session's bucket: later runs must get the real one
+        svc.fleet.s3.delete_object(Bucket=svc.fleet.bucket, Key=key)
     assert run is not None and run.state is RunState.REFUSED and run.error is not None
     assert "could not unpack the code bundle" in run.error.what
     assert "HTTP 200, 27 bytes" in run.error.why and "<html>captive portal" in run.error.why
