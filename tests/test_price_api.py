@@ -57,6 +57,7 @@ def test_price_comes_from_the_price_list_api_and_the_table_is_the_dated_fallback
     calls = sandbox.prices.calls
     lines(svc, slack, gpu, cpu)
     assert sandbox.prices.calls == calls  # a day's cache: no second round of GetProducts
+    svc.fleet.terminate(odd)  # later tests list the running fleet
 
 
 def test_a_denied_price_list_falls_back_to_the_table_with_its_date(
