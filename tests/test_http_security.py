@@ -29,6 +29,7 @@ from workers import audit
 from workers.queueing import QUEUE
 from workers.sandbox.fake_slack import FakeSlack
 from workers.settings import Settings
+from workers.slack import hooks
 from workers.slack.ids import ActionId, BlockId
 
 from .conftest import REDIS_URL, TOKEN
@@ -343,3 +344,21 @@ def test_three_million_form_fields_are_answered_before_the_body_is_sent(web: str
     assert send_streaming(web, [form, size], iter(())) == 401
     signed = [(k, v) for k, v in sign(body.decode()).items() if k.startswith("x-slack")]
     assert send_streaming(web, [form, size, *signed], iter(())) == 413
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("https://hooks.slack.com/commands/T0TEAM/1/abc", True),
+        ("https://hooks.slack.com/actions/T0TEAM/1/abc", True),
+        ("http://hooks.slack.com/commands/T0TEAM/1/abc", False),  # not https
+        ("https://hooks.slack.com:8443/commands/x", False),
+        ("https://hooks.slack.com@evil.example/commands/x", False),  # user info: the host is evil.example
+        ("https://evil.example/?u=https://hooks.slack.com/", False),
+        ("https://hooks.slack.com.evil.example/x", False),
+        ("http://169.254.169.254/latest/meta-data/", False),
+        ("", False),
+    ],
+)
+def test_only_slacks_response_urls_are_trusted(settings: Settings, url: str, ok: bool) -> None:
+    assert (hooks.trusted(settings, url) == url) is ok
