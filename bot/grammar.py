@@ -5,11 +5,12 @@ Each command is a ``Spec``; adding one is adding a spec to ``SPECS``.
 
 from __future__ import annotations
 
+import difflib
 import posixpath
 import re
 import shlex
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -25,6 +26,7 @@ MAX_ARG_LEN = 1000
 INSTANCE_RE = re.compile(r"^i-(?:[0-9a-f]{8}|[0-9a-f]{17})$")
 _SMART_QUOTES = str.maketrans({"“": '"', "”": '"', "‘": "'", "’": "'"})
 _MENTION = re.compile(r"^<@([UW][A-Z0-9]+)(?:\|[^>]*)?>$")
+_DASHES = re.compile(r"^[-\u2013\u2014]*[\u2013\u2014][-\u2013\u2014]*")  # with an en or em dash
 _REF_BAD = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
 
 FlagKind = Literal["switch", "bool", "int", "str", "user", "instance"]
@@ -38,6 +40,7 @@ class Flag:
     metavar: str = ""
     value: Any = True  # what a switch sets
     choices: tuple[str, ...] = ()
+    help: str = field(kw_only=True)  # one line for `help <command>`
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,8 @@ class Spec:
         return next((f for f in self.flags if f.name == name), None)
 
 
-def _switch(name: str, dest: str, value: Any = True) -> Flag:
-    return Flag(name, dest, "switch", value=value)
+def _switch(name: str, dest: str, value: Any = True, *, help: str) -> Flag:
+    return Flag(name, dest, "switch", value=value, help=help)
 
 
 SPECS: dict[str, Spec] = {
@@ -71,16 +74,20 @@ SPECS: dict[str, Spec] = {
             "Ship the code at REF and start a training run on an instance.",
             positionals=("instance_id", "script"),
             flags=(
-                Flag("ref", "ref", "str", "REF"),
-                Flag("sync-code", "sync_code", "bool"),
-                _switch("no-sync-code", "sync_code", False),
-                Flag("wait", "wait", "bool"),
-                _switch("no-wait", "wait", False),
-                _switch("force", "force"),
-                Flag("checkpoint-interval", "checkpoint_interval", "int", "N"),
-                _switch("no-deps", "deps", False),
-                _switch("rebuild-env", "rebuild_env"),
-                Flag("then", "then", "str", "stop|terminate|keep", choices=("stop", "terminate", "keep")),
+                Flag("ref", "ref", "str", "REF", help="the branch, tag or commit to ship (default RUNCTL_REF)"),
+                Flag("sync-code", "sync_code", "bool", help="ship the code at REF to the instance first (the default)"),
+                _switch("no-sync-code", "sync_code", False, help="run the code already on the instance"),
+                Flag("wait", "wait", "bool", help="follow the run in the message thread (the default)"),
+                _switch("no-wait", "wait", False, help="start the run and leave it"),
+                _switch("force", "force", help="stop a live run on the instance gracefully first"),
+                Flag(
+                    "checkpoint-interval", "checkpoint_interval", "int", "N",
+                    help="checkpoint every N epochs (default 1; passed on to a script that accepts it)",
+                ),
+                _switch("no-deps", "deps", False, help="do not install the requirements file"),
+                _switch("rebuild-env", "rebuild_env", help="build the run's environment again instead of reusing it"),
+                Flag("then", "then", "str", "stop|terminate|keep", choices=("stop", "terminate", "keep"),
+                    help="what happens to the instance when the run ends, however it ends (default RUNCTL_THEN)"),
             ),
             passthrough=True,
             build=c.TrainCommand,
@@ -101,7 +108,11 @@ SPECS: dict[str, Spec] = {
             "/runctl stop <instance-id> [--grace SECONDS] [--force]",
             "Checkpoint the live run (SIGTERM), then stop the instance.",
             positionals=("instance_id",),
-            flags=(Flag("grace", "grace", "int", "SECONDS"), _switch("force", "force")),
+            flags=(
+                Flag("grace", "grace", "int", "SECONDS",
+                     help="how long the run has to save a checkpoint after SIGTERM (default 120)"),
+                _switch("force", "force", help="stop at once, without waiting for a checkpoint (admins)"),
+            ),
             build=c.StopCommand,
             details="The run gets SIGTERM and up to --grace seconds (default 120) to save a "
             "checkpoint; the report says what it saved. `--force` skips that (admins).",
@@ -111,7 +122,10 @@ SPECS: dict[str, Spec] = {
             "/runctl start <instance-id> [--no-wait]",
             "Start a stopped instance; offers to resume the last stopped run.",
             positionals=("instance_id",),
-            flags=(Flag("wait", "wait", "bool"), _switch("no-wait", "wait", False)),
+            flags=(
+                Flag("wait", "wait", "bool", help="report in the thread when the instance is running (the default)"),
+                _switch("no-wait", "wait", False, help="ask AWS to start it and answer at once"),
+            ),
             build=c.StartCommand,
         ),
         Spec(
@@ -128,9 +142,10 @@ SPECS: dict[str, Spec] = {
             "/runctl resources [--all] [--sort cost|uptime|type] [--user @someone]",
             "Managed instances with uptime, $/h, cost so far and who is training.",
             flags=(
-                _switch("all", "all"),
-                Flag("sort", "sort", "str", "cost|uptime|type", choices=("cost", "uptime", "type")),
-                Flag("user", "user", "user", "@someone"),
+                _switch("all", "all", help="instances in every state, stopped ones too"),
+                Flag("sort", "sort", "str", "cost|uptime|type", choices=("cost", "uptime", "type"),
+                    help="the order of the rows (default cost)"),
+                Flag("user", "user", "user", "@someone", help="only the instances that person owns or trains on"),
             ),
             build=c.ResourcesCommand,
         ),
@@ -139,7 +154,7 @@ SPECS: dict[str, Spec] = {
             "/runctl checkpoints <instance-id> [--run RUN_ID]",
             "List a run's checkpoints on the instance, with an integrity check.",
             positionals=("instance_id",),
-            flags=(Flag("run", "run_id", "str", "RUN_ID"),),
+            flags=(Flag("run", "run_id", "str", "RUN_ID", help="that run instead of the newest one"),),
             build=c.CheckpointsCommand,
         ),
         Spec(
@@ -148,7 +163,10 @@ SPECS: dict[str, Spec] = {
             "The newest N audit records (admins).",
             positionals=("count",),
             optional_positionals=1,
-            flags=(Flag("instance", "instance_id", "instance", "i-…"), Flag("user", "user", "user", "@x")),
+            flags=(
+                Flag("instance", "instance_id", "instance", "i-…", help="only the records about that instance"),
+                Flag("user", "user", "user", "@x", help="only that person's records"),
+            ),
             build=c.AuditCommand,
         ),
         Spec(
@@ -157,10 +175,11 @@ SPECS: dict[str, Spec] = {
             "Launch an instance from an admin-defined template, after a confirmation with its price.",
             positionals=("target",),
             flags=(
-                _switch("spot", "spot"),
-                Flag("region", "region", "str", "R"),
-                Flag("name", "instance_name", "str", "NAME"),
-                Flag("disk", "disk", "int", "GB"),
+                _switch("spot", "spot", help="a spot instance: cheaper, and AWS may take it back"),
+                Flag("region", "region", "str", "R", help="the AWS region; only the worker's own region is accepted"),
+                Flag("name", "instance_name", "str", "NAME",
+                     help="the instance's Name tag (default <target>-<you>-<id>)"),
+                Flag("disk", "disk", "int", "GB", help="the root volume in GB (default the preset's or template's)"),
             ),
             build=c.LaunchCommand,
             details="The AMI, subnet, security group and instance profile come from the launch file "
@@ -199,14 +218,16 @@ def parse(text: str) -> c.AnyCommand:
     name, rest = tokens[0].lower(), tokens[1:]
     spec = SPECS.get(name)
     if spec is None:
-        raise UsageError(
-            f"Unknown command {code(tokens[0])}.",
-            usage="/runctl " + "|".join(SPECS),
-            suggestion="/runctl help",
-        )
+        _unknown_command(tokens)
+    assert spec is not None
     values = _parse_tokens(spec, rest)
     if spec.name == "help" and values.get("topic") not in (None, *SPECS):
-        raise UsageError(f"No help for {code(values['topic'])}.", usage=spec.usage)
+        near = nearest(values["topic"], SPECS)
+        raise UsageError(
+            f"No help for {code(values['topic'])}." + (f" Did you mean `{near}`?" if near else ""),
+            usage=spec.usage,
+            suggestion=f"/runctl help {near}" if near else "",
+        )
     try:
         command: c.AnyCommand = spec.build(**values)  # type: ignore[assignment]
     except ValidationError as exc:
@@ -239,6 +260,7 @@ def tokenize(text: str) -> list[str]:
 
 
 def _parse_tokens(spec: Spec, tokens: list[str]) -> dict[str, Any]:
+    _check_dashes(spec, tokens)
     values: dict[str, Any] = {}
     positionals: list[str] = []
     i = 0
@@ -299,7 +321,7 @@ def _positional(spec: Spec, dest: str, raw: str) -> Any:
         if raw.lower() == "off":
             return None
         if not raw.isdigit():
-            raise UsageError(f"Give the idle minutes as a number, or `off`, not `{raw}`.", usage=spec.usage)
+            raise UsageError(f"Give the idle minutes as a number, or `off`, not {code(raw)}.", usage=spec.usage)
         return int(raw)
     if dest == "count":
         if not raw.isdigit():
@@ -376,30 +398,87 @@ def _is_number(tok: str) -> bool:
     return re.fullmatch(r"-\d+(\.\d+)?", tok) is not None
 
 
+def nearest(word: str, choices: Iterable[str]) -> str | None:
+    """The closest of `choices`, by difflib's ratio and cutoff as for `--ref mian` (None if none is close)."""
+    close = difflib.get_close_matches(word.lower(), list(choices), n=1)
+    return close[0] if close else None
+
+
+def _unknown_command(tokens: list[str]) -> None:
+    near = nearest(tokens[0], SPECS)
+    raise UsageError(
+        f"Unknown command {code(tokens[0])}." + (f" Did you mean `{near}`?" if near else ""),
+        usage="/runctl " + "|".join(SPECS),
+        suggestion="/runctl " + shlex.join([near, *tokens[1:]]) if near else "/runctl help",
+    )
+
+
 def _unknown_flag(spec: Spec, tokens: list[str], i: int, positionals: list[str]) -> None:
-    if spec.passthrough and len(positionals) == len(spec.positionals):
+    tok = tokens[i]
+    name, eq, inline = tok.lstrip("-").partition("=")
+    near = nearest(name, (f.name for f in spec.flags))
+    for_script = spec.passthrough and len(positionals) == len(spec.positionals)
+    if for_script and near is None:
         _missing_separator(spec, tokens, i)
-    if spec.name == "terminate" and tokens[i] == "--force":
+    if spec.name == "terminate" and tok == "--force":
         raise UsageError(
             "`terminate` always asks for confirmation; there is no `--force`.", usage=spec.usage
         )
-    raise UsageError(f"Unknown option {code(tokens[i])} for `{spec.name}`.", usage=spec.usage)
+    what = f"Unknown option {code(tok)} for `{spec.name}`."
+    if near is None:
+        raise UsageError(what, usage=spec.usage)
+    what += f" Did you mean `--{near}`?"
+    if for_script:  # a script's own option can look like a typo of ours: offer both
+        what += f" If {code(tok)} is for your script, put `--` before it: {code(_separated(spec, tokens, i))}."
+    fixed = [spec.name, *tokens[:i], f"--{near}{eq}{inline}", *tokens[i + 1 :]]
+    raise UsageError(what, usage=spec.usage, suggestion="/runctl " + shlex.join(fixed))
 
 
 def _missing_separator(spec: Spec, tokens: list[str], i: int) -> None:
-    fixed = [spec.name, *tokens[:i], "--", *tokens[i:]]
     raise UsageError(
         f"{code(tokens[i])} looks like an argument for your script, but there is no `--` before it. "
         "runctl does not guess where its own options end.",
         usage=spec.usage,
-        suggestion="/runctl " + shlex.join(fixed),
+        suggestion=_separated(spec, tokens, i),
     )
+
+
+def _separated(spec: Spec, tokens: list[str], i: int) -> str:
+    return "/runctl " + shlex.join([spec.name, *tokens[:i], "--", *tokens[i:]])
+
+
+def _check_dashes(spec: Spec, tokens: list[str]) -> None:
+    """`—epochs`, `— —epochs`, `–-epochs`: a `--` that Slack or macOS made an en or em dash.
+    Refused with the command as meant (and as it then parses), never passed on."""
+    fixed = [_DASHES.sub("--", tok, count=1) for tok in tokens]
+    bad = next((tok for tok, fix in zip(tokens, fixed, strict=True) if tok != fix), None)
+    if bad is None:
+        return
+    what = (
+        f"{code(bad)} starts with a long dash (— or –), which Slack and macOS put in for a typed `--`; "
+        "runctl reads only `-` and `--`."
+    )
+    try:
+        _parse_tokens(spec, fixed)
+        suggestion = "/runctl " + shlex.join([spec.name, *fixed])
+    except UsageError as exc:
+        if not exc.suggestion:
+            raise UsageError(f"{what} With `--` instead: {exc.what}", usage=spec.usage) from None
+        suggestion = exc.suggestion
+    raise UsageError(what, usage=spec.usage, suggestion=suggestion)
 
 
 def help_text(topic: str | None = None) -> str:
     if topic:
         spec = SPECS[topic]
-        return f"`{spec.usage}`\n{spec.summary}" + (f"\n{spec.details}" if spec.details else "")
+        lines = [f"`{spec.usage}`", spec.summary, *([spec.details] if spec.details else [])]
+        return "\n".join(lines + [f"• `{_flag_usage(f)}`: {f.help}" for f in spec.flags])
     lines = ["*runctl* — run and watch training jobs on EC2 from Slack."]
     lines += [f"• `{s.usage}`\n    {s.summary}" for s in SPECS.values()]
     return "\n".join(lines)
+
+
+def _flag_usage(flag: Flag) -> str:
+    if flag.kind in ("switch", "bool"):
+        return f"--{flag.name}"
+    return f"--{flag.name} {flag.metavar}"

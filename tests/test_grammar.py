@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import redis as redis_mod
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from slack_sdk import WebClient
 
-from bot.grammar import parse
+from bot.app import build_app
+from bot.grammar import SPECS, parse
 from workers import commands as c
 from workers.errors import UsageError
+from workers.sandbox.fake_slack import FakeSlack
+from workers.settings import Settings
+
+from . import slack as s
+from .conftest import TOKEN
 
 IID = "i-0123456789abcdef0"
 
@@ -100,6 +110,63 @@ def test_bare_word_after_script_also_needs_separator() -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "what", "suggestion"),
+    [
+        (f"trian {IID} t.py", "Did you mean `train`?", f"/runctl train {IID} t.py"),
+        ("stauts i-0123abcd", "Did you mean `status`?", "/runctl status i-0123abcd"),
+        ("frobnicate", "Unknown command `frobnicate`.", "/runctl help"),
+        ("help trian", "Did you mean `train`?", "/runctl help train"),
+        (
+            f"train {IID} t.py --chekpoint-interval 5",
+            "Did you mean `--checkpoint-interval`? If `--chekpoint-interval` is for your script, put `--` "
+            f"before it: `/runctl train {IID} t.py -- --chekpoint-interval 5`.",
+            f"/runctl train {IID} t.py --checkpoint-interval 5",
+        ),
+        (
+            f"train {IID} --chekpoint-interval=5 t.py",
+            "Did you mean `--checkpoint-interval`?",
+            f"/runctl train {IID} --checkpoint-interval=5 t.py",
+        ),
+        (f"train {IID} t.py -force", "Did you mean `--force`?", f"/runctl train {IID} t.py --force"),
+        (f"stop {IID} --grce 30", "Did you mean `--grace`?", f"/runctl stop {IID} --grace 30"),
+        ("resources --sotr uptime", "Did you mean `--sort`?", "/runctl resources --sort uptime"),
+        (f"train {IID} t.py --epochs 3", "no `--` before it", f"/runctl train {IID} t.py -- --epochs 3"),
+    ],
+)
+def test_unknown_commands_and_options_suggest_the_nearest(text: str, what: str, suggestion: str) -> None:
+    with pytest.raises(UsageError) as err:
+        parse(text)
+    assert what in err.value.what
+    assert err.value.suggestion == suggestion
+
+
+@pytest.mark.parametrize(
+    ("text", "suggestion"),
+    [
+        (f"train {IID} t.py \u2014 \u2014epochs 2", f"/runctl train {IID} t.py -- --epochs 2"),
+        (f"train {IID} t.py \u2014epochs 2", f"/runctl train {IID} t.py -- --epochs 2"),
+        (f"train {IID} t.py \u2013-epochs 2", f"/runctl train {IID} t.py -- --epochs 2"),
+        (f"train {IID} t.py -- \u2014epochs 2 --lr 0.1", f"/runctl train {IID} t.py -- --epochs 2 --lr 0.1"),
+        (f"train {IID} t.py \u2014no-wait \u2014 \u2013lr 1", f"/runctl train {IID} t.py --no-wait -- --lr 1"),
+        (f"stop {IID} \u2014grace 30", f"/runctl stop {IID} --grace 30"),
+    ],
+)
+def test_long_dashes_are_read_as_the_double_dash_they_replaced(text: str, suggestion: str) -> None:
+    with pytest.raises(UsageError) as err:
+        parse(text)
+    assert "long dash" in err.value.what
+    assert err.value.suggestion == suggestion
+    assert "\u2014" not in err.value.suggestion and "\u2013" not in err.value.suggestion
+    parse(suggestion.removeprefix("/runctl "))  # the fix offered is a command that parses
+
+
+def test_long_dash_with_another_mistake_says_both() -> None:
+    with pytest.raises(UsageError) as err:
+        parse(f"stop {IID} \u2014bogus")
+    assert "long dash" in err.value.what and "Unknown option `--bogus`" in err.value.what
+
+
+@pytest.mark.parametrize(
     "text",
     [f"train {IID} t.py -- 'a\nb'", f"train {IID} t.py -- 'a\x00b'", f"train {IID} t.py -- $'\\t'x\x1b"],
 )
@@ -117,6 +184,32 @@ def test_limits() -> None:
         parse(f"train {IID} t.py -- " + "a" * 1500)
     with pytest.raises(UsageError, match="check your quotes"):
         parse(f"train {IID} t.py -- 'open")
+
+
+@pytest.mark.parametrize("name", [name for name, spec in SPECS.items() if spec.flags])
+def test_help_command_explains_every_flag_in_one_line(
+    name: str, settings: Settings, fake_redis: redis_mod.Redis, slack: FakeSlack
+) -> None:
+    app = build_app(settings, fake_redis, client=WebClient(token=TOKEN, base_url=slack.base_url))
+    resp = app.dispatch(s.command(f"help {name}"))
+    body = json.loads(resp.body)
+    assert body["response_type"] == "ephemeral"
+    lines = body["text"].splitlines()
+    for flag in SPECS[name].flags:
+        usage = f"--{flag.name}" + (f" {flag.metavar}" if flag.kind not in ("switch", "bool") else "")
+        mine = [line for line in lines if line.startswith(f"• `{usage}`: ")]
+        assert len(mine) == 1, (usage, body["text"])
+        assert len(mine[0]) > len(f"• `{usage}`: ") + 10
+
+
+def test_a_mistyped_command_is_answered_privately_with_the_fix(
+    settings: Settings, fake_redis: redis_mod.Redis, slack: FakeSlack
+) -> None:
+    app = build_app(settings, fake_redis, client=WebClient(token=TOKEN, base_url=slack.base_url))
+    body = json.loads(app.dispatch(s.command(f"trian {IID} train.py")).body)
+    assert body["response_type"] == "ephemeral"
+    assert f"`/runctl train {IID} train.py`" in body["text"]
+    assert slack.messages("C0TRAIN") == [] and slack.ephemerals() == []
 
 
 words = st.sampled_from(
