@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import posixpath
 import re
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from workers.state.runs import Run
 
 InstanceId = Annotated[str, Field(pattern=r"^i-(?:[0-9a-f]{8}|[0-9a-f]{17})$")]
 SCRIPT_CHARS = re.compile(r"[A-Za-z0-9._/-]+")
@@ -63,6 +66,21 @@ class TrainCommand(Command):
     rebuild_env: bool = False
     then: Then | None = None  # None: RUNCTL_THEN
     args: tuple[str, ...] = ()
+
+    @classmethod
+    def from_run(cls, run: Run) -> TrainCommand:
+        """The command that runs `run` again: same instance, script, ref, options and args."""
+        return cls.model_validate({
+            "instance_id": run.instance_id,
+            "script": run.script,
+            "ref": run.ref,
+            "sync_code": run.sync_code,
+            "wait": run.wait,
+            "checkpoint_interval": run.checkpoint_interval,
+            "deps": run.deps,
+            "then": run.then,
+            "args": run.args,
+        })
 
 
 class StatusCommand(Command):

@@ -415,7 +415,3 @@ class Fleet:
                     "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=seconds
                 )
             )
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)

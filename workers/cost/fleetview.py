@@ -13,13 +13,12 @@ from itertools import islice
 
 from workers import policy
 from workers.aws.fleet import Instance
-from workers.cost.pricing import Price, hourly_price, load_price_book
+from workers.cost.pricing import Price, cost_of, hourly_price, load_price_book
 from workers.services import Services
 from workers.state.runs import Run
 from workers.state.uptime import Sighting, UptimeLedger
 
 PAGE = 1000  # instances per batch of Redis reads/writes: one describe page
-_HOUR = Decimal(3600)
 
 
 @dataclass(frozen=True)
@@ -49,9 +48,7 @@ class Row:
         return max(0.0, (now - self.idle_since).total_seconds()) if self.idle_since else 0.0
 
     def cost_of(self, seconds: float) -> Decimal | None:
-        if self.price.usd_per_hour is None:
-            return None
-        return self.price.usd_per_hour * Decimal(int(seconds)) / _HOUR
+        return cost_of(self.price.usd_per_hour, int(seconds))
 
 
 def ledger(svc: Services) -> UptimeLedger:

@@ -48,6 +48,7 @@ class Quotes(SpotQuotes, Protocol):
 
     def on_demand_products(self, region: str, instance_type: str) -> list[str]: ...
 _CENT = Decimal("0.01")
+_SECONDS_PER_HOUR = Decimal(3600)
 
 
 class PriceBook:
@@ -185,6 +186,13 @@ def hourly_price(
     if lifecycle is None:
         return on_demand_price(book, quotes, redis, region, instance_type)
     return Price(None, "on-demand")
+
+
+def cost_of(rate: Decimal | None, seconds: float | Decimal) -> Decimal | None:
+    """What `seconds` of running cost at `rate` USD/hour; None when the rate is unknown."""
+    if rate is None:
+        return None
+    return rate * Decimal(seconds) / _SECONDS_PER_HOUR
 
 
 def format_usd(amount: Decimal | None) -> str:

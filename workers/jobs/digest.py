@@ -17,7 +17,7 @@ from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, Sec
 from workers import policy
 from workers.cost import fleetview
 from workers.cost.fleetview import Row
-from workers.cost.pricing import format_usd
+from workers.cost.pricing import cost_of, format_usd
 from workers.jobs import funnel
 from workers.services import Services, current
 from workers.slack import chart
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 LIST_LIMIT = 10
 CHART_DAYS = 7
 NOBODY = "nobody"  # running time with no run and no runctl:user tag
-_HOUR = Decimal(3600)
 
 
 @dataclass
@@ -121,13 +120,13 @@ def spend(
             finish = min(end, run.ended_at or now)
             if finish > begin:
                 seconds = ledger.seconds_between(row.id, begin, finish)
-                out.person[run.user_id] += rate * Decimal(seconds) / _HOUR
+                out.person[run.user_id] += _cost(rate, seconds)
                 attributed += seconds
         rest = total - attributed
         if rest > 0:
             owner = row.instance.tags.get(policy.OWNER_TAG) or row.owner or NOBODY
-            out.person[owner] += rate * Decimal(rest) / _HOUR
-        out.type[row.instance.type] += rate * Decimal(total) / _HOUR
+            out.person[owner] += _cost(rate, rest)
+        out.type[row.instance.type] += _cost(rate, total)
     return out
 
 
@@ -218,3 +217,6 @@ def _running_line(row: Row) -> str:
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
+
+def _cost(rate: Decimal, seconds: float) -> Decimal:
+    return cost_of(rate, seconds) or Decimal(0)

@@ -34,13 +34,6 @@ _CULPRIT = (
 )
 
 
-def prepare(svc: Services, run: Run) -> str:
-    """Return the interpreter the run should use (``run.python`` itself, or its
-    environment's); raise EnvSetupError if the environment cannot be built."""
-    reqs = requirements(svc, run)
-    return run.python if reqs is None else build(svc, run, reqs)
-
-
 def requirements(svc: Services, run: Run) -> envs.Requirements | None:
     """The requirements this run needs an environment for, or None (noted on the run)."""
     if not run.deps:

@@ -10,17 +10,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
 
 from slack_sdk.errors import SlackApiError
 
 from workers import policy, remote
 from workers.aws.fleet import Instance, ScriptResult
 from workers.commands import Requester, StartCommand, StopCommand, TerminateCommand, TrainCommand
-from workers.cost.pricing import format_usd, hourly_price, load_price_book
+from workers.cost.pricing import cost_of, format_usd, hourly_price, load_price_book
 from workers.errors import AgentOffline, RemoteError, RunctlError, WrongState
 from workers.jobs import funnel
 from workers.jobs.funnel import Job
+from workers.jobs.train import new_run
 from workers.queueing import enqueue
 from workers.remote.checkpoints import CheckpointListing, FoundCheckpoint, discover, discover_all
 from workers.remote.lifecycle import StopResult, parse_stop
@@ -114,7 +114,7 @@ def session_cost(svc: Services, inst: Instance, until: datetime) -> Cost:
         load_price_book(), svc.fleet, svc.redis, inst.region, inst.availability_zone, inst.type, lifecycle
     )
     rate = price.usd_per_hour
-    amount = None if rate is None or seconds is None else rate * Decimal(seconds) / Decimal(3600)
+    amount = None if seconds is None else cost_of(rate, seconds)
     return Cost(seconds, format_usd(amount), price.describe())
 
 
@@ -499,34 +499,13 @@ def resume_flow(svc: Services, run_id: str, clicker: Requester, message_ts: str)
         text = f"Run `{run_id}` was already resumed{by}."
         answer(svc, clicker, text)
         return text
-    run = svc.runs.create(
-        Run(
-            run_id=new_id,
-            instance_id=old.instance_id,
-            user_id=clicker.user_id,
-            channel_id=old.channel_id,
-            script=old.script,
-            args=old.args,
-            ref=old.ref,
-            sync_code=old.sync_code,
-            wait=old.wait,
-            deps=old.deps,
-            checkpoint_interval=old.checkpoint_interval,
-            checkpoint_run_id=old.checkpoint_run_id or old.run_id,
-            created_at=svc.clock(),
-            notes=[f":repeat: Resumes run `{old.run_id}` from its checkpoint directory."],
-        )
-    )
-    cmd = TrainCommand(
-        instance_id=old.instance_id,
-        script=old.script,
-        ref=old.ref,
-        sync_code=old.sync_code,
-        wait=old.wait,
-        checkpoint_interval=old.checkpoint_interval,
-        deps=old.deps,
-        args=old.args,
-    )
+    cmd = TrainCommand.from_run(old)
+    run = new_run(svc, cmd, clicker, new_id).model_copy(update={
+        "channel_id": old.channel_id,
+        "checkpoint_run_id": old.checkpoint_run_id or old.run_id,
+        "notes": [f":repeat: Resumes run `{old.run_id}` from its checkpoint directory."],
+    })
+    svc.runs.create(run)
     enqueue(svc.queue, cmd, clicker, run.run_id)
     text, blocks = closed_blocks(
         f":repeat: <@{clicker.user_id}> resumed run `{old.run_id}` as run `{run.run_id}` on "

@@ -16,6 +16,9 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, NamedTuple
 
+from workers.cost.pricing import cost_of
+from workers.services import utc_now
+
 if TYPE_CHECKING:
     from redis import Redis
     from redis.client import Pipeline
@@ -31,7 +34,6 @@ Interval = tuple[datetime, datetime | None]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
-_US_PER_HOUR = 3_600_000_000
 
 # Opens an interval unless one is open. ARGV[1] is the preferred start (LaunchTime),
 # used only when later than the end of the last closed interval; ARGV[2] is the
@@ -76,8 +78,6 @@ return 1
 """
 
 
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class Sighting(NamedTuple):
@@ -107,9 +107,7 @@ class Uptime:
 
     def cost(self, price: Decimal | None, now: datetime) -> Decimal | None:
         """Accumulated cost at ``price`` USD/hour; None when the price is unknown."""
-        if price is None:
-            return None
-        return price * self.running_us(now) / _US_PER_HOUR
+        return cost_of(price, Decimal(self.running_us(now)) / 1_000_000)
 
     def running_us(self, now: datetime) -> int:
         now_us = _to_us(now)
