@@ -20,7 +20,6 @@ from workers.cost.pricing import cost_of, format_usd, hourly_price, load_price_b
 from workers.errors import AgentOffline, RemoteError, RunctlError, WrongState
 from workers.jobs import funnel
 from workers.jobs.funnel import Job
-from workers.jobs.train import new_run
 from workers.queueing import enqueue
 from workers.remote.checkpoints import CheckpointListing, FoundCheckpoint, discover, discover_all
 from workers.remote.lifecycle import StopResult, parse_stop
@@ -499,6 +498,8 @@ def resume_flow(svc: Services, run_id: str, clicker: Requester, message_ts: str)
         text = f"Run `{run_id}` was already resumed{by}."
         answer(svc, clicker, text)
         return text
+    from workers.jobs.train import new_run  # train imports this module
+
     cmd = TrainCommand.from_run(old)
     run = new_run(svc, cmd, clicker, new_id).model_copy(update={
         "channel_id": old.channel_id,
