@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, cast
 
 import boto3
 from botocore.config import Config
@@ -56,10 +56,16 @@ class Instance:
         return f"{self.name} ({self.id})" if self.name else self.id
 
 
+# GetCommandInvocation's Status, as the SSM API reference lists it (delivery failures are in StatusDetails).
+CommandStatus = Literal[
+    "Pending", "InProgress", "Delayed", "Success", "Cancelled", "TimedOut", "Failed", "Cancelling",
+]
+
+
 @dataclass(frozen=True)
 class ScriptResult:
     instance_id: str
-    status: str  # Success | Failed | TimedOut | Cancelled ...
+    status: CommandStatus
     exit_code: int
     stdout: str
     stderr: str
@@ -286,7 +292,7 @@ class Fleet:
             return None
         return ScriptResult(
             instance_id=instance_id,
-            status=inv["Status"],
+            status=cast("CommandStatus", inv["Status"]),
             exit_code=int(inv.get("ResponseCode", -1)),
             stdout=inv.get("StandardOutputContent", ""),
             stderr=inv.get("StandardErrorContent", ""),
@@ -322,7 +328,7 @@ class Fleet:
                         continue
                     done[iid] = ScriptResult(
                         instance_id=iid,
-                        status=str(inv["Status"]),
+                        status=cast("CommandStatus", str(inv["Status"])),
                         exit_code=int(plugins[0].get("ResponseCode", -1)),
                         stdout=output,
                         stderr="",

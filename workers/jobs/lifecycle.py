@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Literal
 
 from slack_sdk.errors import SlackApiError
 
@@ -180,13 +181,16 @@ def _already_saved(newest: FoundCheckpoint | None, finished: int | None) -> str:
 class Halter:
     """Stops the training runs alive on an instance, each given SIGTERM and `grace` seconds."""
 
-    def __init__(self, svc: Services, inst: Instance, actor: Requester, grace: int, force: bool, why: str) -> None:
+    def __init__(
+        self, svc: Services, inst: Instance, actor: Requester, grace: int, force: bool,
+        why: Literal["stop", "terminate"],
+    ) -> None:
         self.svc = svc
         self.inst = inst
         self.actor = actor
         self.grace = grace
         self.force = force
-        self.why = why  # "stop" | "terminate": recorded as the run's ended_by
+        self.why = why  # recorded as the run's ended_by
         self.root = svc.settings.RUNCTL_REMOTE_ROOT
 
     def live_run_ids(self, known: Run | None) -> list[str]:

@@ -7,6 +7,7 @@ import signal
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from redis import Redis
@@ -14,6 +15,8 @@ from redis import Redis
 from workers.errors import ErrorInfo
 
 HISTORY = 50
+# How a run ended: it exited by itself, a stop/terminate (or --force) ended it, or it was lost.
+EndedBy = Literal["", "exit", "stop", "terminate", "force", "lost"]
 
 
 class RunState(StrEnum):
@@ -85,7 +88,7 @@ class Run(BaseModel):
     started_at: datetime | None = None
     ended_at: datetime | None = None
     exit_code: int | None = None
-    ended_by: str = ""  # "exit" | "stop" | "force" | "lost"
+    ended_by: EndedBy = ""
     then: str = "keep"  # "stop" | "terminate" | "keep": what happens to the instance when the run ends
     message_ts: str | None = None
     progress: Progress | None = None
