@@ -3,6 +3,7 @@ runs executed by the SSM shim, the periodic sweep run with a shifted clock."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -23,6 +24,13 @@ from .test_launch import slash
 from .test_lifecycle import CHANNEL, SLOW, as_dict, dispatch, text_of, train_on, wait_for_epoch
 
 FAST = "--epochs 1 --steps-per-epoch 1 --step-seconds 0"
+
+
+@pytest.fixture(autouse=True)
+def _terminate_the_seed(svc: Services, fleet_seed: SeedInfo) -> Iterator[None]:
+    """moto lives for the session: leave no running instances to crowd later tests' fleet listings."""
+    yield
+    svc.fleet.ec2.terminate_instances(InstanceIds=list(fleet_seed.instances.values()))
 
 
 def at(svc: Services, moment: datetime) -> None:
