@@ -33,6 +33,11 @@ def _terminate_the_seed(svc: Services, fleet_seed: SeedInfo) -> Iterator[None]:
     svc.fleet.ec2.terminate_instances(InstanceIds=list(fleet_seed.instances.values()))
 
 
+def own(svc: Services, iid: str, user: str = "U0ALICE") -> None:
+    """Autostop is for the instance's owner (or admins): the runctl:user tag makes Alice its owner."""
+    svc.fleet.ec2.create_tags(Resources=[iid], Tags=[{"Key": "runctl:user", "Value": user}])
+
+
 def at(svc: Services, moment: datetime) -> None:
     svc.clock = lambda: moment
 
@@ -66,6 +71,7 @@ def test_autostop_gives_a_heads_up_then_stops_an_idle_instance(
 ) -> None:
     iid = fleet_seed.instances["cpu-box"]
     t0 = datetime.now(UTC)
+    own(svc, iid)
     slash(svc, slack, worker, f"autostop {iid} 30")
     setting = AutostopStore(svc.redis).get(iid)
     assert setting is not None and setting.minutes == 30
@@ -102,6 +108,7 @@ def test_keep_running_1h_postpones_the_stop(
 ) -> None:
     iid = fleet_seed.instances["cpu-box"]
     t0 = datetime.now(UTC)
+    own(svc, iid)
     slash(svc, slack, worker, f"autostop {iid} 30")
     at(svc, t0 + timedelta(minutes=25))
     sweep()
@@ -122,6 +129,7 @@ def test_autostop_never_stops_an_instance_with_a_live_run(
 ) -> None:
     iid = fleet_seed.instances["gpu-box-2"]
     t0 = datetime.now(UTC)
+    own(svc, iid)
     slash(svc, slack, worker, f"autostop {iid} 30")
     train_on(iid, *SLOW, run_id="r-auto-live")
     wait_for_epoch(sandbox, iid, "r-auto-live", 1)
@@ -165,6 +173,7 @@ def test_busy_gpus_restart_the_idle_clock(
     monkeypatch.setattr(ssm_shim, "AGENT_PATH", f"{bin_dir}:{ssm_shim.AGENT_PATH}")
     iid = fleet_seed.instances["gpu-box-1"]
     t0 = datetime.now(UTC)
+    own(svc, iid)
     slash(svc, slack, worker, f"autostop {iid} 30")
 
     at(svc, t0 + timedelta(minutes=25))  # no live run for 25 min, but a GPU at 87 %
