@@ -256,6 +256,17 @@ class Fleet:
             delay = min(delay * 2, poll)
 
     # --- SSM ---------------------------------------------------------------
+    def require_agent(self, inst: Instance, purpose: str) -> None:
+        """The one preflight for "its SSM agent is online": AgentOffline, with the fix, if not."""
+        ping = self.agent_status([inst.id]).get(inst.id)
+        if ping != "Online":
+            raise AgentOffline(
+                f"The SSM agent on {inst.label} is {ping or 'not registered'}.",
+                why=f"runctl {purpose} through SSM Run Command.",
+                fix="Attach an instance profile with the AmazonSSMManagedInstanceCore policy and "
+                "make sure amazon-ssm-agent is running (`sudo systemctl status amazon-ssm-agent`).",
+            )
+
     def agent_status(self, instance_ids: list[str]) -> dict[str, str]:
         status: dict[str, str] = {}
         with aws_call("check the SSM agent"):

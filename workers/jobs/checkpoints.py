@@ -9,7 +9,7 @@ from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, Sec
 
 from workers.aws.fleet import Instance
 from workers.commands import CheckpointsCommand
-from workers.errors import AgentOffline, RunctlError, WrongState
+from workers.errors import RunctlError, WrongState
 from workers.jobs import funnel
 from workers.jobs.funnel import Job
 from workers.remote.checkpoints import CheckpointListing, FoundCheckpoint, discover
@@ -57,14 +57,7 @@ def reachable(svc: Services, instance_id: str) -> Instance:
             why="Its SSM agent needs a minute after boot.",
             fix=f"/runctl checkpoints {instance_id}",
         )
-    ping = svc.fleet.agent_status([instance_id]).get(instance_id)
-    if ping != "Online":
-        raise AgentOffline(
-            f"The SSM agent on {inst.label} is {ping or 'not registered'}.",
-            why="runctl reads checkpoints through SSM Run Command.",
-            fix="Attach an instance profile with the AmazonSSMManagedInstanceCore policy and "
-            "make sure amazon-ssm-agent is running (`sudo systemctl status amazon-ssm-agent`).",
-        )
+    svc.fleet.require_agent(inst, "reads checkpoints")
     return inst
 
 

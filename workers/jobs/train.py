@@ -10,7 +10,7 @@ from datetime import timedelta
 from workers import remote
 from workers.aws.fleet import PRESIGN_MARGIN_SECONDS, PYTHON_TAG, Instance
 from workers.commands import Requester, TrainCommand
-from workers.errors import AgentOffline, RunConflict, RunctlError, WrongState
+from workers.errors import RunConflict, RunctlError, WrongState
 from workers.jobs import envsetup, funnel
 from workers.jobs.funnel import Job
 from workers.jobs.lifecycle import unconfirmed
@@ -135,14 +135,7 @@ class TrainFlow:
             inst = fleet.wait_for_state(
                 iid, ("running",), self.svc.settings.RUNCTL_PENDING_WAIT_SECONDS
             )
-        ping = fleet.agent_status([iid]).get(iid)
-        if ping != "Online":
-            raise AgentOffline(
-                f"The SSM agent on {inst.label} is {ping or 'not registered'}.",
-                why="runctl runs commands through SSM Run Command.",
-                fix="Attach an instance profile with the AmazonSSMManagedInstanceCore policy and "
-                "make sure amazon-ssm-agent is running (`sudo systemctl status amazon-ssm-agent`).",
-            )
+        fleet.require_agent(inst, "runs commands")
         return inst
 
     def interpreter(self, inst: Instance) -> str:
