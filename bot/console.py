@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(sandbox.env())
     seeded = seed(sandbox.endpoint_url, "us-east-1", "runctl-console-bundles")
     repo = make_example_repo(workdir / "training-code")
-    slack = FakeSlack()
+    slack = FakeSlack(member_of=[CHANNEL])
     slack.start()
     slack.on_event(console.show)
     settings = Settings(

@@ -32,6 +32,9 @@ BUCKET = "runctl-test-bundles"
 # only Python is elsewhere (pyenv, say) names it, as RUNCTL_PYTHON or a runctl:python tag would.
 INSTANCE_PYTHON = "python3" if shutil.which("python3", path=AGENT_PATH) else sys.executable
 TOKEN = "xoxb-test-token"
+# The channels the test workspace invited the bot to; any other C… id is a public
+# channel it is not in (posts work through chat:write.public, files and ephemerals do not).
+MEMBER_OF = ("C0TRAIN", "C0OPS", "C0ENV", "C0RANDOM")
 
 
 @pytest.fixture
@@ -80,7 +83,7 @@ def example_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def slack() -> Iterator[FakeSlack]:
-    fake = FakeSlack()
+    fake = FakeSlack(member_of=MEMBER_OF)
     fake.start()
     yield fake
     fake.stop()

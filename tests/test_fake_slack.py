@@ -22,7 +22,7 @@ TOKEN = "xoxb-test"
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[FakeSlack]:
-    with FakeSlack() as fake:
+    with FakeSlack(member_of=["C1"]) as fake:
         yield fake
 
 
@@ -231,3 +231,99 @@ def test_wait_for_returns_the_value_or_times_out(fake: FakeSlack, client: WebCli
 
     assert [m.text for m in messages] == ["late"]
     timer.join()
+
+
+# --- what real Slack refuses (shared/real-services.md, "Slack Web API") -------------
+
+
+def _error(call: Any) -> str:
+    with pytest.raises(SlackApiError) as err:
+        call()
+    return str(err.value.response["error"])
+
+
+def test_membership_public_private_dm_files_and_ephemerals(fake: FakeSlack, client: WebClient) -> None:
+    # A public channel the bot is not in: chat:write.public posts and updates there...
+    posted = client.chat_postMessage(channel="C0PUBLIC", text="hello")
+    client.chat_update(channel="C0PUBLIC", ts=posted["ts"], text="edited")
+    # ...but an ephemeral or a file share needs membership.
+    assert _error(lambda: client.chat_postEphemeral(channel="C0PUBLIC", user="U1", text="x")) == "not_in_channel"
+    assert _error(lambda: client.files_upload_v2(channel="C0PUBLIC", content=b"x", filename="x.csv")) == (
+        "not_in_channel"
+    )
+    # Private channels and other people's DMs are invisible until the bot is invited.
+    fake.make_private("C0SECRET")
+    for channel in ("C0SECRET", "G0LEGACY", "D0THEM"):
+        assert _error(lambda c=channel: client.chat_postMessage(channel=c, text="x")) == "channel_not_found"
+        assert _error(lambda c=channel: client.conversations_info(channel=c)) == "channel_not_found"
+    # A user id is the bot's own DM with that person.
+    client.chat_postMessage(channel="U0ALICE", text="direct")
+
+    fake.join("C0SECRET")
+    client.chat_postMessage(channel="C0SECRET", text="invited")
+    client.files_upload_v2(channel="C0SECRET", content=b"ok", filename="ok.csv")
+
+    assert [m.text for m in fake.messages("C0PUBLIC")] == ["edited"]
+    assert [m.text for m in fake.messages("C0SECRET")] == ["invited"]
+    assert client.conversations_info(channel="C0SECRET")["channel"]["is_member"] is True
+    assert [f.channel for f in fake.files] == ["C0SECRET"]
+    assert not fake.is_member("C0PUBLIC")
+    fake.reset()
+    assert not fake.is_member("C0SECRET") and fake.is_member("C1")  # reset restores the defaults
+
+
+def test_chat_update_has_a_workspace_budget_with_retry_after(fake: FakeSlack, client: WebClient) -> None:
+    ts = [client.chat_postMessage(channel=f"C{n}", text="x")["ts"] for n in range(2)]
+    for n in range(50):  # Tier 3: about 50 a minute, in any channels
+        client.chat_update(channel=f"C{n % 2}", ts=ts[n % 2], text=f"v{n}")
+
+    with pytest.raises(SlackApiError) as err:
+        client.chat_update(channel="C0", ts=ts[0], text="one too many")
+
+    assert err.value.response.status_code == 429
+    assert int(err.value.response.headers["Retry-After"]) >= 1
+    assert fake.messages("C0")[0].text == "v48"
+
+
+def test_chat_post_message_has_a_budget_per_channel(fake: FakeSlack, client: WebClient) -> None:
+    for n in range(10):  # a short burst passes
+        client.chat_postMessage(channel="C1", text=f"m{n}")
+
+    with pytest.raises(SlackApiError) as err:
+        client.chat_postMessage(channel="C1", text="flood")
+    client.chat_postMessage(channel="C2", text="another channel has its own budget")
+
+    assert err.value.response.status_code == 429 and err.value.response.headers["Retry-After"] == "1"
+
+
+def test_server_errors_on_demand_and_the_sdk_retry(fake: FakeSlack, client: WebClient) -> None:
+    from slack_sdk.http_retry.builtin_handlers import ServerErrorRetryHandler
+
+    fake.fail("chat.postMessage")
+    with pytest.raises(SlackApiError) as err:
+        client.chat_postMessage(channel="C1", text="bad day")
+    assert err.value.response.status_code == 500
+
+    fake.fail("chat.postMessage")
+    patient = WebClient(token=TOKEN, base_url=fake.base_url, retry_handlers=[ServerErrorRetryHandler(1)])
+    patient.chat_postMessage(channel="C1", text="second try")
+
+    assert [c.error for c in fake.calls_to("chat.postMessage")] == ["http_500", "http_500", None]
+    assert [m.text for m in fake.messages("C1")] == ["second try"]
+
+
+def test_a_response_url_takes_five_messages(fake: FakeSlack) -> None:
+    hook = WebhookClient(fake.response_url("cmd 2"))
+
+    statuses = [hook.send(text=f"n{n}").status_code for n in range(6)]
+
+    assert statuses == [200] * 5 + [404]
+    assert [m.text for m in fake.responses("cmd 2")] == [f"n{n}" for n in range(5)]
+
+
+def test_users_have_names(fake: FakeSlack, client: WebClient) -> None:
+    fake.add_user("U0ALICE", "alice", display_name="Alice")
+
+    profile = client.users_info(user="U0ALICE")["user"]["profile"]
+
+    assert profile["display_name"] == "Alice"

@@ -3,6 +3,16 @@
 Point ``slack_sdk.WebClient(base_url=fake.base_url)`` at it. It answers the
 methods the bot uses, enforces Slack's message limits, records every call and
 keeps the messages as Slack would show them (updates applied, deletes removed).
+
+It refuses what Slack refuses (see /work/shared/real-services.md, "Slack Web API"):
+- channel membership: the bot is in the channels it was given (``member_of``, ``join``).
+  ``chat.postMessage`` still posts in a *public* channel it is not in (``chat:write.public``);
+  a private channel (``G…``, or one marked private) or a DM between people (``D…``) answers
+  ``channel_not_found``; ephemerals and file shares need membership (``not_in_channel``);
+- rate limits: a token bucket per method (per channel for ``chat.postMessage``) answers
+  HTTP 429 with ``Retry-After`` when empty (``chat.update`` Tier 3, about 50 a minute);
+- bad days: ``fail(method)`` answers HTTP 500;
+- a ``response_url`` takes at most 5 messages within 30 minutes.
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ import itertools
 import json
 import logging
 import re
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -46,6 +57,37 @@ MAX_ID = 255
 MAX_VIEW_BYTES = 250_000
 # Slack's format for trigger_id ("132456.7890123.abcdef"); each is exchanged once.
 TRIGGER_ID = re.compile(r"^\d+\.\d+\.[0-9a-f]+$")
+RESPONSE_URL_USES = 5
+RESPONSE_URL_SECONDS = 30 * 60
+CHANNEL_ERRORS = frozenset({"not_in_channel", "channel_not_found", "is_archived"})
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A token bucket: ``burst`` calls at once, refilled at ``per_minute``."""
+
+    per_minute: float
+    burst: int
+    per_channel: bool = False
+
+
+# Slack's published limits (api.slack.com/docs/rate-limits): chat.update is Tier 3 (50+/min),
+# chat.postMessage about 1 a second per channel with short bursts, users.info Tier 4 (100+/min),
+# usergroups.users.list Tier 2 (20+/min). The burst sizes are not published; these are modest.
+DEFAULT_BUDGETS: dict[str, Budget] = {
+    "chat.update": Budget(50, 50),
+    "chat.postMessage": Budget(60, 10, per_channel=True),
+    "users.info": Budget(100, 100),
+    "usergroups.users.list": Budget(20, 20),
+}
+
+
+@dataclass(frozen=True)
+class User:
+    id: str
+    name: str
+    display_name: str = ""
+    real_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -218,8 +260,10 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 class FakeSlack:
-    def __init__(self) -> None:
+    def __init__(self, member_of: Iterable[str] = (), budgets: dict[str, Budget] | None = None) -> None:
         self._lock = threading.Lock()
+        self._default_members = frozenset(member_of)
+        self._default_budgets = dict(DEFAULT_BUDGETS if budgets is None else budgets)
         self._callbacks: list[EventCallback] = []
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -287,7 +331,9 @@ class FakeSlack:
         return f"{self.root_url}/api/"
 
     def response_url(self, name: str) -> str:
-        """A URL to hand out as a slash command's ``response_url``."""
+        """A URL to hand out as a slash command's ``response_url``; its 30 minutes start now."""
+        with self._lock:
+            self._hooks.setdefault(name, (time.monotonic(), 0))
         return f"{self.root_url}/response_url/{quote(name, safe='')}"
 
     # --- configuration ---
@@ -303,6 +349,14 @@ class FakeSlack:
             self._views: list[OpenedView] = []
             self._exchanged: set[str] = set()
             self._usergroups: dict[str, tuple[str, ...]] = {}
+            self._failures: dict[str, tuple[int, int]] = {}
+            self._members: set[str] = set(self._default_members)
+            self._private: set[str] = set()
+            self._users: dict[str, User] = {}
+            self._budgets: dict[str, Budget] = dict(self._default_budgets)
+            self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+            self._hooks: dict[str, tuple[float, int]] = {}  # response_url name -> (handed out, uses)
+            self._responses: list[Message] = []
 
     def add_usergroup(self, group_id: str, members: Iterable[str]) -> None:
         """A user group (`S…`) that usergroups.users.list answers with `members`."""
@@ -313,6 +367,77 @@ class FakeSlack:
         """The modals opened with views.open, oldest first."""
         with self._lock:
             return list(self._views)
+
+    # --- the workspace ---
+    def join(self, *channels: str) -> None:
+        """The bot is now a member of these channels (``/invite @runctl``)."""
+        with self._lock:
+            self._members.update(channels)
+
+    def leave(self, *channels: str) -> None:
+        with self._lock:
+            self._members.difference_update(channels)
+
+    def make_private(self, *channels: str) -> None:
+        """Mark ``C…`` channels private (``G…`` and ``D…`` ids already are)."""
+        with self._lock:
+            self._private.update(channels)
+
+    def add_user(self, user_id: str, name: str, display_name: str = "", real_name: str = "") -> None:
+        with self._lock:
+            self._users[user_id] = User(user_id, name, display_name, real_name or name)
+
+    def budget(self, method: str, budget: Budget | None) -> None:
+        """Set (or with None remove) the rate limit of ``method`` until the next reset."""
+        with self._lock:
+            if budget is None:
+                self._budgets.pop(method, None)
+            else:
+                self._budgets[method] = budget
+            self._buckets = {k: v for k, v in self._buckets.items() if k.split(" ")[0] != method}
+
+    def fail(self, method: str, times: int = 1, status: int = 500) -> None:
+        """The next ``times`` calls of ``method`` get HTTP ``status`` (Slack's bad days)."""
+        with self._lock:
+            self._failures[method] = (times, status)
+
+    def is_member(self, channel: str) -> bool:
+        with self._lock:
+            return channel in self._members
+
+    def _visible(self, channel: str) -> str | None:
+        """None when the bot may post in ``channel``; else the error Slack answers."""
+        with self._lock:
+            member = channel in self._members
+            private = channel in self._private or channel[:1] in ("G", "D")
+        if member or channel[:1] in ("U", "W"):  # a user id: the bot's own DM with them
+            return None
+        return "channel_not_found" if private else None  # chat:write.public covers public ones
+
+    def _need_member(self, channel: str) -> None:
+        with self._lock:
+            member = channel in self._members
+            private = channel in self._private or channel[:1] in ("G", "D")
+        if member or channel[:1] in ("U", "W"):
+            return
+        raise SlackError("channel_not_found" if private else "not_in_channel")
+
+    def _take(self, method: str, params: dict[str, Any]) -> int:
+        """0 when the call fits the method's budget, else the Retry-After seconds."""
+        now = time.monotonic()
+        with self._lock:
+            budget = self._budgets.get(method)
+            if budget is None:
+                return 0
+            key = f"{method} {params.get('channel', '')}" if budget.per_channel else method
+            rate = budget.per_minute / 60.0
+            tokens, at = self._buckets.get(key, (float(budget.burst), now))
+            tokens = min(float(budget.burst), tokens + (now - at) * rate)
+            if tokens < 1.0:
+                self._buckets[key] = (tokens, now)
+                return max(1, math.ceil((1.0 - tokens) / rate))
+            self._buckets[key] = (tokens - 1.0, now)
+            return 0
 
     def rate_limit(self, method: str, times: int = 1, retry_after: int = 1) -> None:
         """The next ``times`` calls of ``method`` get HTTP 429 ``ratelimited``."""
@@ -349,6 +474,11 @@ class FakeSlack:
     def ephemerals(self, user: str | None = None) -> list[Message]:
         with self._lock:
             return [m for m in self._ephemerals if user is None or m.user == user]
+
+    def responses(self, name: str | None = None) -> list[Message]:
+        """Messages sent to response_urls (``channel`` is the url's name), oldest first."""
+        with self._lock:
+            return [m for m in self._responses if name is None or m.channel == name]
 
     @property
     def files(self) -> list[UploadedFile]:
@@ -391,9 +521,19 @@ class FakeSlack:
             times, retry_after = self._rate_limits.get(method, (0, 0))
             if times > 0:
                 self._rate_limits[method] = (times - 1, retry_after)
+            fails, status = self._failures.get(method, (0, 0))
+            if fails > 0:
+                self._failures[method] = (fails - 1, status)
         if times > 0:
             self._record(Call(method, params, time.monotonic(), "ratelimited"))
             return _json({"ok": False, "error": "ratelimited"}, 429, {"Retry-After": str(retry_after)})
+        if fails > 0:
+            self._record(Call(method, params, time.monotonic(), f"http_{status}"))
+            return Response("Internal Server Error", status=status, mimetype="text/plain")
+        wait = self._take(method, params)
+        if wait:
+            self._record(Call(method, params, time.monotonic(), "ratelimited"))
+            return _json({"ok": False, "error": "ratelimited"}, 429, {"Retry-After": str(wait)})
         handler = self._methods.get(method)
         try:
             if not token:
@@ -454,6 +594,9 @@ class FakeSlack:
 
     def _post_message(self, params: dict[str, Any]) -> dict[str, Any]:
         channel = _require(params, "channel", "channel_not_found")
+        refused = self._visible(channel)
+        if refused:
+            raise SlackError(refused)
         text, blocks = _content(params, required=True)
         thread_ts = params.get("thread_ts") or None
         message = Message(channel, self._next_ts(), text or "", blocks or [], thread_ts)
@@ -465,6 +608,9 @@ class FakeSlack:
     def _update(self, params: dict[str, Any]) -> dict[str, Any]:
         channel = _require(params, "channel", "channel_not_found")
         ts = _require(params, "ts", "message_not_found")
+        refused = self._visible(channel)
+        if refused:
+            raise SlackError(refused)
         text, blocks = _content(params, required=False)
         with self._lock:
             old = self._messages.get((channel, ts))
@@ -483,6 +629,7 @@ class FakeSlack:
     def _post_ephemeral(self, params: dict[str, Any]) -> dict[str, Any]:
         channel = _require(params, "channel", "channel_not_found")
         user = _require(params, "user", "user_not_found")
+        self._need_member(channel)
         text, blocks = _content(params, required=True)
         thread_ts = params.get("thread_ts") or None
         message = Message(channel, self._next_ts(), text or "", blocks or [], thread_ts, user)
@@ -509,30 +656,37 @@ class FakeSlack:
 
     def _users_info(self, params: dict[str, Any]) -> dict[str, Any]:
         user = _require(params, "user", "user_not_found")
-        name = user.lower()
+        with self._lock:
+            known = self._users.get(user)
+        person = known or User(user, user.lower(), user.lower(), user.lower())
         return {
             "user": {
-                "id": user,
+                "id": person.id,
                 "team_id": TEAM_ID,
-                "name": name,
-                "real_name": name,
+                "name": person.name,
+                "real_name": person.real_name,
                 "tz": "UTC",
                 "is_bot": False,
                 "deleted": False,
-                "profile": {"display_name": name, "real_name": name},
+                "profile": {"display_name": person.display_name, "real_name": person.real_name},
             }
         }
 
     def _conversations_info(self, params: dict[str, Any]) -> dict[str, Any]:
         channel = _require(params, "channel", "channel_not_found")
+        refused = self._visible(channel)
+        if refused:
+            raise SlackError(refused)
+        with self._lock:
+            private, member = channel in self._private or channel[:1] == "G", channel in self._members
         return {
             "channel": {
                 "id": channel,
                 "name": channel.lower().lstrip("#"),
                 "is_channel": True,
-                "is_private": False,
+                "is_private": private,
                 "is_archived": False,
-                "is_member": True,
+                "is_member": member,
             }
         }
 
@@ -595,6 +749,9 @@ class FakeSlack:
         except ValueError as exc:
             raise SlackError("invalid_arguments") from exc
         channel = params.get("channel_id") or params.get("channels") or None
+        if channel:  # sharing a file needs real membership, chat:write.public aside
+            for one in str(channel).split(","):
+                self._need_member(one)
         done: list[UploadedFile] = []
         with self._lock:
             for entry in entries:
@@ -620,6 +777,15 @@ class FakeSlack:
         return {"files": [{"id": f.id, "name": f.filename, "title": f.title, "size": len(f.content)} for f in done]}
 
     def _response_url(self, request: Request, name: str) -> Response:
+        now = time.monotonic()
+        with self._lock:
+            first, uses = self._hooks.get(name, (now, 0))
+            expired = uses >= RESPONSE_URL_USES or now - first > RESPONSE_URL_SECONDS
+            if not expired:
+                self._hooks[name] = (first, uses + 1)
+        if expired:
+            self._record(Call("response_url", {}, now, "expired_url", name))
+            return Response("expired_url", status=404, mimetype="text/plain")
         try:
             body = json.loads(request.get_data(cache=False) or b"{}")
             if not isinstance(body, dict):
@@ -631,6 +797,8 @@ class FakeSlack:
             return Response(error, status=400, mimetype="text/plain")
         self._record(Call("response_url", body, time.monotonic(), None, name))
         message = Message(name, self._next_ts(), text or "", blocks or [])
+        with self._lock:
+            self._responses.append(message)
         self._emit("response_url", message)
         return Response("ok", mimetype="text/plain")
 
