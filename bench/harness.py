@@ -15,13 +15,12 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 
 import redis as redis_mod
-from slack_sdk import WebClient
 
 from workers.sandbox.aws import Sandbox
 from workers.sandbox.fake_slack import FakeSlack
 from workers.services import Services
 from workers.settings import Settings
-from workers.slack.client import Notifier
+from workers.slack.client import Notifier, make_client
 
 REDIS_URL = os.environ.get("RUNCTL_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
 TOKEN = "xoxb-bench-token"
@@ -88,12 +87,12 @@ def settings(slack: FakeSlack, **overrides: object) -> Settings:
 
 
 def services(config: Settings, redis: redis_mod.Redis, slack: FakeSlack) -> Services:
-    return Services(settings=config, redis=redis, notifier=Notifier(WebClient(token=TOKEN, base_url=slack.base_url)))
+    return Services(settings=config, redis=redis, notifier=Notifier(make_client(config)))
 
 
 @contextmanager
 def fake_slack() -> Iterator[FakeSlack]:
-    fake = FakeSlack()
+    fake = FakeSlack(member_of=("C0TRAIN", "C0OPS"))  # the channels the bot was invited to
     fake.start()
     try:
         yield fake

@@ -13,7 +13,6 @@ from typing import Any
 import fakeredis
 import pytest
 import redis as redis_mod
-from slack_sdk import WebClient
 
 from workers import services
 from workers.sandbox.aws import Sandbox, SeedInfo, seed
@@ -23,7 +22,7 @@ from workers.sandbox.inline import InlineWorker
 from workers.sandbox.ssm_shim import AGENT_PATH
 from workers.services import Services
 from workers.settings import Settings
-from workers.slack.client import Notifier
+from workers.slack.client import Notifier, make_client
 
 # One db per test process, so parallel runs on one machine never flush each other.
 REDIS_URL = os.environ.get("RUNCTL_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{1 + os.getpid() % 14}")
@@ -115,7 +114,7 @@ def svc(settings: Settings, real_redis: redis_mod.Redis, slack: FakeSlack, sandb
     current = Services(
         settings=settings,
         redis=real_redis,
-        notifier=Notifier(WebClient(token=TOKEN, base_url=slack.base_url)),
+        notifier=Notifier(make_client(settings)),  # the retry handlers the workers use
     )
     services.install(current)
     yield current

@@ -7,7 +7,12 @@ from collections.abc import Sequence
 
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
-from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler
+from slack_sdk.http_retry.builtin_handlers import (
+    ConnectionErrorRetryHandler,
+    RateLimitErrorRetryHandler,
+    ServerErrorRetryHandler,
+)
+from slack_sdk.http_retry.handler import RetryHandler
 from slack_sdk.models.blocks import Block
 
 from workers.settings import Settings
@@ -22,8 +27,20 @@ def make_client(settings: Settings) -> WebClient:
         kwargs["base_url"] = settings.SLACK_API_URL
     token = settings.SLACK_BOT_TOKEN.get_secret_value() if settings.SLACK_BOT_TOKEN else None
     client = WebClient(token=token, **kwargs)  # type: ignore[arg-type]
-    client.retry_handlers.append(RateLimitErrorRetryHandler(max_retry_count=3))
+    client.retry_handlers = retry_handlers()
     return client
+
+
+def retry_handlers(rate_limits: bool = True) -> list[RetryHandler]:
+    """Slack's bad days: a dropped connection and a 500/503 are retried with backoff; a 429
+    waits its Retry-After (except where the caller reschedules instead of sleeping)."""
+    handlers: list[RetryHandler] = [
+        ConnectionErrorRetryHandler(max_retry_count=2),
+        ServerErrorRetryHandler(max_retry_count=2),
+    ]
+    if rate_limits:
+        handlers.append(RateLimitErrorRetryHandler(max_retry_count=3))
+    return handlers
 
 
 def clamp(text: str, limit: int = MAX_TEXT) -> str:
