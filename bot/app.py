@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import Queue
 from slack_bolt import App, BoltContext, BoltRequest, BoltResponse
 from slack_bolt.context.respond import Respond
@@ -15,7 +16,7 @@ from bot import handlers, signing
 from bot.middleware import Reply, admit_command, front_record, gate_click
 from workers import audit
 from workers.errors import PermissionDenied, RateLimited, RunctlError
-from workers.queueing import QUEUE
+from workers.queueing import QUEUE, unreachable
 from workers.settings import Settings
 from workers.slack import hooks
 from workers.slack.client import make_client
@@ -28,11 +29,14 @@ def build_app(
     redis: Redis,
     client: WebClient | None = None,
     token_verification: bool = True,
+    socket_mode: bool = False,
 ) -> App:
     client = client or make_client(settings)
     app = App(
         client=client,
-        signing_secret=settings.secret("SLACK_SIGNING_SECRET"),
+        # Socket Mode requests arrive over the app-token websocket and are not signed
+        # (Bolt skips verification for them); HTTP mode requires the secret.
+        signing_secret="" if socket_mode else settings.secret("SLACK_SIGNING_SECRET"),
         token_verification_enabled=token_verification,
         request_verification_enabled=True,
         process_before_response=True,  # listeners only ack and enqueue; a thread hop adds a 10 ms poll
@@ -62,6 +66,11 @@ def build_app(
             return BoltResponse(status=401, body={"error": "invalid request"})
         if isinstance(error, RunctlError):
             text = error.as_text()
+        elif isinstance(error, RedisError):
+            respond_text = unreachable().as_text()
+            if respond is not None and body.get("response_url"):
+                respond(text=respond_text, response_type="ephemeral", replace_original=False)
+            return
         else:
             log.exception("unhandled error", exc_info=error)
             text = ":boom: runctl hit an internal error; nothing was queued. The admins can find it in the web log."

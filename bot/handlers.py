@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from redis.client import Pipeline
+from redis.exceptions import RedisError
 from rq import Queue
 from slack_bolt import Ack, App
 
 from bot.grammar import help_text
 from workers.commands import AnyCommand, HelpCommand, Requester, TrainCommand
-from workers.queueing import enqueue
+from workers.queueing import enqueue, unreachable
 from workers.slack.escape import code
 from workers.state.runs import new_run_id
+
+log = logging.getLogger(__name__)
 
 
 def requester_of(body: dict[str, Any]) -> Requester:
@@ -33,21 +37,29 @@ def runctl(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None:
     who = requester_of(body)
     if isinstance(command, HelpCommand):
         ack(text=help_text(command.topic), response_type="ephemeral")
-    elif isinstance(command, TrainCommand):
+        try:
+            batch.execute()
+        except RedisError:
+            log.warning("help answered; its audit record was lost (Redis did not answer)")
+        return
+    # The job is written before the ack says "queued": a Redis that stops answering now gets
+    # the plain answer, never a promise.
+    if isinstance(command, TrainCommand):
         run_id = new_run_id()
-        ack(
-            text=f":hourglass_flowing_sand: Queued run `{run_id}`: {code(command.script)} on "
-            f"`{command.instance_id}`. I'll post it in this channel and follow it in the thread.",
-            response_type="ephemeral",
+        said = (
+            f":hourglass_flowing_sand: Queued run `{run_id}`: {code(command.script)} on "
+            f"`{command.instance_id}`. I'll post it in this channel and follow it in the thread."
         )
         enqueue(queue, command, who, run_id, pipeline=batch)
     else:
-        ack(
-            text=f":hourglass_flowing_sand: `{command.name}` queued; the answer follows here.",
-            response_type="ephemeral",
-        )
+        said = f":hourglass_flowing_sand: `{command.name}` queued; the answer follows here."
         enqueue(queue, command, who, pipeline=batch)
-    batch.execute()
+    try:
+        batch.execute()
+    except RedisError:
+        log.warning("could not queue %s: Redis did not answer", command.name, exc_info=True)
+        said = unreachable().as_text()
+    ack(text=said, response_type="ephemeral")
 
 
 def register_actions(app: App) -> None:

@@ -15,14 +15,16 @@ from typing import Any
 
 from redis import Redis
 from redis.client import Pipeline
+from redis.exceptions import RedisError
 from slack_bolt import Ack, BoltRequest, BoltResponse
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
 from bot import guards
-from bot.grammar import parse
+from bot.grammar import help_text, parse
 from workers import audit, commands, policy
 from workers.errors import RunctlError, UsageError
+from workers.queueing import unreachable
 from workers.settings import Settings
 from workers.slack.ids import ActionId
 
@@ -70,35 +72,44 @@ def admit_command(ack: Ack, body: dict[str, Any], request: BoltRequest, context:
         usage = exc
     except RunctlError as exc:
         refusal = exc
-    key = guards.request_key(body, request.raw_body)
     try:
-        first = guards.admit(redis, key, user, settings.RUNCTL_RATE_PER_MINUTE)
-    except RunctlError as exc:  # over the rate limit: that answer wins over any other
-        first, usage, refusal = True, None, exc
-    if not first:
-        retry = request.headers.get("x-slack-retry-num", ["0"])[0]
-        log.info("dropping repeated delivery %s (retry %s)", key, retry)
-        return ack()
-    if usage is not None:
-        _audit_command(context, body, "failed", f"usage error: {usage.what}")
-        return ack(text=usage.as_text(), response_type="ephemeral")
-    instance = getattr(command, "instance_id", None) or ""
-    try:
-        if refusal is None and command is not None:
-            owner = policy.owner_of(redis, command) if needed else None
-            for action in needed:
-                # No run on the instance: only its EC2 tag can tell the owner, and the worker reads it.
-                policy.check(settings, user, action, owner, defer_owner=owner is None)
-    except RunctlError as exc:
-        refusal = exc
-    if refusal is not None:
-        _audit_command(context, body, "refused", f"{type(refusal).__name__}: {refusal.what}", instance)
-        return ack(text=refusal.as_text(), response_type="ephemeral")
-    # The listener sends this batch with its job: the allowed record and the job go in one
-    # MULTI/EXEC round trip. multi() now, because RQ refuses a pipeline that has commands but no MULTI.
-    batch = redis.pipeline()
-    batch.multi()
-    _audit_command(context, body, "allowed", "queued" if needed else "answered", instance, batch)
+        key = guards.request_key(body, request.raw_body)
+        try:
+            first = guards.admit(redis, key, user, settings.RUNCTL_RATE_PER_MINUTE)
+        except RunctlError as exc:  # over the rate limit: that answer wins over any other
+            first, usage, refusal = True, None, exc
+        if not first:
+            retry = request.headers.get("x-slack-retry-num", ["0"])[0]
+            log.info("dropping repeated delivery %s (retry %s)", key, retry)
+            return ack()
+        if usage is not None:
+            _audit_command(context, body, "failed", f"usage error: {usage.what}")
+            return ack(text=usage.as_text(), response_type="ephemeral")
+        instance = getattr(command, "instance_id", None) or ""
+        try:
+            if refusal is None and command is not None:
+                owner = policy.owner_of(redis, command) if needed else None
+                for action in needed:
+                    # No run on the instance: only its EC2 tag can tell the owner, and the worker reads it.
+                    policy.check(settings, user, action, owner, defer_owner=owner is None)
+        except RunctlError as exc:
+            refusal = exc
+        if refusal is not None:
+            _audit_command(context, body, "refused", f"{type(refusal).__name__}: {refusal.what}", instance)
+            return ack(text=refusal.as_text(), response_type="ephemeral")
+        # The listener sends this batch with its job: the allowed record and the job go in one
+        # MULTI/EXEC round trip. multi() now, because RQ refuses a pipeline that has commands but no MULTI.
+        batch = redis.pipeline()
+        batch.multi()
+        _audit_command(context, body, "allowed", "queued" if needed else "answered", instance, batch)
+    except RedisError:
+        # Redis is down or hanging: answer within Slack's 3 s, help without it, and start nothing.
+        log.warning("front door: Redis did not answer", exc_info=True)
+        if usage is not None:
+            return ack(text=usage.as_text(), response_type="ephemeral")
+        if isinstance(command, commands.HelpCommand):
+            return ack(text=help_text(command.topic), response_type="ephemeral")
+        return ack(text=unreachable().as_text(), response_type="ephemeral")
     context["command"] = command
     context["batch"] = batch
     next()
@@ -131,6 +142,10 @@ def gate_click(
             return ack()
         if tier is not None:
             policy.check(settings, user, tier, defer_owner=True)  # the handler knows what was clicked
+    except RedisError:
+        log.warning("front door: Redis did not answer a click", exc_info=True)
+        _tell(client, channel, user, unreachable().as_text())
+        return ack()
     except RunctlError as exc:
         _tell(client, channel, user, exc.as_text())
         refused = entry.model_copy(update={"decision": "refused", "outcome": f"{type(exc).__name__}: {exc.what}"})

@@ -27,6 +27,7 @@ from slack_bolt.adapter.wsgi import SlackRequestHandler
 from bot import signing
 from bot.app import build_app
 from workers.errors import ConfigError
+from workers.queueing import connect_front
 from workers.settings import Settings, load
 
 StartResponse = Callable[..., Any]
@@ -172,4 +173,4 @@ def create() -> WSGIApp:
     except ConfigError as exc:
         print(exc.what, file=sys.stderr)
         raise SystemExit(2) from None
-    return wsgi(settings, Redis.from_url(settings.REDIS_URL))
+    return wsgi(settings, connect_front(settings.REDIS_URL))

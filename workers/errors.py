@@ -6,6 +6,8 @@ what happened, why, and the exact command that fixes it.
     ├── ConfigError             a missing or invalid setting
     ├── PermissionDenied        the policy refuses this user
     ├── RateLimited             too many commands from one user
+    ├── QueueUnreachable        Redis did not answer the front door in time
+    ├── SlackRefused            Slack would not deliver to the conversation
     ├── InstanceError
     │   ├── InstanceNotFound    no such instance (or not visible to us)
     │   ├── NotManaged          outside the bot's tag scope
@@ -88,6 +90,16 @@ class PermissionDenied(RunctlError):
 
 class RateLimited(RunctlError):
     pass
+
+
+class QueueUnreachable(RunctlError):
+    pass
+
+
+class SlackRefused(RunctlError):
+    def __init__(self, what: str, *, error: str, why: str = "", fix: str = "") -> None:
+        super().__init__(what, why=why, fix=fix)
+        self.error = error
 
 
 class InstanceError(RunctlError):

@@ -8,13 +8,39 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from redis import Redis
+from redis.backoff import NoBackoff
 from redis.client import Pipeline
+from redis.retry import Retry
 from rq import Queue
 from rq.job import Job
 
 from workers.commands import Command, Requester
+from workers.errors import QueueUnreachable
 
 QUEUE = "runctl"
+# The front door must answer Slack within 3 s even when Redis hangs: connect and read
+# timeouts well under it, and no retries (redis-py retries 3 times with backoff by default).
+FRONT_TIMEOUT_SECONDS = 0.5
+
+
+def connect_front(url: str) -> Redis:
+    """The web/socket process's Redis: fails fast rather than holding the ack."""
+    return Redis.from_url(
+        url,
+        socket_connect_timeout=FRONT_TIMEOUT_SECONDS,
+        socket_timeout=FRONT_TIMEOUT_SECONDS,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+def unreachable() -> QueueUnreachable:
+    return QueueUnreachable(
+        "runctl cannot reach its queue; nothing was started.",
+        why=f"Redis did not answer within {FRONT_TIMEOUT_SECONDS} s.",
+        fix="an admin checks that Redis is up (`redis-cli -u \"$REDIS_URL\" ping`) and that the web process's "
+        "`REDIS_URL` points at it; then run the command again. `/runctl help` works meanwhile.",
+    )
 
 
 class JobPath(StrEnum):
