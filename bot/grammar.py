@@ -27,6 +27,7 @@ INSTANCE_RE = re.compile(r"^i-(?:[0-9a-f]{8}|[0-9a-f]{17})$")
 _SMART_QUOTES = str.maketrans({"“": '"', "”": '"', "‘": "'", "’": "'"})
 _MENTION = re.compile(r"^<@([UW][A-Z0-9]+)(?:\|[^>]*)?>$")
 _DASHES = re.compile(r"^[-\u2013\u2014]*[\u2013\u2014][-\u2013\u2014]*")  # with an en or em dash
+_MARKUP = re.compile(r"<([^<>]*)>")
 _REF_BAD = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
 
 FlagKind = Literal["switch", "bool", "int", "str", "user", "instance"]
@@ -218,7 +219,7 @@ def parse(text: str) -> c.AnyCommand:
     name, rest = tokens[0].lower(), tokens[1:]
     spec = SPECS.get(name)
     if spec is None:
-        _unknown_command(tokens)
+        _unknown_command([plain(t) for t in tokens])
     assert spec is not None
     values = _parse_tokens(spec, rest)
     if spec.name == "help" and values.get("topic") not in (None, *SPECS):
@@ -253,10 +254,29 @@ def tokenize(text: str) -> list[str]:
         bad = next((ch for ch in tok if unicodedata.category(ch) == "Cc"), None)
         if bad is not None:
             raise UsageError(
-                f"Argument {tok[:40]!r} contains a control character ({bad!r}); "
+                f"Argument {code(repr(plain(tok[:40])))} contains a control character ({bad!r}); "
                 "newlines, tabs and NUL are not allowed inside an argument."
             )
     return tokens
+
+
+def plain(token: str) -> str:
+    """What the person typed, from what Slack sent: Slack HTML-escapes `&`, `<` and `>` in
+    command text, and with `should_escape` turns mentions into markup (`<@U…|name>`,
+    `<#C…|name>`, `<!channel>`, `<!subteam^S…|@team>`, `<https://…>`). A raw `<` is therefore
+    always markup; it becomes the text it stands for, then the entities are undone."""
+
+    def typed(match: re.Match[str]) -> str:
+        target, _, label = match.group(1).partition("|")
+        if target[:1] in ("@", "#"):
+            return target[0] + (label or target[1:])
+        if target.startswith("!"):
+            kind, _, ref = target[1:].partition("^")
+            return label or "@" + (ref if kind == "subteam" else kind)
+        return label or target
+
+    text = _MARKUP.sub(typed, token)
+    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
 
 
 def _parse_tokens(spec: Spec, tokens: list[str]) -> dict[str, Any]:
@@ -269,7 +289,7 @@ def _parse_tokens(spec: Spec, tokens: list[str]) -> dict[str, Any]:
         if tok == "--":
             if not spec.passthrough:
                 raise UsageError(f"`{spec.name}` takes no script arguments.", usage=spec.usage)
-            values["args"] = tuple(tokens[i + 1 :])
+            values["args"] = tuple(plain(t) for t in tokens[i + 1 :])
             break
         if tok.startswith("-") and len(tok) > 1 and not _is_number(tok):
             name, eq, inline = tok.lstrip("-").partition("=")
@@ -294,12 +314,12 @@ def _parse_tokens(spec: Spec, tokens: list[str]) -> dict[str, Any]:
                 i += 1
             else:
                 raise UsageError(f"`--{name}` needs a value ({flag.metavar}).", usage=spec.usage)
-            values[flag.dest] = _convert(spec, flag, raw)
+            values[flag.dest] = _convert(spec, flag, raw if flag.kind == "user" else plain(raw))
             i += 1
             continue
         if spec.passthrough and len(positionals) == len(spec.positionals):
             _missing_separator(spec, tokens, i)
-        positionals.append(tok)
+        positionals.append(plain(tok))
         i += 1
     required = len(spec.positionals) - spec.optional_positionals
     if len(positionals) < required:
@@ -436,7 +456,7 @@ def _unknown_flag(spec: Spec, tokens: list[str], i: int, positionals: list[str])
 
 def _missing_separator(spec: Spec, tokens: list[str], i: int) -> None:
     raise UsageError(
-        f"{code(tokens[i])} looks like an argument for your script, but there is no `--` before it. "
+        f"{code(plain(tokens[i]))} looks like an argument for your script, but there is no `--` before it. "
         "runctl does not guess where its own options end.",
         usage=spec.usage,
         suggestion=_separated(spec, tokens, i),
@@ -444,7 +464,7 @@ def _missing_separator(spec: Spec, tokens: list[str], i: int) -> None:
 
 
 def _separated(spec: Spec, tokens: list[str], i: int) -> str:
-    return "/runctl " + shlex.join([spec.name, *tokens[:i], "--", *tokens[i:]])
+    return "/runctl " + shlex.join([spec.name, *map(plain, tokens[:i]), "--", *map(plain, tokens[i:])])
 
 
 def _check_dashes(spec: Spec, tokens: list[str]) -> None:

@@ -74,7 +74,7 @@ class RunctlError(Exception):
 
 class UsageError(RunctlError):
     def __init__(self, what: str, *, usage: str = "", suggestion: str = "") -> None:
-        fix = code(suggestion) if suggestion else ""
+        fix = code(suggestion) if suggestion else ""  # a copyable command built from user text
         super().__init__(what, why=f"Usage: `{usage}`" if usage else "", fix=fix)
         self.usage = usage
         self.suggestion = suggestion

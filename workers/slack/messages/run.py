@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from datetime import UTC, datetime
 
 from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, SectionBlock
@@ -90,7 +91,7 @@ def run_blocks(run: Run, now: datetime | None = None) -> tuple[str, list[Block]]
             )
         )
     if run.args:
-        details.append("args " + code(" ".join(run.args), 300))
+        details.append("args " + code(shlex.join(run.args), 300))  # as typed, shown literally
     blocks.append(
         ContextBlock(
             block_id=BlockId.RUN_DETAILS,
