@@ -44,7 +44,7 @@ def test_escaped_text_and_mentions_reach_the_script_as_typed_and_echo_back_liter
     run = Run(run_id="r-1", instance_id=IID, user_id="U0ALICE", channel_id="C0TRAIN", script=cmd.script,
               args=cmd.args, ref="main", created_at=datetime.now(UTC))
     text, blocks = run_blocks(run)
-    shown = json.dumps([b.to_dict() for b in blocks])
+    shown = text + json.dumps([b.to_dict() for b in blocks])
     assert "a&amp;b" in shown and "&lt;x&gt; &amp; y" in shown and "@bob" in shown
     for live in ("<!channel>", "<@U0BOB", "<!subteam", "<#C0GEN"):
         assert live not in shown and live not in ack

@@ -19,12 +19,14 @@ from workers.cost import fleetview
 from workers.cost.fleetview import Row
 from workers.cost.pricing import cost_of, format_usd
 from workers.jobs import funnel
+from workers.queueing import JobPath
 from workers.services import Services, current
 from workers.slack import chart
 from workers.slack.blocks import sections
 from workers.slack.client import clamp
 from workers.slack.escape import code
 from workers.slack.format import duration
+from workers.slack.reach import channel_error, refusal
 from workers.state.runs import Run
 from workers.state.uptime import UptimeLedger
 from workers.state.warnings import WarningRecord, WarningStore
@@ -32,6 +34,7 @@ from workers.state.warnings import WarningRecord, WarningStore
 log = logging.getLogger(__name__)
 LIST_LIMIT = 10
 CHART_DAYS = 7
+RETRY_MINUTES = 30
 NOBODY = "nobody"  # running time with no run and no runctl:user tag
 
 
@@ -55,19 +58,54 @@ def digest() -> str:
     if not channel:
         log.warning("RUNCTL_CHANNEL is not set; no digest")
         return "no channel"
-    # The clock may fire twice (a restart, a second clock process): one digest per day.
-    if not svc.redis.set(f"runctl:digest:{now:%Y-%m-%d}", "1", nx=True, ex=3 * 86400):
+    # The clock may fire twice (a restart, a second clock process): one digest per day. The day
+    # is marked done only once the digest is posted, so a refused post is tried again.
+    done = f"runctl:digest:{now:%Y-%m-%d}"
+    if svc.redis.exists(done):
         return "already posted today"
-    rows = fleetview.view(svc, now)
-    text, blocks, png = build(svc, rows, now)
-    ts = svc.notifier.post(channel, text, blocks)
+    claim = f"{done}:posting"
+    if not svc.redis.set(claim, "1", nx=True, ex=600):
+        return "another digest is being posted"
+    try:
+        rows = fleetview.view(svc, now)
+        text, blocks, png = build(svc, rows, now)
+        try:
+            ts = svc.notifier.post(channel, text, blocks)
+        except SlackApiError as exc:
+            return not_posted(svc, channel, exc, now)
+        svc.redis.set(done, "1", ex=3 * 86400)
+    finally:
+        svc.redis.delete(claim)
     if png is not None:
         try:
             svc.notifier.upload(channel, f"runctl-spend-{now:%Y%m%d}.png", png, "Spend per person, last 7 days",
                                 thread_ts=ts)
         except SlackApiError as exc:
             log.warning("digest chart upload failed: %s", exc.response.get("error"))
+            error = channel_error(exc)
+            if error:  # chat:write.public posted the digest; sharing the chart needs membership
+                refused = refusal(svc.settings, channel, error, "share the chart here", "tomorrow's digest has it")
+                svc.notifier.post(channel, refused.as_text(), thread_ts=ts)
     return text
+
+
+def not_posted(svc: Services, channel: str, exc: SlackApiError, now: datetime) -> str:
+    """Nothing is lost: the day stays undone and the digest is tried again in RETRY_MINUTES
+    (while it is still that day); the admins hear why once, by DM, with the fix."""
+    error = str(exc.response.get("error") or f"HTTP {exc.response.status_code}")
+    log.warning("digest not posted in %s: %s", channel, error)
+    retry_at = now + timedelta(minutes=RETRY_MINUTES)
+    if retry_at.date() == now.date():
+        svc.queue.enqueue_in(timedelta(minutes=RETRY_MINUTES), JobPath.DIGEST.value, job_timeout=600)
+    if channel_error(exc) and svc.redis.set(f"runctl:digest:{now:%Y-%m-%d}:told", "1", nx=True, ex=86400):
+        then = f"I try again every {RETRY_MINUTES} minutes today"
+        text = refusal(svc.settings, channel, error, "post the daily digest there", then).as_text()
+        for admin in svc.settings.RUNCTL_ADMINS:
+            try:
+                svc.notifier.post(admin, text)  # a user id: the bot's DM with that admin
+            except SlackApiError as dm:
+                log.warning("could not tell admin %s: %s", admin, dm.response.get("error"))
+    return f"not posted: {error}"
 
 
 def build(svc: Services, rows: list[Row], now: datetime) -> tuple[str, list[Block], bytes | None]:

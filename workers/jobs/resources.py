@@ -10,6 +10,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from slack_sdk.errors import SlackApiError
 from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, SectionBlock
 
 from workers.commands import ResourcesCommand
@@ -23,6 +24,7 @@ from workers.slack.blocks import sections
 from workers.slack.client import clamp
 from workers.slack.escape import code, escape
 from workers.slack.format import duration
+from workers.slack.reach import channel_error, refusal
 
 ROW_LIMIT = 20
 MAX_BLOCKS = 50
@@ -39,15 +41,35 @@ def resources(job: Job, cmd: ResourcesCommand) -> str:
     rows = select(everything, cmd)
     findings = detect(svc.settings, rows, now)
     text, blocks = render(cmd, rows, findings, now, hidden=len(everything) - len(rows))
-    ts = svc.notifier.post(who.channel_id, text, blocks)
+    try:
+        ts = svc.notifier.post(who.channel_id, text, blocks)
+    except SlackApiError as exc:
+        error = channel_error(exc)
+        if error is None:
+            raise
+        # The channel refuses the bot: the listing still reaches the person who asked.
+        note = refusal(svc.settings, who.channel_id, error, "post this listing there").as_text()
+        if len(rows) > ROW_LIMIT:
+            note += "\nThe full CSV needs me in the channel too."
+        _, blocks = render(cmd, rows, findings, now, hidden=len(everything) - len(rows), note=note)
+        svc.notifier.ephemeral(who.channel_id, who.user_id, text, blocks, response_url=who.response_url)
+        return f"{text} (privately: {error})"
     if len(rows) > ROW_LIMIT:
-        svc.notifier.upload(
-            who.channel_id,
-            f"runctl-resources-{now:%Y%m%d-%H%M}.csv",
-            to_csv(rows, findings, now),
-            title=f"runctl resources: all {len(rows)} instances",
-            thread_ts=ts,
-        )
+        try:
+            svc.notifier.upload(
+                who.channel_id,
+                f"runctl-resources-{now:%Y%m%d-%H%M}.csv",
+                to_csv(rows, findings, now),
+                title=f"runctl resources: all {len(rows)} instances",
+                thread_ts=ts,
+            )
+        except SlackApiError as exc:
+            error = channel_error(exc)
+            if error is None:
+                raise
+            # chat:write.public posted the listing; sharing a file needs membership.
+            refused = refusal(svc.settings, who.channel_id, error, "share the CSV here")
+            svc.notifier.post(who.channel_id, f"<@{who.user_id}> {refused.as_text()}", thread_ts=ts)
     return f"listed {len(rows)} instances"
 
 
@@ -98,7 +120,7 @@ def row_line(row: Row, warnings: list[Finding], now: datetime) -> str:
 
 
 def render(
-    cmd: ResourcesCommand, rows: list[Row], findings: list[Finding], now: datetime, hidden: int
+    cmd: ResourcesCommand, rows: list[Row], findings: list[Finding], now: datetime, hidden: int, note: str = ""
 ) -> tuple[str, list[Block]]:
     burn, unpriced = totals(rows)
     running = sum(1 for r in rows if r.running)
@@ -112,6 +134,8 @@ def render(
         head += f"\n:warning: {len(findings)} warning(s) below."
     if hidden and not cmd.all:
         head += f"\n{hidden} stopped/terminated or filtered out; `/runctl resources --all` lists them."
+    if note:
+        head = f"{note}\n\n{head}"
     by_instance: dict[str, list[Finding]] = {}
     for f in findings:
         by_instance.setdefault(f.instance_id, []).append(f)

@@ -18,7 +18,7 @@ from workers.remote.lifecycle import parse_stop
 from workers.services import Services
 from workers.settings import python_path
 from workers.slack.escape import code, escape
-from workers.slack.thread import publish, reply
+from workers.slack.thread import open_run, publish, reply
 from workers.state.locks import Holder, operation, train_lock
 from workers.state.runs import Run, RunState
 
@@ -55,6 +55,7 @@ def new_run(svc: Services, cmd: TrainCommand, who: Requester, run_id: str) -> Ru
         checkpoint_interval=cmd.checkpoint_interval,
         then=cmd.then or svc.settings.RUNCTL_THEN,
         created_at=svc.clock(),
+        response_url=who.response_url,
     )
 
 
@@ -71,8 +72,8 @@ class TrainFlow:
     def execute(self) -> Run:
         run = self.run
         run.state = RunState.STARTING
-        publish(self.svc, run)
         try:
+            open_run(self.svc, run)  # a channel that refuses the bot: say so, touch nothing
             source = self.check_code()
             other = self.claim()
             # The operation lock keeps a stop, start or terminate of this instance from

@@ -14,6 +14,7 @@ from slack_sdk.http_retry.builtin_handlers import (
 )
 from slack_sdk.http_retry.handler import RetryHandler
 from slack_sdk.models.blocks import Block
+from slack_sdk.webhook import WebhookClient
 
 from workers.settings import Settings
 
@@ -71,16 +72,41 @@ class Notifier:
         self.client.chat_update(channel=channel, ts=ts, text=clamp(text, 3900), blocks=blocks or [])
 
     def ephemeral(
-        self, channel: str, user: str, text: str, blocks: Sequence[Block] | None = None
+        self,
+        channel: str,
+        user: str,
+        text: str,
+        blocks: Sequence[Block] | None = None,
+        response_url: str | None = None,
     ) -> None:
+        """Only `user` sees it: ephemeral in the channel; where the bot is not in the channel,
+        through the command's response_url (any conversation); else a DM."""
         try:
             self.client.chat_postEphemeral(
                 channel=channel, user=user, text=clamp(text, 3900), blocks=blocks
             )
+            return
         except SlackApiError as exc:
-            # Ephemeral messages fail in channels the bot is not in; a DM still reaches the user.
-            log.warning("ephemeral to %s failed (%s); sending a DM", user, exc.response.get("error"))
-            self.client.chat_postMessage(channel=user, text=clamp(text, 3900), blocks=blocks)
+            log.warning("ephemeral to %s in %s failed (%s)", user, channel, exc.response.get("error"))
+        if response_url and self.respond(response_url, text, blocks):
+            return
+        self.client.chat_postMessage(channel=user, text=clamp(text, 3900), blocks=blocks)
+
+    def respond(self, response_url: str, text: str, blocks: Sequence[Block] | None = None) -> bool:
+        """Answer through a slash command's response_url, privately; False when Slack refuses
+        (expired after 30 minutes or 5 messages). The URL itself is never logged."""
+        hook = WebhookClient(response_url, retry_handlers=retry_handlers())
+        try:
+            resp = hook.send(
+                text=clamp(text, 3900), blocks=blocks, response_type="ephemeral", replace_original=False
+            )
+        except OSError as exc:
+            log.warning("response_url unreachable: %s", type(exc).__name__)
+            return False
+        if resp.status_code != 200:
+            log.warning("response_url refused the message: HTTP %s %s", resp.status_code, resp.body[:100])
+            return False
+        return True
 
     def upload(
         self,

@@ -9,9 +9,26 @@ from slack_sdk.errors import SlackApiError
 from workers.errors import ErrorInfo, RunctlError
 from workers.services import Services
 from workers.slack.messages.run import run_blocks
+from workers.slack.reach import channel_error, refusal
 from workers.state.runs import Run, RunState
 
 log = logging.getLogger(__name__)
+
+
+def open_run(svc: Services, run: Run) -> Run:
+    """Post the run's parent message, before anything touches the instance: a run whose
+    channel refuses the bot is never started (SlackRefused, with the fix)."""
+    if run.message_ts is not None:  # a retried job: the message is there
+        return publish(svc, run)
+    text, blocks = run_blocks(run, svc.clock())
+    try:
+        run.message_ts = svc.notifier.post(run.channel_id, text, blocks)
+    except SlackApiError as exc:
+        error = channel_error(exc)
+        if error is None:
+            raise
+        raise refusal(svc.settings, run.channel_id, error, "follow this run there") from None
+    return svc.runs.save(run)
 
 
 def publish(svc: Services, run: Run) -> Run:
@@ -19,6 +36,8 @@ def publish(svc: Services, run: Run) -> Run:
     text, blocks = run_blocks(run, svc.clock())
     try:
         if run.message_ts is None:
+            if run.state is RunState.REFUSED and run.error and run.error.kind == "SlackRefused":
+                return svc.runs.save(run)  # the channel refused it once: don't knock again
             run.message_ts = svc.notifier.post(run.channel_id, text, blocks)
         else:
             svc.notifier.update(run.channel_id, run.message_ts, text, blocks)
@@ -28,12 +47,24 @@ def publish(svc: Services, run: Run) -> Run:
 
 
 def reply(svc: Services, run: Run, text: str, mention: bool = True) -> None:
-    if mention:
-        text = f"<@{run.user_id}> {text}"
+    """In the run's thread; when the run has no message (its channel refused the bot), to
+    the requester privately, through the command's response_url where it still works."""
+    if run.message_ts is None:
+        privately(svc, run, text)
+        return
     try:
-        svc.notifier.post(run.channel_id, text, thread_ts=run.message_ts)
+        svc.notifier.post(run.channel_id, f"<@{run.user_id}> {text}" if mention else text, thread_ts=run.message_ts)
     except SlackApiError as exc:
         log.warning("could not reply on run %s: %s", run.run_id, exc.response.get("error"))
+        if channel_error(exc):
+            privately(svc, run, text)
+
+
+def privately(svc: Services, run: Run, text: str) -> None:
+    try:
+        svc.notifier.ephemeral(run.channel_id, run.user_id, text, response_url=run.response_url)
+    except SlackApiError as exc:
+        log.warning("could not tell %s about run %s: %s", run.user_id, run.run_id, exc.response.get("error"))
 
 
 def fail(svc: Services, run: Run, error: RunctlError | ErrorInfo, state: RunState) -> Run:

@@ -91,6 +91,9 @@ class Run(BaseModel):
     ended_by: EndedBy = ""
     then: str = "keep"  # "stop" | "terminate" | "keep": what happens to the instance when the run ends
     message_ts: str | None = None
+    # The command's response_url: answers the requester privately in any conversation for
+    # 30 minutes (5 messages), when the channel refuses the bot.
+    response_url: str | None = Field(None, repr=False)
     progress: Progress | None = None
     checkpoint: Checkpoint | None = None
     python: str = ""  # the interpreter the run was set up with (RUNCTL_PYTHON or the runctl:python tag)
