@@ -49,6 +49,8 @@ def test_yesterdays_spend_goes_to_who_trained_and_the_rest_to_the_tag_owner(
     svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, morning: datetime
 ) -> None:
     gpu = fleet_seed.instances["gpu-box-1"]
+    slack.add_user("U0ALICE", "alice", "Alice")
+    slack.add_user("U0DIGBOB", "bob", "Bob")
     svc.fleet.ec2.create_tags(Resources=[gpu], Tags=[{"Key": "runctl:user", "Value": "U0DIGBOB"}])
     yesterday = morning.replace(hour=0) - timedelta(days=1)
     svc.runs.create(Run(
@@ -62,8 +64,9 @@ def test_yesterdays_spend_goes_to_who_trained_and_the_rest_to_the_tag_owner(
     [message] = posted(slack)
     shown = text_of(message)
     # g5.xlarge, $1.006/h, all 24 h of yesterday: 6 h Alice's run, 18 h the tag owner's.
-    assert "<@U0ALICE> — yesterday $6.04" in shown
-    assert "<@U0DIGBOB> — yesterday $18.11" in shown
+    assert "*Alice* — yesterday $6.04" in shown
+    assert "*Bob* — yesterday $18.11" in shown
+    assert "<@" not in shown  # by name: the digest pings nobody
     # moto keeps other tests' instances; each running g5.xlarge ran all of yesterday.
     g5 = sum(1 for i in svc.fleet.describe() if i.type == "g5.xlarge" and i.state == "running")
     assert f"`g5.xlarge` — yesterday {format_usd(Decimal('24.144') * g5)}" in shown
@@ -128,3 +131,32 @@ def test_500_instances_stay_within_slack_limits(
     assert all(len(b.get("text", {}).get("text", "")) <= 3000 for b in message.blocks)
     assert "…and" in text_of(message)  # long lists are cut, pointing at resources
     assert slack.files and slack.files[0].content.startswith(b"\x89PNG")
+
+
+def test_two_people_with_one_display_name_stay_two_series_labelled_by_name(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, morning: datetime
+) -> None:
+    import io
+
+    from PIL import Image
+
+    gpu, cpu = fleet_seed.instances["gpu-box-1"], fleet_seed.instances["cpu-box"]
+    slack.add_user("U0SAMONE", "sam.one", "Sam", "Sam Jones")
+    slack.add_user("U0SAMTWO", "sam.two", "Sam", "Sam Lee")
+    yesterday = morning.replace(hour=0) - timedelta(days=1)
+    for run_id, iid, user in (("r-sam-1", gpu, "U0SAMONE"), ("r-sam-2", cpu, "U0SAMTWO")):
+        svc.runs.create(Run(
+            run_id=run_id, instance_id=iid, user_id=user, channel_id="C0TRAIN", script="train.py",
+            state=RunState.SUCCEEDED, created_at=yesterday + timedelta(hours=1),
+            started_at=yesterday + timedelta(hours=1), ended_at=yesterday + timedelta(hours=9),
+        ))
+
+    digest()
+
+    shown = text_of(posted(slack)[0])
+    assert "*Sam (Sam Jones)* — yesterday" in shown and "*Sam (Sam Lee)* — yesterday" in shown
+    [chart] = slack.files
+    described = Image.open(io.BytesIO(chart.content)).text["Description"]  # type: ignore[attr-defined]
+    assert "Sam (Sam Jones): $" in described and "Sam (Sam Lee): $" in described
+    assert "U0SAM" not in described
+    assert slack.calls_to("users.info")  # names come from Slack (users:read)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
 from decimal import Decimal
@@ -24,8 +24,9 @@ from workers.services import Services, current
 from workers.slack import chart
 from workers.slack.blocks import sections
 from workers.slack.client import clamp
-from workers.slack.escape import code
+from workers.slack.escape import code, escape
 from workers.slack.format import duration
+from workers.slack.people import labels
 from workers.slack.reach import channel_error, refusal
 from workers.state.runs import Run
 from workers.state.uptime import UptimeLedger
@@ -116,10 +117,13 @@ def build(svc: Services, rows: list[Row], now: datetime) -> tuple[str, list[Bloc
     daily = [spend(svc, rows, runs, day, day + timedelta(days=1), now) for day in days]
     yesterday, month = daily[-1], spend(svc, rows, runs, month_start, now, now)
     open_warnings = WarningStore(svc.redis).open()
-    text, blocks = render(rows, yesterday, month, open_warnings, now)
-    people = {p for s in daily for p, v in s.person.items() if v}
+    listed = {p for sp in (yesterday, month) for p in sp.person} | {r.live_run.user_id for r in rows if r.live_run}
+    listed |= {w.acted_by for w in open_warnings if w.acted_by}
+    text, blocks = render(rows, yesterday, month, open_warnings, now, person_labels(svc, listed))
+    people = sorted({p for s in daily for p, v in s.person.items() if v})
+    names = person_labels(svc, people)
     png = chart.spend_chart(
-        [d.date() for d in days], {name_of(svc, p): [s.person.get(p, Decimal(0)) for s in daily] for p in people}
+        [d.date() for d in days], {p: [s.person.get(p, Decimal(0)) for s in daily] for p in people}, names
     ) if people else None
     return text, blocks, png
 
@@ -169,8 +173,14 @@ def spend(
 
 
 def render(
-    rows: list[Row], yesterday: Spend, month: Spend, warnings: list[WarningRecord], now: datetime
+    rows: list[Row], yesterday: Spend, month: Spend, warnings: list[WarningRecord], now: datetime,
+    names: dict[str, str] | None = None,
 ) -> tuple[str, list[Block]]:
+    named = names or {}
+
+    def who(person: str) -> str:  # by name: a daily digest must not ping everyone it lists
+        return "_no owner_" if person == NOBODY else f"*{escape(named.get(person, person))}*"
+
     running = [r for r in rows if r.running]
     idle = sorted((r for r in running if r.idle), key=lambda r: -(r.cost_of(r.idle_seconds(now)) or 0))
     burn = sum((r.price.usd_per_hour or Decimal(0) for r in running), Decimal(0))
@@ -190,7 +200,7 @@ def render(
     blocks += _table("Per instance type", yesterday.type, month.type, lambda t: f"`{t}`")
     blocks += _listing(
         f"Running now ({len(running)})",
-        [_running_line(r) for r in sorted(running, key=lambda r: -(r.cost or 0))],
+        [_running_line(r, who) for r in sorted(running, key=lambda r: -(r.cost or 0))],
         "nothing is running",
     )
     blocks += _listing(
@@ -201,7 +211,7 @@ def render(
     )
     blocks += _listing(
         f"Open warnings ({len(warnings)})",
-        [f"{w.kind.value} · {w.label} · {w.status.value}" + (f" by <@{w.acted_by}>" if w.acted_by else "")
+        [f"{w.kind.value} · {w.label} · {w.status.value}" + (f" by {who(w.acted_by)}" if w.acted_by else "")
          for w in warnings],
         "none",
     )
@@ -213,19 +223,11 @@ def render(
     return f"runctl digest: yesterday {format_usd(yesterday.total)}, month {format_usd(month.total)}", blocks
 
 
-def who(person: str) -> str:
-    return "_no owner_" if person == NOBODY else f"<@{person}>"
-
-
-def name_of(svc: Services, person: str) -> str:
-    """A readable chart label: the Slack display name, else the raw id."""
-    if person == NOBODY:
-        return "no owner"
-    try:
-        user = svc.notifier.client.users_info(user=person)["user"]
-        return str(user.get("profile", {}).get("display_name") or user.get("name") or person)
-    except (SlackApiError, KeyError, TypeError):
-        return person
+def person_labels(svc: Services, people: Iterable[str]) -> dict[str, str]:
+    """Each person's distinct name (users.info, needs `users:read`); "no owner" for nobody."""
+    named = labels(svc, (p for p in people if p != NOBODY))
+    named[NOBODY] = "no owner"
+    return named
 
 
 def _table(
@@ -245,10 +247,10 @@ def _listing(title: str, lines: list[str], empty: str) -> list[SectionBlock]:
     return sections([f"*{title}*", *shown], 2)
 
 
-def _running_line(row: Row) -> str:
+def _running_line(row: Row, who: Callable[[str], str]) -> str:
     parts = [f"*{row.instance.label}* {row.instance.type}", f"{format_usd(row.cost)} so far"]
     if row.live_run:
-        parts.append(f"<@{row.live_run.user_id}> training {code(row.live_run.script, 60)}")
+        parts.append(f"{who(row.live_run.user_id)} training {code(row.live_run.script, 60)}")
     return " · ".join(parts)
 
 

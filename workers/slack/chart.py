@@ -14,33 +14,52 @@ from decimal import Decimal
 MAX_PEOPLE = 8  # the rest share one "others" bar segment
 
 
-def spend_chart(days: Sequence[date], spend: Mapping[str, Sequence[Decimal]]) -> bytes | None:
-    """Stacked bars: one bar per day, one colour per person; None without matplotlib."""
+def spend_chart(
+    days: Sequence[date], spend: Mapping[str, Sequence[Decimal]], labels: Mapping[str, str] | None = None
+) -> bytes | None:
+    """Stacked bars: one bar per day, one colour per person; None without matplotlib.
+
+    ``spend`` is keyed by person id (two people never merge); ``labels`` names them."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import StrMethodFormatter
     except ImportError:
         return None
-    ranked = sorted(spend.items(), key=lambda item: sum(item[1]), reverse=True)
-    series = [(name, [float(v) for v in values]) for name, values in ranked[:MAX_PEOPLE]]
+    names = labels or {}
+    ranked = sorted(spend.items(), key=lambda item: (-sum(item[1]), item[0]))
+    series = [(names.get(pid, pid), [float(v) for v in values]) for pid, values in ranked[:MAX_PEOPLE]]
     rest = ranked[MAX_PEOPLE:]
     if rest:
-        series.append(("others", [float(sum(vals)) for vals in zip(*(v for _, v in rest), strict=True)]))
+        others = [float(sum(vals)) for vals in zip(*(v for _, v in rest), strict=True)]
+        series.append((f"{len(rest)} others", others))
 
     # Figure + Agg canvas, not pyplot: no global state, safe in a worker thread.
-    figure = Figure(figsize=(8, 4), dpi=100)
+    figure = Figure(figsize=(9, 4), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    labels = [f"{d:%a %d}" for d in days]
+    ticks = [f"{d:%a %d}" for d in days]
     bottom = [0.0] * len(days)
     for name, values in series:
-        axes.bar(labels, values, bottom=bottom, label=name)
+        axes.bar(ticks, values, bottom=bottom, label=name)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    axes.set_ylabel("USD")
+    for x, total in enumerate(bottom):  # the day's total above its bar
+        if total > 0:
+            axes.annotate(f"${total:,.0f}", (x, total), ha="center", va="bottom", fontsize="small",
+                          xytext=(0, 2), textcoords="offset points")
+    axes.yaxis.set_major_formatter(StrMethodFormatter("${x:,.0f}"))
+    axes.set_ylabel("EC2 spend (USD)")
+    axes.set_ylim(0, max(bottom, default=0) * 1.12 or 1)
     axes.set_title("EC2 spend per person, last 7 days (UTC)")
+    axes.spines[["top", "right"]].set_visible(False)
     if series:
-        axes.legend(loc="upper left", fontsize="small")
+        # Beside the plot, never over the bars; top to bottom as the segments are stacked.
+        handles, names_shown = axes.get_legend_handles_labels()
+        axes.legend(handles[::-1], names_shown[::-1], loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                    fontsize="small", frameon=False)
     figure.tight_layout()
     out = io.BytesIO()
-    figure.savefig(out, format="png")
+    # The series, in legend order, as the PNG's description (for screen readers and tests).
+    described = "; ".join(f"{name}: ${sum(values):,.2f}" for name, values in series)
+    figure.savefig(out, format="png", metadata={"Description": f"EC2 spend per person, 7 days: {described}"})
     return out.getvalue()
