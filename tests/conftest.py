@@ -105,6 +105,9 @@ def settings(slack: FakeSlack, example_repo: Path, tmp_path: Path) -> Settings:
         RUNCTL_LAUNCH_CHECK_SECONDS=0.5,
         RUNCTL_STOP_GRACE_SECONDS=20,
         RUNCTL_PYTHON=INSTANCE_PYTHON,
+        # Flows assert on a message right after they return: no coalescing unless a test asks.
+        RUNCTL_SLACK_UPDATE_SECONDS=0,
+        RUNCTL_SLACK_UPDATES_PER_MINUTE=6000,
     )
 
 

@@ -12,6 +12,7 @@ from workers.jobs import autostop, funnel
 from workers.queueing import JobPath
 from workers.remote.status import Snapshot, parse_many
 from workers.services import Services, current
+from workers.slack import updates
 from workers.slack.escape import block
 from workers.slack.format import duration
 from workers.slack.messages.run import checkpoint_text
@@ -76,6 +77,7 @@ def tick() -> str:
     svc = current()
     now = svc.clock().timestamp()
     svc.redis.delete(TICK_AT)
+    updates.flush(svc)  # message updates that waited for Slack's budget
     horizon = now + svc.settings.RUNCTL_POLL_MIN_SECONDS / 4
     due = [m.decode() if isinstance(m, bytes) else str(m) for m in svc.redis.zrangebyscore(DUE, "-inf", horizon)]
     claimed = [run_id for run_id in due if svc.redis.zrem(DUE, run_id)]  # one tick claims each
@@ -91,6 +93,9 @@ def tick() -> str:
     upcoming = svc.redis.zrange(DUE, 0, 0, withscores=True)
     if upcoming:
         ensure_tick(svc, float(upcoming[0][1]))
+    waiting = updates.flush(svc)
+    if waiting is not None:
+        ensure_tick(svc, svc.clock().timestamp() + waiting)
     return f"polled {len(runs)}"
 
 

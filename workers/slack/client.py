@@ -53,6 +53,13 @@ def clamp(text: str, limit: int = MAX_TEXT) -> str:
 class Notifier:
     def __init__(self, client: WebClient) -> None:
         self.client = client
+        # The same client minus the 429 handler, for callers that reschedule instead of sleeping.
+        self.impatient = WebClient(
+            token=client.token,
+            base_url=client.base_url,
+            timeout=client.timeout,
+            retry_handlers=[h for h in client.retry_handlers if not isinstance(h, RateLimitErrorRetryHandler)],
+        )
 
     def post(
         self,
@@ -67,9 +74,11 @@ class Notifier:
         return str(resp["ts"])
 
     def update(
-        self, channel: str, ts: str, text: str, blocks: Sequence[Block] | None = None
+        self, channel: str, ts: str, text: str, blocks: Sequence[Block] | None = None, wait: bool = True
     ) -> None:
-        self.client.chat_update(channel=channel, ts=ts, text=clamp(text, 3900), blocks=blocks or [])
+        """With wait=False a 429 raises at once (SlackApiError, status 429, Retry-After)."""
+        client = self.client if wait else self.impatient
+        client.chat_update(channel=channel, ts=ts, text=clamp(text, 3900), blocks=blocks or [])
 
     def ephemeral(
         self,

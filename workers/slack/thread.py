@@ -8,6 +8,7 @@ from slack_sdk.errors import SlackApiError
 
 from workers.errors import ErrorInfo, RunctlError
 from workers.services import Services
+from workers.slack import updates
 from workers.slack.messages.run import run_blocks
 from workers.slack.reach import channel_error, refusal
 from workers.state.runs import Run, RunState
@@ -28,19 +29,23 @@ def open_run(svc: Services, run: Run) -> Run:
         if error is None:
             raise
         raise refusal(svc.settings, run.channel_id, error, "follow this run there") from None
+    updates.posted(svc, run)
     return svc.runs.save(run)
 
 
 def publish(svc: Services, run: Run) -> Run:
-    """Post the parent message the first time, update it in place afterwards."""
+    """Post the parent message the first time; afterwards save the run and have its message
+    show it, within Slack's update budget (workers.slack.updates: the last state wins)."""
+    if run.message_ts is not None:
+        saved = svc.runs.save(run)
+        updates.show(svc, saved)
+        return saved
+    if run.state is RunState.REFUSED and run.error and run.error.kind == "SlackRefused":
+        return svc.runs.save(run)  # the channel refused it once: don't knock again
     text, blocks = run_blocks(run, svc.clock())
     try:
-        if run.message_ts is None:
-            if run.state is RunState.REFUSED and run.error and run.error.kind == "SlackRefused":
-                return svc.runs.save(run)  # the channel refused it once: don't knock again
-            run.message_ts = svc.notifier.post(run.channel_id, text, blocks)
-        else:
-            svc.notifier.update(run.channel_id, run.message_ts, text, blocks)
+        run.message_ts = svc.notifier.post(run.channel_id, text, blocks)
+        updates.posted(svc, run)
     except SlackApiError as exc:
         log.warning("could not publish run %s: %s", run.run_id, exc.response.get("error"))
     return svc.runs.save(run)

@@ -1,0 +1,89 @@
+"""Slack's rate limits: chat.update is Tier 3 (about 50 a minute per workspace). Run
+messages are coalesced (the last state wins) and a 429 reschedules the update rather
+than sleeping in the monitor's tick.
+
+Time is scaled 12x here: Slack's 50 a minute becomes the fake's 600, our 40 a minute
+becomes 480, and a message's 3 s interval 0.25 s. Counts (bursts) are not scaled."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import timedelta
+
+from workers.commands import Requester, TrainCommand
+from workers.jobs import monitor
+from workers.jobs.train import train
+from workers.sandbox.aws import SeedInfo
+from workers.sandbox.fake_slack import Budget, FakeSlack
+from workers.sandbox.inline import InlineWorker
+from workers.services import Services
+from workers.slack import updates
+from workers.slack.thread import open_run, publish
+from workers.state.runs import Progress, Run, RunState
+
+SCALE = 12
+
+
+def test_fifty_runs_stay_within_chat_update_budget_and_show_their_last_state(
+    svc: Services, slack: FakeSlack
+) -> None:
+    slack.budget("chat.update", Budget(per_minute=50 * SCALE, burst=50))
+    svc.settings.RUNCTL_SLACK_UPDATES_PER_MINUTE = 40 * SCALE
+    svc.settings.RUNCTL_SLACK_UPDATE_SECONDS = 3 / SCALE
+    runs = []
+    for n in range(50):  # five channels: chat.postMessage's per-channel burst is not under test
+        run = Run(run_id=f"r-budget-{n:02d}", instance_id="i-0123456789abcdef0", user_id="U0ALICE",
+                  channel_id=f"C0RUNS{n % 5}", script="train.py", state=RunState.RUNNING)
+        runs.append(open_run(svc, svc.runs.create(run)))
+
+    # The monitor's view of 50 live runs: a new epoch for each, ten times over, fast.
+    for epoch in range(1, 11):
+        for run in runs:
+            run.progress = Progress(epoch=epoch, total_epochs=10)
+            publish(svc, run)
+        monitor.tick()
+        time.sleep(0.05)
+    deadline = time.monotonic() + 30
+    while svc.redis.zcard(updates.PENDING) and time.monotonic() < deadline:
+        monitor.tick()
+        time.sleep(0.05)
+
+    calls = slack.calls_to("chat.update")
+    assert [c for c in calls if c.error] == []  # no 429 reached anyone
+    assert len(calls) < 50 * 10  # coalesced
+    for run in runs:  # the last state won everywhere
+        [message] = [m for m in slack.messages(run.channel_id) if m.ts == run.message_ts]
+        assert "epoch 10/10" in str(message.blocks), run.run_id
+    # Within the fake's budget in every scaled minute (5 s), by construction of the test.
+    starts = [c.at for c in calls]
+    assert all(sum(1 for t in starts if s <= t < s + 60 / SCALE) <= 50 for s in starts)
+
+
+def test_a_429_does_not_delay_other_runs_polls(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    who = Requester(user_id="U0ALICE", channel_id="C0TRAIN")
+    ids = []
+    for name in ("gpu-box-1", "cpu-box"):
+        cmd = TrainCommand(instance_id=fleet_seed.instances[name], script="train_with_checkpoints.py",
+                           args=("--epochs", "3", "--steps-per-epoch", "4", "--step-seconds", "0.25"))
+        ids.append(f"r-test-{uuid.uuid4().hex[:12]}")
+        train(cmd.model_dump(mode="json"), who.model_dump(mode="json"), ids[-1])
+    before = {i: svc.runs.get(i).polls for i in ids}  # type: ignore[union-attr]
+    slack.rate_limit("chat.update", times=100, retry_after=30)
+    for run_id in ids:
+        monitor.schedule(svc, run_id, timedelta(0))
+
+    started = time.monotonic()
+    monitor.tick()
+    took = time.monotonic() - started
+
+    assert took < 15, took  # a sleeping retry would wait 30 s (x3) inside the tick
+    after = {i: svc.runs.get(i).polls for i in ids}  # type: ignore[union-attr]
+    assert all(after[i] > before[i] for i in ids), (before, after)  # both were polled
+    waiting = dict(svc.redis.zrange(updates.PENDING, 0, -1, withscores=True))
+    assert len(waiting) == 2 and min(waiting.values()) >= time.time() + 20  # after Retry-After
+    slack.reset()
+    svc.redis.delete(updates.PENDING, updates.BLOCKED)
+    worker.drain(timeout=60)  # let the runs finish
