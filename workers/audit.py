@@ -83,7 +83,7 @@ def of_run(who: Requester, run: Run) -> Record:
 
 def refuse(svc: Services, who: Requester, error: RunctlError, run_id: str = "", instance: str = "") -> str:
     """A worker-side refusal: tell the requester privately, audit it, and return "refused"."""
-    svc.notifier.ephemeral(who.channel_id, who.user_id, error.as_text())
+    svc.notifier.ephemeral(who.channel_id, who.user_id, error.as_text(), response_url=who.response_url)
     record(svc.redis, svc.settings.RUNCTL_AUDIT_MAXLEN, of(who, decision_of(error), error.what, run_id, instance))
     return "refused"
 

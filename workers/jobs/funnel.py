@@ -53,7 +53,8 @@ class Job:
         policy.recheck(self.svc.settings, self.actor, *actions, owner_id=owner_id, defer_owner=defer_owner)
 
     def tell(self, text: str, blocks: Sequence[Block] | None = None) -> None:
-        """To the actor: in the thread the job belongs to, else privately (ephemeral, else DM)."""
+        """To the actor: in the thread the job belongs to, else privately (ephemeral, else the
+        command's response_url where the bot is not in the channel, else DM)."""
         notifier = self.svc.notifier
         thread = self.run.message_ts if self.run is not None else self.thread_ts
         channel = self.run.channel_id if self.run is not None else self.actor.channel_id
@@ -61,7 +62,9 @@ class Job:
             if thread and channel:
                 notifier.post(channel, f"<@{self.actor.user_id}> {text}", blocks, thread_ts=thread)
             elif self.actor.channel_id:
-                notifier.ephemeral(self.actor.channel_id, self.actor.user_id, text, blocks)
+                notifier.ephemeral(
+                    self.actor.channel_id, self.actor.user_id, text, blocks, response_url=self.actor.response_url
+                )
             else:
                 notifier.post(self.actor.user_id, text, blocks)
         except SlackApiError as exc:

@@ -94,7 +94,7 @@ def answer(svc: Services, who: Requester, text: str, thread_ts: str | None = Non
         if thread_ts:
             svc.notifier.post(who.channel_id, f"<@{who.user_id}> {text}", thread_ts=thread_ts)
         else:
-            svc.notifier.ephemeral(who.channel_id, who.user_id, text)
+            svc.notifier.ephemeral(who.channel_id, who.user_id, text, response_url=who.response_url)
     except SlackApiError as exc:
         log.warning("could not answer %s: %s", who.user_id, exc.response.get("error"))
 
