@@ -26,8 +26,9 @@ def open_run(svc: Services, run: Run) -> Run:
         run.message_ts = svc.notifier.post(run.channel_id, text, blocks)
     except SlackApiError as exc:
         error = channel_error(exc)
-        if error is None:
-            raise
+        if error is None:  # Slack's bad day, past the client's retries: the next publish posts it
+            log.warning("could not post run %s: %s", run.run_id, exc.response.get("error"))
+            return svc.runs.save(run)
         raise refusal(svc.settings, run.channel_id, error, "follow this run there") from None
     updates.posted(svc, run)
     return svc.runs.save(run)
