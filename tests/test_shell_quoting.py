@@ -192,9 +192,10 @@ def test_json_stub_through_the_full_launch_script(shell: Shell, root: Path, json
 @settings(max_examples=500, deadline=None)
 @given(args=st.lists(ARG.filter(lambda a: not set(a) & set(SMART_QUOTES)), max_size=8))
 def test_the_grammar_hands_args_over_unchanged(args: list[str]) -> None:
-    """What a user types after `--`, quoted as a shell would, is what the run gets."""
-    text = "train i-0123456789abcdef0 train.py -- " + shlex.join(args)
-    command = parse(text)
+    """What a user types after `--`, quoted as a shell would, is what the run gets, after
+    Slack has HTML-escaped `&`, `<` and `>` in the command text as it sends it."""
+    typed = "train i-0123456789abcdef0 train.py -- " + shlex.join(args)
+    command = parse(typed.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;"))
     assert isinstance(command, TrainCommand)
     assert list(command.args) == args
 
