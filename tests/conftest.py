@@ -17,7 +17,7 @@ import redis as redis_mod
 from workers import services
 from workers.sandbox.aws import Sandbox, SeedInfo, seed
 from workers.sandbox.example_repo import make_example_repo
-from workers.sandbox.fake_slack import FakeSlack
+from workers.sandbox.fake_slack import DEFAULT_BUDGETS, Budget, FakeSlack
 from workers.sandbox.inline import InlineWorker
 from workers.sandbox.ssm_shim import AGENT_PATH
 from workers.services import Services
@@ -82,7 +82,11 @@ def example_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def slack() -> Iterator[FakeSlack]:
-    fake = FakeSlack(member_of=MEMBER_OF)
+    # Slack's limits, except a deeper per-channel posting burst: a sweep or a lifecycle flow
+    # posts dozens of messages in one channel, and waiting out 1 s Retry-Afters would cost CI
+    # minutes. The fake's own tests and tests/test_slack_budget.py use Slack's rates.
+    budgets = {**DEFAULT_BUDGETS, "chat.postMessage": Budget(60, 60, per_channel=True)}
+    fake = FakeSlack(member_of=MEMBER_OF, budgets=budgets)
     fake.start()
     yield fake
     fake.stop()
