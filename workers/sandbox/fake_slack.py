@@ -20,8 +20,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import re
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
