@@ -66,11 +66,10 @@ def build_app(
             return BoltResponse(status=401, body={"error": "invalid request"})
         if isinstance(error, RunctlError):
             text = error.as_text()
-        elif isinstance(error, RedisError):
-            respond_text = unreachable().as_text()
-            if respond is not None and body.get("response_url"):
-                respond(text=respond_text, response_type="ephemeral", replace_original=False)
-            return
+        elif isinstance(error, RedisError):  # no audit record either: Redis is what failed
+            if respond is not None and hooks.trusted(settings, respond.response_url):
+                respond(text=unreachable().as_text(), response_type="ephemeral", replace_original=False)
+            return None
         else:
             log.exception("unhandled error", exc_info=error)
             text = ":boom: runctl hit an internal error; nothing was queued. The admins can find it in the web log."
