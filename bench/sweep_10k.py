@@ -82,6 +82,19 @@ class DescribePages:
         return sum(self.calls.values())
 
 
+class EmptyPriceList:
+    """Answers the Price List API with no products, so on-demand prices come from the
+    shipped table, and counts the calls (one per region and type, then cached)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, **_: Any) -> tuple[AWSResponse, dict[str, Any]]:
+        self.calls += 1
+        body = {"PriceList": [], "FormatVersion": "aws_v1", "ResponseMetadata": {"HTTPStatusCode": 200}}
+        return AWSResponse("https://pricing.bench.invalid", 200, HTTPHeaders(), None), body
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = harness.arguments(__doc__ or "", "1,100 instances instead of 10,000 (two pages)")
     parser.add_argument("--instances", type=int, default=10_000)
@@ -92,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     with harness.fake_slack() as slack:
         svc = harness.services(harness.settings(slack), redis, slack)
         session = boto3.Session(aws_access_key_id="bench", aws_secret_access_key="bench", region_name="us-east-1")
+        prices = EmptyPriceList()
+        session.events.register("before-call.pricing.*", prices)  # before the fleet makes its client
         fleet = Fleet(("runctl:managed", "true"), harness.BUCKET, session=session)
         pages = DescribePages(n, now)
         fleet.ec2.meta.events.register("before-call.ec2.*", pages)
@@ -100,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         services.install(svc)
         try:
             figures = measure(n, pages, slack, redis)
+            figures["pricing_calls"] = prices.calls
         finally:
             services.install(None)
             redis.flushdb()

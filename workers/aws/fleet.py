@@ -29,6 +29,8 @@ from workers.errors import (
 BOTO_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 8}, connect_timeout=5)
 # Buckets created since June 2020 refuse SigV2, which botocore still presigns with in some
 # regions; virtual addressing names the bucket's regional host (no 307 from the global one).
+# A price is never worth holding up a sweep: two tries, short timeouts, then the table.
+PRICING_CONFIG = Config(retries={"mode": "standard", "max_attempts": 2}, connect_timeout=3, read_timeout=10)
 S3_CONFIG = BOTO_CONFIG.merge(Config(signature_version="s3v4", s3={"addressing_style": "virtual"}))
 SSM_OUTPUT_LIMIT = 24_000
 LIST_OUTPUT_LIMIT = 2_500  # ListCommandInvocations truncates each output here
@@ -390,7 +392,7 @@ class Fleet:
         region. The API is served from us-east-1 for every region."""
         with aws_call("look up on-demand prices"):
             if self._pricing is None:
-                self._pricing = self.session.client("pricing", region_name="us-east-1", config=BOTO_CONFIG)
+                self._pricing = self.session.client("pricing", region_name="us-east-1", config=PRICING_CONFIG)
             pages = self._pricing.get_paginator("get_products").paginate(
                 ServiceCode="AmazonEC2", Filters=pricelist.filters(region, instance_type)
             )
