@@ -28,6 +28,7 @@ _SMART_QUOTES = str.maketrans({"“": '"', "”": '"', "‘": "'", "’": "'"})
 _MENTION = re.compile(r"^<@([UW][A-Z0-9]+)(?:\|[^>]*)?>$")
 _DASHES = re.compile(r"^[-\u2013\u2014]*[\u2013\u2014][-\u2013\u2014]*")  # with an en or em dash
 _MARKUP = re.compile(r"<([^<>]*)>")
+_PLAIN_NAME = re.compile(r"@[\w.'-][\w.' -]{0,79}")
 _REF_BAD = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
 
 FlagKind = Literal["switch", "bool", "int", "str", "user", "instance"]
@@ -366,8 +367,10 @@ def _convert(spec: Spec, flag: Flag, raw: str) -> Any:
             return match.group(1)
         if re.fullmatch(r"@?[UW][A-Z0-9]{2,}", raw):
             return raw.lstrip("@")
+        if _PLAIN_NAME.fullmatch(raw):
+            return raw  # a name typed, not picked: the job resolves it (workers.slack.people)
         raise UsageError(
-            f"`--{flag.name}` needs a Slack mention like @someone, not {code(raw)}.", usage=spec.usage
+            f"`--{flag.name}` needs a Slack mention or a name like @someone, not {code(raw)}.", usage=spec.usage
         )
     if flag.kind == "instance":
         return _instance(spec, raw)
@@ -427,9 +430,9 @@ def nearest(word: str, choices: Iterable[str]) -> str | None:
 def _unknown_command(tokens: list[str]) -> None:
     near = nearest(tokens[0], SPECS)
     raise UsageError(
-        f"Unknown command {code(tokens[0])}." + (f" Did you mean `{near}`?" if near else ""),
+        f"Unknown command {code(plain(tokens[0]))}." + (f" Did you mean `{near}`?" if near else ""),
         usage="/runctl " + "|".join(SPECS),
-        suggestion="/runctl " + shlex.join([near, *tokens[1:]]) if near else "/runctl help",
+        suggestion="/runctl " + shlex.join([near, *map(plain, tokens[1:])]) if near else "/runctl help",
     )
 
 
@@ -444,13 +447,13 @@ def _unknown_flag(spec: Spec, tokens: list[str], i: int, positionals: list[str])
         raise UsageError(
             "`terminate` always asks for confirmation; there is no `--force`.", usage=spec.usage
         )
-    what = f"Unknown option {code(tok)} for `{spec.name}`."
+    what = f"Unknown option {code(plain(tok))} for `{spec.name}`."
     if near is None:
         raise UsageError(what, usage=spec.usage)
     what += f" Did you mean `--{near}`?"
     if for_script:  # a script's own option can look like a typo of ours: offer both
-        what += f" If {code(tok)} is for your script, put `--` before it: {code(_separated(spec, tokens, i))}."
-    fixed = [spec.name, *tokens[:i], f"--{near}{eq}{inline}", *tokens[i + 1 :]]
+        what += f" If {code(plain(tok))} is for your script, put `--` before it: {code(_separated(spec, tokens, i))}."
+    fixed = [spec.name, *map(plain, tokens[:i]), f"--{near}{eq}{plain(inline)}", *map(plain, tokens[i + 1 :])]
     raise UsageError(what, usage=spec.usage, suggestion="/runctl " + shlex.join(fixed))
 
 
@@ -475,12 +478,12 @@ def _check_dashes(spec: Spec, tokens: list[str]) -> None:
     if bad is None:
         return
     what = (
-        f"{code(bad)} starts with a long dash (— or –), which Slack and macOS put in for a typed `--`; "
+        f"{code(plain(bad))} starts with a long dash (— or –), which Slack and macOS put in for a typed `--`; "
         "runctl reads only `-` and `--`."
     )
     try:
         _parse_tokens(spec, fixed)
-        suggestion = "/runctl " + shlex.join([spec.name, *fixed])
+        suggestion = "/runctl " + shlex.join([spec.name, *map(plain, fixed)])
     except UsageError as exc:
         if not exc.suggestion:
             raise UsageError(f"{what} With `--` instead: {exc.what}", usage=spec.usage) from None

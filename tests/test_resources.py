@@ -139,3 +139,36 @@ def test_no_csv_when_everything_fits(svc: Services, slack: FakeSlack, monkeypatc
     install_fleet(svc, monkeypatch, generate(12, NOW))
     ask(slack)
     assert slack.files == []
+
+
+def test_a_plain_name_is_resolved_or_answered_privately(
+    svc: Services, slack: FakeSlack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc.clock = lambda: NOW
+    fleet = generate(4, NOW)
+    install_fleet(svc, monkeypatch, fleet)
+    run = live_run(fleet[1].id, "U0CAROL")
+    svc.runs.create(run)
+    svc.runs.save(run)
+    for i in range(450):  # more than one users.list page
+        slack.add_user(f"U0FILL{i:04d}", f"filler{i}")
+    slack.add_user("U0CAROL", "carol", display_name="Carol K", real_name="Carol King")
+    slack.add_user("U0ALEX1", "alex", real_name="Alex One")
+    slack.add_user("U0ALEX2", "alex.two", display_name="alex")
+    slack.add_user("U0GONE", "ghost", deleted=True)
+
+    for typed in ("@carol", "@Carol K", "@carol king"):
+        shown = text_of(ask(slack, user=typed))
+        assert fleet[1].id in shown and sum("`i-" in ln for ln in shown.splitlines()) == 1, typed
+    assert len(slack.calls_to("users.list")) >= 3 * 3  # every page, each time
+
+    posted = len(slack.messages("C0TRAIN"))
+    for typed, said in (
+        ("@alex", "2 people are called `@alex`: <@U0ALEX1>, <@U0ALEX2>."),
+        ("@nobody", "No one in this Slack workspace is called `@nobody`."),
+        ("@ghost", "No one in this Slack workspace is called `@ghost`."),
+    ):
+        resources(ResourcesCommand(user=typed).model_dump(mode="json"), ALICE.model_dump(mode="json"))
+        [answer] = slack.ephemerals("U0ALICE")[-1:]
+        assert said in answer.text and "/runctl resources --user @" in answer.text, answer.text
+    assert len(slack.messages("C0TRAIN")) == posted  # nothing public

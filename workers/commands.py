@@ -115,7 +115,7 @@ class ResourcesCommand(Command):
     name: Literal["resources"] = "resources"
     all: bool = False
     sort: Literal["cost", "uptime", "type"] = "cost"
-    user: str | None = None
+    user: str | None = None  # a user id, or `@name` as typed (the job resolves it)
 
 
 class CheckpointsCommand(Command):
@@ -128,7 +128,7 @@ class AuditCommand(Command):
     name: Literal["audit"] = "audit"
     count: int = Field(20, ge=1, le=200)
     instance_id: InstanceId | None = None
-    user: str | None = None
+    user: str | None = None  # a user id, or `@name` as typed (the job resolves it)
 
 
 class LaunchCommand(Command):

@@ -9,6 +9,7 @@ from workers import audit as trail
 from workers.commands import AuditCommand
 from workers.jobs import funnel
 from workers.jobs.funnel import Job
+from workers.slack import people
 from workers.slack.client import MAX_TEXT
 from workers.slack.escape import code, escape
 
@@ -19,6 +20,8 @@ MARK = {"allowed": ":white_check_mark:", "refused": ":no_entry:", "failed": ":x:
 
 @funnel.command(AuditCommand)
 def audit(job: Job, cmd: AuditCommand) -> str:
+    if cmd.user:
+        cmd = cmd.model_copy(update={"user": people.resolve(job.svc.notifier.client, cmd.user, "audit")})
     records = trail.newest(job.svc.redis, cmd.count, cmd.instance_id, cmd.user)
     title = title_of(cmd, len(records))
     sections = [SectionBlock(text=MarkdownTextObject(text=chunk)) for chunk in chunks([line(r) for r in records])]

@@ -20,6 +20,7 @@ from workers.cost.fleetview import Row
 from workers.cost.pricing import format_usd, load_price_book
 from workers.jobs import funnel
 from workers.jobs.funnel import Job
+from workers.slack import people
 from workers.slack.blocks import sections
 from workers.slack.client import clamp
 from workers.slack.escape import code, escape
@@ -36,6 +37,8 @@ SHOWN_BY_DEFAULT = frozenset({"running", "pending", "stopping"})
 @funnel.command(ResourcesCommand)
 def resources(job: Job, cmd: ResourcesCommand) -> str:
     svc, who = job.svc, job.actor
+    if cmd.user:
+        cmd = cmd.model_copy(update={"user": people.resolve(svc.notifier.client, cmd.user, "resources")})
     now = svc.clock()
     everything = fleetview.view(svc, now)
     rows = select(everything, cmd)

@@ -88,6 +88,7 @@ class User:
     name: str
     display_name: str = ""
     real_name: str = ""
+    deleted: bool = False
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,20 @@ def _require(params: dict[str, Any], name: str, error: str = "invalid_arguments"
     return str(value)
 
 
+def _member(person: User) -> dict[str, Any]:
+    """A user object as users.info and users.list return it."""
+    return {
+        "id": person.id,
+        "team_id": TEAM_ID,
+        "name": person.name,
+        "real_name": person.real_name,
+        "tz": "UTC",
+        "is_bot": False,
+        "deleted": person.deleted,
+        "profile": {"display_name": person.display_name, "real_name": person.real_name},
+    }
+
+
 # --- the fake ---------------------------------------------------------------------
 
 
@@ -285,6 +300,7 @@ class FakeSlack:
             "chat.delete": self._delete,
             "chat.getPermalink": self._permalink,
             "users.info": self._users_info,
+            "users.list": self._users_list,
             "conversations.info": self._conversations_info,
             "files.getUploadURLExternal": self._get_upload_url,
             "files.completeUploadExternal": self._complete_upload,
@@ -383,9 +399,13 @@ class FakeSlack:
         with self._lock:
             self._private.update(channels)
 
-    def add_user(self, user_id: str, name: str, display_name: str = "", real_name: str = "") -> None:
+    def add_user(
+        self, user_id: str, name: str, display_name: str = "", real_name: str = "", deleted: bool = False
+    ) -> None:
+        """A member that users.info describes and users.list lists (users.info answers any
+        other id too, named after itself; users.list lists only these)."""
         with self._lock:
-            self._users[user_id] = User(user_id, name, display_name, real_name or name)
+            self._users[user_id] = User(user_id, name, display_name, real_name or name, deleted)
 
     def budget(self, method: str, budget: Budget | None) -> None:
         """Set (or with None remove) the rate limit of ``method`` until the next reset."""
@@ -658,19 +678,21 @@ class FakeSlack:
         user = _require(params, "user", "user_not_found")
         with self._lock:
             known = self._users.get(user)
-        person = known or User(user, user.lower(), user.lower(), user.lower())
-        return {
-            "user": {
-                "id": person.id,
-                "team_id": TEAM_ID,
-                "name": person.name,
-                "real_name": person.real_name,
-                "tz": "UTC",
-                "is_bot": False,
-                "deleted": False,
-                "profile": {"display_name": person.display_name, "real_name": person.real_name},
-            }
-        }
+        return {"user": _member(known or User(user, user.lower(), user.lower(), user.lower()))}
+
+    def _users_list(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Paginated as Slack's: `limit` a page (none: all), an opaque `next_cursor`, "" on the
+        last page; a cursor it did not hand out is `invalid_cursor`."""
+        cursor = str(params.get("cursor") or "")
+        if cursor and not cursor.startswith("dXNlcjo"):
+            raise SlackError("invalid_cursor")
+        start = int(cursor.removeprefix("dXNlcjo") or 0)
+        limit = int(params.get("limit") or 0)
+        with self._lock:
+            people = list(self._users.values())
+        end = start + limit if limit else len(people)
+        more = f"dXNlcjo{end}" if end < len(people) else ""
+        return {"members": [_member(p) for p in people[start:end]], "response_metadata": {"next_cursor": more}}
 
     def _conversations_info(self, params: dict[str, Any]) -> dict[str, Any]:
         channel = _require(params, "channel", "channel_not_found")

@@ -1,5 +1,6 @@
 """People's names for charts and listings: users.info (needs `users:read`), cached in
-Redis for a day, and never two people under one label."""
+Redis for a day, and never two people under one label; and names typed as plain text
+(`--user @alice`, not picked from Slack's list) resolved to ids with users.list."""
 
 from __future__ import annotations
 
@@ -7,14 +8,19 @@ import json
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import Any
 
+from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
+from workers.errors import RunctlError
 from workers.services import Services
+from workers.slack.escape import code
 
 log = logging.getLogger(__name__)
 NAME_TTL_SECONDS = 86400
 FAILED_TTL_SECONDS = 300  # a failed look-up is tried again after 5 minutes
+PAGE = 200  # Slack's pagination guide: 100-200 a page; no limit risks limit_required
 
 
 def profile(svc: Services, user_id: str) -> tuple[str, str]:
@@ -56,3 +62,46 @@ def labels(svc: Services, user_ids: Iterable[str]) -> dict[str, str]:
             distinct = reals.count(real) == 1 and real != display
             out[uid] = f"{display} ({real})" if distinct else f"{display} ({uid})"
     return out
+
+
+def resolve(client: WebClient, who: str, command: str) -> str:
+    """`who` as the grammar kept it: a user id, or `@name` to look up. Exactly one live
+    member must carry that name; otherwise the requester is told which ones do."""
+    if not who.startswith("@"):
+        return who
+    wanted = who[1:].casefold()
+    fix = f"Pick the person from Slack's @ list, so the command carries their mention: `/runctl {command} --user @…`"
+    found: list[str] = []
+    cursor = ""
+    while True:
+        try:
+            page = client.users_list(limit=PAGE, cursor=cursor or None)
+        except SlackApiError as exc:  # e.g. missing_scope: users.list needs users:read
+            raise RunctlError(
+                f"runctl could not look up {code(who)}.",
+                why=f"Slack's users.list answered {code(exc.response.get('error'))}.",
+                fix=fix,
+            ) from None
+        members: list[dict[str, Any]] = page.get("members") or []
+        found += [str(m["id"]) for m in members if not m.get("deleted") and wanted in _names(m)]
+        cursor = (page.get("response_metadata") or {}).get("next_cursor") or ""
+        if not cursor:
+            break
+    if not found:
+        raise RunctlError(
+            f"No one in this Slack workspace is called {code(who)}.",
+            why="runctl compared it with every member's username, display name and full name.",
+            fix=fix,
+        )
+    if len(found) > 1:
+        raise RunctlError(
+            f"{len(found)} people are called {code(who)}: {', '.join(f'<@{u}>' for u in found)}.",
+            fix=fix,
+        )
+    return found[0]
+
+
+def _names(member: dict[str, Any]) -> set[str]:
+    profile = member.get("profile") or {}
+    names = (member.get("name"), member.get("real_name"), profile.get("display_name"), profile.get("real_name"))
+    return {str(n).casefold() for n in names if n}
