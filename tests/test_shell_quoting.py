@@ -370,13 +370,13 @@ def test_no_value_reaching_any_builder_is_ever_executed(
     (root / "code" / workdir).mkdir(parents=True, exist_ok=True)
     rc, out = run(setup_env(str(root), run_id, digest, workdir, requirements, generated, rebuild=True, python=str(python)))
     assert rc == 0, out
-    log = (root / "runs" / run_id / "setup.log").read_text()
+    log = (root / "runs" / run_id / "setup.log").read_bytes().decode()
     want = root / "runs" / run_id / "requirements.txt" if generated is not None else root / "code" / requirements
     installed = [json.loads(line) for line in log.split("\n") if line.startswith('["pip"')]
     assert installed and installed[0][-2:] == ["-r", str(want)], log
     assert f"from {requirements}" in log
     if generated is not None:
-        assert want.read_text() == (generated if generated.endswith("\n") else generated + "\n")
+        assert want.read_bytes().decode() == (generated if generated.endswith("\n") else generated + "\n")
     # The launch: the training gets every value verbatim, the metadata file keeps them as data.
     meta = json.dumps({"run_id": run_id, "script": script, "ref": ref})
     env = {"RUNCTL_RUN_ID": run_id, "USER_VALUE": env_value}
@@ -385,8 +385,8 @@ def test_no_value_reaching_any_builder_is_ever_executed(
     rdir = root / "runs" / run_id
     _wait_for(rdir / "exit_code")
     assert json.loads((rdir / "training.log").read_bytes().decode().split("\n")[0]) == ["-u", script, *args]
-    assert json.loads((rdir / "meta.json").read_text()) == json.loads(meta)
-    assert (rdir / "checkpoint_dir").read_text() == f"{root}/runs/{resumed}/checkpoints\n"
+    assert json.loads((rdir / "meta.json").read_bytes().decode()) == json.loads(meta)
+    assert (rdir / "checkpoint_dir").read_bytes().decode() == f"{root}/runs/{resumed}/checkpoints\n"
     # Everything that reads the run directories back.
     for text in (
         probe_live_runs(str(root)),
