@@ -69,6 +69,18 @@ def test_audit_filters_and_is_for_admins(app: App, svc: Services, slack: FakeSla
     assert "You can't `audit`" in refused["text"] and "<@U0ADMIN>" in refused["text"]
 
 
+def test_audit_user_typed_as_plain_text_is_resolved(
+    app: App, svc: Services, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    slack.add_user("U0ALICE", "alice", display_name="Alice")
+    slack.add_user("U0BOB", "bob")
+    for user in ("U0ALICE", "U0BOB"):
+        audit.record(svc.redis, 1000, audit.Record(user=user, decision="allowed", instance=IID, text="/runctl status"))
+    body = "\n".join(show(app, worker, slack, "audit --user @Alice"))
+    assert "newest 1 record by <@U0ALICE>" in body and "<@U0BOB>" not in body.split("\n", 1)[1]
+    assert "No one in this Slack workspace is called `@carol`" in show(app, worker, slack, "audit --user @carol")[0]
+
+
 def test_audit_output_stays_within_slack_limits_and_escapes_user_text(
     svc: Services, slack: FakeSlack
 ) -> None:
