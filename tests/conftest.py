@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
 import fakeredis
 import pytest
 import redis as redis_mod
@@ -70,9 +71,13 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
 
 
 @pytest.fixture
-def fleet_seed(sandbox: Sandbox) -> SeedInfo:
-    """Fresh instances per test, so state never leaks between tests."""
-    return seed(sandbox.endpoint_url, "us-east-1", BUCKET)
+def fleet_seed(sandbox: Sandbox) -> Iterator[SeedInfo]:
+    """Fresh instances per test, terminated after it, so state never leaks between tests
+    (the sandbox lives for the session: running leftovers would swell every later sweep)."""
+    info = seed(sandbox.endpoint_url, "us-east-1", BUCKET)
+    yield info
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=sandbox.endpoint_url)
+    ec2.terminate_instances(InstanceIds=list(info.instances.values()))
 
 
 @pytest.fixture(scope="session")
