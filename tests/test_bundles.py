@@ -49,7 +49,7 @@ def test_a_failed_download_names_the_http_status_and_the_body(
     run = svc.runs.get(start(fleet_seed.instances["cpu-box"], "train_with_checkpoints.py", *QUICK))
     assert run is not None and run.state is RunState.REFUSED and run.error is not None
     assert "could not download the code bundle" in run.error.what
-    assert "HTTP 403" in run.error.why and "<Code>AccessDenied</Code><Message>Request has expired" in run.error.why
+    assert "HTTP 403" in run.error.why and "&lt;Code&gt;AccessDenied&lt;/Code&gt;&lt;Message&gt;Request has expired" in run.error.why  # escaped for Slack
     assert "X-Amz-Signature" not in str(run.error)  # the URL itself never reaches Slack
     assert any("HTTP 403" in t and "<@U0ALICE>" in t for t in thread_texts(slack, "C0TRAIN", run.message_ts))
 
@@ -67,4 +67,4 @@ def test_a_bundle_that_does_not_unpack_says_what_arrived(
         svc.fleet.s3.delete_object(Bucket=svc.fleet.bucket, Key=key)
     assert run is not None and run.state is RunState.REFUSED and run.error is not None
     assert "could not unpack the code bundle" in run.error.what
-    assert "HTTP 200, 27 bytes" in run.error.why and "<html>captive portal" in run.error.why
+    assert "HTTP 200, 27 bytes" in run.error.why and "&lt;html&gt;captive portal" in run.error.why
