@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from workers import commands as c
 from workers.errors import UsageError
-from workers.slack.escape import code, escape
+from workers.slack.escape import code
 
 MAX_TEXT = 4000
 MAX_ARGS = 100
@@ -398,7 +398,7 @@ def check_script_path(raw: str, usage: str = "") -> str:
     """The same rule with or without `--no-sync-code` (the job checks it again)."""
     problem = c.script_problem(raw)
     if problem:
-        raise UsageError(f"Script path {code(raw)} {escape(problem)}.", usage=usage)
+        raise UsageError(f"Script path {code(raw)} {problem}.", usage=usage)
     return posixpath.normpath(raw)
 
 

@@ -103,8 +103,13 @@ def test_train_over_http_runs_to_the_end(processes: str, fleet_seed: SeedInfo, s
         return any("finished (exit 0)" in m.text and "<@U0ALICE>" in m.text for m in slack.messages("C0TRAIN"))
 
     slack.wait_for(finished, timeout=120)
-    parents = [m for m in slack.messages("C0TRAIN") if m.thread_ts is None]
-    assert len(parents) == 1 and "Finished" in json.dumps(parents[0].blocks)
+
+    def parent_finished() -> bool:  # the parent's last update may wait out its coalescing interval
+        parents = [m for m in slack.messages("C0TRAIN") if m.thread_ts is None]
+        return len(parents) == 1 and "Finished" in json.dumps(parents[0].blocks)
+
+    slack.wait_for(parent_finished, timeout=30)
+    assert len([m for m in slack.messages("C0TRAIN") if m.thread_ts is None]) == 1
 
     forged = s.command_body(f"status {iid}")
     assert post(processes, forged, s.sign(forged, secret="wrong"))[0] == 401

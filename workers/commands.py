@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from workers.slack.escape import code
+
 if TYPE_CHECKING:
     from workers.state.runs import Run
 
@@ -30,7 +32,7 @@ def script_problem(path: str) -> str:
     if "\\" in path:
         return "contains a backslash; use `/`"
     if bad:
-        shown = " ".join(repr(ch) for ch in bad[:5])
+        shown = " ".join(code(ch) for ch in bad[:5])  # the only untrusted part: Slack-safe
         return f"contains {shown}; a script path may hold only letters, digits and `._-/`"
     if not norm.endswith(".py"):
         return "is not a Python script (.py)"
