@@ -28,11 +28,11 @@ from .test_lifecycle import CHANNEL, as_dict, dispatch, send_click, text_of
 
 
 def launched_ids(svc: Services) -> list[str]:
-    pages = svc.fleet.ec2.describe_instances(Filters=[
+    pages = svc.fleet.ec2.get_paginator("describe_instances").paginate(Filters=[
         {"Name": "tag-key", "Values": ["runctl:preset"]},
         {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]},
     ])
-    return [i["InstanceId"] for r in pages["Reservations"] for i in r["Instances"]]
+    return [i["InstanceId"] for page in pages for r in page["Reservations"] for i in r["Instances"]]
 
 
 @pytest.fixture

@@ -401,11 +401,15 @@ def test_presigned_download_refuses_sigv2_and_can_redirect_once(
 
 
 def test_seeded_fleet_is_found_by_the_managed_tag(fleet: SeedInfo, ec2: EC2Client) -> None:
-    reply = ec2.describe_instances(Filters=[{"Name": f"tag:{MANAGED_TAG}", "Values": ["true"]}])
+    # Paginated, as the fleet reads it: the session's sandbox holds more than one page.
+    pages = ec2.get_paginator("describe_instances").paginate(
+        Filters=[{"Name": f"tag:{MANAGED_TAG}", "Values": ["true"]}]
+    )
 
     found = {
         i["InstanceId"]: (i["InstanceType"], i["State"]["Name"])
-        for r in reply["Reservations"]
+        for page in pages
+        for r in page["Reservations"]
         for i in r["Instances"]
         if i["InstanceId"] in fleet.instances.values()
     }
