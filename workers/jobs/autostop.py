@@ -7,8 +7,6 @@ import logging
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from slack_sdk.errors import SlackApiError
-
 from workers import audit, remote
 from workers.aws.fleet import Instance
 from workers.aws.launcher import OWNER_TAG
@@ -112,10 +110,8 @@ def then(run_id: str) -> str:
 
 
 def _reply(svc: Services, run: Run, text: str) -> None:
-    try:
-        svc.notifier.post(run.channel_id, f"<@{run.user_id}> {text}", thread_ts=run.message_ts)
-    except SlackApiError as exc:
-        log.warning("could not reply on run %s: %s", run.run_id, exc.response.get("error"))
+    svc.notifier.try_post(run.channel_id, f"<@{run.user_id}> {text}", thread_ts=run.message_ts,
+                          what=f"a reply on run {run.run_id}")
 
 
 # --- /runctl autostop -------------------------------------------------------------
@@ -226,10 +222,8 @@ def _headsup(svc: Services, setting: Setting, row: Row, now: datetime) -> None:
             f"{duration((now - idle).total_seconds())}{spent}. Autostop stops it in "
             f"{duration((wait - now).total_seconds())} unless a run starts or you keep it.")
     body, blocks = headsup_blocks(text, setting.instance_id)
-    try:
-        setting.headsup_ts = svc.notifier.post(setting.channel, body, blocks, thread_ts=setting.thread_ts)
-    except SlackApiError as exc:
-        log.warning("autostop heads-up for %s: %s", setting.instance_id, exc.response.get("error"))
+    setting.headsup_ts = svc.notifier.try_post(setting.channel, body, blocks, setting.thread_ts,
+                                                what=f"the autostop heads-up for {setting.instance_id}")
     setting.headsup_at = now
 
 
@@ -237,10 +231,8 @@ def _close_headsup(svc: Services, setting: Setting, text: str) -> None:
     if not setting.headsup_ts:
         return
     body, blocks = closed_blocks(text)
-    try:
-        svc.notifier.update(setting.channel, setting.headsup_ts, body, blocks)
-    except SlackApiError as exc:
-        log.warning("autostop heads-up for %s: %s", setting.instance_id, exc.response.get("error"))
+    svc.notifier.try_update(setting.channel, setting.headsup_ts, body, blocks,
+                            what=f"the autostop heads-up for {setting.instance_id}")
 
 
 @funnel.system("autostop")

@@ -197,15 +197,9 @@ class LaunchClick(ConfirmClick):
     def handle(self) -> str:
         who = f"<@{self.clicker.user_id}>"
         label = "Launch" if self.action is ActionId.LAUNCH_CONFIRM else "Cancel"
-        asked = self.store.receipt(self.nonce)
-        if asked is not None:  # the policy now: a refusal leaves the buttons to others
-            policy.check_answer(self.svc.settings, self.clicker.user_id, asked.requester_id)
-            if self.action is ActionId.LAUNCH_CONFIRM:
-                self.job.allow("launch")
-        conf = self.store.consume(self.nonce, f"{who} clicked {label}")
+        conf = self.claim(label, ActionId.LAUNCH_CONFIRM, "launch")
         if conf is None:
             return self.too_late()
-        self.job.thread_ts = conf.message_ts  # from here on, everyone sees what happened
         spec = Spec.from_dict(conf.payload)
         if self.action is ActionId.LAUNCH_CANCEL:
             return self.show(conf, f":x: Launch of *{spec.name}* ({spec.instance_type}) cancelled by {who}.")

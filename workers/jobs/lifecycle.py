@@ -335,10 +335,7 @@ def stop_flow(
         answer(svc, actor, lines[0], thread_ts)
         return lines[0]
     text, blocks = summary_blocks(lines)
-    try:
-        svc.notifier.post(actor.channel_id, text, blocks, thread_ts=thread_ts)
-    except SlackApiError as exc:
-        log.warning("could not post the stop summary: %s", exc.response.get("error"))
+    svc.notifier.try_post(actor.channel_id, text, blocks, thread_ts, what="the stop summary")
     return lines[0]
 
 
@@ -429,10 +426,7 @@ def start_flow(svc: Services, instance_id: str, actor: Requester, wait: bool = T
     last = svc.runs.latest(instance_id)
     offer = last if last and last.ended_by in ("stop", "force") and last.checkpoint else None
     body, blocks = ready_blocks(text, offer)
-    try:
-        svc.notifier.post(actor.channel_id, body, blocks)
-    except SlackApiError as exc:
-        log.warning("could not post the start report: %s", exc.response.get("error"))
+    svc.notifier.try_post(actor.channel_id, body, blocks, what="the start report")
     return body
 
 
@@ -516,10 +510,7 @@ def resume_flow(svc: Services, run_id: str, clicker: Requester, message_ts: str)
         f":repeat: <@{clicker.user_id}> resumed run `{old.run_id}` as run `{run.run_id}` on "
         f"`{old.instance_id}`; it continues from its last checkpoint."
     )
-    try:
-        svc.notifier.update(clicker.channel_id, message_ts, text, blocks)
-    except SlackApiError as exc:
-        log.warning("could not update the start report: %s", exc.response.get("error"))
+    svc.notifier.try_update(clicker.channel_id, message_ts, text, blocks, what="the start report")
     return text
 
 
@@ -581,6 +572,22 @@ class ConfirmClick:
         self.message_ts = message_ts
         self.store = ConfirmStore(job.svc.redis)
 
+    def claim(self, label: str, confirm: ActionId, verb: str) -> Confirmation | None:
+        """Take the confirmation, once, for a click labelled `label`; None when it was used or expired.
+        The policy is the one now, not the one the front door saw: a refusal leaves the buttons to others;
+        the `confirm` button also needs the right to `verb`."""
+        asked = self.store.receipt(self.nonce)
+        if asked is not None:
+            if asked.instance_id:
+                self.job.instance_id = asked.instance_id
+            policy.check_answer(self.svc.settings, self.clicker.user_id, asked.requester_id)
+            if self.action is confirm:
+                self.job.allow(verb)
+        conf = self.store.consume(self.nonce, f"<@{self.clicker.user_id}> clicked {label}")
+        if conf is not None:
+            self.job.thread_ts = conf.message_ts  # from here on, everyone sees what happened
+        return conf
+
     def handle(self) -> str:
         who = f"<@{self.clicker.user_id}>"
         label = {
@@ -588,17 +595,9 @@ class ConfirmClick:
             ActionId.TERMINATE_STOP_INSTEAD: "Stop instead",
             ActionId.TERMINATE_CANCEL: "Cancel",
         }.get(self.action, self.action.value)
-        asked = self.store.receipt(self.nonce)
-        if asked is not None:
-            # The policy now, not the one the front door saw: a refusal leaves the buttons to others.
-            self.job.instance_id = asked.instance_id
-            policy.check_answer(self.svc.settings, self.clicker.user_id, asked.requester_id)
-            if self.action is ActionId.TERMINATE_CONFIRM:
-                self.job.allow("terminate")
-        conf = self.store.consume(self.nonce, f"{who} clicked {label}")
+        conf = self.claim(label, ActionId.TERMINATE_CONFIRM, "terminate")
         if conf is None:
             return self.too_late()
-        self.job.thread_ts = conf.message_ts  # from here on, everyone sees what happened
         if self.action is ActionId.TERMINATE_CANCEL:
             return self.show(conf, f":x: Terminate of `{conf.instance_id}` cancelled by {who}.")
         if self.action is ActionId.TERMINATE_STOP_INSTEAD:
@@ -678,8 +677,6 @@ class ConfirmClick:
     def show(self, conf: Confirmation, text: str) -> str:
         """Replace the confirmation with `text`, without buttons."""
         blocks_text, blocks = closed_blocks(text)
-        try:
-            self.svc.notifier.update(conf.channel_id, conf.message_ts or self.message_ts, blocks_text, blocks)
-        except SlackApiError as exc:
-            log.warning("could not update the terminate confirmation: %s", exc.response.get("error"))
+        self.svc.notifier.try_update(conf.channel_id, conf.message_ts or self.message_ts, blocks_text, blocks,
+                                     what=f"the {conf.kind} confirmation")
         return text

@@ -6,10 +6,6 @@ message so the channel sees who decided what.
 
 from __future__ import annotations
 
-import logging
-
-from slack_sdk.errors import SlackApiError
-
 from workers.errors import RunctlError
 from workers.jobs import funnel
 from workers.jobs.funnel import Job
@@ -17,8 +13,6 @@ from workers.jobs.lifecycle import stop_flow
 from workers.services import Services
 from workers.slack.messages.warning import render
 from workers.state.warnings import WINDOW, Kind, Status, WarningRecord, WarningStore
-
-log = logging.getLogger(__name__)
 
 
 @funnel.click("click snooze warning", 2)
@@ -84,7 +78,4 @@ def _show(svc: Services, record: WarningRecord) -> None:
     if record.ts is None:
         return
     text, blocks = render(record)
-    try:
-        svc.notifier.update(record.channel, record.ts, text, blocks)
-    except SlackApiError as exc:
-        log.warning("could not update warning %s: %s", record.key, exc.response.get("error"))
+    svc.notifier.try_update(record.channel, record.ts, text, blocks, what=f"warning {record.key}")

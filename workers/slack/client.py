@@ -80,6 +80,30 @@ class Notifier:
         client = self.client if wait else self.impatient
         client.chat_update(channel=channel, ts=ts, text=clamp(text, 3900), blocks=blocks or [])
 
+    def try_post(
+        self, channel: str, text: str, blocks: Sequence[Block] | None = None, thread_ts: str | None = None,
+        *, what: str,
+    ) -> str | None:
+        """`post` for a message that only reports: Slack's refusal is logged (`could not post <what>`),
+        not raised; None then."""
+        try:
+            return self.post(channel, text, blocks, thread_ts)
+        except SlackApiError as exc:
+            log.warning("could not post %s: %s", what, exc.response.get("error"))
+            return None
+
+    def try_update(
+        self, channel: str, ts: str, text: str, blocks: Sequence[Block] | None = None, *, what: str
+    ) -> bool:
+        """`update` for a message that only shows what already happened: Slack's refusal is logged
+        (`could not update <what>`), not raised; False then."""
+        try:
+            self.update(channel, ts, text, blocks)
+        except SlackApiError as exc:
+            log.warning("could not update %s: %s", what, exc.response.get("error"))
+            return False
+        return True
+
     def ephemeral(
         self,
         channel: str,
