@@ -1,10 +1,21 @@
-"""Long listings as Block Kit sections that fit Slack's limits (3000 chars per text)."""
+"""Block Kit pieces that fit Slack's limits (3000 chars per text): long listings as sections,
+buttons, and the layout of a confirmation."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from datetime import datetime
 
-from slack_sdk.models.blocks import MarkdownTextObject, SectionBlock
+from slack_sdk.models.blocks import (
+    ActionsBlock,
+    Block,
+    ButtonElement,
+    ConfirmObject,
+    ContextBlock,
+    MarkdownTextObject,
+    PlainTextObject,
+    SectionBlock,
+)
 
 from workers.slack.client import MAX_TEXT, clamp
 
@@ -27,3 +38,26 @@ def sections(lines: Iterable[str], max_blocks: int, limit: int = MAX_TEXT) -> li
         chunks = chunks[:max_blocks]
         chunks[-1] = clamp(chunks[-1] + "\n…", limit)
     return [SectionBlock(text=MarkdownTextObject(text=chunk)) for chunk in chunks]
+
+
+def expiry(at: datetime) -> str:
+    """A time every reader sees in their own timezone (UTC as the fallback text)."""
+    return f"<!date^{int(at.timestamp())}^{{time}}|{at:%H:%M} UTC>"
+
+
+def button(text: str, action_id: str, value: str, style: str | None = None,
+           confirm: ConfirmObject | None = None) -> ButtonElement:
+    return ButtonElement(text=PlainTextObject(text=text), action_id=action_id, value=value, style=style,
+                         confirm=confirm)
+
+
+def confirmation(head: str, lines: Sequence[str], block_id: str, buttons: Sequence[ButtonElement],
+                 requester_id: str, expires_at: datetime) -> list[Block]:
+    """A request that waits for a click: what is asked, what it means, the buttons, who may click until when."""
+    return [
+        SectionBlock(text=MarkdownTextObject(text=clamp(head))),
+        SectionBlock(text=MarkdownTextObject(text=clamp("\n".join(lines)))),
+        ActionsBlock(block_id=block_id, elements=list(buttons)),
+        ContextBlock(elements=[MarkdownTextObject(
+            text=f"Only <@{requester_id}> or an admin can click. Expires at {expiry(expires_at)} (10 minutes).")]),
+    ]

@@ -11,16 +11,15 @@ from datetime import datetime
 from slack_sdk.models.blocks import (
     ActionsBlock,
     Block,
-    ButtonElement,
     ConfirmObject,
     ContextBlock,
     MarkdownTextObject,
-    PlainTextObject,
     SectionBlock,
 )
 
 from workers.aws.fleet import Instance
 from workers.remote.checkpoints import CheckpointListing, FoundCheckpoint
+from workers.slack.blocks import button, confirmation
 from workers.slack.client import clamp
 from workers.slack.escape import code
 from workers.slack.format import duration, size
@@ -89,7 +88,6 @@ def confirmation_blocks(
     else:
         lines.append("No live run.")
     lines.append(checkpoints)
-    expiry = f"<!date^{int(expires_at.timestamp())}^{{time}}|{expires_at:%H:%M} UTC>"
     confirm = ConfirmObject(
         title="Terminate for good?",
         text=clamp(f"{inst.label} and its root volume will be deleted. This cannot be undone.", 300),
@@ -97,38 +95,12 @@ def confirmation_blocks(
         deny="Keep it",
         style="danger",
     )
-    blocks: list[Block] = [
-        SectionBlock(text=MarkdownTextObject(text=clamp(head))),
-        SectionBlock(text=MarkdownTextObject(text=clamp("\n".join(lines)))),
-        ActionsBlock(
-            block_id=BlockId.TERMINATE_ACTIONS,
-            elements=[
-                ButtonElement(
-                    text=PlainTextObject(text="Terminate"),
-                    action_id=ActionId.TERMINATE_CONFIRM,
-                    value=nonce,
-                    style="danger",
-                    confirm=confirm,
-                ),
-                ButtonElement(
-                    text=PlainTextObject(text="Stop instead"),
-                    action_id=ActionId.TERMINATE_STOP_INSTEAD,
-                    value=nonce,
-                    style="primary",
-                ),
-                ButtonElement(
-                    text=PlainTextObject(text="Cancel"), action_id=ActionId.TERMINATE_CANCEL, value=nonce
-                ),
-            ],
-        ),
-        ContextBlock(
-            elements=[
-                MarkdownTextObject(
-                    text=f"Only <@{requester_id}> or an admin can click. Expires at {expiry} (10 minutes)."
-                )
-            ]
-        ),
+    buttons = [
+        button("Terminate", ActionId.TERMINATE_CONFIRM, nonce, "danger", confirm),
+        button("Stop instead", ActionId.TERMINATE_STOP_INSTEAD, nonce, "primary"),
+        button("Cancel", ActionId.TERMINATE_CANCEL, nonce),
     ]
+    blocks = confirmation(head, lines, BlockId.TERMINATE_ACTIONS, buttons, requester_id, expires_at)
     return f"Terminate {inst.label}? Waiting for confirmation.", blocks
 
 
@@ -169,14 +141,7 @@ def ready_blocks(text: str, resume: Run | None) -> tuple[str, list[Block]]:
         blocks.append(
             ActionsBlock(
                 block_id=BlockId.RESUME_ACTIONS,
-                elements=[
-                    ButtonElement(
-                        text=PlainTextObject(text="Resume training"),
-                        action_id=ActionId.RESUME_TRAINING,
-                        value=resume.run_id,
-                        style="primary",
-                    )
-                ],
+                elements=[button("Resume training", ActionId.RESUME_TRAINING, resume.run_id, "primary")],
             )
         )
     return text.splitlines()[0], blocks
