@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     RUNCTL_AUTOSTOP_MINUTES: int = Field(0, ge=0)
     RUNCTL_AUTOSTOP_HEADSUP_MINUTES: float = Field(10, ge=0)
     RUNCTL_AUTOSTOP_GPU_PERCENT: float = Field(10, ge=0, le=100)
+    RUNCTL_GPU_IDLE_PERCENT: float = Field(5, ge=0, le=100)  # a live run's GPUs at or below this are idle
+    RUNCTL_GPU_IDLE_MINUTES: int = Field(30, ge=1)  # ... for this long: the sweep asks "stuck or CPU-bound?"
     RUNCTL_SLACK_UPDATE_SECONDS: float = Field(3, ge=0)
     RUNCTL_SLACK_UPDATES_PER_MINUTE: float = Field(40, gt=0)
 

@@ -42,6 +42,7 @@ def detect(settings: Settings, rows: list[Row], now: datetime) -> list[Finding]:
             found.extend(_instance_findings(settings, row, now))
         if row.live_run is not None:
             found.extend(_checkpoint_findings(settings, row, now))
+            found.extend(_gpu_findings(settings, row, now))
     return found
 
 
@@ -116,6 +117,35 @@ def _checkpoint_findings(settings: Settings, row: Row, now: datetime) -> list[Fi
             headline,
             _detail(row),
             f"no checkpoint for {duration(quiet)}",
+            run_id=run.run_id,
+            channel=run.channel_id,
+            thread_ts=run.message_ts,
+        )
+    ]
+
+
+def _gpu_findings(settings: Settings, row: Row, now: datetime) -> list[Finding]:
+    """A live run whose GPUs have sat near 0 % for RUNCTL_GPU_IDLE_MINUTES: stuck, or CPU-bound?"""
+    run = row.live_run
+    if run is None or not row.running or run.state is not RunState.RUNNING or run.gpu_idle_since is None:
+        return []
+    quiet = (now - run.gpu_idle_since).total_seconds()
+    if quiet <= settings.RUNCTL_GPU_IDLE_MINUTES * 60:
+        return []
+    headline = (
+        f"Run `{run.run_id}` ({code(run.script)}) on *{row.instance.label}* has kept its GPUs at or below "
+        f"{settings.RUNCTL_GPU_IDLE_PERCENT:g} % for {duration(quiet)}: stuck or CPU-bound? "
+        f"It costs {row.price.describe()}; look at `training.log` with `/runctl status {row.id}`."
+    )
+    return [
+        Finding(
+            row.id,
+            Kind.GPU_IDLE,
+            run.user_id,
+            row.instance.label,
+            headline,
+            _detail(row),
+            f"GPUs idle for {duration(quiet)}",
             run_id=run.run_id,
             channel=run.channel_id,
             thread_ts=run.message_ts,

@@ -4,7 +4,7 @@ renew the lock, and report the end."""
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from workers import remote
 from workers.errors import InstanceError, RunctlError, Throttled
@@ -69,6 +69,16 @@ def absorb(run: Run, snap: Snapshot) -> None:
         run.checkpoint = snap.checkpoint
     if snap.log:
         run.log_tail = "\n".join(snap.log)
+
+
+def watch_gpus(run: Run, snap: Snapshot, now: datetime, idle_percent: float) -> None:
+    """Keep the newest GPU figures, and since when every GPU has been near 0 % (for the sweep)."""
+    run.gpus = snap.gpus
+    utils = [g.utilization for g in snap.gpus or [] if g.utilization is not None]
+    if not utils or max(utils) > idle_percent:
+        run.gpu_idle_since = None
+    elif run.gpu_idle_since is None:
+        run.gpu_idle_since = now
 
 
 @funnel.system("monitor tick")
@@ -165,6 +175,7 @@ def update(svc: Services, run: Run, snap: Snapshot | None) -> None:
         lost(svc, run, RunctlError(f"The run directory of `{run.run_id}` is gone from the instance."))
         return
     absorb(run, snap)
+    watch_gpus(run, snap, svc.clock(), svc.settings.RUNCTL_GPU_IDLE_PERCENT)
     train_lock(svc.redis, run.instance_id).extend(run.lock_token)
     if snap.ended:
         finish(svc, run, snap)

@@ -8,7 +8,7 @@ from workers.jobs.funnel import Job
 from workers.services import current
 from workers.slack.escape import code
 from workers.slack.format import duration
-from workers.slack.messages.run import checkpoint_text, progress_text
+from workers.slack.messages.run import checkpoint_text, gpu_text, progress_text
 from workers.state.locks import train_lock
 
 
@@ -36,6 +36,8 @@ def describe(instance_id: str) -> str:
             lines.append(progress_text(run.progress))
         if run.checkpoint:
             lines.append("Newest checkpoint: " + checkpoint_text(run.checkpoint, now))
+        if run.gpus:
+            lines.append(gpu_text(run.gpus))
         if run.python:
             lines.append(f"Interpreter `{run.python}`")
         if run.env_hash:

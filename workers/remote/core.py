@@ -234,9 +234,12 @@ def runs_status(root: str, run_ids: Sequence[str], log_lines: int = 15, line_cha
     instances; each instance reports the runs it has, each after `::runctl::run <id>`."""
     s = SECTION
     ids = " ".join(q(r) for r in run_ids)
+    from workers.remote import gpu  # gpu imports this module's SECTION and header
+
     return header(root) + (
         'echo "' + s + 'now $(date +%s)"\n'
-        f"for RUN_ID in {ids}; do\n"
+        + gpu.report()
+        + f"for RUN_ID in {ids}; do\n"
         'RUN_DIR="$RUNCTL_ROOT/runs/$RUN_ID"\n'
         '[ -d "$RUN_DIR" ] || continue\n'
         'echo "' + s + 'run $RUN_ID"\n'

@@ -7,8 +7,8 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from workers.remote import SECTION
-from workers.state.runs import Checkpoint, Progress
+from workers.remote import SECTION, gpu
+from workers.state.runs import Checkpoint, Gpu, Progress
 
 _EPOCH = re.compile(r"epoch\s*[:=]?\s*(\d+)\s*/\s*(\d+)", re.IGNORECASE)
 _METRIC = re.compile(r"\b(loss|acc|accuracy|val_loss|lr)\s*[=:]\s*([-+0-9.eE]+)")
@@ -26,6 +26,7 @@ class Snapshot:
     progress: Progress | None = None
     checkpoint: Checkpoint | None = None
     log: list[str] = field(default_factory=list)
+    gpus: list[Gpu] | None = None  # None: the instance has no nvidia-smi (or it did not answer)
 
     @property
     def ended(self) -> bool:
@@ -37,16 +38,23 @@ class Snapshot:
 def parse_many(output: str) -> dict[str, Snapshot]:
     """Split ``runs_status`` output into one snapshot per run it reports."""
     now_line = ""
+    gpus: list[Gpu] = []
     chunks: dict[str, list[str]] = {}
     current: list[str] | None = None
     for line in output.splitlines():
         if line.startswith(SECTION + "now "):
             now_line = line
+        elif current is None and line.startswith(SECTION + "gpu "):
+            if (row := gpu.parse_row(line[len(SECTION) + 4 :])) is not None:
+                gpus.append(row)
         elif line.startswith(SECTION + "run "):
             current = chunks.setdefault(line[len(SECTION) + 4 :].strip(), [])
         elif current is not None:
             current.append(line)
-    return {run_id: _parse_one("\n".join([now_line, *lines])) for run_id, lines in chunks.items()}
+    found = {run_id: _parse_one("\n".join([now_line, *lines])) for run_id, lines in chunks.items()}
+    for snap in found.values():
+        snap.gpus = list(gpus) or None
+    return found
 
 
 def parse(output: str) -> Snapshot:

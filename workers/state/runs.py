@@ -68,6 +68,15 @@ class Checkpoint(BaseModel):
     epoch: int | None = None
 
 
+class Gpu(BaseModel):
+    """One GPU as nvidia-smi reported it in the monitor's poll; None where it said [N/A]."""
+
+    index: int
+    utilization: float | None = None  # percent
+    memory_used_mib: float | None = None
+    memory_total_mib: float | None = None
+
+
 class Run(BaseModel):
     run_id: str
     instance_id: str
@@ -102,6 +111,8 @@ class Run(BaseModel):
     setup_seconds: float | None = None
     notes: list[str] = Field(default_factory=list)
     log_tail: str = ""
+    gpus: list[Gpu] | None = None  # the newest poll's; None: no nvidia-smi on the instance
+    gpu_idle_since: datetime | None = None  # since when every GPU has been near 0 %
     error: ErrorInfo | None = None
     polls: int = 0
     lock_token: str = ""

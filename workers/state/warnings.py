@@ -25,6 +25,7 @@ class Kind(StrEnum):
     COST = "cost"
     IDLE = "idle"
     CHECKPOINT = "checkpoint"
+    GPU_IDLE = "gpu-idle"  # a live run whose GPUs sit near 0 %
 
 
 class Status(StrEnum):

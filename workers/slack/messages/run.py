@@ -11,7 +11,7 @@ from workers.slack.client import clamp
 from workers.slack.escape import code, escape
 from workers.slack.format import bar, duration, size
 from workers.slack.ids import BlockId
-from workers.state.runs import Checkpoint, Progress, Run, RunState
+from workers.state.runs import Checkpoint, Gpu, Progress, Run, RunState
 
 EMOJI = {
     RunState.QUEUED: ":hourglass_flowing_sand:",
@@ -58,6 +58,18 @@ def checkpoint_text(ck: Checkpoint, now: datetime) -> str:
     return f"{code(ck.name)} ({size(ck.size)}{epoch}, {age} ago)"
 
 
+def gpu_text(gpus: list[Gpu]) -> str:
+    """One line for all GPUs: `GPU 0: 87% · 9.8/24.0 GiB`, figures nvidia-smi left out omitted."""
+
+    def one(g: Gpu) -> str:
+        parts = [f"{g.utilization:.0f}%"] if g.utilization is not None else []
+        if g.memory_used_mib is not None and g.memory_total_mib is not None:
+            parts.append(f"{g.memory_used_mib / 1024:.1f}/{g.memory_total_mib / 1024:.1f} GiB")
+        return f"GPU {g.index}: " + (" · ".join(parts) or "no figures")
+
+    return "  |  ".join(one(g) for g in gpus)
+
+
 def run_summary(run: Run) -> str:
     return f"{run.state.value}: {code(run.script)} on `{run.instance_id}` ({run.run_id})"
 
@@ -84,6 +96,8 @@ def run_blocks(run: Run, now: datetime | None = None) -> tuple[str, list[Block]]
         lines.append(progress_text(run.progress))
     if run.checkpoint:
         lines.append("Newest checkpoint: " + checkpoint_text(run.checkpoint, now))
+    if run.gpus and not run.state.ended:
+        lines.append(gpu_text(run.gpus))
     if lines:
         blocks.append(
             SectionBlock(

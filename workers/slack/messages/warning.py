@@ -17,7 +17,13 @@ from workers.slack.escape import escape
 from workers.slack.ids import ActionId, BlockId
 from workers.state.warnings import Kind, Status, WarningRecord, button_value
 
-ICON = {Kind.UPTIME: ":clock3:", Kind.COST: ":moneybag:", Kind.IDLE: ":zzz:", Kind.CHECKPOINT: ":floppy_disk:"}
+ICON = {
+    Kind.UPTIME: ":clock3:",
+    Kind.COST: ":moneybag:",
+    Kind.IDLE: ":zzz:",
+    Kind.CHECKPOINT: ":floppy_disk:",
+    Kind.GPU_IDLE: ":turtle:",
+}
 
 
 def render(record: WarningRecord) -> tuple[str, list[Block]]:
