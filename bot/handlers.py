@@ -11,12 +11,24 @@ from rq import Queue
 from slack_bolt import Ack, App
 
 from bot.grammar import help_text
-from workers.commands import AnyCommand, HelpCommand, Requester, TrainCommand
+from workers.commands import (
+    AnyCommand,
+    AuditCommand,
+    CheckpointsCommand,
+    HelpCommand,
+    Requester,
+    ResourcesCommand,
+    StatusCommand,
+    TrainCommand,
+)
 from workers.queueing import enqueue, unreachable
 from workers.slack.escape import code
 from workers.state.runs import new_run_id
 
 log = logging.getLogger(__name__)
+
+# Commands whose answer is the whole conversation: the worker answers within seconds.
+QUICK = (StatusCommand, CheckpointsCommand, AuditCommand, ResourcesCommand)
 
 
 def requester_of(body: dict[str, Any]) -> Requester:
@@ -48,9 +60,15 @@ def runctl(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None:
         run_id = new_run_id()
         said = (
             f":hourglass_flowing_sand: Queued run `{run_id}`: {code(command.script)} on "
-            f"`{command.instance_id}`. I'll post it in this channel and follow it in the thread."
+            f"`{command.instance_id}`. Once its checks pass I'll post it in this channel and "
+            "follow it in the thread; if they fail, only you hear why."
         )
         enqueue(queue, command, who, run_id, pipeline=batch)
+    elif isinstance(command, QUICK):
+        # The answer itself comes within seconds (ephemeral, or the response_url): one
+        # message, so the ack says nothing (Slack shows nothing for an empty 200).
+        said = ""
+        enqueue(queue, command, who, pipeline=batch)
     else:
         said = f":hourglass_flowing_sand: `{command.name}` queued; the answer follows here."
         enqueue(queue, command, who, pipeline=batch)
@@ -59,7 +77,10 @@ def runctl(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None:
     except RedisError:
         log.warning("could not queue %s: Redis did not answer", command.name, exc_info=True)
         said = unreachable().as_text()
-    ack(text=said, response_type="ephemeral")
+    if said:
+        ack(text=said, response_type="ephemeral")
+    else:
+        ack()
 
 
 def register_actions(app: App) -> None:

@@ -53,9 +53,9 @@ CLICK_TIERS: dict[str, str | None] = {
 def admit_command(ack: Ack, body: dict[str, Any], request: BoltRequest, context: dict[str, Any], next: Next) -> Reply:
     """Replays dropped; then rate limit, usage, channel and permission tier, each decision audited.
 
-    Every signed request counts against the rate limit, usage errors and channel refusals
-    too (issue 11: a flood of them is still a flood; issue 17 will exempt `help` and usage
-    errors). One round trip settles replay and rate; parsing needs no Redis."""
+    The rate limit counts what may reach AWS: `help` and usage errors are answered
+    uncounted (issue 17), so a user learning the grammar is never slowed down; channel and
+    policy refusals count. One round trip settles replay and rate; parsing needs no Redis."""
     settings: Settings = context["settings"]
     redis: Redis = context["redis"]
     user = body.get("user_id", "")
@@ -75,7 +75,8 @@ def admit_command(ack: Ack, body: dict[str, Any], request: BoltRequest, context:
     try:
         key = guards.request_key(body, request.raw_body)
         try:
-            first = guards.admit(redis, key, user, settings.RUNCTL_RATE_PER_MINUTE)
+            counted = usage is None and not isinstance(command, commands.HelpCommand)
+            first = guards.admit(redis, key, user, settings.RUNCTL_RATE_PER_MINUTE, count=counted)
         except RunctlError as exc:  # over the rate limit: that answer wins over any other
             first, usage, refusal = True, None, exc
         if not first:

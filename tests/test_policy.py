@@ -220,7 +220,7 @@ def test_each_command_at_the_front_door(
     runs.save(runs.create(Run(run_id="r-alice", instance_id=IID, user_id=ALICE, channel_id="C0TRAIN", script="t.py",
                               state=RunState.RUNNING)))
     ok = app.dispatch(command(text, user=allowed))
-    assert ok.status == 200 and "queued" in reply_text(ok).lower()
+    assert ok.status == 200 and ("queued" in reply_text(ok).lower() or not ok.body)  # quick ones ack empty
     assert [user for _, user in queued(real_redis, 1)] == [allowed]
     if denied is None:
         return
@@ -246,9 +246,9 @@ def test_commands_outside_the_policy_channels_are_refused(
 def test_rate_limit_per_user(app: App, settings: Settings, real_redis: redis_mod.Redis) -> None:
     settings.RUNCTL_RATE_PER_MINUTE = 3
     texts = [reply_text(app.dispatch(command(f"status {IID}", user=BOB))) for _ in range(4)]
-    assert all("queued" in t for t in texts[:3])
+    assert texts[:3] == ["", "", ""]  # accepted: status answers in one message, later
     assert "the limit is 3" in texts[3] and "Try again in" in texts[3]
-    assert "queued" in reply_text(app.dispatch(command(f"status {IID}", user=ALICE)))  # per user
+    assert app.dispatch(command(f"status {IID}", user=ALICE)).body == ""  # per user
     assert len(queued(real_redis, 4)) == 4
 
 

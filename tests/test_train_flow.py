@@ -40,8 +40,9 @@ def test_stopped_instance_gets_the_fix(svc: Services, fleet_seed: SeedInfo, slac
     assert run is not None and run.state is RunState.REFUSED
     assert run.error is not None and "stopped" in run.error.what
     assert run.error.fix == f"/runctl start {iid}"
-    replies = thread_texts(slack, "C0TRAIN", run.message_ts)
-    assert any(f"/runctl start {iid}" in t and "<@U0ALICE>" in t for t in replies)
+    # pre-flight: told to the requester alone, nothing posted in the channel
+    assert run.message_ts is None and slack.messages("C0TRAIN") == []
+    assert any(f"/runctl start {iid}" in m.text for m in slack.ephemerals("U0ALICE"))
 
 
 def test_unmanaged_instance_is_refused_with_the_tag_command_for_an_admin(svc: Services, fleet_seed: SeedInfo) -> None:

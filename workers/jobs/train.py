@@ -73,7 +73,8 @@ class TrainFlow:
         run = self.run
         run.state = RunState.STARTING
         try:
-            open_run(self.svc, run)  # a channel that refuses the bot: say so, touch nothing
+            # Pre-flight: the code, the lock, the instance. A failure here is told to the
+            # requester alone (no parent message yet: the channel sees runs, not typos).
             source = self.check_code()
             other = self.claim()
             # The operation lock keeps a stop, start or terminate of this instance from
@@ -81,6 +82,9 @@ class TrainFlow:
             doing = Holder(run_id=run.run_id, user_id=run.user_id, script=run.script, since=self.svc.clock())
             with operation(self.svc.redis, run.instance_id, doing):
                 self.run.python = self.interpreter(self.check_instance())
+                # Passed: the one public parent, before anything touches the instance
+                # (a channel that refuses the bot: say so privately, start nothing).
+                open_run(self.svc, run)
                 if self.token is None:
                     self.take_over(other)
                 self.plan_checkpoints(source)

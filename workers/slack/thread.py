@@ -78,6 +78,11 @@ def fail(svc: Services, run: Run, error: RunctlError | ErrorInfo, state: RunStat
     run.error = info
     run.state = state
     run.ended_at = run.ended_at or svc.clock()
+    if run.message_ts is None and state is RunState.REFUSED:
+        # Refused before its parent was posted (pre-flight): only the requester hears of it.
+        svc.runs.save(run)
+        privately(svc, run, info.as_text())
+        return run
     publish(svc, run)
     reply(svc, run, info.as_text())
     return run

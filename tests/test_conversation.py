@@ -1,0 +1,127 @@
+"""Issue 17, the conversation: through the signed front door and the worker against the
+sandbox, a train that fails pre-flight is answered to the requester alone and posts nothing
+in the channel; a passing run posts exactly one parent; quick commands answer in one message."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from slack_sdk import WebClient
+
+from bot.app import build_app
+from workers.sandbox.aws import SeedInfo
+from workers.sandbox.fake_slack import FakeSlack, Message
+from workers.sandbox.inline import InlineWorker
+from workers.services import Services
+from workers.settings import Settings
+from workers.state.locks import Holder, train_lock
+
+from .conftest import TOKEN, sent_commands
+from .slack import command
+
+CHANNEL = "C0TRAIN"
+ALICE, BOB = "U0ALICE", "U0BOB"
+
+
+def slash(svc: Services, slack: FakeSlack, worker: InlineWorker, text: str, user: str = ALICE) -> str:
+    """A signed slash command through the real Bolt app, then its jobs; returns the ack's text."""
+    app = build_app(svc.settings, svc.redis, WebClient(token=TOKEN, base_url=slack.base_url), token_verification=False)
+    resp = app.dispatch(command(text, user=user, channel=CHANNEL))
+    assert resp.status == 200
+    worker.drain(timeout=120)
+    return str(json.loads(resp.body).get("text", "")) if resp.body else ""
+
+
+def public(slack: FakeSlack) -> list[Message]:
+    """What everyone in the channel sees: parents and thread replies, no ephemerals."""
+    return [m for m in slack.messages(CHANNEL) if not m.ephemeral]
+
+
+def private_to(slack: FakeSlack, user: str) -> str:
+    return "\n".join(m.text for m in slack.ephemerals(user))
+
+
+def assert_only_the_requester_hears(slack: FakeSlack, needle: str) -> None:
+    assert public(slack) == [], [m.text for m in public(slack)]
+    assert [c for c in slack.calls_to("chat.postMessage") if c.params.get("channel") == CHANNEL] == []
+    assert needle in private_to(slack, ALICE)
+    assert {m.user for m in slack.ephemerals()} == {ALICE}
+
+
+@pytest.mark.parametrize(
+    ("name", "script", "extra", "needle"),
+    [
+        ("gpu-box-1", "train_with_checkpoint.py", "", "does not exist"),
+        ("gpu-box-1", "broken.py", "", "syntax error at line 3"),
+        ("gpu-box-1", "train_with_checkpoints.py", "--ref mian", "`mian` is not a branch"),
+        ("old-box", "train_with_checkpoints.py", "", "/runctl start"),
+        ("not-managed", "train_with_checkpoints.py", "", "manages no instance"),
+    ],
+)
+def test_a_train_that_fails_pre_flight_is_told_to_the_requester_alone(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker,
+    name: str, script: str, extra: str, needle: str,
+) -> None:
+    iid = fleet_seed.instances[name]
+    ack = slash(svc, slack, worker, f"train {iid} {script} {extra} -- --epochs 1".replace("  ", " "))
+    assert "Queued run" in ack
+    assert_only_the_requester_hears(slack, needle)
+    assert sent_commands(svc, iid) == []
+    assert train_lock(svc.redis, iid).holder() is None
+
+
+def test_an_instance_that_does_not_exist_is_told_privately(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    slash(svc, slack, worker, "train i-0fedcba9876543210 train_with_checkpoints.py")
+    assert_only_the_requester_hears(slack, "i-0fedcba9876543210")
+
+
+def test_a_busy_instance_is_told_privately_with_the_holder(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    iid = fleet_seed.instances["gpu-box-2"]
+    holder = Holder(run_id="r-bobs-run", user_id=BOB, script="train.py", since=datetime(2026, 1, 2, 3, 4, tzinfo=UTC))
+    assert train_lock(svc.redis, iid).acquire(holder.token())
+    slash(svc, slack, worker, f"train {iid} train_with_checkpoints.py")
+    assert_only_the_requester_hears(slack, "is busy")
+    assert f"<@{BOB}>" in private_to(slack, ALICE) and "r-bobs-run" in private_to(slack, ALICE)
+    assert sent_commands(svc, iid) == []
+
+
+def test_a_policy_refusal_is_told_privately(
+    svc: Services, settings: Settings, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[roles]\nml = ["U0BOB"]\n[commands]\ntrain = ["ml"]\n')
+    svc.settings = settings.model_copy(update={"RUNCTL_POLICY_FILE": policy})
+    iid = fleet_seed.instances["gpu-box-1"]
+    ack = slash(svc, slack, worker, f"train {iid} train_with_checkpoints.py")
+    assert "can't" in ack or "can’t" in ack  # refused in the ack itself, nothing queued
+    assert public(slack) == [] and sent_commands(svc, iid) == []
+
+
+def test_a_passing_run_posts_exactly_one_parent(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    iid = fleet_seed.instances["gpu-box-1"]
+    slash(svc, slack, worker, f"train {iid} train_with_checkpoints.py -- --epochs 2 --steps-per-epoch 2 --step-seconds 0.05")
+    parents = [m for m in public(slack) if m.thread_ts is None]
+    assert len(parents) == 1, [m.text for m in parents]
+    assert "Finished" in json.dumps(parents[0].blocks)
+    assert all(m.thread_ts == parents[0].ts for m in public(slack) if m is not parents[0])
+
+
+@pytest.mark.parametrize("text", ["status {iid}", "checkpoints {iid}", "resources", "audit 5"])
+def test_a_quick_command_answers_in_one_message(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, text: str
+) -> None:
+    iid = fleet_seed.instances["gpu-box-1"]
+    user = "U0ADMIN" if text.startswith("audit") else ALICE
+    ack = slash(svc, slack, worker, text.format(iid=iid), user=user)
+    assert ack == ""  # no "queued; the answer follows" message before the answer
+    answers = slack.ephemerals(user) + slack.responses() + [m for m in public(slack) if m.thread_ts is None]
+    assert len(answers) == 1, [m.text for m in answers]
