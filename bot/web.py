@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 from redis import Redis
 from slack_bolt.adapter.wsgi import SlackRequestHandler
 
+from bot import events as run_events
 from bot import signing
 from bot.app import build_app
 from workers.errors import ConfigError
@@ -51,6 +52,7 @@ def wsgi(settings: Settings, redis: Redis) -> WSGIApp:
     app = build_app(settings, redis)
     handler = SlackRequestHandler(app)
     secret = settings.secret("SLACK_SIGNING_SECRET")
+    run_event = run_events.handler(redis, settings.RUNCTL_EVENTS_PER_MINUTE, read_capped)
 
     def events(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if environ.get("REQUEST_METHOD") != "POST":
@@ -80,6 +82,8 @@ def wsgi(settings: Settings, redis: Redis) -> WSGIApp:
         path = environ.get("PATH_INFO", "")
         if path == "/slack/events":
             return events(environ, start_response)
+        if path == "/runctl/events":  # runs' wrappers, signed with per-run keys (bot/events.py)
+            return run_event(environ, start_response)
         if path == "/healthz":
             return _plain(start_response, "200 OK", b"ok\n")
         return _plain(start_response, "404 Not Found", b"not found\n")

@@ -55,6 +55,7 @@ class JobPath(StrEnum):
     CONFIRM_CLICK = "workers.jobs.lifecycle.confirm_click"
     RESUME = "workers.jobs.lifecycle.resume"
     MONITOR_TICK = "workers.jobs.monitor.tick"
+    RUN_EVENT = "workers.jobs.events.event"
     SWEEP = "workers.jobs.sweep.sweep"
     DIGEST = "workers.jobs.digest.digest"
     WARNING_STOP_NOW = "workers.jobs.warning_actions.stop_now"

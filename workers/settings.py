@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     RUNCTL_GPU_IDLE_MINUTES: int = Field(30, ge=1)  # ... for this long: the sweep asks "stuck or CPU-bound?"
     RUNCTL_SLACK_UPDATE_SECONDS: float = Field(3, ge=0)
     RUNCTL_SLACK_UPDATES_PER_MINUTE: float = Field(40, gt=0)
+    # Run events (workers/remote/events.py): unset = off, runs are followed by polling alone.
+    RUNCTL_EVENTS_URL: str | None = None
+    RUNCTL_EVENTS_PROGRESS_SECONDS: int = Field(15, ge=1, le=3600)
+    RUNCTL_EVENTS_PER_MINUTE: int = Field(12, ge=1)  # per run, at /runctl/events
 
     @field_validator("RUNCTL_ADMINS", mode="before")
     @classmethod
@@ -87,6 +91,15 @@ class Settings(BaseSettings):
     def _scope_shape(cls, value: str) -> str:
         if value and "=" not in value:
             raise ValueError("expected KEY=VALUE, e.g. runctl:managed=true (empty disables)")
+        return value
+
+    @field_validator("RUNCTL_EVENTS_URL")
+    @classmethod
+    def _events_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s]*)?", value):
+            raise ValueError("expected the web process's URL, e.g. https://runctl.example.com/runctl/events")
         return value
 
     @field_validator("RUNCTL_PYTHON")

@@ -14,11 +14,13 @@ from workers.errors import RunConflict, RunctlError, WrongState
 from workers.jobs import envsetup, funnel
 from workers.jobs.funnel import Job
 from workers.jobs.lifecycle import unconfirmed
+from workers.remote.events import OFF, Sender, sender
 from workers.remote.lifecycle import parse_stop
 from workers.services import Services
 from workers.settings import python_path
 from workers.slack.escape import code, escape
 from workers.slack.thread import open_run, publish, reply
+from workers.state import event_keys
 from workers.state.locks import Holder, operation, train_lock
 from workers.state.runs import Run, RunState
 
@@ -307,7 +309,16 @@ class TrainFlow:
             meta,
             python=python,
             checkpoint_run_id=run.checkpoint_run_id,
+            events=self.events(python),
         )
+
+    def events(self, python: str) -> Sender:
+        """With RUNCTL_EVENTS_URL set, the wrapper reports the run's end (and progress) at once."""
+        settings = self.svc.settings
+        if not settings.RUNCTL_EVENTS_URL:
+            return OFF
+        key = event_keys.issue(self.svc.redis, self.run.run_id)
+        return sender(settings.RUNCTL_EVENTS_URL, key, self.run.run_id, python, settings.RUNCTL_EVENTS_PROGRESS_SECONDS)
 
     def mark_started(self) -> None:
         self.run.started_at = self.svc.clock()

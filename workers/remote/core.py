@@ -11,6 +11,8 @@ import secrets
 import shlex
 from collections.abc import Mapping, Sequence
 
+from workers.remote.events import OFF, Sender
+
 q = shlex.quote
 
 SECTION = "::runctl::"
@@ -79,9 +81,11 @@ def wrapper(
     env: Mapping[str, str],
     python: str = "python3",
     checkpoint_run_id: str | None = None,
+    events: Sender = OFF,
 ) -> str:
     """The detached wrapper: runs the training as a child so `pid` is the training
-    process itself, and records its exit code when it ends."""
+    process itself, and records its exit code when it ends (then sends the run's
+    `events`, workers/remote/events.py)."""
     bad = [k for k in env if not _ENV_NAME.fullmatch(k)]
     if bad:
         raise ValueError(f"not environment variable names: {bad!r}")
@@ -102,14 +106,17 @@ def wrapper(
         # A caught trap resets to default in the child, so the training keeps
         # default signal handling while this shell survives to record the exit.
         "trap ':' TERM INT HUP\n"
-        f'{argv} </dev/null >>"$RUN_DIR/training.log" 2>&1 &\n'
+        + events.setup
+        + f'{argv} </dev/null >>"$RUN_DIR/training.log" 2>&1 &\n'
         "child=$!\n"
         'echo "$child" > "$RUN_DIR/pid.tmp" && mv "$RUN_DIR/pid.tmp" "$RUN_DIR/pid"\n'
-        "while :; do\n"
+        + events.started
+        + "while :; do\n"
         '  wait "$child"; rc=$?\n'
         '  kill -0 "$child" 2>/dev/null || break\n'
         "done\n"
         'echo "$rc" > "$RUN_DIR/exit_code.tmp" && mv "$RUN_DIR/exit_code.tmp" "$RUN_DIR/exit_code"\n'
+        + events.ended
     )
 
 
@@ -208,16 +215,18 @@ def launch_body(
     meta_json: str,
     python: str = "python3",
     checkpoint_run_id: str | None = None,
+    events: Sender = OFF,
 ) -> str:
     """Start the wrapper detached (the code is already in place); ends once it runs."""
-    body = wrapper(run_id, script, args, env, python, checkpoint_run_id)
+    body = wrapper(run_id, script, args, env, python, checkpoint_run_id, events)
     eof = heredoc_end(body)
     return (
         f"RUN_DIR={run_dir(run_id)}\n"
         + 'mkdir -p "$RUN_DIR"\n'
         + f'META={q(meta_json)}\n'
         + "printf '%s\\n' \"$META\" > \"$RUN_DIR/meta.json\"\n"
-        + f"cat > \"$RUN_DIR/run.sh\" <<'{eof}'\n{body}{eof}\n"
+        # Private: with events on, run.sh holds the run's event key.
+        + f"(umask 077 && cat > \"$RUN_DIR/run.sh\") <<'{eof}'\n{body}{eof}\n"
         + ': > "$RUN_DIR/training.log"\n'
         + 'setsid sh "$RUN_DIR/run.sh" </dev/null >/dev/null 2>&1 &\n'
         # Return only once the detached wrapper is in its own session, so the
