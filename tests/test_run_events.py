@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import redis as redis_mod
 from rq import Queue
+from rq.job import Job
+from rq.registry import FinishedJobRegistry
 from werkzeug.test import Client
 
 from bot.web import wsgi
@@ -59,6 +61,12 @@ def fingerprint(redis: redis_mod.Redis) -> dict[bytes, Any]:
         kind = redis.type(key)
         out[key] = redis.get(key) if kind == b"string" else (kind, redis.dump(key))
     return out
+
+
+def ran_events(redis: redis_mod.Redis) -> list[str]:
+    registry = FinishedJobRegistry(queue=Queue(QUEUE, connection=redis))  # type: ignore[no-untyped-call]
+    jobs = (Job.fetch(i, connection=redis) for i in registry.get_job_ids())
+    return [j.args[1] for j in jobs if j.func_name == JobPath.RUN_EVENT.value]
 
 
 @pytest.fixture
@@ -153,6 +161,7 @@ def test_open_event_path_replies_without_waiting_for_a_poll(
         took = time.monotonic() - started
     due = svc.redis.zscore(monitor.DUE, run_id)
     assert due is None  # finished: not waiting for a poll
+    assert "exit" in ran_events(svc.redis)
     assert took < 30  # the next poll would have been 600 s away
     run = svc.runs.get(run_id)
     assert run is not None and run.state is RunState.SUCCEEDED
@@ -171,4 +180,4 @@ def test_blocked_event_path_is_reported_by_polling(
         slack.wait_for(lambda: replied(slack, run_id), timeout=60)
     run = svc.runs.get(run_id)
     assert run is not None and run.state is RunState.SUCCEEDED and run.exit_code == 0
-    assert run.polls > 1  # followed by the monitor's polls, not an event
+    assert ran_events(svc.redis) == []  # reported by the monitor's polls: no event arrived
