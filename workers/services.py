@@ -49,7 +49,10 @@ class Services:
     def fleet(self) -> Fleet:
         if self._fleet is None:
             self._fleet = Fleet(
-                policy.scope(self.settings), self.settings.RUNCTL_S3_BUCKET, sleep=self.sleep
+                policy.scope(self.settings),
+                self.settings.RUNCTL_S3_BUCKET,
+                sleep=self.sleep,
+                regions=self.settings.RUNCTL_REGIONS,
             )
         return self._fleet
 

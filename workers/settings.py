@@ -22,6 +22,7 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
 }
 
 
+_REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-\d+")
 _PYTHON = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*|/[A-Za-z0-9_.+/-]+")
 
 
@@ -48,6 +49,8 @@ class Settings(BaseSettings):
     RUNCTL_CHANNEL: str | None = None
     RUNCTL_ADMINS: Annotated[list[str], NoDecode] = Field(default_factory=list)
     RUNCTL_SCOPE_TAG: str = "runctl:managed=true"
+    # Regions whose instances runctl manages, comma-separated; empty: the worker's own (AWS_DEFAULT_REGION).
+    RUNCTL_REGIONS: Annotated[list[str], NoDecode] = Field(default_factory=list)
     RUNCTL_MIRROR_DIR: Path = Path.home() / ".cache" / "runctl" / "mirrors"  # one mirror per RUNCTL_REPO inside
     RUNCTL_STOP_GRACE_SECONDS: int = Field(120, ge=0, le=3600)
     RUNCTL_PENDING_WAIT_SECONDS: int = Field(300, ge=0)
@@ -78,6 +81,17 @@ class Settings(BaseSettings):
     RUNCTL_EVENTS_URL: str | None = None
     RUNCTL_EVENTS_PROGRESS_SECONDS: int = Field(15, ge=1, le=3600)
     RUNCTL_EVENTS_PER_MINUTE: int = Field(12, ge=1)  # per run, at /runctl/events
+
+    @field_validator("RUNCTL_REGIONS", mode="before")
+    @classmethod
+    def _split_regions(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            bad = [r for r in value if not isinstance(r, str) or not _REGION.fullmatch(r)]
+            if bad:
+                raise ValueError(f"expected AWS region names such as us-east-1,eu-west-1, got {bad!r}")
+        return value
 
     @field_validator("RUNCTL_ADMINS", mode="before")
     @classmethod

@@ -4,7 +4,7 @@ come out as our own typed errors."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -124,6 +124,11 @@ def aws_call(action: str) -> Iterator[None]:
 
 
 class Fleet:
+    """Every region in ``regions`` (RUNCTL_REGIONS; default: the session's own). An instance
+    is found in whichever region holds it, and its EC2 and SSM calls go to that region.
+    S3 is one bucket, called in its own region; instances anywhere fetch from it through
+    presigned URLs on the bucket's regional host."""
+
     def __init__(
         self,
         scope: tuple[str, str] | None,
@@ -131,6 +136,7 @@ class Fleet:
         session: boto3.Session | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        regions: Sequence[str] = (),
     ) -> None:
         self.scope = scope
         self.bucket = bucket
@@ -140,9 +146,56 @@ class Fleet:
         self.ec2: Any = self.session.client("ec2", config=BOTO_CONFIG)
         self.ssm: Any = self.session.client("ssm", config=BOTO_CONFIG)
         self.s3: Any = self.session.client("s3", config=S3_CONFIG)
-        self.region = str(self.ec2.meta.region_name)
+        self.region = str(self.ec2.meta.region_name)  # the worker's own: launches, S3 client
+        self.regions: tuple[str, ...] = tuple(dict.fromkeys(regions)) or (self.region,)
+        self._clients: dict[tuple[str, str], Any] = {("ec2", self.region): self.ec2, ("ssm", self.region): self.ssm}
+        self._where: dict[str, str] = {}  # instance id -> its region (instances never move)
         self._presigner: Any = None
         self._pricing: Any = None
+
+    # --- regions -------------------------------------------------------------
+    def client(self, service: Literal["ec2", "ssm"], region: str) -> Any:
+        key = (service, region)
+        if key not in self._clients:
+            self._clients[key] = self.session.client(service, region_name=region, config=BOTO_CONFIG)
+        return self._clients[key]
+
+    @property
+    def regions_text(self) -> str:
+        return " or ".join(self.regions)
+
+    def _locate(self, instance_id: str) -> str | None:
+        """The region holding the instance (managed or not); None when none of them does."""
+        if instance_id in self._where:
+            return self._where[instance_id]
+        for region in self.regions:
+            with aws_call("describe instances"):
+                try:
+                    pages = self.client("ec2", region).describe_instances(InstanceIds=[instance_id])
+                except ClientError as exc:
+                    if str(exc.response.get("Error", {}).get("Code", "")) == "InvalidInstanceID.NotFound":
+                        continue
+                    raise
+            if any(r.get("Instances") for r in pages.get("Reservations", [])):
+                self._where[instance_id] = region
+                return region
+        return None
+
+    def region_of(self, instance_id: str) -> str:
+        """Where the instance's calls go: its region, or the first one while it is unknown
+        (whose answer, InvalidInstanceID, then says so)."""
+        if len(self.regions) == 1:
+            return self.regions[0]
+        return self._locate(instance_id) or self.regions[0]
+
+    def _by_region(self, instance_ids: Sequence[str]) -> dict[str, list[str]]:
+        grouped: dict[str, list[str]] = {}
+        for iid in instance_ids:
+            grouped.setdefault(self.region_of(iid), []).append(iid)
+        return grouped
+
+    def region_of_zone(self, availability_zone: str) -> str:
+        return next((r for r in self.regions if availability_zone.startswith(r)), self.region)
 
     # --- EC2 ---------------------------------------------------------------
     def describe(self, instance_ids: list[str] | None = None) -> list[Instance]:
@@ -151,27 +204,34 @@ class Fleet:
     def iter_instances(
         self, instance_ids: list[str] | None = None, page_size: int = 1000
     ) -> Iterator[Instance]:
+        """Managed instances, region by region (in RUNCTL_REGIONS order)."""
+        if instance_ids:
+            for region, ids in self._by_region(instance_ids).items():
+                yield from self._describe_in(region, {"InstanceIds": ids})
+            return
+        for region in self.regions:
+            yield from self._describe_in(region, {"PaginationConfig": {"PageSize": page_size}})
+
+    def _describe_in(self, region: str, kwargs: dict[str, Any]) -> Iterator[Instance]:
         filters = []
         if self.scope:
             filters.append({"Name": f"tag:{self.scope[0]}", "Values": [self.scope[1]]})
-        kwargs: dict[str, Any] = {"Filters": filters}
-        if instance_ids:
-            kwargs["InstanceIds"] = instance_ids
-        else:
-            kwargs["PaginationConfig"] = {"PageSize": page_size}
         with aws_call("describe instances"):
-            for page in self.ec2.get_paginator("describe_instances").paginate(**kwargs):
+            paginator = self.client("ec2", region).get_paginator("describe_instances")
+            for page in paginator.paginate(Filters=filters, **kwargs):
                 for reservation in page.get("Reservations", []):
                     for raw in reservation.get("Instances", []):
-                        yield self._instance(raw)
+                        inst = self._instance(raw, region)
+                        self._where[inst.id] = region
+                        yield inst
 
-    def _instance(self, raw: Mapping[str, Any]) -> Instance:
+    def _instance(self, raw: Mapping[str, Any], region: str) -> Instance:
         tags = {t["Key"]: t["Value"] for t in raw.get("Tags", []) or []}
         return Instance(
             id=raw["InstanceId"],
             type=raw.get("InstanceType", ""),
             state=raw.get("State", {}).get("Name", "unknown"),
-            region=self.region,
+            region=region,
             name=tags.get("Name", ""),
             launch_time=raw.get("LaunchTime"),
             availability_zone=raw.get("Placement", {}).get("AvailabilityZone", ""),
@@ -188,25 +248,27 @@ class Fleet:
             found = []
         if found:
             return found[0]
+        where = self.regions_text
         public = InstanceNotFound(
-            f"runctl manages no instance {instance_id} in {self.region}.",
+            f"runctl manages no instance {instance_id} in {where}.",
             why="It does not exist there, or runctl may not touch it; an admin can tell which.",
             fix="`/runctl resources` lists the instances runctl manages.",
         )
+        elsewhere = "another region" if len(self.regions) == 1 else "a region not in RUNCTL_REGIONS"
         with aws_call("describe instances"):
             try:
-                pages = self.ec2.describe_instances(InstanceIds=[instance_id])
+                pages = self.client("ec2", self.region_of(instance_id)).describe_instances(InstanceIds=[instance_id])
             except ClientError as exc:
                 if "InvalidInstanceID" in str(exc.response.get("Error", {}).get("Code", "")):
                     raise InstanceNotFound(
-                        f"Instance {instance_id} does not exist in {self.region}.",
-                        why="It may have been terminated long ago, or live in another region.",
+                        f"Instance {instance_id} does not exist in {where}.",
+                        why=f"It may have been terminated long ago, or live in {elsewhere}.",
                         fix="/runctl resources",
                         public=public,
                     ) from None
                 raise
         if not any(r.get("Instances") for r in pages.get("Reservations", [])):
-            raise InstanceNotFound(f"Instance {instance_id} does not exist in {self.region}.", public=public)
+            raise InstanceNotFound(f"Instance {instance_id} does not exist in {where}.", public=public)
         assert self.scope is not None
         key, value = self.scope
         raise NotManaged(
@@ -218,18 +280,18 @@ class Fleet:
 
     def start(self, instance_id: str) -> None:
         with aws_call(f"start {instance_id}"):
-            self.ec2.start_instances(InstanceIds=[instance_id])
+            self.client("ec2", self.region_of(instance_id)).start_instances(InstanceIds=[instance_id])
 
     def stop(self, instance_id: str) -> None:
         with aws_call(f"stop {instance_id}"):
-            self.ec2.stop_instances(InstanceIds=[instance_id])
+            self.client("ec2", self.region_of(instance_id)).stop_instances(InstanceIds=[instance_id])
 
     def spot_request_type(self, instance_id: str) -> str:
         """``one-time`` or ``persistent``: only a persistent spot request's instance can be
         stopped. An instance with no request on record counts as one-time (RunInstances'
         default)."""
         with aws_call(f"describe the spot request of {instance_id}"):
-            reply = self.ec2.describe_spot_instance_requests(
+            reply = self.client("ec2", self.region_of(instance_id)).describe_spot_instance_requests(
                 Filters=[{"Name": "instance-id", "Values": [instance_id]}]
             )
         types = {str(r.get("Type", "")) for r in reply.get("SpotInstanceRequests", [])}
@@ -237,7 +299,7 @@ class Fleet:
 
     def terminate(self, instance_id: str) -> None:
         with aws_call(f"terminate {instance_id}"):
-            self.ec2.terminate_instances(InstanceIds=[instance_id])
+            self.client("ec2", self.region_of(instance_id)).terminate_instances(InstanceIds=[instance_id])
 
     def wait_for_state(
         self, instance_id: str, wanted: tuple[str, ...], timeout: float, poll: float = 5.0
@@ -272,17 +334,17 @@ class Fleet:
     def agent_status(self, instance_ids: list[str]) -> dict[str, str]:
         status: dict[str, str] = {}
         with aws_call("check the SSM agent"):
-            paginator = self.ssm.get_paginator("describe_instance_information")
-            for page in paginator.paginate(
-                Filters=[{"Key": "InstanceIds", "Values": instance_ids}]
-            ):
-                for info in page.get("InstanceInformationList", []):
-                    status[info["InstanceId"]] = info.get("PingStatus", "Unknown")
+            for region, ids in self._by_region(instance_ids).items():
+                paginator = self.client("ssm", region).get_paginator("describe_instance_information")
+                for page in paginator.paginate(Filters=[{"Key": "InstanceIds", "Values": ids}]):
+                    for info in page.get("InstanceInformationList", []):
+                        status[info["InstanceId"]] = info.get("PingStatus", "Unknown")
         return status
 
     def send(self, instance_ids: list[str], script: str, timeout: int = 600) -> str:
+        """One SendCommand, to the first instance's region: pass instances of one region."""
         with aws_call("send a command through SSM"):
-            resp = self.ssm.send_command(
+            resp = self.client("ssm", self.region_of(instance_ids[0])).send_command(
                 InstanceIds=instance_ids,
                 DocumentName="AWS-RunShellScript",
                 Parameters={"commands": [script], "executionTimeout": [str(timeout)]},
@@ -294,7 +356,8 @@ class Fleet:
     def result(self, command_id: str, instance_id: str) -> ScriptResult | None:
         """The finished result, or None while the command still runs."""
         try:
-            inv = self.ssm.get_command_invocation(CommandId=command_id, InstanceId=instance_id)
+            ssm = self.client("ssm", self.region_of(instance_id))
+            inv = ssm.get_command_invocation(CommandId=command_id, InstanceId=instance_id)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") == "InvocationDoesNotExist":
                 return None  # not registered yet: SSM is eventually consistent
@@ -324,7 +387,8 @@ class Fleet:
         done: dict[str, ScriptResult] = {}
         wanted = set(instance_ids)
         with aws_call("read command results"):
-            pages = self.ssm.get_paginator("list_command_invocations").paginate(
+            ssm = self.client("ssm", self.region_of(instance_ids[0]))
+            pages = ssm.get_paginator("list_command_invocations").paginate(
                 CommandId=command_id, Details=True
             )
             for page in pages:
@@ -356,8 +420,9 @@ class Fleet:
         polling after first_poll seconds, then 1.5 times longer each time, up to 2 s. Someone waits on the short
         default (a train is 4 commands); the monitor, which no one waits on, passes more."""
         results: dict[str, ScriptResult] = {}
-        for start in range(0, len(instance_ids), 50):
-            batch = instance_ids[start : start + 50]
+        by_region = self._by_region(instance_ids).values()
+        batches = [ids[start : start + 50] for ids in by_region for start in range(0, len(ids), 50)]
+        for batch in batches:
             command_id = self.send(batch, script, timeout)
             deadline = self.clock() + timeout + 30
             pending = list(batch)
@@ -379,7 +444,7 @@ class Fleet:
     def spot_price_history(self, availability_zone: str, instance_type: str) -> list[Mapping[str, Any]]:
         """Today's Linux spot quotes for one type in one zone (pricing keeps the newest)."""
         with aws_call("look up spot prices"):
-            response = self.ec2.describe_spot_price_history(
+            response = self.client("ec2", self.region_of_zone(availability_zone)).describe_spot_price_history(
                 AvailabilityZone=availability_zone,
                 InstanceTypes=[instance_type],
                 ProductDescriptions=["Linux/UNIX"],

@@ -49,8 +49,9 @@ def detect(settings: Settings, rows: list[Row], now: datetime) -> list[Finding]:
 def _detail(row: Row) -> str:
     inst = row.instance
     return (
-        f"`{inst.id}` · {inst.type} · {row.price.describe()} · up {duration(row.uptime_seconds)} in total · "
-        f"cost so far {format_usd(row.cost)} · stop it: `/runctl stop {inst.id}`"
+        f"`{inst.id}` · {inst.type} · {inst.region} · {row.price.describe()} · "
+        f"up {duration(row.uptime_seconds)} in total · cost so far {format_usd(row.cost)} · "
+        f"stop it: `/runctl stop {inst.id}`"
     )
 
 

@@ -41,10 +41,11 @@ NOBODY = "nobody"  # running time with no run and no runctl:user tag
 
 @dataclass
 class Spend:
-    """USD per person and per instance type over one window."""
+    """USD per person, per instance type and per region over one window."""
 
     person: dict[str, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
     type: dict[str, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
+    region: dict[str, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
 
     @property
     def total(self) -> Decimal:
@@ -169,6 +170,7 @@ def spend(
             owner = row.instance.tags.get(policy.OWNER_TAG) or row.owner or NOBODY
             out.person[owner] += _cost(rate, rest)
         out.type[row.instance.type] += _cost(rate, total)
+        out.region[row.instance.region] += _cost(rate, total)
     return out
 
 
@@ -198,6 +200,8 @@ def render(
         blocks += sections([f"*Top spenders yesterday*  {line}"], 1)
     blocks += _table("Per person", yesterday.person, month.person, who)
     blocks += _table("Per instance type", yesterday.type, month.type, lambda t: f"`{t}`")
+    if len({r.instance.region for r in rows}) > 1:
+        blocks += _table("Per region", yesterday.region, month.region, lambda r: f"*{r}*")
     blocks += _listing(
         f"Running now ({len(running)})",
         [_running_line(r, who) for r in sorted(running, key=lambda r: -(r.cost or 0))],

@@ -48,8 +48,8 @@ def resolve(svc: Services, config: LaunchFile, cmd: LaunchCommand, who: Requeste
     if cmd.region not in (None, region):
         raise PermissionDenied(
             f"This runctl launches only in {region}, not {cmd.region}.",
-            why="Its worker watches one region (AWS_DEFAULT_REGION); an instance elsewhere could "
-            "not be trained on, stopped or priced.",
+            why="The launch template (AMI, subnets, security groups) belongs to the worker's region "
+            "(AWS_DEFAULT_REGION); runctl manages instances in RUNCTL_REGIONS but launches only there.",
             fix=f"`/runctl launch {cmd.target}` (in {region}), or ask an admin for a worker in {cmd.region}.",
         )
     preset = config.presets.get(cmd.target)

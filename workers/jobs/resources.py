@@ -80,7 +80,8 @@ def select(rows: list[Row], cmd: ResourcesCommand) -> list[Row]:
     chosen = [r for r in rows if cmd.all or r.instance.state in SHOWN_BY_DEFAULT]
     if cmd.user:
         chosen = [r for r in chosen if cmd.user in (r.owner, r.live_run.user_id if r.live_run else None)]
-    return sorted(chosen, key=_sort_key(cmd.sort))
+    key = _sort_key(cmd.sort)
+    return sorted(chosen, key=lambda r: (r.instance.region, *key(r)))  # grouped by region
 
 
 def _sort_key(sort: str) -> Callable[[Row], tuple[Any, ...]]:
@@ -122,6 +123,12 @@ def row_line(row: Row, warnings: list[Finding], now: datetime) -> str:
     return line
 
 
+def region_line(region: str, rows: list[Row]) -> str:
+    burn, _ = totals(rows)
+    running = sum(1 for r in rows if r.running)
+    return f"*{region}* · {running} running of {len(rows)} · {format_usd(burn)}/h"
+
+
 def render(
     cmd: ResourcesCommand, rows: list[Row], findings: list[Finding], now: datetime, hidden: int, note: str = ""
 ) -> tuple[str, list[Block]]:
@@ -143,11 +150,15 @@ def render(
     for f in findings:
         by_instance.setdefault(f.instance_id, []).append(f)
     lines: list[str] = []
-    state = ""
+    regional = len({r.instance.region for r in rows}) > 1
+    region, state = "", ""
     for row in rows[:ROW_LIMIT]:
+        if regional and row.instance.region != region:
+            region, state = row.instance.region, ""
+            lines.append(region_line(region, [r for r in rows if r.instance.region == region]))
         if row.instance.state != state:
             state = row.instance.state
-            lines.append(f"*{state.capitalize()}*")
+            lines.append(f"*{state.capitalize()}*" if not regional else f"_{state.capitalize()}_")
         lines.append(row_line(row, by_instance.get(row.id, []), now))
     if not rows:
         lines.append("No managed instances match." + ("" if cmd.all else " Try `/runctl resources --all`."))
@@ -174,7 +185,7 @@ def to_csv(rows: list[Row], findings: list[Finding], now: datetime) -> bytes:
     writer = csv.writer(out)
     writer.writerow(
         ["state", "name", "instance_id", "type", "usd_per_hour", "uptime_hours", "cost_usd",
-         "owner", "run_id", "script", "idle_minutes", "warnings"]
+         "owner", "run_id", "script", "idle_minutes", "warnings", "region"]
     )
     for r in rows:
         rate = r.price.usd_per_hour
@@ -192,6 +203,7 @@ def to_csv(rows: list[Row], findings: list[Finding], now: datetime) -> bytes:
                 r.live_run.script if r.live_run else "",
                 f"{r.idle_seconds(now) / 60:.0f}" if r.idle else "",
                 " ".join(warned.get(r.id, [])),
+                r.instance.region,
             ]
         )
     return out.getvalue().encode()

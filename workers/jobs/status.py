@@ -22,7 +22,8 @@ def describe(instance_id: str) -> str:
     svc = current()
     now = svc.clock()
     inst = svc.fleet.get(instance_id)
-    lines = [f"*{inst.label}* · {inst.type} · `{inst.state}`"]
+    where = f" · {inst.region}" if len(svc.fleet.regions) > 1 else ""
+    lines = [f"*{inst.label}* · {inst.type}{where} · `{inst.state}`"]
     if inst.state == "running" and inst.launch_time:
         lines.append(f"Up {duration((now - inst.launch_time).total_seconds())} (since last start)")
     run = svc.runs.live_on(instance_id)
