@@ -2,7 +2,8 @@
 
     TZ=UTC rq cron workers/cron.py --url "$REDIS_URL"
 
-The sweep runs every RUNCTL_SWEEP_MINUTES, the digest on RUNCTL_DIGEST_CRON.
+The sweep runs every RUNCTL_SWEEP_MINUTES, the reconcile every RUNCTL_RECONCILE_SECONDS,
+the digest on RUNCTL_DIGEST_CRON.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from rq import cron
 
 from workers import settings as settings_mod
 from workers.jobs.digest import digest
+from workers.jobs.reconcile import reconcile
 from workers.jobs.sweep import sweep
 from workers.queueing import QUEUE
 
@@ -26,4 +28,8 @@ SWEEP_SECONDS = _settings.RUNCTL_SWEEP_MINUTES * 60
 
 # A sweep that has not started within one interval is stale: the next one replaces it.
 cron.register(sweep, QUEUE, interval=SWEEP_SECONDS, ttl=SWEEP_SECONDS, job_timeout=SWEEP_SECONDS, name="sweep")
+RECONCILE_SECONDS = _settings.RUNCTL_RECONCILE_SECONDS
+cron.register(
+    reconcile, QUEUE, interval=RECONCILE_SECONDS, ttl=RECONCILE_SECONDS, job_timeout=300, name="reconcile"
+)
 cron.register(digest, QUEUE, cron=_settings.RUNCTL_DIGEST_CRON, job_timeout=600, name="digest")

@@ -56,6 +56,7 @@ class JobPath(StrEnum):
     RESUME = "workers.jobs.lifecycle.resume"
     MONITOR_TICK = "workers.jobs.monitor.tick"
     RUN_EVENT = "workers.jobs.events.event"
+    RECONCILE = "workers.jobs.reconcile.reconcile"
     SWEEP = "workers.jobs.sweep.sweep"
     DIGEST = "workers.jobs.digest.digest"
     WARNING_STOP_NOW = "workers.jobs.warning_actions.stop_now"

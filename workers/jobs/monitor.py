@@ -49,8 +49,10 @@ def schedule(svc: Services, run_id: str, delay: timedelta) -> None:
 
 def ensure_tick(svc: Services, at: float) -> None:
     now = svc.clock().timestamp()
-    # A recorded tick more than 10 minutes overdue belongs to a dead worker: replace it.
-    if svc.redis.eval(_SET_IF_EARLIER, 1, TICK_AT, repr(at), repr(now - 600)):
+    # A recorded tick overdue by more than one poll interval belongs to a dead worker (or
+    # its job was lost with Redis' keys): replace it.
+    stale = now - svc.settings.RUNCTL_POLL_MAX_SECONDS
+    if svc.redis.eval(_SET_IF_EARLIER, 1, TICK_AT, repr(at), repr(stale)):
         svc.queue.enqueue_in(
             timedelta(seconds=max(0.0, at - now)), JobPath.MONITOR_TICK.value, job_timeout=900
         )
@@ -193,6 +195,8 @@ def finish(svc: Services, run: Run, snap: Snapshot) -> None:
     current = svc.runs.get(run.run_id)
     if current is not None and (current.state.ended or current.state is RunState.STOPPING):
         return  # a stop flow closes it (or already did)
+    if not svc.runs.claim_end(run.run_id):
+        return  # another tick, or the reconcile's monitor job, reports it
     run.exit_code = snap.exit_code if snap.exit_code is not None else -1
     run.ended_at = svc.clock()
     run.ended_by = run.ended_by or "exit"
@@ -228,6 +232,8 @@ def finish(svc: Services, run: Run, snap: Snapshot) -> None:
 
 
 def lost(svc: Services, run: Run, exc: RunctlError) -> str:
+    if not svc.runs.claim_end(run.run_id):
+        return RunState.LOST.value  # someone else reports its end
     run.state = RunState.LOST
     run.ended_by = "lost"
     run.ended_at = svc.clock()

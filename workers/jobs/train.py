@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from datetime import timedelta
@@ -22,7 +21,7 @@ from workers.slack.escape import code, escape
 from workers.slack.thread import open_run, publish, reply
 from workers.state import event_keys
 from workers.state.locks import Holder, operation, train_lock
-from workers.state.runs import Run, RunState
+from workers.state.runs import Run, RunMeta, RunState
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +299,7 @@ class TrainFlow:
             "RUNCTL_CHECKPOINT_INTERVAL": str(run.checkpoint_interval or 1),
             "PYTHONUNBUFFERED": "1",
         }
-        meta = json.dumps({"run_id": run.run_id, "user": run.user_id, "script": run.script, "sha": run.sha})
+        meta = RunMeta.of(run, self.svc.clock()).model_dump_json()
         return remote.launch_body(
             run.run_id,
             run.script,

@@ -127,6 +127,61 @@ class Run(BaseModel):
         return shlex.join(parts)
 
 
+class RunMeta(BaseModel):
+    """What the instance keeps about a run in `runs/<id>/meta.json`: enough to rebuild its
+    record (and find its Slack thread) when Redis has lost it."""
+
+    run_id: str
+    user: str
+    channel: str = ""
+    ts: str | None = None  # the parent message
+    script: str
+    ref: str = "main"
+    sha: str = ""
+    started_at: datetime | None = None
+    checkpoint_dir: str = ""  # relative to the remote root
+    checkpoint_run_id: str | None = None
+    wait: bool = True
+    then: str = "keep"
+
+    @classmethod
+    def of(cls, run: Run, started_at: datetime) -> RunMeta:
+        ck = run.checkpoint_run_id or run.run_id
+        return cls(
+            run_id=run.run_id,
+            user=run.user_id,
+            channel=run.channel_id,
+            ts=run.message_ts,
+            script=run.script,
+            ref=run.ref,
+            sha=run.sha,
+            started_at=started_at,
+            checkpoint_dir=f"runs/{ck}/checkpoints",
+            checkpoint_run_id=run.checkpoint_run_id,
+            wait=run.wait,
+            then=run.then,
+        )
+
+    def rebuild(self, instance_id: str) -> Run:
+        """The run record this metadata describes, as running."""
+        return Run(
+            run_id=self.run_id,
+            instance_id=instance_id,
+            user_id=self.user,
+            channel_id=self.channel,
+            script=self.script,
+            ref=self.ref,
+            sha=self.sha,
+            wait=self.wait,
+            then=self.then,
+            checkpoint_run_id=self.checkpoint_run_id,
+            state=RunState.RUNNING,
+            created_at=self.started_at or datetime.now(UTC),
+            started_at=self.started_at,
+            message_ts=self.ts,
+        )
+
+
 def new_run_id(now: datetime | None = None) -> str:
     now = now or datetime.now(UTC)
     return f"r{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
@@ -148,6 +203,19 @@ class RunStore:
         pipe.zadd("runctl:runs:all", {run.run_id: run.created_at.timestamp()})
         pipe.execute()
         return run
+
+    def adopt(self, run: Run) -> bool:
+        """Create the record only if none exists (SET NX): of two reconciles, one adopts."""
+        if not self.redis.set(self._key(run.run_id), run.model_dump_json(), nx=True):
+            return False
+        self.create(run)
+        self.save(run)
+        return True
+
+    def claim_end(self, run_id: str) -> bool:
+        """The one right to report a run's end: whoever sees it first (monitor tick, a second
+        worker's tick, the reconcile) reports it; the others stay quiet."""
+        return bool(self.redis.set(f"runctl:run:{run_id}:end", "1", nx=True, ex=30 * 86400))
 
     def get(self, run_id: str) -> Run | None:
         raw = self.redis.get(self._key(run_id))

@@ -1,0 +1,120 @@
+"""What an instance says about its runs, for the reconcile: one script for a whole batch
+of instances, and the parser of its output.
+
+Each run directory with a ``meta.json`` (written at launch) is reported unless its end
+was already reported (``exit_code`` and the ``reported`` marker both there). The script
+first marks as reported the runs Redis has seen end, so later passes skip them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import ValidationError
+
+from workers.remote.core import SECTION, header, q
+from workers.state.runs import RunMeta
+
+META_CHARS = 1500
+
+Seen = Literal["live", "ended", "vanished", "starting"]
+
+
+def runs_report(root: str, reported: Sequence[str]) -> str:
+    """Mark ``reported`` run ids, then print one ``run`` line (and its ``meta``) per run
+    whose end has not been reported: ``run <id> live|vanished|starting`` or
+    ``run <id> ended <exit code> <when, epoch s>``."""
+    s = SECTION
+    mark = ""
+    if reported:
+        ids = " ".join(q(r) for r in reported)
+        mark = (
+            f"for RUN_ID in {ids}; do\n"
+            '  if [ -d "$RUNCTL_ROOT/runs/$RUN_ID" ]; then : > "$RUNCTL_ROOT/runs/$RUN_ID/reported"; fi\n'
+            "done\n"
+        )
+    return header(root) + (
+        f'echo "{s}now $(date +%s)"\n'
+        + mark
+        + 'for d in "$RUNCTL_ROOT"/runs/*/; do\n'
+        '  [ -f "$d/meta.json" ] || continue\n'
+        '  if [ -f "$d/exit_code" ] && [ -f "$d/reported" ]; then continue; fi\n'
+        '  rid=$(basename "$d")\n'
+        '  pid=$(cat "$d/pid" 2>/dev/null || true)\n'
+        "  alive=0\n"
+        '  case "$pid" in ""|*[!0-9]*) ;; *) if kill -0 "$pid" 2>/dev/null; then alive=1; fi ;; esac\n'
+        "  wrapper=0\n"
+        '  pgid=$(cat "$d/pgid" 2>/dev/null || true)\n'
+        '  case "$pgid" in ""|*[!0-9]*) ;; *) if kill -0 "$pgid" 2>/dev/null; then wrapper=1; fi ;; esac\n'
+        '  if [ -f "$d/exit_code" ]; then\n'
+        '    code=$(head -c 20 "$d/exit_code" | tr -cd \'0-9-\')\n'
+        '    seen="ended ${code:-x} $(date -r "$d/exit_code" +%s)"\n'
+        '  elif [ "$alive" = 1 ]; then seen=live\n'
+        '  elif [ -n "$pid" ] && [ "$wrapper" = 0 ]; then seen=vanished\n'
+        "  else seen=starting\n"
+        "  fi\n"
+        f"  printf '{s}run %s %s\\n' \"$rid\" \"$seen\"\n"
+        f"  printf '{s}meta '; head -c {META_CHARS} \"$d/meta.json\" | tr -d '\\n'; echo\n"
+        "done\n"
+    )
+
+
+@dataclass
+class SeenRun:
+    run_id: str
+    seen: Seen
+    exit_code: int | None = None
+    ended_at: datetime | None = None
+    meta: RunMeta | None = None  # None when meta.json is unreadable
+
+
+@dataclass
+class Report:
+    now: datetime | None = None
+    runs: list[SeenRun] = field(default_factory=list)
+
+    def get(self, run_id: str) -> SeenRun | None:
+        return next((r for r in self.runs if r.run_id == run_id), None)
+
+
+def parse_report(output: str) -> Report:
+    report = Report()
+    for line in output.splitlines():
+        if not line.startswith(SECTION):
+            continue
+        word, _, rest = line[len(SECTION) :].partition(" ")
+        if word == "now" and rest.strip().isdigit():
+            report.now = datetime.fromtimestamp(int(rest), UTC)
+        elif word == "run":
+            parts = rest.split()
+            if len(parts) < 2 or parts[1] not in ("live", "ended", "vanished", "starting"):
+                continue
+            run = SeenRun(run_id=parts[0], seen=parts[1])  # type: ignore[arg-type]
+            if run.seen == "ended" and len(parts) == 4:
+                run.exit_code = _int(parts[2])
+                when = _int(parts[3])
+                run.ended_at = datetime.fromtimestamp(when, UTC) if when is not None else None
+            report.runs.append(run)
+        elif word == "meta" and report.runs and report.runs[-1].meta is None:
+            report.runs[-1].meta = _meta(rest, report.runs[-1].run_id)
+    return report
+
+
+def _int(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _meta(text: str, run_id: str) -> RunMeta | None:
+    try:
+        data = json.loads(text)
+        meta = RunMeta.model_validate(data)
+    except (ValueError, ValidationError):
+        return None
+    return meta if meta.run_id == run_id else None  # a copied directory is not that run
