@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 ALICE = Requester(user_id="U0ALICE", channel_id="C0TRAIN")
 BOB = Requester(user_id="U0BOB", channel_id="C0TRAIN")
-RECONCILE_SECONDS = 2
+RECONCILE_SECONDS = 5
 
 
 @pytest.fixture
