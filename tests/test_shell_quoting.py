@@ -144,7 +144,7 @@ def json_stub(root: Path) -> str:
 
 def run_wrapper(shell: Shell, root: Path, python: str, script: str, args: list[str], env: dict[str, str]) -> Path:
     run_dir = root / "runs" / "r-quoting"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "work").mkdir(parents=True, exist_ok=True)  # launch_body copies the tree there
     for name in ("training.log", "exit_code", "pid", "pgid"):
         (run_dir / name).unlink(missing_ok=True)
     rc, out = shell.run(header(str(root)) + wrapper(run_dir.name, script, args, env, python=python))
@@ -153,8 +153,8 @@ def run_wrapper(shell: Shell, root: Path, python: str, script: str, args: list[s
 
 
 def pwned(root: Path) -> list[Path]:
-    """Files a successful injection would have created (the wrapper runs in $RUNCTL_ROOT/code)."""
-    return [p for d in (root, root / "code") for p in d.glob("pwned*")]
+    """Files a successful injection would have created (the wrapper runs in the run's work/)."""
+    return [p for d in (root, root / "code", root / "runs" / "r-quoting" / "work") for p in d.glob("pwned*")]
 
 
 @settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -489,13 +489,36 @@ class Fleet:
             raise translate(exc, f"find the region of s3://{self.bucket}") from exc
         return str(headers.get("x-amz-bucket-region") or self.region)
 
-    def presign(self, key: str, seconds: int = PRESIGN_SECONDS) -> str:
-        """A SigV4 GET URL on the bucket's regional endpoint, valid for ``seconds``."""
-        with aws_call("presign the code bundle"):
+    def presign(self, key: str, seconds: int = PRESIGN_SECONDS, method: str = "get_object") -> str:
+        """A SigV4 URL (GET, or ``put_object``) on the bucket's regional endpoint, valid for ``seconds``."""
+        with aws_call(f"presign s3://{self.bucket}/{key}"):
             if self._presigner is None:
                 self._presigner = self.session.client("s3", region_name=self.bucket_region(), config=S3_CONFIG)
             return str(
                 self._presigner.generate_presigned_url(
-                    "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=seconds
+                    method, Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=seconds
                 )
             )
+
+    def object_size(self, key: str) -> int | None:
+        """The object's size, or None when there is none."""
+        try:
+            head = self.s3.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise translate(exc, f"check s3://{self.bucket}/{key}") from exc
+        return int(head.get("ContentLength", 0))
+
+    def read_object(self, key: str) -> bytes | None:
+        """The object's bytes, or None when there is none."""
+        try:
+            return bytes(self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read())
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise translate(exc, f"read s3://{self.bucket}/{key}") from exc
+
+    def put_object(self, key: str, data: bytes) -> None:
+        with aws_call(f"write s3://{self.bucket}/{key}"):
+            self.s3.put_object(Bucket=self.bucket, Key=key, Body=data)

@@ -26,7 +26,7 @@ from workers.remote.checkpoints import CheckpointListing, FoundCheckpoint, disco
 from workers.remote.lifecycle import StopResult, parse_stop
 from workers.services import Services
 from workers.slack.escape import code
-from workers.slack.format import duration
+from workers.slack.format import duration, size
 from workers.slack.ids import ActionId
 from workers.slack.messages.lifecycle import (
     Cost,
@@ -231,7 +231,7 @@ class Halter:
             listing = None
         script_name = code(run.script) if run else f"run {code(run_id)}"
         halt = Halt(run_id, run, result, listing, "")
-        halt.report = self.report(script_name, halt)
+        halt.report = self.report(script_name, halt) + inventory(listing)
         if run is not None:
             self.close(run, halt)
         return halt
@@ -306,6 +306,15 @@ class Halter:
         release_train_lock(svc, run.instance_id, run.run_id)
         publish(svc, run)
         reply(svc, run, halt.report)
+
+
+def inventory(listing: CheckpointListing | None) -> str:
+    """How many checkpoints the run has in all, wherever it saved them."""
+    if listing is None or not listing.checkpoints:
+        return ""
+    n = len(listing.checkpoints) + listing.omitted
+    shown = " shown" if listing.omitted else ""
+    return f" The run has {n} checkpoint{'s' if n != 1 else ''} ({size(listing.total_size)}{shown})."
 
 
 def release_train_lock(svc: Services, instance_id: str, run_id: str) -> None:

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 DELIVER_SECONDS = 600  # the deliver command's delivery timeout, and its execution timeout
 
 _DECLARES_INTERVAL = re.compile(r"""["']--checkpoint[-_]interval["']""")
+_DECLARES_DIR = re.compile(r"""["']--checkpoint[-_]dir["']""")
+# Options whose values are where scripts save: checkpoint discovery looks there too.
+DIR_OPTIONS = ("--checkpoint-dir", "--checkpoint_dir", "--output-dir", "--output_dir")
 _CHECKPOINT_SIGNS = re.compile(
     r"checkpoint|RUNCTL_CHECKPOINT_DIR|torch\.save|save_pretrained|\.ckpt", re.IGNORECASE
 )
@@ -275,10 +278,19 @@ class TrainFlow:
                 "and you set no interval."
             )
         elif not _CHECKPOINT_SIGNS.search(source):
+            self.warn_no_checkpoints()
+        if _DECLARES_DIR.search(source) and not option_values(run.args, DIR_OPTIONS[:2]):
+            run.pass_checkpoint_dir = True
             run.notes.append(
-                f":warning: {code(run.script)} shows no sign of checkpointing; a stop or interruption "
-                "will lose its progress. Save to `$RUNCTL_CHECKPOINT_DIR` to be safe."
+                ":floppy_disk: Added `--checkpoint-dir $RUNCTL_CHECKPOINT_DIR`: the script accepts it and you "
+                "set none, so its checkpoints are where runctl lists, backs up and resumes them."
             )
+
+    def warn_no_checkpoints(self) -> None:
+        self.run.notes.append(
+            f":warning: {code(self.run.script)} shows no sign of checkpointing; a stop or interruption "
+            "will lose its progress. Save to `$RUNCTL_CHECKPOINT_DIR` to be safe."
+        )
 
     def bundle_url(self) -> str | None:
         """Upload the `git archive` once per commit; instances fetch it through a presigned URL."""
@@ -309,6 +321,8 @@ class TrainFlow:
             python=python,
             checkpoint_run_id=run.checkpoint_run_id,
             events=self.events(python),
+            pass_checkpoint_dir=run.pass_checkpoint_dir,
+            checkpoint_dirs=option_values(run.args, DIR_OPTIONS),
         )
 
     def events(self, python: str) -> Sender:
@@ -345,6 +359,19 @@ class TrainFlow:
         if self.token:
             train_lock(self.svc.redis, self.run.instance_id).release(self.token)
             self.token = None
+
+
+def option_values(args: tuple[str, ...] | list[str], names: tuple[str, ...]) -> list[str]:
+    """The values given to any of `names` (`--opt VALUE` or `--opt=VALUE`), in order."""
+    found: list[str] = []
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if name in names:
+            if eq:
+                found.append(value)
+            elif i + 1 < len(args):
+                found.append(args[i + 1])
+    return [v for v in found if v]
 
 
 def conflict(instance_id: str, run_id: str, holder: Holder | None, evidence: str) -> RunConflict:

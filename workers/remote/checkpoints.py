@@ -75,34 +75,70 @@ _FUNCTIONS = (
     "valid_id() {\n"
     '  case "$1" in ""|.|..|*[!A-Za-z0-9_.-]*) return 1 ;; esac\n'
     "}\n"
-    "has_ckpt() {  # the run directory's checkpoints/ holds something besides manifest/marker\n"
-    '  [ -d "$1/checkpoints" ] || return 1\n'
-    '  for p in "$1/checkpoints"/*; do\n'
+    "each_dir() {  # each_dir <callback> <rid>: `<callback> <dir> <name-prefix>` once for every place the run saves\n"
+    '  _cb=$1; _base="$RUNS/$2"; _seen=$nl\n'
+    '  visit "$_base/checkpoints" ""\n'
+    '  visit "$_base/work/checkpoints" "./checkpoints/"\n'
+    '  if [ -f "$_base/checkpoint_dirs" ]; then\n'
+    '    while IFS= read -r _d; do\n'
+    '      case "$_d" in\n'
+    '        "") continue ;;\n'
+    '        /*) visit "$_d" "${_d%/}/" ;;\n'
+    '        *) _r=${_d#./}; _r=${_r%/}; case "$_r" in ""|.) _p="./" ;; *) _p="./$_r/" ;; esac\n'
+    '           visit "$_base/work/$_r" "$_p" ;;\n'
+    "      esac\n"
+    '    done < "$_base/checkpoint_dirs"\n'
+    "  fi\n"
+    "}\n"
+    "visit() {  # the same directory named twice (a symlink, ./x and x) is visited once\n"
+    '  [ -d "$1" ] || return 0\n'
+    '  _real=$(cd "$1" 2>/dev/null && pwd -P) || return 0\n'
+    '  case "$_seen" in *"$nl$_real$nl"*) return 0 ;; esac\n'
+    '  _seen="$_seen$_real$nl"\n'
+    '  "$_cb" "$1" "$2"\n'
+    "}\n"
+    "FOUND=0\n"
+    "find_any() {  # sets FOUND=1 when the directory holds something besides manifest/marker\n"
+    '  for p in "$1"/*; do\n'
     '    [ -e "$p" ] || continue\n'
     '    case "${p##*/}" in manifest.json|completed.json) continue ;; esac\n'
-    "    return 0\n"
+    "    FOUND=1; return 0\n"
     "  done\n"
-    "  return 1\n"
     "}\n"
-    "list_run() {\n"
-    '  rid=$1; ck="$RUNS/$rid/checkpoints"; listed=/\n'
-    '  echo "' + SECTION + 'run $rid"\n'
+    "has_ckpt() {  # has_ckpt <rid>\n"
+    '  FOUND=0; each_dir find_any "$1"; [ "$FOUND" = 1 ]\n'
+    "}\n"
+    "list_run() {  # newest first in each place, at most MAX rows for the run\n"
+    '  N=0; MORE=0\n'
+    '  echo "' + SECTION + 'run $1"\n'
+    '  each_dir list_dir "$1"\n'
+    '  if [ "$MORE" -gt 0 ]; then echo "' + SECTION + 'more $MORE"; fi\n'
+    "}\n"
+    "room() {  # counts a row; false once the run has MAX rows\n"
+    f'  N=$((N + 1)); [ "$N" -le {MAX_FILES_PER_RUN} ] && return 0\n'
+    "  MORE=$((MORE + 1)); return 1\n"
+    "}\n"
+    "list_dir() {  # list_dir <dir> <name-prefix>\n"
+    '  ck=$1; pre=$2; listed=/\n'
     '  if [ -f "$ck/manifest.json" ]; then\n'
     '    echo "' + SECTION + 'manifest"\n'
-    # One entry object a line, whatever the manifest's layout; entries are flat objects.
-    f'    entries=$(head -c {MANIFEST_LIMIT} "$ck/manifest.json" | tr -d \'\\r\\n\' | tr \'}}\' \'\\n\')\n'
+    # One entry object a line, whatever the manifest's layout (entries are flat objects),
+    # newest (last) first.
+    f'    entries=$(head -c {MANIFEST_LIMIT} "$ck/manifest.json" | tr -d \'\\r\\n\' | tr \'}}\' \'\\n\' '
+    "| awk '{ l[NR] = $0 } END { for (i = NR; i > 0; i--) print l[i] }')\n"
     "    while IFS= read -r obj; do\n"
     '      name=$(printf \'%s\\n\' "$obj" | sed -n \'s/.*"file"[[:space:]]*:[[:space:]]*"\\([^"/]*\\)".*/\\1/p\')\n'
     '      case "$name" in ""|.|..) continue ;; esac\n'
     '      case "$listed" in *"/$name/"*) continue ;; esac\n'
     '      listed="$listed$name/"\n'
+    "      room || continue\n"
     "      want_sha=$(field \"$obj\" sha256 '[0-9a-fA-F]*' | tr 'A-F' 'a-f')\n"
     "      want_size=$(field \"$obj\" size '[0-9][0-9]*')\n"
     "      epoch=$(field \"$obj\" epoch '[0-9][0-9]*')\n"
     "      created=$(field \"$obj\" created_at '[^\" ]*')\n"
     '      f="$ck/$name"\n'
     '      if [ ! -f "$f" ]; then\n'
-    '        printf \'%s\\n\' "' + SECTION + 'entry missing ${epoch:--} - ${want_size:--} - ${created:--} $name"; continue\n'
+    '        printf \'%s\\n\' "' + SECTION + 'entry missing ${epoch:--} - ${want_size:--} - ${created:--} $pre$name"; continue\n'
     "      fi\n"
     '      size=$(wc -c < "$f" | tr -d " ")\n'
     '      mtime=$(date -r "$f" +%s 2>/dev/null || echo -)\n'
@@ -115,39 +151,40 @@ _FUNCTIONS = (
     '        elif [ "$got" = "$want_sha" ]; then st=ok\n'
     "        else st=sha; fi\n"
     "      fi\n"
-    '      printf \'%s\\n\' "' + SECTION + 'entry $st ${epoch:--} $size ${want_size:--} $mtime ${created:--} $name"\n'
+    '      printf \'%s\\n\' "' + SECTION + 'entry $st ${epoch:--} $size ${want_size:--} $mtime ${created:--} $pre$name"\n'
     "    done <<RUNCTL_MANIFEST\n"
     "$entries\n"
     "RUNCTL_MANIFEST\n"
     "  fi\n"
-    "  n=0\n"
-    '  for f in "$ck"/*; do\n'
-    '    [ -e "$f" ] || continue\n'
-    "    name=${f##*/}\n"
-    '    case "$name" in manifest.json|completed.json|*"$nl"*) continue ;; esac\n'
+    "  while IFS= read -r name; do\n"  # newest first
+    '    [ -n "$name" ] || continue\n'
+    '    f="$ck/$name"\n'
+    '    case "$name" in manifest.json|completed.json) continue ;; esac\n'
     '    case "$listed" in *"/$name/"*) continue ;; esac\n'
     '    if [ -d "$f" ]; then\n'
     "      kind=dir\n"
-    "    else\n"
+    '    elif [ -f "$f" ]; then\n'
     f'      case "$name" in {CHECKPOINT_PATTERNS}) kind=file ;; *) continue ;; esac\n'
+    "    else\n"
+    "      continue\n"
     "    fi\n"
-    "    n=$((n + 1))\n"
-    f'    [ "$n" -le {MAX_FILES_PER_RUN} ] || continue\n'
+    "    room || continue\n"
     '    if [ "$kind" = dir ]; then\n'
     '      kb=$(du -sk "$f" 2>/dev/null | cut -f1); size=$(( ${kb:-0} * 1024 ))\n'
     "    else\n"
     '      size=$(wc -c < "$f" | tr -d " ")\n'
     "    fi\n"
-    '    printf \'%s\\n\' "' + SECTION + '$kind $size $(date -r "$f" +%s 2>/dev/null || echo -) $name"\n'
-    "  done\n"
-    f'  if [ "$n" -gt {MAX_FILES_PER_RUN} ]; then echo "' + SECTION + f'more $((n - {MAX_FILES_PER_RUN}))"; fi\n'
+    '    printf \'%s\\n\' "' + SECTION + '$kind $size $(date -r "$f" +%s 2>/dev/null || echo -) $pre$name"\n'
+    "  done <<RUNCTL_FILES\n"
+    '$(ls -t "$ck" 2>/dev/null)\n'
+    "RUNCTL_FILES\n"
     "}\n"
     "runs_with_checkpoints() {  # newest first\n"
     '  ids=""\n'
     '  for d in "$RUNS"/*/; do\n'
     '    [ -d "$d" ] || continue\n'
     '    rid=$(basename "$d"); valid_id "$rid" || continue\n'
-    '    if has_ckpt "$d"; then ids="$rid $ids"; fi\n'
+    '    if has_ckpt "$rid"; then ids="$rid $ids"; fi\n'
     "  done\n"
     '  echo "$ids"\n'
     "}\n"
@@ -157,8 +194,12 @@ _FUNCTIONS = (
 _HASHED = 'echo "' + SECTION + 'hashed $HASHED"\n'
 
 
-def _prelude(root: str, verify: bool) -> str:
+def prelude(root: str, verify: bool) -> str:
+    """The header and the discovery's shell functions, for scripts that build on them."""
     return header(root) + f"VERIFY={1 if verify else 0}\n" + _FUNCTIONS
+
+
+_prelude = prelude
 
 
 def list_checkpoints(root: str, run_id: str | None, verify: bool = True) -> str:
@@ -319,7 +360,7 @@ def parse(output: str) -> list[CheckpointListing]:
         elif drafts and word == "manifest":
             drafts[-1].has_manifest = True
         elif drafts and word == "more" and rest.strip().isdigit():
-            drafts[-1].omitted = int(rest)
+            drafts[-1].omitted += int(rest)
         elif drafts and word in ("entry", "file", "dir"):
             found = _entry(rest) if word == "entry" else _file(rest, is_dir=word == "dir")
             if found is not None:
@@ -344,9 +385,10 @@ def parse(output: str) -> list[CheckpointListing]:
     ]
 
 
-def _newest_first(c: FoundCheckpoint) -> tuple[int, int, float, str]:
+def _newest_first(c: FoundCheckpoint) -> tuple[int, int, float]:
+    """Ties keep the script's order, which is newest first (`ls -t` is finer than seconds)."""
     known = 0 if c.epoch is not None else 1
-    return (known, -(c.epoch or 0), -c.modified_at.timestamp(), c.name)
+    return (known, -(c.epoch or 0), -c.modified_at.timestamp())
 
 
 def _int(text: str) -> int | None:

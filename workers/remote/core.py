@@ -36,6 +36,12 @@ def run_dir(run_id: str) -> str:
     return f'"$RUNCTL_ROOT/runs/"{q(run_id)}'
 
 
+def work_dir(run_id: str) -> str:
+    """Where a run works: its own copy of the shipped tree, so what it writes relative to
+    its working directory belongs to the run and no later sync replaces it."""
+    return f"{run_dir(run_id)}/work"
+
+
 def heredoc_end(body: str) -> str:
     """A quoted here-document's end word that no line of ``body`` can match."""
     while True:
@@ -82,23 +88,30 @@ def wrapper(
     python: str = "python3",
     checkpoint_run_id: str | None = None,
     events: Sender = OFF,
+    pass_checkpoint_dir: bool = False,
 ) -> str:
     """The detached wrapper: runs the training as a child so `pid` is the training
     process itself, and records its exit code when it ends (then sends the run's
-    `events`, workers/remote/events.py)."""
+    `events`, workers/remote/events.py). It works in the work directory of the run that
+    owns its checkpoints (a resumed run continues in its predecessor's).
+    `pass_checkpoint_dir` adds `--checkpoint-dir "$RUNCTL_CHECKPOINT_DIR"`."""
     bad = [k for k in env if not _ENV_NAME.fullmatch(k)]
     if bad:
         raise ValueError(f"not environment variable names: {bad!r}")
     exports = "".join(f'export {k}={q(v)}\n' for k, v in env.items())
-    argv = " ".join([interpreter(python), *(q(a) for a in ("-u", script, *args))])
+    words = [interpreter(python), *(q(a) for a in ("-u", script, *args))]
+    if pass_checkpoint_dir:
+        words += ["--checkpoint-dir", '"$RUNCTL_CHECKPOINT_DIR"']
+    argv = " ".join(words)
     rdir = run_dir(run_id)
+    owner = checkpoint_run_id or run_id
     return (
         f"RUN_DIR={rdir}\n"
-        'cd "$RUNCTL_ROOT/code" || { echo 127 > "$RUN_DIR/exit_code"; exit 127; }\n'
+        f"cd {work_dir(owner)} || {{ echo 127 > \"$RUN_DIR/exit_code\"; exit 127; }}\n"
         + home()
         + 'export RUNCTL_RUN_DIR="$RUN_DIR"\n'
         'export RUNCTL_PROGRESS_FILE="$RUN_DIR/progress.json"\n'
-        f"export RUNCTL_CHECKPOINT_DIR={run_dir(checkpoint_run_id or run_id)}/checkpoints\n"
+        f"export RUNCTL_CHECKPOINT_DIR={run_dir(owner)}/checkpoints\n"
         f"{exports}"
         'mkdir -p "$RUNCTL_CHECKPOINT_DIR"\n'
         'printf \'%s\\n\' "$RUNCTL_CHECKPOINT_DIR" > "$RUN_DIR/checkpoint_dir"\n'
@@ -120,7 +133,7 @@ def wrapper(
     )
 
 
-DOWNLOAD_FAILED, UNPACK_FAILED = 20, 21
+DOWNLOAD_FAILED, UNPACK_FAILED, COPY_FAILED = 20, 21, 23
 
 # urllib follows redirects; it prints the final HTTP status (0: no answer) for the shell.
 _PY_FETCH = """import sys, urllib.error, urllib.request
@@ -216,13 +229,30 @@ def launch_body(
     python: str = "python3",
     checkpoint_run_id: str | None = None,
     events: Sender = OFF,
+    pass_checkpoint_dir: bool = False,
+    checkpoint_dirs: Sequence[str] = (),
 ) -> str:
-    """Start the wrapper detached (the code is already in place); ends once it runs."""
-    body = wrapper(run_id, script, args, env, python, checkpoint_run_id, events)
+    """Start the wrapper detached (the code is already in place); ends once it runs.
+
+    The shipped tree is copied into the run's work directory first (over what a resumed
+    run's predecessor left there: shipped files are refreshed, the run's own are kept).
+    `checkpoint_dirs` (the script's `--checkpoint-dir`/`--output-dir` values) are recorded
+    beside the checkpoints, so discovery looks there too."""
+    body = wrapper(run_id, script, args, env, python, checkpoint_run_id, events, pass_checkpoint_dir)
     eof = heredoc_end(body)
+    owner = checkpoint_run_id or run_id
+    record = "".join(
+        f"printf '%s\\n' {q(d)} >> \"$OWNER_DIR/checkpoint_dirs\"\n" for d in checkpoint_dirs if "\n" not in d
+    )
     return (
         f"RUN_DIR={run_dir(run_id)}\n"
-        + 'mkdir -p "$RUN_DIR"\n'
+        + f"OWNER_DIR={run_dir(owner)}\n"
+        + 'mkdir -p "$RUN_DIR" "$OWNER_DIR/work"\n'
+        + 'if ! cp -R "$RUNCTL_ROOT/code/." "$OWNER_DIR/work/"; then\n'
+        + "  printf 'runctl: could not copy the code into the run directory %s\\n' \"$OWNER_DIR/work\" >&2\n"
+        + f"  exit {COPY_FAILED}\n"
+        + "fi\n"
+        + record
         + f'META={q(meta_json)}\n'
         + "printf '%s\\n' \"$META\" > \"$RUN_DIR/meta.json\"\n"
         # Private: with events on, run.sh holds the run's event key.

@@ -92,6 +92,7 @@ class Run(BaseModel):
     rebuild_env: bool = False
     checkpoint_interval: int | None = None
     checkpoint_run_id: str | None = None  # a resumed run reuses its predecessor's directory
+    pass_checkpoint_dir: bool = False  # runctl adds `--checkpoint-dir "$RUNCTL_CHECKPOINT_DIR"`
     state: RunState = RunState.QUEUED
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     started_at: datetime | None = None
