@@ -385,13 +385,16 @@ def _convert(spec: Spec, flag: Flag, raw: str) -> Any:
 
 
 def _instance(spec: Spec, raw: str) -> str:
-    if not INSTANCE_RE.match(raw):
-        raise UsageError(
-            f"{code(raw)} is not an instance id (expected i- followed by 8 or 17 hex digits, "
-            "e.g. i-0abc1234def567890).",
-            usage=spec.usage,
-        )
-    return raw
+    """An instance id, or its `Name` tag (the job resolves a name within the scope)."""
+    try:
+        return c.instance_ref(raw)
+    except ValueError:
+        pass
+    raise UsageError(
+        f"{code(raw)} is not an instance id (i- followed by 8 or 17 hex digits, e.g. "
+        "i-0abc1234def567890) nor an instance name (its `Name` tag: letters, digits and `._-`).",
+        usage=spec.usage,
+    )
 
 
 def check_script_path(raw: str, usage: str = "") -> str:
@@ -495,6 +498,8 @@ def help_text(topic: str | None = None) -> str:
     if topic:
         spec = SPECS[topic]
         lines = [f"`{spec.usage}`", spec.summary, *([spec.details] if spec.details else [])]
+        if "instance_id" in spec.positionals:
+            lines.append("• `<instance-id>`: the instance's id, or its name (the `Name` tag)")
         return "\n".join(lines + [f"• `{_flag_usage(f)}`: {f.help}" for f in spec.flags])
     lines = ["*runctl* — run and watch training jobs on EC2 from Slack."]
     lines += [f"• `{s.usage}`\n    {s.summary}" for s in SPECS.values()]

@@ -108,7 +108,9 @@ def test_a_passing_run_posts_exactly_one_parent(
     svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker
 ) -> None:
     iid = fleet_seed.instances["gpu-box-1"]
-    slash(svc, slack, worker, f"train {iid} train_with_checkpoints.py -- --epochs 2 --steps-per-epoch 2 --step-seconds 0.05")
+    # by name (its Name tag), as a person would type it
+    slash(svc, slack, worker, "train gpu-box-1 train_with_checkpoints.py -- --epochs 2 --steps-per-epoch 2 --step-seconds 0.05")
+    assert svc.runs.latest(iid) is not None and svc.runs.latest(iid).instance_id == iid  # type: ignore[union-attr]
     parents = [m for m in public(slack) if m.thread_ts is None]
     assert len(parents) == 1, [m.text for m in parents]
     assert "Finished" in json.dumps(parents[0].blocks)
@@ -125,3 +127,34 @@ def test_a_quick_command_answers_in_one_message(
     assert ack == ""  # no "queued; the answer follows" message before the answer
     answers = slack.ephemerals(user) + slack.responses() + [m for m in public(slack) if m.thread_ts is None]
     assert len(answers) == 1, [m.text for m in answers]
+
+
+# --- instance names ---------------------------------------------------------------
+
+
+def test_status_takes_an_instance_name_and_shows_it(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    iid = fleet_seed.instances["gpu-box-1"]
+    slash(svc, slack, worker, "status gpu-box-1")
+    assert f"gpu-box-1 ({iid})" in private_to(slack, ALICE)
+
+
+def test_an_ambiguous_name_lists_the_candidates(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    twins = [fleet_seed.instances["gpu-box-2"], fleet_seed.instances["cpu-box"]]
+    svc.fleet.ec2.create_tags(Resources=twins, Tags=[{"Key": "Name", "Value": "twin"}])
+    slash(svc, slack, worker, "stop twin")
+    told = private_to(slack, ALICE)
+    assert "2 instances runctl manages are named `twin`" in told
+    assert all(f"twin ({iid})" in told for iid in twins) and "instance id" in told
+    assert public(slack) == [] and all(svc.fleet.get(i).state == "running" for i in twins)
+
+
+def test_an_unknown_name_suggests_the_nearest(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    slash(svc, slack, worker, "status gpu-box-9")
+    told = private_to(slack, ALICE)
+    assert "no instance named `gpu-box-9`" in told and "`gpu-box-1`" in told

@@ -232,3 +232,23 @@ def test_any_text_gives_a_model_or_a_usage_error(text: str) -> None:
         assert exc.what
         return
     assert isinstance(result, c.Command)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("status gpu-box-1", c.StatusCommand(instance_id="gpu-box-1")),
+        ("stop gpu-box-1 --grace 30", c.StopCommand(instance_id="gpu-box-1", grace=30)),
+        ("train gpu-box-1 train.py -- --epochs 2", c.TrainCommand(instance_id="gpu-box-1", script="train.py", args=("--epochs", "2"))),
+        ("audit --instance my.box_2", c.AuditCommand(instance_id="my.box_2")),
+    ],
+)
+def test_an_instance_name_stands_wherever_an_id_does(text: str, expected: c.Command) -> None:
+    assert parse(text) == expected
+
+
+@pytest.mark.parametrize("text", ["status i-xyz", "status I-0123ABCD", "status -box", "status gpu;box", "status @box"])
+def test_a_mistyped_id_is_not_taken_for_a_name(text: str) -> None:
+    with pytest.raises(UsageError) as err:
+        parse(text)
+    assert "not an instance id" in err.value.what or "Unknown option" in err.value.what

@@ -13,7 +13,19 @@ from workers.slack.escape import code
 if TYPE_CHECKING:
     from workers.state.runs import Run
 
-InstanceId = Annotated[str, Field(pattern=r"^i-(?:[0-9a-f]{8}|[0-9a-f]{17})$")]
+# An instance's `Name` tag as typed in chat; the funnel resolves it to the id within the scope.
+INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+INSTANCE_ID = re.compile(r"i-(?:[0-9a-f]{8}|[0-9a-f]{17})")
+
+
+def instance_ref(raw: str) -> str:
+    """An instance id, or a name (never one starting `i-`: a mistyped id is not a name)."""
+    if INSTANCE_ID.fullmatch(raw) or (not raw.lower().startswith("i-") and INSTANCE_NAME.fullmatch(raw)):
+        return raw
+    raise ValueError("an instance id (i- and 8 or 17 hex digits) or an instance name")
+
+
+InstanceId = Annotated[str, AfterValidator(instance_ref)]
 SCRIPT_CHARS = re.compile(r"[A-Za-z0-9._/-]+")
 
 

@@ -3,6 +3,7 @@ come out as our own typed errors."""
 
 from __future__ import annotations
 
+import difflib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from workers.errors import (
     Throttled,
     WrongState,
 )
+from workers.slack.escape import code
 
 BOTO_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 8}, connect_timeout=5)
 # Buckets created since June 2020 refuse SigV2, which botocore still presigns with in some
@@ -276,6 +278,28 @@ class Fleet:
             why=f"runctl only touches instances tagged `{key}={value}`.",
             fix=f"aws ec2 create-tags --resources {instance_id} --tags Key={key},Value={value}",
             public=public,
+        )
+
+    def named(self, name: str) -> Instance:
+        """The managed instance whose `Name` tag is `name` (terminated ones aside); none, or
+        several, are refused with what to type instead (the nearest names, the candidates)."""
+        live = [i for i in self.iter_instances() if i.state not in ("terminated", "shutting-down")]
+        found = [i for i in live if i.name == name] or [i for i in live if i.name.lower() == name.lower()]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            listed = ", ".join(f"{i.label} `{i.state}`" for i in found[:10])
+            raise InstanceNotFound(
+                f"{len(found)} instances runctl manages are named {code(name)}: {listed}.",
+                why="A name picks one instance only when it is unique.",
+                fix="Use the instance id.",
+            )
+        close = difflib.get_close_matches(name, sorted({i.name for i in live if i.name}), n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(code(n) for n in close)}?" if close else ""
+        raise InstanceNotFound(
+            f"runctl manages no instance named {code(name)} in {self.region}.{hint}",
+            why="A name is an instance's `Name` tag, among the instances runctl manages.",
+            fix="`/runctl resources` lists them with their names.",
         )
 
     def start(self, instance_id: str) -> None:

@@ -23,7 +23,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.models.blocks import Block
 
 from workers import audit, policy
-from workers.commands import Command, Requester
+from workers.commands import INSTANCE_ID, Command, Requester
 from workers.errors import InstanceError, RunctlError
 from workers.services import Services, current
 from workers.slack.thread import fail
@@ -140,6 +140,9 @@ def command(model: type[C]) -> Callable[[Callable[..., str]], Entry]:
             job = Job(svc, actor, f"/runctl {cmd.name}", instance_id=getattr(cmd, "instance_id", None) or "")
 
             def run() -> str:
+                nonlocal cmd
+                cmd = by_id(svc, cmd)
+                job.instance_id = getattr(cmd, "instance_id", None) or ""
                 needed = policy.actions(cmd)
                 # The owner's tag costs an EC2 call: read it only when the policy asks for an owner.
                 tags = (lambda iid: svc.fleet.get(iid).tags) if policy.needs_owner(svc.settings, needed) else None
@@ -151,6 +154,14 @@ def command(model: type[C]) -> Callable[[Callable[..., str]], Entry]:
         return entry
 
     return wrap
+
+
+def by_id(svc: Services, cmd: C) -> C:
+    """The command with an instance typed by name (its `Name` tag) resolved to the id."""
+    typed = getattr(cmd, "instance_id", None)
+    if not typed or INSTANCE_ID.fullmatch(typed):
+        return cmd
+    return cmd.model_copy(update={"instance_id": svc.fleet.named(typed).id})
 
 
 def click(what: str, actor_at: int, *actions: str) -> Callable[[Callable[..., str]], Entry]:
