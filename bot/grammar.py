@@ -160,6 +160,20 @@ SPECS: dict[str, Spec] = {
             build=c.CheckpointsCommand,
         ),
         Spec(
+            "logs",
+            "/runctl logs <instance-id> [--run RUN_ID] [--lines N] [--grep TEXT]",
+            "The tail of a run's training.log, in the run's thread.",
+            positionals=("instance_id",),
+            flags=(
+                Flag("run", "run_id", "str", "RUN_ID", help="that run instead of the newest one on the instance"),
+                Flag("lines", "lines", "int", "N", help="how many of the last lines (default 50, at most 500)"),
+                Flag("grep", "grep", "str", "TEXT", help="only the lines holding TEXT (as typed, case-sensitive)"),
+            ),
+            build=c.LogsCommand,
+            details="Posted in the run's thread when asked in its channel, else only to you. "
+            "[Full log] on the run's messages attaches the whole file (gzipped above 4 MB).",
+        ),
+        Spec(
             "audit",
             "/runctl audit [N] [--instance i-…] [--user @x]",
             "The newest N audit records (admins).",

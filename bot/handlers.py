@@ -84,8 +84,9 @@ def runctl(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None:
 
 
 def register_actions(app: App) -> None:
-    from bot.actions import launch, lifecycle, warnings
+    from bot.actions import launch, lifecycle, logs, warnings
 
     lifecycle.register(app)
+    logs.register(app)
     warnings.register(app)
     launch.register(app)

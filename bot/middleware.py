@@ -47,6 +47,7 @@ CLICK_TIERS: dict[str, str | None] = {
     ActionId.TRAIN_ON_IT: "train",
     ActionId.AUTOSTOP_KEEP: None,
     ActionId.AUTOSTOP_STOP_NOW: "stop",
+    ActionId.FULL_LOG: "logs",
 }
 
 

@@ -138,6 +138,14 @@ class CheckpointsCommand(Command):
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
 
 
+class LogsCommand(Command):
+    name: Literal["logs"] = "logs"
+    instance_id: InstanceId
+    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    lines: int = Field(50, ge=1, le=500)
+    grep: str | None = Field(None, min_length=1, max_length=200)
+
+
 class AuditCommand(Command):
     name: Literal["audit"] = "audit"
     count: int = Field(20, ge=1, le=200)
@@ -169,6 +177,7 @@ AnyCommand = (
     | TerminateCommand
     | ResourcesCommand
     | CheckpointsCommand
+    | LogsCommand
     | AuditCommand
     | LaunchCommand
     | AutostopCommand

@@ -4,7 +4,7 @@ The policy comes from ``RUNCTL_POLICY_FILE`` (TOML or YAML) when it is set, and 
 re-read whenever the file changes (cached by mtime), so an edit takes effect on the
 next check. Without a file, the default applies:
 
-- everyone may ``train``, ``status``, ``resources`` and ``checkpoints``;
+- everyone may ``train``, ``status``, ``resources``, ``checkpoints`` and ``logs``;
 - ``stop`` and ``start`` are for the instance's owner or admins (see ``owner``);
 - ``terminate``, ``force`` and ``audit`` are for admins;
 - admins come from ``RUNCTL_ADMINS``; any channel; scope ``RUNCTL_SCOPE_TAG``.
@@ -44,7 +44,8 @@ from workers.state.runs import Run, RunStore
 log = logging.getLogger(__name__)
 
 Action = Literal[
-    "train", "status", "resources", "checkpoints", "stop", "start", "terminate", "force", "audit", "launch", "autostop"
+    "train", "status", "resources", "checkpoints", "logs", "stop", "start", "terminate", "force", "audit", "launch",
+    "autostop",
 ]
 EVERYONE, OWNER, ADMIN = "everyone", "owner", "admin"
 OWNER_TAG = "runctl:user"  # the instance tag naming its owner when no run does
@@ -54,6 +55,7 @@ DEFAULT_COMMANDS: dict[str, tuple[str, ...]] = {
     "status": (EVERYONE,),
     "resources": (EVERYONE,),
     "checkpoints": (EVERYONE,),
+    "logs": (EVERYONE,),
     "help": (EVERYONE,),
     "stop": (OWNER, ADMIN),
     "start": (OWNER, ADMIN),

@@ -52,6 +52,8 @@ class JobPath(StrEnum):
     RESOURCES = "workers.jobs.resources.resources"
     CHECKPOINTS = "workers.jobs.checkpoints.checkpoints"
     AUDIT = "workers.jobs.audit.audit"
+    LOGS = "workers.jobs.logs.logs"
+    FULL_LOG = "workers.jobs.logs.full_log"
     CONFIRM_CLICK = "workers.jobs.lifecycle.confirm_click"
     RESUME = "workers.jobs.lifecycle.resume"
     MONITOR_TICK = "workers.jobs.monitor.tick"
@@ -82,6 +84,7 @@ JOBS: dict[str, JobPath] = {
     "terminate": JobPath.TERMINATE,
     "resources": JobPath.RESOURCES,
     "checkpoints": JobPath.CHECKPOINTS,
+    "logs": JobPath.LOGS,
     "audit": JobPath.AUDIT,
     "launch": JobPath.LAUNCH,
     "autostop": JobPath.AUTOSTOP,

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal, cast
 
 import boto3
@@ -546,3 +547,13 @@ class Fleet:
     def put_object(self, key: str, data: bytes) -> None:
         with aws_call(f"write s3://{self.bucket}/{key}"):
             self.s3.put_object(Bucket=self.bucket, Key=key, Body=data)
+
+    def download(self, key: str, path: Path) -> int:
+        """Fetch an object into ``path`` (streamed, never whole in memory); its size."""
+        with aws_call(f"download s3://{self.bucket}/{key}"):
+            self.s3.download_file(self.bucket, key, str(path))
+        return path.stat().st_size
+
+    def delete(self, key: str) -> None:
+        with aws_call(f"delete s3://{self.bucket}/{key}"):
+            self.s3.delete_object(Bucket=self.bucket, Key=key)

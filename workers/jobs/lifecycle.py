@@ -305,7 +305,7 @@ class Halter:
         run.notes.append(f":octagonal_sign: {self._doing().capitalize()} by <@{self.actor.user_id}>.")
         release_train_lock(svc, run.instance_id, run.run_id)
         publish(svc, run)
-        reply(svc, run, halt.report)
+        reply(svc, run, halt.report, full_log=run.started_at is not None)
 
 
 def inventory(listing: CheckpointListing | None) -> str:

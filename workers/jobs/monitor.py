@@ -211,7 +211,7 @@ def finish(svc: Services, run: Run, snap: Snapshot) -> None:
         else "No checkpoint was written."
     )
     if run.exit_code == 0:
-        reply(svc, run, f":white_check_mark: run `{run.run_id}` finished (exit 0) in {took}. {ck}")
+        reply(svc, run, f":white_check_mark: run `{run.run_id}` finished (exit 0) in {took}. {ck}", full_log=True)
     elif run.state is RunState.STOPPED:
         signame = STOP_SIGNALS[run.exit_code]
         reply(
@@ -219,6 +219,7 @@ def finish(svc: Services, run: Run, snap: Snapshot) -> None:
             run,
             f":double_vertical_bar: run `{run.run_id}` was stopped by {signame} from outside runctl "
             f"(exit {run.exit_code}) after {took}. {ck}",
+            full_log=True,
         )
     else:
         code = "unknown (the process vanished)" if snap.exit_code is None else str(run.exit_code)
@@ -228,6 +229,7 @@ def finish(svc: Services, run: Run, snap: Snapshot) -> None:
             run,
             f":x: run `{run.run_id}` failed with exit code {code} after {took}. {ck}\n"
             f"Last lines of training.log:\n{block(tail[-2500:])}",
+            full_log=True,
         )
 
 
@@ -240,6 +242,7 @@ def lost(svc: Services, run: Run, exc: RunctlError) -> str:
     run.error = exc.info()
     train_lock(svc.redis, run.instance_id).release(run.lock_token)
     publish(svc, run)
-    reply(svc, run, f":grey_question: lost track of run `{run.run_id}`: {exc.what}")
+    lost_text = f":grey_question: lost track of run `{run.run_id}`: {exc.what}"
+    reply(svc, run, lost_text, full_log=run.started_at is not None)
     autostop.after_run(svc, run)
     return run.state.value

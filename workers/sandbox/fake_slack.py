@@ -55,6 +55,7 @@ MAX_BUTTON_TEXT = 75
 MAX_BUTTON_VALUE = 2_000
 MAX_ID = 255
 MAX_VIEW_BYTES = 250_000
+MAX_FILE_BYTES = 1024**3  # Slack takes files up to 1 GB
 # Slack's format for trigger_id ("132456.7890123.abcdef"); each is exchanged once.
 TRIGGER_ID = re.compile(r"^\d+\.\d+\.[0-9a-f]+$")
 RESPONSE_URL_USES = 5
@@ -79,6 +80,8 @@ DEFAULT_BUDGETS: dict[str, Budget] = {
     "chat.postMessage": Budget(60, 10, per_channel=True),
     "users.info": Budget(100, 100),
     "usergroups.users.list": Budget(20, 20),
+    "files.getUploadURLExternal": Budget(100, 100),  # Tier 4
+    "files.completeUploadExternal": Budget(100, 100),  # Tier 4
 }
 
 
@@ -749,7 +752,13 @@ class FakeSlack:
 
     def _get_upload_url(self, params: dict[str, Any]) -> dict[str, Any]:
         filename = _require(params, "filename")
-        _require(params, "length")
+        length = str(_require(params, "length"))
+        if not length.isdigit():
+            raise SlackError("invalid_arguments", ["[ERROR] length must be an integer (bytes)"])
+        if int(length) == 0:  # Slack's docs: missing_argument "typically only occurs when the length is 0"
+            raise SlackError("missing_argument")
+        if int(length) > MAX_FILE_BYTES:
+            raise SlackError("file_upload_size_restricted")
         file_id = self._next_id("F")
         with self._lock:
             self._uploads[file_id] = {"filename": filename, "content": None}
@@ -771,6 +780,9 @@ class FakeSlack:
         except ValueError as exc:
             raise SlackError("invalid_arguments") from exc
         channel = params.get("channel_id") or params.get("channels") or None
+        if params.get("thread_ts") and (not channel or "," in str(channel)):
+            # "make sure to provide only one channel when using thread_ts"
+            raise SlackError("invalid_arguments", ["[ERROR] thread_ts needs exactly one channel"])
         if channel:  # sharing a file needs real membership, chat:write.public aside
             for one in str(channel).split(","):
                 self._need_member(one)

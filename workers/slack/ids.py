@@ -16,6 +16,7 @@ class ActionId(StrEnum):
     TRAIN_ON_IT = "launch_train_on_it"
     AUTOSTOP_KEEP = "autostop_keep"
     AUTOSTOP_STOP_NOW = "autostop_stop_now"
+    FULL_LOG = "run_full_log"
 
 
 class BlockId(StrEnum):
@@ -27,3 +28,4 @@ class BlockId(StrEnum):
     WARNING_ACTIONS = "warning_actions"
     LAUNCH_ACTIONS = "launch_actions"
     AUTOSTOP_ACTIONS = "autostop_actions"
+    RUN_ACTIONS = "run_actions"

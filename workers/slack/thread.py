@@ -9,7 +9,7 @@ from slack_sdk.errors import SlackApiError
 from workers.errors import ErrorInfo, RunctlError
 from workers.services import Services
 from workers.slack import updates
-from workers.slack.messages.run import run_blocks
+from workers.slack.messages.run import full_log_actions, run_blocks, text_blocks
 from workers.slack.reach import channel_error, refusal
 from workers.state.runs import Run, RunState
 
@@ -52,14 +52,17 @@ def publish(svc: Services, run: Run) -> Run:
     return svc.runs.save(run)
 
 
-def reply(svc: Services, run: Run, text: str, mention: bool = True) -> None:
+def reply(svc: Services, run: Run, text: str, mention: bool = True, full_log: bool = False) -> None:
     """In the run's thread; when the run has no message (its channel refused the bot), to
-    the requester privately, through the command's response_url where it still works."""
+    the requester privately, through the command's response_url where it still works.
+    ``full_log``: the run's final reply, with its [Full log] button."""
     if run.message_ts is None:
         privately(svc, run, text)
         return
+    said = f"<@{run.user_id}> {text}" if mention else text
+    blocks = [*text_blocks(said), full_log_actions(run.run_id)] if full_log else None
     try:
-        svc.notifier.post(run.channel_id, f"<@{run.user_id}> {text}" if mention else text, thread_ts=run.message_ts)
+        svc.notifier.post(run.channel_id, said, blocks, thread_ts=run.message_ts)
     except SlackApiError as exc:
         log.warning("could not reply on run %s: %s", run.run_id, exc.response.get("error"))
         if channel_error(exc):

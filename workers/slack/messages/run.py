@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from datetime import UTC, datetime
 
-from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, SectionBlock
+from slack_sdk.models.blocks import (
+    ActionsBlock,
+    Block,
+    ButtonElement,
+    ContextBlock,
+    MarkdownTextObject,
+    SectionBlock,
+)
 
-from workers.slack.client import clamp
+from workers.slack.blocks import sections
+from workers.slack.client import MAX_TEXT, clamp
 from workers.slack.escape import code, escape
 from workers.slack.format import bar, duration, size
-from workers.slack.ids import BlockId
+from workers.slack.ids import ActionId, BlockId
 from workers.state.runs import Checkpoint, Gpu, Progress, Run, RunState
 
 EMOJI = {
@@ -114,4 +123,33 @@ def run_blocks(run: Run, now: datetime | None = None) -> tuple[str, list[Block]]
     )
     for note in run.notes[-5:]:
         blocks.append(ContextBlock(elements=[MarkdownTextObject(text=clamp(note))]))
+    if run.started_at is not None:  # it has a training.log
+        blocks.append(full_log_actions(run.run_id))
     return run_summary(run), blocks
+
+
+def full_log_actions(run_id: str) -> ActionsBlock:
+    """[Full log]: the whole training.log attached in the run's thread (workers.jobs.logs)."""
+    button = ButtonElement(text="Full log", action_id=ActionId.FULL_LOG, value=run_id)
+    return ActionsBlock(block_id=BlockId.RUN_ACTIONS, elements=[button])
+
+
+_FENCE = re.compile(r"(```.*?```)", re.DOTALL)
+
+
+def text_blocks(text: str, max_blocks: int = 10) -> list[Block]:
+    """A reply's mrkdwn as sections within Slack's 3,000 characters, a code block never
+    split across two (a long one keeps its last lines)."""
+    blocks: list[Block] = []
+    for part in _FENCE.split(text):
+        if not part.strip():
+            continue
+        if part.startswith("```") and part.endswith("```") and len(part) > 6:
+            inner = part[3:-3]
+            if len(inner) > MAX_TEXT - 6:
+                inner = inner[-(MAX_TEXT - 6) :]
+                inner = inner[inner.find("\n") + 1 :]  # whole lines, never half an entity
+            blocks.append(SectionBlock(text=MarkdownTextObject(text=f"```{inner}```")))
+        else:
+            blocks.extend(sections(part.strip("\n").split("\n"), max_blocks))
+    return blocks[:max_blocks]
