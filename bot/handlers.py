@@ -16,6 +16,7 @@ from workers.commands import (
     AuditCommand,
     CheckpointsCommand,
     HelpCommand,
+    LogsCommand,
     Requester,
     ResourcesCommand,
     StatusCommand,
@@ -28,7 +29,7 @@ from workers.state.runs import new_run_id
 log = logging.getLogger(__name__)
 
 # Commands whose answer is the whole conversation: the worker answers within seconds.
-QUICK = (StatusCommand, CheckpointsCommand, AuditCommand, ResourcesCommand)
+QUICK = (StatusCommand, CheckpointsCommand, LogsCommand, AuditCommand, ResourcesCommand)
 
 
 def requester_of(body: dict[str, Any]) -> Requester:
