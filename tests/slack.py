@@ -64,11 +64,14 @@ def action(payload: dict[str, Any], secret: str = SECRET) -> BoltRequest:
     return BoltRequest(body=body, headers=sign(body, secret))
 
 
-def click(message: dict[str, Any], action_id: str, user: str, channel: str = "C0TRAIN") -> dict[str, Any]:
-    """A block_actions payload for clicking the button `action_id` in a posted message."""
+def click(
+    message: dict[str, Any], action_id: str, user: str, channel: str = "C0TRAIN", value: str | None = None
+) -> dict[str, Any]:
+    """A block_actions payload for clicking the button `action_id` in a posted message
+    (the one whose value is `value`, where one message has several)."""
     for block in message.get("blocks", []):
         for element in block.get("elements", []) if block.get("type") == "actions" else []:
-            if element.get("action_id") == action_id:
+            if element.get("action_id") == action_id and value in (None, element.get("value")):
                 return {
                     "type": "block_actions",
                     "team": {"id": "T0TEAM", "domain": "example"},

@@ -22,7 +22,7 @@ from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.slack.ids import ActionId
 from workers.state.runs import Checkpoint, Run, RunState
-from workers.state.warnings import Kind, Status, WarningStore
+from workers.state.warnings import Kind, Status, WarningRecord, WarningStore, button_value
 
 from .conftest import TOKEN
 from .slack import action, click, trigger_id
@@ -47,25 +47,54 @@ def launched(svc: Services, iid: str) -> datetime:
     return inst.launch_time
 
 
-def warnings_for(slack: FakeSlack, iid: str, channel: str = OPS) -> list[Message]:
-    return [m for m in slack.messages(channel) if f"`{iid}`" in _all_text(m) and m.thread_ts is None]
-
-
 def _all_text(m: Message) -> str:
     return m.text + " " + str(m.blocks)
 
 
+def posted_warnings(slack: FakeSlack) -> list[tuple[str, Kind]]:
+    """(instance, kind) of every warning in every post the bot made, in order."""
+    found = []
+    for call in slack.calls_to("chat.postMessage"):
+        if call.error is not None:
+            continue
+        raw = call.params.get("blocks") or []
+        for block in json.loads(raw) if isinstance(raw, str) else raw:
+            iid, _, kind = str(block.get("block_id", "")).removeprefix("warning:").rpartition(":")
+            if block["type"] == "section" and str(block.get("block_id", "")).startswith("warning:"):
+                found.append((iid, Kind(kind)))
+    return found
+
+
 def kinds_posted(slack: FakeSlack, iid: str) -> list[str]:
-    posts = [c for c in slack.calls_to("chat.postMessage") if f"`{iid}`" in str(c.params) and c.error is None]
-    return sorted(k.value for k in Kind for c in posts if _kind_of(c.params) == k)
+    return sorted(kind.value for posted_iid, kind in posted_warnings(slack) if posted_iid == iid)
 
 
-def _kind_of(params: dict[str, Any]) -> Kind | None:
-    text = str(params.get("blocks", ""))
-    for kind in Kind:
-        if f"|{kind.value}" in text:
-            return kind
-    return None
+def post_of(slack: FakeSlack, record: WarningRecord | None) -> Message:
+    """The message that shows `record`, as Slack shows it now."""
+    assert record is not None and record.ts is not None
+    return next(m for m in slack.messages(record.channel) if m.ts == record.ts)
+
+
+def shown(slack: FakeSlack, record: WarningRecord | None) -> str:
+    """The text of `record`'s own section in its post."""
+    assert record is not None
+    [block] = [b for b in post_of(slack, record).blocks if b.get("block_id") == f"warning:{record.key}"]
+    return str(block["text"]["text"])
+
+
+def buttons(slack: FakeSlack, record: WarningRecord | None) -> list[str]:
+    """The action ids of `record`'s own buttons (none once decided or resolved)."""
+    assert record is not None
+    return [e["action_id"] for b in post_of(slack, record).blocks
+            if b["type"] == "actions" and b.get("block_id") == f"warning_actions:{record.key}"
+            for e in b["elements"]]
+
+
+def press(slack: FakeSlack, record: WarningRecord | None, button: str, user: str) -> dict[str, Any]:
+    """The block_actions payload of `user` clicking `record`'s own `button`."""
+    assert record is not None
+    return click(as_dict(post_of(slack, record)), button, user, channel=OPS,
+                 value=button_value(record.instance_id, record.kind))
 
 
 def as_dict(m: Message) -> dict[str, Any]:
@@ -98,7 +127,8 @@ def test_long_uptime_high_cost_and_idle_are_warned_in_the_channel(
 
     # g5.xlarge at $1.006/h for 30 h: over 24 h, over $10, idle 2 h since the run ended.
     assert kinds_posted(slack, gpu) == ["cost", "idle", "uptime"]
-    texts = {(_kind_of({"blocks": m.blocks})): _all_text(m) for m in warnings_for(slack, gpu)}
+    store = WarningStore(svc.redis)
+    texts = {kind: shown(slack, store.get(gpu, kind)) for kind in (Kind.UPTIME, Kind.COST, Kind.IDLE)}
     assert "running for 1d 6h in total" in texts[Kind.UPTIME]
     assert "$30.18 so far" in texts[Kind.COST]
     idle = texts[Kind.IDLE]
@@ -109,9 +139,10 @@ def test_long_uptime_high_cost_and_idle_are_warned_in_the_channel(
     # t3.medium: 30 h is long and idle, but $1.25 is under the cost limit.
     assert kinds_posted(slack, cpu) == ["idle", "uptime"]
     assert kinds_posted(slack, old) == []  # stopped
-    buttons = [e["action_id"] for b in warnings_for(slack, gpu)[0].blocks if b["type"] == "actions"
-               for e in b["elements"]]
-    assert buttons == [ActionId.WARN_STOP_NOW, ActionId.WARN_SNOOZE, ActionId.WARN_KEEP]
+    for kind in (Kind.UPTIME, Kind.COST, Kind.IDLE):
+        assert buttons(slack, store.get(gpu, kind)) == [ActionId.WARN_STOP_NOW, ActionId.WARN_SNOOZE, ActionId.WARN_KEEP]
+    # One message for the whole sweep in the channel, not one per warning.
+    assert len([c for c in slack.calls_to("chat.postMessage") if c.params.get("channel") == OPS]) == 1
 
 
 def test_a_run_without_a_new_checkpoint_is_warned_in_its_own_thread(
@@ -155,8 +186,7 @@ def test_two_sweeps_at_once_post_each_warning_once_and_later_sweeps_update_it(
     assert idle is not None and idle.ts is not None
     updates = [c for c in slack.calls_to("chat.update") if c.params.get("ts") == idle.ts]
     assert updates, "later sweeps refresh the existing message"
-    shown = next(m for m in slack.messages(OPS) if m.ts == idle.ts)
-    assert "idle for 1d 7h" in _all_text(shown)  # 31 h now
+    assert "idle for 1d 7h" in shown(slack, idle)  # 31 h now
 
 
 def dispatch(svc: Services, slack: FakeSlack, worker: InlineWorker, payload: dict[str, Any]) -> None:
@@ -179,21 +209,21 @@ def test_snooze_silences_a_warning_for_24_hours(
     sweep()
     idle = WarningStore(svc.redis).get(iid, Kind.IDLE)
     assert idle is not None
-    message = next(m for m in slack.messages(OPS) if m.ts == idle.ts)
 
-    dispatch(svc, slack, worker, click(as_dict(message), ActionId.WARN_SNOOZE, "U0CAROL", channel=OPS))
+    dispatch(svc, slack, worker, press(slack, idle, ActionId.WARN_SNOOZE, "U0CAROL"))
 
     snoozed = WarningStore(svc.redis).get(iid, Kind.IDLE)
     assert snoozed is not None and snoozed.status is Status.SNOOZED
-    shown = next(m for m in slack.messages(OPS) if m.ts == idle.ts)
-    assert "Snoozed by <@U0CAROL>" in _all_text(shown)
-    assert not [b for b in shown.blocks if b["type"] == "actions"]  # the decision is made
+    said = shown(slack, idle)
+    assert "Snoozed by <@U0CAROL>" in said
+    assert buttons(slack, idle) == []  # the decision is made
+    cost = WarningStore(svc.redis).get(iid, Kind.COST)
+    assert buttons(slack, cost) == [ActionId.WARN_STOP_NOW, ActionId.WARN_SNOOZE, ActionId.WARN_KEEP]  # not this one's
 
     clock.advance(hours=23)
-    updates_before = len(slack.calls_to("chat.update"))
     sweep()
     assert kinds_posted(slack, iid).count("idle") == 1
-    assert not [c for c in slack.calls_to("chat.update")[updates_before:] if c.params.get("ts") == idle.ts]
+    assert shown(slack, idle) == said  # silenced: not refreshed
 
     clock.advance(hours=2)  # the window is over and it is still idle: warn again
     sweep()
@@ -208,9 +238,8 @@ def test_keep_running_records_who_kept_it(
     sweep()
     cost = WarningStore(svc.redis).get(iid, Kind.COST)
     assert cost is not None
-    message = next(m for m in slack.messages(OPS) if m.ts == cost.ts)
 
-    pressed = click(as_dict(message), ActionId.WARN_KEEP, "U0DAVE", channel=OPS)
+    pressed = press(slack, cost, ActionId.WARN_KEEP, "U0DAVE")
     app = build_app(svc.settings, svc.redis, WebClient(token=TOKEN, base_url=slack.base_url), token_verification=False)
     assert app.dispatch(action(pressed)).status == 200
     [opened] = slack.wait_for(slack.views)  # the modal asks for the reason; nothing is decided yet
@@ -224,8 +253,8 @@ def test_keep_running_records_who_kept_it(
     kept = WarningStore(svc.redis).get(iid, Kind.COST)
     assert kept is not None and kept.status is Status.KEPT and kept.acted_by == "U0DAVE"
     assert kept.reason == reason
-    shown = next(m for m in slack.messages(OPS) if m.ts == cost.ts)
-    assert "Kept running by <@U0DAVE>" in _all_text(shown) and "final eval" in _all_text(shown)
+    said = shown(slack, cost)
+    assert "Kept running by <@U0DAVE>" in said and "final eval" in said
 
 
 def submission(opened: OpenedView, user: str, reason: str) -> dict[str, Any]:
@@ -256,9 +285,8 @@ def test_warning_resolves_when_the_instance_stops(
     svc.fleet.stop(iid)
     clock.advance(minutes=5)
     sweep()
-    shown = next(m for m in slack.messages(OPS) if m.ts == uptime.ts)
-    assert "Resolved (the instance is stopped)" in _all_text(shown)
-    assert not [b for b in shown.blocks if b["type"] == "actions"]
+    assert "Resolved (the instance is stopped)" in shown(slack, uptime)
+    assert buttons(slack, uptime) == []
 
 
 def test_stop_now_stops_the_instance_through_the_stop_flow(
@@ -269,16 +297,14 @@ def test_stop_now_stops_the_instance_through_the_stop_flow(
     sweep()
     idle = WarningStore(svc.redis).get(iid, Kind.IDLE)
     assert idle is not None
-    message = next(m for m in slack.messages(OPS) if m.ts == idle.ts)
 
-    dispatch(svc, slack, worker, click(as_dict(message), ActionId.WARN_STOP_NOW, "U0ALICE", channel=OPS))
+    dispatch(svc, slack, worker, press(slack, idle, ActionId.WARN_STOP_NOW, "U0ALICE"))
 
     assert svc.fleet.get(iid).state in ("stopping", "stopped")
     stopping = WarningStore(svc.redis).get(iid, Kind.IDLE)
     assert stopping is not None and stopping.acted_by == "U0ALICE"
     assert slack.thread(OPS, idle.ts or ""), "the stop summary goes into the warning's thread"
-    shown = next(m for m in slack.messages(OPS) if m.ts == idle.ts)
-    assert "Stop requested by <@U0ALICE>" in _all_text(shown)
+    assert "Stop requested by <@U0ALICE>" in shown(slack, idle)
     clock.advance(minutes=5)
     sweep()
     resolved = WarningStore(svc.redis).get(iid, Kind.IDLE)
@@ -293,9 +319,8 @@ def test_stop_now_is_refused_for_someone_who_is_not_the_owner(
     sweep()
     idle = WarningStore(svc.redis).get(iid, Kind.IDLE)
     assert idle is not None
-    message = next(m for m in slack.messages(OPS) if m.ts == idle.ts)
 
-    dispatch(svc, slack, worker, click(as_dict(message), ActionId.WARN_STOP_NOW, "U0MALLORY", channel=OPS))
+    dispatch(svc, slack, worker, press(slack, idle, ActionId.WARN_STOP_NOW, "U0MALLORY"))
 
     assert svc.fleet.get(iid).state == "running"
     [said] = slack.ephemerals("U0MALLORY")
@@ -311,8 +336,7 @@ def test_snooze_and_keep_are_the_owners_or_an_admins(
     idle, cost = (WarningStore(svc.redis).get(iid, k) for k in (Kind.IDLE, Kind.COST))
     assert idle is not None and cost is not None and idle.owner == "U0ALICE"
     for record, button in ((idle, ActionId.WARN_SNOOZE), (cost, ActionId.WARN_KEEP)):
-        message = next(m for m in slack.messages(OPS) if m.ts == record.ts)
-        app_dispatch(svc, slack, click(as_dict(message), button, "U0MALLORY", channel=OPS))
+        app_dispatch(svc, slack, press(slack, record, button, "U0MALLORY"))
     worker.drain(timeout=30)
     assert [WarningStore(svc.redis).get(iid, k).status for k in (Kind.IDLE, Kind.COST)] == [Status.OPEN] * 2  # type: ignore[union-attr]
     said = [n.text for n in slack.ephemerals("U0MALLORY")]
@@ -320,8 +344,7 @@ def test_snooze_and_keep_are_the_owners_or_an_admins(
     refused = [r for r in audit.newest(svc.redis, 20, user="U0MALLORY") if r.decision == "refused"]
     assert {r.text for r in refused} == {"snooze idle warning", "keep cost warning"}
 
-    message = next(m for m in slack.messages(OPS) if m.ts == idle.ts)
-    dispatch(svc, slack, worker, click(as_dict(message), ActionId.WARN_SNOOZE, "U0ADMIN", channel=OPS))
+    dispatch(svc, slack, worker, press(slack, idle, ActionId.WARN_SNOOZE, "U0ADMIN"))
     assert WarningStore(svc.redis).get(iid, Kind.IDLE).status is Status.SNOOZED  # type: ignore[union-attr]
 
 

@@ -1,7 +1,7 @@
 """What the buttons on a warning do: [Stop now], [Snooze 24h], [Keep running].
 
-The bot acks the click and queues one of these; each updates the warning's
-message so the channel sees who decided what.
+The bot acks the click and queues one of these; each refreshes the post the
+warning is in so the channel sees who decided what.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from workers.jobs import funnel
 from workers.jobs.funnel import Job
 from workers.jobs.lifecycle import stop_flow
 from workers.services import Services
-from workers.slack.messages.warning import render
+from workers.slack import updates
 from workers.state.warnings import WINDOW, Kind, Status, WarningRecord, WarningStore
 
 
@@ -75,7 +75,6 @@ def _quiet(svc: Services, instance_id: str, kind: Kind, user_id: str, status: St
 
 
 def _show(svc: Services, record: WarningRecord) -> None:
-    if record.ts is None:
-        return
-    text, blocks = render(record)
-    svc.notifier.try_update(record.channel, record.ts, text, blocks, what=f"warning {record.key}")
+    """Refresh the post the warning is in, through the coalescer (Slack's chat.update budget)."""
+    if record.ts is not None:
+        updates.show_post(svc, record.channel, record.ts)

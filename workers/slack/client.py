@@ -67,10 +67,11 @@ class Notifier:
         text: str,
         blocks: Sequence[Block] | None = None,
         thread_ts: str | None = None,
+        wait: bool = True,
     ) -> str:
-        resp = self.client.chat_postMessage(
-            channel=channel, text=clamp(text, 3900), blocks=blocks, thread_ts=thread_ts
-        )
+        """With wait=False a 429 raises at once (SlackApiError, status 429, Retry-After)."""
+        client = self.client if wait else self.impatient
+        resp = client.chat_postMessage(channel=channel, text=clamp(text, 3900), blocks=blocks, thread_ts=thread_ts)
         return str(resp["ts"])
 
     def update(

@@ -1,9 +1,11 @@
-"""Cost and uptime warnings: one record per (instance, kind) in Redis, and its Slack message.
+"""Cost and uptime warnings: one record per (instance, kind) in Redis, and the Slack
+messages ("posts") that show them, several warnings to a post.
 
 A warning is posted once per window (24 h). While the window lasts, later sweeps
-update the same message; [Snooze 24h] and [Keep running] silence it until the
-window ends. Posting is claimed with SET NX on a per-generation key, so two
-sweeps running at once (rq cron re-fires on restart, has no leader) post once.
+refresh the post it is in; [Snooze 24h] and [Keep running] silence it until the
+window ends. A record is created once per generation (SET NX claim), and posted
+under a per-channel lock, so two sweeps running at once (rq cron re-fires on
+restart, has no leader) post each warning once.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ WINDOW = timedelta(hours=24)
 RECORD_TTL_SECONDS = 30 * 86400
 CLAIM_TTL_SECONDS = 7 * 86400
 OPEN_SET = "runctl:warn:open"
+POSTING_TTL_MS = 120_000
 
 
 class Kind(StrEnum):
@@ -41,8 +44,8 @@ class WarningRecord(BaseModel):
     kind: Kind
     generation: int
     channel: str
-    ts: str | None = None
-    thread_ts: str | None = None  # checkpoint warnings live in the run's thread
+    ts: str | None = None  # the post that shows it; None until posted
+    thread_ts: str | None = None  # checkpoint warnings live in the run's thread; overflow posts in the head's
     owner: str | None = None
     label: str = ""
     headline: str = ""  # what is wrong, with numbers, refreshed by each sweep
@@ -68,6 +71,25 @@ class WarningRecord(BaseModel):
 
     def silenced(self, now: datetime) -> bool:
         return self.status in (Status.SNOOZED, Status.KEPT, Status.STOPPING) and not self.window_over(now)
+
+
+class WarningPost(BaseModel):
+    """One Slack message listing warnings (in the order shown), rendered from their records."""
+
+    channel: str
+    ts: str
+    thread_ts: str | None = None
+    keys: list[str]
+    in_thread: int = 0  # warnings in overflow posts in this one's thread
+    later: int = 0  # warnings that did not fit this sweep's posts; the next sweep posts them
+
+    @property
+    def id(self) -> str:
+        return post_id(self.channel, self.ts)
+
+
+def post_id(channel: str, ts: str) -> str:
+    return f"{channel}:{ts}"
 
 
 def button_value(instance_id: str, kind: Kind) -> str:
@@ -122,9 +144,42 @@ class WarningStore:
             self.redis.srem(OPEN_SET, *stale)
         return found
 
+    def unposted(self) -> list[WarningRecord]:
+        """Open warnings not on Slack yet (new, or left over from a sweep that hit a limit)."""
+        return [r for r in self.open() if r.ts is None and r.status is Status.OPEN]
+
+    def save_post(self, post: WarningPost) -> WarningPost:
+        self.redis.set(f"runctl:warn:post:{post.id}", post.model_dump_json(), ex=RECORD_TTL_SECONDS)
+        return post
+
+    def post(self, channel: str, ts: str) -> WarningPost | None:
+        raw = self.redis.get(f"runctl:warn:post:{post_id(channel, ts)}")
+        return WarningPost.model_validate_json(raw) if raw else None
+
+    def records(self, post: WarningPost) -> list[WarningRecord]:
+        """The post's warnings, in its order (a record that expired is left out)."""
+        pairs = [key.rpartition(":") for key in post.keys]
+        raws = self.redis.mget([self._key(iid, Kind(kind)) for iid, _, kind in pairs]) if pairs else []
+        return [WarningRecord.model_validate_json(raw) for raw in raws if raw]
+
+    def posting(self, channel: str, token: str) -> bool:
+        """Take the channel's posting lock (one sweep posts in a channel at a time)."""
+        return bool(self.redis.set(f"runctl:warn:posting:{channel}", token, nx=True, px=POSTING_TTL_MS))
+
+    def posted(self, channel: str, token: str) -> None:
+        self.redis.eval(_RELEASE, 1, f"runctl:warn:posting:{channel}", token)
+
     def for_instance(self, instance_id: str) -> list[WarningRecord]:
         found = (self.get(instance_id, kind) for kind in Kind)
         return [r for r in found if r is not None and r.status is not Status.RESOLVED]
+
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 
 
 def _text(value: object) -> str:

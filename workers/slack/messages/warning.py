@@ -1,4 +1,5 @@
-"""A cost or uptime warning as a Slack message, with its buttons while someone must decide."""
+"""Cost and uptime warnings as Slack messages: several to a post, each with its buttons
+while someone must decide."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from slack_sdk.models.blocks import (
 from workers.slack.client import clamp
 from workers.slack.escape import escape
 from workers.slack.ids import ActionId, BlockId
-from workers.state.warnings import Kind, Status, WarningRecord, button_value
+from workers.state.warnings import Kind, Status, WarningPost, WarningRecord, button_value
 
 ICON = {
     Kind.UPTIME: ":clock3:",
@@ -26,19 +27,45 @@ ICON = {
 }
 
 
-def render(record: WarningRecord) -> tuple[str, list[Block]]:
-    """The warning message; buttons only while someone still needs to decide."""
+# Two blocks a warning (its text, its buttons while open): 20 fit Slack's 50 blocks
+# with room for the post's own note.
+PER_POST = 20
+
+
+def render_post(post: WarningPost, records: list[WarningRecord]) -> tuple[str, list[Block]]:
+    """A post listing its warnings, each with its own buttons while someone must decide."""
+    blocks: list[Block] = []
+    for record in records[:PER_POST]:
+        blocks.extend(warning_blocks(record))
+    notes = []
+    if post.in_thread:
+        notes.append(f"{post.in_thread} more in the thread.")
+    if post.later:
+        notes.append(f"{post.later} more did not fit Slack's posting rate; the next sweep posts them.")
+    if notes:
+        blocks.append(ContextBlock(elements=[MarkdownTextObject(text=" ".join(notes))]))
+    return _summary(records), blocks
+
+
+def warning_blocks(record: WarningRecord) -> list[Block]:
+    """One warning: what is wrong and what was decided, and its buttons while it is open."""
     mention = f"<@{record.owner}> " if record.owner else ""
-    head = f"{ICON[record.kind]} {mention}{record.headline}"
-    blocks: list[Block] = [SectionBlock(text=MarkdownTextObject(text=clamp(head)))]
-    if record.detail:
-        blocks.append(ContextBlock(elements=[MarkdownTextObject(text=clamp(record.detail))]))
-    outcome = _outcome(record)
-    if outcome:
-        blocks.append(ContextBlock(elements=[MarkdownTextObject(text=clamp(outcome))]))
+    lines = [f"{ICON[record.kind]} {mention}{record.headline}", record.detail, _outcome(record)]
+    text = clamp("\n".join(line for line in lines if line))
+    blocks: list[Block] = [SectionBlock(block_id=f"warning:{record.key}", text=MarkdownTextObject(text=text))]
     if record.status is Status.OPEN:
         blocks.append(_buttons(record))
-    return clamp(f"{mention}{record.headline}", 300), blocks
+    return blocks
+
+
+def _summary(records: list[WarningRecord]) -> str:
+    """The notification text: who is concerned and what, short."""
+    if len(records) == 1:
+        record = records[0]
+        mention = f"<@{record.owner}> " if record.owner else ""
+        return clamp(f"{mention}{record.headline}", 300)
+    owners = sorted({f"<@{r.owner}>" for r in records if r.owner})
+    return clamp(f"{len(records)} cost and uptime warnings " + " ".join(owners), 1000)
 
 
 def _outcome(record: WarningRecord) -> str:
@@ -72,4 +99,5 @@ def _buttons(record: WarningRecord) -> ActionsBlock:
     )
     snooze = ButtonElement(text="Snooze 24h", action_id=ActionId.WARN_SNOOZE, value=value)
     keep = ButtonElement(text="Keep running", action_id=ActionId.WARN_KEEP, value=value)
-    return ActionsBlock(block_id=BlockId.WARNING_ACTIONS, elements=[stop, snooze, keep])
+    # Block ids are unique within a message: one actions block per warning.
+    return ActionsBlock(block_id=f"{BlockId.WARNING_ACTIONS}:{record.key}", elements=[stop, snooze, keep])
