@@ -59,13 +59,9 @@ def warning_blocks(record: WarningRecord) -> list[Block]:
 
 
 def _summary(records: list[WarningRecord]) -> str:
-    """The notification text: who is concerned and what, short."""
-    if len(records) == 1:
-        record = records[0]
-        mention = f"<@{record.owner}> " if record.owner else ""
-        return clamp(f"{mention}{record.headline}", 300)
-    owners = sorted({f"<@{r.owner}>" for r in records if r.owner})
-    return clamp(f"{len(records)} cost and uptime warnings " + " ".join(owners), 1000)
+    """The notification text: each warning's owner and headline, one a line, cut to fit."""
+    lines = [f"<@{r.owner}> {r.headline}" if r.owner else r.headline for r in records]
+    return clamp("\n".join(lines), 300 if len(records) == 1 else 3000)
 
 
 def _outcome(record: WarningRecord) -> str:
