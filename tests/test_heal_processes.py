@@ -95,3 +95,41 @@ def test_flushall_mid_run_a_second_train_is_refused_and_the_end_is_reported_in_t
     assert len(reported()) == 1 and "<@U0ALICE>" in reported()[0], texts
     assert len([t for t in texts if "picked it up again" in t]) == 1, texts
     assert took <= 2 * RECONCILE_SECONDS, f"reported {took:.1f} s after the end"
+
+
+def test_sigkill_of_the_worker_while_a_tick_polls_the_run_its_end_is_still_reported(
+    real_redis: redis_mod.Redis, sandbox: Sandbox, slack: FakeSlack, example_repo: Path, tmp_path: Path,
+    fleet_seed: SeedInfo,
+) -> None:
+    slack.reset()
+    # The reconcile stays out of it (it runs once, at the clock's start): the lease alone heals.
+    procs = Procs(sandbox, slack, example_repo, tmp_path, RUNCTL_RECONCILE_SECONDS="3600",
+                  RUNCTL_MONITOR_LEASE_SECONDS="4")
+    try:
+        first = procs.start("worker")
+        procs.start("clock")
+        iid = fleet_seed.instances["gpu-box-2"]
+        run_dir = sandbox.instance_dir(iid) / "runs"
+        run_id = queue_train(real_redis, iid, ALICE, "--epochs", "8", "--steps-per-epoch", "2", "--step-seconds", "0.4")
+        runs = RunStore(real_redis)
+        wait(lambda: (run_dir / run_id / "pid").exists() and runs.get(run_id).state.value == "running",  # type: ignore[union-attr]
+             "the run to start", procs)
+        parent_ts = runs.get(run_id).message_ts  # type: ignore[union-attr]
+        assert parent_ts
+
+        sent = len(sandbox.sent_scripts(iid))
+        sandbox.slow(iid, 6)  # the next poll's command stays InProgress for 6 s
+        wait(lambda: any("::runctl::now" in s for s in sandbox.sent_scripts(iid)[sent:]), "a tick polling", procs)
+        procs.kill(first)  # the worker's whole process group, mid-poll
+        sandbox.slow(iid, 0)
+        procs.start("worker")
+
+        def reported() -> list[str]:
+            return [t for t in thread(slack, parent_ts) if "finished (exit 0)" in t]
+
+        wait(reported, "the end reported in its thread", procs, timeout=60)
+        time.sleep(2)  # nothing reports it a second time
+        assert len(reported()) == 1 and "<@U0ALICE>" in reported()[0], thread(slack, parent_ts)
+        assert runs.get(run_id).state.value == "finished"  # type: ignore[union-attr]
+    finally:
+        procs.stop()

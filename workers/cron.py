@@ -3,7 +3,9 @@
     TZ=UTC rq cron workers/cron.py --url "$REDIS_URL"
 
 The sweep runs every RUNCTL_SWEEP_MINUTES, the reconcile every RUNCTL_RECONCILE_SECONDS,
-the digest on RUNCTL_DIGEST_CRON.
+the digest on RUNCTL_DIGEST_CRON, and a monitor tick every poll interval (at most a
+minute): a tick scheduled by a worker that died, or lost with Redis' keys, is replaced
+within that (a tick with nothing due costs two Redis calls).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from rq import cron
 
 from workers import settings as settings_mod
 from workers.jobs.digest import digest
+from workers.jobs.monitor import tick
 from workers.jobs.reconcile import reconcile
 from workers.jobs.sweep import sweep
 from workers.queueing import QUEUE
@@ -32,4 +35,6 @@ RECONCILE_SECONDS = _settings.RUNCTL_RECONCILE_SECONDS
 cron.register(
     reconcile, QUEUE, interval=RECONCILE_SECONDS, ttl=RECONCILE_SECONDS, job_timeout=300, name="reconcile"
 )
+TICK_SECONDS = int(min(60.0, max(1.0, _settings.RUNCTL_POLL_MAX_SECONDS)))
+cron.register(tick, QUEUE, args=("clock",), interval=TICK_SECONDS, ttl=TICK_SECONDS, job_timeout=900, name="monitor")
 cron.register(digest, QUEUE, cron=_settings.RUNCTL_DIGEST_CRON, job_timeout=600, name="digest")

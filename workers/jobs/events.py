@@ -5,6 +5,7 @@ log tail, checkpoint) is read from the instance, as every poll reads it."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 
@@ -53,7 +54,7 @@ def poll_now(svc: Services, run_id: str) -> str:
     """Take the run from the monitor's schedule and poll it: the monitor's own poll, which
     finishes and reports the run (or reschedules it when it is, after all, alive)."""
     deadline = time.monotonic() + CLAIM_SECONDS
-    while not svc.redis.zrem(monitor.DUE, run_id):
+    while not (claimed := monitor.claim(svc, math.inf, only=run_id))[0]:
         # A tick claimed it and is polling it (its result may predate the exit): once that
         # tick puts it back on the schedule, take it.
         if _followed(svc, run_id) is None:
@@ -61,13 +62,17 @@ def poll_now(svc: Services, run_id: str) -> str:
         if time.monotonic() >= deadline:
             return "ignored: not on the monitor's schedule"
         time.sleep(0.2)
-    run = _followed(svc, run_id)
-    if run is None:
-        return "ignored: the run ended meanwhile"
+    lease = claimed[1]  # leased like a tick's claim: if this job dies, the next tick polls it
     try:
-        monitor.poll(svc, [run])
-    except Exception:
-        if svc.redis.zscore(monitor.DUE, run_id) is None:  # claimed but not rescheduled
-            monitor.schedule(svc, run_id, monitor.next_delay(svc, run.polls + 1))
-        raise
+        run = _followed(svc, run_id)
+        if run is None:
+            return "ignored: the run ended meanwhile"
+        try:
+            monitor.poll(svc, [run])
+        except Exception:
+            if svc.redis.zscore(monitor.DUE, run_id) is None:  # claimed but not rescheduled
+                monitor.schedule(svc, run_id, monitor.next_delay(svc, run.polls + 1))
+            raise
+    finally:
+        monitor.release(svc, [run_id], lease)
     return "polled"

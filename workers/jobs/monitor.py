@@ -4,6 +4,7 @@ renew the lock, and report the end."""
 from __future__ import annotations
 
 import logging
+import math
 from datetime import datetime, timedelta
 
 from workers import remote
@@ -25,6 +26,7 @@ LOG_TAIL_LINES = 15
 
 
 DUE = "runctl:monitor:due"  # zset: run id -> when it should next be polled
+LEASED = "runctl:monitor:leased"  # zset: run id -> when the claim of the tick polling it lapses
 TICK_AT = "runctl:monitor:tick_at"  # when the next tick job is scheduled
 BATCH = 50  # SendCommand targets at most 50 instances
 POLL_FIRST_WAIT = 1.0  # s before the first result check: SSM usually has the status by then
@@ -40,11 +42,67 @@ return 0
 """
 
 
+# A claim: runs whose lease lapsed (their tick died) are due again; then the due runs
+# move from DUE to LEASED until ARGV[3], atomically, so each is claimed by one tick.
+_CLAIM = """
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])) do
+  redis.call('ZREM', KEYS[2], id)
+  redis.call('ZADD', KEYS[1], 'NX', ARGV[1], id)
+end
+local due = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])) do
+  if ARGV[4] == '' or id == ARGV[4] then
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('ZADD', KEYS[2], ARGV[3], id)
+    table.insert(due, id)
+  end
+end
+return due
+"""
+# Drop this tick's leases (those still at ARGV[1]: a lapsed one may be another tick's now).
+_RELEASE = """
+for i, id in ipairs(ARGV) do
+  if i > 1 and tonumber(redis.call('ZSCORE', KEYS[1], id)) == tonumber(ARGV[1]) then redis.call('ZREM', KEYS[1], id) end
+end
+return 0
+"""
+
+
 def schedule(svc: Services, run_id: str, delay: timedelta) -> None:
     """Poll run_id after delay. All due runs are polled together by one tick job."""
     at = svc.clock() + delay
     svc.redis.zadd(DUE, {run_id: at.timestamp()})
     ensure_tick(svc, at.timestamp())
+
+
+def claim(svc: Services, horizon: float, only: str = "") -> tuple[list[str], str]:
+    """The runs due by `horizon` (or just `only`, if due), leased to the caller; and the lease."""
+    now = svc.clock().timestamp()
+    lease = repr(float(int((now + svc.settings.RUNCTL_MONITOR_LEASE_SECONDS) * 1000) / 1000))
+    until = repr(horizon) if math.isfinite(horizon) else "+inf"
+    ids = svc.redis.eval(_CLAIM, 2, DUE, LEASED, repr(now), until, lease, only)
+    return [i.decode() if isinstance(i, bytes) else str(i) for i in ids], lease
+
+
+def renew(svc: Services, run_ids: list[str], lease: str) -> str:
+    """Extend this tick's leases on `run_ids` (before each batch: a tick may poll many)."""
+    fresh = repr(float(int((svc.clock().timestamp() + svc.settings.RUNCTL_MONITOR_LEASE_SECONDS) * 1000) / 1000))
+    if run_ids:
+        svc.redis.zadd(LEASED, dict.fromkeys(run_ids, float(fresh)), xx=True)
+    return fresh
+
+
+def release(svc: Services, run_ids: list[str], lease: str) -> None:
+    if run_ids:
+        svc.redis.eval(_RELEASE, 1, LEASED, lease, *run_ids)
+
+
+def followed(svc: Services, run_id: str) -> bool:
+    """On the monitor's schedule, or being polled by a live tick."""
+    pipe = svc.redis.pipeline(transaction=False)
+    pipe.zscore(DUE, run_id)
+    pipe.zscore(LEASED, run_id)
+    return any(score is not None for score in pipe.execute())
 
 
 def ensure_tick(svc: Services, at: float) -> None:
@@ -84,23 +142,33 @@ def watch_gpus(run: Run, snap: Snapshot, now: datetime, idle_percent: float) -> 
 
 
 @funnel.system("monitor tick")
-def tick() -> str:
-    """Poll every run that is due, one SSM command per 50 instances."""
+def tick(source: str = "scheduled") -> str:
+    """Poll every run that is due, one SSM command per 50 instances. Each run is leased
+    while it is polled: if this tick dies (its worker SIGKILLed), the lease lapses and the
+    next tick polls the run again. The clock queues a tick too (`source="clock"`), so a
+    scheduled tick lost with its worker is replaced within RUNCTL_POLL_MAX_SECONDS."""
     svc = current()
     now = svc.clock().timestamp()
-    svc.redis.delete(TICK_AT)
+    if source != "clock":
+        svc.redis.delete(TICK_AT)
     updates.flush(svc)  # message updates that waited for Slack's budget
     horizon = now + svc.settings.RUNCTL_POLL_MIN_SECONDS / 4
-    due = [m.decode() if isinstance(m, bytes) else str(m) for m in svc.redis.zrangebyscore(DUE, "-inf", horizon)]
-    claimed = [run_id for run_id in due if svc.redis.zrem(DUE, run_id)]  # one tick claims each
-    runs = [r for r in (svc.runs.get(i) for i in claimed) if r is not None and not r.state.ended]
+    claimed, lease = claim(svc, horizon)
+    found = svc.runs.get_many(claimed)
+    runs = [found[i] for i in claimed if i in found and not found[i].state.ended]
+    release(svc, [i for i in claimed if i not in {r.run_id for r in runs}], lease)
     try:
         for start in range(0, len(runs), BATCH):
-            poll(svc, runs[start : start + BATCH])
+            batch = runs[start : start + BATCH]
+            ids = [r.run_id for r in batch]
+            lease = renew(svc, ids, lease)
+            poll(svc, batch)
+            release(svc, ids, lease)
     except Exception:
         for run in runs:  # claimed but not rescheduled: still follow them after the crash
             if svc.redis.zscore(DUE, run.run_id) is None:
                 schedule(svc, run.run_id, next_delay(svc, run.polls + 1))
+        release(svc, [r.run_id for r in runs], lease)
         raise
     upcoming = svc.redis.zrange(DUE, 0, 0, withscores=True)
     if upcoming:

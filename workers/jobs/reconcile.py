@@ -88,8 +88,10 @@ def run_pass(svc: Services) -> Tally:
         if run.run_id not in tally.followed and run.run_id not in tally.adopted:
             follow(svc, run, None, tally, asked=run.instance_id in ids)
     upcoming = svc.redis.zrange(monitor.DUE, 0, 0, withscores=True)
-    if upcoming:  # the monitor's scheduled tick may be gone with the keys
-        monitor.ensure_tick(svc, float(upcoming[0][1]))
+    lapsing = svc.redis.zrange(monitor.LEASED, 0, 0, withscores=True)
+    times = [float(found[0][1]) for found in (upcoming, lapsing) if found]
+    if times:  # the monitor's scheduled tick may be gone with the keys
+        monitor.ensure_tick(svc, min(times))
     return tally
 
 
@@ -190,8 +192,8 @@ def follow(svc: Services, run: Run, seen: SeenRun | None, tally: Tally, asked: b
         run.state = RunState.RUNNING
         run.started_at = run.started_at or (seen.meta.started_at if seen.meta else None) or svc.clock()
         svc.runs.save(run)
-    if svc.redis.zscore(monitor.DUE, run.run_id) is not None:
-        return  # followed
+    if monitor.followed(svc, run.run_id):
+        return
     if not asked and run.state is not RunState.RUNNING:
         return
     log.warning("reconcile: %s was followed by nobody", run.run_id)

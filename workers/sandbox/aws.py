@@ -140,6 +140,14 @@ class Sandbox(ThreadedMotoServer):
         else:
             self._agent.exhausted.discard((instance_type, zone))
 
+    def slow(self, instance_id: str, seconds: float) -> None:
+        """Every script sent to ``instance_id`` from now on waits ``seconds`` (InProgress)
+        before it runs; 0 ends that."""
+        if seconds:
+            self._agent.delays[instance_id] = seconds
+        else:
+            self._agent.delays.pop(instance_id, None)
+
     def sent_scripts(self, instance_id: str) -> list[str]:
         """The scripts the shim ran on ``instance_id``, oldest first, as run
         (that is, with ``RUNCTL_ROOT`` rewritten)."""

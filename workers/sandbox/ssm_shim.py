@@ -241,6 +241,7 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._timers: list[threading.Timer] = []
         self.exhausted: set[tuple[str, str]] = set()  # (instance type, zone) with no capacity
+        self.delays: dict[str, float] = {}  # instance id -> seconds each script waits before it runs (a slow agent)
 
     # --- reading ---
     def invocation(self, command_id: str, instance_id: str) -> Invocation | None:
@@ -331,6 +332,9 @@ class Agent:
     def _run_shell(self, key: tuple[str, str], work: Path, env: dict[str, str], timeout: float) -> None:
         with self._lock:
             self._invocations[key].started = _now()
+            delay = self.delays.get(key[1], 0.0)
+        if delay:
+            time.sleep(delay)  # InProgress meanwhile, as with a slow or busy agent
         try:
             with (work / "stdout").open("wb") as out, (work / "stderr").open("wb") as err:
                 # runshellscript.go runs `sh -c <script path>` (sh on the agent's PATH, as root);
