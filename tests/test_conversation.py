@@ -158,3 +158,28 @@ def test_an_unknown_name_suggests_the_nearest(
     slash(svc, slack, worker, "status gpu-box-9")
     told = private_to(slack, ALICE)
     assert "no instance named `gpu-box-9`" in told and "`gpu-box-1`" in told
+
+
+# --- suggestions and wording --------------------------------------------------------
+
+
+def test_a_missing_script_suggests_the_nearest_by_name_and_path(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    slash(svc, slack, worker, "train gpu-box-1 train.py")
+    told = private_to(slack, ALICE)
+    assert "`train.py` does not exist" in told and "`train_torch.py`" in told and "`train_with_checkpoints.py`" in told
+    assert "broken.py" not in told
+    assert public(slack) == []
+
+
+def test_starting_a_running_instance_says_so_once(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    iid = fleet_seed.instances["gpu-box-1"]
+    tag = [{"Key": "runctl:user", "Value": ALICE}]
+    svc.fleet.ec2.create_tags(Resources=[iid], Tags=tag)
+    slash(svc, slack, worker, "start gpu-box-1")
+    told = private_to(slack, ALICE) + "\n".join(m.text for m in public(slack))
+    assert f"gpu-box-1 ({iid}) is already running." in told
+    assert "nothing to start" not in told

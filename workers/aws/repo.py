@@ -139,8 +139,7 @@ class CodeRepo:
     def check_script(self, sha: str, ref: str, path: str) -> bytes:
         data = self.read(sha, path)
         if data is None:
-            candidates = [f for f in self.files(sha) if f.endswith(".py")]
-            close = difflib.get_close_matches(path, candidates, n=3, cutoff=0.5)
+            close = nearest_scripts(path, [f for f in self.files(sha) if f.endswith(".py")])
             hint = f" Did you mean {', '.join(code(n) for n in close)}?" if close else ""
             raise ScriptNotFound(
                 f"{code(path)} does not exist at {code(ref)} ({sha[:10]}).{hint}",
@@ -161,3 +160,25 @@ class CodeRepo:
 
     def archive(self, sha: str) -> bytes:
         return self._git("archive", "--format=tar.gz", sha)
+
+
+def nearest_scripts(path: str, candidates: list[str], n: int = 3) -> list[str]:
+    """The scripts whose name or path is nearest the one typed. Names are compared without
+    `.py` and without their folders (every candidate shares the suffix, which made
+    `train.py` look nearest `broken.py`); a name that contains the typed one, or is contained
+    in it, counts as near; the full path breaks ties."""
+
+    def stem(p: str) -> str:
+        return posixpath.basename(p).removesuffix(".py").lower()
+
+    typed = stem(path)
+
+    def score(candidate: str) -> float:
+        name = stem(candidate)
+        contained = 0.8 if typed and (typed in name or name in typed) else 0.0
+        by_name = difflib.SequenceMatcher(None, typed, name).ratio()
+        by_path = difflib.SequenceMatcher(None, path.lower(), candidate.lower()).ratio()
+        return max(by_name, contained) + by_path / 10
+
+    ranked = sorted(((score(c), c) for c in candidates), key=lambda sc: (-sc[0], sc[1]))
+    return [c for sc, c in ranked if sc >= 0.6][:n]

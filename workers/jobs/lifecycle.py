@@ -444,12 +444,15 @@ def _start_locked(svc: Services, iid: str, actor: Requester, wait: bool) -> tupl
     inst = fleet.get(iid)
     policy.check(svc.settings, actor.user_id, "start", policy.instance_owner(svc.redis, iid, lambda _: inst.tags))
     if inst.state != "stopped":
-        hint = {
-            "running": f"it is already running. `/runctl status {iid}` shows what it is doing.",
-            "pending": "it is already starting.",
-            "stopping": f"it is still stopping; run `/runctl start {iid}` again once it is stopped.",
-        }.get(inst.state, "it can never run again." if inst.state in ("terminated", "shutting-down") else "")
-        return f"{inst.label} is `{inst.state}`, so there is nothing to start: {hint}".rstrip(": "), False
+        said = {
+            "running": f"{inst.label} is already running. `/runctl status {iid}` shows what it is doing.",
+            "pending": f"{inst.label} is already starting.",
+            "stopping": f"{inst.label} is still stopping; run `/runctl start {iid}` again once it is stopped.",
+        }.get(inst.state)
+        if said is None:
+            ever = " It can never run again." if inst.state in ("terminated", "shutting-down") else ""
+            said = f"{inst.label} is `{inst.state}`, so there is nothing to start.{ever}"
+        return said, False
     began = svc.clock()
     fleet.start(iid)
     if not wait:
@@ -676,8 +679,8 @@ class ConfirmClick:
         svc.fleet.terminate(iid)
         inst = svc.fleet.wait_for_state(iid, ("shutting-down", "terminated"), TERMINATED_WAIT_SECONDS)
         UptimeLedger(svc.redis).observe(iid, "terminated", None, now)
-        lines = [f":wastebasket: *{inst.label}* terminated by <@{self.clicker.user_id}> "
-                 f"(asked by <@{conf.requester_id}>); it is `{inst.state}`."]
+        asked = f" (asked by <@{conf.requester_id}>)" if conf.requester_id != self.clicker.user_id else ""
+        lines = [f":wastebasket: *{inst.label}* terminated by <@{self.clicker.user_id}>{asked}; it is `{inst.state}`."]
         lines += reports
         if cost is not None:
             lines.append(cost.text("Up this session"))

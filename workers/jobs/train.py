@@ -261,7 +261,8 @@ class TrainFlow:
             other.ended_by = "force"
             other.ended_at = self.svc.clock()
             publish(self.svc, other)
-            reply(self.svc, other, f"stopped by <@{self.run.user_id}> with `--force` for run `{self.run.run_id}`.")
+            by = "your" if other.user_id == self.run.user_id else f"<@{self.run.user_id}>'s"
+            reply(self.svc, other, f"this run was stopped with `--force` for {by} run `{self.run.run_id}`.")
 
     def plan_checkpoints(self, source: str | None) -> None:
         run = self.run
