@@ -24,6 +24,9 @@ from workers.services import Services
 from workers.slack.ids import ActionId
 
 from .conftest import BUCKET
+from .slack import click
+from .test_lifecycle import as_dict, dispatch
+from .test_ownership import slash
 from .test_train_flow import ALICE, start
 
 QUICK = ("--epochs", "1", "--steps-per-epoch", "1", "--step-seconds", "0")
@@ -218,3 +221,21 @@ def test_presigned_urls_never_reach_slack_or_the_logs(
         for secret in (query["X-Amz-Signature"][0], query["X-Amz-Credential"][0]):
             assert secret not in said
     assert "X-Amz-Signature" not in said and "X-Amz-Credential" not in said
+
+
+def test_logs_and_full_log_through_the_signed_front_door(
+    svc: Services, fleet_seed: SeedInfo, sandbox: Sandbox, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    """The slash command and the button as Slack sends them, through the Bolt app and the queue."""
+    iid = fleet_seed.instances["cpu-box"]
+    run_id = finished_run(svc, worker, iid)
+    run = svc.runs.get(run_id)
+    assert run is not None and run.message_ts
+    before = len(slack.thread("C0TRAIN", run.message_ts))
+    assert slash(svc, slack, worker, f"logs {iid} --lines 2", "U0BOB") == ""  # the answer is the message
+    answer = since(slack, "C0TRAIN", run.message_ts, before)
+    assert len(answer) == 1 and answer[0].text.startswith("<@U0BOB>") and len(code_lines(answer)) == 2
+    dispatch(svc, slack, worker, click(as_dict(answer[0]), ActionId.FULL_LOG, "U0BOB"))
+    (attached,) = slack.files
+    assert attached.thread_ts == run.message_ts
+    assert attached.content == log_file(sandbox, iid, run_id).read_bytes()
