@@ -11,10 +11,11 @@ from workers import remote
 from workers.errors import InstanceError, RunctlError, Throttled
 from workers.jobs import autostop, funnel
 from workers.queueing import JobPath
+from workers.remote import spot
 from workers.remote.status import Snapshot, parse_many
 from workers.services import Services, current
 from workers.slack import updates
-from workers.slack.escape import block
+from workers.slack.escape import block, code
 from workers.slack.format import duration
 from workers.slack.messages.run import checkpoint_text
 from workers.slack.thread import publish, reply
@@ -246,6 +247,9 @@ def update(svc: Services, run: Run, snap: Snapshot | None) -> None:
         return
     absorb(run, snap)
     watch_gpus(run, snap, svc.clock(), svc.settings.RUNCTL_GPU_IDLE_PERCENT)
+    if snap.spot_notice and not run.spot_notice:
+        run.spot_notice = snap.spot_notice
+        run.polls = 0  # the instance goes within two minutes: follow the checkpoint closely
     train_lock(svc.redis, run.instance_id).extend(run.lock_token)
     if snap.ended:
         finish(svc, run, snap)
@@ -273,6 +277,9 @@ def finish(svc: Services, run: Run, snap: Snapshot) -> None:
     publish(svc, run)
     autostop.after_run(svc, run)
     took = duration((run.ended_at - (run.started_at or run.created_at)).total_seconds())
+    if run.spot_notice:
+        reply(svc, run, spot_report(run, f"ended (exit {run.exit_code}) after {took}"), full_log=True)
+        return
     ck = (
         "Newest checkpoint: " + checkpoint_text(run.checkpoint, run.ended_at)
         if run.checkpoint
@@ -311,6 +318,23 @@ def lost(svc: Services, run: Run, exc: RunctlError) -> str:
     train_lock(svc.redis, run.instance_id).release(run.lock_token)
     publish(svc, run)
     lost_text = f":grey_question: lost track of run `{run.run_id}`: {exc.what}"
+    if run.spot_notice:  # AWS took the instance before a poll saw the training exit
+        lost_text = spot_report(run, f"then runctl lost track of it: {exc.what}")
     reply(svc, run, lost_text, full_log=run.started_at is not None)
     autostop.after_run(svc, run)
     return run.state.value
+
+
+def spot_report(run: Run, ended: str) -> str:
+    """"spot interruption: checkpoint epoch N saved", or loudly that nothing was."""
+    notice = spot.describe(run.spot_notice)
+    if run.checkpoint is None:
+        return (
+            f":rotating_light: run `{run.run_id}`: spot interruption ({notice}): no checkpoint was saved, "
+            f"its progress is lost; the script needs a SIGTERM handler that saves. The training {ended}."
+        )
+    epoch = f"epoch {run.checkpoint.epoch}" if run.checkpoint.epoch is not None else code(run.checkpoint.name)
+    return (
+        f":zap: run `{run.run_id}`: spot interruption: checkpoint {epoch} saved "
+        f"({code(run.checkpoint.name)}); the instance was told: {notice}. The training {ended}."
+    )

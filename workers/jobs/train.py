@@ -145,6 +145,7 @@ class TrainFlow:
                 iid, ("running",), self.svc.settings.RUNCTL_PENDING_WAIT_SECONDS
             )
         fleet.require_agent(inst, "runs commands")
+        self.run.spot = inst.lifecycle == "spot"
         return inst
 
     def interpreter(self, inst: Instance) -> str:
@@ -324,6 +325,7 @@ class TrainFlow:
             events=self.events(python),
             pass_checkpoint_dir=run.pass_checkpoint_dir,
             checkpoint_dirs=option_values(run.args, DIR_OPTIONS),
+            spot_watch=run.spot,
         )
 
     def events(self, python: str) -> Sender:

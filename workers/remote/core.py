@@ -11,6 +11,7 @@ import secrets
 import shlex
 from collections.abc import Mapping, Sequence
 
+from workers.remote import spot
 from workers.remote.events import OFF, Sender
 
 q = shlex.quote
@@ -89,6 +90,7 @@ def wrapper(
     checkpoint_run_id: str | None = None,
     events: Sender = OFF,
     pass_checkpoint_dir: bool = False,
+    spot_watch: bool = False,
 ) -> str:
     """The detached wrapper: runs the training as a child so `pid` is the training
     process itself, and records its exit code when it ends (then sends the run's
@@ -124,11 +126,13 @@ def wrapper(
         "child=$!\n"
         'echo "$child" > "$RUN_DIR/pid.tmp" && mv "$RUN_DIR/pid.tmp" "$RUN_DIR/pid"\n'
         + events.started
+        + (spot.watch() if spot_watch else "")
         + "while :; do\n"
         '  wait "$child"; rc=$?\n'
         '  kill -0 "$child" 2>/dev/null || break\n'
         "done\n"
-        'echo "$rc" > "$RUN_DIR/exit_code.tmp" && mv "$RUN_DIR/exit_code.tmp" "$RUN_DIR/exit_code"\n'
+        + (spot.unwatch() if spot_watch else "")
+        + 'echo "$rc" > "$RUN_DIR/exit_code.tmp" && mv "$RUN_DIR/exit_code.tmp" "$RUN_DIR/exit_code"\n'
         + events.ended
     )
 
@@ -231,6 +235,7 @@ def launch_body(
     events: Sender = OFF,
     pass_checkpoint_dir: bool = False,
     checkpoint_dirs: Sequence[str] = (),
+    spot_watch: bool = False,
 ) -> str:
     """Start the wrapper detached (the code is already in place); ends once it runs.
 
@@ -238,7 +243,7 @@ def launch_body(
     run's predecessor left there: shipped files are refreshed, the run's own are kept).
     `checkpoint_dirs` (the script's `--checkpoint-dir`/`--output-dir` values) are recorded
     beside the checkpoints, so discovery looks there too."""
-    body = wrapper(run_id, script, args, env, python, checkpoint_run_id, events, pass_checkpoint_dir)
+    body = wrapper(run_id, script, args, env, python, checkpoint_run_id, events, pass_checkpoint_dir, spot_watch)
     eof = heredoc_end(body)
     owner = checkpoint_run_id or run_id
     record = "".join(
@@ -289,7 +294,8 @@ def runs_status(root: str, run_ids: Sequence[str], log_lines: int = 15, line_cha
         'pgid=$(cat "$RUN_DIR/pgid" 2>/dev/null || true)\n'
         'case "$pgid" in ""|*[!0-9]*) ;; *) if kill -0 "$pgid" 2>/dev/null; then echo "' + s + 'wrapper 1"; fi ;; esac\n'
         'if [ -f "$RUN_DIR/exit_code" ]; then echo "' + s + 'exit $(cat "$RUN_DIR/exit_code")"; fi\n'
-        'if [ -f "$RUN_DIR/progress.json" ]; then\n'
+        + spot.report(s)
+        + 'if [ -f "$RUN_DIR/progress.json" ]; then\n'
         '  echo "' + s + 'progress"; head -c 1500 "$RUN_DIR/progress.json"; echo\n'
         "fi\n"
         'ck=$(cat "$RUN_DIR/checkpoint_dir" 2>/dev/null || echo "$RUN_DIR/checkpoints")\n'

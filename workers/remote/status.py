@@ -27,6 +27,7 @@ class Snapshot:
     checkpoint: Checkpoint | None = None
     log: list[str] = field(default_factory=list)
     gpus: list[Gpu] | None = None  # None: the instance has no nvidia-smi (or it did not answer)
+    spot_notice: str = ""  # the interruption notice the wrapper acted on (IMDS's JSON)
 
     @property
     def ended(self) -> bool:
@@ -85,6 +86,8 @@ def _parse_one(output: str) -> Snapshot:
                 snap.wrapper_alive = rest.strip() == "1"
             elif word == "exit":
                 snap.exit_code = int(rest) if rest.strip().lstrip("-").isdigit() else -1
+            elif word == "spot":
+                snap.spot_notice = rest.strip()
             elif word == "checkpoint":
                 snap.checkpoint = _checkpoint(rest)
             continue

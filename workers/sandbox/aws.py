@@ -11,11 +11,13 @@ runs one in the foreground until SIGTERM/SIGINT.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
 import threading
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -26,6 +28,7 @@ from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 from werkzeug.serving import WSGIRequestHandler, make_server
 
+from workers.sandbox.imds import Imds
 from workers.sandbox.ssm_shim import Agent, PriceList, S3Gate, SsmShim
 
 if TYPE_CHECKING:
@@ -147,6 +150,18 @@ class Sandbox(ThreadedMotoServer):
             self._agent.delays[instance_id] = seconds
         else:
             self._agent.delays.pop(instance_id, None)
+
+    @contextlib.contextmanager
+    def metadata(self) -> Iterator[Imds]:
+        """A fake IMDS for every instance while the block runs (spot notices to raise)."""
+        imds = Imds(HOST)
+        imds.start()
+        self._agent.metadata_endpoint = imds.endpoint
+        try:
+            yield imds
+        finally:
+            self._agent.metadata_endpoint = None
+            imds.stop()
 
     def sent_scripts(self, instance_id: str) -> list[str]:
         """The scripts the shim ran on ``instance_id``, oldest first, as run

@@ -242,6 +242,9 @@ class Agent:
         self._timers: list[threading.Timer] = []
         self.exhausted: set[tuple[str, str]] = set()  # (instance type, zone) with no capacity
         self.delays: dict[str, float] = {}  # instance id -> seconds each script waits before it runs (a slow agent)
+        # With a fake IMDS (workers/sandbox/imds.py): the instance's metadata endpoint, standing
+        # in for the link-local route to 169.254.169.254 (not part of the real agent's environment).
+        self.metadata_endpoint: Callable[[str], str] | None = None
 
     # --- reading ---
     def invocation(self, command_id: str, instance_id: str) -> Invocation | None:
@@ -268,13 +271,16 @@ class Agent:
 
     def environment(self, instance_id: str, region: str) -> dict[str, str]:
         """Exactly what a script sees from the agent."""
-        return {
+        env = {
             "PATH": AGENT_PATH,
             INSTANCE_ENV: instance_id,
             "AWS_SSM_REGION_NAME": region,
             "AWS_SSM_PLATFORM_NAME": PLATFORM_NAME,
             "AWS_SSM_PLATFORM_VERSION": PLATFORM_VERSION,
         }
+        if self.metadata_endpoint is not None:
+            env["AWS_EC2_METADATA_SERVICE_ENDPOINT"] = self.metadata_endpoint(instance_id)
+        return env
 
     def run(self, inv: Invocation, script: str, timeout: float, region: str = "us-east-1") -> None:
         """Record ``inv`` as InProgress and run ``script`` for it in a thread."""

@@ -114,6 +114,8 @@ class Run(BaseModel):
     log_tail: str = ""
     gpus: list[Gpu] | None = None  # the newest poll's; None: no nvidia-smi on the instance
     gpu_idle_since: datetime | None = None  # since when every GPU has been near 0 %
+    spot: bool = False  # on a spot instance: its wrapper watches for interruption notices
+    spot_notice: str = ""  # the interruption notice the wrapper acted on (IMDS's JSON)
     error: ErrorInfo | None = None
     polls: int = 0
     lock_token: str = ""

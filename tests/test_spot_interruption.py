@@ -1,0 +1,68 @@
+"""Spot interruptions: the wrapper on a spot instance polls the (fake) IMDSv2 for a notice,
+SIGTERMs the training when one is raised, and the bot reports the checkpoint it saved."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from workers.remote import core
+from workers.sandbox.aws import Sandbox, SeedInfo
+from workers.sandbox.fake_slack import FakeSlack
+from workers.sandbox.inline import InlineWorker
+from workers.services import Services
+from workers.state.runs import RunState
+
+from .test_lifecycle import CHANNEL, SLOW, run_dir, train_on, wait_for_epoch
+from .test_spot import spot_instance
+
+
+def wait_for(condition: object, what: str, timeout: float = 30) -> float:
+    start = time.monotonic()
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def test_a_raised_notice_makes_the_training_checkpoint_and_the_bot_report_it(
+    svc: Services, fleet_seed: SeedInfo, sandbox: Sandbox, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    iid = spot_instance(svc, "persistent", "spot-watched")
+    try:
+        with sandbox.metadata() as imds:
+            run_id = train_on(iid, *SLOW)  # checkpoint interval 100: only the SIGTERM saves
+            wait_for_epoch(sandbox, iid, run_id, 2)
+            # IMDSv2 as documented: a token by PUT, then the GET with it.
+            wait_for(lambda: ("GET", "/latest/meta-data/spot/instance-action") in imds.asked(iid), "a poll")
+            assert imds.asked(iid)[0] == ("PUT", "/latest/api/token")
+
+            notice = imds.raise_notice(iid, "stop")
+            rdir = run_dir(sandbox, iid, run_id)
+            took = wait_for(lambda: (rdir / "exit_code").exists(), "the training to exit")
+        assert took < 12, took  # polled every 5 s; the checkpoint is written on SIGTERM
+
+        saved = sorted(p.name for p in (rdir / "checkpoints").glob("ckpt-epoch-*.json"))
+        assert len(saved) == 1, saved
+        epoch = int(saved[0].removeprefix("ckpt-epoch-").removesuffix(".json"))
+        assert (rdir / "exit_code").read_text().strip() == "143"
+        assert json.loads((rdir / "spot_interruption").read_text()) == notice
+
+        worker.drain(timeout=60)
+        run = svc.runs.get(run_id)
+        assert run is not None and run.state is RunState.STOPPED and run.spot
+        said = [m.text for m in slack.thread(CHANNEL, run.message_ts or "")]
+        report = [t for t in said if "spot interruption" in t]
+        assert len(report) == 1, said
+        assert f"spot interruption: checkpoint epoch {epoch} saved (`{saved[0]}`)" in report[0]
+        assert f"stop at {notice['time']}" in report[0] and "exit 143" in report[0]
+    finally:
+        svc.fleet.terminate(iid)
+
+
+def test_on_demand_runs_do_not_watch_the_metadata() -> None:
+    plain = core.wrapper("r1", "train.py", [], {})
+    watched = core.wrapper("r1", "train.py", [], {}, spot_watch=True)
+    assert "instance-action" not in plain
+    assert "/latest/api/token" in watched and "${AWS_EC2_METADATA_SERVICE_ENDPOINT:-http://169.254.169.254}" in watched
