@@ -35,7 +35,7 @@ import redis as redis_mod
 
 from bench import harness
 from workers import remote, services
-from workers.commands import Requester, TrainCommand
+from workers.commands import Actor, TrainCommand
 from workers.jobs.train import train
 from workers.sandbox.aws import seed
 from workers.sandbox.example_repo import make_example_repo
@@ -128,7 +128,7 @@ def lock_only(trials: int) -> dict[str, harness.Figure]:
     }
 
 
-ALICE = Requester(user_id="U0ALICE", channel_id="C0TRAIN")
+ALICE = Actor(user_id="U0ALICE", channel_id="C0TRAIN")
 LONG_RUN = ("--epochs", "500", "--step-seconds", "0.05")
 
 

@@ -27,7 +27,7 @@ from redis import Redis
 from bench import harness
 from workers import services
 from workers.aws.fleet import Fleet
-from workers.commands import Requester, ResourcesCommand
+from workers.commands import Actor, ResourcesCommand
 from workers.jobs.resources import resources
 from workers.jobs.sweep import sweep
 from workers.sandbox.fake_slack import FakeSlack, block_problems
@@ -175,7 +175,7 @@ def measure(n: int, pages: DescribePages, slack: FakeSlack, redis: Redis) -> dic
     sweep()
     second = time.perf_counter() - started
 
-    requester = Requester(user_id="U0ALICE", channel_id="C0TRAIN")
+    requester = Actor(user_id="U0ALICE", channel_id="C0TRAIN")
     started = time.perf_counter()
     resources(ResourcesCommand().model_dump(mode="json"), requester.model_dump(mode="json"))
     resources_seconds = time.perf_counter() - started

@@ -94,7 +94,7 @@ def _authentic(settings: Settings, request: BoltRequest) -> bool:
 
 def _trust_response_url(settings: Settings, context: BoltContext, body: dict[str, Any]) -> None:
     """Drop a response_url that is not Slack's, from the context (so `respond` cannot use
-    it) and from the body (so no Requester carries it to a worker)."""
+    it) and from the body (so no Actor carries it to a worker)."""
     url = context.response_url
     if url is None or hooks.trusted(settings, url) == url:
         return

@@ -12,12 +12,12 @@ from slack_bolt import Ack, App
 
 from bot.grammar import help_text
 from workers.commands import (
+    Actor,
     AnyCommand,
     AuditCommand,
     CheckpointsCommand,
     HelpCommand,
     LogsCommand,
-    Requester,
     ResourcesCommand,
     StatusCommand,
     TrainCommand,
@@ -32,22 +32,11 @@ log = logging.getLogger(__name__)
 QUICK = (StatusCommand, CheckpointsCommand, LogsCommand, AuditCommand, ResourcesCommand)
 
 
-def requester_of(body: dict[str, Any]) -> Requester:
-    return Requester(
-        user_id=body.get("user_id", ""),
-        channel_id=body.get("channel_id", ""),
-        text=body.get("text", ""),
-        user_name=body.get("user_name", ""),
-        response_url=body.get("response_url"),
-        request_id=body.get("trigger_id", ""),
-    )
-
-
 def runctl(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None:
     command: AnyCommand = context["command"]
     queue: Queue = context["queue"]
     batch: Pipeline = context["batch"]  # holds the audit record of this request (bot.middleware)
-    who = requester_of(body)
+    actor = Actor.from_command(body)
     if isinstance(command, HelpCommand):
         ack(text=help_text(command.topic), response_type="ephemeral")
         try:
@@ -64,15 +53,15 @@ def runctl(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None:
             f"`{command.instance_id}`. Once its checks pass I'll post it in this channel and "
             "follow it in the thread; if they fail, only you hear why."
         )
-        enqueue(queue, command, who, run_id, pipeline=batch)
+        enqueue(queue, command, actor, run_id, pipeline=batch)
     elif isinstance(command, QUICK):
         # The answer itself comes within seconds (ephemeral, or the response_url): one
         # message, so the ack says nothing (Slack shows nothing for an empty 200).
         said = ""
-        enqueue(queue, command, who, pipeline=batch)
+        enqueue(queue, command, actor, pipeline=batch)
     else:
         said = f":hourglass_flowing_sand: `{command.name}` queued; the answer follows here."
-        enqueue(queue, command, who, pipeline=batch)
+        enqueue(queue, command, actor, pipeline=batch)
     try:
         batch.execute()
     except RedisError:

@@ -11,7 +11,7 @@ import pytest
 from rq import Queue
 from rq.registry import ScheduledJobRegistry
 
-from workers.commands import Requester, ResourcesCommand, TrainCommand
+from workers.commands import Actor, ResourcesCommand, TrainCommand
 from workers.jobs.digest import digest
 from workers.jobs.resources import resources
 from workers.jobs.train import train
@@ -34,8 +34,8 @@ def secret(slack: FakeSlack, svc: Services) -> str:
     return SECRET
 
 
-def requester(slack: FakeSlack, channel: str, name: str) -> Requester:
-    return Requester(user_id="U0ALICE", channel_id=channel, response_url=slack.response_url(name))
+def requester(slack: FakeSlack, channel: str, name: str) -> Actor:
+    return Actor(user_id="U0ALICE", channel_id=channel, response_url=slack.response_url(name))
 
 
 def test_train_in_a_channel_that_refuses_the_bot_answers_through_response_url_and_starts_nothing(

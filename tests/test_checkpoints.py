@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from workers.commands import CheckpointsCommand, Requester
+from workers.commands import Actor, CheckpointsCommand
 from workers.jobs.checkpoints import checkpoints
 from workers.remote.checkpoints import discover, discover_all
 from workers.sandbox.aws import Sandbox, SeedInfo
@@ -20,7 +20,7 @@ from workers.services import Services
 from .conftest import sent_commands
 
 SCRIPT = Path(__file__).resolve().parents[1] / "training" / "train_with_checkpoints.py"
-ALICE = Requester(user_id="U0ALICE", channel_id="C0TRAIN")
+ALICE = Actor(user_id="U0ALICE", channel_id="C0TRAIN")
 OLD_RUN = "r20261101-090000-aaaaaa"
 NEW_RUN = "r20261102-090000-bbbbbb"
 

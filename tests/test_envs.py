@@ -22,7 +22,7 @@ import pytest
 
 from workers.aws import envs
 from workers.aws.repo import CodeRepo
-from workers.commands import Requester, TrainCommand
+from workers.commands import Actor, TrainCommand
 from workers.errors import CodeError
 from workers.jobs.envsetup import culprit
 from workers.jobs.train import train
@@ -35,7 +35,7 @@ from workers.settings import Settings
 from workers.state.locks import train_lock
 from workers.state.runs import Run, RunState
 
-ALICE = Requester(user_id="U0ALICE", channel_id="C0ENV")
+ALICE = Actor(user_id="U0ALICE", channel_id="C0ENV")
 
 TRAIN = """\
 import os, tinylib

@@ -19,10 +19,10 @@ from slack_sdk import WebClient
 from bot.app import build_app
 from workers import audit
 from workers.commands import (
+    Actor,
     AuditCommand,
     CheckpointsCommand,
     Command,
-    Requester,
     ResourcesCommand,
     StartCommand,
     StatusCommand,
@@ -45,8 +45,8 @@ from .slack import click, command
 from .test_lifecycle import as_dict, posted, send_click
 
 CHANNEL = "C0TRAIN"
-ALICE = Requester(user_id="U0ALICE", channel_id=CHANNEL, text="…")
-ADMIN = Requester(user_id="U0ADMIN", channel_id=CHANNEL)
+ALICE = Actor(user_id="U0ALICE", channel_id=CHANNEL, text="…")
+ADMIN = Actor(user_id="U0ADMIN", channel_id=CHANNEL)
 ACTIONS = ("train", "status", "stop", "start", "terminate", "resources", "checkpoints")
 ALLOWED = '[roles]\nml = ["U0ALICE"]\n[commands]\n' + "".join(f'{a} = ["ml", "admin"]\n' for a in ACTIONS)
 REVOKED = {
@@ -97,13 +97,13 @@ def failed_jobs(svc: Services) -> list[RqJob]:
 
 # --- an unexpected exception reaches the person and the audit trail ------------------------
 
-Setup = Callable[[Services, SeedInfo, FakeSlack, InlineWorker, pytest.MonkeyPatch], tuple[Requester, str]]
+Setup = Callable[[Services, SeedInfo, FakeSlack, InlineWorker, pytest.MonkeyPatch], tuple[Actor, str]]
 
 
-def _command(make: Callable[[str], Command], box: str = "gpu-box-1", who: Requester = ALICE,
+def _command(make: Callable[[str], Command], box: str = "gpu-box-1", who: Actor = ALICE,
              run_id: str | None = None) -> Setup:
     def setup(svc: Services, seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, mp: pytest.MonkeyPatch
-              ) -> tuple[Requester, str]:
+              ) -> tuple[Actor, str]:
         cmd = make(seed.instances[box])
         break_aws(svc)
         enqueue(svc.queue, cmd, who, run_id)
@@ -114,7 +114,7 @@ def _command(make: Callable[[str], Command], box: str = "gpu-box-1", who: Reques
 
 
 def _audit_job(svc: Services, seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, mp: pytest.MonkeyPatch
-               ) -> tuple[Requester, str]:
+               ) -> tuple[Actor, str]:
     def timeout(*_: Any, **__: Any) -> None:
         raise RedisTimeout("Timeout reading from socket")
 
@@ -124,7 +124,7 @@ def _audit_job(svc: Services, seed: SeedInfo, slack: FakeSlack, worker: InlineWo
 
 
 def _terminate_click(svc: Services, seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, mp: pytest.MonkeyPatch
-                     ) -> tuple[Requester, str]:
+                     ) -> tuple[Actor, str]:
     iid = seed.instances["cpu-box"]
     enqueue(svc.queue, TerminateCommand(instance_id=iid), ALICE)
     worker.drain()
@@ -135,7 +135,7 @@ def _terminate_click(svc: Services, seed: SeedInfo, slack: FakeSlack, worker: In
 
 
 def _resume_click(svc: Services, seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, mp: pytest.MonkeyPatch
-                  ) -> tuple[Requester, str]:
+                  ) -> tuple[Actor, str]:
     svc.redis.set("runctl:run:r-old", '{"run_id": "r-old", "written_by": "a newer runctl"}')
     svc.queue.enqueue(JobPath.RESUME.value, "r-old", ALICE.model_dump(mode="json"), "1.000")
     return ALICE, "/runctl resources"
@@ -143,7 +143,7 @@ def _resume_click(svc: Services, seed: SeedInfo, slack: FakeSlack, worker: Inlin
 
 def _warning_click(path: JobPath) -> Setup:
     def setup(svc: Services, seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, mp: pytest.MonkeyPatch
-              ) -> tuple[Requester, str]:
+              ) -> tuple[Actor, str]:
         iid = seed.instances["gpu-box-1"]
         if path is JobPath.WARNING_STOP_NOW:
             break_aws(svc)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from workers.aws.repo import CodeRepo
-from workers.commands import Requester, TrainCommand
+from workers.commands import Actor, TrainCommand
 from workers.errors import CodeError
 from workers.queueing import enqueue
 from workers.sandbox.aws import SeedInfo
@@ -12,7 +12,7 @@ from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.state.runs import RunState
 
-ALICE = Requester(user_id="U0ALICE", channel_id="C0TRAIN")
+ALICE = Actor(user_id="U0ALICE", channel_id="C0TRAIN")
 
 
 def test_a_broken_mirror_is_told_with_what_why_and_fix_not_as_an_internal_error(

@@ -12,7 +12,7 @@ import pytest
 import redis as redis_mod
 from rq import Queue
 
-from workers.commands import Requester, TrainCommand
+from workers.commands import Actor, TrainCommand
 from workers.queueing import QUEUE, enqueue
 from workers.sandbox.aws import Sandbox, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
@@ -22,8 +22,8 @@ from .procs import Procs
 
 pytestmark = pytest.mark.slow
 
-ALICE = Requester(user_id="U0ALICE", channel_id="C0TRAIN")
-BOB = Requester(user_id="U0BOB", channel_id="C0TRAIN")
+ALICE = Actor(user_id="U0ALICE", channel_id="C0TRAIN")
+BOB = Actor(user_id="U0BOB", channel_id="C0TRAIN")
 RECONCILE_SECONDS = 5
 
 
@@ -45,7 +45,7 @@ def wait(condition: Callable[[], object], what: str, procs: Procs, timeout: floa
         time.sleep(0.05)
 
 
-def queue_train(r: redis_mod.Redis, iid: str, who: Requester, *args: str) -> str:
+def queue_train(r: redis_mod.Redis, iid: str, who: Actor, *args: str) -> str:
     run_id = f"r-proc-{uuid.uuid4().hex[:10]}"
     cmd = TrainCommand(instance_id=iid, script="train_with_checkpoints.py", args=args)
     enqueue(Queue(QUEUE, connection=r), cmd, who, run_id)

@@ -13,7 +13,7 @@ from typing import Any
 from slack_sdk import WebClient
 
 from bot.app import build_app
-from workers.commands import Requester, StartCommand, StopCommand, TrainCommand
+from workers.commands import Actor, StartCommand, StopCommand, TrainCommand
 from workers.jobs.lifecycle import start, stop
 from workers.jobs.train import train
 from workers.remote.lifecycle import stop_run
@@ -29,14 +29,14 @@ from .conftest import TOKEN
 from .slack import action, click
 
 CHANNEL = "C0TRAIN"
-ALICE = Requester(user_id="U0ALICE", channel_id=CHANNEL)
+ALICE = Actor(user_id="U0ALICE", channel_id=CHANNEL)
 SCRIPT = "train_with_checkpoints.py"
 # No periodic checkpoints: whatever is saved, SIGTERM saved it.
 SLOW = ("--epochs", "40", "--steps-per-epoch", "4", "--step-seconds", "0.05", "--checkpoint-interval", "100")
 EPOCH_LINE = re.compile(r"^epoch (\d+)/\d+ ", re.MULTILINE)
 
 
-def train_on(iid: str, *args: str, run_id: str = "r-life-1", who: Requester = ALICE) -> str:
+def train_on(iid: str, *args: str, run_id: str = "r-life-1", who: Actor = ALICE) -> str:
     cmd = TrainCommand(instance_id=iid, script=SCRIPT, args=args)
     train(cmd.model_dump(mode="json"), who.model_dump(mode="json"), run_id)
     return run_id
@@ -94,7 +94,7 @@ def dispatch(svc: Services, slack: FakeSlack, worker: InlineWorker, payload: dic
     worker.drain(timeout=120)
 
 
-def stop_cmd(iid: str, who: Requester = ALICE, **kw: Any) -> str:
+def stop_cmd(iid: str, who: Actor = ALICE, **kw: Any) -> str:
     return stop(StopCommand(instance_id=iid, **kw).model_dump(mode="json"), who.model_dump(mode="json"))
 
 

@@ -14,7 +14,7 @@ import boto3
 import pytest
 
 from bot.grammar import parse
-from workers.commands import LogsCommand, Requester
+from workers.commands import Actor, LogsCommand
 from workers.errors import UsageError
 from workers.jobs.logs import UPLOAD_SECONDS, full_log, logs
 from workers.sandbox.aws import Sandbox, SeedInfo
@@ -30,7 +30,7 @@ from .test_ownership import slash
 from .test_train_flow import ALICE, start
 
 QUICK = ("--epochs", "1", "--steps-per-epoch", "1", "--step-seconds", "0")
-ELSEWHERE = Requester(user_id="U0ALICE", channel_id="C0OPS")
+ELSEWHERE = Actor(user_id="U0ALICE", channel_id="C0OPS")
 
 
 def finished_run(svc: Services, worker: InlineWorker, iid: str) -> str:
@@ -48,7 +48,7 @@ def log_file(sandbox: Sandbox, iid: str, run_id: str) -> Path:
     return found[0]
 
 
-def ask(cmd_text: str, who: Requester = ALICE) -> None:
+def ask(cmd_text: str, who: Actor = ALICE) -> None:
     cmd = parse(cmd_text)
     assert isinstance(cmd, LogsCommand)
     logs(cmd.model_dump(mode="json"), who.model_dump(mode="json"))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.commands import Requester, TrainCommand
+from workers.commands import Actor, TrainCommand
 from workers.jobs.train import train
 from workers.sandbox.aws import Sandbox, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
@@ -21,7 +21,7 @@ from workers.services import Services
 from workers.state.locks import train_lock
 from workers.state.runs import RunState
 
-ALICE = Requester(user_id="U0ALICE", channel_id="C0TRAIN")
+ALICE = Actor(user_id="U0ALICE", channel_id="C0TRAIN")
 
 
 def wait_for(condition: object, what: str, timeout: float = 30) -> None:

@@ -12,7 +12,7 @@ from datetime import timedelta
 from slack_sdk import WebClient
 
 from bot.app import build_app
-from workers.commands import Requester, TrainCommand
+from workers.commands import Actor, TrainCommand
 from workers.jobs.funnel import Job
 from workers.jobs.train import TrainFlow, new_run
 from workers.sandbox.aws import SeedInfo
@@ -94,7 +94,7 @@ def test_a_run_is_live_from_the_moment_its_train_job_takes_the_lock(
     svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker
 ) -> None:
     iid = fleet_seed.instances["gpu-box-2"]
-    alice = Requester(user_id=ALICE, channel_id=CHANNEL)
+    alice = Actor(user_id=ALICE, channel_id=CHANNEL)
     cmd = TrainCommand(instance_id=iid, script="train_with_checkpoints.py")
     job = Job(svc, alice, "/runctl train", instance_id=iid)
     job.run = svc.runs.create(new_run(svc, cmd, alice, "r-own-starting"))

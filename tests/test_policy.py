@@ -18,7 +18,7 @@ from slack_sdk import WebClient
 
 from bot.app import build_app
 from workers import audit, policy
-from workers.commands import Requester, TrainCommand
+from workers.commands import Actor, TrainCommand
 from workers.errors import ConfigError, PermissionDenied
 from workers.queueing import QUEUE
 from workers.sandbox.aws import SeedInfo
@@ -328,7 +328,7 @@ def test_force_is_rechecked_in_the_worker(svc: Services, fleet_seed: SeedInfo, s
 
     iid = fleet_seed.instances["gpu-box-1"]
     cmd = TrainCommand(instance_id=iid, script="train_with_checkpoints.py", force=True)
-    who = Requester(user_id=ALICE, channel_id="C0TRAIN", text=f"train {iid} train_with_checkpoints.py --force")
+    who = Actor(user_id=ALICE, channel_id="C0TRAIN", text=f"train {iid} train_with_checkpoints.py --force")
     assert train(cmd.model_dump(mode="json"), who.model_dump(mode="json"), "r-force") == "refused"
     assert "You can't `force`" in slack.ephemerals(ALICE)[0].text
     assert sent_commands(svc, iid) == []

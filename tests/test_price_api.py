@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from workers.commands import Requester, ResourcesCommand
+from workers.commands import Actor, ResourcesCommand
 from workers.cost.pricing import ON_DEMAND_CACHE_SECONDS, load_price_book
 from workers.jobs.resources import resources
 from workers.sandbox.aws import AMI_ID, MANAGED_TAG, Sandbox, SeedInfo
@@ -16,7 +16,7 @@ from workers.services import Services
 
 from .test_resources import text_of
 
-ALICE = Requester(user_id="U0ALICE", channel_id="C0TRAIN")
+ALICE = Actor(user_id="U0ALICE", channel_id="C0TRAIN")
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from workers.commands import Requester, TrainCommand
+from workers.commands import Actor, TrainCommand
 from workers.jobs.monitor import monitor
 from workers.jobs.train import train
 from workers.remote.status import progress_from_file
@@ -22,7 +22,7 @@ from workers.slack.ids import BlockId
 from workers.slack.messages.run import progress_text
 from workers.state.runs import Progress, Run, RunState
 
-ALICE = Requester(user_id="U0ALICE", channel_id="C0TRAIN")
+ALICE = Actor(user_id="U0ALICE", channel_id="C0TRAIN")
 RUN_ID = "r20261128-120000-abcdef"
 PROGRESS = {
     "epoch": 3,

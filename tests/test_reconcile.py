@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from workers.commands import Requester, TrainCommand
+from workers.commands import Actor, TrainCommand
 from workers.jobs import monitor
 from workers.jobs.reconcile import reconcile
 from workers.jobs.train import train
@@ -23,7 +23,7 @@ from workers.services import Services
 from workers.state.locks import Holder, train_lock
 from workers.state.runs import RunMeta, RunState
 
-ALICE = Requester(user_id="U0ALICE", channel_id="C0TRAIN")
+ALICE = Actor(user_id="U0ALICE", channel_id="C0TRAIN")
 
 
 def wait_for(condition: Callable[[], object], what: str, timeout: float = 30) -> None:

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 import pytest
 
 from workers.aws.fleet import Instance
-from workers.commands import Requester, ResourcesCommand
+from workers.commands import Actor, ResourcesCommand
 from workers.jobs.resources import resources
 from workers.sandbox.aws import SeedInfo
 from workers.sandbox.fake_slack import FakeSlack, Message
@@ -18,7 +18,7 @@ from workers.state.runs import Run, RunState
 
 from .fleetgen import generate, install_fleet
 
-ALICE = Requester(user_id="U0ALICE", channel_id="C0TRAIN")
+ALICE = Actor(user_id="U0ALICE", channel_id="C0TRAIN")
 NOW = datetime.fromisoformat("2026-03-10T12:00:00+00:00")
 
 

@@ -23,7 +23,7 @@ from rq.registry import FinishedJobRegistry
 from werkzeug.test import Client
 
 from bot.web import wsgi
-from workers.commands import Requester, TrainCommand
+from workers.commands import Actor, TrainCommand
 from workers.jobs import monitor
 from workers.jobs.train import train
 from workers.queueing import QUEUE, JobPath
@@ -36,7 +36,7 @@ from workers.settings import Settings
 from workers.state import event_keys
 from workers.state.runs import Run, RunState
 
-ALICE = Requester(user_id="U0ALICE", channel_id="C0TRAIN")
+ALICE = Actor(user_id="U0ALICE", channel_id="C0TRAIN")
 
 
 def event_body(run_id: str, kind: str = "progress", ts: int | None = None, **extra: Any) -> bytes:

@@ -17,7 +17,7 @@ from slack_sdk import WebClient
 
 from bot.app import build_app
 from workers import remote
-from workers.commands import Requester, StatusCommand, StopCommand, TrainCommand
+from workers.commands import Actor, StatusCommand, StopCommand, TrainCommand
 from workers.jobs.lifecycle import stop
 from workers.jobs.status import status
 from workers.jobs.train import train
@@ -33,7 +33,7 @@ from workers.state.runs import RunState
 from . import slack as s
 from .conftest import TOKEN
 
-ALICE = Requester(user_id="U0ALICE", channel_id="C0TRAIN")
+ALICE = Actor(user_id="U0ALICE", channel_id="C0TRAIN")
 
 
 def attack(marker: Path) -> str:
@@ -86,7 +86,7 @@ def test_a_builder_handed_the_attack_executes_nothing(
 
 # --- 3. stop with a disconnected SSM agent ----------------------------------------------
 
-ADMIN = Requester(user_id="U0ADMIN", channel_id="C0TRAIN")
+ADMIN = Actor(user_id="U0ADMIN", channel_id="C0TRAIN")
 SLOW = ("--epochs", "200", "--steps-per-epoch", "4", "--step-seconds", "0.05", "--checkpoint-interval", "100")
 
 
@@ -104,7 +104,7 @@ def _pid_alive(sandbox: Sandbox, iid: str, run_id: str) -> bool:
     return True
 
 
-def _stop(iid: str, who: Requester = ALICE, **kw: object) -> str:
+def _stop(iid: str, who: Actor = ALICE, **kw: object) -> str:
     return stop(StopCommand(instance_id=iid, **kw).model_dump(mode="json"), who.model_dump(mode="json"))
 
 
@@ -206,7 +206,7 @@ def test_unmanaged_and_missing_instances_get_the_same_answer_except_for_admins(
 ) -> None:
     unmanaged, missing = fleet_seed.instances["not-managed"], "i-0123456789abcdef0"
 
-    def told(iid: str, who: Requester) -> str:
+    def told(iid: str, who: Actor) -> str:
         status(StatusCommand(instance_id=iid).model_dump(mode="json"), who.model_dump(mode="json"))
         return slack.ephemerals(who.user_id)[-1].text.replace(iid, "<id>")
 

@@ -11,7 +11,7 @@ import time
 import uuid
 from datetime import timedelta
 
-from workers.commands import Requester, TrainCommand
+from workers.commands import Actor, TrainCommand
 from workers.jobs import monitor
 from workers.jobs.train import train
 from workers.sandbox.aws import SeedInfo
@@ -63,7 +63,7 @@ def test_fifty_runs_stay_within_chat_update_budget_and_show_their_last_state(
 def test_a_429_does_not_delay_other_runs_polls(
     svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker
 ) -> None:
-    who = Requester(user_id="U0ALICE", channel_id="C0TRAIN")
+    who = Actor(user_id="U0ALICE", channel_id="C0TRAIN")
     ids = []
     for name in ("gpu-box-1", "cpu-box"):
         cmd = TrainCommand(instance_id=fleet_seed.instances[name], script="train_with_checkpoints.py",

@@ -8,7 +8,7 @@ from typing import Any
 
 from botocore.awsrequest import AWSResponse
 
-from workers.commands import Requester, ResourcesCommand
+from workers.commands import Actor, ResourcesCommand
 from workers.jobs.sweep import sweep
 from workers.queueing import enqueue
 from workers.sandbox.aws import AMI_ID, MANAGED_TAG, SeedInfo
@@ -16,7 +16,7 @@ from workers.sandbox.fake_slack import FakeSlack
 from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 
-ALICE = Requester(user_id="U0ALICE", channel_id="C0TRAIN")
+ALICE = Actor(user_id="U0ALICE", channel_id="C0TRAIN")
 DENIED = "price unknown (no permission for spot prices)"
 
 

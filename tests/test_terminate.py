@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from workers.commands import Requester, TerminateCommand
+from workers.commands import Actor, TerminateCommand
 from workers.jobs.lifecycle import terminate
 from workers.sandbox.aws import Sandbox, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack, Message
@@ -46,7 +46,7 @@ def alice_may_terminate(svc: Services, tmp_path: Path) -> None:
     svc.settings.RUNCTL_POLICY_FILE = path  # the app and the worker share this Settings object
 
 
-def ask(iid: str, who: Requester = ALICE) -> None:
+def ask(iid: str, who: Actor = ALICE) -> None:
     terminate(TerminateCommand(instance_id=iid).model_dump(mode="json"), who.model_dump(mode="json"))
 
 

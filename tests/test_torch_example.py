@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from workers.aws.fleet import PYTHON_TAG
-from workers.commands import Requester, StopCommand, TrainCommand
+from workers.commands import Actor, StopCommand, TrainCommand
 from workers.jobs.lifecycle import stop
 from workers.jobs.train import train
 from workers.sandbox.aws import Sandbox, SeedInfo
@@ -47,7 +47,7 @@ pytestmark = pytest.mark.torch
 SCRIPT = TRAINING / "train_torch.py"
 DEADLINE = 120.0  # importing torch alone takes seconds on a loaded machine
 TORCH_KEYS = frozenset({"format_version", "epoch", "step", "hidden", "model", "optimizer"})
-ALICE = Requester(user_id="U0ALICE", channel_id="C0TRAIN")
+ALICE = Actor(user_id="U0ALICE", channel_id="C0TRAIN")
 
 
 def torch_load(data: bytes) -> dict[str, Any]:

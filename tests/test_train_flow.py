@@ -7,7 +7,7 @@ import threading
 import uuid
 from typing import Any
 
-from workers.commands import Requester, TrainCommand
+from workers.commands import Actor, TrainCommand
 from workers.jobs.train import train
 from workers.sandbox.aws import Sandbox, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
@@ -18,11 +18,11 @@ from workers.state.runs import RunState
 
 from .conftest import sent_commands
 
-ALICE = Requester(user_id="U0ALICE", channel_id="C0TRAIN")
-BOB = Requester(user_id="U0BOB", channel_id="C0TRAIN")
+ALICE = Actor(user_id="U0ALICE", channel_id="C0TRAIN")
+BOB = Actor(user_id="U0BOB", channel_id="C0TRAIN")
 
 
-def start(iid: str, script: str = "train_with_checkpoints.py", *args: str, who: Requester = ALICE, **kw: Any) -> str:
+def start(iid: str, script: str = "train_with_checkpoints.py", *args: str, who: Actor = ALICE, **kw: Any) -> str:
     cmd = TrainCommand(instance_id=iid, script=script, args=args, **kw)
     run_id = f"r-test-{uuid.uuid4().hex[:12]}"
     train(cmd.model_dump(mode="json"), who.model_dump(mode="json"), run_id)
@@ -47,7 +47,7 @@ def test_stopped_instance_gets_the_fix(svc: Services, fleet_seed: SeedInfo, slac
 
 def test_unmanaged_instance_is_refused_with_the_tag_command_for_an_admin(svc: Services, fleet_seed: SeedInfo) -> None:
     iid = fleet_seed.instances["not-managed"]
-    run = svc.runs.get(start(iid, who=Requester(user_id="U0ADMIN", channel_id="C0TRAIN")))
+    run = svc.runs.get(start(iid, who=Actor(user_id="U0ADMIN", channel_id="C0TRAIN")))
     assert run is not None and run.state is RunState.REFUSED
     assert run.error is not None and "not managed" in run.error.what
     assert "create-tags" in run.error.fix and "runctl:managed" in run.error.fix

@@ -19,7 +19,7 @@ import pytest
 from slack_sdk import WebClient
 
 from bot.app import build_app
-from workers.commands import CheckpointsCommand, Requester, TrainCommand
+from workers.commands import Actor, CheckpointsCommand, TrainCommand
 from workers.jobs.checkpoints import checkpoints
 from workers.jobs.sweep import sweep
 from workers.jobs.train import train
@@ -34,7 +34,7 @@ from workers.state.warnings import Kind, Status, WarningStore
 from .conftest import TOKEN
 from .slack import action, command
 
-ALICE = Requester(user_id="U0ALICE", channel_id="C0TRAIN")
+ALICE = Actor(user_id="U0ALICE", channel_id="C0TRAIN")
 # What an attacker types or makes the instance print: every live form Slack knows, and a
 # backtick pair that would close the code span it is shown in and open one around "pwn".
 HOSTILE = "<!channel> <!here> <!everyone> <https://evil.example|Slack: session expired> <@U0EVIL> `pwn`"

@@ -25,7 +25,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
-from workers.commands import Requester
+from workers.commands import Actor
 from workers.errors import PermissionDenied, RateLimited, RunctlError
 from workers.state.runs import Run
 
@@ -54,12 +54,12 @@ class Record(BaseModel):
         return {k: str(v) for k, v in self.model_dump(mode="json").items()}
 
 
-def of(who: Requester, decision: Decision, outcome: str, run_id: str = "", instance: str = "") -> Record:
+def of(actor: Actor, decision: Decision, outcome: str, run_id: str = "", instance: str = "") -> Record:
     """A record for a requester (worker side): user, channel and text come from the request."""
     return Record(
-        user=who.user_id,
-        channel=who.channel_id,
-        text=f"/runctl {who.text}" if who.text else "",
+        user=actor.user_id,
+        channel=actor.channel_id,
+        text=f"/runctl {actor.text}" if actor.text else "",
         decision=decision,
         outcome=outcome,
         source="worker",
@@ -72,19 +72,19 @@ def decision_of(error: RunctlError) -> Decision:
     return "refused" if isinstance(error, PermissionDenied | RateLimited) else "failed"
 
 
-def of_run(who: Requester, run: Run) -> Record:
+def of_run(actor: Actor, run: Run) -> Record:
     """The outcome of a train job, from its run record."""
     outcome = run.state.value + (f": {run.error.what}" if run.error else "")
     decision: Decision = "allowed"
     if run.error:
         decision = "refused" if run.error.kind in ("PermissionDenied", "RateLimited") else "failed"
-    return of(who, decision, outcome, run_id=run.run_id, instance=run.instance_id)
+    return of(actor, decision, outcome, run_id=run.run_id, instance=run.instance_id)
 
 
-def refuse(svc: Services, who: Requester, error: RunctlError, run_id: str = "", instance: str = "") -> str:
+def refuse(svc: Services, actor: Actor, error: RunctlError, run_id: str = "", instance: str = "") -> str:
     """A worker-side refusal: tell the requester privately, audit it, and return "refused"."""
-    svc.notifier.ephemeral(who.channel_id, who.user_id, error.as_text(), response_url=who.response_url)
-    record(svc.redis, svc.settings.RUNCTL_AUDIT_MAXLEN, of(who, decision_of(error), error.what, run_id, instance))
+    svc.notifier.ephemeral(actor.channel_id, actor.user_id, error.as_text(), response_url=actor.response_url)
+    record(svc.redis, svc.settings.RUNCTL_AUDIT_MAXLEN, of(actor, decision_of(error), error.what, run_id, instance))
     return "refused"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import posixpath
 import re
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -184,8 +184,9 @@ AnyCommand = (
 )
 
 
-class Requester(BaseModel):
-    """Who asked, and where; travels with every job."""
+class Actor(BaseModel):
+    """The person who acts (types the command, clicks the button), and where; travels with every
+    job, and is always called `actor`."""
 
     model_config = ConfigDict(frozen=True)
     user_id: str
@@ -194,3 +195,28 @@ class Requester(BaseModel):
     user_name: str = ""
     response_url: str | None = None
     request_id: str = ""
+
+    @classmethod
+    def from_command(cls, body: dict[str, Any]) -> Actor:
+        """From a slash command's payload."""
+        return cls(
+            user_id=body.get("user_id", ""),
+            channel_id=body.get("channel_id", ""),
+            text=body.get("text", ""),
+            user_name=body.get("user_name", ""),
+            response_url=body.get("response_url"),
+            request_id=body.get("trigger_id", ""),
+        )
+
+    @classmethod
+    def from_action(cls, body: dict[str, Any]) -> Actor:
+        """From a button click's payload (block_actions)."""
+        channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id", "")
+        user = body.get("user") or {}
+        return cls(
+            user_id=user.get("id", ""),
+            channel_id=channel,
+            user_name=user.get("username", ""),
+            response_url=body.get("response_url"),
+            request_id=body.get("trigger_id", ""),
+        )

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from redis import Redis
 
 from workers import commands
-from workers.commands import Requester
+from workers.commands import Actor
 from workers.errors import ConfigError, PermissionDenied
 from workers.settings import Settings
 from workers.slack import usergroups
@@ -328,13 +328,13 @@ def check_answer(settings: Settings, user_id: str, requester_id: str | None) -> 
 
 
 def recheck(
-    settings: Settings, who: Requester, *actions: str, owner_id: str | None = None, defer_owner: bool = False
+    settings: Settings, actor: Actor, *actions: str, owner_id: str | None = None, defer_owner: bool = False
 ) -> None:
     """The worker's check just before acting: channel, then every action."""
-    if who.channel_id:
-        check_channel(settings, who.channel_id)
+    if actor.channel_id:
+        check_channel(settings, actor.channel_id)
     for action in actions:
-        check(settings, who.user_id, action, owner_id, defer_owner=defer_owner)
+        check(settings, actor.user_id, action, owner_id, defer_owner=defer_owner)
 
 
 def _describe(roles: tuple[str, ...], owner_id: str | None) -> str:

@@ -15,7 +15,7 @@ from redis.retry import Retry
 from rq import Queue
 from rq.job import Job
 
-from workers.commands import Command, Requester
+from workers.commands import Actor, Command
 from workers.errors import QueueUnreachable
 
 QUEUE = "runctl"
@@ -92,11 +92,11 @@ JOBS: dict[str, JobPath] = {
 
 
 def enqueue(
-    queue: Queue, command: Command, requester: Requester, run_id: str | None = None, pipeline: Pipeline | None = None
+    queue: Queue, command: Command, actor: Actor, run_id: str | None = None, pipeline: Pipeline | None = None
 ) -> Job:
     """Queue the command's job; with a pipeline, the job is written when its owner executes it."""
     path = JOBS[command.name]
-    args: list[object] = [command.model_dump(mode="json"), requester.model_dump(mode="json")]
+    args: list[object] = [command.model_dump(mode="json"), actor.model_dump(mode="json")]
     if run_id is not None:
         args.append(run_id)
     return queue.enqueue(

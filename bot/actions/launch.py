@@ -10,8 +10,9 @@ from slack_bolt import Ack, App
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
-from bot.actions.lifecycle import _message_ts, clicker_of, confirmation_click
+from bot.actions.lifecycle import _message_ts, confirmation_click
 from bot.grammar import INSTANCE_RE
+from workers.commands import Actor
 from workers.queueing import JobPath
 from workers.slack.ids import ActionId
 from workers.slack.messages.launch import train_command
@@ -19,15 +20,15 @@ from workers.slack.messages.launch import train_command
 
 def train_on_it(ack: Ack, body: dict[str, Any], client: WebClient) -> None:
     ack()
-    who = clicker_of(body)
+    actor = Actor.from_action(body)
     iid = str(body["actions"][0].get("value", ""))
     if not INSTANCE_RE.match(iid):
         return
     text = f"Copy, fill in and send:\n```{train_command(iid)}```"
     try:
-        client.chat_postEphemeral(channel=who.channel_id, user=who.user_id, text=text)
+        client.chat_postEphemeral(channel=actor.channel_id, user=actor.user_id, text=text)
     except SlackApiError:
-        client.chat_postMessage(channel=who.user_id, text=text)
+        client.chat_postMessage(channel=actor.user_id, text=text)
 
 
 def autostop_click(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None:
@@ -38,7 +39,7 @@ def autostop_click(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> N
         return
     path = JobPath.AUTOSTOP_KEEP if action["action_id"] == ActionId.AUTOSTOP_KEEP else JobPath.AUTOSTOP_STOP_NOW
     queue: Queue = context["queue"]
-    queue.enqueue(path.value, iid, clicker_of(body).model_dump(mode="json"), _message_ts(body), job_timeout=1800)
+    queue.enqueue(path.value, iid, Actor.from_action(body).model_dump(mode="json"), _message_ts(body), job_timeout=1800)
 
 
 def register(app: App) -> None:

@@ -15,24 +15,12 @@ from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
 from workers import policy
-from workers.commands import Requester
+from workers.commands import Actor
 from workers.errors import PermissionDenied
 from workers.queueing import JobPath
 from workers.settings import Settings
 from workers.slack.ids import ActionId
 from workers.state.confirmations import ConfirmStore
-
-
-def clicker_of(body: dict[str, Any]) -> Requester:
-    channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id", "")
-    user = body.get("user") or {}
-    return Requester(
-        user_id=user.get("id", ""),
-        channel_id=channel,
-        user_name=user.get("username", ""),
-        response_url=body.get("response_url"),
-        request_id=body.get("trigger_id", ""),
-    )
 
 
 def _message_ts(body: dict[str, Any]) -> str:
@@ -43,23 +31,23 @@ def confirmation_click(ack: Ack, body: dict[str, Any], context: dict[str, Any], 
     ack()
     action = body["actions"][0]
     nonce = str(action.get("value", ""))
-    who = clicker_of(body)
+    actor = Actor.from_action(body)
     settings: Settings = context["settings"]
     asked = ConfirmStore(context["redis"]).receipt(nonce)
     try:
-        policy.check_answer(settings, who.user_id, asked.requester_id if asked else None)
+        policy.check_answer(settings, actor.user_id, asked.requester_id if asked else None)
     except PermissionDenied as exc:
         try:
-            client.chat_postEphemeral(channel=who.channel_id, user=who.user_id, text=exc.as_text())
+            client.chat_postEphemeral(channel=actor.channel_id, user=actor.user_id, text=exc.as_text())
         except SlackApiError:
-            client.chat_postMessage(channel=who.user_id, text=exc.as_text())
+            client.chat_postMessage(channel=actor.user_id, text=exc.as_text())
         return
     queue: Queue = context["queue"]
     queue.enqueue(
         JobPath.CONFIRM_CLICK.value,
         str(action["action_id"]),
         nonce,
-        who.model_dump(mode="json"),
+        actor.model_dump(mode="json"),
         _message_ts(body),
         job_timeout=3600,
     )
@@ -69,7 +57,7 @@ def resume_click(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> Non
     ack()
     run_id = str(body["actions"][0].get("value", ""))
     queue: Queue = context["queue"]
-    queue.enqueue(JobPath.RESUME.value, run_id, clicker_of(body).model_dump(mode="json"), _message_ts(body))
+    queue.enqueue(JobPath.RESUME.value, run_id, Actor.from_action(body).model_dump(mode="json"), _message_ts(body))
 
 
 def register(app: App) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 from rq import Queue
 from slack_bolt import Ack, App
 
-from bot.actions.lifecycle import clicker_of
+from workers.commands import Actor
 from workers.queueing import JobPath
 from workers.slack.ids import ActionId
 
@@ -16,7 +16,8 @@ def full_log_click(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> N
     ack()
     run_id = str(body["actions"][0].get("value", ""))
     queue: Queue = context["queue"]
-    queue.enqueue(JobPath.FULL_LOG.value, run_id, clicker_of(body).model_dump(mode="json"), job_timeout=3600)
+    actor = Actor.from_action(body)
+    queue.enqueue(JobPath.FULL_LOG.value, run_id, actor.model_dump(mode="json"), job_timeout=3600)
 
 
 def register(app: App) -> None:

@@ -15,7 +15,7 @@ from slack_sdk.models.views import View
 
 from bot.middleware import front_record
 from workers import audit, policy
-from workers.commands import Requester
+from workers.commands import Actor
 from workers.errors import PermissionDenied
 from workers.queueing import JobPath
 from workers.settings import Settings
@@ -54,10 +54,10 @@ def stop_now(ack: Ack, body: dict[str, Any], context: dict[str, Any], client: We
     except PermissionDenied as exc:
         _tell(client, channel, user, exc.as_text())
         return
-    who = Requester(user_id=user, channel_id=channel, request_id=body.get("trigger_id", ""))
+    actor = Actor(user_id=user, channel_id=channel, request_id=body.get("trigger_id", ""))
     queue: Queue = context["queue"]
     queue.enqueue(
-        JobPath.WARNING_STOP_NOW.value, instance_id, kind.value, who.model_dump(mode="json"), job_timeout=3600
+        JobPath.WARNING_STOP_NOW.value, instance_id, kind.value, actor.model_dump(mode="json"), job_timeout=3600
     )
     _tell(
         client,

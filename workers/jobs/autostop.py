@@ -10,7 +10,7 @@ from decimal import Decimal
 from workers import audit, remote
 from workers.aws.fleet import Instance
 from workers.aws.launcher import OWNER_TAG
-from workers.commands import AutostopCommand, Requester
+from workers.commands import Actor, AutostopCommand
 from workers.cost.fleetview import Row
 from workers.cost.pricing import format_rate, hourly_price, load_price_book
 from workers.errors import RunctlError
@@ -103,9 +103,9 @@ def then(run_id: str) -> str:
     text = (f":double_vertical_bar: Run `{run.run_id}` ended, so *{inst.label}* was {verb} "
             f"(`--then {run.then}`): {cost}.{back}")
     _reply(svc, run, text)
-    who = Requester(user_id=run.user_id, channel_id=run.channel_id)
+    actor = Actor(user_id=run.user_id, channel_id=run.channel_id)
     audit.record(svc.redis, svc.settings.RUNCTL_AUDIT_MAXLEN,
-                 audit.of(who, "allowed", f"{verb} after the run (--then {run.then})", run.run_id, inst.id))
+                 audit.of(actor, "allowed", f"{verb} after the run (--then {run.then})", run.run_id, inst.id))
     return text
 
 
@@ -124,7 +124,7 @@ def owner_of(svc: Services, inst: Instance) -> str | None:
 
 @funnel.command(AutostopCommand)
 def autostop(job: Job, cmd: AutostopCommand) -> str:
-    svc, who = job.svc, job.actor
+    svc, actor = job.svc, job.actor
     store = AutostopStore(svc.redis)
     inst = svc.fleet.get(cmd.instance_id)
     owner = owner_of(svc, inst)
@@ -132,26 +132,26 @@ def autostop(job: Job, cmd: AutostopCommand) -> str:
     old = store.get(inst.id)
     if cmd.minutes is None:
         store.delete(inst.id)
-        text = f":zzz: <@{who.user_id}> turned autostop off for *{inst.label}*; it runs until someone stops it."
+        text = f":zzz: <@{actor.user_id}> turned autostop off for *{inst.label}*; it runs until someone stops it."
         if old is not None and old.headsup_ts:
             _close_headsup(svc, old, text)
-        svc.notifier.post(who.channel_id, text)
+        svc.notifier.post(actor.channel_id, text)
     else:
         headsup = svc.settings.RUNCTL_AUTOSTOP_HEADSUP_MINUTES
-        text = (f":alarm_clock: <@{who.user_id}> set autostop on *{inst.label}*: stopped after {cmd.minutes} min "
+        text = (f":alarm_clock: <@{actor.user_id}> set autostop on *{inst.label}*: stopped after {cmd.minutes} min "
                 f"with no live run (and idle GPUs where it has them), with a heads-up to "
                 f"{f'<@{owner}>' if owner else 'its owner'} {headsup:g} min before. A live run is never interrupted.")
         thread = old.thread_ts if old else None
-        channel = old.channel if old else who.channel_id
+        channel = old.channel if old else actor.channel_id
         if thread is None:
             last = svc.runs.latest(inst.id)
             if last is not None and last.message_ts:
                 channel, thread = last.channel_id, last.message_ts
         ts = svc.notifier.post(channel, text, thread_ts=thread)
-        store.save(Setting(instance_id=inst.id, minutes=cmd.minutes, set_by=who.user_id, channel=channel,
+        store.save(Setting(instance_id=inst.id, minutes=cmd.minutes, set_by=actor.user_id, channel=channel,
                            thread_ts=thread or ts, owner=owner))
-        if channel != who.channel_id or thread:
-            answer(svc, who, text)
+        if channel != actor.channel_id or thread:
+            answer(svc, actor, text)
     return text
 
 
@@ -215,10 +215,10 @@ def _headsup(svc: Services, setting: Setting, row: Row, now: datetime) -> None:
     idle = setting.idle_since(row.idle_since) or now
     due = rules.due_at(setting.minutes, idle, setting.kept_until)
     wait = max(due, now + timedelta(minutes=svc.settings.RUNCTL_AUTOSTOP_HEADSUP_MINUTES))
-    who = f"<@{setting.owner}>" if setting.owner else "Heads-up:"
+    mention = f"<@{setting.owner}>" if setting.owner else "Heads-up:"
     cost = row.cost_of((now - idle).total_seconds())
     spent = f" (${format_rate(cost.quantize(Decimal('0.01')))})" if cost is not None else ""
-    text = (f":alarm_clock: {who} *{row.instance.label}* has had no live run for "
+    text = (f":alarm_clock: {mention} *{row.instance.label}* has had no live run for "
             f"{duration((now - idle).total_seconds())}{spent}. Autostop stops it in "
             f"{duration((wait - now).total_seconds())} unless a run starts or you keep it.")
     body, blocks = headsup_blocks(text, setting.instance_id)
@@ -260,9 +260,9 @@ def stop_idle(instance_id: str) -> str:
         svc.notifier.post(setting.channel, owner + text, thread_ts=setting.thread_ts)
         setting.headsup_at, setting.headsup_ts, setting.kept_until = None, None, None
         store.save(setting)
-        who = Requester(user_id=setting.owner or "runctl", channel_id=setting.channel)
+        actor = Actor(user_id=setting.owner or "runctl", channel_id=setting.channel)
         audit.record(svc.redis, svc.settings.RUNCTL_AUDIT_MAXLEN,
-                     audit.of(who, "allowed", "autostopped (idle)", instance=inst.id))
+                     audit.of(actor, "allowed", "autostopped (idle)", instance=inst.id))
         return text
     except RunctlError as exc:
         log.warning("autostop of %s: %s", instance_id, exc.what)
@@ -277,17 +277,17 @@ def stop_idle(instance_id: str) -> str:
 @funnel.click("click keep running 1h", 1)
 def keep(job: Job, instance_id: str, message_ts: str) -> str:
     """[Keep running 1h] on an autostop heads-up (`keep(instance_id, actor, message_ts)`)."""
-    svc, who = job.svc, job.actor
+    svc, actor = job.svc, job.actor
     job.instance_id = instance_id
     store = AutostopStore(svc.redis)
     setting = store.get(instance_id)
     if setting is None:
         text = f"Autostop is off for `{instance_id}`; nothing to keep."
-        answer(svc, who, text)
+        answer(svc, actor, text)
         return text
     setting.kept_until = svc.clock() + rules.KEEP
     setting.headsup_at = None
-    text = (f":ok_hand: <@{who.user_id}> keeps `{instance_id}` running for another hour; autostop asks again "
+    text = (f":ok_hand: <@{actor.user_id}> keeps `{instance_id}` running for another hour; autostop asks again "
             "before it stops.")
     _close_headsup(svc, setting, text)
     setting.headsup_ts = None
@@ -298,15 +298,15 @@ def keep(job: Job, instance_id: str, message_ts: str) -> str:
 @funnel.click("click autostop stop now", 1, "stop")
 def stop_now(job: Job, instance_id: str, message_ts: str) -> str:
     """[Stop now] on an autostop heads-up (`stop_now(instance_id, actor, message_ts)`)."""
-    svc, who = job.svc, job.actor
+    svc, actor = job.svc, job.actor
     job.instance_id = instance_id
     store = AutostopStore(svc.redis)
     setting = store.get(instance_id)
     thread = setting.thread_ts if setting else None
     job.thread_ts = thread
-    outcome = stop_flow(svc, instance_id, who, thread_ts=thread)
+    outcome = stop_flow(svc, instance_id, actor, thread_ts=thread)
     if setting is not None:
-        _close_headsup(svc, setting, f":double_vertical_bar: <@{who.user_id}> clicked [Stop now]: {outcome}")
+        _close_headsup(svc, setting, f":double_vertical_bar: <@{actor.user_id}> clicked [Stop now]: {outcome}")
         setting.headsup_at, setting.headsup_ts, setting.kept_until = None, None, None
         store.save(setting)
     return outcome

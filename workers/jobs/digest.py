@@ -178,10 +178,10 @@ def render(
     rows: list[Row], yesterday: Spend, month: Spend, warnings: list[WarningRecord], now: datetime,
     names: dict[str, str] | None = None,
 ) -> tuple[str, list[Block]]:
-    named = names or {}
+    known = names or {}
 
-    def who(person: str) -> str:  # by name: a daily digest must not ping everyone it lists
-        return "_no owner_" if person == NOBODY else f"*{escape(named.get(person, person))}*"
+    def named(person: str) -> str:  # by name: a daily digest must not ping everyone it lists
+        return "_no owner_" if person == NOBODY else f"*{escape(known.get(person, person))}*"
 
     running = [r for r in rows if r.running]
     idle = sorted((r for r in running if r.idle), key=lambda r: -(r.cost_of(r.idle_seconds(now)) or 0))
@@ -196,15 +196,15 @@ def render(
     top = sorted(yesterday.person.items(), key=lambda kv: -kv[1])[:3]
     medals = (":first_place_medal:", ":second_place_medal:", ":third_place_medal:")
     if top:
-        line = "  ".join(f"{m} {who(p)} {format_usd(v)}" for m, (p, v) in zip(medals, top, strict=False))
+        line = "  ".join(f"{m} {named(p)} {format_usd(v)}" for m, (p, v) in zip(medals, top, strict=False))
         blocks += sections([f"*Top spenders yesterday*  {line}"], 1)
-    blocks += _table("Per person", yesterday.person, month.person, who)
+    blocks += _table("Per person", yesterday.person, month.person, named)
     blocks += _table("Per instance type", yesterday.type, month.type, lambda t: f"`{t}`")
     if len({r.instance.region for r in rows}) > 1:
         blocks += _table("Per region", yesterday.region, month.region, lambda r: f"*{r}*")
     blocks += _listing(
         f"Running now ({len(running)})",
-        [_running_line(r, who) for r in sorted(running, key=lambda r: -(r.cost or 0))],
+        [_running_line(r, named) for r in sorted(running, key=lambda r: -(r.cost or 0))],
         "nothing is running",
     )
     blocks += _listing(
@@ -215,7 +215,7 @@ def render(
     )
     blocks += _listing(
         f"Open warnings ({len(warnings)})",
-        [f"{w.kind.value} · {w.label} · {w.status.value}" + (f" by {who(w.acted_by)}" if w.acted_by else "")
+        [f"{w.kind.value} · {w.label} · {w.status.value}" + (f" by {named(w.acted_by)}" if w.acted_by else "")
          for w in warnings],
         "none",
     )
@@ -251,10 +251,10 @@ def _listing(title: str, lines: list[str], empty: str) -> list[SectionBlock]:
     return sections([f"*{title}*", *shown], 2)
 
 
-def _running_line(row: Row, who: Callable[[str], str]) -> str:
+def _running_line(row: Row, named: Callable[[str], str]) -> str:
     parts = [f"*{row.instance.label}* {row.instance.type}", f"{format_usd(row.cost)} so far"]
     if row.live_run:
-        parts.append(f"{who(row.live_run.user_id)} training {code(row.live_run.script, 60)}")
+        parts.append(f"{named(row.live_run.user_id)} training {code(row.live_run.script, 60)}")
     return " · ".join(parts)
 
 

@@ -23,7 +23,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.models.blocks import Block
 
 from workers import audit, policy
-from workers.commands import INSTANCE_ID, Command, Requester
+from workers.commands import INSTANCE_ID, Actor, Command
 from workers.errors import InstanceError, RunctlError
 from workers.services import Services, current
 from workers.slack.thread import fail
@@ -40,7 +40,7 @@ class Job:
     """What a flow knows about the job it runs: the services, who acts, and where to answer."""
 
     svc: Services
-    actor: Requester
+    actor: Actor
     what: str  # the job's name in the audit trail and in "internal error" replies
     instance_id: str = ""
     run: Run | None = None  # set by a flow acting for a run: its errors go to the run's thread
@@ -87,11 +87,11 @@ class Job:
         )
 
 
-def actor_of(value: object) -> Requester:
-    """A job's acting person: a Requester's JSON, or a bare user id from older jobs."""
+def actor_of(value: object) -> Actor:
+    """A job's acting person: a Actor's JSON, or a bare user id from older jobs."""
     if isinstance(value, str):
-        return Requester(user_id=value, channel_id="")
-    return Requester.model_validate(value)
+        return Actor(user_id=value, channel_id="")
+    return Actor.model_validate(value)
 
 
 def settle(job: Job, flow: Callable[[], str]) -> str:
@@ -127,15 +127,15 @@ def _report(job: Job, error: RunctlError) -> None:
 
 
 def command(model: type[C]) -> Callable[[Callable[..., str]], Entry]:
-    """A slash command's job: `entry(command_json, requester_json, *extra)` runs
+    """A slash command's job: `entry(command_json, actor_json, *extra)` runs
     `flow(job, command, *extra)` after the policy's current verdict on the command
     (its actions, `force` included, and the owner of the run it touches)."""
 
     def wrap(flow: Callable[..., str]) -> Entry:
         @functools.wraps(flow)
-        def entry(raw_command: dict[str, Any], raw_requester: dict[str, Any], *extra: Any) -> str:
+        def entry(raw_command: dict[str, Any], raw_actor: dict[str, Any], *extra: Any) -> str:
             svc = current()
-            actor = actor_of(raw_requester)
+            actor = actor_of(raw_actor)
             cmd = _parse(svc, actor, model, raw_command)
             job = Job(svc, actor, f"/runctl {cmd.name}", instance_id=getattr(cmd, "instance_id", None) or "")
 
@@ -188,7 +188,7 @@ def click(what: str, actor_at: int, *actions: str) -> Callable[[Callable[..., st
     return wrap
 
 
-SYSTEM = Requester(user_id="runctl", channel_id="")
+SYSTEM = Actor(user_id="runctl", channel_id="")
 
 
 def system(what: str) -> Callable[[Callable[..., str]], Entry]:
@@ -211,7 +211,7 @@ def system(what: str) -> Callable[[Callable[..., str]], Entry]:
     return wrap
 
 
-def _parse(svc: Services, actor: Requester, model: type[C], raw: dict[str, Any]) -> C:
+def _parse(svc: Services, actor: Actor, model: type[C], raw: dict[str, Any]) -> C:
     try:
         return model.model_validate(raw)
     except ValidationError as exc:

@@ -15,7 +15,7 @@ from slack_sdk.errors import SlackApiError
 from workers import audit, policy
 from workers.aws import launcher
 from workers.aws.launcher import Held, Launcher, LaunchFile, Spec
-from workers.commands import LaunchCommand, Requester
+from workers.commands import Actor, LaunchCommand
 from workers.cost import fleetview
 from workers.cost.pricing import format_rate, format_usd, load_price_book, spot_price
 from workers.errors import AwsError, PermissionDenied, RunConflict, RunctlError
@@ -42,7 +42,7 @@ def launch(job: Job, cmd: LaunchCommand) -> str:
 # --- what to launch ------------------------------------------------------------------
 
 
-def resolve(svc: Services, config: LaunchFile, cmd: LaunchCommand, who: Requester) -> Spec:
+def resolve(svc: Services, config: LaunchFile, cmd: LaunchCommand, actor: Actor) -> Spec:
     """The preset or type, checked against the launch file: never an AMI or network from chat."""
     region = svc.fleet.region
     if cmd.region not in (None, region):
@@ -53,9 +53,9 @@ def resolve(svc: Services, config: LaunchFile, cmd: LaunchCommand, who: Requeste
             fix=f"`/runctl launch {cmd.target}` (in {region}), or ask an admin for a worker in {cmd.region}.",
         )
     preset = config.presets.get(cmd.target)
-    is_admin = policy.is_admin(svc.settings, who.user_id)
+    is_admin = policy.is_admin(svc.settings, actor.user_id)
     if preset is not None:
-        if preset.users and not is_admin and not policy._is_member(svc.settings, who.user_id, preset.users):
+        if preset.users and not is_admin and not policy._is_member(svc.settings, actor.user_id, preset.users):
             raise PermissionDenied(
                 f"Preset `{cmd.target}` is not open to you.",
                 why=f"The launch file gives it to {', '.join(f'<@{u}>' for u in preset.users)}.",
@@ -78,7 +78,7 @@ def resolve(svc: Services, config: LaunchFile, cmd: LaunchCommand, who: Requeste
         instance_type=itype,
         spot=cmd.spot or spot,
         disk_gb=cmd.disk or disk or config.template.disk_gb,
-        name=cmd.instance_name or f"{cmd.target}-{(who.user_name or who.user_id).lower()}-{short}",
+        name=cmd.instance_name or f"{cmd.target}-{(actor.user_name or actor.user_id).lower()}-{short}",
         region=region,
     )
 
@@ -155,23 +155,23 @@ def check_caps(config: LaunchFile, now_held: Held, price: Quote, user_id: str) -
         )
 
 
-def ask_to_launch(svc: Services, cmd: LaunchCommand, who: Requester) -> str:
+def ask_to_launch(svc: Services, cmd: LaunchCommand, actor: Actor) -> str:
     config = launcher.load(svc.settings.RUNCTL_LAUNCH_FILE)
-    spec = resolve(svc, config, cmd, who)
+    spec = resolve(svc, config, cmd, actor)
     price = quote(svc, config, spec)
     now = svc.clock()
     rows = fleetview.view(svc, now)
-    mine = held(rows, who.user_id)
-    check_caps(config, mine, price, who.user_id)
-    spend = [r for r in rows if r.owner == who.user_id]
+    mine = held(rows, actor.user_id)
+    check_caps(config, mine, price, actor.user_id)
+    spend = [r for r in rows if r.owner == actor.user_id]
     burn = sum((r.price.usd_per_hour or Decimal(0) for r in spend if r.running), Decimal(0))
     so_far = sum((r.cost or Decimal(0) for r in spend), Decimal(0))
     daily = None if price.usd_per_hour is None else price.usd_per_hour * 24
-    head = (f":rocket: <@{who.user_id}> asks to *launch {spec.name}* · {spec.instance_type}"
+    head = (f":rocket: <@{actor.user_id}> asks to *launch {spec.name}* · {spec.instance_type}"
             f"{' (spot)' if spec.spot else ''} · preset `{spec.preset}` · {spec.disk_gb} GB disk")
     lines = [
         f"*{price.text()}* · about {format_usd(daily)} a day if it runs around the clock.",
-        f"<@{who.user_id}> now: {len([r for r in spend if r.running])} running instance(s) at "
+        f"<@{actor.user_id}> now: {len([r for r in spend if r.running])} running instance(s) at "
         f"${format_rate(burn)}/h, {format_usd(so_far)} spent on them so far.",
         f"Launched instances: yours {mine.user_instances}/{config.limits.user_instances}, "
         f"team {mine.team_instances}/{config.limits.team_instances}.",
@@ -180,10 +180,10 @@ def ask_to_launch(svc: Services, cmd: LaunchCommand, who: Requester) -> str:
         lines.append(f"Autostop: stopped after {svc.settings.RUNCTL_AUTOSTOP_MINUTES} min with no live run "
                      "(`/runctl autostop <instance> off` to keep it).")
     command = "/runctl launch " + cmd.target + (" --spot" if cmd.spot else "")
-    conf = Confirmation(nonce=new_nonce(), requester_id=who.user_id, channel_id=who.channel_id, created_at=now,
+    conf = Confirmation(nonce=new_nonce(), requester_id=actor.user_id, channel_id=actor.channel_id, created_at=now,
                         kind="launch", command=command, payload=spec.as_dict())
-    text, blocks = confirm_blocks(head, lines, conf.nonce, who.user_id, conf.expires_at)
-    conf.message_ts = svc.notifier.post(who.channel_id, text, blocks)
+    text, blocks = confirm_blocks(head, lines, conf.nonce, actor.user_id, conf.expires_at)
+    conf.message_ts = svc.notifier.post(actor.channel_id, text, blocks)
     ConfirmStore(svc.redis).save(conf)
     return f"launch of {spec.instance_type} ({price.text()}) awaits confirmation"
 
@@ -195,15 +195,16 @@ class LaunchClick(ConfirmClick):
     ACTIONS = (ActionId.LAUNCH_CONFIRM, ActionId.LAUNCH_CANCEL)
 
     def handle(self) -> str:
-        who = f"<@{self.clicker.user_id}>"
+        mention = f"<@{self.actor.user_id}>"
         label = "Launch" if self.action is ActionId.LAUNCH_CONFIRM else "Cancel"
         conf = self.claim(label, ActionId.LAUNCH_CONFIRM, "launch")
         if conf is None:
             return self.too_late()
         spec = Spec.from_dict(conf.payload)
         if self.action is ActionId.LAUNCH_CANCEL:
-            return self.show(conf, f":x: Launch of *{spec.name}* ({spec.instance_type}) cancelled by {who}.")
-        self.show(conf, f":hourglass_flowing_sand: {who} confirmed: launching *{spec.name}* ({spec.instance_type})…")
+            return self.show(conf, f":x: Launch of *{spec.name}* ({spec.instance_type}) cancelled by {mention}.")
+        self.show(conf, f":hourglass_flowing_sand: {mention} confirmed: launching *{spec.name}* "
+                        f"({spec.instance_type})…")
         try:
             return self.launch(conf, spec)
         except RunctlError as exc:
@@ -212,16 +213,16 @@ class LaunchClick(ConfirmClick):
 
     def record(self, conf: Confirmation, outcome: str, instance: str) -> None:
         """A step of the launch in the audit trail, as the requester's (the funnel records the click's end)."""
-        asker = Requester(user_id=conf.requester_id, channel_id=conf.channel_id,
+        requester = Actor(user_id=conf.requester_id, channel_id=conf.channel_id,
                           text=conf.command.removeprefix("/runctl "))
-        entry = audit.of(asker, "allowed", f"launch {outcome} (clicked by <@{self.clicker.user_id}>)",
+        entry = audit.of(requester, "allowed", f"launch {outcome} (clicked by <@{self.actor.user_id}>)",
                          instance=instance)
         audit.record(self.svc.redis, self.svc.settings.RUNCTL_AUDIT_MAXLEN, entry)
 
     def launch(self, conf: Confirmation, spec: Spec) -> str:
         svc = self.svc
-        asker = Requester(user_id=conf.requester_id, channel_id=conf.channel_id)
-        policy.recheck(svc.settings, asker, "launch")  # the policy may have changed in 10 minutes
+        requester = Actor(user_id=conf.requester_id, channel_id=conf.channel_id)
+        policy.recheck(svc.settings, requester, "launch")  # the policy may have changed in 10 minutes
         config = launcher.load(svc.settings.RUNCTL_LAUNCH_FILE)
         began = svc.clock()
         run = Launcher(svc.fleet)
@@ -235,9 +236,9 @@ class LaunchClick(ConfirmClick):
                 fix=f"`{conf.command}` again in a minute.",
             )
         try:
-            check_caps(config, held(fleetview.view(svc, began), asker.user_id), quote(svc, config, spec),
-                       asker.user_id)
-            iid = run.run(config.template, spec, asker.user_id, conf.nonce, policy.scope(svc.settings))
+            check_caps(config, held(fleetview.view(svc, began), requester.user_id), quote(svc, config, spec),
+                       requester.user_id)
+            iid = run.run(config.template, spec, requester.user_id, conf.nonce, policy.scope(svc.settings))
         finally:
             with contextlib.suppress(LockError):  # it outlived its timeout: the next launch already took it
                 lock.release()
@@ -250,21 +251,21 @@ class LaunchClick(ConfirmClick):
         UptimeLedger(svc.redis).mark_running(iid, inst.launch_time or svc.clock())
         _wait_for_agent(svc, inst, AGENT_WAIT_SECONDS)
         took = duration((svc.clock() - began).total_seconds())
-        lines = [f":white_check_mark: <@{asker.user_id}> *{inst.label}* is ready: {inst.type}"
+        lines = [f":white_check_mark: <@{requester.user_id}> *{inst.label}* is ready: {inst.type}"
                  f"{' spot' if spec.spot else ''} in {inst.availability_zone}, `running`, SSM agent Online, "
                  f"in {took}."]
         minutes = settings.RUNCTL_AUTOSTOP_MINUTES
         if minutes:
             AutostopStore(svc.redis).save(Setting(instance_id=iid, minutes=minutes, set_by="launch",
                                                   channel=conf.channel_id, thread_ts=conf.message_ts,
-                                                  owner=asker.user_id))
+                                                  owner=requester.user_id))
             lines.append(f"Autostop: it stops after {minutes} min with no live run, with a heads-up here first "
                          f"(`/runctl autostop {iid} off` keeps it).")
         lines.append(f"Train on it: `{train_command(iid)}`")
         text, blocks = ready_blocks("\n".join(lines), iid)
         try:
             svc.notifier.update(conf.channel_id, conf.message_ts or self.message_ts, text, blocks)
-            svc.notifier.post(conf.channel_id, f"<@{asker.user_id}> `{iid}` is ready.", thread_ts=conf.message_ts)
+            svc.notifier.post(conf.channel_id, f"<@{requester.user_id}> `{iid}` is ready.", thread_ts=conf.message_ts)
         except SlackApiError as exc:
             log.warning("could not post the launch report: %s", exc.response.get("error"))
         self.record(conf, "ready", iid)

@@ -16,7 +16,7 @@ from slack_sdk.errors import SlackApiError
 
 from workers import policy, remote
 from workers.aws.fleet import Instance, ScriptResult
-from workers.commands import Requester, StartCommand, StopCommand, TerminateCommand, TrainCommand
+from workers.commands import Actor, StartCommand, StopCommand, TerminateCommand, TrainCommand
 from workers.cost.pricing import cost_of, format_usd, hourly_price, load_price_book
 from workers.errors import AgentOffline, RemoteError, RunctlError, WrongState
 from workers.jobs import funnel
@@ -88,19 +88,19 @@ def resume(job: Job, run_id: str, message_ts: str) -> str:
 # --- replies ----------------------------------------------------------------------
 
 
-def answer(svc: Services, who: Requester, text: str, thread_ts: str | None = None) -> None:
+def answer(svc: Services, actor: Actor, text: str, thread_ts: str | None = None) -> None:
     """In the thread when there is one (everyone sees button outcomes), else privately."""
     try:
         if thread_ts:
-            svc.notifier.post(who.channel_id, f"<@{who.user_id}> {text}", thread_ts=thread_ts)
+            svc.notifier.post(actor.channel_id, f"<@{actor.user_id}> {text}", thread_ts=thread_ts)
         else:
-            svc.notifier.ephemeral(who.channel_id, who.user_id, text, response_url=who.response_url)
+            svc.notifier.ephemeral(actor.channel_id, actor.user_id, text, response_url=actor.response_url)
     except SlackApiError as exc:
-        log.warning("could not answer %s: %s", who.user_id, exc.response.get("error"))
+        log.warning("could not answer %s: %s", actor.user_id, exc.response.get("error"))
 
 
-def holder(svc: Services, who: Requester, what: str) -> Holder:
-    return Holder(run_id="-", user_id=who.user_id, since=svc.clock(), operation=what)
+def holder(svc: Services, actor: Actor, what: str) -> Holder:
+    return Holder(run_id="-", user_id=actor.user_id, since=svc.clock(), operation=what)
 
 
 # --- cost ------------------------------------------------------------------------
@@ -182,7 +182,7 @@ class Halter:
     """Stops the training runs alive on an instance, each given SIGTERM and `grace` seconds."""
 
     def __init__(
-        self, svc: Services, inst: Instance, actor: Requester, grace: int, force: bool,
+        self, svc: Services, inst: Instance, actor: Actor, grace: int, force: bool,
         why: Literal["stop", "terminate"],
     ) -> None:
         self.svc = svc
@@ -331,7 +331,7 @@ def release_train_lock(svc: Services, instance_id: str, run_id: str) -> None:
 def stop_flow(
     svc: Services,
     instance_id: str,
-    actor: Requester,
+    actor: Actor,
     grace: int | None = None,
     force: bool = False,
     thread_ts: str | None = None,
@@ -349,7 +349,7 @@ def stop_flow(
 
 
 def _stop_locked(
-    svc: Services, iid: str, actor: Requester, grace: int | None, force: bool
+    svc: Services, iid: str, actor: Actor, grace: int | None, force: bool
 ) -> tuple[bool, list[str]]:
     """(True, summary paragraphs) once stopped; (False, [reason]) when nothing was done."""
     fleet = svc.fleet
@@ -426,7 +426,7 @@ def _stop_locked(
 # --- start -----------------------------------------------------------------------
 
 
-def start_flow(svc: Services, instance_id: str, actor: Requester, wait: bool = True) -> str:
+def start_flow(svc: Services, instance_id: str, actor: Actor, wait: bool = True) -> str:
     with operation(svc.redis, instance_id, holder(svc, actor, "start")):
         text, ready = _start_locked(svc, instance_id, actor, wait)
     if not ready:
@@ -439,7 +439,7 @@ def start_flow(svc: Services, instance_id: str, actor: Requester, wait: bool = T
     return body
 
 
-def _start_locked(svc: Services, iid: str, actor: Requester, wait: bool) -> tuple[str, bool]:
+def _start_locked(svc: Services, iid: str, actor: Actor, wait: bool) -> tuple[str, bool]:
     fleet = svc.fleet
     inst = fleet.get(iid)
     policy.check(svc.settings, actor.user_id, "start", policy.instance_owner(svc.redis, iid, lambda _: inst.tags))
@@ -489,56 +489,56 @@ def _wait_for_agent(svc: Services, inst: Instance, timeout: float) -> None:
         delay = min(delay * 2, 10.0)
 
 
-def resume_flow(svc: Services, run_id: str, clicker: Requester, message_ts: str) -> str:
+def resume_flow(svc: Services, run_id: str, actor: Actor, message_ts: str) -> str:
     """[Resume training]: the stopped run's exact command again, from its checkpoint directory."""
     old = svc.runs.get(run_id)
     if old is None:
         text = f"Run `{run_id}` is no longer known to runctl, so it can't be resumed."
-        answer(svc, clicker, text)
+        answer(svc, actor, text)
         return text
     # It writes into the stopped run's checkpoint directory: that run's owner's, or an admin's.
-    policy.check(svc.settings, clicker.user_id, "resume", old.user_id)
+    policy.check(svc.settings, actor.user_id, "resume", old.user_id)
     new_id = new_run_id(svc.clock())
-    claimed = svc.redis.set(f"runctl:resume:{run_id}", f"{new_id} {clicker.user_id}", nx=True,
+    claimed = svc.redis.set(f"runctl:resume:{run_id}", f"{new_id} {actor.user_id}", nx=True,
                             ex=RESUME_CLAIM_SECONDS)
     if not claimed:
         raw = svc.redis.get(f"runctl:resume:{run_id}")
         prior = (raw.decode() if isinstance(raw, bytes) else str(raw or "")).split()
         by = f" by <@{prior[1]}> as run `{prior[0]}`" if len(prior) == 2 else ""
         text = f"Run `{run_id}` was already resumed{by}."
-        answer(svc, clicker, text)
+        answer(svc, actor, text)
         return text
     from workers.jobs.train import new_run  # train imports this module
 
     cmd = TrainCommand.from_run(old)
-    run = new_run(svc, cmd, clicker, new_id).model_copy(update={
+    run = new_run(svc, cmd, actor, new_id).model_copy(update={
         "channel_id": old.channel_id,
         "checkpoint_run_id": old.checkpoint_run_id or old.run_id,
         "notes": [f":repeat: Resumes run `{old.run_id}` from its checkpoint directory."],
     })
     svc.runs.create(run)
-    enqueue(svc.queue, cmd, clicker, run.run_id)
+    enqueue(svc.queue, cmd, actor, run.run_id)
     text, blocks = closed_blocks(
-        f":repeat: <@{clicker.user_id}> resumed run `{old.run_id}` as run `{run.run_id}` on "
+        f":repeat: <@{actor.user_id}> resumed run `{old.run_id}` as run `{run.run_id}` on "
         f"`{old.instance_id}`; it continues from its last checkpoint."
     )
-    svc.notifier.try_update(clicker.channel_id, message_ts, text, blocks, what="the start report")
+    svc.notifier.try_update(actor.channel_id, message_ts, text, blocks, what="the start report")
     return text
 
 
 # --- terminate -------------------------------------------------------------------
 
 
-def ask_to_terminate(svc: Services, iid: str, who: Requester) -> str:
+def ask_to_terminate(svc: Services, iid: str, actor: Actor) -> str:
     """Post the confirmation in the channel; nothing touches the instance until a click."""
     inst = svc.fleet.get(iid)
     if inst.state in ("terminated", "shutting-down"):
         text = f"{inst.label} is already `{inst.state}`; there is nothing to terminate."
-        answer(svc, who, text)
+        answer(svc, actor, text)
         return text
     now = svc.clock()
     live, listings, note, shown = what_would_be_lost(svc, inst)
-    conf = Confirmation(nonce=new_nonce(), instance_id=iid, requester_id=who.user_id, channel_id=who.channel_id,
+    conf = Confirmation(nonce=new_nonce(), instance_id=iid, requester_id=actor.user_id, channel_id=actor.channel_id,
                         created_at=now, shown=shown)
     text, blocks = confirmation_blocks(
         inst,
@@ -546,11 +546,11 @@ def ask_to_terminate(svc: Services, iid: str, who: Requester) -> str:
         live,
         checkpoints_summary(listings, now, note),
         conf.nonce,
-        who.user_id,
+        actor.user_id,
         conf.expires_at,
         now,
     )
-    conf.message_ts = svc.notifier.post(who.channel_id, text, blocks)
+    conf.message_ts = svc.notifier.post(actor.channel_id, text, blocks)
     ConfirmStore(svc.redis).save(conf)
     return text
 
@@ -580,7 +580,7 @@ class ConfirmClick:
         self.svc = job.svc
         self.action = action
         self.nonce = nonce
-        self.clicker = job.actor
+        self.actor = job.actor
         self.message_ts = message_ts
         self.store = ConfirmStore(job.svc.redis)
 
@@ -592,16 +592,16 @@ class ConfirmClick:
         if asked is not None:
             if asked.instance_id:
                 self.job.instance_id = asked.instance_id
-            policy.check_answer(self.svc.settings, self.clicker.user_id, asked.requester_id)
+            policy.check_answer(self.svc.settings, self.actor.user_id, asked.requester_id)
             if self.action is confirm:
                 self.job.allow(verb)
-        conf = self.store.consume(self.nonce, f"<@{self.clicker.user_id}> clicked {label}")
+        conf = self.store.consume(self.nonce, f"<@{self.actor.user_id}> clicked {label}")
         if conf is not None:
             self.job.thread_ts = conf.message_ts  # from here on, everyone sees what happened
         return conf
 
     def handle(self) -> str:
-        who = f"<@{self.clicker.user_id}>"
+        mention = f"<@{self.actor.user_id}>"
         label = {
             ActionId.TERMINATE_CONFIRM: "Terminate",
             ActionId.TERMINATE_STOP_INSTEAD: "Stop instead",
@@ -611,19 +611,19 @@ class ConfirmClick:
         if conf is None:
             return self.too_late()
         if self.action is ActionId.TERMINATE_CANCEL:
-            return self.show(conf, f":x: Terminate of `{conf.instance_id}` cancelled by {who}.")
+            return self.show(conf, f":x: Terminate of `{conf.instance_id}` cancelled by {mention}.")
         if self.action is ActionId.TERMINATE_STOP_INSTEAD:
-            self.show(conf, f":octagonal_sign: {who} chose to stop `{conf.instance_id}` instead. Stopping…")
+            self.show(conf, f":octagonal_sign: {mention} chose to stop `{conf.instance_id}` instead. Stopping…")
             try:
-                outcome = stop_flow(self.svc, conf.instance_id, self.clicker, thread_ts=conf.message_ts)
+                outcome = stop_flow(self.svc, conf.instance_id, self.actor, thread_ts=conf.message_ts)
             except RunctlError as exc:
-                self.show(conf, f":octagonal_sign: {who} chose to stop instead of terminating: it did not happen: "
+                self.show(conf, f":octagonal_sign: {mention} chose to stop instead of terminating: it did not happen: "
                           f"{exc.what}")
                 raise
-            return self.show(conf, f":octagonal_sign: {who} chose to stop instead of terminating: {outcome}")
-        self.show(conf, f":hourglass_flowing_sand: {who} confirmed: terminating `{conf.instance_id}`…")
+            return self.show(conf, f":octagonal_sign: {mention} chose to stop instead of terminating: {outcome}")
+        self.show(conf, f":hourglass_flowing_sand: {mention} confirmed: terminating `{conf.instance_id}`…")
         try:
-            with operation(self.svc.redis, conf.instance_id, holder(self.svc, self.clicker, "terminate")):
+            with operation(self.svc.redis, conf.instance_id, holder(self.svc, self.actor, "terminate")):
                 text, changed = self.terminate(conf)
         except RunctlError as exc:
             self.show(conf, f":warning: Terminate of `{conf.instance_id}` did not happen: {exc.what}")
@@ -631,21 +631,21 @@ class ConfirmClick:
         self.show(conf, text)
         if changed:
             self.store.settle(self.nonce, "it was out of date; a fresh confirmation was posted")
-            asker = self.clicker.model_copy(update={"channel_id": conf.channel_id})
-            ask_to_terminate(self.svc, conf.instance_id, asker)
+            requester = self.actor.model_copy(update={"channel_id": conf.channel_id})
+            ask_to_terminate(self.svc, conf.instance_id, requester)
         return text
 
     def too_late(self) -> str:
         outcome = self.store.outcome(self.nonce)
         if outcome:
             text = f"This confirmation was already used: {outcome}."
-            answer(self.svc, self.clicker, text)
+            answer(self.svc, self.actor, text)
             return text
         asked = self.store.receipt(self.nonce)
         iid = asked.instance_id if asked else "<instance-id>"
         again = asked.command if asked and asked.command else f"/runctl terminate {iid}"
         text = f"This confirmation expired. Run `{again}` again."
-        answer(self.svc, self.clicker, text)
+        answer(self.svc, self.actor, text)
         if asked is not None:
             self.store.settle(self.nonce, "it expired")
             self.show(asked, f":hourglass: {text}")
@@ -671,7 +671,7 @@ class ConfirmClick:
         reports: list[str] = []
         if inst.state == "running":
             known = svc.runs.live_on(iid)
-            halter = Halter(svc, inst, self.clicker, svc.settings.RUNCTL_STOP_GRACE_SECONDS, False, "terminate")
+            halter = Halter(svc, inst, self.actor, svc.settings.RUNCTL_STOP_GRACE_SECONDS, False, "terminate")
             try:
                 reports = [h.report for h in halter.halt_all(known)]
             except AgentOffline as exc:
@@ -679,8 +679,8 @@ class ConfirmClick:
         svc.fleet.terminate(iid)
         inst = svc.fleet.wait_for_state(iid, ("shutting-down", "terminated"), TERMINATED_WAIT_SECONDS)
         UptimeLedger(svc.redis).observe(iid, "terminated", None, now)
-        asked = f" (asked by <@{conf.requester_id}>)" if conf.requester_id != self.clicker.user_id else ""
-        lines = [f":wastebasket: *{inst.label}* terminated by <@{self.clicker.user_id}>{asked}; it is `{inst.state}`."]
+        asked = f" (asked by <@{conf.requester_id}>)" if conf.requester_id != self.actor.user_id else ""
+        lines = [f":wastebasket: *{inst.label}* terminated by <@{self.actor.user_id}>{asked}; it is `{inst.state}`."]
         lines += reports
         if cost is not None:
             lines.append(cost.text("Up this session"))

@@ -36,7 +36,7 @@ SHOWN_BY_DEFAULT = frozenset({"running", "pending", "stopping"})
 
 @funnel.command(ResourcesCommand)
 def resources(job: Job, cmd: ResourcesCommand) -> str:
-    svc, who = job.svc, job.actor
+    svc, actor = job.svc, job.actor
     if cmd.user:
         cmd = cmd.model_copy(update={"user": people.resolve(svc.notifier.client, cmd.user, "resources")})
     now = svc.clock()
@@ -45,22 +45,22 @@ def resources(job: Job, cmd: ResourcesCommand) -> str:
     findings = detect(svc.settings, rows, now)
     text, blocks = render(cmd, rows, findings, now, hidden=len(everything) - len(rows))
     try:
-        ts = svc.notifier.post(who.channel_id, text, blocks)
+        ts = svc.notifier.post(actor.channel_id, text, blocks)
     except SlackApiError as exc:
         error = channel_error(exc)
         if error is None:
             raise
         # The channel refuses the bot: the listing still reaches the person who asked.
-        note = refusal(svc.settings, who.channel_id, error, "post this listing there").as_text()
+        note = refusal(svc.settings, actor.channel_id, error, "post this listing there").as_text()
         if len(rows) > ROW_LIMIT:
             note += "\nThe full CSV needs me in the channel too."
         _, blocks = render(cmd, rows, findings, now, hidden=len(everything) - len(rows), note=note)
-        svc.notifier.ephemeral(who.channel_id, who.user_id, text, blocks, response_url=who.response_url)
+        svc.notifier.ephemeral(actor.channel_id, actor.user_id, text, blocks, response_url=actor.response_url)
         return f"{text} (privately: {error})"
     if len(rows) > ROW_LIMIT:
         try:
             svc.notifier.upload(
-                who.channel_id,
+                actor.channel_id,
                 f"runctl-resources-{now:%Y%m%d-%H%M}.csv",
                 to_csv(rows, findings, now),
                 title=f"runctl resources: all {len(rows)} instances",
@@ -71,8 +71,8 @@ def resources(job: Job, cmd: ResourcesCommand) -> str:
             if error is None:
                 raise
             # chat:write.public posted the listing; sharing a file needs membership.
-            refused = refusal(svc.settings, who.channel_id, error, "share the CSV here")
-            svc.notifier.post(who.channel_id, f"<@{who.user_id}> {refused.as_text()}", thread_ts=ts)
+            refused = refusal(svc.settings, actor.channel_id, error, "share the CSV here")
+            svc.notifier.post(actor.channel_id, f"<@{actor.user_id}> {refused.as_text()}", thread_ts=ts)
     return f"listed {len(rows)} instances"
 
 

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 from workers import remote
 from workers.aws.fleet import PRESIGN_MARGIN_SECONDS, PYTHON_TAG, Instance
-from workers.commands import Requester, TrainCommand
+from workers.commands import Actor, TrainCommand
 from workers.errors import RunConflict, RunctlError, WrongState
 from workers.jobs import envsetup, funnel
 from workers.jobs.funnel import Job
@@ -43,12 +43,12 @@ def train(job: Job, cmd: TrainCommand, run_id: str) -> str:
     return TrainFlow(job, cmd).execute().state.value
 
 
-def new_run(svc: Services, cmd: TrainCommand, who: Requester, run_id: str) -> Run:
+def new_run(svc: Services, cmd: TrainCommand, actor: Actor, run_id: str) -> Run:
     return Run(
         run_id=run_id,
         instance_id=cmd.instance_id,
-        user_id=who.user_id,
-        channel_id=who.channel_id,
+        user_id=actor.user_id,
+        channel_id=actor.channel_id,
         script=cmd.script,
         args=cmd.args,
         ref=cmd.ref or svc.settings.RUNCTL_REF,
@@ -59,7 +59,7 @@ def new_run(svc: Services, cmd: TrainCommand, who: Requester, run_id: str) -> Ru
         checkpoint_interval=cmd.checkpoint_interval,
         then=cmd.then or svc.settings.RUNCTL_THEN,
         created_at=svc.clock(),
-        response_url=who.response_url,
+        response_url=actor.response_url,
     )
 
 
@@ -378,14 +378,14 @@ def option_values(args: tuple[str, ...] | list[str], names: tuple[str, ...]) -> 
 
 
 def conflict(instance_id: str, run_id: str, holder: Holder | None, evidence: str) -> RunConflict:
-    who = (
+    busy = (
         f"<@{holder.user_id}> is training {code(holder.script)} (run `{run_id}`) since "
         f"<!date^{int(holder.since.timestamp())}^{{date_short_pretty}} {{time}}|{holder.since:%Y-%m-%d %H:%M} UTC>"
         if holder
         else f"A training process (run `{run_id}`) is alive"
     )
     return RunConflict(
-        f"{instance_id} is busy: {who}.",
+        f"{instance_id} is busy: {busy}.",
         why=f"One training per instance (seen via {evidence}).",
         fix=f"wait for it to finish; `/runctl stop {instance_id}` to checkpoint and stop it; "
         "or add `--force` to stop it gracefully and start yours.",

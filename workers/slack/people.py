@@ -64,12 +64,12 @@ def labels(svc: Services, user_ids: Iterable[str]) -> dict[str, str]:
     return out
 
 
-def resolve(client: WebClient, who: str, command: str) -> str:
-    """`who` as the grammar kept it: a user id, or `@name` to look up. Exactly one live
+def resolve(client: WebClient, person: str, command: str) -> str:
+    """`person` as the grammar kept it: a user id, or `@name` to look up. Exactly one live
     member must carry that name; otherwise the requester is told which ones do."""
-    if not who.startswith("@"):
-        return who
-    wanted = who[1:].casefold()
+    if not person.startswith("@"):
+        return person
+    wanted = person[1:].casefold()
     fix = f"Pick the person from Slack's @ list, so the command carries their mention: `/runctl {command} --user @…`"
     found: list[str] = []
     cursor = ""
@@ -78,7 +78,7 @@ def resolve(client: WebClient, who: str, command: str) -> str:
             page = client.users_list(limit=PAGE, cursor=cursor or None)
         except SlackApiError as exc:  # e.g. missing_scope: users.list needs users:read
             raise RunctlError(
-                f"runctl could not look up {code(who)}.",
+                f"runctl could not look up {code(person)}.",
                 why=f"Slack's users.list answered {code(exc.response.get('error'))}.",
                 fix=fix,
             ) from None
@@ -89,13 +89,13 @@ def resolve(client: WebClient, who: str, command: str) -> str:
             break
     if not found:
         raise RunctlError(
-            f"No one in this Slack workspace is called {code(who)}.",
+            f"No one in this Slack workspace is called {code(person)}.",
             why="runctl compared it with every member's username, display name and full name.",
             fix=fix,
         )
     if len(found) > 1:
         raise RunctlError(
-            f"{len(found)} people are called {code(who)}: {', '.join(f'<@{u}>' for u in found)}.",
+            f"{len(found)} people are called {code(person)}: {', '.join(f'<@{u}>' for u in found)}.",
             fix=fix,
         )
     return found[0]

@@ -102,9 +102,9 @@ def operation(
     while not lock.acquire(token):
         if time.monotonic() >= deadline:
             other = lock.holder()
-            who = f"`{other.operation}` by <@{other.user_id}>" if other else "another operation"
+            doing = f"`{other.operation}` by <@{other.user_id}>" if other else "another operation"
             raise RunConflict(
-                f"{instance_id} is busy: {who} is in progress.",
+                f"{instance_id} is busy: {doing} is in progress.",
                 why="runctl runs one stop/start/train/terminate at a time per instance.",
                 fix=f"Try again in a minute, or check `/runctl status {instance_id}`.",
             )

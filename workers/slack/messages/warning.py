@@ -65,15 +65,15 @@ def _summary(records: list[WarningRecord]) -> str:
 
 
 def _outcome(record: WarningRecord) -> str:
-    who = f"<@{record.acted_by}>" if record.acted_by else "someone"
+    mention = f"<@{record.acted_by}>" if record.acted_by else "someone"
     until = f"{record.quiet_until:%Y-%m-%d %H:%M} UTC" if record.quiet_until else ""
     if record.status is Status.SNOOZED:
-        return f":mute: Snoozed by {who} until {until}."
+        return f":mute: Snoozed by {mention} until {until}."
     if record.status is Status.KEPT:
         reason = f": “{escape(record.reason)}”" if record.reason else " (no reason given)"
-        return f":white_check_mark: Kept running by {who}{reason}. Quiet until {until}."
+        return f":white_check_mark: Kept running by {mention}{reason}. Quiet until {until}."
     if record.status is Status.STOPPING:
-        return f":octagonal_sign: Stop requested by {who}; progress in the thread."
+        return f":octagonal_sign: Stop requested by {mention}; progress in the thread."
     if record.status is Status.RESOLVED:
         return ":heavy_check_mark: Resolved" + (f" ({escape(record.reason)})." if record.reason else ".")
     return ""
