@@ -17,7 +17,7 @@ from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.state.runs import RunState
 
-from .test_launch import slash
+from .test_launch import launched_ids, slash, template  # noqa: F401 (template: a fixture)
 from .test_lifecycle import CHANNEL, SLOW, posted, stop_cmd, text_of, train_on, wait_for_epoch
 from .test_resources import text_of as listing_text
 
@@ -98,3 +98,15 @@ def test_sweep_and_digest_cover_both_regions(
     _, blocks = render(rows, day, day, [], svc.clock())
     shown = "\n".join(b.to_dict()["text"]["text"] for b in blocks if "text" in b.to_dict())
     assert "*Per region*" in shown and f"*{SECOND}* — yesterday" in shown and "*us-east-1* — yesterday" in shown
+
+
+@pytest.mark.usefixtures("template")  # the launch file (tests/test_launch.py)
+def test_launch_is_refused_when_the_workers_region_is_not_managed(
+    svc: Services, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    svc.settings = svc.settings.model_copy(update={"RUNCTL_REGIONS": [SECOND]})
+    svc._fleet = None
+    slash(svc, slack, worker, "launch gpu")
+    said = slack.ephemerals("U0ALICE")[-1].text
+    assert f"runctl launches in us-east-1, but RUNCTL_REGIONS ({SECOND}) leaves it out" in said, said
+    assert launched_ids(svc) == []

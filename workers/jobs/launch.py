@@ -18,7 +18,7 @@ from workers.aws.launcher import Held, Launcher, LaunchFile, Spec
 from workers.commands import Actor, LaunchCommand
 from workers.cost import fleetview
 from workers.cost.pricing import format_rate, format_usd, load_price_book, spot_price
-from workers.errors import AwsError, PermissionDenied, RunConflict, RunctlError
+from workers.errors import AwsError, ConfigError, PermissionDenied, RunConflict, RunctlError
 from workers.jobs import funnel
 from workers.jobs.funnel import Job
 from workers.jobs.lifecycle import AGENT_WAIT_SECONDS, ConfirmClick, _wait_for_agent
@@ -51,6 +51,12 @@ def resolve(svc: Services, config: LaunchFile, cmd: LaunchCommand, actor: Actor)
             why="The launch template (AMI, subnets, security groups) belongs to the worker's region "
             "(AWS_DEFAULT_REGION); runctl manages instances in RUNCTL_REGIONS but launches only there.",
             fix=f"`/runctl launch {cmd.target}` (in {region}), or ask an admin for a worker in {cmd.region}.",
+        )
+    if region not in svc.fleet.regions:
+        raise ConfigError(
+            f"runctl launches in {region}, but RUNCTL_REGIONS ({svc.fleet.regions_text}) leaves it out.",
+            why="An instance launched there could not be trained on, stopped or priced.",
+            fix=f"An admin adds {region} to RUNCTL_REGIONS.",
         )
     preset = config.presets.get(cmd.target)
     is_admin = policy.is_admin(svc.settings, actor.user_id)
