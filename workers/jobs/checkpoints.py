@@ -17,6 +17,7 @@ from workers.services import Services
 from workers.slack.client import MAX_TEXT, clamp
 from workers.slack.escape import code, escape
 from workers.slack.format import duration, size
+from workers.slack.messages import Message
 
 MAX_ROWS = 60
 MAX_BLOCKS = 50
@@ -77,7 +78,7 @@ def checkpoint_line(ck: FoundCheckpoint, now: datetime, newest_valid: bool = Fal
 
 def listing_message(
     inst: Instance, listing: CheckpointListing, asked_run: str | None, user_id: str, now: datetime
-) -> tuple[str, list[Block]]:
+) -> Message:
     iid = inst.id
     if listing.missing:
         known = ", ".join(code(r) for r in listing.known_runs)
@@ -88,13 +89,13 @@ def listing_message(
             if listing.known_runs
             else f"/runctl checkpoints {iid}",
         )
-        return err.what, [_section(err.as_text())]
+        return Message(err.what, [_section(err.as_text())])
     if listing.run_id is None:
         text = (
             f":open_file_folder: No runs on {inst.label} yet, so no checkpoints. "
             f"Start one: `/runctl train {iid} train_with_checkpoints.py`"
         )
-        return text, [_section(text)]
+        return Message(text, [_section(text)])
     run = listing.run_id
     if not listing.checkpoints:
         text = f":open_file_folder: Run {code(run)} on {inst.label} has no checkpoints."
@@ -102,7 +103,7 @@ def listing_message(
             "Save checkpoints to `$RUNCTL_CHECKPOINT_DIR` (runctl sets it for every run) so that a stop "
             f"or an instance loss doesn't cost the work; see {PROTOCOL_DOC}."
         )
-        return text, [_section(text), _context(hint)]
+        return Message(text, [_section(text), _context(hint)])
 
     count = len(listing.checkpoints)
     best = listing.newest_valid
@@ -152,7 +153,7 @@ def listing_message(
     text = f"Checkpoints of run {escape(run)} on {inst.label}: {summary}" + (
         f" · {len(corrupt)} corrupt" if corrupt else ""
     )
-    return text, blocks[:MAX_BLOCKS]
+    return Message(text, blocks[:MAX_BLOCKS])
 
 
 def _corrupt_warning(corrupt: list[FoundCheckpoint], best: FoundCheckpoint | None, user_id: str) -> str:

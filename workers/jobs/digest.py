@@ -26,6 +26,7 @@ from workers.slack.blocks import sections
 from workers.slack.client import clamp
 from workers.slack.escape import code, escape
 from workers.slack.format import duration
+from workers.slack.messages import Message
 from workers.slack.people import labels
 from workers.slack.reach import channel_error, refusal
 from workers.state.runs import Run
@@ -177,7 +178,7 @@ def spend(
 def render(
     rows: list[Row], yesterday: Spend, month: Spend, warnings: list[WarningRecord], now: datetime,
     names: dict[str, str] | None = None,
-) -> tuple[str, list[Block]]:
+) -> Message:
     known = names or {}
 
     def named(person: str) -> str:  # by name: a daily digest must not ping everyone it lists
@@ -224,7 +225,7 @@ def render(
     if unpriced:
         note += f" {unpriced} instance(s) have an unknown price and are left out."
     blocks.append(ContextBlock(elements=[MarkdownTextObject(text=note)]))
-    return f"runctl digest: yesterday {format_usd(yesterday.total)}, month {format_usd(month.total)}", blocks
+    return Message(f"runctl digest: yesterday {format_usd(yesterday.total)}, month {format_usd(month.total)}", blocks)
 
 
 def person_labels(svc: Services, people: Iterable[str]) -> dict[str, str]:

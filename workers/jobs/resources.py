@@ -25,6 +25,7 @@ from workers.slack.blocks import sections
 from workers.slack.client import clamp
 from workers.slack.escape import code, escape
 from workers.slack.format import duration
+from workers.slack.messages import Message
 from workers.slack.reach import channel_error, refusal
 
 ROW_LIMIT = 20
@@ -131,7 +132,7 @@ def region_line(region: str, rows: list[Row]) -> str:
 
 def render(
     cmd: ResourcesCommand, rows: list[Row], findings: list[Finding], now: datetime, hidden: int, note: str = ""
-) -> tuple[str, list[Block]]:
+) -> Message:
     burn, unpriced = totals(rows)
     running = sum(1 for r in rows if r.running)
     head = (
@@ -174,7 +175,7 @@ def render(
     blocks += sections(lines, MAX_BLOCKS - 2)
     blocks.append(ContextBlock(elements=[MarkdownTextObject(text=clamp(footer))]))
     summary = f"Fleet: {running} running, burn {format_usd(burn)}/h"
-    return summary, blocks
+    return Message(summary, blocks)
 
 
 def to_csv(rows: list[Row], findings: list[Finding], now: datetime) -> bytes:

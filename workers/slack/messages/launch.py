@@ -10,21 +10,22 @@ from slack_sdk.models.blocks import ActionsBlock, Block, MarkdownTextObject, Sec
 from workers.slack.blocks import button, confirmation
 from workers.slack.client import clamp
 from workers.slack.ids import ActionId, BlockId
+from workers.slack.messages import Message
 
 
 def confirm_blocks(head: str, lines: list[str], nonce: str, requester_id: str,
-                   expires_at: datetime) -> tuple[str, list[Block]]:
+                   expires_at: datetime) -> Message:
     buttons = [button("Launch", ActionId.LAUNCH_CONFIRM, nonce, "primary"),
                button("Cancel", ActionId.LAUNCH_CANCEL, nonce)]
     blocks = confirmation(head, lines, BlockId.LAUNCH_ACTIONS, buttons, requester_id, expires_at)
-    return head.splitlines()[0], blocks
+    return Message(head.splitlines()[0], blocks)
 
 
 def train_command(instance_id: str) -> str:
     return f"/runctl train {instance_id} <script.py> --then stop -- <script args>"
 
 
-def ready_blocks(text: str, instance_id: str) -> tuple[str, list[Block]]:
+def ready_blocks(text: str, instance_id: str) -> Message:
     blocks: list[Block] = [
         SectionBlock(text=MarkdownTextObject(text=clamp(text))),
         ActionsBlock(
@@ -32,10 +33,10 @@ def ready_blocks(text: str, instance_id: str) -> tuple[str, list[Block]]:
             elements=[button("Train on it", ActionId.TRAIN_ON_IT, instance_id, "primary")],
         ),
     ]
-    return text.splitlines()[0], blocks
+    return Message(text.splitlines()[0], blocks)
 
 
-def headsup_blocks(text: str, instance_id: str) -> tuple[str, list[Block]]:
+def headsup_blocks(text: str, instance_id: str) -> Message:
     blocks: list[Block] = [
         SectionBlock(text=MarkdownTextObject(text=clamp(text))),
         ActionsBlock(
@@ -46,4 +47,4 @@ def headsup_blocks(text: str, instance_id: str) -> tuple[str, list[Block]]:
             ],
         ),
     ]
-    return text.splitlines()[0], blocks
+    return Message(text.splitlines()[0], blocks)

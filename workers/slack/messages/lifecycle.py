@@ -24,6 +24,7 @@ from workers.slack.client import clamp
 from workers.slack.escape import code
 from workers.slack.format import duration, size
 from workers.slack.ids import ActionId, BlockId
+from workers.slack.messages import Message
 from workers.state.runs import Run
 
 MAX_SECTIONS = 45  # Slack allows 50 blocks; keep room for the header and actions
@@ -76,7 +77,7 @@ def confirmation_blocks(
     requester_id: str,
     expires_at: datetime,
     now: datetime,
-) -> tuple[str, list[Block]]:
+) -> Message:
     head = f":warning: <@{requester_id}> asks to *terminate {inst.label}* · {inst.type} · `{inst.state}`"
     lines = [cost.text("Up")]
     if live is not None:
@@ -101,26 +102,26 @@ def confirmation_blocks(
         button("Cancel", ActionId.TERMINATE_CANCEL, nonce),
     ]
     blocks = confirmation(head, lines, BlockId.TERMINATE_ACTIONS, buttons, requester_id, expires_at)
-    return f"Terminate {inst.label}? Waiting for confirmation.", blocks
+    return Message(f"Terminate {inst.label}? Waiting for confirmation.", blocks)
 
 
-def closed_blocks(text: str, footer: str = "") -> tuple[str, list[Block]]:
+def closed_blocks(text: str, footer: str = "") -> Message:
     """A message whose buttons are gone, replaced by what happened."""
     blocks: list[Block] = [SectionBlock(text=MarkdownTextObject(text=clamp(text)))]
     if footer:
         blocks.append(ContextBlock(elements=[MarkdownTextObject(text=clamp(footer))]))
-    return text.splitlines()[0], blocks
+    return Message(text.splitlines()[0], blocks)
 
 
-def summary_blocks(lines: Sequence[str]) -> tuple[str, list[Block]]:
+def summary_blocks(lines: Sequence[str]) -> Message:
     """A report of several paragraphs: one section each, within Slack's limits."""
     blocks: list[Block] = [
         SectionBlock(text=MarkdownTextObject(text=clamp(line))) for line in lines[:MAX_SECTIONS] if line
     ]
-    return (lines[0] if lines else ""), blocks
+    return Message((lines[0] if lines else ""), blocks)
 
 
-def ready_blocks(text: str, resume: Run | None) -> tuple[str, list[Block]]:
+def ready_blocks(text: str, resume: Run | None) -> Message:
     """The start report, with [Resume training] when the last run was stopped with a checkpoint."""
     blocks: list[Block] = [SectionBlock(text=MarkdownTextObject(text=clamp(text)))]
     if resume is not None and resume.checkpoint is not None:
@@ -144,4 +145,4 @@ def ready_blocks(text: str, resume: Run | None) -> tuple[str, list[Block]]:
                 elements=[button("Resume training", ActionId.RESUME_TRAINING, resume.run_id, "primary")],
             )
         )
-    return text.splitlines()[0], blocks
+    return Message(text.splitlines()[0], blocks)

@@ -20,6 +20,7 @@ from workers.slack.client import MAX_TEXT, clamp
 from workers.slack.escape import code, escape
 from workers.slack.format import bar, duration, size
 from workers.slack.ids import ActionId, BlockId
+from workers.slack.messages import Message
 from workers.state.runs import Checkpoint, Gpu, Progress, Run, RunState
 
 EMOJI = {
@@ -83,7 +84,7 @@ def run_summary(run: Run) -> str:
     return f"{run.state.value}: {code(run.script)} on `{run.instance_id}` ({run.run_id})"
 
 
-def run_blocks(run: Run, now: datetime | None = None) -> tuple[str, list[Block]]:
+def run_blocks(run: Run, now: datetime | None = None) -> Message:
     now = now or datetime.now(UTC)
     head = (
         f"{EMOJI[run.state]} *{run.state.value.capitalize()}* · {code(run.script)} on "
@@ -125,7 +126,7 @@ def run_blocks(run: Run, now: datetime | None = None) -> tuple[str, list[Block]]
         blocks.append(ContextBlock(elements=[MarkdownTextObject(text=clamp(note))]))
     if run.started_at is not None:  # it has a training.log
         blocks.append(full_log_actions(run.run_id))
-    return run_summary(run), blocks
+    return Message(run_summary(run), blocks)
 
 
 def full_log_actions(run_id: str) -> ActionsBlock:

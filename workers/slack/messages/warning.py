@@ -16,6 +16,7 @@ from slack_sdk.models.blocks import (
 from workers.slack.client import clamp
 from workers.slack.escape import escape
 from workers.slack.ids import ActionId, BlockId
+from workers.slack.messages import Message
 from workers.state.warnings import Kind, Status, WarningPost, WarningRecord, button_value
 
 ICON = {
@@ -32,7 +33,7 @@ ICON = {
 PER_POST = 20
 
 
-def render_post(post: WarningPost, records: list[WarningRecord]) -> tuple[str, list[Block]]:
+def render_post(post: WarningPost, records: list[WarningRecord]) -> Message:
     """A post listing its warnings, each with its own buttons while someone must decide."""
     blocks: list[Block] = []
     for record in records[:PER_POST]:
@@ -44,7 +45,7 @@ def render_post(post: WarningPost, records: list[WarningRecord]) -> tuple[str, l
         notes.append(f"{post.later} more did not fit Slack's posting rate; the next sweep posts them.")
     if notes:
         blocks.append(ContextBlock(elements=[MarkdownTextObject(text=" ".join(notes))]))
-    return _summary(records), blocks
+    return Message(_summary(records), blocks)
 
 
 def warning_blocks(record: WarningRecord) -> list[Block]:
