@@ -113,8 +113,17 @@ def test_a_passing_run_posts_exactly_one_parent(
     assert svc.runs.latest(iid) is not None and svc.runs.latest(iid).instance_id == iid  # type: ignore[union-attr]
     parents = [m for m in public(slack) if m.thread_ts is None]
     assert len(parents) == 1, [m.text for m in parents]
-    assert "Finished" in json.dumps(parents[0].blocks)
+    final = json.dumps(parents[0].blocks)
+    assert "Finished" in final
     assert all(m.thread_ts == parents[0].ts for m in public(slack) if m is not parents[0])
+    # the final parent: no live fields, absolute times, the checkpoint; the notes said once, in the thread
+    assert "ETA" not in final and " ago" not in final and "elapsed" not in final
+    assert "<!date^" in final and "took " in final and "ckpt-epoch-00002.json" in final
+    assert "Added `--checkpoint-interval 1`" not in final  # the args still show it
+    said = [m.text for m in slack.thread(CHANNEL, parents[0].ts) if "Added `--checkpoint-interval 1`" in m.text]
+    assert len(said) == 1 and "Added" in said[0]
+    updates = [c for c in slack.calls_to("chat.update") if c.params.get("ts") == parents[0].ts]
+    assert updates and not any("Added `--checkpoint-interval" in json.dumps(c.params) for c in updates)
 
 
 @pytest.mark.parametrize("text", ["status {iid}", "checkpoints {iid}", "resources", "audit 5"])
@@ -183,3 +192,28 @@ def test_starting_a_running_instance_says_so_once(
     told = private_to(slack, ALICE) + "\n".join(m.text for m in public(slack))
     assert f"gpu-box-1 ({iid}) is already running." in told
     assert "nothing to start" not in told
+
+
+# --- final messages ---------------------------------------------------------------
+
+
+def test_a_final_parent_drops_the_eta_and_relative_times() -> None:
+    from datetime import timedelta
+
+    from workers.slack.messages.run import run_blocks
+    from workers.state.runs import Checkpoint, Progress, Run, RunState
+
+    start = datetime(2026, 3, 4, 5, 6, tzinfo=UTC)
+    run = Run(run_id="r-final", instance_id="i-0123456789abcdef0", user_id=ALICE, channel_id=CHANNEL,
+              script="train.py", state=RunState.STOPPED, started_at=start, ended_at=start + timedelta(minutes=90),
+              progress=Progress(epoch=3, total_epochs=10, metrics={"loss": 0.25}, eta_seconds=600),
+              checkpoint=Checkpoint(name="ckpt-3.pt", size=2048, epoch=3, modified_at=start + timedelta(minutes=80)),
+              notes=["Added `--checkpoint-interval 1`"])
+    text = json.dumps([b.to_dict() for b in run_blocks(run, start + timedelta(hours=5))[1]])
+    assert "ETA" not in text and " ago" not in text and "elapsed" not in text
+    assert "loss 0.25" in text and "epoch 3/10" in text and "ckpt-3.pt" in text
+    assert f"<!date^{int((start + timedelta(minutes=80)).timestamp())}^" in text  # when it was saved
+    assert "took 1h 30m" in text and "checkpoint-interval" not in text
+    live = run.model_copy(update={"state": RunState.RUNNING, "ended_at": None})
+    live_text = json.dumps([b.to_dict() for b in run_blocks(live, start + timedelta(minutes=85))[1]])
+    assert "ETA 10m" in live_text and "5m 00s ago" in live_text

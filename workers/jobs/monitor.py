@@ -281,7 +281,7 @@ def finish(svc: Services, run: Run, snap: Snapshot) -> None:
         reply(svc, run, spot_report(run, f"ended (exit {run.exit_code}) after {took}"), full_log=True)
         return
     ck = (
-        "Newest checkpoint: " + checkpoint_text(run.checkpoint, run.ended_at)
+        "Checkpoint: " + checkpoint_text(run.checkpoint, run.ended_at, absolute=True)
         if run.checkpoint
         else "No checkpoint was written."
     )

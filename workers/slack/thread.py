@@ -31,13 +31,29 @@ def open_run(svc: Services, run: Run) -> Run:
             return svc.runs.save(run)
         raise refusal(svc.settings, run.channel_id, error, "follow this run there") from None
     updates.posted(svc, run)
+    tell_notes(svc, run)
     return svc.runs.save(run)
+
+
+def tell_notes(svc: Services, run: Run) -> None:
+    """The run's notes not yet said (added --checkpoint-interval, the environment built),
+    once each, in its thread: the parent shows the run, not its start's remarks."""
+    fresh = run.notes[run.notes_told :]
+    if run.message_ts is None or not fresh:
+        return
+    try:
+        svc.notifier.post(run.channel_id, "\n".join(fresh), thread_ts=run.message_ts)
+    except SlackApiError as exc:
+        log.warning("could not tell the notes of run %s: %s", run.run_id, exc.response.get("error"))
+        return
+    run.notes_told = len(run.notes)
 
 
 def publish(svc: Services, run: Run) -> Run:
     """Post the parent message the first time; afterwards save the run and have its message
     show it, within Slack's update budget (workers.slack.updates: the last state wins)."""
     if run.message_ts is not None:
+        tell_notes(svc, run)
         saved = svc.runs.save(run)
         updates.show(svc, saved)
         return saved
@@ -47,6 +63,7 @@ def publish(svc: Services, run: Run) -> Run:
     try:
         run.message_ts = svc.notifier.post(run.channel_id, text, blocks)
         updates.posted(svc, run)
+        tell_notes(svc, run)
     except SlackApiError as exc:
         log.warning("could not publish run %s: %s", run.run_id, exc.response.get("error"))
     return svc.runs.save(run)

@@ -111,6 +111,7 @@ class Run(BaseModel):
     env_built_at: datetime | None = None
     setup_seconds: float | None = None
     notes: list[str] = Field(default_factory=list)
+    notes_told: int = 0  # how many of the notes were said in the thread (each once)
     log_tail: str = ""
     gpus: list[Gpu] | None = None  # the newest poll's; None: no nvidia-smi on the instance
     gpu_idle_since: datetime | None = None  # since when every GPU has been near 0 %

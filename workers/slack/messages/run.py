@@ -37,7 +37,9 @@ EMOJI = {
 }
 
 
-def progress_text(p: Progress) -> str:
+def progress_text(p: Progress, final: bool = False) -> str:
+    """The bar, where the run is and its first metrics; a final message (`final`) drops
+    what only a live run has (the ETA)."""
     parts: list[str] = []
     fraction: float | None = None
     if p.step is not None and p.total_steps:
@@ -55,17 +57,25 @@ def progress_text(p: Progress) -> str:
         parts.append(where)
     for name, value in list(p.metrics.items())[:3]:
         parts.append(f"{escape(name)} {value:.4g}")
-    if p.eta_seconds is not None and p.eta_seconds > 0:
+    if not final and p.eta_seconds is not None and p.eta_seconds > 0:
         parts.append(f"ETA {duration(p.eta_seconds)}")
     if p.source == "log":
         parts.append("_(from training.log)_")
     return "  ·  ".join(parts)
 
 
-def checkpoint_text(ck: Checkpoint, now: datetime) -> str:
+def checkpoint_text(ck: Checkpoint, now: datetime, absolute: bool = False) -> str:
+    """`absolute`: when it was saved (a final message never goes stale), else how long ago."""
     epoch = f", epoch {ck.epoch}" if ck.epoch is not None else ""
+    if absolute:
+        return f"{code(ck.name)} ({size(ck.size)}{epoch}, saved {at_time(ck.modified_at)})"
     age = duration((now - ck.modified_at).total_seconds())
     return f"{code(ck.name)} ({size(ck.size)}{epoch}, {age} ago)"
+
+
+def at_time(at: datetime) -> str:
+    """A date and time each reader sees in their own timezone (UTC as the fallback text)."""
+    return f"<!date^{int(at.timestamp())}^{{date_short_pretty}} {{time}}|{at:%Y-%m-%d %H:%M} UTC>"
 
 
 def gpu_text(gpus: list[Gpu]) -> str:
@@ -91,9 +101,14 @@ def run_blocks(run: Run, now: datetime | None = None) -> Message:
         f"`{run.instance_id}` · <@{run.user_id}>"
     )
     details = [f"run `{run.run_id}`", f"ref {code(run.ref)}" + (f" @ `{run.sha[:10]}`" if run.sha else "")]
-    if run.started_at:
+    final = run.state.ended
+    if run.started_at and final:
         end = run.ended_at or now
-        details.append(f"elapsed {duration((end - run.started_at).total_seconds())}")
+        details.append(f"started {at_time(run.started_at)}")
+        details.append(f"ended {at_time(end)}")
+        details.append(f"took {duration((end - run.started_at).total_seconds())}")
+    elif run.started_at:
+        details.append(f"elapsed {duration((now - run.started_at).total_seconds())}")
     if run.exit_code is not None:
         details.append(f"exit code {run.exit_code}")
     if run.setup_seconds is not None:
@@ -103,9 +118,11 @@ def run_blocks(run: Run, now: datetime | None = None) -> Message:
     ]
     lines: list[str] = []
     if run.progress:
-        lines.append(progress_text(run.progress))
+        lines.append(("Last progress: " if final else "") + progress_text(run.progress, final))
     if run.checkpoint:
-        lines.append("Newest checkpoint: " + checkpoint_text(run.checkpoint, now))
+        lines.append(
+            ("Checkpoint: " if final else "Newest checkpoint: ") + checkpoint_text(run.checkpoint, now, final)
+        )
     if run.gpus and not run.state.ended:
         lines.append(gpu_text(run.gpus))
     if lines:
@@ -122,8 +139,6 @@ def run_blocks(run: Run, now: datetime | None = None) -> Message:
             elements=[MarkdownTextObject(text=clamp(" · ".join(details)))],
         )
     )
-    for note in run.notes[-5:]:
-        blocks.append(ContextBlock(elements=[MarkdownTextObject(text=clamp(note))]))
     if run.started_at is not None:  # it has a training.log
         blocks.append(full_log_actions(run.run_id))
     return Message(run_summary(run), blocks)
