@@ -7,6 +7,9 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import parse_qs
 
@@ -17,6 +20,7 @@ from bot.grammar import parse
 from workers.commands import Actor, LogsCommand
 from workers.errors import UsageError
 from workers.jobs.logs import UPLOAD_SECONDS, full_log, logs
+from workers.remote.logs import parse_tail, parse_upload, tail_script, upload_script
 from workers.sandbox.aws import Sandbox, SeedInfo
 from workers.sandbox.fake_slack import MAX_SECTION_TEXT, FakeSlack, Message
 from workers.sandbox.inline import InlineWorker
@@ -239,3 +243,50 @@ def test_logs_and_full_log_through_the_signed_front_door(
     (attached,) = slack.files
     assert attached.thread_ts == run.message_ts
     assert attached.content == log_file(sandbox, iid, run_id).read_bytes()
+
+
+def tools(tmp_path: Path, *names: str) -> str:
+    """A PATH holding only these tools (links to this machine's), as on a bare image."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    for name in names:
+        found = sys.executable if name == "python3" else shutil.which(name)
+        assert found, name
+        (bindir / name).symlink_to(found)
+    return str(bindir)
+
+
+BASICS = ("sh", "ls", "head", "tail", "wc", "tr", "sed", "grep", "gzip", "basename", "dirname", "mktemp", "rm", "od")
+
+
+@pytest.mark.parametrize("uploader", ["wget", "python3"])
+def test_without_curl_or_base64_the_log_still_arrives_whole(
+    svc: Services, fleet_seed: SeedInfo, tmp_path: Path, uploader: str
+) -> None:
+    """The upload falls back to wget, then python3; the tail to od's hex. Scripts run under sh
+    with nothing else on PATH, against moto S3 behind the presigned-URL gate."""
+    root = tmp_path / "root"
+    run_id = "r20261201-120000-abcdef"
+    log = root / "runs" / run_id / "training.log"
+    log.parent.mkdir(parents=True)
+    data = bytes(range(256)) * 40 + b"\nlast line with 'quotes' $(touch nope) ; and \\ slashes\n"
+    log.write_bytes(data)
+    path = tools(tmp_path, *BASICS, uploader)
+    env = {"PATH": path}
+
+    out = subprocess.run(["sh", "-c", tail_script(str(root), None, 3, "$(touch nope)")],
+                         env=env, capture_output=True, timeout=60, check=True)
+    tail = parse_tail(out.stdout.decode())
+    assert tail.run_id == run_id and tail.matches == 1
+    assert tail.data == b"last line with 'quotes' $(touch nope) ; and \\ slashes\n"
+    assert not (tmp_path / "nope").exists() and not Path("nope").exists()
+
+    key = f"runctl/logs/{run_id}/fallback-{uploader}"
+    url = svc.fleet.presign(key, 300, method="put_object")
+    out = subprocess.run(["sh", "-c", upload_script(str(root), run_id, url)],
+                         env=env, capture_output=True, timeout=120, check=True)
+    upload = parse_upload(out.stdout.decode())
+    assert upload.ok, (upload, out.stderr)
+    assert svc.fleet.s3.get_object(Bucket=BUCKET, Key=key)["Body"].read() == data
+    svc.fleet.delete(key)
+    assert url not in out.stdout.decode() + out.stderr.decode()

@@ -152,9 +152,8 @@ def full_log(job: Job, run_id: str) -> str:
     # outlives both, and no more.
     url = svc.fleet.presign(key, 2 * UPLOAD_SECONDS + PRESIGN_MARGIN_SECONDS, method="put_object")
     try:
-        result = svc.fleet.run(run.instance_id, upload_script(svc.settings.RUNCTL_REMOTE_ROOT, run.run_id, url),
-                               UPLOAD_SECONDS)
-        del url
+        script = upload_script(svc.settings.RUNCTL_REMOTE_ROOT, run.run_id, url)
+        result = svc.fleet.run(run.instance_id, script, UPLOAD_SECONDS)
         upload = parse_upload(result.stdout)
         _check(inst, run, upload, result.stderr)
         with tempfile.TemporaryDirectory(prefix="runctl-log-") as tmp:

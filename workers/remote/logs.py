@@ -154,7 +154,7 @@ def _int(value: str | None) -> int:
 
 _PUT_PY = """import sys, urllib.error, urllib.request
 data = open(sys.argv[2], "rb").read()
-req = urllib.request.Request(sys.argv[1], data=data, method="PUT")
+req = urllib.request.Request(sys.argv[1], data=data, method="PUT", headers={"Content-Type": "application/octet-stream"})
 try:
     r = urllib.request.urlopen(req, timeout=600); code, body = r.status, r.read()
 except urllib.error.HTTPError as e:
@@ -184,9 +184,11 @@ def upload_script(root: str, run_id: str, url: str) -> str:
         + f'if [ "$bytes" -gt {MAX_UPLOAD} ]; then echo "{s}toolarge $size $bytes"; exit 0; fi\n'
         + "status=\n"
         + "if command -v curl >/dev/null 2>&1; then\n"
-        + "  status=$(curl -sS -L -T \"$OUT\" -o \"$OUT.answer\" -w '%{http_code}' \"$URL\" 2>/dev/null) || :\n"
+        + "  status=$(curl -sS -L --retry 3 -H 'Content-Type: application/octet-stream' -T \"$OUT\" "
+        + "-o \"$OUT.answer\" -w '%{http_code}' \"$URL\" 2>/dev/null) || :\n"
         + "elif command -v wget >/dev/null 2>&1; then\n"
-        + "  status=$(wget -S --method=PUT --body-file=\"$OUT\" --content-on-error -O \"$OUT.answer\" \"$URL\" 2>&1 "
+        + "  status=$(wget -S --tries=3 --timeout=60 --method=PUT --header='Content-Type: application/octet-stream' "
+        + "--body-file=\"$OUT\" --content-on-error -O \"$OUT.answer\" \"$URL\" 2>&1 "
         + "| sed -n 's/^ *HTTP\\/[0-9.]* \\([0-9][0-9][0-9]\\).*/\\1/p' | tail -n 1) || :\n"
         + "else\n"
         + f'  status=$(python3 -c {q(_PUT_PY)} "$URL" "$OUT" "$OUT.answer" 2>/dev/null) || :\n'
