@@ -66,3 +66,32 @@ def test_on_demand_runs_do_not_watch_the_metadata() -> None:
     watched = core.wrapper("r1", "train.py", [], {}, spot_watch=True)
     assert "instance-action" not in plain
     assert "/latest/api/token" in watched and "${AWS_EC2_METADATA_SERVICE_ENDPOINT:-http://169.254.169.254}" in watched
+
+
+def test_a_spot_run_is_polled_at_least_every_30_seconds(
+    svc: Services, fleet_seed: SeedInfo, sandbox: Sandbox
+) -> None:
+    """Backoff may reach RUNCTL_POLL_MAX_SECONDS (4 min), longer than a notice's two minutes."""
+    import subprocess
+
+    from workers.jobs.monitor import DUE, monitor
+    from workers.state.runs import Run
+
+    svc.settings = svc.settings.model_copy(update={"RUNCTL_POLL_MIN_SECONDS": 5, "RUNCTL_POLL_MAX_SECONDS": 240})
+    iid = fleet_seed.instances["gpu-box-1"]
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        for run_id, spot in (("r-spot-poll", True), ("r-plain-poll", False)):
+            rdir = sandbox.instance_dir(iid) / "runs" / run_id
+            rdir.mkdir(parents=True)
+            (rdir / "pid").write_text(f"{proc.pid}\n")
+            run = Run(run_id=run_id, instance_id=iid, user_id="U0ALICE", channel_id=CHANNEL, script="t.py",
+                      state=RunState.RUNNING, started_at=svc.clock(), polls=20, spot=spot, wait=False)
+            svc.runs.create(run)
+            svc.runs.save(run)
+            monitor(run_id)
+            wait = float(svc.redis.zscore(DUE, run_id) or 0) - svc.clock().timestamp()
+            assert (wait <= 30) if spot else (wait > 200), (run_id, wait)
+    finally:
+        proc.kill()
+        proc.wait()

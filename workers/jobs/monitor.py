@@ -30,6 +30,9 @@ DUE = "runctl:monitor:due"  # zset: run id -> when it should next be polled
 LEASED = "runctl:monitor:leased"  # zset: run id -> when the claim of the tick polling it lapses
 TICK_AT = "runctl:monitor:tick_at"  # when the next tick job is scheduled
 BATCH = 50  # SendCommand targets at most 50 instances
+# A spot notice gives two minutes: a spot run is polled at least this often, so the bot sees
+# the interruption (and the checkpoint it saved) before the instance goes.
+SPOT_POLL_MAX = timedelta(seconds=30)
 POLL_FIRST_WAIT = 1.0  # s before the first result check: SSM usually has the status by then
 
 # Set TICK_AT to ARGV[1] unless an earlier tick, still in the future, is already scheduled.
@@ -259,7 +262,8 @@ def update(svc: Services, run: Run, snap: Snapshot | None) -> None:
         publish(svc, run)
     else:
         svc.runs.save(run)
-    schedule(svc, run.run_id, next_delay(svc, run.polls))
+    delay = next_delay(svc, run.polls)
+    schedule(svc, run.run_id, min(delay, SPOT_POLL_MAX) if run.spot else delay)
 
 
 def finish(svc: Services, run: Run, snap: Snapshot) -> None:
