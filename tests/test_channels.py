@@ -74,7 +74,7 @@ def test_resources_csv_in_a_public_channel_the_bot_is_not_in_says_how_to_get_it(
 ) -> None:
     now = datetime.fromisoformat("2026-03-10T12:00:00+00:00")
     svc.clock = lambda: now
-    install_fleet(svc, monkeypatch, generate(30, now))
+    install_fleet(svc, generate(30, now))
 
     resources(ResourcesCommand().model_dump(mode="json"), requester(slack, "C0PUBLIC", "csv").model_dump(mode="json"))
 

@@ -110,7 +110,7 @@ def test_500_instances_stay_within_slack_limits(
     now = datetime.fromisoformat("2026-03-10T09:00:00+00:00")
     svc.clock = lambda: now
     fleet = generate(500, now)
-    install_fleet(svc, monkeypatch, fleet)
+    install_fleet(svc, fleet)
     ledger = UptimeLedger(svc.redis, svc.clock)
     for inst in fleet[:100]:  # ran last week too
         ledger.mark_stopped(inst.id, now - timedelta(days=8))

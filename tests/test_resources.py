@@ -71,7 +71,7 @@ def test_rows_show_price_uptime_cost_trainer_and_idle_flag(
 def test_stopped_instances_only_with_all(svc: Services, slack: FakeSlack, monkeypatch: pytest.MonkeyPatch) -> None:
     svc.clock = lambda: NOW
     fleet = generate(10, NOW)  # the tenth is stopped
-    install_fleet(svc, monkeypatch, fleet)
+    install_fleet(svc, fleet)
     default = text_of(ask(slack))
     assert fleet[9].id not in default and "1 stopped/terminated or filtered out" in default
     assert fleet[9].id in text_of(ask(slack, all=True))
@@ -81,10 +81,10 @@ def test_totals_and_unknown_prices(svc: Services, slack: FakeSlack, monkeypatch:
     svc.clock = lambda: NOW
     fleet = [
         Instance(id=f"i-{i:017x}", type=t, state="running", region="us-east-1", name=f"b{i}",
-                 launch_time=NOW - timedelta(hours=2))
+                 launch_time=NOW - timedelta(hours=2), tags={"runctl:managed": "true"})
         for i, t in enumerate(["g5.xlarge", "g5.xlarge", "x9.mystery"])
     ]
-    install_fleet(svc, monkeypatch, fleet)
+    install_fleet(svc, fleet)
 
     shown = text_of(ask(slack))
 
@@ -97,7 +97,7 @@ def test_totals_and_unknown_prices(svc: Services, slack: FakeSlack, monkeypatch:
 def test_sort_and_user_filter(svc: Services, slack: FakeSlack, monkeypatch: pytest.MonkeyPatch) -> None:
     svc.clock = lambda: NOW
     fleet = generate(10, NOW)
-    install_fleet(svc, monkeypatch, fleet)
+    install_fleet(svc, fleet)
     run = live_run(fleet[3].id, "U0CAROL")
     svc.runs.create(run)
     svc.runs.save(run)
@@ -114,7 +114,7 @@ def test_500_instances_stay_within_slack_limits_and_attach_the_csv(
 ) -> None:
     svc.clock = lambda: NOW
     fleet = generate(500, NOW)
-    install_fleet(svc, monkeypatch, fleet)
+    install_fleet(svc, fleet)
     for inst in fleet[:40]:
         run = live_run(inst.id, "U0RESBOB", "a/very/long/path/to/" + "deep/" * 30 + "train.py")
         svc.runs.create(run)
@@ -136,7 +136,7 @@ def test_500_instances_stay_within_slack_limits_and_attach_the_csv(
 
 def test_no_csv_when_everything_fits(svc: Services, slack: FakeSlack, monkeypatch: pytest.MonkeyPatch) -> None:
     svc.clock = lambda: NOW
-    install_fleet(svc, monkeypatch, generate(12, NOW))
+    install_fleet(svc, generate(12, NOW))
     ask(slack)
     assert slack.files == []
 
@@ -146,7 +146,7 @@ def test_a_plain_name_is_resolved_or_answered_privately(
 ) -> None:
     svc.clock = lambda: NOW
     fleet = generate(4, NOW)
-    install_fleet(svc, monkeypatch, fleet)
+    install_fleet(svc, fleet)
     run = live_run(fleet[1].id, "U0CAROL")
     svc.runs.create(run)
     svc.runs.save(run)

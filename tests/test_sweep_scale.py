@@ -55,7 +55,7 @@ def fleet(svc: Services, slack: FakeSlack, monkeypatch: pytest.MonkeyPatch) -> C
         slack.budget(method, budget)
     clock = Clock(datetime.fromisoformat("2026-03-10T09:00:00+00:00"))
     svc.clock = clock
-    install_fleet(svc, monkeypatch, generate(300, clock.now))
+    install_fleet(svc, generate(300, clock.now))
     svc.settings.RUNCTL_SLACK_UPDATES_PER_MINUTE = 40  # production's default, under Slack's 50
     return clock
 
