@@ -174,6 +174,26 @@ SPECS: dict[str, Spec] = {
             "[Full log] on the run's messages attaches the whole file (gzipped above 4 MB).",
         ),
         Spec(
+            "backup",
+            "/runctl backup <instance-id> [--run RUN_ID]",
+            "Copy checkpoints to S3 (each file once by sha256), so they outlive the instance.",
+            positionals=("instance_id",),
+            flags=(Flag("run", "run_id", "str", "RUN_ID", help="only that run (default: every run with checkpoints)"),),
+            build=c.BackupCommand,
+            details="The instance uploads through short-lived presigned URLs (it needs no AWS credentials) to "
+            "s3://<bucket>/runctl/checkpoints/<run-id>/. Files above 5 GB are refused with the reason.",
+        ),
+        Spec(
+            "resume",
+            "/runctl resume <run-id> [--on <instance-id>]",
+            "Run a run's command again from its checkpoints, restored from S3 where the disk lacks them.",
+            positionals=("run_id",),
+            flags=(Flag("on", "instance_id", "instance", "i-…", help="another instance (default: the run's own)"),),
+            build=c.ResumeCommand,
+            details="Same script, commit and arguments. Checkpoints not on that instance's disk come from the "
+            "run's S3 backup, each sha256-verified before the script starts.",
+        ),
+        Spec(
             "audit",
             "/runctl audit [N] [--instance i-…] [--user @x]",
             "The newest N audit records (admins).",

@@ -38,6 +38,7 @@ CLICK_TIERS: dict[str, str | None] = {
     ActionId.TERMINATE_CONFIRM: "terminate",
     ActionId.TERMINATE_STOP_INSTEAD: "stop",
     ActionId.TERMINATE_CANCEL: None,
+    ActionId.TERMINATE_NO_BACKUP: "terminate",
     ActionId.RESUME_TRAINING: "train",
     ActionId.WARN_STOP_NOW: "stop",
     ActionId.WARN_SNOOZE: None,

@@ -82,7 +82,8 @@ def test_confirmation_shows_what_would_be_lost_and_touches_nothing(
     assert "2 checkpoints" in text and "ckpt-epoch-00002.json" in text and "deletes them" in text
     assert "$1.006/h" in text and "No live run" in text
     found = {b["action_id"]: b for b in buttons(m)}
-    assert set(found) == {ActionId.TERMINATE_CONFIRM, ActionId.TERMINATE_STOP_INSTEAD, ActionId.TERMINATE_CANCEL}
+    assert set(found) == {ActionId.TERMINATE_CONFIRM, ActionId.TERMINATE_NO_BACKUP, ActionId.TERMINATE_STOP_INSTEAD,
+                          ActionId.TERMINATE_CANCEL}  # checkpoints not in S3: [Terminate] backs them up first
     danger = found[ActionId.TERMINATE_CONFIRM]
     assert danger["style"] == "danger" and "confirm" in danger
     nonce = danger["value"]

@@ -146,6 +146,18 @@ class LogsCommand(Command):
     grep: str | None = Field(None, min_length=1, max_length=200)
 
 
+class BackupCommand(Command):
+    name: Literal["backup"] = "backup"
+    instance_id: InstanceId
+    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class ResumeCommand(Command):
+    name: Literal["resume"] = "resume"
+    run_id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    instance_id: InstanceId | None = None  # --on: another instance than the run's
+
+
 class AuditCommand(Command):
     name: Literal["audit"] = "audit"
     count: int = Field(20, ge=1, le=200)
@@ -178,6 +190,8 @@ AnyCommand = (
     | ResourcesCommand
     | CheckpointsCommand
     | LogsCommand
+    | BackupCommand
+    | ResumeCommand
     | AuditCommand
     | LaunchCommand
     | AutostopCommand

@@ -44,8 +44,8 @@ from workers.state.runs import Run, RunStore
 log = logging.getLogger(__name__)
 
 Action = Literal[
-    "train", "status", "resources", "checkpoints", "logs", "stop", "start", "terminate", "force", "audit", "launch",
-    "autostop",
+    "train", "status", "resources", "checkpoints", "logs", "backup", "stop", "start", "terminate", "force", "audit",
+    "launch", "autostop",
 ]
 EVERYONE, OWNER, ADMIN = "everyone", "owner", "admin"
 OWNER_TAG = "runctl:user"  # the instance tag naming its owner when no run does
@@ -56,6 +56,7 @@ DEFAULT_COMMANDS: dict[str, tuple[str, ...]] = {
     "resources": (EVERYONE,),
     "checkpoints": (EVERYONE,),
     "logs": (EVERYONE,),
+    "backup": (EVERYONE,),  # copies to S3; deletes nothing
     "help": (EVERYONE,),
     "stop": (OWNER, ADMIN),
     "start": (OWNER, ADMIN),
@@ -267,6 +268,8 @@ def actions(command: commands.Command) -> list[str]:
     """The policy actions a command needs: its own, plus `force` when it asks for it."""
     if isinstance(command, commands.HelpCommand):
         return []
+    if isinstance(command, commands.ResumeCommand):
+        return ["train"]  # and the flow checks `resume` against the run's owner, as [Resume training] does
     needed: list[str] = [command.name]
     if getattr(command, "force", False):
         needed.append("force")

@@ -51,6 +51,8 @@ class JobPath(StrEnum):
     TERMINATE = "workers.jobs.lifecycle.terminate"
     RESOURCES = "workers.jobs.resources.resources"
     CHECKPOINTS = "workers.jobs.checkpoints.checkpoints"
+    BACKUP = "workers.jobs.backup.backup"
+    RESUME_COMMAND = "workers.jobs.resume.resume"
     AUDIT = "workers.jobs.audit.audit"
     LOGS = "workers.jobs.logs.logs"
     FULL_LOG = "workers.jobs.logs.full_log"
@@ -85,6 +87,8 @@ JOBS: dict[str, JobPath] = {
     "resources": JobPath.RESOURCES,
     "checkpoints": JobPath.CHECKPOINTS,
     "logs": JobPath.LOGS,
+    "backup": JobPath.BACKUP,
+    "resume": JobPath.RESUME_COMMAND,
     "audit": JobPath.AUDIT,
     "launch": JobPath.LAUNCH,
     "autostop": JobPath.AUTOSTOP,

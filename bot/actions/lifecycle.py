@@ -61,6 +61,9 @@ def resume_click(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> Non
 
 
 def register(app: App) -> None:
-    for action in (ActionId.TERMINATE_CONFIRM, ActionId.TERMINATE_STOP_INSTEAD, ActionId.TERMINATE_CANCEL):
+    for action in (
+        ActionId.TERMINATE_CONFIRM, ActionId.TERMINATE_NO_BACKUP, ActionId.TERMINATE_STOP_INSTEAD,
+        ActionId.TERMINATE_CANCEL,
+    ):
         app.action(action.value)(confirmation_click)
     app.action(ActionId.RESUME_TRAINING.value)(resume_click)

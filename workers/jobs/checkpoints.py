@@ -3,10 +3,13 @@ instance with an integrity check, as an ephemeral reply."""
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 
 from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, SectionBlock
 
+from workers.aws import backups
+from workers.aws.backups import RunBackup
 from workers.aws.fleet import Instance
 from workers.commands import CheckpointsCommand
 from workers.errors import RunctlError, WrongState
@@ -21,6 +24,7 @@ from workers.slack.messages import Message
 
 MAX_ROWS = 60
 MAX_BLOCKS = 50
+log = logging.getLogger(__name__)
 PROTOCOL_DOC = "the checkpoint manifest section of `training/README.md`"
 
 
@@ -29,7 +33,12 @@ def checkpoints(job: Job, cmd: CheckpointsCommand) -> str:
     svc = job.svc
     inst = reachable(svc, cmd.instance_id)
     listing = discover(svc.fleet, svc.settings.RUNCTL_REMOTE_ROOT, cmd.instance_id, cmd.run_id)
-    text, blocks = listing_message(inst, listing, cmd.run_id, job.actor.user_id, svc.clock())
+    try:
+        stored = backups.load(svc.fleet, listing.run_id) if listing.run_id and not listing.missing else None
+    except RunctlError as exc:  # S3 unreadable: the listing stands without it
+        log.warning("could not read the S3 backup of %s: %s", listing.run_id, exc.what)
+        stored = None
+    text, blocks = listing_message(inst, listing, cmd.run_id, job.actor.user_id, svc.clock(), stored)
     job.tell(text, blocks)
     return f"listed {len(listing.checkpoints)} checkpoints"
 
@@ -77,7 +86,8 @@ def checkpoint_line(ck: FoundCheckpoint, now: datetime, newest_valid: bool = Fal
 
 
 def listing_message(
-    inst: Instance, listing: CheckpointListing, asked_run: str | None, user_id: str, now: datetime
+    inst: Instance, listing: CheckpointListing, asked_run: str | None, user_id: str, now: datetime,
+    stored: RunBackup | None = None,
 ) -> Message:
     iid = inst.id
     if listing.missing:
@@ -123,6 +133,7 @@ def listing_message(
     # Without any manifest one hint says it all; with one, rows lacking an entry say so themselves.
     rows = [
         checkpoint_line(ck, now, ck is best, in_manifest=not listing.has_manifest or ck.sha256_ok is not None)
+        + where(ck, stored)
         for ck in listing.checkpoints[:MAX_ROWS]
     ]
     left_out = count - len(rows) + listing.omitted
@@ -130,6 +141,15 @@ def listing_message(
         rows.append(f"… and {left_out} more not shown")
     blocks.extend(_section(chunk) for chunk in _chunks(rows))
 
+    if stored is not None:
+        on_disk = {c.name for c in listing.checkpoints}
+        only = [f for f in stored.files if f.name not in on_disk and f.name not in ("manifest.json", "completed.json")]
+        if only:
+            blocks.append(_context(
+                f":cloud: {len(only)} more only in S3 (not on this disk): "
+                + ", ".join(code(f.name) for f in only[:10]) + (" …" if len(only) > 10 else "")
+                + f". `/runctl resume {escape(listing.run_id or '')}` restores them."
+            ))
     corrupt = listing.corrupt
     if corrupt:
         blocks.append(_section(_corrupt_warning(corrupt, best, user_id)))
@@ -154,6 +174,13 @@ def listing_message(
         f" · {len(corrupt)} corrupt" if corrupt else ""
     )
     return Message(text, blocks[:MAX_BLOCKS])
+
+
+def where(ck: FoundCheckpoint, stored: RunBackup | None) -> str:
+    """Where the checkpoint lives: on the instance only, or in S3 too."""
+    if stored is not None and stored.holds(ck):
+        return " · instance + S3"
+    return " · instance only"
 
 
 def _corrupt_warning(corrupt: list[FoundCheckpoint], best: FoundCheckpoint | None, user_id: str) -> str:

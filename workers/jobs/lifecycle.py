@@ -15,11 +15,13 @@ from typing import Literal
 from slack_sdk.errors import SlackApiError
 
 from workers import policy, remote
+from workers.aws import backups
 from workers.aws.fleet import Instance, ScriptResult
 from workers.commands import Actor, StartCommand, StopCommand, TerminateCommand, TrainCommand
 from workers.cost.pricing import cost_of, format_usd, hourly_price, load_price_book
 from workers.errors import AgentOffline, RemoteError, RunctlError, WrongState
 from workers.jobs import funnel
+from workers.jobs.backup import backup_runs
 from workers.jobs.funnel import Job
 from workers.queueing import enqueue
 from workers.remote.checkpoints import CheckpointListing, FoundCheckpoint, discover, discover_all
@@ -538,17 +540,19 @@ def ask_to_terminate(svc: Services, iid: str, actor: Actor) -> str:
         return text
     now = svc.clock()
     live, listings, note, shown = what_would_be_lost(svc, inst)
+    risky = at_risk(svc, listings)
     conf = Confirmation(nonce=new_nonce(), instance_id=iid, requester_id=actor.user_id, channel_id=actor.channel_id,
                         created_at=now, shown=shown)
     text, blocks = confirmation_blocks(
         inst,
         session_cost(svc, inst, now) if inst.state == "running" else Cost(None, "", ""),
         live,
-        checkpoints_summary(listings, now, note),
+        checkpoints_summary(listings, now, note, risky),
         conf.nonce,
         actor.user_id,
         conf.expires_at,
         now,
+        without_backup=risky is not None and any(risky.values()),
     )
     conf.message_ts = svc.notifier.post(actor.channel_id, text, blocks)
     ConfirmStore(svc.redis).save(conf)
@@ -572,6 +576,25 @@ def what_would_be_lost(
     runs = None if listings is None else tuple(sorted(ls.run_id or "" for ls in listings if ls.checkpoints))
     return live, listings, note, Shown(state=inst.state, live_run_id=live.run_id if live else None,
                                        checkpoint_runs=runs)
+
+
+def at_risk(
+    svc: Services, listings: list[CheckpointListing] | None
+) -> dict[str, list[FoundCheckpoint]] | None:
+    """By run, the listed checkpoints a terminate would lose: those not in S3 as they are on
+    the disk. None when S3 could not be asked (then every one counts as lost)."""
+    if listings is None:
+        return None
+    risky: dict[str, list[FoundCheckpoint]] = {}
+    try:
+        for ls in listings:
+            if ls.run_id and ls.checkpoints:
+                stored = backups.load(svc.fleet, ls.run_id)
+                risky[ls.run_id] = [c for c in ls.checkpoints if stored is None or not stored.holds(c)]
+    except RunctlError as exc:
+        log.warning("could not read the S3 backups: %s", exc.what)
+        return None
+    return risky
 
 
 class ConfirmClick:
@@ -604,10 +627,12 @@ class ConfirmClick:
         mention = f"<@{self.actor.user_id}>"
         label = {
             ActionId.TERMINATE_CONFIRM: "Terminate",
+            ActionId.TERMINATE_NO_BACKUP: "Terminate without backup",
             ActionId.TERMINATE_STOP_INSTEAD: "Stop instead",
             ActionId.TERMINATE_CANCEL: "Cancel",
         }.get(self.action, self.action.value)
-        conf = self.claim(label, ActionId.TERMINATE_CONFIRM, "terminate")
+        destroys = self.action if self.action is ActionId.TERMINATE_NO_BACKUP else ActionId.TERMINATE_CONFIRM
+        conf = self.claim(label, destroys, "terminate")
         if conf is None:
             return self.too_late()
         if self.action is ActionId.TERMINATE_CANCEL:
@@ -621,10 +646,12 @@ class ConfirmClick:
                           f"{exc.what}")
                 raise
             return self.show(conf, f":octagonal_sign: {mention} chose to stop instead of terminating: {outcome}")
-        self.show(conf, f":hourglass_flowing_sand: {mention} confirmed: terminating `{conf.instance_id}`…")
+        backup = self.action is ActionId.TERMINATE_CONFIRM
+        doing = "backing up its checkpoints, then terminating" if backup else "terminating without backup"
+        self.show(conf, f":hourglass_flowing_sand: {mention} confirmed: {doing} `{conf.instance_id}`…")
         try:
             with operation(self.svc.redis, conf.instance_id, holder(self.svc, self.actor, "terminate")):
-                text, changed = self.terminate(conf)
+                text, changed = self.terminate(conf, backup)
         except RunctlError as exc:
             self.show(conf, f":warning: Terminate of `{conf.instance_id}` did not happen: {exc.what}")
             raise
@@ -651,8 +678,9 @@ class ConfirmClick:
             self.show(asked, f":hourglass: {text}")
         return text
 
-    def terminate(self, conf: Confirmation) -> tuple[str, bool]:
-        """What happened, and whether a fresh confirmation must be asked (what it showed changed)."""
+    def terminate(self, conf: Confirmation, backup: bool = True) -> tuple[str, bool]:
+        """What happened, and whether a fresh confirmation must be asked (what it showed changed,
+        or the backup failed). `backup`: copy the checkpoints S3 lacks there first."""
         svc = self.svc
         iid = conf.instance_id
         inst = svc.fleet.get(iid)
@@ -676,6 +704,14 @@ class ConfirmClick:
                 reports = [h.report for h in halter.halt_all(known)]
             except AgentOffline as exc:
                 reports = [f":warning: Could not reach the instance to let a training save first ({exc.what})."]
+        if backup and inst.state == "running":
+            saved, ok = self.back_up(inst)
+            if not ok:
+                return (f":warning: Nothing was terminated: the backup did not complete, so terminating would lose "
+                        f"checkpoints. {saved}\nA fresh confirmation follows: [Terminate] tries the backup again, "
+                        "[Terminate without backup] terminates anyway.\n" + "\n".join(reports)).strip(), True
+            if saved:
+                reports.append(saved)
         svc.fleet.terminate(iid)
         inst = svc.fleet.wait_for_state(iid, ("shutting-down", "terminated"), TERMINATED_WAIT_SECONDS)
         UptimeLedger(svc.redis).observe(iid, "terminated", None, now)
@@ -685,6 +721,22 @@ class ConfirmClick:
         if cost is not None:
             lines.append(cost.text("Up this session"))
         return "\n".join(lines), False
+
+    def back_up(self, inst: Instance) -> tuple[str, bool]:
+        """Back up what would be lost (after the halts, so a final checkpoint is among it)."""
+        svc = self.svc
+        try:
+            listings = discover_all(svc.fleet, svc.settings.RUNCTL_REMOTE_ROOT, inst.id)
+            risky = at_risk(svc, listings) or {ls.run_id or "": ls.checkpoints for ls in listings}
+            runs = [rid for rid, cks in risky.items() if rid and cks]
+            if not runs:
+                return "", True
+            outcome = backup_runs(svc, inst, runs)
+        except RunctlError as exc:
+            return f"The backup failed: {exc.what}", False
+        # What S3 cannot take (too big, a directory) the confirmation said would be lost; a failed upload was not.
+        done = all(not r.failed for r in outcome.runs)
+        return f":cloud: Backup: {outcome.text(svc.settings.RUNCTL_S3_BUCKET or '')}", done
 
     def show(self, conf: Confirmation, text: str) -> str:
         """Replace the confirmation with `text`, without buttons."""

@@ -7,17 +7,22 @@ import re
 from datetime import timedelta
 
 from workers import remote
+from workers.aws import backups
+from workers.aws.backups import Stored
 from workers.aws.fleet import PRESIGN_MARGIN_SECONDS, PYTHON_TAG, Instance
 from workers.commands import Actor, TrainCommand
 from workers.errors import RunConflict, RunctlError, WrongState
 from workers.jobs import envsetup, funnel
+from workers.jobs.backup import url_seconds
 from workers.jobs.funnel import Job
 from workers.jobs.lifecycle import unconfirmed
+from workers.remote import backup as backup_script
 from workers.remote.events import OFF, Sender, sender
 from workers.remote.lifecycle import parse_stop
 from workers.services import Services
 from workers.settings import python_path
 from workers.slack.escape import code, escape
+from workers.slack.format import size
 from workers.slack.thread import open_run, publish, reply
 from workers.state import event_keys
 from workers.state.locks import Holder, operation, train_lock
@@ -72,6 +77,7 @@ class TrainFlow:
         self.run = job.run
         self.root = job.svc.settings.RUNCTL_REMOTE_ROOT
         self.token: str | None = None
+        self.restoring: list[Stored] = []  # what restore_body fetches from S3, by index
 
     def execute(self) -> Run:
         run = self.run
@@ -95,10 +101,10 @@ class TrainFlow:
                 url = self.bundle_url()
                 reqs = envsetup.requirements(self.svc, run)
                 if reqs is None:  # the usual case: one SSM command checks, ships and starts
-                    self.deliver(url, self.launch_body(run.python))
+                    self.deliver(url, self.restore_body() + self.launch_body(run.python))
                 else:
                     self.deliver(url, "")
-                    self.start(self.launch_body(envsetup.build(self.svc, run, reqs)))
+                    self.start(self.restore_body() + self.launch_body(envsetup.build(self.svc, run, reqs)))
                 self.confirm_started()
         except RunctlError:
             started = run.started_at is not None or run.state is RunState.SETTING_UP
@@ -224,14 +230,16 @@ class TrainFlow:
             script = remote.deliver(self.root, run.run_id, run.script, self.bundle_url(), launch)
             result = fleet.run(run.instance_id, script, DELIVER_SECONDS)
         if not result.ok:
-            raise launch_error(run, result.exit_code, result.stderr or result.stdout)
+            raise launch_error(run, result.exit_code, result.stderr or result.stdout, self.restoring)
         if launch:
+            self.restored(result.stdout)
             self.mark_started()
 
     def start(self, launch: str) -> None:
         result = self.svc.fleet.run(self.run.instance_id, remote.header(self.root) + launch, timeout=600)
         if not result.ok:
-            raise launch_error(self.run, result.exit_code, result.stderr or result.stdout)
+            raise launch_error(self.run, result.exit_code, result.stderr or result.stdout, self.restoring)
+        self.restored(result.stdout)
         self.mark_started()
 
     def stop_previous(self, other_run_id: str) -> None:
@@ -305,6 +313,37 @@ class TrainFlow:
         # SSM may hold the command DELIVER_SECONDS before it starts, then the script may
         # run DELIVER_SECONDS: the URL outlives both.
         return fleet.presign(key, 2 * DELIVER_SECONDS + PRESIGN_MARGIN_SECONDS)
+
+    def restore_body(self) -> str:
+        """For a resumed run with an S3 backup: fetch the files this disk lacks (presigned GETs,
+        valid for the command's delivery and execution timeouts), each sha256-verified
+        before it takes its place; the launch follows only if all were."""
+        run = self.run
+        self.restoring = []
+        if not run.restore_from:
+            return ""
+        stored = backups.load(self.svc.fleet, run.restore_from)
+        if stored is None:
+            return ""
+        self.restoring = [f for f in stored.files if backup_script.safe_name(f.name)]
+        seconds = url_seconds(DELIVER_SECONDS)
+        downloads = [
+            backup_script.Download(i, f.name, f.sha256, self.svc.fleet.presign(f.key, seconds))
+            for i, f in enumerate(self.restoring)
+        ]
+        return backup_script.restore(self.root, run.restore_from, downloads)
+
+    def restored(self, output: str) -> None:
+        if not self.restoring:
+            return
+        got = backup_script.parse_records(output, "got")
+        fetched = [f for i, f in enumerate(self.restoring) if got.get(i, ("", ""))[0] == "ok"]
+        had = sum(1 for i in range(len(self.restoring)) if got.get(i, ("", ""))[0] == "have")
+        self.run.notes.append(
+            f":inbox_tray: Restored {len(fetched)} file{'s' if len(fetched) != 1 else ''} "
+            f"({size(sum(f.size for f in fetched))}) from S3, sha256 verified"
+            + (f"; {had} already on this disk" if had else "") + "."
+        )
 
     def launch_body(self, python: str) -> str:
         run = self.run
@@ -392,7 +431,20 @@ def conflict(instance_id: str, run_id: str, holder: Holder | None, evidence: str
     )
 
 
-def launch_error(run: Run, exit_code: int, output: str) -> RunctlError:
+def launch_error(run: Run, exit_code: int, output: str, restoring: list[Stored] | None = None) -> RunctlError:
+    if exit_code == backup_script.RESTORE_FAILED and restoring:
+        got = backup_script.parse_records(output, "got")
+        bad = [
+            f"{code(f.name)} ({'sha256 mismatch' if got[i][0] == 'sha' else 'HTTP ' + got[i][0]})"
+            for i, f in enumerate(restoring)
+            if i in got and got[i][0] not in ("ok", "have")
+        ]
+        return RunctlError(
+            f"{run.instance_id} could not restore run {code(run.restore_from or '')}'s checkpoints from S3; "
+            "training was not started.",
+            why=("Not restored: " + ", ".join(bad[:10]) + ".") if bad else "The instance has no curl.",
+            fix="Check that the instance reaches S3 (HTTPS to the bucket's region), then resume again.",
+        )
     if exit_code == 3:
         return RunctlError(
             f"{code(run.script)} is not on {run.instance_id}.",

@@ -638,6 +638,7 @@ class S3Gate:
         self._redirects = 0
         self._expired = False
         self.seen: list[str] = []  # the query strings of presigned GETs and PUTs, oldest first
+        self.puts: list[str] = []  # those of presigned PUTs
 
     def redirect_next(self, count: int = 1) -> None:
         with self._lock:
@@ -659,6 +660,8 @@ class S3Gate:
             return None
         with self._lock:
             self.seen.append(query)
+            if method == "PUT":
+                self.puts.append(query)
         if params.get("X-Amz-Algorithm") != ["AWS4-HMAC-SHA256"]:
             return 400, [], _s3_error(
                 "InvalidRequest",

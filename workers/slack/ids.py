@@ -7,6 +7,7 @@ class ActionId(StrEnum):
     TERMINATE_CONFIRM = "terminate_confirm"
     TERMINATE_STOP_INSTEAD = "terminate_stop_instead"
     TERMINATE_CANCEL = "terminate_cancel"
+    TERMINATE_NO_BACKUP = "terminate_no_backup"
     RESUME_TRAINING = "resume_training"
     WARN_STOP_NOW = "warn_stop_now"
     WARN_SNOOZE = "warn_snooze"

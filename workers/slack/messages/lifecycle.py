@@ -4,7 +4,7 @@ form, the stop summary and the start report with [Resume training]."""
 from __future__ import annotations
 
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -18,6 +18,7 @@ from slack_sdk.models.blocks import (
 )
 
 from workers.aws.fleet import Instance
+from workers.remote.backup import SINGLE_PUT_LIMIT
 from workers.remote.checkpoints import CheckpointListing, FoundCheckpoint
 from workers.slack.blocks import button, confirmation
 from workers.slack.client import clamp
@@ -50,21 +51,49 @@ def checkpoint_line(ck: FoundCheckpoint, now: datetime) -> str:
     return f"{code(ck.name)} ({size(ck.size)}{epoch}, {age} ago)"
 
 
-def checkpoints_summary(listings: Sequence[CheckpointListing] | None, now: datetime, note: str) -> str:
-    """The terminate warning about what would be lost with the root volume."""
+def _n(count: int) -> str:
+    return f"{count} checkpoint{'s' if count != 1 else ''}"
+
+
+def checkpoints_summary(
+    listings: Sequence[CheckpointListing] | None,
+    now: datetime,
+    note: str,
+    at_risk: Mapping[str, Sequence[FoundCheckpoint]] | None = None,
+) -> str:
+    """The terminate warning: what would be lost with the root volume. `at_risk`, by run:
+    the checkpoints not in S3 (None: every listed one is)."""
     if listings is None:
         return f":grey_question: Checkpoints: could not be listed ({note})."
     found = [ls for ls in listings if ls.checkpoints]
     if not found:
         return ":white_circle: No checkpoints found on the instance."
+    risky = at_risk if at_risk is not None else {ls.run_id or "": ls.checkpoints for ls in found}
+    lost = [c for cks in risky.values() for c in cks]
     count = sum(len(ls.checkpoints) for ls in found)
-    total = sum(ls.total_size for ls in found)
-    newest = max((c for ls in found for c in ls.checkpoints), key=lambda c: c.modified_at)
-    runs = ", ".join(code(ls.run_id) for ls in found[:5]) + (" …" if len(found) > 5 else "")
+    saved = count - len(lost)
+    in_s3 = f" The other {saved} {'is' if saved == 1 else 'are'} in S3 already." if saved else ""
+    if not lost:
+        return (
+            f":cloud: All {_n(count)} ({size(sum(ls.total_size for ls in found))}) on the instance are in S3 "
+            "already: terminating loses none (`/runctl resume <run-id>` continues from there)."
+        )
+    total = sum(c.size for c in lost)
+    newest = max(lost, key=lambda c: c.modified_at)
+    runs = [rid for rid, cks in risky.items() if cks]
+    shown = ", ".join(code(r) for r in runs[:5]) + (" …" if len(runs) > 5 else "")
+    stuck = [c for c in lost if c.is_dir or c.size > SINGLE_PUT_LIMIT]
+    movable = [c for c in lost if c not in stuck]
+    cannot = (
+        f" {_n(len(stuck))} ({', '.join(code(c.name) for c in stuck[:3])}) cannot be backed up (a directory, "
+        "or above S3's 5 GB single upload) and would be lost either way." if stuck else ""
+    )
     return (
-        f":warning: *{count} checkpoint{'s' if count != 1 else ''} ({size(total)})* in run "
-        f"{runs}; newest {checkpoint_line(newest, now)}.\n"
-        "*Terminating deletes them with the root volume.* Stop instead to keep them."
+        f":warning: *{_n(len(lost))} ({size(total)})* in run {shown} would be lost; newest "
+        f"{checkpoint_line(newest, now)}.{in_s3}\n"
+        f":floppy_disk: *[Terminate] backs up {_n(len(movable))} ({size(sum(c.size for c in movable))}) to S3 "
+        f"first*, then terminates.{cannot} *[Terminate without backup] deletes them with the root volume.* "
+        "Stop instead to keep them on the disk."
     )
 
 
@@ -77,7 +106,10 @@ def confirmation_blocks(
     requester_id: str,
     expires_at: datetime,
     now: datetime,
+    without_backup: bool = False,
 ) -> Message:
+    """`without_backup`: checkpoints would be lost, so [Terminate] backs them up first and
+    [Terminate without backup] is offered beside it."""
     head = f":warning: <@{requester_id}> asks to *terminate {inst.label}* · {inst.type} · `{inst.state}`"
     lines = [cost.text("Up")]
     if live is not None:
@@ -98,6 +130,18 @@ def confirmation_blocks(
     )
     buttons = [
         button("Terminate", ActionId.TERMINATE_CONFIRM, nonce, "danger", confirm),
+    ]
+    if without_backup:
+        no_backup = ConfirmObject(
+            title="Terminate without backup?",
+            text=clamp(f"{inst.label}, its root volume and the checkpoints not in S3 will be deleted. "
+                       "This cannot be undone.", 300),
+            confirm="Delete them",
+            deny="Keep them",
+            style="danger",
+        )
+        buttons.append(button("Terminate without backup", ActionId.TERMINATE_NO_BACKUP, nonce, "danger", no_backup))
+    buttons += [
         button("Stop instead", ActionId.TERMINATE_STOP_INSTEAD, nonce, "primary"),
         button("Cancel", ActionId.TERMINATE_CANCEL, nonce),
     ]

@@ -1,0 +1,167 @@
+"""Checkpoints to S3: `/runctl backup <instance-id> [--run RUN_ID]`, and `backup_runs`,
+the flow terminate runs first. Instances have no AWS credentials: the worker hashes the
+files through SSM, presigns one PUT URL per file not yet in S3 with that sha256, the
+instance uploads with curl, and the worker checks each object and writes the manifest.
+The URLs live only in the SSM command; they are never logged or posted."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from workers.aws import backups
+from workers.aws.backups import RunBackup, Stored
+from workers.aws.fleet import PRESIGN_MARGIN_SECONDS, Instance
+from workers.commands import BackupCommand
+from workers.errors import RemoteError, RunctlError
+from workers.jobs import funnel
+from workers.jobs.checkpoints import reachable
+from workers.jobs.funnel import Job
+from workers.remote import backup as script
+from workers.remote.checkpoints import DISCOVERY_TIMEOUT, discover_all
+from workers.services import Services
+from workers.slack.escape import code, escape
+from workers.slack.format import size
+
+log = logging.getLogger(__name__)
+
+UPLOAD_BYTES_PER_SECOND = 20_000_000  # what the upload command's timeout allows for
+UPLOAD_BASE_SECONDS = 300
+UPLOAD_MAX_SECONDS = 6 * 3600
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    uploaded: list[Stored] = field(default_factory=list)
+    already: int = 0
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (name, why)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    subdirs: list[str] = field(default_factory=list)
+    stored: RunBackup | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.refused and not self.failed
+
+
+@dataclass
+class BackupOutcome:
+    runs: list[RunOutcome]
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.runs)
+
+    def text(self, bucket: str) -> str:
+        if not self.runs:
+            return "no run on it has checkpoints, so there was nothing to back up."
+        lines = []
+        for r in self.runs:
+            where = f"`s3://{escape(bucket)}/{backups.PREFIX}{escape(r.run_id)}/`"
+            sent = sum(s.size for s in r.uploaded)
+            head = (
+                f"run {code(r.run_id)}: uploaded {len(r.uploaded)} file{'s' if len(r.uploaded) != 1 else ''} "
+                f"({size(sent)}) to {where}"
+            )
+            if r.already:
+                head += f"; {r.already} already there with the same sha256"
+            lines.append(head + ".")
+            lines += [f":no_entry: {code(n)} not backed up: {escape(why)}" for n, why in r.refused + r.failed]
+            if r.subdirs:
+                shown = ", ".join(code(d) for d in r.subdirs[:5])
+                lines.append(f":information_source: Directories are not backed up: {shown}.")
+        return "\n".join(lines)
+
+
+def upload_seconds(total_bytes: int) -> int:
+    """The upload command's timeout: a base plus what the bytes take at a modest rate."""
+    return min(UPLOAD_MAX_SECONDS, UPLOAD_BASE_SECONDS + total_bytes // UPLOAD_BYTES_PER_SECOND)
+
+
+def url_seconds(timeout: int) -> int:
+    """SSM may hold a command up to its timeout before it starts, then run it as long:
+    the URLs outlive both by a minute, and no more."""
+    return 2 * timeout + PRESIGN_MARGIN_SECONDS
+
+
+@funnel.command(BackupCommand)
+def backup(job: Job, cmd: BackupCommand) -> str:
+    svc = job.svc
+    inst = reachable(svc, cmd.instance_id)
+    if cmd.run_id is not None:
+        run_ids = [cmd.run_id]
+    else:
+        run_ids = [ls.run_id for ls in discover_all(svc.fleet, svc.settings.RUNCTL_REMOTE_ROOT, inst.id)
+                   if ls.run_id and ls.checkpoints]
+    outcome = backup_runs(svc, inst, run_ids)
+    mark = ":white_check_mark:" if outcome.ok else ":warning:"
+    text = f"{mark} Backup of {inst.label}: {outcome.text(svc.settings.RUNCTL_S3_BUCKET or '')}"
+    job.tell(text)
+    return text.splitlines()[0]
+
+
+def backup_runs(svc: Services, inst: Instance, run_ids: list[str]) -> BackupOutcome:
+    return BackupOutcome([backup_run(svc, inst, rid) for rid in run_ids])
+
+
+def backup_run(svc: Services, inst: Instance, run_id: str) -> RunOutcome:
+    """Upload what of the run is not in S3 yet (by name and sha256), then the manifest."""
+    fleet, root = svc.fleet, svc.settings.RUNCTL_REMOTE_ROOT
+    out = RunOutcome(run_id)
+    listed = fleet.run(inst.id, script.sums(root, run_id), timeout=DISCOVERY_TIMEOUT)
+    if not listed.ok:
+        raise RemoteError(
+            f"Hashing the checkpoints of run {code(run_id)} on {inst.label} failed "
+            f"({listed.status}, exit {listed.exit_code}).",
+            fix=f"/runctl status {inst.id}",
+        )
+    files, out.subdirs = script.parse_sums(listed.stdout)
+    stored = backups.load(fleet, run_id) or RunBackup(run_id=run_id, instance_id=inst.id)
+    todo: list[script.Sum] = []
+    for f in files:
+        if stored.has(f.name, f.sha256):
+            out.already += 1
+        elif f.size > script.SINGLE_PUT_LIMIT:
+            out.refused.append((f.name, f"{size(f.size)} is above S3's 5 GB limit for one upload "
+                                        "(multipart uploads are not supported yet); copy it yourself"))
+        elif not f.sha256:
+            out.failed.append((f.name, "it could not be read on the instance"))
+        else:
+            todo.append(f)
+    if todo:
+        timeout = upload_seconds(sum(f.size for f in todo))
+        keys = {i: backups.object_key(run_id, script.s3_suffix(f.name)) for i, f in enumerate(todo)}
+        uploads = [
+            script.Upload(i, f.name, f.sha256, fleet.presign(keys[i], url_seconds(timeout), "put_object"))
+            for i, f in enumerate(todo)
+        ]
+        result = fleet.run(inst.id, script.upload(root, run_id, uploads), timeout=timeout)
+        records = script.parse_records(result.stdout, "put")
+        if "nocurl" in result.stdout:
+            raise RunctlError(
+                f"{inst.label} has no `curl`, so it cannot upload its checkpoints.",
+                fix="Install curl on the instance (`sudo apt-get install -y curl`), then retry.",
+            )
+        now = datetime.now(UTC)
+        for i, f in enumerate(todo):
+            outcome, why = records.get(i, ("", ""))
+            if outcome == "200" and fleet.object_size(keys[i]) == f.size:
+                stored.add(Stored(name=f.name, key=keys[i], size=f.size, mtime=f.mtime, sha256=f.sha256,
+                                  backed_up_at=now))
+                out.uploaded.append(stored.files[-1])
+            elif outcome == "changed":
+                out.failed.append((f.name, "it changed while it was being backed up; run the backup again"))
+            elif outcome == "gone":
+                out.failed.append((f.name, "it was deleted before it could be uploaded"))
+            else:
+                said = f"HTTP {outcome}" + (f", {why}" if why else "") if outcome else "no answer from the upload"
+                out.failed.append((f.name, f"S3 did not take it ({said})"))
+        if out.uploaded:
+            stored.instance_id = inst.id
+            backups.save(fleet, stored)
+    out.stored = stored
+    log.info("backup of %s on %s: %d uploaded, %d already, %d refused, %d failed",
+             run_id, inst.id, len(out.uploaded), out.already, len(out.refused), len(out.failed))
+    return out

@@ -1,0 +1,86 @@
+"""`/runctl resume <run-id> [--on <instance-id>]`: the run's command again (same script,
+commit and arguments) on the same or another instance, continuing from its checkpoints.
+Those the target's disk lacks come from the run's S3 backup, sha256-verified there before
+the script starts (the train flow does that, `TrainFlow.restore_body`).
+
+`resume_run` is the reusable flow (a spot interruption's auto-resume calls it too)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from workers import policy
+from workers.aws import backups
+from workers.commands import Actor, ResumeCommand, TrainCommand
+from workers.errors import RunctlError
+from workers.jobs import funnel
+from workers.jobs.funnel import Job
+from workers.queueing import enqueue
+from workers.services import Services
+from workers.slack.escape import code
+from workers.slack.format import size
+from workers.state.runs import Run, new_run_id
+
+
+@dataclass(frozen=True)
+class Resumed:
+    run: Run  # the new run, queued
+    text: str
+
+
+@funnel.command(ResumeCommand)
+def resume(job: Job, cmd: ResumeCommand) -> str:
+    done = resume_run(job.svc, cmd.run_id, job.actor, on=cmd.instance_id)
+    job.tell(done.text)
+    return done.text
+
+
+def resume_run(
+    svc: Services, run_id: str, actor: Actor, on: str | None = None, note: str = ""
+) -> Resumed:
+    """Queue a train of `run_id`'s exact command on `on` (default: its own instance) in the
+    directory of the run that owns its checkpoints, restoring them from S3 first when a
+    backup exists. Raises RunctlError when the run is unknown or could not continue anywhere."""
+    old = svc.runs.get(run_id)
+    if old is None:
+        raise RunctlError(
+            f"Run {code(run_id)} is not known to runctl.",
+            why="Run records are kept in Redis; this one is not there (a typo, or it expired).",
+            fix="`/runctl checkpoints <instance-id>` lists the runs an instance has.",
+        )
+    # It writes into the run's checkpoint directory: that run's owner's, or an admin's.
+    policy.check(svc.settings, actor.user_id, "resume", old.user_id)
+    owner = old.checkpoint_run_id or old.run_id
+    target = on or old.instance_id
+    stored = backups.load(svc.fleet, owner)
+    if target != old.instance_id and (stored is None or not stored.files):
+        raise RunctlError(
+            f"Run {code(run_id)} has no checkpoints in S3, so it cannot continue on `{target}`.",
+            why=f"Its checkpoints are only on `{old.instance_id}`'s disk.",
+            fix=f"`/runctl backup {old.instance_id} --run {owner}` first (while that instance exists), "
+            f"or `/runctl resume {run_id}` on its own instance.",
+        )
+    from workers.jobs.train import new_run  # train imports lifecycle, which may import this
+
+    cmd = TrainCommand.from_run(old).model_copy(update={"instance_id": target, "ref": old.sha or old.ref})
+    where = "" if target == old.instance_id else f" on `{target}`"
+    notes = [f":repeat: Resumes run `{old.run_id}`{where} from its checkpoints."] + ([note] if note else [])
+    if stored is not None and stored.files:
+        notes.append(
+            f":cloud: Its S3 backup ({len(stored.files)} files, {size(stored.total_size)}) fills in what "
+            "this instance's disk lacks, each file's sha256 verified before the script starts."
+        )
+    new_id = new_run_id(svc.clock())
+    run = new_run(svc, cmd, actor, new_id).model_copy(update={
+        "channel_id": actor.channel_id or old.channel_id,
+        "checkpoint_run_id": owner,
+        "restore_from": owner if stored is not None and stored.files else None,
+        "notes": notes,
+    })
+    svc.runs.create(run)
+    enqueue(svc.queue, cmd, actor, run.run_id)
+    text = (
+        f":repeat: <@{actor.user_id}> resumes run `{old.run_id}` as run `{run.run_id}` on `{target}` "
+        f"({code(old.script)} at {code(cmd.ref or old.ref)}); it continues from its newest checkpoint."
+    )
+    return Resumed(run, text)

@@ -1,0 +1,203 @@
+"""Backup and restore scripts: instances have no AWS credentials, so the worker presigns
+one URL per file and the instance moves the bytes with curl.
+
+Names are the discovery's (``workers.remote.checkpoints``): a bare name lives in the run's
+``$RUNCTL_CHECKPOINT_DIR`` (``runs/<run-id>/checkpoints``), ``./dir/name`` in the run's
+working directory (``runs/<run-id>/work``), ``/dir/name`` is absolute. ``instance_path``
+turns one into shell text; ``s3_suffix`` into the object key under the run's prefix.
+
+Output, one record a line (names last, so they may hold spaces):
+
+    ::runctl::sum <size> <mtime> <sha256|-> <name>     a file the run saved (sha "-": too big to hash)
+    ::runctl::subdir <name>                            a directory (not backed up)
+    ::runctl::put <index> <http-status|gone|changed> <S3 error code>
+    ::runctl::got <index> <have|ok|sha|http-status>
+    ::runctl::nocurl
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from workers.remote.checkpoints import prelude
+from workers.remote.core import SECTION, q, run_dir
+
+# S3 takes at most 5 GB in one PUT; bigger files would need a multipart upload.
+SINGLE_PUT_LIMIT = 5 * 1024**3
+MAX_FILES = 120  # sum lines per run that stay under SSM's 24,000-character output cap
+RESTORE_FAILED = 22
+
+_SUMS = (
+    "sum_dir() {  # sum_dir <dir> <name-prefix>: every regular file, newest first\n"
+    "  while IFS= read -r name; do\n"
+    '    [ -n "$name" ] || continue\n'
+    '    f="$1/$name"\n'
+    '    case "$name" in *.tmp|*.part) continue ;; esac\n'
+    '    if [ -d "$f" ]; then printf \'%s\\n\' "' + SECTION + 'subdir $2$name"; continue; fi\n'
+    '    [ -f "$f" ] || continue\n'
+    '    size=$(wc -c < "$f" | tr -d " ")\n'
+    '    mtime=$(date -r "$f" +%s 2>/dev/null || echo -)\n'
+    f'    if [ "$size" -gt {SINGLE_PUT_LIMIT} ]; then HASH=-; else cached_hash "$1" "$name"; fi\n'
+    '    printf \'%s\\n\' "' + SECTION + 'sum $size $mtime ${HASH:--} $2$name"\n'
+    "  done <<RUNCTL_FILES\n"
+    '$(ls -t "$1" 2>/dev/null)\n'
+    "RUNCTL_FILES\n"
+    "}\n"
+)
+
+
+def sums(root: str, run_id: str) -> str:
+    """Size, mtime and sha256 of every file in every place the run saves."""
+    return (
+        prelude(root, verify=True)
+        + _SUMS
+        + f"{{\nvalid_id {q(run_id)} && each_dir sum_dir {q(run_id)}\n}} | head -n {MAX_FILES}\nexit 0\n"
+    )
+
+
+_BAD_PART = re.compile(r"(^|/)\.\.?(/|$)")
+
+
+def safe_name(name: str) -> bool:
+    """A name the discovery could have printed, naming no place outside its own: no `..`,
+    no newline, no NUL."""
+    if not name or "\n" in name or "\0" in name or name.endswith("/"):
+        return False
+    rest = name[2:] if name.startswith("./") else name.lstrip("/") if name.startswith("/") else name
+    if not name.startswith(("./", "/")) and "/" in name:
+        return False
+    return bool(rest) and not _BAD_PART.search(rest) and "//" not in rest
+
+
+def instance_path(run_id: str, name: str) -> str:
+    """Shell text for the file `name` of the run that owns the checkpoints."""
+    if name.startswith("/"):
+        return q(name)
+    if name.startswith("./"):
+        return f"{run_dir(run_id)}/work/{q(name[2:])}"
+    return f"{run_dir(run_id)}/checkpoints/{q(name)}"
+
+
+def s3_suffix(name: str) -> str:
+    """The object key under `runctl/checkpoints/<run-id>/` for a name."""
+    if name.startswith("/"):
+        return "abs" + name
+    if name.startswith("./"):
+        return "work/" + name[2:]
+    return "ckpt/" + name
+
+
+@dataclass(frozen=True)
+class Upload:
+    index: int
+    name: str
+    sha256: str
+    url: str
+
+
+@dataclass(frozen=True)
+class Download:
+    index: int
+    name: str
+    sha256: str
+    url: str
+
+
+_PUT = (
+    "command -v curl >/dev/null 2>&1 || { echo \"" + SECTION + "nocurl\"; exit 0; }\n"
+    'OUT=$(mktemp) ERR=$(mktemp)\n'
+    "put() {  # put <index> <file> <sha256> <url>\n"
+    '  if [ ! -f "$2" ]; then echo "' + SECTION + 'put $1 gone -"; return 0; fi\n'
+    '  cached_hash "${2%/*}" "${2##*/}"\n'
+    '  if [ "$HASH" != "$3" ]; then echo "' + SECTION + 'put $1 changed -"; return 0; fi\n'
+    "  code=$(curl -sS --retry 3 -X PUT -T \"$2\" -o \"$OUT\" -w '%{http_code}' \"$4\" 2>\"$ERR\") || :\n"
+    # Only S3's error code: its message may echo the request, and the URL never leaves the instance.
+    "  why=$(sed -n 's/.*<Code>\\([A-Za-z]*\\)<\\/Code>.*/\\1/p' \"$OUT\" | head -n 1)\n"
+    '  echo "' + SECTION + 'put $1 ${code:-000} ${why:--}"\n'
+    "}\n"
+)
+
+
+def upload(root: str, run_id: str, uploads: Sequence[Upload]) -> str:
+    """PUT each file to its presigned URL, unless it changed since it was hashed."""
+    calls = "".join(
+        f"F={instance_path(run_id, u.name)}\nU={q(u.url)}\nput {u.index} \"$F\" {q(u.sha256)} \"$U\"\n"
+        for u in uploads
+    )
+    return prelude(root, verify=True) + _PUT + calls + 'rm -f "$OUT" "$ERR"\nexit 0\n'
+
+
+_GET = (
+    "command -v curl >/dev/null 2>&1 || { echo \"" + SECTION + "nocurl\"; exit " + str(RESTORE_FAILED) + "; }\n"
+    "FAILED=0\n"
+    "get() {  # get <index> <file> <sha256> <url>: in place only once its sha256 matches\n"
+    '  if [ -f "$2" ] && [ "$(hash_of "$2")" = "$3" ]; then echo "' + SECTION + 'got $1 have"; return 0; fi\n'
+    '  mkdir -p "${2%/*}" || { echo "' + SECTION + 'got $1 mkdir"; FAILED=1; return 0; }\n'
+    '  tmp="$2.runctl-restore"\n'
+    "  code=$(curl -sSL --retry 3 -o \"$tmp\" -w '%{http_code}' \"$4\" 2>/dev/null) || :\n"
+    '  if [ "$code" != 200 ]; then rm -f "$tmp"; echo "' + SECTION + 'got $1 ${code:-000}"; FAILED=1; return 0; fi\n'
+    '  if [ "$(hash_of "$tmp")" != "$3" ]; then rm -f "$tmp"; echo "' + SECTION + 'got $1 sha"; FAILED=1; return 0; fi\n'
+    '  mv "$tmp" "$2" && echo "' + SECTION + 'got $1 ok"\n'
+    "}\n"
+)
+
+
+def restore(root: str, run_id: str, downloads: Sequence[Download]) -> str:
+    """Fetch each missing file from S3 and verify its sha256 before it takes its place;
+    exits RESTORE_FAILED if any could not be restored. Ends without `exit` on success, so a
+    launch can follow it in the same command."""
+    calls = "".join(
+        f"F={instance_path(run_id, d.name)}\nU={q(d.url)}\nget {d.index} \"$F\" {q(d.sha256)} \"$U\"\n"
+        for d in downloads
+    )
+    return (
+        "LC_ALL=C\nexport LC_ALL\n"
+        "hash_of() {\n"
+        '  if command -v sha256sum >/dev/null 2>&1; then sha256sum "$1" 2>/dev/null | cut -d" " -f1\n'
+        '  else shasum -a 256 "$1" 2>/dev/null | cut -d" " -f1; fi\n'
+        "}\n"
+        + _GET
+        + calls
+        + 'if [ "$FAILED" != 0 ]; then echo "runctl: could not restore the checkpoints from S3" >&2; '
+        + f"exit {RESTORE_FAILED}; fi\n"
+    )
+
+
+@dataclass(frozen=True)
+class Sum:
+    name: str
+    size: int
+    mtime: int
+    sha256: str  # "" when too big to hash
+
+
+def parse_sums(output: str) -> tuple[list[Sum], list[str]]:
+    """The files, and the sub-directories (not backed up)."""
+    found: list[Sum] = []
+    subdirs: list[str] = []
+    for line in output.splitlines():
+        if line.startswith(SECTION + "subdir "):
+            subdirs.append(line[len(SECTION) + 7 :])
+            continue
+        if not line.startswith(SECTION + "sum "):
+            continue
+        parts = line[len(SECTION) + 4 :].split(" ", 3)
+        if len(parts) != 4 or not parts[0].isdigit() or not safe_name(parts[3]):
+            continue
+        sha = parts[2] if re.fullmatch(r"[0-9a-f]{64}", parts[2]) else ""
+        found.append(Sum(parts[3], int(parts[0]), int(parts[1]) if parts[1].isdigit() else 0, sha))
+    return found, subdirs
+
+
+def parse_records(output: str, word: str) -> dict[int, tuple[str, str]]:
+    """`put`/`got` records by index: (outcome, S3 error code or "")."""
+    out: dict[int, tuple[str, str]] = {}
+    for line in output.splitlines():
+        if line.startswith(f"{SECTION}{word} "):
+            parts = line[len(SECTION) + len(word) + 1 :].split()
+            if parts and parts[0].isdigit():
+                why = parts[2] if len(parts) > 2 and parts[2] != "-" else ""
+                out[int(parts[0])] = (parts[1] if len(parts) > 1 else "", why)
+    return out
