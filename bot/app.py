@@ -7,7 +7,6 @@ from typing import Any
 
 from redis import Redis
 from redis.exceptions import RedisError
-from rq import Queue
 from slack_bolt import App, BoltContext, BoltRequest, BoltResponse
 from slack_bolt.context.respond import Respond
 from slack_sdk import WebClient
@@ -16,7 +15,7 @@ from bot import handlers, signing
 from bot.middleware import Reply, admit_command, front_record, gate_click
 from workers import audit
 from workers.errors import PermissionDenied, RateLimited, RunctlError
-from workers.queueing import QUEUE, unreachable
+from workers.queueing import QUEUE, RoutedQueue, unreachable
 from workers.settings import Settings
 from workers.slack import hooks
 from workers.slack.client import make_client
@@ -42,7 +41,7 @@ def build_app(
         process_before_response=True,  # listeners only ack and enqueue; a thread hop adds a 10 ms poll
         name="runctl",
     )
-    queue = Queue(QUEUE, connection=redis)
+    queue = RoutedQueue(QUEUE, connection=redis)  # long jobs go to their own queue
 
     @app.middleware
     def inject(context: BoltContext, body: dict[str, Any], next: Any) -> None:

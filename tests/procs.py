@@ -55,10 +55,10 @@ class Procs:
         self.logs: list[Path] = []
 
     def start(self, name: str, **env: str) -> subprocess.Popen[bytes]:
-        """`worker` or `clock`, as the Procfile says, with ``rq`` this interpreter's."""
+        """`worker` or `clock`, as the Procfile says, with ``rq`` and ``python3`` this interpreter's."""
         argv = procfile(name)
-        assert argv[0] == "rq"
-        argv = [*RQ, *(REDIS_URL if a.startswith('"${REDIS_URL') else a for a in argv[1:])]
+        head = {"rq": RQ, "python3": [sys.executable]}[argv[0]]
+        argv = [*head, *(REDIS_URL if a.startswith('"${REDIS_URL') else a for a in argv[1:])]
         log = self.tmp / f"{name}-{len(self.procs)}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(

@@ -59,7 +59,7 @@ def processes(
         env=env, stdout=subprocess.DEVNULL, stderr=web_log,
     )
     worker = subprocess.Popen(
-        [str(bindir / "rq"), "worker", "--worker-class", "workers.worker.RunctlWorker", "--with-scheduler", "--url", REDIS_URL, "runctl"],
+        [str(bindir / "rq"), "worker", "--worker-class", "workers.worker.RunctlWorker", "--with-scheduler", "--url", REDIS_URL, "runctl-long", "runctl"],
         env=env, stdout=worker_log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"

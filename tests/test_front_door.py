@@ -17,7 +17,7 @@ from bot.app import build_app
 from tests.conftest import TOKEN
 from tests.slack import command
 from workers import audit
-from workers.queueing import QUEUE
+from workers.queueing import LONG_QUEUE, QUEUE
 from workers.sandbox.fake_slack import FakeSlack
 from workers.settings import Settings
 
@@ -58,7 +58,7 @@ def test_an_allowed_command_is_audited_with_its_job(
     assert app.dispatch(command(f"train {IID} train.py -- --epochs 1", user="U0DANA")).status == 200
     (entry,) = audit.newest(real_redis, 5, user="U0DANA")
     assert (entry.decision, entry.outcome, entry.instance) == ("allowed", "queued", IID)
-    (job,) = Queue(QUEUE, connection=real_redis).jobs
+    (job,) = Queue(LONG_QUEUE, connection=real_redis).jobs  # a train may build an environment: the long queue
     assert job.func_name == "workers.jobs.train.train" and job.args[1]["user_id"] == "U0DANA"
 
 

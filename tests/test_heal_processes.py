@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -10,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import redis as redis_mod
-from rq import Queue
 
-from workers.commands import Actor, TrainCommand
-from workers.queueing import QUEUE, enqueue
+from workers.commands import Actor, Command, StatusCommand, TrainCommand
+from workers.queueing import QUEUE, RoutedQueue, enqueue
 from workers.sandbox.aws import Sandbox, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
 from workers.state.runs import RunStore
@@ -45,11 +46,17 @@ def wait(condition: Callable[[], object], what: str, procs: Procs, timeout: floa
         time.sleep(0.05)
 
 
-def queue_train(r: redis_mod.Redis, iid: str, who: Actor, *args: str) -> str:
+def queue_train(
+    r: redis_mod.Redis, iid: str, who: Actor, *args: str, script: str = "train_with_checkpoints.py"
+) -> str:
     run_id = f"r-proc-{uuid.uuid4().hex[:10]}"
-    cmd = TrainCommand(instance_id=iid, script="train_with_checkpoints.py", args=args)
-    enqueue(Queue(QUEUE, connection=r), cmd, who, run_id)
+    queue(r, TrainCommand(instance_id=iid, script=script, args=args), who, run_id)
     return run_id
+
+
+def queue(r: redis_mod.Redis, cmd: Command, who: Actor, run_id: str | None = None) -> None:
+    """As the front door queues a command (bot/handlers.py: the routed queue)."""
+    enqueue(RoutedQueue(QUEUE, connection=r), cmd, who, run_id)
 
 
 def thread(slack: FakeSlack, ts: str) -> list[str]:
@@ -132,4 +139,68 @@ def test_sigkill_of_the_worker_while_a_tick_polls_the_run_its_end_is_still_repor
         assert len(reported()) == 1 and "<@U0ALICE>" in reported()[0], thread(slack, parent_ts)
         assert runs.get(run_id).state.value == "finished"  # type: ignore[union-attr]
     finally:
+        procs.stop()
+
+
+def with_env_step(example_repo: Path, dest: Path) -> Path:
+    """The example code plus `envjob/`, whose requirements.txt gives its runs an environment
+    step (pip, offline: already satisfied in a --system-site-packages venv)."""
+    shutil.copytree(example_repo, dest)
+    (dest / "envjob").mkdir()
+    shutil.copy(dest / "train_with_checkpoints.py", dest / "envjob" / "train_with_checkpoints.py")
+    shutil.copy(dest / "runctl_protocol.py", dest / "envjob" / "runctl_protocol.py")
+    (dest / "envjob" / "requirements.txt").write_text("pip\n")
+    git = ["git", "-C", str(dest), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run([*git, "add", "-A"], check=True, capture_output=True)
+    subprocess.run([*git, "commit", "-q", "-m", "envjob"], check=True, capture_output=True)
+    return dest
+
+
+def test_a_long_environment_build_delays_neither_another_runs_updates_nor_a_status(
+    real_redis: redis_mod.Redis, sandbox: Sandbox, slack: FakeSlack, example_repo: Path, tmp_path: Path,
+    fleet_seed: SeedInfo,
+) -> None:
+    slack.reset()
+    repo = with_env_step(example_repo, tmp_path / "code")
+    procs = Procs(sandbox, slack, repo, tmp_path, RUNCTL_RECONCILE_SECONDS="3600")
+    build_seconds = 20  # the sandbox's stand-in for a 10-minute build: the agent holds the setup command
+    try:
+        procs.start("worker")
+        procs.start("clock")
+        live_iid, build_iid = fleet_seed.instances["gpu-box-1"], fleet_seed.instances["cpu-box"]
+        runs = RunStore(real_redis)
+        live = queue_train(real_redis, live_iid, ALICE, "--epochs", "60", "--steps-per-epoch", "2",
+                           "--step-seconds", "0.5")
+        wait(lambda: (sandbox.instance_dir(live_iid) / "runs" / live / "pid").exists(), "the live run", procs)
+        parent_ts = runs.get(live).message_ts  # type: ignore[union-attr]
+
+        sandbox.slow(build_iid, build_seconds, matching=".runctl-ready")  # only the environment step
+        building = queue_train(real_redis, build_iid, BOB, "--epochs", "1", script="envjob/train_with_checkpoints.py")
+        wait(lambda: runs.get(building) is not None and runs.get(building).state.value == "setting up environment",  # type: ignore[union-attr]
+             "the environment build", procs, timeout=60)
+        began = time.monotonic()
+
+        time.sleep(3)
+        asked = time.monotonic()
+        queue(real_redis, StatusCommand(instance_id=live_iid), Actor(user_id="U0CARL", channel_id="C0TRAIN"))
+        wait(lambda: slack.ephemerals("U0CARL"), "the status answer", procs, timeout=30)
+        answered = time.monotonic() - asked
+        wait(lambda: time.monotonic() - began > build_seconds - 4, "most of the build", procs)
+        still = runs.get(building)
+        assert still is not None and still.state.value == "setting up environment"  # the window held
+        window = (began, time.monotonic())
+
+        updates = [c.at for c in slack.calls_to("chat.update") if c.params.get("ts") == parent_ts
+                   and window[0] <= c.at <= window[1]]
+        gaps = [b - a for a, b in zip([window[0], *updates], [*updates, window[1]], strict=True)]
+        text = slack.ephemerals("U0CARL")[0].text
+        assert live in text and "Live run" in text
+        assert answered < 5, f"status took {answered:.1f} s"
+        # The live run polls every RUNCTL_POLL_MAX_SECONDS (1 s) and updates its message each poll.
+        assert len(updates) >= (window[1] - window[0]) / 3 and max(gaps) < 4, gaps
+        sandbox.slow(build_iid, 0)
+        wait(lambda: runs.get(building) is not None and runs.get(building).state.ended, "the build's run", procs,  # type: ignore[union-attr]
+             timeout=90)
+    finally:
+        sandbox.slow(fleet_seed.instances["cpu-box"], 0)
         procs.stop()

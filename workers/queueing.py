@@ -7,6 +7,7 @@ rename here needs a shim at the old path for jobs still queued.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 from redis import Redis
 from redis.backoff import NoBackoff
@@ -18,7 +19,9 @@ from rq.job import Job
 from workers.commands import Actor, Command
 from workers.errors import QueueUnreachable
 
-QUEUE = "runctl"
+QUEUE = "runctl"  # quick jobs: monitor ticks, status, the reconcile, most commands
+LONG_QUEUE = "runctl-long"  # jobs that may take minutes: trains (environment builds), stops (grace waits)...
+QUEUES = (QUEUE, LONG_QUEUE)
 # The front door must answer Slack within 3 s even when Redis hangs: connect and read
 # timeouts well under it, and no retries (redis-py retries 3 times with backoff by default).
 FRONT_TIMEOUT_SECONDS = 0.5
@@ -76,6 +79,53 @@ class JobPath(StrEnum):
     @property
     def module(self) -> str:
         return self.value.rsplit(".", 1)[0]
+
+
+# Jobs that can hold a work horse for minutes: an environment build (up to 30 min), a stop's
+# grace wait, waiting for an instance to start or launch. They run on LONG_QUEUE.
+LONG_JOBS = frozenset(
+    {
+        JobPath.TRAIN,
+        JobPath.STOP,
+        JobPath.START,
+        JobPath.TERMINATE,
+        JobPath.LAUNCH,
+        JobPath.RESUME,
+        JobPath.CONFIRM_CLICK,
+        JobPath.WARNING_STOP_NOW,
+        JobPath.AUTOSTOP_STOP_NOW,
+        JobPath.AUTOSTOP_STOP,
+        JobPath.THEN,
+    }
+)
+
+
+def queue_of(func: object) -> str:
+    return LONG_QUEUE if isinstance(func, str) and func in LONG_JOBS else QUEUE
+
+
+class RoutedQueue(Queue):
+    """The `runctl` queue, handing the LONG_JOBS it is given to `runctl-long`: every place
+    that queues a job names the job, never the queue."""
+
+    def _route(self, func: object) -> Queue:
+        if self.name == QUEUE and queue_of(func) == LONG_QUEUE:
+            return Queue(LONG_QUEUE, connection=self.connection, serializer=self.serializer)
+        return self
+
+    def enqueue_call(self, func: Any, *args: Any, **kwargs: Any) -> Job:
+        target = self._route(func)
+        if target is self:
+            return super().enqueue_call(func, *args, **kwargs)
+        return target.enqueue_call(func, *args, **kwargs)
+
+    def enqueue_at(self, datetime: Any, f: Any, *args: Any, **kwargs: Any) -> Job:
+        target = self._route(f)
+        if target is self:
+            job: Job = super().enqueue_at(datetime, f, *args, **kwargs)
+        else:
+            job = target.enqueue_at(datetime, f, *args, **kwargs)
+        return job
 
 
 JOBS: dict[str, JobPath] = {

@@ -18,7 +18,7 @@ from workers import settings as settings_mod
 from workers.aws.fleet import Fleet
 from workers.aws.repo import CodeRepo
 from workers.errors import ConfigError
-from workers.queueing import QUEUE
+from workers.queueing import QUEUE, RoutedQueue
 from workers.settings import Settings
 from workers.slack.client import Notifier, make_client
 from workers.state.runs import RunStore
@@ -39,7 +39,7 @@ class Services:
 
     @property
     def queue(self) -> Queue:
-        return Queue(QUEUE, connection=self.redis)
+        return RoutedQueue(QUEUE, connection=self.redis)
 
     @property
     def runs(self) -> RunStore:

@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     RUNCTL_PENDING_WAIT_SECONDS: int = Field(300, ge=0)
     RUNCTL_SWEEP_MINUTES: int = Field(5, ge=1, le=1440)
     RUNCTL_RECONCILE_SECONDS: int = Field(150, ge=1, le=3600)
+    RUNCTL_QUICK_WORKERS: int = Field(2, ge=1, le=64)  # work horses for the quick queue only
+    RUNCTL_LONG_WORKERS: int = Field(2, ge=1, le=64)  # work horses for long jobs (then quick ones)
     RUNCTL_MONITOR_LEASE_SECONDS: float = Field(180, gt=0)  # a claimed run is polled again after this if its tick died
     RUNCTL_WARN_UPTIME_HOURS: float = Field(24, gt=0)
     RUNCTL_WARN_COST_USD: float = Field(10, gt=0)

@@ -143,11 +143,11 @@ class Sandbox(ThreadedMotoServer):
         else:
             self._agent.exhausted.discard((instance_type, zone))
 
-    def slow(self, instance_id: str, seconds: float) -> None:
-        """Every script sent to ``instance_id`` from now on waits ``seconds`` (InProgress)
-        before it runs; 0 ends that."""
+    def slow(self, instance_id: str, seconds: float, matching: str = "") -> None:
+        """Every script sent to ``instance_id`` from now on (only those containing
+        ``matching``, if given) waits ``seconds`` (InProgress) before it runs; 0 ends that."""
         if seconds:
-            self._agent.delays[instance_id] = seconds
+            self._agent.delays[instance_id] = (seconds, matching)
         else:
             self._agent.delays.pop(instance_id, None)
 

@@ -12,7 +12,7 @@ from rq import Queue, SimpleWorker
 from rq.registry import ScheduledJobRegistry
 from rq.timeouts import TimerDeathPenalty
 
-from workers.queueing import QUEUE
+from workers.queueing import QUEUES
 
 
 class _ThreadSafeWorker(SimpleWorker):
@@ -24,7 +24,7 @@ class _ThreadSafeWorker(SimpleWorker):
 
 
 class InlineWorker:
-    def __init__(self, redis: Redis, queue_names: tuple[str, ...] = (QUEUE,)) -> None:
+    def __init__(self, redis: Redis, queue_names: tuple[str, ...] = QUEUES) -> None:
         self.redis = redis
         self.queues = [Queue(name, connection=redis) for name in queue_names]
         self._stop = threading.Event()

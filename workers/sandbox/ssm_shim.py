@@ -241,7 +241,8 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._timers: list[threading.Timer] = []
         self.exhausted: set[tuple[str, str]] = set()  # (instance type, zone) with no capacity
-        self.delays: dict[str, float] = {}  # instance id -> seconds each script waits before it runs (a slow agent)
+        # instance id -> (seconds, text): each script containing text waits that long before it runs (a slow agent)
+        self.delays: dict[str, tuple[float, str]] = {}
         # With a fake IMDS (workers/sandbox/imds.py): the instance's metadata endpoint, standing
         # in for the link-local route to 169.254.169.254 (not part of the real agent's environment).
         self.metadata_endpoint: Callable[[str], str] | None = None
@@ -338,7 +339,9 @@ class Agent:
     def _run_shell(self, key: tuple[str, str], work: Path, env: dict[str, str], timeout: float) -> None:
         with self._lock:
             self._invocations[key].started = _now()
-            delay = self.delays.get(key[1], 0.0)
+            delay, matching = self.delays.get(key[1], (0.0, ""))
+            if matching and matching not in (work / "_script.sh").read_text():
+                delay = 0.0
         if delay:
             time.sleep(delay)  # InProgress meanwhile, as with a slow or busy agent
         try:
