@@ -97,7 +97,8 @@ def _trust_response_url(settings: Settings, context: BoltContext, body: dict[str
     url = context.response_url
     if url is None or hooks.trusted(settings, url) == url:
         return
-    log.warning("ignoring a response_url that is not Slack's: %.100r", url)
+    if url:  # an empty one (the console's) is simply none
+        log.warning("ignoring a response_url that is not Slack's: %.100r", url)
     context["response_url"] = None
     context.pop("respond", None)
     if "response_url" in body:

@@ -13,11 +13,12 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlencode
@@ -75,7 +76,8 @@ class Console:
             return
         if kind == "delete":
             return
-        where = "ephemeral" if msg.ephemeral else ("thread" if msg.thread_ts else f"#{msg.channel}")
+        private = msg.ephemeral or kind == "response_url"
+        where = "only you" if private else ("thread" if msg.thread_ts else f"#{msg.channel}")
         tag = {"post": "", "update": " (updated)", "ephemeral": "", "response_url": ""}.get(kind, "")
         lines = self.render(msg)
         with self.lock:
@@ -137,11 +139,15 @@ class Console:
                 data = {"text": resp.body}
             self.say("[only you] " + plain(str(data.get("text", ""))).replace("\n", "\n    "))
 
-    def click(self, app: App, number: int) -> None:
+    def click(self, app: App, number: int, ask: Callable[[str], str | None] | None = None) -> None:
         if not 1 <= number <= len(self.buttons):
             self.say(f"No button [{number}].")
             return
         msg, block, element = self.buttons[number - 1]
+        confirm = element.get("confirm")
+        if confirm and ask is not None and not self.confirmed(confirm, ask):
+            self.say("Not clicked.")
+            return
         payload = {
             "type": "block_actions",
             "team": {"id": "T0CONSOLE", "domain": "console"},
@@ -169,6 +175,38 @@ class Console:
             self.say(f"[http {resp.status}] {resp.body}")
 
 
+    def confirmed(self, confirm: dict[str, Any], ask: Callable[[str], str | None]) -> bool:
+        """The button's confirmation dialog, as Slack shows it before sending the click."""
+        title = (confirm.get("title") or {}).get("text", "Are you sure?")
+        text = (confirm.get("text") or {}).get("text", "")
+        yes = (confirm.get("confirm") or {}).get("text", "Yes")
+        no = (confirm.get("deny") or {}).get("text", "Cancel")
+        self.say(f"[confirm] {title}\n    {plain(text)}")
+        answer = ask(f"{yes}? [y/N] ({no}: Enter) ")
+        return (answer or "").strip().lower() in ("y", "yes")
+
+
+class Prompt:
+    """Typed lines: on a terminal with a prompt, readline's editing and history (up arrow);
+    piped, plain lines, each echoed once so a transcript shows what was typed."""
+
+    def __init__(self, stdin: TextIO) -> None:
+        self.stdin = stdin
+        self.tty = stdin.isatty()
+        if self.tty:
+            import readline  # noqa: F401  (imported for its effect: input() edits and keeps history)
+
+    def read(self, prompt: str = "runctl> ") -> str | None:
+        """The next line, None at the end of input; Ctrl-C raises KeyboardInterrupt."""
+        if self.tty:
+            try:
+                return input(prompt)
+            except EOFError:
+                return None
+        line = self.stdin.readline()
+        return None if line == "" else line
+
+
 def wait_idle(svc: Services, worker: InlineWorker, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -185,82 +223,114 @@ def banner(seeded: SeedInfo) -> str:
         "runctl console: the bot, a sandboxed AWS and a fake Slack, all on this machine.\n"
         f"Instances:\n{rows}\n"
         "Try:\n"
-        "    /runctl train $gpu-box-1 train_with_checkpoints.py -- --epochs 5\n"
-        "    /runctl status $gpu-box-1\n"
+        "    /runctl train gpu-box-1 train_with_checkpoints.py -- --epochs 5\n"
+        "    /runctl status gpu-box-1\n"
         "    /runctl help\n"
-        "`$gpu-box-1` stands for that instance's id. A number clicks that button;\n"
-        "/wait waits for running work; /quit leaves."
+        "An instance is named by its name or its id (`$gpu-box-1` also stands for the id).\n"
+        "A number clicks that button; /wait waits for running work (Ctrl-C stops waiting);\n"
+        "/quit or Ctrl-C leaves; the up arrow recalls a command."
     )
 
 
 def main(argv: list[str] | None = None) -> int:
+    """0 on /quit or the end of input; 130 (128 + SIGINT) when Ctrl-C at the prompt leaves."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--workdir", type=Path, default=None, help="where the sandbox keeps its files")
+    parser.add_argument("--workdir", type=Path, default=None, help="where the sandbox keeps its files (kept)")
     args = parser.parse_args(argv)
+    temporary = args.workdir is None  # removed on exit; a --workdir is kept for inspection
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="runctl-console-"))
     workdir.mkdir(parents=True, exist_ok=True)
     out = sys.stdout
     console = Console(out)
+    prompt = Prompt(sys.stdin)
+    status = 0
+    try:
+        status = session(console, prompt, workdir)
+    finally:
+        if temporary:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            console.say(f"Sandbox files (instances' remote roots) are in {workdir}")
+    return status
 
+
+def session(console: Console, prompt: Prompt, workdir: Path) -> int:
     sandbox = Sandbox(workdir / "aws")
     sandbox.start()
     os.environ.update(sandbox.env())
-    seeded = seed(sandbox.endpoint_url, "us-east-1", "runctl-console-bundles")
-    repo = make_example_repo(workdir / "training-code")
     slack = FakeSlack(member_of=[CHANNEL])
-    slack.start()
-    slack.on_event(console.show)
-    settings = Settings(
-        SLACK_BOT_TOKEN=TOKEN,
-        SLACK_SIGNING_SECRET=SECRET,
-        SLACK_API_URL=slack.base_url,
-        RUNCTL_REPO=str(repo),
-        RUNCTL_S3_BUCKET="runctl-console-bundles",
-        RUNCTL_MIRROR_DIR=workdir / "mirror",
-        RUNCTL_CHANNEL=CHANNEL,
-        RUNCTL_ADMINS=[USER],
-        RUNCTL_POLL_MIN_SECONDS=1,
-        RUNCTL_POLL_MAX_SECONDS=3,
-        RUNCTL_LAUNCH_CHECK_SECONDS=1,
-        RUNCTL_STOP_GRACE_SECONDS=30,
-    )
-    redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-    client = WebClient(token=TOKEN, base_url=slack.base_url)
-    svc = Services(settings=settings, redis=redis, notifier=Notifier(client))
-    services.install(svc)
-    app = build_app(settings, redis, client=client)
-    worker = InlineWorker(redis)
-    worker.start()
-    console.say(banner(seeded))
+    worker: InlineWorker | None = None
     try:
-        for raw in sys.stdin:
+        seeded = seed(sandbox.endpoint_url, "us-east-1", "runctl-console-bundles")
+        repo = make_example_repo(workdir / "training-code")
+        slack.start()
+        slack.on_event(console.show)
+        settings = Settings(
+            SLACK_BOT_TOKEN=TOKEN,
+            SLACK_SIGNING_SECRET=SECRET,
+            SLACK_API_URL=slack.base_url,
+            RUNCTL_REPO=str(repo),
+            RUNCTL_S3_BUCKET="runctl-console-bundles",
+            RUNCTL_MIRROR_DIR=workdir / "mirror",
+            RUNCTL_CHANNEL=CHANNEL,
+            RUNCTL_ADMINS=[USER],
+            RUNCTL_POLL_MIN_SECONDS=1,
+            RUNCTL_POLL_MAX_SECONDS=3,
+            RUNCTL_LAUNCH_CHECK_SECONDS=1,
+            RUNCTL_STOP_GRACE_SECONDS=30,
+        )
+        redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+        client = WebClient(token=TOKEN, base_url=slack.base_url)
+        svc = Services(settings=settings, redis=redis, notifier=Notifier(client))
+        services.install(svc)
+        app = build_app(settings, redis, client=client)
+        worker = InlineWorker(redis)
+        worker.start()
+        console.say(banner(seeded))
+        return converse(console, prompt, app, svc, worker, seeded)
+    finally:
+        if worker is not None:
+            worker.stop()
+        slack.stop()
+        sandbox.stop()
+        services.install(None)
+
+
+def converse(
+    console: Console, prompt: Prompt, app: App, svc: Services, worker: InlineWorker, seeded: SeedInfo
+) -> int:
+    """The read-answer loop. Ctrl-C during /wait stops waiting (the work goes on); at the
+    prompt it leaves, with 130."""
+    try:
+        while True:
+            raw = prompt.read()
+            if raw is None:  # the end of input: a piped script's work is waited for
+                if not prompt.tty:
+                    wait_idle(svc, worker)
+                return 0
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
-            console.say(f"> {line}")
+            if not prompt.tty:
+                console.say(f"> {line}")  # a terminal echoed it already
             if line in ("/quit", "/exit"):
-                break
+                return 0
             if line == "/wait":
-                wait_idle(svc, worker)
+                try:
+                    wait_idle(svc, worker)
+                except KeyboardInterrupt:
+                    console.say("\nStopped waiting (the work goes on). /wait again, or Ctrl-C or /quit to leave.")
             elif line.isdigit():
-                console.click(app, int(line))
+                console.click(app, int(line), prompt.read)
             elif line.startswith("/runctl"):
                 for name, iid in seeded.instances.items():
                     line = line.replace(f"${name}", iid)
                 console.command(app, line.removeprefix("/runctl").strip())
             else:
                 console.say("Type `/runctl ...`, a button number, /wait or /quit.")
-        else:
-            wait_idle(svc, worker)
     except KeyboardInterrupt:
-        pass
-    finally:
-        worker.stop()
-        slack.stop()
-        sandbox.stop()
-        services.install(None)
-    console.say(f"Sandbox files (instances' remote roots) are in {workdir}")
-    return 0
+        console.say("")
+        return 130
 
 
 if __name__ == "__main__":
