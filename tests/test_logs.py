@@ -113,6 +113,10 @@ def test_logs_tails_the_newest_run_with_lines_and_grep(
     assert len(private) == 1 and private[0].channel == "C0OPS"
     assert code_lines(private) == ["the older run"]
 
+    other = fleet_seed.instances["gpu-box-1"]
+    ask(f"logs {other} --run {newest}")
+    assert f"Run `{newest}` ran on `{iid}`, not `{other}`" in slack.ephemerals("U0ALICE")[-1].text
+
     with pytest.raises(UsageError):
         parse(f"logs {iid} --lines 501")
 
@@ -168,8 +172,9 @@ def test_full_log_attaches_the_complete_50_mb_log_and_leaves_nothing_in_s3(
         buttons = [e for b in message.blocks if b.get("type") == "actions" for e in b["elements"]]
         assert [(b["action_id"], b["value"]) for b in buttons] == [(ActionId.FULL_LOG, run_id)]
     data = b"".join(
-        f"{i:09d} epoch {i // 10000} step {i} loss={(i * 7919) % 10007 / 10007:.6f}\n".encode() for i in range(1_100_000)
+        f"{i:09d} epoch {i // 10000} step {i} loss={(i * 7919) % 10007 / 10007:.6f}\n".encode() for i in range(1_200_000)
     )[: 50 * 1024 * 1024]
+    assert len(data) == 50 * 1024 * 1024
     log_file(sandbox, iid, run_id).write_bytes(data)
 
     full_log(run_id, ALICE.model_dump(mode="json"))
@@ -236,7 +241,8 @@ def test_logs_and_full_log_through_the_signed_front_door(
     run = svc.runs.get(run_id)
     assert run is not None and run.message_ts
     before = len(slack.thread("C0TRAIN", run.message_ts))
-    assert slash(svc, slack, worker, f"logs {iid} --lines 2", "U0BOB") == ""  # the answer is the message
+    # by its Name tag, as every instance command takes it; the answer is the message
+    assert slash(svc, slack, worker, "logs cpu-box --lines 2", "U0BOB") == ""
     answer = since(slack, "C0TRAIN", run.message_ts, before)
     assert len(answer) == 1 and answer[0].text.startswith("<@U0BOB>") and len(code_lines(answer)) == 2
     dispatch(svc, slack, worker, click(as_dict(answer[0]), ActionId.FULL_LOG, "U0BOB"))
