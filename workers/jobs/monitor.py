@@ -251,7 +251,7 @@ def update(svc: Services, run: Run, snap: Snapshot | None) -> None:
     absorb(run, snap)
     watch_gpus(run, snap, svc.clock(), svc.settings.RUNCTL_GPU_IDLE_PERCENT)
     if snap.spot_notice and not run.spot_notice:
-        run.spot_notice = snap.spot_notice
+        run.spot_notice, run.spot_signalled_at = snap.spot_notice, snap.spot_signalled_at
         run.polls = 0  # the instance goes within two minutes: follow the checkpoint closely
     train_lock(svc.redis, run.instance_id).extend(run.lock_token)
     if snap.ended:
@@ -338,6 +338,14 @@ def spot_report(run: Run, ended: str) -> str:
             f"its progress is lost; the script needs a SIGTERM handler that saves. The training {ended}."
         )
     epoch = f"epoch {run.checkpoint.epoch}" if run.checkpoint.epoch is not None else code(run.checkpoint.name)
+    signalled = run.spot_signalled_at
+    # Whole seconds on both sides (`date -r`): a checkpoint of an earlier second predates the signal.
+    if signalled is not None and run.checkpoint.modified_at < signalled:
+        return (
+            f":warning: run `{run.run_id}`: spot interruption ({notice}): no checkpoint after the signal; "
+            f"the newest is {epoch} ({code(run.checkpoint.name)}, saved before it), later progress is lost. "
+            f"The training {ended}."
+        )
     return (
         f":zap: run `{run.run_id}`: spot interruption: checkpoint {epoch} saved "
         f"({code(run.checkpoint.name)}); the instance was told: {notice}. The training {ended}."

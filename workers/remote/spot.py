@@ -63,10 +63,11 @@ def unwatch() -> str:
 
 
 def report(section: str) -> str:
-    """Status lines inside `runs_status`'s per-run loop: the notice, if the watcher acted on one."""
+    """Status lines inside `runs_status`'s per-run loop: when the watcher acted on a notice
+    (epoch seconds, the training was signalled then) and the notice."""
     return (
         f'if [ -f "$RUN_DIR/{NOTICE_FILE}" ]; then\n'
-        f'  echo "{section}spot $(head -c 300 "$RUN_DIR/{NOTICE_FILE}" | tr -d \'\\r\\n\')"\n'
+        f'  echo "{section}spot $(date -r "$RUN_DIR/{NOTICE_FILE}" +%s) $(head -c 300 "$RUN_DIR/{NOTICE_FILE}" | tr -d \'\\r\\n\')"\n'
         "fi\n"
     )
 

@@ -28,6 +28,7 @@ class Snapshot:
     log: list[str] = field(default_factory=list)
     gpus: list[Gpu] | None = None  # None: the instance has no nvidia-smi (or it did not answer)
     spot_notice: str = ""  # the interruption notice the wrapper acted on (IMDS's JSON)
+    spot_signalled_at: datetime | None = None  # when it SIGTERMed the training for it
 
     @property
     def ended(self) -> bool:
@@ -87,7 +88,9 @@ def _parse_one(output: str) -> Snapshot:
             elif word == "exit":
                 snap.exit_code = int(rest) if rest.strip().lstrip("-").isdigit() else -1
             elif word == "spot":
-                snap.spot_notice = rest.strip()
+                at, _, notice = rest.strip().partition(" ")
+                if at.isdigit():
+                    snap.spot_notice, snap.spot_signalled_at = notice, datetime.fromtimestamp(int(at), UTC)
             elif word == "checkpoint":
                 snap.checkpoint = _checkpoint(rest)
             continue

@@ -118,6 +118,7 @@ class Run(BaseModel):
     gpu_idle_since: datetime | None = None  # since when every GPU has been near 0 %
     spot: bool = False  # on a spot instance: its wrapper watches for interruption notices
     spot_notice: str = ""  # the interruption notice the wrapper acted on (IMDS's JSON)
+    spot_signalled_at: datetime | None = None  # when the wrapper SIGTERMed the training for it
     error: ErrorInfo | None = None
     polls: int = 0
     lock_token: str = ""
