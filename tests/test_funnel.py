@@ -4,6 +4,7 @@ not as it was when the request was queued."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 from collections.abc import Callable
@@ -22,8 +23,10 @@ from workers import audit
 from workers.commands import (
     Actor,
     AuditCommand,
+    AutostopCommand,
     CheckpointsCommand,
     Command,
+    LogsCommand,
     ResourcesCommand,
     StartCommand,
     StatusCommand,
@@ -31,6 +34,7 @@ from workers.commands import (
     TerminateCommand,
     TrainCommand,
 )
+from workers.jobs import funnel
 from workers.jobs.monitor import schedule
 from workers.queueing import QUEUES, JobPath, enqueue
 from workers.sandbox.aws import SeedInfo
@@ -48,7 +52,7 @@ from .test_lifecycle import as_dict, posted, send_click
 CHANNEL = "C0TRAIN"
 ALICE = Actor(user_id="U0ALICE", channel_id=CHANNEL, text="…")
 ADMIN = Actor(user_id="U0ADMIN", channel_id=CHANNEL)
-ACTIONS = ("train", "status", "stop", "start", "terminate", "resources", "checkpoints")
+ACTIONS = ("train", "status", "stop", "start", "terminate", "resources", "checkpoints", "logs", "autostop")
 ALLOWED = '[roles]\nml = ["U0ALICE"]\n[commands]\n' + "".join(f'{a} = ["ml", "admin"]\n' for a in ACTIONS)
 REVOKED = {
     "role": ALLOWED.replace('ml = ["U0ALICE"]', "ml = []"),
@@ -151,6 +155,29 @@ def _resume_click(svc: Services, seed: SeedInfo, slack: FakeSlack, worker: Inlin
     return ALICE, "/runctl resources"
 
 
+def _unreadable_run_click(path: JobPath) -> Setup:
+    """A click on a run whose record another version wrote."""
+    def setup(svc: Services, seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, mp: pytest.MonkeyPatch
+              ) -> tuple[Actor, str]:
+        svc.redis.set("runctl:run:r-old", '{"run_id": "r-old", "written_by": "a newer runctl"}')
+        svc.queue.enqueue(path.value, "r-old", ALICE.model_dump(mode="json"))
+        return ALICE, "/runctl resources"
+
+    return setup
+
+
+def _autostop_click(path: JobPath) -> Setup:
+    def setup(svc: Services, seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, mp: pytest.MonkeyPatch
+              ) -> tuple[Actor, str]:
+        iid = seed.instances["gpu-box-1"]
+        break_aws(svc)
+        svc.redis.hset("runctl:autostop", iid, '{"instance_id": "' + iid + '"}')  # written by another version
+        svc.queue.enqueue(path.value, iid, ALICE.model_dump(mode="json"), "1.000")
+        return ALICE, f"/runctl status {iid}"
+
+    return setup
+
+
 def _warning_click(path: JobPath) -> Setup:
     def setup(svc: Services, seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, mp: pytest.MonkeyPatch
               ) -> tuple[Actor, str]:
@@ -175,13 +202,25 @@ CRASHES: dict[str, Setup] = {
     "terminate": _command(lambda i: TerminateCommand(instance_id=i)),
     "resources": _command(lambda i: ResourcesCommand()),
     "checkpoints": _command(lambda i: CheckpointsCommand(instance_id=i)),
+    "logs": _command(lambda i: LogsCommand(instance_id=i)),
+    "autostop": _command(lambda i: AutostopCommand(instance_id=i, minutes=30)),
     "audit": _audit_job,
     "terminate click": _terminate_click,
     "resume click": _resume_click,
     "stop now click": _warning_click(JobPath.WARNING_STOP_NOW),
     "snooze click": _warning_click(JobPath.WARNING_SNOOZE),
     "keep click": _warning_click(JobPath.WARNING_KEEP),
+    "full log click": _unreadable_run_click(JobPath.FULL_LOG),
+    "autostop keep click": _autostop_click(JobPath.AUTOSTOP_KEEP),
+    "autostop stop now click": _autostop_click(JobPath.AUTOSTOP_STOP_NOW),
 }
+
+
+def test_every_job_path_is_a_funnel_entry() -> None:
+    """What RQ can run is exactly what the funnel wrapped: no job path bypasses it."""
+    for path in JobPath:
+        module, name = path.value.rsplit(".", 1)
+        assert getattr(importlib.import_module(module), name) in funnel.ENTRIES, path
 
 
 @pytest.mark.parametrize("job", list(CRASHES))

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 C = TypeVar("C", bound=Command)
 Entry = Callable[..., str]
+ENTRIES: set[Entry] = set()  # every entry point the wrappers below made (a test holds JobPath to it)
 
 
 @dataclass
@@ -151,6 +152,7 @@ def command(model: type[C]) -> Callable[[Callable[..., str]], Entry]:
 
             return settle(job, run)
 
+        ENTRIES.add(entry)
         return entry
 
     return wrap
@@ -183,6 +185,7 @@ def click(what: str, actor_at: int, *actions: str) -> Callable[[Callable[..., st
 
             return settle(job, run)
 
+        ENTRIES.add(entry)
         return entry
 
     return wrap
@@ -206,6 +209,7 @@ def system(what: str) -> Callable[[Callable[..., str]], Entry]:
                 audit.record(svc.redis, svc.settings.RUNCTL_AUDIT_MAXLEN, entry.model_copy(update={"text": what}))
                 raise
 
+        ENTRIES.add(entry)
         return entry
 
     return wrap
