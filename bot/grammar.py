@@ -72,7 +72,7 @@ SPECS: dict[str, Spec] = {
             "train",
             "/runctl train <instance-id> <script.py> [--ref REF] [--sync-code|--no-sync-code] "
             "[--wait|--no-wait] [--force] [--checkpoint-interval N] [--no-deps] [--rebuild-env] "
-            "[--then stop|terminate|keep] -- <script args...>",
+            "[--then stop|terminate|keep] [--backup] -- <script args...>",
             "Ship the code at REF and start a training run on an instance.",
             positionals=("instance_id", "script"),
             flags=(
@@ -90,6 +90,7 @@ SPECS: dict[str, Spec] = {
                 _switch("rebuild-env", "rebuild_env", help="build the run's environment again instead of reusing it"),
                 Flag("then", "then", "str", "stop|terminate|keep", choices=("stop", "terminate", "keep"),
                     help="what happens to the instance when the run ends, however it ends (default RUNCTL_THEN)"),
+                _switch("backup", "backup", help="copy each new checkpoint to S3 as it appears (by sha256, once)"),
             ),
             passthrough=True,
             build=c.TrainCommand,

@@ -15,10 +15,11 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 
 from workers.aws import backups
-from workers.commands import Actor, BackupCommand, CheckpointsCommand, ResumeCommand
+from workers.commands import Actor, BackupCommand, CheckpointsCommand, ResumeCommand, TrainCommand
 from workers.jobs.backup import backup, upload_seconds, url_seconds
 from workers.jobs.checkpoints import checkpoints
 from workers.jobs.resume import resume
+from workers.jobs.train import train
 from workers.sandbox.aws import Sandbox, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
 from workers.sandbox.inline import InlineWorker
@@ -215,6 +216,28 @@ def test_resume_on_another_instance_restores_from_s3_and_continues_at_the_next_e
     assert "resuming from" in log and f"(epoch {done[-1]})" in log
     assert done + epochs_in_log(sandbox, new_box, second.run_id) == list(range(1, 13))
     assert_urls_stay_secret(presigned_urls(sandbox, new_box) + presigned_urls(sandbox, old_box), slack, caplog)
+
+
+def test_train_backup_uploads_each_new_checkpoint_once(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, sandbox: Sandbox, worker: InlineWorker,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    iid = fleet_seed.instances["gpu-box-2"]
+    cmd = TrainCommand(instance_id=iid, script="train_with_checkpoints.py", backup=True,
+                       args=("--epochs", "4", "--steps-per-epoch", "2", "--step-seconds", "0.3"))
+    train(cmd.model_dump(mode="json"), ALICE.model_dump(mode="json"), "r-backup-live")
+    worker.drain(timeout=120)
+    run = svc.runs.get("r-backup-live")
+    assert run is not None and run.state is RunState.SUCCEEDED and run.backup
+    assert any("`--backup`" in n for n in run.notes)
+    ck = run_dir(sandbox, iid, run.run_id) / "checkpoints"
+    stored = objects(svc, run.run_id)
+    for p in ck.glob("ckpt-epoch-*.json"):
+        assert sha(stored[f"{backups.PREFIX}{run.run_id}/ckpt/{p.name}"]) == sha(p.read_bytes()), p.name
+    keys = [urlparse(u).path for u in presigned_urls(sandbox, iid)]
+    checkpoint_keys = [k for k in keys if "/ckpt-epoch-" in k]
+    assert len(checkpoint_keys) == len(set(checkpoint_keys)) == 4  # each checkpoint went up once
+    assert_urls_stay_secret(presigned_urls(sandbox, iid), slack, caplog)
 
 
 def test_resume_refuses_another_instance_without_a_backup(

@@ -79,6 +79,7 @@ class TrainCommand(Command):
     deps: bool = True
     rebuild_env: bool = False
     then: Then | None = None  # None: RUNCTL_THEN
+    backup: bool = False  # each new checkpoint to S3 as the monitor sees it
     args: tuple[str, ...] = ()
 
     @classmethod
@@ -93,6 +94,7 @@ class TrainCommand(Command):
             "checkpoint_interval": run.checkpoint_interval,
             "deps": run.deps,
             "then": run.then,
+            "backup": run.backup,
             "args": run.args,
         })
 

@@ -55,6 +55,7 @@ class JobPath(StrEnum):
     RESOURCES = "workers.jobs.resources.resources"
     CHECKPOINTS = "workers.jobs.checkpoints.checkpoints"
     BACKUP = "workers.jobs.backup.backup"
+    BACKUP_NEW = "workers.jobs.backup.backup_new"
     RESUME_COMMAND = "workers.jobs.resume.resume"
     AUDIT = "workers.jobs.audit.audit"
     LOGS = "workers.jobs.logs.logs"

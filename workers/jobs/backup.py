@@ -18,11 +18,14 @@ from workers.errors import RemoteError, RunctlError
 from workers.jobs import funnel
 from workers.jobs.checkpoints import reachable
 from workers.jobs.funnel import Job
+from workers.queueing import JobPath
 from workers.remote import backup as script
 from workers.remote.checkpoints import DISCOVERY_TIMEOUT, discover_all
-from workers.services import Services
+from workers.services import Services, current
 from workers.slack.escape import code, escape
 from workers.slack.format import size
+from workers.slack.thread import reply
+from workers.state.runs import Run
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,38 @@ class BackupOutcome:
                 shown = ", ".join(code(d) for d in r.subdirs[:5])
                 lines.append(f":information_source: Directories are not backed up: {shown}.")
         return "\n".join(lines)
+
+
+PENDING = "runctl:backup:pending:"  # one queued `--backup` job per run at a time
+
+
+def queue_run(svc: Services, run: Run) -> None:
+    """`train --backup`: back up what is new; at most one job waits per run (it clears the
+    mark when it starts, so a checkpoint written during an upload queues the next one)."""
+    if svc.redis.set(PENDING + run.run_id, "1", nx=True, ex=2 * UPLOAD_MAX_SECONDS):
+        svc.queue.enqueue(JobPath.BACKUP_NEW.value, run.run_id, job_timeout=3 * UPLOAD_MAX_SECONDS)
+
+
+@funnel.system("backup of a run's new checkpoints")
+def backup_new(run_id: str) -> str:
+    svc = current()
+    svc.redis.delete(PENDING + run_id)
+    run = svc.runs.get(run_id)
+    if run is None:
+        return "no such run"
+    inst = svc.fleet.get(run.instance_id)
+    if inst.state != "running":
+        return f"{inst.id} is {inst.state}"
+    out = backup_run(svc, inst, run.checkpoint_run_id or run.run_id)
+    if not out.ok:
+        warned = {n for n, _ in out.refused + out.failed}
+        key = f"runctl:backup:warned:{run_id}"
+        fresh = [n for n in sorted(warned) if svc.redis.sadd(key, n)]
+        svc.redis.expire(key, 7 * 86400)
+        if fresh:
+            why = BackupOutcome([out]).text(svc.settings.RUNCTL_S3_BUCKET or "")
+            reply(svc, run, f":warning: `--backup`: {why}", mention=False)
+    return f"{len(out.uploaded)} uploaded, {out.already} already in S3"
 
 
 def upload_seconds(total_bytes: int) -> int:

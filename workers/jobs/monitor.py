@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 
 from workers import remote
 from workers.errors import InstanceError, RunctlError, Throttled
-from workers.jobs import autostop, funnel
+from workers.jobs import autostop, backup, funnel
 from workers.queueing import JobPath
 from workers.remote import spot
 from workers.remote.status import Snapshot, parse_many
@@ -248,7 +248,10 @@ def update(svc: Services, run: Run, snap: Snapshot | None) -> None:
     if snap is None or snap.missing:
         lost(svc, run, RunctlError(f"The run directory of `{run.run_id}` is gone from the instance."))
         return
+    before = run.checkpoint
     absorb(run, snap)
+    if run.backup and (run.checkpoint != before or snap.ended):
+        backup.queue_run(svc, run)
     watch_gpus(run, snap, svc.clock(), svc.settings.RUNCTL_GPU_IDLE_PERCENT)
     if snap.spot_notice and not run.spot_notice:
         run.spot_notice, run.spot_signalled_at = snap.spot_notice, snap.spot_signalled_at

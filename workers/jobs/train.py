@@ -63,6 +63,7 @@ def new_run(svc: Services, cmd: TrainCommand, actor: Actor, run_id: str) -> Run:
         rebuild_env=cmd.rebuild_env,
         checkpoint_interval=cmd.checkpoint_interval,
         then=cmd.then or svc.settings.RUNCTL_THEN,
+        backup=cmd.backup,
         created_at=svc.clock(),
         response_url=actor.response_url,
     )
@@ -275,6 +276,10 @@ class TrainFlow:
 
     def plan_checkpoints(self, source: str | None) -> None:
         run = self.run
+        if run.backup and not any("`--backup`" in n for n in run.notes):
+            run.notes.append(
+                ":cloud: `--backup`: each new checkpoint is copied to S3 as it appears (each file once by sha256)."
+            )
         if source is None:
             return
         passed = any(a == "--checkpoint-interval" or a.startswith("--checkpoint-interval=") for a in run.args)

@@ -93,6 +93,7 @@ class Run(BaseModel):
     checkpoint_interval: int | None = None
     checkpoint_run_id: str | None = None  # a resumed run reuses its predecessor's directory
     pass_checkpoint_dir: bool = False  # runctl adds `--checkpoint-dir "$RUNCTL_CHECKPOINT_DIR"`
+    backup: bool = False  # `train --backup`: the monitor queues a backup at each new checkpoint
     restore_from: str | None = None  # the run whose S3 backup fills in missing checkpoints before the start
     state: RunState = RunState.QUEUED
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
