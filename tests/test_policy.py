@@ -20,7 +20,7 @@ from bot.app import build_app
 from workers import audit, policy
 from workers.commands import Actor, TrainCommand
 from workers.errors import ConfigError, PermissionDenied
-from workers.queueing import QUEUE
+from workers.queueing import QUEUES
 from workers.sandbox.aws import SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
 from workers.sandbox.inline import InlineWorker
@@ -186,12 +186,13 @@ def app(settings: Settings, real_redis: redis_mod.Redis, slack: FakeSlack) -> Ap
 
 def queued(redis: redis_mod.Redis, expect: int = 0) -> list[Any]:
     """The queued jobs, after waiting (briefly) for `expect` of them: Bolt acks before the listener runs."""
-    queue = Queue(QUEUE, connection=redis)
+    queues = [Queue(name, connection=redis) for name in QUEUES]  # quick and long jobs
     deadline = time.monotonic() + 5
-    while queue.count < expect and time.monotonic() < deadline:
+    while sum(q.count for q in queues) < expect and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.05)
-    return [(job.func_name, job.args[1]["user_id"]) for job in queue.jobs]
+    jobs = sorted((job for q in queues for job in q.jobs), key=lambda j: j.enqueued_at or j.created_at)
+    return [(job.func_name, job.args[1]["user_id"]) for job in jobs]
 
 
 def reply_text(response: Any) -> str:

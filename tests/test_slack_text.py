@@ -14,7 +14,7 @@ from bot.app import build_app
 from tests.conftest import TOKEN
 from tests.slack import command
 from workers.commands import TrainCommand
-from workers.queueing import QUEUE
+from workers.queueing import LONG_QUEUE, QUEUE
 from workers.sandbox.fake_slack import FakeSlack
 from workers.settings import Settings
 from workers.slack.messages.run import run_blocks
@@ -38,7 +38,7 @@ def test_escaped_text_and_mentions_reach_the_script_as_typed_and_echo_back_liter
 
     ack = json.loads(app.dispatch(command(SENT)).body)["text"]
 
-    (job,) = Queue(QUEUE, connection=real_redis).jobs
+    (job,) = Queue(LONG_QUEUE, connection=real_redis).jobs  # a train: the long queue
     cmd = TrainCommand.model_validate(job.args[0])
     assert cmd.args == TYPED
     run = Run(run_id="r-1", instance_id=IID, user_id="U0ALICE", channel_id="C0TRAIN", script=cmd.script,

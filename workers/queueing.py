@@ -87,6 +87,8 @@ class JobPath(StrEnum):
 LONG_JOBS = frozenset(
     {
         JobPath.TRAIN,
+        JobPath.BACKUP,
+        JobPath.RESUME_COMMAND,
         JobPath.STOP,
         JobPath.START,
         JobPath.TERMINATE,
