@@ -141,8 +141,14 @@ def sent_commands(svc: Services, instance_id: str) -> list[dict[str, Any]]:
     return list(svc.fleet.ssm.list_commands(InstanceId=instance_id)["Commands"])
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`torch` tests (slow: PyTorch loads for seconds per process) run only when selected, `-m torch`."""
+    """A test that uses the real Redis server (`real_redis`, so `svc`, `worker`) is marked
+    `redis`, so `-m "not redis and not slow"` runs without one. `torch` tests (slow:
+    PyTorch loads for seconds per process) run only when selected, `-m torch`."""
+    for item in items:
+        if "real_redis" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.redis)
     if "torch" in (config.getoption("markexpr") or ""):
         return
     skip = pytest.mark.skip(reason="PyTorch example: `pip install torch==2.13.0`, then `python3 -m pytest -m torch`")
