@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import subprocess
 import time
@@ -10,12 +11,16 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import boto3
 import pytest
 import redis as redis_mod
+from rq import Queue, Worker
+from rq.job import Job
+from rq.registry import FinishedJobRegistry
 
 from workers.commands import Actor, Command, StatusCommand, TrainCommand
-from workers.queueing import QUEUE, RoutedQueue, enqueue
-from workers.sandbox.aws import Sandbox, SeedInfo
+from workers.queueing import QUEUE, JobPath, RoutedQueue, enqueue
+from workers.sandbox.aws import AMI_ID, MANAGED_TAG, Sandbox, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
 from workers.state.runs import RunStore
 
@@ -204,3 +209,64 @@ def test_a_long_environment_build_delays_neither_another_runs_updates_nor_a_stat
     finally:
         sandbox.slow(fleet_seed.instances["cpu-box"], 0)
         procs.stop()
+
+
+def pool_of(worker_pid: int) -> int:
+    """The `worker` process (pool) a pool worker was forked from."""
+    return int(Path(f"/proc/{worker_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_two_worker_processes_poll_each_of_twenty_runs_once_per_due_time(
+    real_redis: redis_mod.Redis, sandbox: Sandbox, slack: FakeSlack, example_repo: Path, tmp_path: Path,
+    fleet_seed: SeedInfo,
+) -> None:
+    slack.reset()
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=sandbox.endpoint_url)
+    made = ec2.run_instances(
+        ImageId=AMI_ID, InstanceType="t3.micro", MinCount=20, MaxCount=20,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": MANAGED_TAG, "Value": "true"}]}],
+    )
+    ids = [i["InstanceId"] for i in made["Instances"]]
+    # Every run is due 1 s after its last poll; a worker process with one quick and one long horse.
+    procs = Procs(sandbox, slack, example_repo, tmp_path, RUNCTL_RECONCILE_SECONDS="3600",
+                  RUNCTL_POLL_MIN_SECONDS="1", RUNCTL_POLL_MAX_SECONDS="1",
+                  RUNCTL_QUICK_WORKERS="1", RUNCTL_LONG_WORKERS="1")
+    try:
+        pools = [procs.start("worker"), procs.start("worker")]
+        procs.start("clock")
+        run_ids = {
+            iid: queue_train(real_redis, iid, ALICE, "--epochs", "60", "--steps-per-epoch", "1",
+                             "--step-seconds", "2", "--checkpoint-interval", "1000")
+            for iid in ids
+        }
+
+        def all_running() -> bool:
+            return all((sandbox.instance_dir(iid) / "runs" / rid / "pid").exists() for iid, rid in run_ids.items())
+
+        wait(all_running, "20 runs to start", procs, timeout=180)
+        time.sleep(3)
+        began = time.monotonic()
+        time.sleep(20)
+        ended = time.monotonic()
+
+        for iid, rid in run_ids.items():
+            polls = [t for t, s in sandbox.sent_log(iid) if "::runctl::alive" in s and rid in s and began <= t <= ended]
+            between = [b - a for a, b in itertools.pairwise(polls)]
+            edges = [b - a for a, b in itertools.pairwise([began, *polls, ended])]
+            assert len(polls) >= 4, (rid, polls)
+            assert min(between) > 0.8, f"{rid} polled twice for one due time: {between}"  # due 1 s after a poll
+            assert max(edges) < 6, f"{rid} skipped a due time: {edges}"
+        # Both worker processes took part: their ticks polled runs.
+        workers = {w.name: w.pid for w in Worker.all(connection=real_redis)}
+        done = FinishedJobRegistry(queue=Queue(QUEUE, connection=real_redis)).get_job_ids()  # type: ignore[no-untyped-call]
+        polled_by: set[int] = set()
+        for job in Job.fetch_many(done, connection=real_redis):
+            result = job.latest_result() if job is not None and job.func_name == JobPath.MONITOR_TICK.value else None
+            if result is None or result.worker_name not in workers:
+                continue
+            if str(result.return_value).startswith("polled") and result.return_value != "polled 0":
+                polled_by.add(pool_of(workers[result.worker_name]))
+        assert polled_by == {p.pid for p in pools}, polled_by
+    finally:
+        procs.stop()
+        ec2.terminate_instances(InstanceIds=ids)

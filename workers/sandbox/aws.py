@@ -163,6 +163,10 @@ class Sandbox(ThreadedMotoServer):
             self._agent.metadata_endpoint = None
             imds.stop()
 
+    def sent_log(self, instance_id: str) -> list[tuple[float, str]]:
+        """``sent_scripts`` with when each arrived (``time.monotonic()``)."""
+        return self._agent.sent_log(instance_id)
+
     def sent_scripts(self, instance_id: str) -> list[str]:
         """The scripts the shim ran on ``instance_id``, oldest first, as run
         (that is, with ``RUNCTL_ROOT`` rewritten)."""

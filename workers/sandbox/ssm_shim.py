@@ -236,6 +236,7 @@ class Agent:
         self._lock = threading.Lock()
         self._invocations: dict[tuple[str, str], Invocation] = {}
         self._scripts: dict[str, list[str]] = {}
+        self._sent_at: dict[str, list[float]] = {}  # when each of those arrived (time.monotonic())
         self._shells: dict[tuple[str, str], int] = {}
         self._cancelled: set[tuple[str, str]] = set()
         self._threads: list[threading.Thread] = []
@@ -262,6 +263,10 @@ class Agent:
     def sent_scripts(self, instance_id: str) -> list[str]:
         with self._lock:
             return list(self._scripts.get(instance_id, []))
+
+    def sent_log(self, instance_id: str) -> list[tuple[float, str]]:
+        with self._lock:
+            return list(zip(self._sent_at.get(instance_id, []), self._scripts.get(instance_id, []), strict=True))
 
     # --- running ---
     def working_dir(self, instance_id: str) -> Path:
@@ -296,6 +301,7 @@ class Agent:
         with self._lock:
             self._invocations[key] = inv
             self._scripts.setdefault(inv.instance_id, []).append(script)
+            self._sent_at.setdefault(inv.instance_id, []).append(time.monotonic())
             thread = threading.Thread(
                 target=self._execute,
                 args=(key, work, self.environment(inv.instance_id, region), timeout),
