@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, time, timedelta
+from pathlib import Path
 
 import pytest
 from rq import Queue
@@ -19,6 +20,7 @@ from workers.queueing import QUEUE, JobPath
 from workers.sandbox.aws import SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
 from workers.services import Services
+from workers.slack import usergroups
 from workers.state.locks import train_lock
 from workers.state.runs import RunState
 
@@ -107,3 +109,22 @@ def test_the_digest_in_a_channel_that_refuses_the_bot_is_not_lost(
     assert len(posted) == 1 and "daily digest" in str(posted[0].blocks)
     assert digest() == "already posted today"
     assert len(slack.messages("U0ADMIN")) == 1
+
+
+def test_admins_named_only_in_the_policy_file_hear_that_the_digest_was_refused(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, secret: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "admins.toml"
+    path.write_text('admins = ["U0BOSS", "S0PLATFORM"]\n')
+    svc.settings.RUNCTL_POLICY_FILE = path
+    slack.add_usergroup("S0PLATFORM", ["U0CAROL"])
+    usergroups.forget()
+    svc.settings.RUNCTL_CHANNEL = secret
+    try:
+        assert digest().startswith("not posted: channel_not_found")
+    finally:
+        usergroups.forget()
+
+    for admin in ("U0ADMIN", "U0BOSS", "U0CAROL"):  # RUNCTL_ADMINS, the file, the file's user group
+        [dm] = slack.messages(admin)
+        assert "/invite @runctl" in dm.text and "daily digest" in dm.text

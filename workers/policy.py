@@ -192,6 +192,15 @@ def admins(settings: Settings) -> list[str]:
     return ids
 
 
+def admin_users(settings: Settings) -> list[str]:
+    """The admins as people to write to: user ids, each user group's members in its place."""
+    users: list[str] = []
+    for member in admins(settings):
+        group = sorted(usergroups.members(settings, member)) if member.startswith("S") else [member]
+        users += [u for u in group if u not in users]
+    return users
+
+
 def _safe_policy(settings: Settings) -> Policy:
     try:
         return load(settings)

@@ -103,7 +103,7 @@ def not_posted(svc: Services, channel: str, exc: SlackApiError, now: datetime) -
     if channel_error(exc) and svc.redis.set(f"runctl:digest:{now:%Y-%m-%d}:told", "1", nx=True, ex=86400):
         then = f"I try again every {RETRY_MINUTES} minutes today"
         text = refusal(svc.settings, channel, error, "post the daily digest there", then).as_text()
-        for admin in svc.settings.RUNCTL_ADMINS:
+        for admin in policy.admin_users(svc.settings):
             try:
                 svc.notifier.post(admin, text)  # a user id: the bot's DM with that admin
             except SlackApiError as dm:
