@@ -83,7 +83,7 @@ class JobPath(StrEnum):
 
 
 # Jobs that can hold a work horse for minutes: an environment build (up to 30 min), a stop's
-# grace wait, waiting for an instance to start or launch. They run on LONG_QUEUE.
+# grace wait, waiting for an instance to start or launch, a full log's upload. They run on LONG_QUEUE.
 LONG_JOBS = frozenset(
     {
         JobPath.TRAIN,
@@ -99,6 +99,7 @@ LONG_JOBS = frozenset(
         JobPath.AUTOSTOP_STOP_NOW,
         JobPath.AUTOSTOP_STOP,
         JobPath.THEN,
+        JobPath.FULL_LOG,  # gzip and upload of a log up to 1 GB
     }
 )
 
