@@ -114,7 +114,7 @@ def test_a_passing_run_posts_exactly_one_parent(
     parents = [m for m in public(slack) if m.thread_ts is None]
     assert len(parents) == 1, [m.text for m in parents]
     final = json.dumps(parents[0].blocks)
-    assert "Finished" in final
+    assert "Finished" in final and f"on gpu-box-1 (`{iid}`)" in final  # the name beside the id
     assert all(m.thread_ts == parents[0].ts for m in public(slack) if m is not parents[0])
     # the final parent: no live fields, absolute times, the checkpoint; the notes said once, in the thread
     assert "ETA" not in final and " ago" not in final and "elapsed" not in final

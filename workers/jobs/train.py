@@ -92,7 +92,9 @@ class TrainFlow:
             # interleaving with the launch (a stop could power off under a fresh run).
             doing = Holder(run_id=run.run_id, user_id=run.user_id, script=run.script, since=self.svc.clock())
             with operation(self.svc.redis, run.instance_id, doing):
-                self.run.python = self.interpreter(self.check_instance())
+                inst = self.check_instance()
+                self.run.instance_name = inst.name
+                self.run.python = self.interpreter(inst)
                 # Passed: the one public parent, before anything touches the instance
                 # (a channel that refuses the bot: say so privately, start nothing).
                 open_run(self.svc, run)

@@ -90,15 +90,20 @@ def gpu_text(gpus: list[Gpu]) -> str:
     return "  |  ".join(one(g) for g in gpus)
 
 
+def where(run: Run) -> str:
+    """The run's instance as people know it: its name beside the id."""
+    return f"{escape(run.instance_name)} (`{run.instance_id}`)" if run.instance_name else f"`{run.instance_id}`"
+
+
 def run_summary(run: Run) -> str:
-    return f"{run.state.value}: {code(run.script)} on `{run.instance_id}` ({run.run_id})"
+    return f"{run.state.value}: {code(run.script)} on {where(run)} ({run.run_id})"
 
 
 def run_blocks(run: Run, now: datetime | None = None) -> Message:
     now = now or datetime.now(UTC)
     head = (
         f"{EMOJI[run.state]} *{run.state.value.capitalize()}* · {code(run.script)} on "
-        f"`{run.instance_id}` · <@{run.user_id}>"
+        f"{where(run)} · <@{run.user_id}>"
     )
     details = [f"run `{run.run_id}`", f"ref {code(run.ref)}" + (f" @ `{run.sha[:10]}`" if run.sha else "")]
     final = run.state.ended
