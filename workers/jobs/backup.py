@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 UPLOAD_BYTES_PER_SECOND = 20_000_000  # what the upload command's timeout allows for
 UPLOAD_BASE_SECONDS = 300
 UPLOAD_MAX_SECONDS = 6 * 3600
+MAX_PASSES = 20
 
 
 @dataclass
@@ -142,18 +143,42 @@ def backup_runs(svc: Services, inst: Instance, run_ids: list[str]) -> BackupOutc
 
 
 def backup_run(svc: Services, inst: Instance, run_id: str) -> RunOutcome:
-    """Upload what of the run is not in S3 yet (by name and sha256), then the manifest."""
-    fleet, root = svc.fleet, svc.settings.RUNCTL_REMOTE_ROOT
+    """Upload what of the run is not in S3 yet (by name and sha256), then the manifest; in
+    passes of at most `script.MAX_FILES` files, newest first, each leaving out what S3 holds."""
     out = RunOutcome(run_id)
-    listed = fleet.run(inst.id, script.sums(root, run_id), timeout=DISCOVERY_TIMEOUT)
+    stored = backups.load(svc.fleet, run_id) or RunBackup(run_id=run_id, instance_id=inst.id)
+    for _ in range(MAX_PASSES):
+        more = _pass(svc, inst, run_id, stored, out)
+        if not more:
+            break
+    else:
+        out.failed.append(("…", f"more files than {MAX_PASSES} passes of {script.MAX_FILES} hold; "
+                                "run the backup again"))
+    out.stored = stored
+    out.refused = list(dict.fromkeys(out.refused))  # a refused file is seen again by every pass
+    out.failed = list(dict.fromkeys(out.failed))
+    log.info("backup of %s on %s: %d uploaded, %d already, %d refused, %d failed",
+             run_id, inst.id, len(out.uploaded), out.already, len(out.refused), len(out.failed))
+    return out
+
+
+def _pass(svc: Services, inst: Instance, run_id: str, stored: RunBackup, out: RunOutcome) -> bool:
+    """One pass; True when files were left for the next one and this one made progress."""
+    fleet, root = svc.fleet, svc.settings.RUNCTL_REMOTE_ROOT
+    known = [(f.size, f.mtime, f.name) for f in stored.files]
+    listed = fleet.run(inst.id, script.sums(root, run_id, known), timeout=DISCOVERY_TIMEOUT)
     if not listed.ok:
         raise RemoteError(
             f"Hashing the checkpoints of run {code(run_id)} on {inst.label} failed "
             f"({listed.status}, exit {listed.exit_code}).",
             fix=f"/runctl status {inst.id}",
         )
-    files, out.subdirs = script.parse_sums(listed.stdout)
-    stored = backups.load(fleet, run_id) or RunBackup(run_id=run_id, instance_id=inst.id)
+    sums = script.parse_sums(listed.stdout)
+    files = sums.files
+    out.subdirs = sums.subdirs
+    before = len(out.uploaded)
+    # What S3 held before this backup: the earlier passes' uploads are among `known` now.
+    out.already = sums.known - before
     todo: list[script.Sum] = []
     for f in files:
         if stored.has(f.name, f.sha256):
@@ -193,10 +218,7 @@ def backup_run(svc: Services, inst: Instance, run_id: str) -> RunOutcome:
             else:
                 said = f"HTTP {outcome}" + (f", {why}" if why else "") if outcome else "no answer from the upload"
                 out.failed.append((f.name, f"S3 did not take it ({said})"))
-        if out.uploaded:
+        if len(out.uploaded) > before:
             stored.instance_id = inst.id
             backups.save(fleet, stored)
-    out.stored = stored
-    log.info("backup of %s on %s: %d uploaded, %d already, %d refused, %d failed",
-             run_id, inst.id, len(out.uploaded), out.already, len(out.refused), len(out.failed))
-    return out
+    return sums.more > 0 and len(out.uploaded) > before

@@ -21,8 +21,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from workers.remote.checkpoints import prelude
-from workers.remote.core import SECTION, q, run_dir
+from workers.remote.checkpoints import OUTPUT_LIMIT, prelude
+from workers.remote.core import SECTION, heredoc_end, q, run_dir
 
 # S3 takes at most 5 GB in one PUT; bigger files would need a multipart upload.
 SINGLE_PUT_LIMIT = 5 * 1024**3
@@ -39,6 +39,9 @@ _SUMS = (
     '    [ -f "$f" ] || continue\n'
     '    size=$(wc -c < "$f" | tr -d " ")\n'
     '    mtime=$(date -r "$f" +%s 2>/dev/null || echo -)\n'
+    # In S3 as it is here (same size, mtime and name): the worker knows it, skip it unhashed.
+    '    if grep -Fqx -e "$size $mtime $2$name" "$KNOWN" 2>/dev/null; then KNOWN_HITS=$((KNOWN_HITS + 1)); continue; fi\n'
+    f'    LISTED=$((LISTED + 1)); if [ "$LISTED" -gt {MAX_FILES} ]; then MORE=$((MORE + 1)); continue; fi\n'
     f'    if [ "$size" -gt {SINGLE_PUT_LIMIT} ]; then HASH=-; else cached_hash "$1" "$name"; fi\n'
     '    printf \'%s\\n\' "' + SECTION + 'sum $size $mtime ${HASH:--} $2$name"\n'
     "  done <<RUNCTL_FILES\n"
@@ -48,12 +51,20 @@ _SUMS = (
 )
 
 
-def sums(root: str, run_id: str) -> str:
-    """Size, mtime and sha256 of every file in every place the run saves."""
+def sums(root: str, run_id: str, known: Sequence[tuple[int, int, str]] = ()) -> str:
+    """Size, mtime and sha256 of the files in every place the run saves, newest first and
+    at most MAX_FILES of them (then `::more <count>`), leaving out the `known` ones (size,
+    mtime, name: what S3 already holds as it is here), which are counted in `::known`."""
+    lines = "".join(f"{size} {mtime} {name}\n" for size, mtime, name in known if "\n" not in name)
+    eof = heredoc_end(lines)
     return (
         prelude(root, verify=True)
+        + 'KNOWN=$(mktemp) || exit 1\nLISTED=0 MORE=0 KNOWN_HITS=0\n'
+        + f"cat > \"$KNOWN\" <<'{eof}'\n{lines}{eof}\n"
         + _SUMS
-        + f"{{\nvalid_id {q(run_id)} && each_dir sum_dir {q(run_id)}\n}} | head -n {MAX_FILES}\nexit 0\n"
+        + f"{{\nvalid_id {q(run_id)} && each_dir sum_dir {q(run_id)}\n"
+        + 'echo "' + SECTION + 'more $MORE"\necho "' + SECTION + 'known $KNOWN_HITS"\n'
+        + f'}} | head -c {OUTPUT_LIMIT}\nrm -f "$KNOWN"\nexit 0\n'
     )
 
 
@@ -173,11 +184,26 @@ class Sum:
     sha256: str  # "" when too big to hash
 
 
-def parse_sums(output: str) -> tuple[list[Sum], list[str]]:
-    """The files, and the sub-directories (not backed up)."""
+@dataclass
+class Sums:
+    files: list[Sum]
+    subdirs: list[str]  # not backed up
+    more: int = 0  # files left for another pass
+    known: int = 0  # files S3 holds as they are here
+
+
+def parse_sums(output: str) -> Sums:
     found: list[Sum] = []
     subdirs: list[str] = []
-    for line in output.splitlines():
+    counts = {"more": 0, "known": 0}
+    lines = output.splitlines()
+    if output and not output.endswith("\n"):
+        lines = lines[:-1]  # cut by the output limit mid-line
+    for line in lines:
+        word, _, rest = line[len(SECTION):].partition(" ") if line.startswith(SECTION) else ("", "", "")
+        if word in counts and rest.strip().isdigit():
+            counts[word] = int(rest)
+            continue
         if line.startswith(SECTION + "subdir "):
             subdirs.append(line[len(SECTION) + 7 :])
             continue
@@ -188,7 +214,7 @@ def parse_sums(output: str) -> tuple[list[Sum], list[str]]:
             continue
         sha = parts[2] if re.fullmatch(r"[0-9a-f]{64}", parts[2]) else ""
         found.append(Sum(parts[3], int(parts[0]), int(parts[1]) if parts[1].isdigit() else 0, sha))
-    return found, subdirs
+    return Sums(found, subdirs, counts["more"], counts["known"])
 
 
 def parse_records(output: str, word: str) -> dict[int, tuple[str, str]]:
