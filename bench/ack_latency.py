@@ -33,6 +33,7 @@ from urllib.parse import urlencode
 from slack_sdk.signature import SignatureVerifier
 
 from bench import harness
+from workers.queueing import QUEUES
 from workers.sandbox.fake_slack import FakeSlack
 
 SLACK_LIMIT_MS = 3000.0
@@ -190,6 +191,11 @@ async def load(
     return latencies, statuses, time.perf_counter() - started, time.process_time() - cpu
 
 
+def queued_jobs(redis: harness.redis_mod.Redis) -> int:
+    """Jobs waiting on every runctl queue (trains go to the long one)."""
+    return sum(int(redis.llen(f"rq:queue:{name}")) for name in QUEUES)
+
+
 def tree_cpu_seconds(pid: int) -> float:
     """User + system CPU of a process and its children (gunicorn's master and workers), from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -228,11 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     warm, payloads = requests(min(200, n), "warm", keep_alive), requests(n, "run", keep_alive)
     with harness.fake_slack() as slack, web_process(slack, args.workers, args.threads) as (port, pid):
         asyncio.run(load(port, warm, c, keep_alive))  # every worker and connection warmed up
-        before = int(redis.llen("rq:queue:runctl"))
+        before = queued_jobs(redis)
         server_cpu, redis_cpu = tree_cpu_seconds(pid), redis_cpu_seconds(redis)
         latencies, statuses, wall, client_cpu = asyncio.run(load(port, payloads, c, keep_alive))
         server_cpu, redis_cpu = tree_cpu_seconds(pid) - server_cpu, redis_cpu_seconds(redis) - redis_cpu
-        queued = int(redis.llen("rq:queue:runctl")) - before
+        queued = queued_jobs(redis) - before
         pool = procfile_pool(args.workers, args.threads)
     redis.flushdb()
     p99 = harness.percentile(latencies, 99)
