@@ -12,9 +12,10 @@ from workers.aws import backups
 from workers.aws.backups import RunBackup
 from workers.aws.fleet import Instance
 from workers.commands import CheckpointsCommand
-from workers.errors import RunctlError, WrongState
+from workers.errors import RunctlError
 from workers.jobs import funnel
 from workers.jobs.funnel import Job
+from workers.jobs.preflight import Refusals, require_running
 from workers.remote.checkpoints import CheckpointListing, FoundCheckpoint, discover
 from workers.services import Services
 from workers.slack.client import MAX_TEXT, clamp
@@ -46,27 +47,16 @@ def checkpoints(job: Job, cmd: CheckpointsCommand) -> str:
 def reachable(svc: Services, instance_id: str) -> Instance:
     """The instance, if a script can run on it now; else a typed error that says what to do."""
     inst = svc.fleet.get(instance_id)
-    if inst.state in ("stopped", "stopping"):
-        raise WrongState(
-            f"{inst.label} is {inst.state}, so its checkpoints cannot be listed.",
-            state=inst.state,
-            why="Checkpoints live on the instance's disk and are read by a script run through SSM. "
-            "A stopped instance keeps its disk: they are still there.",
-            fix=f"/runctl start {instance_id}",
-        )
-    if inst.state in ("terminated", "shutting-down"):
-        raise WrongState(
-            f"{inst.label} is {inst.state}; its disk and any checkpoints on it are gone.",
-            state=inst.state,
-            fix="/runctl resources",
-        )
-    if inst.state == "pending":
-        raise WrongState(
-            f"{inst.label} is still starting.",
-            state=inst.state,
-            why="Its SSM agent needs a minute after boot.",
-            fix=f"/runctl checkpoints {instance_id}",
-        )
+    require_running(inst, Refusals(
+        stopped=", so its checkpoints cannot be listed.",
+        stopped_why="Checkpoints live on the instance's disk and are read by a script run through SSM. "
+        "A stopped instance keeps its disk: they are still there.",
+        stopped_fix=f"/runctl start {instance_id}",
+        gone="; its disk and any checkpoints on it are gone.",
+        gone_fix="/runctl resources",
+        pending_why="Its SSM agent needs a minute after boot.",
+        pending_fix=f"/runctl checkpoints {instance_id}",
+    ))
     svc.fleet.require_agent(inst, "reads checkpoints")
     return inst
 

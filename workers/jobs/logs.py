@@ -18,9 +18,10 @@ from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, Sec
 
 from workers.aws.fleet import PRESIGN_MARGIN_SECONDS, Instance
 from workers.commands import LogsCommand
-from workers.errors import RemoteError, RunctlError, WrongState
+from workers.errors import RemoteError, RunctlError
 from workers.jobs import funnel
 from workers.jobs.funnel import Job
+from workers.jobs.preflight import Refusals, require_running
 from workers.redact import redact
 from workers.remote.logs import LOG_NAME, LogTail, LogUpload, parse_tail, parse_upload, tail_script, upload_script
 from workers.services import Services
@@ -42,17 +43,13 @@ LOG_PREFIX = "runctl/logs/"
 def reachable(svc: Services, instance_id: str, doing: str) -> Instance:
     """The instance, if a script can run on it now; else a typed error with the way out."""
     inst = svc.fleet.get(instance_id)
-    if inst.state in ("stopped", "stopping"):
-        raise WrongState(
-            f"{inst.label} is {inst.state}, so runctl cannot {doing}.",
-            state=inst.state,
-            why="The log is on the instance's disk, read through SSM; a stopped instance keeps it.",
-            fix=f"/runctl start {instance_id}",
-        )
-    if inst.state in ("terminated", "shutting-down"):
-        raise WrongState(f"{inst.label} is {inst.state}; its disk and the logs on it are gone.", state=inst.state)
-    if inst.state == "pending":
-        raise WrongState(f"{inst.label} is still starting.", state=inst.state, why="Its SSM agent needs a minute.")
+    require_running(inst, Refusals(
+        stopped=f", so runctl cannot {doing}.",
+        stopped_why="The log is on the instance's disk, read through SSM; a stopped instance keeps it.",
+        stopped_fix=f"/runctl start {instance_id}",
+        gone="; its disk and the logs on it are gone.",
+        pending_why="Its SSM agent needs a minute.",
+    ))
     svc.fleet.require_agent(inst, "reads training logs")
     return inst
 

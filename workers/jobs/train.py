@@ -11,11 +11,12 @@ from workers.aws import backups
 from workers.aws.backups import Stored
 from workers.aws.fleet import PRESIGN_MARGIN_SECONDS, PYTHON_TAG, Instance
 from workers.commands import Actor, TrainCommand
-from workers.errors import RunConflict, RunctlError, WrongState
+from workers.errors import RunConflict, RunctlError
 from workers.jobs import envsetup, funnel
 from workers.jobs.backup import url_seconds
 from workers.jobs.funnel import Job
 from workers.jobs.lifecycle import unconfirmed
+from workers.jobs.preflight import Refusals, require_running
 from workers.remote import backup as backup_script
 from workers.remote.events import OFF, Sender, sender
 from workers.remote.lifecycle import parse_stop
@@ -135,19 +136,10 @@ class TrainFlow:
         fleet = self.svc.fleet
         iid = self.run.instance_id
         inst = fleet.get(iid)
-        if inst.state in ("stopped", "stopping"):
-            raise WrongState(
-                f"{inst.label} is {inst.state}.",
-                state=inst.state,
-                why="A training needs a running instance.",
-                fix=f"/runctl start {iid}",
-            )
-        if inst.state in ("terminated", "shutting-down"):
-            raise WrongState(
-                f"{inst.label} is {inst.state}; it cannot run anything again.",
-                state=inst.state,
-                fix="/runctl resources",
-            )
+        require_running(inst, Refusals(
+            stopped=".", stopped_why="A training needs a running instance.", stopped_fix=f"/runctl start {iid}",
+            gone="; it cannot run anything again.", gone_fix="/runctl resources",
+        ), wait_pending=True)
         if inst.state == "pending":
             reply(self.svc, self.run, f"{inst.label} is starting; waiting for it.", mention=False)
             inst = fleet.wait_for_state(
