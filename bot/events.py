@@ -99,9 +99,10 @@ def handler(redis: Redis, per_minute: int, read: Reader) -> Callable[[dict[str, 
             nonce = f"event:{run_id}:{event['nonce']}"
             if not guards.admit(redis, nonce, f"run:{run_id}", per_minute):
                 return _refused(start_response)  # a replay
+            # At the front: the worker takes it next, before ticks and commands already queued.
             queue.enqueue(
                 JobPath.RUN_EVENT.value, run_id, event["kind"], event.get("progress"),
-                job_timeout=120, result_ttl=3600, failure_ttl=7 * 86400,
+                job_timeout=120, result_ttl=3600, failure_ttl=7 * 86400, at_front=True,
             )
             event_keys.renew(redis, run_id)
         except RateLimited:

@@ -96,3 +96,11 @@ def test_front_door_abuse_is_refused_before_the_body_is_read() -> None:
     ]
     assert (fig["fields_unsigned answer"], fig["fields_signed answer"]) == ("401", "413")
     assert fig["signed_after answer"] == "200"
+
+
+def test_notify_lag_reports_every_run_with_events_on_and_blocked() -> None:
+    out, fig = run_bench("notify_lag")
+    printed(out, "events_lag_p95_s", "blocked_lag_p95_s", "events_parent_staleness_max_s", "events_aws_calls_per_run_hour")
+    assert fig["runs_per_pass"] == 2  # the bench exits non-zero unless every run was reported, in both passes
+    assert 0 < fig["events_lag_p50_s"] <= fig["events_lag_p95_s"] <= fig["events_lag_max_s"]
+    assert fig["events_aws_calls"] > 0 and fig["blocked_aws_calls"] > 0

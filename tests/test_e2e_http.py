@@ -16,7 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis import Redis
+from rq import Queue
+from rq.job import Job
+from rq.registry import FinishedJobRegistry
 
+from workers.queueing import QUEUE, JobPath
 from workers.sandbox.aws import Sandbox, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
 
@@ -50,6 +55,7 @@ def processes(
         "RUNCTL_POLL_MIN_SECONDS": "0.5",
         "RUNCTL_POLL_MAX_SECONDS": "1",
         "RUNCTL_LAUNCH_CHECK_SECONDS": "0.5",
+        "RUNCTL_EVENTS_URL": f"http://127.0.0.1:{port}/runctl/events",  # the instance reaches gunicorn
     }
     bindir = Path(sys.executable).parent
     web_log = open(tmp_path / "web.log", "w")  # noqa: SIM115 (lives as long as the process)
@@ -82,6 +88,14 @@ def processes(
     worker_log.close()
 
 
+def ran_events() -> list[str]:
+    """The kinds of the run events whose jobs the worker finished."""
+    redis = Redis.from_url(REDIS_URL)
+    registry = FinishedJobRegistry(queue=Queue(QUEUE, connection=redis))  # type: ignore[no-untyped-call]
+    jobs = (Job.fetch(i, connection=redis) for i in registry.get_job_ids())
+    return [j.args[1] for j in jobs if j.func_name == JobPath.RUN_EVENT.value]
+
+
 def post(url: str, body: str, headers: dict[str, str]) -> tuple[int, str]:
     req = urllib.request.Request(url + "/slack/events", data=body.encode(), headers=headers, method="POST")
     try:
@@ -109,6 +123,7 @@ def test_train_over_http_runs_to_the_end(processes: str, fleet_seed: SeedInfo, s
         return len(parents) == 1 and "Finished" in json.dumps(parents[0].blocks)
 
     slack.wait_for(parent_finished, timeout=30)
+    slack.wait_for(lambda: "exit" in ran_events(), timeout=20)  # the wrapper's exit event got through gunicorn
     assert len([m for m in slack.messages("C0TRAIN") if m.thread_ts is None]) == 1
 
     forged = s.command_body(f"status {iid}")

@@ -16,6 +16,9 @@ from workers.slack.thread import publish
 from workers.state.runs import Run, RunState
 
 CLAIM_SECONDS = 15.0  # how long an exit event waits for a tick that is polling the run right now
+# The exit is on disk already: read it back after 0.1 s (then 0.15, 0.225 s, ...) rather than
+# the monitor's 1 s. A couple more GetCommandInvocation calls per run, once.
+EXIT_FIRST_POLL = 0.1
 
 
 @funnel.system("run event")
@@ -68,7 +71,7 @@ def poll_now(svc: Services, run_id: str) -> str:
         if run is None:
             return "ignored: the run ended meanwhile"
         try:
-            monitor.poll(svc, [run])
+            monitor.poll(svc, [run], first_poll=EXIT_FIRST_POLL)
         except Exception:
             if svc.redis.zscore(monitor.DUE, run_id) is None:  # claimed but not rescheduled
                 monitor.schedule(svc, run_id, monitor.next_delay(svc, run.polls + 1))

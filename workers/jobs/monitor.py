@@ -190,7 +190,8 @@ def monitor(run_id: str) -> str:
     return tick()
 
 
-def poll(svc: Services, runs: list[Run]) -> None:
+def poll(svc: Services, runs: list[Run], first_poll: float = POLL_FIRST_WAIT) -> None:
+    """One status command for `runs`; someone waiting (a run event) passes a shorter first_poll."""
     by_instance: dict[str, list[Run]] = {}
     for run in runs:
         by_instance.setdefault(run.instance_id, []).append(run)
@@ -203,7 +204,7 @@ def poll(svc: Services, runs: list[Run]) -> None:
         line_chars=160 if batched else 300,
     )
     try:
-        results = svc.fleet.run_many(list(by_instance), script, first_poll=POLL_FIRST_WAIT)
+        results = svc.fleet.run_many(list(by_instance), script, first_poll=first_poll)
     except Throttled:
         for run in runs:
             schedule(svc, run.run_id, next_delay(svc, run.polls + 2))
