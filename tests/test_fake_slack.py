@@ -330,3 +330,25 @@ def test_users_have_names(fake: FakeSlack, client: WebClient) -> None:
     profile = client.users_info(user="U0ALICE")["user"]["profile"]
 
     assert profile["display_name"] == "Alice"
+
+
+def test_file_uploads_are_refused_as_slack_refuses_them(fake: FakeSlack, client: WebClient) -> None:
+    """files.getUploadURLExternal takes a whole number of bytes, never 0 and at most 1 GB;
+    completeUploadExternal's thread_ts needs exactly one channel."""
+    assert _error(lambda: client.files_getUploadURLExternal(filename="a.log", length=0)) == "missing_argument"
+    assert _error(lambda: client.api_call("files.getUploadURLExternal", params={"filename": "a", "length": "x"})) == (
+        "invalid_arguments"
+    )
+    assert _error(lambda: client.files_getUploadURLExternal(filename="a.log", length=1024**3 + 1)) == (
+        "file_upload_size_restricted"
+    )
+    parent = client.chat_postMessage(channel="C1", text="parent")["ts"]
+    fake.join("C2")
+    got = client.files_getUploadURLExternal(filename="a.log", length=2)
+    urllib.request.urlopen(urllib.request.Request(got["upload_url"], data=b"ok", method="POST")).read()
+    files = [{"id": got["file_id"], "title": "a.log"}]
+    assert _error(lambda: client.files_completeUploadExternal(files=files, channels="C1,C2", thread_ts=parent)) == (
+        "invalid_arguments"
+    )
+    client.files_completeUploadExternal(files=files, channel_id="C1", thread_ts=parent)
+    assert [(f.channel, f.thread_ts, f.content) for f in fake.files] == [("C1", parent, b"ok")]
