@@ -72,7 +72,7 @@ SPECS: dict[str, Spec] = {
             "train",
             "/runctl train <instance-id> <script.py> [--ref REF] [--sync-code|--no-sync-code] "
             "[--wait|--no-wait] [--force] [--checkpoint-interval N] [--no-deps] [--rebuild-env] "
-            "[--then stop|terminate|keep] [--backup] -- <script args...>",
+            "[--then stop|terminate|keep] [--backup] [--auto-resume] -- <script args...>",
             "Ship the code at REF and start a training run on an instance.",
             positionals=("instance_id", "script"),
             flags=(
@@ -91,6 +91,8 @@ SPECS: dict[str, Spec] = {
                 Flag("then", "then", "str", "stop|terminate|keep", choices=("stop", "terminate", "keep"),
                     help="what happens to the instance when the run ends, however it ends (default RUNCTL_THEN)"),
                 _switch("backup", "backup", help="copy each new checkpoint to S3 as it appears (by sha256, once)"),
+                _switch("auto-resume", "auto_resume",
+                        help="on a spot interruption, continue on a replacement from the same preset"),
             ),
             passthrough=True,
             build=c.TrainCommand,

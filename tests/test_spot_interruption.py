@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from workers.remote import core
 from workers.sandbox.aws import Sandbox, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
@@ -13,6 +15,7 @@ from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.state.runs import RunState
 
+from .test_launch import template  # noqa: F401 (a fixture)
 from .test_lifecycle import CHANNEL, SLOW, run_dir, train_on, wait_for_epoch
 from .test_spot import spot_instance
 
@@ -118,3 +121,47 @@ def test_a_checkpoint_older_than_the_signal_is_reported_as_losing_work() -> None
     assert "spot interruption: checkpoint epoch 3 saved" in spot_report(run, "ended (exit 143)")
     run.checkpoint = None
     assert ":rotating_light:" in spot_report(run, "ended (exit 143)")
+
+
+@pytest.mark.usefixtures("template")  # the launch file with preset `gpu` (tests/test_launch.py)
+def test_auto_resume_continues_on_a_replacement_at_the_next_epoch(
+    svc: Services, fleet_seed: SeedInfo, sandbox: Sandbox, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    from workers.aws import launcher
+    from workers.aws.launcher import Launcher
+    from workers.commands import Actor, LaunchCommand, TrainCommand
+    from workers.jobs.launch import resolve
+    from workers.jobs.train import train
+
+    from .test_lifecycle import ALICE, EPOCH_LINE
+
+    config = launcher.load(svc.settings.RUNCTL_LAUNCH_FILE)
+    spec = resolve(svc, config, LaunchCommand(target="gpu", spot=True), Actor(user_id="U0ALICE", channel_id=CHANNEL))
+    fleet = Launcher(svc.fleet)
+    first = fleet.run(config.template, spec, "U0ALICE", "spot-first-launch", ("runctl:managed", "true"))
+    fleet.wait_running(first, 0.2, 60)
+    wait_for(lambda: svc.fleet.agent_status([first]).get(first) == "Online", "the agent")
+
+    # 1 s epochs: the watcher polls every 5 s, so the notice lands well before the last epoch
+    args = ("--epochs", "12", "--steps-per-epoch", "4", "--step-seconds", "0.25", "--checkpoint-interval", "100")
+    with sandbox.metadata() as imds:
+        cmd = TrainCommand(instance_id=first, script="train_with_checkpoints.py", args=args, auto_resume=True)
+        train(cmd.model_dump(mode="json"), ALICE.model_dump(mode="json"), "r-auto-1")
+        wait_for_epoch(sandbox, first, "r-auto-1", 3)
+        imds.raise_notice(first, "stop")
+        wait_for(lambda: (run_dir(sandbox, first, "r-auto-1") / "exit_code").exists(), "the training to exit")
+        worker.drain(timeout=240)  # the end, the backup, the replacement's launch, the resumed run
+
+    old = svc.runs.get("r-auto-1")
+    assert old is not None
+    said = [m.text for m in slack.thread(CHANNEL, old.message_ts or "")]
+    assert any("spot interruption: checkpoint epoch" in t for t in said), said
+    assert any("launched `i-" in t and "from preset `gpu`" in t for t in said), said
+    new_iid = next(t.split("launched `")[1].split("`")[0] for t in said if "launched `i-" in t)
+    assert new_iid != first
+    new = svc.runs.latest(new_iid)
+    assert new is not None and new.state is RunState.SUCCEEDED, new
+    before = [int(e) for e in EPOCH_LINE.findall((run_dir(sandbox, first, "r-auto-1") / "training.log").read_text())]
+    after = [int(e) for e in EPOCH_LINE.findall((run_dir(sandbox, new_iid, new.run_id) / "training.log").read_text())]
+    assert before + after == list(range(1, 13)), (before, after)  # epochs exactly 1..N across both
+    assert new.auto_resume and new.spot and new.restore_from == "r-auto-1"  # from S3: another disk

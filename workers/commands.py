@@ -80,6 +80,7 @@ class TrainCommand(Command):
     rebuild_env: bool = False
     then: Then | None = None  # None: RUNCTL_THEN
     backup: bool = False  # each new checkpoint to S3 as the monitor sees it
+    auto_resume: bool = False  # a spot interruption launches a replacement that continues the run
     args: tuple[str, ...] = ()
 
     @classmethod
@@ -95,6 +96,7 @@ class TrainCommand(Command):
             "deps": run.deps,
             "then": run.then,
             "backup": run.backup,
+            "auto_resume": run.auto_resume,
             "args": run.args,
         })
 

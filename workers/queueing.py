@@ -76,6 +76,7 @@ class JobPath(StrEnum):
     AUTOSTOP_STOP_NOW = "workers.jobs.autostop.stop_now"
     AUTOSTOP_STOP = "workers.jobs.autostop.stop_idle"
     THEN = "workers.jobs.autostop.then"
+    SPOT_REPLACE = "workers.jobs.spot.replace"
 
     @property
     def module(self) -> str:
@@ -100,6 +101,7 @@ LONG_JOBS = frozenset(
         JobPath.AUTOSTOP_STOP,
         JobPath.THEN,
         JobPath.FULL_LOG,  # gzip and upload of a log up to 1 GB
+        JobPath.SPOT_REPLACE,
     }
 )
 

@@ -287,6 +287,7 @@ def finish(svc: Services, run: Run, snap: Snapshot) -> None:
     took = duration((run.ended_at - (run.started_at or run.created_at)).total_seconds())
     if run.spot_notice:
         reply(svc, run, spot_report(run, f"ended (exit {run.exit_code}) after {took}"), full_log=True)
+        auto_resume(svc, run)
         return
     ck = (
         "Checkpoint: " + checkpoint_text(run.checkpoint, run.ended_at, absolute=True)
@@ -330,7 +331,15 @@ def lost(svc: Services, run: Run, exc: RunctlError) -> str:
         lost_text = spot_report(run, f"then runctl lost track of it: {exc.what}")
     reply(svc, run, lost_text, full_log=run.started_at is not None)
     autostop.after_run(svc, run)
+    if run.spot_notice:
+        auto_resume(svc, run)
     return run.state.value
+
+
+def auto_resume(svc: Services, run: Run) -> None:
+    """`--auto-resume`: a replacement continues the run (workers/jobs/spot.py)."""
+    if run.auto_resume:
+        svc.queue.enqueue(JobPath.SPOT_REPLACE.value, run.run_id, job_timeout=3600)
 
 
 def spot_report(run: Run, ended: str) -> str:

@@ -65,6 +65,7 @@ def new_run(svc: Services, cmd: TrainCommand, actor: Actor, run_id: str) -> Run:
         checkpoint_interval=cmd.checkpoint_interval,
         then=cmd.then or svc.settings.RUNCTL_THEN,
         backup=cmd.backup,
+        auto_resume=cmd.auto_resume,
         created_at=svc.clock(),
         response_url=actor.response_url,
     )

@@ -118,6 +118,7 @@ class Run(BaseModel):
     log_tail: str = ""
     gpus: list[Gpu] | None = None  # the newest poll's; None: no nvidia-smi on the instance
     gpu_idle_since: datetime | None = None  # since when every GPU has been near 0 %
+    auto_resume: bool = False  # after a spot interruption, a replacement from the same preset continues it
     spot: bool = False  # on a spot instance: its wrapper watches for interruption notices
     spot_notice: str = ""  # the interruption notice the wrapper acted on (IMDS's JSON)
     spot_signalled_at: datetime | None = None  # when the wrapper SIGTERMed the training for it

@@ -1,0 +1,89 @@
+"""`train --auto-resume`: after a spot interruption, back the run's checkpoints up to S3
+from the interrupted instance (while it lasts), launch a replacement from the same preset
+(the template's next subnet when a zone has no capacity) within the user's caps, and
+resume the run there from its checkpoints. Queued by the monitor; once per run."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+
+from redis.exceptions import LockError
+
+from workers import policy
+from workers.aws import launcher
+from workers.aws.launcher import Launcher
+from workers.commands import Actor, LaunchCommand
+from workers.cost import fleetview
+from workers.errors import RunConflict, RunctlError
+from workers.jobs import funnel
+from workers.jobs.backup import backup_run
+from workers.jobs.launch import CAPS_LOCK_SECONDS, check_caps, held, quote, resolve
+from workers.jobs.lifecycle import AGENT_WAIT_SECONDS, _wait_for_agent
+from workers.jobs.resume import resume_run
+from workers.services import Services, current
+from workers.slack.escape import code
+from workers.slack.thread import reply
+from workers.state.runs import Run
+from workers.state.uptime import UptimeLedger
+
+CLAIM = "runctl:spot:replaced:"  # + run id: one replacement per interrupted run
+
+
+@funnel.system("spot replacement")
+def replace(run_id: str) -> str:
+    svc = current()
+    run = svc.runs.get(run_id)
+    if run is None or not run.auto_resume or not run.spot_notice:
+        return "nothing to replace"
+    if not svc.redis.set(CLAIM + run_id, "1", nx=True, ex=7 * 86400):
+        return "already replaced"
+    try:
+        return continue_elsewhere(svc, run)
+    except RunctlError as exc:
+        fix = f" Fix: {exc.fix}" if exc.fix else ""
+        why = f" ({exc.why})" if exc.why else ""
+        reply(svc, run, f":warning: run `{run.run_id}` was not resumed on a replacement: {exc.what}{why}{fix}")
+        return exc.what
+
+
+def continue_elsewhere(svc: Services, run: Run) -> str:
+    old = svc.fleet.get(run.instance_id)
+    preset = old.tags.get(launcher.PRESET_TAG)
+    if not preset:
+        raise RunctlError(
+            f"{old.label} was not launched from a preset, so there is nothing to launch its replacement from.",
+            fix=f"`/runctl launch <preset> --spot`, then `/runctl resume {run.run_id} --on <new instance>`.",
+        )
+    owner = run.checkpoint_run_id or run.run_id
+    if old.state == "running":  # AWS takes it at the notice's time: save what it holds first
+        saved = backup_run(svc, old, owner)
+        if not saved.ok:
+            raise RunctlError(f"The checkpoints of run `{owner}` could not all be backed up from {old.label}.")
+    actor = Actor(user_id=run.user_id, channel_id=run.channel_id)
+    config = launcher.load(svc.settings.RUNCTL_LAUNCH_FILE)
+    spec = resolve(svc, config, LaunchCommand(target=preset, spot=old.lifecycle == "spot"), actor)
+    began = svc.clock()
+    lock = svc.redis.lock("runctl:launch:caps", timeout=CAPS_LOCK_SECONDS)
+    if not lock.acquire(blocking_timeout=30):
+        raise RunConflict("Other launches kept the caps check busy for 30 s; no replacement was launched.")
+    try:
+        # The interrupted instance is going: it does not count against the caps.
+        rows = [r for r in fleetview.view(svc, began) if r.id != old.id]
+        check_caps(config, held(rows, run.user_id), quote(svc, config, spec), run.user_id)
+        token = f"spot-{run.run_id}-{secrets.token_hex(4)}"[:64]
+        iid = Launcher(svc.fleet).run(config.template, spec, run.user_id, token, policy.scope(svc.settings))
+    finally:
+        with contextlib.suppress(LockError):
+            lock.release()
+    reply(svc, run, f":zap: spot interruption of {old.label}: launched `{iid}` from preset {code(preset)} "
+                    "to continue the run; waiting for it to be ready…", mention=False)
+    settings = svc.settings
+    Launcher(svc.fleet).wait_running(iid, settings.RUNCTL_LAUNCH_POLL_SECONDS, settings.RUNCTL_PENDING_WAIT_SECONDS)
+    inst = svc.fleet.get(iid)
+    UptimeLedger(svc.redis).mark_running(iid, inst.launch_time or svc.clock())
+    _wait_for_agent(svc, inst, AGENT_WAIT_SECONDS)
+    done = resume_run(svc, run.run_id, actor, on=iid,
+                      note=f":zap: After a spot interruption of {old.label} (`--auto-resume`).")
+    reply(svc, run, done.text, mention=False)
+    return f"resumed as {done.run.run_id} on {iid}"
