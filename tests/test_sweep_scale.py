@@ -124,7 +124,7 @@ def test_updates_go_through_the_coalescer_only_when_a_post_changed(
     assert svc.redis.zrange(updates.PENDING, 0, 0, withscores=True)[0][1] > time.time()
 
 
-def test_a_429_on_a_warning_post_reschedules_and_polls_go_on(
+def test_a_429_on_a_warning_post_reschedules_and_the_tick_does_not_wait(
     svc: Services, slack: FakeSlack, fleet: Clock
 ) -> None:
     sweep()
