@@ -208,12 +208,13 @@ def test_a_final_parent_drops_the_eta_and_relative_times() -> None:
               script="train.py", state=RunState.STOPPED, started_at=start, ended_at=start + timedelta(minutes=90),
               progress=Progress(epoch=3, total_epochs=10, metrics={"loss": 0.25}, eta_seconds=600),
               checkpoint=Checkpoint(name="ckpt-3.pt", size=2048, epoch=3, modified_at=start + timedelta(minutes=80)),
-              notes=["Added `--checkpoint-interval 1`"])
+              notes=["Added `--checkpoint-interval 1`"], stopped_by=ALICE, ended_by="stop")
     text = json.dumps([b.to_dict() for b in run_blocks(run, start + timedelta(hours=5))[1]])
     assert "ETA" not in text and " ago" not in text and "elapsed" not in text
     assert "loss 0.25" in text and "epoch 3/10" in text and "ckpt-3.pt" in text
     assert f"<!date^{int((start + timedelta(minutes=80)).timestamp())}^" in text  # when it was saved
     assert "took 1h 30m" in text and "checkpoint-interval" not in text
+    assert f"stopped by <@{ALICE}>" in text and "Stopping" not in text
     live = run.model_copy(update={"state": RunState.RUNNING, "ended_at": None})
     live_text = json.dumps([b.to_dict() for b in run_blocks(live, start + timedelta(minutes=85))[1]])
     assert "ETA 10m" in live_text and "5m 00s ago" in live_text

@@ -304,7 +304,7 @@ class Halter:
         run.ended_at = svc.clock()
         if halt.result.how == "kill":
             run.exit_code = 137
-        run.notes.append(f":octagonal_sign: {self._doing().capitalize()} by <@{self.actor.user_id}>.")
+        run.stopped_by = self.actor.user_id  # the final parent says who, in the past tense
         release_train_lock(svc, run.instance_id, run.run_id)
         publish(svc, run)
         reply(svc, run, halt.report, full_log=run.started_at is not None)

@@ -113,6 +113,7 @@ class Run(BaseModel):
     env_built_at: datetime | None = None
     setup_seconds: float | None = None
     notes: list[str] = Field(default_factory=list)
+    stopped_by: str = ""  # who stopped or terminated it through runctl
     instance_name: str = ""  # its Name tag when the run started, shown beside the id
     notes_told: int = 0  # how many of the notes were said in the thread (each once)
     log_tail: str = ""

@@ -114,6 +114,9 @@ def run_blocks(run: Run, now: datetime | None = None) -> Message:
         details.append(f"took {duration((end - run.started_at).total_seconds())}")
     elif run.started_at:
         details.append(f"elapsed {duration((now - run.started_at).total_seconds())}")
+    if final and run.stopped_by:
+        verb = "terminated" if run.ended_by == "terminate" else "stopped"
+        details.append(f"{verb} by <@{run.stopped_by}>" + (" with `--force`" if run.ended_by == "force" else ""))
     if run.exit_code is not None:
         details.append(f"exit code {run.exit_code}")
     if run.setup_seconds is not None:
