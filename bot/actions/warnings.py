@@ -95,29 +95,35 @@ def refusal(context: dict[str, Any], user: str, verb: str, instance_id: str, kin
     return None  # the policy file changed in between: allowed now
 
 
-def snooze(ack: Ack, body: dict[str, Any], context: dict[str, Any], client: WebClient) -> None:
-    ack()
+def _admitted(body: dict[str, Any], context: dict[str, Any], client: WebClient, verb: str
+              ) -> tuple[str, Kind, str, str] | None:
+    """The click on a warning's button, if the policy lets its person `verb`; a refusal is told to them."""
     clicked = _clicked(body)
     if clicked is None:
-        return
+        return None
     instance_id, kind, user, channel = clicked
-    refused = refusal(context, user, "snooze", instance_id, kind)
+    refused = refusal(context, user, verb, instance_id, kind)
     if refused is not None:
         _tell(client, channel, user, refused.as_text())
+        return None
+    return clicked
+
+
+def snooze(ack: Ack, body: dict[str, Any], context: dict[str, Any], client: WebClient) -> None:
+    ack()
+    admitted = _admitted(body, context, client, "snooze")
+    if admitted is None:
         return
+    instance_id, kind, user, _ = admitted
     context["queue"].enqueue(JobPath.WARNING_SNOOZE.value, instance_id, kind.value, user)
 
 
 def keep(ack: Ack, body: dict[str, Any], context: dict[str, Any], client: WebClient) -> None:
     ack()
-    clicked = _clicked(body)
-    if clicked is None:
+    admitted = _admitted(body, context, client, "keep")
+    if admitted is None:
         return
-    instance_id, kind, user, channel = clicked
-    refused = refusal(context, user, "keep", instance_id, kind)
-    if refused is not None:
-        _tell(client, channel, user, refused.as_text())
-        return
+    instance_id, kind, user, _ = admitted
     view = View(
         type="modal",
         callback_id=KEEP_VIEW,

@@ -89,7 +89,7 @@ class Job:
 
 
 def actor_of(value: object) -> Actor:
-    """A job's acting person: a Actor's JSON, or a bare user id from older jobs."""
+    """A job's acting person: an Actor's JSON, or a bare user id from older jobs."""
     if isinstance(value, str):
         return Actor(user_id=value, channel_id="")
     return Actor.model_validate(value)
