@@ -78,6 +78,13 @@ def test_aws_calls_are_counted_and_shared_between_runs() -> None:
     assert fig["runs=3 calls_per_run_hour"] < fig["runs=1 calls_per_run_hour"]  # one SendCommand serves all three
 
 
+def test_reconcile_calls_are_counted_and_one_command_serves_a_batch() -> None:
+    out, fig = run_bench("reconcile_calls")
+    printed(out, "instances=1", "instances=3")
+    assert fig["instances=1 ssm:SendCommand"] == fig["instances=1 passes"]
+    assert fig["instances=3 ssm:SendCommand"] == fig["instances=3 passes"]  # one command for the three
+
+
 def test_waste_counts_the_idle_cost_removed_and_interrupts_no_run() -> None:
     out, fig = run_bench("waste")
     printed(out, "baseline_idle_usd", "autostop_idle_removed_share", "then_stop_idle_removed_share")

@@ -97,11 +97,14 @@ def run_pass(svc: Services) -> Tally:
 
 def managed(svc: Services) -> list[str]:
     """Managed running instances: one DescribeInstances per 1000, at most every FLEET_SECONDS."""
+    now = svc.clock().timestamp()
     cached = svc.redis.get(FLEET)
     if cached:
-        return [str(i) for i in json.loads(cached)]
+        seen = json.loads(cached)
+        if now - float(seen["at"]) < FLEET_SECONDS:
+            return [str(i) for i in seen["ids"]]
     ids = sorted(inst.id for inst in svc.fleet.iter_instances() if inst.state == "running")
-    svc.redis.set(FLEET, json.dumps(ids), ex=FLEET_SECONDS)
+    svc.redis.set(FLEET, json.dumps({"at": now, "ids": ids}), ex=FLEET_SECONDS)
     return ids
 
 
