@@ -60,6 +60,7 @@ def test_a_raised_notice_makes_the_training_checkpoint_and_the_bot_report_it(
         assert len(report) == 1, said
         assert f"spot interruption: checkpoint epoch {epoch} saved (`{saved[0]}`)" in report[0]
         assert f"stop at {notice['time']}" in report[0] and "exit 143" in report[0]
+        assert f"then `/runctl resume {run_id} --on <instance-id>`" in report[0]
     finally:
         svc.fleet.terminate(iid)
 

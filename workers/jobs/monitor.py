@@ -359,7 +359,14 @@ def spot_report(run: Run, ended: str) -> str:
             f"the newest is {epoch} ({code(run.checkpoint.name)}, saved before it), later progress is lost. "
             f"The training {ended}."
         )
+    owner = run.checkpoint_run_id or run.run_id
+    then = (
+        " `--auto-resume`: a replacement continues it."
+        if run.auto_resume
+        else f" Continue elsewhere: `/runctl backup {run.instance_id} --run {owner}` while the instance lasts, "
+        f"then `/runctl resume {run.run_id} --on <instance-id>`."
+    )
     return (
         f":zap: run `{run.run_id}`: spot interruption: checkpoint {epoch} saved "
-        f"({code(run.checkpoint.name)}); the instance was told: {notice}. The training {ended}."
+        f"({code(run.checkpoint.name)}); the instance was told: {notice}. The training {ended}.{then}"
     )
