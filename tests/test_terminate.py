@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rq import Queue
 
 from workers.commands import Actor, TerminateCommand
 from workers.jobs.lifecycle import terminate
+from workers.queueing import QUEUES
 from workers.sandbox.aws import Sandbox, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack, Message
 from workers.sandbox.inline import InlineWorker
@@ -125,7 +127,7 @@ def test_two_concurrent_clicks_terminate_exactly_once_after_a_graceful_stop(
     for _ in range(2):
         payload = click(as_dict(m), ActionId.TERMINATE_CONFIRM, "U0ADMIN")
         send_click(svc, slack, worker, payload)  # payloads differ by action_ts, as real double clicks do
-    jobs = [svc.queue.fetch_job(j) for j in svc.queue.job_ids]
+    jobs = [job for name in QUEUES for job in Queue(name, connection=svc.redis).jobs]  # clicks run on the long queue
     assert len(jobs) == 2
     barrier = threading.Barrier(2)
 
@@ -243,9 +245,8 @@ def test_a_confirmation_that_no_longer_holds_asks_again_instead_of_terminating(
     calls = count_terminate_calls(svc)
     try:
         send_click(svc, slack, worker, click(as_dict(m), ActionId.TERMINATE_CONFIRM, "U0ADMIN"))
-        for job_id in svc.queue.job_ids:
-            job = svc.queue.fetch_job(job_id)
-            if job is not None and job.func_name.endswith("confirm_click"):
+        for job in [j for name in QUEUES for j in Queue(name, connection=svc.redis).jobs]:
+            if job.func_name.endswith("confirm_click"):
                 job.perform()
 
         assert calls == [] and svc.fleet.get(iid).state == "running"

@@ -89,6 +89,7 @@ LONG_JOBS = frozenset(
     {
         JobPath.TRAIN,
         JobPath.BACKUP,
+        JobPath.BACKUP_NEW,  # train --backup: an upload
         JobPath.RESUME_COMMAND,
         JobPath.STOP,
         JobPath.START,
