@@ -11,7 +11,7 @@ from workers.cost.pricing import format_usd
 from workers.settings import Settings
 from workers.slack.escape import code
 from workers.slack.format import duration
-from workers.state.runs import RunState
+from workers.state.runs import Run, RunState
 from workers.state.warnings import Kind
 
 
@@ -109,20 +109,13 @@ def _checkpoint_findings(settings: Settings, row: Row, now: datetime) -> list[Fi
         f"{duration(quiet)} ({what}). If it crashes now, that work is lost; check `training.log` with "
         f"`/runctl status {row.id}`."
     )
-    return [
-        Finding(
-            row.id,
-            Kind.CHECKPOINT,
-            run.user_id,
-            row.instance.label,
-            headline,
-            _detail(row),
-            f"no checkpoint for {duration(quiet)}",
-            run_id=run.run_id,
-            channel=run.channel_id,
-            thread_ts=run.message_ts,
-        )
-    ]
+    return [_in_run_thread(row, run, Kind.CHECKPOINT, headline, f"no checkpoint for {duration(quiet)}")]
+
+
+def _in_run_thread(row: Row, run: Run, kind: Kind, headline: str, summary: str) -> Finding:
+    """A finding about a live run, owned by its person and told in its thread."""
+    return Finding(row.id, kind, run.user_id, row.instance.label, headline, _detail(row), summary,
+                   run_id=run.run_id, channel=run.channel_id, thread_ts=run.message_ts)
 
 
 def _gpu_findings(settings: Settings, row: Row, now: datetime) -> list[Finding]:
@@ -138,17 +131,4 @@ def _gpu_findings(settings: Settings, row: Row, now: datetime) -> list[Finding]:
         f"{settings.RUNCTL_GPU_IDLE_PERCENT:g} % for {duration(quiet)}: stuck or CPU-bound? "
         f"It costs {row.price.describe()}; look at `training.log` with `/runctl status {row.id}`."
     )
-    return [
-        Finding(
-            row.id,
-            Kind.GPU_IDLE,
-            run.user_id,
-            row.instance.label,
-            headline,
-            _detail(row),
-            f"GPUs idle for {duration(quiet)}",
-            run_id=run.run_id,
-            channel=run.channel_id,
-            thread_ts=run.message_ts,
-        )
-    ]
+    return [_in_run_thread(row, run, Kind.GPU_IDLE, headline, f"GPUs idle for {duration(quiet)}")]
