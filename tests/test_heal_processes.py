@@ -16,12 +16,13 @@ import pytest
 import redis as redis_mod
 from rq import Queue, Worker
 from rq.job import Job
-from rq.registry import FinishedJobRegistry
+from rq.registry import FinishedJobRegistry, StartedJobRegistry
 
 from workers.commands import Actor, Command, StatusCommand, TrainCommand
-from workers.queueing import QUEUE, JobPath, RoutedQueue, enqueue
+from workers.queueing import QUEUE, QUEUES, JobPath, RoutedQueue, enqueue
 from workers.sandbox.aws import AMI_ID, MANAGED_TAG, Sandbox, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
+from workers.services import Services
 from workers.state.runs import RunStore
 
 from .procs import Procs
@@ -270,3 +271,28 @@ def test_two_worker_processes_poll_each_of_twenty_runs_once_per_due_time(
     finally:
         procs.stop()
         ec2.terminate_instances(InstanceIds=ids)
+
+
+def test_a_train_whose_worker_died_is_told_in_its_thread_not_repeated(
+    svc: Services, sandbox: Sandbox, slack: FakeSlack, example_repo: Path, tmp_path: Path, fleet_seed: SeedInfo,
+) -> None:
+    iid = fleet_seed.instances["gpu-box-1"]
+    procs = Procs(sandbox, slack, example_repo, tmp_path, RUNCTL_RECONCILE_SECONDS="3600")
+    try:
+        worker = procs.start("worker")
+        sandbox.slow(iid, 30, matching="echo synced")  # the train's one command: it stays InProgress
+        run_id = queue_train(svc.redis, iid, ALICE, "--epochs", "1")
+        wait(lambda: any("echo synced" in s for s in sandbox.sent_scripts(iid)), "the train's command", procs)
+        procs.kill(worker)  # mid-train
+    finally:
+        sandbox.slow(iid, 0)
+        procs.stop()
+    # RQ's own cleanup of abandoned jobs (what any worker's maintenance runs once the dead
+    # one's heartbeats lapse), here at once: the train is told in its thread, not run again.
+    for name in QUEUES:
+        StartedJobRegistry(queue=Queue(name, connection=svc.redis)).cleanup(time.time() + 3600)  # type: ignore[no-untyped-call]
+    run = RunStore(svc.redis).get(run_id)
+    assert run is not None and run.message_ts
+    told = [t for t in thread(slack, run.message_ts) if "worker stopped" in t]
+    assert len(told) == 1 and "/runctl train" in told[0] and "picks it up" in told[0], thread(slack, run.message_ts)
+    assert not any(j.func_name == JobPath.TRAIN.value for name in QUEUES for j in Queue(name, connection=svc.redis).jobs)

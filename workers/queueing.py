@@ -13,7 +13,8 @@ from redis import Redis
 from redis.backoff import NoBackoff
 from redis.client import Pipeline
 from redis.retry import Retry
-from rq import Queue
+from rq import Callback, Queue
+from rq import Retry as JobRetry
 from rq.job import Job
 
 from workers.commands import Actor, Command
@@ -107,6 +108,13 @@ LONG_JOBS = frozenset(
 )
 
 
+# Commands that only read and answer: repeated after their worker died, they do no harm.
+RETRIED = frozenset(
+    {JobPath.STATUS, JobPath.RESOURCES, JobPath.CHECKPOINTS, JobPath.AUDIT, JobPath.LOGS}
+)
+ABANDONED = "workers.jobs.abandoned.report"
+
+
 def queue_of(func: object) -> str:
     return LONG_QUEUE if isinstance(func, str) and func in LONG_JOBS else QUEUE
 
@@ -160,6 +168,9 @@ def enqueue(
     args: list[object] = [command.model_dump(mode="json"), actor.model_dump(mode="json")]
     if run_id is not None:
         args.append(run_id)
+    # A worker that dies mid-job: RQ retries what only reads and answers, and tells the
+    # person about the rest (workers/jobs/abandoned.py).
     return queue.enqueue(
-        path.value, *args, job_timeout=3600, result_ttl=86400, failure_ttl=7 * 86400, pipeline=pipeline
+        path.value, *args, job_timeout=3600, result_ttl=86400, failure_ttl=7 * 86400, pipeline=pipeline,
+        retry=JobRetry(max=1) if path in RETRIED else None, on_failure=Callback(ABANDONED),
     )
