@@ -149,7 +149,7 @@ def test_a_script_without_a_handler_still_gets_the_loud_loss_report(
     iid = fleet_seed.instances["gpu-box-2"]
     cmd = TrainCommand(instance_id=iid, script="no_handler.py", args=("100",))
     train(cmd.model_dump(mode="json"), ALICE.model_dump(mode="json"), "r-no-handler")
-    wait_for_epoch(sandbox, iid, "r-no-handler", 4)  # epoch 3 saved; 4 finished unsaved
+    wait_for_epoch(sandbox, iid, "r-no-handler", 4)  # epoch 3 saved, the only checkpoint it writes
 
     stop_cmd(iid)
 

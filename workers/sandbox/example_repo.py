@@ -31,7 +31,7 @@ for epoch in range(1, epochs + 1):
                        "total_steps": epochs * steps}, f)
         os.replace(progress + ".tmp", progress)
     print(f"epoch {epoch}/{epochs} done", flush=True)
-    if epoch % 3 == 0:
+    if epoch == 3:  # one checkpoint, early: a stop at any later epoch loses progress
         with open(os.path.join(ck, f"ckpt-epoch-{epoch:05d}.json"), "w") as f:
             json.dump({"epoch": epoch}, f)
 """
