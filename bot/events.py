@@ -24,7 +24,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
 
-from bot import guards
+from bot import answers, guards
 from bot.signing import MAX_SKEW_SECONDS
 from workers.errors import RateLimited
 from workers.queueing import QUEUE, JobPath
@@ -70,25 +70,22 @@ def handler(redis: Redis, per_minute: int, read: Reader) -> Callable[[dict[str, 
 
     def events(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if environ.get("REQUEST_METHOD") != "POST":
-            return _plain(start_response, "405 Method Not Allowed", b"POST only\n")
+            return answers.plain(start_response, "405 Method Not Allowed", b"POST only\n")
         run_id = environ.get("HTTP_X_RUNCTL_RUN") or ""
         signature = environ.get("HTTP_X_RUNCTL_SIGNATURE") or ""
         if not _RUN_ID.fullmatch(run_id) or not _SIGNATURE.fullmatch(signature):
             return _refused(start_response)
-        try:
-            declared = int(environ.get("CONTENT_LENGTH") or -1)
-        except ValueError:
-            return _plain(start_response, "400 Bad Request", b"bad Content-Length\n")
-        if declared > MAX_BODY_BYTES:
-            return _plain(start_response, "413 Content Too Large", b"request body too large\n")
+        declared = answers.declared_length(environ, MAX_BODY_BYTES, start_response)
+        if isinstance(declared, list):
+            return declared
         if declared >= 0:  # read no further than declared: a keep-alive connection sends no EOF
             environ = {**environ, "wsgi.input": _Limited(environ.get("wsgi.input"), declared)}
         try:
             body = read(environ, MAX_BODY_BYTES, BODY_SECONDS)
         except TimeoutError:
-            return _plain(start_response, "408 Request Timeout", b"request body too slow\n")
+            return answers.plain(start_response, "408 Request Timeout", b"request body too slow\n")
         except Exception:  # TooLarge (bot.web), or a dropped connection
-            return _plain(start_response, "413 Content Too Large", b"request body too large\n")
+            return answers.plain(start_response, "413 Content Too Large", b"request body too large\n")
         try:
             key = event_keys.get(redis, run_id)
             if key is None or not verify(key, signature, body):
@@ -106,11 +103,11 @@ def handler(redis: Redis, per_minute: int, read: Reader) -> Callable[[dict[str, 
             )
             event_keys.renew(redis, run_id)
         except RateLimited:
-            return _plain(start_response, "429 Too Many Requests", b"too many events for this run\n")
+            return answers.plain(start_response, "429 Too Many Requests", b"too many events for this run\n")
         except RedisError as exc:
             log.warning("run event for %s: Redis: %s", run_id, exc)
-            return _plain(start_response, "503 Service Unavailable", b"queue unreachable\n")
-        return _plain(start_response, "202 Accepted", b"accepted\n")
+            return answers.plain(start_response, "503 Service Unavailable", b"queue unreachable\n")
+        return answers.plain(start_response, "202 Accepted", b"accepted\n")
 
     return events
 
@@ -130,9 +127,5 @@ class _Limited:
 
 
 def _refused(start_response: StartResponse) -> list[bytes]:
-    return _plain(start_response, "401 Unauthorized", b"invalid event\n")
+    return answers.plain(start_response, "401 Unauthorized", b"invalid event\n")
 
-
-def _plain(start_response: StartResponse, status: str, body: bytes) -> list[bytes]:
-    start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
-    return [body]

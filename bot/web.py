@@ -24,8 +24,8 @@ from typing import Any, BinaryIO
 from redis import Redis
 from slack_bolt.adapter.wsgi import SlackRequestHandler
 
+from bot import answers, signing
 from bot import events as run_events
-from bot import signing
 from bot.app import build_app
 from workers.errors import ConfigError
 from workers.queueing import connect_front
@@ -56,25 +56,22 @@ def wsgi(settings: Settings, redis: Redis) -> WSGIApp:
 
     def events(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if environ.get("REQUEST_METHOD") != "POST":
-            return _plain(start_response, "405 Method Not Allowed", b"POST only\n")
+            return answers.plain(start_response, "405 Method Not Allowed", b"POST only\n")
         timestamp = environ.get("HTTP_X_SLACK_REQUEST_TIMESTAMP")
         signature = environ.get("HTTP_X_SLACK_SIGNATURE")
         if not signing.plausible(timestamp, signature):
-            return _plain(start_response, "401 Unauthorized", b"invalid request\n")
-        try:
-            declared = int(environ.get("CONTENT_LENGTH") or -1)
-        except ValueError:
-            return _plain(start_response, "400 Bad Request", b"bad Content-Length\n")
-        if declared > MAX_BODY_BYTES:
-            return _plain(start_response, "413 Content Too Large", b"request body too large\n")
+            return answers.plain(start_response, "401 Unauthorized", b"invalid request\n")
+        declared = answers.declared_length(environ, MAX_BODY_BYTES, start_response)
+        if isinstance(declared, list):
+            return declared
         try:
             body = read_capped(environ, MAX_BODY_BYTES)
         except TooLarge:
-            return _plain(start_response, "413 Content Too Large", b"request body too large\n")
+            return answers.plain(start_response, "413 Content Too Large", b"request body too large\n")
         except TimeoutError:
-            return _plain(start_response, "408 Request Timeout", b"request body too slow\n")
+            return answers.plain(start_response, "408 Request Timeout", b"request body too slow\n")
         if not signing.signed(secret, timestamp, signature, body):
-            return _plain(start_response, "401 Unauthorized", b"invalid request\n")
+            return answers.plain(start_response, "401 Unauthorized", b"invalid request\n")
         signed = {**environ, "wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body))}
         return handler(signed, start_response)
 
@@ -85,8 +82,8 @@ def wsgi(settings: Settings, redis: Redis) -> WSGIApp:
         if path == "/runctl/events":  # runs' wrappers, signed with per-run keys (bot/events.py)
             return run_event(environ, start_response)
         if path == "/healthz":
-            return _plain(start_response, "200 OK", b"ok\n")
-        return _plain(start_response, "404 Not Found", b"not found\n")
+            return answers.plain(start_response, "200 OK", b"ok\n")
+        return answers.plain(start_response, "404 Not Found", b"not found\n")
 
     return application
 
@@ -162,12 +159,6 @@ class Watchdog:
 
 
 _WATCHDOG = Watchdog()
-
-
-def _plain(start_response: StartResponse, status: str, body: bytes) -> list[bytes]:
-    # A length, so keep-alive clients (load balancers' health checks) need not parse chunked bodies.
-    start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
-    return [body]
 
 
 def create() -> WSGIApp:
