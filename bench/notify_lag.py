@@ -51,7 +51,7 @@ from bench import harness
 from bench.aws_calls import instances
 from bot.web import wsgi
 from workers import services
-from workers.commands import Requester, TrainCommand
+from workers.commands import Actor, TrainCommand
 from workers.jobs.train import train
 from workers.sandbox.aws import Sandbox
 from workers.sandbox.example_repo import make_example_repo
@@ -61,7 +61,7 @@ from workers.sandbox.ssm_shim import AGENT_PATH
 from workers.sandbox.web import WebServer
 from workers.slack.ids import BlockId
 
-ALICE = Requester(user_id="U0ALICE", channel_id="C0TRAIN")
+ALICE = Actor(user_id="U0ALICE", channel_id="C0TRAIN")
 EPOCH_SECONDS = 1.0  # the bench's training writes a new epoch every second: staleness is measured to 1 s
 _EPOCH = re.compile(r"epoch (\d+)/")
 
