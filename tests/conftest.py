@@ -16,7 +16,7 @@ import pytest
 import redis as redis_mod
 
 from workers import services
-from workers.sandbox.aws import Sandbox, SeedInfo, seed
+from workers.sandbox.aws import SEED_INSTANCES, Sandbox, SeedInfo, seed
 from workers.sandbox.example_repo import make_example_repo
 from workers.sandbox.fake_slack import DEFAULT_BUDGETS, FakeSlack
 from workers.sandbox.inline import InlineWorker
@@ -25,8 +25,11 @@ from workers.services import Services
 from workers.settings import Settings
 from workers.slack.client import Notifier, make_client
 
-# One db per test process, so parallel runs on one machine never flush each other.
-REDIS_URL = os.environ.get("RUNCTL_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{1 + os.getpid() % 14}")
+# One db per test process, so parallel runs on one machine never flush each other: pytest-xdist's
+# workers (gw0, gw1, ...) take dbs 1, 2, ...; a run without xdist takes one by its pid.
+_XDIST = os.environ.get("PYTEST_XDIST_WORKER", "")
+_DB = 1 + int(_XDIST[2:]) if _XDIST.startswith("gw") else 1 + os.getpid() % 14
+REDIS_URL = os.environ.get("RUNCTL_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{_DB}")
 BUCKET = "runctl-test-bundles"
 # Sandbox instances run scripts with the SSM agent's PATH, as real ones do. A machine whose
 # only Python is elsewhere (pyenv, say) names it, as RUNCTL_PYTHON or a runctl:python tag would.
@@ -74,9 +77,21 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
 def fleet_seed(sandbox: Sandbox) -> Iterator[SeedInfo]:
     """Fresh instances per test, terminated after it, so state never leaks between tests
     (the sandbox lives for the session: running leftovers would swell every later sweep)."""
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=sandbox.endpoint_url)
+    # Commands take Name tags, so a name must be unique: another module's leftover seed goes first.
+    leftovers = [
+        i["InstanceId"]
+        for page in ec2.get_paginator("describe_instances").paginate(Filters=[
+            {"Name": "tag:Name", "Values": [name for name, *_ in SEED_INSTANCES]},
+            {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]},
+        ])
+        for r in page["Reservations"]
+        for i in r["Instances"]
+    ]
+    if leftovers:
+        ec2.terminate_instances(InstanceIds=leftovers)
     info = seed(sandbox.endpoint_url, "us-east-1", BUCKET)
     yield info
-    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=sandbox.endpoint_url)
     ec2.terminate_instances(InstanceIds=list(info.instances.values()))
 
 

@@ -87,7 +87,7 @@ def test_flushall_mid_run_a_second_train_is_refused_and_the_end_is_reported_in_t
     parent_ts = runs.get(run_id).message_ts  # type: ignore[union-attr]
     assert parent_ts
 
-    real_redis.flushall()  # a failover to an empty replica
+    real_redis.flushdb()  # every key runctl and RQ have (their one db): a failover to an empty replica
     second = queue_train(real_redis, iid, BOB, "--epochs", "1")
 
     def refused() -> list[str]:

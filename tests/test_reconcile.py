@@ -72,7 +72,7 @@ def test_flushall_mid_run_the_run_is_adopted_and_its_end_reported_once(
     parent_ts = svc.runs.get("r-flush").message_ts  # type: ignore[union-attr]
     wait_for(lambda: epoch_seen(run_dir, 1), "epoch 1")
 
-    svc.redis.flushall()
+    svc.redis.flushdb()  # every key runctl and RQ have (one db), as a failover to an empty replica loses them
     # Two passes at once: one adopts, neither says so twice.
     passes = [threading.Thread(target=reconcile) for _ in range(2)]
     for t in passes:
@@ -109,7 +109,7 @@ def test_an_end_redis_lost_before_it_was_reported_is_reported(
     run_dir = sandbox.instance_dir(iid) / "runs" / "r-ended"
     start(iid, "r-ended", epochs=2, step_seconds=0.05)
     parent_ts = svc.runs.get("r-ended").message_ts  # type: ignore[union-attr]
-    svc.redis.flushall()
+    svc.redis.flushdb()  # every key runctl and RQ have (one db), as a failover to an empty replica loses them
     wait_for(lambda: (run_dir / "exit_code").exists(), "the run's end on the instance")
 
     reconcile()

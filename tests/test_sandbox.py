@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,8 +35,11 @@ BUCKET = "runctl-test-artifacts"
 
 
 @pytest.fixture(scope="module")
-def fleet(sandbox: Sandbox) -> SeedInfo:
-    return seed(sandbox.endpoint_url, REGION, BUCKET)
+def fleet(sandbox: Sandbox) -> Iterator[SeedInfo]:
+    info = seed(sandbox.endpoint_url, REGION, BUCKET)
+    yield info
+    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=sandbox.endpoint_url)
+    ec2.terminate_instances(InstanceIds=list(info.instances.values()))
 
 
 @pytest.fixture(scope="module")
