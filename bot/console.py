@@ -334,4 +334,7 @@ def converse(
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    sys.stdout.flush()
+    # Everything is cleaned up by now; don't wait on a sandbox agent's or a retry's stray thread.
+    os._exit(code)

@@ -55,16 +55,17 @@ class Terminal:
     def exit_status(self, timeout: float = 90) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                select.select([self.fd], [], [], 0.2)
-                os.read(self.fd, 65536)
-            except OSError:
+            try:  # drain what it still prints; read only what is there (a live, quiet child would block)
+                ready, _, _ = select.select([self.fd], [], [], 0.2)
+                if ready:
+                    self.seen += os.read(self.fd, 65536).decode(errors="replace")
+            except OSError:  # the child closed the terminal
                 pass
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
                 return os.waitstatus_to_exitcode(status)
         os.kill(self.pid, 9)
-        pytest.fail("the console did not leave")
+        pytest.fail(f"the console did not leave within {timeout} s; the screen ends:\n{self.seen[-3000:]}")
 
 
 def test_history_ctrl_c_during_wait_and_the_exit_status(tmp_path: Path) -> None:
