@@ -37,3 +37,16 @@ class RunctlWorker(Worker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         warm()
+
+    def subscribe(self) -> None:
+        """rq's command channel (shutdown, stop-job), its thread waking every second.
+
+        rq 3 lets the thread wait 60 s and relies on its UNSUBSCRIBE reply to wake it; when the
+        reply comes before the stop flag, the thread waits again, and redis-py 8.2's
+        `PubSubWorkerThread.stop()` joins it: teardown could hang a minute. One second bounds it.
+        """
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(  # type: ignore[assignment]
+            sleep_time=1, daemon=True, exception_handler=self._pubsub_exception_handler
+        )

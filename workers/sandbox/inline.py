@@ -22,6 +22,11 @@ class _ThreadSafeWorker(SimpleWorker):
         if threading.current_thread() is threading.main_thread():
             super()._install_signal_handlers()  # type: ignore[no-untyped-call]
 
+    def subscribe(self) -> None:
+        # No command channel: nothing sends commands to an in-process worker, and rq 3's teardown
+        # with redis-py 8.2 could wait up to 60 s for the channel's thread (workers/worker.py).
+        pass
+
 
 class InlineWorker:
     def __init__(self, redis: Redis, queue_names: tuple[str, ...] = QUEUES) -> None:
