@@ -18,7 +18,7 @@ from workers.aws.fleet import Instance
 from workers.aws.launcher import Held, Launcher, LaunchFile, Spec
 from workers.cost import disk, fleetview
 from workers.cost.pricing import format_rate, hourly_price, load_price_book, spot_price
-from workers.errors import AwsError, PermissionDenied, RunConflict
+from workers.errors import AwsError, ConfigError, PermissionDenied, RunConflict
 from workers.services import Services
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,11 @@ def admit_start(svc: Services, inst: Instance, requester_id: str) -> contextlib.
     not launch are the admins' fleet, outside the launch caps."""
     if launcher.PRESET_TAG not in inst.tags:
         return contextlib.nullcontext()
-    config = launcher.load(svc.settings.RUNCTL_LAUNCH_FILE)
+    try:
+        config = launcher.load(svc.settings.RUNCTL_LAUNCH_FILE)
+    except ConfigError as exc:  # no caps to check against: it stays stopped
+        raise ConfigError(f"{inst.label} was launched by runctl and counts against the launch caps, but they "
+                          f"cannot be read: {exc.what}", why=exc.why, fix=exc.fix) from None
     owner = inst.tags.get(launcher.OWNER_TAG) or requester_id
     ask = Ask(what=f"Start of *{inst.label}*", user_id=owner, requester_id=requester_id,
               price=quote_instance(svc, inst),
