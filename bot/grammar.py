@@ -218,7 +218,8 @@ SPECS: dict[str, Spec] = {
                 Flag("region", "region", "str", "R", help="the AWS region; only the worker's own region is accepted"),
                 Flag("name", "instance_name", "str", "NAME",
                      help="the instance's Name tag (default <target>-<you>-<id>)"),
-                Flag("disk", "disk", "int", "GB", help="the root volume in GB (default the preset's or template's)"),
+                Flag("disk", "disk", "int", "GB", help="the root volume in GB (default the preset's or template's; "
+                     "past the launch file's `[limits] disk_gb` only admins, up to `admin_disk_gb`)"),
             ),
             build=c.LaunchCommand,
             details="The AMI, subnet, security group and instance profile come from the launch file "

@@ -136,7 +136,10 @@ def test_auto_resume_continues_on_a_replacement_at_the_next_epoch(
 
     from .test_lifecycle import ALICE, EPOCH_LINE
 
-    config = launcher.load(svc.settings.RUNCTL_LAUNCH_FILE)
+    path = svc.settings.RUNCTL_LAUNCH_FILE
+    assert path is not None  # the interrupted instance counts until AWS takes it: room for the replacement
+    path.write_text(path.read_text().replace("user_instances = 1", "user_instances = 2  # and its replacement"))
+    config = launcher.load(path)
     spec = resolve(svc, config, LaunchCommand(target="gpu", spot=True), Actor(user_id="U0ALICE", channel_id=CHANNEL))
     fleet = Launcher(svc.fleet)
     first = fleet.run(config.template, spec, "U0ALICE", "spot-first-launch", ("runctl:managed", "true"))

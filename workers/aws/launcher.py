@@ -18,6 +18,8 @@
     user_usd_per_hour = 5
     team_instances = 10
     team_usd_per_hour = 40
+    disk_gb = 500                    # the largest `--disk` anyone may ask (a preset's own size always goes)
+    admin_disk_gb = 2000             # the largest an admin may ask
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ class Limits(BaseModel):
     user_usd_per_hour: Decimal = Field(Decimal(10), ge=0)
     team_instances: int = Field(10, ge=0)
     team_usd_per_hour: Decimal = Field(Decimal(50), ge=0)
+    disk_gb: int = Field(500, ge=8, le=16384)
+    admin_disk_gb: int = Field(2000, ge=8, le=16384)
 
 
 class LaunchFile(BaseModel):

@@ -3,23 +3,21 @@ admins' template, waits for `running` and the SSM agent, and offers [Train on it
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import secrets
-from dataclasses import dataclass
 from decimal import Decimal
 
-from redis.exceptions import LockError
 from slack_sdk.errors import SlackApiError
 
 from workers import audit, policy
 from workers.aws import launcher
-from workers.aws.launcher import Held, Launcher, LaunchFile, Spec
+from workers.aws.launcher import Launcher, LaunchFile, Spec
 from workers.commands import Actor, LaunchCommand
-from workers.cost import fleetview
-from workers.cost.pricing import format_rate, format_usd, load_price_book, spot_price
-from workers.errors import AwsError, ConfigError, PermissionDenied, RunConflict, RunctlError
-from workers.jobs import funnel
+from workers.cost import disk, fleetview
+from workers.cost.pricing import format_rate, format_usd, load_price_book
+from workers.errors import ConfigError, PermissionDenied, RunctlError
+from workers.jobs import caps, funnel
+from workers.jobs.caps import Ask, Quote, held, quote
 from workers.jobs.funnel import Job
 from workers.jobs.lifecycle import AGENT_WAIT_SECONDS, ConfirmClick, _wait_for_agent
 from workers.services import Services
@@ -31,7 +29,6 @@ from workers.state.confirmations import Confirmation, ConfirmStore, new_nonce
 from workers.state.uptime import UptimeLedger
 
 log = logging.getLogger(__name__)
-CAPS_LOCK_SECONDS = 120
 
 
 @funnel.command(LaunchCommand)
@@ -93,72 +90,15 @@ def _presets(config: LaunchFile) -> str:
     return ", ".join(f"`{n}` ({p.instance_type})" for n, p in config.presets.items()) or "none"
 
 
-@dataclass(frozen=True)
-class Quote:
-    usd_per_hour: Decimal | None
-    kind: str  # "on-demand" | "spot"
-    zone: str
-
-    def text(self) -> str:
-        if self.usd_per_hour is None:
-            return f"price unknown ({self.kind})"
-        rate = f"${format_rate(self.usd_per_hour)}/h"
-        return f"{rate} spot in {self.zone}" if self.kind == "spot" else f"{rate} on-demand"
-
-
-def quote(svc: Services, config: LaunchFile, spec: Spec) -> Quote:
-    zone = Launcher(svc.fleet).zone_of(config.template.subnets[0])
-    if spec.spot:
-        try:
-            rate = spot_price(svc.fleet, svc.redis, zone, spec.instance_type)
-        except AwsError as exc:  # shown as "price unknown", never a guess (and the $/h caps refuse it)
-            log.warning("spot price of %s in %s: %s", spec.instance_type, zone, exc.what)
-            rate = None
-        return Quote(rate, "spot", zone)
-    return Quote(load_price_book().on_demand(spec.region, spec.instance_type), "on-demand", zone)
-
-
-def held(rows: list[fleetview.Row], user_id: str) -> Held:
-    mine = [r for r in rows if r.instance.tags.get(launcher.OWNER_TAG) == user_id]
-    every = launcher.launched(r.instance for r in rows)
-    ids = {i.id for i in every}
-    team = [r for r in rows if r.id in ids]
-    mine = [r for r in mine if r.id in ids]
-    return Held(
-        user_instances=len(mine),
-        user_usd_per_hour=sum((r.price.usd_per_hour or Decimal(0) for r in mine), Decimal(0)),
-        team_instances=len(team),
-        team_usd_per_hour=sum((r.price.usd_per_hour or Decimal(0) for r in team), Decimal(0)),
-        unpriced=sum(1 for r in team if r.price.usd_per_hour is None),
-    )
-
-
-def check_caps(config: LaunchFile, now_held: Held, price: Quote, user_id: str) -> None:
-    """Refuse past a cap, with the numbers."""
-    limits = config.limits
-    rate = price.usd_per_hour or Decimal(0)
-    problems: list[str] = []
-    if now_held.user_instances + 1 > limits.user_instances:
-        problems.append(f"you already run {now_held.user_instances} launched instance"
-                        f"{'s' if now_held.user_instances != 1 else ''}; the cap is {limits.user_instances} per person")
-    if now_held.user_usd_per_hour + rate > limits.user_usd_per_hour:
-        problems.append(f"you would burn ${format_rate(now_held.user_usd_per_hour + rate)}/h "
-                        f"(${format_rate(now_held.user_usd_per_hour)}/h now + ${format_rate(rate)}/h); "
-                        f"the cap is ${format_rate(limits.user_usd_per_hour)}/h per person")
-    if now_held.team_instances + 1 > limits.team_instances:
-        problems.append(f"the team runs {now_held.team_instances} launched instances; "
-                        f"the cap is {limits.team_instances}")
-    if now_held.team_usd_per_hour + rate > limits.team_usd_per_hour:
-        problems.append(f"the team would burn ${format_rate(now_held.team_usd_per_hour + rate)}/h; "
-                        f"the cap is ${format_rate(limits.team_usd_per_hour)}/h")
-    if price.usd_per_hour is None:
-        problems.append("its price is unknown, so it cannot be counted against the $/h caps")
-    if problems:
-        raise PermissionDenied(
-            "Launch refused: " + "; ".join(problems) + ".",
-            why="The caps are in the launch file (RUNCTL_LAUNCH_FILE, `[limits]`).",
-            fix=f"Stop one first (`/runctl resources --user <@{user_id}>` lists yours), or ask an admin.",
-        )
+def launch_ask(svc: Services, config: LaunchFile, spec: Spec, price: Quote, user_id: str, target: str) -> Ask:
+    """A launch for `user_id`, as the caps see it (the disk too: its size is money)."""
+    default = caps.default_disk(config, spec)
+    fix = caps.stop_one_first(user_id)
+    if spec.disk_gb != default:  # the disk's fix first: it may be the only problem
+        fix = (f"`/runctl launch {target}` (its {default} GB) or `--disk {config.limits.disk_gb}` or less; "
+               f"an admin may launch up to {config.limits.admin_disk_gb} GB. Past an instance cap: {fix}")
+    return Ask(what="Launch", user_id=user_id, price=price, fix=fix, disk_gb=spec.disk_gb, disk_default=default,
+               admin=policy.is_admin(svc.settings, user_id), region=spec.region)
 
 
 def ask_to_launch(svc: Services, cmd: LaunchCommand, actor: Actor) -> str:
@@ -168,7 +108,7 @@ def ask_to_launch(svc: Services, cmd: LaunchCommand, actor: Actor) -> str:
     now = svc.clock()
     rows = fleetview.view(svc, now)
     mine = held(rows, actor.user_id)
-    check_caps(config, mine, price, actor.user_id)
+    caps.check(config, mine, launch_ask(svc, config, spec, price, actor.user_id, cmd.target))
     spend = [r for r in rows if r.owner == actor.user_id]
     burn = sum((r.price.usd_per_hour or Decimal(0) for r in spend if r.running), Decimal(0))
     so_far = sum((r.cost or Decimal(0) for r in spend), Decimal(0))
@@ -177,6 +117,7 @@ def ask_to_launch(svc: Services, cmd: LaunchCommand, actor: Actor) -> str:
             f"{' (spot)' if spec.spot else ''} · preset `{spec.preset}` · {spec.disk_gb} GB disk")
     lines = [
         f"*{price.text()}* · about {format_usd(daily)} a day if it runs around the clock.",
+        f"{disk.describe(spec.region, spec.disk_gb)}.",
         f"<@{actor.user_id}> now: {len([r for r in spend if r.running])} running instance(s) at "
         f"${format_rate(burn)}/h, {format_usd(so_far)} spent on them so far.",
         f"Launched instances: yours {mine.user_instances}/{config.limits.user_instances}, "
@@ -232,22 +173,9 @@ class LaunchClick(ConfirmClick):
         config = launcher.load(svc.settings.RUNCTL_LAUNCH_FILE)
         began = svc.clock()
         run = Launcher(svc.fleet)
-        # Caps are checked and the instance launched under one lock: two launches at once
-        # cannot both squeeze under a cap.
-        lock = svc.redis.lock("runctl:launch:caps", timeout=CAPS_LOCK_SECONDS)
-        if not lock.acquire(blocking_timeout=30):
-            raise RunConflict(
-                "Other launches kept the caps check busy for 30 s; nothing was launched.",
-                why="Launches are checked against the caps one at a time.",
-                fix=f"`{conf.command}` again in a minute.",
-            )
-        try:
-            check_caps(config, held(fleetview.view(svc, began), requester.user_id), quote(svc, config, spec),
-                       requester.user_id)
+        ask = launch_ask(svc, config, spec, quote(svc, config, spec), requester.user_id, spec.preset)
+        with caps.admit(svc, config, ask):
             iid = run.run(config.template, spec, requester.user_id, conf.nonce, policy.scope(svc.settings))
-        finally:
-            with contextlib.suppress(LockError):  # it outlived its timeout: the next launch already took it
-                lock.release()
         self.job.instance_id = iid
         self.record(conf, "launched", iid)
         self.show(conf, f":hourglass_flowing_sand: *{spec.name}* is `{iid}`: waiting for `running` and its SSM agent…")

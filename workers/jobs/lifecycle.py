@@ -22,6 +22,7 @@ from workers.cost.pricing import cost_of, format_usd, hourly_price, load_price_b
 from workers.errors import AgentOffline, RemoteError, RunctlError, WrongState
 from workers.jobs import funnel
 from workers.jobs.backup import backup_runs
+from workers.jobs.caps import admit_start
 from workers.jobs.funnel import Job
 from workers.queueing import enqueue
 from workers.remote.checkpoints import CheckpointListing, FoundCheckpoint, discover, discover_all
@@ -456,7 +457,8 @@ def _start_locked(svc: Services, iid: str, actor: Actor, wait: bool) -> tuple[st
             said = f"{inst.label} is `{inst.state}`, so there is nothing to start.{ever}"
         return said, False
     began = svc.clock()
-    fleet.start(iid)
+    with admit_start(svc, inst, actor.user_id):  # a launched instance counts against its launcher's caps
+        fleet.start(iid)
     if not wait:
         return (
             f":arrow_forward: <@{actor.user_id}> started *{inst.label}* (`--no-wait`). "

@@ -5,20 +5,16 @@ resume the run there from its checkpoints. Queued by the monitor; once per run."
 
 from __future__ import annotations
 
-import contextlib
 import secrets
-
-from redis.exceptions import LockError
 
 from workers import policy
 from workers.aws import launcher
 from workers.aws.launcher import Launcher
 from workers.commands import Actor, LaunchCommand
-from workers.cost import fleetview
-from workers.errors import RunConflict, RunctlError
-from workers.jobs import funnel
+from workers.errors import RunctlError
+from workers.jobs import caps, funnel
 from workers.jobs.backup import backup_run
-from workers.jobs.launch import CAPS_LOCK_SECONDS, check_caps, held, quote, resolve
+from workers.jobs.launch import resolve
 from workers.jobs.lifecycle import AGENT_WAIT_SECONDS, _wait_for_agent
 from workers.jobs.resume import resume_run
 from workers.services import Services, current
@@ -63,19 +59,19 @@ def continue_elsewhere(svc: Services, run: Run) -> str:
     actor = Actor(user_id=run.user_id, channel_id=run.channel_id)
     config = launcher.load(svc.settings.RUNCTL_LAUNCH_FILE)
     spec = resolve(svc, config, LaunchCommand(target=preset, spot=old.lifecycle == "spot"), actor)
-    began = svc.clock()
-    lock = svc.redis.lock("runctl:launch:caps", timeout=CAPS_LOCK_SECONDS)
-    if not lock.acquire(blocking_timeout=30):
-        raise RunConflict("Other launches kept the caps check busy for 30 s; no replacement was launched.")
-    try:
-        # The interrupted instance is going: it does not count against the caps.
-        rows = [r for r in fleetview.view(svc, began) if r.id != old.id]
-        check_caps(config, held(rows, run.user_id), quote(svc, config, spec), run.user_id)
+    # The interrupted instance counts while it runs: the notice is the instance's word, and a
+    # stop-interrupted spot instance comes back by itself when capacity returns.
+    ask = caps.Ask(
+        what="Replacement launch", user_id=run.user_id, price=caps.quote(svc, config, spec),
+        disk_gb=spec.disk_gb, disk_default=caps.default_disk(config, spec), region=spec.region,
+        fix=f"Once {old.id} is stopped or terminated (`/runctl terminate {old.id}` gives up its disk), "
+        f"`/runctl launch {preset}{' --spot' if spec.spot else ''}`, then `/runctl resume {run.run_id} --on "
+        f"<new instance>`; or resume it on an instance you have: `/runctl resume {run.run_id} --on <instance>`; "
+        "or ask an admin to raise `[limits]` in the launch file.",
+    )
+    with caps.admit(svc, config, ask):
         token = f"spot-{run.run_id}-{secrets.token_hex(4)}"[:64]
         iid = Launcher(svc.fleet).run(config.template, spec, run.user_id, token, policy.scope(svc.settings))
-    finally:
-        with contextlib.suppress(LockError):
-            lock.release()
     reply(svc, run, f":zap: spot interruption of {old.label}: launched `{iid}` from preset {code(preset)} "
                     "to continue the run; waiting for it to be ready…", mention=False)
     settings = svc.settings
