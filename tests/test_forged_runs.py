@@ -11,18 +11,23 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+from pydantic import SecretStr, ValidationError
 from slack_bolt import App
 
 from workers import audit
 from workers.commands import TrainCommand
+from workers.errors import ConfigError
 from workers.jobs.reconcile import reconcile
 from workers.jobs.train import train
 from workers.sandbox.aws import Sandbox, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
 from workers.sandbox.inline import InlineWorker
 from workers.services import Services
+from workers.settings import Settings
+from workers.state import records
 from workers.state.locks import train_lock
-from workers.state.runs import RunState
+from workers.state.runs import RunMeta, RunState
 
 from .slack import command
 from .test_policy import app  # noqa: F401  (the fixture)
@@ -80,10 +85,10 @@ def test_a_forged_meta_with_alices_channel_and_ts_is_not_adopted(
     reconcile()
     worker.drain(timeout=60)
 
-    assert svc.runs.get("r-mallory-1") is None
     assert chat_calls(slack, calls) == []  # no update of Alice's message, nothing in her thread
     assert next(m for m in slack.messages("C0TRAIN") if m.ts == parent_ts) == message
     assert replies(slack, parent_ts) == thread
+    assert svc.runs.get("r-mallory-1") is None
     assert any("'r-mallory-1'" in o and "not signed by runctl" in o for o in ignored(svc, mallory_box))
 
 
@@ -103,9 +108,9 @@ def test_alices_signed_meta_copied_to_another_instance_is_not_adopted_after_redi
     reconcile()
     worker.drain(timeout=60)
 
-    assert svc.runs.get("r-alice-copy") is None
-    assert chat_calls(slack, calls) == []
     assert replies(slack, parent_ts) == thread
+    assert chat_calls(slack, calls) == []
+    assert svc.runs.get("r-alice-copy") is None
     assert any("started on another instance" in o for o in ignored(svc, mallory_box))
 
 
@@ -120,16 +125,16 @@ def test_a_forged_checkpoint_run_id_cannot_resume_into_alices_checkpoints(
     worker.drain(timeout=120)
     alice = svc.runs.get("r-alice-ck")
     assert alice is not None and alice.state is RunState.SUCCEEDED
-    forge(sandbox, mallory_box, "r-mallory-2", checkpoint_run_id="r-alice-ck")
+    forge(sandbox, mallory_box, "r-mallory-2", checkpoint_run_id="r-alice-ck", script="train_with_checkpoints.py")
 
     reconcile()
     worker.drain(timeout=60)
     app.dispatch(command("resume r-mallory-2", user=MALLORY, response_url=slack.response_url("mallory")))
     worker.drain(timeout=120)
 
-    assert svc.runs.get("r-mallory-2") is None
-    assert not [r for r in svc.runs.history(mallory_box) if r.checkpoint_run_id == "r-alice-ck"]
     assert not list((sandbox.instance_dir(mallory_box) / "runs").glob("r-alice-ck/checkpoints/*"))
+    assert not [r for r in svc.runs.history(mallory_box) if r.checkpoint_run_id == "r-alice-ck"]
+    assert svc.runs.get("r-mallory-2") is None
     told = [m.text for m in slack.responses("mallory")] + [m.text for m in slack.ephemerals(MALLORY)]
     assert any("`r-mallory-2` is not known to runctl" in t for t in told), told
 
@@ -168,3 +173,19 @@ def test_a_run_directory_named_with_slack_markup_never_reaches_slack(
     assert not any("<!here>" in c for c in chat_calls(slack, calls))
     assert svc.runs.get("r<!here>") is None
     assert any("'r<!here>'" in o and "not a runctl run id" in o for o in ignored(svc, mallory_box))
+
+
+def test_the_record_key_is_its_own_setting_when_set(settings: Settings) -> None:
+    meta = RunMeta(run_id="r-k", instance_id="i-0123456789abcdef0", user="U0ALICE", channel="C0TRAIN", script="x.py")
+    derived = records.record_key(settings)
+    own = records.record_key(settings.model_copy(update={"RUNCTL_RECORD_KEY": SecretStr("k" * 32)}))
+    text = records.signed_meta(own, meta)
+    assert records.verified_meta(own, text, "r-k", "i-0123456789abcdef0").user == "U0ALICE"
+    with pytest.raises(records.Forged):
+        records.verified_meta(derived, text, "r-k", "i-0123456789abcdef0")
+    with pytest.raises(records.Forged):  # one field changed: Mallory's user on Alice's signature
+        records.verified_meta(own, text.replace("U0ALICE", "U0MALLORY"), "r-k", "i-0123456789abcdef0")
+    with pytest.raises(ConfigError):
+        records.record_key(settings.model_copy(update={"SLACK_BOT_TOKEN": None}))
+    with pytest.raises(ValidationError, match="at least 32 characters"):
+        Settings(RUNCTL_RECORD_KEY="too-short")
