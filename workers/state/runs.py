@@ -232,7 +232,8 @@ class RunStore:
 
     def claim_end(self, run_id: str) -> bool:
         """The one right to report a run's end: whoever sees it first (monitor tick, a second
-        worker's tick, the reconcile) reports it; the others stay quiet."""
+        worker's tick, the reconcile) reports it; the others stay quiet. Its key is outside
+        `runctl:run:`, so no run record can take it."""
         return bool(self.redis.set(f"runctl:run-end:{run_id}", "1", nx=True, ex=30 * 86400))
 
     def get(self, run_id: str) -> Run | None:
