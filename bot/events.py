@@ -29,6 +29,7 @@ from bot.signing import MAX_SKEW_SECONDS
 from workers.errors import RateLimited
 from workers.queueing import QUEUE, JobPath
 from workers.state import event_keys
+from workers.state.runs import RUN_ID
 
 StartResponse = Callable[..., Any]
 Reader = Callable[[dict[str, Any], int, float], bytes]
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 8 * 1024  # an event is a few hundred bytes; the progress file it carries is capped at 4 KiB
 BODY_SECONDS = 5.0
 KINDS = ("progress", "exit")
-_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,79}")
 _SIGNATURE = re.compile(r"v1=[0-9a-f]{64}")
 _NONCE = re.compile(r"[0-9a-f]{16,64}")
 
@@ -73,7 +73,7 @@ def handler(redis: Redis, per_minute: int, read: Reader) -> Callable[[dict[str, 
             return answers.plain(start_response, "405 Method Not Allowed", b"POST only\n")
         run_id = environ.get("HTTP_X_RUNCTL_RUN") or ""
         signature = environ.get("HTTP_X_RUNCTL_SIGNATURE") or ""
-        if not _RUN_ID.fullmatch(run_id) or not _SIGNATURE.fullmatch(signature):
+        if not RUN_ID.fullmatch(run_id) or not _SIGNATURE.fullmatch(signature):
             return _refused(start_response)
         declared = answers.declared_length(environ, MAX_BODY_BYTES, start_response)
         if isinstance(declared, list):

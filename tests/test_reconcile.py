@@ -20,6 +20,7 @@ from workers.sandbox.aws import Sandbox, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
 from workers.sandbox.inline import InlineWorker
 from workers.services import Services
+from workers.state import records
 from workers.state.locks import Holder, train_lock
 from workers.state.runs import RunMeta, RunState
 
@@ -61,6 +62,12 @@ def test_meta_json_holds_what_rebuilds_the_record(svc: Services, fleet_seed: See
     )
     assert meta.sha == run.sha and len(meta.sha) == 40
     assert meta.started_at is not None and meta.checkpoint_dir == "runs/r-meta/checkpoints"
+    # Signed by the bot for this run on this instance, with a key that never reaches it.
+    key = records.record_key(svc.settings)
+    text = (sandbox.instance_dir(iid) / "runs" / "r-meta" / "meta.json").read_text()
+    assert records.verified_meta(key, text, "r-meta", iid).sig == meta.sig
+    sent = "".join(sandbox.sent_scripts(iid))
+    assert meta.sig in sent and key.hex() not in sent and svc.settings.secret("SLACK_BOT_TOKEN") not in sent
 
 
 def test_flushall_mid_run_the_run_is_adopted_and_its_end_reported_once(

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     SLACK_BOT_TOKEN: SecretStr | None = None
     SLACK_SIGNING_SECRET: SecretStr | None = None
     SLACK_APP_TOKEN: SecretStr | None = None
+    # Signs the run records kept on instances (workers/state/records.py); unset: derived from SLACK_BOT_TOKEN.
+    RUNCTL_RECORD_KEY: SecretStr | None = None
     SLACK_API_URL: str | None = None
     REDIS_URL: str = "redis://127.0.0.1:6379/0"
     RUNCTL_REPO: str | None = None
@@ -102,6 +104,13 @@ class Settings(BaseSettings):
     def _split_admins(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("RUNCTL_RECORD_KEY")
+    @classmethod
+    def _record_key_length(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("expected at least 32 characters, e.g. the output of `openssl rand -hex 32`")
         return value
 
     @field_validator("RUNCTL_SCOPE_TAG")

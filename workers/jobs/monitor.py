@@ -247,7 +247,7 @@ def update(svc: Services, run: Run, snap: Snapshot | None) -> None:
     if current is None or current.state.ended or current.state is RunState.STOPPING:
         return  # a stop flow owns the run now
     if snap is None or snap.missing:
-        lost(svc, run, RunctlError(f"The run directory of `{run.run_id}` is gone from the instance."))
+        lost(svc, run, RunctlError(f"The run directory of {code(run.run_id)} is gone from the instance."))
         return
     before = run.checkpoint
     absorb(run, snap)
@@ -295,23 +295,23 @@ def finish(svc: Services, run: Run, snap: Snapshot) -> None:
         else "No checkpoint was written."
     )
     if run.exit_code == 0:
-        reply(svc, run, f":white_check_mark: run `{run.run_id}` finished (exit 0) in {took}. {ck}", full_log=True)
+        reply(svc, run, f":white_check_mark: run {code(run.run_id)} finished (exit 0) in {took}. {ck}", full_log=True)
     elif run.state is RunState.STOPPED:
         signame = STOP_SIGNALS[run.exit_code]
         reply(
             svc,
             run,
-            f":double_vertical_bar: run `{run.run_id}` was stopped by {signame} from outside runctl "
+            f":double_vertical_bar: run {code(run.run_id)} was stopped by {signame} from outside runctl "
             f"(exit {run.exit_code}) after {took}. {ck}",
             full_log=True,
         )
     else:
-        code = "unknown (the process vanished)" if snap.exit_code is None else str(run.exit_code)
+        shown = "unknown (the process vanished)" if snap.exit_code is None else str(run.exit_code)
         tail = "\n".join(snap.log[-LOG_TAIL_LINES:]) or "(training.log is empty)"
         reply(
             svc,
             run,
-            f":x: run `{run.run_id}` failed with exit code {code} after {took}. {ck}\n"
+            f":x: run {code(run.run_id)} failed with exit code {shown} after {took}. {ck}\n"
             f"Last lines of training.log:\n{block(tail[-2500:])}",
             full_log=True,
         )
@@ -326,7 +326,7 @@ def lost(svc: Services, run: Run, exc: RunctlError) -> str:
     run.error = exc.info()
     train_lock(svc.redis, run.instance_id).release(run.lock_token)
     publish(svc, run)
-    lost_text = f":grey_question: lost track of run `{run.run_id}`: {exc.what}"
+    lost_text = f":grey_question: lost track of run {code(run.run_id)}: {exc.what}"
     if run.spot_notice:  # AWS took the instance before a poll saw the training exit
         lost_text = spot_report(run, f"then runctl lost track of it: {exc.what}")
     reply(svc, run, lost_text, full_log=run.started_at is not None)
@@ -347,7 +347,7 @@ def spot_report(run: Run, ended: str) -> str:
     notice = spot.describe(run.spot_notice)
     if run.checkpoint is None:
         return (
-            f":rotating_light: run `{run.run_id}`: spot interruption ({notice}): no checkpoint was saved, "
+            f":rotating_light: run {code(run.run_id)}: spot interruption ({notice}): no checkpoint was saved, "
             f"its progress is lost; the script needs a SIGTERM handler that saves. The training {ended}."
         )
     epoch = f"epoch {run.checkpoint.epoch}" if run.checkpoint.epoch is not None else code(run.checkpoint.name)
@@ -355,7 +355,7 @@ def spot_report(run: Run, ended: str) -> str:
     # Whole seconds on both sides (`date -r`): a checkpoint of an earlier second predates the signal.
     if signalled is not None and run.checkpoint.modified_at < signalled:
         return (
-            f":warning: run `{run.run_id}`: spot interruption ({notice}): no checkpoint after the signal; "
+            f":warning: run {code(run.run_id)}: spot interruption ({notice}): no checkpoint after the signal; "
             f"the newest is {epoch} ({code(run.checkpoint.name)}, saved before it), later progress is lost. "
             f"The training {ended}."
         )
@@ -367,6 +367,6 @@ def spot_report(run: Run, ended: str) -> str:
         f"then `/runctl resume {run.run_id} --on <instance-id>`."
     )
     return (
-        f":zap: run `{run.run_id}`: spot interruption: checkpoint {epoch} saved "
+        f":zap: run {code(run.run_id)}: spot interruption: checkpoint {epoch} saved "
         f"({code(run.checkpoint.name)}); the instance was told: {notice}. The training {ended}.{then}"
     )

@@ -5,7 +5,10 @@ instance (one SSM command per 50, `workers.remote.reconcile`) which runs it has 
 compares with Redis:
 
 - a live run Redis does not know is re-adopted: its record rebuilt from `meta.json`, its
-  train lock retaken, its monitoring resumed, and its thread told;
+  train lock retaken, its monitoring resumed, and its thread told. Only a `meta.json` the
+  bot signed (workers/state/records.py) for that run directory on that very instance is
+  adopted: an instance's word is evidence about its processes, never about who or where.
+  Anything else is ignored and audited once a day;
 - an ended run whose end was never reported, and a run Redis thinks is live that nobody
   follows, go back to the monitor, whose next poll reports the end (or the loss) once;
 - a train lock with no live run behind it is released.
@@ -16,6 +19,7 @@ the run's record, and an end is reported only by whoever claims it (`RunStore.cl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import secrets
@@ -23,13 +27,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from workers import audit
 from workers.errors import RunctlError, Throttled
 from workers.jobs import funnel, monitor
 from workers.remote.reconcile import Report, SeenRun, parse_report, runs_report
 from workers.services import Services, current
 from workers.slack.thread import reply
+from workers.state import records
 from workers.state.locks import Holder, op_lock, train_lock
-from workers.state.runs import Run, RunState
+from workers.state.runs import RUN_ID, Run, RunMeta, RunState
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,7 @@ CLAIM = "runctl:reconcile:claim"
 CLAIM_SECONDS = 600  # a pass that died frees the claim by then
 FLEET = "runctl:reconcile:fleet"  # the managed running instances, cached
 FLEET_SECONDS = 600
+IGNORED = "runctl:reconcile:ignored:"  # + instance + digest of the directory name: audited once a day
 MARKED = "runctl:reconcile:marked"  # zset: run id -> when its end was marked reported on its instance
 REPORT_WINDOW = timedelta(hours=24)  # an end older than this, never reported, is left alone
 BATCH = 50  # SendCommand targets at most 50 instances
@@ -152,24 +159,45 @@ def to_mark(svc: Services, batch: Iterable[str]) -> dict[str, list[str]]:
 
 def heal(svc: Services, iid: str, report: Report, tally: Tally) -> None:
     live: set[str] = set()
+    key = records.record_key(svc.settings)
     for seen in report.runs:
+        if not RUN_ID.fullmatch(seen.run_id):
+            ignore(svc, iid, seen.run_id, "not a runctl run id")
+            continue
         if seen.seen == "ended" and seen.ended_at and report.now and report.now - seen.ended_at > REPORT_WINDOW:
             continue
-        if seen.seen == "live":
-            live.add(seen.run_id)
         record = svc.runs.get(seen.run_id)
+        if record is not None and record.instance_id != iid:
+            continue  # another instance's run: this one's word is no evidence about it
         if record is None:
-            adopt(svc, iid, seen, tally)
+            if seen.meta is None or seen.seen == "starting":
+                continue  # its train job is still launching it (and will save its record)
+            try:
+                meta = records.verified_meta(key, seen.meta, seen.run_id, iid)
+            except records.Forged as forged:
+                ignore(svc, iid, seen.run_id, str(forged))
+                continue
+            adopt(svc, iid, seen, meta, tally)
         elif not record.state.ended:
             follow(svc, record, seen, tally)
+        if seen.seen == "live":
+            live.add(seen.run_id)
     release_stale_lock(svc, iid, live, tally)
 
 
-def adopt(svc: Services, iid: str, seen: SeenRun, tally: Tally) -> None:
-    """A run the instance has and Redis does not: rebuild it and hand it to the monitor."""
-    if seen.meta is None or seen.seen == "starting":
-        return  # its train job is still launching it (and will save its record)
-    run = seen.meta.rebuild(iid)
+def ignore(svc: Services, iid: str, name: str, why: str) -> None:
+    """A run directory the reconcile will not adopt: logged, and audited once a day."""
+    log.warning("reconcile: ignored run directory %r on %s: %s", name[:100], iid, why)
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    if svc.redis.set(f"{IGNORED}{iid}:{digest}", "1", nx=True, ex=86400):
+        outcome = f"reconcile: ignored run directory {name[:80]!a} on {iid}: {why}"
+        entry = audit.of(funnel.SYSTEM, "refused", outcome, instance=iid)
+        audit.record(svc.redis, svc.settings.RUNCTL_AUDIT_MAXLEN, entry)
+
+
+def adopt(svc: Services, iid: str, seen: SeenRun, meta: RunMeta, tally: Tally) -> None:
+    """A run the instance has and Redis does not: rebuild it from its signed meta and hand it to the monitor."""
+    run = meta.rebuild(iid)
     if not svc.runs.adopt(run):
         return  # another pass adopted it
     now = svc.clock()
@@ -193,7 +221,7 @@ def follow(svc: Services, run: Run, seen: SeenRun | None, tally: Tally, asked: b
             return  # not launched: the train job (or RQ's failure handling) answers for it
         # Its train job died after the launch; the instance has the run.
         run.state = RunState.RUNNING
-        run.started_at = run.started_at or (seen.meta.started_at if seen.meta else None) or svc.clock()
+        run.started_at = run.started_at or svc.clock()
         svc.runs.save(run)
     if monitor.followed(svc, run.run_id):
         return

@@ -25,7 +25,7 @@ from workers.settings import python_path
 from workers.slack.escape import code, escape
 from workers.slack.format import size
 from workers.slack.thread import open_run, publish, reply
-from workers.state import event_keys
+from workers.state import event_keys, records
 from workers.state.locks import Holder, operation, train_lock
 from workers.state.runs import Run, RunMeta, RunState
 
@@ -352,7 +352,7 @@ class TrainFlow:
             "RUNCTL_CHECKPOINT_INTERVAL": str(run.checkpoint_interval or 1),
             "PYTHONUNBUFFERED": "1",
         }
-        meta = RunMeta.of(run, self.svc.clock()).model_dump_json()
+        meta = records.signed_meta(records.record_key(self.svc.settings), RunMeta.of(run, self.svc.clock()))
         return remote.launch_body(
             run.run_id,
             run.script,

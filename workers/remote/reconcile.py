@@ -1,23 +1,19 @@
 """What an instance says about its runs, for the reconcile: one script for a whole batch
 of instances, and the parser of its output.
 
-Each run directory with a ``meta.json`` (written at launch) is reported unless its end
+Each run directory with a ``meta.json`` (written and signed at launch) is reported unless its end
 was already reported (``exit_code`` and the ``reported`` marker both there). The script
 first marks as reported the runs Redis has seen end, so later passes skip them.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
-from pydantic import ValidationError
-
 from workers.remote.core import SECTION, header, q
-from workers.state.runs import RunMeta
 
 META_CHARS = 1500
 
@@ -69,7 +65,7 @@ class SeenRun:
     seen: Seen
     exit_code: int | None = None
     ended_at: datetime | None = None
-    meta: RunMeta | None = None  # None when meta.json is unreadable
+    meta: str | None = None  # meta.json as printed: the instance's claim until verified (workers/state/records.py)
 
 
 @dataclass
@@ -100,7 +96,7 @@ def parse_report(output: str) -> Report:
                 run.ended_at = datetime.fromtimestamp(when, UTC) if when is not None else None
             report.runs.append(run)
         elif word == "meta" and report.runs and report.runs[-1].meta is None:
-            report.runs[-1].meta = _meta(rest, report.runs[-1].run_id)
+            report.runs[-1].meta = rest
     return report
 
 
@@ -109,12 +105,3 @@ def _int(text: str) -> int | None:
         return int(text)
     except ValueError:
         return None
-
-
-def _meta(text: str, run_id: str) -> RunMeta | None:
-    try:
-        data = json.loads(text)
-        meta = RunMeta.model_validate(data)
-    except (ValueError, ValidationError):
-        return None
-    return meta if meta.run_id == run_id else None  # a copied directory is not that run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import signal
 from collections.abc import Iterable, Sequence
@@ -15,6 +16,9 @@ from redis import Redis
 from workers.errors import ErrorInfo
 
 HISTORY = 50
+# runctl's run ids (new_run_id's, and tests' `r-…`). No `:`, so no id names another key
+# (`runctl:run:<id>` is a run's record and nothing else); nothing Slack or a shell reads specially.
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,79}")
 # How a run ended: it exited by itself, a stop/terminate (or --force) ended it, or it was lost.
 EndedBy = Literal["", "exit", "stop", "terminate", "force", "lost"]
 
@@ -139,9 +143,11 @@ class Run(BaseModel):
 
 class RunMeta(BaseModel):
     """What the instance keeps about a run in `runs/<id>/meta.json`: enough to rebuild its
-    record (and find its Slack thread) when Redis has lost it."""
+    record (and find its Slack thread) when Redis has lost it. The bot signs it
+    (workers/state/records.py); unsigned, it is only an instance's claim."""
 
     run_id: str
+    instance_id: str = ""  # the instance it was started on
     user: str
     channel: str = ""
     ts: str | None = None  # the parent message
@@ -153,12 +159,14 @@ class RunMeta(BaseModel):
     checkpoint_run_id: str | None = None
     wait: bool = True
     then: str = "keep"
+    sig: str = ""  # records.signed_meta's
 
     @classmethod
     def of(cls, run: Run, started_at: datetime) -> RunMeta:
         ck = run.checkpoint_run_id or run.run_id
         return cls(
             run_id=run.run_id,
+            instance_id=run.instance_id,
             user=run.user_id,
             channel=run.channel_id,
             ts=run.message_ts,
@@ -224,8 +232,9 @@ class RunStore:
 
     def claim_end(self, run_id: str) -> bool:
         """The one right to report a run's end: whoever sees it first (monitor tick, a second
-        worker's tick, the reconcile) reports it; the others stay quiet."""
-        return bool(self.redis.set(f"runctl:run:{run_id}:end", "1", nx=True, ex=30 * 86400))
+        worker's tick, the reconcile) reports it; the others stay quiet. Its key is outside
+        `runctl:run:`, so no run record can take it."""
+        return bool(self.redis.set(f"runctl:run-end:{run_id}", "1", nx=True, ex=30 * 86400))
 
     def get(self, run_id: str) -> Run | None:
         raw = self.redis.get(self._key(run_id))

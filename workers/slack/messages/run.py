@@ -96,7 +96,7 @@ def where(run: Run) -> str:
 
 
 def run_summary(run: Run) -> str:
-    return f"{run.state.value}: {code(run.script)} on {where(run)} ({run.run_id})"
+    return f"{run.state.value}: {code(run.script)} on {where(run)} ({escape(run.run_id)})"
 
 
 def run_blocks(run: Run, now: datetime | None = None) -> Message:
@@ -105,7 +105,7 @@ def run_blocks(run: Run, now: datetime | None = None) -> Message:
         f"{EMOJI[run.state]} *{run.state.value.capitalize()}* · {code(run.script)} on "
         f"{where(run)} · <@{run.user_id}>"
     )
-    details = [f"run `{run.run_id}`", f"ref {code(run.ref)}" + (f" @ `{run.sha[:10]}`" if run.sha else "")]
+    details = [f"run {code(run.run_id)}", f"ref {code(run.ref)}" + (f" @ `{run.sha[:10]}`" if run.sha else "")]
     final = run.state.ended
     if run.started_at and final:
         end = run.ended_at or now
