@@ -27,7 +27,7 @@ from workers.errors import (
     Throttled,
     WrongState,
 )
-from workers.slack.escape import code
+from workers.slack.escape import code, escape
 
 BOTO_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 8}, connect_timeout=5)
 # Buckets created since June 2020 refuse SigV2, which botocore still presigns with in some
@@ -58,7 +58,9 @@ class Instance:
 
     @property
     def label(self) -> str:
-        return f"{self.name} ({self.id})" if self.name else self.id
+        """Name and id as Slack text: the Name tag is untrusted (anyone who may tag the instance
+        wrote it), so it is escaped here, where every message takes it from."""
+        return f"{escape(self.name)} ({self.id})" if self.name else self.id
 
 
 # GetCommandInvocation's Status, as the SSM API reference lists it (delivery failures are in StatusDetails).
