@@ -16,6 +16,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from workers.aws import names
 from workers.cost import pricelist
 from workers.errors import (
     AgentOffline,
@@ -284,17 +285,19 @@ class Fleet:
         )
 
     def named(self, name: str) -> Instance:
-        """The managed instance whose `Name` tag is `name` (terminated ones aside); none, or
-        several, are refused with what to type instead (the nearest names, the candidates)."""
-        live = [i for i in self.iter_instances() if i.state not in ("terminated", "shutting-down")]
-        found = [i for i in live if i.name == name] or [i for i in live if i.name.lower() == name.lower()]
+        """The managed instance whose `Name` tag is `name` after case and Unicode folding
+        (terminated ones aside); none, or several, are refused with what to type instead (the
+        nearest names, the candidates). An exact match wins nothing over a folded one: either
+        could be the one meant, so both are candidates."""
+        live = [i for i in self.iter_instances() if i.state not in names.GONE]
+        found = names.answering(name, live)
         if len(found) == 1:
             return found[0]
         if found:
             listed = ", ".join(f"{i.label} `{i.state}`" for i in found[:10])
             raise InstanceNotFound(
                 f"{len(found)} instances runctl manages are named {code(name)}: {listed}.",
-                why="A name picks one instance only when it is unique.",
+                why=f"A name picks one instance only when it is unique ({names.HOW}).",
                 fix="Use the instance id.",
             )
         close = difflib.get_close_matches(name, sorted({i.name for i in live if i.name}), n=3, cutoff=0.6)

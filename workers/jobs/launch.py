@@ -13,7 +13,7 @@ from redis.exceptions import LockError
 from slack_sdk.errors import SlackApiError
 
 from workers import audit, policy
-from workers.aws import launcher
+from workers.aws import launcher, names
 from workers.aws.launcher import Held, Launcher, LaunchFile, Spec
 from workers.commands import Actor, LaunchCommand
 from workers.cost import fleetview
@@ -164,6 +164,8 @@ def check_caps(config: LaunchFile, now_held: Held, price: Quote, user_id: str) -
 def ask_to_launch(svc: Services, cmd: LaunchCommand, actor: Actor) -> str:
     config = launcher.load(svc.settings.RUNCTL_LAUNCH_FILE)
     spec = resolve(svc, config, cmd, actor)
+    names.refuse_taken(spec.name, svc.fleet.iter_instances(),
+                       "/runctl launch " + cmd.target + (" --spot" if cmd.spot else ""))
     price = quote(svc, config, spec)
     now = svc.clock()
     rows = fleetview.view(svc, now)
@@ -242,6 +244,7 @@ class LaunchClick(ConfirmClick):
                 fix=f"`{conf.command}` again in a minute.",
             )
         try:
+            names.refuse_taken(spec.name, svc.fleet.iter_instances(), conf.command)  # taken since the ask?
             check_caps(config, held(fleetview.view(svc, began), requester.user_id), quote(svc, config, spec),
                        requester.user_id)
             iid = run.run(config.template, spec, requester.user_id, conf.nonce, policy.scope(svc.settings))
