@@ -173,8 +173,9 @@ SPECS: dict[str, Spec] = {
                 Flag("grep", "grep", "str", "TEXT", help="only the lines holding TEXT (as typed, case-sensitive)"),
             ),
             build=c.LogsCommand,
-            details="Posted in the run's thread when asked in its channel, else only to you. "
-            "[Full log] on the run's messages attaches the whole file (gzipped above 4 MB).",
+            details="Posted in the run's thread when asked in its channel; elsewhere only its owner and admins "
+            "may read it, privately. [Full log] on the run's messages attaches the whole file (gzipped above "
+            "4 MB) in the run's thread: anyone in the run's channel, else its owner or an admin, may click it.",
         ),
         Spec(
             "backup",

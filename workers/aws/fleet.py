@@ -16,6 +16,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from workers.aws import names
 from workers.cost import pricelist
 from workers.errors import (
     AgentOffline,
@@ -27,7 +28,7 @@ from workers.errors import (
     Throttled,
     WrongState,
 )
-from workers.slack.escape import code
+from workers.slack.escape import code, escape
 
 BOTO_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 8}, connect_timeout=5)
 # Buckets created since June 2020 refuse SigV2, which botocore still presigns with in some
@@ -58,7 +59,9 @@ class Instance:
 
     @property
     def label(self) -> str:
-        return f"{self.name} ({self.id})" if self.name else self.id
+        """Name and id as Slack text: the Name tag is untrusted (anyone who may tag the instance
+        wrote it), so it is escaped here, where every message takes it from."""
+        return f"{escape(self.name)} ({self.id})" if self.name else self.id
 
 
 # GetCommandInvocation's Status, as the SSM API reference lists it (delivery failures are in StatusDetails).
@@ -282,17 +285,19 @@ class Fleet:
         )
 
     def named(self, name: str) -> Instance:
-        """The managed instance whose `Name` tag is `name` (terminated ones aside); none, or
-        several, are refused with what to type instead (the nearest names, the candidates)."""
-        live = [i for i in self.iter_instances() if i.state not in ("terminated", "shutting-down")]
-        found = [i for i in live if i.name == name] or [i for i in live if i.name.lower() == name.lower()]
+        """The managed instance whose `Name` tag is `name` after case and Unicode folding
+        (terminated ones aside); none, or several, are refused with what to type instead (the
+        nearest names, the candidates). An exact match wins nothing over a folded one: either
+        could be the one meant, so both are candidates."""
+        live = [i for i in self.iter_instances() if i.state not in names.GONE]
+        found = names.answering(name, live)
         if len(found) == 1:
             return found[0]
         if found:
             listed = ", ".join(f"{i.label} `{i.state}`" for i in found[:10])
             raise InstanceNotFound(
                 f"{len(found)} instances runctl manages are named {code(name)}: {listed}.",
-                why="A name picks one instance only when it is unique.",
+                why=f"A name picks one instance only when it is unique ({names.HOW}).",
                 fix="Use the instance id.",
             )
         close = difflib.get_close_matches(name, sorted({i.name for i in live if i.name}), n=3, cutoff=0.6)

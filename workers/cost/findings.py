@@ -9,7 +9,7 @@ from decimal import Decimal
 from workers.cost.fleetview import Row
 from workers.cost.pricing import format_usd
 from workers.settings import Settings
-from workers.slack.escape import code
+from workers.slack.escape import code, escape
 from workers.slack.format import duration
 from workers.state.runs import Run, RunState
 from workers.state.warnings import Kind
@@ -56,7 +56,7 @@ def _detail(row: Row) -> str:
 
 
 def _instance_findings(settings: Settings, row: Row, now: datetime) -> list[Finding]:
-    label = f"*{row.instance.name or row.id}* ({row.instance.type})"
+    label = f"*{escape(row.instance.name or row.id)}* ({row.instance.type})"
     found: list[Finding] = []
 
     def add(kind: Kind, headline: str, summary: str) -> None:

@@ -8,13 +8,13 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, time, timedelta
+from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 
 from slack_sdk.errors import SlackApiError
 from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, SectionBlock
 
-from workers import policy
+from workers import audit, policy
 from workers.cost import fleetview
 from workers.cost.fleetview import Row
 from workers.cost.pricing import cost_of, format_usd
@@ -124,10 +124,23 @@ def build(svc: Services, rows: list[Row], now: datetime) -> tuple[str, list[Bloc
     text, blocks = render(rows, yesterday, month, open_warnings, now, person_labels(svc, listed))
     people = sorted({p for s in daily for p, v in s.person.items() if v})
     names = person_labels(svc, people)
-    png = chart.spend_chart(
-        [d.date() for d in days], {p: [s.person.get(p, Decimal(0)) for s in daily] for p in people}, names
+    png = draw(
+        svc, [d.date() for d in days], {p: [s.person.get(p, Decimal(0)) for s in daily] for p in people}, names
     ) if people else None
     return text, blocks, png
+
+
+def draw(svc: Services, days: list[date], spend: dict[str, list[Decimal]], names: dict[str, str]) -> bytes | None:
+    """The chart, or None when it cannot be drawn: a chart never holds up the digest's text
+    (the failure is logged with its traceback and audited)."""
+    try:
+        return chart.spend_chart(days, spend, names)
+    except Exception as exc:
+        log.exception("digest chart not drawn; the digest is posted without it")
+        entry = audit.Record(user=funnel.SYSTEM.user_id, text="digest chart", decision="failed", source="worker",
+                             outcome=f"chart not drawn ({type(exc).__name__}); the digest was posted without it")
+        audit.record(svc.redis, svc.settings.RUNCTL_AUDIT_MAXLEN, entry)
+        return None
 
 
 def runs_since(svc: Services, since: datetime, now: datetime) -> dict[str, list[Run]]:

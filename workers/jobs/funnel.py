@@ -23,6 +23,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.models.blocks import Block
 
 from workers import audit, policy
+from workers.aws import names
 from workers.commands import INSTANCE_ID, Actor, Command
 from workers.errors import InstanceError, RunctlError
 from workers.services import Services, current
@@ -142,7 +143,7 @@ def command(model: type[C]) -> Callable[[Callable[..., str]], Entry]:
 
             def run() -> str:
                 nonlocal cmd
-                cmd = by_id(svc, cmd)
+                cmd = by_id(job, cmd)
                 job.instance_id = getattr(cmd, "instance_id", None) or ""
                 needed = policy.actions(cmd)
                 # The owner's tag costs an EC2 call: read it only when the policy asks for an owner.
@@ -158,12 +159,16 @@ def command(model: type[C]) -> Callable[[Callable[..., str]], Entry]:
     return wrap
 
 
-def by_id(svc: Services, cmd: C) -> C:
-    """The command with an instance typed by name (its `Name` tag) resolved to the id."""
+def by_id(job: Job, cmd: C) -> C:
+    """The command with an instance typed by name (its `Name` tag) resolved to the id; the
+    actor hears when the name matched only after folding case or Unicode form."""
     typed = getattr(cmd, "instance_id", None)
     if not typed or INSTANCE_ID.fullmatch(typed):
         return cmd
-    return cmd.model_copy(update={"instance_id": svc.fleet.named(typed).id})
+    inst = job.svc.fleet.named(typed)
+    if inst.name != typed:
+        job.tell(names.matched_note(typed, inst))
+    return cmd.model_copy(update={"instance_id": inst.id})
 
 
 def click(what: str, actor_at: int, *actions: str) -> Callable[[Callable[..., str]], Entry]:

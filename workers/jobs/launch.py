@@ -10,7 +10,7 @@ from decimal import Decimal
 from slack_sdk.errors import SlackApiError
 
 from workers import audit, policy
-from workers.aws import launcher
+from workers.aws import launcher, names
 from workers.aws.launcher import Launcher, LaunchFile, Spec
 from workers.commands import Actor, LaunchCommand
 from workers.cost import disk, fleetview
@@ -104,6 +104,8 @@ def launch_ask(svc: Services, config: LaunchFile, spec: Spec, price: Quote, user
 def ask_to_launch(svc: Services, cmd: LaunchCommand, actor: Actor) -> str:
     config = launcher.load(svc.settings.RUNCTL_LAUNCH_FILE)
     spec = resolve(svc, config, cmd, actor)
+    names.refuse_taken(spec.name, svc.fleet.iter_instances(),
+                       "/runctl launch " + cmd.target + (" --spot" if cmd.spot else ""))
     price = quote(svc, config, spec)
     now = svc.clock()
     rows = fleetview.view(svc, now)
@@ -175,6 +177,7 @@ class LaunchClick(ConfirmClick):
         run = Launcher(svc.fleet)
         ask = launch_ask(svc, config, spec, quote(svc, config, spec), requester.user_id, spec.preset)
         with caps.admit(svc, config, ask):
+            names.refuse_taken(spec.name, svc.fleet.iter_instances(), conf.command)  # taken since the ask?
             iid = run.run(config.template, spec, requester.user_id, conf.nonce, policy.scope(svc.settings))
         self.job.instance_id = iid
         self.record(conf, "launched", iid)

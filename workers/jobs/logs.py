@@ -1,6 +1,7 @@
 """`/runctl logs <instance-id> [--run RUN_ID] [--lines N] [--grep TEXT]`: the tail of a
 run's training.log in a code block, in the run's thread when asked in its channel, else
-privately; and [Full log]: the whole file attached in the run's thread.
+privately; and [Full log]: the whole file attached in the run's thread. Who may read which
+run's log: `log_access`.
 
 The whole file does not fit SSM's 24,000 characters of output, so the instance PUTs it to
 a presigned S3 URL (it has no credentials), the worker fetches it, deletes the object and
@@ -19,7 +20,7 @@ from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, Sec
 from workers.aws.fleet import PRESIGN_MARGIN_SECONDS, Instance
 from workers.commands import LogsCommand
 from workers.errors import RemoteError, RunctlError
-from workers.jobs import funnel
+from workers.jobs import funnel, log_access
 from workers.jobs.funnel import Job
 from workers.jobs.preflight import Refusals, require_running
 from workers.redact import redact
@@ -68,6 +69,8 @@ def logs(job: Job, cmd: LogsCommand) -> str:
             f"Run {code(run.run_id)} ran on `{run.instance_id}`, not `{cmd.instance_id}`.",
             fix=f"/runctl logs {run.instance_id} --run {run.run_id}",
         )
+    if run is not None or cmd.run_id:  # before anything is read
+        log_access.check(svc.settings, job.actor, run, cmd.run_id or "", cmd.instance_id)
     inst = reachable(svc, cmd.instance_id, "read its logs")
     asked = run.run_id if run is not None else cmd.run_id
     script = tail_script(svc.settings.RUNCTL_REMOTE_ROOT, asked, cmd.lines, cmd.grep)
@@ -77,6 +80,8 @@ def logs(job: Job, cmd: LogsCommand) -> str:
     tail = parse_tail(result.stdout)
     if run is None and tail.run_id:
         run = svc.runs.get(tail.run_id)
+    if tail.run_id:  # the run the instance answered for, when none was asked for
+        log_access.check(svc.settings, job.actor, run, tail.run_id, cmd.instance_id)
     if run is not None and run.message_ts and run.channel_id == job.actor.channel_id:
         job.thread_ts = run.message_ts  # in the run's thread; asked elsewhere, privately
     messages = tail_messages(inst, cmd, tail, run)
@@ -141,6 +146,7 @@ def full_log(job: Job, run_id: str) -> str:
     if run is None:
         raise RunctlError(f"runctl no longer knows run {code(run_id)}.", fix="/runctl resources")
     job.instance_id = run.instance_id
+    log_access.check(svc.settings, job.actor, run, run.run_id, run.instance_id)
     if run.message_ts and run.channel_id == job.actor.channel_id:
         job.thread_ts = run.message_ts
     inst = reachable(svc, run.instance_id, f"fetch the {LOG_NAME} of run {run.run_id}")

@@ -12,6 +12,15 @@ from datetime import date
 from decimal import Decimal
 
 MAX_PEOPLE = 8  # the rest share one "others" bar segment
+ZERO_WIDTH = "\u200b"  # in DejaVu Sans, matplotlib's default font: nothing shows
+
+
+def literal(text: str) -> str:
+    """Untrusted text (a Slack display name) as matplotlib shows it, unparsed: every `$`
+    escaped, so no mathtext is parsed (`$\\x$` raised ValueError and stopped the digest),
+    and a leading `_` behind a zero-width space (matplotlib leaves such labels out of a legend)."""
+    shown = text.replace("$", r"\$")
+    return ZERO_WIDTH + shown if shown.startswith("_") else shown
 
 
 def spend_chart(
@@ -41,7 +50,7 @@ def spend_chart(
     ticks = [f"{d:%a %d}" for d in days]
     bottom = [0.0] * len(days)
     for name, values in series:
-        axes.bar(ticks, values, bottom=bottom, label=name)
+        axes.bar(ticks, values, bottom=bottom, label=literal(name))
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     for x, total in enumerate(bottom):  # the day's total above its bar
         if total > 0:
