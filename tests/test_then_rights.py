@@ -78,6 +78,20 @@ def test_then_terminate_and_then_stop_are_refused_privately_to_who_may_not(
     assert [e.decision for e in refusals] == ["refused", "refused"]
 
 
+def test_the_worker_refuses_it_when_only_the_owner_tag_tells(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    iid = fleet_seed.instances["cpu-box"]
+    svc.fleet.ec2.create_tags(Resources=[iid], Tags=[{"Key": "runctl:user", "Value": BOB}])  # no run: the tag tells
+    body = send(svc, slack, worker, f"train {iid} {SCRIPT} --then stop -- {FAST}", MALLORY)
+    assert "Queued run" in str(body.get("text")), body  # the front door reads no EC2 tags
+    told = "\n".join(m.text for m in slack.ephemerals(MALLORY))
+    assert f"You can't train on `{iid}` with `--then stop`" in told and f"the owner (<@{BOB}>)" in told, told
+    assert "`--then keep`" in told
+    assert svc.fleet.get(iid).state == "running" and svc.runs.latest(iid) is None
+    assert not [m for m in slack.messages(CHANNEL) if MALLORY in m.text]
+
+
 def test_a_default_then_from_runctl_then_needs_the_right_too(
     svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker
 ) -> None:
