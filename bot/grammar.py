@@ -567,8 +567,9 @@ def help_text(topic: str | None = None) -> str:
         return "\n".join(lines + [f"• `{_flag_usage(f)}`: {f.help}" for f in spec.flags])
     lines = ["*runctl* — run and watch training jobs on EC2 from Slack."]
     lines += [f"• `{s.usage}`\n    {s.summary}" for s in SPECS.values()]
-    lines.append("*Who may click each button* (the policy file can give each `action` to other roles; "
-                 "the owner is the live run's user, else the last started run's, else the `runctl:user` tag):")
+    lines.append("*Who may click each button* (by default; a policy file's `[commands]` can give `stop`, "
+                 "`terminate`, `launch`, `autostop`, `train` and `logs` to other roles. The owner is the live run's "
+                 "user, else the last started run's, else the `runctl:user` tag):")
     lines += [f"• {text}" for text in BUTTON_HELP.values()]
     return "\n".join(lines)
 
