@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from workers import commands as c
 from workers.errors import UsageError
 from workers.slack.escape import code
+from workers.slack.ids import ActionId
 
 MAX_TEXT = 4000
 MAX_ARGS = 100
@@ -89,7 +90,8 @@ SPECS: dict[str, Spec] = {
                 _switch("no-deps", "deps", False, help="do not install the requirements file"),
                 _switch("rebuild-env", "rebuild_env", help="build the run's environment again instead of reusing it"),
                 Flag("then", "then", "str", "stop|terminate|keep", choices=("stop", "terminate", "keep"),
-                    help="what happens to the instance when the run ends, however it ends (default RUNCTL_THEN)"),
+                    help="what happens to the instance when the run ends, however it ends (default RUNCTL_THEN); "
+                    "needs your right to `stop` or `terminate` it, now and when the run ends"),
                 _switch("backup", "backup", help="copy each new checkpoint to S3 as it appears (by sha256, once)"),
                 _switch("auto-resume", "auto_resume",
                         help="on a spot interruption, continue on a replacement from the same preset"),
@@ -99,7 +101,9 @@ SPECS: dict[str, Spec] = {
             details="Everything after `--` goes to the script verbatim. One training per "
             "instance: a live run blocks a new one unless `--force` (which stops it gracefully "
             "first). `--wait` (default) follows the run in the message thread. `--then stop` (or "
-            "`terminate`) stops the instance when the run ends, however it ends.",
+            "`terminate`) stops the instance when the run ends, however it ends; it needs the right to "
+            "`stop` (or `terminate`) that instance, checked when you send it and again when the run ends "
+            "(refused then: the instance keeps running and the thread says who may stop it).",
         ),
         Spec(
             "status",
@@ -533,6 +537,29 @@ def _check_dashes(spec: Spec, tokens: list[str]) -> None:
     raise UsageError(what, usage=spec.usage, suggestion=suggestion)
 
 
+# Who may click each button: its policy action (CLICK_TIERS, bot/middleware.py) and against whom.
+# "the owner": of the live run, else the last run that started, else the `runctl:user` tag.
+BUTTON_HELP: dict[ActionId, str] = {
+    ActionId.TERMINATE_CONFIRM: "[Terminate]: whoever asked, or an admin; with `terminate` (admins by default)",
+    ActionId.TERMINATE_NO_BACKUP: "[Terminate without backup]: the same as [Terminate] (`terminate`)",
+    ActionId.TERMINATE_STOP_INSTEAD: "[Stop instead]: whoever asked, or an admin; with `stop` on the instance "
+    "(its owner or admins by default)",
+    ActionId.TERMINATE_CANCEL: "[Cancel] on a terminate: whoever asked, or an admin (`terminate`)",
+    ActionId.LAUNCH_CONFIRM: "[Launch]: whoever asked, or an admin; with `launch` (everyone by default, "
+    "within the caps)",
+    ActionId.LAUNCH_CANCEL: "[Cancel] on a launch: whoever asked, or an admin (`launch`)",
+    ActionId.TRAIN_ON_IT: "[Train on it]: anyone with `train`; it only shows the command to send",
+    ActionId.RESUME_TRAINING: "[Resume training]: the stopped run's owner or an admin (`resume`), with `train`",
+    ActionId.FULL_LOG: "[Full log]: anyone with `logs` (everyone by default)",
+    ActionId.AUTOSTOP_KEEP: "[Keep running 1h] on an autostop heads-up: the instance's owner or an admin "
+    "(`autostop`)",
+    ActionId.AUTOSTOP_STOP_NOW: "[Stop now] on an autostop heads-up: the instance's owner or an admin (`stop`)",
+    ActionId.WARN_STOP_NOW: "[Stop now] on a cost or uptime warning: the instance's owner or an admin (`stop`)",
+    ActionId.WARN_SNOOZE: "[Snooze 24h] on a warning: the instance's owner or an admin (`snooze`)",
+    ActionId.WARN_KEEP: "[Keep running] on a warning: the instance's owner or an admin (`keep`)",
+}
+
+
 def help_text(topic: str | None = None) -> str:
     if topic:
         spec = SPECS[topic]
@@ -542,6 +569,10 @@ def help_text(topic: str | None = None) -> str:
         return "\n".join(lines + [f"• `{_flag_usage(f)}`: {f.help}" for f in spec.flags])
     lines = ["*runctl* — run and watch training jobs on EC2 from Slack."]
     lines += [f"• `{s.usage}`\n    {s.summary}" for s in SPECS.values()]
+    lines.append("*Who may click each button* (by default; a policy file's `[commands]` can give `stop`, "
+                 "`terminate`, `launch`, `autostop`, `train` and `logs` to other roles. The owner is the live run's "
+                 "user, else the last started run's, else the `runctl:user` tag):")
+    lines += [f"• {text}" for text in BUTTON_HELP.values()]
     return "\n".join(lines)
 
 

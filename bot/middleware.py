@@ -32,21 +32,22 @@ log = logging.getLogger(__name__)
 Next = Callable[[], None]
 Reply = BoltResponse | None
 
-# The policy action a click needs before its handler runs; the handler adds the
-# owner/requester check it alone can make. None: the handler decides alone.
-CLICK_TIERS: dict[str, str | None] = {
+# The policy action every button needs, checked here before its handler runs; the handler
+# (and the worker, again) checks it against the owner of what was clicked, or the requester
+# of what it answers. Every ActionId has one (tests/test_policy.py); `/runctl help` says the same.
+CLICK_TIERS: dict[ActionId, str] = {
     ActionId.TERMINATE_CONFIRM: "terminate",
     ActionId.TERMINATE_STOP_INSTEAD: "stop",
-    ActionId.TERMINATE_CANCEL: None,
+    ActionId.TERMINATE_CANCEL: "terminate",  # answering a terminate confirmation is a terminate decision
     ActionId.TERMINATE_NO_BACKUP: "terminate",
-    ActionId.RESUME_TRAINING: "train",
+    ActionId.RESUME_TRAINING: "train",  # and `resume` against the stopped run's owner
     ActionId.WARN_STOP_NOW: "stop",
-    ActionId.WARN_SNOOZE: None,
-    ActionId.WARN_KEEP: None,
+    ActionId.WARN_SNOOZE: "snooze",
+    ActionId.WARN_KEEP: "keep",
     ActionId.LAUNCH_CONFIRM: "launch",
-    ActionId.LAUNCH_CANCEL: None,
-    ActionId.TRAIN_ON_IT: "train",
-    ActionId.AUTOSTOP_KEEP: None,
+    ActionId.LAUNCH_CANCEL: "launch",
+    ActionId.TRAIN_ON_IT: "train",  # it only shows a command to copy
+    ActionId.AUTOSTOP_KEEP: "autostop",  # postpones the owner's autostop: the autostop command's right
     ActionId.AUTOSTOP_STOP_NOW: "stop",
     ActionId.FULL_LOG: "logs",
 }
@@ -67,7 +68,7 @@ def admit_command(ack: Ack, body: dict[str, Any], request: BoltRequest, context:
     needed: list[str] = []
     try:
         command = parse(body.get("text", ""))
-        needed = policy.actions(command)
+        needed = policy.actions(command, settings.RUNCTL_THEN)
         if needed:
             policy.check_channel(settings, body.get("channel_id", ""))
     except UsageError as exc:
@@ -92,9 +93,8 @@ def admit_command(ack: Ack, body: dict[str, Any], request: BoltRequest, context:
         try:
             if refusal is None and command is not None:
                 owner = policy.owner_of(redis, command) if needed else None
-                for action in needed:
-                    # No run on the instance: only its EC2 tag can tell the owner, and the worker reads it.
-                    policy.check(settings, user, action, owner, defer_owner=owner is None)
+                # No run on the instance: only its EC2 tag can tell the owner, and the worker reads it.
+                policy.check_command(settings, user, command, owner, defer_owner=owner is None)
         except RunctlError as exc:
             refusal = exc
         if refusal is not None:
@@ -127,7 +127,8 @@ def gate_click(
     actions = body.get("actions") or []
     if body.get("type") == "block_actions" and actions:
         action_id = str(actions[0].get("action_id", ""))
-        label, tier, key = f"click {action_id}", CLICK_TIERS.get(action_id), guards.request_key(body, "")
+        label, key = f"click {action_id}", guards.request_key(body, "")
+        tier: str | None = {a.value: t for a, t in CLICK_TIERS.items()}.get(action_id)  # None: no such button
     elif body.get("type") == "view_submission":
         # The handler alone knows what the modal is about, so it makes the policy check.
         view = body.get("view") or {}

@@ -15,7 +15,7 @@ from bot.app import build_app
 from workers.commands import Actor, TrainCommand
 from workers.jobs.funnel import Job
 from workers.jobs.train import TrainFlow, new_run
-from workers.sandbox.aws import SeedInfo
+from workers.sandbox.aws import Sandbox, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
 from workers.sandbox.inline import InlineWorker
 from workers.services import Services
@@ -25,10 +25,10 @@ from workers.state.runs import Checkpoint, Run, RunState
 
 from .conftest import TOKEN
 from .slack import click, command
-from .test_lifecycle import as_dict, dispatch, posted
+from .test_lifecycle import SLOW, as_dict, dispatch, posted, train_on, wait_for_epoch
 
 CHANNEL = "C0TRAIN"
-ALICE, BOB, ADMIN = "U0ALICE", "U0BOB", "U0ADMIN"
+ALICE, BOB, ADMIN, MALLORY = "U0ALICE", "U0BOB", "U0ADMIN", "U0MALLORY"
 
 
 def slash(svc: Services, slack: FakeSlack, worker: InlineWorker, text: str, user: str) -> str:
@@ -132,3 +132,38 @@ def test_resume_is_the_stopped_runs_owners_or_an_admins(
     assert "You can't `resume`" in told(slack, BOB) and f"<@{ALICE}>" in told(slack, BOB)
     assert [r.run_id for r in svc.runs.history(iid)] == ["r-own-stopped"]  # nothing was resumed
     assert svc.redis.get("runctl:resume:r-own-stopped") is None  # and the button still works for her
+
+
+# --- a refused train owns nothing and hides nothing (issue 23 J, issue 31 item 6) ---------------
+
+
+def test_a_train_refused_in_pre_flight_does_not_make_its_requester_the_owner(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    iid = fleet_seed.instances["old-box"]  # stopped; no run and no tag: nobody owns it
+    slash(svc, slack, worker, f"train {iid} train_with_checkpoints.py", MALLORY)
+    assert "is stopped" in told(slack, MALLORY)
+    refused = slash(svc, slack, worker, f"start {iid} --no-wait", MALLORY)
+    said = refused + told(slack, MALLORY)
+    assert "You can't `start`" in said and "the owner (it has none" in said, said
+    assert svc.fleet.get(iid).state == "stopped"
+
+
+def test_a_refused_train_does_not_hide_the_last_real_runs_resume_offer(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, sandbox: Sandbox, worker: InlineWorker
+) -> None:
+    iid = fleet_seed.instances["gpu-box-1"]
+    alices = train_on(iid, *SLOW, run_id="r-own-real")
+    wait_for_epoch(sandbox, iid, alices, 1)
+    slash(svc, slack, worker, f"stop {iid}", ALICE)  # checkpoint on SIGTERM, instance stopped
+    assert svc.fleet.get(iid).state == "stopped"
+
+    slash(svc, slack, worker, f"train {iid} train_with_checkpoints.py", MALLORY)  # refused: it is stopped
+    assert "is stopped" in told(slack, MALLORY)
+
+    slash(svc, slack, worker, f"status {iid}", ALICE)
+    assert f"Last: `{alices}` stopped" in told(slack, ALICE), told(slack, ALICE)
+    slash(svc, slack, worker, f"start {iid}", ALICE)
+    report = posted(slack, "started *gpu-box-1")
+    resume = [e for b in report.blocks if b.get("type") == "actions" for e in b["elements"]]
+    assert [(e["action_id"], e["value"]) for e in resume] == [(ActionId.RESUME_TRAINING, alices)], report.blocks

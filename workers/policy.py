@@ -39,7 +39,7 @@ from workers.commands import Actor
 from workers.errors import ConfigError, PermissionDenied
 from workers.settings import Settings
 from workers.slack import usergroups
-from workers.state.runs import Run, RunStore
+from workers.state.runs import Run, RunState, RunStore
 
 log = logging.getLogger(__name__)
 
@@ -273,8 +273,9 @@ def check_channel(settings: Settings, channel_id: str) -> None:
         )
 
 
-def actions(command: commands.Command) -> list[str]:
-    """The policy actions a command needs: its own, plus `force` when it asks for it."""
+def actions(command: commands.Command, default_then: str = "keep") -> list[str]:
+    """The policy actions a command needs: its own, plus `force` when it asks for it, plus
+    what its consequences need (a train's `--then stop|terminate`, RUNCTL_THEN when not given)."""
     if isinstance(command, commands.HelpCommand):
         return []
     if isinstance(command, commands.ResumeCommand):
@@ -282,17 +283,68 @@ def actions(command: commands.Command) -> list[str]:
     needed: list[str] = [command.name]
     if getattr(command, "force", False):
         needed.append("force")
+    then = consequence(command, default_then)
+    if then is not None:
+        needed.append(then)
     return needed
+
+
+def consequence(command: commands.Command, default_then: str = "keep") -> str | None:
+    """What a train does to its instance when the run ends, when that is an action of its own."""
+    if not isinstance(command, commands.TrainCommand):
+        return None
+    then = command.then or default_then
+    return then if then in ("stop", "terminate") else None
+
+
+def check_command(
+    settings: Settings, user_id: str, command: commands.Command, owner_id: str | None = None,
+    *, defer_owner: bool = False,
+) -> None:
+    """Every action `command` needs (`actions`); a refused `--then` says how to train without it."""
+    then = consequence(command, settings.RUNCTL_THEN)
+    for action in actions(command, settings.RUNCTL_THEN):
+        whose = owner_id
+        if action == then and owner_id is None and not defer_owner:
+            whose = user_id  # nobody owns it: the run makes its requester the owner before `--then` acts
+        try:
+            check(settings, user_id, action, whose, defer_owner=defer_owner)
+        except PermissionDenied as exc:
+            if action != then:
+                raise
+            iid = getattr(command, "instance_id", "")
+            given = "" if getattr(command, "then", None) else f" (RUNCTL_THEN is `{then}` here)"
+            raise PermissionDenied(
+                f"You can't train on `{iid}` with `--then {then}`{given}: when the run ends it would `{then}` "
+                f"the instance, and `{then}` needs {_describe(load(settings).roles_for(then), whose)}.",
+                why=exc.why,
+                fix=f"Send the command again with `--then keep` (the instance keeps running after the run), "
+                f"or ask {'its owner or ' if OWNER in load(settings).roles_for(then) else ''}an admin "
+                f"to `/runctl {then} {iid}` when it is done.",
+            ) from None
+
+
+def recheck_command(settings: Settings, actor: Actor, command: commands.Command, owner_id: str | None) -> None:
+    """The worker's check of a queued command just before it runs: channel, then `check_command`."""
+    if actor.channel_id:
+        check_channel(settings, actor.channel_id)
+    check_command(settings, actor.user_id, command, owner_id)
+
+
+def who_may(settings: Settings, action: str, owner_id: str | None) -> str:
+    """Who may do `action` to what `owner_id` owns, in words, admins named."""
+    admin_ids = _mentions(admins(settings)) or "none yet"
+    return f"{_describe(_safe_policy(settings).roles_for(action), owner_id)} (admins: {admin_ids})"
 
 
 def owner(live: Run | None, history: Iterable[Run], tags: Mapping[str, str] | None) -> str | None:
     """The owner rule: who started the live run, else the last run (newest first in
-    `history`; one that took the train lock), else the `runctl:user` tag, else nobody
-    (None: admins only)."""
+    `history`; one that took the train lock, never one refused in pre-flight), else the
+    `runctl:user` tag, else nobody (None: admins only)."""
     if live is not None:
         return live.user_id
     for run in history:
-        if run.lock_token or run.started_at:
+        if run.state is not RunState.REFUSED and (run.lock_token or run.started_at):
             return run.user_id
     return (tags or {}).get(OWNER_TAG) or None
 

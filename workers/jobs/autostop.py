@@ -6,14 +6,15 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
-from workers import audit, remote
+from workers import audit, policy, remote
 from workers.aws.fleet import Instance
 from workers.aws.launcher import OWNER_TAG
 from workers.commands import Actor, AutostopCommand
 from workers.cost.fleetview import Row
 from workers.cost.pricing import format_rate, hourly_price, load_price_book
-from workers.errors import RunctlError
+from workers.errors import PermissionDenied, RunctlError
 from workers.jobs import funnel
 from workers.jobs.funnel import SYSTEM, Job
 from workers.jobs.lifecycle import STOPPED_WAIT_SECONDS, TERMINATED_WAIT_SECONDS, answer, holder, stop_flow
@@ -47,15 +48,20 @@ def saving(svc: Services, inst: Instance) -> str:
     return f"saves ${format_rate(rate)}/h" if rate is not None else "saves its hourly price (unknown)"
 
 
-def _idle_stop(svc: Services, iid: str, how: str) -> tuple[Instance | None, str]:
-    """Stop (or terminate) iid unless anything trains on it; (instance, why not) when it did not."""
-    with operation(svc.redis, iid, holder(svc, SYSTEM, how)):
+def _idle_stop(svc: Services, iid: str, how: str, actor: Actor = SYSTEM) -> tuple[Instance | None, str]:
+    """Stop (or terminate) iid unless anything trains on it; (instance, why not) when it did not.
+    For a person's deferred action (`actor`), their right to `how` it now, against its owner now,
+    or PermissionDenied."""
+    with operation(svc.redis, iid, holder(svc, actor, how)):
         inst = svc.fleet.get(iid)
         if inst.state != "running":
             return None, f"it is `{inst.state}`"
         live = svc.runs.live_on(iid)
         if live is not None or train_lock(svc.redis, iid).holder() is not None:
             return None, f"run `{live.run_id}` is live on it" if live else "a training is starting on it"
+        if actor is not SYSTEM:
+            owner = policy.instance_owner(svc.redis, iid, lambda _: inst.tags)
+            policy.recheck(svc.settings, actor, how, owner_id=owner)
         # The pid files on the instance are the truth: a run runctl lost track of still counts.
         probe = svc.fleet.run(iid, remote.probe_live_runs(svc.settings.RUNCTL_REMOTE_ROOT))
         alive = [line.split()[1] for line in probe.stdout.splitlines() if line.startswith("live ")]
@@ -77,20 +83,26 @@ def _idle_stop(svc: Services, iid: str, how: str) -> tuple[Instance | None, str]
 
 
 def after_run(svc: Services, run: Run) -> None:
-    """The monitor calls this once a run has ended, however it ended."""
+    """The monitor calls this once a run has ended, however it ended: `--then` acts for the
+    run's requester, with the rights they have when it fires."""
     if run.then in ("stop", "terminate"):
-        svc.queue.enqueue(JobPath.THEN.value, run.run_id, job_timeout=1800)
+        requester = Actor(user_id=run.user_id, channel_id=run.channel_id)
+        svc.queue.enqueue(JobPath.THEN.value, run.run_id, requester.model_dump(mode="json"), job_timeout=1800)
 
 
 @funnel.system("train --then")
-def then(run_id: str) -> str:
+def then(run_id: str, raw_actor: dict[str, Any] | None = None) -> str:
     svc = current()
     run = svc.runs.get(run_id)
     if run is None:
         return "unknown run"
+    requester = funnel.actor_of(raw_actor) if raw_actor else Actor(user_id=run.user_id, channel_id=run.channel_id)
     try:
-        cost = saving(svc, svc.fleet.get(run.instance_id))
-        inst, why_not = _idle_stop(svc, run.instance_id, run.then)
+        before = svc.fleet.get(run.instance_id)
+        cost = saving(svc, before)
+        inst, why_not = _idle_stop(svc, run.instance_id, run.then, requester)
+    except PermissionDenied as exc:
+        return _revoked(svc, run, requester, before, exc)
     except RunctlError as exc:
         _reply(svc, run, f":warning: `--then {run.then}`: {run.instance_id} was left running: {exc.what}")
         return exc.what
@@ -103,9 +115,21 @@ def then(run_id: str) -> str:
     text = (f":double_vertical_bar: Run `{run.run_id}` ended, so *{inst.label}* was {verb} "
             f"(`--then {run.then}`): {cost}.{back}")
     _reply(svc, run, text)
-    actor = Actor(user_id=run.user_id, channel_id=run.channel_id)
     audit.record(svc.redis, svc.settings.RUNCTL_AUDIT_MAXLEN,
-                 audit.of(actor, "allowed", f"{verb} after the run (--then {run.then})", run.run_id, inst.id))
+                 audit.of(requester, "allowed", f"{verb} after the run (--then {run.then})", run.run_id, inst.id))
+    return text
+
+
+def _revoked(svc: Services, run: Run, requester: Actor, inst: Instance, exc: PermissionDenied) -> str:
+    """`--then` refused when it fired: the instance keeps running; the thread says why and who may stop it."""
+    owner = policy.instance_owner(svc.redis, inst.id, lambda _: inst.tags)
+    text = (f":information_source: `--then {run.then}`: *{inst.label}* was left running: the policy no longer "
+            f"lets you `{run.then}` it. {exc.what} Who may stop it: {policy.who_may(svc.settings, 'stop', owner)}, "
+            f"with `/runctl stop {inst.id}`.")
+    _reply(svc, run, text)
+    audit.record(svc.redis, svc.settings.RUNCTL_AUDIT_MAXLEN,
+                 audit.of(requester, "refused", f"--then {run.then} when the run ended: {exc.what}", run.run_id,
+                          inst.id))
     return text
 
 
@@ -274,11 +298,13 @@ def stop_idle(instance_id: str) -> str:
 # --- the heads-up's buttons -------------------------------------------------------
 
 
-@funnel.click("click keep running 1h", 1)
+@funnel.click("click keep running 1h", 1, "autostop")
 def keep(job: Job, instance_id: str, message_ts: str) -> str:
-    """[Keep running 1h] on an autostop heads-up (`keep(instance_id, actor, message_ts)`)."""
+    """[Keep running 1h] on an autostop heads-up (`keep(instance_id, actor, message_ts)`): it changes
+    the instance's autostop, so it needs `autostop` against the instance's owner, as the command does."""
     svc, actor = job.svc, job.actor
     job.instance_id = instance_id
+    job.allow("autostop", owner_id=policy.instance_owner(svc.redis, instance_id, lambda i: svc.fleet.get(i).tags))
     store = AutostopStore(svc.redis)
     setting = store.get(instance_id)
     if setting is None:

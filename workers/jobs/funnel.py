@@ -145,10 +145,10 @@ def command(model: type[C]) -> Callable[[Callable[..., str]], Entry]:
                 nonlocal cmd
                 cmd = by_id(job, cmd)
                 job.instance_id = getattr(cmd, "instance_id", None) or ""
-                needed = policy.actions(cmd)
+                needed = policy.actions(cmd, svc.settings.RUNCTL_THEN)
                 # The owner's tag costs an EC2 call: read it only when the policy asks for an owner.
                 tags = (lambda iid: svc.fleet.get(iid).tags) if policy.needs_owner(svc.settings, needed) else None
-                job.allow(*needed, owner_id=policy.owner_of(svc.redis, cmd, tags=tags))
+                policy.recheck_command(svc.settings, actor, cmd, policy.owner_of(svc.redis, cmd, tags=tags))
                 return str(flow(job, cmd, *extra))
 
             return settle(job, run)

@@ -86,15 +86,16 @@ class TrainFlow:
         run = self.run
         run.state = RunState.STARTING
         try:
-            # Pre-flight: the code, the lock, the instance. A failure here is told to the
+            # Pre-flight: the code, the instance, the lock. A failure here is told to the
             # requester alone (no parent message yet: the channel sees runs, not typos).
             source = self.check_code()
-            other = self.claim()
             # The operation lock keeps a stop, start or terminate of this instance from
             # interleaving with the launch (a stop could power off under a fresh run).
             doing = Holder(run_id=run.run_id, user_id=run.user_id, script=run.script, since=self.svc.clock())
             with operation(self.svc.redis, run.instance_id, doing):
+                # The instance before the lock: a run refused here never held it, so it never owned the instance.
                 inst = self.check_instance()
+                other = self.claim()
                 self.run.instance_name = inst.name
                 self.run.python = self.interpreter(inst)
                 # Passed: the one public parent, before anything touches the instance

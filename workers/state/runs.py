@@ -216,8 +216,9 @@ class RunStore:
     def create(self, run: Run) -> Run:
         pipe = self.redis.pipeline()
         pipe.set(self._key(run.run_id), run.model_dump_json())
-        pipe.lpush(f"runctl:runs:instance:{run.instance_id}", run.run_id)
-        pipe.ltrim(f"runctl:runs:instance:{run.instance_id}", 0, HISTORY - 1)
+        if run.state is not RunState.REFUSED:
+            pipe.lpush(f"runctl:runs:instance:{run.instance_id}", run.run_id)
+            pipe.ltrim(f"runctl:runs:instance:{run.instance_id}", 0, HISTORY - 1)
         pipe.zadd("runctl:runs:all", {run.run_id: run.created_at.timestamp()})
         pipe.execute()
         return run
@@ -247,6 +248,8 @@ class RunStore:
             pipe.srem("runctl:runs:live", run.run_id)
         elif run.lock_token or run.state in (RunState.RUNNING, RunState.SETTING_UP, RunState.STOPPING):
             pipe.sadd("runctl:runs:live", run.run_id)  # live from the moment it takes the train lock
+        if run.state is RunState.REFUSED:  # it never ran: it never displaces the instance's last real run
+            pipe.lrem(f"runctl:runs:instance:{run.instance_id}", 0, run.run_id)
         pipe.execute()
         return run
 
@@ -256,9 +259,10 @@ class RunStore:
         return [runs[i] for i in ids if i in runs]
 
     def history(self, instance_id: str, count: int = 10) -> list[Run]:
+        """The instance's runs, newest first; refused ones (never started) are not its history."""
         ids = self.redis.lrange(f"runctl:runs:instance:{instance_id}", 0, count - 1)
         runs = (self.get(i.decode() if isinstance(i, bytes) else str(i)) for i in ids)
-        return [r for r in runs if r is not None]
+        return [r for r in runs if r is not None and r.state is not RunState.REFUSED]
 
     def latest(self, instance_id: str) -> Run | None:
         found = self.history(instance_id, 1)
