@@ -93,6 +93,16 @@ def load(fleet: Fleet, run_id: str) -> RunBackup | None:
         return None
 
 
+def load_bound(fleet: Fleet, run_id: str, lookup: Callable[[str], Run | None]) -> RunBackup | None:
+    """The run's manifest with only the files Redis binds to it (`why_unbound`): what counts
+    as backed up (for a terminate, a listing, the next backup)."""
+    stored = load(fleet, run_id)
+    if stored is None or stored.run_id != run_id:
+        return None
+    stored.files = [f for f in stored.files if not why_unbound(f, run_id, lookup)]
+    return stored
+
+
 def save(fleet: Fleet, backup: RunBackup) -> None:
     backup.updated_at = datetime.now(UTC)
     fleet.put_object(manifest_key(backup.run_id), backup.model_dump_json(indent=1).encode())

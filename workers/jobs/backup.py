@@ -198,11 +198,8 @@ def backup_run(svc: Services, inst: Instance, run_id: str, user_id: str | None =
         return RunOutcome(run_id, denied=exc.what)
     run_id = saver.checkpoint_run_id or saver.run_id
     out = RunOutcome(run_id)
-    stored = backups.load(svc.fleet, run_id)
-    if stored is None or stored.run_id != run_id:
-        stored = RunBackup(run_id=run_id, instance_id=inst.id)
     # What Redis does not bind to this run and its instance is not counted as backed up.
-    stored.files = [f for f in stored.files if not backups.why_unbound(f, run_id, svc.runs.get)]
+    stored = backups.load_bound(svc.fleet, run_id, svc.runs.get) or RunBackup(run_id=run_id, instance_id=inst.id)
     for _ in range(MAX_PASSES):
         more = _pass(svc, inst, saver, stored, out)
         if not more:
