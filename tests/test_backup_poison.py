@@ -187,6 +187,13 @@ def test_a_backup_poisoned_in_s3_is_refused_at_restore_and_nothing_is_written_ou
         # Nothing in S3 is bound to the run's own instance: nothing to continue from there.
         assert "has no checkpoints in S3" in said and "did not come from its own instance" in said, said
         assert not resumed
+        # On its own instance it continues from the disk, and says what of S3 it refused.
+        slash(app, slack, worker, f"resume {run_id}", ALICE)
+        again = next(r for r in svc.runs.history(alice_box) if r.checkpoint_run_id == run_id)
+        assert again.state is RunState.SUCCEEDED, again.error
+        refused = next(n for n in again.notes if n.startswith(":no_entry: Not restored from S3"))
+        assert f"not from {alice_box}" in refused and "`./argparse.py`" in refused, refused
+        assert not (run_dir(sandbox, alice_box, run_id) / "work" / "argparse.py").exists() and not marker.exists()
     else:
         assert resumed and resumed[0].state is RunState.SUCCEEDED, resumed[0].error if resumed else said
         notes = " ".join(resumed[0].notes)

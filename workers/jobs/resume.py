@@ -80,7 +80,8 @@ def resume_run(
     run = new_run(svc, cmd, actor, new_id).model_copy(update={
         "channel_id": actor.channel_id or old.channel_id,
         "checkpoint_run_id": owner,
-        "restore_from": owner if found.files else None,
+        # With refused files only, the train flow restores nothing and says what it refused.
+        "restore_from": owner if found.files or found.foreign else None,
         "notes": notes,
     })
     svc.runs.create(run)
