@@ -189,7 +189,8 @@ SPECS: dict[str, Spec] = {
             flags=(Flag("run", "run_id", "str", "RUN_ID", help="only that run (default: every run with checkpoints)"),),
             build=c.BackupCommand,
             details="The instance uploads through short-lived presigned URLs (it needs no AWS credentials) to "
-            "s3://<bucket>/runctl/checkpoints/<run-id>/. Files above 5 GB are refused with the reason.",
+            "s3://<bucket>/runctl/checkpoints/<run-id>/. Files above 5 GB are refused with the reason. Only runs "
+            "runctl recorded, from the instance they ran on, for the run's owner or an admin.",
         ),
         Spec(
             "resume",
@@ -199,7 +200,8 @@ SPECS: dict[str, Spec] = {
             flags=(Flag("on", "instance_id", "instance", "i-…", help="another instance (default: the run's own)"),),
             build=c.ResumeCommand,
             details="Same script, commit and arguments. Checkpoints not on that instance's disk come from the "
-            "run's S3 backup, each sha256-verified before the script starts.",
+            "run's S3 backup, each sha256-verified before the script starts: only files backed up from the run's "
+            "own instance, and only into its checkpoint directory.",
         ),
         Spec(
             "audit",

@@ -25,7 +25,7 @@ from workers.sandbox.fake_slack import FakeSlack
 from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.slack.ids import ActionId
-from workers.state.runs import RunState
+from workers.state.runs import Run, RunState
 
 from .slack import click
 from .test_lifecycle import (
@@ -132,6 +132,8 @@ def test_a_run_with_more_files_than_one_pass_holds_is_backed_up_in_passes(
 
     monkeypatch.setattr(script, "MAX_FILES", 5)
     iid = fleet_seed.instances["cpu-box"]
+    svc.runs.create(Run(run_id="r-backup-many", instance_id=iid, user_id="U0ALICE", channel_id=CHANNEL,
+                        script="train.py", state=RunState.SUCCEEDED))
     ck = sandbox.instance_dir(iid) / "runs" / "r-backup-many" / "checkpoints"
     ck.mkdir(parents=True)
     for i in range(12):
@@ -281,9 +283,12 @@ def test_restore_script_is_posix_sh_and_quotes_names() -> None:
 
     from workers.remote.backup import Download, instance_path, restore, safe_name
 
-    script = restore("/opt/runctl", "r-1; rm -rf /", [Download(0, "./a b/$(x).pt", "0" * 64, "https://h/k?X=1&Y=2")])
+    script = restore("/opt/runctl", "r-1; rm -rf /", [Download(0, "a b $(x).pt", "0" * 64, "https://h/k?X=1&Y=2")])
     subprocess.run(["dash", "-n"], input=script.encode(), check=True)
-    assert "'r-1; rm -rf /'" in script and "'a b/$(x).pt'" in script
+    assert "'r-1; rm -rf /'" in script and "'a b $(x).pt'" in script
+    for outside in ("./a.pt", "/etc/cron.d/x", "../x", "a/b", ".runctl-sha256", "..", "a\nb"):
+        with pytest.raises(ValueError):
+            restore("/opt/runctl", "r-1", [Download(0, outside, "0" * 64, "https://h/k")])
     assert instance_path("r", "/data/x.pt") == "/data/x.pt"
     assert not safe_name("../x") and not safe_name("./../x") and not safe_name("/a/../b") and not safe_name("a/b")
     assert safe_name("ckpt.pt") and safe_name("./checkpoints/c.pt") and safe_name("/data/c.pt")

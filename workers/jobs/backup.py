@@ -2,7 +2,12 @@
 the flow terminate runs first. Instances have no AWS credentials: the worker hashes the
 files through SSM, presigns one PUT URL per file not yet in S3 with that sha256, the
 instance uploads with curl, and the worker checks each object and writes the manifest.
-The URLs live only in the SSM command; they are never logged or posted."""
+The URLs live only in the SSM command; they are never logged or posted.
+
+Only a run's own instance writes its backup (`writer`): the run must be in Redis, and per
+Redis it (or a run resumed from it) ran on that instance; a person asking must be the run's
+owner or an admin. What the instance says (its run directories, its `checkpoint_dirs`) is
+never the authority: the places backed up come from the bot's run record."""
 
 from __future__ import annotations
 
@@ -10,11 +15,12 @@ import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from workers import policy
 from workers.aws import backups
 from workers.aws.backups import RunBackup, Stored
 from workers.aws.fleet import PRESIGN_MARGIN_SECONDS, Instance
 from workers.commands import BackupCommand
-from workers.errors import RemoteError, RunctlError
+from workers.errors import PermissionDenied, RemoteError, RunctlError
 from workers.jobs import funnel
 from workers.jobs.checkpoints import reachable
 from workers.jobs.funnel import Job
@@ -25,7 +31,7 @@ from workers.services import Services, current
 from workers.slack.escape import code, escape
 from workers.slack.format import size
 from workers.slack.thread import reply
-from workers.state.runs import Run
+from workers.state.runs import HISTORY, Run
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +50,11 @@ class RunOutcome:
     failed: list[tuple[str, str]] = field(default_factory=list)
     subdirs: list[str] = field(default_factory=list)
     stored: RunBackup | None = None
+    denied: str = ""  # Slack text: why runctl backs up none of this run from this instance
 
     @property
     def ok(self) -> bool:
-        return not self.refused and not self.failed
+        return not self.refused and not self.failed and not self.denied
 
 
 @dataclass
@@ -63,6 +70,9 @@ class BackupOutcome:
             return "no run on it has checkpoints, so there was nothing to back up."
         lines = []
         for r in self.runs:
+            if r.denied:
+                lines.append(f":no_entry: run {code(r.run_id)} was not backed up: {r.denied}")
+                continue
             where = f"`s3://{escape(bucket)}/{backups.PREFIX}{escape(r.run_id)}/`"
             sent = sum(s.size for s in r.uploaded)
             head = (
@@ -99,7 +109,7 @@ def backup_new(run_id: str) -> str:
     inst = svc.fleet.get(run.instance_id)
     if inst.state != "running":
         return f"{inst.id} is {inst.state}"
-    out = backup_run(svc, inst, run.checkpoint_run_id or run.run_id)
+    out = backup_run(svc, inst, run.checkpoint_run_id or run.run_id, run.user_id)
     if not out.ok:
         warned = {n for n, _ in out.refused + out.failed}
         key = f"runctl:backup:warned:{run_id}"
@@ -127,28 +137,71 @@ def backup(job: Job, cmd: BackupCommand) -> str:
     svc = job.svc
     inst = reachable(svc, cmd.instance_id)
     if cmd.run_id is not None:
+        writer(svc, inst, cmd.run_id, job.actor.user_id)  # refused before anything is read or sent
         run_ids = [cmd.run_id]
     else:
         run_ids = [ls.run_id for ls in discover_all(svc.fleet, svc.settings.RUNCTL_REMOTE_ROOT, inst.id)
                    if ls.run_id and ls.checkpoints]
-    outcome = backup_runs(svc, inst, run_ids)
+    outcome = backup_runs(svc, inst, run_ids, job.actor.user_id)
     mark = ":white_check_mark:" if outcome.ok else ":warning:"
     text = f"{mark} Backup of {inst.label}: {outcome.text(svc.settings.RUNCTL_S3_BUCKET or '')}"
     job.tell(text)
     return text.splitlines()[0]
 
 
-def backup_runs(svc: Services, inst: Instance, run_ids: list[str]) -> BackupOutcome:
-    return BackupOutcome([backup_run(svc, inst, rid) for rid in run_ids])
+def backup_runs(svc: Services, inst: Instance, run_ids: list[str], user_id: str | None = None) -> BackupOutcome:
+    return BackupOutcome([backup_run(svc, inst, rid, user_id) for rid in run_ids])
 
 
-def backup_run(svc: Services, inst: Instance, run_id: str) -> RunOutcome:
+def writer(svc: Services, inst: Instance, run_id: str, user_id: str | None) -> Run:
+    """The run that, per Redis, saves run `run_id`'s checkpoints on `inst` (the run itself, or
+    the newest run resumed from it there); `user_id` (None: the run's own flows) must be the
+    owner of the run whose checkpoints they are, or an admin. Raises RunctlError otherwise."""
+    rec = svc.runs.get(run_id)
+    owner_id = (rec.checkpoint_run_id or rec.run_id) if rec else run_id
+    owner = rec if rec is not None and owner_id == rec.run_id else svc.runs.get(owner_id)
+    if rec is None or owner is None:
+        raise RunctlError(
+            f"Run {code(owner_id if rec else run_id)} is not known to runctl, so nothing of it was backed up.",
+            why="Backups are only of runs runctl started and recorded (in Redis), from the instance they ran on; "
+            "a run directory on an instance proves nothing about whose it is.",
+            fix=f"`/runctl checkpoints {inst.id}` lists the runs on it; back up one of yours: "
+            f"`/runctl backup {inst.id} --run <run-id>`.",
+        )
+    found = rec if rec.instance_id == inst.id else next(
+        (r for r in svc.runs.history(inst.id, HISTORY) if (r.checkpoint_run_id or r.run_id) == owner_id), None
+    )
+    if found is None:
+        raise RunctlError(
+            f"Run {code(run_id)} did not run on {inst.label}, so its checkpoints are not backed up from there.",
+            why=f"Per runctl's records it ran on `{escape(rec.instance_id)}`; a run's S3 backup, which its "
+            "resume restores, is written only from its own instance.",
+            fix=f"/runctl backup {rec.instance_id} --run {run_id}",
+        )
+    if user_id is not None and user_id != owner.user_id and not policy.is_admin(svc.settings, user_id):
+        raise PermissionDenied(
+            f"You can't back up run {code(owner_id)}: its checkpoints are <@{owner.user_id}>'s.",
+            why="Its S3 backup is what resuming it restores, so only its owner or an admin writes it.",
+            fix=f"Ask <@{owner.user_id}> or an admin to run `/runctl backup {inst.id} --run {owner_id}`.",
+        )
+    return found
+
+
+def backup_run(svc: Services, inst: Instance, run_id: str, user_id: str | None = None) -> RunOutcome:
     """Upload what of the run is not in S3 yet (by name and sha256), then the manifest; in
-    passes of at most `script.MAX_FILES` files, newest first, each leaving out what S3 holds."""
+    passes of at most `script.MAX_FILES` files, newest first, each leaving out what S3 holds.
+    Only from the run's own instance, for its owner or an admin (`writer`); `user_id` None:
+    on the run's own behalf (its `--backup`, a terminate or spot interruption saving it)."""
+    try:
+        saver = writer(svc, inst, run_id, user_id)
+    except RunctlError as exc:
+        return RunOutcome(run_id, denied=exc.what)
+    run_id = saver.checkpoint_run_id or saver.run_id
     out = RunOutcome(run_id)
-    stored = backups.load(svc.fleet, run_id) or RunBackup(run_id=run_id, instance_id=inst.id)
+    # What Redis does not bind to this run and its instance is not counted as backed up.
+    stored = backups.load_bound(svc.fleet, run_id, svc.runs.get) or RunBackup(run_id=run_id, instance_id=inst.id)
     for _ in range(MAX_PASSES):
-        more = _pass(svc, inst, run_id, stored, out)
+        more = _pass(svc, inst, saver, stored, out)
         if not more:
             break
     else:
@@ -162,11 +215,14 @@ def backup_run(svc: Services, inst: Instance, run_id: str) -> RunOutcome:
     return out
 
 
-def _pass(svc: Services, inst: Instance, run_id: str, stored: RunBackup, out: RunOutcome) -> bool:
+def _pass(svc: Services, inst: Instance, saver: Run, stored: RunBackup, out: RunOutcome) -> bool:
     """One pass; True when files were left for the next one and this one made progress."""
     fleet, root = svc.fleet, svc.settings.RUNCTL_REMOTE_ROOT
+    run_id = stored.run_id
     known = [(f.size, f.mtime, f.name) for f in stored.files]
-    listed = fleet.run(inst.id, script.sums(root, run_id, known), timeout=DISCOVERY_TIMEOUT)
+    dirs = saved_in(svc, saver)
+    prefixes = [prefix for _, prefix in script.places(run_id, dirs)]
+    listed = fleet.run(inst.id, script.sums(root, run_id, known, dirs), timeout=DISCOVERY_TIMEOUT)
     if not listed.ok:
         raise RemoteError(
             f"Hashing the checkpoints of run {code(run_id)} on {inst.label} failed "
@@ -174,7 +230,7 @@ def _pass(svc: Services, inst: Instance, run_id: str, stored: RunBackup, out: Ru
             fix=f"/runctl status {inst.id}",
         )
     sums = script.parse_sums(listed.stdout)
-    files = sums.files
+    files = [f for f in sums.files if script.listed_under(f.name, prefixes)]
     out.subdirs = sums.subdirs
     before = len(out.uploaded)
     # What S3 held before this backup: the earlier passes' uploads are among `known` now.
@@ -209,7 +265,7 @@ def _pass(svc: Services, inst: Instance, run_id: str, stored: RunBackup, out: Ru
             outcome, why = records.get(i, ("", ""))
             if outcome == "200" and fleet.object_size(keys[i]) == f.size:
                 stored.add(Stored(name=f.name, key=keys[i], size=f.size, mtime=f.mtime, sha256=f.sha256,
-                                  backed_up_at=now))
+                                  backed_up_at=now, run_id=saver.run_id, instance_id=inst.id))
                 out.uploaded.append(stored.files[-1])
             elif outcome == "changed":
                 out.failed.append((f.name, "it changed while it was being backed up; run the backup again"))
@@ -222,3 +278,13 @@ def _pass(svc: Services, inst: Instance, run_id: str, stored: RunBackup, out: Ru
             stored.instance_id = inst.id
             backups.save(fleet, stored)
     return sums.more > 0 and len(out.uploaded) > before
+
+
+def saved_in(svc: Services, saver: Run) -> list[str]:
+    """The directories the run's command names (`--checkpoint-dir`, `--output-dir`), from the
+    bot's records of it and of the run whose checkpoints it continues."""
+    from workers.jobs.train import DIR_OPTIONS, option_values  # train imports this module
+
+    owner = svc.runs.get(saver.checkpoint_run_id) if saver.checkpoint_run_id else None
+    found = option_values(saver.args, DIR_OPTIONS) + (option_values(owner.args, DIR_OPTIONS) if owner else [])
+    return list(dict.fromkeys(found))

@@ -35,7 +35,8 @@ def checkpoints(job: Job, cmd: CheckpointsCommand) -> str:
     inst = reachable(svc, cmd.instance_id)
     listing = discover(svc.fleet, svc.settings.RUNCTL_REMOTE_ROOT, cmd.instance_id, cmd.run_id)
     try:
-        stored = backups.load(svc.fleet, listing.run_id) if listing.run_id and not listing.missing else None
+        stored = (backups.load_bound(svc.fleet, listing.run_id, svc.runs.get)
+                  if listing.run_id and not listing.missing else None)
     except RunctlError as exc:  # S3 unreadable: the listing stands without it
         log.warning("could not read the S3 backup of %s: %s", listing.run_id, exc.what)
         stored = None

@@ -591,7 +591,7 @@ def at_risk(
     try:
         for ls in listings:
             if ls.run_id and ls.checkpoints:
-                stored = backups.load(svc.fleet, ls.run_id)
+                stored = backups.load_bound(svc.fleet, ls.run_id, svc.runs.get)
                 risky[ls.run_id] = [c for c in ls.checkpoints if stored is None or not stored.holds(c)]
     except RunctlError as exc:
         log.warning("could not read the S3 backups: %s", exc.what)

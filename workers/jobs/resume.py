@@ -52,11 +52,17 @@ def resume_run(
     policy.check(svc.settings, actor.user_id, "resume", old.user_id)
     owner = old.checkpoint_run_id or old.run_id
     target = on or old.instance_id
-    stored = backups.load(svc.fleet, owner)
-    if target != old.instance_id and (stored is None or not stored.files):
+    # Only what runctl's records bind to the run and the instance it came from (TrainFlow.restore_body).
+    found = backups.restorable(backups.load(svc.fleet, owner), owner, svc.runs.get)
+    if target != old.instance_id and not found.files:
+        refused = (
+            f" S3 holds {len(found.foreign)} file{'s' if len(found.foreign) != 1 else ''} under its prefix that "
+            "did not come from its own instance; runctl restores none of them."
+            if found.foreign else ""
+        )
         raise RunctlError(
             f"Run {code(run_id)} has no checkpoints in S3, so it cannot continue on `{target}`.",
-            why=f"Its checkpoints are only on `{old.instance_id}`'s disk.",
+            why=f"Its checkpoints are only on `{old.instance_id}`'s disk.{refused}",
             fix=f"`/runctl backup {old.instance_id} --run {owner}` first (while that instance exists), "
             f"or `/runctl resume {run_id}` on its own instance.",
         )
@@ -65,16 +71,17 @@ def resume_run(
     cmd = TrainCommand.from_run(old).model_copy(update={"instance_id": target, "ref": old.sha or old.ref})
     where = "" if target == old.instance_id else f" on `{target}`"
     notes = [f":repeat: Resumes run `{old.run_id}`{where} from its checkpoints."] + ([note] if note else [])
-    if stored is not None and stored.files:
+    if found.files:
         notes.append(
-            f":cloud: Its S3 backup ({len(stored.files)} files, {size(stored.total_size)}) fills in what "
+            f":cloud: Its S3 backup ({len(found.files)} files, {size(sum(f.size for f in found.files))}) fills in what "
             "this instance's disk lacks, each file's sha256 verified before the script starts."
         )
     new_id = new_run_id(svc.clock())
     run = new_run(svc, cmd, actor, new_id).model_copy(update={
         "channel_id": actor.channel_id or old.channel_id,
         "checkpoint_run_id": owner,
-        "restore_from": owner if stored is not None and stored.files else None,
+        # With refused files only, the train flow restores nothing and says what it refused.
+        "restore_from": owner if found.files or found.foreign else None,
         "notes": notes,
     })
     svc.runs.create(run)

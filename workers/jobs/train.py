@@ -9,7 +9,7 @@ from datetime import timedelta
 from workers import remote
 from workers.aws import backups
 from workers.aws.backups import Stored
-from workers.aws.fleet import PRESIGN_MARGIN_SECONDS, PYTHON_TAG, Instance
+from workers.aws.fleet import PRESIGN_MARGIN_SECONDS, PYTHON_TAG, Instance, ScriptResult
 from workers.commands import Actor, TrainCommand
 from workers.errors import RunConflict, RunctlError
 from workers.jobs import envsetup, funnel
@@ -227,7 +227,7 @@ class TrainFlow:
             script = remote.deliver(self.root, run.run_id, run.script, self.bundle_url(), launch)
             result = fleet.run(run.instance_id, script, DELIVER_SECONDS)
         if not result.ok:
-            raise launch_error(run, result.exit_code, result.stderr or result.stdout, self.restoring)
+            raise launch_error(run, result.exit_code, result.stderr or result.stdout, self.restoring, result)
         if launch:
             self.restored(result.stdout)
             self.mark_started()
@@ -235,7 +235,7 @@ class TrainFlow:
     def start(self, launch: str) -> None:
         result = self.svc.fleet.run(self.run.instance_id, remote.header(self.root) + launch, timeout=600)
         if not result.ok:
-            raise launch_error(self.run, result.exit_code, result.stderr or result.stdout, self.restoring)
+            raise launch_error(self.run, result.exit_code, result.stderr or result.stdout, self.restoring, result)
         self.restored(result.stdout)
         self.mark_started()
 
@@ -318,15 +318,17 @@ class TrainFlow:
     def restore_body(self) -> str:
         """For a resumed run with an S3 backup: fetch the files this disk lacks (presigned GETs,
         valid for the command's delivery and execution timeouts), each sha256-verified
-        before it takes its place; the launch follows only if all were."""
+        before it takes its place; the launch follows only if all were. Only files Redis binds
+        to the run and the instance they came from, and only into its checkpoint directory."""
         run = self.run
         self.restoring = []
         if not run.restore_from:
             return ""
-        stored = backups.load(self.svc.fleet, run.restore_from)
-        if stored is None:
+        found = backups.restorable(backups.load(self.svc.fleet, run.restore_from), run.restore_from, self.svc.runs.get)
+        self.run.notes += restore_notes(run.restore_from, found)
+        self.restoring = found.files
+        if not self.restoring:
             return ""
-        self.restoring = [f for f in stored.files if backup_script.safe_name(f.name)]
         seconds = url_seconds(DELIVER_SECONDS)
         downloads = [
             backup_script.Download(i, f.name, f.sha256, self.svc.fleet.presign(f.key, seconds))
@@ -432,18 +434,45 @@ def conflict(instance_id: str, run_id: str, holder: Holder | None, evidence: str
     )
 
 
-def launch_error(run: Run, exit_code: int, output: str, restoring: list[Stored] | None = None) -> RunctlError:
+def restore_notes(owner: str, found: backups.Restorable) -> list[str]:
+    """What of the S3 backup a restore leaves out, and why, for the run's thread."""
+    notes = []
+    if found.foreign:
+        shown = "; ".join(f"{code(f.name)}: {escape(why)}" for f, why in found.foreign[:5])
+        more = f" and {len(found.foreign) - 5} more" if len(found.foreign) > 5 else ""
+        notes.append(
+            f":no_entry: Not restored from S3: {len(found.foreign)} file{'s' if len(found.foreign) != 1 else ''} "
+            f"under run {code(owner)}'s backup that runctl's records do not bind to it and its instance "
+            f"({shown}{more}). A backup from the run's own instance replaces them."
+        )
+    if found.outside:
+        notes.append(
+            f":information_source: {len(found.outside)} backed-up file{'s' if len(found.outside) != 1 else ''} "
+            f"saved outside the checkpoint directory stay{'s' if len(found.outside) == 1 else ''} in S3 only "
+            f"(`s3://…/{backups.PREFIX}{escape(owner)}/`): a restore writes only into the checkpoint directory."
+        )
+    return notes
+
+
+def launch_error(
+    run: Run, exit_code: int, output: str, restoring: list[Stored] | None = None, result: ScriptResult | None = None
+) -> RunctlError:
     if exit_code == backup_script.RESTORE_FAILED and restoring:
+        output = f"{result.stdout}\n{result.stderr}" if result else output  # records on stdout, the reason on stderr
         got = backup_script.parse_records(output, "got")
+        words = {"sha": "sha256 mismatch", "dir": "a directory has its name", "mkdir": "could not write"}
         bad = [
-            f"{code(f.name)} ({'sha256 mismatch' if got[i][0] == 'sha' else 'HTTP ' + got[i][0]})"
+            f"{code(f.name)} ({words.get(got[i][0], 'HTTP ' + got[i][0])})"
             for i, f in enumerate(restoring)
             if i in got and got[i][0] not in ("ok", "have")
         ]
+        prefix = "runctl: could not restore the checkpoints from S3: "
+        said = next((line[len(prefix):] for line in output.splitlines() if line.startswith(prefix)), "")
         return RunctlError(
             f"{run.instance_id} could not restore run {code(run.restore_from or '')}'s checkpoints from S3; "
             "training was not started.",
-            why=("Not restored: " + ", ".join(bad[:10]) + ".") if bad else "The instance has no curl.",
+            why=("Not restored: " + ", ".join(bad[:10]) + ".") if bad
+            else escape(said[:300]) if said else "The instance has no curl.",
             fix="Check that the instance reaches S3 (HTTPS to the bucket's region), then resume again.",
         )
     if exit_code == 3:

@@ -51,10 +51,34 @@ _SUMS = (
 )
 
 
-def sums(root: str, run_id: str, known: Sequence[tuple[int, int, str]] = ()) -> str:
-    """Size, mtime and sha256 of the files in every place the run saves, newest first and
-    at most MAX_FILES of them (then `::more <count>`), leaving out the `known` ones (size,
-    mtime, name: what S3 already holds as it is here), which are counted in `::known`."""
+def places(run_id: str, dirs: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """Where the run saves, as (shell path, name prefix): its checkpoint directory, its work
+    directory's `checkpoints/`, and `dirs` (the `--checkpoint-dir`/`--output-dir` values of the
+    bot's run record; relative ones in the work directory). Never the instance's own list."""
+    found = [(f"{run_dir(run_id)}/checkpoints", ""), (f"{run_dir(run_id)}/work/checkpoints", "./checkpoints/")]
+    for d in dirs:
+        rel = d.removeprefix("./").rstrip("/")
+        if not d or "\n" in d or "\0" in d or "//" in d or (rel not in ("", ".") and _BAD_PART.search(rel)):
+            continue
+        if d.startswith("/"):
+            found.append((q(d), d.rstrip("/") + "/"))
+        elif rel in ("", "."):
+            found.append((f"{run_dir(run_id)}/work", "./"))
+        else:
+            found.append((f"{run_dir(run_id)}/work/{q(rel)}", f"./{rel}/"))
+    return found
+
+
+def listed_under(name: str, prefixes: Sequence[str]) -> bool:
+    """`name` is a file directly in one of the places asked for (by their name prefixes)."""
+    return any(name.startswith(p) and name[len(p):] and "/" not in name[len(p):] for p in prefixes)
+
+
+def sums(root: str, run_id: str, known: Sequence[tuple[int, int, str]] = (), dirs: Sequence[str] = ()) -> str:
+    """Size, mtime and sha256 of the files in every place the run saves (`places`), newest
+    first and at most MAX_FILES of them (then `::more <count>`), leaving out the `known` ones
+    (size, mtime, name: what S3 already holds as it is here), which are counted in `::known`."""
+    visits = "".join(f"visit {path} {q(prefix)}\n" for path, prefix in places(run_id, dirs))
     lines = "".join(f"{size} {mtime} {name}\n" for size, mtime, name in known if "\n" not in name)
     eof = heredoc_end(lines)
     return (
@@ -62,13 +86,22 @@ def sums(root: str, run_id: str, known: Sequence[tuple[int, int, str]] = ()) -> 
         + 'KNOWN=$(mktemp) || exit 1\nLISTED=0 MORE=0 KNOWN_HITS=0\n'
         + f"cat > \"$KNOWN\" <<'{eof}'\n{lines}{eof}\n"
         + _SUMS
-        + f"{{\nvalid_id {q(run_id)} && each_dir sum_dir {q(run_id)}\n"
+        + f"{{\nif valid_id {q(run_id)}; then\n_cb=sum_dir; _seen=$nl\n{visits}fi\n"
         + 'echo "' + SECTION + 'more $MORE"\necho "' + SECTION + 'known $KNOWN_HITS"\n'
         + f'}} | head -c {OUTPUT_LIMIT}\nrm -f "$KNOWN"\nexit 0\n'
     )
 
 
 _BAD_PART = re.compile(r"(^|/)\.\.?(/|$)")
+
+
+def restorable_name(name: str) -> bool:
+    """A name a restore may write: a plain, visible file name in the run's checkpoint
+    directory. Never `./…` (the work directory, whose code runs) nor `/…` (anywhere)."""
+    return (
+        bool(name) and len(name) <= 255 and not name.startswith(".")
+        and not any(c in name for c in "/\n\r\0")
+    )
 
 
 def safe_name(name: str) -> bool:
@@ -143,33 +176,52 @@ def upload(root: str, run_id: str, uploads: Sequence[Upload]) -> str:
 _GET = (
     "command -v curl >/dev/null 2>&1 || { echo \"" + SECTION + "nocurl\"; exit " + str(RESTORE_FAILED) + "; }\n"
     "FAILED=0\n"
-    "get() {  # get <index> <file> <sha256> <url>: in place only once its sha256 matches\n"
-    '  if [ -f "$2" ] && [ "$(hash_of "$2")" = "$3" ]; then echo "' + SECTION + 'got $1 have"; return 0; fi\n'
-    '  mkdir -p "${2%/*}" || { echo "' + SECTION + 'got $1 mkdir"; FAILED=1; return 0; }\n'
-    '  tmp="$2.runctl-restore"\n'
+    "get() {  # get <index> <name> <sha256> <url>: into $CK, in place only once its sha256 matches\n"
+    '  f="$CK/$2"\n'
+    # A link in the file's place is replaced, never followed; a directory there is refused.
+    '  if [ ! -L "$f" ] && [ -f "$f" ] && [ "$(hash_of "$f")" = "$3" ]; then echo "' + SECTION + 'got $1 have"; return 0; fi\n'
+    '  if [ -L "$f" ]; then rm -f "$f"; fi\n'
+    '  if [ -e "$f" ] && [ ! -f "$f" ]; then echo "' + SECTION + 'got $1 dir"; FAILED=1; return 0; fi\n'
+    '  tmp=$(mktemp "$CK/.runctl-restore.XXXXXX") || { echo "' + SECTION + 'got $1 mkdir"; FAILED=1; return 0; }\n'
     "  code=$(curl -sSL --retry 3 -o \"$tmp\" -w '%{http_code}' \"$4\" 2>/dev/null) || :\n"
     '  if [ "$code" != 200 ]; then rm -f "$tmp"; echo "' + SECTION + 'got $1 ${code:-000}"; FAILED=1; return 0; fi\n'
     '  if [ "$(hash_of "$tmp")" != "$3" ]; then rm -f "$tmp"; echo "' + SECTION + 'got $1 sha"; FAILED=1; return 0; fi\n'
-    '  mv "$tmp" "$2" && echo "' + SECTION + 'got $1 ok"\n'
+    '  chmod 644 "$tmp"; mv -f "$tmp" "$f" && echo "' + SECTION + 'got $1 ok"\n'
     "}\n"
+)
+# The run's checkpoint directory, physically under the run directory: no link leads a
+# restore out of it (into the work directory, or anywhere else on the instance).
+_CHECKPOINT_DIR = (
+    'mkdir -p "$CK" 2>/dev/null\n'
+    'ck_real=$(cd "$CK" 2>/dev/null && pwd -P) || ck_real=""\n'
+    'runs_real=$(cd "$RUNCTL_ROOT/runs" 2>/dev/null && pwd -P) || runs_real=""\n'
+    'if [ -z "$ck_real" ] || [ "$ck_real" != "$runs_real/$RUN/checkpoints" ]; then\n'
+    "  echo 'runctl: could not restore the checkpoints from S3: the run'\\''s checkpoint directory "
+    "is not a directory of its own under the run directory' >&2\n"
+    f"  exit {RESTORE_FAILED}\n"
+    "fi\n"
 )
 
 
 def restore(root: str, run_id: str, downloads: Sequence[Download]) -> str:
-    """Fetch each missing file from S3 and verify its sha256 before it takes its place;
-    exits RESTORE_FAILED if any could not be restored. Ends without `exit` on success, so a
-    launch can follow it in the same command."""
-    calls = "".join(
-        f"F={instance_path(run_id, d.name)}\nU={q(d.url)}\nget {d.index} \"$F\" {q(d.sha256)} \"$U\"\n"
-        for d in downloads
-    )
+    """Fetch each missing file from S3 into the run's checkpoint directory and verify its
+    sha256 before it takes its place; exits RESTORE_FAILED if any could not be restored.
+    Only `restorable_name`s: a restore writes nowhere else. Ends without `exit` on success,
+    so a launch can follow it in the same command."""
+    bad = [d.name for d in downloads if not restorable_name(d.name)]
+    if bad:
+        raise ValueError(f"not names in the checkpoint directory: {bad!r}")
+    calls = "".join(f"get {d.index} {q(d.name)} {q(d.sha256)} {q(d.url)}\n" for d in downloads)
     return (
         "LC_ALL=C\nexport LC_ALL\n"
+        f"RUN={q(run_id)}\n"
+        f"CK={run_dir(run_id)}/checkpoints\n"
         "hash_of() {\n"
         '  if command -v sha256sum >/dev/null 2>&1; then sha256sum "$1" 2>/dev/null | cut -d" " -f1\n'
         '  else shasum -a 256 "$1" 2>/dev/null | cut -d" " -f1; fi\n'
         "}\n"
         + _GET
+        + _CHECKPOINT_DIR
         + calls
         + 'if [ "$FAILED" != 0 ]; then echo "runctl: could not restore the checkpoints from S3" >&2; '
         + f"exit {RESTORE_FAILED}; fi\n"
