@@ -473,7 +473,9 @@ def launch_error(
             "training was not started.",
             why=("Not restored: " + ", ".join(bad[:10]) + ".") if bad
             else escape(said[:300]) if said else "The instance has no curl.",
-            fix="Check that the instance reaches S3 (HTTPS to the bucket's region), then resume again.",
+            fix="Check that the instance reaches S3 (HTTPS to the bucket's region), then resume again." if bad
+            or not said else f"Look at what stands at the run's checkpoint directory on {run.instance_id} "
+            "(anyone who trains there is root), move it away, then resume again.",
         )
     if exit_code == 3:
         return RunctlError(
