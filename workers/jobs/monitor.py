@@ -221,7 +221,11 @@ def poll(svc: Services, runs: list[Run], first_poll: float = POLL_FIRST_WAIT) ->
         result = results.get(iid)
         found = parse_many(result.stdout) if result else {}
         for run in group:
-            update(svc, run, found.get(run.run_id))
+            try:
+                update(svc, run, found.get(run.run_id))
+            except Exception:  # one run's failure is its own: the rest of the batch still updates
+                log.exception("monitor %s: update failed", run.run_id)
+                schedule(svc, run.run_id, next_delay(svc, run.polls + 1))
 
 
 def unreachable(svc: Services, run: Run, exc: RunctlError) -> None:
