@@ -20,43 +20,47 @@ from workers.state.runs import RunState
 
 from .test_progress import PROGRESS, live_run, progress_block
 
-BAD = (
-    '{"epoch": Infinity, "total_epochs": 10, "step": 7, "total_steps": 1e400, "eta_seconds": 1e400,'
-    ' "updated_at": 1e30, "metrics": {"loss": NaN, "acc": 0.5, "big": -Infinity, "huge": 1e999}}'
-)
-GOOD_ID, BAD_ID = "r20261206-071500-600d00", "r20261206-071500-bad000"
+# Each is valid JSON to Python's json module, as a progress file is read.
+BAD = '{"epoch": 2, "total_epochs": 10, "eta_seconds": 1e400, "metrics": {"loss": NaN, "acc": 0.5, "big": -Infinity}}'
+WORSE = '{"epoch": Infinity, "total_epochs": 10, "step": 7, "total_steps": 1e400, "eta_seconds": Infinity, "updated_at": 1e30, "metrics": {"acc": 0.25, "huge": 1e999}}'
+GOOD_ID, BAD_ID, WORSE_ID = "r20261206-071500-600d00", "r20261206-071500-bad000", "r20261206-071500-bad001"
 
 
 @pytest.fixture
-def processes() -> Iterator[tuple[int, int]]:
-    procs = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
-    yield procs[0].pid, procs[1].pid
+def processes() -> Iterator[list[int]]:
+    procs = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
+    yield [p.pid for p in procs]
     for proc in procs:
         proc.kill()
         proc.wait()
 
 
-def test_a_run_with_infinite_progress_keeps_its_good_fields_and_the_other_run_updates(
-    svc: Services, fleet_seed: SeedInfo, sandbox: Sandbox, slack: FakeSlack, processes: tuple[int, int]
+def test_runs_with_infinite_progress_keep_their_good_fields_and_the_other_run_updates(
+    svc: Services, fleet_seed: SeedInfo, sandbox: Sandbox, slack: FakeSlack, processes: list[int]
 ) -> None:
-    bad_box, good_box = fleet_seed.instances["gpu-box-1"], fleet_seed.instances["cpu-box"]
-    live_run(svc, sandbox, bad_box, processes[0], "starting\n", BAD, BAD_ID)
-    live_run(svc, sandbox, good_box, processes[1], "starting\n", json.dumps(PROGRESS), GOOD_ID)
+    boxes = [fleet_seed.instances[name] for name in ("gpu-box-1", "gpu-box-2", "cpu-box")]
+    live_run(svc, sandbox, boxes[0], processes[0], "starting\n", BAD, BAD_ID)
+    live_run(svc, sandbox, boxes[1], processes[1], "starting\n", WORSE, WORSE_ID)
+    live_run(svc, sandbox, boxes[2], processes[2], "starting\n", json.dumps(PROGRESS), GOOD_ID)
     now = svc.clock().timestamp()
-    svc.redis.zadd(DUE, {BAD_ID: now - 2, GOOD_ID: now - 1})  # the bad run is polled first
+    svc.redis.zadd(DUE, {BAD_ID: now - 3, WORSE_ID: now - 2, GOOD_ID: now - 1})  # the good run is polled last
 
-    assert tick() == "polled 2"
+    assert tick() == "polled 3"
 
-    good, bad = svc.runs.get(GOOD_ID), svc.runs.get(BAD_ID)
+    good = svc.runs.get(GOOD_ID)
     assert good is not None and good.state is RunState.RUNNING
     text = progress_block(slack, good.message_ts)
     assert "epoch 3/10" in text and "ETA 2m 05s" in text, text
-    assert bad is not None and bad.state is RunState.RUNNING and bad.progress is not None
-    shown = progress_block(slack, bad.message_ts)
-    assert "step 7" in shown and "acc 0.5" in shown, shown
-    assert "ETA" not in shown and "inf" not in shown.lower() and "nan" not in shown.lower(), shown
-    assert bad.progress.epoch is None and bad.progress.total_steps is None and bad.progress.eta_seconds is None
-    assert bad.progress.metrics == {"acc": 0.5} and bad.progress.updated_at is None
+    for run_id, said in ((BAD_ID, ("epoch 2/10", "acc 0.5")), (WORSE_ID, ("step 7", "acc 0.25"))):
+        run = svc.runs.get(run_id)
+        assert run is not None and run.state is RunState.RUNNING and run.progress is not None, run
+        shown = progress_block(slack, run.message_ts)
+        assert all(s in shown for s in said), shown
+        assert "ETA" not in shown and "inf" not in shown.lower() and "nan" not in shown.lower(), shown
+        assert run.progress.eta_seconds is None and run.progress.updated_at is None
+    worse = svc.runs.get(WORSE_ID)
+    assert worse is not None and worse.progress is not None
+    assert worse.progress.epoch is None and worse.progress.total_steps is None and worse.progress.metrics == {"acc": 0.25}
 
 
 def test_progress_fields_out_of_bounds_are_dropped_one_by_one() -> None:
