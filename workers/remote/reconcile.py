@@ -116,6 +116,6 @@ def _meta(text: str, run_id: str) -> RunMeta | None:
     try:
         data = json.loads(text)
         meta = RunMeta.model_validate(data)
-    except (ValueError, ValidationError):
+    except (ValueError, ValidationError, RecursionError):
         return None
     return meta if meta.run_id == run_id else None  # a copied directory is not that run

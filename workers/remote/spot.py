@@ -77,7 +77,7 @@ def describe(notice: str) -> str:
     """`stop at 2026-12-02T01:10:00Z` from the notice's JSON (what IMDS answered, kept as text)."""
     try:
         data = json.loads(notice)
-    except ValueError:
+    except (ValueError, RecursionError):
         return "notice received"
     if not isinstance(data, dict):
         return "notice received"
