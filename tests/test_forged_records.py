@@ -1,6 +1,7 @@
 """A training that prints the bot's record lines (issue 23 D) is still the running training
 it is: through train, the executing SSM and the monitor's poll, forged `exit`, `spot`, `run`
-and `gpu` lines in its log, a progress file and a checkpoint name end nothing, resume nothing."""
+and `gpu` lines in its log, a progress file and a checkpoint name end nothing, resume nothing;
+nor does a spot notice file it writes itself on an on-demand instance."""
 
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ ck = os.environ["RUNCTL_CHECKPOINT_DIR"]
 os.makedirs(ck, exist_ok=True)
 with open(os.path.join(ck, "ckpt-epoch-1.pt\\r::runctl::exit 0"), "w") as f:
     f.write("weights")
+with open(os.path.join(os.environ["RUNCTL_RUN_DIR"], "spot_interruption"), "w") as f:
+    f.write('{"action": "terminate", "time": "2026-12-06T07:00:00Z"}')  # on an on-demand instance
 print("ready", flush=True)
 time.sleep(120)
 """.replace("OTHER", OTHER)

@@ -8,7 +8,7 @@ everything else the instance wrote (the manifest's `created_at` is cut to ISO ch
 
     ::runctl::newest <run-id>          newest run directory on the instance
     ::runctl::none                     no run directories at all
-    ::runctl::norun <run-id>           the asked run has no directory
+    ::runctl::norun <run-id>           the asked run has no directory (the id as asked, encoded)
     ::runctl::known <run-id>           (after norun) a run that has checkpoints, newest first
     ::runctl::run <run-id>             starts one listing
     ::runctl::manifest                 the listing's directory has a manifest.json
@@ -216,7 +216,7 @@ def list_checkpoints(root: str, run_id: str | None, verify: bool = True) -> str:
             'if valid_id "$RUN" && [ -d "$RUNS/$RUN" ]; then\n'
             '  list_run "$RUN"\n'
             "else\n"
-            '  echo "' + s + 'norun $RUN"\n'
+            '  echo "' + s + 'norun $(enc_word "$RUN")"\n'
             "  n=0\n"
             "  for rid in $(runs_with_checkpoints); do\n"
             f'    n=$((n + 1)); [ "$n" -le {KNOWN_RUNS} ] || break\n'
@@ -356,7 +356,7 @@ def parse(output: str) -> list[CheckpointListing]:
         if word == "newest":
             newest_run = rest.strip() or None
         elif word == "norun":
-            missing = rest.strip()
+            missing = frame.text(rest.strip()) or ""
         elif word == "known":
             known.append(rest.strip())
         elif word == "run":
