@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import re
-from datetime import UTC, datetime
 
 from workers.aws import envs
 from workers.aws.fleet import PYTHON_TAG, ScriptResult
 from workers.errors import EnvSetupError
-from workers.remote import SECTION
+from workers.remote import SECTION, bounds, frame
 from workers.remote import env as env_scripts
 from workers.services import Services
 from workers.slack.escape import code, escape
@@ -83,7 +82,7 @@ def build(svc: Services, run: Run, reqs: envs.Requirements) -> str:
         raise setup_error(run, reqs, result, report)
     run.env_hash = report.get("env")
     built_at, _, installer = report.get("built", report.get("reused", "")).partition(" ")
-    run.env_built_at = datetime.fromtimestamp(int(built_at), UTC) if built_at.isdigit() else None
+    run.env_built_at = bounds.instant(built_at)
     took = duration(run.setup_seconds)
     if "built" in report:
         pruned = f"; pruned {report['pruned']} old one(s)" if "pruned" in report else ""
@@ -115,10 +114,8 @@ def _parse(stdout: str) -> dict[str, str]:
 
 
 def _log_tail(stdout: str) -> str:
-    lines = stdout.splitlines()
-    marks = [i for i, line in enumerate(lines) if line.startswith(f"{SECTION}failed")]
-    tail = lines[marks[-1] + 1 :] if marks else [ln for ln in lines if not ln.startswith(SECTION)]
-    return "\n".join(tail).strip()[-DETAIL_CHARS:]
+    """setup.log's last lines, as the script sent them (encoded: pip's output is the repo's)."""
+    return (frame.text(_parse(stdout).get("tail", "")) or "").strip()[-DETAIL_CHARS:]
 
 
 def culprit(log: str) -> str | None:

@@ -221,7 +221,11 @@ def poll(svc: Services, runs: list[Run], first_poll: float = POLL_FIRST_WAIT) ->
         result = results.get(iid)
         found = parse_many(result.stdout) if result else {}
         for run in group:
-            update(svc, run, found.get(run.run_id))
+            try:
+                update(svc, run, found.get(run.run_id))
+            except Exception:  # one run's failure is its own: the rest of the batch still updates
+                log.exception("monitor %s: update failed", run.run_id)
+                schedule(svc, run.run_id, next_delay(svc, run.polls + 1))
 
 
 def unreachable(svc: Services, run: Run, exc: RunctlError) -> None:
@@ -254,7 +258,8 @@ def update(svc: Services, run: Run, snap: Snapshot | None) -> None:
     if run.backup and (run.checkpoint != before or snap.ended):
         backup.queue_run(svc, run)
     watch_gpus(run, snap, svc.clock(), svc.settings.RUNCTL_GPU_IDLE_PERCENT)
-    if snap.spot_notice and not run.spot_notice:
+    # Only a spot instance gets notices: on any other, the file is the training's own writing.
+    if snap.spot_notice and not run.spot_notice and run.spot:
         run.spot_notice, run.spot_signalled_at = snap.spot_notice, snap.spot_signalled_at
         run.polls = 0  # the instance goes within two minutes: follow the checkpoint closely
     train_lock(svc.redis, run.instance_id).extend(run.lock_token)

@@ -6,7 +6,7 @@ Names are the discovery's (``workers.remote.checkpoints``): a bare name lives in
 working directory (``runs/<run-id>/work``), ``/dir/name`` is absolute. ``instance_path``
 turns one into shell text; ``s3_suffix`` into the object key under the run's prefix.
 
-Output, one record a line (names last, so they may hold spaces):
+Output, one record a line (names last and encoded: workers/remote/frame.py):
 
     ::runctl::sum <size> <mtime> <sha256|-> <name>     a file the run saved (sha "-": too big to hash)
     ::runctl::subdir <name>                            a directory (not backed up)
@@ -21,6 +21,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from workers.remote import frame
 from workers.remote.checkpoints import OUTPUT_LIMIT, prelude
 from workers.remote.core import SECTION, heredoc_end, q, run_dir
 
@@ -35,7 +36,7 @@ _SUMS = (
     '    [ -n "$name" ] || continue\n'
     '    f="$1/$name"\n'
     '    case "$name" in *.tmp|*.part) continue ;; esac\n'
-    '    if [ -d "$f" ]; then printf \'%s\\n\' "' + SECTION + 'subdir $2$name"; continue; fi\n'
+    '    if [ -d "$f" ]; then printf \'%s\\n\' "' + SECTION + 'subdir $(enc_word "$2$name")"; continue; fi\n'
     '    [ -f "$f" ] || continue\n'
     '    size=$(wc -c < "$f" | tr -d " ")\n'
     '    mtime=$(date -r "$f" +%s 2>/dev/null || echo -)\n'
@@ -43,7 +44,7 @@ _SUMS = (
     '    if grep -Fqx -e "$size $mtime $2$name" "$KNOWN" 2>/dev/null; then KNOWN_HITS=$((KNOWN_HITS + 1)); continue; fi\n'
     f'    LISTED=$((LISTED + 1)); if [ "$LISTED" -gt {MAX_FILES} ]; then MORE=$((MORE + 1)); continue; fi\n'
     f'    if [ "$size" -gt {SINGLE_PUT_LIMIT} ]; then HASH=-; else cached_hash "$1" "$name"; fi\n'
-    '    printf \'%s\\n\' "' + SECTION + 'sum $size $mtime ${HASH:--} $2$name"\n'
+    '    printf \'%s\\n\' "' + SECTION + 'sum $size $mtime ${HASH:--} $(enc_word "$2$name")"\n'
     "  done <<RUNCTL_FILES\n"
     '$(ls -t "$1" 2>/dev/null)\n'
     "RUNCTL_FILES\n"
@@ -257,15 +258,17 @@ def parse_sums(output: str) -> Sums:
             counts[word] = int(rest)
             continue
         if line.startswith(SECTION + "subdir "):
-            subdirs.append(line[len(SECTION) + 7 :])
+            if (subdir := frame.name(line[len(SECTION) + 7 :])) is not None:
+                subdirs.append(subdir)
             continue
         if not line.startswith(SECTION + "sum "):
             continue
         parts = line[len(SECTION) + 4 :].split(" ", 3)
-        if len(parts) != 4 or not parts[0].isdigit() or not safe_name(parts[3]):
+        name = frame.name(parts[3]) if len(parts) == 4 else None
+        if name is None or not parts[0].isdigit() or not safe_name(name):
             continue
         sha = parts[2] if re.fullmatch(r"[0-9a-f]{64}", parts[2]) else ""
-        found.append(Sum(parts[3], int(parts[0]), int(parts[1]) if parts[1].isdigit() else 0, sha))
+        found.append(Sum(name, int(parts[0]), int(parts[1]) if parts[1].isdigit() else 0, sha))
     return Sums(found, subdirs, counts["more"], counts["known"])
 
 

@@ -3,11 +3,12 @@ each manifest entry's sha256 and size on the instance; and the parser that
 turns their output into listings (`discover`), shared by `/runctl checkpoints`,
 the stop report and the terminate warning. Each call is one SSM command.
 
-Output, one record a line (names are always the last field, so they may hold spaces):
+Output, one record a line; a name is the last field, encoded (workers/remote/frame.py), as is
+everything else the instance wrote (the manifest's `created_at` is cut to ISO characters):
 
     ::runctl::newest <run-id>          newest run directory on the instance
     ::runctl::none                     no run directories at all
-    ::runctl::norun <run-id>           the asked run has no directory
+    ::runctl::norun <run-id>           the asked run has no directory (the id as asked, encoded)
     ::runctl::known <run-id>           (after norun) a run that has checkpoints, newest first
     ::runctl::run <run-id>             starts one listing
     ::runctl::manifest                 the listing's directory has a manifest.json
@@ -32,6 +33,7 @@ from datetime import UTC, datetime
 
 from workers.aws.fleet import Fleet
 from workers.errors import RemoteError
+from workers.remote import bounds, frame
 from workers.remote.core import SECTION, header, q
 
 # SSM returns at most 24000 chars of stdout; the listing stays well under it.
@@ -50,8 +52,9 @@ _FUNCTIONS = (
     'RUNS="$RUNCTL_ROOT/runs"\n'
     "nl='\n'\n"
     "hash_of() {\n"
-    '  if command -v sha256sum >/dev/null 2>&1; then sha256sum "$1" 2>/dev/null | cut -d" " -f1\n'
-    '  else shasum -a 256 "$1" 2>/dev/null | cut -d" " -f1; fi\n'
+    # From stdin: the output names no file, so a name cannot change its first field.
+    '  if command -v sha256sum >/dev/null 2>&1; then sha256sum < "$1" 2>/dev/null | cut -d" " -f1\n'
+    '  else shasum -a 256 < "$1" 2>/dev/null | cut -d" " -f1; fi\n'
     "}\n"
     "HASHED=0\n"
     "cached_hash() {  # cached_hash <dir> <name>: sets HASH\n"
@@ -64,6 +67,7 @@ _FUNCTIONS = (
     '$(grep -F -e "$_key " "$_cache" 2>/dev/null)\n'
     "RUNCTL_CACHE\n"
     "  fi\n"
+    '  case "$HASH" in *[!0-9a-f]*) HASH="" ;; esac  # the cache file is the instance\'s to write\n'
     '  [ -n "$HASH" ] && return 0\n'
     '  HASH=$(hash_of "$1/$2"); HASHED=$((HASHED + 1))\n'
     '  if [ -n "$HASH" ] && [ -n "$_key" ]; then printf \'%s %s %s\\n\' "$_key" "$HASH" "$2" >> "$_cache" 2>/dev/null; fi\n'
@@ -135,10 +139,10 @@ _FUNCTIONS = (
     "      want_sha=$(field \"$obj\" sha256 '[0-9a-fA-F]*' | tr 'A-F' 'a-f')\n"
     "      want_size=$(field \"$obj\" size '[0-9][0-9]*')\n"
     "      epoch=$(field \"$obj\" epoch '[0-9][0-9]*')\n"
-    "      created=$(field \"$obj\" created_at '[^\" ]*')\n"
+    "      created=$(field \"$obj\" created_at '[^\" ]*' | tr -cd '0-9A-Za-z:.+_-')\n"
     '      f="$ck/$name"\n'
     '      if [ ! -f "$f" ]; then\n'
-    '        printf \'%s\\n\' "' + SECTION + 'entry missing ${epoch:--} - ${want_size:--} - ${created:--} $pre$name"; continue\n'
+    '        printf \'%s\\n\' "' + SECTION + 'entry missing ${epoch:--} - ${want_size:--} - ${created:--} $(enc_word "$pre$name")"; continue\n'
     "      fi\n"
     '      size=$(wc -c < "$f" | tr -d " ")\n'
     '      mtime=$(date -r "$f" +%s 2>/dev/null || echo -)\n'
@@ -151,7 +155,7 @@ _FUNCTIONS = (
     '        elif [ "$got" = "$want_sha" ]; then st=ok\n'
     "        else st=sha; fi\n"
     "      fi\n"
-    '      printf \'%s\\n\' "' + SECTION + 'entry $st ${epoch:--} $size ${want_size:--} $mtime ${created:--} $pre$name"\n'
+    '      printf \'%s\\n\' "' + SECTION + 'entry $st ${epoch:--} $size ${want_size:--} $mtime ${created:--} $(enc_word "$pre$name")"\n'
     "    done <<RUNCTL_MANIFEST\n"
     "$entries\n"
     "RUNCTL_MANIFEST\n"
@@ -174,7 +178,7 @@ _FUNCTIONS = (
     "    else\n"
     '      size=$(wc -c < "$f" | tr -d " ")\n'
     "    fi\n"
-    '    printf \'%s\\n\' "' + SECTION + '$kind $size $(date -r "$f" +%s 2>/dev/null || echo -) $pre$name"\n'
+    '    printf \'%s\\n\' "' + SECTION + '$kind $size $(date -r "$f" +%s 2>/dev/null || echo -) $(enc_word "$pre$name")"\n'
     "  done <<RUNCTL_FILES\n"
     '$(ls -t "$ck" 2>/dev/null)\n'
     "RUNCTL_FILES\n"
@@ -196,7 +200,7 @@ _HASHED = 'echo "' + SECTION + 'hashed $HASHED"\n'
 
 def prelude(root: str, verify: bool) -> str:
     """The header and the discovery's shell functions, for scripts that build on them."""
-    return header(root) + f"VERIFY={1 if verify else 0}\n" + _FUNCTIONS
+    return header(root) + f"VERIFY={1 if verify else 0}\n" + frame.ENC + _FUNCTIONS
 
 
 _prelude = prelude
@@ -212,7 +216,7 @@ def list_checkpoints(root: str, run_id: str | None, verify: bool = True) -> str:
             'if valid_id "$RUN" && [ -d "$RUNS/$RUN" ]; then\n'
             '  list_run "$RUN"\n'
             "else\n"
-            '  echo "' + s + 'norun $RUN"\n'
+            '  echo "' + s + 'norun $(enc_word "$RUN")"\n'
             "  n=0\n"
             "  for rid in $(runs_with_checkpoints); do\n"
             f'    n=$((n + 1)); [ "$n" -le {KNOWN_RUNS} ] || break\n'
@@ -352,7 +356,7 @@ def parse(output: str) -> list[CheckpointListing]:
         if word == "newest":
             newest_run = rest.strip() or None
         elif word == "norun":
-            missing = rest.strip()
+            missing = frame.text(rest.strip()) or ""
         elif word == "known":
             known.append(rest.strip())
         elif word == "run":
@@ -392,12 +396,12 @@ def _newest_first(c: FoundCheckpoint) -> tuple[int, int, float]:
 
 
 def _int(text: str) -> int | None:
-    return int(text) if text.isdigit() else None
+    return bounds.count(text)
 
 
 def _time(epoch_seconds: str, iso: str = "-") -> datetime:
-    if epoch_seconds.isdigit():
-        return datetime.fromtimestamp(int(epoch_seconds), UTC)
+    if (moment := bounds.instant(epoch_seconds)) is not None:
+        return moment
     try:
         moment = datetime.fromisoformat(iso.replace("Z", "+00:00"))
     except ValueError:
@@ -409,7 +413,10 @@ def _entry(rest: str) -> FoundCheckpoint | None:
     parts = rest.split(" ", 6)
     if len(parts) != 7 or not parts[6]:
         return None
-    status, epoch, size, want_size, mtime, created, name = parts
+    status, epoch, size, want_size, mtime, created, token = parts
+    name = frame.name(token)
+    if not name:
+        return None
     if status == "ok":
         ok: bool | None = True
     elif status in _UNKNOWN:
@@ -433,14 +440,16 @@ def _entry(rest: str) -> FoundCheckpoint | None:
 
 def _file(rest: str, is_dir: bool) -> FoundCheckpoint | None:
     parts = rest.split(" ", 2)
-    if len(parts) != 3 or not parts[0].isdigit() or not parts[2]:
+    name = frame.name(parts[2]) if len(parts) == 3 else None
+    size = _int(parts[0])
+    if size is None or not name:
         return None
-    match = _EPOCH_IN_NAME.search(parts[2])
+    match = _EPOCH_IN_NAME.search(name)
     return FoundCheckpoint(
-        name=parts[2],
-        size=int(parts[0]),
+        name=name,
+        size=size,
         modified_at=_time(parts[1]),
-        epoch=int(match.group(1)) if match else None,
+        epoch=_int(match.group(1)) if match else None,
         sha256_ok=None,
         is_dir=is_dir,
     )

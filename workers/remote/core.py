@@ -11,7 +11,7 @@ import secrets
 import shlex
 from collections.abc import Mapping, Sequence
 
-from workers.remote import spot
+from workers.remote import frame, spot
 from workers.remote.events import OFF, Sender
 
 q = shlex.quote
@@ -61,8 +61,11 @@ def _probe_body() -> str:
         '  [ -f "$d/exit_code" ] && continue\n'
         '  pid=$(cat "$d/pid" 2>/dev/null) || continue\n'
         '  case "$pid" in ""|*[!0-9]*) continue ;; esac\n'
+        '  rid=$(basename "$d")\n'
+        # A run id is runctl's: a directory named otherwise is not a run, and prints nothing.
+        '  case "$rid" in ""|.|..|*[!A-Za-z0-9_.-]*) continue ;; esac\n'
         '  if kill -0 "$pid" 2>/dev/null; then\n'
-        '    printf \'live %s %s\\n\' "$(basename "$d")" "$pid"\n'
+        '    printf \'live %s %s\\n\' "$rid" "$pid"\n'
         "  fi\n"
         "done\n"
     )
@@ -275,12 +278,13 @@ def launch_body(
 
 def runs_status(root: str, run_ids: Sequence[str], log_lines: int = 15, line_chars: int = 300) -> str:
     """Snapshots of several runs in one script, so one SSM command can serve many
-    instances; each instance reports the runs it has, each after `::runctl::run <id>`."""
+    instances; each instance reports the runs it has, each after `::runctl::run <id>`.
+    What the instance wrote (progress, names, log, notice, nvidia-smi) is encoded (frame.py)."""
     s = SECTION
     ids = " ".join(q(r) for r in run_ids)
     from workers.remote import gpu  # gpu imports this module's SECTION and header
 
-    return header(root) + (
+    return header(root) + frame.ENC + (
         'echo "' + s + 'now $(date +%s)"\n'
         + gpu.report()
         + f"for RUN_ID in {ids}; do\n"
@@ -290,23 +294,22 @@ def runs_status(root: str, run_ids: Sequence[str], log_lines: int = 15, line_cha
         'pid=$(cat "$RUN_DIR/pid" 2>/dev/null || true)\n'
         'case "$pid" in ""|*[!0-9]*) alive=0 ;; *) if kill -0 "$pid" 2>/dev/null; then alive=1; else alive=0; fi ;; esac\n'
         'echo "' + s + 'alive $alive"\n'
-        'if [ -n "$pid" ]; then echo "' + s + 'pid $pid"; fi\n'
+        'if [ -n "$pid" ]; then echo "' + s + 'pid 1"; fi\n'
         'pgid=$(cat "$RUN_DIR/pgid" 2>/dev/null || true)\n'
         'case "$pgid" in ""|*[!0-9]*) ;; *) if kill -0 "$pgid" 2>/dev/null; then echo "' + s + 'wrapper 1"; fi ;; esac\n'
-        'if [ -f "$RUN_DIR/exit_code" ]; then echo "' + s + 'exit $(cat "$RUN_DIR/exit_code")"; fi\n'
+        'if [ -f "$RUN_DIR/exit_code" ]; then echo "' + s + 'exit $(head -c 20 "$RUN_DIR/exit_code" | tr -cd \'0-9-\')"; fi\n'
         + spot.report(s)
         + 'if [ -f "$RUN_DIR/progress.json" ]; then\n'
-        '  echo "' + s + 'progress"; head -c 1500 "$RUN_DIR/progress.json"; echo\n'
+        '  echo "' + s + 'progress $(head -c 1500 "$RUN_DIR/progress.json" | enc)"\n'
         "fi\n"
         'ck=$(cat "$RUN_DIR/checkpoint_dir" 2>/dev/null || echo "$RUN_DIR/checkpoints")\n'
         'if [ -d "$ck" ]; then\n'
         '  newest=$(ls -t "$ck" 2>/dev/null | grep -v -e \'^manifest.json$\' -e \'^completed.json$\' -e \'^\\.\' | head -n 1)\n'
-        '  if [ -n "$newest" ]; then\n'
-        '    echo "' + s + 'checkpoint $(wc -c < "$ck/$newest" | tr -d \' \') $(date -r "$ck/$newest" +%s) $newest"\n'
+        '  if [ -n "$newest" ] && [ -e "$ck/$newest" ]; then\n'
+        '    echo "' + s + 'checkpoint $(wc -c < "$ck/$newest" | tr -cd \'0-9\') $(date -r "$ck/$newest" +%s | tr -cd \'0-9\') $(enc_word "$newest")"\n'
         "  fi\n"
         "fi\n"
-        'echo "' + s + 'log"\n'
-        f'tail -n {int(log_lines)} "$RUN_DIR/training.log" 2>/dev/null | cut -c1-{int(line_chars)}\n'
+        f'echo "{s}log $(tail -n {int(log_lines)} "$RUN_DIR/training.log" 2>/dev/null | cut -c1-{int(line_chars)} | enc)"\n'
         'echo "' + s + 'end"\n'
         "done\n"
     )

@@ -2,13 +2,14 @@
 ``$RUNCTL_ROOT/envs/<digest16>-py<X.Y>``, log to the run's ``setup.log``, prune old ones.
 
 Output lines (after ``SECTION``): ``env <name>``, then ``reused <built-epoch>`` or
-``built <built-epoch> <installer>`` and any ``pruned <name>``; on failure
-``failed <reason>`` followed by the last lines of ``setup.log``.
+``built <built-epoch> <installer>`` and any ``pruned <name>`` (encoded: frame.py); on failure
+``failed <reason>`` and ``tail <the last lines of setup.log, encoded>``.
 Exit codes: 40 install failed, 41 no venv, 42 no python3, 43 another build held the env too long.
 """
 
 from __future__ import annotations
 
+from workers.remote import frame
 from workers.remote.core import SECTION, header, heredoc_end, home, q, run_dir
 
 KEEP_ENVS = 3  # environments used by this many most recent runs survive a prune
@@ -43,8 +44,8 @@ def setup_env(
         req = f'REQ="$RUNCTL_ROOT/code/"{q(requirements)}\n'
         write_req = ""
     work = f'WORK="$RUNCTL_ROOT/code/"{q(workdir)}\n' if workdir else 'WORK="$RUNCTL_ROOT/code"\n'
-    tail = f'tail -n {LOG_TAIL} "$LOG" | cut -c1-300'
-    return header(root) + (
+    tail = f'echo "{s}tail $(tail -n {LOG_TAIL} "$LOG" | cut -c1-300 | enc)"'
+    return header(root) + frame.ENC + (
         f"RUN_DIR={run_dir(run_id)}\n"
         'LOG="$RUN_DIR/setup.log"\n'
         f"{req}{work}"
@@ -55,7 +56,7 @@ def setup_env(
         'if ! command -v "$PYTHON" >/dev/null 2>&1; then\n'
         f'  echo "{s}failed no-python"; exit {NO_PYTHON}\n'
         "fi\n"
-        "PYVER=$(\"$PYTHON\" -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])')\n"
+        "PYVER=$(\"$PYTHON\" -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])' | tr -cd '0-9.')\n"
         f'NAME={q(digest[:16])}-py"$PYVER"\n'
         'ENV="$RUNCTL_ROOT/envs/$NAME"\n'
         'LOCK="$ENV.lock"\n'
@@ -76,7 +77,7 @@ def setup_env(
         "trap 'rm -rf \"$LOCK\"' EXIT\n"
         f"REBUILD={1 if rebuild else 0}\n"
         'if [ "$REBUILD" = 0 ] && [ -f "$ENV/.runctl-ready" ]; then\n'
-        '  built=$(cat "$ENV/.runctl-ready")\n'
+        '  built=$(head -c 20 "$ENV/.runctl-ready" | tr -cd \'0-9\')\n'
         '  echo "runctl: reusing environment $NAME (built $(date -u -d "@$built" 2>/dev/null || echo "$built"))" > "$LOG"\n'
         '  printf \'%s\\n\' "$NAME" > "$RUN_DIR/env"\n'
         f'  echo "{s}reused $built"\n'
@@ -120,7 +121,7 @@ def setup_env(
         'date +%s > "$ENV/.runctl-ready"\n'
         'printf \'%s\\n\' "$NAME" > "$RUN_DIR/env"\n'
         'echo "runctl: environment $NAME ready" >> "$LOG"\n'
-        f'echo "{s}built $(cat "$ENV/.runctl-ready") $INSTALLER"\n'
+        f'echo "{s}built $(head -c 20 "$ENV/.runctl-ready" | tr -cd \'0-9\') $INSTALLER"\n'
         + prune(keep)
     )
 
@@ -138,7 +139,7 @@ def prune(keep: int) -> str:
         '  [ -d "$d.lock" ] && continue\n'
         '  if ! printf \'%s\\n\' "$recent" | grep -qxF "$n"; then\n'
         '    rm -rf "$d"\n'
-        f'    echo "{s}pruned $n"\n'
+        f'    echo "{s}pruned $(enc_word "$n")"\n'
         "  fi\n"
         "done\n"
     )

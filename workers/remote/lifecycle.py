@@ -11,11 +11,12 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from workers.remote import bounds, frame
 from workers.remote.core import header, run_dir
 
 _RESULT = re.compile(r"^stopped (term|kill|none)(?: (\d+))?(?: (\d+))?\s*$", re.MULTILINE)
-_SAVED = re.compile(r"^saved (.+)$", re.MULTILINE)
-_JSON_LINE = re.compile(r"^(progress|marker) (\{.*\})\s*$", re.MULTILINE)
+_SAVED = re.compile(r"^saved (\S+)$", re.MULTILINE)
+_JSON_LINE = re.compile(r"^(progress|marker) (\S+)$", re.MULTILINE)
 StopHow = Literal["term", "kill", "none"]
 
 
@@ -29,10 +30,11 @@ def stop_run(
     own), then ``stopped <term|kill|none> <waited-seconds> <signal-epoch-seconds>``
     (``stopped none`` when nothing was alive); ``parse_stop`` reads them. Before the
     signal it prints ``progress <progress.json>``, after the exit ``marker <completed.json>``
-    (when the script wrote one since): they tell which epoch had finished.
+    (when the script wrote one since): they tell which epoch had finished. Names and
+    file contents are encoded (workers/remote/frame.py): the training cannot forge a line.
     """
     first = "KILL" if force else "TERM"
-    return header(root) + (
+    return header(root) + frame.ENC + (
         f"RUN_DIR={run_dir(run_id)}\n"
         f"CK_DIR={run_dir(checkpoint_run_id or run_id)}/checkpoints\n"
         f"GRACE={0 if force else int(grace)}\n"
@@ -48,7 +50,7 @@ def stop_run(
         '  else kill -"$1" "$pid" 2>/dev/null; fi\n'
         "}\n"
         'if [ -f "$RUN_DIR/progress.json" ]; then printf \'progress %s\\n\' '
-        '"$(head -c 2000 "$RUN_DIR/progress.json" | tr -d \'\\r\\n\')"; fi\n'
+        '"$(head -c 2000 "$RUN_DIR/progress.json" | enc)"; fi\n'
         "signalled=$(date +%s)\n"
         'echo "$signalled" > "$RUN_DIR/stop_requested"\n'
         f"signal_group {first} || true\n"
@@ -69,11 +71,11 @@ def stop_run(
         'if [ -d "$CK_DIR" ]; then\n'
         '  find "$CK_DIR/." ! -name . -prune -newer "$RUN_DIR/stop_requested" ! -name ".*" '
         "! -name manifest.json ! -name completed.json -print 2>/dev/null | while IFS= read -r f; do\n"
-        '    echo "saved ${f##*/}"\n'
+        '    printf \'saved %s\\n\' "$(enc_word "${f##*/}")"\n'
         "  done\n"
         "fi\n"
         'if [ -n "$(find "$CK_DIR/completed.json" -newer "$RUN_DIR/stop_requested" 2>/dev/null)" ]; then\n'
-        '  printf \'marker %s\\n\' "$(head -c 2000 "$CK_DIR/completed.json" | tr -d \'\\r\\n\')"\n'
+        '  printf \'marker %s\\n\' "$(head -c 2000 "$CK_DIR/completed.json" | enc)"\n'
         "fi\n"
         'echo "stopped $how $waited $signalled"\n'
     )
@@ -93,8 +95,8 @@ def parse_stop(stdout: str) -> StopResult | None:
     if match is None:
         return None
     how, waited, at = match.groups()
-    saved = tuple(name.rstrip("\r") for name in _SAVED.findall(stdout))
-    found = {kind: _object(raw) for kind, raw in _JSON_LINE.findall(stdout)}
+    saved = tuple(name for token in _SAVED.findall(stdout) if (name := frame.text(token)))
+    found = {kind: _object(frame.text(token) or "") for kind, token in _JSON_LINE.findall(stdout)}
     finished = _marker_epoch(found.get("marker")) if "marker" in found else _progress_epoch(found.get("progress"))
     return StopResult(how, int(waited or 0), int(at) if at else None, saved, finished)  # type: ignore[arg-type]
 
@@ -102,13 +104,15 @@ def parse_stop(stdout: str) -> StopResult | None:
 def _object(raw: str) -> dict[str, Any]:
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than json can parse
         return {}
     return value if isinstance(value, dict) else {}
 
 
 def _count(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= bounds.MAX_COUNT:
+        return value
+    return None
 
 
 def _marker_epoch(marker: dict[str, Any] | None) -> int | None:

@@ -5,8 +5,8 @@ characters of output. Each is one SSM command; the parsers turn the output into 
 Tail output, one record a line:
 
     ::runctl::none                     no run on the instance has a training.log
-    ::runctl::nolog <run-id>           that run has no training.log
-    ::runctl::run <run-id>             the run whose log this is
+    ::runctl::nolog <run-id>           that run has no training.log (the id encoded: frame.py)
+    ::runctl::run <run-id>             the run whose log this is (the id encoded: a directory's name)
     ::runctl::size <bytes>             the whole log
     ::runctl::lines <count>            its lines
     ::runctl::matches <count>          (with a grep) lines holding the text
@@ -29,6 +29,7 @@ import binascii
 from dataclasses import dataclass
 from typing import Literal
 
+from workers.remote import frame
 from workers.remote.core import SECTION, header, q, run_dir
 
 LOG_NAME = "training.log"
@@ -61,7 +62,7 @@ def _find_log(run_id: str | None) -> str:
         return (
             f"RUN_ID={q(run_id)}\n"
             f"LOG={log_path(run_id)}\n"
-            f'if [ ! -f "$LOG" ]; then echo "{SECTION}nolog $RUN_ID"; exit 0; fi\n'
+            f'if [ ! -f "$LOG" ]; then echo "{SECTION}nolog $(enc_word "$RUN_ID")"; exit 0; fi\n'
         )
     return (  # the newest: the log written last (the training writes it as it runs)
         f'LOG=$(ls -t "$RUNCTL_ROOT"/runs/*/{LOG_NAME} 2>/dev/null | head -n 1)\n'
@@ -78,9 +79,10 @@ def tail_script(root: str, run_id: str | None, lines: int, grep: str | None) -> 
     return (
         header(root)
         + "LC_ALL=C\nexport LC_ALL\n"
+        + frame.ENC
         + _find_log(run_id)
         + (f"PAT={q(grep)}\n" if grep else "")
-        + f'echo "{s}run $RUN_ID"\n'
+        + f'echo "{s}run $(enc_word "$RUN_ID")"\n'
         + f"echo \"{s}size $(wc -c < \"$LOG\" | tr -d ' ')\"\n"
         + f"echo \"{s}lines $(wc -l < \"$LOG\" | tr -d ' ')\"\n"
         + (f'echo "{s}matches $(grep -a -c -F -e "$PAT" "$LOG")"\n' if grep else "")
@@ -126,9 +128,9 @@ def parse_tail(output: str) -> LogTail:
     if "none" in facts:
         return LogTail(run_id=None)
     if "nolog" in facts:
-        return LogTail(run_id=facts["nolog"], missing=True)
+        return LogTail(run_id=frame.name(facts["nolog"]), missing=True)
     return LogTail(
-        run_id=facts.get("run") or None,
+        run_id=frame.name(facts.get("run", "")) or None,
         size=_int(facts.get("size")),
         lines=_int(facts.get("lines")),
         matches=_int(facts["matches"]) if "matches" in facts else None,

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Literal
 
+from workers.remote import bounds, frame
 from workers.remote.core import SECTION, header, q
 
 META_CHARS = 1500
@@ -21,9 +22,9 @@ Seen = Literal["live", "ended", "vanished", "starting"]
 
 
 def runs_report(root: str, reported: Sequence[str]) -> str:
-    """Mark ``reported`` run ids, then print one ``run`` line (and its ``meta``) per run
-    whose end has not been reported: ``run <id> live|vanished|starting`` or
-    ``run <id> ended <exit code> <when, epoch s>``."""
+    """Mark ``reported`` run ids, then print one ``run`` line (and its ``meta``, encoded:
+    frame.py) per run whose end has not been reported: ``run <id> live|vanished|starting`` or
+    ``run <id> ended <exit code> <when, epoch s>``. A directory not named like a run id is skipped."""
     s = SECTION
     mark = ""
     if reported:
@@ -33,13 +34,14 @@ def runs_report(root: str, reported: Sequence[str]) -> str:
             '  if [ -d "$RUNCTL_ROOT/runs/$RUN_ID" ]; then : > "$RUNCTL_ROOT/runs/$RUN_ID/reported"; fi\n'
             "done\n"
         )
-    return header(root) + (
+    return header(root) + frame.ENC + (
         f'echo "{s}now $(date +%s)"\n'
         + mark
         + 'for d in "$RUNCTL_ROOT"/runs/*/; do\n'
         '  [ -f "$d/meta.json" ] || continue\n'
         '  if [ -f "$d/exit_code" ] && [ -f "$d/reported" ]; then continue; fi\n'
         '  rid=$(basename "$d")\n'
+        '  case "$rid" in ""|.|..|*[!A-Za-z0-9_.-]*) continue ;; esac\n'
         '  pid=$(cat "$d/pid" 2>/dev/null || true)\n'
         "  alive=0\n"
         '  case "$pid" in ""|*[!0-9]*) ;; *) if kill -0 "$pid" 2>/dev/null; then alive=1; fi ;; esac\n'
@@ -54,7 +56,7 @@ def runs_report(root: str, reported: Sequence[str]) -> str:
         "  else seen=starting\n"
         "  fi\n"
         f"  printf '{s}run %s %s\\n' \"$rid\" \"$seen\"\n"
-        f"  printf '{s}meta '; head -c {META_CHARS} \"$d/meta.json\" | tr -d '\\n'; echo\n"
+        f"  printf '{s}meta %s\\n' \"$(head -c {META_CHARS} \"$d/meta.json\" | enc)\"\n"
         "done\n"
     )
 
@@ -83,8 +85,8 @@ def parse_report(output: str) -> Report:
         if not line.startswith(SECTION):
             continue
         word, _, rest = line[len(SECTION) :].partition(" ")
-        if word == "now" and rest.strip().isdigit():
-            report.now = datetime.fromtimestamp(int(rest), UTC)
+        if word == "now":
+            report.now = bounds.instant(rest)
         elif word == "run":
             parts = rest.split()
             if len(parts) < 2 or parts[1] not in ("live", "ended", "vanished", "starting"):
@@ -92,11 +94,10 @@ def parse_report(output: str) -> Report:
             run = SeenRun(run_id=parts[0], seen=parts[1])  # type: ignore[arg-type]
             if run.seen == "ended" and len(parts) == 4:
                 run.exit_code = _int(parts[2])
-                when = _int(parts[3])
-                run.ended_at = datetime.fromtimestamp(when, UTC) if when is not None else None
+                run.ended_at = bounds.instant(parts[3])
             report.runs.append(run)
         elif word == "meta" and report.runs and report.runs[-1].meta is None:
-            report.runs[-1].meta = rest
+            report.runs[-1].meta = frame.text(rest.strip()) or ""  # verified by the reconcile job
     return report
 
 

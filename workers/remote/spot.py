@@ -63,11 +63,12 @@ def unwatch() -> str:
 
 
 def report(section: str) -> str:
-    """Status lines inside `runs_status`'s per-run loop: when the watcher acted on a notice
-    (epoch seconds, the training was signalled then) and the notice."""
+    """Status lines inside `runs_status`'s per-run loop (after frame.ENC): when the watcher
+    acted on a notice (epoch seconds, the training was signalled then) and the notice, encoded."""
     return (
         f'if [ -f "$RUN_DIR/{NOTICE_FILE}" ]; then\n'
-        f'  echo "{section}spot $(date -r "$RUN_DIR/{NOTICE_FILE}" +%s) $(head -c 300 "$RUN_DIR/{NOTICE_FILE}" | tr -d \'\\r\\n\')"\n'
+        f'  echo "{section}spot $(date -r "$RUN_DIR/{NOTICE_FILE}" +%s | tr -cd \'0-9\') '
+        f'$(head -c 300 "$RUN_DIR/{NOTICE_FILE}" | enc)"\n'
         "fi\n"
     )
 
@@ -76,7 +77,7 @@ def describe(notice: str) -> str:
     """`stop at 2026-12-02T01:10:00Z` from the notice's JSON (what IMDS answered, kept as text)."""
     try:
         data = json.loads(notice)
-    except ValueError:
+    except (ValueError, RecursionError):
         return "notice received"
     if not isinstance(data, dict):
         return "notice received"

@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
+from typing import Annotated
 
-from workers.remote import SECTION, gpu
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from workers.remote import SECTION, bounds, frame, gpu
 from workers.state.runs import Checkpoint, Gpu, Progress
 
 _EPOCH = re.compile(r"epoch\s*[:=]?\s*(\d+)\s*/\s*(\d+)", re.IGNORECASE)
 _METRIC = re.compile(r"\b(loss|acc|accuracy|val_loss|lr)\s*[=:]\s*([-+0-9.eE]+)")
 _CKPT_EPOCH = re.compile(r"epoch[-_]?0*(\d+)", re.IGNORECASE)
+MAX_EXIT = 2**31
 
 
 @dataclass
@@ -38,19 +42,23 @@ class Snapshot:
 
 
 def parse_many(output: str) -> dict[str, Snapshot]:
-    """Split ``runs_status`` output into one snapshot per run it reports."""
+    """Split ``runs_status`` output into one snapshot per run it reports. Only records
+    count: whatever the instance wrote reaches here encoded (workers/remote/frame.py)."""
     now_line = ""
     gpus: list[Gpu] = []
     chunks: dict[str, list[str]] = {}
     current: list[str] | None = None
     for line in output.splitlines():
-        if line.startswith(SECTION + "now "):
+        if not line.startswith(SECTION):
+            continue
+        word, _, rest = line[len(SECTION) :].partition(" ")
+        if word == "now":
             now_line = line
-        elif current is None and line.startswith(SECTION + "gpu "):
-            if (row := gpu.parse_row(line[len(SECTION) + 4 :])) is not None:
-                gpus.append(row)
-        elif line.startswith(SECTION + "run "):
-            current = chunks.setdefault(line[len(SECTION) + 4 :].strip(), [])
+        elif current is None and word == "gpus":
+            rows = frame.text(rest)
+            gpus = [row for r in (rows or "").splitlines() if (row := gpu.parse_row(r)) is not None]
+        elif word == "run":
+            current = chunks.setdefault(rest.strip(), [])
         elif current is not None:
             current.append(line)
     found = {run_id: _parse_one("\n".join([now_line, *lines])) for run_id, lines in chunks.items()}
@@ -69,79 +77,101 @@ def parse(output: str) -> Snapshot:
 
 def _parse_one(output: str) -> Snapshot:
     snap = Snapshot()
-    section = ""
-    progress_lines: list[str] = []
+    progress: str | None = None
     for line in output.splitlines():
-        if line.startswith(SECTION):
-            word, _, rest = line[len(SECTION) :].partition(" ")
-            section = word
-            if word == "missing":
-                snap.missing = True
-            elif word == "now" and rest.isdigit():
-                snap.instance_now = datetime.fromtimestamp(int(rest), UTC)
-            elif word == "alive":
-                snap.alive = rest.strip() == "1"
-            elif word == "pid":
-                snap.has_pid = True
-            elif word == "wrapper":
-                snap.wrapper_alive = rest.strip() == "1"
-            elif word == "exit":
-                snap.exit_code = int(rest) if rest.strip().lstrip("-").isdigit() else -1
-            elif word == "spot":
-                at, _, notice = rest.strip().partition(" ")
-                if at.isdigit():
-                    snap.spot_notice, snap.spot_signalled_at = notice, datetime.fromtimestamp(int(at), UTC)
-            elif word == "checkpoint":
-                snap.checkpoint = _checkpoint(rest)
+        if not line.startswith(SECTION):
             continue
-        if section == "progress":
-            progress_lines.append(line)
-        elif section == "log":
-            snap.log.append(line)
-    if progress_lines:
-        snap.progress = progress_from_file("\n".join(progress_lines))
+        word, _, rest = line[len(SECTION) :].partition(" ")
+        rest = rest.strip()
+        if word == "missing":
+            snap.missing = True
+        elif word == "now":
+            snap.instance_now = bounds.instant(rest)
+        elif word == "alive":
+            snap.alive = rest == "1"
+        elif word == "pid":
+            snap.has_pid = True
+        elif word == "wrapper":
+            snap.wrapper_alive = rest == "1"
+        elif word == "exit":
+            code = bounds.count(rest.removeprefix("-"))
+            snap.exit_code = -1 if code is None or code > MAX_EXIT else (-code if rest.startswith("-") else code)
+        elif word == "spot":
+            at, _, notice = rest.partition(" ")
+            when, said = bounds.instant(at), frame.text(notice)
+            if when is not None and said is not None:
+                snap.spot_notice, snap.spot_signalled_at = said.replace("\r", "").replace("\n", ""), when
+        elif word == "checkpoint":
+            snap.checkpoint = _checkpoint(rest)
+        elif word == "progress":
+            progress = frame.text(rest)
+        elif word == "log":
+            snap.log = (frame.text(rest) or "").splitlines()
+    if progress:
+        snap.progress = progress_from_file(progress)
     if snap.progress is None:
         snap.progress = progress_from_log(snap.log)
     return snap
 
 
 def _checkpoint(rest: str) -> Checkpoint | None:
-    parts = rest.split(" ", 2)
-    if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
+    parts = rest.split(" ")
+    if len(parts) != 3:
         return None
-    match = _CKPT_EPOCH.search(parts[2])
-    return Checkpoint(
-        name=parts[2],
-        size=int(parts[0]),
-        modified_at=datetime.fromtimestamp(int(parts[1]), UTC),
-        epoch=int(match.group(1)) if match else None,
-    )
+    size, modified, name = bounds.count(parts[0]), bounds.instant(parts[1]), frame.text(parts[2])
+    if size is None or modified is None or not name:
+        return None
+    match = _CKPT_EPOCH.search(name)
+    return Checkpoint(name=name, size=size, modified_at=modified, epoch=bounds.count(match.group(1)) if match else None)
+
+
+class _Fields(BaseModel):
+    """What a progress file may say, each field checked on its own: out of bounds, it is dropped."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    epoch: Annotated[int, Field(ge=0, le=bounds.MAX_COUNT)] | None = None
+    total_epochs: Annotated[int, Field(ge=0, le=bounds.MAX_COUNT)] | None = None
+    step: Annotated[int, Field(ge=0, le=bounds.MAX_COUNT)] | None = None
+    total_steps: Annotated[int, Field(ge=0, le=bounds.MAX_COUNT)] | None = None
+    eta_seconds: Annotated[float, Field(ge=0, le=bounds.MAX_SECONDS)] | None = None
+    updated_at: datetime | None = None
 
 
 def progress_from_file(text: str) -> Progress | None:
     try:
         data = json.loads(text)
-        if not isinstance(data, dict):
-            return None
-        metrics = {
-            str(k): float(v)
-            for k, v in (data.get("metrics") or {}).items()
-            if isinstance(v, int | float)
-        }
-        return Progress.model_validate({**data, "metrics": metrics, "source": "file"})
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
+    if not isinstance(data, dict):
+        return None
+    fields: dict[str, object] = {}
+    for key in _Fields.model_fields:
+        if key in data:
+            try:
+                fields[key] = getattr(_Fields.model_validate({key: data[key]}), key)
+            except ValidationError:
+                continue  # this field only: the rest of the file still counts
+    raw = data.get("metrics")
+    metrics = {
+        str(k): value
+        for k, v in (raw.items() if isinstance(raw, dict) else ())
+        if (value := bounds.finite(v) if isinstance(v, int | float) else None) is not None
+    }
+    if not metrics and all(fields.get(k) is None for k in ("epoch", "step", "eta_seconds")):
+        return None  # nothing usable: the log may say more
+    return Progress.model_validate({**fields, "metrics": metrics, "source": "file"})
 
 
 def progress_from_log(lines: list[str]) -> Progress | None:
     for line in reversed(lines):
         match = _EPOCH.search(line)
         if match:
-            metrics = {m.group(1): float(m.group(2)) for m in _METRIC.finditer(line)}
-            return Progress(
-                epoch=int(match.group(1)),
-                total_epochs=int(match.group(2)),
-                metrics=metrics,
-                source="log",
-            )
+            epoch, total = bounds.count(match.group(1)), bounds.count(match.group(2))
+            if epoch is None or total is None:
+                continue
+            metrics = {
+                m.group(1): value for m in _METRIC.finditer(line) if (value := bounds.finite(m.group(2))) is not None
+            }
+            return Progress(epoch=epoch, total_epochs=total, metrics=metrics, source="log")
     return None

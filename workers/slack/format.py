@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
+MAX_SECONDS = 100 * 365 * 86400  # longer reads as this: no figure is that long
+
 
 def duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
+    if not math.isfinite(seconds):
+        return "unknown"
+    seconds = int(min(max(0, seconds), MAX_SECONDS))
     days, rem = divmod(seconds, 86400)
     hours, rem = divmod(rem, 3600)
     minutes, secs = divmod(rem, 60)
@@ -27,6 +33,6 @@ def size(n: int) -> str:
 
 
 def bar(fraction: float, width: int = 20) -> str:
-    fraction = min(1.0, max(0.0, fraction))
+    fraction = min(1.0, max(0.0, fraction)) if math.isfinite(fraction) else 0.0
     filled = round(fraction * width)
     return "█" * filled + "░" * (width - filled) + f" {fraction:.0%}"

@@ -176,7 +176,10 @@ def flush(svc: Services) -> float | None:
         member = _text(raw)
         if not svc.redis.zrem(PENDING, member):
             continue  # another tick took it
-        _show(svc, member)
+        try:
+            _show(svc, member)
+        except Exception:  # one message's failure is its own: the others still go out
+            log.exception("update of %s failed", member)
     upcoming = svc.redis.zrange(PENDING, 0, 0, withscores=True)
     return max(0.0, float(upcoming[0][1]) - time.time()) if upcoming else None
 
