@@ -157,7 +157,8 @@ def test_a_directory_named_after_alices_end_marker_does_not_block_her_end(
     assert len(done) == 1 and "<@U0ALICE>" in done[0]
     assert train_lock(svc.redis, alice_box).holder() is None  # Bob may train there now
     assert train_lock(svc.redis, mallory_box).holder() is None
-    assert any("'r-alice-live:end'" in o and "not a runctl run id" in o for o in ignored(svc, mallory_box))
+    # The instance's report leaves out a name that is no run id (workers/remote/reconcile.py).
+    assert svc.runs.get("r-alice-live:end") is None and not ignored(svc, mallory_box)
 
 
 def test_a_run_directory_named_with_slack_markup_never_reaches_slack(
@@ -172,7 +173,7 @@ def test_a_run_directory_named_with_slack_markup_never_reaches_slack(
 
     assert not any("<!here>" in c for c in chat_calls(slack, calls))
     assert svc.runs.get("r<!here>") is None
-    assert any("'r<!here>'" in o and "not a runctl run id" in o for o in ignored(svc, mallory_box))
+    assert not ignored(svc, mallory_box)  # the instance's report leaves it out: no run id
 
 
 def test_the_record_key_is_its_own_setting_when_set(settings: Settings) -> None:
