@@ -120,14 +120,16 @@ def handler(
             key = event_keys.get(redis, run_id)
             if key is None or not verify(key, signature, body):
                 return _refused(start_response)
+            run = live_run(redis, run_id)
+            if run is None:  # ended (a stop flow leaves its key to expire): the key signs nothing more
+                return _refused(start_response)
             now = time.time()
             try:
                 event = read_event(body, run_id, now)
             except BadEvent as exc:
                 log.info("run event for %s: %s", run_id, exc)
                 return answers.plain(start_response, "400 Bad Request", b"not a run event\n")
-            run = live_run(redis, run_id) if event is not None else None
-            if event is None or run is None:
+            if event is None:
                 return _refused(start_response)
             kind = event["kind"]
             offered = event_queue.offer(

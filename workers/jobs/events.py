@@ -79,7 +79,7 @@ def poll_now(svc: Services, run_id: str) -> str:
     """Take the run from the monitor's schedule and poll it: the monitor's own poll, which
     finishes and reports the run (or reschedules it when it is, after all, alive). Within
     the hold of the last exit that polled, the job waits for the hold's end instead."""
-    wait = exit_hold(svc, run_id)
+    wait, earlier = exit_hold(svc, run_id)
     if wait > 0:
         event_queue.defer_exit(svc.redis, run_id, wait)
         return f"deferred {wait:.1f} s: the run was polled for an exit event just now"
@@ -98,7 +98,8 @@ def poll_now(svc: Services, run_id: str) -> str:
         if run is None:
             return "ignored: the run ended meanwhile"
         try:
-            monitor.poll(svc, [run], first_poll=EXIT_FIRST_POLL)
+            # After an exit event that found the run alive, the next reads at the monitor's pace.
+            monitor.poll(svc, [run], first_poll=EXIT_FIRST_POLL if not earlier else monitor.POLL_FIRST_WAIT)
         except Exception:
             if svc.redis.zscore(monitor.DUE, run_id) is None:  # claimed but not rescheduled
                 monitor.schedule(svc, run_id, monitor.next_delay(svc, run.polls + 1))
@@ -112,8 +113,9 @@ def _hold_key(run_id: str) -> str:
     return f"runctl:events:exit:{run_id}"
 
 
-def exit_hold(svc: Services, run_id: str) -> float:
-    """0 when this exit event may poll now (it took the hold); else the seconds until it may."""
+def exit_hold(svc: Services, run_id: str) -> tuple[float, int]:
+    """0 when this exit event may poll now (it took the hold), else the seconds until it may;
+    and how many exit events of the run polled before."""
     polls_key = f"runctl:events:exit_polls:{run_id}"
     polls = int(svc.redis.get(polls_key) or 0)
     low, high = svc.settings.RUNCTL_POLL_MIN_SECONDS, svc.settings.RUNCTL_POLL_MAX_SECONDS
@@ -123,6 +125,6 @@ def exit_hold(svc: Services, run_id: str) -> float:
         pipe.incr(polls_key)
         pipe.expire(polls_key, 86400)
         pipe.execute()
-        return 0.0
+        return 0.0, polls
     left = svc.redis.pttl(_hold_key(run_id))
-    return max(0.05, left / 1000) if left > 0 else 0.05
+    return (max(0.05, left / 1000) if left > 0 else 0.05), polls
