@@ -17,6 +17,12 @@ Figures, per pass:
 - AWS calls (EC2, SSM, S3) made by the worker while following the runs (not the launches),
   per run-hour.
 
+A third pass, "flood" (`--flood-rate R`, default 20; 0 skips it): one run of `--flood-length`
+(default 600 s, scaled) with events on, while its instance posts R forged `exit` events a
+second, signed with the run's key read from `runs/<id>/run.sh` (as anyone root there can),
+from its start until its reply. Figures: the AWS calls per run-hour, the answers the forged
+events got, and the real end's lag (raw: what holds it back is a hold in scaled time).
+
 Scaling (`--scale S`, default 0.1): run lengths and the monitor's poll bounds
 (RUNCTL_POLL_MIN/MAX_SECONDS, 5 / 240 s) are multiplied by S, so polling does what it
 does for the real lengths, S times faster. Polling's lag, staleness and calls per run-hour
@@ -25,7 +31,8 @@ What events do takes wall-clock time that does not scale (a POST, a job, one pol
 events every RUNCTL_EVENTS_PROGRESS_SECONDS, 15 s), so events-on lag and staleness are raw.
 `--scale 1` runs the real lengths (about 21 minutes a pass).
 
-    python bench/notify_lag.py [--lengths 30,300,1200] [--per-length 2] [--scale 0.1] [--smoke]
+    python bench/notify_lag.py [--lengths 30,300,1200] [--per-length 2] [--scale 0.1]
+                               [--flood-rate 20] [--flood-length 600] [--smoke]
 """
 
 from __future__ import annotations
@@ -35,12 +42,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/notify_lag.py`
 
+import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import re
+import secrets
 import shutil
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -134,6 +147,28 @@ def staleness(run: Tracked, calls: list[Call], parent_ts: str) -> list[float]:
     return ages
 
 
+def flood(run: Tracked, url: str, rate: float, stop: threading.Event, answers: Counter[int]) -> None:
+    """Forged `exit` events for run, `rate` a second, signed with the key its run.sh holds."""
+    key = None
+    while key is None and not stop.is_set():
+        with contextlib.suppress(OSError):
+            key = re.search(r"^EV_KEY=([0-9a-f]{64})$", (run.run_dir / "run.sh").read_text(), re.M)
+        stop.wait(0.05)
+    while key is not None and not stop.is_set():
+        event = {"run_id": run.run_id, "kind": "exit", "ts": int(time.time()), "nonce": secrets.token_hex(16)}
+        body = json.dumps(event).encode()
+        sig = "v1=" + hmac.new(key.group(1).encode(), b"v1:" + body, hashlib.sha256).hexdigest()
+        headers = {"Content-Type": "application/json", "X-Runctl-Run": run.run_id, "X-Runctl-Signature": sig}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, body, headers, method="POST"), timeout=5) as resp:
+                answers[resp.status] += 1
+        except urllib.error.HTTPError as exc:
+            answers[exc.code] += 1
+        except OSError:
+            answers[0] += 1
+        stop.wait(1 / rate)
+
+
 class Counted:
     """AWS calls made by the worker threads (the monitor and event jobs), not by the launches."""
 
@@ -147,7 +182,8 @@ class Counted:
 
 
 def one_pass(
-    box: Sandbox, slack: FakeSlack, tmp: Path, events: bool, lengths: dict[str, float], per_length: int, scale: float
+    box: Sandbox, slack: FakeSlack, tmp: Path, events: bool, lengths: dict[str, float], per_length: int, scale: float,
+    flood_rate: float = 0.0,
 ) -> dict[str, harness.Figure]:
     redis = harness.bench_redis()
     slack.reset()
@@ -161,7 +197,8 @@ def one_pass(
         RUNCTL_POLL_MAX_SECONDS=240 * scale,
     )
     svc = harness.services(config, redis, slack)
-    mode = "events" if events else "blocked"
+    mode = "flood" if flood_rate else "events" if events else "blocked"
+    forged: Counter[int] = Counter()
     with WebServer(wsgi(config, redis)) as web:
         config.RUNCTL_EVENTS_URL = web.events_url if events else web.blocked_url
         counter = Counted()
@@ -186,6 +223,10 @@ def one_pass(
                 runs.append(Tracked(run_id, iid, length, label, run_dir, launched=time.monotonic()))
                 cmd = TrainCommand(instance_id=iid, script="train_with_checkpoints.py", args=args)
                 train(cmd.model_dump(mode="json"), ALICE.model_dump(mode="json"), run_id)
+                if flood_rate:
+                    threading.Thread(
+                        target=flood, args=(runs[-1], web.events_url, flood_rate, stop, forged), daemon=True
+                    ).start()
             deadline = time.monotonic() + max(lengths.values()) + 240 * scale + 120
 
             def reply_at(run: Tracked) -> float | None:
@@ -238,6 +279,9 @@ def one_pass(
     figures[f"{mode}_aws_calls_per_run_hour"] = round(total / (run_hours / scale), 1)
     for name, count in sorted(counter.calls.items()):
         figures[f"{mode}_{name}"] = count
+    if flood_rate:
+        figures[f"{mode}_forged_exit_events"] = sum(forged.values())
+        figures[f"{mode}_forged_answers"] = " ".join(f"{code}:{n}" for code, n in sorted(forged.items()))
     redis.flushdb()
     return figures
 
@@ -247,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", default="30,300,1200", help="real run lengths in seconds, comma-separated")
     parser.add_argument("--per-length", type=int, default=2, help="runs of each length, all at once")
     parser.add_argument("--scale", type=float, default=0.1, help="multiplies run lengths and poll bounds")
+    parser.add_argument("--flood-rate", type=float, default=20, help="forged exit events a second in the flood pass")
+    parser.add_argument("--flood-length", type=float, default=600, help="the flood pass's run, real seconds")
     args = parser.parse_args(argv)
     lengths_real = [30.0, 300.0] if args.smoke else [float(x) for x in args.lengths.split(",")]
     per_length = 1 if args.smoke else args.per_length
@@ -257,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     with harness.sandbox() as box, harness.fake_slack() as slack, TemporaryDirectory(prefix="runctl-lag-") as tmp:
         for events in (True, False):
             figures.update(one_pass(box, slack, Path(tmp), events, lengths, per_length, scale))
+        if args.flood_rate > 0:
+            flooded = {f"{args.flood_length:g}s": max(EPOCH_SECONDS * 2, args.flood_length * scale)}
+            figures.update(one_pass(box, slack, Path(tmp), True, flooded, 1, scale, args.flood_rate))
     harness.report(
         "notify_lag",
         figures,

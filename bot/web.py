@@ -52,7 +52,7 @@ def wsgi(settings: Settings, redis: Redis) -> WSGIApp:
     app = build_app(settings, redis)
     handler = SlackRequestHandler(app)
     secret = settings.secret("SLACK_SIGNING_SECRET")
-    run_event = run_events.handler(redis, settings.RUNCTL_EVENTS_PER_MINUTE, read_capped)
+    run_event = run_events.handler(redis, settings, read_capped)
 
     def events(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if environ.get("REQUEST_METHOD") != "POST":

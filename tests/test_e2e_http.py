@@ -21,7 +21,7 @@ from rq import Queue
 from rq.job import Job
 from rq.registry import FinishedJobRegistry
 
-from workers.queueing import QUEUE, JobPath
+from workers.queueing import EVENTS_QUEUE, JobPath
 from workers.sandbox.aws import Sandbox, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
 
@@ -65,7 +65,7 @@ def processes(
         env=env, stdout=subprocess.DEVNULL, stderr=web_log,
     )
     worker = subprocess.Popen(
-        [str(bindir / "rq"), "worker", "--worker-class", "workers.worker.RunctlWorker", "--with-scheduler", "--url", REDIS_URL, "runctl-long", "runctl"],
+        [str(bindir / "rq"), "worker", "--worker-class", "workers.worker.RunctlWorker", "--with-scheduler", "--url", REDIS_URL, "runctl-long", "runctl", "runctl-events"],
         env=env, stdout=worker_log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
@@ -91,9 +91,9 @@ def processes(
 def ran_events() -> list[str]:
     """The kinds of the run events whose jobs the worker finished."""
     redis = Redis.from_url(REDIS_URL)
-    registry = FinishedJobRegistry(queue=Queue(QUEUE, connection=redis))  # type: ignore[no-untyped-call]
+    registry = FinishedJobRegistry(queue=Queue(EVENTS_QUEUE, connection=redis))  # type: ignore[no-untyped-call]
     jobs = (Job.fetch(i, connection=redis) for i in registry.get_job_ids())
-    return [j.args[1] for j in jobs if j.func_name == JobPath.RUN_EVENT.value]
+    return [str(j.return_value()).split(":")[0] for j in jobs if j.func_name == JobPath.RUN_EVENT.value]
 
 
 def post(url: str, body: str, headers: dict[str, str]) -> tuple[int, str]:

@@ -3,7 +3,8 @@
     python -m workers.pool --url "$REDIS_URL"
 
 RUNCTL_QUICK_WORKERS workers serve only the quick queue (`runctl`: monitor ticks,
-status, the reconcile, most commands), so a long job can never hold them; RUNCTL_LONG_WORKERS
+status, the reconcile, most commands) and, taking turns with it, run events (`runctl-events`),
+so a long job can never hold them; RUNCTL_LONG_WORKERS
 serve `runctl-long` first (trains with their environment builds, stops with their grace
 waits) and quick jobs when they have none. RQ's WorkerPool respawns a worker that dies;
 every worker is rq's forking worker (a work horse per job), started warm, with the
@@ -23,7 +24,7 @@ from rq.worker_pool import WorkerPool
 
 from workers import settings as settings_mod
 from workers.errors import ConfigError
-from workers.queueing import LONG_QUEUE, QUEUE
+from workers.queueing import EVENTS_QUEUE, LONG_QUEUE, QUEUE
 from workers.worker import RunctlWorker, warm
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,13 @@ log = logging.getLogger(__name__)
 class RunctlPool(WorkerPool):
     def __init__(self, connection: Redis, quick: int, long: int, **kwargs: Any) -> None:
         self.groups: dict[str, tuple[list[str], int]] = {
-            "quick": ([QUEUE], quick),
+            "quick": ([QUEUE, EVENTS_QUEUE], quick),
             "long": ([LONG_QUEUE, QUEUE], long),
         }
         self.group_of: dict[str, str] = {}
-        super().__init__([QUEUE, LONG_QUEUE], connection, num_workers=quick + long, worker_class=RunctlWorker, **kwargs)
+        super().__init__(
+            [QUEUE, LONG_QUEUE, EVENTS_QUEUE], connection, num_workers=quick + long, worker_class=RunctlWorker, **kwargs
+        )
 
     def start_worker(self, count: int | None = None, burst: bool = True, _sleep: float = 0,
                      logging_level: str = "INFO") -> None:

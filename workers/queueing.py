@@ -22,7 +22,8 @@ from workers.errors import QueueUnreachable
 
 QUEUE = "runctl"  # quick jobs: monitor ticks, status, the reconcile, most commands
 LONG_QUEUE = "runctl-long"  # jobs that may take minutes: trains (environment builds), stops (grace waits)...
-QUEUES = (QUEUE, LONG_QUEUE)
+EVENTS_QUEUE = "runctl-events"  # run events (bot/events.py): served in turns with the others, never ahead of them all
+QUEUES = (QUEUE, LONG_QUEUE, EVENTS_QUEUE)
 # The front door must answer Slack within 3 s even when Redis hangs: connect and read
 # timeouts well under it, and no retries (redis-py retries 3 times with backoff by default).
 FRONT_TIMEOUT_SECONDS = 0.5
@@ -113,6 +114,15 @@ RETRIED = frozenset(
     {JobPath.STATUS, JobPath.RESOURCES, JobPath.CHECKPOINTS, JobPath.AUDIT, JobPath.LOGS}
 )
 ABANDONED = "workers.jobs.abandoned.report"
+
+
+def take_turns(ordered: list[Queue], served: Queue) -> list[Queue]:
+    """A worker's queue order after it took a job from `served`: after a run event, the other
+    queues in their order; after any other job, the events first. A flood of events delays a
+    queued command or tick by one event job at most, and no queue keeps the events waiting."""
+    events = [q for q in ordered if q.name == EVENTS_QUEUE]
+    others = [q for q in ordered if q.name != EVENTS_QUEUE]
+    return others + events if served.name == EVENTS_QUEUE else events + others
 
 
 def queue_of(func: object) -> str:

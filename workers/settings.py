@@ -86,7 +86,12 @@ class Settings(BaseSettings):
     # Run events (workers/remote/events.py): unset = off, runs are followed by polling alone.
     RUNCTL_EVENTS_URL: str | None = None
     RUNCTL_EVENTS_PROGRESS_SECONDS: int = Field(15, ge=1, le=3600)
-    RUNCTL_EVENTS_PER_MINUTE: int = Field(12, ge=1)  # per run, at /runctl/events
+    RUNCTL_EVENTS_PER_MINUTE: int = Field(12, ge=1)  # progress events per run, at /runctl/events
+    # Caps over all of an instance's, a user's, and everyone's runs (progress events; exit events
+    # have their own per-run budget, bot/events.py): past them, runs are followed by polling.
+    RUNCTL_EVENTS_INSTANCE_PER_MINUTE: int = Field(60, ge=1)
+    RUNCTL_EVENTS_USER_PER_MINUTE: int = Field(240, ge=1)
+    RUNCTL_EVENTS_TOTAL_PER_MINUTE: int = Field(1200, ge=1)
 
     @field_validator("RUNCTL_REGIONS", mode="before")
     @classmethod

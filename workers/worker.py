@@ -11,11 +11,11 @@ import sys
 from typing import Any
 
 from botocore.exceptions import BotoCoreError
-from rq import Worker
+from rq import Queue, Worker
 
 from workers import services
 from workers.errors import ConfigError
-from workers.queueing import JobPath
+from workers.queueing import JobPath, take_turns
 
 
 def warm() -> None:
@@ -37,6 +37,9 @@ class RunctlWorker(Worker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         warm()
+
+    def reorder_queues(self, reference_queue: Queue) -> None:
+        self._ordered_queues = take_turns(self._ordered_queues, reference_queue)
 
     def subscribe(self) -> None:
         """rq's command channel (shutdown, stop-job), its thread waking every second.

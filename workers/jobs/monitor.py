@@ -19,6 +19,7 @@ from workers.slack.escape import block, code
 from workers.slack.format import duration
 from workers.slack.messages.run import checkpoint_text
 from workers.slack.thread import publish, reply
+from workers.state import event_keys
 from workers.state.locks import train_lock
 from workers.state.runs import STOP_SIGNALS, Run, RunState, ended_state
 
@@ -282,6 +283,7 @@ def finish(svc: Services, run: Run, snap: Snapshot) -> None:
         return  # a stop flow closes it (or already did)
     if not svc.runs.claim_end(run.run_id):
         return  # another tick, or the reconcile's monitor job, reports it
+    event_keys.revoke(svc.redis, run.run_id)  # its events sign nothing more
     run.exit_code = snap.exit_code if snap.exit_code is not None else -1
     run.ended_at = svc.clock()
     run.ended_by = run.ended_by or "exit"
@@ -325,6 +327,7 @@ def finish(svc: Services, run: Run, snap: Snapshot) -> None:
 def lost(svc: Services, run: Run, exc: RunctlError) -> str:
     if not svc.runs.claim_end(run.run_id):
         return RunState.LOST.value  # someone else reports its end
+    event_keys.revoke(svc.redis, run.run_id)
     run.state = RunState.LOST
     run.ended_by = "lost"
     run.ended_at = svc.clock()

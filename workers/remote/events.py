@@ -11,11 +11,17 @@ runctl already needs on the instance (openssl would take the key as an argument)
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import shlex
 from dataclasses import dataclass
+from typing import Any
 
 q = shlex.quote
+# Every number in an event is finite and at most this in size: the web process refuses an
+# event with another (bot/events.py), the sender drops them from the progress it forwards.
+NUMBER_LIMIT = 1e15
 
 # X-Runctl-Signature: v1=<hex HMAC-SHA256 of b"v1:" + body>. An event carries the progress
 # file's first 4096 bytes; one POST waits at most 5 s, and the exit event tries three times.
@@ -26,6 +32,8 @@ _KEY = re.compile(r"[0-9a-f]{64}")
 _PY_SEND = """import hashlib, hmac, json, os, secrets, sys, time, urllib.error, urllib.request
 key = sys.stdin.readline().strip().encode()
 url, run_id, kind, run_dir = sys.argv[1:5]
+def bounded(value):
+    return value if abs(value) <= LIMIT else None
 def read(name, limit):
     try:
         with open(os.path.join(run_dir, name), "rb") as f:
@@ -36,7 +44,10 @@ for attempt in range(3 if kind == "exit" else 1):
     event = {"run_id": run_id, "kind": kind, "ts": int(time.time()), "nonce": secrets.token_hex(16)}
     text = read("progress.json", 4096)
     try:
-        progress = json.loads(text) if text else None
+        progress = json.loads(
+            text, parse_int=lambda s: bounded(int(s)), parse_float=lambda s: bounded(float(s)),
+            parse_constant=lambda s: None,
+        ) if text else None
     except ValueError:
         progress = None
     if isinstance(progress, dict):
@@ -56,7 +67,31 @@ for attempt in range(3 if kind == "exit" else 1):
     except OSError:
         pass
     time.sleep(1 + attempt)
-"""
+""".replace("import hashlib", f"LIMIT = {NUMBER_LIMIT!r}\nimport hashlib", 1)
+
+
+def loads(text: bytes | str) -> Any:
+    """JSON whose every number is finite and within NUMBER_LIMIT; ValueError otherwise
+    (Infinity, NaN, 1e400, a 4,000-digit integer)."""
+    return json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant)
+
+
+def _int(text: str) -> int:
+    value = int(text)
+    if abs(value) > NUMBER_LIMIT:
+        raise ValueError(f"number out of range: {text[:20]}")
+    return value
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or abs(value) > NUMBER_LIMIT:
+        raise ValueError(f"number out of range: {text[:20]}")
+    return value
+
+
+def _constant(text: str) -> Any:
+    raise ValueError(f"not a number: {text}")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from rq import Queue, SimpleWorker
 from rq.registry import ScheduledJobRegistry
 from rq.timeouts import TimerDeathPenalty
 
-from workers.queueing import QUEUES
+from workers.queueing import QUEUES, take_turns
 
 
 class _ThreadSafeWorker(SimpleWorker):
@@ -21,6 +21,9 @@ class _ThreadSafeWorker(SimpleWorker):
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is threading.main_thread():
             super()._install_signal_handlers()  # type: ignore[no-untyped-call]
+
+    def reorder_queues(self, reference_queue: Queue) -> None:
+        self._ordered_queues = take_turns(self._ordered_queues, reference_queue)  # as workers/worker.py
 
     def subscribe(self) -> None:
         # No command channel: nothing sends commands to an in-process worker, and rq 3's teardown

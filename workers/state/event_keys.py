@@ -2,7 +2,9 @@
 
 A key signs the events of one run only (workers/remote/events.py); it is never a Slack
 or AWS secret. What it can do if it leaks: move that run's progress bar and make the
-worker poll that run once more (an event is a hint; the end is read from the instance).
+worker poll that run once more (an event is a hint; the end is read from the instance),
+and only while the run is live: the key is revoked when the run's end is claimed
+(workers/jobs/monitor.py), and the web process refuses events of a run that has ended.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import secrets
 
 from redis import Redis
 
-TTL_SECONDS = 30 * 86400  # renewed by each accepted event; past it, the run is followed by polling alone
+TTL_SECONDS = 30 * 86400  # renewed by each event acted on for a live run; past it, the run is followed by polling alone
 
 
 def _key(run_id: str) -> str:
@@ -34,3 +36,8 @@ def get(redis: Redis, run_id: str) -> str | None:
 
 def renew(redis: Redis, run_id: str) -> None:
     redis.expire(_key(run_id), TTL_SECONDS)
+
+
+def revoke(redis: Redis, run_id: str) -> None:
+    """The run ended: its key signs nothing more."""
+    redis.delete(_key(run_id))
