@@ -27,7 +27,6 @@ from redis.typing import EncodableT, FieldT
 
 from workers.commands import Actor
 from workers.errors import PermissionDenied, RateLimited, RunctlError
-from workers.state.runs import Run
 
 if TYPE_CHECKING:
     from workers.services import Services
@@ -70,15 +69,6 @@ def of(actor: Actor, decision: Decision, outcome: str, run_id: str = "", instanc
 
 def decision_of(error: RunctlError) -> Decision:
     return "refused" if isinstance(error, PermissionDenied | RateLimited) else "failed"
-
-
-def of_run(actor: Actor, run: Run) -> Record:
-    """The outcome of a train job, from its run record."""
-    outcome = run.state.value + (f": {run.error.what}" if run.error else "")
-    decision: Decision = "allowed"
-    if run.error:
-        decision = "refused" if run.error.kind in ("PermissionDenied", "RateLimited") else "failed"
-    return of(actor, decision, outcome, run_id=run.run_id, instance=run.instance_id)
 
 
 def refuse(svc: Services, actor: Actor, error: RunctlError, run_id: str = "", instance: str = "") -> str:

@@ -78,10 +78,6 @@ class RedisLock:
         except ValueError:
             return None
 
-    def ttl_seconds(self) -> float:
-        return max(0.0, float(self.redis.pttl(self.key)) / 1000)
-
-
 def train_lock(redis: Redis, instance_id: str) -> RedisLock:
     return RedisLock(redis, f"runctl:lock:train:{instance_id}", TRAIN_TTL_MS)
 

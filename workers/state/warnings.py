@@ -169,9 +169,6 @@ class WarningStore:
     def posted(self, channel: str, token: str) -> None:
         self.redis.eval(_RELEASE, 1, f"runctl:warn:posting:{channel}", token)
 
-    def for_instance(self, instance_id: str) -> list[WarningRecord]:
-        found = (self.get(instance_id, kind) for kind in Kind)
-        return [r for r in found if r is not None and r.status is not Status.RESOLVED]
 
 
 _RELEASE = """
