@@ -78,6 +78,7 @@ class RedisLock:
         except ValueError:
             return None
 
+
 def train_lock(redis: Redis, instance_id: str) -> RedisLock:
     return RedisLock(redis, f"runctl:lock:train:{instance_id}", TRAIN_TTL_MS)
 
