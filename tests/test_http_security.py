@@ -251,10 +251,11 @@ def test_respond_goes_only_to_slack_response_urls(
     app = build_app(settings, real_redis, WebClient(token=TOKEN, base_url=slack.base_url), token_verification=False)
     slack.reset()
     for url in (listener.url, "https://hooks.slack.com.evil.example/x", slack.response_url("ok")):
-        payload = {  # a username of the wrong type: the handler raises, the gate (which ignores it) does not
+        payload = {  # a username of the wrong type: the handler raises, the gate (which ignores it) does not;
+            # [Cancel] on a launch: a button everyone may click, so the gate lets it through
             "type": "block_actions", "user": {"id": "U0ALICE", "username": 5}, "channel": {"id": "C0TRAIN"},
             "trigger_id": f"t.{time.monotonic_ns()}", "response_url": url,
-            "actions": [{"action_id": ActionId.TERMINATE_CANCEL, "value": "n", "action_ts": f"{time.time():.6f}"}],
+            "actions": [{"action_id": ActionId.LAUNCH_CANCEL, "value": "n", "action_ts": f"{time.time():.6f}"}],
         }
         app.dispatch(action(payload))
     time.sleep(0.2)
