@@ -76,7 +76,7 @@ def test_flushall_mid_run_a_second_train_is_refused_and_the_end_is_reported_in_t
     procs.start("clock")
     iid = fleet_seed.instances["gpu-box-1"]
     run_dir = sandbox.instance_dir(iid) / "runs"
-    run_id = queue_train(real_redis, iid, ALICE, "--epochs", "10", "--steps-per-epoch", "2", "--step-seconds", "0.4")
+    run_id = queue_train(real_redis, iid, ALICE, "--epochs", "30", "--steps-per-epoch", "2", "--step-seconds", "0.4")  # 24 s: live through a reconcile pass even on a loaded machine
     runs = RunStore(real_redis)
 
     def running() -> bool:
