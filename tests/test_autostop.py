@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from runctl_sandbox import ssm_shim
+from runctl_sandbox.aws import Sandbox, SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
+from runctl_sandbox.inline import InlineWorker
 from workers.jobs.sweep import sweep
-from workers.sandbox import ssm_shim
-from workers.sandbox.aws import Sandbox, SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
-from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.slack.ids import ActionId
 from workers.state.autostop import AutostopStore, Verdict, decide

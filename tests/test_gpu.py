@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from runctl_sandbox import ssm_shim
+from runctl_sandbox.aws import Sandbox, SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
 from workers.jobs.monitor import monitor
 from workers.jobs.status import describe
 from workers.jobs.sweep import sweep
 from workers.remote import gpu
-from workers.sandbox import ssm_shim
-from workers.sandbox.aws import Sandbox, SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
 from workers.services import Services
 from workers.slack.ids import BlockId
 from workers.state.runs import Run, RunState

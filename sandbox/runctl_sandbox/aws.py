@@ -3,7 +3,7 @@
 moto keeps its state in process globals, so one process holds at most one live
 Sandbox, and ``start()`` begins from an empty AWS.
 
-    python -m workers.sandbox.aws --root DIR [--port N]
+    python -m runctl_sandbox.aws --root DIR [--port N]
 
 runs one in the foreground until SIGTERM/SIGINT.
 """
@@ -28,8 +28,8 @@ from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 from werkzeug.serving import WSGIRequestHandler, make_server
 
-from workers.sandbox.imds import Imds
-from workers.sandbox.ssm_shim import Agent, PriceList, S3Gate, SsmShim
+from runctl_sandbox.imds import Imds
+from runctl_sandbox.ssm_shim import Agent, PriceList, S3Gate, SsmShim
 
 if TYPE_CHECKING:
     from types_boto3_ec2.literals import InstanceTypeType
@@ -261,7 +261,7 @@ def seed_launch(endpoint_url: str, region: str) -> LaunchSeed:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workers.sandbox.aws", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m runctl_sandbox.aws", description=__doc__)
     parser.add_argument("--root", type=Path, required=True, help="directory for instance roots")
     parser.add_argument("--port", type=int, default=0, help="port to bind (0: any free port)")
     parser.add_argument("--region", default="us-east-1", help="default region")
