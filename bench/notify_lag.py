@@ -54,7 +54,7 @@ from runctl_sandbox.aws import Sandbox
 from runctl_sandbox.example_repo import make_example_repo
 from runctl_sandbox.fake_slack import Call, FakeSlack
 from runctl_sandbox.inline import InlineWorker
-from runctl_sandbox.ssm_shim import AGENT_PATH
+from runctl_sandbox.ssm_agent import AGENT_PATH
 from runctl_sandbox.web import WebServer
 from workers import services
 from workers.commands import Actor, TrainCommand

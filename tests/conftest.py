@@ -19,7 +19,7 @@ from runctl_sandbox.aws import SEED_INSTANCES, Sandbox, SeedInfo, seed
 from runctl_sandbox.example_repo import make_example_repo
 from runctl_sandbox.fake_slack import DEFAULT_BUDGETS, FakeSlack
 from runctl_sandbox.inline import InlineWorker
-from runctl_sandbox.ssm_shim import AGENT_PATH
+from runctl_sandbox.ssm_agent import AGENT_PATH
 from workers import services
 from workers.services import Services
 from workers.settings import Settings
