@@ -69,7 +69,7 @@ class Terminal:
 
 
 def test_history_ctrl_c_during_wait_and_the_exit_status(tmp_path: Path) -> None:
-    env = {**os.environ, "TERM": "xterm", "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "TERM": "xterm", "TMPDIR": str(tmp_path), "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "sandbox")])}
     term = Terminal(env)
     at = term.expect(re.escape(PROMPT))
 

@@ -439,7 +439,7 @@ def test_cli_serves_until_sigterm(tmp_path: Path, aws: boto3.Session) -> None:
         stdout=subprocess.PIPE,
         text=True,
         cwd=repo,
-        env={**os.environ, "PYTHONPATH": str(repo)},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "sandbox")])},
     )
     try:
         assert proc.stdout is not None
