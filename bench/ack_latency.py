@@ -33,8 +33,8 @@ from urllib.parse import urlencode
 from slack_sdk.signature import SignatureVerifier
 
 from bench import harness
+from runctl_sandbox.fake_slack import FakeSlack
 from workers.queueing import QUEUES
-from workers.sandbox.fake_slack import FakeSlack
 
 SLACK_LIMIT_MS = 3000.0
 INSTANCE = "i-0123456789abcdef0"

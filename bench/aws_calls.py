@@ -28,11 +28,11 @@ from typing import Any
 import boto3
 
 from bench import harness
+from runctl_sandbox.aws import Sandbox, seed
 from workers import services
 from workers.aws.fleet import Fleet
 from workers.jobs import monitor
 from workers.jobs.sweep import sweep
-from workers.sandbox.aws import Sandbox, seed
 from workers.services import Services
 from workers.state.runs import Run, RunState
 

@@ -35,9 +35,9 @@ from slack_sdk.signature import SignatureVerifier
 
 from bench import harness
 from bench.ack_latency import free_port, procfile_web
-from workers.sandbox.aws import Sandbox, seed
-from workers.sandbox.example_repo import make_example_repo
-from workers.sandbox.fake_slack import FakeSlack
+from runctl_sandbox.aws import Sandbox, seed
+from runctl_sandbox.example_repo import make_example_repo
+from runctl_sandbox.fake_slack import FakeSlack
 from workers.state.runs import RunState
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,8 +16,8 @@ from tempfile import TemporaryDirectory
 
 import redis as redis_mod
 
-from workers.sandbox.aws import Sandbox
-from workers.sandbox.fake_slack import FakeSlack
+from runctl_sandbox.aws import Sandbox
+from runctl_sandbox.fake_slack import FakeSlack
 from workers.services import Services
 from workers.settings import Settings
 from workers.slack.client import Notifier, make_client

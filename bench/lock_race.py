@@ -34,11 +34,11 @@ from typing import Any
 import redis as redis_mod
 
 from bench import harness
+from runctl_sandbox.aws import seed
+from runctl_sandbox.example_repo import make_example_repo
 from workers import remote, services
 from workers.commands import Actor, TrainCommand
 from workers.jobs.train import train
-from workers.sandbox.aws import seed
-from workers.sandbox.example_repo import make_example_repo
 from workers.services import Services
 from workers.state.locks import Holder, train_lock
 from workers.state.runs import RunState

@@ -63,15 +63,15 @@ from typing import Any
 from bench import harness
 from bench.aws_calls import instances
 from bot.web import wsgi
+from runctl_sandbox.aws import Sandbox
+from runctl_sandbox.example_repo import make_example_repo
+from runctl_sandbox.fake_slack import Call, FakeSlack
+from runctl_sandbox.inline import InlineWorker
+from runctl_sandbox.ssm_agent import AGENT_PATH
+from runctl_sandbox.web import WebServer
 from workers import services
 from workers.commands import Actor, TrainCommand
 from workers.jobs.train import train
-from workers.sandbox.aws import Sandbox
-from workers.sandbox.example_repo import make_example_repo
-from workers.sandbox.fake_slack import Call, FakeSlack
-from workers.sandbox.inline import InlineWorker
-from workers.sandbox.ssm_shim import AGENT_PATH
-from workers.sandbox.web import WebServer
 from workers.slack.ids import BlockId
 
 ALICE = Actor(user_id="U0ALICE", channel_id="C0TRAIN")

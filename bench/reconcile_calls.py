@@ -28,10 +28,10 @@ import boto3
 
 from bench import harness
 from bench.aws_calls import CallCounter, SimClock, instances, live_run
+from runctl_sandbox.aws import Sandbox
 from workers import services
 from workers.aws.fleet import Fleet
 from workers.jobs.reconcile import reconcile
-from workers.sandbox.aws import Sandbox
 
 MONITOR_PER_HOUR = 54  # bench/README.md, benchmark 5: 1, 10 and 50 live runs
 

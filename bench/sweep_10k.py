@@ -25,12 +25,12 @@ from botocore.awsrequest import AWSResponse, HTTPHeaders
 from redis import Redis
 
 from bench import harness
+from runctl_sandbox.fake_slack import FakeSlack, block_problems
 from workers import services
 from workers.aws.fleet import Fleet
 from workers.commands import Actor, ResourcesCommand
 from workers.jobs.resources import resources
 from workers.jobs.sweep import sweep
-from workers.sandbox.fake_slack import FakeSlack, block_problems
 
 PAGE = 1000
 TYPES = ("g5.xlarge", "p3.2xlarge", "t3.medium", "m5.large", "g4dn.xlarge")

@@ -15,12 +15,12 @@ import fakeredis
 import pytest
 import redis as redis_mod
 
+from runctl_sandbox.aws import SEED_INSTANCES, Sandbox, SeedInfo, seed
+from runctl_sandbox.example_repo import make_example_repo
+from runctl_sandbox.fake_slack import DEFAULT_BUDGETS, FakeSlack
+from runctl_sandbox.inline import InlineWorker
+from runctl_sandbox.ssm_agent import AGENT_PATH
 from workers import services
-from workers.sandbox.aws import SEED_INSTANCES, Sandbox, SeedInfo, seed
-from workers.sandbox.example_repo import make_example_repo
-from workers.sandbox.fake_slack import DEFAULT_BUDGETS, FakeSlack
-from workers.sandbox.inline import InlineWorker
-from workers.sandbox.ssm_shim import AGENT_PATH
 from workers.services import Services
 from workers.settings import Settings
 from workers.slack.client import Notifier, make_client

@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from workers.sandbox.aws import Sandbox
-from workers.sandbox.fake_slack import FakeSlack
+from runctl_sandbox.aws import Sandbox
+from runctl_sandbox.fake_slack import FakeSlack
 
 from .conftest import BUCKET, INSTANCE_PYTHON, REDIS_URL, TOKEN
 

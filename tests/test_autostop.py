@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from runctl_sandbox import ssm_agent
+from runctl_sandbox.aws import Sandbox, SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
+from runctl_sandbox.inline import InlineWorker
 from workers.jobs.sweep import sweep
-from workers.sandbox import ssm_shim
-from workers.sandbox.aws import Sandbox, SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
-from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.slack.ids import ActionId
 from workers.state.autostop import AutostopStore, Verdict, decide
@@ -170,7 +170,7 @@ def test_busy_gpus_restart_the_idle_clock(
     fake.chmod(0o755)
     (tmp_path / "util").write_text("87\n2\n")  # two GPUs, the first busy
     # The agent's PATH is fixed (the shim's AGENT_PATH, as under systemd): this instance "has the driver".
-    monkeypatch.setattr(ssm_shim, "AGENT_PATH", f"{bin_dir}:{ssm_shim.AGENT_PATH}")
+    monkeypatch.setattr(ssm_agent, "AGENT_PATH", f"{bin_dir}:{ssm_agent.AGENT_PATH}")
     iid = fleet_seed.instances["gpu-box-1"]
     t0 = datetime.now(UTC)
     own(svc, iid)

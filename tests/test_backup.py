@@ -14,15 +14,15 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
+from runctl_sandbox.aws import Sandbox, SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
+from runctl_sandbox.inline import InlineWorker
 from workers.aws import backups
 from workers.commands import Actor, BackupCommand, CheckpointsCommand, ResumeCommand, TrainCommand
 from workers.jobs.backup import backup, upload_seconds, url_seconds
 from workers.jobs.checkpoints import checkpoints
 from workers.jobs.resume import resume
 from workers.jobs.train import train
-from workers.sandbox.aws import Sandbox, SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
-from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.slack.ids import ActionId
 from workers.state.runs import Run, RunState

@@ -23,10 +23,10 @@ from slack_bolt import App
 from slack_sdk import WebClient
 
 from bot.app import build_app
+from runctl_sandbox.aws import Sandbox, SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
+from runctl_sandbox.inline import InlineWorker
 from workers.aws import backups
-from workers.sandbox.aws import Sandbox, SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
-from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.state.runs import RunState
 

@@ -11,10 +11,10 @@ import pytest
 
 from bot.grammar import BUTTON_HELP, help_text
 from bot.middleware import CLICK_TIERS
+from runctl_sandbox.aws import SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
+from runctl_sandbox.inline import InlineWorker
 from workers.jobs.sweep import sweep
-from workers.sandbox.aws import SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
-from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.slack.ids import ActionId
 from workers.state.autostop import AutostopStore

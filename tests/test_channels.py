@@ -12,13 +12,13 @@ import pytest
 from rq import Queue
 from rq.registry import ScheduledJobRegistry
 
+from runctl_sandbox.aws import SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
 from workers.commands import Actor, ResourcesCommand, TrainCommand
 from workers.jobs.digest import digest
 from workers.jobs.resources import resources
 from workers.jobs.train import train
 from workers.queueing import QUEUE, JobPath
-from workers.sandbox.aws import SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
 from workers.services import Services
 from workers.slack import usergroups
 from workers.state.locks import train_lock

@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from runctl_sandbox.aws import Sandbox, SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack, Message
 from workers.commands import Actor, CheckpointsCommand
 from workers.jobs.checkpoints import checkpoints
 from workers.remote.checkpoints import discover, discover_all
-from workers.sandbox.aws import Sandbox, SeedInfo
-from workers.sandbox.fake_slack import FakeSlack, Message
 from workers.services import Services
 
 from .conftest import sent_commands

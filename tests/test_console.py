@@ -22,7 +22,7 @@ def test_console_runs_a_training_to_the_end_with_checkpoints_on_disk(tmp_path: P
         "/quit\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "bot.console", "--workdir", str(tmp_path)],
+        [sys.executable, "-m", "runctl_sandbox.console", "--workdir", str(tmp_path)],
         input=script,
         capture_output=True,
         text=True,

@@ -25,7 +25,7 @@ class Terminal:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the console, with the pty as its controlling terminal
             os.chdir(ROOT)
-            os.execve(sys.executable, [sys.executable, "-m", "bot.console"], env)
+            os.execve(sys.executable, [sys.executable, "-m", "runctl_sandbox.console"], env)
         self.seen = ""
 
     def expect(self, pattern: str, timeout: float = 120, after: int = 0) -> int:
@@ -69,7 +69,7 @@ class Terminal:
 
 
 def test_history_ctrl_c_during_wait_and_the_exit_status(tmp_path: Path) -> None:
-    env = {**os.environ, "TERM": "xterm", "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "TERM": "xterm", "TMPDIR": str(tmp_path), "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "sandbox")])}
     term = Terminal(env)
     at = term.expect(re.escape(PROMPT))
 
@@ -103,8 +103,8 @@ def test_history_ctrl_c_during_wait_and_the_exit_status(tmp_path: Path) -> None:
 def test_a_button_with_a_confirmation_asks_as_slack_does() -> None:
     import io
 
-    from bot.console import Console
-    from workers.sandbox.fake_slack import Message
+    from runctl_sandbox.console import Console
+    from runctl_sandbox.fake_slack import Message
 
     out = io.StringIO()
     console = Console(out)

@@ -12,9 +12,9 @@ import pytest
 from slack_sdk import WebClient
 
 from bot.app import build_app
-from workers.sandbox.aws import SeedInfo
-from workers.sandbox.fake_slack import FakeSlack, Message
-from workers.sandbox.inline import InlineWorker
+from runctl_sandbox.aws import SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack, Message
+from runctl_sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.settings import Settings
 from workers.state.locks import Holder, train_lock

@@ -9,10 +9,10 @@ from decimal import Decimal
 
 import pytest
 
+from runctl_sandbox.aws import SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack, Message
 from workers.cost.pricing import format_usd
 from workers.jobs.digest import digest
-from workers.sandbox.aws import SeedInfo
-from workers.sandbox.fake_slack import FakeSlack, Message
 from workers.services import Services
 from workers.state.runs import Run, RunState
 from workers.state.uptime import UptimeLedger

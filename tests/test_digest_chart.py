@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from matplotlib.figure import Figure
 
+from runctl_sandbox.aws import SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
 from workers import audit
 from workers.jobs.digest import digest
-from workers.sandbox.aws import SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
 from workers.services import Services
 from workers.state.runs import Run, RunState
 

@@ -11,8 +11,8 @@ from slack_bolt import App
 from slack_sdk import WebClient
 
 from bot.app import build_app
+from runctl_sandbox.fake_slack import FakeSlack
 from workers.queueing import LONG_QUEUE, QUEUE
-from workers.sandbox.fake_slack import FakeSlack
 from workers.settings import Settings
 
 from . import slack as s

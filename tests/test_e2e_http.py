@@ -21,9 +21,9 @@ from rq import Queue
 from rq.job import Job
 from rq.registry import FinishedJobRegistry
 
+from runctl_sandbox.aws import Sandbox, SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
 from workers.queueing import EVENTS_QUEUE, JobPath
-from workers.sandbox.aws import Sandbox, SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
 
 from . import slack as s
 from .conftest import BUCKET, REDIS_URL, TOKEN

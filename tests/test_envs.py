@@ -20,6 +20,9 @@ from typing import Any
 
 import pytest
 
+from runctl_sandbox.aws import Sandbox, SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
+from runctl_sandbox.inline import InlineWorker
 from workers.aws import envs
 from workers.aws.repo import CodeRepo
 from workers.commands import Actor, TrainCommand
@@ -27,9 +30,6 @@ from workers.errors import CodeError
 from workers.jobs.envsetup import culprit
 from workers.jobs.train import train
 from workers.remote.env import setup_env
-from workers.sandbox.aws import Sandbox, SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
-from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.settings import Settings
 from workers.state.locks import train_lock

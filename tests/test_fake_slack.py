@@ -16,7 +16,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler
 from slack_sdk.webhook import WebhookClient
 
-from workers.sandbox.fake_slack import FakeSlack, Message, UploadedFile
+from runctl_sandbox.fake_slack import FakeSlack, Message, UploadedFile
 
 TOKEN = "xoxb-test"
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from runctl_sandbox.aws import Sandbox, SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
 from workers import remote
 from workers.commands import StatusCommand, TrainCommand
 from workers.jobs.monitor import monitor
 from workers.jobs.status import status
 from workers.jobs.train import train
 from workers.queueing import JobPath
-from workers.sandbox.aws import Sandbox, SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
 from workers.services import Services
 from workers.state.locks import train_lock
 from workers.state.runs import RunState

@@ -15,14 +15,14 @@ import pytest
 from pydantic import SecretStr, ValidationError
 from slack_bolt import App
 
+from runctl_sandbox.aws import Sandbox, SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
+from runctl_sandbox.inline import InlineWorker
 from workers import audit
 from workers.commands import TrainCommand
 from workers.errors import ConfigError
 from workers.jobs.reconcile import reconcile
 from workers.jobs.train import train
-from workers.sandbox.aws import Sandbox, SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
-from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.settings import Settings
 from workers.state import records

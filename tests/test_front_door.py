@@ -14,11 +14,11 @@ from slack_bolt import App
 from slack_sdk import WebClient
 
 from bot.app import build_app
+from runctl_sandbox.fake_slack import FakeSlack
 from tests.conftest import TOKEN
 from tests.slack import command
 from workers import audit
 from workers.queueing import LONG_QUEUE, QUEUE
-from workers.sandbox.fake_slack import FakeSlack
 from workers.settings import Settings
 
 IID = "i-0123456789abcdef0"

@@ -19,6 +19,9 @@ from rq.job import Job as RqJob
 from slack_sdk import WebClient
 
 from bot.app import build_app
+from runctl_sandbox.aws import SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
+from runctl_sandbox.inline import InlineWorker
 from workers import audit
 from workers.commands import (
     Actor,
@@ -37,9 +40,6 @@ from workers.commands import (
 from workers.jobs import funnel
 from workers.jobs.monitor import schedule
 from workers.queueing import QUEUES, JobPath, enqueue
-from workers.sandbox.aws import SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
-from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.slack.ids import ActionId
 from workers.state.runs import Run, RunState

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from runctl_sandbox.aws import SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
+from runctl_sandbox.inline import InlineWorker
 from workers.aws.repo import CodeRepo
 from workers.commands import Actor, TrainCommand
 from workers.errors import CodeError
 from workers.queueing import enqueue
-from workers.sandbox.aws import SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
-from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.state.runs import RunState
 

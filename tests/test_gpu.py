@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from runctl_sandbox import ssm_agent
+from runctl_sandbox.aws import Sandbox, SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
 from workers.jobs.monitor import monitor
 from workers.jobs.status import describe
 from workers.jobs.sweep import sweep
 from workers.remote import gpu
-from workers.sandbox import ssm_shim
-from workers.sandbox.aws import Sandbox, SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
 from workers.services import Services
 from workers.slack.ids import BlockId
 from workers.state.runs import Run, RunState
@@ -51,7 +51,7 @@ def nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         f"cat {rows}\n"
     )
     fake.chmod(0o755)
-    monkeypatch.setattr(ssm_shim, "AGENT_PATH", f"{bin_dir}:{ssm_shim.AGENT_PATH}")
+    monkeypatch.setattr(ssm_agent, "AGENT_PATH", f"{bin_dir}:{ssm_agent.AGENT_PATH}")
     return rows
 
 
@@ -94,7 +94,7 @@ def test_status_and_the_run_message_show_each_gpu_from_nvidia_smi(
 def test_without_nvidia_smi_nothing_about_gpus_is_shown(
     svc: Services, fleet_seed: SeedInfo, sandbox: Sandbox, slack: FakeSlack, training_process: int
 ) -> None:
-    if shutil.which("nvidia-smi", path=ssm_shim.AGENT_PATH):
+    if shutil.which("nvidia-smi", path=ssm_agent.AGENT_PATH):
         pytest.skip("this machine has a real nvidia-smi")
     iid = fleet_seed.instances["cpu-box"]
     live_run(svc, sandbox, iid, training_process)

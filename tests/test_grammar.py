@@ -12,9 +12,9 @@ from slack_sdk import WebClient
 
 from bot.app import build_app
 from bot.grammar import SPECS, parse
+from runctl_sandbox.fake_slack import FakeSlack
 from workers import commands as c
 from workers.errors import UsageError
-from workers.sandbox.fake_slack import FakeSlack
 from workers.settings import Settings
 
 from . import slack as s

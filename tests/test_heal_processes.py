@@ -18,10 +18,10 @@ from rq import Queue, Worker
 from rq.job import Job
 from rq.registry import FinishedJobRegistry, StartedJobRegistry
 
+from runctl_sandbox.aws import AMI_ID, MANAGED_TAG, Sandbox, SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
 from workers.commands import Actor, Command, StatusCommand, TrainCommand
 from workers.queueing import QUEUE, QUEUES, JobPath, RoutedQueue, enqueue
-from workers.sandbox.aws import AMI_ID, MANAGED_TAG, Sandbox, SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
 from workers.services import Services
 from workers.state.runs import RunStore
 

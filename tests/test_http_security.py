@@ -25,9 +25,9 @@ from slack_sdk import WebClient
 from slack_sdk.signature import SignatureVerifier
 
 from bot.app import build_app
+from runctl_sandbox.fake_slack import FakeSlack
 from workers import audit
 from workers.queueing import QUEUE
-from workers.sandbox.fake_slack import FakeSlack
 from workers.settings import Settings
 from workers.slack import hooks
 from workers.slack.ids import ActionId, BlockId

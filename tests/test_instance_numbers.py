@@ -10,10 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from runctl_sandbox.aws import Sandbox, SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
 from workers.jobs.monitor import DUE, tick
 from workers.remote.status import progress_from_file
-from workers.sandbox.aws import Sandbox, SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
 from workers.services import Services
 from workers.slack.format import bar, duration
 from workers.state.runs import RunState

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from runctl_sandbox.aws import Sandbox, SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
+from runctl_sandbox.inline import InlineWorker
 from workers.commands import CheckpointsCommand, TrainCommand
 from workers.jobs.checkpoints import checkpoints
 from workers.jobs.train import train
 from workers.remote.checkpoints import MAX_FILES_PER_RUN, discover
-from workers.sandbox.aws import Sandbox, SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
-from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.state.runs import RunState
 

@@ -15,11 +15,11 @@ from rq import Queue
 from slack_sdk import WebClient
 
 from bot.app import build_app
+from runctl_sandbox.aws import LaunchSeed, Sandbox, seed_launch
+from runctl_sandbox.fake_slack import FakeSlack, Message
+from runctl_sandbox.inline import InlineWorker
 from workers import audit
 from workers.queueing import QUEUES
-from workers.sandbox.aws import LaunchSeed, Sandbox, seed_launch
-from workers.sandbox.fake_slack import FakeSlack, Message
-from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.slack.ids import ActionId
 from workers.state.autostop import AutostopStore

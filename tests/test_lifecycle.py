@@ -13,13 +13,13 @@ from typing import Any
 from slack_sdk import WebClient
 
 from bot.app import build_app
+from runctl_sandbox.aws import Sandbox, SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack, Message
+from runctl_sandbox.inline import InlineWorker
 from workers.commands import Actor, StartCommand, StopCommand, TrainCommand
 from workers.jobs.lifecycle import start, stop
 from workers.jobs.train import train
 from workers.remote.lifecycle import stop_run
-from workers.sandbox.aws import Sandbox, SeedInfo
-from workers.sandbox.fake_slack import FakeSlack, Message
-from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.slack.ids import ActionId
 from workers.state.locks import train_lock

@@ -5,9 +5,9 @@ Signed commands and clicks through the real Bolt app, real RQ, the sandbox's exe
 
 from __future__ import annotations
 
-from workers.sandbox.aws import Sandbox, SeedInfo
-from workers.sandbox.fake_slack import FakeSlack, Message
-from workers.sandbox.inline import InlineWorker
+from runctl_sandbox.aws import Sandbox, SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack, Message
+from runctl_sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.slack.ids import ActionId
 

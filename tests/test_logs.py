@@ -17,13 +17,13 @@ import boto3
 import pytest
 
 from bot.grammar import parse
+from runctl_sandbox.aws import Sandbox, SeedInfo
+from runctl_sandbox.fake_slack import MAX_SECTION_TEXT, FakeSlack, Message
+from runctl_sandbox.inline import InlineWorker
 from workers.commands import Actor, LogsCommand
 from workers.errors import UsageError
 from workers.jobs.logs import UPLOAD_SECONDS, full_log, logs
 from workers.remote.logs import parse_tail, parse_upload, tail_script, upload_script
-from workers.sandbox.aws import Sandbox, SeedInfo
-from workers.sandbox.fake_slack import MAX_SECTION_TEXT, FakeSlack, Message
-from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.slack.ids import ActionId
 

@@ -12,12 +12,12 @@ from datetime import timedelta
 from slack_sdk import WebClient
 
 from bot.app import build_app
+from runctl_sandbox.aws import Sandbox, SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
+from runctl_sandbox.inline import InlineWorker
 from workers.commands import Actor, TrainCommand
 from workers.jobs.funnel import Job
 from workers.jobs.train import TrainFlow, new_run
-from workers.sandbox.aws import Sandbox, SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
-from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.slack.ids import ActionId
 from workers.slack.messages.lifecycle import ready_blocks

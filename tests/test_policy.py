@@ -17,13 +17,13 @@ from slack_bolt import App
 from slack_sdk import WebClient
 
 from bot.app import build_app
+from runctl_sandbox.aws import SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
+from runctl_sandbox.inline import InlineWorker
 from workers import audit, policy
 from workers.commands import Actor, TrainCommand
 from workers.errors import ConfigError, PermissionDenied
 from workers.queueing import QUEUES
-from workers.sandbox.aws import SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
-from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.settings import Settings
 from workers.slack import usergroups

@@ -7,11 +7,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from runctl_sandbox.aws import AMI_ID, MANAGED_TAG, Sandbox, SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
 from workers.commands import Actor, ResourcesCommand
 from workers.cost.pricing import ON_DEMAND_CACHE_SECONDS, load_price_book
 from workers.jobs.resources import resources
-from workers.sandbox.aws import AMI_ID, MANAGED_TAG, Sandbox, SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
 from workers.services import Services
 
 from .test_resources import text_of

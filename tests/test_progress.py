@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
+from runctl_sandbox.aws import Sandbox, SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
+from runctl_sandbox.inline import InlineWorker
 from workers.commands import Actor, TrainCommand
 from workers.jobs.monitor import monitor
 from workers.jobs.train import train
 from workers.remote.status import progress_from_file
-from workers.sandbox.aws import Sandbox, SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
-from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.slack.ids import BlockId
 from workers.slack.messages.run import progress_text

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 import boto3
 import pytest
 
+from runctl_sandbox.aws import Sandbox, SeedInfo, seed
+from runctl_sandbox.fake_slack import FakeSlack
+from runctl_sandbox.inline import InlineWorker
 from workers.jobs.monitor import monitor
-from workers.sandbox.aws import Sandbox, SeedInfo, seed
-from workers.sandbox.fake_slack import FakeSlack
-from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.state.runs import RunState
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from runctl_sandbox.aws import SeedInfo
+from runctl_sandbox.inline import InlineWorker
 from workers.aws.repo import mirror_name
-from workers.sandbox.aws import SeedInfo
-from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.state.runs import RunState
 

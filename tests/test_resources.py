@@ -9,11 +9,11 @@ from datetime import datetime, timedelta
 
 import pytest
 
+from runctl_sandbox.aws import SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack, Message
 from workers.aws.fleet import Instance
 from workers.commands import Actor, ResourcesCommand
 from workers.jobs.resources import resources
-from workers.sandbox.aws import SeedInfo
-from workers.sandbox.fake_slack import FakeSlack, Message
 from workers.services import Services
 from workers.state.runs import Run, RunState
 

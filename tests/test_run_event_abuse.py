@@ -25,15 +25,15 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry, ScheduledJobRegi
 from werkzeug.test import Client
 
 from bot.web import wsgi
+from runctl_sandbox.aws import SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
+from runctl_sandbox.inline import InlineWorker
+from runctl_sandbox.web import WebServer
 from workers.errors import RunctlError
 from workers.jobs import monitor
 from workers.queueing import JobPath
 from workers.remote import events as remote_events
 from workers.remote.status import Snapshot
-from workers.sandbox.aws import SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
-from workers.sandbox.inline import InlineWorker
-from workers.sandbox.web import WebServer
 from workers.services import Services
 from workers.settings import Settings
 from workers.state import event_keys

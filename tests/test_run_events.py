@@ -23,14 +23,14 @@ from rq.registry import FinishedJobRegistry
 from werkzeug.test import Client
 
 from bot.web import wsgi
+from runctl_sandbox.aws import Sandbox, SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
+from runctl_sandbox.inline import InlineWorker
+from runctl_sandbox.web import WebServer
 from workers.commands import Actor, TrainCommand
 from workers.jobs import monitor
 from workers.jobs.train import train
 from workers.queueing import EVENTS_QUEUE, JobPath
-from workers.sandbox.aws import Sandbox, SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
-from workers.sandbox.inline import InlineWorker
-from workers.sandbox.web import WebServer
 from workers.services import Services
 from workers.settings import Settings
 from workers.state import event_keys

@@ -22,7 +22,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from workers.sandbox.aws import AMI_ID, MANAGED_TAG, Sandbox, SeedInfo, seed
+from runctl_sandbox.aws import AMI_ID, MANAGED_TAG, Sandbox, SeedInfo, seed
 
 if TYPE_CHECKING:
     from types_boto3_ec2 import EC2Client
@@ -435,11 +435,11 @@ def test_a_second_sandbox_in_the_process_is_refused(sandbox: Sandbox, tmp_path: 
 def test_cli_serves_until_sigterm(tmp_path: Path, aws: boto3.Session) -> None:
     repo = Path(__file__).resolve().parent.parent
     proc = subprocess.Popen(
-        [sys.executable, "-m", "workers.sandbox.aws", "--root", str(tmp_path)],
+        [sys.executable, "-m", "runctl_sandbox.aws", "--root", str(tmp_path)],
         stdout=subprocess.PIPE,
         text=True,
         cwd=repo,
-        env={**os.environ, "PYTHONPATH": str(repo)},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "sandbox")])},
     )
     try:
         assert proc.stdout is not None

@@ -16,14 +16,14 @@ from rq import Queue
 from slack_sdk import WebClient
 
 from bot.app import build_app
+from runctl_sandbox.aws import Sandbox, SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
 from workers import remote
 from workers.commands import Actor, StatusCommand, StopCommand, TrainCommand
 from workers.jobs.lifecycle import stop
 from workers.jobs.status import status
 from workers.jobs.train import train
 from workers.queueing import QUEUE
-from workers.sandbox.aws import Sandbox, SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
 from workers.services import Services
 from workers.settings import Settings
 from workers.state import locks

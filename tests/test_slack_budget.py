@@ -11,12 +11,12 @@ import time
 import uuid
 from datetime import timedelta
 
+from runctl_sandbox.aws import SeedInfo
+from runctl_sandbox.fake_slack import Budget, FakeSlack
+from runctl_sandbox.inline import InlineWorker
 from workers.commands import Actor, TrainCommand
 from workers.jobs import monitor
 from workers.jobs.train import train
-from workers.sandbox.aws import SeedInfo
-from workers.sandbox.fake_slack import Budget, FakeSlack
-from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.slack import updates
 from workers.slack.thread import open_run, publish

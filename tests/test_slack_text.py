@@ -11,11 +11,11 @@ from rq import Queue
 from slack_sdk import WebClient
 
 from bot.app import build_app
+from runctl_sandbox.fake_slack import FakeSlack
 from tests.conftest import TOKEN
 from tests.slack import command
 from workers.commands import TrainCommand
 from workers.queueing import LONG_QUEUE, QUEUE
-from workers.sandbox.fake_slack import FakeSlack
 from workers.settings import Settings
 from workers.slack.messages.run import run_blocks
 from workers.state.runs import Run

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from workers.sandbox.aws import AMI_ID, MANAGED_TAG, Sandbox, SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
+from runctl_sandbox.aws import AMI_ID, MANAGED_TAG, Sandbox, SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
 from workers.services import Services
 from workers.state.runs import RunState
 

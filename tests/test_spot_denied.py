@@ -8,12 +8,12 @@ from typing import Any
 
 from botocore.awsrequest import AWSResponse
 
+from runctl_sandbox.aws import AMI_ID, MANAGED_TAG, SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
+from runctl_sandbox.inline import InlineWorker
 from workers.commands import Actor, ResourcesCommand
 from workers.jobs.sweep import sweep
 from workers.queueing import enqueue
-from workers.sandbox.aws import AMI_ID, MANAGED_TAG, SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
-from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 
 ALICE = Actor(user_id="U0ALICE", channel_id="C0TRAIN")

@@ -14,11 +14,11 @@ from slack_sdk import WebClient
 
 from bot.actions.warnings import KEEP_VIEW, REASON_BLOCK, REASON_INPUT
 from bot.app import build_app
+from runctl_sandbox.aws import SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack, Message, OpenedView
+from runctl_sandbox.inline import InlineWorker
 from workers import audit
 from workers.jobs.sweep import sweep
-from workers.sandbox.aws import SeedInfo
-from workers.sandbox.fake_slack import FakeSlack, Message, OpenedView
-from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.slack.ids import ActionId
 from workers.state.runs import Checkpoint, Run, RunState

@@ -14,10 +14,10 @@ import pytest
 from slack_sdk import WebClient
 
 from bot.app import build_app
+from runctl_sandbox.fake_slack import DEFAULT_BUDGETS, MAX_BLOCKS, FakeSlack
+from runctl_sandbox.inline import InlineWorker
 from workers.jobs import monitor
 from workers.jobs.sweep import MAX_POSTS, sweep
-from workers.sandbox.fake_slack import DEFAULT_BUDGETS, MAX_BLOCKS, FakeSlack
-from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.slack import updates
 from workers.slack.ids import ActionId

@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 from rq import Queue
 
+from runctl_sandbox.aws import Sandbox, SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack, Message
+from runctl_sandbox.inline import InlineWorker
 from workers.commands import Actor, TerminateCommand
 from workers.jobs.lifecycle import terminate
 from workers.queueing import QUEUES
-from workers.sandbox.aws import Sandbox, SeedInfo
-from workers.sandbox.fake_slack import FakeSlack, Message
-from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.slack import usergroups
 from workers.slack.ids import ActionId

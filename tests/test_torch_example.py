@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
+from runctl_sandbox.aws import Sandbox, SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
 from workers.aws.fleet import PYTHON_TAG
 from workers.commands import Actor, StopCommand, TrainCommand
 from workers.jobs.lifecycle import stop
 from workers.jobs.train import train
-from workers.sandbox.aws import Sandbox, SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
 from workers.services import Services
 from workers.state.runs import RunState
 

@@ -6,11 +6,11 @@ import threading
 import uuid
 from typing import Any
 
+from runctl_sandbox.aws import Sandbox, SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
+from runctl_sandbox.inline import InlineWorker
 from workers.commands import Actor, TrainCommand
 from workers.jobs.train import train
-from workers.sandbox.aws import Sandbox, SeedInfo
-from workers.sandbox.fake_slack import FakeSlack
-from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.state.locks import train_lock
 from workers.state.runs import RunState

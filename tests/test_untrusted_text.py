@@ -19,13 +19,13 @@ import pytest
 from slack_sdk import WebClient
 
 from bot.app import build_app
+from runctl_sandbox.aws import SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack, Message
+from runctl_sandbox.inline import InlineWorker
 from workers.commands import Actor, CheckpointsCommand, TrainCommand
 from workers.jobs.checkpoints import checkpoints
 from workers.jobs.sweep import sweep
 from workers.jobs.train import train
-from workers.sandbox.aws import SeedInfo
-from workers.sandbox.fake_slack import FakeSlack, Message
-from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.settings import Settings
 from workers.state.runs import Run, RunState

@@ -15,8 +15,8 @@ import redis as redis_mod
 from redis.client import PubSub
 from rq import Queue
 
+from runctl_sandbox.inline import InlineWorker
 from workers.queueing import QUEUE
-from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.worker import RunctlWorker
 

@@ -3,7 +3,7 @@
 moto keeps its state in process globals, so one process holds at most one live
 Sandbox, and ``start()`` begins from an empty AWS.
 
-    python -m workers.sandbox.aws --root DIR [--port N]
+    python -m runctl_sandbox.aws --root DIR [--port N]
 
 runs one in the foreground until SIGTERM/SIGINT.
 """
@@ -28,8 +28,12 @@ from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 from werkzeug.serving import WSGIRequestHandler, make_server
 
-from workers.sandbox.imds import Imds
-from workers.sandbox.ssm_shim import Agent, PriceList, S3Gate, SsmShim
+from runctl_sandbox.ec2 import Ec2
+from runctl_sandbox.imds import Imds
+from runctl_sandbox.price_list import PriceList
+from runctl_sandbox.s3_gate import S3Gate
+from runctl_sandbox.shim import AwsShim
+from runctl_sandbox.ssm_agent import Agent
 
 if TYPE_CHECKING:
     from types_boto3_ec2.literals import InstanceTypeType
@@ -56,12 +60,14 @@ class Sandbox(ThreadedMotoServer):
         self.root = Path(root)
         self.region = region
         self._agent = Agent(self.root, self.instance_dir)
+        self._ec2 = Ec2()
         self.s3 = S3Gate()
         self.prices = PriceList()
         self._startup_error: BaseException | None = None
 
     def _server_entry(self) -> None:
-        app = SsmShim(DomainDispatcherApplication(create_backend_app), self._agent, self.region, self.s3, self.prices)
+        moto = DomainDispatcherApplication(create_backend_app)
+        app = AwsShim(moto, self._agent, self.region, self._ec2, self.s3, self.prices)
         try:
             self._server = make_server(self._ip_address, self._port, app, threaded=True, request_handler=_QuietHandler)
         except BaseException as exc:  # start() waits on the event: never leave it unset
@@ -139,9 +145,9 @@ class Sandbox(ThreadedMotoServer):
     def exhaust(self, instance_type: str, zone: str, full: bool = True) -> None:
         """Make RunInstances of ``instance_type`` in ``zone`` fail with InsufficientInstanceCapacity."""
         if full:
-            self._agent.exhausted.add((instance_type, zone))
+            self._ec2.exhausted.add((instance_type, zone))
         else:
-            self._agent.exhausted.discard((instance_type, zone))
+            self._ec2.exhausted.discard((instance_type, zone))
 
     def slow(self, instance_id: str, seconds: float, matching: str = "") -> None:
         """Every script sent to ``instance_id`` from now on (only those containing
@@ -261,7 +267,7 @@ def seed_launch(endpoint_url: str, region: str) -> LaunchSeed:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workers.sandbox.aws", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m runctl_sandbox.aws", description=__doc__)
     parser.add_argument("--root", type=Path, required=True, help="directory for instance roots")
     parser.add_argument("--port", type=int, default=0, help="port to bind (0: any free port)")
     parser.add_argument("--region", default="us-east-1", help="default region")

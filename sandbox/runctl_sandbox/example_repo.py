@@ -8,7 +8,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-TRAINING_DIR = Path(__file__).resolve().parents[2] / "training"
+# Package data: in a checkout a link to the repository's training/, in a wheel a copy of its scripts.
+TRAINING_DIR = Path(__file__).resolve().parent / "training"
 # The example scripts import their protocol from the module beside them.
 EXAMPLES = ("runctl_protocol.py", "train_with_checkpoints.py", "train_torch.py")
 

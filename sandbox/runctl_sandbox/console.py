@@ -30,11 +30,11 @@ from slack_sdk import WebClient
 from slack_sdk.signature import SignatureVerifier
 
 from bot.app import build_app
+from runctl_sandbox.aws import Sandbox, SeedInfo, seed
+from runctl_sandbox.example_repo import make_example_repo
+from runctl_sandbox.fake_slack import FakeSlack, Message
+from runctl_sandbox.inline import InlineWorker
 from workers import services
-from workers.sandbox.aws import Sandbox, SeedInfo, seed
-from workers.sandbox.example_repo import make_example_repo
-from workers.sandbox.fake_slack import FakeSlack, Message
-from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.settings import Settings
 from workers.slack.client import Notifier

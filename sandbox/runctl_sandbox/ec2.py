@@ -1,0 +1,165 @@
+"""EC2 where moto stops short: the instances' state as SSM sees it, read from moto's backend;
+InsufficientInstanceCapacity for a zone made full; one-time spot instances that cannot be
+stopped; and StopInstances, TerminateInstances and RebootInstances kill every process
+started for those instances, as losing power would."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+
+from moto.ec2.models import ec2_backends
+from werkzeug.http import HTTP_STATUS_CODES
+
+from runctl_sandbox import wire
+from runctl_sandbox.ssm_agent import kill_instance_processes
+from runctl_sandbox.wire import ApiError, RequestContext
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+# "offline": ConnectionLost, commands stay Pending until delivery times out;
+# "undeliverable": still Online to SSM, but every command ends Undeliverable without running
+# (an agent that lost its connection before SSM noticed); "none": not managed by SSM.
+SSM_TAG = "sandbox:ssm"
+SSM_CORE_POLICY = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
+POWER_OFF_ACTIONS = ("StopInstances", "TerminateInstances", "RebootInstances")
+
+_INSTANCE_PARAM = re.compile(r"^InstanceId\.\d+$")
+
+
+@dataclass(frozen=True)
+class Ec2Instance:
+    id: str
+    state: str
+    tags: dict[str, str]
+    private_ip: str
+    # The policies of its instance profile's roles; None without a profile (the sandbox then
+    # stands for an account with Default Host Management Configuration).
+    profile_policies: frozenset[str] | None = None
+
+    @property
+    def ssm(self) -> str:
+        """``online``, ``offline`` or ``none`` (not registered with SSM)."""
+        if self.state != "running":
+            return "none"
+        if self.profile_policies is not None and SSM_CORE_POLICY not in self.profile_policies:
+            return "none"  # the agent gets no credentials to register with
+        knob = self.tags.get(SSM_TAG, "online")
+        return knob if knob in ("offline", "undeliverable", "none") else "online"
+
+
+def _profile_policies(backend: Any, instance_id: str) -> frozenset[str] | None:
+    association = backend.iam_instance_profile_associations.get(instance_id)
+    if association is None:
+        return None
+    roles = association.iam_instance_profile.roles or []
+    return frozenset(arn for role in roles for arn in role.managed_policies)
+
+
+def ec2_instances(account_id: str, region: str) -> dict[str, Ec2Instance]:
+    try:
+        backend = ec2_backends[account_id][region]
+    except KeyError:  # a region moto does not know has no instances
+        return {}
+    for _ in range(5):
+        try:
+            return {
+                inst.id: Ec2Instance(
+                    id=str(inst.id),
+                    state=str(inst.state),
+                    tags=dict(backend.tags.get(inst.id, {})),
+                    private_ip=str(inst.private_ip or ""),
+                    profile_policies=_profile_policies(backend, inst.id),
+                )
+                for inst in backend.all_instances()
+            }
+        except RuntimeError:  # moto's dicts changed under us (another request thread)
+            time.sleep(0.01)
+    raise ApiError("InternalServerError", "EC2 state kept changing", 500)
+
+
+def one_time_spot(account_id: str, region: str, instance_id: str) -> bool:
+    """A spot instance whose request is one-time (or unknown: RunInstances' spot
+    market options default to one-time) cannot be stopped."""
+    try:
+        backend = ec2_backends[account_id][region]
+        inst = backend.get_instance(instance_id)
+    except Exception:  # unknown ids: moto answers for them
+        return False
+    if getattr(inst, "lifecycle", None) != "spot":
+        return False
+    for request in list(backend.spot_instance_requests.values()):
+        if getattr(request, "instance", None) is not None and request.instance.id == instance_id:
+            return str(request.type) != "persistent"
+    return True
+
+
+def _ec2_error(start_response: StartResponse, code: str, message: str, status: int = 400) -> Iterable[bytes]:
+    """An error in EC2's query-protocol XML."""
+    body = (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error><Code>{code}</Code>'
+        f"<Message>{message}</Message></Error></Errors><RequestID>{uuid.uuid4()}</RequestID></Response>"
+    ).encode()
+    headers = [("Content-Type", "text/xml"), ("Content-Length", str(len(body)))]
+    return wire.reply(start_response, f"{status} {HTTP_STATUS_CODES[status]}", headers, body)
+
+
+class Ec2:
+    """The EC2 requests the sandbox answers before (or instead of) moto, the ``app``."""
+
+    def __init__(self) -> None:
+        self.exhausted: set[tuple[str, str]] = set()  # (instance type, zone) with no capacity
+
+    def _capacity(self, ctx: RequestContext, params: dict[str, list[str]]) -> bytes | None:
+        """EC2's InsufficientInstanceCapacity (a 500, "Server." error) for a zone made full
+        with ``Sandbox.exhaust``."""
+        itype = params.get("InstanceType", [""])[0]
+        zone = params.get("Placement.AvailabilityZone", [""])[0]
+        subnet = params.get("SubnetId", [""])[0]
+        if subnet:
+            try:
+                zone = str(ec2_backends[ctx.account_id][ctx.region].get_subnet(subnet).availability_zone)
+            except Exception:  # moto answers for an unknown subnet itself
+                return None
+        zone = zone or ctx.region + "a"
+        if (itype, zone) not in self.exhausted:
+            return None
+        message = (f"We currently do not have sufficient {itype} capacity in the Availability Zone you requested "
+                   f"({zone}). Our system will be working on provisioning additional capacity.")
+        return (
+            '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error><Code>InsufficientInstanceCapacity'
+            f"</Code><Message>{message}</Message></Error></Errors><RequestID>{uuid.uuid4()}</RequestID></Response>"
+        ).encode()
+
+    def handle(
+        self, app: WSGIApplication, environ: WSGIEnvironment, ctx: RequestContext, start_response: StartResponse
+    ) -> Iterable[bytes]:
+        body = wire.read_body(environ)
+        params = parse_qs(environ.get("QUERY_STRING", "")) | parse_qs(body.decode("utf-8", "replace"))
+        action = params.get("Action", [""])[0]
+        if action == "RunInstances":
+            refusal = self._capacity(ctx, params)
+            if refusal is not None:
+                return wire.reply(start_response, "500 Internal Server Error", [("Content-Type", "text/xml")], refusal)
+        if action == "StopInstances":
+            for iid in (v[0] for k, v in params.items() if _INSTANCE_PARAM.match(k)):
+                if one_time_spot(ctx.account_id, ctx.region, iid):
+                    return _ec2_error(
+                        start_response,
+                        "UnsupportedOperation",
+                        f"You can't stop the Spot Instance '{iid}' because it is associated with a one-time "
+                        "Spot Instance request. You can only stop Spot Instances associated with persistent "
+                        "Spot Instance requests.",
+                    )
+        status, headers, reply = wire.call_app(app, environ)
+        if action in POWER_OFF_ACTIONS and status.startswith("200"):
+            ids = [v[0] for k, v in params.items() if _INSTANCE_PARAM.match(k)]
+            kill_instance_processes(ids)
+        return wire.reply(start_response, status, headers, reply)
+
