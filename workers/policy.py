@@ -168,7 +168,7 @@ def _invalid(path: Path, why: str) -> ConfigError:
     return ConfigError(
         f"The policy file {path} is invalid, so runctl refuses commands until it is fixed.",
         why=why,
-        fix=f"Fix {path} (the format is in the README, Security); the change takes effect immediately.",
+        fix=f"Fix {path} (the format is in docs/security.md, Default policy); the change takes effect immediately.",
     )
 
 

@@ -105,7 +105,7 @@ def translate(exc: ClientError | BotoCoreError, action: str) -> RunctlError:
             f"AWS refused to {action}: the worker's IAM role lacks a permission.",
             code=code,
             why=message,
-            fix="Add the permission to the worker's IAM policy (README: Running against AWS).",
+            fix="Add the permission to the worker's IAM policy (docs/security.md, Worker IAM policy).",
         )
     if code in ("Throttling", "ThrottlingException", "RequestLimitExceeded"):
         return Throttled(f"AWS is throttling us while trying to {action}.", code=code, why=message)

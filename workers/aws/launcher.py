@@ -93,7 +93,7 @@ def load(path: Path | None) -> LaunchFile:
         raise ConfigError(
             "Launching is not set up here.",
             why="runctl launches only from an admin-defined template, and RUNCTL_LAUNCH_FILE is not set.",
-            fix="An admin writes the launch file (README: Launch) and sets RUNCTL_LAUNCH_FILE.",
+            fix="An admin writes the launch file (docs/lifecycle.md, Launch) and sets RUNCTL_LAUNCH_FILE.",
         )
     try:
         stat = path.stat()
@@ -120,7 +120,7 @@ def _invalid(path: Path, why: str) -> ConfigError:
     return ConfigError(
         f"The launch file {path} is invalid, so nothing can be launched.",
         why=why,
-        fix=f"Fix {path} (README: Launch); the change takes effect on the next launch.",
+        fix=f"Fix {path} (docs/lifecycle.md, Launch); the change takes effect on the next launch.",
     )
 
 
