@@ -35,13 +35,13 @@ from workers.commands import (
     TrainCommand,
 )
 from workers.jobs import funnel
-from workers.jobs.monitor import schedule
 from workers.queueing import QUEUES, JobPath, enqueue
 from workers.sandbox.aws import SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
 from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.slack.ids import ActionId
+from workers.state.polls import schedule
 from workers.state.runs import Run, RunState
 from workers.state.warnings import Kind
 

@@ -10,12 +10,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from workers.jobs.monitor import DUE, tick
+from workers.jobs.monitor import tick
 from workers.remote.status import progress_from_file
 from workers.sandbox.aws import Sandbox, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
 from workers.services import Services
 from workers.slack.format import bar, duration
+from workers.state.polls import DUE
 from workers.state.runs import RunState
 
 from .test_progress import PROGRESS, live_run, progress_block

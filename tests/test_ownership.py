@@ -14,14 +14,14 @@ from slack_sdk import WebClient
 from bot.app import build_app
 from workers.commands import Actor, TrainCommand
 from workers.jobs.funnel import Job
-from workers.jobs.train import TrainFlow, new_run
+from workers.jobs.train import TrainFlow
 from workers.sandbox.aws import Sandbox, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
 from workers.sandbox.inline import InlineWorker
 from workers.services import Services
 from workers.slack.ids import ActionId
 from workers.slack.messages.lifecycle import ready_blocks
-from workers.state.runs import Checkpoint, Run, RunState
+from workers.state.runs import Checkpoint, Run, RunState, new_run
 
 from .conftest import TOKEN
 from .slack import click, command
