@@ -1,6 +1,6 @@
-"""The product's layers, read from the source like tests/test_funnel.py reads JobPath: every
-project import is at module level, the lower rooms never import the jobs, the Slack face
-never reaches AWS, and no two project modules import each other, directly or round a loop.
+"""The product's layers, read from the source's syntax trees (`ast`): every project import is
+at module level, the lower rooms never import the jobs, the Slack face never reaches AWS, and
+no two project modules import each other, directly or round a loop.
 
 A module-level import cycle works only in the order someone happened to import things in;
 a function-level import hides one. Type-only imports (`if TYPE_CHECKING:`) never run, so
