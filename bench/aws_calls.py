@@ -34,6 +34,7 @@ from workers.aws.fleet import Fleet
 from workers.jobs import monitor
 from workers.jobs.sweep import sweep
 from workers.services import Services
+from workers.state import polls
 from workers.state.runs import Run, RunState
 
 
@@ -102,9 +103,9 @@ def simulate(svc: Services, clock: SimClock, counter: CallCounter, runs: list[Ru
     sweep_every = timedelta(minutes=svc.settings.RUNCTL_SWEEP_MINUTES)
     next_sweep = start
     for run in runs:
-        monitor.schedule(svc, run.run_id, timedelta(seconds=svc.settings.RUNCTL_POLL_MIN_SECONDS))
+        polls.schedule(svc, run.run_id, timedelta(seconds=svc.settings.RUNCTL_POLL_MIN_SECONDS))
     while clock.now < end:
-        due = svc.redis.zrange(monitor.DUE, 0, 0, withscores=True)
+        due = svc.redis.zrange(polls.DUE, 0, 0, withscores=True)
         next_poll = start + timedelta(seconds=float(due[0][1]) - start.timestamp()) if due else end
         moment = min(next_poll, next_sweep, end)
         if moment >= end:

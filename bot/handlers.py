@@ -10,6 +10,7 @@ from redis.exceptions import RedisError
 from rq import Queue
 from slack_bolt import Ack, App
 
+from bot.actions import launch, lifecycle, logs, warnings
 from bot.grammar import help_text
 from workers.commands import (
     Actor,
@@ -74,8 +75,6 @@ def runctl(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None:
 
 
 def register_actions(app: App) -> None:
-    from bot.actions import launch, lifecycle, logs, warnings
-
     lifecycle.register(app)
     logs.register(app)
     warnings.register(app)

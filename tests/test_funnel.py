@@ -38,10 +38,10 @@ from workers.commands import (
     TrainCommand,
 )
 from workers.jobs import funnel
-from workers.jobs.monitor import schedule
 from workers.queueing import QUEUES, JobPath, enqueue
 from workers.services import Services
 from workers.slack.ids import ActionId
+from workers.state.polls import schedule
 from workers.state.runs import Run, RunState
 from workers.state.warnings import Kind
 

@@ -12,10 +12,11 @@ import pytest
 
 from runctl_sandbox.aws import Sandbox, SeedInfo
 from runctl_sandbox.fake_slack import FakeSlack
-from workers.jobs.monitor import DUE, tick
+from workers.jobs.monitor import tick
 from workers.remote.status import progress_from_file
 from workers.services import Services
 from workers.slack.format import bar, duration
+from workers.state.polls import DUE
 from workers.state.runs import RunState
 
 from .test_progress import PROGRESS, live_run, progress_block

@@ -19,7 +19,7 @@ from runctl_sandbox.aws import LaunchSeed, Sandbox, seed_launch
 from runctl_sandbox.fake_slack import FakeSlack, Message
 from runctl_sandbox.inline import InlineWorker
 from workers import audit
-from workers.queueing import QUEUES
+from workers.queueing import QUEUES, JobPath
 from workers.services import Services
 from workers.slack.ids import ActionId
 from workers.state.autostop import AutostopStore
@@ -217,6 +217,27 @@ def test_cancel_launches_nothing(
     assert "cancelled by <@U0ALICE>" in current(slack, m.ts).text and not buttons(current(slack, m.ts))
     dispatch(svc, slack, worker, click(as_dict(m), ActionId.LAUNCH_CONFIRM, "U0ALICE"))
     assert launched_ids(svc) == []
+
+
+def test_a_launch_click_queued_on_terminates_path_by_the_release_before_still_launches(
+    svc: Services, template: LaunchSeed, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    """Launch clicks have their own job path now; RQ stores the path, so a job the release
+    before queued on the shared confirmation path must still launch."""
+    before = set(launched_ids(svc))
+    slash(svc, slack, worker, "launch gpu --name alice-old")
+    m = confirmation(slack)
+    send_click(svc, slack, worker, click(as_dict(m), ActionId.LAUNCH_CONFIRM, "U0ALICE"))
+    [job] = [j for name in QUEUES for j in Queue(name, connection=svc.redis).jobs]
+    assert job.func_name == JobPath.LAUNCH_CLICK.value
+    job.cancel()
+    job.delete()
+    Queue(job.origin, connection=svc.redis).enqueue(JobPath.CONFIRM_CLICK.value, *job.args, job_timeout=3600)
+    worker.drain(timeout=120)
+
+    [iid] = sorted(set(launched_ids(svc)) - before)
+    body = text_of(current(slack, m.ts))
+    assert f"alice-old ({iid})" in body and "SSM agent Online" in body and f"/runctl train {iid}" in body
 
 
 def test_the_sandbox_agent_registers_only_with_the_ssm_managed_instance_core_policy(

@@ -17,11 +17,11 @@ from runctl_sandbox.fake_slack import FakeSlack
 from runctl_sandbox.inline import InlineWorker
 from workers.commands import Actor, TrainCommand
 from workers.jobs.funnel import Job
-from workers.jobs.train import TrainFlow, new_run
+from workers.jobs.train import TrainFlow
 from workers.services import Services
 from workers.slack.ids import ActionId
 from workers.slack.messages.lifecycle import ready_blocks
-from workers.state.runs import Checkpoint, Run, RunState
+from workers.state.runs import Checkpoint, Run, RunState, new_run
 
 from .conftest import TOKEN
 from .slack import click, command

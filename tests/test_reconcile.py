@@ -16,11 +16,10 @@ from runctl_sandbox.aws import Sandbox, SeedInfo
 from runctl_sandbox.fake_slack import FakeSlack
 from runctl_sandbox.inline import InlineWorker
 from workers.commands import Actor, TrainCommand
-from workers.jobs import monitor
 from workers.jobs.reconcile import reconcile
 from workers.jobs.train import train
 from workers.services import Services
-from workers.state import records
+from workers.state import polls, records
 from workers.state.locks import Holder, train_lock
 from workers.state.runs import RunMeta, RunState
 
@@ -135,7 +134,7 @@ def test_a_live_run_nobody_follows_whose_process_vanished_is_reported_with_its_l
     run_dir = sandbox.instance_dir(iid) / "runs" / "r-gone"
     start(iid, "r-gone", epochs=50)
     wait_for(lambda: epoch_seen(run_dir, 1), "epoch 1")
-    svc.redis.delete(monitor.DUE, monitor.TICK_AT)  # a tick died holding it
+    svc.redis.delete(polls.DUE, polls.TICK_AT)  # a tick died holding it
     os.killpg(int((run_dir / "pgid").read_text()), signal.SIGKILL)  # wrapper and training: no exit code
     wait_for(lambda: not _alive(int((run_dir / "pid").read_text())), "the training to die")
 

@@ -28,12 +28,11 @@ from runctl_sandbox.fake_slack import FakeSlack
 from runctl_sandbox.inline import InlineWorker
 from runctl_sandbox.web import WebServer
 from workers.commands import Actor, TrainCommand
-from workers.jobs import monitor
 from workers.jobs.train import train
 from workers.queueing import EVENTS_QUEUE, JobPath
 from workers.services import Services
 from workers.settings import Settings
-from workers.state import event_keys
+from workers.state import event_keys, polls
 from workers.state.runs import Run, RunState
 
 ALICE = Actor(user_id="U0ALICE", channel_id="C0TRAIN")
@@ -161,7 +160,7 @@ def test_open_event_path_replies_without_waiting_for_a_poll(
         started = time.monotonic()
         slack.wait_for(lambda: replied(slack, run_id), timeout=30)
         took = time.monotonic() - started
-    due = svc.redis.zscore(monitor.DUE, run_id)
+    due = svc.redis.zscore(polls.DUE, run_id)
     assert due is None  # finished: not waiting for a poll
     assert "exit: polled" in ran_events(svc.redis)
     assert took < 30  # the next poll would have been 600 s away

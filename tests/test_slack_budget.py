@@ -20,6 +20,7 @@ from workers.jobs.train import train
 from workers.services import Services
 from workers.slack import updates
 from workers.slack.thread import open_run, publish
+from workers.state import polls
 from workers.state.runs import Progress, Run, RunState
 
 SCALE = 12
@@ -73,7 +74,7 @@ def test_a_429_does_not_delay_other_runs_polls(
     before = {i: svc.runs.get(i).polls for i in ids}  # type: ignore[union-attr]
     slack.rate_limit("chat.update", times=100, retry_after=30)
     for run_id in ids:
-        monitor.schedule(svc, run_id, timedelta(0))
+        polls.schedule(svc, run_id, timedelta(0))
 
     started = time.monotonic()
     monitor.tick()

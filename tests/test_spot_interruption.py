@@ -78,7 +78,8 @@ def test_a_spot_run_is_polled_at_least_every_30_seconds(
     """Backoff may reach RUNCTL_POLL_MAX_SECONDS (4 min), longer than a notice's two minutes."""
     import subprocess
 
-    from workers.jobs.monitor import DUE, monitor
+    from workers.jobs.monitor import monitor
+    from workers.state.polls import DUE
     from workers.state.runs import Run
 
     svc.settings = svc.settings.model_copy(update={"RUNCTL_POLL_MIN_SECONDS": 5, "RUNCTL_POLL_MAX_SECONDS": 240})

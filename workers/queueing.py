@@ -62,7 +62,9 @@ class JobPath(StrEnum):
     AUDIT = "workers.jobs.audit.audit"
     LOGS = "workers.jobs.logs.logs"
     FULL_LOG = "workers.jobs.logs.full_log"
+    # Terminate's clicks; launch's too while jobs queued before LAUNCH_CLICK may wait (one release).
     CONFIRM_CLICK = "workers.jobs.lifecycle.confirm_click"
+    LAUNCH_CLICK = "workers.jobs.launch.confirm_click"
     RESUME = "workers.jobs.lifecycle.resume"
     MONITOR_TICK = "workers.jobs.monitor.tick"
     RUN_EVENT = "workers.jobs.events.event"
@@ -99,6 +101,7 @@ LONG_JOBS = frozenset(
         JobPath.LAUNCH,
         JobPath.RESUME,
         JobPath.CONFIRM_CLICK,
+        JobPath.LAUNCH_CLICK,
         JobPath.WARNING_STOP_NOW,
         JobPath.AUTOSTOP_STOP_NOW,
         JobPath.AUTOSTOP_STOP,

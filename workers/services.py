@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 from redis import Redis
 from rq import Queue
@@ -17,15 +17,12 @@ from workers import policy
 from workers import settings as settings_mod
 from workers.aws.fleet import Fleet
 from workers.aws.repo import CodeRepo
+from workers.context import utc_now
 from workers.errors import ConfigError
 from workers.queueing import QUEUE, RoutedQueue
 from workers.settings import Settings
 from workers.slack.client import Notifier, make_client
 from workers.state.runs import RunStore
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass

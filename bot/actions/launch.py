@@ -1,5 +1,5 @@
-"""Buttons of launch and autostop messages. [Launch]/[Cancel] are confirmation buttons and
-share terminate's click path; [Train on it] answers with the command to copy."""
+"""Buttons of launch and autostop messages. [Launch]/[Cancel] are confirmation buttons: terminate's
+click handler queues them, on launch's own job path; [Train on it] answers with the command to copy."""
 
 from __future__ import annotations
 

@@ -42,9 +42,11 @@ def confirmation_click(ack: Ack, body: dict[str, Any], context: dict[str, Any], 
         except SlackApiError:
             client.chat_postMessage(channel=actor.user_id, text=exc.as_text())
         return
+    launch = action["action_id"] in (ActionId.LAUNCH_CONFIRM, ActionId.LAUNCH_CANCEL)
+    path = JobPath.LAUNCH_CLICK if launch else JobPath.CONFIRM_CLICK
     queue: Queue = context["queue"]
     queue.enqueue(
-        JobPath.CONFIRM_CLICK.value,
+        path.value,
         str(action["action_id"]),
         nonce,
         actor.model_dump(mode="json"),

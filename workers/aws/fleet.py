@@ -43,6 +43,7 @@ PYTHON_TAG = "runctl:python"  # the instance's training interpreter, over RUNCTL
 # StatusDetails of an invocation the agent never received (SSM API reference, GetCommandInvocation).
 UNDELIVERED = ("Undeliverable", "DeliveryTimedOut")
 PRESIGN_MARGIN_SECONDS = 60
+AGENT_WAIT_SECONDS = 300  # for the SSM agent of an instance that just started or launched
 
 
 @dataclass(frozen=True)
@@ -360,6 +361,24 @@ class Fleet:
                 fix="Attach an instance profile with the AmazonSSMManagedInstanceCore policy and "
                 "make sure amazon-ssm-agent is running (`sudo systemctl status amazon-ssm-agent`).",
             )
+
+    def wait_for_agent(self, inst: Instance, timeout: float = AGENT_WAIT_SECONDS) -> None:
+        """Until the SSM agent of an instance that just started is Online: AgentOffline after `timeout`."""
+        deadline = self.clock() + timeout
+        delay = 0.5
+        while True:
+            ping = self.agent_status([inst.id]).get(inst.id)
+            if ping == "Online":
+                return
+            if self.clock() >= deadline:
+                raise AgentOffline(
+                    f"{inst.label} is running, but its SSM agent is {ping or 'not registered'} after {int(timeout)} s.",
+                    why="runctl reaches instances through SSM Run Command; training can't start without it.",
+                    fix="Check `sudo systemctl status amazon-ssm-agent` on the instance and its instance profile "
+                    f"(AmazonSSMManagedInstanceCore), then `/runctl status {inst.id}`.",
+                )
+            self.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
     def agent_status(self, instance_ids: list[str]) -> dict[str, str]:
         status: dict[str, str] = {}

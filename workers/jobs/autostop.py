@@ -16,8 +16,9 @@ from workers.cost.fleetview import Row
 from workers.cost.pricing import format_rate, hourly_price, load_price_book
 from workers.errors import PermissionDenied, RunctlError
 from workers.jobs import funnel
+from workers.jobs.confirm import answer
 from workers.jobs.funnel import SYSTEM, Job
-from workers.jobs.lifecycle import STOPPED_WAIT_SECONDS, TERMINATED_WAIT_SECONDS, answer, holder, stop_flow
+from workers.jobs.lifecycle import STOPPED_WAIT_SECONDS, TERMINATED_WAIT_SECONDS, holder, stop_flow
 from workers.queueing import JobPath
 from workers.remote import gpu
 from workers.services import Services, current

@@ -31,7 +31,7 @@ from workers.services import Services, current
 from workers.slack.escape import code, escape
 from workers.slack.format import size
 from workers.slack.thread import reply
-from workers.state.runs import HISTORY, Run
+from workers.state.runs import DIR_OPTIONS, HISTORY, Run, option_values
 
 log = logging.getLogger(__name__)
 
@@ -283,8 +283,6 @@ def _pass(svc: Services, inst: Instance, saver: Run, stored: RunBackup, out: Run
 def saved_in(svc: Services, saver: Run) -> list[str]:
     """The directories the run's command names (`--checkpoint-dir`, `--output-dir`), from the
     bot's records of it and of the run whose checkpoints it continues."""
-    from workers.jobs.train import DIR_OPTIONS, option_values  # train imports this module
-
     owner = svc.runs.get(saver.checkpoint_run_id) if saver.checkpoint_run_id else None
     found = option_values(saver.args, DIR_OPTIONS) + (option_values(owner.args, DIR_OPTIONS) if owner else [])
     return list(dict.fromkeys(found))

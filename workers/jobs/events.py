@@ -22,7 +22,7 @@ from workers.jobs import funnel, monitor
 from workers.remote.status import progress_from_file
 from workers.services import Services, current
 from workers.slack.thread import publish
-from workers.state import event_keys, event_queue
+from workers.state import event_keys, event_queue, polls
 from workers.state.event_queue import Pending
 from workers.state.runs import Run, RunState
 
@@ -84,7 +84,7 @@ def poll_now(svc: Services, run_id: str) -> str:
         event_queue.defer_exit(svc.redis, run_id, wait)
         return f"deferred {wait:.1f} s: the run was polled for an exit event just now"
     deadline = time.monotonic() + CLAIM_SECONDS
-    while not (claimed := monitor.claim(svc, math.inf, only=run_id))[0]:
+    while not (claimed := polls.claim(svc, math.inf, only=run_id))[0]:
         # A tick claimed it and is polling it (its result may predate the exit): once that
         # tick puts it back on the schedule, take it.
         if _followed(svc, run_id) is None:
@@ -101,11 +101,11 @@ def poll_now(svc: Services, run_id: str) -> str:
             # After an exit event that found the run alive, the next reads at the monitor's pace.
             monitor.poll(svc, [run], first_poll=EXIT_FIRST_POLL if not earlier else monitor.POLL_FIRST_WAIT)
         except Exception:
-            if svc.redis.zscore(monitor.DUE, run_id) is None:  # claimed but not rescheduled
-                monitor.schedule(svc, run_id, monitor.next_delay(svc, run.polls + 1))
+            if svc.redis.zscore(polls.DUE, run_id) is None:  # claimed but not rescheduled
+                polls.schedule(svc, run_id, monitor.next_delay(svc, run.polls + 1))
             raise
     finally:
-        monitor.release(svc, [run_id], lease)
+        polls.release(svc, [run_id], lease)
     return "polled"
 
 

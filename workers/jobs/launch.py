@@ -18,8 +18,8 @@ from workers.cost.pricing import format_rate, format_usd, load_price_book
 from workers.errors import ConfigError, PermissionDenied, RunctlError
 from workers.jobs import caps, funnel
 from workers.jobs.caps import Ask, Quote, held, quote
+from workers.jobs.confirm import ConfirmClick
 from workers.jobs.funnel import Job
-from workers.jobs.lifecycle import AGENT_WAIT_SECONDS, ConfirmClick, _wait_for_agent
 from workers.services import Services
 from workers.slack.format import duration
 from workers.slack.ids import ActionId
@@ -140,6 +140,12 @@ def ask_to_launch(svc: Services, cmd: LaunchCommand, actor: Actor) -> str:
 # --- the click -------------------------------------------------------------------
 
 
+@funnel.click("click confirmation", 2)
+def confirm_click(job: Job, action: str, nonce: str, message_ts: str) -> str:
+    """[Launch]/[Cancel] on a launch's confirmation (`confirm_click(action, nonce, actor, message_ts)`)."""
+    return LaunchClick(job, ActionId(action), nonce, message_ts).handle()
+
+
 class LaunchClick(ConfirmClick):
     ACTIONS = (ActionId.LAUNCH_CONFIRM, ActionId.LAUNCH_CANCEL)
 
@@ -186,7 +192,7 @@ class LaunchClick(ConfirmClick):
         run.wait_running(iid, settings.RUNCTL_LAUNCH_POLL_SECONDS, settings.RUNCTL_PENDING_WAIT_SECONDS)
         inst = svc.fleet.get(iid)
         UptimeLedger(svc.redis).mark_running(iid, inst.launch_time or svc.clock())
-        _wait_for_agent(svc, inst, AGENT_WAIT_SECONDS)
+        svc.fleet.wait_for_agent(inst)
         took = duration((svc.clock() - began).total_seconds())
         lines = [f":white_check_mark: <@{requester.user_id}> *{inst.label}* is ready: {inst.type}"
                  f"{' spot' if spec.spot else ''} in {inst.availability_zone}, `running`, SSM agent Online, "

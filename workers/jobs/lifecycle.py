@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from slack_sdk.errors import SlackApiError
-
 from workers import policy, remote
 from workers.aws import backups
 from workers.aws.fleet import Instance, ScriptResult
@@ -23,7 +21,9 @@ from workers.errors import AgentOffline, RemoteError, RunctlError, WrongState
 from workers.jobs import funnel
 from workers.jobs.backup import backup_runs
 from workers.jobs.caps import admit_start
+from workers.jobs.confirm import ConfirmClick, answer
 from workers.jobs.funnel import Job
+from workers.jobs.launch import LaunchClick
 from workers.queueing import enqueue
 from workers.remote.checkpoints import CheckpointListing, FoundCheckpoint, discover, discover_all
 from workers.remote.lifecycle import StopResult, parse_stop
@@ -43,14 +43,13 @@ from workers.slack.messages.lifecycle import (
 from workers.slack.thread import publish, reply
 from workers.state.confirmations import Confirmation, ConfirmStore, Shown, new_nonce
 from workers.state.locks import Holder, operation, train_lock
-from workers.state.runs import Checkpoint, Run, RunState, new_run_id
+from workers.state.runs import Checkpoint, Run, RunState, new_run, new_run_id
 from workers.state.uptime import UptimeLedger
 
 log = logging.getLogger(__name__)
 
 STOPPED_WAIT_SECONDS = 600
 TERMINATED_WAIT_SECONDS = 120
-AGENT_WAIT_SECONDS = 300
 RESUME_CLAIM_SECONDS = 7 * 86400
 
 
@@ -74,11 +73,10 @@ def terminate(job: Job, cmd: TerminateCommand) -> str:
 
 @funnel.click("click confirmation", 2)
 def confirm_click(job: Job, action: str, nonce: str, message_ts: str) -> str:
-    """A click on a confirmation's button: [Terminate], [Stop instead], [Cancel], or a launch's
-    [Launch]/[Cancel] (`confirm_click(action, nonce, actor, message_ts)`)."""
-    from workers.jobs.launch import LaunchClick
-
-    kind = LaunchClick if ActionId(action) in LaunchClick.ACTIONS else ConfirmClick
+    """A click on a terminate confirmation's button: [Terminate], [Stop instead], [Cancel]
+    (`confirm_click(action, nonce, actor, message_ts)`). Launch clicks have their own path
+    (`launch.confirm_click`); those queued here by the release before it still work here."""
+    kind = LaunchClick if ActionId(action) in LaunchClick.ACTIONS else TerminateClick
     return kind(job, ActionId(action), nonce, message_ts).handle()
 
 
@@ -89,17 +87,6 @@ def resume(job: Job, run_id: str, message_ts: str) -> str:
 
 
 # --- replies ----------------------------------------------------------------------
-
-
-def answer(svc: Services, actor: Actor, text: str, thread_ts: str | None = None) -> None:
-    """In the thread when there is one (everyone sees button outcomes), else privately."""
-    try:
-        if thread_ts:
-            svc.notifier.post(actor.channel_id, f"<@{actor.user_id}> {text}", thread_ts=thread_ts)
-        else:
-            svc.notifier.ephemeral(actor.channel_id, actor.user_id, text, response_url=actor.response_url)
-    except SlackApiError as exc:
-        log.warning("could not answer %s: %s", actor.user_id, exc.response.get("error"))
 
 
 def holder(svc: Services, actor: Actor, what: str) -> Holder:
@@ -467,30 +454,12 @@ def _start_locked(svc: Services, iid: str, actor: Actor, wait: bool) -> tuple[st
     budget = svc.settings.RUNCTL_PENDING_WAIT_SECONDS
     inst = fleet.wait_for_state(iid, ("running",), budget)
     UptimeLedger(svc.redis).mark_running(iid, inst.launch_time or svc.clock())
-    _wait_for_agent(svc, inst, AGENT_WAIT_SECONDS)
+    svc.fleet.wait_for_agent(inst)
     took = duration((svc.clock() - began).total_seconds())
     return (
         f":white_check_mark: <@{actor.user_id}> started *{inst.label}* ({inst.type}): `running`, "
         f"SSM agent Online, ready in {took}."
     ), True
-
-
-def _wait_for_agent(svc: Services, inst: Instance, timeout: float) -> None:
-    deadline = svc.fleet.clock() + timeout
-    delay = 0.5
-    while True:
-        ping = svc.fleet.agent_status([inst.id]).get(inst.id)
-        if ping == "Online":
-            return
-        if svc.fleet.clock() >= deadline:
-            raise AgentOffline(
-                f"{inst.label} is running, but its SSM agent is {ping or 'not registered'} after {int(timeout)} s.",
-                why="runctl reaches instances through SSM Run Command; training can't start without it.",
-                fix="Check `sudo systemctl status amazon-ssm-agent` on the instance and its instance profile "
-                f"(AmazonSSMManagedInstanceCore), then `/runctl status {inst.id}`.",
-            )
-        svc.sleep(delay)
-        delay = min(delay * 2, 10.0)
 
 
 def resume_flow(svc: Services, run_id: str, actor: Actor, message_ts: str) -> str:
@@ -512,8 +481,6 @@ def resume_flow(svc: Services, run_id: str, actor: Actor, message_ts: str) -> st
         text = f"Run `{run_id}` was already resumed{by}."
         answer(svc, actor, text)
         return text
-    from workers.jobs.train import new_run  # train imports this module
-
     cmd = TrainCommand.from_run(old)
     run = new_run(svc, cmd, actor, new_id).model_copy(update={
         "channel_id": old.channel_id,
@@ -599,31 +566,8 @@ def at_risk(
     return risky
 
 
-class ConfirmClick:
-    def __init__(self, job: Job, action: ActionId, nonce: str, message_ts: str) -> None:
-        self.job = job
-        self.svc = job.svc
-        self.action = action
-        self.nonce = nonce
-        self.actor = job.actor
-        self.message_ts = message_ts
-        self.store = ConfirmStore(job.svc.redis)
-
-    def claim(self, label: str, confirm: ActionId, verb: str) -> Confirmation | None:
-        """Take the confirmation, once, for a click labelled `label`; None when it was used or expired.
-        The policy is the one now, not the one the front door saw: a refusal leaves the buttons to others;
-        the `confirm` button also needs the right to `verb`."""
-        asked = self.store.receipt(self.nonce)
-        if asked is not None:
-            if asked.instance_id:
-                self.job.instance_id = asked.instance_id
-            policy.check_answer(self.svc.settings, self.actor.user_id, asked.requester_id)
-            if self.action is confirm:
-                self.job.allow(verb)
-        conf = self.store.consume(self.nonce, f"<@{self.actor.user_id}> clicked {label}")
-        if conf is not None:
-            self.job.thread_ts = conf.message_ts  # from here on, everyone sees what happened
-        return conf
+class TerminateClick(ConfirmClick):
+    """[Terminate], [Terminate without backup], [Stop instead], [Cancel] on a terminate confirmation."""
 
     def handle(self) -> str:
         mention = f"<@{self.actor.user_id}>"
@@ -662,22 +606,6 @@ class ConfirmClick:
             self.store.settle(self.nonce, "it was out of date; a fresh confirmation was posted")
             requester = self.actor.model_copy(update={"channel_id": conf.channel_id})
             ask_to_terminate(self.svc, conf.instance_id, requester)
-        return text
-
-    def too_late(self) -> str:
-        outcome = self.store.outcome(self.nonce)
-        if outcome:
-            text = f"This confirmation was already used: {outcome}."
-            answer(self.svc, self.actor, text)
-            return text
-        asked = self.store.receipt(self.nonce)
-        iid = asked.instance_id if asked else "<instance-id>"
-        again = asked.command if asked and asked.command else f"/runctl terminate {iid}"
-        text = f"This confirmation expired. Run `{again}` again."
-        answer(self.svc, self.actor, text)
-        if asked is not None:
-            self.store.settle(self.nonce, "it expired")
-            self.show(asked, f":hourglass: {text}")
         return text
 
     def terminate(self, conf: Confirmation, backup: bool = True) -> tuple[str, bool]:
@@ -739,10 +667,3 @@ class ConfirmClick:
         # What S3 cannot take (too big, a directory) the confirmation said would be lost; a failed upload was not.
         done = all(not r.failed for r in outcome.runs)
         return f":cloud: Backup: {outcome.text(svc.settings.RUNCTL_S3_BUCKET or '')}", done
-
-    def show(self, conf: Confirmation, text: str) -> str:
-        """Replace the confirmation with `text`, without buttons."""
-        blocks_text, blocks = closed_blocks(text)
-        self.svc.notifier.try_update(conf.channel_id, conf.message_ts or self.message_ts, blocks_text, blocks,
-                                     what=f"the {conf.kind} confirmation")
-        return text

@@ -29,11 +29,11 @@ from datetime import timedelta
 
 from workers import audit
 from workers.errors import RunctlError, Throttled
-from workers.jobs import funnel, monitor
+from workers.jobs import funnel
 from workers.remote.reconcile import Report, SeenRun, parse_report, runs_report
 from workers.services import Services, current
 from workers.slack.thread import reply
-from workers.state import records
+from workers.state import polls, records
 from workers.state.locks import Holder, op_lock, train_lock
 from workers.state.runs import RUN_ID, Run, RunMeta, RunState
 
@@ -94,11 +94,11 @@ def run_pass(svc: Services) -> Tally:
     for run in svc.runs.live():
         if run.run_id not in tally.followed and run.run_id not in tally.adopted:
             follow(svc, run, None, tally, asked=run.instance_id in ids)
-    upcoming = svc.redis.zrange(monitor.DUE, 0, 0, withscores=True)
-    lapsing = svc.redis.zrange(monitor.LEASED, 0, 0, withscores=True)
+    upcoming = svc.redis.zrange(polls.DUE, 0, 0, withscores=True)
+    lapsing = svc.redis.zrange(polls.LEASED, 0, 0, withscores=True)
     times = [float(found[0][1]) for found in (upcoming, lapsing) if found]
     if times:  # the monitor's scheduled tick may be gone with the keys
-        monitor.ensure_tick(svc, min(times))
+        polls.ensure_tick(svc, min(times))
     return tally
 
 
@@ -209,7 +209,7 @@ def adopt(svc: Services, iid: str, seen: SeenRun, meta: RunMeta, tally: Tally) -
         reply(svc, run, f":recycle: runctl lost track of this run at {now:%H:%M} UTC and picked it up again.")
     log.warning("reconcile: adopted %s on %s (%s)", run.run_id, iid, seen.seen)
     tally.adopted.append(run.run_id)
-    monitor.schedule(svc, run.run_id, timedelta(0))
+    polls.schedule(svc, run.run_id, timedelta(0))
 
 
 def follow(svc: Services, run: Run, seen: SeenRun | None, tally: Tally, asked: bool = True) -> None:
@@ -223,13 +223,13 @@ def follow(svc: Services, run: Run, seen: SeenRun | None, tally: Tally, asked: b
         run.state = RunState.RUNNING
         run.started_at = run.started_at or svc.clock()
         svc.runs.save(run)
-    if monitor.followed(svc, run.run_id):
+    if polls.followed(svc, run.run_id):
         return
     if not asked and run.state is not RunState.RUNNING:
         return
     log.warning("reconcile: %s was followed by nobody", run.run_id)
     tally.followed.append(run.run_id)
-    monitor.schedule(svc, run.run_id, timedelta(0))
+    polls.schedule(svc, run.run_id, timedelta(0))
 
 
 def release_stale_lock(svc: Services, iid: str, live: set[str], tally: Tally) -> None:

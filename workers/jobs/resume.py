@@ -19,7 +19,7 @@ from workers.queueing import enqueue
 from workers.services import Services
 from workers.slack.escape import code
 from workers.slack.format import size
-from workers.state.runs import Run, new_run_id
+from workers.state.runs import Run, new_run, new_run_id
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,6 @@ def resume_run(
             fix=f"`/runctl backup {old.instance_id} --run {owner}` first (while that instance exists), "
             f"or `/runctl resume {run_id}` on its own instance.",
         )
-    from workers.jobs.train import new_run  # train imports lifecycle, which may import this
-
     cmd = TrainCommand.from_run(old).model_copy(update={"instance_id": target, "ref": old.sha or old.ref})
     where = "" if target == old.instance_id else f" on `{target}`"
     notes = [f":repeat: Resumes run `{old.run_id}`{where} from its checkpoints."] + ([note] if note else [])

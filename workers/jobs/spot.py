@@ -15,7 +15,6 @@ from workers.errors import RunctlError
 from workers.jobs import caps, funnel
 from workers.jobs.backup import backup_run
 from workers.jobs.launch import resolve
-from workers.jobs.lifecycle import AGENT_WAIT_SECONDS, _wait_for_agent
 from workers.jobs.resume import resume_run
 from workers.services import Services, current
 from workers.slack.escape import code
@@ -78,7 +77,7 @@ def continue_elsewhere(svc: Services, run: Run) -> str:
     Launcher(svc.fleet).wait_running(iid, settings.RUNCTL_LAUNCH_POLL_SECONDS, settings.RUNCTL_PENDING_WAIT_SECONDS)
     inst = svc.fleet.get(iid)
     UptimeLedger(svc.redis).mark_running(iid, inst.launch_time or svc.clock())
-    _wait_for_agent(svc, inst, AGENT_WAIT_SECONDS)
+    svc.fleet.wait_for_agent(inst)
     done = resume_run(svc, run.run_id, actor, on=iid,
                       note=f":zap: After a spot interruption of {old.label} (`--auto-resume`).")
     reply(svc, run, done.text, mention=False)

@@ -10,7 +10,7 @@ from workers import remote
 from workers.aws import backups
 from workers.aws.backups import Stored
 from workers.aws.fleet import PRESIGN_MARGIN_SECONDS, PYTHON_TAG, Instance, ScriptResult
-from workers.commands import Actor, TrainCommand
+from workers.commands import TrainCommand
 from workers.errors import RunConflict, RunctlError
 from workers.jobs import envsetup, funnel
 from workers.jobs.backup import url_seconds
@@ -20,14 +20,14 @@ from workers.jobs.preflight import Refusals, require_running
 from workers.remote import backup as backup_script
 from workers.remote.events import OFF, Sender, sender
 from workers.remote.lifecycle import parse_stop
-from workers.services import Services
 from workers.settings import python_path
 from workers.slack.escape import code, escape
 from workers.slack.format import size
 from workers.slack.thread import open_run, publish, reply
 from workers.state import event_keys, records
 from workers.state.locks import Holder, operation, train_lock
-from workers.state.runs import Run, RunMeta, RunState
+from workers.state.polls import schedule
+from workers.state.runs import DIR_OPTIONS, Run, RunMeta, RunState, new_run, option_values
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,6 @@ DELIVER_SECONDS = 600  # the deliver command's delivery timeout, and its executi
 
 _DECLARES_INTERVAL = re.compile(r"""["']--checkpoint[-_]interval["']""")
 _DECLARES_DIR = re.compile(r"""["']--checkpoint[-_]dir["']""")
-# Options whose values are where scripts save: checkpoint discovery looks there too.
-DIR_OPTIONS = ("--checkpoint-dir", "--checkpoint_dir", "--output-dir", "--output_dir")
 _CHECKPOINT_SIGNS = re.compile(
     r"checkpoint|RUNCTL_CHECKPOINT_DIR|torch\.save|save_pretrained|\.ckpt", re.IGNORECASE
 )
@@ -47,28 +45,6 @@ def train(job: Job, cmd: TrainCommand, run_id: str) -> str:
     svc = job.svc
     job.run = svc.runs.get(run_id) or svc.runs.create(new_run(svc, cmd, job.actor, run_id))
     return TrainFlow(job, cmd).execute().state.value
-
-
-def new_run(svc: Services, cmd: TrainCommand, actor: Actor, run_id: str) -> Run:
-    return Run(
-        run_id=run_id,
-        instance_id=cmd.instance_id,
-        user_id=actor.user_id,
-        channel_id=actor.channel_id,
-        script=cmd.script,
-        args=cmd.args,
-        ref=cmd.ref or svc.settings.RUNCTL_REF,
-        sync_code=cmd.sync_code,
-        wait=cmd.wait,
-        deps=cmd.deps,
-        rebuild_env=cmd.rebuild_env,
-        checkpoint_interval=cmd.checkpoint_interval,
-        then=cmd.then or svc.settings.RUNCTL_THEN,
-        backup=cmd.backup,
-        auto_resume=cmd.auto_resume,
-        created_at=svc.clock(),
-        response_url=actor.response_url,
-    )
 
 
 class TrainFlow:
@@ -387,8 +363,6 @@ class TrainFlow:
         """The monitor's first poll, about 2 s after the launch, confirms the process is
         alive or reports its exit code and log tail. Scheduling it, rather than sleeping
         here, frees this worker for the next command at once."""
-        from workers.jobs.monitor import schedule
-
         run = self.run
         if not run.wait:
             reply(
@@ -404,19 +378,6 @@ class TrainFlow:
         if self.token:
             train_lock(self.svc.redis, self.run.instance_id).release(self.token)
             self.token = None
-
-
-def option_values(args: tuple[str, ...] | list[str], names: tuple[str, ...]) -> list[str]:
-    """The values given to any of `names` (`--opt VALUE` or `--opt=VALUE`), in order."""
-    found: list[str] = []
-    for i, arg in enumerate(args):
-        name, eq, value = arg.partition("=")
-        if name in names:
-            if eq:
-                found.append(value)
-            elif i + 1 < len(args):
-                found.append(args[i + 1])
-    return [v for v in found if v]
 
 
 def conflict(instance_id: str, run_id: str, holder: Holder | None, evidence: str) -> RunConflict:

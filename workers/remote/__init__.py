@@ -8,19 +8,16 @@ One module per area: ``core`` (runs), ``checkpoints``, ``lifecycle``, ``env``.
 from workers.remote.core import (
     BUSY_EXIT,
     DOWNLOAD_FAILED,
-    SECTION,
     UNPACK_FAILED,
     deliver,
     fetch_code,
-    header,
     launch_body,
     probe_live_runs,
-    q,
-    run_dir,
     runs_status,
     wrapper,
 )
 from workers.remote.lifecycle import stop_run
+from workers.remote.shell import SECTION, header, q, run_dir
 
 __all__ = [
     "BUSY_EXIT",

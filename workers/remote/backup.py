@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from workers.remote import frame
 from workers.remote.checkpoints import OUTPUT_LIMIT, prelude
-from workers.remote.core import SECTION, heredoc_end, q, run_dir
+from workers.remote.shell import SECTION, heredoc_end, q, run_dir
 
 # S3 takes at most 5 GB in one PUT; bigger files would need a multipart upload.
 SINGLE_PUT_LIMIT = 5 * 1024**3

@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from workers.aws.fleet import Fleet
 from workers.errors import RemoteError
 from workers.remote import bounds, frame
-from workers.remote.core import SECTION, header, q
+from workers.remote.shell import SECTION, header, q
 
 # SSM returns at most 24000 chars of stdout; the listing stays well under it.
 OUTPUT_LIMIT = 23_000

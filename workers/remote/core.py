@@ -7,48 +7,19 @@ the first line), and every value that came from a user through ``shlex.quote``.
 from __future__ import annotations
 
 import re
-import secrets
-import shlex
 from collections.abc import Mapping, Sequence
 
-from workers.remote import frame, spot
+from workers.remote import frame, gpu, spot
 from workers.remote.events import OFF, Sender
+from workers.remote.shell import SECTION, header, heredoc_end, home, interpreter, q, run_dir
 
-q = shlex.quote
-
-SECTION = "::runctl::"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def header(root: str) -> str:
-    return f'RUNCTL_ROOT={q(root)}\nset -u\nexport RUNCTL_ROOT\n'
-
-
-def home() -> str:
-    """The SSM agent gives scripts no HOME: set the user's own, for tools that read it."""
-    return (
-        '[ -n "${HOME:-}" ] || HOME=$(getent passwd "$(id -u)" 2>/dev/null | cut -d: -f6)\n'
-        '[ -n "$HOME" ] || HOME=/root\n'
-        "export HOME\n"
-    )
-
-
-def run_dir(run_id: str) -> str:
-    return f'"$RUNCTL_ROOT/runs/"{q(run_id)}'
 
 
 def work_dir(run_id: str) -> str:
     """Where a run works: its own copy of the shipped tree, so what it writes relative to
     its working directory belongs to the run and no later sync replaces it."""
     return f"{run_dir(run_id)}/work"
-
-
-def heredoc_end(body: str) -> str:
-    """A quoted here-document's end word that no line of ``body`` can match."""
-    while True:
-        eof = "RUNCTL_EOF_" + secrets.token_hex(6)
-        if eof not in body:
-            return eof
 
 
 BUSY_EXIT = 75  # `deliver` found another live training and changed nothing
@@ -74,14 +45,6 @@ def _probe_body() -> str:
 def probe_live_runs(root: str) -> str:
     """Print `live <run-id> <pid>` for every run whose training process is alive."""
     return header(root) + _probe_body()
-
-
-def interpreter(python: str) -> str:
-    """The interpreter as shell text; an environment under ``$RUNCTL_ROOT/`` keeps the root expanded."""
-    prefix = "$RUNCTL_ROOT/"
-    if python.startswith(prefix):
-        return f'"$RUNCTL_ROOT"/{q(python[len(prefix):])}'
-    return q(python)
 
 
 def wrapper(
@@ -282,8 +245,6 @@ def runs_status(root: str, run_ids: Sequence[str], log_lines: int = 15, line_cha
     What the instance wrote (progress, names, log, notice, nvidia-smi) is encoded (frame.py)."""
     s = SECTION
     ids = " ".join(q(r) for r in run_ids)
-    from workers.remote import gpu  # gpu imports this module's SECTION and header
-
     return header(root) + frame.ENC + (
         'echo "' + s + 'now $(date +%s)"\n'
         + gpu.report()

@@ -10,7 +10,7 @@ Exit codes: 40 install failed, 41 no venv, 42 no python3, 43 another build held 
 from __future__ import annotations
 
 from workers.remote import frame
-from workers.remote.core import SECTION, header, heredoc_end, home, q, run_dir
+from workers.remote.shell import SECTION, header, heredoc_end, home, q, run_dir
 
 KEEP_ENVS = 3  # environments used by this many most recent runs survive a prune
 LOG_TAIL = 30

@@ -18,6 +18,8 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
+from workers.remote.shell import interpreter
+
 q = shlex.quote
 # Every number in an event is finite and at most this in size: the web process refuses an
 # event with another (bot/events.py), the sender drops them from the progress it forwards.
@@ -109,8 +111,6 @@ OFF = Sender()
 
 def sender(url: str, key: str, run_id: str, python: str, every_seconds: int) -> Sender:
     """The wrapper's event shell for run_id (the wrapper defines RUN_DIR and `$child`)."""
-    from workers.remote.core import interpreter  # core imports this module
-
     if not _KEY.fullmatch(key):
         raise ValueError("an event key is 64 hex digits")
     setup = (

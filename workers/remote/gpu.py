@@ -4,7 +4,7 @@ per-GPU utilisation and memory for the monitor's poll (one query, no extra comma
 from __future__ import annotations
 
 from workers.remote import bounds
-from workers.remote.core import SECTION, header
+from workers.remote.shell import SECTION, header
 from workers.state.runs import Gpu
 
 # nvidia-smi --help-query-gpu: utilization.gpu in %, memory.used/total in MiB with nounits.

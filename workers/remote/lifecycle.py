@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from workers.remote import bounds, frame
-from workers.remote.core import header, run_dir
+from workers.remote.shell import header, run_dir
 
 _RESULT = re.compile(r"^stopped (term|kill|none)(?: (\d+))?(?: (\d+))?\s*$", re.MULTILINE)
 _SAVED = re.compile(r"^saved (\S+)$", re.MULTILINE)

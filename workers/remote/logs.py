@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from workers.remote import frame
-from workers.remote.core import SECTION, header, q, run_dir
+from workers.remote.shell import SECTION, header, q, run_dir
 
 LOG_NAME = "training.log"
 # Encoded tail bytes: base64 of this many bytes, with the records, stays under SSM's 24,000.

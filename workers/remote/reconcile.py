@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Literal
 
 from workers.remote import bounds, frame
-from workers.remote.core import SECTION, header, q
+from workers.remote.shell import SECTION, header, q
 
 META_CHARS = 1500
 

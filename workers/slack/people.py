@@ -13,8 +13,8 @@ from typing import Any
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
+from workers.context import Context
 from workers.errors import RunctlError
-from workers.services import Services
 from workers.slack.escape import code
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ FAILED_TTL_SECONDS = 300  # a failed look-up is tried again after 5 minutes
 PAGE = 200  # Slack's pagination guide: 100-200 a page; no limit risks limit_required
 
 
-def profile(svc: Services, user_id: str) -> tuple[str, str]:
+def profile(svc: Context, user_id: str) -> tuple[str, str]:
     """(display name, real name) of a Slack user; the id itself when Slack will not say."""
     key = f"runctl:user:{user_id}"
     cached = svc.redis.get(key)
@@ -45,7 +45,7 @@ def profile(svc: Services, user_id: str) -> tuple[str, str]:
     return display, real
 
 
-def labels(svc: Services, user_ids: Iterable[str]) -> dict[str, str]:
+def labels(svc: Context, user_ids: Iterable[str]) -> dict[str, str]:
     """A distinct label per user id: the display name; people who share one get their real
     name added, and if that is shared too, their id."""
     found = {uid: profile(svc, uid) for uid in dict.fromkeys(user_ids)}

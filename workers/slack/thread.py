@@ -6,8 +6,8 @@ import logging
 
 from slack_sdk.errors import SlackApiError
 
+from workers.context import Context
 from workers.errors import ErrorInfo, RunctlError
-from workers.services import Services
 from workers.slack import updates
 from workers.slack.messages.run import full_log_actions, run_blocks, text_blocks
 from workers.slack.reach import channel_error, refusal
@@ -16,7 +16,7 @@ from workers.state.runs import Run, RunState
 log = logging.getLogger(__name__)
 
 
-def open_run(svc: Services, run: Run) -> Run:
+def open_run(svc: Context, run: Run) -> Run:
     """Post the run's parent message, before anything touches the instance: a run whose
     channel refuses the bot is never started (SlackRefused, with the fix)."""
     if run.message_ts is not None:  # a retried job: the message is there
@@ -35,7 +35,7 @@ def open_run(svc: Services, run: Run) -> Run:
     return svc.runs.save(run)
 
 
-def tell_notes(svc: Services, run: Run) -> None:
+def tell_notes(svc: Context, run: Run) -> None:
     """The run's notes not yet said (added --checkpoint-interval, the environment built),
     once each, in its thread: the parent shows the run, not its start's remarks."""
     fresh = run.notes[run.notes_told :]
@@ -49,7 +49,7 @@ def tell_notes(svc: Services, run: Run) -> None:
     run.notes_told = len(run.notes)
 
 
-def publish(svc: Services, run: Run) -> Run:
+def publish(svc: Context, run: Run) -> Run:
     """Post the parent message the first time; afterwards save the run and have its message
     show it, within Slack's update budget (workers.slack.updates: the last state wins)."""
     if run.message_ts is not None:
@@ -69,7 +69,7 @@ def publish(svc: Services, run: Run) -> Run:
     return svc.runs.save(run)
 
 
-def reply(svc: Services, run: Run, text: str, mention: bool = True, full_log: bool = False) -> None:
+def reply(svc: Context, run: Run, text: str, mention: bool = True, full_log: bool = False) -> None:
     """In the run's thread; when the run has no message (its channel refused the bot), to
     the requester privately, through the command's response_url where it still works.
     ``full_log``: the run's final reply, with its [Full log] button."""
@@ -86,14 +86,14 @@ def reply(svc: Services, run: Run, text: str, mention: bool = True, full_log: bo
             privately(svc, run, text)
 
 
-def privately(svc: Services, run: Run, text: str) -> None:
+def privately(svc: Context, run: Run, text: str) -> None:
     try:
         svc.notifier.ephemeral(run.channel_id, run.user_id, text, response_url=run.response_url)
     except SlackApiError as exc:
         log.warning("could not tell %s about run %s: %s", run.user_id, run.run_id, exc.response.get("error"))
 
 
-def fail(svc: Services, run: Run, error: RunctlError | ErrorInfo, state: RunState) -> Run:
+def fail(svc: Context, run: Run, error: RunctlError | ErrorInfo, state: RunState) -> Run:
     info = error.info() if isinstance(error, RunctlError) else error
     run.error = info
     run.state = state

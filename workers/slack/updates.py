@@ -22,9 +22,10 @@ import time
 from slack_sdk.errors import SlackApiError
 from slack_sdk.models.blocks import Block
 
-from workers.services import Services
+from workers.context import Context
 from workers.slack.messages.run import run_blocks
 from workers.slack.messages.warning import render_post
+from workers.state.polls import ensure_tick
 from workers.state.runs import Run
 from workers.state.warnings import WarningStore, post_id
 
@@ -63,19 +64,19 @@ def _shown_key(member: str) -> str:
     return f"runctl:slack:shown:{member}"
 
 
-def posted(svc: Services, run: Run) -> None:
+def posted(svc: Context, run: Run) -> None:
     """The parent message was just posted: its first update waits the usual interval."""
     interval = svc.settings.RUNCTL_SLACK_UPDATE_SECONDS
     if interval > 0:
         svc.redis.set(_sent_key(run.run_id), repr(time.time()), ex=max(60, int(interval * 10)))
 
 
-def show(svc: Services, run: Run) -> None:
+def show(svc: Context, run: Run) -> None:
     """Bring the run's message up to date: now if its interval and the budget allow, else soon."""
     _show(svc, run.run_id, run)
 
 
-def show_post(svc: Services, channel: str, ts: str, shown: str | None = None) -> None:
+def show_post(svc: Context, channel: str, ts: str, shown: str | None = None) -> None:
     """Bring a warning post up to date if what it shows changed: now if allowed, else soon.
     `shown`: the post's rendering as just posted (its first content)."""
     member = POST + post_id(channel, ts)
@@ -85,7 +86,7 @@ def show_post(svc: Services, channel: str, ts: str, shown: str | None = None) ->
     _show(svc, member)
 
 
-def _show(svc: Services, member: str, run: Run | None = None) -> None:
+def _show(svc: Context, member: str, run: Run | None = None) -> None:
     now = time.time()
     not_before = max(_float(svc.redis.get(BLOCKED)), _last(svc, member) + svc.settings.RUNCTL_SLACK_UPDATE_SECONDS)
     if not_before > now:
@@ -107,14 +108,14 @@ def _show(svc: Services, member: str, run: Run | None = None) -> None:
         send(svc, run, now)
 
 
-def send(svc: Services, run: Run, now: float) -> None:
+def send(svc: Context, run: Run, now: float) -> None:
     if run.message_ts is None:
         return
     text, blocks = run_blocks(run, svc.clock())
     _deliver(svc, run.run_id, run.channel_id, run.message_ts, text, blocks, now)
 
 
-def _post_message(svc: Services, member: str) -> tuple[str, str, str, list[Block], str] | None:
+def _post_message(svc: Context, member: str) -> tuple[str, str, str, list[Block], str] | None:
     """(channel, ts, text, blocks, fingerprint) of a warning post whose content changed; else None."""
     channel, _, ts = member.removeprefix(POST).rpartition(":")
     store = WarningStore(svc.redis)
@@ -128,7 +129,7 @@ def _post_message(svc: Services, member: str) -> tuple[str, str, str, list[Block
     return channel, ts, text, blocks, mark
 
 
-def _send_post(svc: Services, member: str, now: float) -> None:
+def _send_post(svc: Context, member: str, now: float) -> None:
     message = _post_message(svc, member)  # rendered again: the last state wins
     if message is None:
         return
@@ -142,7 +143,7 @@ def fingerprint(text: str, blocks: list[Block]) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-def _deliver(svc: Services, member: str, channel: str, ts: str, text: str, blocks: list[Block], now: float) -> bool:
+def _deliver(svc: Context, member: str, channel: str, ts: str, text: str, blocks: list[Block], now: float) -> bool:
     """chat.update without sleeping; True when Slack took it. A 429 blocks every update
     for its Retry-After and puts this one back in line."""
     try:
@@ -161,14 +162,12 @@ def _deliver(svc: Services, member: str, channel: str, ts: str, text: str, block
     return True
 
 
-def defer(svc: Services, member: str, at: float) -> None:
-    from workers.jobs.monitor import ensure_tick
-
+def defer(svc: Context, member: str, at: float) -> None:
     svc.redis.zadd(PENDING, {member: at}, lt=True)
     ensure_tick(svc, svc.clock().timestamp() + max(0.0, at - time.time()))
 
 
-def flush(svc: Services) -> float | None:
+def flush(svc: Context) -> float | None:
     """Send the updates that are due (each message's newest state); the seconds until the
     next pending one, or None when nothing waits."""
     now = time.time()
@@ -184,18 +183,18 @@ def flush(svc: Services) -> float | None:
     return max(0.0, float(upcoming[0][1]) - time.time()) if upcoming else None
 
 
-def may_post(svc: Services, channel: str, burst: int) -> bool:
+def may_post(svc: Context, channel: str, burst: int) -> bool:
     """Take one of the channel's chat.postMessage tokens (about 1 a second per channel,
     api.slack.com/docs/rate-limits), for posters that can leave the rest for later."""
     key = f"runctl:slack:bucket:chat.postMessage:{channel}"
     return float(svc.redis.eval(_TAKE, 1, key, repr(time.time()), repr(POSTS_PER_SECOND), burst)) == 0
 
 
-def _rate(svc: Services) -> float:
+def _rate(svc: Context) -> float:
     return svc.settings.RUNCTL_SLACK_UPDATES_PER_MINUTE / 60.0
 
 
-def _last(svc: Services, member: str) -> float:
+def _last(svc: Context, member: str) -> float:
     if svc.settings.RUNCTL_SLACK_UPDATE_SECONDS <= 0:
         return 0.0
     return _float(svc.redis.get(_sent_key(member)))

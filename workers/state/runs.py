@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import BaseModel, Field
 from redis import Redis
 
+from workers.commands import Actor, TrainCommand
+from workers.context import Context
 from workers.errors import ErrorInfo
 
 HISTORY = 50
@@ -21,6 +23,8 @@ HISTORY = 50
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,79}")
 # How a run ended: it exited by itself, a stop/terminate (or --force) ended it, or it was lost.
 EndedBy = Literal["", "exit", "stop", "terminate", "force", "lost"]
+# Options whose values are where scripts save: checkpoint discovery looks there too.
+DIR_OPTIONS = ("--checkpoint-dir", "--checkpoint_dir", "--output-dir", "--output_dir")
 
 
 class RunState(StrEnum):
@@ -203,6 +207,42 @@ class RunMeta(BaseModel):
 def new_run_id(now: datetime | None = None) -> str:
     now = now or datetime.now(UTC)
     return f"r{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def new_run(svc: Context, cmd: TrainCommand, actor: Actor, run_id: str) -> Run:
+    """The queued run of a train command: the actor's, with the settings' ref and `--then` by default."""
+    return Run(
+        run_id=run_id,
+        instance_id=cmd.instance_id,
+        user_id=actor.user_id,
+        channel_id=actor.channel_id,
+        script=cmd.script,
+        args=cmd.args,
+        ref=cmd.ref or svc.settings.RUNCTL_REF,
+        sync_code=cmd.sync_code,
+        wait=cmd.wait,
+        deps=cmd.deps,
+        rebuild_env=cmd.rebuild_env,
+        checkpoint_interval=cmd.checkpoint_interval,
+        then=cmd.then or svc.settings.RUNCTL_THEN,
+        backup=cmd.backup,
+        auto_resume=cmd.auto_resume,
+        created_at=svc.clock(),
+        response_url=actor.response_url,
+    )
+
+
+def option_values(args: tuple[str, ...] | list[str], names: tuple[str, ...]) -> list[str]:
+    """The values given to any of `names` (`--opt VALUE` or `--opt=VALUE`), in order."""
+    found: list[str] = []
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if name in names:
+            if eq:
+                found.append(value)
+            elif i + 1 < len(args):
+                found.append(args[i + 1])
+    return [v for v in found if v]
 
 
 class RunStore:

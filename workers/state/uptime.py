@@ -16,8 +16,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, NamedTuple
 
+from workers.context import utc_now
 from workers.cost.pricing import cost_of
-from workers.services import utc_now
 
 if TYPE_CHECKING:
     from redis import Redis
