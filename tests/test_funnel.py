@@ -36,7 +36,8 @@ from workers.commands import (
 )
 from workers.jobs import funnel
 from workers.jobs.monitor import schedule
-from workers.queueing import QUEUES, JobPath, enqueue
+from workers.queueing import QUEUES, JobPath
+from workers.queueing import enqueue_command as enqueue
 from workers.sandbox.aws import SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
 from workers.sandbox.inline import InlineWorker

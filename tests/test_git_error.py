@@ -5,7 +5,7 @@ from __future__ import annotations
 from workers.aws.repo import CodeRepo
 from workers.commands import Actor, TrainCommand
 from workers.errors import CodeError
-from workers.queueing import enqueue
+from workers.queueing import enqueue_command as enqueue
 from workers.sandbox.aws import SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
 from workers.sandbox.inline import InlineWorker

@@ -19,7 +19,8 @@ from rq.job import Job
 from rq.registry import FinishedJobRegistry, StartedJobRegistry
 
 from workers.commands import Actor, Command, StatusCommand, TrainCommand
-from workers.queueing import QUEUE, QUEUES, JobPath, RoutedQueue, enqueue
+from workers.queueing import QUEUE, QUEUES, JobPath, RoutedQueue
+from workers.queueing import enqueue_command as enqueue
 from workers.sandbox.aws import AMI_ID, MANAGED_TAG, Sandbox, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
 from workers.services import Services

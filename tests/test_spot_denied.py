@@ -10,7 +10,7 @@ from botocore.awsrequest import AWSResponse
 
 from workers.commands import Actor, ResourcesCommand
 from workers.jobs.sweep import sweep
-from workers.queueing import enqueue
+from workers.queueing import enqueue_command as enqueue
 from workers.sandbox.aws import AMI_ID, MANAGED_TAG, SeedInfo
 from workers.sandbox.fake_slack import FakeSlack
 from workers.sandbox.inline import InlineWorker

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from workers import remote
 from workers.errors import InstanceError, RunctlError, Throttled
 from workers.jobs import autostop, backup, funnel
-from workers.queueing import JobPath
+from workers.queueing import SYSTEM, JobPath, NoArgs, RunArgs, enqueue
 from workers.remote import spot
 from workers.remote.status import Snapshot, parse_many
 from workers.services import Services, current
@@ -116,9 +116,7 @@ def ensure_tick(svc: Services, at: float) -> None:
     # its job was lost with Redis' keys): replace it.
     stale = now - svc.settings.RUNCTL_POLL_MAX_SECONDS
     if svc.redis.eval(_SET_IF_EARLIER, 1, TICK_AT, repr(at), repr(stale)):
-        svc.queue.enqueue_in(
-            timedelta(seconds=max(0.0, at - now)), JobPath.MONITOR_TICK.value, job_timeout=900
-        )
+        enqueue(svc.queue, JobPath.MONITOR_TICK, NoArgs(), SYSTEM, delay=timedelta(seconds=max(0.0, at - now)))
 
 
 def next_delay(svc: Services, polls: int) -> timedelta:
@@ -347,7 +345,7 @@ def lost(svc: Services, run: Run, exc: RunctlError) -> str:
 def auto_resume(svc: Services, run: Run) -> None:
     """`--auto-resume`: a replacement continues the run (workers/jobs/spot.py)."""
     if run.auto_resume:
-        svc.queue.enqueue(JobPath.SPOT_REPLACE.value, run.run_id, job_timeout=3600)
+        enqueue(svc.queue, JobPath.SPOT_REPLACE, RunArgs(run_id=run.run_id), SYSTEM)
 
 
 def spot_report(run: Run, ended: str) -> str:
