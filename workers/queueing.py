@@ -204,7 +204,10 @@ class InstanceClickArgs(Payload):
 class WarningArgs(Payload):
     instance_id: str
     kind: str
-    reason: str | None = None
+
+
+class KeepArgs(WarningArgs):
+    reason: str
 
 
 class RunArgs(Payload):
@@ -238,7 +241,7 @@ SPECS: dict[JobPath, Spec] = {
     JobPath.AUTOSTOP_STOP_NOW: Spec(InstanceClickArgs, 1800, 1),
     JobPath.WARNING_STOP_NOW: Spec(WarningArgs, 3600, 2),
     JobPath.WARNING_SNOOZE: Spec(WarningArgs, 180, 2),
-    JobPath.WARNING_KEEP: Spec(WarningArgs, 180, 2),
+    JobPath.WARNING_KEEP: Spec(KeepArgs, 180, 2),
     JobPath.FULL_LOG: Spec(RunArgs, 3600, 1),
     JobPath.THEN: Spec(RunArgs, 1800, 1),  # acts for the run's requester
     JobPath.AUTOSTOP_STOP: Spec(InstanceArgs, 1800, None),

@@ -16,7 +16,7 @@ from bot.middleware import Click, front_record
 from workers import audit, policy
 from workers.commands import Actor
 from workers.errors import PermissionDenied
-from workers.queueing import JobPath, WarningArgs, enqueue
+from workers.queueing import JobPath, KeepArgs, WarningArgs, enqueue
 from workers.settings import Settings
 from workers.slack.client import privately
 from workers.slack.ids import ActionId
@@ -138,7 +138,7 @@ def keep(ack: Ack, context: dict[str, Any], client: WebClient) -> None:
         client.views_open(trigger_id=click.trigger_id, view=view)
     except SlackApiError:
         # No modal (expired trigger, or a client without views): record the decision without a reason.
-        args = WarningArgs(instance_id=instance_id, kind=kind.value, reason="")
+        args = KeepArgs(instance_id=instance_id, kind=kind.value, reason="")
         enqueue(context["queue"], JobPath.WARNING_KEEP, args, _by(user), what=click.what)
 
 
@@ -155,7 +155,7 @@ def keep_reason(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None
         return
     ack()
     reason = view["state"]["values"][REASON_BLOCK][REASON_INPUT].get("value") or ""
-    args = WarningArgs(instance_id=instance_id, kind=kind.value, reason=reason)
+    args = KeepArgs(instance_id=instance_id, kind=kind.value, reason=reason)
     enqueue(context["queue"], JobPath.WARNING_KEEP, args, _by(user), what="your click on [Keep running]")
 
 
