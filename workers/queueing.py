@@ -236,7 +236,7 @@ _COMMAND = Spec(CommandArgs, 3600, 1)
 SPECS: dict[JobPath, Spec] = {
     **{path: _COMMAND for path in JOBS.values()},
     JobPath.CONFIRM_CLICK: Spec(ConfirmArgs, 3600, 2),
-    JobPath.RESUME: Spec(RunClickArgs, 3600, 1),
+    JobPath.RESUME: Spec(RunClickArgs, 180, 1),  # it only queues the train
     JobPath.AUTOSTOP_KEEP: Spec(InstanceClickArgs, 1800, 1),
     JobPath.AUTOSTOP_STOP_NOW: Spec(InstanceClickArgs, 1800, 1),
     JobPath.WARNING_STOP_NOW: Spec(WarningArgs, 3600, 2),
