@@ -141,7 +141,7 @@ def handler(
                 text = f"too many {offered.name} (at most {offered.limit} a minute)\n"
                 return answers.plain(start_response, "429 Too Many Requests", text.encode())
             if offered is Offer.QUEUED:
-                event_queue.enqueue(redis, run_id)
+                event_queue.queue_job(redis, run_id)
         except RedisError as exc:
             log.warning("run event for %s: Redis: %s", run_id, exc)
             return answers.plain(start_response, "503 Service Unavailable", b"queue unreachable\n")

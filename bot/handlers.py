@@ -23,7 +23,7 @@ from workers.commands import (
     StatusCommand,
     TrainCommand,
 )
-from workers.queueing import enqueue, unreachable
+from workers.queueing import enqueue_command, unreachable
 from workers.slack.escape import code
 from workers.state.runs import new_run_id
 
@@ -54,15 +54,15 @@ def runctl(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None:
             f"`{command.instance_id}`. Once its checks pass I'll post it in this channel and "
             "follow it in the thread; if they fail, only you hear why."
         )
-        enqueue(queue, command, actor, run_id, pipeline=batch)
+        enqueue_command(queue, command, actor, run_id, pipeline=batch)
     elif isinstance(command, QUICK):
         # The answer itself comes within seconds (ephemeral, or the response_url): one
         # message, so the ack says nothing (Slack shows nothing for an empty 200).
         said = ""
-        enqueue(queue, command, actor, pipeline=batch)
+        enqueue_command(queue, command, actor, pipeline=batch)
     else:
         said = f":hourglass_flowing_sand: `{command.name}` queued; the answer follows here."
-        enqueue(queue, command, actor, pipeline=batch)
+        enqueue_command(queue, command, actor, pipeline=batch)
     try:
         batch.execute()
     except RedisError:

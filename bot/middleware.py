@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
@@ -18,14 +19,15 @@ from redis.client import Pipeline
 from redis.exceptions import RedisError
 from slack_bolt import Ack, BoltRequest, BoltResponse
 from slack_sdk import WebClient
-from slack_sdk.errors import SlackApiError
 
 from bot import guards
 from bot.grammar import help_text, parse
 from workers import audit, commands, policy
+from workers.commands import Actor
 from workers.errors import RunctlError, UsageError
 from workers.queueing import unreachable
 from workers.settings import Settings
+from workers.slack.client import privately
 from workers.slack.ids import ActionId
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,53 @@ CLICK_TIERS: dict[ActionId, str] = {
     ActionId.AUTOSTOP_STOP_NOW: "stop",
     ActionId.FULL_LOG: "logs",
 }
+
+
+# A button's label, as the messages render it: what a person is told they clicked.
+BUTTONS: dict[ActionId, str] = {
+    ActionId.TERMINATE_CONFIRM: "[Terminate]",
+    ActionId.TERMINATE_STOP_INSTEAD: "[Stop instead]",
+    ActionId.TERMINATE_CANCEL: "[Cancel]",
+    ActionId.TERMINATE_NO_BACKUP: "[Terminate without backup]",
+    ActionId.RESUME_TRAINING: "[Resume training]",
+    ActionId.WARN_STOP_NOW: "[Stop now]",
+    ActionId.WARN_SNOOZE: "[Snooze 24h]",
+    ActionId.WARN_KEEP: "[Keep running]",
+    ActionId.LAUNCH_CONFIRM: "[Launch]",
+    ActionId.LAUNCH_CANCEL: "[Cancel]",
+    ActionId.TRAIN_ON_IT: "[Train on it]",
+    ActionId.AUTOSTOP_KEEP: "[Keep running 1h]",
+    ActionId.AUTOSTOP_STOP_NOW: "[Stop now]",
+    ActionId.FULL_LOG: "[Full log]",
+}
+
+
+@dataclass(frozen=True)
+class Click:
+    """A button click, read once from its payload by `gate_click` (the handlers' `context["click"]`)."""
+
+    actor: Actor
+    action_id: str
+    value: str  # the button's value: only ever a nonce, a run id, an instance id or a warning's key
+    message_ts: str  # the message the button is on
+    trigger_id: str
+
+    @classmethod
+    def of(cls, body: dict[str, Any]) -> Click:
+        action = (body.get("actions") or [{}])[0]
+        ts = (body.get("container") or {}).get("message_ts") or (body.get("message") or {}).get("ts", "")
+        return cls(
+            actor=Actor.from_action(body),
+            action_id=str(action.get("action_id", "")),
+            value=str(action.get("value", "")),
+            message_ts=str(ts),
+            trigger_id=str(body.get("trigger_id", "")),
+        )
+
+    @property
+    def what(self) -> str:
+        """The click, for "runctl's worker stopped while handling your click on [Terminate]"."""
+        return "your click on " + next((label for a, label in BUTTONS.items() if a.value == self.action_id), "a button")
 
 
 def admit_command(ack: Ack, body: dict[str, Any], request: BoltRequest, context: dict[str, Any], next: Next) -> Reply:
@@ -148,27 +197,18 @@ def gate_click(
             policy.check(settings, user, tier, defer_owner=True)  # the handler knows what was clicked
     except RedisError:
         log.warning("front door: Redis did not answer a click", exc_info=True)
-        _tell(client, channel, user, unreachable().as_text())
+        privately(client, channel, user, unreachable().as_text())
         return ack()
     except RunctlError as exc:
-        _tell(client, channel, user, exc.as_text())
+        privately(client, channel, user, exc.as_text())
         refused = entry.model_copy(update={"decision": "refused", "outcome": f"{type(exc).__name__}: {exc.what}"})
         front_record(settings, redis, refused)
         return ack()
     front_record(settings, redis, entry.model_copy(update={"outcome": "passed to the handler"}))
+    if body.get("type") == "block_actions":
+        context["click"] = Click.of(body)
     next()
     return None
-
-
-def _tell(client: WebClient, channel: str, user: str, text: str) -> None:
-    """Privately: ephemeral in the channel, or a DM when there is none (a modal)."""
-    try:
-        if channel:
-            client.chat_postEphemeral(channel=channel, user=user, text=text)
-        else:
-            client.chat_postMessage(channel=user, text=text)
-    except SlackApiError as exc:
-        log.warning("could not tell %s about a refused click: %s", user, exc.response.get("error"))
 
 
 def _audit_command(

@@ -4,7 +4,9 @@ not as it was when the request was queued."""
 
 from __future__ import annotations
 
+import ast
 import importlib
+import inspect
 import os
 import time
 from collections.abc import Callable
@@ -38,7 +40,8 @@ from workers.commands import (
     TrainCommand,
 )
 from workers.jobs import funnel
-from workers.queueing import QUEUES, JobPath, enqueue
+from workers.queueing import QUEUES, SPECS, CommandArgs, JobPath
+from workers.queueing import enqueue_command as enqueue
 from workers.services import Services
 from workers.slack.ids import ActionId
 from workers.state.polls import schedule
@@ -221,6 +224,36 @@ def test_every_job_path_is_a_funnel_entry() -> None:
     for path in JobPath:
         module, name = path.value.rsplit(".", 1)
         assert getattr(importlib.import_module(module), name) in funnel.ENTRIES, path
+
+
+@pytest.mark.parametrize("job", list(CRASHES))
+def _decorator(path: JobPath) -> ast.Call:
+    module, name = path.value.rsplit(".", 1)
+    tree = ast.parse(Path(importlib.import_module(module).__file__ or "").read_text())
+    flow = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == name)
+    return next(d for d in flow.decorator_list if isinstance(d, ast.Call) and isinstance(d.func, ast.Attribute))
+
+
+def test_every_queued_path_gives_its_job_the_arguments_and_the_actor_where_the_funnel_reads_them() -> None:
+    """`queueing.enqueue` lays a payload out as the job function's arguments and puts the actor
+    where the funnel's wrapper (`click(what, actor_at)`, `command`) reads it; a system job gets none."""
+    for path, spec in SPECS.items():
+        call = _decorator(path)
+        wrapper = call.func.attr  # type: ignore[attr-defined]
+        module, name = path.value.rsplit(".", 1)
+        flow = inspect.signature(getattr(importlib.import_module(module), name).__wrapped__)
+        takes = [p for p in flow.parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+        if wrapper == "system":  # a person only in `then(run_id, raw_actor)`: the requester it acts for
+            names = [p.name for p in takes]
+            if spec.actor_at is not None:
+                assert names.pop(spec.actor_at) == "raw_actor", path
+            assert names[: len(spec.payload.model_fields)] == list(spec.payload.model_fields), path
+        elif wrapper == "command":
+            assert spec.actor_at == 1 and spec.payload is CommandArgs, path
+        else:
+            assert wrapper == "click" and isinstance(call.args[1], ast.Constant), path
+            assert spec.actor_at == call.args[1].value, path
+            assert [p.name for p in takes[1:]] == list(spec.payload.model_fields), path  # after `job`
 
 
 @pytest.mark.parametrize("job", list(CRASHES))

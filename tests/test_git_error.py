@@ -8,7 +8,7 @@ from runctl_sandbox.inline import InlineWorker
 from workers.aws.repo import CodeRepo
 from workers.commands import Actor, TrainCommand
 from workers.errors import CodeError
-from workers.queueing import enqueue
+from workers.queueing import enqueue_command as enqueue
 from workers.services import Services
 from workers.state.runs import RunState
 

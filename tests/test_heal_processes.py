@@ -21,7 +21,8 @@ from rq.registry import FinishedJobRegistry, StartedJobRegistry
 from runctl_sandbox.aws import AMI_ID, MANAGED_TAG, Sandbox, SeedInfo
 from runctl_sandbox.fake_slack import FakeSlack
 from workers.commands import Actor, Command, StatusCommand, TrainCommand
-from workers.queueing import QUEUE, QUEUES, JobPath, RoutedQueue, enqueue
+from workers.queueing import QUEUE, QUEUES, JobPath, RoutedQueue
+from workers.queueing import enqueue_command as enqueue
 from workers.services import Services
 from workers.state.runs import RunStore
 

@@ -13,7 +13,7 @@ from runctl_sandbox.fake_slack import FakeSlack
 from runctl_sandbox.inline import InlineWorker
 from workers.commands import Actor, ResourcesCommand
 from workers.jobs.sweep import sweep
-from workers.queueing import enqueue
+from workers.queueing import enqueue_command as enqueue
 from workers.services import Services
 
 ALICE = Actor(user_id="U0ALICE", channel_id="C0TRAIN")

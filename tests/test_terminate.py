@@ -11,13 +11,16 @@ from typing import Any
 
 import pytest
 from rq import Queue
+from rq.executions import Execution
+from rq.job import JobStatus
+from rq.registry import StartedJobRegistry
 
 from runctl_sandbox.aws import Sandbox, SeedInfo
 from runctl_sandbox.fake_slack import FakeSlack, Message
 from runctl_sandbox.inline import InlineWorker
 from workers.commands import Actor, TerminateCommand
 from workers.jobs.lifecycle import terminate
-from workers.queueing import QUEUES
+from workers.queueing import QUEUES, JobPath
 from workers.services import Services
 from workers.slack import usergroups
 from workers.slack.ids import ActionId
@@ -262,3 +265,37 @@ def test_a_confirmation_that_no_longer_holds_asks_again_instead_of_terminating(
         assert ConfirmStore(svc.redis).peek(buttons(m)[0]["value"]) is None
     finally:
         svc.fleet.run(iid, remote.stop_run(svc.settings.RUNCTL_REMOTE_ROOT, run_id, 10), 60)
+
+
+def die_mid_job(svc: Services, path: JobPath) -> None:
+    """What a worker killed while running `path`'s job leaves behind (the job started, its
+    execution in the started registry), then RQ's cleanup of it once the heartbeats lapse."""
+    for name in QUEUES:
+        queue = Queue(name, connection=svc.redis)
+        for job in queue.jobs:
+            if job.func_name == path.value:
+                queue.remove(job)
+                with svc.redis.pipeline() as pipe:
+                    job.set_status(JobStatus.STARTED, pipeline=pipe)
+                    Execution.create(job, ttl=60, pipeline=pipe)
+                    pipe.execute()
+        StartedJobRegistry(queue=queue).cleanup(time.time() + 3600)  # type: ignore[no-untyped-call]
+
+
+def test_a_worker_killed_mid_terminate_click_tells_the_clicker_in_the_thread(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    iid = fleet_seed.instances["cpu-box"]
+    ask(iid)
+    m = confirmation(slack)
+
+    send_click(svc, slack, worker, click(as_dict(m), ActionId.TERMINATE_CONFIRM, "U0ADMIN"))
+    die_mid_job(svc, JobPath.CONFIRM_CLICK)
+
+    told = [t.text for t in slack.thread(CHANNEL, m.ts) if "worker stopped" in t.text]
+    assert told == [
+        "<@U0ADMIN> runctl's worker stopped (killed or restarted) while handling your click on [Terminate], so "
+        "it may be half done; runctl does not repeat it by itself. Check with `/runctl resources`, then do "
+        "it again if it is needed."
+    ]
+    assert worker.pending() == 0 and svc.fleet.get(iid).state == "running"  # not repeated by itself

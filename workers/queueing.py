@@ -1,4 +1,4 @@
-"""The queue, every job's import path, and how the front queues a command.
+"""The queue, every job's import path, and the one way a job is queued (`enqueue`).
 
 RQ stores a job's import path in Redis, so these strings outlive a deploy: a
 rename here needs a shim at the old path for jobs still queued.
@@ -6,9 +6,12 @@ rename here needs a shim at the old path for jobs still queued.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, SerializeAsAny
 from redis import Redis
 from redis.backoff import NoBackoff
 from redis.client import Pipeline
@@ -173,17 +176,138 @@ JOBS: dict[str, JobPath] = {
 }
 
 
+class Payload(BaseModel):
+    """A job's arguments besides the acting person: its fields, in order, are the job
+    function's positional arguments (a trailing None is left out: the function's default)."""
+
+    model_config = ConfigDict(frozen=True)
+
+
+class CommandArgs(Payload):
+    command: SerializeAsAny[Command]
+    run_id: str | None = None  # a train queued for a run record made already (resume, a start's resume)
+
+
+class ConfirmArgs(Payload):
+    action: str
+    nonce: str
+    message_ts: str
+
+
+class RunClickArgs(Payload):
+    run_id: str
+    message_ts: str
+
+
+class InstanceClickArgs(Payload):
+    instance_id: str
+    message_ts: str
+
+
+class WarningArgs(Payload):
+    instance_id: str
+    kind: str
+
+
+class KeepArgs(WarningArgs):
+    reason: str
+
+
+class RunArgs(Payload):
+    run_id: str
+
+
+class InstanceArgs(Payload):
+    instance_id: str
+
+
+class NoArgs(Payload):
+    pass
+
+
+@dataclass(frozen=True)
+class Spec:
+    payload: type[Payload]
+    timeout: int  # seconds before RQ kills the job
+    actor_at: int | None  # the job function's argument for the acting person; None: a system job
+
+
+UPLOAD_JOB_SECONDS = 3 * 6 * 3600  # three of backup.UPLOAD_MAX_SECONDS: a backup's uploads
+_COMMAND = Spec(CommandArgs, 3600, 1)
+# Every path queued by `enqueue`, beside LONG_JOBS (the sweep, the reconcile and the clock's
+# ticks and digest are queued by rq's cron: workers/cron.py).
+SPECS: dict[JobPath, Spec] = {
+    **{path: _COMMAND for path in JOBS.values()},
+    JobPath.CONFIRM_CLICK: Spec(ConfirmArgs, 3600, 2),
+    JobPath.LAUNCH_CLICK: Spec(ConfirmArgs, 3600, 2),
+    JobPath.RESUME: Spec(RunClickArgs, 180, 1),  # it only queues the train
+    JobPath.AUTOSTOP_KEEP: Spec(InstanceClickArgs, 1800, 1),
+    JobPath.AUTOSTOP_STOP_NOW: Spec(InstanceClickArgs, 1800, 1),
+    JobPath.WARNING_STOP_NOW: Spec(WarningArgs, 3600, 2),
+    JobPath.WARNING_SNOOZE: Spec(WarningArgs, 180, 2),
+    JobPath.WARNING_KEEP: Spec(KeepArgs, 180, 2),
+    JobPath.FULL_LOG: Spec(RunArgs, 3600, 1),
+    JobPath.THEN: Spec(RunArgs, 1800, 1),  # acts for the run's requester
+    JobPath.AUTOSTOP_STOP: Spec(InstanceArgs, 1800, None),
+    JobPath.SPOT_REPLACE: Spec(RunArgs, 3600, None),
+    JobPath.BACKUP_NEW: Spec(RunArgs, UPLOAD_JOB_SECONDS, None),
+    JobPath.DIGEST: Spec(NoArgs, 600, None),
+    JobPath.MONITOR_TICK: Spec(NoArgs, 900, None),
+    JobPath.RUN_EVENT: Spec(RunArgs, 120, None),
+}
+SYSTEM = Actor(user_id="runctl", channel_id="")  # who acts in a job the clock, the monitor or an event queues
+DAY = 86400
+META = "runctl"  # job.meta[META]: who asked and what, for workers/jobs/abandoned.py
+
+
+def args_of(spec: Spec, payload: Payload, actor: Actor) -> list[object]:
+    args: list[object] = list(payload.model_dump(mode="json").values())
+    while args and args[-1] is None:
+        args.pop()
+    if spec.actor_at is not None:
+        args.insert(spec.actor_at, actor.model_dump(mode="json"))
+    return args
+
+
 def enqueue(
+    queue: Queue, path: JobPath, payload: Payload, actor: Actor, *, what: str = "",
+    when: datetime | None = None, delay: timedelta | None = None, pipeline: Pipeline | None = None,
+    job_id: str | None = None,
+) -> Job:
+    """Queue `path`'s job for `actor` (SYSTEM for a system job): now, at `when` or after
+    `delay`; with a pipeline, the job is written when its owner executes it. `what` names the
+    job to its person should its worker die ("your click on [Terminate]"; a command names itself)."""
+    spec = SPECS[path]
+    if not isinstance(payload, spec.payload):
+        raise TypeError(f"{path.name} takes {spec.payload.__name__}, not {type(payload).__name__}")
+    if (spec.actor_at is None) != (actor == SYSTEM):
+        raise ValueError(f"{path.name}: a system job takes SYSTEM as its actor, and only a system job does")
+    options: dict[str, Any] = {"job_timeout": spec.timeout, "failure_ttl": 7 * DAY, "pipeline": pipeline}
+    if job_id is not None:
+        options["job_id"] = job_id
+    if spec.actor_at is None:
+        options["result_ttl"] = 600
+    else:
+        # A worker that dies mid-job: RQ retries what only reads and answers, and tells the
+        # person about the rest (workers/jobs/abandoned.py).
+        options["result_ttl"] = DAY
+        options["on_failure"] = Callback(ABANDONED)
+        options["retry"] = JobRetry(max=1) if path in RETRIED else None
+        options["meta"] = {
+            META: {"actor": actor.model_dump(mode="json"), "payload": payload.model_dump(mode="json"), "what": what}
+        }
+    args = args_of(spec, payload, actor)
+    if when is not None:
+        job: Job = queue.enqueue_at(when, path.value, *args, **options)
+    elif delay is not None:
+        job = queue.enqueue_in(delay, path.value, *args, **options)
+    else:
+        job = queue.enqueue(path.value, *args, **options)
+    return job
+
+
+def enqueue_command(
     queue: Queue, command: Command, actor: Actor, run_id: str | None = None, pipeline: Pipeline | None = None
 ) -> Job:
-    """Queue the command's job; with a pipeline, the job is written when its owner executes it."""
-    path = JOBS[command.name]
-    args: list[object] = [command.model_dump(mode="json"), actor.model_dump(mode="json")]
-    if run_id is not None:
-        args.append(run_id)
-    # A worker that dies mid-job: RQ retries what only reads and answers, and tells the
-    # person about the rest (workers/jobs/abandoned.py).
-    return queue.enqueue(
-        path.value, *args, job_timeout=3600, result_ttl=86400, failure_ttl=7 * 86400, pipeline=pipeline,
-        retry=JobRetry(max=1) if path in RETRIED else None, on_failure=Callback(ABANDONED),
-    )
+    """A slash command's job (`entry(command_json, actor_json[, run_id])`)."""
+    return enqueue(queue, JOBS[command.name], CommandArgs(command=command, run_id=run_id), actor, pipeline=pipeline)

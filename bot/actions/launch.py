@@ -5,41 +5,35 @@ from __future__ import annotations
 
 from typing import Any
 
-from rq import Queue
 from slack_bolt import Ack, App
 from slack_sdk import WebClient
-from slack_sdk.errors import SlackApiError
 
-from bot.actions.lifecycle import _message_ts, confirmation_click
+from bot.actions.lifecycle import confirmation_click
 from bot.grammar import INSTANCE_RE
-from workers.commands import Actor
-from workers.queueing import JobPath
+from bot.middleware import Click
+from workers.queueing import InstanceClickArgs, JobPath, enqueue
+from workers.slack.client import privately
 from workers.slack.ids import ActionId
 from workers.slack.messages.launch import train_command
 
 
-def train_on_it(ack: Ack, body: dict[str, Any], client: WebClient) -> None:
+def train_on_it(ack: Ack, context: dict[str, Any], client: WebClient) -> None:
     ack()
-    actor = Actor.from_action(body)
-    iid = str(body["actions"][0].get("value", ""))
-    if not INSTANCE_RE.match(iid):
+    click: Click = context["click"]
+    if not INSTANCE_RE.match(click.value):
         return
-    text = f"Copy, fill in and send:\n```{train_command(iid)}```"
-    try:
-        client.chat_postEphemeral(channel=actor.channel_id, user=actor.user_id, text=text)
-    except SlackApiError:
-        client.chat_postMessage(channel=actor.user_id, text=text)
+    text = f"Copy, fill in and send:\n```{train_command(click.value)}```"
+    privately(client, click.actor.channel_id, click.actor.user_id, text)
 
 
-def autostop_click(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None:
+def autostop_click(ack: Ack, context: dict[str, Any]) -> None:
     ack()
-    action = body["actions"][0]
-    iid = str(action.get("value", ""))
-    if not INSTANCE_RE.match(iid):
+    click: Click = context["click"]
+    if not INSTANCE_RE.match(click.value):
         return
-    path = JobPath.AUTOSTOP_KEEP if action["action_id"] == ActionId.AUTOSTOP_KEEP else JobPath.AUTOSTOP_STOP_NOW
-    queue: Queue = context["queue"]
-    queue.enqueue(path.value, iid, Actor.from_action(body).model_dump(mode="json"), _message_ts(body), job_timeout=1800)
+    path = JobPath.AUTOSTOP_KEEP if click.action_id == ActionId.AUTOSTOP_KEEP else JobPath.AUTOSTOP_STOP_NOW
+    args = InstanceClickArgs(instance_id=click.value, message_ts=click.message_ts)
+    enqueue(context["queue"], path, args, click.actor, what=click.what)
 
 
 def register(app: App) -> None:

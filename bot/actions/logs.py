@@ -4,20 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from rq import Queue
 from slack_bolt import Ack, App
 
-from workers.commands import Actor
-from workers.queueing import JobPath
+from bot.middleware import Click
+from workers.queueing import JobPath, RunArgs, enqueue
 from workers.slack.ids import ActionId
 
 
-def full_log_click(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None:
+def full_log_click(ack: Ack, context: dict[str, Any]) -> None:
     ack()
-    run_id = str(body["actions"][0].get("value", ""))
-    queue: Queue = context["queue"]
-    actor = Actor.from_action(body)
-    queue.enqueue(JobPath.FULL_LOG.value, run_id, actor.model_dump(mode="json"), job_timeout=3600)
+    click: Click = context["click"]
+    enqueue(context["queue"], JobPath.FULL_LOG, RunArgs(run_id=click.value), click.actor, what=click.what)
 
 
 def register(app: App) -> None:

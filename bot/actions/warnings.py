@@ -6,19 +6,19 @@ import json
 import logging
 from typing import Any
 
-from rq import Queue
 from slack_bolt import Ack, App
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 from slack_sdk.models.blocks import InputBlock, PlainTextInputElement
 from slack_sdk.models.views import View
 
-from bot.middleware import front_record
+from bot.middleware import Click, front_record
 from workers import audit, policy
 from workers.commands import Actor
 from workers.errors import PermissionDenied
-from workers.queueing import JobPath
+from workers.queueing import JobPath, KeepArgs, WarningArgs, enqueue
 from workers.settings import Settings
+from workers.slack.client import privately
 from workers.slack.ids import ActionId
 from workers.state.warnings import Kind, WarningStore, parse_button_value
 
@@ -28,22 +28,21 @@ KEEP_REFUSED = "Only the instance's owner or an admin can keep it running; nothi
 REASON_BLOCK, REASON_INPUT = "reason", "reason_input"
 
 
-def _clicked(body: dict[str, Any]) -> tuple[str, Kind, str, str] | None:
+def _clicked(click: Click) -> tuple[str, Kind, str, str] | None:
     """(instance id, kind, user id, channel id) of a button click; None for a value we never rendered."""
-    value = str((body.get("actions") or [{}])[0].get("value", ""))
     try:
-        instance_id, kind = parse_button_value(value)
+        instance_id, kind = parse_button_value(click.value)
     except ValueError:
-        log.warning("ignoring a warning button with value %r", value[:100])
+        log.warning("ignoring a warning button with value %r", click.value[:100])
         return None
-    channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id", "")
-    return instance_id, kind, (body.get("user") or {}).get("id", ""), channel
+    return instance_id, kind, click.actor.user_id, click.actor.channel_id
 
 
-def stop_now(ack: Ack, body: dict[str, Any], context: dict[str, Any], client: WebClient) -> None:
+def stop_now(ack: Ack, context: dict[str, Any], client: WebClient) -> None:
     ack()
     settings: Settings = context["settings"]
-    clicked = _clicked(body)
+    click: Click = context["click"]
+    clicked = _clicked(click)
     if clicked is None:
         return
     instance_id, kind, user, channel = clicked
@@ -52,14 +51,11 @@ def stop_now(ack: Ack, body: dict[str, Any], context: dict[str, Any], client: We
         # The middleware checked the tier; only here is the owner known.
         policy.check(settings, user, "stop", record.owner if record else None)
     except PermissionDenied as exc:
-        _tell(client, channel, user, exc.as_text())
+        privately(client, channel, user, exc.as_text())
         return
-    actor = Actor(user_id=user, channel_id=channel, request_id=body.get("trigger_id", ""))
-    queue: Queue = context["queue"]
-    queue.enqueue(
-        JobPath.WARNING_STOP_NOW.value, instance_id, kind.value, actor.model_dump(mode="json"), job_timeout=3600
-    )
-    _tell(
+    args = WarningArgs(instance_id=instance_id, kind=kind.value)
+    enqueue(context["queue"], JobPath.WARNING_STOP_NOW, args, click.actor, what=click.what)
+    privately(
         client,
         channel,
         user,
@@ -68,11 +64,9 @@ def stop_now(ack: Ack, body: dict[str, Any], context: dict[str, Any], client: We
     )
 
 
-def _tell(client: WebClient, channel: str, user: str, text: str) -> None:
-    try:
-        client.chat_postEphemeral(channel=channel, user=user, text=text)
-    except SlackApiError:
-        client.chat_postMessage(channel=user, text=text)
+def _by(user: str) -> Actor:
+    """Snooze and Keep act as the bare user, as they always have: answered by DM, in no channel."""
+    return Actor(user_id=user, channel_id="")
 
 
 def refusal(context: dict[str, Any], user: str, verb: str, instance_id: str, kind: Kind) -> PermissionDenied | None:
@@ -95,34 +89,35 @@ def refusal(context: dict[str, Any], user: str, verb: str, instance_id: str, kin
     return None  # the policy file changed in between: allowed now
 
 
-def _admitted(body: dict[str, Any], context: dict[str, Any], client: WebClient, verb: str
-              ) -> tuple[str, Kind, str, str] | None:
+def _admitted(context: dict[str, Any], client: WebClient, verb: str) -> tuple[str, Kind, str, str] | None:
     """The click on a warning's button, if the policy lets its person `verb`; a refusal is told to them."""
-    clicked = _clicked(body)
+    clicked = _clicked(context["click"])
     if clicked is None:
         return None
     instance_id, kind, user, channel = clicked
     refused = refusal(context, user, verb, instance_id, kind)
     if refused is not None:
-        _tell(client, channel, user, refused.as_text())
+        privately(client, channel, user, refused.as_text())
         return None
     return clicked
 
 
-def snooze(ack: Ack, body: dict[str, Any], context: dict[str, Any], client: WebClient) -> None:
+def snooze(ack: Ack, context: dict[str, Any], client: WebClient) -> None:
     ack()
-    admitted = _admitted(body, context, client, "snooze")
+    admitted = _admitted(context, client, "snooze")
     if admitted is None:
         return
     instance_id, kind, user, _ = admitted
-    context["queue"].enqueue(JobPath.WARNING_SNOOZE.value, instance_id, kind.value, user)
+    args = WarningArgs(instance_id=instance_id, kind=kind.value)
+    enqueue(context["queue"], JobPath.WARNING_SNOOZE, args, _by(user), what=context["click"].what)
 
 
-def keep(ack: Ack, body: dict[str, Any], context: dict[str, Any], client: WebClient) -> None:
+def keep(ack: Ack, context: dict[str, Any], client: WebClient) -> None:
     ack()
-    admitted = _admitted(body, context, client, "keep")
+    admitted = _admitted(context, client, "keep")
     if admitted is None:
         return
+    click: Click = context["click"]
     instance_id, kind, user, _ = admitted
     view = View(
         type="modal",
@@ -140,10 +135,11 @@ def keep(ack: Ack, body: dict[str, Any], context: dict[str, Any], client: WebCli
         ],
     )
     try:
-        client.views_open(trigger_id=body["trigger_id"], view=view)
+        client.views_open(trigger_id=click.trigger_id, view=view)
     except SlackApiError:
         # No modal (expired trigger, or a client without views): record the decision without a reason.
-        context["queue"].enqueue(JobPath.WARNING_KEEP.value, instance_id, kind.value, user, "")
+        args = KeepArgs(instance_id=instance_id, kind=kind.value, reason="")
+        enqueue(context["queue"], JobPath.WARNING_KEEP, args, _by(user), what=click.what)
 
 
 def keep_reason(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None:
@@ -159,7 +155,8 @@ def keep_reason(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None
         return
     ack()
     reason = view["state"]["values"][REASON_BLOCK][REASON_INPUT].get("value") or ""
-    context["queue"].enqueue(JobPath.WARNING_KEEP.value, instance_id, kind.value, user, reason)
+    args = KeepArgs(instance_id=instance_id, kind=kind.value, reason=reason)
+    enqueue(context["queue"], JobPath.WARNING_KEEP, args, _by(user), what="your click on [Keep running]")
 
 
 def register(app: App) -> None:

@@ -19,7 +19,7 @@ from workers.jobs import funnel
 from workers.jobs.confirm import answer
 from workers.jobs.funnel import SYSTEM, Job
 from workers.jobs.lifecycle import STOPPED_WAIT_SECONDS, TERMINATED_WAIT_SECONDS, holder, stop_flow
-from workers.queueing import JobPath
+from workers.queueing import InstanceArgs, JobPath, RunArgs, enqueue
 from workers.remote import gpu
 from workers.services import Services, current
 from workers.slack.format import duration
@@ -88,7 +88,7 @@ def after_run(svc: Services, run: Run) -> None:
     run's requester, with the rights they have when it fires."""
     if run.then in ("stop", "terminate"):
         requester = Actor(user_id=run.user_id, channel_id=run.channel_id)
-        svc.queue.enqueue(JobPath.THEN.value, run.run_id, requester.model_dump(mode="json"), job_timeout=1800)
+        enqueue(svc.queue, JobPath.THEN, RunArgs(run_id=run.run_id), requester, what=f"`--then {run.then}` of your run")
 
 
 @funnel.system("train --then")
@@ -218,7 +218,7 @@ def check(svc: Services, rows: list[Row], now: datetime) -> int:
             store.save(setting)
             acted += 1
         elif verdict is Verdict.STOP and store.claim_stop(iid):
-            svc.queue.enqueue(JobPath.AUTOSTOP_STOP.value, iid, job_timeout=1800)
+            enqueue(svc.queue, JobPath.AUTOSTOP_STOP, InstanceArgs(instance_id=iid), SYSTEM)
             acted += 1
     return acted
 

@@ -24,7 +24,7 @@ from workers.errors import PermissionDenied, RemoteError, RunctlError
 from workers.jobs import funnel
 from workers.jobs.checkpoints import reachable
 from workers.jobs.funnel import Job
-from workers.queueing import JobPath
+from workers.queueing import SYSTEM, JobPath, RunArgs, enqueue
 from workers.remote import backup as script
 from workers.remote.checkpoints import DISCOVERY_TIMEOUT, discover_all
 from workers.services import Services, current
@@ -96,7 +96,7 @@ def queue_run(svc: Services, run: Run) -> None:
     """`train --backup`: back up what is new; at most one job waits per run (it clears the
     mark when it starts, so a checkpoint written during an upload queues the next one)."""
     if svc.redis.set(PENDING + run.run_id, "1", nx=True, ex=2 * UPLOAD_MAX_SECONDS):
-        svc.queue.enqueue(JobPath.BACKUP_NEW.value, run.run_id, job_timeout=3 * UPLOAD_MAX_SECONDS)
+        enqueue(svc.queue, JobPath.BACKUP_NEW, RunArgs(run_id=run.run_id), SYSTEM)
 
 
 @funnel.system("backup of a run's new checkpoints")

@@ -19,7 +19,7 @@ from workers.cost import fleetview
 from workers.cost.fleetview import Row
 from workers.cost.pricing import cost_of, format_usd
 from workers.jobs import funnel
-from workers.queueing import JobPath
+from workers.queueing import SYSTEM, JobPath, NoArgs, enqueue
 from workers.services import Services, current
 from workers.slack import chart
 from workers.slack.blocks import sections
@@ -99,7 +99,7 @@ def not_posted(svc: Services, channel: str, exc: SlackApiError, now: datetime) -
     log.warning("digest not posted in %s: %s", channel, error)
     retry_at = now + timedelta(minutes=RETRY_MINUTES)
     if retry_at.date() == now.date():
-        svc.queue.enqueue_in(timedelta(minutes=RETRY_MINUTES), JobPath.DIGEST.value, job_timeout=600)
+        enqueue(svc.queue, JobPath.DIGEST, NoArgs(), SYSTEM, delay=timedelta(minutes=RETRY_MINUTES))
     if channel_error(exc) and svc.redis.set(f"runctl:digest:{now:%Y-%m-%d}:told", "1", nx=True, ex=86400):
         then = f"I try again every {RETRY_MINUTES} minutes today"
         text = refusal(svc.settings, channel, error, "post the daily digest there", then).as_text()

@@ -26,6 +26,7 @@ from workers import audit, policy
 from workers.aws import names
 from workers.commands import INSTANCE_ID, Actor, Command
 from workers.errors import InstanceError, RunctlError
+from workers.queueing import SYSTEM as SYSTEM  # funnel.SYSTEM: who acts in a system job
 from workers.services import Services, current
 from workers.slack.thread import fail
 from workers.state.runs import Run, RunState
@@ -194,9 +195,6 @@ def click(what: str, actor_at: int, *actions: str) -> Callable[[Callable[..., st
         return entry
 
     return wrap
-
-
-SYSTEM = Actor(user_id="runctl", channel_id="")
 
 
 def system(what: str) -> Callable[[Callable[..., str]], Entry]:

@@ -24,7 +24,7 @@ from workers.jobs.caps import admit_start
 from workers.jobs.confirm import ConfirmClick, answer
 from workers.jobs.funnel import Job
 from workers.jobs.launch import LaunchClick
-from workers.queueing import enqueue
+from workers.queueing import enqueue_command
 from workers.remote.checkpoints import CheckpointListing, FoundCheckpoint, discover, discover_all
 from workers.remote.lifecycle import StopResult, parse_stop
 from workers.services import Services
@@ -488,7 +488,7 @@ def resume_flow(svc: Services, run_id: str, actor: Actor, message_ts: str) -> st
         "notes": [f":repeat: Resumes run `{old.run_id}` from its checkpoint directory."],
     })
     svc.runs.create(run)
-    enqueue(svc.queue, cmd, actor, run.run_id)
+    enqueue_command(svc.queue, cmd, actor, run.run_id)
     text, blocks = closed_blocks(
         f":repeat: <@{actor.user_id}> resumed run `{old.run_id}` as run `{run.run_id}` on "
         f"`{old.instance_id}`; it continues from its last checkpoint."

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from workers import remote
 from workers.errors import InstanceError, RunctlError, Throttled
 from workers.jobs import autostop, backup, funnel
-from workers.queueing import JobPath
+from workers.queueing import SYSTEM, JobPath, RunArgs, enqueue
 from workers.remote import spot
 from workers.remote.status import Snapshot, parse_many
 from workers.services import Services, current
@@ -259,7 +259,7 @@ def lost(svc: Services, run: Run, exc: RunctlError) -> str:
 def auto_resume(svc: Services, run: Run) -> None:
     """`--auto-resume`: a replacement continues the run (workers/jobs/spot.py)."""
     if run.auto_resume:
-        svc.queue.enqueue(JobPath.SPOT_REPLACE.value, run.run_id, job_timeout=3600)
+        enqueue(svc.queue, JobPath.SPOT_REPLACE, RunArgs(run_id=run.run_id), SYSTEM)
 
 
 def spot_report(run: Run, ended: str) -> str:

@@ -15,7 +15,7 @@ from workers.commands import Actor, ResumeCommand, TrainCommand
 from workers.errors import RunctlError
 from workers.jobs import funnel
 from workers.jobs.funnel import Job
-from workers.queueing import enqueue
+from workers.queueing import enqueue_command
 from workers.services import Services
 from workers.slack.escape import code
 from workers.slack.format import size
@@ -83,7 +83,7 @@ def resume_run(
         "notes": notes,
     })
     svc.runs.create(run)
-    enqueue(svc.queue, cmd, actor, run.run_id)
+    enqueue_command(svc.queue, cmd, actor, run.run_id)
     text = (
         f":repeat: <@{actor.user_id}> resumes run `{old.run_id}` as run `{run.run_id}` on `{target}` "
         f"({code(old.script)} at {code(cmd.ref or old.ref)}); it continues from its newest checkpoint."

@@ -113,34 +113,11 @@ class Notifier:
         blocks: Sequence[Block] | None = None,
         response_url: str | None = None,
     ) -> None:
-        """Only `user` sees it: ephemeral in the channel; where the bot is not in the channel,
-        through the command's response_url (any conversation); else a DM."""
-        try:
-            self.client.chat_postEphemeral(
-                channel=channel, user=user, text=clamp(text, 3900), blocks=blocks
-            )
-            return
-        except SlackApiError as exc:
-            log.warning("ephemeral to %s in %s failed (%s)", user, channel, exc.response.get("error"))
-        if response_url and self.respond(response_url, text, blocks):
-            return
-        self.client.chat_postMessage(channel=user, text=clamp(text, 3900), blocks=blocks)
+        """`privately`, with the workers' client."""
+        privately(self.client, channel, user, text, blocks, response_url)
 
     def respond(self, response_url: str, text: str, blocks: Sequence[Block] | None = None) -> bool:
-        """Answer through a slash command's response_url, privately; False when Slack refuses
-        (expired after 30 minutes or 5 messages). The URL itself is never logged."""
-        hook = WebhookClient(response_url, retry_handlers=retry_handlers())
-        try:
-            resp = hook.send(
-                text=clamp(text, 3900), blocks=blocks, response_type="ephemeral", replace_original=False
-            )
-        except OSError as exc:
-            log.warning("response_url unreachable: %s", type(exc).__name__)
-            return False
-        if resp.status_code != 200:
-            log.warning("response_url refused the message: HTTP %s %s", resp.status_code, resp.body[:100])
-            return False
-        return True
+        return respond(response_url, text, blocks)
 
     def upload(
         self,
@@ -159,3 +136,45 @@ class Notifier:
             initial_comment=comment or None,
             thread_ts=thread_ts,
         )
+
+
+def privately(
+    client: WebClient,
+    channel: str,
+    user: str,
+    text: str,
+    blocks: Sequence[Block] | None = None,
+    response_url: str | None = None,
+) -> None:
+    """The one way to tell a person something only they see: ephemeral in the channel; where
+    the bot is not in the channel (or there is none: a modal), through the request's
+    response_url (any conversation); else a DM. A refused DM is logged, not raised."""
+    if channel:
+        try:
+            client.chat_postEphemeral(channel=channel, user=user, text=clamp(text, 3900), blocks=blocks)
+            return
+        except SlackApiError as exc:
+            log.warning("ephemeral to %s in %s failed (%s)", user, channel, exc.response.get("error"))
+    if response_url and respond(response_url, text, blocks):
+        return
+    try:
+        client.chat_postMessage(channel=user, text=clamp(text, 3900), blocks=blocks)
+    except SlackApiError as exc:
+        log.warning("could not tell %s privately: %s", user, exc.response.get("error"))
+
+
+def respond(response_url: str, text: str, blocks: Sequence[Block] | None = None) -> bool:
+    """Answer through a request's response_url, privately; False when Slack refuses
+    (expired after 30 minutes or 5 messages). The URL itself is never logged."""
+    hook = WebhookClient(response_url, retry_handlers=retry_handlers())
+    try:
+        resp = hook.send(
+            text=clamp(text, 3900), blocks=blocks, response_type="ephemeral", replace_original=False
+        )
+    except OSError as exc:
+        log.warning("response_url unreachable: %s", type(exc).__name__)
+        return False
+    if resp.status_code != 200:
+        log.warning("response_url refused the message: HTTP %s %s", resp.status_code, resp.body[:100])
+        return False
+    return True

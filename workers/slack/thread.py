@@ -87,10 +87,8 @@ def reply(svc: Context, run: Run, text: str, mention: bool = True, full_log: boo
 
 
 def privately(svc: Context, run: Run, text: str) -> None:
-    try:
-        svc.notifier.ephemeral(run.channel_id, run.user_id, text, response_url=run.response_url)
-    except SlackApiError as exc:
-        log.warning("could not tell %s about run %s: %s", run.user_id, run.run_id, exc.response.get("error"))
+    """To the run's requester only (`client.privately`: it logs what Slack refuses)."""
+    svc.notifier.ephemeral(run.channel_id, run.user_id, text, response_url=run.response_url)
 
 
 def fail(svc: Context, run: Run, error: RunctlError | ErrorInfo, state: RunState) -> Run:

@@ -21,7 +21,7 @@ from typing import Any
 from redis import Redis
 from rq import Queue
 
-from workers.queueing import EVENTS_QUEUE, JobPath
+from workers.queueing import EVENTS_QUEUE, SYSTEM, JobPath, RunArgs, enqueue
 from workers.remote.events import loads
 
 SEEN_SECONDS = 3600  # a nonce is kept an hour, longer than a timestamp stays fresh
@@ -32,7 +32,7 @@ MARKER_SECONDS = 300  # a job lost with its worker: the run's events queue a new
 class Offer(Enum):
     REPLAY = "replay"
     MERGED = "merged"  # into the job already pending
-    QUEUED = "queued"  # the caller queues the job: `enqueue`
+    QUEUED = "queued"  # the caller queues the job: `queue_job`
 
 
 @dataclass(frozen=True)
@@ -101,17 +101,14 @@ def offer(
     return Offer.QUEUED if reply[0] == 2 else Offer.MERGED
 
 
-def enqueue(redis: Redis, run_id: str, delay: float = 0.0) -> None:
+def queue_job(redis: Redis, run_id: str, delay: float = 0.0) -> None:
     """The run's event job, now or after `delay` s; the caller holds the marker."""
     queue = Queue(EVENTS_QUEUE, connection=redis)
-    kwargs: dict[str, Any] = {
-        "job_id": f"runctl-event-{uuid.uuid4().hex}", "job_timeout": 120, "result_ttl": 600, "failure_ttl": 7 * 86400,
-    }
     try:
-        if delay > 0:
-            queue.enqueue_in(timedelta(seconds=delay), JobPath.RUN_EVENT.value, run_id, **kwargs)
-        else:
-            queue.enqueue(JobPath.RUN_EVENT.value, run_id, **kwargs)
+        enqueue(
+            queue, JobPath.RUN_EVENT, RunArgs(run_id=run_id), SYSTEM,
+            delay=timedelta(seconds=delay) if delay > 0 else None, job_id=f"runctl-event-{uuid.uuid4().hex}",
+        )
     except Exception:
         redis.delete(_marker(run_id))  # the next event queues one
         raise
@@ -140,5 +137,5 @@ def defer_exit(redis: Redis, run_id: str, delay: float) -> bool:
     pipe.set(_marker(run_id), "1", nx=True, ex=ttl)
     if not pipe.execute()[2]:
         return False
-    enqueue(redis, run_id, delay)
+    queue_job(redis, run_id, delay)
     return True

@@ -8,7 +8,7 @@ import math
 from datetime import timedelta
 
 from workers.context import Context
-from workers.queueing import JobPath
+from workers.queueing import SYSTEM, JobPath, NoArgs, enqueue
 
 DUE = "runctl:monitor:due"  # zset: run id -> when it should next be polled
 LEASED = "runctl:monitor:leased"  # zset: run id -> when the claim of the tick polling it lapses
@@ -94,6 +94,4 @@ def ensure_tick(svc: Context, at: float) -> None:
     # its job was lost with Redis' keys): replace it.
     stale = now - svc.settings.RUNCTL_POLL_MAX_SECONDS
     if svc.redis.eval(_SET_IF_EARLIER, 1, TICK_AT, repr(at), repr(stale)):
-        svc.queue.enqueue_in(
-            timedelta(seconds=max(0.0, at - now)), JobPath.MONITOR_TICK.value, job_timeout=900
-        )
+        enqueue(svc.queue, JobPath.MONITOR_TICK, NoArgs(), SYSTEM, delay=timedelta(seconds=max(0.0, at - now)))
