@@ -371,12 +371,13 @@ def test_no_value_reaching_any_builder_is_ever_executed(
     rc, out = run(setup_env(str(root), run_id, digest, workdir, requirements, generated, rebuild=True, python=str(python)))
     assert rc == 0, out
     log = (root / "runs" / run_id / "setup.log").read_bytes().decode()
-    want = root / "runs" / run_id / "requirements.txt" if generated is not None else root / "code" / requirements
+    # The path as the script joins it (an empty name gives ".../code/", not pathlib's ".../code").
+    want = str(root / "runs" / run_id / "requirements.txt") if generated is not None else f"{root}/code/{requirements}"
     installed = [json.loads(line) for line in log.split("\n") if line.startswith('["pip"')]
-    assert installed and installed[0][-2:] == ["-r", str(want)], log
+    assert installed and installed[0][-2:] == ["-r", want], log
     assert f"from {requirements}" in log
     if generated is not None:
-        assert want.read_bytes().decode() == (generated if generated.endswith("\n") else generated + "\n")
+        assert Path(want).read_bytes().decode() == (generated if generated.endswith("\n") else generated + "\n")
     # The launch: the training gets every value verbatim, the metadata file keeps them as data.
     meta = json.dumps({"run_id": run_id, "script": script, "ref": ref})
     env = {"RUNCTL_RUN_ID": run_id, "USER_VALUE": env_value}
