@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import urlencode
 
+import redis as redis_mod
 from slack_sdk.signature import SignatureVerifier
 
 from bench import harness
@@ -191,7 +192,7 @@ async def load(
     return latencies, statuses, time.perf_counter() - started, time.process_time() - cpu
 
 
-def queued_jobs(redis: harness.redis_mod.Redis) -> int:
+def queued_jobs(redis: redis_mod.Redis) -> int:
     """Jobs waiting on every runctl queue (trains go to the long one)."""
     return sum(int(redis.llen(f"rq:queue:{name}")) for name in QUEUES)
 
@@ -213,7 +214,7 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
-def redis_cpu_seconds(redis: harness.redis_mod.Redis) -> float:
+def redis_cpu_seconds(redis: redis_mod.Redis) -> float:
     info = redis.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     form = ("Content-Type", "application/x-www-form-urlencoded")
     shaped = [("X-Slack-Request-Timestamp", str(int(time.time()))), ("X-Slack-Signature", "v0=" + "ab" * 32)]
     many = b"a=1&" * fields
-    real = SignatureVerifier(harness.SECRET).generate_signature(timestamp=shaped[0][1], body=many)
+    real = str(SignatureVerifier(harness.SECRET).generate_signature(timestamp=shaped[0][1], body=many))
     attacks: list[tuple[str, list[tuple[str, str]], Iterator[bytes], bool]] = [
         ("unsigned_body", [form, ("Content-Length", str(big))], blocks(big), False),
         ("shaped_body", [form, ("Content-Length", str(big)), *shaped], blocks(big), False),
@@ -114,12 +114,12 @@ def main(argv: list[str] | None = None) -> int:
             figures[f"{name} seconds"] = round(took, 3)
             figures[f"{name} rss_mb"] = round(rss, 1)
             figures[f"{name} peak_rss_mb"] = round(peak, 1)
-        body = urlencode({"user_id": "U0ALICE", "channel_id": "C0TRAIN", "command": "/runctl",
+        text = urlencode({"user_id": "U0ALICE", "channel_id": "C0TRAIN", "command": "/runctl",
                           "text": "help", "trigger_id": f"bench.abuse.{time.time_ns()}"})
         ts = str(int(time.time()))
-        sig = SignatureVerifier(harness.SECRET).generate_signature(timestamp=ts, body=body)
-        head = [form, ("Content-Length", str(len(body))), ("X-Slack-Request-Timestamp", ts), ("X-Slack-Signature", sig)]
-        status, took = send(port, head, iter([body.encode()]))
+        sig = str(SignatureVerifier(harness.SECRET).generate_signature(timestamp=ts, body=text))
+        head = [form, ("Content-Length", str(len(text))), ("X-Slack-Request-Timestamp", ts), ("X-Slack-Signature", sig)]
+        status, took = send(port, head, iter([text.encode()]))
         figures["signed_after answer"] = status
         figures["signed_after seconds"] = round(took, 3)
     harness.report("front_door_abuse", figures)

@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         svc = harness.services(harness.settings(slack), redis, slack)
         session = boto3.Session(aws_access_key_id="bench", aws_secret_access_key="bench", region_name="us-east-1")
         prices = EmptyPriceList()
-        session.events.register("before-call.pricing.*", prices)  # before the fleet makes its client
+        # before the fleet makes its client; botocore-stubs type handlers as returning None,
+        # but a before-call handler's return value is the call's answer
+        session.events.register("before-call.pricing.*", prices)  # type: ignore[arg-type]
         fleet = Fleet(("runctl:managed", "true"), harness.BUCKET, session=session)
         pages = DescribePages(n, now)
         fleet.ec2.meta.events.register("before-call.ec2.*", pages)

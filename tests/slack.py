@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlencode
 
@@ -19,14 +20,25 @@ def trigger_id() -> str:
     return f"{time.monotonic_ns()}.{int(time.time())}.{secrets.token_hex(8)}"
 
 
+def signature(body: str, timestamp: str, secret: str = SECRET) -> str:
+    sig = SignatureVerifier(secret).generate_signature(timestamp=timestamp, body=body)
+    assert sig is not None  # None only without a timestamp
+    return sig
+
+
 def sign(body: str, secret: str = SECRET, timestamp: int | None = None) -> dict[str, str]:
     ts = str(int(time.time()) if timestamp is None else timestamp)
-    sig = SignatureVerifier(secret).generate_signature(timestamp=ts, body=body)
     return {
         "content-type": "application/x-www-form-urlencoded",
         "x-slack-request-timestamp": ts,
-        "x-slack-signature": sig,
+        "x-slack-signature": signature(body, ts, secret),
     }
+
+
+def request(body: str, headers: Mapping[str, str]) -> BoltRequest:
+    """Bolt's request of this body with these headers."""
+    bolt_headers: dict[str, str | Sequence[str]] = dict(headers)
+    return BoltRequest(body=body, headers=bolt_headers)
 
 
 def command_body(text: str, user: str = "U0ALICE", channel: str = "C0TRAIN", **extra: str) -> str:
@@ -52,7 +64,7 @@ def command(
     text: str, user: str = "U0ALICE", channel: str = "C0TRAIN", secret: str = SECRET, **extra: str
 ) -> BoltRequest:
     body = command_body(text, user, channel, **extra)
-    return BoltRequest(body=body, headers=sign(body, secret))
+    return request(body, sign(body, secret))
 
 
 def action_body(payload: dict[str, Any]) -> str:
@@ -61,7 +73,7 @@ def action_body(payload: dict[str, Any]) -> str:
 
 def action(payload: dict[str, Any], secret: str = SECRET) -> BoltRequest:
     body = action_body(payload)
-    return BoltRequest(body=body, headers=sign(body, secret))
+    return request(body, sign(body, secret))
 
 
 def click(

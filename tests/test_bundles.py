@@ -24,7 +24,8 @@ def test_bundle_url_is_sigv4_and_outlives_the_commands_timeouts(
     run_id = start(fleet_seed.instances["cpu-box"], "train_with_checkpoints.py", *QUICK)
     worker.drain()
     run = svc.runs.get(run_id)
-    assert run is not None and run.state is RunState.SUCCEEDED, run.error
+    assert run is not None
+    assert run.state is RunState.SUCCEEDED, run.error
     (query,) = sandbox.s3.seen[before:]
     params = parse_qs(query)
     assert params["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"]
@@ -39,7 +40,8 @@ def test_a_307_from_s3_is_followed(
     run_id = start(fleet_seed.instances["cpu-box"], "train_with_checkpoints.py", *QUICK)
     worker.drain()
     run = svc.runs.get(run_id)
-    assert run is not None and run.state is RunState.SUCCEEDED, run.error
+    assert run is not None
+    assert run.state is RunState.SUCCEEDED, run.error
 
 
 def test_a_failed_download_names_the_http_status_and_the_body(

@@ -71,11 +71,11 @@ def test_bad_or_stale_signature_gets_401(settings: Settings, fake_redis: redis_m
     forged = s.command(f"status {IID}", secret="not-the-secret")
     assert app.dispatch(forged).status == 401
     body = s.command_body(f"status {IID}")
-    stale = s.BoltRequest(body=body, headers=s.sign(body, timestamp=int(time.time()) - 6 * 60))
+    stale = s.request(body, s.sign(body, timestamp=int(time.time()) - 6 * 60))
     assert app.dispatch(stale).status == 401
-    future = s.BoltRequest(body=body, headers=s.sign(body, timestamp=int(time.time()) + 6 * 60))
+    future = s.request(body, s.sign(body, timestamp=int(time.time()) + 6 * 60))
     assert app.dispatch(future).status == 401
-    unsigned = s.BoltRequest(body=body, headers={"content-type": "application/x-www-form-urlencoded"})
+    unsigned = s.request(body, {"content-type": "application/x-www-form-urlencoded"})
     assert app.dispatch(unsigned).status == 401
     time.sleep(0.2)
     assert Queue(QUEUE, connection=fake_redis).count == 0

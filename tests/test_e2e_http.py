@@ -91,7 +91,7 @@ def processes(
 def ran_events() -> list[str]:
     """The kinds of the run events whose jobs the worker finished."""
     redis = Redis.from_url(REDIS_URL)
-    registry = FinishedJobRegistry(queue=Queue(EVENTS_QUEUE, connection=redis))  # type: ignore[no-untyped-call]
+    registry = FinishedJobRegistry(queue=Queue(EVENTS_QUEUE, connection=redis))
     jobs = (Job.fetch(i, connection=redis) for i in registry.get_job_ids())
     return [str(j.return_value()).split(":")[0] for j in jobs if j.func_name == JobPath.RUN_EVENT.value]
 

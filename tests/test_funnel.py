@@ -102,7 +102,7 @@ def failed_jobs(svc: Services) -> list[RqJob]:
     ids = [
         i
         for name in QUEUES
-        for i in FailedJobRegistry(queue=Queue(name, connection=svc.redis)).get_job_ids()  # type: ignore[no-untyped-call]
+        for i in FailedJobRegistry(queue=Queue(name, connection=svc.redis)).get_job_ids()
     ]
     return [RqJob.fetch(i, connection=svc.redis) for i in ids]
 

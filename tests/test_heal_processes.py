@@ -259,8 +259,8 @@ def test_two_worker_processes_poll_each_of_twenty_runs_once_per_due_time(
             assert min(between) > 0.8, f"{rid} polled twice for one due time: {between}"  # due 1 s after a poll
             assert max(edges) < 6, f"{rid} skipped a due time: {edges}"
         # Both worker processes took part: their ticks polled runs.
-        workers = {w.name: w.pid for w in Worker.all(connection=real_redis)}
-        done = FinishedJobRegistry(queue=Queue(QUEUE, connection=real_redis)).get_job_ids()  # type: ignore[no-untyped-call]
+        workers = {w.name: w.pid for w in Worker.all(connection=real_redis) if w.pid is not None}
+        done = FinishedJobRegistry(queue=Queue(QUEUE, connection=real_redis)).get_job_ids()
         polled_by: set[int] = set()
         for job in Job.fetch_many(done, connection=real_redis):
             result = job.latest_result() if job is not None and job.func_name == JobPath.MONITOR_TICK.value else None
@@ -291,7 +291,7 @@ def test_a_train_whose_worker_died_is_told_in_its_thread_not_repeated(
     # RQ's own cleanup of abandoned jobs (what any worker's maintenance runs once the dead
     # one's heartbeats lapse), here at once: the train is told in its thread, not run again.
     for name in QUEUES:
-        StartedJobRegistry(queue=Queue(name, connection=svc.redis)).cleanup(time.time() + 3600)  # type: ignore[no-untyped-call]
+        StartedJobRegistry(queue=Queue(name, connection=svc.redis)).cleanup(time.time() + 3600)
     run = RunStore(svc.redis).get(run_id)
     assert run is not None and run.message_ts
     told = [t for t in thread(slack, run.message_ts) if "worker stopped" in t]

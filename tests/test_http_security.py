@@ -20,9 +20,7 @@ import pytest
 import redis as redis_mod
 from pydantic import SecretStr
 from rq import Queue
-from slack_bolt.request import BoltRequest
 from slack_sdk import WebClient
-from slack_sdk.signature import SignatureVerifier
 
 from bot.app import build_app
 from runctl_sandbox.fake_slack import FakeSlack
@@ -33,7 +31,7 @@ from workers.slack import hooks
 from workers.slack.ids import ActionId, BlockId
 
 from .conftest import REDIS_URL, TOKEN
-from .slack import SECRET, action, action_body, click, command, command_body, sign
+from .slack import SECRET, action, action_body, click, command, command_body, request, sign, signature
 
 ROOT = Path(__file__).resolve().parents[1]
 IID = "i-0123456789abcdef0"
@@ -217,7 +215,7 @@ def test_a_malformed_timestamp_gets_401_and_no_audit_no_respond(
     web: str, real_redis: redis_mod.Redis, listener: Listener, stamp: list[tuple[str, str]]
 ) -> None:
     body = command_body(f"terminate {IID}", user="U0ADMIN", response_url=listener.url)
-    forged = SignatureVerifier(SECRET).generate_signature(timestamp=stamp[0][1], body=body)
+    forged = signature(body, stamp[0][1])
     headers = [("Content-Type", "application/x-www-form-urlencoded"), *stamp, ("X-Slack-Signature", forged)]
     status, _ = raw_request(web, headers, body.encode())
     assert status == 401
@@ -236,7 +234,7 @@ def test_a_malformed_timestamp_through_dispatch_is_refused_by_the_error_funnel(
     body = command_body(f"status {IID}", response_url=listener.url)
     headers = {**sign(body), "x-slack-request-timestamp": stamp}
     slack.reset()
-    assert app.dispatch(BoltRequest(body=body, headers=headers)).status == 401
+    assert app.dispatch(request(body, headers)).status == 401
     time.sleep(0.2)
     assert listener.hits == [] and slack.calls == []
     assert real_redis.xlen(audit.STREAM) == 0 and Queue(QUEUE, connection=real_redis).count == 0

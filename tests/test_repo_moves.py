@@ -33,9 +33,10 @@ def test_a_moved_repository_is_fetched_from_its_new_url(
     old_url.rename(new_url)  # the repository moved; the old URL is gone
     commit(new_url, {"moved.py": "print('from the new home')\n"})
     svc.settings = svc.settings.model_copy(update={"RUNCTL_REPO": str(new_url)})
-    second = svc.runs.get(start(iid, "moved.py"))
+    second_id = start(iid, "moved.py")
     worker.drain()
-    second = svc.runs.get(second.run_id)  # type: ignore[union-attr]
-    assert second is not None and second.state is RunState.SUCCEEDED, second.error
+    second = svc.runs.get(second_id)
+    assert second is not None
+    assert second.state is RunState.SUCCEEDED, second.error
     mirrors = svc.settings.RUNCTL_MIRROR_DIR
     assert {p.name for p in mirrors.glob("*.git")} == {mirror_name(str(old_url)), mirror_name(str(new_url))}

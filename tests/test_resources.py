@@ -24,7 +24,7 @@ NOW = datetime.fromisoformat("2026-03-10T12:00:00+00:00")
 
 
 def ask(slack: FakeSlack, **flags: object) -> Message:
-    resources(ResourcesCommand(**flags).model_dump(mode="json"), ALICE.model_dump(mode="json"))  # type: ignore[arg-type]
+    resources(ResourcesCommand(**flags).model_dump(mode="json"), ALICE.model_dump(mode="json"))
     [call] = slack.calls_to("chat.postMessage")[-1:]
     assert call.error is None, call.error  # the fake Slack enforces the block and text limits
     return slack.messages("C0TRAIN")[-1]
@@ -37,6 +37,13 @@ def text_of(m: Message) -> str:
             parts.append(block["text"]["text"])
         parts += [e["text"] for e in block.get("elements", []) if isinstance(e.get("text"), str)]
     return "\n".join(parts)
+
+
+def launched(fleet: list[Instance], line: str) -> datetime:
+    """The launch time of the instance a line of the table is about."""
+    launch = next(inst for inst in fleet if inst.id in line).launch_time
+    assert launch is not None  # generate() gives every instance one
+    return launch
 
 
 def live_run(iid: str, user: str, script: str = "train.py") -> Run:
@@ -104,7 +111,7 @@ def test_sort_and_user_filter(svc: Services, slack: FakeSlack, monkeypatch: pyte
     svc.runs.save(run)
 
     by_uptime = [ln for ln in text_of(ask(slack, sort="uptime")).splitlines() if "`i-" in ln]
-    hours = [next(inst for inst in fleet if inst.id in ln).launch_time for ln in by_uptime]
+    hours = [launched(fleet, ln) for ln in by_uptime]
     assert hours == sorted(hours)  # oldest launch (longest uptime) first
     mine = text_of(ask(slack, user="U0CAROL"))
     assert fleet[3].id in mine and sum("`i-" in ln for ln in mine.splitlines()) == 1

@@ -75,7 +75,7 @@ def waiting_jobs(redis: redis_mod.Redis) -> int:
 def finished_jobs(redis: redis_mod.Redis) -> list[Job]:
     jobs: list[Job] = []
     for name in QUEUE_NAMES:
-        registry = FinishedJobRegistry(queue=Queue(name, connection=redis))  # type: ignore[no-untyped-call]
+        registry = FinishedJobRegistry(queue=Queue(name, connection=redis))
         jobs += [Job.fetch(i, connection=redis) for i in registry.get_job_ids()]
     return jobs
 
@@ -285,7 +285,7 @@ def test_numbers_not_finite_or_too_large_are_refused_and_crash_no_job(
         JobPath.RUN_EVENT.value, run.run_id, "progress", {"epoch": 1, "eta_seconds": float("inf")}
     )
     worker.drain()
-    failed = FailedJobRegistry(queue=Queue("runctl", connection=real_redis))  # type: ignore[no-untyped-call]
+    failed = FailedJobRegistry(queue=Queue("runctl", connection=real_redis))
     assert failed.count == 0
     (done,) = finished_jobs(real_redis)
     assert done.return_value() == "progress: ignored: no progress"

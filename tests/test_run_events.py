@@ -53,9 +53,9 @@ def queued_events(redis: redis_mod.Redis) -> list[Any]:
     return [j for j in Queue(EVENTS_QUEUE, connection=redis).jobs if j.func_name == JobPath.RUN_EVENT.value]
 
 
-def fingerprint(redis: redis_mod.Redis) -> dict[bytes, Any]:
+def fingerprint(redis: redis_mod.Redis) -> dict[bytes | str, Any]:
     """Every key and its value: what a refused event must leave as it was."""
-    out: dict[bytes, Any] = {}
+    out: dict[bytes | str, Any] = {}
     for key in sorted(redis.keys("*")):
         kind = redis.type(key)
         out[key] = redis.get(key) if kind == b"string" else (kind, redis.dump(key))
@@ -64,7 +64,7 @@ def fingerprint(redis: redis_mod.Redis) -> dict[bytes, Any]:
 
 def ran_events(redis: redis_mod.Redis) -> list[str]:
     """What each finished run-event job did: "exit: polled", "progress: progress shown", ..."""
-    registry = FinishedJobRegistry(queue=Queue(EVENTS_QUEUE, connection=redis))  # type: ignore[no-untyped-call]
+    registry = FinishedJobRegistry(queue=Queue(EVENTS_QUEUE, connection=redis))
     jobs = (Job.fetch(i, connection=redis) for i in registry.get_job_ids())
     return [str(j.return_value()) for j in jobs if j.func_name == JobPath.RUN_EVENT.value]
 

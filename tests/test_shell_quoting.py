@@ -269,7 +269,7 @@ INJECTIONS = [
     f'" ; touch {MARK} ; "', f"\"$(touch {MARK})\"", f"'$(touch {MARK})'", f"&& touch {MARK}", f"| touch {MARK}",
     f"$(touch {MARK}).py", f"\\$(touch {MARK})", f"${{x:-$(touch {MARK})}}", f"\nRUNCTL_EOF_0\ntouch {MARK}\n",
 ]
-ANY = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=30)
+ANY = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=["Cs"]), max_size=30)
 VALUE = st.one_of(
     st.sampled_from(INJECTIONS),
     st.tuples(ANY, st.sampled_from(INJECTIONS), ANY).map("".join),
@@ -351,8 +351,8 @@ def test_no_value_reaching_any_builder_is_ever_executed(
         resumed += "-0"
     root = base / "roots" / root_name
     shutil.rmtree(base / "roots", ignore_errors=True)
-    for run in (run_id, resumed):
-        (root / "runs" / run / "checkpoints").mkdir(parents=True)
+    for name in (run_id, resumed):
+        (root / "runs" / name / "checkpoints").mkdir(parents=True)
     # Instance-side names are as hostile as user input: a checkpoint file and its manifest entry.
     ck = root / "runs" / resumed / "checkpoints"
     (ck / checkpoint).write_bytes(b"w")

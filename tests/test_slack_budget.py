@@ -83,7 +83,7 @@ def test_a_429_does_not_delay_other_runs_polls(
     assert took < 15, took  # a sleeping retry would wait 30 s (x3) inside the tick
     after = {i: svc.runs.get(i).polls for i in ids}  # type: ignore[union-attr]
     assert all(after[i] > before[i] for i in ids), (before, after)  # both were polled
-    waiting = dict(svc.redis.zrange(updates.PENDING, 0, -1, withscores=True))
+    waiting = {entry[0]: float(entry[1]) for entry in svc.redis.zrange(updates.PENDING, 0, -1, withscores=True)}
     assert len(waiting) == 2 and min(waiting.values()) >= time.time() + 20  # after Retry-After
     slack.reset()
     svc.redis.delete(updates.PENDING, updates.BLOCKED)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from botocore.awsrequest import AWSResponse
+from botocore.awsrequest import AWSResponse, HTTPHeaders
 
 from runctl_sandbox.aws import AMI_ID, MANAGED_TAG, SeedInfo
 from runctl_sandbox.fake_slack import FakeSlack
@@ -27,7 +27,7 @@ def deny_spot_prices(svc: Services) -> list[str]:
     def refuse(**_: Any) -> tuple[AWSResponse, dict[str, Any]]:
         asked.append("DescribeSpotPriceHistory")
         error = {"Code": "UnauthorizedOperation", "Message": "You are not authorized to perform this operation."}
-        return AWSResponse("https://ec2.us-east-1.amazonaws.com/", 403, {}, None), {"Error": error}
+        return AWSResponse("https://ec2.us-east-1.amazonaws.com/", 403, HTTPHeaders(), None), {"Error": error}
 
     svc.fleet.ec2.meta.events.register("before-call.ec2.DescribeSpotPriceHistory", refuse)
     return asked

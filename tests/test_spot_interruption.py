@@ -112,14 +112,13 @@ def test_a_checkpoint_older_than_the_signal_is_reported_as_losing_work() -> None
 
     signalled = datetime(2026, 12, 2, 1, 0, 0, tzinfo=UTC)
     notice = '{"action": "terminate", "time": "2026-12-02T01:02:00Z"}'
+    checkpoint = Checkpoint(name="ckpt-epoch-00003.json", size=9, epoch=3, modified_at=signalled - timedelta(seconds=40))
     run = Run(run_id="r1", instance_id="i-1", user_id="U0ALICE", channel_id=CHANNEL, script="t.py",
-              spot_notice=notice, spot_signalled_at=signalled,
-              checkpoint=Checkpoint(name="ckpt-epoch-00003.json", size=9, epoch=3,
-                                    modified_at=signalled - timedelta(seconds=40)))
+              spot_notice=notice, spot_signalled_at=signalled, checkpoint=checkpoint)
     text = spot_report(run, "ended (exit 143)")
     assert "no checkpoint after the signal; the newest is epoch 3" in text and "later progress is lost" in text
     assert "terminate at 2026-12-02T01:02:00Z" in text
-    run.checkpoint = run.checkpoint.model_copy(update={"modified_at": signalled})  # the same second: saved on it
+    run.checkpoint = checkpoint.model_copy(update={"modified_at": signalled})  # the same second: saved on it
     assert "spot interruption: checkpoint epoch 3 saved" in spot_report(run, "ended (exit 143)")
     run.checkpoint = None
     assert ":rotating_light:" in spot_report(run, "ended (exit 143)")

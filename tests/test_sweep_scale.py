@@ -123,7 +123,7 @@ def test_updates_go_through_the_coalescer_only_when_a_post_changed(
     assert [c.error for c in slack.calls[mark:] if c.error] == [] and 0 < len(calls) <= updates.BURST
     waiting = svc.redis.zcard(updates.PENDING)
     assert len(calls) + waiting == posts  # the rest wait their turn, each post once
-    assert svc.redis.zrange(updates.PENDING, 0, 0, withscores=True)[0][1] > time.time()
+    assert float(svc.redis.zrange(updates.PENDING, 0, 0, withscores=True)[0][1]) > time.time()
 
 
 def test_a_429_on_a_warning_post_reschedules_and_the_tick_does_not_wait(
@@ -139,7 +139,7 @@ def test_a_429_on_a_warning_post_reschedules_and_the_tick_does_not_wait(
     assert took < 15, took  # a sleeping retry would wait 30 s (x3)
     ratelimited = [c for c in slack.calls_to("chat.update") if c.error == "ratelimited"]
     assert len(ratelimited) == 1  # the first 429 blocks the rest; they are not tried again and again
-    waiting = dict(svc.redis.zrange(updates.PENDING, 0, -1, withscores=True))
+    waiting = {entry[0]: float(entry[1]) for entry in svc.redis.zrange(updates.PENDING, 0, -1, withscores=True)}
     assert waiting and min(waiting.values()) >= time.time() + 20  # after Retry-After
 
 

@@ -249,7 +249,7 @@ def test_a_confirmation_that_no_longer_holds_asks_again_instead_of_terminating(
     try:
         send_click(svc, slack, worker, click(as_dict(m), ActionId.TERMINATE_CONFIRM, "U0ADMIN"))
         for job in [j for name in QUEUES for j in Queue(name, connection=svc.redis).jobs]:
-            if job.func_name.endswith("confirm_click"):
+            if job.func_name is not None and job.func_name.endswith("confirm_click"):
                 job.perform()
 
         assert calls == [] and svc.fleet.get(iid).state == "running"

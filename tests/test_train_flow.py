@@ -133,7 +133,8 @@ def test_script_args_reach_the_script_verbatim(
     run_id = start(iid, "train_with_checkpoints.py", *tricky, checkpoint_interval=2)
     worker.drain()
     run = svc.runs.get(run_id)
-    assert run is not None and run.state is RunState.SUCCEEDED, run.error
+    assert run is not None
+    assert run.state is RunState.SUCCEEDED, run.error
     assert run.args == (*tricky, "--checkpoint-interval", "2")
     # runctl's own --checkpoint-interval 2 was passed: the note says it was passed on, not "you did not pass one"
     assert run.message_ts is not None  # the note is said in the thread (issue 17), once
@@ -146,7 +147,8 @@ def test_no_checkpointing_script_is_warned_about(svc: Services, fleet_seed: Seed
     run_id = start(iid, "no_checkpoints.py")
     worker.drain()
     run = svc.runs.get(run_id)
-    assert run is not None and run.state is RunState.SUCCEEDED, run.error
+    assert run is not None
+    assert run.state is RunState.SUCCEEDED, run.error
     assert any("no sign of checkpointing" in n for n in run.notes)
     assert run.progress is not None and run.progress.source == "log" and run.progress.epoch == 3
 

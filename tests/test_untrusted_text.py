@@ -130,7 +130,8 @@ def test_hostile_args_ref_log_checkpoint_and_metric_names_are_shown_as_text(
     train(cmd.model_dump(mode="json"), ALICE.model_dump(mode="json"), run_id)
     worker.drain()
     run = svc.runs.get(run_id)
-    assert run is not None and run.state is RunState.FAILED, run.error
+    assert run is not None
+    assert run.state is RunState.FAILED, run.error
     assert run.progress is not None and "<!everyone>`pwn`" in run.progress.metrics
     assert run.checkpoint is not None and "<!channel>" in run.checkpoint.name
     checkpoints(CheckpointsCommand(instance_id=iid, run_id=run_id).model_dump(mode="json"),

@@ -34,18 +34,18 @@ def instance() -> str:
 
 
 @pytest.fixture
-def clock() -> Iterator[time_machine.Coordinates]:
+def clock() -> Iterator[time_machine.Traveller]:
     with time_machine.travel(START, tick=False) as traveller:
         yield traveller
 
 
 @pytest.fixture
-def ledger(redis_client: redis.Redis, clock: time_machine.Coordinates) -> UptimeLedger:
+def ledger(redis_client: redis.Redis, clock: time_machine.Traveller) -> UptimeLedger:
     return UptimeLedger(redis_client)
 
 
 def test_cost_across_stop_and_start_sums_both_running_periods(
-    ledger: UptimeLedger, instance: str, clock: time_machine.Coordinates
+    ledger: UptimeLedger, instance: str, clock: time_machine.Traveller
 ) -> None:
     # First run 08:00-10:00: the sweep sees it a few minutes after launch.
     clock.move_to(START + timedelta(minutes=4))
@@ -141,7 +141,7 @@ def test_twenty_threads_open_exactly_one_interval(
 
 
 def test_open_interval_counts_up_to_now(
-    ledger: UptimeLedger, instance: str, clock: time_machine.Coordinates
+    ledger: UptimeLedger, instance: str, clock: time_machine.Traveller
 ) -> None:
     ledger.mark_running(instance, START)
     clock.move_to(START + 90 * timedelta(minutes=1))
@@ -151,7 +151,7 @@ def test_open_interval_counts_up_to_now(
 
 
 def test_seconds_between_counts_only_the_window(
-    ledger: UptimeLedger, instance: str, clock: time_machine.Coordinates
+    ledger: UptimeLedger, instance: str, clock: time_machine.Traveller
 ) -> None:
     # Ran 08:00-10:00 and from 11:00 on; it is now 14:00.
     ledger.mark_running(instance, START)

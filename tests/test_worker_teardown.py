@@ -28,7 +28,7 @@ PROMPT = 15.0
 def reply_first(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The channel's thread reads the UNSUBSCRIBE reply before the worker sets the stop flag,
     as it does whenever the main thread is slower than one round trip to Redis."""
-    original = PubSub.unsubscribe
+    original: Callable[..., Any] = PubSub.unsubscribe  # redis-py leaves it unannotated
 
     def unsubscribe(self: PubSub, *args: Any, **kwargs: Any) -> Any:
         result = original(self, *args, **kwargs)
@@ -49,7 +49,7 @@ def finishes(action: Callable[[], object]) -> bool:
 def test_the_inline_worker_runs_a_job_and_returns(real_redis: redis_mod.Redis, reply_first: None) -> None:
     job = Queue(QUEUE, connection=real_redis).enqueue("time.time")
     assert finishes(InlineWorker(real_redis).work), "the inline worker's burst did not return"
-    job.refresh()
+    job.refresh()  # type: ignore[no-untyped-call]
     assert job.is_finished
 
 
