@@ -279,7 +279,7 @@ def die_mid_job(svc: Services, path: JobPath) -> None:
                     job.set_status(JobStatus.STARTED, pipeline=pipe)
                     Execution.create(job, ttl=60, pipeline=pipe)
                     pipe.execute()
-        StartedJobRegistry(queue=queue).cleanup(time.time() + 3600)  # type: ignore[no-untyped-call]
+        StartedJobRegistry(queue=queue).cleanup(time.time() + 3600)
 
 
 def test_a_worker_killed_mid_terminate_click_tells_the_clicker_in_the_thread(
