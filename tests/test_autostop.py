@@ -19,6 +19,7 @@ from workers.slack.ids import ActionId
 from workers.state.autostop import AutostopStore, Verdict, decide
 from workers.state.runs import RunState
 
+from .queues import queued
 from .slack import click
 from .test_launch import slash
 from .test_lifecycle import CHANNEL, SLOW, as_dict, dispatch, text_of, train_on, wait_for_epoch
@@ -136,9 +137,7 @@ def test_autostop_never_stops_an_instance_with_a_live_run(
     for minutes in (25, 45, 120):
         at(svc, t0 + timedelta(minutes=minutes))
         sweep()
-    assert svc.queue.count == 0 or all(
-        "autostop" not in (j.func_name or "") for j in (svc.queue.fetch_job(i) for i in svc.queue.job_ids) if j
-    )
+    assert not [j for j in queued(svc.redis) if "autostop" in (j.func_name or "")]
     assert svc.fleet.get(iid).state == "running"
     run = svc.runs.get("r-auto-live")
     assert run is not None and not run.state.ended

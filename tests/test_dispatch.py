@@ -12,11 +12,12 @@ from slack_sdk import WebClient
 
 from bot.app import build_app
 from runctl_sandbox.fake_slack import FakeSlack
-from workers.queueing import LONG_QUEUE, QUEUE
+from workers.queueing import LONG_QUEUE
 from workers.settings import Settings
 
 from . import slack as s
 from .conftest import TOKEN
+from .queues import queued
 
 IID = "i-0123456789abcdef0"
 
@@ -55,7 +56,7 @@ def test_usage_error_is_ephemeral_and_queues_nothing(settings: Settings, fake_re
     text = str(body_of(resp)["text"])
     assert f"/runctl train {IID} train.py -- --epochs 3" in text
     time.sleep(0.2)
-    assert Queue(QUEUE, connection=fake_redis).count == 0
+    assert queued(fake_redis) == []
 
 
 def test_help_is_answered_in_the_ack(settings: Settings, fake_redis: redis_mod.Redis, slack: FakeSlack) -> None:
@@ -78,4 +79,4 @@ def test_bad_or_stale_signature_gets_401(settings: Settings, fake_redis: redis_m
     unsigned = s.request(body, {"content-type": "application/x-www-form-urlencoded"})
     assert app.dispatch(unsigned).status == 401
     time.sleep(0.2)
-    assert Queue(QUEUE, connection=fake_redis).count == 0
+    assert queued(fake_redis) == []

@@ -21,6 +21,8 @@ from workers import audit
 from workers.queueing import LONG_QUEUE, QUEUE
 from workers.settings import Settings
 
+from .queues import queued
+
 IID = "i-0123456789abcdef0"
 
 
@@ -68,7 +70,7 @@ def test_help_is_audited_as_answered_and_queues_nothing(
     app = make(settings, fake_redis, slack)
     assert "/runctl train <instance-id>" in text(app.dispatch(command("help train", user="U0ERIN")))
     assert [e.outcome for e in audit.newest(fake_redis, 5, user="U0ERIN")] == ["answered"]
-    assert Queue(QUEUE, connection=fake_redis).count == 0
+    assert queued(fake_redis) == []
 
 
 def test_a_user_flooding_signed_usage_errors_is_answered_and_not_slowed_down(
