@@ -97,7 +97,8 @@ def tick(source: str = "scheduled") -> str:
 
 
 def monitor(run_id: str) -> str:
-    """Poll one run now (kept for jobs queued by older versions)."""
+    """Poll one run now, in this process: not a job (RQ runs only `JobPath`s); the tests and
+    benchmarks call it to take one run through a tick."""
     svc = current()
     schedule(svc, run_id, timedelta(0))
     return tick()

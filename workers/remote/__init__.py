@@ -2,7 +2,14 @@
 
 Rules: POSIX sh (dash), the remote root only through ``$RUNCTL_ROOT`` (set on
 the first line by ``header``), and every user-controlled value through ``shlex.quote``.
-One module per area: ``core`` (runs), ``checkpoints``, ``lifecycle``, ``env``.
+Records read back are framed (``frame``): whatever the instance wrote travels only encoded.
+
+One module per area, each script beside the parser of its output: ``shell`` (what every
+script shares: header, quoting, the record marker, the run dir, the interpreter), ``frame``
+(encoding instance bytes into records, and back), ``bounds`` (numbers from instances), ``core``
+(deliver, launch, the wrapper, the poll), ``status`` (the poll's parser), ``checkpoints``,
+``lifecycle`` (stop), ``env`` (training environments), ``gpu``, ``logs``, ``backup``, ``events``
+(the wrapper's run events), ``reconcile``, ``spot``.
 """
 
 from workers.remote.core import (

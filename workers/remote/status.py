@@ -1,4 +1,4 @@
-"""Parse the output of ``scripts.runs_status`` into typed snapshots."""
+"""Parse the output of ``core.runs_status`` (the monitor's poll) into typed snapshots."""
 
 from __future__ import annotations
 
