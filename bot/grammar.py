@@ -24,7 +24,6 @@ from workers.slack.ids import ActionId
 MAX_TEXT = 4000
 MAX_ARGS = 100
 MAX_ARG_LEN = 1000
-INSTANCE_RE = re.compile(r"^i-(?:[0-9a-f]{8}|[0-9a-f]{17})$")
 _SMART_QUOTES = str.maketrans({"“": '"', "”": '"', "‘": "'", "’": "'"})
 _MENTION = re.compile(r"^<@([UW][A-Z0-9]+)(?:\|[^>]*)?>$")
 _DASHES = re.compile(r"^[-\u2013\u2014]*[\u2013\u2014][-\u2013\u2014]*")  # with an en or em dash

@@ -9,8 +9,8 @@ from slack_bolt import Ack, App
 from slack_sdk import WebClient
 
 from bot.actions.lifecycle import confirmation_click
-from bot.grammar import INSTANCE_RE
 from bot.middleware import Click
+from workers.commands import INSTANCE_ID
 from workers.queueing import InstanceClickArgs, JobPath, enqueue
 from workers.slack.client import privately
 from workers.slack.ids import ActionId
@@ -20,7 +20,7 @@ from workers.slack.messages.launch import train_command
 def train_on_it(ack: Ack, context: dict[str, Any], client: WebClient) -> None:
     ack()
     click: Click = context["click"]
-    if not INSTANCE_RE.match(click.value):
+    if not INSTANCE_ID.fullmatch(click.value):
         return
     text = f"Copy, fill in and send:\n```{train_command(click.value)}```"
     privately(client, click.actor.channel_id, click.actor.user_id, text)
@@ -29,7 +29,7 @@ def train_on_it(ack: Ack, context: dict[str, Any], client: WebClient) -> None:
 def autostop_click(ack: Ack, context: dict[str, Any]) -> None:
     ack()
     click: Click = context["click"]
-    if not INSTANCE_RE.match(click.value):
+    if not INSTANCE_ID.fullmatch(click.value):
         return
     path = JobPath.AUTOSTOP_KEEP if click.action_id == ActionId.AUTOSTOP_KEEP else JobPath.AUTOSTOP_STOP_NOW
     args = InstanceClickArgs(instance_id=click.value, message_ts=click.message_ts)
