@@ -15,7 +15,7 @@ from workers.errors import RunConflict, RunctlError
 from workers.jobs import envsetup, funnel
 from workers.jobs.backup import url_seconds
 from workers.jobs.funnel import Job
-from workers.jobs.lifecycle import unconfirmed
+from workers.jobs.halt import unconfirmed
 from workers.jobs.preflight import Refusals, require_running
 from workers.remote import backup as backup_script
 from workers.remote.events import OFF, Sender, sender
