@@ -9,7 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 from workers import audit, policy, remote
-from workers.aws.fleet import Instance
+from workers.aws.instance import Instance
 from workers.aws.launcher import OWNER_TAG
 from workers.commands import Actor, AutostopCommand
 from workers.cost.fleetview import Row

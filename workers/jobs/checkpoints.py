@@ -10,7 +10,7 @@ from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, Sec
 
 from workers.aws import backups
 from workers.aws.backups import RunBackup
-from workers.aws.fleet import Instance
+from workers.aws.instance import Instance
 from workers.commands import CheckpointsCommand
 from workers.errors import RunctlError
 from workers.jobs import funnel

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from workers import remote
-from workers.aws.fleet import Instance, ScriptResult
+from workers.aws.instance import Instance, ScriptResult
 from workers.commands import Actor
 from workers.errors import AgentOffline, RemoteError, RunctlError
 from workers.remote.checkpoints import CheckpointListing, FoundCheckpoint, discover

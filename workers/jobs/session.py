@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from workers.aws.fleet import Instance
+from workers.aws.instance import Instance
 from workers.commands import Actor
 from workers.cost.pricing import cost_of, format_usd, hourly_price, load_price_book
 from workers.services import Services

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from workers.aws import backups
-from workers.aws.fleet import Instance
+from workers.aws.instance import Instance
 from workers.commands import Actor, TerminateCommand
 from workers.errors import AgentOffline, RunctlError
 from workers.jobs import funnel

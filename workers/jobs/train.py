@@ -9,7 +9,8 @@ from datetime import timedelta
 from workers import remote
 from workers.aws import backups
 from workers.aws.backups import Stored
-from workers.aws.fleet import PRESIGN_MARGIN_SECONDS, PYTHON_TAG, Instance, ScriptResult
+from workers.aws.fleet import PRESIGN_MARGIN_SECONDS
+from workers.aws.instance import PYTHON_TAG, Instance, ScriptResult
 from workers.commands import TrainCommand
 from workers.errors import RunConflict, RunctlError
 from workers.jobs import envsetup, funnel
