@@ -11,7 +11,7 @@ from typing import Any
 
 from botocore.awsrequest import AWSResponse, HTTPHeaders
 
-from workers.aws.fleet import Instance
+from workers.aws.instance import Instance
 from workers.services import Services
 from workers.state.uptime import UptimeLedger
 

@@ -23,8 +23,8 @@ import pytest
 from runctl_sandbox.aws import Sandbox, SeedInfo
 from runctl_sandbox.fake_slack import FakeSlack
 from runctl_sandbox.inline import InlineWorker
-from workers.aws import envs
-from workers.aws.repo import CodeRepo
+from workers.code import envs
+from workers.code.repo import CodeRepo
 from workers.commands import Actor, TrainCommand
 from workers.errors import CodeError
 from workers.jobs.envsetup import culprit

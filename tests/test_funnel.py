@@ -226,6 +226,18 @@ def test_every_job_path_is_a_funnel_entry() -> None:
         assert getattr(importlib.import_module(module), name) in funnel.ENTRIES, path
 
 
+def test_a_job_queued_at_a_path_of_the_release_before_the_split_still_runs(
+    svc: Services, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    """Stop, start, terminate, the confirmation's clicks and [Resume training] left
+    workers/jobs/lifecycle.py; RQ stores import paths, so a job queued there before still runs its flow."""
+    for name in ("stop", "start", "terminate", "confirm_click", "resume"):
+        assert getattr(importlib.import_module("workers.jobs.lifecycle"), name) in funnel.ENTRIES, name
+    svc.queue.enqueue("workers.jobs.lifecycle.resume", "r-gone", ALICE.model_dump(mode="json"), "1.000")
+    worker.drain()
+    assert any("Run `r-gone` is no longer known to runctl" in text for text in seen_by(slack, ALICE.user_id))
+
+
 @pytest.mark.parametrize("job", list(CRASHES))
 def _decorator(path: JobPath) -> ast.Call:
     module, name = path.value.rsplit(".", 1)

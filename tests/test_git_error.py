@@ -5,7 +5,7 @@ from __future__ import annotations
 from runctl_sandbox.aws import SeedInfo
 from runctl_sandbox.fake_slack import FakeSlack
 from runctl_sandbox.inline import InlineWorker
-from workers.aws.repo import CodeRepo
+from workers.code.repo import CodeRepo
 from workers.commands import Actor, TrainCommand
 from workers.errors import CodeError
 from workers.queueing import enqueue_command as enqueue

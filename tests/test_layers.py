@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("bot", "workers")
-LOWER = ("workers.slack", "workers.state", "workers.remote", "workers.aws")
+LOWER = ("workers.slack", "workers.state", "workers.remote", "workers.aws", "workers.code")
 UPPER = ("workers.jobs", "workers.services")
 AWS = ("workers.aws", "boto3", "botocore")
 

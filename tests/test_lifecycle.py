@@ -17,7 +17,8 @@ from runctl_sandbox.aws import Sandbox, SeedInfo
 from runctl_sandbox.fake_slack import FakeSlack, Message
 from runctl_sandbox.inline import InlineWorker
 from workers.commands import Actor, StartCommand, StopCommand, TrainCommand
-from workers.jobs.lifecycle import start, stop
+from workers.jobs.start import start
+from workers.jobs.stop import stop
 from workers.jobs.train import train
 from workers.remote.lifecycle import stop_run
 from workers.services import Services

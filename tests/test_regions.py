@@ -81,8 +81,9 @@ def test_sweep_and_digest_cover_both_regions(
     from datetime import timedelta
 
     from workers.cost import fleetview
-    from workers.jobs.digest import render, spend
+    from workers.jobs.digest import spend
     from workers.jobs.sweep import sweep
+    from workers.slack.messages.digest import render
 
     eu, us = europe.instances["gpu-box-1"], fleet_seed.instances["gpu-box-1"]
     t0 = svc.clock()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from runctl_sandbox.aws import SeedInfo
 from runctl_sandbox.inline import InlineWorker
-from workers.aws.repo import mirror_name
+from workers.code.repo import mirror_name
 from workers.services import Services
 from workers.state.runs import RunState
 

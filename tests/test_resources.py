@@ -11,7 +11,7 @@ import pytest
 
 from runctl_sandbox.aws import SeedInfo
 from runctl_sandbox.fake_slack import FakeSlack, Message
-from workers.aws.fleet import Instance
+from workers.aws.instance import Instance
 from workers.commands import Actor, ResourcesCommand
 from workers.jobs.resources import resources
 from workers.services import Services

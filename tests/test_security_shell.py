@@ -20,8 +20,8 @@ from runctl_sandbox.aws import Sandbox, SeedInfo
 from runctl_sandbox.fake_slack import FakeSlack
 from workers import remote
 from workers.commands import Actor, StatusCommand, StopCommand, TrainCommand
-from workers.jobs.lifecycle import stop
 from workers.jobs.status import status
+from workers.jobs.stop import stop
 from workers.jobs.train import train
 from workers.queueing import QUEUE
 from workers.services import Services

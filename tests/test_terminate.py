@@ -19,7 +19,7 @@ from runctl_sandbox.aws import Sandbox, SeedInfo
 from runctl_sandbox.fake_slack import FakeSlack, Message
 from runctl_sandbox.inline import InlineWorker
 from workers.commands import Actor, TerminateCommand
-from workers.jobs.lifecycle import terminate
+from workers.jobs.terminate import terminate
 from workers.queueing import QUEUES, JobPath
 from workers.services import Services
 from workers.slack import usergroups

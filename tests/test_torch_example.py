@@ -20,9 +20,9 @@ import pytest
 
 from runctl_sandbox.aws import Sandbox, SeedInfo
 from runctl_sandbox.fake_slack import FakeSlack
-from workers.aws.fleet import PYTHON_TAG
+from workers.aws.instance import PYTHON_TAG
 from workers.commands import Actor, StopCommand, TrainCommand
-from workers.jobs.lifecycle import stop
+from workers.jobs.stop import stop
 from workers.jobs.train import train
 from workers.services import Services
 from workers.state.runs import RunState

@@ -54,9 +54,11 @@ def unreachable() -> QueueUnreachable:
 class JobPath(StrEnum):
     TRAIN = "workers.jobs.train.train"
     STATUS = "workers.jobs.status.status"
-    STOP = "workers.jobs.lifecycle.stop"
-    START = "workers.jobs.lifecycle.start"
-    TERMINATE = "workers.jobs.lifecycle.terminate"
+    # STOP, START, TERMINATE, CONFIRM_CLICK and RESUME were at workers.jobs.lifecycle.*: re-exported there
+    # for the jobs queued before (one release).
+    STOP = "workers.jobs.stop.stop"
+    START = "workers.jobs.start.start"
+    TERMINATE = "workers.jobs.terminate.terminate"
     RESOURCES = "workers.jobs.resources.resources"
     CHECKPOINTS = "workers.jobs.checkpoints.checkpoints"
     BACKUP = "workers.jobs.backup.backup"
@@ -66,9 +68,9 @@ class JobPath(StrEnum):
     LOGS = "workers.jobs.logs.logs"
     FULL_LOG = "workers.jobs.logs.full_log"
     # Terminate's clicks; launch's too while jobs queued before LAUNCH_CLICK may wait (one release).
-    CONFIRM_CLICK = "workers.jobs.lifecycle.confirm_click"
+    CONFIRM_CLICK = "workers.jobs.terminate.confirm_click"
     LAUNCH_CLICK = "workers.jobs.launch.confirm_click"
-    RESUME = "workers.jobs.lifecycle.resume"
+    RESUME = "workers.jobs.start.resume"
     MONITOR_TICK = "workers.jobs.monitor.tick"
     RUN_EVENT = "workers.jobs.events.event"
     RECONCILE = "workers.jobs.reconcile.reconcile"

@@ -16,7 +16,7 @@ from rq import Queue
 from workers import policy
 from workers import settings as settings_mod
 from workers.aws.fleet import Fleet
-from workers.aws.repo import CodeRepo
+from workers.code.repo import CodeRepo
 from workers.context import utc_now
 from workers.errors import ConfigError
 from workers.queueing import QUEUE, RoutedQueue

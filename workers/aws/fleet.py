@@ -1,13 +1,11 @@
 """The fleet: EC2, SSM and S3 through boto3. botocore errors stop here and
-come out as our own typed errors."""
+come out as our own typed errors (`boundary`)."""
 
 from __future__ import annotations
 
 import difflib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -17,20 +15,17 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from workers.aws import names
+from workers.aws.boundary import BOTO_CONFIG, aws_call, translate
+from workers.aws.instance import CommandStatus, Instance, ScriptResult
 from workers.cost import pricelist
 from workers.errors import (
     AgentOffline,
-    AwsError,
     InstanceNotFound,
     NotManaged,
     RemoteTimeout,
-    RunctlError,
-    Throttled,
-    WrongState,
 )
-from workers.slack.escape import code, escape
+from workers.slack.escape import code
 
-BOTO_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 8}, connect_timeout=5)
 # Buckets created since June 2020 refuse SigV2, which botocore still presigns with in some
 # regions; virtual addressing names the bucket's regional host (no 307 from the global one).
 # A price is never worth holding up a sweep: two tries, short timeouts, then the table.
@@ -39,95 +34,8 @@ S3_CONFIG = BOTO_CONFIG.merge(Config(signature_version="s3v4", s3={"addressing_s
 SSM_OUTPUT_LIMIT = 24_000
 LIST_OUTPUT_LIMIT = 2_500  # ListCommandInvocations truncates each output here
 PRESIGN_SECONDS = 300
-PYTHON_TAG = "runctl:python"  # the instance's training interpreter, over RUNCTL_PYTHON
-# StatusDetails of an invocation the agent never received (SSM API reference, GetCommandInvocation).
-UNDELIVERED = ("Undeliverable", "DeliveryTimedOut")
 PRESIGN_MARGIN_SECONDS = 60
 AGENT_WAIT_SECONDS = 300  # for the SSM agent of an instance that just started or launched
-
-
-@dataclass(frozen=True)
-class Instance:
-    id: str
-    type: str
-    state: str
-    region: str
-    name: str = ""
-    launch_time: datetime | None = None
-    availability_zone: str = ""
-    lifecycle: str = "on-demand"
-    tags: Mapping[str, str] = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        """Name and id as Slack text: the Name tag is untrusted (anyone who may tag the instance
-        wrote it), so it is escaped here, where every message takes it from."""
-        return f"{escape(self.name)} ({self.id})" if self.name else self.id
-
-
-# GetCommandInvocation's Status, as the SSM API reference lists it (delivery failures are in StatusDetails).
-CommandStatus = Literal[
-    "Pending", "InProgress", "Delayed", "Success", "Cancelled", "TimedOut", "Failed", "Cancelling",
-]
-
-
-@dataclass(frozen=True)
-class ScriptResult:
-    instance_id: str
-    status: CommandStatus
-    exit_code: int
-    stdout: str
-    stderr: str
-    details: str = ""  # StatusDetails: Undeliverable, DeliveryTimedOut, ExecutionTimedOut ...
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "Success" and self.exit_code == 0
-
-    @property
-    def delivered(self) -> bool:
-        """False when the agent never received the script, so nothing of it ran."""
-        return self.details not in UNDELIVERED
-
-
-def translate(exc: ClientError | BotoCoreError, action: str) -> RunctlError:
-    if isinstance(exc, BotoCoreError):
-        return AwsError(
-            f"Could not reach AWS while trying to {action}.",
-            why=str(exc),
-            fix="Check AWS credentials, region and network of the worker.",
-        )
-    err = exc.response.get("Error", {})
-    code, message = str(err.get("Code", "")), str(err.get("Message", ""))
-    if code.startswith("InvalidInstanceID"):
-        return InstanceNotFound(f"No such instance while trying to {action}.", why=message)
-    if code in ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException"):
-        return AwsError(
-            f"AWS refused to {action}: the worker's IAM role lacks a permission.",
-            code=code,
-            why=message,
-            fix="Add the permission to the worker's IAM policy (docs/security.md, Worker IAM policy).",
-        )
-    if code in ("Throttling", "ThrottlingException", "RequestLimitExceeded"):
-        return Throttled(f"AWS is throttling us while trying to {action}.", code=code, why=message)
-    if code == "IncorrectInstanceState":
-        return WrongState(f"The instance is in the wrong state to {action}.", state="", why=message)
-    if code in ("InvalidInstanceId", "InvalidTarget"):
-        return AgentOffline(
-            f"SSM cannot reach the instance to {action}.",
-            why=message,
-            fix="Check that the SSM agent runs and the instance profile has "
-            "AmazonSSMManagedInstanceCore.",
-        )
-    return AwsError(f"AWS error while trying to {action}: {code}", code=code, why=message)
-
-
-@contextmanager
-def aws_call(action: str) -> Iterator[None]:
-    try:
-        yield
-    except (ClientError, BotoCoreError) as exc:
-        raise translate(exc, action) from exc
 
 
 class Fleet:

@@ -37,7 +37,9 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, WaiterError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from workers.aws.fleet import BOTO_CONFIG, Fleet, Instance, translate
+from workers.aws.boundary import BOTO_CONFIG, translate
+from workers.aws.fleet import Fleet
+from workers.aws.instance import Instance
 from workers.errors import AwsError, ConfigError
 
 OWNER_TAG = "runctl:user"

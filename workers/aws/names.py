@@ -12,7 +12,7 @@ from workers.errors import RunConflict
 from workers.slack.escape import code
 
 if TYPE_CHECKING:
-    from workers.aws.fleet import Instance
+    from workers.aws.instance import Instance
 
 GONE = ("terminated", "shutting-down")
 HOW = "names compare without case"

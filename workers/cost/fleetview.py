@@ -12,7 +12,7 @@ from decimal import Decimal
 from itertools import islice
 
 from workers import policy
-from workers.aws.fleet import Instance
+from workers.aws.instance import Instance
 from workers.cost.pricing import Price, cost_of, hourly_price, load_price_book
 from workers.services import Services
 from workers.state.runs import Run

@@ -9,7 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 from workers import audit, policy, remote
-from workers.aws.fleet import Instance
+from workers.aws.instance import Instance
 from workers.aws.launcher import OWNER_TAG
 from workers.commands import Actor, AutostopCommand
 from workers.cost.fleetview import Row
@@ -18,7 +18,9 @@ from workers.errors import PermissionDenied, RunctlError
 from workers.jobs import funnel
 from workers.jobs.confirm import answer
 from workers.jobs.funnel import SYSTEM, Job
-from workers.jobs.lifecycle import STOPPED_WAIT_SECONDS, TERMINATED_WAIT_SECONDS, holder, stop_flow
+from workers.jobs.session import holder
+from workers.jobs.stop import STOPPED_WAIT_SECONDS, stop_flow
+from workers.jobs.terminate import TERMINATED_WAIT_SECONDS
 from workers.queueing import InstanceArgs, JobPath, RunArgs, enqueue
 from workers.remote import gpu
 from workers.services import Services, current

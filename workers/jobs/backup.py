@@ -18,7 +18,8 @@ from datetime import UTC, datetime
 from workers import policy
 from workers.aws import backups
 from workers.aws.backups import RunBackup, Stored
-from workers.aws.fleet import PRESIGN_MARGIN_SECONDS, Instance
+from workers.aws.fleet import PRESIGN_MARGIN_SECONDS
+from workers.aws.instance import Instance
 from workers.commands import BackupCommand
 from workers.errors import PermissionDenied, RemoteError, RunctlError
 from workers.jobs import funnel

@@ -14,7 +14,7 @@ from decimal import Decimal
 from redis.exceptions import LockError
 
 from workers.aws import launcher
-from workers.aws.fleet import Instance
+from workers.aws.instance import Instance
 from workers.aws.launcher import Held, Launcher, LaunchFile, Spec
 from workers.cost import disk, fleetview
 from workers.cost.pricing import format_rate, hourly_price, load_price_book, spot_price

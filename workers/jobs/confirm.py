@@ -1,5 +1,5 @@
 """A click on a confirmation's button: the confirmation is taken once, by someone the policy
-lets answer it, and replaced by what happened. Terminate's (workers/jobs/lifecycle.py) and
+lets answer it, and replaced by what happened. Terminate's (workers/jobs/terminate.py) and
 launch's (workers/jobs/launch.py) clicks are these."""
 
 from __future__ import annotations

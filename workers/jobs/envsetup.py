@@ -6,8 +6,8 @@ from __future__ import annotations
 import hashlib
 import re
 
-from workers.aws import envs
-from workers.aws.fleet import PYTHON_TAG, ScriptResult
+from workers.aws.instance import PYTHON_TAG, ScriptResult
+from workers.code import envs
 from workers.errors import EnvSetupError
 from workers.remote import SECTION, bounds, frame
 from workers.remote import env as env_scripts

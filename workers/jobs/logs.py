@@ -17,7 +17,8 @@ from pathlib import Path
 from slack_sdk.errors import SlackApiError
 from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, SectionBlock
 
-from workers.aws.fleet import PRESIGN_MARGIN_SECONDS, Instance
+from workers.aws.fleet import PRESIGN_MARGIN_SECONDS
+from workers.aws.instance import Instance
 from workers.commands import LogsCommand
 from workers.errors import RemoteError, RunctlError
 from workers.jobs import funnel, log_access

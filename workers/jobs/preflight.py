@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from workers.aws.fleet import Instance
+from workers.aws.instance import Instance
 from workers.errors import WrongState
 
 

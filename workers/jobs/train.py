@@ -9,13 +9,14 @@ from datetime import timedelta
 from workers import remote
 from workers.aws import backups
 from workers.aws.backups import Stored
-from workers.aws.fleet import PRESIGN_MARGIN_SECONDS, PYTHON_TAG, Instance, ScriptResult
+from workers.aws.fleet import PRESIGN_MARGIN_SECONDS
+from workers.aws.instance import PYTHON_TAG, Instance, ScriptResult
 from workers.commands import TrainCommand
 from workers.errors import RunConflict, RunctlError
 from workers.jobs import envsetup, funnel
 from workers.jobs.backup import url_seconds
 from workers.jobs.funnel import Job
-from workers.jobs.lifecycle import unconfirmed
+from workers.jobs.halt import unconfirmed
 from workers.jobs.preflight import Refusals, require_running
 from workers.remote import backup as backup_script
 from workers.remote.events import OFF, Sender, sender

@@ -9,7 +9,7 @@ from __future__ import annotations
 from workers.errors import RunctlError
 from workers.jobs import funnel
 from workers.jobs.funnel import Job
-from workers.jobs.lifecycle import stop_flow
+from workers.jobs.stop import stop_flow
 from workers.services import Services
 from workers.slack import updates
 from workers.state.warnings import WINDOW, Kind, Status, WarningRecord, WarningStore

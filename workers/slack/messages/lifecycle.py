@@ -17,7 +17,7 @@ from slack_sdk.models.blocks import (
     SectionBlock,
 )
 
-from workers.aws.fleet import Instance
+from workers.aws.instance import Instance
 from workers.remote.backup import SINGLE_PUT_LIMIT
 from workers.remote.checkpoints import CheckpointListing, FoundCheckpoint
 from workers.slack.blocks import button, confirmation

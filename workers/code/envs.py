@@ -25,7 +25,7 @@ MAX_INCLUDE_DEPTH = 5
 
 
 class Tree(Protocol):
-    """What we need from the code repository (``workers.aws.repo.CodeRepo``)."""
+    """What we need from the code repository (``workers.code.repo.CodeRepo``)."""
 
     def read(self, sha: str, path: str) -> bytes | None: ...
 
