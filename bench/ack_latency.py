@@ -126,9 +126,15 @@ def requests(n: int, tag: str, keep_alive: bool) -> list[bytes]:
         text = f"status {INSTANCE}" if i % 2 else f"train {INSTANCE} train.py -- --epochs {i}"
         body = urlencode(
             {
-                "team_id": "T0TEAM", "channel_id": "C0TRAIN", "user_id": "U0ALICE", "user_name": "alice",
-                "command": "/runctl", "text": text, "api_app_id": "A0RUNCTL",
-                "response_url": "https://hooks.slack.invalid/commands/1", "trigger_id": f"bench.{tag}.{i}",
+                "team_id": "T0TEAM",
+                "channel_id": "C0TRAIN",
+                "user_id": "U0ALICE",
+                "user_name": "alice",
+                "command": "/runctl",
+                "text": text,
+                "api_app_id": "A0RUNCTL",
+                "response_url": "https://hooks.slack.invalid/commands/1",
+                "trigger_id": f"bench.{tag}.{i}",
             }
         )
         ts = str(int(time.time()))

@@ -89,8 +89,15 @@ def live_run(svc: Services, box: Sandbox, iid: str, n: int, now: datetime) -> Ru
     (run_dir / "pid").write_text(f"{os.getpid()}\n")
     (run_dir / "training.log").write_text("epoch 1/10 loss=0.5\n")
     run = Run(
-        run_id=run_id, instance_id=iid, user_id="U0ALICE", channel_id="C0TRAIN", script="train.py",
-        state=RunState.RUNNING, created_at=now, started_at=now, lock_token=f"token-{run_id}",
+        run_id=run_id,
+        instance_id=iid,
+        user_id="U0ALICE",
+        channel_id="C0TRAIN",
+        script="train.py",
+        state=RunState.RUNNING,
+        created_at=now,
+        started_at=now,
+        lock_token=f"token-{run_id}",
     )
     svc.runs.create(run)
     svc.runs.save(run)

@@ -67,10 +67,20 @@ def processes(box: Sandbox, slack: FakeSlack, tmp: Path, worker_class: str | Non
     worker_argv[0] = str(Path(sys.executable).parent / worker_argv[0])
     if worker_class:
         worker_argv[2:2] = ["--worker-class", worker_class]
-    web = subprocess.Popen(procfile_web(port, 2, 4), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                           stderr=open(tmp / "web.log", "w"))  # noqa: SIM115
-    worker = subprocess.Popen(worker_argv, cwd=ROOT, env=env, stdout=open(tmp / "worker.log", "w"),  # noqa: SIM115
-                              stderr=subprocess.STDOUT)
+    web = subprocess.Popen(
+        procfile_web(port, 2, 4),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp / "web.log", "w"),  # noqa: SIM115
+    )
+    worker = subprocess.Popen(
+        worker_argv,
+        cwd=ROOT,
+        env=env,
+        stdout=open(tmp / "worker.log", "w"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -97,9 +107,15 @@ def post_train(url: str, iid: str) -> tuple[float, str]:
     """POST one signed `/runctl train`; the time just before it, and the run id from the ack."""
     body = urlencode(
         {
-            "team_id": "T0TEAM", "channel_id": "C0TRAIN", "user_id": "U0ALICE", "user_name": "alice",
-            "command": "/runctl", "text": f"train {iid} {SCRIPT}", "api_app_id": "A0RUNCTL",
-            "response_url": "https://hooks.slack.invalid/commands/1", "trigger_id": f"bench.{time.monotonic_ns()}",
+            "team_id": "T0TEAM",
+            "channel_id": "C0TRAIN",
+            "user_id": "U0ALICE",
+            "user_name": "alice",
+            "command": "/runctl",
+            "text": f"train {iid} {SCRIPT}",
+            "api_app_id": "A0RUNCTL",
+            "response_url": "https://hooks.slack.invalid/commands/1",
+            "trigger_id": f"bench.{time.monotonic_ns()}",
         }
     )
     ts = str(int(time.time()))

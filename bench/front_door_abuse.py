@@ -114,8 +114,15 @@ def main(argv: list[str] | None = None) -> int:
             figures[f"{name} seconds"] = round(took, 3)
             figures[f"{name} rss_mb"] = round(rss, 1)
             figures[f"{name} peak_rss_mb"] = round(peak, 1)
-        text = urlencode({"user_id": "U0ALICE", "channel_id": "C0TRAIN", "command": "/runctl",
-                          "text": "help", "trigger_id": f"bench.abuse.{time.time_ns()}"})
+        text = urlencode(
+            {
+                "user_id": "U0ALICE",
+                "channel_id": "C0TRAIN",
+                "command": "/runctl",
+                "text": "help",
+                "trigger_id": f"bench.abuse.{time.time_ns()}",
+            }
+        )
         ts = str(int(time.time()))
         sig = str(SignatureVerifier(harness.SECRET).generate_signature(timestamp=ts, body=text))
         head = [form, ("Content-Length", str(len(text))), ("X-Slack-Request-Timestamp", ts), ("X-Slack-Signature", sig)]

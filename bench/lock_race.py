@@ -81,8 +81,7 @@ def worker_process(barrier: Barrier, trials: int, index: int, results: Any) -> N
     out: list[Timing] = []
     errors: list[str] = []
     threads = [
-        threading.Thread(target=contender, args=(barrier, trials, f"p{index}t{n}", out, errors))
-        for n in range(THREADS)
+        threading.Thread(target=contender, args=(barrier, trials, f"p{index}t{n}", out, errors)) for n in range(THREADS)
     ]
     for t in threads:
         t.start()

@@ -182,7 +182,13 @@ class Counted:
 
 
 def one_pass(
-    box: Sandbox, slack: FakeSlack, tmp: Path, events: bool, lengths: dict[str, float], per_length: int, scale: float,
+    box: Sandbox,
+    slack: FakeSlack,
+    tmp: Path,
+    events: bool,
+    lengths: dict[str, float],
+    per_length: int,
+    scale: float,
     flood_rate: float = 0.0,
 ) -> dict[str, harness.Figure]:
     redis = harness.bench_redis()
@@ -231,8 +237,10 @@ def one_pass(
 
             def reply_at(run: Tracked) -> float | None:
                 for call in slack.calls_to("chat.postMessage"):
-                    if call.error is None and call.params.get("thread_ts") and f"run `{run.run_id}` finished" in str(
-                        call.params.get("text", "")
+                    if (
+                        call.error is None
+                        and call.params.get("thread_ts")
+                        and f"run `{run.run_id}` finished" in str(call.params.get("text", ""))
                     ):
                         return call.at
                 return None

@@ -119,7 +119,9 @@ def _failure_record(body: dict[str, Any], error: Exception) -> audit.Record:
         user, channel = _field(body, "user_id"), _field(body, "channel_id")
         text = ("/runctl " + _field(body, "text")).strip()[:500]
     return audit.Record(
-        user=user, channel=channel, text=text,
+        user=user,
+        channel=channel,
+        text=text,
         decision="refused" if refused else "failed",
         outcome=f"{type(error).__name__}: {what}",
         source="click" if click else "command",

@@ -86,10 +86,16 @@ def budgets(settings: Settings, run: Run, kind: str) -> list[Window]:
         return [Window(f"runctl:rate:run:{rid}:exit", EXITS_PER_MINUTE, "exit events for this run")]
     return [
         Window(f"runctl:rate:run:{rid}", settings.RUNCTL_EVENTS_PER_MINUTE, "events for this run"),
-        Window(f"runctl:rate:events:instance:{run.instance_id}", settings.RUNCTL_EVENTS_INSTANCE_PER_MINUTE,
-               "events from this instance's runs"),
-        Window(f"runctl:rate:events:user:{run.user_id}", settings.RUNCTL_EVENTS_USER_PER_MINUTE,
-               "events from this user's runs"),
+        Window(
+            f"runctl:rate:events:instance:{run.instance_id}",
+            settings.RUNCTL_EVENTS_INSTANCE_PER_MINUTE,
+            "events from this instance's runs",
+        ),
+        Window(
+            f"runctl:rate:events:user:{run.user_id}",
+            settings.RUNCTL_EVENTS_USER_PER_MINUTE,
+            "events from this user's runs",
+        ),
         Window("runctl:rate:events:total", settings.RUNCTL_EVENTS_TOTAL_PER_MINUTE, "events from all runs"),
     ]
 
@@ -132,8 +138,14 @@ def handler(
                 return _refused(start_response)
             kind = event["kind"]
             offered = event_queue.offer(
-                redis, run_id, event["nonce"], kind == "exit", event.get("progress"), budgets(settings, run, kind),
-                now, always_counted=kind != "exit",  # an exit merged into a pending job costs nothing
+                redis,
+                run_id,
+                event["nonce"],
+                kind == "exit",
+                event.get("progress"),
+                budgets(settings, run, kind),
+                now,
+                always_counted=kind != "exit",  # an exit merged into a pending job costs nothing
             )
             if offered is Offer.REPLAY:
                 return _refused(start_response)
@@ -166,4 +178,3 @@ class _Limited:
 
 def _refused(start_response: StartResponse) -> list[bytes]:
     return answers.plain(start_response, "401 Unauthorized", b"invalid event\n")
-

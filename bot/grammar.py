@@ -83,17 +83,29 @@ SPECS: dict[str, Spec] = {
                 _switch("no-wait", "wait", False, help="start the run and leave it"),
                 _switch("force", "force", help="stop a live run on the instance gracefully first"),
                 Flag(
-                    "checkpoint-interval", "checkpoint_interval", "int", "N",
+                    "checkpoint-interval",
+                    "checkpoint_interval",
+                    "int",
+                    "N",
                     help="checkpoint every N epochs (default 1; passed on to a script that accepts it)",
                 ),
                 _switch("no-deps", "deps", False, help="do not install the requirements file"),
                 _switch("rebuild-env", "rebuild_env", help="build the run's environment again instead of reusing it"),
-                Flag("then", "then", "str", "stop|terminate|keep", choices=("stop", "terminate", "keep"),
+                Flag(
+                    "then",
+                    "then",
+                    "str",
+                    "stop|terminate|keep",
+                    choices=("stop", "terminate", "keep"),
                     help="what happens to the instance when the run ends, however it ends (default RUNCTL_THEN); "
-                    "needs your right to `stop` or `terminate` it, now and when the run ends"),
+                    "needs your right to `stop` or `terminate` it, now and when the run ends",
+                ),
                 _switch("backup", "backup", help="copy each new checkpoint to S3 as it appears (by sha256, once)"),
-                _switch("auto-resume", "auto_resume",
-                        help="on a spot interruption, continue on a replacement from the same preset"),
+                _switch(
+                    "auto-resume",
+                    "auto_resume",
+                    help="on a spot interruption, continue on a replacement from the same preset",
+                ),
             ),
             passthrough=True,
             build=c.TrainCommand,
@@ -117,8 +129,13 @@ SPECS: dict[str, Spec] = {
             "Checkpoint the live run (SIGTERM), then stop the instance.",
             positionals=("instance_id",),
             flags=(
-                Flag("grace", "grace", "int", "SECONDS",
-                     help="how long the run has to save a checkpoint after SIGTERM (default 120)"),
+                Flag(
+                    "grace",
+                    "grace",
+                    "int",
+                    "SECONDS",
+                    help="how long the run has to save a checkpoint after SIGTERM (default 120)",
+                ),
                 _switch("force", "force", help="stop at once, without waiting for a checkpoint (admins)"),
             ),
             build=c.StopCommand,
@@ -151,8 +168,14 @@ SPECS: dict[str, Spec] = {
             "Managed instances with uptime, $/h, cost so far and who is training.",
             flags=(
                 _switch("all", "all", help="instances in every state, stopped ones too"),
-                Flag("sort", "sort", "str", "cost|uptime|type", choices=("cost", "uptime", "type"),
-                    help="the order of the rows (default cost)"),
+                Flag(
+                    "sort",
+                    "sort",
+                    "str",
+                    "cost|uptime|type",
+                    choices=("cost", "uptime", "type"),
+                    help="the order of the rows (default cost)",
+                ),
                 Flag("user", "user", "user", "@someone", help="only the instances that person owns or trains on"),
             ),
             build=c.ResourcesCommand,
@@ -222,10 +245,17 @@ SPECS: dict[str, Spec] = {
             flags=(
                 _switch("spot", "spot", help="a spot instance: cheaper, and AWS may take it back"),
                 Flag("region", "region", "str", "R", help="the AWS region; only the worker's own region is accepted"),
-                Flag("name", "instance_name", "str", "NAME",
-                     help="the instance's Name tag (default <target>-<you>-<id>)"),
-                Flag("disk", "disk", "int", "GB", help="the root volume in GB (default the preset's or template's; "
-                     "past the launch file's `[limits] disk_gb` only admins, up to `admin_disk_gb`)"),
+                Flag(
+                    "name", "instance_name", "str", "NAME", help="the instance's Name tag (default <target>-<you>-<id>)"
+                ),
+                Flag(
+                    "disk",
+                    "disk",
+                    "int",
+                    "GB",
+                    help="the root volume in GB (default the preset's or template's; "
+                    "past the launch file's `[limits] disk_gb` only admins, up to `admin_disk_gb`)",
+                ),
             ),
             build=c.LaunchCommand,
             details="The AMI, subnet, security group and instance profile come from the launch file "
@@ -293,9 +323,7 @@ def tokenize(text: str) -> list[str]:
         raise UsageError(f"Too many arguments ({len(tokens)}); the limit is {MAX_ARGS}.")
     for tok in tokens:
         if len(tok) > MAX_ARG_LEN:
-            raise UsageError(
-                f"An argument is {len(tok)} characters long; the limit is {MAX_ARG_LEN}."
-            )
+            raise UsageError(f"An argument is {len(tok)} characters long; the limit is {MAX_ARG_LEN}.")
         bad = next((ch for ch in tok if unicodedata.category(ch) == "Cc"), None)
         if bad is not None:
             raise UsageError(
@@ -491,9 +519,7 @@ def _unknown_flag(spec: Spec, tokens: list[str], i: int, positionals: list[str])
     if for_script and near is None:
         _missing_separator(spec, tokens, i)
     if spec.name == "terminate" and tok == "--force":
-        raise UsageError(
-            "`terminate` always asks for confirmation; there is no `--force`.", usage=spec.usage
-        )
+        raise UsageError("`terminate` always asks for confirmation; there is no `--force`.", usage=spec.usage)
     what = f"Unknown option {code(plain(tok))} for `{spec.name}`."
     if near is None:
         raise UsageError(what, usage=spec.usage)
@@ -552,8 +578,7 @@ BUTTON_HELP: dict[ActionId, str] = {
     ActionId.TRAIN_ON_IT: "[Train on it]: anyone with `train`; it only shows the command to send",
     ActionId.RESUME_TRAINING: "[Resume training]: the stopped run's owner or an admin (`resume`), with `train`",
     ActionId.FULL_LOG: "[Full log]: anyone with `logs` (everyone by default)",
-    ActionId.AUTOSTOP_KEEP: "[Keep running 1h] on an autostop heads-up: the instance's owner or an admin "
-    "(`autostop`)",
+    ActionId.AUTOSTOP_KEEP: "[Keep running 1h] on an autostop heads-up: the instance's owner or an admin (`autostop`)",
     ActionId.AUTOSTOP_STOP_NOW: "[Stop now] on an autostop heads-up: the instance's owner or an admin (`stop`)",
     ActionId.WARN_STOP_NOW: "[Stop now] on a cost or uptime warning: the instance's owner or an admin (`stop`)",
     ActionId.WARN_SNOOZE: "[Snooze 24h] on a warning: the instance's owner or an admin (`snooze`)",
@@ -570,9 +595,11 @@ def help_text(topic: str | None = None) -> str:
         return "\n".join(lines + [f"• `{_flag_usage(f)}`: {f.help}" for f in spec.flags])
     lines = ["*runctl* — run and watch training jobs on EC2 from Slack."]
     lines += [f"• `{s.usage}`\n    {s.summary}" for s in SPECS.values()]
-    lines.append("*Who may click each button* (by default; a policy file's `[commands]` can give `stop`, "
-                 "`terminate`, `launch`, `autostop`, `train` and `logs` to other roles. The owner is the live run's "
-                 "user, else the last started run's, else the `runctl:user` tag):")
+    lines.append(
+        "*Who may click each button* (by default; a policy file's `[commands]` can give `stop`, "
+        "`terminate`, `launch`, `autostop`, `train` and `logs` to other roles. The owner is the live run's "
+        "user, else the last started run's, else the `runctl:user` tag):"
+    )
     lines += [f"• {text}" for text in BUTTON_HELP.values()]
     return "\n".join(lines)
 

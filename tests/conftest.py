@@ -81,10 +81,12 @@ def fleet_seed(sandbox: Sandbox) -> Iterator[SeedInfo]:
     # Commands take Name tags, so a name must be unique: another module's leftover seed goes first.
     leftovers = [
         i["InstanceId"]
-        for page in ec2.get_paginator("describe_instances").paginate(Filters=[
-            {"Name": "tag:Name", "Values": [name for name, *_ in SEED_INSTANCES]},
-            {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]},
-        ])
+        for page in ec2.get_paginator("describe_instances").paginate(
+            Filters=[
+                {"Name": "tag:Name", "Values": [name for name, *_ in SEED_INSTANCES]},
+                {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]},
+            ]
+        )
         for r in page["Reservations"]
         for i in r["Instances"]
     ]

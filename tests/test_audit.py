@@ -81,12 +81,12 @@ def test_audit_user_typed_as_plain_text_is_resolved(
     assert "No one in this Slack workspace is called `@carol`" in show(app, worker, slack, "audit --user @carol")[0]
 
 
-def test_audit_output_stays_within_slack_limits_and_escapes_user_text(
-    svc: Services, slack: FakeSlack
-) -> None:
+def test_audit_output_stays_within_slack_limits_and_escapes_user_text(svc: Services, slack: FakeSlack) -> None:
     hostile = "/runctl train i-0123456789abcdef0 t.py -- <!channel> <@U0ADMIN> `x` " + "y" * 900
     for n in range(250):
-        audit.record(svc.redis, 1000, audit.Record(user=f"U0USER{n}", decision="failed", text=hostile, outcome="x" * 500))
+        audit.record(
+            svc.redis, 1000, audit.Record(user=f"U0USER{n}", decision="failed", text=hostile, outcome="x" * 500)
+        )
     audit_job({"name": "audit", "count": 200}, {"user_id": "U0ADMIN", "channel_id": "C0TRAIN"})
     (note,) = slack.ephemerals("U0ADMIN")  # the fake Slack rejects anything over the limits
     assert len(note.blocks) <= 50
@@ -101,7 +101,9 @@ def test_stream_is_capped_and_every_record_is_one_json_log_line(
 ) -> None:
     with caplog.at_level(logging.INFO, logger="runctl.audit"):
         for n in range(1000):
-            audit.record(real_redis, 100, audit.Record(user="U0A", decision="allowed", text=f"n{n}", run_id="r1", instance=IID))
+            audit.record(
+                real_redis, 100, audit.Record(user="U0A", decision="allowed", text=f"n{n}", run_id="r1", instance=IID)
+            )
     assert 100 <= real_redis.xlen(audit.STREAM) < 1000
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "runctl.audit"]
     assert len(lines) == 1000

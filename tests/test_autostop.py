@@ -158,14 +158,18 @@ def test_decide_waits_for_the_heads_up_and_never_stops_while_busy() -> None:
 
 
 def test_busy_gpus_restart_the_idle_clock(
-    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, tmp_path: Path,
+    svc: Services,
+    fleet_seed: SeedInfo,
+    slack: FakeSlack,
+    worker: InlineWorker,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # An nvidia-smi on the sandbox instances' PATH that reports what the test writes.
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "nvidia-smi"
-    fake.write_text(f'#!/bin/sh\ncat {tmp_path / "util"}\n')
+    fake.write_text(f"#!/bin/sh\ncat {tmp_path / 'util'}\n")
     fake.chmod(0o755)
     (tmp_path / "util").write_text("87\n2\n")  # two GPUs, the first busy
     # The agent's PATH is fixed (the shim's AGENT_PATH, as under systemd): this instance "has the driver".

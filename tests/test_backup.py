@@ -85,7 +85,11 @@ def logs_at_debug(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_terminate_backs_up_the_checkpoints_first_then_terminates(
-    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, sandbox: Sandbox, worker: InlineWorker,
+    svc: Services,
+    fleet_seed: SeedInfo,
+    slack: FakeSlack,
+    sandbox: Sandbox,
+    worker: InlineWorker,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     iid = fleet_seed.instances["gpu-box-1"]
@@ -100,8 +104,12 @@ def test_terminate_backs_up_the_checkpoints_first_then_terminates(
     text = text_of(m)
     assert "backs up 2 checkpoints (" in text and "to S3 first" in text and "would be lost" in text
     found = {b["action_id"]: b for b in buttons(m)}
-    assert set(found) == {ActionId.TERMINATE_CONFIRM, ActionId.TERMINATE_NO_BACKUP,
-                          ActionId.TERMINATE_STOP_INSTEAD, ActionId.TERMINATE_CANCEL}
+    assert set(found) == {
+        ActionId.TERMINATE_CONFIRM,
+        ActionId.TERMINATE_NO_BACKUP,
+        ActionId.TERMINATE_STOP_INSTEAD,
+        ActionId.TERMINATE_CANCEL,
+    }
     assert found[ActionId.TERMINATE_NO_BACKUP]["text"]["text"] == "Terminate without backup"
     assert found[ActionId.TERMINATE_NO_BACKUP]["style"] == "danger" and "confirm" in found[ActionId.TERMINATE_NO_BACKUP]
 
@@ -117,8 +125,9 @@ def test_terminate_backs_up_the_checkpoints_first_then_terminates(
     assert "terminated by <@U0ALICE>" in final and f"uploaded {len(local)} files" in final
 
     urls = presigned_urls(sandbox, iid)
-    assert len(urls) == len(local) and all(parse_qs(urlparse(u).query)["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"]
-                                  for u in urls)
+    assert len(urls) == len(local) and all(
+        parse_qs(urlparse(u).query)["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"] for u in urls
+    )
     # They expire a minute after the upload command's delivery and execution timeouts, a few minutes here.
     expires = {int(parse_qs(urlparse(u).query)["X-Amz-Expires"][0]) for u in urls}
     assert expires == {url_seconds(upload_seconds(sum(len(v) for v in stored.values())))} == {2 * 300 + 60}
@@ -132,21 +141,32 @@ def test_a_run_with_more_files_than_one_pass_holds_is_backed_up_in_passes(
 
     monkeypatch.setattr(script, "MAX_FILES", 5)
     iid = fleet_seed.instances["cpu-box"]
-    svc.runs.create(Run(run_id="r-backup-many", instance_id=iid, user_id="U0ALICE", channel_id=CHANNEL,
-                        script="train.py", state=RunState.SUCCEEDED))
+    svc.runs.create(
+        Run(
+            run_id="r-backup-many",
+            instance_id=iid,
+            user_id="U0ALICE",
+            channel_id=CHANNEL,
+            script="train.py",
+            state=RunState.SUCCEEDED,
+        )
+    )
     ck = sandbox.instance_dir(iid) / "runs" / "r-backup-many" / "checkpoints"
     ck.mkdir(parents=True)
     for i in range(12):
         (ck / f"ckpt-{i:03d}.pt").write_bytes(b"w" * (i + 1))
-    backup(BackupCommand(instance_id=iid, run_id="r-backup-many").model_dump(mode="json"),
-           ALICE.model_dump(mode="json"))
+    backup(
+        BackupCommand(instance_id=iid, run_id="r-backup-many").model_dump(mode="json"), ALICE.model_dump(mode="json")
+    )
     said = text_of(slack.ephemerals("U0ALICE")[-1])
     assert "uploaded 12 files" in said and "already there" not in said, said
     assert len(objects(svc, "r-backup-many")) == 12 + 1  # and the manifest
-    backup(BackupCommand(instance_id=iid, run_id="r-backup-many").model_dump(mode="json"),
-           ALICE.model_dump(mode="json"))
-    assert "uploaded 0 files (0 B)" in (again := text_of(slack.ephemerals("U0ALICE")[-1])) and \
-        "12 already there" in again, again
+    backup(
+        BackupCommand(instance_id=iid, run_id="r-backup-many").model_dump(mode="json"), ALICE.model_dump(mode="json")
+    )
+    assert (
+        "uploaded 0 files (0 B)" in (again := text_of(slack.ephemerals("U0ALICE")[-1])) and "12 already there" in again
+    ), again
 
 
 def test_terminate_without_backup_uploads_nothing(
@@ -165,7 +185,11 @@ def test_terminate_without_backup_uploads_nothing(
 
 
 def test_backup_is_incremental_refuses_what_s3_cannot_take_and_terminate_counts_only_what_is_lost(
-    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, sandbox: Sandbox, worker: InlineWorker,
+    svc: Services,
+    fleet_seed: SeedInfo,
+    slack: FakeSlack,
+    sandbox: Sandbox,
+    worker: InlineWorker,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     iid = fleet_seed.instances["cpu-box"]
@@ -214,7 +238,11 @@ def test_backup_is_incremental_refuses_what_s3_cannot_take_and_terminate_counts_
 
 
 def test_resume_on_another_instance_restores_from_s3_and_continues_at_the_next_epoch(
-    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, sandbox: Sandbox, worker: InlineWorker,
+    svc: Services,
+    fleet_seed: SeedInfo,
+    slack: FakeSlack,
+    sandbox: Sandbox,
+    worker: InlineWorker,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     old_box, new_box = fleet_seed.instances["gpu-box-1"], fleet_seed.instances["gpu-box-2"]
@@ -243,12 +271,20 @@ def test_resume_on_another_instance_restores_from_s3_and_continues_at_the_next_e
 
 
 def test_train_backup_uploads_each_new_checkpoint_once(
-    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, sandbox: Sandbox, worker: InlineWorker,
+    svc: Services,
+    fleet_seed: SeedInfo,
+    slack: FakeSlack,
+    sandbox: Sandbox,
+    worker: InlineWorker,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     iid = fleet_seed.instances["gpu-box-2"]
-    cmd = TrainCommand(instance_id=iid, script="train_with_checkpoints.py", backup=True,
-                       args=("--epochs", "4", "--steps-per-epoch", "2", "--step-seconds", "0.3"))
+    cmd = TrainCommand(
+        instance_id=iid,
+        script="train_with_checkpoints.py",
+        backup=True,
+        args=("--epochs", "4", "--steps-per-epoch", "2", "--step-seconds", "0.3"),
+    )
     train(cmd.model_dump(mode="json"), ALICE.model_dump(mode="json"), "r-backup-live")
     worker.drain(timeout=120)
     run = svc.runs.get("r-backup-live")
@@ -271,8 +307,10 @@ def test_resume_refuses_another_instance_without_a_backup(
     run_id = train_on(iid, *QUICK, run_id="r-resume-nobackup")
     worker.drain()
     other = fleet_seed.instances["gpu-box-2"]
-    resume(ResumeCommand(run_id=run_id, instance_id=other).model_dump(mode="json"),
-           Actor(user_id="U0ALICE", channel_id=CHANNEL).model_dump(mode="json"))
+    resume(
+        ResumeCommand(run_id=run_id, instance_id=other).model_dump(mode="json"),
+        Actor(user_id="U0ALICE", channel_id=CHANNEL).model_dump(mode="json"),
+    )
     said = text_of(slack.ephemerals("U0ALICE")[-1])
     assert "has no checkpoints in S3" in said and f"/runctl backup {iid} --run {run_id}" in said
     assert not [r for r in svc.runs.history(other) if r.checkpoint_run_id == run_id]
@@ -292,5 +330,3 @@ def test_restore_script_is_posix_sh_and_quotes_names() -> None:
     assert instance_path("r", "/data/x.pt") == "/data/x.pt"
     assert not safe_name("../x") and not safe_name("./../x") and not safe_name("/a/../b") and not safe_name("a/b")
     assert safe_name("ckpt.pt") and safe_name("./checkpoints/c.pt") and safe_name("/data/c.pt")
-
-

@@ -58,7 +58,7 @@ def slash(app: App, slack: FakeSlack, worker: InlineWorker, text: str, user: str
     else:
         worker.work()
     said = [json.loads(resp.body)["text"]] if resp.body else []
-    return "\n".join(said + [text_of(m) for m in slack.ephemerals(user)[before[1]:]])
+    return "\n".join(said + [text_of(m) for m in slack.ephemerals(user)[before[1] :]])
 
 
 def sha(data: bytes) -> str:
@@ -79,13 +79,24 @@ def alice_trains_and_backs_up(svc: Services, app: App, slack: FakeSlack, worker:
 
 
 def test_mallorys_backup_of_alices_run_is_refused_s3_unchanged_and_alices_resume_continues(
-    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, sandbox: Sandbox, worker: InlineWorker, app: App,
+    svc: Services,
+    fleet_seed: SeedInfo,
+    slack: FakeSlack,
+    sandbox: Sandbox,
+    worker: InlineWorker,
+    app: App,
     tmp_path: Path,
 ) -> None:
     alice_box, other_box, mallory_box = (fleet_seed.instances[n] for n in ("gpu-box-1", "gpu-box-2", "cpu-box"))
     # Alice's run is interrupted mid-way (its process is killed: it saves on SIGTERM), then backed up.
-    slash(app, slack, worker, f"train {alice_box} {SCRIPT} -- --epochs 8 --steps-per-epoch 2 --step-seconds 0.2",
-          ALICE, drain=False)
+    slash(
+        app,
+        slack,
+        worker,
+        f"train {alice_box} {SCRIPT} -- --epochs 8 --steps-per-epoch 2 --step-seconds 0.2",
+        ALICE,
+        drain=False,
+    )
     run_id = svc.runs.history(alice_box)[0].run_id
     wait_for_epoch(sandbox, alice_box, run_id, 2)
     os.kill(int((run_dir(sandbox, alice_box, run_id) / "pid").read_text()), signal.SIGTERM)
@@ -111,8 +122,7 @@ def test_mallorys_backup_of_alices_run_is_refused_s3_unchanged_and_alices_resume
     (planted / "checkpoint_dirs").write_text(f".\n{elsewhere}\n")
 
     from_his_box = slash(app, slack, worker, f"backup {mallory_box} --run {run_id}", MALLORY)
-    assert f"Run `{run_id}` did not run on" in from_his_box and f"it ran on `{alice_box}`" in from_his_box, \
-        from_his_box
+    assert f"Run `{run_id}` did not run on" in from_his_box and f"it ran on `{alice_box}`" in from_his_box, from_his_box
     assert f"/runctl backup {alice_box} --run {run_id}" in from_his_box
     assert objects(svc, run_id) == in_s3  # nothing uploaded, the manifest untouched
     every_run = slash(app, slack, worker, f"backup {mallory_box}", MALLORY)
@@ -134,16 +144,27 @@ def test_mallorys_backup_of_alices_run_is_refused_s3_unchanged_and_alices_resume
     assert not marker.exists()
 
 
-def poison(svc: Services, run_id: str, manifest: dict[str, Any], files: dict[str, tuple[str, bytes]],
-           bound_to: tuple[str, str] | None) -> None:
+def poison(
+    svc: Services,
+    run_id: str,
+    manifest: dict[str, Any],
+    files: dict[str, tuple[str, bytes]],
+    bound_to: tuple[str, str] | None,
+) -> None:
     """Objects and a manifest put in S3 directly: `files` by name (S3 suffix, bytes), added to
     the manifest's own; each bound to (run, instance) when given, else manifest-level only."""
     s3, bucket = svc.fleet.s3, svc.settings.RUNCTL_S3_BUCKET
     for name, (suffix, data) in files.items():
         key = backups.object_key(run_id, suffix)
         s3.put_object(Bucket=bucket, Key=key, Body=data)
-        entry: dict[str, Any] = {"name": name, "key": key, "size": len(data), "mtime": 1,
-                                 "sha256": sha(data), "backed_up_at": datetime.now(UTC).isoformat()}
+        entry: dict[str, Any] = {
+            "name": name,
+            "key": key,
+            "size": len(data),
+            "mtime": 1,
+            "sha256": sha(data),
+            "backed_up_at": datetime.now(UTC).isoformat(),
+        }
         if bound_to:
             entry["run_id"], entry["instance_id"] = bound_to
         manifest["files"].append(entry)
@@ -152,8 +173,15 @@ def poison(svc: Services, run_id: str, manifest: dict[str, Any], files: dict[str
 
 @pytest.mark.parametrize("how", ["an older runctl, from cpu-box", "bound to the run, named outside"])
 def test_a_backup_poisoned_in_s3_is_refused_at_restore_and_nothing_is_written_outside_the_checkpoint_dir(
-    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, sandbox: Sandbox, worker: InlineWorker, app: App,
-    tmp_path: Path, how: str, example_repo: Path,
+    svc: Services,
+    fleet_seed: SeedInfo,
+    slack: FakeSlack,
+    sandbox: Sandbox,
+    worker: InlineWorker,
+    app: App,
+    tmp_path: Path,
+    how: str,
+    example_repo: Path,
 ) -> None:
     alice_box, other_box, mallory_box = (fleet_seed.instances[n] for n in ("gpu-box-1", "gpu-box-2", "cpu-box"))
     run_id = alice_trains_and_backs_up(svc, app, slack, worker, alice_box)
@@ -167,9 +195,12 @@ def test_a_backup_poisoned_in_s3_is_refused_at_restore_and_nothing_is_written_ou
     manifest = json.loads(svc.fleet.read_object(backups.manifest_key(run_id)) or b"{}")
     if how.startswith("an older"):
         # As the old backup job left it after Mallory's upload: every file bound only by the top level.
-        manifest = {"format_version": 1, "run_id": run_id, "instance_id": mallory_box,
-                    "files": [{k: v for k, v in f.items() if k not in ("run_id", "instance_id")}
-                              for f in manifest["files"]]}
+        manifest = {
+            "format_version": 1,
+            "run_id": run_id,
+            "instance_id": mallory_box,
+            "files": [{k: v for k, v in f.items() if k not in ("run_id", "instance_id")} for f in manifest["files"]],
+        }
         poison(svc, run_id, manifest, evil, None)
     else:
         poison(svc, run_id, manifest, evil, (run_id, alice_box))
@@ -202,7 +233,12 @@ def test_a_backup_poisoned_in_s3_is_refused_at_restore_and_nothing_is_written_ou
 
 
 def test_restore_follows_no_link_out_of_the_checkpoint_dir(
-    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, sandbox: Sandbox, worker: InlineWorker, app: App,
+    svc: Services,
+    fleet_seed: SeedInfo,
+    slack: FakeSlack,
+    sandbox: Sandbox,
+    worker: InlineWorker,
+    app: App,
     tmp_path: Path,
 ) -> None:
     alice_box, other_box = fleet_seed.instances["gpu-box-1"], fleet_seed.instances["gpu-box-2"]
@@ -223,7 +259,12 @@ def test_restore_follows_no_link_out_of_the_checkpoint_dir(
 
 
 def test_the_places_backed_up_come_from_the_run_record_not_the_instances_checkpoint_dirs(
-    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, sandbox: Sandbox, worker: InlineWorker, app: App,
+    svc: Services,
+    fleet_seed: SeedInfo,
+    slack: FakeSlack,
+    sandbox: Sandbox,
+    worker: InlineWorker,
+    app: App,
     tmp_path: Path,
 ) -> None:
     iid = fleet_seed.instances["cpu-box"]

@@ -27,7 +27,11 @@ def run_bench(name: str) -> tuple[str, dict[str, Any]]:
     env = {**os.environ, "RUNCTL_BENCH_REDIS_URL": REDIS_URL}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / f"{name}.py"), "--smoke"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
@@ -99,7 +103,9 @@ def test_front_door_abuse_is_refused_before_the_body_is_read() -> None:
     out, fig = run_bench("front_door_abuse")
     printed(out, "rss_mb_at_start", "unsigned_body", "fields_unsigned", "signed_after")
     assert [fig[f"{name} answer"] for name in ("unsigned_body", "shaped_body", "shaped_chunked_body")] == [
-        "401", "413", "413"
+        "401",
+        "413",
+        "413",
     ]
     assert (fig["fields_unsigned answer"], fig["fields_signed answer"]) == ("401", "413")
     assert fig["signed_after answer"] == "200"
@@ -107,7 +113,9 @@ def test_front_door_abuse_is_refused_before_the_body_is_read() -> None:
 
 def test_notify_lag_reports_every_run_with_events_on_and_blocked() -> None:
     out, fig = run_bench("notify_lag")
-    printed(out, "events_lag_p95_s", "blocked_lag_p95_s", "events_parent_staleness_max_s", "events_aws_calls_per_run_hour")
+    printed(
+        out, "events_lag_p95_s", "blocked_lag_p95_s", "events_parent_staleness_max_s", "events_aws_calls_per_run_hour"
+    )
     assert fig["runs_per_pass"] == 2  # the bench exits non-zero unless every run was reported, in both passes
     assert 0 < fig["events_lag_p50_s"] <= fig["events_lag_p95_s"] <= fig["events_lag_max_s"]
     assert fig["events_aws_calls"] > 0 and fig["blocked_aws_calls"] > 0

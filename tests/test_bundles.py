@@ -33,9 +33,7 @@ def test_bundle_url_is_sigv4_and_outlives_the_commands_timeouts(
     assert int(params["X-Amz-Expires"][0]) >= 2 * DELIVER_SECONDS
 
 
-def test_a_307_from_s3_is_followed(
-    svc: Services, fleet_seed: SeedInfo, sandbox: Sandbox, worker: InlineWorker
-) -> None:
+def test_a_307_from_s3_is_followed(svc: Services, fleet_seed: SeedInfo, sandbox: Sandbox, worker: InlineWorker) -> None:
     sandbox.s3.redirect_next()
     run_id = start(fleet_seed.instances["cpu-box"], "train_with_checkpoints.py", *QUICK)
     worker.drain()
@@ -51,14 +49,15 @@ def test_a_failed_download_names_the_http_status_and_the_body(
     run = svc.runs.get(start(fleet_seed.instances["cpu-box"], "train_with_checkpoints.py", *QUICK))
     assert run is not None and run.state is RunState.REFUSED and run.error is not None
     assert "could not download the code bundle" in run.error.what
-    assert "HTTP 403" in run.error.why and "&lt;Code&gt;AccessDenied&lt;/Code&gt;&lt;Message&gt;Request has expired" in run.error.why  # escaped for Slack
+    assert (
+        "HTTP 403" in run.error.why
+        and "&lt;Code&gt;AccessDenied&lt;/Code&gt;&lt;Message&gt;Request has expired" in run.error.why
+    )  # escaped for Slack
     assert "X-Amz-Signature" not in str(run.error)  # the URL itself never reaches Slack
     assert any("HTTP 403" in t and "<@U0ALICE>" in t for t in thread_texts(slack, "C0TRAIN", run.message_ts))
 
 
-def test_a_bundle_that_does_not_unpack_says_what_arrived(
-    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack
-) -> None:
+def test_a_bundle_that_does_not_unpack_says_what_arrived(svc: Services, fleet_seed: SeedInfo, slack: FakeSlack) -> None:
     svc.repo.sync()
     sha = svc.repo.resolve("main")
     key = f"runctl/bundles/{sha}.tar.gz"

@@ -241,7 +241,7 @@ def test_hundreds_of_files_stay_within_slack_limits(
 
 
 # The checkpoint recipe from the README, as another training script would adopt it.
-RECIPE = '''
+RECIPE = """
 import datetime, hashlib, json, os
 
 def save_checkpoint(data: bytes, name: str, epoch: int, step: int) -> None:
@@ -262,7 +262,7 @@ def save_checkpoint(data: bytes, name: str, epoch: int, step: int) -> None:
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }]
     write(manifest, json.dumps(doc, indent=2).encode())
-'''
+"""
 
 
 def test_a_manifest_written_by_another_script_with_the_readme_recipe_is_verified(

@@ -69,7 +69,12 @@ class Terminal:
 
 
 def test_history_ctrl_c_during_wait_and_the_exit_status(tmp_path: Path) -> None:
-    env = {**os.environ, "TERM": "xterm", "TMPDIR": str(tmp_path), "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "sandbox")])}
+    env = {
+        **os.environ,
+        "TERM": "xterm",
+        "TMPDIR": str(tmp_path),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "sandbox")]),
+    }
     term = Terminal(env)
     at = term.expect(re.escape(PROMPT))
 
@@ -84,7 +89,9 @@ def test_history_ctrl_c_during_wait_and_the_exit_status(tmp_path: Path) -> None:
     assert not re.search(r"^> /runctl", term.seen, re.M)  # the terminal echoed it; the console does not again
     assert "response_url" not in term.seen  # no log noise between the answers
 
-    term.type("/runctl train gpu-box-1 train_with_checkpoints.py -- --epochs 3 --steps-per-epoch 4 --step-seconds 0.25\r")
+    term.type(
+        "/runctl train gpu-box-1 train_with_checkpoints.py -- --epochs 3 --steps-per-epoch 4 --step-seconds 0.25\r"
+    )
     at = term.expect("Queued run", 30, at)
     term.type("/wait\r")
     at = term.expect(re.escape("*Running*"), 60, at)
@@ -116,8 +123,12 @@ def test_a_button_with_a_confirmation_asks_as_slack_does() -> None:
         "confirm": {"type": "plain_text", "text": "Terminate"},
         "deny": {"type": "plain_text", "text": "Keep it"},
     }
-    button = {"type": "button", "action_id": "terminate_confirm", "text": {"type": "plain_text", "text": "Terminate"},
-              "confirm": confirm}
+    button = {
+        "type": "button",
+        "action_id": "terminate_confirm",
+        "text": {"type": "plain_text", "text": "Terminate"},
+        "confirm": confirm,
+    }
     console.render(Message("C0CONSOLE", "1.0", "", [{"type": "actions", "elements": [button]}]))
     asked: list[str] = []
 

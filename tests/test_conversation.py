@@ -62,8 +62,14 @@ def assert_only_the_requester_hears(slack: FakeSlack, needle: str) -> None:
     ],
 )
 def test_a_train_that_fails_pre_flight_is_told_to_the_requester_alone(
-    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker,
-    name: str, script: str, extra: str, needle: str,
+    svc: Services,
+    fleet_seed: SeedInfo,
+    slack: FakeSlack,
+    worker: InlineWorker,
+    name: str,
+    script: str,
+    extra: str,
+    needle: str,
 ) -> None:
     iid = fleet_seed.instances[name]
     ack = slash(svc, slack, worker, f"train {iid} {script} {extra} -- --epochs 1".replace("  ", " "))
@@ -109,7 +115,12 @@ def test_a_passing_run_posts_exactly_one_parent(
 ) -> None:
     iid = fleet_seed.instances["gpu-box-1"]
     # by name (its Name tag), as a person would type it
-    slash(svc, slack, worker, "train gpu-box-1 train_with_checkpoints.py -- --epochs 2 --steps-per-epoch 2 --step-seconds 0.05")
+    slash(
+        svc,
+        slack,
+        worker,
+        "train gpu-box-1 train_with_checkpoints.py -- --epochs 2 --steps-per-epoch 2 --step-seconds 0.05",
+    )
     assert svc.runs.latest(iid) is not None and svc.runs.latest(iid).instance_id == iid  # type: ignore[union-attr]
     parents = [m for m in public(slack) if m.thread_ts is None]
     assert len(parents) == 1, [m.text for m in parents]
@@ -204,11 +215,21 @@ def test_a_final_parent_drops_the_eta_and_relative_times() -> None:
     from workers.state.runs import Checkpoint, Progress, Run, RunState
 
     start = datetime(2026, 3, 4, 5, 6, tzinfo=UTC)
-    run = Run(run_id="r-final", instance_id="i-0123456789abcdef0", user_id=ALICE, channel_id=CHANNEL,
-              script="train.py", state=RunState.STOPPED, started_at=start, ended_at=start + timedelta(minutes=90),
-              progress=Progress(epoch=3, total_epochs=10, metrics={"loss": 0.25}, eta_seconds=600),
-              checkpoint=Checkpoint(name="ckpt-3.pt", size=2048, epoch=3, modified_at=start + timedelta(minutes=80)),
-              notes=["Added `--checkpoint-interval 1`"], stopped_by=ALICE, ended_by="stop")
+    run = Run(
+        run_id="r-final",
+        instance_id="i-0123456789abcdef0",
+        user_id=ALICE,
+        channel_id=CHANNEL,
+        script="train.py",
+        state=RunState.STOPPED,
+        started_at=start,
+        ended_at=start + timedelta(minutes=90),
+        progress=Progress(epoch=3, total_epochs=10, metrics={"loss": 0.25}, eta_seconds=600),
+        checkpoint=Checkpoint(name="ckpt-3.pt", size=2048, epoch=3, modified_at=start + timedelta(minutes=80)),
+        notes=["Added `--checkpoint-interval 1`"],
+        stopped_by=ALICE,
+        ended_by="stop",
+    )
     text = json.dumps([b.to_dict() for b in run_blocks(run, start + timedelta(hours=5))[1]])
     assert "ETA" not in text and " ago" not in text and "elapsed" not in text
     assert "loss 0.25" in text and "epoch 3/10" in text and "ckpt-3.pt" in text

@@ -44,7 +44,9 @@ def queued(redis: redis_mod.Redis) -> list[str | None]:
     return [job.func_name for job in Queue(QUEUE, connection=redis).get_jobs()]
 
 
-def wait_for(redis: redis_mod.Redis, names: set[str], proc: subprocess.Popen[bytes], timeout: float = 20) -> list[str | None]:
+def wait_for(
+    redis: redis_mod.Redis, names: set[str], proc: subprocess.Popen[bytes], timeout: float = 20
+) -> list[str | None]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = queued(redis)

@@ -53,11 +53,19 @@ def test_yesterdays_spend_goes_to_who_trained_and_the_rest_to_the_tag_owner(
     slack.add_user("U0DIGBOB", "bob", "Bob")
     svc.fleet.ec2.create_tags(Resources=[gpu], Tags=[{"Key": "runctl:user", "Value": "U0DIGBOB"}])
     yesterday = morning.replace(hour=0) - timedelta(days=1)
-    svc.runs.create(Run(
-        run_id="r-alice-1", instance_id=gpu, user_id="U0ALICE", channel_id="C0TRAIN", script="train.py",
-        state=RunState.SUCCEEDED, created_at=yesterday + timedelta(hours=6),
-        started_at=yesterday + timedelta(hours=6), ended_at=yesterday + timedelta(hours=12),
-    ))
+    svc.runs.create(
+        Run(
+            run_id="r-alice-1",
+            instance_id=gpu,
+            user_id="U0ALICE",
+            channel_id="C0TRAIN",
+            script="train.py",
+            state=RunState.SUCCEEDED,
+            created_at=yesterday + timedelta(hours=6),
+            started_at=yesterday + timedelta(hours=6),
+            ended_at=yesterday + timedelta(hours=12),
+        )
+    )
 
     digest()
 
@@ -77,8 +85,9 @@ def test_yesterdays_spend_goes_to_who_trained_and_the_rest_to_the_tag_owner(
     assert chart.thread_ts == message.ts
 
 
-def test_the_digest_is_posted_once_a_day(svc: Services, fleet_seed: SeedInfo, slack: FakeSlack,
-                                         morning: datetime) -> None:
+def test_the_digest_is_posted_once_a_day(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, morning: datetime
+) -> None:
     digest()
     digest()  # the clock restarted, or a second clock process runs
     assert len(posted(slack)) == 1
@@ -116,11 +125,19 @@ def test_500_instances_stay_within_slack_limits(
         ledger.mark_stopped(inst.id, now - timedelta(days=8))
         ledger.mark_running(inst.id, now - timedelta(days=6))
     for i, inst in enumerate(fleet[:60]):
-        svc.runs.create(Run(
-            run_id=f"r-{i}", instance_id=inst.id, user_id=f"U0PERSON{i:02d}", channel_id="C0TRAIN",
-            script="train.py", state=RunState.SUCCEEDED, created_at=now - timedelta(days=2),
-            started_at=now - timedelta(days=2), ended_at=now - timedelta(days=1),
-        ))
+        svc.runs.create(
+            Run(
+                run_id=f"r-{i}",
+                instance_id=inst.id,
+                user_id=f"U0PERSON{i:02d}",
+                channel_id="C0TRAIN",
+                script="train.py",
+                state=RunState.SUCCEEDED,
+                created_at=now - timedelta(days=2),
+                started_at=now - timedelta(days=2),
+                ended_at=now - timedelta(days=1),
+            )
+        )
 
     digest()
 
@@ -145,11 +162,19 @@ def test_two_people_with_one_display_name_stay_two_series_labelled_by_name(
     slack.add_user("U0SAMTWO", "sam.two", "Sam", "Sam Lee")
     yesterday = morning.replace(hour=0) - timedelta(days=1)
     for run_id, iid, user in (("r-sam-1", gpu, "U0SAMONE"), ("r-sam-2", cpu, "U0SAMTWO")):
-        svc.runs.create(Run(
-            run_id=run_id, instance_id=iid, user_id=user, channel_id="C0TRAIN", script="train.py",
-            state=RunState.SUCCEEDED, created_at=yesterday + timedelta(hours=1),
-            started_at=yesterday + timedelta(hours=1), ended_at=yesterday + timedelta(hours=9),
-        ))
+        svc.runs.create(
+            Run(
+                run_id=run_id,
+                instance_id=iid,
+                user_id=user,
+                channel_id="C0TRAIN",
+                script="train.py",
+                state=RunState.SUCCEEDED,
+                created_at=yesterday + timedelta(hours=1),
+                started_at=yesterday + timedelta(hours=1),
+                ended_at=yesterday + timedelta(hours=9),
+            )
+        )
 
     digest()
 

@@ -39,8 +39,11 @@ def legends(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[list[str]]]:
 
     def spy(self: Figure, *args: Any, **kwargs: Any) -> None:
         legends = [legend for legend in (ax.get_legend() for ax in self.axes) if legend is not None]
-        shown = [t._preprocess_math(t.get_text())  # type: ignore[attr-defined]
-                 for legend in legends for t in legend.get_texts()]
+        shown = [
+            t._preprocess_math(t.get_text())  # type: ignore[attr-defined]
+            for legend in legends
+            for t in legend.get_texts()
+        ]
         assert all(math is False for _, math in shown), shown  # nothing is parsed as mathtext
         seen.append([text for text, _ in shown])
         save(self, *args, **kwargs)
@@ -54,10 +57,19 @@ def spent_yesterday(svc: Services, fleet_seed: SeedInfo, people: list[str]) -> N
     yesterday = svc.clock().replace(hour=0) - timedelta(days=1)
     for n, user in enumerate(people):
         began = yesterday + timedelta(hours=2 * n)
-        svc.runs.create(Run(
-            run_id=f"r-spent-{n}", instance_id=gpu, user_id=user, channel_id="C0TRAIN", script="train.py",
-            state=RunState.SUCCEEDED, created_at=began, started_at=began, ended_at=began + timedelta(hours=1),
-        ))
+        svc.runs.create(
+            Run(
+                run_id=f"r-spent-{n}",
+                instance_id=gpu,
+                user_id=user,
+                channel_id="C0TRAIN",
+                script="train.py",
+                state=RunState.SUCCEEDED,
+                created_at=began,
+                started_at=began,
+                ended_at=began + timedelta(hours=1),
+            )
+        )
 
 
 @pytest.mark.usefixtures("morning")  # the clock at 09:00, two days after the fleet's launch

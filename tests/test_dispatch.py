@@ -49,7 +49,9 @@ def test_train_is_acked_fast_and_queued(settings: Settings, fake_redis: redis_mo
     assert job.args[0]["args"] == ["--epochs", "3"] and job.args[1]["user_id"] == "U0ALICE"
 
 
-def test_usage_error_is_ephemeral_and_queues_nothing(settings: Settings, fake_redis: redis_mod.Redis, slack: FakeSlack) -> None:
+def test_usage_error_is_ephemeral_and_queues_nothing(
+    settings: Settings, fake_redis: redis_mod.Redis, slack: FakeSlack
+) -> None:
     app = make_app(settings, fake_redis, slack)
     resp = app.dispatch(s.command(f"train {IID} train.py --epochs 3"))
     assert resp.status == 200

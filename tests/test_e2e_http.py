@@ -61,12 +61,36 @@ def processes(
     web_log = open(tmp_path / "web.log", "w")  # noqa: SIM115 (lives as long as the process)
     worker_log = open(tmp_path / "worker.log", "w")  # noqa: SIM115
     web = subprocess.Popen(
-        [str(bindir / "gunicorn"), "bot.web:create()", "--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "4"],
-        env=env, stdout=subprocess.DEVNULL, stderr=web_log,
+        [
+            str(bindir / "gunicorn"),
+            "bot.web:create()",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "1",
+            "--threads",
+            "4",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=web_log,
     )
     worker = subprocess.Popen(
-        [str(bindir / "rq"), "worker", "--worker-class", "workers.worker.RunctlWorker", "--with-scheduler", "--url", REDIS_URL, "runctl-long", "runctl", "runctl-events"],
-        env=env, stdout=worker_log, stderr=subprocess.STDOUT,
+        [
+            str(bindir / "rq"),
+            "worker",
+            "--worker-class",
+            "workers.worker.RunctlWorker",
+            "--with-scheduler",
+            "--url",
+            REDIS_URL,
+            "runctl-long",
+            "runctl",
+            "runctl-events",
+        ],
+        env=env,
+        stdout=worker_log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -108,7 +132,9 @@ def post(url: str, body: str, headers: dict[str, str]) -> tuple[int, str]:
 def test_train_over_http_runs_to_the_end(processes: str, fleet_seed: SeedInfo, slack: FakeSlack) -> None:
     slack.reset()
     iid = fleet_seed.instances["gpu-box-1"]
-    body = s.command_body(f"train {iid} train_with_checkpoints.py -- --epochs 2 --steps-per-epoch 2 --step-seconds 0.05")
+    body = s.command_body(
+        f"train {iid} train_with_checkpoints.py -- --epochs 2 --steps-per-epoch 2 --step-seconds 0.05"
+    )
     status, text = post(processes, body, s.sign(body))
     assert status == 200
     assert "Queued run" in json.loads(text)["text"]

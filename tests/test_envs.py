@@ -48,9 +48,7 @@ def wheel(name: str, version: str) -> bytes:
     """A minimal pure-Python wheel: installs with no build step and no network."""
     files = {
         f"{name}/__init__.py": f"VERSION = {version!r}\n".encode(),
-        f"{name}-{version}.dist-info/METADATA": (
-            f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
-        ).encode(),
+        f"{name}-{version}.dist-info/METADATA": (f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n").encode(),
         f"{name}-{version}.dist-info/WHEEL": (
             b"Wheel-Version: 1.0\nGenerator: runctl-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
         ),
@@ -127,8 +125,7 @@ def built(sandbox: Sandbox, iid: str) -> int:
     return sum(
         1
         for run_dir in (sandbox.instance_dir(iid) / "runs").iterdir()
-        if (run_dir / "setup.log").exists()
-        and (run_dir / "setup.log").read_text().startswith("runctl: building")
+        if (run_dir / "setup.log").exists() and (run_dir / "setup.log").read_text().startswith("runctl: building")
     )
 
 
@@ -246,7 +243,11 @@ def test_interpreter_from_the_instance_tag_builds_an_env_that_sees_its_packages(
     # the agent's python3 gets an environment of its own, not this one
     svc.fleet.ec2.delete_tags(Resources=[iid], Tags=[{"Key": "runctl:python"}])
     plain = run_train(svc, worker, iid, script="train.py")
-    assert plain.state is RunState.SUCCEEDED and plain.python == svc.settings.RUNCTL_PYTHON and plain.env_hash != run.env_hash
+    assert (
+        plain.state is RunState.SUCCEEDED
+        and plain.python == svc.settings.RUNCTL_PYTHON
+        and plain.env_hash != run.env_hash
+    )
 
     from workers.jobs.status import describe
 
@@ -276,7 +277,10 @@ def test_requirements_with_only_comments_skip_the_environment_step(
     svc: Services, worker: InlineWorker, fleet_seed: SeedInfo, sandbox: Sandbox, deps_repo: Path
 ) -> None:
     iid = fleet_seed.instances["cpu-box"]
-    commit(deps_repo, {"requirements.txt": "# pinned later\n\n   # torch comes with the AMI\n", "plain.py": "print('ok')\n"})
+    commit(
+        deps_repo,
+        {"requirements.txt": "# pinned later\n\n   # torch comes with the AMI\n", "plain.py": "print('ok')\n"},
+    )
     run = run_train(svc, worker, iid, script="plain.py")
     assert run.state is RunState.SUCCEEDED and run.env_hash is None
     assert any("names no packages" in n for n in run.notes)

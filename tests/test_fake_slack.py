@@ -347,8 +347,8 @@ def test_file_uploads_are_refused_as_slack_refuses_them(fake: FakeSlack, client:
     got = client.files_getUploadURLExternal(filename="a.log", length=2)
     urllib.request.urlopen(urllib.request.Request(got["upload_url"], data=b"ok", method="POST")).read()
     files = [{"id": got["file_id"], "title": "a.log"}]
-    assert _error(lambda: client.files_completeUploadExternal(files=files, channels=["C1", "C2"], thread_ts=parent)) == (
-        "invalid_arguments"
-    )
+    assert _error(
+        lambda: client.files_completeUploadExternal(files=files, channels=["C1", "C2"], thread_ts=parent)
+    ) == ("invalid_arguments")
     client.files_completeUploadExternal(files=files, channel_id="C1", thread_ts=parent)
     assert [(f.channel, f.thread_ts, f.content) for f in fake.files] == [("C1", parent, b"ok")]

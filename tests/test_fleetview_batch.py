@@ -58,8 +58,14 @@ def trips(svc: Services, monkeypatch: pytest.MonkeyPatch) -> RoundTrips:
 
 def run(iid: str, user: str, state: RunState, n: int = 1) -> Run:
     return Run(
-        run_id=f"r-{iid[-6:]}-{n}", instance_id=iid, user_id=user, channel_id="C0TRAIN", script="train.py",
-        state=state, created_at=NOW - 3 * H + n * timedelta(minutes=1), started_at=NOW - 3 * H,
+        run_id=f"r-{iid[-6:]}-{n}",
+        instance_id=iid,
+        user_id=user,
+        channel_id="C0TRAIN",
+        script="train.py",
+        state=state,
+        created_at=NOW - 3 * H + n * timedelta(minutes=1),
+        started_at=NOW - 3 * H,
         ended_at=NOW - H if state.ended else None,
     )
 
@@ -168,12 +174,19 @@ def test_concurrent_batched_sweeps_open_one_interval_per_instance(real_redis: re
     assert all(len(found[i].intervals_us) == 1 and found[i].running_since is not None for i in ids)
 
 
-
 def test_open_warnings_are_read_in_one_go_and_stale_entries_dropped(svc: Services, trips: RoundTrips) -> None:
     store = WarningStore(svc.redis)
     for i in range(200):
-        store.save(WarningRecord(instance_id=f"i-w{i:04d}", kind=Kind.UPTIME, generation=1, channel="C0OPS",
-                                 posted_at=NOW, updated_at=NOW))
+        store.save(
+            WarningRecord(
+                instance_id=f"i-w{i:04d}",
+                kind=Kind.UPTIME,
+                generation=1,
+                channel="C0OPS",
+                posted_at=NOW,
+                updated_at=NOW,
+            )
+        )
     svc.redis.sadd(OPEN_SET, "i-gone:cost")  # its record expired
 
     trips.count = 0

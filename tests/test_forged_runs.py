@@ -115,12 +115,20 @@ def test_alices_signed_meta_copied_to_another_instance_is_not_adopted_after_redi
 
 
 def test_a_forged_checkpoint_run_id_cannot_resume_into_alices_checkpoints(
-    app: App, svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, sandbox: Sandbox,  # noqa: F811
+    app: App,  # noqa: F811
+    svc: Services,
+    fleet_seed: SeedInfo,
+    slack: FakeSlack,
+    sandbox: Sandbox,
     worker: InlineWorker,
 ) -> None:
     alice_box, mallory_box = fleet_seed.instances["gpu-box-1"], fleet_seed.instances["cpu-box"]
-    cmd = TrainCommand(instance_id=alice_box, script="train_with_checkpoints.py", backup=True,
-                       args=("--epochs", "2", "--steps-per-epoch", "1", "--step-seconds", "0"))
+    cmd = TrainCommand(
+        instance_id=alice_box,
+        script="train_with_checkpoints.py",
+        backup=True,
+        args=("--epochs", "2", "--steps-per-epoch", "1", "--step-seconds", "0"),
+    )
     train(cmd.model_dump(mode="json"), ALICE.model_dump(mode="json"), "r-alice-ck")
     worker.drain(timeout=120)
     alice = svc.runs.get("r-alice-ck")

@@ -85,7 +85,9 @@ def test_a_user_flooding_signed_usage_errors_is_answered_and_not_slowed_down(
     assert Queue(QUEUE, connection=real_redis).count == 1
 
 
-def test_admins_audit_records_survive_a_flood(settings: Settings, real_redis: redis_mod.Redis, slack: FakeSlack) -> None:
+def test_admins_audit_records_survive_a_flood(
+    settings: Settings, real_redis: redis_mod.Redis, slack: FakeSlack
+) -> None:
     """One user's flood cannot evict the others' records from the length-capped stream:
     past RUNCTL_AUDIT_PER_MINUTE a user's records are counted, and the count recorded."""
     settings.RUNCTL_AUDIT_MAXLEN = 100
@@ -101,7 +103,9 @@ def test_admins_audit_records_survive_a_flood(settings: Settings, real_redis: re
     assert len(mallory) <= 2 * cap + 3  # if the flood crossed a minute: cap + marker, summary + cap + marker
     assert any(r.decision == "dropped" and "are dropped" in r.outcome for r in mallory)
     # Mallory's next record in a later minute first records how many were dropped.
-    later = audit.Record(user="U0MALLORY", decision="failed", text="/runctl status", time=records[0].time + timedelta(minutes=2))
+    later = audit.Record(
+        user="U0MALLORY", decision="failed", text="/runctl status", time=records[0].time + timedelta(minutes=2)
+    )
     audit.record(real_redis, settings.RUNCTL_AUDIT_MAXLEN, later, cap)
     mallory = [r for r in audit.newest(real_redis, 1000) if r.user == "U0MALLORY"]
     counted = [int(m.group(1)) for r in mallory if (m := re.match(r"(\d+) more from U0MALLORY dropped", r.outcome))]

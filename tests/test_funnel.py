@@ -99,11 +99,7 @@ def break_aws(svc: Services, service: str = "ec2") -> None:
 def failed_jobs(svc: Services) -> list[RqJob]:
     from rq.registry import FailedJobRegistry
 
-    ids = [
-        i
-        for name in QUEUES
-        for i in FailedJobRegistry(queue=Queue(name, connection=svc.redis)).get_job_ids()
-    ]
+    ids = [i for name in QUEUES for i in FailedJobRegistry(queue=Queue(name, connection=svc.redis)).get_job_ids()]
     return [RqJob.fetch(i, connection=svc.redis) for i in ids]
 
 
@@ -117,10 +113,12 @@ def waiting(svc: Services) -> int:
 Setup = Callable[[Services, SeedInfo, FakeSlack, InlineWorker, pytest.MonkeyPatch], tuple[Actor, str]]
 
 
-def _command(make: Callable[[str], Command], box: str = "gpu-box-1", who: Actor = ALICE,
-             run_id: str | None = None) -> Setup:
-    def setup(svc: Services, seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, mp: pytest.MonkeyPatch
-              ) -> tuple[Actor, str]:
+def _command(
+    make: Callable[[str], Command], box: str = "gpu-box-1", who: Actor = ALICE, run_id: str | None = None
+) -> Setup:
+    def setup(
+        svc: Services, seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, mp: pytest.MonkeyPatch
+    ) -> tuple[Actor, str]:
         cmd = make(seed.instances[box])
         break_aws(svc)
         enqueue(svc.queue, cmd, who, run_id)
@@ -130,8 +128,9 @@ def _command(make: Callable[[str], Command], box: str = "gpu-box-1", who: Actor 
     return setup
 
 
-def _audit_job(svc: Services, seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, mp: pytest.MonkeyPatch
-               ) -> tuple[Actor, str]:
+def _audit_job(
+    svc: Services, seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, mp: pytest.MonkeyPatch
+) -> tuple[Actor, str]:
     def timeout(*_: Any, **__: Any) -> None:
         raise RedisTimeout("Timeout reading from socket")
 
@@ -140,8 +139,9 @@ def _audit_job(svc: Services, seed: SeedInfo, slack: FakeSlack, worker: InlineWo
     return ADMIN, "/runctl resources"
 
 
-def _terminate_click(svc: Services, seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, mp: pytest.MonkeyPatch
-                     ) -> tuple[Actor, str]:
+def _terminate_click(
+    svc: Services, seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, mp: pytest.MonkeyPatch
+) -> tuple[Actor, str]:
     iid = seed.instances["cpu-box"]
     enqueue(svc.queue, TerminateCommand(instance_id=iid), ALICE)
     worker.drain()
@@ -151,8 +151,9 @@ def _terminate_click(svc: Services, seed: SeedInfo, slack: FakeSlack, worker: In
     return ALICE, f"/runctl status {iid}"
 
 
-def _resume_click(svc: Services, seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, mp: pytest.MonkeyPatch
-                  ) -> tuple[Actor, str]:
+def _resume_click(
+    svc: Services, seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, mp: pytest.MonkeyPatch
+) -> tuple[Actor, str]:
     svc.redis.set("runctl:run:r-old", '{"run_id": "r-old", "written_by": "a newer runctl"}')
     svc.queue.enqueue(JobPath.RESUME.value, "r-old", ALICE.model_dump(mode="json"), "1.000")
     return ALICE, "/runctl resources"
@@ -160,8 +161,10 @@ def _resume_click(svc: Services, seed: SeedInfo, slack: FakeSlack, worker: Inlin
 
 def _unreadable_run_click(path: JobPath) -> Setup:
     """A click on a run whose record another version wrote."""
-    def setup(svc: Services, seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, mp: pytest.MonkeyPatch
-              ) -> tuple[Actor, str]:
+
+    def setup(
+        svc: Services, seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, mp: pytest.MonkeyPatch
+    ) -> tuple[Actor, str]:
         svc.redis.set("runctl:run:r-old", '{"run_id": "r-old", "written_by": "a newer runctl"}')
         svc.queue.enqueue(path.value, "r-old", ALICE.model_dump(mode="json"))
         return ALICE, "/runctl resources"
@@ -170,8 +173,9 @@ def _unreadable_run_click(path: JobPath) -> Setup:
 
 
 def _autostop_click(path: JobPath) -> Setup:
-    def setup(svc: Services, seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, mp: pytest.MonkeyPatch
-              ) -> tuple[Actor, str]:
+    def setup(
+        svc: Services, seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, mp: pytest.MonkeyPatch
+    ) -> tuple[Actor, str]:
         iid = seed.instances["gpu-box-1"]
         break_aws(svc)
         svc.redis.hset("runctl:autostop", iid, '{"instance_id": "' + iid + '"}')  # written by another version
@@ -182,16 +186,18 @@ def _autostop_click(path: JobPath) -> Setup:
 
 
 def _warning_click(path: JobPath) -> Setup:
-    def setup(svc: Services, seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, mp: pytest.MonkeyPatch
-              ) -> tuple[Actor, str]:
+    def setup(
+        svc: Services, seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, mp: pytest.MonkeyPatch
+    ) -> tuple[Actor, str]:
         iid = seed.instances["gpu-box-1"]
         if path is JobPath.WARNING_STOP_NOW:
             break_aws(svc)
             svc.queue.enqueue(path.value, iid, Kind.UPTIME.value, ALICE.model_dump(mode="json"))
         else:  # the warning's record is unreadable (written by another version)
             svc.redis.set(f"runctl:warn:{iid}:uptime", '{"kind": "uptime"}')
-            svc.queue.enqueue(path.value, iid, Kind.UPTIME.value, ALICE.user_id, *([""] if path is JobPath.WARNING_KEEP
-                                                                                   else []))
+            svc.queue.enqueue(
+                path.value, iid, Kind.UPTIME.value, ALICE.user_id, *([""] if path is JobPath.WARNING_KEEP else [])
+            )
         return ALICE, f"/runctl status {iid}"
 
     return setup
@@ -270,8 +276,13 @@ def test_every_queued_path_gives_its_job_the_arguments_and_the_actor_where_the_f
 
 @pytest.mark.parametrize("job", list(CRASHES))
 def test_an_unexpected_exception_reaches_the_person_and_the_audit_trail(
-    job: str, svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker,
-    policy_file: Path, monkeypatch: pytest.MonkeyPatch,
+    job: str,
+    svc: Services,
+    fleet_seed: SeedInfo,
+    slack: FakeSlack,
+    worker: InlineWorker,
+    policy_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     who, check = CRASHES[job](svc, fleet_seed, slack, worker, monkeypatch)
     worker.drain()
@@ -286,7 +297,11 @@ def test_an_unexpected_exception_reaches_the_person_and_the_audit_trail(
 
 
 def test_a_crashed_train_fails_its_run_in_its_own_thread(
-    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, policy_file: Path,
+    svc: Services,
+    fleet_seed: SeedInfo,
+    slack: FakeSlack,
+    worker: InlineWorker,
+    policy_file: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     CRASHES["train"](svc, fleet_seed, slack, worker, monkeypatch)
@@ -304,8 +319,18 @@ def test_a_crashed_clock_or_monitor_job_is_audited_and_left_to_rq(
 ) -> None:
     if name == "monitor tick":
         iid = fleet_seed.instances["gpu-box-1"]
-        svc.runs.save(svc.runs.create(Run(run_id="r-due", instance_id=iid, user_id="U0ALICE", channel_id=CHANNEL,
-                                          script="train.py", state=RunState.RUNNING)))
+        svc.runs.save(
+            svc.runs.create(
+                Run(
+                    run_id="r-due",
+                    instance_id=iid,
+                    user_id="U0ALICE",
+                    channel_id=CHANNEL,
+                    script="train.py",
+                    state=RunState.RUNNING,
+                )
+            )
+        )
         break_aws(svc, "ssm")
         schedule(svc, "r-due", timedelta(0))
     else:
@@ -315,7 +340,12 @@ def test_a_crashed_clock_or_monitor_job_is_audited_and_left_to_rq(
     worker.work()  # once: a crashed tick reschedules its runs, so draining would never end
 
     entry = audit.newest(svc.redis, 1)[0]
-    assert (entry.user, entry.text, entry.decision, entry.outcome) == ("runctl", name, "failed", "internal error: KeyError")
+    assert (entry.user, entry.text, entry.decision, entry.outcome) == (
+        "runctl",
+        name,
+        "failed",
+        "internal error: KeyError",
+    )
     assert failed_jobs(svc)
     if name == "monitor tick":  # the run it had claimed is still followed
         assert svc.redis.zscore("runctl:monitor:due", "r-due") is not None
@@ -336,7 +366,12 @@ ACTS: dict[str, tuple[str, str]] = {
 @pytest.mark.parametrize("revoked", list(REVOKED))
 @pytest.mark.parametrize("name", list(ACTS))
 def test_a_policy_change_between_queueing_and_acting_is_honoured(
-    name: str, revoked: str, svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker,
+    name: str,
+    revoked: str,
+    svc: Services,
+    fleet_seed: SeedInfo,
+    slack: FakeSlack,
+    worker: InlineWorker,
     policy_file: Path,
 ) -> None:
     text, box = ACTS[name]

@@ -61,8 +61,13 @@ def live_run(svc: Services, sandbox: Sandbox, iid: str, pid: int) -> Run:
     (rdir / "pid").write_text(f"{pid}\n")
     (rdir / "training.log").write_text("epoch 1/10 loss=0.5\n")
     run = Run(
-        run_id=RUN_ID, instance_id=iid, user_id="U0ALICE", channel_id="C0TRAIN",
-        script="train.py", state=RunState.RUNNING, started_at=svc.clock(),
+        run_id=RUN_ID,
+        instance_id=iid,
+        user_id="U0ALICE",
+        channel_id="C0TRAIN",
+        script="train.py",
+        state=RunState.RUNNING,
+        started_at=svc.clock(),
     )
     svc.runs.create(run)
     return svc.runs.save(run)
@@ -74,7 +79,11 @@ def progress_block(slack: FakeSlack, ts: str | None) -> str:
 
 
 def test_status_and_the_run_message_show_each_gpu_from_nvidia_smi(
-    svc: Services, fleet_seed: SeedInfo, sandbox: Sandbox, slack: FakeSlack, training_process: int,
+    svc: Services,
+    fleet_seed: SeedInfo,
+    sandbox: Sandbox,
+    slack: FakeSlack,
+    training_process: int,
     nvidia_smi: Path,
 ) -> None:
     nvidia_smi.write_text("0, 87, 10035, 24564\n1, 3, 512, 24564\n")  # what nvidia-smi prints: MiB, %
@@ -107,7 +116,11 @@ def test_without_nvidia_smi_nothing_about_gpus_is_shown(
 
 
 def test_the_sweep_asks_about_a_live_run_whose_gpus_sit_near_zero(
-    svc: Services, fleet_seed: SeedInfo, sandbox: Sandbox, slack: FakeSlack, training_process: int,
+    svc: Services,
+    fleet_seed: SeedInfo,
+    sandbox: Sandbox,
+    slack: FakeSlack,
+    training_process: int,
     nvidia_smi: Path,
 ) -> None:
     iid = fleet_seed.instances["gpu-box-2"]

@@ -35,8 +35,13 @@ IID = "i-0123456789abcdef0"
         (
             f"train {IID} t.py --ref feature/x --no-wait --force --checkpoint-interval 5 -- --epochs 10 'a b'",
             c.TrainCommand(
-                instance_id=IID, script="t.py", ref="feature/x", wait=False, force=True,
-                checkpoint_interval=5, args=("--epochs", "10", "a b"),
+                instance_id=IID,
+                script="t.py",
+                ref="feature/x",
+                wait=False,
+                force=True,
+                checkpoint_interval=5,
+                args=("--epochs", "10", "a b"),
             ),
         ),
         (f"train {IID} t.py --sync-code=false", c.TrainCommand(instance_id=IID, script="t.py", sync_code=False)),
@@ -47,7 +52,10 @@ IID = "i-0123456789abcdef0"
         (f"stop {IID} --grace 30", c.StopCommand(instance_id=IID, grace=30)),
         (f"start {IID} --no-wait", c.StartCommand(instance_id=IID, wait=False)),
         (f"terminate {IID}", c.TerminateCommand(instance_id=IID)),
-        ("resources --all --sort uptime --user <@U012AB|ann>", c.ResourcesCommand(all=True, sort="uptime", user="U012AB")),
+        (
+            "resources --all --sort uptime --user <@U012AB|ann>",
+            c.ResourcesCommand(all=True, sort="uptime", user="U012AB"),
+        ),
         ("resources --user @alice", c.ResourcesCommand(user="@alice")),
         ("resources --user @alice.smith-2", c.ResourcesCommand(user="@alice.smith-2")),
         ("audit --user '@Alice Smith'", c.AuditCommand(user="@Alice Smith")),
@@ -218,8 +226,31 @@ def test_a_mistyped_command_is_answered_privately_with_the_fix(
 
 
 words = st.sampled_from(
-    ["train", "status", "stop", "start", "terminate", "resources", "checkpoints", "audit", "help",
-     IID, "t.py", "--", "--ref", "--force", "--no-wait", "--grace", "--sort", "--user", "--run", "'", '"', "=", "5"]
+    [
+        "train",
+        "status",
+        "stop",
+        "start",
+        "terminate",
+        "resources",
+        "checkpoints",
+        "audit",
+        "help",
+        IID,
+        "t.py",
+        "--",
+        "--ref",
+        "--force",
+        "--no-wait",
+        "--grace",
+        "--sort",
+        "--user",
+        "--run",
+        "'",
+        '"',
+        "=",
+        "5",
+    ]
 )
 
 
@@ -239,7 +270,10 @@ def test_any_text_gives_a_model_or_a_usage_error(text: str) -> None:
     [
         ("status gpu-box-1", c.StatusCommand(instance_id="gpu-box-1")),
         ("stop gpu-box-1 --grace 30", c.StopCommand(instance_id="gpu-box-1", grace=30)),
-        ("train gpu-box-1 train.py -- --epochs 2", c.TrainCommand(instance_id="gpu-box-1", script="train.py", args=("--epochs", "2"))),
+        (
+            "train gpu-box-1 train.py -- --epochs 2",
+            c.TrainCommand(instance_id="gpu-box-1", script="train.py", args=("--epochs", "2")),
+        ),
         ("audit --instance my.box_2", c.AuditCommand(instance_id="my.box_2")),
     ],
 )

@@ -53,9 +53,7 @@ def wait(condition: Callable[[], object], what: str, procs: Procs, timeout: floa
         time.sleep(0.05)
 
 
-def queue_train(
-    r: redis_mod.Redis, iid: str, who: Actor, *args: str, script: str = "train_with_checkpoints.py"
-) -> str:
+def queue_train(r: redis_mod.Redis, iid: str, who: Actor, *args: str, script: str = "train_with_checkpoints.py") -> str:
     run_id = f"r-proc-{uuid.uuid4().hex[:10]}"
     queue(r, TrainCommand(instance_id=iid, script=script, args=args), who, run_id)
     return run_id
@@ -77,7 +75,9 @@ def test_flushall_mid_run_a_second_train_is_refused_and_the_end_is_reported_in_t
     procs.start("clock")
     iid = fleet_seed.instances["gpu-box-1"]
     run_dir = sandbox.instance_dir(iid) / "runs"
-    run_id = queue_train(real_redis, iid, ALICE, "--epochs", "30", "--steps-per-epoch", "2", "--step-seconds", "0.4")  # 24 s: live through a reconcile pass even on a loaded machine
+    run_id = queue_train(
+        real_redis, iid, ALICE, "--epochs", "30", "--steps-per-epoch", "2", "--step-seconds", "0.4"
+    )  # 24 s: live through a reconcile pass even on a loaded machine
     runs = RunStore(real_redis)
 
     def running() -> bool:
@@ -112,13 +112,18 @@ def test_flushall_mid_run_a_second_train_is_refused_and_the_end_is_reported_in_t
 
 
 def test_sigkill_of_the_worker_while_a_tick_polls_the_run_its_end_is_still_reported(
-    real_redis: redis_mod.Redis, sandbox: Sandbox, slack: FakeSlack, example_repo: Path, tmp_path: Path,
+    real_redis: redis_mod.Redis,
+    sandbox: Sandbox,
+    slack: FakeSlack,
+    example_repo: Path,
+    tmp_path: Path,
     fleet_seed: SeedInfo,
 ) -> None:
     slack.reset()
     # The reconcile stays out of it (it runs once, at the clock's start): the lease alone heals.
-    procs = Procs(sandbox, slack, example_repo, tmp_path, RUNCTL_RECONCILE_SECONDS="3600",
-                  RUNCTL_MONITOR_LEASE_SECONDS="4")
+    procs = Procs(
+        sandbox, slack, example_repo, tmp_path, RUNCTL_RECONCILE_SECONDS="3600", RUNCTL_MONITOR_LEASE_SECONDS="4"
+    )
     try:
         first = procs.start("worker")
         procs.start("clock")
@@ -126,8 +131,11 @@ def test_sigkill_of_the_worker_while_a_tick_polls_the_run_its_end_is_still_repor
         run_dir = sandbox.instance_dir(iid) / "runs"
         run_id = queue_train(real_redis, iid, ALICE, "--epochs", "8", "--steps-per-epoch", "2", "--step-seconds", "0.4")
         runs = RunStore(real_redis)
-        wait(lambda: (run_dir / run_id / "pid").exists() and runs.get(run_id).state.value == "running",  # type: ignore[union-attr]
-             "the run to start", procs)
+        wait(
+            lambda: (run_dir / run_id / "pid").exists() and runs.get(run_id).state.value == "running",  # type: ignore[union-attr]
+            "the run to start",
+            procs,
+        )
         parent_ts = runs.get(run_id).message_ts  # type: ignore[union-attr]
         assert parent_ts
 
@@ -164,7 +172,11 @@ def with_env_step(example_repo: Path, dest: Path) -> Path:
 
 
 def test_a_long_environment_build_delays_neither_another_runs_updates_nor_a_status(
-    real_redis: redis_mod.Redis, sandbox: Sandbox, slack: FakeSlack, example_repo: Path, tmp_path: Path,
+    real_redis: redis_mod.Redis,
+    sandbox: Sandbox,
+    slack: FakeSlack,
+    example_repo: Path,
+    tmp_path: Path,
     fleet_seed: SeedInfo,
 ) -> None:
     slack.reset()
@@ -176,15 +188,20 @@ def test_a_long_environment_build_delays_neither_another_runs_updates_nor_a_stat
         procs.start("clock")
         live_iid, build_iid = fleet_seed.instances["gpu-box-1"], fleet_seed.instances["cpu-box"]
         runs = RunStore(real_redis)
-        live = queue_train(real_redis, live_iid, ALICE, "--epochs", "60", "--steps-per-epoch", "2",
-                           "--step-seconds", "0.5")
+        live = queue_train(
+            real_redis, live_iid, ALICE, "--epochs", "60", "--steps-per-epoch", "2", "--step-seconds", "0.5"
+        )
         wait(lambda: (sandbox.instance_dir(live_iid) / "runs" / live / "pid").exists(), "the live run", procs)
         parent_ts = runs.get(live).message_ts  # type: ignore[union-attr]
 
         sandbox.slow(build_iid, build_seconds, matching=".runctl-ready")  # only the environment step
         building = queue_train(real_redis, build_iid, BOB, "--epochs", "1", script="envjob/train_with_checkpoints.py")
-        wait(lambda: runs.get(building) is not None and runs.get(building).state.value == "setting up environment",  # type: ignore[union-attr]
-             "the environment build", procs, timeout=60)
+        wait(
+            lambda: runs.get(building) is not None and runs.get(building).state.value == "setting up environment",  # type: ignore[union-attr]
+            "the environment build",
+            procs,
+            timeout=60,
+        )
         began = time.monotonic()
 
         time.sleep(3)
@@ -197,8 +214,11 @@ def test_a_long_environment_build_delays_neither_another_runs_updates_nor_a_stat
         assert still is not None and still.state.value == "setting up environment"  # the window held
         window = (began, time.monotonic())
 
-        updates = [c.at for c in slack.calls_to("chat.update") if c.params.get("ts") == parent_ts
-                   and window[0] <= c.at <= window[1]]
+        updates = [
+            c.at
+            for c in slack.calls_to("chat.update")
+            if c.params.get("ts") == parent_ts and window[0] <= c.at <= window[1]
+        ]
         gaps = [b - a for a, b in zip([window[0], *updates], [*updates, window[1]], strict=True)]
         text = slack.ephemerals("U0CARL")[0].text
         assert live in text and "Live run" in text
@@ -206,8 +226,12 @@ def test_a_long_environment_build_delays_neither_another_runs_updates_nor_a_stat
         # The live run polls every RUNCTL_POLL_MAX_SECONDS (1 s) and updates its message each poll.
         assert len(updates) >= (window[1] - window[0]) / 3 and max(gaps) < 4, gaps
         sandbox.slow(build_iid, 0)
-        wait(lambda: runs.get(building) is not None and runs.get(building).state.ended, "the build's run", procs,  # type: ignore[union-attr]
-             timeout=90)
+        wait(
+            lambda: runs.get(building) is not None and runs.get(building).state.ended,  # type: ignore[union-attr]
+            "the build's run",
+            procs,
+            timeout=90,
+        )
     finally:
         sandbox.slow(fleet_seed.instances["cpu-box"], 0)
         procs.stop()
@@ -219,26 +243,52 @@ def pool_of(worker_pid: int) -> int:
 
 
 def test_two_worker_processes_poll_each_of_twenty_runs_once_per_due_time(
-    real_redis: redis_mod.Redis, sandbox: Sandbox, slack: FakeSlack, example_repo: Path, tmp_path: Path,
+    real_redis: redis_mod.Redis,
+    sandbox: Sandbox,
+    slack: FakeSlack,
+    example_repo: Path,
+    tmp_path: Path,
     fleet_seed: SeedInfo,
 ) -> None:
     slack.reset()
     ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=sandbox.endpoint_url)
     made = ec2.run_instances(
-        ImageId=AMI_ID, InstanceType="t3.micro", MinCount=20, MaxCount=20,
+        ImageId=AMI_ID,
+        InstanceType="t3.micro",
+        MinCount=20,
+        MaxCount=20,
         TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": MANAGED_TAG, "Value": "true"}]}],
     )
     ids = [i["InstanceId"] for i in made["Instances"]]
     # Every run is due 1 s after its last poll; a worker process with one quick and one long horse.
-    procs = Procs(sandbox, slack, example_repo, tmp_path, RUNCTL_RECONCILE_SECONDS="3600",
-                  RUNCTL_POLL_MIN_SECONDS="1", RUNCTL_POLL_MAX_SECONDS="1",
-                  RUNCTL_QUICK_WORKERS="1", RUNCTL_LONG_WORKERS="1")
+    procs = Procs(
+        sandbox,
+        slack,
+        example_repo,
+        tmp_path,
+        RUNCTL_RECONCILE_SECONDS="3600",
+        RUNCTL_POLL_MIN_SECONDS="1",
+        RUNCTL_POLL_MAX_SECONDS="1",
+        RUNCTL_QUICK_WORKERS="1",
+        RUNCTL_LONG_WORKERS="1",
+    )
     try:
         pools = [procs.start("worker"), procs.start("worker")]
         procs.start("clock")
         run_ids = {
-            iid: queue_train(real_redis, iid, ALICE, "--epochs", "60", "--steps-per-epoch", "1",
-                             "--step-seconds", "2", "--checkpoint-interval", "1000")
+            iid: queue_train(
+                real_redis,
+                iid,
+                ALICE,
+                "--epochs",
+                "60",
+                "--steps-per-epoch",
+                "1",
+                "--step-seconds",
+                "2",
+                "--checkpoint-interval",
+                "1000",
+            )
             for iid in ids
         }
 
@@ -275,7 +325,12 @@ def test_two_worker_processes_poll_each_of_twenty_runs_once_per_due_time(
 
 
 def test_a_train_whose_worker_died_is_told_in_its_thread_not_repeated(
-    svc: Services, sandbox: Sandbox, slack: FakeSlack, example_repo: Path, tmp_path: Path, fleet_seed: SeedInfo,
+    svc: Services,
+    sandbox: Sandbox,
+    slack: FakeSlack,
+    example_repo: Path,
+    tmp_path: Path,
+    fleet_seed: SeedInfo,
 ) -> None:
     iid = fleet_seed.instances["gpu-box-1"]
     procs = Procs(sandbox, slack, example_repo, tmp_path, RUNCTL_RECONCILE_SECONDS="3600")
@@ -296,4 +351,6 @@ def test_a_train_whose_worker_died_is_told_in_its_thread_not_repeated(
     assert run is not None and run.message_ts
     told = [t for t in thread(slack, run.message_ts) if "worker stopped" in t]
     assert len(told) == 1 and "/runctl train" in told[0] and "picks it up" in told[0], thread(slack, run.message_ts)
-    assert not any(j.func_name == JobPath.TRAIN.value for name in QUEUES for j in Queue(name, connection=svc.redis).jobs)
+    assert not any(
+        j.func_name == JobPath.TRAIN.value for name in QUEUES for j in Queue(name, connection=svc.redis).jobs
+    )

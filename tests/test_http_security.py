@@ -139,8 +139,12 @@ def test_a_replayed_click_acts_once(web: str, real_redis: redis_mod.Redis) -> No
                 "type": "actions",
                 "block_id": BlockId.TERMINATE_ACTIONS,
                 "elements": [
-                    {"type": "button", "action_id": ActionId.TERMINATE_CANCEL, "value": "n",
-                     "text": {"type": "plain_text", "text": "Cancel"}}
+                    {
+                        "type": "button",
+                        "action_id": ActionId.TERMINATE_CANCEL,
+                        "value": "n",
+                        "text": {"type": "plain_text", "text": "Cancel"},
+                    }
                 ],
             }
         ],
@@ -252,8 +256,11 @@ def test_respond_goes_only_to_slack_response_urls(
     for url in (listener.url, "https://hooks.slack.com.evil.example/x", slack.response_url("ok")):
         payload = {  # a username of the wrong type: the handler raises, the gate (which ignores it) does not;
             # [Cancel] on a launch: a button everyone may click, so the gate lets it through
-            "type": "block_actions", "user": {"id": "U0ALICE", "username": 5}, "channel": {"id": "C0TRAIN"},
-            "trigger_id": f"t.{time.monotonic_ns()}", "response_url": url,
+            "type": "block_actions",
+            "user": {"id": "U0ALICE", "username": 5},
+            "channel": {"id": "C0TRAIN"},
+            "trigger_id": f"t.{time.monotonic_ns()}",
+            "response_url": url,
             "actions": [{"action_id": ActionId.LAUNCH_CANCEL, "value": "n", "action_ts": f"{time.time():.6f}"}],
         }
         app.dispatch(action(payload))

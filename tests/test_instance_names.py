@@ -32,8 +32,9 @@ def shown_in(m: Message) -> str:
     return "\n".join(texts([m]))
 
 
-def slash(svc: Services, slack: FakeSlack, worker: InlineWorker, text: str, user: str = "U0ALICE",
-          channel: str = "C0TRAIN") -> str:
+def slash(
+    svc: Services, slack: FakeSlack, worker: InlineWorker, text: str, user: str = "U0ALICE", channel: str = "C0TRAIN"
+) -> str:
     """A signed slash command, then every job it queued; returns the immediate reply's text."""
     app = build_app(svc.settings, svc.redis, WebClient(token=TOKEN, base_url=slack.base_url), token_verification=False)
     resp = app.dispatch(command(text, user=user, channel=channel))
@@ -55,8 +56,9 @@ def test_a_hostile_name_tag_is_shown_as_text_in_status_run_resources_and_termina
     status = "\n".join(everything(slack))
     assert SHOWN_NAME in status and "Train lock: free" in status
 
-    slash(svc, slack, worker, f"train {iid} train_with_checkpoints.py -- --epochs 1 --steps-per-epoch 1 "
-          "--step-seconds 0")
+    slash(
+        svc, slack, worker, f"train {iid} train_with_checkpoints.py -- --epochs 1 --steps-per-epoch 1 --step-seconds 0"
+    )
     run = svc.runs.latest(iid)
     assert run is not None and run.message_ts
     parent = next(m for m in slack.messages("C0TRAIN") if m.ts == run.message_ts)

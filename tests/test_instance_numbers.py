@@ -61,7 +61,9 @@ def test_runs_with_infinite_progress_keep_their_good_fields_and_the_other_run_up
         assert run.progress.eta_seconds is None and run.progress.updated_at is None
     worse = svc.runs.get(WORSE_ID)
     assert worse is not None and worse.progress is not None
-    assert worse.progress.epoch is None and worse.progress.total_steps is None and worse.progress.metrics == {"acc": 0.25}
+    assert (
+        worse.progress.epoch is None and worse.progress.total_steps is None and worse.progress.metrics == {"acc": 0.25}
+    )
 
 
 def test_progress_fields_out_of_bounds_are_dropped_one_by_one() -> None:

@@ -86,13 +86,18 @@ def train_ref(iid: str, script: str, run_id: str, *args: str) -> None:
 
 
 def listed(slack: FakeSlack, iid: str, run_id: str | None) -> str:
-    checkpoints(CheckpointsCommand(instance_id=iid, run_id=run_id).model_dump(mode="json"),
-                ALICE.model_dump(mode="json"))
+    checkpoints(
+        CheckpointsCommand(instance_id=iid, run_id=run_id).model_dump(mode="json"), ALICE.model_dump(mode="json")
+    )
     return text_of(slack.ephemerals("U0ALICE")[-1])
 
 
 def test_relative_writes_survive_the_next_sync_and_are_listed_and_counted(
-    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, sandbox: Sandbox, worker: InlineWorker,
+    svc: Services,
+    fleet_seed: SeedInfo,
+    slack: FakeSlack,
+    sandbox: Sandbox,
+    worker: InlineWorker,
     example_repo: Path,
 ) -> None:
     iid = fleet_seed.instances["gpu-box-1"]
@@ -111,7 +116,9 @@ def test_relative_writes_survive_the_next_sync_and_are_listed_and_counted(
     assert "'v2'" in (work2 / "relative.py").read_text()
     # ...while the first run's relative writes are all still there.
     assert sorted(p.name for p in (work1 / "checkpoints").iterdir()) == [
-        "ckpt-0001.json", "ckpt-0002.json", "ckpt-0003.json"
+        "ckpt-0001.json",
+        "ckpt-0002.json",
+        "ckpt-0003.json",
     ]
     assert json.loads((work1 / "checkpoints" / "ckpt-0003.json").read_text())["version"] == "v1"
     assert len((work1 / "outputs" / "metrics.jsonl").read_text().splitlines()) == 3
@@ -131,7 +138,11 @@ def test_relative_writes_survive_the_next_sync_and_are_listed_and_counted(
 
 
 def test_a_declared_checkpoint_dir_gets_runctls_and_output_dirs_are_searched(
-    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, sandbox: Sandbox, worker: InlineWorker,
+    svc: Services,
+    fleet_seed: SeedInfo,
+    slack: FakeSlack,
+    sandbox: Sandbox,
+    worker: InlineWorker,
     example_repo: Path,
 ) -> None:
     iid = fleet_seed.instances["gpu-box-2"]

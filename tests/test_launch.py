@@ -30,10 +30,12 @@ from .test_lifecycle import CHANNEL, as_dict, dispatch, send_click, text_of
 
 
 def launched_ids(svc: Services) -> list[str]:
-    pages = svc.fleet.ec2.get_paginator("describe_instances").paginate(Filters=[
-        {"Name": "tag-key", "Values": ["runctl:preset"]},
-        {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]},
-    ])
+    pages = svc.fleet.ec2.get_paginator("describe_instances").paginate(
+        Filters=[
+            {"Name": "tag-key", "Values": ["runctl:preset"]},
+            {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]},
+        ]
+    )
     return [i["InstanceId"] for page in pages for r in page["Reservations"] for i in r["Instances"]]
 
 
@@ -208,9 +210,7 @@ def test_no_capacity_names_the_zones_that_offer_the_type(
     assert launched_ids(svc) == []
 
 
-def test_cancel_launches_nothing(
-    svc: Services, template: LaunchSeed, slack: FakeSlack, worker: InlineWorker
-) -> None:
+def test_cancel_launches_nothing(svc: Services, template: LaunchSeed, slack: FakeSlack, worker: InlineWorker) -> None:
     slash(svc, slack, worker, "launch gpu")
     m = confirmation(slack)
     dispatch(svc, slack, worker, click(as_dict(m), ActionId.LAUNCH_CANCEL, "U0ALICE"))
@@ -246,10 +246,14 @@ def test_the_sandbox_agent_registers_only_with_the_ssm_managed_instance_core_pol
     ec2 = svc.fleet.ec2
     ids = {}
     for profile in (template.instance_profile, template.bare_profile):
-        made = ec2.run_instances(ImageId=template.ami, InstanceType="t3.medium", MinCount=1, MaxCount=1,
-                                 IamInstanceProfile={"Name": profile},
-                                 TagSpecifications=[{"ResourceType": "instance",
-                                                     "Tags": [{"Key": "runctl:preset", "Value": "t"}]}])
+        made = ec2.run_instances(
+            ImageId=template.ami,
+            InstanceType="t3.medium",
+            MinCount=1,
+            MaxCount=1,
+            IamInstanceProfile={"Name": profile},
+            TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "runctl:preset", "Value": "t"}]}],
+        )
         ids[profile] = made["Instances"][0]["InstanceId"]
     status = svc.fleet.agent_status(list(ids.values()))
     assert status == {ids[template.instance_profile]: "Online"}  # the bare one never registers

@@ -32,7 +32,10 @@ def launch(svc: Services, slack: FakeSlack, worker: InlineWorker, text: str) -> 
 
 
 def test_starting_a_stopped_launched_instance_past_the_cap_is_refused_with_the_numbers(
-    svc: Services, template: Any, slack: FakeSlack, worker: InlineWorker  # noqa: F811
+    svc: Services,
+    template: Any,  # noqa: F811
+    slack: FakeSlack,
+    worker: InlineWorker,
 ) -> None:
     first = launch(svc, slack, worker, "launch gpu --name first-gpu")
     slash(svc, slack, worker, f"stop {first}")
@@ -55,20 +58,27 @@ def test_starting_a_stopped_launched_instance_past_the_cap_is_refused_with_the_n
 
 
 def test_a_huge_disk_is_refused_and_an_allowed_disk_is_priced_in_the_quote(
-    svc: Services, template: Any, slack: FakeSlack, worker: InlineWorker  # noqa: F811
+    svc: Services,
+    template: Any,  # noqa: F811
+    slack: FakeSlack,
+    worker: InlineWorker,
 ) -> None:
     slash(svc, slack, worker, "launch gpu --disk 16384")
 
     refusal = slack.ephemerals("U0ALICE")[-1].text
-    assert ("Launch refused: a 16384 GB disk (about $1,310.72 a month) is past the cap: up to 500 GB for "
-            "everyone, 2000 GB for admins; without `--disk` it gets 200 GB") in refusal, refusal
+    assert (
+        "Launch refused: a 16384 GB disk (about $1,310.72 a month) is past the cap: up to 500 GB for "
+        "everyone, 2000 GB for admins; without `--disk` it gets 200 GB"
+    ) in refusal, refusal
     assert "`/runctl launch gpu` (its 200 GB) or `--disk 500` or less" in refusal
     assert not [m for m in slack.messages(CHANNEL) if "asks to *launch" in text_of(m)]
 
     slash(svc, slack, worker, "launch gpu --disk 300")
     quoted = text_of(confirmation(slack))
     assert "300 GB disk" in quoted
-    assert "300 GB gp3 disk: $24.00 a month, running or stopped, until terminated ($0.08/GB-month in us-east-1" in quoted
+    assert (
+        "300 GB gp3 disk: $24.00 a month, running or stopped, until terminated ($0.08/GB-month in us-east-1" in quoted
+    )
 
     # Admins may go past the range, up to the hard maximum, which binds them too.
     slash(svc, slack, worker, "launch gpu --disk 1500", user="U0ADMIN")

@@ -123,7 +123,7 @@ def test_stop_during_a_run_saves_a_checkpoint_on_sigterm_and_stops_the_instance(
     assert "Stopped" in text_of(parent)
     assert any(saved[0] in m.text for m in slack.thread(CHANNEL, parent.ts))
     # the stop script really ran on the instance, under dash
-    assert any("kill -\"$1\" -\"$pgid\"" in s for s in sandbox.sent_scripts(iid))
+    assert any('kill -"$1" -"$pgid"' in s for s in sandbox.sent_scripts(iid))
 
 
 def test_stop_with_the_default_interval_reports_the_checkpoint_it_already_had(
@@ -138,8 +138,11 @@ def test_stop_with_the_default_interval_reports_the_checkpoint_it_already_had(
     stop_cmd(iid)
 
     text = text_of(posted(slack, "stopped *gpu-box-1"))
-    found = re.search(r"the newest checkpoint \(epoch (\d+), `ckpt-epoch-(\d+)\.json`\) was already saved; "
-                      r"the partial epoch (\d+) is discarded", text)
+    found = re.search(
+        r"the newest checkpoint \(epoch (\d+), `ckpt-epoch-(\d+)\.json`\) was already saved; "
+        r"the partial epoch (\d+) is discarded",
+        text,
+    )
     assert found and int(found[1]) == int(found[2]) >= 2 and int(found[3]) == int(found[1]) + 1, text
     assert "SIGTERM handler" not in text and ":rotating_light:" not in text and "is lost" not in text
 
@@ -165,8 +168,16 @@ def test_a_script_that_ignores_sigterm_is_killed_and_the_loss_is_reported(
 ) -> None:
     iid = fleet_seed.instances["gpu-box-2"]
     run_id = train_on(
-        iid, "--epochs", "40", "--steps-per-epoch", "4", "--step-seconds", "0.75",
-        "--checkpoint-interval", "2", "--ignore-sigterm",
+        iid,
+        "--epochs",
+        "40",
+        "--steps-per-epoch",
+        "4",
+        "--step-seconds",
+        "0.75",
+        "--checkpoint-interval",
+        "2",
+        "--ignore-sigterm",
     )
     wait_for_epoch(sandbox, iid, run_id, 3)  # saved epoch 2, finished 3; epoch 4 ends 3 s later, after the grace
 

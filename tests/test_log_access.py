@@ -54,8 +54,10 @@ def test_the_log_of_a_dm_run_is_its_owners_and_the_admins_alone(
         slash(svc, slack, worker, asked, user=BOB)
         refusal = slack.ephemerals(BOB)[-1]
         assert refusal.channel == "C0TRAIN"
-        assert f"You can't read the log of run `{run_id}` here: it was started in a direct message by <@U0ALICE>" \
+        assert (
+            f"You can't read the log of run `{run_id}` here: it was started in a direct message by <@U0ALICE>"
             in refusal.text
+        )
         assert "privately to its owner and admins" in refusal.text and "Ask <@U0ALICE> or an admin" in refusal.text
     assert "alice's private line" not in "\n".join(m.text + str(m.blocks) for m in slack.ephemerals(BOB))
     assert len(sent_commands(svc, iid)) == sent and everything_posted(slack) == posted

@@ -97,8 +97,9 @@ def test_logs_tails_the_newest_run_with_lines_and_grep(
     assert len(shown) == 50 and shown[0].startswith("line 0071") and shown[-1].startswith("line 0120")
     head = sections(answer[0])[0]
     assert newest in head and "last 50 of 120 lines" in head
-    assert any(b.get("type") == "actions" and b["elements"][0]["action_id"] == ActionId.FULL_LOG
-               for b in answer[0].blocks)
+    assert any(
+        b.get("type") == "actions" and b["elements"][0]["action_id"] == ActionId.FULL_LOG for b in answer[0].blocks
+    )
 
     before = len(slack.thread("C0TRAIN", run.message_ts))
     ask(f"logs {iid} --lines 5 --grep epoch")
@@ -132,9 +133,11 @@ def test_hostile_log_lines_stay_within_slacks_limits(
         + b"nul\x00byte and bad utf-8 \xff\xfe\xc3(\n"
         + b"<!channel> ```closing``` & <@U0BOB> <https://evil|click>\n"
         + b"progress 10%\rprogress 50%\rprogress 100%\r\n"
-        + long_line + b"\n"
+        + long_line
+        + b"\n"
         + "caf\u00e9 \u2713\n".encode()
-        + b"&" * 3000 + b"\n"
+        + b"&" * 3000
+        + b"\n"
     )
     run = svc.runs.get(run_id)
     assert run is not None and run.message_ts
@@ -172,7 +175,8 @@ def test_full_log_attaches_the_complete_50_mb_log_and_leaves_nothing_in_s3(
         buttons = [e for b in message.blocks if b.get("type") == "actions" for e in b["elements"]]
         assert [(b["action_id"], b["value"]) for b in buttons] == [(ActionId.FULL_LOG, run_id)]
     data = b"".join(
-        f"{i:09d} epoch {i // 10000} step {i} loss={(i * 7919) % 10007 / 10007:.6f}\n".encode() for i in range(1_200_000)
+        f"{i:09d} epoch {i // 10000} step {i} loss={(i * 7919) % 10007 / 10007:.6f}\n".encode()
+        for i in range(1_200_000)
     )[: 50 * 1024 * 1024]
     assert len(data) == 50 * 1024 * 1024
     log_file(sandbox, iid, run_id).write_bytes(data)
@@ -280,8 +284,13 @@ def test_without_curl_or_base64_the_log_still_arrives_whole(
     path = tools(tmp_path, *BASICS, uploader)
     env = {"PATH": path}
 
-    out = subprocess.run(["sh", "-c", tail_script(str(root), None, 3, "$(touch nope)")],
-                         env=env, capture_output=True, timeout=60, check=True)
+    out = subprocess.run(
+        ["sh", "-c", tail_script(str(root), None, 3, "$(touch nope)")],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
     tail = parse_tail(out.stdout.decode())
     assert tail.run_id == run_id and tail.matches == 1
     assert tail.data == b"last line with 'quotes' $(touch nope) ; and \\ slashes\n"
@@ -289,8 +298,9 @@ def test_without_curl_or_base64_the_log_still_arrives_whole(
 
     key = f"runctl/logs/{run_id}/fallback-{uploader}"
     url = svc.fleet.presign(key, 300, method="put_object")
-    out = subprocess.run(["sh", "-c", upload_script(str(root), run_id, url)],
-                         env=env, capture_output=True, timeout=120, check=True)
+    out = subprocess.run(
+        ["sh", "-c", upload_script(str(root), run_id, url)], env=env, capture_output=True, timeout=120, check=True
+    )
     upload = parse_upload(out.stdout.decode())
     assert upload.ok, (upload, out.stderr)
     assert svc.fleet.s3.get_object(Bucket=BUCKET, Key=key)["Body"].read() == data

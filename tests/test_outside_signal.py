@@ -35,8 +35,13 @@ def wait_for(condition: object, what: str, timeout: float = 30) -> None:
 
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_run_stopped_by_a_signal_on_the_instance_is_stopped_not_failed(
-    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, sandbox: Sandbox, worker: InlineWorker,
-    signum: int, status: int,
+    svc: Services,
+    fleet_seed: SeedInfo,
+    slack: FakeSlack,
+    sandbox: Sandbox,
+    worker: InlineWorker,
+    signum: int,
+    status: int,
 ) -> None:
     iid = fleet_seed.instances["gpu-box-2"]
     run_id = f"r-signal-{status}"

@@ -78,12 +78,31 @@ def test_the_last_run_makes_its_user_the_owner_over_the_tag(
     iid = fleet_seed.instances["old-box"]  # stopped
     tag_owner(svc, iid, BOB)
     now = svc.clock()
-    svc.runs.create(Run(run_id="r-own-last", instance_id=iid, user_id=ALICE, channel_id=CHANNEL, script="t.py",
-                        state=RunState.STOPPED, created_at=now - timedelta(hours=2),
-                        started_at=now - timedelta(hours=2), ended_at=now - timedelta(hours=1)))
+    svc.runs.create(
+        Run(
+            run_id="r-own-last",
+            instance_id=iid,
+            user_id=ALICE,
+            channel_id=CHANNEL,
+            script="t.py",
+            state=RunState.STOPPED,
+            created_at=now - timedelta(hours=2),
+            started_at=now - timedelta(hours=2),
+            ended_at=now - timedelta(hours=1),
+        )
+    )
     # a refused run took no lock: it makes nobody the owner
-    svc.runs.create(Run(run_id="r-own-refused", instance_id=iid, user_id="U0CARL", channel_id=CHANNEL,
-                        script="t.py", state=RunState.REFUSED, created_at=now))
+    svc.runs.create(
+        Run(
+            run_id="r-own-refused",
+            instance_id=iid,
+            user_id="U0CARL",
+            channel_id=CHANNEL,
+            script="t.py",
+            state=RunState.REFUSED,
+            created_at=now,
+        )
+    )
     carl = slash(svc, slack, worker, f"start {iid} --no-wait", "U0CARL")  # the front door knows the runs
     bob = slash(svc, slack, worker, f"start {iid} --no-wait", BOB)
     assert svc.fleet.get(iid).state == "stopped"
@@ -118,11 +137,21 @@ def test_resume_is_the_stopped_runs_owners_or_an_admins(
 ) -> None:
     iid = fleet_seed.instances["gpu-box-1"]
     now = svc.clock()
-    stopped = svc.runs.create(Run(
-        run_id="r-own-stopped", instance_id=iid, user_id=ALICE, channel_id=CHANNEL, script="train_with_checkpoints.py",
-        state=RunState.STOPPED, ended_by="stop", created_at=now - timedelta(hours=1), started_at=now,
-        ended_at=now, checkpoint=Checkpoint(name="ckpt-epoch-00003.json", size=10, modified_at=now, epoch=3),
-    ))
+    stopped = svc.runs.create(
+        Run(
+            run_id="r-own-stopped",
+            instance_id=iid,
+            user_id=ALICE,
+            channel_id=CHANNEL,
+            script="train_with_checkpoints.py",
+            state=RunState.STOPPED,
+            ended_by="stop",
+            created_at=now - timedelta(hours=1),
+            started_at=now,
+            ended_at=now,
+            checkpoint=Checkpoint(name="ckpt-epoch-00003.json", size=10, modified_at=now, epoch=3),
+        )
+    )
     text, blocks = ready_blocks(f":white_check_mark: <@{ALICE}> started *gpu-box-1*.", stopped)
     svc.notifier.post(CHANNEL, text, blocks)
     report = posted(slack, "Resume it from there")

@@ -218,8 +218,18 @@ def test_each_command_at_the_front_door(
     app: App, real_redis: redis_mod.Redis, text: str, allowed: str, denied: str | None
 ) -> None:
     runs = RunStore(real_redis)
-    runs.save(runs.create(Run(run_id="r-alice", instance_id=IID, user_id=ALICE, channel_id="C0TRAIN", script="t.py",
-                              state=RunState.RUNNING)))
+    runs.save(
+        runs.create(
+            Run(
+                run_id="r-alice",
+                instance_id=IID,
+                user_id=ALICE,
+                channel_id="C0TRAIN",
+                script="t.py",
+                state=RunState.RUNNING,
+            )
+        )
+    )
     ok = app.dispatch(command(text, user=allowed))
     assert ok.status == 200 and ("queued" in reply_text(ok).lower() or not ok.body)  # quick ones ack empty
     assert [user for _, user in queued(real_redis, 1)] == [allowed]
@@ -274,7 +284,12 @@ def message(action_id: str, value: str = "nonce") -> dict[str, Any]:
                 "type": "actions",
                 "block_id": BlockId.TERMINATE_ACTIONS,
                 "elements": [
-                    {"type": "button", "action_id": action_id, "text": {"type": "plain_text", "text": "Go"}, "value": value}
+                    {
+                        "type": "button",
+                        "action_id": action_id,
+                        "text": {"type": "plain_text", "text": "Go"},
+                        "value": value,
+                    }
                 ],
             }
         ],
@@ -287,7 +302,12 @@ def test_a_click_by_someone_else_is_refused_privately(app: App, slack: FakeSlack
     (note,) = slack.ephemerals(BOB)
     assert "You can't `terminate`" in note.text and "<@U0ADMIN>" in note.text
     (entry,) = audit.newest(real_redis, 5)
-    assert (entry.user, entry.decision, entry.source, entry.text) == (BOB, "refused", "click", "click terminate_confirm")
+    assert (entry.user, entry.decision, entry.source, entry.text) == (
+        BOB,
+        "refused",
+        "click",
+        "click terminate_confirm",
+    )
 
 
 def test_a_click_is_checked_against_the_current_policy(

@@ -38,7 +38,10 @@ def test_price_comes_from_the_price_list_api_and_the_table_is_the_dated_fallback
     svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, sandbox: Sandbox
 ) -> None:
     odd = svc.fleet.ec2.run_instances(
-        ImageId=AMI_ID, InstanceType="x2iedn.xlarge", MinCount=1, MaxCount=1,
+        ImageId=AMI_ID,
+        InstanceType="x2iedn.xlarge",
+        MinCount=1,
+        MaxCount=1,
         TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": MANAGED_TAG, "Value": "true"}]}],
     )["Instances"][0]["InstanceId"]
     sandbox.prices.set("us-east-1", "g5.xlarge", "0.9130000000")  # AWS's price today, not the table's 1.006

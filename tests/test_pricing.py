@@ -67,9 +67,7 @@ def ec2(fleet: Fleet) -> Any:
 
 def count_calls(client: Any, operation: str) -> list[str]:
     calls: list[str] = []
-    client.meta.events.register(
-        f"before-call.ec2.{operation}", lambda **_: calls.append(operation)
-    )
+    client.meta.events.register(f"before-call.ec2.{operation}", lambda **_: calls.append(operation))
     return calls
 
 
@@ -90,9 +88,7 @@ def test_big_gpu_boxes_are_priced_in_us_east_1(book: PriceBook) -> None:
 def test_unknown_type_or_region_is_none_never_zero(book: PriceBook) -> None:
     assert book.on_demand("us-east-1", "g9.mega") is None
     assert book.on_demand("mars-north-1", "g5.xlarge") is None
-    assert Price(book.on_demand("us-east-1", "g9.mega"), "on-demand").describe() == (
-        "price unknown"
-    )
+    assert Price(book.on_demand("us-east-1", "g9.mega"), "on-demand").describe() == ("price unknown")
 
 
 def test_type_not_offered_in_region_is_absent(book: PriceBook) -> None:
@@ -106,9 +102,7 @@ def test_every_listed_family_is_priced_in_us_east_1(book: PriceBook) -> None:
 
 
 def test_every_shipped_price_is_a_positive_decimal_string() -> None:
-    doc = json.loads(
-        resources.files("workers").joinpath("data/prices.json").read_text(encoding="utf-8")
-    )
+    doc = json.loads(resources.files("workers").joinpath("data/prices.json").read_text(encoding="utf-8"))
     assert doc["currency"] == "USD"
     assert date.fromisoformat(doc["as_of"]) <= datetime.now(UTC).date()
     assert doc["source"]
@@ -205,8 +199,9 @@ def test_spot_miss_is_cached_too(fleet: Fleet, ec2: Any, redis_client: redis.Red
 
 
 def test_spot_takes_the_newest_entry_of_the_asked_zone(redis_client: redis.Redis) -> None:
-    fleet = Fleet(None, session=boto3.Session(region_name="us-east-1", aws_access_key_id="x",
-                                              aws_secret_access_key="x"))
+    fleet = Fleet(
+        None, session=boto3.Session(region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+    )
     history = [
         {"AvailabilityZone": AZ, "InstanceType": "m5.large", "SpotPrice": "0.0300",
          "Timestamp": datetime(2026, 1, 1, 10, tzinfo=UTC)},
@@ -230,9 +225,7 @@ def test_spot_takes_the_newest_entry_of_the_asked_zone(redis_client: redis.Redis
         stub.assert_no_pending_responses()
 
 
-def test_hourly_price_follows_the_lifecycle(
-    book: PriceBook, fleet: Fleet, redis_client: redis.Redis
-) -> None:
+def test_hourly_price_follows_the_lifecycle(book: PriceBook, fleet: Fleet, redis_client: redis.Redis) -> None:
     on_demand = hourly_price(book, fleet, redis_client, "us-east-1", AZ, "g5.xlarge", None)
     assert on_demand == Price(Decimal("1.006"), "on-demand", table_date=book.as_of)  # no Price List here
     assert on_demand.describe() == f"$1.006/h (table of {book.as_of:%Y-%m-%d})"
@@ -364,9 +357,7 @@ def test_build_table_refuses_conflicting_prices() -> None:
 
 
 def test_fetch_pages_through_get_products_with_the_linux_filters() -> None:
-    client = boto3.client(
-        "pricing", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
-    )
+    client = boto3.client("pricing", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
     filters = [
         {"Type": "TERM_MATCH", "Field": "operatingSystem", "Value": "Linux"},
         {"Type": "TERM_MATCH", "Field": "tenancy", "Value": "Shared"},
@@ -399,4 +390,3 @@ def test_write_atomically_leaves_only_the_finished_file(tmp_path: Path) -> None:
     write_atomically(target, {"as_of": "2026-01-01"})
     assert json.load(io.StringIO(target.read_text())) == {"as_of": "2026-01-01"}
     assert [p.name for p in tmp_path.iterdir()] == ["prices.json"]
-

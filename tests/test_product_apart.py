@@ -33,4 +33,3 @@ def test_bot_and_workers_import_nothing_of_the_sandbox() -> None:
         for path in sorted((ROOT / package).rglob("*.py"))
     }
     assert {path: names for path, names in offenders.items() if names} == {}
-

@@ -151,13 +151,13 @@ def test_step_only_progress_still_gets_a_bar() -> None:
 
 
 # The five-line progress recipe from the README.
-RECIPE = '''
+RECIPE = """
 import datetime, json, os
 def report_progress(**fields):  # epoch, total_epochs, step, total_steps, metrics, eta_seconds
     if path := os.environ.get("RUNCTL_PROGRESS_FILE"):
         with open(path + ".tmp", "w") as f: json.dump({**fields, "updated_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}, f)
         os.replace(path + ".tmp", path)  # atomic: the bot never reads half a file
-'''
+"""
 
 
 def test_the_readme_progress_recipe_is_understood(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -57,7 +57,11 @@ def test_meta_json_holds_what_rebuilds_the_record(svc: Services, fleet_seed: See
     assert run is not None and run.message_ts
     meta = RunMeta.model_validate_json((sandbox.instance_dir(iid) / "runs" / "r-meta" / "meta.json").read_text())
     assert (meta.user, meta.channel, meta.ts, meta.script, meta.ref) == (
-        "U0ALICE", "C0TRAIN", run.message_ts, "train_with_checkpoints.py", "main",
+        "U0ALICE",
+        "C0TRAIN",
+        run.message_ts,
+        "train_with_checkpoints.py",
+        "main",
     )
     assert meta.sha == run.sha and len(meta.sha) == 40
     assert meta.started_at is not None and meta.checkpoint_dir == "runs/r-meta/checkpoints"

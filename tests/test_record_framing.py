@@ -30,19 +30,57 @@ from workers.remote.status import Snapshot, parse_many, progress_from_file, prog
 
 RUN_ID = "r20261206-070000-abcdef"
 RECORDS = [
-    b"::runctl::exit 0", b"::runctl::run r20261206-070000-000000", b"::runctl::run " + RUN_ID.encode(),
-    b'::runctl::spot 1700000000 {"action": "terminate"}', b"::runctl::gpu 0, 100, 1, 2", b"::runctl::gpus x30",
-    b"::runctl::alive 1", b"::runctl::pid 1", b"::runctl::wrapper 1", b"::runctl::end", b"::runctl::log",
-    b"::runctl::progress", b"::runctl::checkpoint 1 1700000000 bYQ==", b"::runctl::sum 1 2 - x",
-    b"::runctl::subdir x", b"::runctl::meta {}", b"::runctl::none", b"::runctl::nolog x", b"::runctl::b64",
-    b"::runctl::entry ok 1 1 1 1 - x", b"::runctl::more 5", b"::runctl::now 99999999999999999999",
+    b"::runctl::exit 0",
+    b"::runctl::run r20261206-070000-000000",
+    b"::runctl::run " + RUN_ID.encode(),
+    b'::runctl::spot 1700000000 {"action": "terminate"}',
+    b"::runctl::gpu 0, 100, 1, 2",
+    b"::runctl::gpus x30",
+    b"::runctl::alive 1",
+    b"::runctl::pid 1",
+    b"::runctl::wrapper 1",
+    b"::runctl::end",
+    b"::runctl::log",
+    b"::runctl::progress",
+    b"::runctl::checkpoint 1 1700000000 bYQ==",
+    b"::runctl::sum 1 2 - x",
+    b"::runctl::subdir x",
+    b"::runctl::meta {}",
+    b"::runctl::none",
+    b"::runctl::nolog x",
+    b"::runctl::b64",
+    b"::runctl::entry ok 1 1 1 1 - x",
+    b"::runctl::more 5",
+    b"::runctl::now 99999999999999999999",
 ]
-BREAKS = [b"\n", b"\r", b"\r\n", b"\0", b"\x0b", b"\x0c", b"\x1c", b"\x1e", b"\x85", b"\xc2\x85", "\u2028".encode(),
-          b"\xff", b"\xc3", b" ", b"\\", b"$(touch pwned)", b"'", b'"', b"%s", b"\\n"]
-BYTES = st.lists(
-    st.one_of(st.binary(max_size=16), st.sampled_from(RECORDS), st.sampled_from(BREAKS)), max_size=12
-).map(b"".join)
-NAME = BYTES.map(lambda b: b.replace(b"/", b"_").replace(b"\0", b"_")[:200]).filter(lambda b: b not in (b"", b".", b".."))
+BREAKS = [
+    b"\n",
+    b"\r",
+    b"\r\n",
+    b"\0",
+    b"\x0b",
+    b"\x0c",
+    b"\x1c",
+    b"\x1e",
+    b"\x85",
+    b"\xc2\x85",
+    "\u2028".encode(),
+    b"\xff",
+    b"\xc3",
+    b" ",
+    b"\\",
+    b"$(touch pwned)",
+    b"'",
+    b'"',
+    b"%s",
+    b"\\n",
+]
+BYTES = st.lists(st.one_of(st.binary(max_size=16), st.sampled_from(RECORDS), st.sampled_from(BREAKS)), max_size=12).map(
+    b"".join
+)
+NAME = BYTES.map(lambda b: b.replace(b"/", b"_").replace(b"\0", b"_")[:200]).filter(
+    lambda b: b not in (b"", b".", b"..")
+)
 FORGED = b"\n".join(RECORDS) + b"\r" + b"\r".join(RECORDS) + b"\n"
 
 PROPERTY = settings(
@@ -111,7 +149,13 @@ def plain(name: bytes) -> str | None:
 @example(log=FORGED, progress=FORGED, notice=FORGED, smi=FORGED, name=b"a\r::runctl::exit 0", hexonly=False)
 @example(log=FORGED, progress=FORGED, notice=FORGED, smi=FORGED, name=b"a\r::runctl::exit 0", hexonly=True)
 def test_status_fields_are_the_files_own_bytes_and_nothing_more(
-    root: Path, paths: dict[bool, str], log: bytes, progress: bytes, notice: bytes, smi: bytes, name: bytes,
+    root: Path,
+    paths: dict[bool, str],
+    log: bytes,
+    progress: bytes,
+    notice: bytes,
+    smi: bytes,
+    name: bytes,
     hexonly: bool,
 ) -> None:
     rdir = fresh(root)
@@ -156,8 +200,12 @@ def test_status_fields_are_the_files_own_bytes_and_nothing_more(
 
 @PROPERTY
 @given(names=st.lists(NAME, min_size=1, max_size=4, unique=True), content=BYTES, manifest=BYTES, hexonly=st.booleans())
-@example(names=[b"a\r::runctl::sum 1 2 - x", b"b\n::runctl::entry ok 1 1 1 1 - y.pt"], content=FORGED,
-         manifest=FORGED, hexonly=True)
+@example(
+    names=[b"a\r::runctl::sum 1 2 - x", b"b\n::runctl::entry ok 1 1 1 1 - y.pt"],
+    content=FORGED,
+    manifest=FORGED,
+    hexonly=True,
+)
 def test_listings_and_sums_name_only_files_that_exist(
     root: Path, paths: dict[bool, str], names: list[bytes], content: bytes, manifest: bytes, hexonly: bool
 ) -> None:
@@ -210,8 +258,14 @@ def test_a_checkpoint_saved_on_sigterm_cannot_forge_the_stop_result(root: Path, 
     rdir = fresh(root)
     forged = "x\\nstopped kill 7 7\rstopped none"
     training = subprocess.Popen(
-        ["dash", "-c", 'trap \'sleep 0.1; printf w > "$1/$2"; exit 143\' TERM; while :; do sleep 0.05; done', "_",
-         str(rdir / "checkpoints"), forged],
+        [
+            "dash",
+            "-c",
+            "trap 'sleep 0.1; printf w > \"$1/$2\"; exit 143' TERM; while :; do sleep 0.05; done",
+            "_",
+            str(rdir / "checkpoints"),
+            forged,
+        ],
         start_new_session=True,
     )
     reaper = threading.Thread(target=training.wait)  # reaped at once: `kill -0` sees no zombie
@@ -220,7 +274,9 @@ def test_a_checkpoint_saved_on_sigterm_cannot_forge_the_stop_result(root: Path, 
         (rdir / "pid").write_text(f"{training.pid}\n")
         (rdir / "pgid").write_text(f"{training.pid}\n")
         (rdir / "exit_code").write_text("143\n")  # the wrapper's part, done ahead: no wait for it
-        (rdir / "progress.json").write_text('{"step": 4,\n"total_steps": 8, "total_epochs": 2, "x": "\\nstopped kill 9 9"}')
+        (rdir / "progress.json").write_text(
+            '{"step": 4,\n"total_steps": 8, "total_epochs": 2, "x": "\\nstopped kill 9 9"}'
+        )
         result = parse_stop(dash(stop_run(str(root), RUN_ID, 10), paths[False]))
     finally:
         training.kill()

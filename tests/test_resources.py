@@ -47,8 +47,15 @@ def launched(fleet: list[Instance], line: str) -> datetime:
 
 
 def live_run(iid: str, user: str, script: str = "train.py") -> Run:
-    return Run(run_id=f"r-{iid[-4:]}", instance_id=iid, user_id=user, channel_id="C0TRAIN", script=script,
-               state=RunState.RUNNING, started_at=NOW - timedelta(hours=1))
+    return Run(
+        run_id=f"r-{iid[-4:]}",
+        instance_id=iid,
+        user_id=user,
+        channel_id="C0TRAIN",
+        script=script,
+        state=RunState.RUNNING,
+        started_at=NOW - timedelta(hours=1),
+    )
 
 
 def test_rows_show_price_uptime_cost_trainer_and_idle_flag(
@@ -88,8 +95,15 @@ def test_stopped_instances_only_with_all(svc: Services, slack: FakeSlack, monkey
 def test_totals_and_unknown_prices(svc: Services, slack: FakeSlack, monkeypatch: pytest.MonkeyPatch) -> None:
     svc.clock = lambda: NOW
     fleet = [
-        Instance(id=f"i-{i:017x}", type=t, state="running", region="us-east-1", name=f"b{i}",
-                 launch_time=NOW - timedelta(hours=2), tags={"runctl:managed": "true"})
+        Instance(
+            id=f"i-{i:017x}",
+            type=t,
+            state="running",
+            region="us-east-1",
+            name=f"b{i}",
+            launch_time=NOW - timedelta(hours=2),
+            tags={"runctl:managed": "true"},
+        )
         for i, t in enumerate(["g5.xlarge", "g5.xlarge", "x9.mystery"])
     ]
     install_fleet(svc, fleet)

@@ -50,10 +50,22 @@ def client(settings: Settings, real_redis: redis_mod.Redis) -> Client:
     return Client(wsgi(settings, real_redis))
 
 
-def live_run(redis: redis_mod.Redis, run_id: str, instance_id: str = "i-0abc", user_id: str = "U0ALICE",
-             channel_id: str = "C0TRAIN") -> tuple[Run, str]:
-    run = Run(run_id=run_id, instance_id=instance_id, user_id=user_id, channel_id=channel_id, script="train.py",
-              state=RunState.RUNNING, wait=False)
+def live_run(
+    redis: redis_mod.Redis,
+    run_id: str,
+    instance_id: str = "i-0abc",
+    user_id: str = "U0ALICE",
+    channel_id: str = "C0TRAIN",
+) -> tuple[Run, str]:
+    run = Run(
+        run_id=run_id,
+        instance_id=instance_id,
+        user_id=user_id,
+        channel_id=channel_id,
+        script="train.py",
+        state=RunState.RUNNING,
+        wait=False,
+    )
     RunStore(redis).create(run)
     RunStore(redis).save(run)
     return run, event_keys.issue(redis, run_id)
@@ -130,8 +142,10 @@ def test_a_flood_of_events_never_delays_a_queued_command_past_one_job(
         assert client.post("/slack/events", data=body, headers=sign(body)).status_code == 200
 
     status()  # queued before the flood
-    runs = [live_run(real_redis, f"r-flood-{i:02d}", instance_id=f"i-0{i % 8:016d}", user_id=f"U0USER{i % 4}")
-            for i in range(40)]
+    runs = [
+        live_run(real_redis, f"r-flood-{i:02d}", instance_id=f"i-0{i % 8:016d}", user_id=f"U0USER{i % 4}")
+        for i in range(40)
+    ]
     answers = Counter(
         send(client, run.run_id, key, progress={"epoch": n, "total_epochs": 9}) for n in range(3) for run, key in runs
     )
@@ -177,8 +191,11 @@ def test_progress_caps_per_instance_user_and_overall(
     assert burst(c1, 3) == [202, 202, 429]  # everyone's
     assert burst(d1, 1) == [429]
     assert [text.split(" (")[0] for text in over] == [
-        "too many events for this run", "too many events from this instance's runs",
-        "too many events from this user's runs", "too many events from all runs", "too many events from all runs",
+        "too many events for this run",
+        "too many events from this instance's runs",
+        "too many events from this user's runs",
+        "too many events from all runs",
+        "too many events from all runs",
     ]
     for run, key in (a1, d1):  # exits have their own budget: a run's end still gets through
         assert send(client, run.run_id, key, kind="exit") == 202
@@ -252,7 +269,7 @@ def test_forged_exit_events_cost_one_poll_and_the_real_end_is_told_by_its_event(
         with events_only:
             events_only.start(interval=0.05)
             slack.wait_for(lambda: replied(slack, run_id), timeout=60)
-    wrapper_exits = [code for rid, kind, code in recorder.answers[len(forged):] if rid == run_id and kind == "exit"]
+    wrapper_exits = [code for rid, kind, code in recorder.answers[len(forged) :] if rid == run_id and kind == "exit"]
     assert wrapper_exits[:1] == [202]
     assert not any(j.func_name == JobPath.MONITOR_TICK.value for j in finished_jobs(svc.redis))
     final = svc.runs.get(run_id)
@@ -264,8 +281,9 @@ def test_forged_exit_events_cost_one_poll_and_the_real_end_is_told_by_its_event(
 
 def raw_event(run_id: str, progress: str) -> bytes:
     nonce = secrets.token_hex(16)
-    return (f'{{"run_id":"{run_id}","kind":"progress","ts":{int(time.time())},"nonce":"{nonce}",'
-            f'"progress":{progress}}}').encode()
+    return (
+        f'{{"run_id":"{run_id}","kind":"progress","ts":{int(time.time())},"nonce":"{nonce}","progress":{progress}}}'
+    ).encode()
 
 
 def test_numbers_not_finite_or_too_large_are_refused_and_crash_no_job(
@@ -273,8 +291,14 @@ def test_numbers_not_finite_or_too_large_are_refused_and_crash_no_job(
 ) -> None:
     run, key = live_run(real_redis, "r-numbers")
     before = fingerprint(real_redis)
-    for progress in ('{"eta_seconds":Infinity}', '{"metrics":{"loss":NaN}}', '{"epoch":-Infinity}',
-                     '{"eta_seconds":1e400}', '{"step":' + "9" * 400 + "}", '{"metrics":[1,2]}'):
+    for progress in (
+        '{"eta_seconds":Infinity}',
+        '{"metrics":{"loss":NaN}}',
+        '{"epoch":-Infinity}',
+        '{"eta_seconds":1e400}',
+        '{"step":' + "9" * 400 + "}",
+        '{"metrics":[1,2]}',
+    ):
         body = raw_event(run.run_id, progress)
         answer = client.post("/runctl/events", data=body, headers=headers(run.run_id, body, key))
         assert answer.status_code == 400, progress
@@ -299,7 +323,10 @@ def test_the_wrapper_forwards_a_diverged_runs_progress_without_its_nan(
     with WebServer(wsgi(settings, real_redis)) as web:
         subprocess.run(
             [sys.executable, "-c", remote_events._PY_SEND, web.events_url, run.run_id, "progress", str(tmp_path)],
-            input=key + "\n", text=True, check=True, timeout=30,
+            input=key + "\n",
+            text=True,
+            check=True,
+            timeout=30,
         )
     stored = real_redis.hget(f"runctl:events:pending:{run.run_id}", "progress")
     assert stored is not None  # accepted (202), not refused

@@ -39,8 +39,13 @@ ALICE = Actor(user_id="U0ALICE", channel_id="C0TRAIN")
 
 
 def event_body(run_id: str, kind: str = "progress", ts: int | None = None, **extra: Any) -> bytes:
-    event = {"run_id": run_id, "kind": kind, "ts": int(time.time()) if ts is None else ts,
-             "nonce": secrets.token_hex(16), **extra}
+    event = {
+        "run_id": run_id,
+        "kind": kind,
+        "ts": int(time.time()) if ts is None else ts,
+        "nonce": secrets.token_hex(16),
+        **extra,
+    }
     return json.dumps(event).encode()
 
 
@@ -76,8 +81,15 @@ def client(settings: Settings, real_redis: redis_mod.Redis) -> Client:
 
 @pytest.fixture
 def live(real_redis: redis_mod.Redis) -> tuple[Run, str]:
-    run = Run(run_id="r-events-1", instance_id="i-0abc", user_id="U0ALICE", channel_id="C0TRAIN",
-              script="train.py", state=RunState.RUNNING, message_ts="1.000")
+    run = Run(
+        run_id="r-events-1",
+        instance_id="i-0abc",
+        user_id="U0ALICE",
+        channel_id="C0TRAIN",
+        script="train.py",
+        state=RunState.RUNNING,
+        message_ts="1.000",
+    )
     from workers.state.runs import RunStore
 
     RunStore(real_redis).create(run)

@@ -156,7 +156,7 @@ def test_runctl_root_is_rewritten_to_the_instance_dir(sandbox: Sandbox, fleet: S
     root = sandbox.instance_dir(box)
     assert inv["StandardOutputContent"] == f"{root}\n"
     assert (root / "runs" / "r1" / "exit_code").read_text() == "42\n"
-    assert sandbox.sent_scripts(box)[-1].startswith(f'RUNCTL_ROOT={shlex.quote(str(root))}\n')
+    assert sandbox.sent_scripts(box)[-1].startswith(f"RUNCTL_ROOT={shlex.quote(str(root))}\n")
 
 
 def test_scripts_get_exactly_the_agents_environment(sandbox: Sandbox, fleet: SeedInfo, ssm: SSMClient) -> None:
@@ -205,7 +205,7 @@ def test_only_detached_processes_outlive_the_command_until_the_instance_stops(
         ssm,
         [box],
         "RUNCTL_ROOT=/opt/runctl",
-        "cd \"$RUNCTL_ROOT\"",
+        'cd "$RUNCTL_ROOT"',
         "setsid sh -c 'echo $$ > detached.pid; exec sleep 300' </dev/null >/dev/null 2>&1 &",
         "sleep 300 & echo $! > plain.pid",
         "while [ ! -s detached.pid ]; do sleep 0.01; done",
@@ -368,7 +368,10 @@ def test_presigned_s3_url_downloads_from_a_script(
     )
     box = fleet.instances["gpu-box-1"]
     command_id = _send(
-        ssm, [box], "RUNCTL_ROOT=/opt/runctl", f'curl -sSf -o "$RUNCTL_ROOT/bundle.txt" {shlex.quote(url)}',
+        ssm,
+        [box],
+        "RUNCTL_ROOT=/opt/runctl",
+        f'curl -sSf -o "$RUNCTL_ROOT/bundle.txt" {shlex.quote(url)}',
         'cat "$RUNCTL_ROOT/bundle.txt"',
     )
 
@@ -392,8 +395,8 @@ def test_presigned_download_refuses_sigv2_and_can_redirect_once(
     command_id = _send(
         ssm,
         [box],
-        f'V2={shlex.quote(v2_url)}',
-        f'V4={shlex.quote(v4_url)}',
+        f"V2={shlex.quote(v2_url)}",
+        f"V4={shlex.quote(v4_url)}",
         "curl -sS -o /dev/null -w 'v2 %{http_code}\\n' \"$V2\"",
         "curl -sS -o /dev/null -w 'redirect %{http_code}\\n' \"$V4\"",
         "curl -sS -w ' %{http_code}\\n' \"$V4\"",

@@ -29,9 +29,35 @@ from workers.remote.gpu import utilization
 from workers.remote.lifecycle import stop_run
 
 HOSTILE = [
-    "$(touch pwned)", "`touch pwned`", "; touch pwned", "' ; touch pwned '", '"$(touch pwned)"',
-    "&& touch pwned", "| touch pwned", "$HOME", "${IFS}", "*", "~", "!", "#", "\\", "\\'", "'\"'\"'",
-    "", " ", "-u", "--", "--lr=0.1", "%s%n", "\u2028", "é", "日本語", "🙂", "a\u00a0b", ">pwned", "<in",
+    "$(touch pwned)",
+    "`touch pwned`",
+    "; touch pwned",
+    "' ; touch pwned '",
+    '"$(touch pwned)"',
+    "&& touch pwned",
+    "| touch pwned",
+    "$HOME",
+    "${IFS}",
+    "*",
+    "~",
+    "!",
+    "#",
+    "\\",
+    "\\'",
+    "'\"'\"'",
+    "",
+    " ",
+    "-u",
+    "--",
+    "--lr=0.1",
+    "%s%n",
+    "\u2028",
+    "é",
+    "日本語",
+    "🙂",
+    "a\u00a0b",
+    ">pwned",
+    "<in",
 ]
 # Any unicode but control characters (refused upfront by the grammar) and lone surrogates.
 ARG = st.one_of(
@@ -158,7 +184,10 @@ def pwned(root: Path) -> list[Path]:
 
 
 @settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(args=st.lists(ARG, max_size=8), script=st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=20))
+@given(
+    args=st.lists(ARG, max_size=8),
+    script=st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=20),
+)
 @example(args=HOSTILE, script="train; touch pwned.py")
 def test_any_args_reach_the_program_verbatim(
     shell: Shell, root: Path, fast_json_stub: str, args: list[str], script: str
@@ -248,15 +277,13 @@ def test_the_nesting_check_catches_the_old_pattern() -> None:
     call = "{" + "q(script)}"  # spelled in two pieces so this file passes the same check
     assert nested_quotes('f"  echo \\"runctl: script ' + call + ' is missing\\" >&2"')
     assert nested_quotes("f\"echo 'x {" + "shlex.quote(v)}'\"")
-    assert not nested_quotes("f'SCRIPT=" + call + "\\nprintf \"%s\" \"$SCRIPT\"'")
-    assert not nested_quotes("f'\"$RUNCTL_ROOT/runs/\"{" + "q(run_id)}'")
+    assert not nested_quotes("f'SCRIPT=" + call + '\\nprintf "%s" "$SCRIPT"\'')
+    assert not nested_quotes('f\'"$RUNCTL_ROOT/runs/"{' + "q(run_id)}'")
 
 
 def test_no_builder_puts_a_quoted_value_inside_another_quoting_context() -> None:
     problems = {
-        str(path): found
-        for path in sorted(Path("workers").rglob("*.py"))
-        if (found := nested_quotes(path.read_text()))
+        str(path): found for path in sorted(Path("workers").rglob("*.py")) if (found := nested_quotes(path.read_text()))
     }
     assert problems == {}
 
@@ -265,9 +292,20 @@ def test_no_builder_puts_a_quoted_value_inside_another_quoting_context() -> None
 
 MARK = "MARKER"
 INJECTIONS = [
-    f"$(touch {MARK})", f"`touch {MARK}`", f"; touch {MARK}", f"\ntouch {MARK}\n", f"' ; touch {MARK} ; '",
-    f'" ; touch {MARK} ; "', f"\"$(touch {MARK})\"", f"'$(touch {MARK})'", f"&& touch {MARK}", f"| touch {MARK}",
-    f"$(touch {MARK}).py", f"\\$(touch {MARK})", f"${{x:-$(touch {MARK})}}", f"\nRUNCTL_EOF_0\ntouch {MARK}\n",
+    f"$(touch {MARK})",
+    f"`touch {MARK}`",
+    f"; touch {MARK}",
+    f"\ntouch {MARK}\n",
+    f"' ; touch {MARK} ; '",
+    f'" ; touch {MARK} ; "',
+    f'"$(touch {MARK})"',
+    f"'$(touch {MARK})'",
+    f"&& touch {MARK}",
+    f"| touch {MARK}",
+    f"$(touch {MARK}).py",
+    f"\\$(touch {MARK})",
+    f"${{x:-$(touch {MARK})}}",
+    f"\nRUNCTL_EOF_0\ntouch {MARK}\n",
 ]
 ANY = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=["Cs"]), max_size=30)
 VALUE = st.one_of(
@@ -292,17 +330,27 @@ def _stubs(base: Path, argv_json: str) -> Path:
     bin_dir = base / "bin"
     bin_dir.mkdir()
     shutil.copy(argv_json, bin_dir / "uv")
-    stub(bin_dir, "python3", '#!/bin/sh\ncase "$1" in\n  -c) echo 3.11 ;;\n  -m) for last; do :; done; mkdir -p "$last/bin" ;;\nesac\n')
+    stub(
+        bin_dir,
+        "python3",
+        '#!/bin/sh\ncase "$1" in\n  -c) echo 3.11 ;;\n  -m) for last; do :; done; mkdir -p "$last/bin" ;;\nesac\n',
+    )
     bundle = base / "bundle.tar.gz"
     (base / "train.py").write_text("print('hi')\n")
     with tarfile.open(bundle, "w:gz") as tar:
         tar.add(base / "train.py", arcname="train.py")
-    stub(bin_dir, "curl", f'#!/bin/sh\nwhile [ "$#" -gt 0 ]; do [ "$1" = -o ] && out=$2; shift; done\ncp {shlex.quote(str(bundle))} "$out"\n')
+    stub(
+        bin_dir,
+        "curl",
+        f'#!/bin/sh\nwhile [ "$#" -gt 0 ]; do [ "$1" = -o ] && out=$2; shift; done\ncp {shlex.quote(str(bundle))} "$out"\n',
+    )
     return bin_dir
 
 
 @pytest.fixture(scope="module")
-def playground(tmp_path_factory: pytest.TempPathFactory, fast_json_stub: str) -> Iterator[tuple[Shell, Path, Path, str]]:
+def playground(
+    tmp_path_factory: pytest.TempPathFactory, fast_json_stub: str
+) -> Iterator[tuple[Shell, Path, Path, str]]:
     base = tmp_path_factory.mktemp("hostile")
     bin_dir = _stubs(base, fast_json_stub)
     shell = Shell(cwd=base)
@@ -323,22 +371,57 @@ def _wait_for(path: Path, seconds: float = 5.0) -> None:
 
 
 # 40 examples of 13 hostile values each, every builder run for real: about 15 s.
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(
-    root_name=NAME, run_id=NAME, resumed=NAME, script=VALUE, args=st.lists(VALUE, max_size=3),
-    env_value=VALUE, ref=VALUE, url=VALUE, digest=NAME, workdir=NAME, requirements=VALUE,
-    generated=st.none() | VALUE, checkpoint=NAME, python_dir=NAME,
+    root_name=NAME,
+    run_id=NAME,
+    resumed=NAME,
+    script=VALUE,
+    args=st.lists(VALUE, max_size=3),
+    env_value=VALUE,
+    ref=VALUE,
+    url=VALUE,
+    digest=NAME,
+    workdir=NAME,
+    requirements=VALUE,
+    generated=st.none() | VALUE,
+    checkpoint=NAME,
+    python_dir=NAME,
 )
 @example(
-    root_name="$(touch MARKER)", run_id="$(touch MARKER)", resumed="`touch MARKER`", script="$(id > MARKER).py",
-    args=["; touch MARKER"], env_value="$(touch MARKER)", ref="main;touch MARKER", url="http://x/$(touch MARKER)",
-    digest="$(touch MARKER)", workdir="$(touch MARKER)", requirements="$(touch MARKER).txt",
-    generated="RUNCTL_EOF_0\n$(touch MARKER)", checkpoint="$(touch MARKER).pt", python_dir="$(touch MARKER)",
+    root_name="$(touch MARKER)",
+    run_id="$(touch MARKER)",
+    resumed="`touch MARKER`",
+    script="$(id > MARKER).py",
+    args=["; touch MARKER"],
+    env_value="$(touch MARKER)",
+    ref="main;touch MARKER",
+    url="http://x/$(touch MARKER)",
+    digest="$(touch MARKER)",
+    workdir="$(touch MARKER)",
+    requirements="$(touch MARKER).txt",
+    generated="RUNCTL_EOF_0\n$(touch MARKER)",
+    checkpoint="$(touch MARKER).pt",
+    python_dir="$(touch MARKER)",
 )
 def test_no_value_reaching_any_builder_is_ever_executed(
-    playground: tuple[Shell, Path, Path, str], root_name: str, run_id: str, resumed: str, script: str,
-    args: list[str], env_value: str, ref: str, url: str, digest: str, workdir: str, requirements: str,
-    generated: str | None, checkpoint: str, python_dir: str,
+    playground: tuple[Shell, Path, Path, str],
+    root_name: str,
+    run_id: str,
+    resumed: str,
+    script: str,
+    args: list[str],
+    env_value: str,
+    ref: str,
+    url: str,
+    digest: str,
+    workdir: str,
+    requirements: str,
+    generated: str | None,
+    checkpoint: str,
+    python_dir: str,
 ) -> None:
     shell, base, bin_dir, argv_json = playground
     # The interpreters (an instance tag or RUNCTL_PYTHON names them) live under a hostile path too.
@@ -357,7 +440,7 @@ def test_no_value_reaching_any_builder_is_ever_executed(
     ck = root / "runs" / resumed / "checkpoints"
     (ck / checkpoint).write_bytes(b"w")
     (ck / "manifest.json").write_text(json.dumps({"checkpoints": [{"file": checkpoint, "epoch": 1, "size": 1}]}))
-    path = f'PATH={shlex.quote(str(bin_dir))}:$PATH\nexport PATH\n'
+    path = f"PATH={shlex.quote(str(bin_dir))}:$PATH\nexport PATH\n"
 
     def run(script_text: str) -> tuple[int, str]:
         return shell.run(path + script_text)
@@ -368,7 +451,9 @@ def test_no_value_reaching_any_builder_is_ever_executed(
         assert f"runctl: script {script} is not in" in out
     # The environment step: the requirements path and a generated file reach the installer unchanged.
     (root / "code" / workdir).mkdir(parents=True, exist_ok=True)
-    rc, out = run(setup_env(str(root), run_id, digest, workdir, requirements, generated, rebuild=True, python=str(python)))
+    rc, out = run(
+        setup_env(str(root), run_id, digest, workdir, requirements, generated, rebuild=True, python=str(python))
+    )
     assert rc == 0, out
     log = (root / "runs" / run_id / "setup.log").read_bytes().decode()
     # The path as the script joins it (an empty name gives ".../code/", not pathlib's ".../code").
@@ -381,7 +466,9 @@ def test_no_value_reaching_any_builder_is_ever_executed(
     # The launch: the training gets every value verbatim, the metadata file keeps them as data.
     meta = json.dumps({"run_id": run_id, "script": script, "ref": ref})
     env = {"RUNCTL_RUN_ID": run_id, "USER_VALUE": env_value}
-    rc, out = run(header(str(root)) + launch_body(run_id, script, args, env, meta, python=argv_json, checkpoint_run_id=resumed))
+    rc, out = run(
+        header(str(root)) + launch_body(run_id, script, args, env, meta, python=argv_json, checkpoint_run_id=resumed)
+    )
     assert rc == 0 and "launched" in out, out
     rdir = root / "runs" / run_id
     _wait_for(rdir / "exit_code")

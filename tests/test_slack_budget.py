@@ -26,16 +26,20 @@ from workers.state.runs import Progress, Run, RunState
 SCALE = 12
 
 
-def test_fifty_runs_stay_within_chat_update_budget_and_show_their_last_state(
-    svc: Services, slack: FakeSlack
-) -> None:
+def test_fifty_runs_stay_within_chat_update_budget_and_show_their_last_state(svc: Services, slack: FakeSlack) -> None:
     slack.budget("chat.update", Budget(per_minute=50 * SCALE, burst=50))
     svc.settings.RUNCTL_SLACK_UPDATES_PER_MINUTE = 40 * SCALE
     svc.settings.RUNCTL_SLACK_UPDATE_SECONDS = 3 / SCALE
     runs = []
     for n in range(50):  # five channels: chat.postMessage's per-channel burst is not under test
-        run = Run(run_id=f"r-budget-{n:02d}", instance_id="i-0123456789abcdef0", user_id="U0ALICE",
-                  channel_id=f"C0RUNS{n % 5}", script="train.py", state=RunState.RUNNING)
+        run = Run(
+            run_id=f"r-budget-{n:02d}",
+            instance_id="i-0123456789abcdef0",
+            user_id="U0ALICE",
+            channel_id=f"C0RUNS{n % 5}",
+            script="train.py",
+            state=RunState.RUNNING,
+        )
         runs.append(open_run(svc, svc.runs.create(run)))
 
     # The monitor's view of 50 live runs: a new epoch for each, ten times over, fast.
@@ -67,8 +71,11 @@ def test_a_429_does_not_delay_other_runs_polls(
     who = Actor(user_id="U0ALICE", channel_id="C0TRAIN")
     ids = []
     for name in ("gpu-box-1", "cpu-box"):
-        cmd = TrainCommand(instance_id=fleet_seed.instances[name], script="train_with_checkpoints.py",
-                           args=("--epochs", "3", "--steps-per-epoch", "4", "--step-seconds", "0.25"))
+        cmd = TrainCommand(
+            instance_id=fleet_seed.instances[name],
+            script="train_with_checkpoints.py",
+            args=("--epochs", "3", "--steps-per-epoch", "4", "--step-seconds", "0.25"),
+        )
         ids.append(f"r-test-{uuid.uuid4().hex[:12]}")
         train(cmd.model_dump(mode="json"), who.model_dump(mode="json"), ids[-1])
     before = {i: svc.runs.get(i).polls for i in ids}  # type: ignore[union-attr]

@@ -24,11 +24,24 @@ IID = "i-0123456789abcdef0"
 # What Slack sends when someone types:
 #   train i-… train.py -- --tag a&b --note "<x> & y" --who @bob --all @channel `tick`
 SENT = (
-    f"train {IID} train.py -- --tag a&amp;b --note \"&lt;x&gt; &amp; y\" --who <@U0BOB|bob> "
+    f'train {IID} train.py -- --tag a&amp;b --note "&lt;x&gt; &amp; y" --who <@U0BOB|bob> '
     "--all <!channel> --team <!subteam^S0ML|@ml> --in <#C0GEN|general> `tick`"
 )
-TYPED = ("--tag", "a&b", "--note", "<x> & y", "--who", "@bob", "--all", "@channel", "--team", "@ml",
-         "--in", "#general", "`tick`")
+TYPED = (
+    "--tag",
+    "a&b",
+    "--note",
+    "<x> & y",
+    "--who",
+    "@bob",
+    "--all",
+    "@channel",
+    "--team",
+    "@ml",
+    "--in",
+    "#general",
+    "`tick`",
+)
 
 
 def test_escaped_text_and_mentions_reach_the_script_as_typed_and_echo_back_literally(
@@ -41,8 +54,16 @@ def test_escaped_text_and_mentions_reach_the_script_as_typed_and_echo_back_liter
     (job,) = Queue(LONG_QUEUE, connection=real_redis).jobs  # a train: the long queue
     cmd = TrainCommand.model_validate(job.args[0])
     assert cmd.args == TYPED
-    run = Run(run_id="r-1", instance_id=IID, user_id="U0ALICE", channel_id="C0TRAIN", script=cmd.script,
-              args=cmd.args, ref="main", created_at=datetime.now(UTC))
+    run = Run(
+        run_id="r-1",
+        instance_id=IID,
+        user_id="U0ALICE",
+        channel_id="C0TRAIN",
+        script=cmd.script,
+        args=cmd.args,
+        ref="main",
+        created_at=datetime.now(UTC),
+    )
     text, blocks = run_blocks(run)
     shown = text + json.dumps([b.to_dict() for b in blocks])
     assert "a&amp;b" in shown and "&lt;x&gt; &amp; y" in shown and "@bob" in shown

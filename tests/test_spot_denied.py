@@ -35,11 +35,21 @@ def deny_spot_prices(svc: Services) -> list[str]:
 
 def spot_instance(svc: Services) -> str:
     reply = svc.fleet.ec2.run_instances(
-        ImageId=AMI_ID, InstanceType="g5.xlarge", MinCount=1, MaxCount=1,
+        ImageId=AMI_ID,
+        InstanceType="g5.xlarge",
+        MinCount=1,
+        MaxCount=1,
         InstanceMarketOptions={"MarketType": "spot"},
-        TagSpecifications=[{"ResourceType": "instance", "Tags": [
-            {"Key": "Name", "Value": "spot-box"}, {"Key": MANAGED_TAG, "Value": "true"},
-            {"Key": "runctl:user", "Value": "U0SPOT"}]}],
+        TagSpecifications=[
+            {
+                "ResourceType": "instance",
+                "Tags": [
+                    {"Key": "Name", "Value": "spot-box"},
+                    {"Key": MANAGED_TAG, "Value": "true"},
+                    {"Key": "runctl:user", "Value": "U0SPOT"},
+                ],
+            }
+        ],
     )
     return str(reply["Instances"][0]["InstanceId"])
 
@@ -57,8 +67,9 @@ def test_resources_answers_with_the_spot_price_unknown_and_why(
     assert asked
     fleet = [m for m in slack.messages("C0TRAIN") if m.text.startswith("Fleet:")]
     assert fleet, [e.text for e in slack.ephemerals("U0ALICE")]
-    row = next(line for b in fleet[0].blocks for line in (b.get("text") or {}).get("text", "").splitlines()
-               if iid in line)
+    row = next(
+        line for b in fleet[0].blocks for line in (b.get("text") or {}).get("text", "").splitlines() if iid in line
+    )
     assert DENIED in row and "price unknown so far" in row, row
 
 

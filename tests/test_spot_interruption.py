@@ -72,9 +72,7 @@ def test_on_demand_runs_do_not_watch_the_metadata() -> None:
     assert "/latest/api/token" in watched and "${AWS_EC2_METADATA_SERVICE_ENDPOINT:-http://169.254.169.254}" in watched
 
 
-def test_a_spot_run_is_polled_at_least_every_30_seconds(
-    svc: Services, fleet_seed: SeedInfo, sandbox: Sandbox
-) -> None:
+def test_a_spot_run_is_polled_at_least_every_30_seconds(svc: Services, fleet_seed: SeedInfo, sandbox: Sandbox) -> None:
     """Backoff may reach RUNCTL_POLL_MAX_SECONDS (4 min), longer than a notice's two minutes."""
     import subprocess
 
@@ -90,8 +88,18 @@ def test_a_spot_run_is_polled_at_least_every_30_seconds(
             rdir = sandbox.instance_dir(iid) / "runs" / run_id
             rdir.mkdir(parents=True)
             (rdir / "pid").write_text(f"{proc.pid}\n")
-            run = Run(run_id=run_id, instance_id=iid, user_id="U0ALICE", channel_id=CHANNEL, script="t.py",
-                      state=RunState.RUNNING, started_at=svc.clock(), polls=20, spot=spot, wait=False)
+            run = Run(
+                run_id=run_id,
+                instance_id=iid,
+                user_id="U0ALICE",
+                channel_id=CHANNEL,
+                script="t.py",
+                state=RunState.RUNNING,
+                started_at=svc.clock(),
+                polls=20,
+                spot=spot,
+                wait=False,
+            )
             svc.runs.create(run)
             svc.runs.save(run)
             monitor(run_id)
@@ -100,7 +108,6 @@ def test_a_spot_run_is_polled_at_least_every_30_seconds(
     finally:
         proc.kill()
         proc.wait()
-
 
 
 def test_a_checkpoint_older_than_the_signal_is_reported_as_losing_work() -> None:
@@ -112,9 +119,19 @@ def test_a_checkpoint_older_than_the_signal_is_reported_as_losing_work() -> None
 
     signalled = datetime(2026, 12, 2, 1, 0, 0, tzinfo=UTC)
     notice = '{"action": "terminate", "time": "2026-12-02T01:02:00Z"}'
-    checkpoint = Checkpoint(name="ckpt-epoch-00003.json", size=9, epoch=3, modified_at=signalled - timedelta(seconds=40))
-    run = Run(run_id="r1", instance_id="i-1", user_id="U0ALICE", channel_id=CHANNEL, script="t.py",
-              spot_notice=notice, spot_signalled_at=signalled, checkpoint=checkpoint)
+    checkpoint = Checkpoint(
+        name="ckpt-epoch-00003.json", size=9, epoch=3, modified_at=signalled - timedelta(seconds=40)
+    )
+    run = Run(
+        run_id="r1",
+        instance_id="i-1",
+        user_id="U0ALICE",
+        channel_id=CHANNEL,
+        script="t.py",
+        spot_notice=notice,
+        spot_signalled_at=signalled,
+        checkpoint=checkpoint,
+    )
     text = spot_report(run, "ended (exit 143)")
     assert "no checkpoint after the signal; the newest is epoch 3" in text and "later progress is lost" in text
     assert "terminate at 2026-12-02T01:02:00Z" in text

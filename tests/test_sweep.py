@@ -85,16 +85,20 @@ def shown(slack: FakeSlack, record: WarningRecord | None) -> str:
 def buttons(slack: FakeSlack, record: WarningRecord | None) -> list[str]:
     """The action ids of `record`'s own buttons (none once decided or resolved)."""
     assert record is not None
-    return [e["action_id"] for b in post_of(slack, record).blocks
-            if b["type"] == "actions" and b.get("block_id") == f"warning_actions:{record.key}"
-            for e in b["elements"]]
+    return [
+        e["action_id"]
+        for b in post_of(slack, record).blocks
+        if b["type"] == "actions" and b.get("block_id") == f"warning_actions:{record.key}"
+        for e in b["elements"]
+    ]
 
 
 def press(slack: FakeSlack, record: WarningRecord | None, button: str, user: str) -> dict[str, Any]:
     """The block_actions payload of `user` clicking `record`'s own `button`."""
     assert record is not None
-    return click(as_dict(post_of(slack, record)), button, user, channel=OPS,
-                 value=button_value(record.instance_id, record.kind))
+    return click(
+        as_dict(post_of(slack, record)), button, user, channel=OPS, value=button_value(record.instance_id, record.kind)
+    )
 
 
 def as_dict(m: Message) -> dict[str, Any]:
@@ -103,9 +107,16 @@ def as_dict(m: Message) -> dict[str, Any]:
 
 def ended_run(iid: str, user: str, ended_at: datetime) -> Run:
     return Run(
-        run_id="r-done-1", instance_id=iid, user_id=user, channel_id="C0TRAIN", script="train.py",
-        state=RunState.SUCCEEDED, created_at=ended_at - timedelta(hours=3),
-        started_at=ended_at - timedelta(hours=3), ended_at=ended_at, exit_code=0,
+        run_id="r-done-1",
+        instance_id=iid,
+        user_id=user,
+        channel_id="C0TRAIN",
+        script="train.py",
+        state=RunState.SUCCEEDED,
+        created_at=ended_at - timedelta(hours=3),
+        started_at=ended_at - timedelta(hours=3),
+        ended_at=ended_at,
+        exit_code=0,
     )
 
 
@@ -140,7 +151,11 @@ def test_long_uptime_high_cost_and_idle_are_warned_in_the_channel(
     assert kinds_posted(slack, cpu) == ["idle", "uptime"]
     assert kinds_posted(slack, old) == []  # stopped
     for kind in (Kind.UPTIME, Kind.COST, Kind.IDLE):
-        assert buttons(slack, store.get(gpu, kind)) == [ActionId.WARN_STOP_NOW, ActionId.WARN_SNOOZE, ActionId.WARN_KEEP]
+        assert buttons(slack, store.get(gpu, kind)) == [
+            ActionId.WARN_STOP_NOW,
+            ActionId.WARN_SNOOZE,
+            ActionId.WARN_KEEP,
+        ]
     # One message for the whole sweep in the channel, not one per warning.
     assert len([c for c in slack.calls_to("chat.postMessage") if c.params.get("channel") == OPS]) == 1
 
@@ -151,8 +166,14 @@ def test_a_run_without_a_new_checkpoint_is_warned_in_its_own_thread(
     iid = fleet_seed.instances["gpu-box-2"]
     parent = svc.notifier.post("C0TRAIN", "run parent")
     run = Run(
-        run_id="r-quiet-1", instance_id=iid, user_id="U0BOB", channel_id="C0TRAIN", script="train.py",
-        state=RunState.RUNNING, started_at=clock.now - timedelta(hours=5), message_ts=parent,
+        run_id="r-quiet-1",
+        instance_id=iid,
+        user_id="U0BOB",
+        channel_id="C0TRAIN",
+        script="train.py",
+        state=RunState.RUNNING,
+        started_at=clock.now - timedelta(hours=5),
+        message_ts=parent,
         checkpoint=Checkpoint(name="ckpt-epoch-00003.json", size=10, modified_at=clock.now - timedelta(minutes=95)),
     )
     svc.runs.create(run)

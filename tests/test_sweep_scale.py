@@ -91,8 +91,12 @@ def test_a_fleets_warnings_are_posted_in_few_messages_and_the_rest_in_later_swee
         time.sleep(0.5)
     assert store.unposted() == []
     assert errors(slack) == []
-    shown = [b["elements"][0]["value"] for c in slack.calls_to("chat.postMessage") for b in blocks_of(c.params)
-             if b["type"] == "actions"]
+    shown = [
+        b["elements"][0]["value"]
+        for c in slack.calls_to("chat.postMessage")
+        for b in blocks_of(c.params)
+        if b["type"] == "actions"
+    ]
     everyone = {button_value(r.instance_id, r.kind) for r in store.open()}  # later sweeps found more
     assert len(shown) == len(set(shown)) and set(shown) == everyone  # each once, with its buttons
 

@@ -87,8 +87,12 @@ def test_confirmation_shows_what_would_be_lost_and_touches_nothing(
     assert "2 checkpoints" in text and "ckpt-epoch-00002.json" in text and "deletes them" in text
     assert "$1.006/h" in text and "No live run" in text
     found = {b["action_id"]: b for b in buttons(m)}
-    assert set(found) == {ActionId.TERMINATE_CONFIRM, ActionId.TERMINATE_NO_BACKUP, ActionId.TERMINATE_STOP_INSTEAD,
-                          ActionId.TERMINATE_CANCEL}  # checkpoints not in S3: [Terminate] backs them up first
+    assert set(found) == {
+        ActionId.TERMINATE_CONFIRM,
+        ActionId.TERMINATE_NO_BACKUP,
+        ActionId.TERMINATE_STOP_INSTEAD,
+        ActionId.TERMINATE_CANCEL,
+    }  # checkpoints not in S3: [Terminate] backs them up first
     danger = found[ActionId.TERMINATE_CONFIRM]
     assert danger["style"] == "danger" and "confirm" in danger
     nonce = danger["value"]
@@ -188,7 +192,8 @@ def test_stop_instead_stops_the_instance(
     dispatch(svc, slack, worker, click(as_dict(m), ActionId.TERMINATE_STOP_INSTEAD, "U0ALICE"))
 
     assert calls == [] and svc.fleet.get(iid).state == "stopped", [x.text for x in slack.messages(CHANNEL)] + [
-        e.text for e in slack.ephemerals()]
+        e.text for e in slack.ephemerals()
+    ]
     final = confirmation(slack, m.ts)
     assert not buttons(final) and "chose to stop instead" in final.text
     summary = [x.text for x in slack.thread(CHANNEL, m.ts)]
@@ -216,7 +221,9 @@ def test_an_admin_named_only_in_the_policy_file_or_its_user_group_confirms_a_ter
     svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, tmp_path: Path
 ) -> None:
     path = tmp_path / "admins.toml"
-    path.write_text('admins = ["U0BOSS", "S0PLATFORM"]\n[roles]\nml = ["U0ALICE"]\n[commands]\nterminate = ["ml", "admin"]\n')
+    path.write_text(
+        'admins = ["U0BOSS", "S0PLATFORM"]\n[roles]\nml = ["U0ALICE"]\n[commands]\nterminate = ["ml", "admin"]\n'
+    )
     svc.settings.RUNCTL_POLICY_FILE = path
     slack.add_usergroup("S0PLATFORM", ["U0CAROL"])
     usergroups.forget()

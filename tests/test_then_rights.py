@@ -31,8 +31,9 @@ SCRIPT = "train_with_checkpoints.py"
 FAST = "--epochs 1 --steps-per-epoch 1 --step-seconds 0"
 
 
-def send(svc: Services, slack: FakeSlack, worker: InlineWorker, text: str, user: str, *, run: bool = True
-         ) -> dict[str, Any]:
+def send(
+    svc: Services, slack: FakeSlack, worker: InlineWorker, text: str, user: str, *, run: bool = True
+) -> dict[str, Any]:
     """A signed slash command through the real Bolt app; its job queued (and, with `run`, everything
     it leads to run); returns the ack's body."""
     app = build_app(svc.settings, svc.redis, WebClient(token=TOKEN, base_url=slack.base_url), token_verification=False)
@@ -111,16 +112,30 @@ def test_a_default_then_from_runctl_then_needs_the_right_too(
 @pytest.mark.parametrize(
     ("then", "granted", "revoked", "may_stop"),
     [
-        ("terminate", "[roles]\nml = ['U0ALICE']\n[commands]\nterminate = ['ml', 'admin']\n",
-         "[roles]\nml = ['U0BOB']\n[commands]\nterminate = ['ml', 'admin']\n",
-         f"Who may stop it: the owner (<@{ALICE}>) or role `admin` (admins: <@U0ADMIN>)"),
-        ("stop", "[commands]\nstop = ['owner', 'admin']\n", "[commands]\nstop = ['admin']\n",
-         "Who may stop it: role `admin` (admins: <@U0ADMIN>)"),
+        (
+            "terminate",
+            "[roles]\nml = ['U0ALICE']\n[commands]\nterminate = ['ml', 'admin']\n",
+            "[roles]\nml = ['U0BOB']\n[commands]\nterminate = ['ml', 'admin']\n",
+            f"Who may stop it: the owner (<@{ALICE}>) or role `admin` (admins: <@U0ADMIN>)",
+        ),
+        (
+            "stop",
+            "[commands]\nstop = ['owner', 'admin']\n",
+            "[commands]\nstop = ['admin']\n",
+            "Who may stop it: role `admin` (admins: <@U0ADMIN>)",
+        ),
     ],
 )
 def test_a_right_revoked_before_the_run_ends_leaves_the_instance_running(
-    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker, tmp_path: Path,
-    then: str, granted: str, revoked: str, may_stop: str,
+    svc: Services,
+    fleet_seed: SeedInfo,
+    slack: FakeSlack,
+    worker: InlineWorker,
+    tmp_path: Path,
+    then: str,
+    granted: str,
+    revoked: str,
+    may_stop: str,
 ) -> None:
     iid = fleet_seed.instances["gpu-box-1"]
     svc.settings.RUNCTL_POLICY_FILE = write(tmp_path / "policy.toml", granted)

@@ -80,15 +80,20 @@ def test_sigterm_mid_epoch_saves_torch_checkpoint_and_resume_trains_each_epoch_o
 ) -> None:
     epochs, steps = 4, 20
     args = ("--epochs", str(epochs), "--steps-per-epoch", str(steps))
-    reference = run_script(*args, "--checkpoint-dir", str(tmp_path / "ref"), cwd=tmp_path, env=env(),
-                           script=SCRIPT, timeout=DEADLINE)
+    reference = run_script(
+        *args, "--checkpoint-dir", str(tmp_path / "ref"), cwd=tmp_path, env=env(), script=SCRIPT, timeout=DEADLINE
+    )
     assert reference.returncode == 0, reference.stderr
     assert epochs_of(reference.stdout) == [1, 2, 3, 4]
 
     # Interval 100: only the last epoch would be saved, so the checkpoint below is SIGTERM's.
     ckdir, progress = tmp_path / "ck", tmp_path / "progress.json"
     run = Run(
-        *args, "--step-seconds", "0.05", "--checkpoint-interval", "100",
+        *args,
+        "--step-seconds",
+        "0.05",
+        "--checkpoint-interval",
+        "100",
         cwd=tmp_path,
         env=env(RUNCTL_CHECKPOINT_DIR=str(ckdir), RUNCTL_PROGRESS_FILE=str(progress)),
         script=SCRIPT,
@@ -110,11 +115,16 @@ def test_sigterm_mid_epoch_saves_torch_checkpoint_and_resume_trains_each_epoch_o
     assert all(isinstance(t, torch.Tensor) for t in saved["model"].values())
     assert saved["optimizer"]["state"][0]["step"] == 2 * steps  # AdamW's own state is in it
     assert marker(ckdir) | {"finished_at": None} == {
-        "exit_status": 143, "epoch": 2, "finished_at": None, "reason": "signal", "checkpoint": "ckpt-epoch-00002.pt",
+        "exit_status": 143,
+        "epoch": 2,
+        "finished_at": None,
+        "reason": "signal",
+        "checkpoint": "ckpt-epoch-00002.pt",
     }
 
-    resumed = run_script(*args, cwd=tmp_path, env=env(RUNCTL_CHECKPOINT_DIR=str(ckdir)), script=SCRIPT,
-                         timeout=DEADLINE)
+    resumed = run_script(
+        *args, cwd=tmp_path, env=env(RUNCTL_CHECKPOINT_DIR=str(ckdir)), script=SCRIPT, timeout=DEADLINE
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert resumed_epoch(resumed.stdout) == ("ckpt-epoch-00002.pt", 2)
     combined = epoch_lines(run.stdout) + epoch_lines(resumed.stdout)
@@ -136,7 +146,16 @@ def test_stop_report_on_the_torch_example_names_its_saved_checkpoint(
     # As on a Deep Learning AMI: the agent's `python3` has no torch; the tag names the one that does.
     svc.fleet.ec2.create_tags(Resources=[iid], Tags=[{"Key": PYTHON_TAG, "Value": sys.executable}])
     run_id = "r-torch-1"
-    script_args = ("--epochs", "40", "--steps-per-epoch", "10", "--step-seconds", "0.05", "--checkpoint-interval", "100")
+    script_args = (
+        "--epochs",
+        "40",
+        "--steps-per-epoch",
+        "10",
+        "--step-seconds",
+        "0.05",
+        "--checkpoint-interval",
+        "100",
+    )
     cmd = TrainCommand(instance_id=iid, script="train_torch.py", args=script_args)
     train(cmd.model_dump(mode="json"), ALICE.model_dump(mode="json"), run_id)
     run_dir = sandbox.instance_dir(iid) / "runs" / run_id

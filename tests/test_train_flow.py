@@ -84,7 +84,9 @@ def test_run_is_started_followed_and_finishes(
     svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, sandbox: Sandbox, worker: InlineWorker
 ) -> None:
     iid = fleet_seed.instances["gpu-box-1"]
-    run_id = start(iid, "train_with_checkpoints.py", "--epochs", "3", "--steps-per-epoch", "3", "--step-seconds", "0.05")
+    run_id = start(
+        iid, "train_with_checkpoints.py", "--epochs", "3", "--steps-per-epoch", "3", "--step-seconds", "0.05"
+    )
     worker.drain()
     run = svc.runs.get(run_id)
     assert run is not None
@@ -113,8 +115,18 @@ def test_nonzero_exit_is_reported_as_failure_with_log_tail(
     svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker
 ) -> None:
     iid = fleet_seed.instances["gpu-box-2"]
-    run_id = start(iid, "train_with_checkpoints.py", "--epochs", "5", "--steps-per-epoch", "2",
-                   "--step-seconds", "0.05", "--fail-at-epoch", "2")
+    run_id = start(
+        iid,
+        "train_with_checkpoints.py",
+        "--epochs",
+        "5",
+        "--steps-per-epoch",
+        "2",
+        "--step-seconds",
+        "0.05",
+        "--fail-at-epoch",
+        "2",
+    )
     worker.drain()
     run = svc.runs.get(run_id)
     assert run is not None and run.state is RunState.FAILED
@@ -174,6 +186,7 @@ def test_live_process_blocks_second_run_even_without_redis_lock(
     assert "--force" in second.error.fix and f"/runctl stop {iid}" in second.error.fix
     # the first run is untouched
     from workers import remote
+
     probe = svc.fleet.run(iid, remote.probe_live_runs(svc.settings.RUNCTL_REMOTE_ROOT))
     assert f"live {first} " in probe.stdout
     svc.fleet.run(iid, remote.stop_run(svc.settings.RUNCTL_REMOTE_ROOT, first, 10), 60)
@@ -206,10 +219,13 @@ def test_fifty_concurrent_train_jobs_start_exactly_one_run(
     assert len(launched) == 1
     winner = run_ids[states.index(RunState.RUNNING)]
     from workers import remote
+
     svc.fleet.run(iid, remote.stop_run(svc.settings.RUNCTL_REMOTE_ROOT, winner, 10), 60)
 
 
-def test_status_shows_state_live_run_progress_and_lock_holder(svc: Services, fleet_seed: SeedInfo, slack: FakeSlack) -> None:
+def test_status_shows_state_live_run_progress_and_lock_holder(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack
+) -> None:
     from workers.commands import StatusCommand
     from workers.jobs.status import status
 
@@ -223,4 +239,5 @@ def test_status_shows_state_live_run_progress_and_lock_holder(svc: Services, fle
     assert f"Live run `{run_id}`: <@U0ALICE>" in text and "train_with_checkpoints.py" in text, text
     assert f"Train lock: run `{run_id}` by <@U0ALICE>" in text, text
     from workers import remote
+
     svc.fleet.run(iid, remote.stop_run(svc.settings.RUNCTL_REMOTE_ROOT, run_id, 10), 60)

@@ -58,8 +58,11 @@ HOSTILE_PATH = "evil/<!here>`pwn`<!channel>.py"
 
 
 def _git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.invalid", *args],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.invalid", *args],
+        check=True,
+        capture_output=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +137,9 @@ def test_hostile_args_ref_log_checkpoint_and_metric_names_are_shown_as_text(
     assert run.state is RunState.FAILED, run.error
     assert run.progress is not None and "<!everyone>`pwn`" in run.progress.metrics
     assert run.checkpoint is not None and "<!channel>" in run.checkpoint.name
-    checkpoints(CheckpointsCommand(instance_id=iid, run_id=run_id).model_dump(mode="json"),
-                ALICE.model_dump(mode="json"))
+    checkpoints(
+        CheckpointsCommand(instance_id=iid, run_id=run_id).model_dump(mode="json"), ALICE.model_dump(mode="json")
+    )
 
     shown = everything(slack, "C0TRAIN")
     joined = "\n".join(shown)
@@ -153,8 +157,11 @@ def test_hostile_script_path_is_refused_and_echoed_as_text(
     svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, as_slack_sends_it: bool
 ) -> None:
     iid = fleet_seed.instances["cpu-box"]
-    path = HOSTILE_PATH.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") if as_slack_sends_it \
+    path = (
+        HOSTILE_PATH.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        if as_slack_sends_it
         else HOSTILE_PATH
+    )
     app = build_app(svc.settings, svc.redis, WebClient(token=TOKEN, base_url=slack.base_url), token_verification=False)
     resp = app.dispatch(command(f"train {iid} {path} -- {HOSTILE}"))
     assert resp.status == 200
@@ -175,9 +182,19 @@ def test_keep_running_reason_is_shown_as_text(
     launched = svc.fleet.get(iid).launch_time
     assert launched is not None
     svc.clock = lambda: launched + timedelta(hours=30)
-    svc.runs.create(Run(run_id="r-owner", instance_id=iid, user_id="U0ALICE", channel_id="C0TRAIN",
-                        script="train.py", state=RunState.SUCCEEDED, created_at=launched,
-                        started_at=launched, ended_at=launched + timedelta(hours=1)))
+    svc.runs.create(
+        Run(
+            run_id="r-owner",
+            instance_id=iid,
+            user_id="U0ALICE",
+            channel_id="C0TRAIN",
+            script="train.py",
+            state=RunState.SUCCEEDED,
+            created_at=launched,
+            started_at=launched,
+            ended_at=launched + timedelta(hours=1),
+        )
+    )
     sweep()
     record = WarningStore(svc.redis).get(iid, Kind.COST)
     assert record is not None
@@ -189,7 +206,10 @@ def test_keep_running_reason_is_shown_as_text(
         "token": "legacy",
         "trigger_id": f"trig.{time.monotonic_ns()}",
         "view": {
-            "id": "V0KEEP", "type": "modal", "callback_id": KEEP_VIEW, "team_id": "T0TEAM",
+            "id": "V0KEEP",
+            "type": "modal",
+            "callback_id": KEEP_VIEW,
+            "team_id": "T0TEAM",
             "private_metadata": json.dumps({"instance_id": iid, "kind": Kind.COST.value}),
             "state": {"values": {REASON_BLOCK: {REASON_INPUT: {"type": "plain_text_input", "value": HOSTILE}}}},
         },
@@ -218,8 +238,11 @@ def test_repository_credentials_never_reach_slack_or_the_log(
     iid = fleet_seed.instances["gpu-box-1"]
     run_id = f"r-secret-{uuid.uuid4().hex[:8]}"
     with caplog.at_level(logging.DEBUG):
-        train(TrainCommand(instance_id=iid, script="hostile.py").model_dump(mode="json"),
-              ALICE.model_dump(mode="json"), run_id)
+        train(
+            TrainCommand(instance_id=iid, script="hostile.py").model_dump(mode="json"),
+            ALICE.model_dump(mode="json"),
+            run_id,
+        )
     run = svc.runs.get(run_id)
     assert run is not None and run.state is RunState.REFUSED and run.error is not None
     shown = "\n".join(everything(slack, "C0TRAIN"))

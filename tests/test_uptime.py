@@ -95,18 +95,14 @@ def test_pending_changes_nothing(ledger: UptimeLedger, instance: str) -> None:
 
 
 @pytest.mark.parametrize("state", ["stopping", "stopped", "shutting-down", "terminated"])
-def test_non_running_states_close_the_interval(
-    ledger: UptimeLedger, instance: str, state: str
-) -> None:
+def test_non_running_states_close_the_interval(ledger: UptimeLedger, instance: str, state: str) -> None:
     ledger.mark_running(instance, START)
     ledger.observe(instance, state, START, START + H)
     assert ledger.intervals(instance) == [(START, START + H)]
     assert ledger.running_since(instance) is None
 
 
-def test_terminated_ledger_expires_eventually(
-    ledger: UptimeLedger, instance: str, redis_client: redis.Redis
-) -> None:
+def test_terminated_ledger_expires_eventually(ledger: UptimeLedger, instance: str, redis_client: redis.Redis) -> None:
     ledger.mark_running(instance, START)
     ledger.observe(instance, "stopped", START, START + H)
     assert redis_client.ttl(f"runctl:uptime:{instance}") == -1
@@ -114,9 +110,7 @@ def test_terminated_ledger_expires_eventually(
     assert redis_client.ttl(f"runctl:uptime:{instance}") > 80 * 24 * 3600
 
 
-def test_twenty_threads_open_exactly_one_interval(
-    redis_client: redis.Redis, instance: str
-) -> None:
+def test_twenty_threads_open_exactly_one_interval(redis_client: redis.Redis, instance: str) -> None:
     ledger = UptimeLedger(redis_client)
     barrier = threading.Barrier(20)
     errors: list[BaseException] = []
@@ -140,9 +134,7 @@ def test_twenty_threads_open_exactly_one_interval(
     assert intervals[0][1] is None
 
 
-def test_open_interval_counts_up_to_now(
-    ledger: UptimeLedger, instance: str, clock: time_machine.Traveller
-) -> None:
+def test_open_interval_counts_up_to_now(ledger: UptimeLedger, instance: str, clock: time_machine.Traveller) -> None:
     ledger.mark_running(instance, START)
     clock.move_to(START + 90 * timedelta(minutes=1))
     assert ledger.running_seconds(instance) == 90 * 60
@@ -174,9 +166,7 @@ def test_unknown_price_means_unknown_cost(ledger: UptimeLedger, instance: str) -
     assert ledger.cost(instance, Decimal("2"), now=START + H) == Decimal("2")
 
 
-def test_stop_without_start_and_restart_before_last_end_are_safe(
-    ledger: UptimeLedger, instance: str
-) -> None:
+def test_stop_without_start_and_restart_before_last_end_are_safe(ledger: UptimeLedger, instance: str) -> None:
     ledger.mark_stopped(instance, START)
     assert ledger.intervals(instance) == []
     ledger.mark_running(instance, START)

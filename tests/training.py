@@ -59,7 +59,12 @@ class Run:
     """A running script whose stdout/stderr lines are collected by reader threads."""
 
     def __init__(
-        self, *args: str, cwd: Path, env: dict[str, str] | None = None, script: Path = SCRIPT, deadline: float = DEADLINE
+        self,
+        *args: str,
+        cwd: Path,
+        env: dict[str, str] | None = None,
+        script: Path = SCRIPT,
+        deadline: float = DEADLINE,
     ) -> None:
         self.deadline = deadline
         self.proc = subprocess.Popen(

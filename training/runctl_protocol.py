@@ -805,11 +805,17 @@ def parse_args(job: Job, argv: Sequence[str] | None) -> Config:
     parser = argparse.ArgumentParser(description=job.description)
     parser.add_argument("--epochs", metavar="N", type=positive_int, default=10, help="total epochs (10)")
     parser.add_argument(
-        "--steps-per-epoch", metavar="N", type=positive_int, default=job.steps_per_epoch,
+        "--steps-per-epoch",
+        metavar="N",
+        type=positive_int,
+        default=job.steps_per_epoch,
         help=f"default {job.steps_per_epoch}",
     )
     parser.add_argument(
-        "--step-seconds", metavar="SECONDS", type=non_negative_float, default=job.step_seconds,
+        "--step-seconds",
+        metavar="SECONDS",
+        type=non_negative_float,
+        default=job.step_seconds,
         help=f"extra sleep per step, simulated work ({job.step_seconds})",
     )
     parser.add_argument(

@@ -86,19 +86,21 @@ class TrainCommand(Command):
     @classmethod
     def from_run(cls, run: Run) -> TrainCommand:
         """The command that runs `run` again: same instance, script, ref, options and args."""
-        return cls.model_validate({
-            "instance_id": run.instance_id,
-            "script": run.script,
-            "ref": run.ref,
-            "sync_code": run.sync_code,
-            "wait": run.wait,
-            "checkpoint_interval": run.checkpoint_interval,
-            "deps": run.deps,
-            "then": run.then,
-            "backup": run.backup,
-            "auto_resume": run.auto_resume,
-            "args": run.args,
-        })
+        return cls.model_validate(
+            {
+                "instance_id": run.instance_id,
+                "script": run.script,
+                "ref": run.ref,
+                "sync_code": run.sync_code,
+                "wait": run.wait,
+                "checkpoint_interval": run.checkpoint_interval,
+                "deps": run.deps,
+                "then": run.then,
+                "backup": run.backup,
+                "auto_resume": run.auto_resume,
+                "args": run.args,
+            }
+        )
 
 
 class StatusCommand(Command):

@@ -32,9 +32,7 @@ SWEEP_SECONDS = _settings.RUNCTL_SWEEP_MINUTES * 60
 # A sweep that has not started within one interval is stale: the next one replaces it.
 cron.register(sweep, QUEUE, interval=SWEEP_SECONDS, ttl=SWEEP_SECONDS, job_timeout=SWEEP_SECONDS, name="sweep")
 RECONCILE_SECONDS = _settings.RUNCTL_RECONCILE_SECONDS
-cron.register(
-    reconcile, QUEUE, interval=RECONCILE_SECONDS, ttl=RECONCILE_SECONDS, job_timeout=300, name="reconcile"
-)
+cron.register(reconcile, QUEUE, interval=RECONCILE_SECONDS, ttl=RECONCILE_SECONDS, job_timeout=300, name="reconcile")
 TICK_SECONDS = int(min(60.0, max(1.0, _settings.RUNCTL_POLL_MAX_SECONDS)))
 cron.register(tick, QUEUE, args=("clock",), interval=TICK_SECONDS, ttl=TICK_SECONDS, job_timeout=900, name="monitor")
 cron.register(digest, QUEUE, cron=_settings.RUNCTL_DIGEST_CRON, job_timeout=600, name="digest")

@@ -64,9 +64,7 @@ class RunctlError(Exception):
         self.detail = detail
 
     def info(self) -> ErrorInfo:
-        return ErrorInfo(
-            kind=type(self).__name__, what=self.what, why=self.why, fix=self.fix, detail=self.detail
-        )
+        return ErrorInfo(kind=type(self).__name__, what=self.what, why=self.why, fix=self.fix, detail=self.detail)
 
     def as_text(self) -> str:
         return self.info().as_text()

@@ -44,8 +44,19 @@ from workers.state.runs import Run, RunState, RunStore
 log = logging.getLogger(__name__)
 
 Action = Literal[
-    "train", "status", "resources", "checkpoints", "logs", "backup", "stop", "start", "terminate", "force", "audit",
-    "launch", "autostop",
+    "train",
+    "status",
+    "resources",
+    "checkpoints",
+    "logs",
+    "backup",
+    "stop",
+    "start",
+    "terminate",
+    "force",
+    "audit",
+    "launch",
+    "autostop",
 ]
 EVERYONE, OWNER, ADMIN = "everyone", "owner", "admin"
 OWNER_TAG = "runctl:user"  # the instance tag naming its owner when no run does
@@ -254,9 +265,11 @@ def check(
         f"You can't `{action}` here: it needs {_describe(roles, owner_id)}.",
         why=f"Admins: {_mentions(admin_ids) or 'nobody yet (set RUNCTL_ADMINS)'}." + usergroups.trouble(),
         fix="Ask an admin to do it, or to add you to "
-        + (f"role `{_named_role(roles)}` in the policy file ({settings.RUNCTL_POLICY_FILE})"
-           if settings.RUNCTL_POLICY_FILE and _named_role(roles)
-           else "RUNCTL_ADMINS or the policy file (RUNCTL_POLICY_FILE)")
+        + (
+            f"role `{_named_role(roles)}` in the policy file ({settings.RUNCTL_POLICY_FILE})"
+            if settings.RUNCTL_POLICY_FILE and _named_role(roles)
+            else "RUNCTL_ADMINS or the policy file (RUNCTL_POLICY_FILE)"
+        )
         + ".",
     )
 
@@ -298,8 +311,12 @@ def consequence(command: commands.Command, default_then: str = "keep") -> str | 
 
 
 def check_command(
-    settings: Settings, user_id: str, command: commands.Command, owner_id: str | None = None,
-    *, defer_owner: bool = False,
+    settings: Settings,
+    user_id: str,
+    command: commands.Command,
+    owner_id: str | None = None,
+    *,
+    defer_owner: bool = False,
 ) -> None:
     """Every action `command` needs (`actions`); a refused `--then` says how to train without it."""
     then = consequence(command, settings.RUNCTL_THEN)
@@ -405,8 +422,11 @@ def _describe(roles: tuple[str, ...], owner_id: str | None) -> str:
     names = []
     for role in roles:
         if role == OWNER:
-            names.append(f"the owner (<@{owner_id}>)" if owner_id
-                         else f"the owner (it has none: no run and no `{OWNER_TAG}` tag)")
+            names.append(
+                f"the owner (<@{owner_id}>)"
+                if owner_id
+                else f"the owner (it has none: no run and no `{OWNER_TAG}` tag)"
+            )
         else:
             names.append(f"role `{role}`")
     if not names:

@@ -41,8 +41,9 @@ class RunctlPool(WorkerPool):
             [QUEUE, LONG_QUEUE, EVENTS_QUEUE], connection, num_workers=quick + long, worker_class=RunctlWorker, **kwargs
         )
 
-    def start_worker(self, count: int | None = None, burst: bool = True, _sleep: float = 0,
-                     logging_level: str = "INFO") -> None:
+    def start_worker(
+        self, count: int | None = None, burst: bool = True, _sleep: float = 0, logging_level: str = "INFO"
+    ) -> None:
         """Start a worker of the group that is short of one (WorkerPool respawns by count)."""
         counts = Counter(self.group_of.get(name) for name in self.worker_dict)
         group = next((g for g, (_, n) in self.groups.items() if counts[g] < n), "quick")

@@ -46,7 +46,7 @@ def unreachable() -> QueueUnreachable:
     return QueueUnreachable(
         "runctl cannot reach its queue; nothing was started.",
         why=f"Redis did not answer within {FRONT_TIMEOUT_SECONDS} s.",
-        fix="an admin checks that Redis is up (`redis-cli -u \"$REDIS_URL\" ping`) and that the web process's "
+        fix='an admin checks that Redis is up (`redis-cli -u "$REDIS_URL" ping`) and that the web process\'s '
         "`REDIS_URL` points at it; then run the command again. `/runctl help` works meanwhile.",
     )
 
@@ -118,9 +118,7 @@ LONG_JOBS = frozenset(
 
 
 # Commands that only read and answer: repeated after their worker died, they do no harm.
-RETRIED = frozenset(
-    {JobPath.STATUS, JobPath.RESOURCES, JobPath.CHECKPOINTS, JobPath.AUDIT, JobPath.LOGS}
-)
+RETRIED = frozenset({JobPath.STATUS, JobPath.RESOURCES, JobPath.CHECKPOINTS, JobPath.AUDIT, JobPath.LOGS})
 ABANDONED = "workers.jobs.abandoned.report"
 
 
@@ -272,8 +270,15 @@ def args_of(spec: Spec, payload: Payload, actor: Actor) -> list[object]:
 
 
 def enqueue(
-    queue: Queue, path: JobPath, payload: Payload, actor: Actor, *, what: str = "",
-    when: datetime | None = None, delay: timedelta | None = None, pipeline: Pipeline | None = None,
+    queue: Queue,
+    path: JobPath,
+    payload: Payload,
+    actor: Actor,
+    *,
+    what: str = "",
+    when: datetime | None = None,
+    delay: timedelta | None = None,
+    pipeline: Pipeline | None = None,
     job_id: str | None = None,
 ) -> Job:
     """Queue `path`'s job for `actor` (SYSTEM for a system job): now, at `when` or after

@@ -155,9 +155,7 @@ class Settings(BaseSettings):
     def require(self, role: Role) -> Settings:
         for name in _REQUIRED[role]:
             if getattr(self, name) in (None, ""):
-                raise ConfigError(
-                    f"runctl: {name} is not set; the {role} process needs it (see README, Settings)"
-                )
+                raise ConfigError(f"runctl: {name} is not set; the {role} process needs it (see README, Settings)")
         return self
 
 
@@ -170,4 +168,3 @@ def load(role: Role = "console") -> Settings:
         name = ".".join(str(p) for p in err["loc"]) or "settings"
         raise ConfigError(f"runctl: invalid setting {name}: {err['msg']}") from None
     return settings.require(role)
-

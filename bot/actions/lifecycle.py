@@ -48,7 +48,9 @@ def resume_click(ack: Ack, context: dict[str, Any]) -> None:
 
 def register(app: App) -> None:
     for action in (
-        ActionId.TERMINATE_CONFIRM, ActionId.TERMINATE_NO_BACKUP, ActionId.TERMINATE_STOP_INSTEAD,
+        ActionId.TERMINATE_CONFIRM,
+        ActionId.TERMINATE_NO_BACKUP,
+        ActionId.TERMINATE_STOP_INSTEAD,
         ActionId.TERMINATE_CANCEL,
     ):
         app.action(action.value)(confirmation_click)

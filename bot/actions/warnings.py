@@ -81,8 +81,12 @@ def refusal(context: dict[str, Any], user: str, verb: str, instance_id: str, kin
         policy.check(settings, user, verb, owner)
     except PermissionDenied as exc:
         entry = audit.Record(
-            user=user, text=f"{verb} {kind.value} warning", decision="refused",
-            outcome=f"PermissionDenied: {exc.what}", instance=instance_id, source="click",
+            user=user,
+            text=f"{verb} {kind.value} warning",
+            decision="refused",
+            outcome=f"PermissionDenied: {exc.what}",
+            instance=instance_id,
+            source="click",
         )
         front_record(settings, context["redis"], entry)
         return exc

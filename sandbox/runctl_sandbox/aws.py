@@ -249,8 +249,10 @@ def seed_launch(endpoint_url: str, region: str) -> LaunchSeed:
     )
     suffix = os.urandom(3).hex()
     group = ec2.create_security_group(GroupName=f"runctl-{suffix}", Description="runctl instances")["GroupId"]
-    trust = '{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"ec2.amazonaws.com"},' \
+    trust = (
+        '{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"ec2.amazonaws.com"},'
         '"Action":"sts:AssumeRole"}]}'
+    )
     names = []
     for kind, policy in (("ssm", "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"), ("bare", None)):
         name = f"runctl-{kind}-{suffix}"

@@ -174,7 +174,6 @@ class Console:
         if resp.status != 200:
             self.say(f"[http {resp.status}] {resp.body}")
 
-
     def confirmed(self, confirm: dict[str, Any], ask: Callable[[str], str | None]) -> bool:
         """The button's confirmation dialog, as Slack shows it before sending the click."""
         title = (confirm.get("title") or {}).get("text", "Are you sure?")
@@ -296,9 +295,7 @@ def session(console: Console, prompt: Prompt, workdir: Path) -> int:
         services.install(None)
 
 
-def converse(
-    console: Console, prompt: Prompt, app: App, svc: Services, worker: InlineWorker, seeded: SeedInfo
-) -> int:
+def converse(console: Console, prompt: Prompt, app: App, svc: Services, worker: InlineWorker, seeded: SeedInfo) -> int:
     """The read-answer loop. Ctrl-C during /wait stops waiting (the work goes on); at the
     prompt it leaves, with 130."""
     try:

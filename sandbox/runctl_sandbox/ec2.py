@@ -130,8 +130,10 @@ class Ec2:
         zone = zone or ctx.region + "a"
         if (itype, zone) not in self.exhausted:
             return None
-        message = (f"We currently do not have sufficient {itype} capacity in the Availability Zone you requested "
-                   f"({zone}). Our system will be working on provisioning additional capacity.")
+        message = (
+            f"We currently do not have sufficient {itype} capacity in the Availability Zone you requested "
+            f"({zone}). Our system will be working on provisioning additional capacity."
+        )
         return (
             '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error><Code>InsufficientInstanceCapacity'
             f"</Code><Message>{message}</Message></Error></Errors><RequestID>{uuid.uuid4()}</RequestID></Response>"
@@ -162,4 +164,3 @@ class Ec2:
             ids = [v[0] for k, v in params.items() if _INSTANCE_PARAM.match(k)]
             kill_instance_processes(ids)
         return wire.reply(start_response, status, headers, reply)
-

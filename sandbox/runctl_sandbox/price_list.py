@@ -60,9 +60,7 @@ class PriceList:
         with self._lock:
             self.calls += 1
             if self.denied:
-                raise ApiError(
-                    "AccessDeniedException", "User is not authorized to perform: pricing:GetProducts", 400
-                )
+                raise ApiError("AccessDeniedException", "User is not authorized to perform: pricing:GetProducts", 400)
             if payload.get("ServiceCode") != "AmazonEC2":
                 return {"FormatVersion": "aws_v1", "PriceList": []}
             wanted = [(f.get("Field"), f.get("Value")) for f in payload.get("Filters") or []]
@@ -72,4 +70,3 @@ class PriceList:
                 if all(item["product"]["attributes"].get(field) == value for field, value in wanted)
             ]
         return {"FormatVersion": "aws_v1", "PriceList": found}
-

@@ -50,9 +50,13 @@ class S3Gate:
             if method == "PUT":
                 self.puts.append(query)
         if params.get("X-Amz-Algorithm") != ["AWS4-HMAC-SHA256"]:
-            return 400, [], _s3_error(
-                "InvalidRequest",
-                "The authorization mechanism you have provided is not supported. Please use AWS4-HMAC-SHA256.",
+            return (
+                400,
+                [],
+                _s3_error(
+                    "InvalidRequest",
+                    "The authorization mechanism you have provided is not supported. Please use AWS4-HMAC-SHA256.",
+                ),
             )
         with self._lock:
             expired, self._expired = self._expired, False
@@ -97,4 +101,3 @@ def _s3_error(code: str, message: str) -> bytes:
         f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
         f"<RequestId>{uuid.uuid4().hex[:16].upper()}</RequestId></Error>"
     ).encode()
-

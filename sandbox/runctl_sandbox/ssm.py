@@ -192,4 +192,3 @@ def _int_param(value: Any, name: str) -> int:
         return int(value)
     except (TypeError, ValueError) as exc:
         raise ApiError("InvalidParameters", f"{name} must be a whole number of seconds") from exc
-

@@ -38,7 +38,7 @@ _FINAL = ("Success", "Failed", "TimedOut", "Cancelled")
 
 def rewrite_root(script: str, root: Path) -> str:
     """Point the script's one ``RUNCTL_ROOT=`` line at ``root``."""
-    line = f'RUNCTL_ROOT={shlex.quote(str(root))}'
+    line = f"RUNCTL_ROOT={shlex.quote(str(root))}"
     return _ROOT_LINE.sub(lambda _: line, script, count=1)
 
 

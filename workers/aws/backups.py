@@ -34,7 +34,6 @@ class Stored(BaseModel):
     instance_id: str = ""  # the instance it was uploaded from
 
 
-
 class RunBackup(BaseModel):
     format_version: int = 1
     run_id: str
@@ -109,7 +108,7 @@ def save(fleet: Fleet, backup: RunBackup) -> None:
 
 
 def why_unbound(f: Stored, owner: str, lookup: Callable[[str], Run | None]) -> str:
-    """"" when Redis confirms the file's binding: the run it names writes `owner`'s checkpoints
+    """ "" when Redis confirms the file's binding: the run it names writes `owner`'s checkpoints
     and ran on the instance it was uploaded from, and its key is its name's; else why not."""
     writer = lookup(f.run_id) if f.run_id else None
     if writer is None:

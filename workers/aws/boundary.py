@@ -40,8 +40,7 @@ def translate(exc: ClientError | BotoCoreError, action: str) -> RunctlError:
         return AgentOffline(
             f"SSM cannot reach the instance to {action}.",
             why=message,
-            fix="Check that the SSM agent runs and the instance profile has "
-            "AmazonSSMManagedInstanceCore.",
+            fix="Check that the SSM agent runs and the instance profile has AmazonSSMManagedInstanceCore.",
         )
     return AwsError(f"AWS error while trying to {action}: {code}", code=code, why=message)
 
@@ -52,4 +51,3 @@ def aws_call(action: str) -> Iterator[None]:
         yield
     except (ClientError, BotoCoreError) as exc:
         raise translate(exc, action) from exc
-

@@ -116,9 +116,7 @@ class Fleet:
     def describe(self, instance_ids: list[str] | None = None) -> list[Instance]:
         return list(self.iter_instances(instance_ids))
 
-    def iter_instances(
-        self, instance_ids: list[str] | None = None, page_size: int = 1000
-    ) -> Iterator[Instance]:
+    def iter_instances(self, instance_ids: list[str] | None = None, page_size: int = 1000) -> Iterator[Instance]:
         """Managed instances, region by region (in RUNCTL_REGIONS order)."""
         if instance_ids:
             for region, ids in self._by_region(instance_ids).items():
@@ -240,9 +238,7 @@ class Fleet:
         with aws_call(f"terminate {instance_id}"):
             self.client("ec2", self.region_of(instance_id)).terminate_instances(InstanceIds=[instance_id])
 
-    def wait_for_state(
-        self, instance_id: str, wanted: tuple[str, ...], timeout: float, poll: float = 5.0
-    ) -> Instance:
+    def wait_for_state(self, instance_id: str, wanted: tuple[str, ...], timeout: float, poll: float = 5.0) -> Instance:
         deadline = self.clock() + timeout
         delay = min(1.0, poll)
         while True:
@@ -251,8 +247,7 @@ class Fleet:
                 return inst
             if self.clock() >= deadline:
                 raise RemoteTimeout(
-                    f"{inst.label} is still `{inst.state}` after {int(timeout)} s "
-                    f"(waiting for {' or '.join(wanted)}).",
+                    f"{inst.label} is still `{inst.state}` after {int(timeout)} s (waiting for {' or '.join(wanted)}).",
                     fix=f"/runctl status {instance_id}",
                 )
             self.sleep(delay)
@@ -345,9 +340,7 @@ class Fleet:
         wanted = set(instance_ids)
         with aws_call("read command results"):
             ssm = self.client("ssm", self.region_of(instance_ids[0]))
-            pages = ssm.get_paginator("list_command_invocations").paginate(
-                CommandId=command_id, Details=True
-            )
+            pages = ssm.get_paginator("list_command_invocations").paginate(CommandId=command_id, Details=True)
             for page in pages:
                 for inv in page.get("CommandInvocations", []):
                     iid = inv.get("InstanceId", "")

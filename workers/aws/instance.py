@@ -35,7 +35,14 @@ class Instance:
 
 # GetCommandInvocation's Status, as the SSM API reference lists it (delivery failures are in StatusDetails).
 CommandStatus = Literal[
-    "Pending", "InProgress", "Delayed", "Success", "Cancelled", "TimedOut", "Failed", "Cancelling",
+    "Pending",
+    "InProgress",
+    "Delayed",
+    "Success",
+    "Cancelled",
+    "TimedOut",
+    "Failed",
+    "Cancelling",
 ]
 
 

@@ -199,11 +199,15 @@ class Launcher:
                 "SubnetId": subnet,
                 "IamInstanceProfile": {"Name": template.instance_profile},
                 "BlockDeviceMappings": [
-                    {"DeviceName": "/dev/sda1", "Ebs": {"VolumeSize": spec.disk_gb, "VolumeType": "gp3",
-                                                        "DeleteOnTermination": True}}
+                    {
+                        "DeviceName": "/dev/sda1",
+                        "Ebs": {"VolumeSize": spec.disk_gb, "VolumeType": "gp3", "DeleteOnTermination": True},
+                    }
                 ],
-                "TagSpecifications": [{"ResourceType": "instance", "Tags": tags},
-                                      {"ResourceType": "volume", "Tags": tags}],
+                "TagSpecifications": [
+                    {"ResourceType": "instance", "Tags": tags},
+                    {"ResourceType": "volume", "Tags": tags},
+                ],
                 "MetadataOptions": {"HttpTokens": "required"},
             }
             if template.security_groups:
@@ -231,8 +235,11 @@ class Launcher:
     def capacity_error(self, spec: Spec, full: list[str]) -> CapacityError:
         zones = [z for z in self.offered_zones(spec.instance_type) if z not in full]
         kind = "spot " if spec.spot else ""
-        where = f"Offered in this region also in: {', '.join(zones)}." if zones else (
-            f"No other zone of {self.fleet.region} offers {spec.instance_type}.")
+        where = (
+            f"Offered in this region also in: {', '.join(zones)}."
+            if zones
+            else (f"No other zone of {self.fleet.region} offers {spec.instance_type}.")
+        )
         regions = self.offered_regions(spec.instance_type)
         if regions:
             where += f" Other regions offering it: {', '.join(regions)}."
@@ -277,8 +284,9 @@ class Launcher:
     def wait_running(self, instance_id: str, delay: float, timeout: float) -> None:
         waiter = self.fleet.ec2.get_waiter("instance_running")
         try:
-            waiter.wait(InstanceIds=[instance_id],
-                        WaiterConfig={"Delay": delay, "MaxAttempts": max(1, int(timeout / delay))})
+            waiter.wait(
+                InstanceIds=[instance_id], WaiterConfig={"Delay": delay, "MaxAttempts": max(1, int(timeout / delay))}
+            )
         except WaiterError as exc:
             raise AwsError(
                 f"{instance_id} did not reach `running` within {int(timeout)} s.",

@@ -109,9 +109,7 @@ def _digest(tree: Tree, sha: str, workdir: str, text: str) -> str:
     return h.hexdigest()
 
 
-def _local_references(
-    tree: Tree, sha: str, base: str, text: str, depth: int
-) -> list[tuple[str, str]]:
+def _local_references(tree: Tree, sha: str, base: str, text: str, depth: int) -> list[tuple[str, str]]:
     """("file", path) for included requirement files and local wheel/sdist files,
     ("dir", path) for local package directories; repository paths, inside the tree only."""
     found: list[tuple[str, str]] = []

@@ -30,5 +30,7 @@ def describe(region: str, gb: int) -> str:
     rate = GP3_USD_PER_GB_MONTH.get(region)
     if rate is None:
         return f"{gb} GB gp3 disk: {UNKNOWN} (no gp3 price on file for {region})"
-    return (f"{gb} GB gp3 disk: {format_usd(rate * gb)} a month, running or stopped, until terminated "
-            f"(${format_rate(rate)}/GB-month in {region}, {SOURCE})")
+    return (
+        f"{gb} GB gp3 disk: {format_usd(rate * gb)} a month, running or stopped, until terminated "
+        f"(${format_rate(rate)}/GB-month in {region}, {SOURCE})"
+    )

@@ -101,9 +101,7 @@ def _checkpoint_findings(settings: Settings, row: Row, now: datetime) -> list[Fi
     quiet = (now - newest).total_seconds()
     if quiet <= settings.RUNCTL_CHECKPOINT_WARN_MINUTES * 60:
         return []
-    what = (
-        f"the newest is {code(run.checkpoint.name)}" if run.checkpoint else "it has written none since it started"
-    )
+    what = f"the newest is {code(run.checkpoint.name)}" if run.checkpoint else "it has written none since it started"
     headline = (
         f"Run `{run.run_id}` ({code(run.script)}) on *{row.instance.label}* has written no new checkpoint for "
         f"{duration(quiet)} ({what}). If it crashes now, that work is lost; check `training.log` with "
@@ -114,8 +112,18 @@ def _checkpoint_findings(settings: Settings, row: Row, now: datetime) -> list[Fi
 
 def _in_run_thread(row: Row, run: Run, kind: Kind, headline: str, summary: str) -> Finding:
     """A finding about a live run, owned by its person and told in its thread."""
-    return Finding(row.id, kind, run.user_id, row.instance.label, headline, _detail(row), summary,
-                   run_id=run.run_id, channel=run.channel_id, thread_ts=run.message_ts)
+    return Finding(
+        row.id,
+        kind,
+        run.user_id,
+        row.instance.label,
+        headline,
+        _detail(row),
+        summary,
+        run_id=run.run_id,
+        channel=run.channel_id,
+        thread_ts=run.message_ts,
+    )
 
 
 def _gpu_findings(settings: Settings, row: Row, now: datetime) -> list[Finding]:

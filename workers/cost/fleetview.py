@@ -122,9 +122,7 @@ def _pages(instances: Iterable[Instance], size: int) -> Iterator[list[Instance]]
         yield page
 
 
-def _idle_since(
-    inst: Instance, live: Run | None, last: Run | None, running_since: datetime | None
-) -> datetime | None:
+def _idle_since(inst: Instance, live: Run | None, last: Run | None, running_since: datetime | None) -> datetime | None:
     if inst.state != "running" or live is not None:
         return None
     if last is not None and not last.state.ended:

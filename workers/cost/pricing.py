@@ -47,6 +47,8 @@ class Quotes(SpotQuotes, Protocol):
     """Spot quotes and the Price List API's on-demand entries (`Fleet.on_demand_products`)."""
 
     def on_demand_products(self, region: str, instance_type: str) -> list[str]: ...
+
+
 _CENT = Decimal("0.01")
 _SECONDS_PER_HOUR = Decimal(3600)
 
@@ -54,9 +56,7 @@ _SECONDS_PER_HOUR = Decimal(3600)
 class PriceBook:
     """On-demand USD/hour prices by region and instance type."""
 
-    def __init__(
-        self, as_of: date, source: str, prices: Mapping[str, Mapping[str, Decimal]]
-    ) -> None:
+    def __init__(self, as_of: date, source: str, prices: Mapping[str, Mapping[str, Decimal]]) -> None:
         self._as_of = as_of
         self._source = source
         self._prices = {region: dict(types) for region, types in prices.items()}
@@ -109,9 +109,7 @@ def spot_price(quotes: SpotQuotes, redis: Redis, availability_zone: str, instanc
     entries = [
         entry
         for entry in quotes.spot_price_history(availability_zone, instance_type)
-        if entry.get("AvailabilityZone") == availability_zone
-        and "SpotPrice" in entry
-        and "Timestamp" in entry
+        if entry.get("AvailabilityZone") == availability_zone and "SpotPrice" in entry and "Timestamp" in entry
     ]
     newest = max(entries, key=lambda entry: entry["Timestamp"], default=None)
     price = None if newest is None else _positive_decimal(newest["SpotPrice"], key)

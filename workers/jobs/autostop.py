@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 def saving(svc: Services, inst: Instance) -> str:
     lifecycle = None if inst.lifecycle == "on-demand" else inst.lifecycle
     try:
-        price = hourly_price(load_price_book(), svc.fleet, svc.redis, inst.region, inst.availability_zone,
-                             inst.type, lifecycle)
+        price = hourly_price(
+            load_price_book(), svc.fleet, svc.redis, inst.region, inst.availability_zone, inst.type, lifecycle
+        )
     except RunctlError as exc:  # a failed price lookup never blocks a stop
         log.warning("price of %s: %s", inst.id, exc.what)
         return "saves its hourly price (unknown)"
@@ -115,30 +116,40 @@ def then(run_id: str, raw_actor: dict[str, Any] | None = None) -> str:
         return text
     verb = "terminated" if run.then == "terminate" else "stopped"
     back = "" if run.then == "terminate" else f" `/runctl start {inst.id}` brings it back."
-    text = (f":double_vertical_bar: Run `{run.run_id}` ended, so *{inst.label}* was {verb} "
-            f"(`--then {run.then}`): {cost}.{back}")
+    text = (
+        f":double_vertical_bar: Run `{run.run_id}` ended, so *{inst.label}* was {verb} "
+        f"(`--then {run.then}`): {cost}.{back}"
+    )
     _reply(svc, run, text)
-    audit.record(svc.redis, svc.settings.RUNCTL_AUDIT_MAXLEN,
-                 audit.of(requester, "allowed", f"{verb} after the run (--then {run.then})", run.run_id, inst.id))
+    audit.record(
+        svc.redis,
+        svc.settings.RUNCTL_AUDIT_MAXLEN,
+        audit.of(requester, "allowed", f"{verb} after the run (--then {run.then})", run.run_id, inst.id),
+    )
     return text
 
 
 def _revoked(svc: Services, run: Run, requester: Actor, inst: Instance, exc: PermissionDenied) -> str:
     """`--then` refused when it fired: the instance keeps running; the thread says why and who may stop it."""
     owner = policy.instance_owner(svc.redis, inst.id, lambda _: inst.tags)
-    text = (f":information_source: `--then {run.then}`: *{inst.label}* was left running: the policy no longer "
-            f"lets you `{run.then}` it. {exc.what} Who may stop it: {policy.who_may(svc.settings, 'stop', owner)}, "
-            f"with `/runctl stop {inst.id}`.")
+    text = (
+        f":information_source: `--then {run.then}`: *{inst.label}* was left running: the policy no longer "
+        f"lets you `{run.then}` it. {exc.what} Who may stop it: {policy.who_may(svc.settings, 'stop', owner)}, "
+        f"with `/runctl stop {inst.id}`."
+    )
     _reply(svc, run, text)
-    audit.record(svc.redis, svc.settings.RUNCTL_AUDIT_MAXLEN,
-                 audit.of(requester, "refused", f"--then {run.then} when the run ended: {exc.what}", run.run_id,
-                          inst.id))
+    audit.record(
+        svc.redis,
+        svc.settings.RUNCTL_AUDIT_MAXLEN,
+        audit.of(requester, "refused", f"--then {run.then} when the run ended: {exc.what}", run.run_id, inst.id),
+    )
     return text
 
 
 def _reply(svc: Services, run: Run, text: str) -> None:
-    svc.notifier.try_post(run.channel_id, f"<@{run.user_id}> {text}", thread_ts=run.message_ts,
-                          what=f"a reply on run {run.run_id}")
+    svc.notifier.try_post(
+        run.channel_id, f"<@{run.user_id}> {text}", thread_ts=run.message_ts, what=f"a reply on run {run.run_id}"
+    )
 
 
 # --- /runctl autostop -------------------------------------------------------------
@@ -165,9 +176,11 @@ def autostop(job: Job, cmd: AutostopCommand) -> str:
         svc.notifier.post(actor.channel_id, text)
     else:
         headsup = svc.settings.RUNCTL_AUTOSTOP_HEADSUP_MINUTES
-        text = (f":alarm_clock: <@{actor.user_id}> set autostop on *{inst.label}*: stopped after {cmd.minutes} min "
-                f"with no live run (and idle GPUs where it has them), with a heads-up to "
-                f"{f'<@{owner}>' if owner else 'its owner'} {headsup:g} min before. A live run is never interrupted.")
+        text = (
+            f":alarm_clock: <@{actor.user_id}> set autostop on *{inst.label}*: stopped after {cmd.minutes} min "
+            f"with no live run (and idle GPUs where it has them), with a heads-up to "
+            f"{f'<@{owner}>' if owner else 'its owner'} {headsup:g} min before. A live run is never interrupted."
+        )
         thread = old.thread_ts if old else None
         channel = old.channel if old else actor.channel_id
         if thread is None:
@@ -175,8 +188,16 @@ def autostop(job: Job, cmd: AutostopCommand) -> str:
             if last is not None and last.message_ts:
                 channel, thread = last.channel_id, last.message_ts
         ts = svc.notifier.post(channel, text, thread_ts=thread)
-        store.save(Setting(instance_id=inst.id, minutes=cmd.minutes, set_by=actor.user_id, channel=channel,
-                           thread_ts=thread or ts, owner=owner))
+        store.save(
+            Setting(
+                instance_id=inst.id,
+                minutes=cmd.minutes,
+                set_by=actor.user_id,
+                channel=channel,
+                thread_ts=thread or ts,
+                owner=owner,
+            )
+        )
         if channel != actor.channel_id or thread:
             answer(svc, actor, text)
     return text
@@ -199,8 +220,7 @@ def check(svc: Services, rows: list[Row], now: datetime) -> int:
         if row is None:
             continue
         idle = setting.idle_since(row.idle_since)
-        verdicts[iid] = rules.decide(setting.minutes, minutes_before, idle, now, setting.headsup_at,
-                                     setting.kept_until)
+        verdicts[iid] = rules.decide(setting.minutes, minutes_before, idle, now, setting.headsup_at, setting.kept_until)
     busy = _busy_gpus(svc, [i for i, v in verdicts.items() if v in (Verdict.HEADS_UP, Verdict.STOP)])
     acted = 0
     for iid, verdict in verdicts.items():
@@ -208,11 +228,20 @@ def check(svc: Services, rows: list[Row], now: datetime) -> int:
         if iid in busy:
             setting.gpu_busy_at = now
             store.save(setting)
-            verdict = rules.decide(setting.minutes, minutes_before, setting.idle_since(row.idle_since), now,
-                                   setting.headsup_at, setting.kept_until)
+            verdict = rules.decide(
+                setting.minutes,
+                minutes_before,
+                setting.idle_since(row.idle_since),
+                now,
+                setting.headsup_at,
+                setting.kept_until,
+            )
         if verdict is Verdict.RESET:
-            _close_headsup(svc, setting, f":arrows_counterclockwise: *{row.instance.label}* is busy again; "
-                           "autostop waits until it is idle.")
+            _close_headsup(
+                svc,
+                setting,
+                f":arrows_counterclockwise: *{row.instance.label}* is busy again; autostop waits until it is idle.",
+            )
             setting.headsup_at, setting.headsup_ts = None, None
             store.save(setting)
         elif verdict is Verdict.HEADS_UP:
@@ -245,12 +274,15 @@ def _headsup(svc: Services, setting: Setting, row: Row, now: datetime) -> None:
     mention = f"<@{setting.owner}>" if setting.owner else "Heads-up:"
     cost = row.cost_of((now - idle).total_seconds())
     spent = f" (${format_rate(cost.quantize(Decimal('0.01')))})" if cost is not None else ""
-    text = (f":alarm_clock: {mention} *{row.instance.label}* has had no live run for "
-            f"{duration((now - idle).total_seconds())}{spent}. Autostop stops it in "
-            f"{duration((wait - now).total_seconds())} unless a run starts or you keep it.")
+    text = (
+        f":alarm_clock: {mention} *{row.instance.label}* has had no live run for "
+        f"{duration((now - idle).total_seconds())}{spent}. Autostop stops it in "
+        f"{duration((wait - now).total_seconds())} unless a run starts or you keep it."
+    )
     body, blocks = headsup_blocks(text, setting.instance_id)
-    setting.headsup_ts = svc.notifier.try_post(setting.channel, body, blocks, setting.thread_ts,
-                                                what=f"the autostop heads-up for {setting.instance_id}")
+    setting.headsup_ts = svc.notifier.try_post(
+        setting.channel, body, blocks, setting.thread_ts, what=f"the autostop heads-up for {setting.instance_id}"
+    )
     setting.headsup_at = now
 
 
@@ -258,8 +290,9 @@ def _close_headsup(svc: Services, setting: Setting, text: str) -> None:
     if not setting.headsup_ts:
         return
     body, blocks = closed_blocks(text)
-    svc.notifier.try_update(setting.channel, setting.headsup_ts, body, blocks,
-                            what=f"the autostop heads-up for {setting.instance_id}")
+    svc.notifier.try_update(
+        setting.channel, setting.headsup_ts, body, blocks, what=f"the autostop heads-up for {setting.instance_id}"
+    )
 
 
 @funnel.system("autostop")
@@ -280,16 +313,21 @@ def stop_idle(instance_id: str) -> str:
             setting.headsup_at, setting.headsup_ts = None, None
             store.save(setting)
             return why_not
-        text = (f":double_vertical_bar: Autostop stopped *{inst.label}* after {setting.minutes} min with no live run: "
-                f"{cost}. `/runctl start {inst.id}` brings it back.")
+        text = (
+            f":double_vertical_bar: Autostop stopped *{inst.label}* after {setting.minutes} min with no live run: "
+            f"{cost}. `/runctl start {inst.id}` brings it back."
+        )
         _close_headsup(svc, setting, text)
         owner = f"<@{setting.owner}> " if setting.owner else ""
         svc.notifier.post(setting.channel, owner + text, thread_ts=setting.thread_ts)
         setting.headsup_at, setting.headsup_ts, setting.kept_until = None, None, None
         store.save(setting)
         actor = Actor(user_id=setting.owner or "runctl", channel_id=setting.channel)
-        audit.record(svc.redis, svc.settings.RUNCTL_AUDIT_MAXLEN,
-                     audit.of(actor, "allowed", "autostopped (idle)", instance=inst.id))
+        audit.record(
+            svc.redis,
+            svc.settings.RUNCTL_AUDIT_MAXLEN,
+            audit.of(actor, "allowed", "autostopped (idle)", instance=inst.id),
+        )
         return text
     except RunctlError as exc:
         log.warning("autostop of %s: %s", instance_id, exc.what)
@@ -316,8 +354,10 @@ def keep(job: Job, instance_id: str, message_ts: str) -> str:
         return text
     setting.kept_until = svc.clock() + rules.KEEP
     setting.headsup_at = None
-    text = (f":ok_hand: <@{actor.user_id}> keeps `{instance_id}` running for another hour; autostop asks again "
-            "before it stops.")
+    text = (
+        f":ok_hand: <@{actor.user_id}> keeps `{instance_id}` running for another hour; autostop asks again "
+        "before it stops."
+    )
     _close_headsup(svc, setting, text)
     setting.headsup_ts = None
     store.save(setting)

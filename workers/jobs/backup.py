@@ -141,8 +141,11 @@ def backup(job: Job, cmd: BackupCommand) -> str:
         writer(svc, inst, cmd.run_id, job.actor.user_id)  # refused before anything is read or sent
         run_ids = [cmd.run_id]
     else:
-        run_ids = [ls.run_id for ls in discover_all(svc.fleet, svc.settings.RUNCTL_REMOTE_ROOT, inst.id)
-                   if ls.run_id and ls.checkpoints]
+        run_ids = [
+            ls.run_id
+            for ls in discover_all(svc.fleet, svc.settings.RUNCTL_REMOTE_ROOT, inst.id)
+            if ls.run_id and ls.checkpoints
+        ]
     outcome = backup_runs(svc, inst, run_ids, job.actor.user_id)
     mark = ":white_check_mark:" if outcome.ok else ":warning:"
     text = f"{mark} Backup of {inst.label}: {outcome.text(svc.settings.RUNCTL_S3_BUCKET or '')}"
@@ -169,8 +172,12 @@ def writer(svc: Services, inst: Instance, run_id: str, user_id: str | None) -> R
             fix=f"`/runctl checkpoints {inst.id}` lists the runs on it; back up one of yours: "
             f"`/runctl backup {inst.id} --run <run-id>`.",
         )
-    found = rec if rec.instance_id == inst.id else next(
-        (r for r in svc.runs.history(inst.id, HISTORY) if (r.checkpoint_run_id or r.run_id) == owner_id), None
+    found = (
+        rec
+        if rec.instance_id == inst.id
+        else next(
+            (r for r in svc.runs.history(inst.id, HISTORY) if (r.checkpoint_run_id or r.run_id) == owner_id), None
+        )
     )
     if found is None:
         raise RunctlError(
@@ -206,13 +213,21 @@ def backup_run(svc: Services, inst: Instance, run_id: str, user_id: str | None =
         if not more:
             break
     else:
-        out.failed.append(("…", f"more files than {MAX_PASSES} passes of {script.MAX_FILES} hold; "
-                                "run the backup again"))
+        out.failed.append(
+            ("…", f"more files than {MAX_PASSES} passes of {script.MAX_FILES} hold; run the backup again")
+        )
     out.stored = stored
     out.refused = list(dict.fromkeys(out.refused))  # a refused file is seen again by every pass
     out.failed = list(dict.fromkeys(out.failed))
-    log.info("backup of %s on %s: %d uploaded, %d already, %d refused, %d failed",
-             run_id, inst.id, len(out.uploaded), out.already, len(out.refused), len(out.failed))
+    log.info(
+        "backup of %s on %s: %d uploaded, %d already, %d refused, %d failed",
+        run_id,
+        inst.id,
+        len(out.uploaded),
+        out.already,
+        len(out.refused),
+        len(out.failed),
+    )
     return out
 
 
@@ -241,8 +256,13 @@ def _pass(svc: Services, inst: Instance, saver: Run, stored: RunBackup, out: Run
         if stored.has(f.name, f.sha256):
             out.already += 1
         elif f.size > script.SINGLE_PUT_LIMIT:
-            out.refused.append((f.name, f"{size(f.size)} is above S3's 5 GB limit for one upload "
-                                        "(multipart uploads are not supported yet); copy it yourself"))
+            out.refused.append(
+                (
+                    f.name,
+                    f"{size(f.size)} is above S3's 5 GB limit for one upload "
+                    "(multipart uploads are not supported yet); copy it yourself",
+                )
+            )
         elif not f.sha256:
             out.failed.append((f.name, "it could not be read on the instance"))
         else:
@@ -265,8 +285,18 @@ def _pass(svc: Services, inst: Instance, saver: Run, stored: RunBackup, out: Run
         for i, f in enumerate(todo):
             outcome, why = records.get(i, ("", ""))
             if outcome == "200" and fleet.object_size(keys[i]) == f.size:
-                stored.add(Stored(name=f.name, key=keys[i], size=f.size, mtime=f.mtime, sha256=f.sha256,
-                                  backed_up_at=now, run_id=saver.run_id, instance_id=inst.id))
+                stored.add(
+                    Stored(
+                        name=f.name,
+                        key=keys[i],
+                        size=f.size,
+                        mtime=f.mtime,
+                        sha256=f.sha256,
+                        backed_up_at=now,
+                        run_id=saver.run_id,
+                        instance_id=inst.id,
+                    )
+                )
                 out.uploaded.append(stored.files[-1])
             elif outcome == "changed":
                 out.failed.append((f.name, "it changed while it was being backed up; run the backup again"))

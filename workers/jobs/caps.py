@@ -69,8 +69,9 @@ def quote(svc: Services, config: LaunchFile, spec: Spec) -> Quote:
 def quote_instance(svc: Services, inst: Instance) -> Quote:
     """What an existing instance costs an hour once it runs (as `/runctl resources` prices it)."""
     lifecycle = None if inst.lifecycle == "on-demand" else inst.lifecycle
-    price = hourly_price(load_price_book(), svc.fleet, svc.redis, inst.region, inst.availability_zone, inst.type,
-                         lifecycle)
+    price = hourly_price(
+        load_price_book(), svc.fleet, svc.redis, inst.region, inst.availability_zone, inst.type, lifecycle
+    )
     return Quote(price.usd_per_hour, price.kind, inst.availability_zone)
 
 
@@ -103,8 +104,10 @@ def _disk_problem(config: LaunchFile, ask: Ask) -> str | None:
         return None
     cost = disk.monthly(ask.region, gb)
     priced = f" (about ${cost:,.2f} a month)" if cost is not None else ""
-    return (f"a {gb} GB disk{priced} is past the cap: up to {limits.disk_gb} GB for everyone, "
-            f"{limits.admin_disk_gb} GB for admins; without `--disk` it gets {ask.disk_default} GB")
+    return (
+        f"a {gb} GB disk{priced} is past the cap: up to {limits.disk_gb} GB for everyone, "
+        f"{limits.admin_disk_gb} GB for admins; without `--disk` it gets {ask.disk_default} GB"
+    )
 
 
 def check(config: LaunchFile, now_held: Held, ask: Ask) -> None:
@@ -115,19 +118,26 @@ def check(config: LaunchFile, now_held: Held, ask: Ask) -> None:
     who, run = ("you", "run") if you else (f"<@{ask.user_id}>", "runs")
     problems: list[str] = []
     if now_held.user_instances + 1 > limits.user_instances:
-        problems.append(f"{who} already {run} {now_held.user_instances} launched instance"
-                        f"{'s' if now_held.user_instances != 1 else ''}; the cap is {limits.user_instances} per person")
+        problems.append(
+            f"{who} already {run} {now_held.user_instances} launched instance"
+            f"{'s' if now_held.user_instances != 1 else ''}; the cap is {limits.user_instances} per person"
+        )
     if now_held.user_usd_per_hour + rate > limits.user_usd_per_hour:
         would = "you would burn" if you else f"<@{ask.user_id}> would burn"
-        problems.append(f"{would} ${format_rate(now_held.user_usd_per_hour + rate)}/h "
-                        f"(${format_rate(now_held.user_usd_per_hour)}/h now + ${format_rate(rate)}/h); "
-                        f"the cap is ${format_rate(limits.user_usd_per_hour)}/h per person")
+        problems.append(
+            f"{would} ${format_rate(now_held.user_usd_per_hour + rate)}/h "
+            f"(${format_rate(now_held.user_usd_per_hour)}/h now + ${format_rate(rate)}/h); "
+            f"the cap is ${format_rate(limits.user_usd_per_hour)}/h per person"
+        )
     if now_held.team_instances + 1 > limits.team_instances:
-        problems.append(f"the team runs {now_held.team_instances} launched instances; "
-                        f"the cap is {limits.team_instances}")
+        problems.append(
+            f"the team runs {now_held.team_instances} launched instances; the cap is {limits.team_instances}"
+        )
     if now_held.team_usd_per_hour + rate > limits.team_usd_per_hour:
-        problems.append(f"the team would burn ${format_rate(now_held.team_usd_per_hour + rate)}/h; "
-                        f"the cap is ${format_rate(limits.team_usd_per_hour)}/h")
+        problems.append(
+            f"the team would burn ${format_rate(now_held.team_usd_per_hour + rate)}/h; "
+            f"the cap is ${format_rate(limits.team_usd_per_hour)}/h"
+        )
     if ask.price.usd_per_hour is None:
         problems.append("its price is unknown, so it cannot be counted against the $/h caps")
     too_big = _disk_problem(config, ask)
@@ -143,8 +153,10 @@ def check(config: LaunchFile, now_held: Held, ask: Ask) -> None:
 
 
 def stop_one_first(user_id: str) -> str:
-    return (f"Stop one first (`/runctl resources --user <@{user_id}>` lists them, `/runctl stop <instance>` "
-            "stops one), or ask an admin to raise `[limits]` in the launch file.")
+    return (
+        f"Stop one first (`/runctl resources --user <@{user_id}>` lists them, `/runctl stop <instance>` "
+        "stops one), or ask an admin to raise `[limits]` in the launch file."
+    )
 
 
 @contextlib.contextmanager
@@ -175,10 +187,18 @@ def admit_start(svc: Services, inst: Instance, requester_id: str) -> contextlib.
     try:
         config = launcher.load(svc.settings.RUNCTL_LAUNCH_FILE)
     except ConfigError as exc:  # no caps to check against: it stays stopped
-        raise ConfigError(f"{inst.label} was launched by runctl and counts against the launch caps, but they "
-                          f"cannot be read: {exc.what}", why=exc.why, fix=exc.fix) from None
+        raise ConfigError(
+            f"{inst.label} was launched by runctl and counts against the launch caps, but they "
+            f"cannot be read: {exc.what}",
+            why=exc.why,
+            fix=exc.fix,
+        ) from None
     owner = inst.tags.get(launcher.OWNER_TAG) or requester_id
-    ask = Ask(what=f"Start of *{inst.label}*", user_id=owner, requester_id=requester_id,
-              price=quote_instance(svc, inst),
-              fix=f"{stop_one_first(owner)} Then `/runctl start {inst.id}` again.")
+    ask = Ask(
+        what=f"Start of *{inst.label}*",
+        user_id=owner,
+        requester_id=requester_id,
+        price=quote_instance(svc, inst),
+        fix=f"{stop_one_first(owner)} Then `/runctl start {inst.id}` again.",
+    )
     return admit(svc, config, ask)

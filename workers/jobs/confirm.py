@@ -77,6 +77,11 @@ class ConfirmClick:
     def show(self, conf: Confirmation, text: str) -> str:
         """Replace the confirmation with `text`, without buttons."""
         blocks_text, blocks = closed_blocks(text)
-        self.svc.notifier.try_update(conf.channel_id, conf.message_ts or self.message_ts, blocks_text, blocks,
-                                     what=f"the {conf.kind} confirmation")
+        self.svc.notifier.try_update(
+            conf.channel_id,
+            conf.message_ts or self.message_ts,
+            blocks_text,
+            blocks,
+            what=f"the {conf.kind} confirmation",
+        )
         return text

@@ -61,8 +61,9 @@ def digest() -> str:
         svc.redis.delete(claim)
     if png is not None:
         try:
-            svc.notifier.upload(channel, f"runctl-spend-{now:%Y%m%d}.png", png, "Spend per person, last 7 days",
-                                thread_ts=ts)
+            svc.notifier.upload(
+                channel, f"runctl-spend-{now:%Y%m%d}.png", png, "Spend per person, last 7 days", thread_ts=ts
+            )
         except SlackApiError as exc:
             log.warning("digest chart upload failed: %s", exc.response.get("error"))
             error = channel_error(exc)
@@ -104,9 +105,11 @@ def build(svc: Services, rows: list[Row], now: datetime) -> tuple[str, list[Bloc
     text, blocks = render(rows, yesterday, month, open_warnings, now, person_labels(svc, listed))
     people = sorted({p for s in daily for p, v in s.person.items() if v})
     names = person_labels(svc, people)
-    png = draw(
-        svc, [d.date() for d in days], {p: [s.person.get(p, Decimal(0)) for s in daily] for p in people}, names
-    ) if people else None
+    png = (
+        draw(svc, [d.date() for d in days], {p: [s.person.get(p, Decimal(0)) for s in daily] for p in people}, names)
+        if people
+        else None
+    )
     return text, blocks, png
 
 
@@ -117,8 +120,13 @@ def draw(svc: Services, days: list[date], spend: dict[str, list[Decimal]], names
         return chart.spend_chart(days, spend, names)
     except Exception as exc:
         log.exception("digest chart not drawn; the digest is posted without it")
-        entry = audit.Record(user=funnel.SYSTEM.user_id, text="digest chart", decision="failed", source="worker",
-                             outcome=f"chart not drawn ({type(exc).__name__}); the digest was posted without it")
+        entry = audit.Record(
+            user=funnel.SYSTEM.user_id,
+            text="digest chart",
+            decision="failed",
+            source="worker",
+            outcome=f"chart not drawn ({type(exc).__name__}); the digest was posted without it",
+        )
         audit.record(svc.redis, svc.settings.RUNCTL_AUDIT_MAXLEN, entry)
         return None
 

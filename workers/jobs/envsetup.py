@@ -103,7 +103,7 @@ def _parse(stdout: str) -> dict[str, str]:
     for line in stdout.splitlines():
         if not line.startswith(SECTION):
             continue
-        key, _, value = line[len(SECTION):].partition(" ")
+        key, _, value = line[len(SECTION) :].partition(" ")
         if key == "pruned":
             pruned += 1
         else:
@@ -127,9 +127,7 @@ def culprit(log: str) -> str | None:
     return None
 
 
-def setup_error(
-    run: Run, reqs: envs.Requirements, result: ScriptResult, report: dict[str, str]
-) -> EnvSetupError:
+def setup_error(run: Run, reqs: envs.Requirements, result: ScriptResult, report: dict[str, str]) -> EnvSetupError:
     where = f"{code(reqs.source)} at {code(run.ref)}" + (f" ({run.sha[:10]})" if run.sha else "")
     log = _log_tail(result.stdout) or result.stderr.strip()[-DETAIL_CHARS:]
     retry = code(run.command_text)

@@ -238,4 +238,3 @@ def _parse(svc: Services, actor: Actor, model: type[C], raw: dict[str, Any]) -> 
 def _first(exc: ValidationError) -> str:
     err = exc.errors()[0]
     return ".".join(str(p) for p in err["loc"]) + ": " + err["msg"]
-

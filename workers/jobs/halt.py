@@ -85,7 +85,12 @@ class Halter:
     """Stops the training runs alive on an instance, each given SIGTERM and `grace` seconds."""
 
     def __init__(
-        self, svc: Services, inst: Instance, actor: Actor, grace: int, force: bool,
+        self,
+        svc: Services,
+        inst: Instance,
+        actor: Actor,
+        grace: int,
+        force: bool,
         why: Literal["stop", "terminate"],
     ) -> None:
         self.svc = svc
@@ -165,8 +170,7 @@ class Halter:
             if kept:
                 return f":octagonal_sign: `--force`: {script} was killed at once (SIGKILL); {kept}."
             return (
-                f":rotating_light: `--force`: {script} was killed at once (SIGKILL), without a chance "
-                f"to save; {lost}."
+                f":rotating_light: `--force`: {script} was killed at once (SIGKILL), without a chance to save; {lost}."
             )
         saved_text = f"saved {checkpoint_line(saved, now)}" if saved else ""
         if result.how == "kill":

@@ -95,17 +95,28 @@ def launch_ask(svc: Services, config: LaunchFile, spec: Spec, price: Quote, user
     default = caps.default_disk(config, spec)
     fix = caps.stop_one_first(user_id)
     if spec.disk_gb != default:  # the disk's fix first: it may be the only problem
-        fix = (f"`/runctl launch {target}` (its {default} GB) or `--disk {config.limits.disk_gb}` or less; "
-               f"an admin may launch up to {config.limits.admin_disk_gb} GB. Past an instance cap: {fix}")
-    return Ask(what="Launch", user_id=user_id, price=price, fix=fix, disk_gb=spec.disk_gb, disk_default=default,
-               admin=policy.is_admin(svc.settings, user_id), region=spec.region)
+        fix = (
+            f"`/runctl launch {target}` (its {default} GB) or `--disk {config.limits.disk_gb}` or less; "
+            f"an admin may launch up to {config.limits.admin_disk_gb} GB. Past an instance cap: {fix}"
+        )
+    return Ask(
+        what="Launch",
+        user_id=user_id,
+        price=price,
+        fix=fix,
+        disk_gb=spec.disk_gb,
+        disk_default=default,
+        admin=policy.is_admin(svc.settings, user_id),
+        region=spec.region,
+    )
 
 
 def ask_to_launch(svc: Services, cmd: LaunchCommand, actor: Actor) -> str:
     config = launcher.load(svc.settings.RUNCTL_LAUNCH_FILE)
     spec = resolve(svc, config, cmd, actor)
-    names.refuse_taken(spec.name, svc.fleet.iter_instances(),
-                       "/runctl launch " + cmd.target + (" --spot" if cmd.spot else ""))
+    names.refuse_taken(
+        spec.name, svc.fleet.iter_instances(), "/runctl launch " + cmd.target + (" --spot" if cmd.spot else "")
+    )
     price = quote(svc, config, spec)
     now = svc.clock()
     rows = fleetview.view(svc, now)
@@ -115,8 +126,10 @@ def ask_to_launch(svc: Services, cmd: LaunchCommand, actor: Actor) -> str:
     burn = sum((r.price.usd_per_hour or Decimal(0) for r in spend if r.running), Decimal(0))
     so_far = sum((r.cost or Decimal(0) for r in spend), Decimal(0))
     daily = None if price.usd_per_hour is None else price.usd_per_hour * 24
-    head = (f":rocket: <@{actor.user_id}> asks to *launch {spec.name}* · {spec.instance_type}"
-            f"{' (spot)' if spec.spot else ''} · preset `{spec.preset}` · {spec.disk_gb} GB disk")
+    head = (
+        f":rocket: <@{actor.user_id}> asks to *launch {spec.name}* · {spec.instance_type}"
+        f"{' (spot)' if spec.spot else ''} · preset `{spec.preset}` · {spec.disk_gb} GB disk"
+    )
     lines = [
         f"*{price.text()}* · about {format_usd(daily)} a day if it runs around the clock.",
         f"{disk.describe(spec.region, spec.disk_gb)}.",
@@ -126,11 +139,20 @@ def ask_to_launch(svc: Services, cmd: LaunchCommand, actor: Actor) -> str:
         f"team {mine.team_instances}/{config.limits.team_instances}.",
     ]
     if svc.settings.RUNCTL_AUTOSTOP_MINUTES:
-        lines.append(f"Autostop: stopped after {svc.settings.RUNCTL_AUTOSTOP_MINUTES} min with no live run "
-                     "(`/runctl autostop <instance> off` to keep it).")
+        lines.append(
+            f"Autostop: stopped after {svc.settings.RUNCTL_AUTOSTOP_MINUTES} min with no live run "
+            "(`/runctl autostop <instance> off` to keep it)."
+        )
     command = "/runctl launch " + cmd.target + (" --spot" if cmd.spot else "")
-    conf = Confirmation(nonce=new_nonce(), requester_id=actor.user_id, channel_id=actor.channel_id, created_at=now,
-                        kind="launch", command=command, payload=spec.as_dict())
+    conf = Confirmation(
+        nonce=new_nonce(),
+        requester_id=actor.user_id,
+        channel_id=actor.channel_id,
+        created_at=now,
+        kind="launch",
+        command=command,
+        payload=spec.as_dict(),
+    )
     text, blocks = confirm_blocks(head, lines, conf.nonce, actor.user_id, conf.expires_at)
     conf.message_ts = svc.notifier.post(actor.channel_id, text, blocks)
     ConfirmStore(svc.redis).save(conf)
@@ -158,8 +180,9 @@ class LaunchClick(ConfirmClick):
         spec = Spec.from_dict(conf.payload)
         if self.action is ActionId.LAUNCH_CANCEL:
             return self.show(conf, f":x: Launch of *{spec.name}* ({spec.instance_type}) cancelled by {mention}.")
-        self.show(conf, f":hourglass_flowing_sand: {mention} confirmed: launching *{spec.name}* "
-                        f"({spec.instance_type})…")
+        self.show(
+            conf, f":hourglass_flowing_sand: {mention} confirmed: launching *{spec.name}* ({spec.instance_type})…"
+        )
         try:
             return self.launch(conf, spec)
         except RunctlError as exc:
@@ -168,10 +191,12 @@ class LaunchClick(ConfirmClick):
 
     def record(self, conf: Confirmation, outcome: str, instance: str) -> None:
         """A step of the launch in the audit trail, as the requester's (the funnel records the click's end)."""
-        requester = Actor(user_id=conf.requester_id, channel_id=conf.channel_id,
-                          text=conf.command.removeprefix("/runctl "))
-        entry = audit.of(requester, "allowed", f"launch {outcome} (clicked by <@{self.actor.user_id}>)",
-                         instance=instance)
+        requester = Actor(
+            user_id=conf.requester_id, channel_id=conf.channel_id, text=conf.command.removeprefix("/runctl ")
+        )
+        entry = audit.of(
+            requester, "allowed", f"launch {outcome} (clicked by <@{self.actor.user_id}>)", instance=instance
+        )
         audit.record(self.svc.redis, self.svc.settings.RUNCTL_AUDIT_MAXLEN, entry)
 
     def launch(self, conf: Confirmation, spec: Spec) -> str:
@@ -194,16 +219,27 @@ class LaunchClick(ConfirmClick):
         UptimeLedger(svc.redis).mark_running(iid, inst.launch_time or svc.clock())
         svc.fleet.wait_for_agent(inst)
         took = duration((svc.clock() - began).total_seconds())
-        lines = [f":white_check_mark: <@{requester.user_id}> *{inst.label}* is ready: {inst.type}"
-                 f"{' spot' if spec.spot else ''} in {inst.availability_zone}, `running`, SSM agent Online, "
-                 f"in {took}."]
+        lines = [
+            f":white_check_mark: <@{requester.user_id}> *{inst.label}* is ready: {inst.type}"
+            f"{' spot' if spec.spot else ''} in {inst.availability_zone}, `running`, SSM agent Online, "
+            f"in {took}."
+        ]
         minutes = settings.RUNCTL_AUTOSTOP_MINUTES
         if minutes:
-            AutostopStore(svc.redis).save(Setting(instance_id=iid, minutes=minutes, set_by="launch",
-                                                  channel=conf.channel_id, thread_ts=conf.message_ts,
-                                                  owner=requester.user_id))
-            lines.append(f"Autostop: it stops after {minutes} min with no live run, with a heads-up here first "
-                         f"(`/runctl autostop {iid} off` keeps it).")
+            AutostopStore(svc.redis).save(
+                Setting(
+                    instance_id=iid,
+                    minutes=minutes,
+                    set_by="launch",
+                    channel=conf.channel_id,
+                    thread_ts=conf.message_ts,
+                    owner=requester.user_id,
+                )
+            )
+            lines.append(
+                f"Autostop: it stops after {minutes} min with no live run, with a heads-up here first "
+                f"(`/runctl autostop {iid} off` keeps it)."
+            )
         lines.append(f"Train on it: `{train_command(iid)}`")
         text, blocks = ready_blocks("\n".join(lines), iid)
         try:
@@ -213,4 +249,3 @@ class LaunchClick(ConfirmClick):
             log.warning("could not post the launch report: %s", exc.response.get("error"))
         self.record(conf, "ready", iid)
         return text
-

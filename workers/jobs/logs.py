@@ -45,13 +45,16 @@ LOG_PREFIX = "runctl/logs/"
 def reachable(svc: Services, instance_id: str, doing: str) -> Instance:
     """The instance, if a script can run on it now; else a typed error with the way out."""
     inst = svc.fleet.get(instance_id)
-    require_running(inst, Refusals(
-        stopped=f", so runctl cannot {doing}.",
-        stopped_why="The log is on the instance's disk, read through SSM; a stopped instance keeps it.",
-        stopped_fix=f"/runctl start {instance_id}",
-        gone="; its disk and the logs on it are gone.",
-        pending_why="Its SSM agent needs a minute.",
-    ))
+    require_running(
+        inst,
+        Refusals(
+            stopped=f", so runctl cannot {doing}.",
+            stopped_why="The log is on the instance's disk, read through SSM; a stopped instance keeps it.",
+            stopped_fix=f"/runctl start {instance_id}",
+            gone="; its disk and the logs on it are gone.",
+            pending_why="Its SSM agent needs a minute.",
+        ),
+    )
     svc.fleet.require_agent(inst, "reads training logs")
     return inst
 

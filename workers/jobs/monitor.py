@@ -33,6 +33,7 @@ BATCH = 50  # SendCommand targets at most 50 instances
 SPOT_POLL_MAX = timedelta(seconds=30)
 POLL_FIRST_WAIT = 1.0  # s before the first result check: SSM usually has the status by then
 
+
 def next_delay(svc: Services, polls: int) -> timedelta:
     low = svc.settings.RUNCTL_POLL_MIN_SECONDS
     high = svc.settings.RUNCTL_POLL_MAX_SECONDS
@@ -264,7 +265,7 @@ def auto_resume(svc: Services, run: Run) -> None:
 
 
 def spot_report(run: Run, ended: str) -> str:
-    """"spot interruption: checkpoint epoch N saved", or loudly that nothing was."""
+    """ "spot interruption: checkpoint epoch N saved", or loudly that nothing was."""
     notice = spot.describe(run.spot_notice)
     if run.checkpoint is None:
         return (

@@ -26,10 +26,10 @@ class Refusals:
 def require_running(inst: Instance, say: Refusals, wait_pending: bool = False) -> None:
     """WrongState unless `inst` is running (or, with `wait_pending`, pending: the caller waits)."""
     if inst.state in ("stopped", "stopping"):
-        raise WrongState(f"{inst.label} is {inst.state}{say.stopped}", state=inst.state, why=say.stopped_why,
-                         fix=say.stopped_fix)
+        raise WrongState(
+            f"{inst.label} is {inst.state}{say.stopped}", state=inst.state, why=say.stopped_why, fix=say.stopped_fix
+        )
     if inst.state in ("terminated", "shutting-down"):
         raise WrongState(f"{inst.label} is {inst.state}{say.gone}", state=inst.state, fix=say.gone_fix)
     if inst.state == "pending" and not wait_pending:
-        raise WrongState(f"{inst.label} is still starting.", state=inst.state, why=say.pending_why,
-                         fix=say.pending_fix)
+        raise WrongState(f"{inst.label} is still starting.", state=inst.state, why=say.pending_why, fix=say.pending_fix)

@@ -96,8 +96,21 @@ def to_csv(rows: list[Row], findings: list[Finding], now: datetime) -> bytes:
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(
-        ["state", "name", "instance_id", "type", "usd_per_hour", "uptime_hours", "cost_usd",
-         "owner", "run_id", "script", "idle_minutes", "warnings", "region"]
+        [
+            "state",
+            "name",
+            "instance_id",
+            "type",
+            "usd_per_hour",
+            "uptime_hours",
+            "cost_usd",
+            "owner",
+            "run_id",
+            "script",
+            "idle_minutes",
+            "warnings",
+            "region",
+        ]
     )
     for r in rows:
         rate = r.price.usd_per_hour

@@ -35,9 +35,7 @@ def resume(job: Job, cmd: ResumeCommand) -> str:
     return done.text
 
 
-def resume_run(
-    svc: Services, run_id: str, actor: Actor, on: str | None = None, note: str = ""
-) -> Resumed:
+def resume_run(svc: Services, run_id: str, actor: Actor, on: str | None = None, note: str = "") -> Resumed:
     """Queue a train of `run_id`'s exact command on `on` (default: its own instance) in the
     directory of the run that owns its checkpoints, restoring them from S3 first when a
     backup exists. Raises RunctlError when the run is unknown or could not continue anywhere."""
@@ -58,7 +56,8 @@ def resume_run(
         refused = (
             f" S3 holds {len(found.foreign)} file{'s' if len(found.foreign) != 1 else ''} under its prefix that "
             "did not come from its own instance; runctl restores none of them."
-            if found.foreign else ""
+            if found.foreign
+            else ""
         )
         raise RunctlError(
             f"Run {code(run_id)} has no checkpoints in S3, so it cannot continue on `{target}`.",
@@ -75,13 +74,15 @@ def resume_run(
             "this instance's disk lacks, each file's sha256 verified before the script starts."
         )
     new_id = new_run_id(svc.clock())
-    run = new_run(svc, cmd, actor, new_id).model_copy(update={
-        "channel_id": actor.channel_id or old.channel_id,
-        "checkpoint_run_id": owner,
-        # With refused files only, the train flow restores nothing and says what it refused.
-        "restore_from": owner if found.files or found.foreign else None,
-        "notes": notes,
-    })
+    run = new_run(svc, cmd, actor, new_id).model_copy(
+        update={
+            "channel_id": actor.channel_id or old.channel_id,
+            "checkpoint_run_id": owner,
+            # With refused files only, the train flow restores nothing and says what it refused.
+            "restore_from": owner if found.files or found.foreign else None,
+            "notes": notes,
+        }
+    )
     svc.runs.create(run)
     enqueue_command(svc.queue, cmd, actor, run.run_id)
     text = (

@@ -61,8 +61,12 @@ def continue_elsewhere(svc: Services, run: Run) -> str:
     # The interrupted instance counts while it runs: the notice is the instance's word, and a
     # stop-interrupted spot instance comes back by itself when capacity returns.
     ask = caps.Ask(
-        what="Replacement launch", user_id=run.user_id, price=caps.quote(svc, config, spec),
-        disk_gb=spec.disk_gb, disk_default=caps.default_disk(config, spec), region=spec.region,
+        what="Replacement launch",
+        user_id=run.user_id,
+        price=caps.quote(svc, config, spec),
+        disk_gb=spec.disk_gb,
+        disk_default=caps.default_disk(config, spec),
+        region=spec.region,
         fix=f"Once {old.id} is stopped or terminated (`/runctl terminate {old.id}` gives up its disk), "
         f"`/runctl launch {preset}{' --spot' if spec.spot else ''}`, then `/runctl resume {run.run_id} --on "
         f"<new instance>`; or resume it on an instance you have: `/runctl resume {run.run_id} --on <instance>`; "
@@ -71,14 +75,20 @@ def continue_elsewhere(svc: Services, run: Run) -> str:
     with caps.admit(svc, config, ask):
         token = f"spot-{run.run_id}-{secrets.token_hex(4)}"[:64]
         iid = Launcher(svc.fleet).run(config.template, spec, run.user_id, token, policy.scope(svc.settings))
-    reply(svc, run, f":zap: spot interruption of {old.label}: launched `{iid}` from preset {code(preset)} "
-                    "to continue the run; waiting for it to be ready…", mention=False)
+    reply(
+        svc,
+        run,
+        f":zap: spot interruption of {old.label}: launched `{iid}` from preset {code(preset)} "
+        "to continue the run; waiting for it to be ready…",
+        mention=False,
+    )
     settings = svc.settings
     Launcher(svc.fleet).wait_running(iid, settings.RUNCTL_LAUNCH_POLL_SECONDS, settings.RUNCTL_PENDING_WAIT_SECONDS)
     inst = svc.fleet.get(iid)
     UptimeLedger(svc.redis).mark_running(iid, inst.launch_time or svc.clock())
     svc.fleet.wait_for_agent(inst)
-    done = resume_run(svc, run.run_id, actor, on=iid,
-                      note=f":zap: After a spot interruption of {old.label} (`--auto-resume`).")
+    done = resume_run(
+        svc, run.run_id, actor, on=iid, note=f":zap: After a spot interruption of {old.label} (`--auto-resume`)."
+    )
     reply(svc, run, done.text, mention=False)
     return f"resumed as {done.run.run_id} on {iid}"

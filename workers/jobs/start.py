@@ -87,8 +87,7 @@ def resume_flow(svc: Services, run_id: str, actor: Actor, message_ts: str) -> st
     # It writes into the stopped run's checkpoint directory: that run's owner's, or an admin's.
     policy.check(svc.settings, actor.user_id, "resume", old.user_id)
     new_id = new_run_id(svc.clock())
-    claimed = svc.redis.set(f"runctl:resume:{run_id}", f"{new_id} {actor.user_id}", nx=True,
-                            ex=RESUME_CLAIM_SECONDS)
+    claimed = svc.redis.set(f"runctl:resume:{run_id}", f"{new_id} {actor.user_id}", nx=True, ex=RESUME_CLAIM_SECONDS)
     if not claimed:
         raw = svc.redis.get(f"runctl:resume:{run_id}")
         prior = (raw.decode() if isinstance(raw, bytes) else str(raw or "")).split()
@@ -97,11 +96,13 @@ def resume_flow(svc: Services, run_id: str, actor: Actor, message_ts: str) -> st
         answer(svc, actor, text)
         return text
     cmd = TrainCommand.from_run(old)
-    run = new_run(svc, cmd, actor, new_id).model_copy(update={
-        "channel_id": old.channel_id,
-        "checkpoint_run_id": old.checkpoint_run_id or old.run_id,
-        "notes": [f":repeat: Resumes run `{old.run_id}` from its checkpoint directory."],
-    })
+    run = new_run(svc, cmd, actor, new_id).model_copy(
+        update={
+            "channel_id": old.channel_id,
+            "checkpoint_run_id": old.checkpoint_run_id or old.run_id,
+            "notes": [f":repeat: Resumes run `{old.run_id}` from its checkpoint directory."],
+        }
+    )
     svc.runs.create(run)
     enqueue_command(svc.queue, cmd, actor, run.run_id)
     text, blocks = closed_blocks(

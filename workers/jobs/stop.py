@@ -52,9 +52,7 @@ def stop_flow(
     return lines[0]
 
 
-def _stop_locked(
-    svc: Services, iid: str, actor: Actor, grace: int | None, force: bool
-) -> tuple[bool, list[str]]:
+def _stop_locked(svc: Services, iid: str, actor: Actor, grace: int | None, force: bool) -> tuple[bool, list[str]]:
     """(True, summary paragraphs) once stopped; (False, [reason]) when nothing was done."""
     fleet = svc.fleet
     inst = fleet.get(iid)
@@ -64,8 +62,9 @@ def _stop_locked(
     if inst.state == "stopped":
         return False, [f"{inst.label} is already stopped; nothing to do. `/runctl start {iid}` starts it."]
     if inst.state in ("terminated", "shutting-down"):
-        raise WrongState(f"{inst.label} is {inst.state}; it cannot be stopped.", state=inst.state,
-                         fix="/runctl resources")
+        raise WrongState(
+            f"{inst.label} is {inst.state}; it cannot be stopped.", state=inst.state, fix="/runctl resources"
+        )
     if inst.state == "pending":
         inst = fleet.wait_for_state(iid, ("running",), svc.settings.RUNCTL_PENDING_WAIT_SECONDS)
     known = svc.runs.live_on(iid)
@@ -116,8 +115,11 @@ def _stop_locked(
         else:
             lines.append(halt.report)
     if not halts:
-        lines.append("No training was running." if not force or known is None
-                     else "The instance was unreachable, so its training was not signalled.")
+        lines.append(
+            "No training was running."
+            if not force or known is None
+            else "The instance was unreachable, so its training was not signalled."
+        )
     lines.append(cost.text("Up this session"))
     if inst.lifecycle == "spot":
         lines.append(

@@ -55,8 +55,14 @@ def ask_to_terminate(svc: Services, iid: str, actor: Actor) -> str:
     now = svc.clock()
     live, listings, note, shown = what_would_be_lost(svc, inst)
     risky = at_risk(svc, listings)
-    conf = Confirmation(nonce=new_nonce(), instance_id=iid, requester_id=actor.user_id, channel_id=actor.channel_id,
-                        created_at=now, shown=shown)
+    conf = Confirmation(
+        nonce=new_nonce(),
+        instance_id=iid,
+        requester_id=actor.user_id,
+        channel_id=actor.channel_id,
+        created_at=now,
+        shown=shown,
+    )
     text, blocks = confirmation_blocks(
         inst,
         session_cost(svc, inst, now) if inst.state == "running" else Cost(None, "", ""),
@@ -73,9 +79,7 @@ def ask_to_terminate(svc: Services, iid: str, actor: Actor) -> str:
     return text
 
 
-def what_would_be_lost(
-    svc: Services, inst: Instance
-) -> tuple[Run | None, list[CheckpointListing] | None, str, Shown]:
+def what_would_be_lost(svc: Services, inst: Instance) -> tuple[Run | None, list[CheckpointListing] | None, str, Shown]:
     """The live run and the checkpoints a terminate would destroy, and their summary for a re-check."""
     listings: list[CheckpointListing] | None = None
     note = ""
@@ -88,13 +92,15 @@ def what_would_be_lost(
         note = f"the instance is `{inst.state}`, so runctl can't look; anything on its root volume is deleted"
     live = svc.runs.live_on(inst.id)
     runs = None if listings is None else tuple(sorted(ls.run_id or "" for ls in listings if ls.checkpoints))
-    return live, listings, note, Shown(state=inst.state, live_run_id=live.run_id if live else None,
-                                       checkpoint_runs=runs)
+    return (
+        live,
+        listings,
+        note,
+        Shown(state=inst.state, live_run_id=live.run_id if live else None, checkpoint_runs=runs),
+    )
 
 
-def at_risk(
-    svc: Services, listings: list[CheckpointListing] | None
-) -> dict[str, list[FoundCheckpoint]] | None:
+def at_risk(svc: Services, listings: list[CheckpointListing] | None) -> dict[str, list[FoundCheckpoint]] | None:
     """By run, the listed checkpoints a terminate would lose: those not in S3 as they are on
     the disk. None when S3 could not be asked (then every one counts as lost)."""
     if listings is None:
@@ -133,8 +139,10 @@ class TerminateClick(ConfirmClick):
             try:
                 outcome = stop_flow(self.svc, conf.instance_id, self.actor, thread_ts=conf.message_ts)
             except RunctlError as exc:
-                self.show(conf, f":octagonal_sign: {mention} chose to stop instead of terminating: it did not happen: "
-                          f"{exc.what}")
+                self.show(
+                    conf,
+                    f":octagonal_sign: {mention} chose to stop instead of terminating: it did not happen: {exc.what}",
+                )
                 raise
             return self.show(conf, f":octagonal_sign: {mention} chose to stop instead of terminating: {outcome}")
         backup = self.action is ActionId.TERMINATE_CONFIRM
@@ -162,13 +170,17 @@ class TerminateClick(ConfirmClick):
         if inst.state in ("terminated", "shutting-down"):
             return f"{inst.label} is already `{inst.state}`; nothing was done.", False
         if inst.state == "stopping":
-            return (f"{inst.label} is `stopping` (someone is stopping it); nothing was terminated. "
-                    f"Run `/runctl terminate {iid}` again once it is stopped."), False
+            return (
+                f"{inst.label} is `stopping` (someone is stopping it); nothing was terminated. "
+                f"Run `/runctl terminate {iid}` again once it is stopped."
+            ), False
         if conf.shown is not None:
             changes = conf.shown.changes(what_would_be_lost(svc, inst)[3])
             if changes:
-                return (f":arrows_counterclockwise: Nothing was terminated: since this was asked, "
-                        f"{'; '.join(changes)}. A fresh confirmation with what would be lost now follows."), True
+                return (
+                    f":arrows_counterclockwise: Nothing was terminated: since this was asked, "
+                    f"{'; '.join(changes)}. A fresh confirmation with what would be lost now follows."
+                ), True
         now = svc.clock()
         cost = session_cost(svc, inst, now) if inst.state == "running" else None
         reports: list[str] = []
@@ -182,9 +194,11 @@ class TerminateClick(ConfirmClick):
         if backup and inst.state == "running":
             saved, ok = self.back_up(inst)
             if not ok:
-                return (f":warning: Nothing was terminated: the backup did not complete, so terminating would lose "
-                        f"checkpoints. {saved}\nA fresh confirmation follows: [Terminate] tries the backup again, "
-                        "[Terminate without backup] terminates anyway.\n" + "\n".join(reports)).strip(), True
+                return (
+                    f":warning: Nothing was terminated: the backup did not complete, so terminating would lose "
+                    f"checkpoints. {saved}\nA fresh confirmation follows: [Terminate] tries the backup again, "
+                    "[Terminate without backup] terminates anyway.\n" + "\n".join(reports)
+                ).strip(), True
             if saved:
                 reports.append(saved)
         svc.fleet.terminate(iid)

@@ -36,9 +36,7 @@ DELIVER_SECONDS = 600  # the deliver command's delivery timeout, and its executi
 
 _DECLARES_INTERVAL = re.compile(r"""["']--checkpoint[-_]interval["']""")
 _DECLARES_DIR = re.compile(r"""["']--checkpoint[-_]dir["']""")
-_CHECKPOINT_SIGNS = re.compile(
-    r"checkpoint|RUNCTL_CHECKPOINT_DIR|torch\.save|save_pretrained|\.ckpt", re.IGNORECASE
-)
+_CHECKPOINT_SIGNS = re.compile(r"checkpoint|RUNCTL_CHECKPOINT_DIR|torch\.save|save_pretrained|\.ckpt", re.IGNORECASE)
 
 
 @funnel.command(TrainCommand)
@@ -101,9 +99,7 @@ class TrainFlow:
     def check_code(self) -> str | None:
         """Resolve the ref and check the script, before anything reaches the instance."""
         if not self.run.sync_code:
-            self.run.notes.append(
-                ":information_source: `--no-sync-code`: running the tree already on the instance."
-            )
+            self.run.notes.append(":information_source: `--no-sync-code`: running the tree already on the instance.")
             return None
         repo = self.svc.repo
         repo.sync()
@@ -115,15 +111,20 @@ class TrainFlow:
         fleet = self.svc.fleet
         iid = self.run.instance_id
         inst = fleet.get(iid)
-        require_running(inst, Refusals(
-            stopped=".", stopped_why="A training needs a running instance.", stopped_fix=f"/runctl start {iid}",
-            gone="; it cannot run anything again.", gone_fix="/runctl resources",
-        ), wait_pending=True)
+        require_running(
+            inst,
+            Refusals(
+                stopped=".",
+                stopped_why="A training needs a running instance.",
+                stopped_fix=f"/runctl start {iid}",
+                gone="; it cannot run anything again.",
+                gone_fix="/runctl resources",
+            ),
+            wait_pending=True,
+        )
         if inst.state == "pending":
             reply(self.svc, self.run, f"{inst.label} is starting; waiting for it.", mention=False)
-            inst = fleet.wait_for_state(
-                iid, ("running",), self.svc.settings.RUNCTL_PENDING_WAIT_SECONDS
-            )
+            inst = fleet.wait_for_state(iid, ("running",), self.svc.settings.RUNCTL_PENDING_WAIT_SECONDS)
         fleet.require_agent(inst, "runs commands")
         self.run.spot = inst.lifecycle == "spot"
         return inst
@@ -149,9 +150,7 @@ class TrainFlow:
         """Take the train lock, or refuse at once while another run holds it; with `--force`,
         the holder to stop once the operation lock is held (the lock is then taken over)."""
         run = self.run
-        holder = Holder(
-            run_id=run.run_id, user_id=run.user_id, script=run.script, since=self.svc.clock()
-        )
+        holder = Holder(run_id=run.run_id, user_id=run.user_id, script=run.script, since=self.svc.clock())
         lock = train_lock(self.svc.redis, run.instance_id)
         token = holder.token()
         if lock.acquire(token):
@@ -224,9 +223,7 @@ class TrainFlow:
             f"`--force`: stopping run `{other_run_id}` gracefully (SIGTERM, up to {grace} s).",
             mention=False,
         )
-        res = self.svc.fleet.run(
-            self.run.instance_id, remote.stop_run(self.root, other_run_id, grace), grace + 60
-        )
+        res = self.svc.fleet.run(self.run.instance_id, remote.stop_run(self.root, other_run_id, grace), grace + 60)
         outcome = parse_stop(res.stdout)
         if outcome is None:  # undelivered or unfinished: the other run may well be alive
             raise unconfirmed(res, self.run.instance_id, self.run.instance_id, f"stop run `{other_run_id}`")
@@ -322,7 +319,8 @@ class TrainFlow:
         self.run.notes.append(
             f":inbox_tray: Restored {len(fetched)} file{'s' if len(fetched) != 1 else ''} "
             f"({size(sum(f.size for f in fetched))}) from S3, sha256 verified"
-            + (f"; {had} already on this disk" if had else "") + "."
+            + (f"; {had} already on this disk" if had else "")
+            + "."
         )
 
     def launch_body(self, python: str) -> str:
@@ -429,14 +427,18 @@ def launch_error(
             if i in got and got[i][0] not in ("ok", "have")
         ]
         prefix = "runctl: could not restore the checkpoints from S3: "
-        said = next((line[len(prefix):] for line in output.splitlines() if line.startswith(prefix)), "")
+        said = next((line[len(prefix) :] for line in output.splitlines() if line.startswith(prefix)), "")
         return RunctlError(
             f"{run.instance_id} could not restore run {code(run.restore_from or '')}'s checkpoints from S3; "
             "training was not started.",
-            why=("Not restored: " + ", ".join(bad[:10]) + ".") if bad
-            else escape(said[:300]) if said else "The instance has no curl.",
-            fix="Check that the instance reaches S3 (HTTPS to the bucket's region), then resume again." if bad
-            or not said else f"Look at what stands at the run's checkpoint directory on {run.instance_id} "
+            why=("Not restored: " + ", ".join(bad[:10]) + ".")
+            if bad
+            else escape(said[:300])
+            if said
+            else "The instance has no curl.",
+            fix="Check that the instance reaches S3 (HTTPS to the bucket's region), then resume again."
+            if bad or not said
+            else f"Look at what stands at the run's checkpoint directory on {run.instance_id} "
             "(anyone who trains there is root), move it away, then resume again.",
         )
     if exit_code == 3:

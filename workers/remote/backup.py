@@ -44,7 +44,7 @@ _SUMS = (
     '    if grep -Fqx -e "$size $mtime $2$name" "$KNOWN" 2>/dev/null; then KNOWN_HITS=$((KNOWN_HITS + 1)); continue; fi\n'
     f'    LISTED=$((LISTED + 1)); if [ "$LISTED" -gt {MAX_FILES} ]; then MORE=$((MORE + 1)); continue; fi\n'
     f'    if [ "$size" -gt {SINGLE_PUT_LIMIT} ]; then HASH=-; else cached_hash "$1" "$name"; fi\n'
-    '    printf \'%s\\n\' "' + SECTION + 'sum $size $mtime ${HASH:--} $(enc_word "$2$name")"\n'
+    "    printf '%s\\n' \"" + SECTION + 'sum $size $mtime ${HASH:--} $(enc_word "$2$name")"\n'
     "  done <<RUNCTL_FILES\n"
     '$(ls -t "$1" 2>/dev/null)\n'
     "RUNCTL_FILES\n"
@@ -72,7 +72,7 @@ def places(run_id: str, dirs: Sequence[str] = ()) -> list[tuple[str, str]]:
 
 def listed_under(name: str, prefixes: Sequence[str]) -> bool:
     """`name` is a file directly in one of the places asked for (by their name prefixes)."""
-    return any(name.startswith(p) and name[len(p):] and "/" not in name[len(p):] for p in prefixes)
+    return any(name.startswith(p) and name[len(p) :] and "/" not in name[len(p) :] for p in prefixes)
 
 
 def sums(root: str, run_id: str, known: Sequence[tuple[int, int, str]] = (), dirs: Sequence[str] = ()) -> str:
@@ -84,11 +84,15 @@ def sums(root: str, run_id: str, known: Sequence[tuple[int, int, str]] = (), dir
     eof = heredoc_end(lines)
     return (
         prelude(root, verify=True)
-        + 'KNOWN=$(mktemp) || exit 1\nLISTED=0 MORE=0 KNOWN_HITS=0\n'
+        + "KNOWN=$(mktemp) || exit 1\nLISTED=0 MORE=0 KNOWN_HITS=0\n"
         + f"cat > \"$KNOWN\" <<'{eof}'\n{lines}{eof}\n"
         + _SUMS
         + f"{{\nif valid_id {q(run_id)}; then\n_cb=sum_dir; _seen=$nl\n{visits}fi\n"
-        + 'echo "' + SECTION + 'more $MORE"\necho "' + SECTION + 'known $KNOWN_HITS"\n'
+        + 'echo "'
+        + SECTION
+        + 'more $MORE"\necho "'
+        + SECTION
+        + 'known $KNOWN_HITS"\n'
         + f'}} | head -c {OUTPUT_LIMIT}\nrm -f "$KNOWN"\nexit 0\n'
     )
 
@@ -99,10 +103,7 @@ _BAD_PART = re.compile(r"(^|/)\.\.?(/|$)")
 def restorable_name(name: str) -> bool:
     """A name a restore may write: a plain, visible file name in the run's checkpoint
     directory. Never `./…` (the work directory, whose code runs) nor `/…` (anywhere)."""
-    return (
-        bool(name) and len(name) <= 255 and not name.startswith(".")
-        and not any(c in name for c in "/\n\r\0")
-    )
+    return bool(name) and len(name) <= 255 and not name.startswith(".") and not any(c in name for c in "/\n\r\0")
 
 
 def safe_name(name: str) -> bool:
@@ -151,13 +152,13 @@ class Download:
 
 
 _PUT = (
-    "command -v curl >/dev/null 2>&1 || { echo \"" + SECTION + "nocurl\"; exit 0; }\n"
-    'OUT=$(mktemp) ERR=$(mktemp)\n'
+    'command -v curl >/dev/null 2>&1 || { echo "' + SECTION + 'nocurl"; exit 0; }\n'
+    "OUT=$(mktemp) ERR=$(mktemp)\n"
     "put() {  # put <index> <file> <sha256> <url>\n"
     '  if [ ! -f "$2" ]; then echo "' + SECTION + 'put $1 gone -"; return 0; fi\n'
     '  cached_hash "${2%/*}" "${2##*/}"\n'
     '  if [ "$HASH" != "$3" ]; then echo "' + SECTION + 'put $1 changed -"; return 0; fi\n'
-    "  code=$(curl -sS --retry 3 -X PUT -T \"$2\" -o \"$OUT\" -w '%{http_code}' \"$4\" 2>\"$ERR\") || :\n"
+    '  code=$(curl -sS --retry 3 -X PUT -T "$2" -o "$OUT" -w \'%{http_code}\' "$4" 2>"$ERR") || :\n'
     # Only S3's error code: its message may echo the request, and the URL never leaves the instance.
     "  why=$(sed -n 's/.*<Code>\\([A-Za-z]*\\)<\\/Code>.*/\\1/p' \"$OUT\" | head -n 1)\n"
     '  echo "' + SECTION + 'put $1 ${code:-000} ${why:--}"\n'
@@ -168,25 +169,28 @@ _PUT = (
 def upload(root: str, run_id: str, uploads: Sequence[Upload]) -> str:
     """PUT each file to its presigned URL, unless it changed since it was hashed."""
     calls = "".join(
-        f"F={instance_path(run_id, u.name)}\nU={q(u.url)}\nput {u.index} \"$F\" {q(u.sha256)} \"$U\"\n"
-        for u in uploads
+        f'F={instance_path(run_id, u.name)}\nU={q(u.url)}\nput {u.index} "$F" {q(u.sha256)} "$U"\n' for u in uploads
     )
     return prelude(root, verify=True) + _PUT + calls + 'rm -f "$OUT" "$ERR"\nexit 0\n'
 
 
 _GET = (
-    "command -v curl >/dev/null 2>&1 || { echo \"" + SECTION + "nocurl\"; exit " + str(RESTORE_FAILED) + "; }\n"
+    'command -v curl >/dev/null 2>&1 || { echo "' + SECTION + 'nocurl"; exit ' + str(RESTORE_FAILED) + "; }\n"
     "FAILED=0\n"
     "get() {  # get <index> <name> <sha256> <url>: into $CK, in place only once its sha256 matches\n"
     '  f="$CK/$2"\n'
     # A link in the file's place is replaced, never followed; a directory there is refused.
-    '  if [ ! -L "$f" ] && [ -f "$f" ] && [ "$(hash_of "$f")" = "$3" ]; then echo "' + SECTION + 'got $1 have"; return 0; fi\n'
+    '  if [ ! -L "$f" ] && [ -f "$f" ] && [ "$(hash_of "$f")" = "$3" ]; then echo "'
+    + SECTION
+    + 'got $1 have"; return 0; fi\n'
     '  if [ -L "$f" ]; then rm -f "$f"; fi\n'
     '  if [ -e "$f" ] && [ ! -f "$f" ]; then echo "' + SECTION + 'got $1 dir"; FAILED=1; return 0; fi\n'
     '  tmp=$(mktemp "$CK/.runctl-restore.XXXXXX") || { echo "' + SECTION + 'got $1 mkdir"; FAILED=1; return 0; }\n'
-    "  code=$(curl -sSL --retry 3 -o \"$tmp\" -w '%{http_code}' \"$4\" 2>/dev/null) || :\n"
+    '  code=$(curl -sSL --retry 3 -o "$tmp" -w \'%{http_code}\' "$4" 2>/dev/null) || :\n'
     '  if [ "$code" != 200 ]; then rm -f "$tmp"; echo "' + SECTION + 'got $1 ${code:-000}"; FAILED=1; return 0; fi\n'
-    '  if [ "$(hash_of "$tmp")" != "$3" ]; then rm -f "$tmp"; echo "' + SECTION + 'got $1 sha"; FAILED=1; return 0; fi\n'
+    '  if [ "$(hash_of "$tmp")" != "$3" ]; then rm -f "$tmp"; echo "'
+    + SECTION
+    + 'got $1 sha"; FAILED=1; return 0; fi\n'
     '  chmod 644 "$tmp"; mv -f "$tmp" "$f" && echo "' + SECTION + 'got $1 ok"\n'
     "}\n"
 )
@@ -253,7 +257,7 @@ def parse_sums(output: str) -> Sums:
     if output and not output.endswith("\n"):
         lines = lines[:-1]  # cut by the output limit mid-line
     for line in lines:
-        word, _, rest = line[len(SECTION):].partition(" ") if line.startswith(SECTION) else ("", "", "")
+        word, _, rest = line[len(SECTION) :].partition(" ") if line.startswith(SECTION) else ("", "", "")
         if word in counts and rest.strip().isdigit():
             counts[word] = int(rest)
             continue

@@ -43,9 +43,7 @@ KNOWN_RUNS = 5
 # A manifest bigger than this is not one we can use; read no more of it.
 MANIFEST_LIMIT = 200_000
 
-CHECKPOINT_PATTERNS = (
-    "*.pt|*.pth|*.ckpt|*.safetensors|*.bin|*.json|*.pkl|*.pickle|*.h5|*.keras|*.npz|*.npy|*.msgpack|*.onnx|*.tar|*.tar.gz|*.zip"
-)
+CHECKPOINT_PATTERNS = "*.pt|*.pth|*.ckpt|*.safetensors|*.bin|*.json|*.pkl|*.pickle|*.h5|*.keras|*.npz|*.npy|*.msgpack|*.onnx|*.tar|*.tar.gz|*.zip"
 
 _FUNCTIONS = (
     "LC_ALL=C\nexport LC_ALL\n"
@@ -84,7 +82,7 @@ _FUNCTIONS = (
     '  visit "$_base/checkpoints" ""\n'
     '  visit "$_base/work/checkpoints" "./checkpoints/"\n'
     '  if [ -f "$_base/checkpoint_dirs" ]; then\n'
-    '    while IFS= read -r _d; do\n'
+    "    while IFS= read -r _d; do\n"
     '      case "$_d" in\n'
     '        "") continue ;;\n'
     '        /*) visit "$_d" "${_d%/}/" ;;\n'
@@ -113,7 +111,7 @@ _FUNCTIONS = (
     '  FOUND=0; each_dir find_any "$1"; [ "$FOUND" = 1 ]\n'
     "}\n"
     "list_run() {  # newest first in each place, at most MAX rows for the run\n"
-    '  N=0; MORE=0\n'
+    "  N=0; MORE=0\n"
     '  echo "' + SECTION + 'run $1"\n'
     '  each_dir list_dir "$1"\n'
     '  if [ "$MORE" -gt 0 ]; then echo "' + SECTION + 'more $MORE"; fi\n'
@@ -123,12 +121,12 @@ _FUNCTIONS = (
     "  MORE=$((MORE + 1)); return 1\n"
     "}\n"
     "list_dir() {  # list_dir <dir> <name-prefix>\n"
-    '  ck=$1; pre=$2; listed=/\n'
+    "  ck=$1; pre=$2; listed=/\n"
     '  if [ -f "$ck/manifest.json" ]; then\n'
     '    echo "' + SECTION + 'manifest"\n'
     # One entry object a line, whatever the manifest's layout (entries are flat objects),
     # newest (last) first.
-    f'    entries=$(head -c {MANIFEST_LIMIT} "$ck/manifest.json" | tr -d \'\\r\\n\' | tr \'}}\' \'\\n\' '
+    f"    entries=$(head -c {MANIFEST_LIMIT} \"$ck/manifest.json\" | tr -d '\\r\\n' | tr '}}' '\\n' "
     "| awk '{ l[NR] = $0 } END { for (i = NR; i > 0; i--) print l[i] }')\n"
     "    while IFS= read -r obj; do\n"
     '      name=$(printf \'%s\\n\' "$obj" | sed -n \'s/.*"file"[[:space:]]*:[[:space:]]*"\\([^"/]*\\)".*/\\1/p\')\n'
@@ -142,7 +140,9 @@ _FUNCTIONS = (
     "      created=$(field \"$obj\" created_at '[^\" ]*' | tr -cd '0-9A-Za-z:.+_-')\n"
     '      f="$ck/$name"\n'
     '      if [ ! -f "$f" ]; then\n'
-    '        printf \'%s\\n\' "' + SECTION + 'entry missing ${epoch:--} - ${want_size:--} - ${created:--} $(enc_word "$pre$name")"; continue\n'
+    "        printf '%s\\n' \""
+    + SECTION
+    + 'entry missing ${epoch:--} - ${want_size:--} - ${created:--} $(enc_word "$pre$name")"; continue\n'
     "      fi\n"
     '      size=$(wc -c < "$f" | tr -d " ")\n'
     '      mtime=$(date -r "$f" +%s 2>/dev/null || echo -)\n'
@@ -155,7 +155,9 @@ _FUNCTIONS = (
     '        elif [ "$got" = "$want_sha" ]; then st=ok\n'
     "        else st=sha; fi\n"
     "      fi\n"
-    '      printf \'%s\\n\' "' + SECTION + 'entry $st ${epoch:--} $size ${want_size:--} $mtime ${created:--} $(enc_word "$pre$name")"\n'
+    "      printf '%s\\n' \""
+    + SECTION
+    + 'entry $st ${epoch:--} $size ${want_size:--} $mtime ${created:--} $(enc_word "$pre$name")"\n'
     "    done <<RUNCTL_MANIFEST\n"
     "$entries\n"
     "RUNCTL_MANIFEST\n"
@@ -178,7 +180,9 @@ _FUNCTIONS = (
     "    else\n"
     '      size=$(wc -c < "$f" | tr -d " ")\n'
     "    fi\n"
-    '    printf \'%s\\n\' "' + SECTION + '$kind $size $(date -r "$f" +%s 2>/dev/null || echo -) $(enc_word "$pre$name")"\n'
+    "    printf '%s\\n' \""
+    + SECTION
+    + '$kind $size $(date -r "$f" +%s 2>/dev/null || echo -) $(enc_word "$pre$name")"\n'
     "  done <<RUNCTL_FILES\n"
     '$(ls -t "$ck" 2>/dev/null)\n'
     "RUNCTL_FILES\n"
@@ -212,7 +216,7 @@ def list_checkpoints(root: str, run_id: str | None, verify: bool = True) -> str:
     s = SECTION
     if run_id is not None:
         body = (
-            f'RUN={q(run_id)}\n'
+            f"RUN={q(run_id)}\n"
             'if valid_id "$RUN" && [ -d "$RUNS/$RUN" ]; then\n'
             '  list_run "$RUN"\n'
             "else\n"
@@ -301,9 +305,7 @@ class CheckpointListing:
         return sum(c.size for c in self.checkpoints)
 
 
-def discover(
-    fleet: Fleet, root: str, instance_id: str, run_id: str | None, verify: bool = True
-) -> CheckpointListing:
+def discover(fleet: Fleet, root: str, instance_id: str, run_id: str | None, verify: bool = True) -> CheckpointListing:
     """The checkpoints of `run_id`, or of the newest run that has any (else the newest run)."""
     listings = parse(_run(fleet, instance_id, list_checkpoints(root, run_id, verify)))
     if listings:
@@ -371,9 +373,7 @@ def parse(output: str) -> list[CheckpointListing]:
                 drafts[-1].checkpoints.append(found)
     if missing is not None:
         return [
-            CheckpointListing(
-                run_id=missing, checkpoints=[], has_manifest=False, missing=True, known_runs=tuple(known)
-            )
+            CheckpointListing(run_id=missing, checkpoints=[], has_manifest=False, missing=True, known_runs=tuple(known))
         ]
     if not drafts:
         return []

@@ -66,7 +66,7 @@ def wrapper(
     bad = [k for k in env if not _ENV_NAME.fullmatch(k)]
     if bad:
         raise ValueError(f"not environment variable names: {bad!r}")
-    exports = "".join(f'export {k}={q(v)}\n' for k, v in env.items())
+    exports = "".join(f"export {k}={q(v)}\n" for k, v in env.items())
     words = [interpreter(python), *(q(a) for a in ("-u", script, *args))]
     if pass_checkpoint_dir:
         words += ["--checkpoint-dir", '"$RUNCTL_CHECKPOINT_DIR"']
@@ -75,7 +75,7 @@ def wrapper(
     owner = checkpoint_run_id or run_id
     return (
         f"RUN_DIR={rdir}\n"
-        f"cd {work_dir(owner)} || {{ echo 127 > \"$RUN_DIR/exit_code\"; exit 127; }}\n"
+        f'cd {work_dir(owner)} || {{ echo 127 > "$RUN_DIR/exit_code"; exit 127; }}\n'
         + home()
         + 'export RUNCTL_RUN_DIR="$RUN_DIR"\n'
         'export RUNCTL_PROGRESS_FILE="$RUN_DIR/progress.json"\n'
@@ -83,12 +83,10 @@ def wrapper(
         f"{exports}"
         'mkdir -p "$RUNCTL_CHECKPOINT_DIR"\n'
         'printf \'%s\\n\' "$RUNCTL_CHECKPOINT_DIR" > "$RUN_DIR/checkpoint_dir"\n'
-        "echo $$ > \"$RUN_DIR/pgid\"\n"
+        'echo $$ > "$RUN_DIR/pgid"\n'
         # A caught trap resets to default in the child, so the training keeps
         # default signal handling while this shell survives to record the exit.
-        "trap ':' TERM INT HUP\n"
-        + events.setup
-        + f'{argv} </dev/null >>"$RUN_DIR/training.log" 2>&1 &\n'
+        "trap ':' TERM INT HUP\n" + events.setup + f'{argv} </dev/null >>"$RUN_DIR/training.log" 2>&1 &\n'
         "child=$!\n"
         'echo "$child" > "$RUN_DIR/pid.tmp" && mv "$RUN_DIR/pid.tmp" "$RUN_DIR/pid"\n'
         + events.started
@@ -123,15 +121,15 @@ def fetch_code(bundle_url: str, run_id: str) -> str:
     tmp = f'"$RUNCTL_ROOT/code.tmp."{q(run_id)}'
     first_bytes = "head -c 200 \"$BUNDLE\" 2>/dev/null | tr -c '[:print:]' '.'"
     return (
-        f'BUNDLE_URL={q(bundle_url)}\n'
+        f"BUNDLE_URL={q(bundle_url)}\n"
         f"TMP={tmp}\n"
         'BUNDLE="$TMP.tar.gz"\n'
         'rm -rf "$TMP" "$BUNDLE" && mkdir -p "$TMP"\n'
         "status=\n"
         "if command -v curl >/dev/null 2>&1; then\n"
-        "  status=$(curl -sSL --retry 3 -o \"$BUNDLE\" -w '%{http_code}' \"$BUNDLE_URL\") || :\n"
+        '  status=$(curl -sSL --retry 3 -o "$BUNDLE" -w \'%{http_code}\' "$BUNDLE_URL") || :\n'
         "elif command -v wget >/dev/null 2>&1; then\n"
-        "  status=$(wget -S --content-on-error -O \"$BUNDLE\" \"$BUNDLE_URL\" 2>&1 "
+        '  status=$(wget -S --content-on-error -O "$BUNDLE" "$BUNDLE_URL" 2>&1 '
         "| sed -n 's/^ *HTTP\\/[0-9.]* \\([0-9][0-9][0-9]\\).*/\\1/p' | tail -n 1) || :\n"
         "else\n"
         f'  status=$(python3 -c {q(_PY_FETCH)} "$BUNDLE_URL" "$BUNDLE") || :\n'
@@ -162,9 +160,9 @@ def _sync_body(run_id: str, script: str, bundle_url: str | None) -> str:
         f"RUN_DIR={run_dir(run_id)}\n"
         + 'mkdir -p "$RUN_DIR" "$RUNCTL_ROOT/runs"\n'
         + (fetch_code(bundle_url, run_id) if bundle_url else "")
-        + f'SCRIPT={q(script)}\n'
+        + f"SCRIPT={q(script)}\n"
         + 'if [ ! -f "$RUNCTL_ROOT/code/$SCRIPT" ]; then\n'
-        + "  printf 'runctl: script %s is not in %s/code on this instance\\n' \"$SCRIPT\" \"$RUNCTL_ROOT\" >&2\n"
+        + '  printf \'runctl: script %s is not in %s/code on this instance\\n\' "$SCRIPT" "$RUNCTL_ROOT" >&2\n'
         + "  exit 3\n"
         + "fi\n"
         + "echo synced\n"
@@ -179,9 +177,9 @@ def deliver(root: str, run_id: str, script: str, bundle_url: str | None, then: s
         + "live=$(\n"
         + _probe_body()
         + ")\n"
-        + f'RUN_ID={q(run_id)}\n'
+        + f"RUN_ID={q(run_id)}\n"
         # Lines of other runs only; the run id is compared as a value, never read as a pattern.
-        + 'live=$(printf \'%s\\n\' "$live" | while read -r word rid pid; do\n'
+        + "live=$(printf '%s\\n' \"$live\" | while read -r word rid pid; do\n"
         + '  if [ "$word" = live ] && [ "$rid" != "$RUN_ID" ]; then printf \'live %s %s\\n\' "$rid" "$pid"; fi\n'
         + "done)\n"
         + f'if [ -n "$live" ]; then printf \'%s\\n\' "$live"; exit {BUSY_EXIT}; fi\n'
@@ -224,8 +222,8 @@ def launch_body(
         + f"  exit {COPY_FAILED}\n"
         + "fi\n"
         + record
-        + f'META={q(meta_json)}\n'
-        + "printf '%s\\n' \"$META\" > \"$RUN_DIR/meta.json\"\n"
+        + f"META={q(meta_json)}\n"
+        + 'printf \'%s\\n\' "$META" > "$RUN_DIR/meta.json"\n'
         # Private: with events on, run.sh holds the run's event key.
         + f"(umask 077 && cat > \"$RUN_DIR/run.sh\") <<'{eof}'\n{body}{eof}\n"
         + ': > "$RUN_DIR/training.log"\n'
@@ -245,32 +243,40 @@ def runs_status(root: str, run_ids: Sequence[str], log_lines: int = 15, line_cha
     What the instance wrote (progress, names, log, notice, nvidia-smi) is encoded (frame.py)."""
     s = SECTION
     ids = " ".join(q(r) for r in run_ids)
-    return header(root) + frame.ENC + (
-        'echo "' + s + 'now $(date +%s)"\n'
-        + gpu.report()
-        + f"for RUN_ID in {ids}; do\n"
-        'RUN_DIR="$RUNCTL_ROOT/runs/$RUN_ID"\n'
-        '[ -d "$RUN_DIR" ] || continue\n'
-        'echo "' + s + 'run $RUN_ID"\n'
-        'pid=$(cat "$RUN_DIR/pid" 2>/dev/null || true)\n'
-        'case "$pid" in ""|*[!0-9]*) alive=0 ;; *) if kill -0 "$pid" 2>/dev/null; then alive=1; else alive=0; fi ;; esac\n'
-        'echo "' + s + 'alive $alive"\n'
-        'if [ -n "$pid" ]; then echo "' + s + 'pid 1"; fi\n'
-        'pgid=$(cat "$RUN_DIR/pgid" 2>/dev/null || true)\n'
-        'case "$pgid" in ""|*[!0-9]*) ;; *) if kill -0 "$pgid" 2>/dev/null; then echo "' + s + 'wrapper 1"; fi ;; esac\n'
-        'if [ -f "$RUN_DIR/exit_code" ]; then echo "' + s + 'exit $(head -c 20 "$RUN_DIR/exit_code" | tr -cd \'0-9-\')"; fi\n'
-        + spot.report(s)
-        + 'if [ -f "$RUN_DIR/progress.json" ]; then\n'
-        '  echo "' + s + 'progress $(head -c 1500 "$RUN_DIR/progress.json" | enc)"\n'
-        "fi\n"
-        'ck=$(cat "$RUN_DIR/checkpoint_dir" 2>/dev/null || echo "$RUN_DIR/checkpoints")\n'
-        'if [ -d "$ck" ]; then\n'
-        '  newest=$(ls -t "$ck" 2>/dev/null | grep -v -e \'^manifest.json$\' -e \'^completed.json$\' -e \'^\\.\' | head -n 1)\n'
-        '  if [ -n "$newest" ] && [ -e "$ck/$newest" ]; then\n'
-        '    echo "' + s + 'checkpoint $(wc -c < "$ck/$newest" | tr -cd \'0-9\') $(date -r "$ck/$newest" +%s | tr -cd \'0-9\') $(enc_word "$newest")"\n'
-        "  fi\n"
-        "fi\n"
-        f'echo "{s}log $(tail -n {int(log_lines)} "$RUN_DIR/training.log" 2>/dev/null | cut -c1-{int(line_chars)} | enc)"\n'
-        'echo "' + s + 'end"\n'
-        "done\n"
+    return (
+        header(root)
+        + frame.ENC
+        + (
+            'echo "' + s + 'now $(date +%s)"\n' + gpu.report() + f"for RUN_ID in {ids}; do\n"
+            'RUN_DIR="$RUNCTL_ROOT/runs/$RUN_ID"\n'
+            '[ -d "$RUN_DIR" ] || continue\n'
+            'echo "' + s + 'run $RUN_ID"\n'
+            'pid=$(cat "$RUN_DIR/pid" 2>/dev/null || true)\n'
+            'case "$pid" in ""|*[!0-9]*) alive=0 ;; *) if kill -0 "$pid" 2>/dev/null; then alive=1; else alive=0; fi ;; esac\n'
+            'echo "' + s + 'alive $alive"\n'
+            'if [ -n "$pid" ]; then echo "' + s + 'pid 1"; fi\n'
+            'pgid=$(cat "$RUN_DIR/pgid" 2>/dev/null || true)\n'
+            'case "$pgid" in ""|*[!0-9]*) ;; *) if kill -0 "$pgid" 2>/dev/null; then echo "'
+            + s
+            + 'wrapper 1"; fi ;; esac\n'
+            'if [ -f "$RUN_DIR/exit_code" ]; then echo "'
+            + s
+            + 'exit $(head -c 20 "$RUN_DIR/exit_code" | tr -cd \'0-9-\')"; fi\n'
+            + spot.report(s)
+            + 'if [ -f "$RUN_DIR/progress.json" ]; then\n'
+            '  echo "' + s + 'progress $(head -c 1500 "$RUN_DIR/progress.json" | enc)"\n'
+            "fi\n"
+            'ck=$(cat "$RUN_DIR/checkpoint_dir" 2>/dev/null || echo "$RUN_DIR/checkpoints")\n'
+            'if [ -d "$ck" ]; then\n'
+            "  newest=$(ls -t \"$ck\" 2>/dev/null | grep -v -e '^manifest.json$' -e '^completed.json$' -e '^\\.' | head -n 1)\n"
+            '  if [ -n "$newest" ] && [ -e "$ck/$newest" ]; then\n'
+            '    echo "'
+            + s
+            + 'checkpoint $(wc -c < "$ck/$newest" | tr -cd \'0-9\') $(date -r "$ck/$newest" +%s | tr -cd \'0-9\') $(enc_word "$newest")"\n'
+            "  fi\n"
+            "fi\n"
+            f'echo "{s}log $(tail -n {int(log_lines)} "$RUN_DIR/training.log" 2>/dev/null | cut -c1-{int(line_chars)} | enc)"\n'
+            'echo "' + s + 'end"\n'
+            "done\n"
+        )
     )

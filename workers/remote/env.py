@@ -45,84 +45,87 @@ def setup_env(
         write_req = ""
     work = f'WORK="$RUNCTL_ROOT/code/"{q(workdir)}\n' if workdir else 'WORK="$RUNCTL_ROOT/code"\n'
     tail = f'echo "{s}tail $(tail -n {LOG_TAIL} "$LOG" | cut -c1-300 | enc)"'
-    return header(root) + frame.ENC + (
-        f"RUN_DIR={run_dir(run_id)}\n"
-        'LOG="$RUN_DIR/setup.log"\n'
-        f"{req}{work}"
-        f'REQ_NAME={q(requirements)}\n'
-        f'PYTHON={q(python)}\n'
-        'mkdir -p "$RUN_DIR" "$RUNCTL_ROOT/envs"\n'
-        f"{write_req}"
-        'if ! command -v "$PYTHON" >/dev/null 2>&1; then\n'
-        f'  echo "{s}failed no-python"; exit {NO_PYTHON}\n'
-        "fi\n"
-        "PYVER=$(\"$PYTHON\" -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])' | tr -cd '0-9.')\n"
-        f'NAME={q(digest[:16])}-py"$PYVER"\n'
-        'ENV="$RUNCTL_ROOT/envs/$NAME"\n'
-        'LOCK="$ENV.lock"\n'
-        f'echo "{s}env $NAME"\n'
-        # The train lock already serialises runs on an instance; this directory
-        # lock keeps two builders of one env apart even without it.
-        "waited=0\n"
-        'while ! mkdir "$LOCK" 2>/dev/null; do\n'
-        '  holder=$(cat "$LOCK/pid" 2>/dev/null || true)\n'
-        '  case "$holder" in\n'
-        '    ""|*[!0-9]*) ;;\n'
-        '    *) if ! kill -0 "$holder" 2>/dev/null; then rm -rf "$LOCK"; continue; fi ;;\n'
-        "  esac\n"
-        f'  if [ "$waited" -ge {LOCK_WAIT_SECONDS} ]; then echo "{s}failed locked"; exit {LOCK_TIMEOUT}; fi\n'
-        "  sleep 2; waited=$((waited + 2))\n"
-        "done\n"
-        'echo $$ > "$LOCK/pid"\n'
-        "trap 'rm -rf \"$LOCK\"' EXIT\n"
-        f"REBUILD={1 if rebuild else 0}\n"
-        'if [ "$REBUILD" = 0 ] && [ -f "$ENV/.runctl-ready" ]; then\n'
-        '  built=$(head -c 20 "$ENV/.runctl-ready" | tr -cd \'0-9\')\n'
-        '  echo "runctl: reusing environment $NAME (built $(date -u -d "@$built" 2>/dev/null || echo "$built"))" > "$LOG"\n'
-        '  printf \'%s\\n\' "$NAME" > "$RUN_DIR/env"\n'
-        f'  echo "{s}reused $built"\n'
-        "  exit 0\n"
-        "fi\n"
-        'rm -rf "$ENV"\n'
-        'printf \'runctl: building environment %s from %s\\n\' "$NAME" "$REQ_NAME" > "$LOG"\n'
-        # ensurepip alone takes 10-20 s; uv or a recent system pip can install
-        # into a pip-less venv instead.
-        # The agent's PATH lacks ~/.local/bin and ~/.cargo/bin, where uv's installer puts it.
-        + home()
-        + 'UV=$(command -v uv 2>/dev/null || true)\n'
-        'for c in "$RUNCTL_ROOT/bin/uv" "$HOME/.local/bin/uv" "$HOME/.cargo/bin/uv"; do\n'
-        '  [ -z "$UV" ] && [ -x "$c" ] && UV=$c\n'
-        "done\n"
-        'export PIP_CACHE_DIR="$RUNCTL_ROOT/cache/pip" UV_CACHE_DIR="$RUNCTL_ROOT/cache/uv"\n'
-        'if [ -n "$UV" ]; then\n'
-        "  INSTALLER=uv; WITH_PIP=--without-pip\n"
-        "elif \"$PYTHON\" -c 'import sys, pip; sys.exit(tuple(map(int, pip.__version__.split(\".\")[:2])) < (22, 3))' 2>/dev/null; then\n"
-        "  INSTALLER=system-pip; WITH_PIP=--without-pip\n"
-        "else\n"
-        "  INSTALLER=pip; WITH_PIP=\n"
-        "fi\n"
-        'printf \'runctl: python %s (%s), installer %s\\n\' "$PYVER" "$PYTHON" "$INSTALLER" >> "$LOG"\n'
-        'if ! "$PYTHON" -m venv --system-site-packages $WITH_PIP "$ENV" >> "$LOG" 2>&1; then\n'
-        '  rm -rf "$ENV"\n'
-        f'  echo "{s}failed venv"; {tail}; exit {NO_VENV}\n'
-        "fi\n"
-        f'cd "$WORK" || exit {INSTALL_FAILED}\n'
-        'case "$INSTALLER" in\n'
-        '  uv) "$UV" pip install --python "$ENV/bin/python" -r "$REQ" ;;\n'
-        '  system-pip) "$PYTHON" -m pip --python "$ENV/bin/python" install --progress-bar off -r "$REQ" ;;\n'
-        '  *) "$ENV/bin/python" -m pip install --progress-bar off -r "$REQ" ;;\n'
-        'esac >> "$LOG" 2>&1\n'
-        "rc=$?\n"
-        'if [ "$rc" -ne 0 ]; then\n'
-        '  echo "runctl: install failed (exit $rc); removed the half-built environment" >> "$LOG"\n'
-        '  rm -rf "$ENV"\n'
-        f'  echo "{s}failed install"; {tail}; exit {INSTALL_FAILED}\n'
-        "fi\n"
-        'date +%s > "$ENV/.runctl-ready"\n'
-        'printf \'%s\\n\' "$NAME" > "$RUN_DIR/env"\n'
-        'echo "runctl: environment $NAME ready" >> "$LOG"\n'
-        f'echo "{s}built $(head -c 20 "$ENV/.runctl-ready" | tr -cd \'0-9\') $INSTALLER"\n'
-        + prune(keep)
+    return (
+        header(root)
+        + frame.ENC
+        + (
+            f"RUN_DIR={run_dir(run_id)}\n"
+            'LOG="$RUN_DIR/setup.log"\n'
+            f"{req}{work}"
+            f"REQ_NAME={q(requirements)}\n"
+            f"PYTHON={q(python)}\n"
+            'mkdir -p "$RUN_DIR" "$RUNCTL_ROOT/envs"\n'
+            f"{write_req}"
+            'if ! command -v "$PYTHON" >/dev/null 2>&1; then\n'
+            f'  echo "{s}failed no-python"; exit {NO_PYTHON}\n'
+            "fi\n"
+            "PYVER=$(\"$PYTHON\" -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])' | tr -cd '0-9.')\n"
+            f'NAME={q(digest[:16])}-py"$PYVER"\n'
+            'ENV="$RUNCTL_ROOT/envs/$NAME"\n'
+            'LOCK="$ENV.lock"\n'
+            f'echo "{s}env $NAME"\n'
+            # The train lock already serialises runs on an instance; this directory
+            # lock keeps two builders of one env apart even without it.
+            "waited=0\n"
+            'while ! mkdir "$LOCK" 2>/dev/null; do\n'
+            '  holder=$(cat "$LOCK/pid" 2>/dev/null || true)\n'
+            '  case "$holder" in\n'
+            '    ""|*[!0-9]*) ;;\n'
+            '    *) if ! kill -0 "$holder" 2>/dev/null; then rm -rf "$LOCK"; continue; fi ;;\n'
+            "  esac\n"
+            f'  if [ "$waited" -ge {LOCK_WAIT_SECONDS} ]; then echo "{s}failed locked"; exit {LOCK_TIMEOUT}; fi\n'
+            "  sleep 2; waited=$((waited + 2))\n"
+            "done\n"
+            'echo $$ > "$LOCK/pid"\n'
+            "trap 'rm -rf \"$LOCK\"' EXIT\n"
+            f"REBUILD={1 if rebuild else 0}\n"
+            'if [ "$REBUILD" = 0 ] && [ -f "$ENV/.runctl-ready" ]; then\n'
+            "  built=$(head -c 20 \"$ENV/.runctl-ready\" | tr -cd '0-9')\n"
+            '  echo "runctl: reusing environment $NAME (built $(date -u -d "@$built" 2>/dev/null || echo "$built"))" > "$LOG"\n'
+            '  printf \'%s\\n\' "$NAME" > "$RUN_DIR/env"\n'
+            f'  echo "{s}reused $built"\n'
+            "  exit 0\n"
+            "fi\n"
+            'rm -rf "$ENV"\n'
+            'printf \'runctl: building environment %s from %s\\n\' "$NAME" "$REQ_NAME" > "$LOG"\n'
+            # ensurepip alone takes 10-20 s; uv or a recent system pip can install
+            # into a pip-less venv instead.
+            # The agent's PATH lacks ~/.local/bin and ~/.cargo/bin, where uv's installer puts it.
+            + home()
+            + "UV=$(command -v uv 2>/dev/null || true)\n"
+            'for c in "$RUNCTL_ROOT/bin/uv" "$HOME/.local/bin/uv" "$HOME/.cargo/bin/uv"; do\n'
+            '  [ -z "$UV" ] && [ -x "$c" ] && UV=$c\n'
+            "done\n"
+            'export PIP_CACHE_DIR="$RUNCTL_ROOT/cache/pip" UV_CACHE_DIR="$RUNCTL_ROOT/cache/uv"\n'
+            'if [ -n "$UV" ]; then\n'
+            "  INSTALLER=uv; WITH_PIP=--without-pip\n"
+            'elif "$PYTHON" -c \'import sys, pip; sys.exit(tuple(map(int, pip.__version__.split(".")[:2])) < (22, 3))\' 2>/dev/null; then\n'
+            "  INSTALLER=system-pip; WITH_PIP=--without-pip\n"
+            "else\n"
+            "  INSTALLER=pip; WITH_PIP=\n"
+            "fi\n"
+            'printf \'runctl: python %s (%s), installer %s\\n\' "$PYVER" "$PYTHON" "$INSTALLER" >> "$LOG"\n'
+            'if ! "$PYTHON" -m venv --system-site-packages $WITH_PIP "$ENV" >> "$LOG" 2>&1; then\n'
+            '  rm -rf "$ENV"\n'
+            f'  echo "{s}failed venv"; {tail}; exit {NO_VENV}\n'
+            "fi\n"
+            f'cd "$WORK" || exit {INSTALL_FAILED}\n'
+            'case "$INSTALLER" in\n'
+            '  uv) "$UV" pip install --python "$ENV/bin/python" -r "$REQ" ;;\n'
+            '  system-pip) "$PYTHON" -m pip --python "$ENV/bin/python" install --progress-bar off -r "$REQ" ;;\n'
+            '  *) "$ENV/bin/python" -m pip install --progress-bar off -r "$REQ" ;;\n'
+            'esac >> "$LOG" 2>&1\n'
+            "rc=$?\n"
+            'if [ "$rc" -ne 0 ]; then\n'
+            '  echo "runctl: install failed (exit $rc); removed the half-built environment" >> "$LOG"\n'
+            '  rm -rf "$ENV"\n'
+            f'  echo "{s}failed install"; {tail}; exit {INSTALL_FAILED}\n'
+            "fi\n"
+            'date +%s > "$ENV/.runctl-ready"\n'
+            'printf \'%s\\n\' "$NAME" > "$RUN_DIR/env"\n'
+            'echo "runctl: environment $NAME ready" >> "$LOG"\n'
+            f'echo "{s}built $(head -c 20 "$ENV/.runctl-ready" | tr -cd \'0-9\') $INSTALLER"\n' + prune(keep)
+        )
     )
 
 

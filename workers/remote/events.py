@@ -132,7 +132,7 @@ def sender(url: str, key: str, run_id: str, python: str, every_seconds: int) -> 
         '    m=$(date -r "$RUN_DIR/progress.json" +%s 2>/dev/null) || continue\n'
         "    now=$(date +%s)\n"
         '    if [ "$m" != "$seen" ] && [ $((now - last)) -ge "$EV_EVERY" ]; then\n'
-        '      seen=$m; last=$now; runctl_event progress\n'
+        "      seen=$m; last=$now; runctl_event progress\n"
         "    fi\n"
         "  done\n"
         "}\n"

@@ -20,9 +20,7 @@ _JSON_LINE = re.compile(r"^(progress|marker) (\S+)$", re.MULTILINE)
 StopHow = Literal["term", "kill", "none"]
 
 
-def stop_run(
-    root: str, run_id: str, grace: int, force: bool = False, checkpoint_run_id: str | None = None
-) -> str:
+def stop_run(root: str, run_id: str, grace: int, force: bool = False, checkpoint_run_id: str | None = None) -> str:
     """SIGTERM the run's process group, wait up to `grace` seconds, then SIGKILL it.
 
     `force` sends SIGKILL straight away. Prints ``saved <name>`` for each checkpoint
@@ -34,50 +32,54 @@ def stop_run(
     file contents are encoded (workers/remote/frame.py): the training cannot forge a line.
     """
     first = "KILL" if force else "TERM"
-    return header(root) + frame.ENC + (
-        f"RUN_DIR={run_dir(run_id)}\n"
-        f"CK_DIR={run_dir(checkpoint_run_id or run_id)}/checkpoints\n"
-        f"GRACE={0 if force else int(grace)}\n"
-        'pid=$(cat "$RUN_DIR/pid" 2>/dev/null || true)\n'
-        'pgid=$(cat "$RUN_DIR/pgid" 2>/dev/null || true)\n'
-        'case "$pid" in ""|*[!0-9]*) echo "stopped none"; exit 0 ;; esac\n'
-        'case "$pgid" in ""|*[!0-9]*) pgid="" ;; esac\n'
-        'if ! kill -0 "$pid" 2>/dev/null; then echo "stopped none"; exit 0; fi\n'
-        "signal_group() {\n"
-        # The wrapper shell leads the group and traps TERM, so it survives to
-        # record the exit code; the training and its workers get the signal.
-        '  if [ -n "$pgid" ]; then kill -"$1" -"$pgid" 2>/dev/null || kill -"$1" "$pid" 2>/dev/null\n'
-        '  else kill -"$1" "$pid" 2>/dev/null; fi\n'
-        "}\n"
-        'if [ -f "$RUN_DIR/progress.json" ]; then printf \'progress %s\\n\' '
-        '"$(head -c 2000 "$RUN_DIR/progress.json" | enc)"; fi\n'
-        "signalled=$(date +%s)\n"
-        'echo "$signalled" > "$RUN_DIR/stop_requested"\n'
-        f"signal_group {first} || true\n"
-        "waited=0\n"
-        'while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt "$GRACE" ]; do\n'
-        "  sleep 1; waited=$((waited + 1))\n"
-        "done\n"
-        'if kill -0 "$pid" 2>/dev/null || [ "$GRACE" -eq 0 ]; then\n'
-        "  signal_group KILL || true\n"
-        '  echo 137 > "$RUN_DIR/exit_code.tmp" && mv "$RUN_DIR/exit_code.tmp" "$RUN_DIR/exit_code"\n'
-        "  how=kill\n"
-        "else\n"
-        "  how=term; n=0\n"
-        '  while [ ! -f "$RUN_DIR/exit_code" ] && [ "$n" -lt 5 ]; do sleep 1; n=$((n + 1)); done\n'
-        "fi\n"
-        # -newer compares full timestamps; whole seconds can't tell a save just
-        # before the signal from one just after it. `! -name . -prune`: no recursion.
-        'if [ -d "$CK_DIR" ]; then\n'
-        '  find "$CK_DIR/." ! -name . -prune -newer "$RUN_DIR/stop_requested" ! -name ".*" '
-        "! -name manifest.json ! -name completed.json -print 2>/dev/null | while IFS= read -r f; do\n"
-        '    printf \'saved %s\\n\' "$(enc_word "${f##*/}")"\n'
-        "  done\n"
-        "fi\n"
-        'if [ -n "$(find "$CK_DIR/completed.json" -newer "$RUN_DIR/stop_requested" 2>/dev/null)" ]; then\n'
-        '  printf \'marker %s\\n\' "$(head -c 2000 "$CK_DIR/completed.json" | enc)"\n'
-        "fi\n"
-        'echo "stopped $how $waited $signalled"\n'
+    return (
+        header(root)
+        + frame.ENC
+        + (
+            f"RUN_DIR={run_dir(run_id)}\n"
+            f"CK_DIR={run_dir(checkpoint_run_id or run_id)}/checkpoints\n"
+            f"GRACE={0 if force else int(grace)}\n"
+            'pid=$(cat "$RUN_DIR/pid" 2>/dev/null || true)\n'
+            'pgid=$(cat "$RUN_DIR/pgid" 2>/dev/null || true)\n'
+            'case "$pid" in ""|*[!0-9]*) echo "stopped none"; exit 0 ;; esac\n'
+            'case "$pgid" in ""|*[!0-9]*) pgid="" ;; esac\n'
+            'if ! kill -0 "$pid" 2>/dev/null; then echo "stopped none"; exit 0; fi\n'
+            "signal_group() {\n"
+            # The wrapper shell leads the group and traps TERM, so it survives to
+            # record the exit code; the training and its workers get the signal.
+            '  if [ -n "$pgid" ]; then kill -"$1" -"$pgid" 2>/dev/null || kill -"$1" "$pid" 2>/dev/null\n'
+            '  else kill -"$1" "$pid" 2>/dev/null; fi\n'
+            "}\n"
+            "if [ -f \"$RUN_DIR/progress.json\" ]; then printf 'progress %s\\n' "
+            '"$(head -c 2000 "$RUN_DIR/progress.json" | enc)"; fi\n'
+            "signalled=$(date +%s)\n"
+            'echo "$signalled" > "$RUN_DIR/stop_requested"\n'
+            f"signal_group {first} || true\n"
+            "waited=0\n"
+            'while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt "$GRACE" ]; do\n'
+            "  sleep 1; waited=$((waited + 1))\n"
+            "done\n"
+            'if kill -0 "$pid" 2>/dev/null || [ "$GRACE" -eq 0 ]; then\n'
+            "  signal_group KILL || true\n"
+            '  echo 137 > "$RUN_DIR/exit_code.tmp" && mv "$RUN_DIR/exit_code.tmp" "$RUN_DIR/exit_code"\n'
+            "  how=kill\n"
+            "else\n"
+            "  how=term; n=0\n"
+            '  while [ ! -f "$RUN_DIR/exit_code" ] && [ "$n" -lt 5 ]; do sleep 1; n=$((n + 1)); done\n'
+            "fi\n"
+            # -newer compares full timestamps; whole seconds can't tell a save just
+            # before the signal from one just after it. `! -name . -prune`: no recursion.
+            'if [ -d "$CK_DIR" ]; then\n'
+            '  find "$CK_DIR/." ! -name . -prune -newer "$RUN_DIR/stop_requested" ! -name ".*" '
+            "! -name manifest.json ! -name completed.json -print 2>/dev/null | while IFS= read -r f; do\n"
+            '    printf \'saved %s\\n\' "$(enc_word "${f##*/}")"\n'
+            "  done\n"
+            "fi\n"
+            'if [ -n "$(find "$CK_DIR/completed.json" -newer "$RUN_DIR/stop_requested" 2>/dev/null)" ]; then\n'
+            '  printf \'marker %s\\n\' "$(head -c 2000 "$CK_DIR/completed.json" | enc)"\n'
+            "fi\n"
+            'echo "stopped $how $waited $signalled"\n'
+        )
     )
 
 

@@ -83,13 +83,13 @@ def tail_script(root: str, run_id: str | None, lines: int, grep: str | None) -> 
         + _find_log(run_id)
         + (f"PAT={q(grep)}\n" if grep else "")
         + f'echo "{s}run $(enc_word "$RUN_ID")"\n'
-        + f"echo \"{s}size $(wc -c < \"$LOG\" | tr -d ' ')\"\n"
-        + f"echo \"{s}lines $(wc -l < \"$LOG\" | tr -d ' ')\"\n"
+        + f'echo "{s}size $(wc -c < "$LOG" | tr -d \' \')"\n'
+        + f'echo "{s}lines $(wc -l < "$LOG" | tr -d \' \')"\n'
         + (f'echo "{s}matches $(grep -a -c -F -e "$PAT" "$LOG")"\n' if grep else "")
         + 'SEL=$(mktemp 2>/dev/null || echo "/tmp/runctl-tail.$$")\n'
         + "trap 'rm -f \"$SEL\"' EXIT\n"
         + f'{select} | tail -c {SELECT_CAP} > "$SEL"\n'
-        + f"echo \"{s}selected $(wc -c < \"$SEL\" | tr -d ' ')\"\n"
+        + f'echo "{s}selected $(wc -c < "$SEL" | tr -d \' \')"\n'
         + _encode(f'tail -c {TAIL_BYTES} "$SEL"')
         + f'echo "{s}end"\n'
     )
@@ -179,7 +179,7 @@ def upload_script(root: str, run_id: str, url: str) -> str:
         + f'if [ ! -f "$LOG" ]; then echo "{s}nolog"; exit 0; fi\n'
         + "size=$(wc -c < \"$LOG\" | tr -d ' ')\n"
         + 'OUT="$LOG.upload.$$"\n'
-        + "trap 'rm -f \"$OUT\" \"$OUT.answer\"' EXIT\n"
+        + 'trap \'rm -f "$OUT" "$OUT.answer"\' EXIT\n'
         + f'if [ "$size" -gt {GZIP_ABOVE} ]; then enc=gzip; head -c "$size" "$LOG" | gzip -c > "$OUT"\n'
         + 'else enc=plain; head -c "$size" "$LOG" > "$OUT"; fi\n'
         + "bytes=$(wc -c < \"$OUT\" | tr -d ' ')\n"
@@ -187,10 +187,10 @@ def upload_script(root: str, run_id: str, url: str) -> str:
         + "status=\n"
         + "if command -v curl >/dev/null 2>&1; then\n"
         + "  status=$(curl -sS -L --retry 3 -H 'Content-Type: application/octet-stream' -T \"$OUT\" "
-        + "-o \"$OUT.answer\" -w '%{http_code}' \"$URL\" 2>/dev/null) || :\n"
+        + '-o "$OUT.answer" -w \'%{http_code}\' "$URL" 2>/dev/null) || :\n'
         + "elif command -v wget >/dev/null 2>&1; then\n"
         + "  status=$(wget -S --tries=3 --timeout=60 --method=PUT --header='Content-Type: application/octet-stream' "
-        + "--body-file=\"$OUT\" --content-on-error -O \"$OUT.answer\" \"$URL\" 2>&1 "
+        + '--body-file="$OUT" --content-on-error -O "$OUT.answer" "$URL" 2>&1 '
         + "| sed -n 's/^ *HTTP\\/[0-9.]* \\([0-9][0-9][0-9]\\).*/\\1/p' | tail -n 1) || :\n"
         + "else\n"
         + f'  status=$(python3 -c {q(_PUT_PY)} "$URL" "$OUT" "$OUT.answer" 2>/dev/null) || :\n'

@@ -34,30 +34,32 @@ def runs_report(root: str, reported: Sequence[str]) -> str:
             '  if [ -d "$RUNCTL_ROOT/runs/$RUN_ID" ]; then : > "$RUNCTL_ROOT/runs/$RUN_ID/reported"; fi\n'
             "done\n"
         )
-    return header(root) + frame.ENC + (
-        f'echo "{s}now $(date +%s)"\n'
-        + mark
-        + 'for d in "$RUNCTL_ROOT"/runs/*/; do\n'
-        '  [ -f "$d/meta.json" ] || continue\n'
-        '  if [ -f "$d/exit_code" ] && [ -f "$d/reported" ]; then continue; fi\n'
-        '  rid=$(basename "$d")\n'
-        '  case "$rid" in ""|.|..|*[!A-Za-z0-9_.-]*) continue ;; esac\n'
-        '  pid=$(cat "$d/pid" 2>/dev/null || true)\n'
-        "  alive=0\n"
-        '  case "$pid" in ""|*[!0-9]*) ;; *) if kill -0 "$pid" 2>/dev/null; then alive=1; fi ;; esac\n'
-        "  wrapper=0\n"
-        '  pgid=$(cat "$d/pgid" 2>/dev/null || true)\n'
-        '  case "$pgid" in ""|*[!0-9]*) ;; *) if kill -0 "$pgid" 2>/dev/null; then wrapper=1; fi ;; esac\n'
-        '  if [ -f "$d/exit_code" ]; then\n'
-        '    code=$(head -c 20 "$d/exit_code" | tr -cd \'0-9-\')\n'
-        '    seen="ended ${code:-x} $(date -r "$d/exit_code" +%s)"\n'
-        '  elif [ "$alive" = 1 ]; then seen=live\n'
-        '  elif [ -n "$pid" ] && [ "$wrapper" = 0 ]; then seen=vanished\n'
-        "  else seen=starting\n"
-        "  fi\n"
-        f"  printf '{s}run %s %s\\n' \"$rid\" \"$seen\"\n"
-        f"  printf '{s}meta %s\\n' \"$(head -c {META_CHARS} \"$d/meta.json\" | enc)\"\n"
-        "done\n"
+    return (
+        header(root)
+        + frame.ENC
+        + (
+            f'echo "{s}now $(date +%s)"\n' + mark + 'for d in "$RUNCTL_ROOT"/runs/*/; do\n'
+            '  [ -f "$d/meta.json" ] || continue\n'
+            '  if [ -f "$d/exit_code" ] && [ -f "$d/reported" ]; then continue; fi\n'
+            '  rid=$(basename "$d")\n'
+            '  case "$rid" in ""|.|..|*[!A-Za-z0-9_.-]*) continue ;; esac\n'
+            '  pid=$(cat "$d/pid" 2>/dev/null || true)\n'
+            "  alive=0\n"
+            '  case "$pid" in ""|*[!0-9]*) ;; *) if kill -0 "$pid" 2>/dev/null; then alive=1; fi ;; esac\n'
+            "  wrapper=0\n"
+            '  pgid=$(cat "$d/pgid" 2>/dev/null || true)\n'
+            '  case "$pgid" in ""|*[!0-9]*) ;; *) if kill -0 "$pgid" 2>/dev/null; then wrapper=1; fi ;; esac\n'
+            '  if [ -f "$d/exit_code" ]; then\n'
+            "    code=$(head -c 20 \"$d/exit_code\" | tr -cd '0-9-')\n"
+            '    seen="ended ${code:-x} $(date -r "$d/exit_code" +%s)"\n'
+            '  elif [ "$alive" = 1 ]; then seen=live\n'
+            '  elif [ -n "$pid" ] && [ "$wrapper" = 0 ]; then seen=vanished\n'
+            "  else seen=starting\n"
+            "  fi\n"
+            f'  printf \'{s}run %s %s\\n\' "$rid" "$seen"\n'
+            f'  printf \'{s}meta %s\\n\' "$(head -c {META_CHARS} "$d/meta.json" | enc)"\n'
+            "done\n"
+        )
     )
 
 

@@ -16,7 +16,7 @@ SECTION = "::runctl::"
 
 
 def header(root: str) -> str:
-    return f'RUNCTL_ROOT={q(root)}\nset -u\nexport RUNCTL_ROOT\n'
+    return f"RUNCTL_ROOT={q(root)}\nset -u\nexport RUNCTL_ROOT\n"
 
 
 def home() -> str:
@@ -44,5 +44,5 @@ def interpreter(python: str) -> str:
     """The interpreter as shell text; an environment under ``$RUNCTL_ROOT/`` keeps the root expanded."""
     prefix = "$RUNCTL_ROOT/"
     if python.startswith(prefix):
-        return f'"$RUNCTL_ROOT"/{q(python[len(prefix):])}'
+        return f'"$RUNCTL_ROOT"/{q(python[len(prefix) :])}'
     return q(python)

@@ -45,19 +45,32 @@ def expiry(at: datetime) -> str:
     return f"<!date^{int(at.timestamp())}^{{time}}|{at:%H:%M} UTC>"
 
 
-def button(text: str, action_id: str, value: str, style: str | None = None,
-           confirm: ConfirmObject | None = None) -> ButtonElement:
-    return ButtonElement(text=PlainTextObject(text=text), action_id=action_id, value=value, style=style,
-                         confirm=confirm)
+def button(
+    text: str, action_id: str, value: str, style: str | None = None, confirm: ConfirmObject | None = None
+) -> ButtonElement:
+    return ButtonElement(
+        text=PlainTextObject(text=text), action_id=action_id, value=value, style=style, confirm=confirm
+    )
 
 
-def confirmation(head: str, lines: Sequence[str], block_id: str, buttons: Sequence[ButtonElement],
-                 requester_id: str, expires_at: datetime) -> list[Block]:
+def confirmation(
+    head: str,
+    lines: Sequence[str],
+    block_id: str,
+    buttons: Sequence[ButtonElement],
+    requester_id: str,
+    expires_at: datetime,
+) -> list[Block]:
     """A request that waits for a click: what is asked, what it means, the buttons, who may click until when."""
     return [
         SectionBlock(text=MarkdownTextObject(text=clamp(head))),
         SectionBlock(text=MarkdownTextObject(text=clamp("\n".join(lines)))),
         ActionsBlock(block_id=block_id, elements=list(buttons)),
-        ContextBlock(elements=[MarkdownTextObject(
-            text=f"Only <@{requester_id}> or an admin can click. Expires at {expiry(expires_at)} (10 minutes).")]),
+        ContextBlock(
+            elements=[
+                MarkdownTextObject(
+                    text=f"Only <@{requester_id}> or an admin can click. Expires at {expiry(expires_at)} (10 minutes)."
+                )
+            ]
+        ),
     ]

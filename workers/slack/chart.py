@@ -54,8 +54,15 @@ def spend_chart(
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     for x, total in enumerate(bottom):  # the day's total above its bar
         if total > 0:
-            axes.annotate(f"${total:,.0f}", (x, total), ha="center", va="bottom", fontsize="small",
-                          xytext=(0, 2), textcoords="offset points")
+            axes.annotate(
+                f"${total:,.0f}",
+                (x, total),
+                ha="center",
+                va="bottom",
+                fontsize="small",
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
     axes.yaxis.set_major_formatter(StrMethodFormatter("${x:,.0f}"))
     axes.set_ylabel("EC2 spend (USD)")
     axes.set_ylim(0, max(bottom, default=0) * 1.12 or 1)
@@ -64,8 +71,14 @@ def spend_chart(
     if series:
         # Beside the plot, never over the bars; top to bottom as the segments are stacked.
         handles, names_shown = axes.get_legend_handles_labels()
-        axes.legend(handles[::-1], names_shown[::-1], loc="upper left", bbox_to_anchor=(1.01, 1.0),
-                    fontsize="small", frameon=False)
+        axes.legend(
+            handles[::-1],
+            names_shown[::-1],
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+            fontsize="small",
+            frameon=False,
+        )
     figure.tight_layout()
     out = io.BytesIO()
     # The series, in legend order, as the PNG's description (for screen readers and tests).

@@ -82,8 +82,13 @@ class Notifier:
         client.chat_update(channel=channel, ts=ts, text=clamp(text, 3900), blocks=blocks or [])
 
     def try_post(
-        self, channel: str, text: str, blocks: Sequence[Block] | None = None, thread_ts: str | None = None,
-        *, what: str,
+        self,
+        channel: str,
+        text: str,
+        blocks: Sequence[Block] | None = None,
+        thread_ts: str | None = None,
+        *,
+        what: str,
     ) -> str | None:
         """`post` for a message that only reports: Slack's refusal is logged (`could not post <what>`),
         not raised; None then."""
@@ -93,9 +98,7 @@ class Notifier:
             log.warning("could not post %s: %s", what, exc.response.get("error"))
             return None
 
-    def try_update(
-        self, channel: str, ts: str, text: str, blocks: Sequence[Block] | None = None, *, what: str
-    ) -> bool:
+    def try_update(self, channel: str, ts: str, text: str, blocks: Sequence[Block] | None = None, *, what: str) -> bool:
         """`update` for a message that only shows what already happened: Slack's refusal is logged
         (`could not update <what>`), not raised; False then."""
         try:
@@ -168,9 +171,7 @@ def respond(response_url: str, text: str, blocks: Sequence[Block] | None = None)
     (expired after 30 minutes or 5 messages). The URL itself is never logged."""
     hook = WebhookClient(response_url, retry_handlers=retry_handlers())
     try:
-        resp = hook.send(
-            text=clamp(text, 3900), blocks=blocks, response_type="ephemeral", replace_original=False
-        )
+        resp = hook.send(text=clamp(text, 3900), blocks=blocks, response_type="ephemeral", replace_original=False)
     except OSError as exc:
         log.warning("response_url unreachable: %s", type(exc).__name__)
         return False

@@ -34,16 +34,21 @@ class Shown(BaseModel):
         out: list[str] = []
         if now.live_run_id != self.live_run_id:
             out.append(
-                f"run {code(now.live_run_id)} is live now" if now.live_run_id and not self.live_run_id
-                else f"run {code(self.live_run_id)} is no longer live" if not now.live_run_id
+                f"run {code(now.live_run_id)} is live now"
+                if now.live_run_id and not self.live_run_id
+                else f"run {code(self.live_run_id)} is no longer live"
+                if not now.live_run_id
                 else f"the live run is {code(now.live_run_id)} now, not {code(self.live_run_id)}"
             )
         if now.state != self.state:
             out.append(f"the instance is `{now.state}` now, not `{self.state}`")
         elif now.checkpoint_runs is not None and now.checkpoint_runs != self.checkpoint_runs:
             new = sorted(set(now.checkpoint_runs) - set(self.checkpoint_runs or ()))
-            out.append(f"run {', '.join(code(r) for r in new[:5])} has checkpoints now" if new
-                       else "checkpoints listed then are gone")
+            out.append(
+                f"run {', '.join(code(r) for r in new[:5])} has checkpoints now"
+                if new
+                else "checkpoints listed then are gone"
+            )
         return out
 
 
@@ -110,9 +115,7 @@ class ConfirmStore:
     def consume(self, nonce: str, claim: str) -> Confirmation | None:
         """Take the confirmation, recording `claim` as its outcome; None when it expired
         or another click took it (``outcome`` then says which)."""
-        raw = self.redis.eval(
-            _CONSUME, 2, self._key(nonce), self._outcome_key(nonce), claim, _ms(RECEIPT_TTL)
-        )
+        raw = self.redis.eval(_CONSUME, 2, self._key(nonce), self._outcome_key(nonce), claim, _ms(RECEIPT_TTL))
         return Confirmation.model_validate_json(raw) if raw else None
 
     def receipt(self, nonce: str) -> Confirmation | None:

@@ -83,14 +83,26 @@ def _marker(run_id: str) -> str:
 
 
 def offer(
-    redis: Redis, run_id: str, nonce: str, exited: bool, progress: dict[str, Any] | None,
-    windows: list[Window], now: float, always_counted: bool = True,
+    redis: Redis,
+    run_id: str,
+    nonce: str,
+    exited: bool,
+    progress: dict[str, Any] | None,
+    windows: list[Window],
+    now: float,
+    always_counted: bool = True,
 ) -> Offer | Window:
     """Record a verified event; the Window it is over (counted nowhere), or what to do next."""
     args = [
-        SEEN_SECONDS, repr(now), WINDOW_SECONDS, nonce, int(exited),
-        json.dumps(progress) if progress is not None else "", MARKER_SECONDS,
-        "always" if always_counted else "new", *(w.limit for w in windows),
+        SEEN_SECONDS,
+        repr(now),
+        WINDOW_SECONDS,
+        nonce,
+        int(exited),
+        json.dumps(progress) if progress is not None else "",
+        MARKER_SECONDS,
+        "always" if always_counted else "new",
+        *(w.limit for w in windows),
     ]
     keys = [f"runctl:seen:event:{run_id}:{nonce}", _pending(run_id), _marker(run_id), *(w.key for w in windows)]
     reply = redis.eval(_OFFER, len(keys), *keys, *args)
@@ -106,8 +118,12 @@ def queue_job(redis: Redis, run_id: str, delay: float = 0.0) -> None:
     queue = Queue(EVENTS_QUEUE, connection=redis)
     try:
         enqueue(
-            queue, JobPath.RUN_EVENT, RunArgs(run_id=run_id), SYSTEM,
-            delay=timedelta(seconds=delay) if delay > 0 else None, job_id=f"runctl-event-{uuid.uuid4().hex}",
+            queue,
+            JobPath.RUN_EVENT,
+            RunArgs(run_id=run_id),
+            SYSTEM,
+            delay=timedelta(seconds=delay) if delay > 0 else None,
+            job_id=f"runctl-event-{uuid.uuid4().hex}",
         )
     except Exception:
         redis.delete(_marker(run_id))  # the next event queues one

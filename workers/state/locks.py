@@ -88,9 +88,7 @@ def op_lock(redis: Redis, instance_id: str) -> RedisLock:
 
 
 @contextmanager
-def operation(
-    redis: Redis, instance_id: str, holder: Holder, wait_seconds: float = 10.0
-) -> Iterator[None]:
+def operation(redis: Redis, instance_id: str, holder: Holder, wait_seconds: float = 10.0) -> Iterator[None]:
     """Hold the per-instance operation lock; wait briefly, then refuse with who holds it."""
     lock = op_lock(redis, instance_id)
     token = holder.token()
@@ -108,9 +106,7 @@ def operation(
         time.sleep(delay)
         delay = min(delay * 2, 1.0)
     done = threading.Event()
-    renewer = threading.Thread(
-        target=_renew, args=(lock, token, done), name=f"op-lock-{instance_id}", daemon=True
-    )
+    renewer = threading.Thread(target=_renew, args=(lock, token, done), name=f"op-lock-{instance_id}", daemon=True)
     renewer.start()
     try:
         yield

@@ -78,8 +78,6 @@ return 1
 """
 
 
-
-
 class Sighting(NamedTuple):
     """One instance as a fleet describe reported it."""
 
@@ -129,9 +127,7 @@ class UptimeLedger:
         """Close the open interval at ``at``; a no-op when none is open."""
         self._close(keys=[_key(instance_id)], args=[_to_us(at)])
 
-    def observe(
-        self, instance_id: str, state: str, launch_time: datetime | None, at: datetime
-    ) -> None:
+    def observe(self, instance_id: str, state: str, launch_time: datetime | None, at: datetime) -> None:
         """Fold one fleet-sweep sighting of an instance into the ledger.
 
         A running instance with no open interval is taken to have started at its
@@ -189,9 +185,7 @@ class UptimeLedger:
             total += max(0, min(stop, window_end) - max(interval_start, window_start))
         return total / 1_000_000
 
-    def cost(
-        self, instance_id: str, price: Decimal | None, now: datetime | None = None
-    ) -> Decimal | None:
+    def cost(self, instance_id: str, price: Decimal | None, now: datetime | None = None) -> Decimal | None:
         """Accumulated cost at ``price`` USD/hour; None when the price is unknown."""
         if price is None:
             return None

@@ -170,7 +170,6 @@ class WarningStore:
         self.redis.eval(_RELEASE, 1, f"runctl:warn:posting:{channel}", token)
 
 
-
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])

@@ -35,7 +35,11 @@ def checkpoint_line(ck: FoundCheckpoint, now: datetime, newest_valid: bool = Fal
 
 
 def listing_message(
-    inst: Instance, listing: CheckpointListing, asked_run: str | None, user_id: str, now: datetime,
+    inst: Instance,
+    listing: CheckpointListing,
+    asked_run: str | None,
+    user_id: str,
+    now: datetime,
     stored: RunBackup | None = None,
 ) -> Message:
     iid = inst.id
@@ -94,11 +98,14 @@ def listing_message(
         on_disk = {c.name for c in listing.checkpoints}
         only = [f for f in stored.files if f.name not in on_disk and f.name not in ("manifest.json", "completed.json")]
         if only:
-            blocks.append(_context(
-                f":cloud: {len(only)} more only in S3 (not on this disk): "
-                + ", ".join(code(f.name) for f in only[:10]) + (" …" if len(only) > 10 else "")
-                + f". `/runctl resume {escape(listing.run_id or '')}` restores them."
-            ))
+            blocks.append(
+                _context(
+                    f":cloud: {len(only)} more only in S3 (not on this disk): "
+                    + ", ".join(code(f.name) for f in only[:10])
+                    + (" …" if len(only) > 10 else "")
+                    + f". `/runctl resume {escape(listing.run_id or '')}` restores them."
+                )
+            )
     corrupt = listing.corrupt
     if corrupt:
         blocks.append(_section(_corrupt_warning(corrupt, best, user_id)))

@@ -37,7 +37,11 @@ class Spend:
 
 
 def render(
-    rows: list[Row], yesterday: Spend, month: Spend, warnings: list[WarningRecord], now: datetime,
+    rows: list[Row],
+    yesterday: Spend,
+    month: Spend,
+    warnings: list[WarningRecord],
+    now: datetime,
     names: dict[str, str] | None = None,
 ) -> Message:
     known = names or {}
@@ -71,14 +75,19 @@ def render(
     )
     blocks += _listing(
         f"Idle now ({len(idle)})",
-        [f"*{r.instance.label}* idle {duration(r.idle_seconds(now))}, that cost "
-         f"{format_usd(r.cost_of(r.idle_seconds(now)))} · `/runctl stop {r.id}`" for r in idle],
+        [
+            f"*{r.instance.label}* idle {duration(r.idle_seconds(now))}, that cost "
+            f"{format_usd(r.cost_of(r.idle_seconds(now)))} · `/runctl stop {r.id}`"
+            for r in idle
+        ],
         "nothing is idle",
     )
     blocks += _listing(
         f"Open warnings ({len(warnings)})",
-        [f"{w.kind.value} · {w.label} · {w.status.value}" + (f" by {named(w.acted_by)}" if w.acted_by else "")
-         for w in warnings],
+        [
+            f"{w.kind.value} · {w.label} · {w.status.value}" + (f" by {named(w.acted_by)}" if w.acted_by else "")
+            for w in warnings
+        ],
         "none",
     )
     unpriced = sum(1 for r in rows if not r.price.known)
@@ -94,8 +103,9 @@ def _table(
 ) -> list[SectionBlock]:
     zero = Decimal(0)
     keys = sorted(set(day) | set(month), key=lambda k: -month.get(k, zero))
-    lines = [f"{label(k)} — yesterday {format_usd(day.get(k, zero))} · month {format_usd(month.get(k, zero))}"
-             for k in keys]
+    lines = [
+        f"{label(k)} — yesterday {format_usd(day.get(k, zero))} · month {format_usd(month.get(k, zero))}" for k in keys
+    ]
     return _listing(title, lines, "no spend")
 
 

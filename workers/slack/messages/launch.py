@@ -13,10 +13,11 @@ from workers.slack.ids import ActionId, BlockId
 from workers.slack.messages import Message
 
 
-def confirm_blocks(head: str, lines: list[str], nonce: str, requester_id: str,
-                   expires_at: datetime) -> Message:
-    buttons = [button("Launch", ActionId.LAUNCH_CONFIRM, nonce, "primary"),
-               button("Cancel", ActionId.LAUNCH_CANCEL, nonce)]
+def confirm_blocks(head: str, lines: list[str], nonce: str, requester_id: str, expires_at: datetime) -> Message:
+    buttons = [
+        button("Launch", ActionId.LAUNCH_CONFIRM, nonce, "primary"),
+        button("Cancel", ActionId.LAUNCH_CANCEL, nonce),
+    ]
     blocks = confirmation(head, lines, BlockId.LAUNCH_ACTIONS, buttons, requester_id, expires_at)
     return Message(head.splitlines()[0], blocks)
 

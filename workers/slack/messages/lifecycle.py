@@ -86,7 +86,9 @@ def checkpoints_summary(
     movable = [c for c in lost if c not in stuck]
     cannot = (
         f" {_n(len(stuck))} ({', '.join(code(c.name) for c in stuck[:3])}) cannot be backed up (a directory, "
-        "or above S3's 5 GB single upload) and would be lost either way." if stuck else ""
+        "or above S3's 5 GB single upload) and would be lost either way."
+        if stuck
+        else ""
     )
     return (
         f":warning: *{_n(len(lost))} ({size(total)})* in run {shown} would be lost; newest "
@@ -134,8 +136,10 @@ def confirmation_blocks(
     if without_backup:
         no_backup = ConfirmObject(
             title="Terminate without backup?",
-            text=clamp(f"{inst.label}, its root volume and the checkpoints not in S3 will be deleted. "
-                       "This cannot be undone.", 300),
+            text=clamp(
+                f"{inst.label}, its root volume and the checkpoints not in S3 will be deleted. This cannot be undone.",
+                300,
+            ),
             confirm="Delete them",
             deny="Keep them",
             style="danger",

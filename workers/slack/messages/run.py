@@ -102,8 +102,7 @@ def run_summary(run: Run) -> str:
 def run_blocks(run: Run, now: datetime | None = None) -> Message:
     now = now or datetime.now(UTC)
     head = (
-        f"{EMOJI[run.state]} *{run.state.value.capitalize()}* · {code(run.script)} on "
-        f"{where(run)} · <@{run.user_id}>"
+        f"{EMOJI[run.state]} *{run.state.value.capitalize()}* · {code(run.script)} on {where(run)} · <@{run.user_id}>"
     )
     details = [f"run {code(run.run_id)}", f"ref {code(run.ref)}" + (f" @ `{run.sha[:10]}`" if run.sha else "")]
     final = run.state.ended
@@ -128,16 +127,12 @@ def run_blocks(run: Run, now: datetime | None = None) -> Message:
     if run.progress:
         lines.append(("Last progress: " if final else "") + progress_text(run.progress, final))
     if run.checkpoint:
-        lines.append(
-            ("Checkpoint: " if final else "Newest checkpoint: ") + checkpoint_text(run.checkpoint, now, final)
-        )
+        lines.append(("Checkpoint: " if final else "Newest checkpoint: ") + checkpoint_text(run.checkpoint, now, final))
     if run.gpus and not run.state.ended:
         lines.append(gpu_text(run.gpus))
     if lines:
         blocks.append(
-            SectionBlock(
-                block_id=BlockId.RUN_PROGRESS, text=MarkdownTextObject(text=clamp("\n".join(lines)))
-            )
+            SectionBlock(block_id=BlockId.RUN_PROGRESS, text=MarkdownTextObject(text=clamp("\n".join(lines))))
         )
     if run.args:
         details.append("args " + code(shlex.join(run.args), 300))  # as typed, shown literally
