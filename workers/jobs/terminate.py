@@ -187,7 +187,7 @@ class TerminateClick(ConfirmClick):
             return f"{exc.what}\nFix: {exc.fix}", False
         now = svc.clock()
         cost = session_cost(svc, inst, now) if inst.state == "running" else None
-        reports: list[str] = [cancelled] if cancelled else []
+        reports: list[str] = []
         if inst.state == "running":
             known = svc.runs.live_on(iid)
             halter = Halter(svc, inst, self.actor, svc.settings.RUNCTL_STOP_GRACE_SECONDS, False, "terminate")
@@ -210,7 +210,7 @@ class TerminateClick(ConfirmClick):
         UptimeLedger(svc.redis).observe(iid, "terminated", None, now)
         asked = f" (asked by <@{conf.requester_id}>)" if conf.requester_id != self.actor.user_id else ""
         lines = [f":wastebasket: *{inst.label}* terminated by <@{self.actor.user_id}>{asked}; it is `{inst.state}`."]
-        lines += reports
+        lines += [cancelled, *reports] if cancelled else reports
         if cost is not None:
             lines.append(cost.text("Up this session"))
         return "\n".join(lines), False
