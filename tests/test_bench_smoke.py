@@ -119,3 +119,10 @@ def test_notify_lag_reports_every_run_with_events_on_and_blocked() -> None:
     assert fig["runs_per_pass"] == 2  # the bench exits non-zero unless every run was reported, in both passes
     assert 0 < fig["events_lag_p50_s"] <= fig["events_lag_p95_s"] <= fig["events_lag_max_s"]
     assert fig["events_aws_calls"] > 0 and fig["blocked_aws_calls"] > 0
+
+
+def test_spot_relaunch_prices_the_relaunches_a_cancelled_request_prevents() -> None:
+    out, fig = run_bench("spot_relaunch")
+    printed(out, "before_relaunched_usd", "after_relaunched_usd")
+    assert fig["before_relaunched_instances"] == fig["spot_terminates"] > 0
+    assert fig["before_relaunched_usd"] > 0 and fig["after_relaunched_usd"] == 0

@@ -186,3 +186,7 @@ def test_auto_resume_continues_on_a_replacement_at_the_next_epoch(
     after = [int(e) for e in EPOCH_LINE.findall((run_dir(sandbox, new_iid, new.run_id) / "training.log").read_text())]
     assert before + after == list(range(1, 13)), (before, after)  # epochs exactly 1..N across both
     assert new.auto_resume and new.spot and new.restore_from == "r-auto-1"  # from S3: another disk
+    # EC2 would restart the stop-interrupted instance when capacity returns: its request is cancelled
+    requests = svc.fleet.ec2.describe_spot_instance_requests(Filters=[{"Name": "instance-id", "Values": [first]}])
+    assert [r["State"] for r in requests["SpotInstanceRequests"]] == ["cancelled"]
+    assert any("was cancelled, so EC2 will not restart it" in t and f"/runctl terminate {first}" in t for t in said)

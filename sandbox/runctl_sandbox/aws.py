@@ -61,6 +61,7 @@ class Sandbox(ThreadedMotoServer):
         self.region = region
         self._agent = Agent(self.root, self.instance_dir)
         self._ec2 = Ec2()
+        self.spot_requests = self._ec2.spot
         self.s3 = S3Gate()
         self.prices = PriceList()
         self._startup_error: BaseException | None = None
@@ -107,6 +108,7 @@ class Sandbox(ThreadedMotoServer):
             self._server.server_close()
         self._thread = None
         self._agent.shutdown()
+        self.spot_requests.shutdown()
         with Sandbox._live_lock:
             if Sandbox._live is self:
                 Sandbox._live = None

@@ -1,7 +1,8 @@
 """EC2 where moto stops short: the instances' state as SSM sees it, read from moto's backend;
 InsufficientInstanceCapacity for a zone made full; one-time spot instances that cannot be
 stopped; and StopInstances, TerminateInstances and RebootInstances kill every process
-started for those instances, as losing power would."""
+started for those instances, as losing power would; persistent spot requests
+(``spot_requests``)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from moto.ec2.models import ec2_backends
 from werkzeug.http import HTTP_STATUS_CODES
 
 from runctl_sandbox import wire
+from runctl_sandbox.spot_requests import SpotRequests
 from runctl_sandbox.ssm_agent import kill_instance_processes
 from runctl_sandbox.wire import ApiError, RequestContext
 
@@ -31,6 +33,8 @@ SSM_CORE_POLICY = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
 POWER_OFF_ACTIONS = ("StopInstances", "TerminateInstances", "RebootInstances")
 
 _INSTANCE_PARAM = re.compile(r"^InstanceId\.\d+$")
+_REQUEST_PARAM = re.compile(r"^SpotInstanceRequestId\.\d+$")
+_LAUNCHED = re.compile(rb"<instanceId>(i-[0-9a-f]+)</instanceId>")
 
 
 @dataclass(frozen=True)
@@ -113,8 +117,9 @@ def _ec2_error(start_response: StartResponse, code: str, message: str, status: i
 class Ec2:
     """The EC2 requests the sandbox answers before (or instead of) moto, the ``app``."""
 
-    def __init__(self) -> None:
+    def __init__(self, spot: SpotRequests | None = None) -> None:
         self.exhausted: set[tuple[str, str]] = set()  # (instance type, zone) with no capacity
+        self.spot = spot or SpotRequests()
 
     def _capacity(self, ctx: RequestContext, params: dict[str, list[str]]) -> bytes | None:
         """EC2's InsufficientInstanceCapacity (a 500, "Server." error) for a zone made full
@@ -159,8 +164,37 @@ class Ec2:
                         "Spot Instance request. You can only stop Spot Instances associated with persistent "
                         "Spot Instance requests.",
                     )
+        if action == "CancelSpotInstanceRequests":
+            return self._cancel(ctx, params, start_response)
         status, headers, reply = wire.call_app(app, environ)
         if action in POWER_OFF_ACTIONS and status.startswith("200"):
             ids = [v[0] for k, v in params.items() if _INSTANCE_PARAM.match(k)]
             kill_instance_processes(ids)
+            if action == "TerminateInstances":
+                self.spot.terminated(ctx, ids)
+        if action == "RunInstances" and status.startswith("200"):
+            self.spot.adopt(ctx, params, [m.decode() for m in _LAUNCHED.findall(reply)])
         return wire.reply(start_response, status, headers, reply)
+
+    def _cancel(
+        self, ctx: RequestContext, params: dict[str, list[str]], start_response: StartResponse
+    ) -> Iterable[bytes]:
+        """CancelSpotInstanceRequests as EC2 answers it (moto forgets the request instead)."""
+        ids = [v[0] for k, v in sorted(params.items()) if _REQUEST_PARAM.match(k)]
+        done = self.spot.cancel(ctx, ids)
+        if isinstance(done, str):
+            return _ec2_error(
+                start_response,
+                "InvalidSpotInstanceRequestID.NotFound",
+                f"The spot instance request ID '{done}' does not exist",
+            )
+        items = "".join(
+            f"<item><spotInstanceRequestId>{rid}</spotInstanceRequestId><state>cancelled</state></item>" for rid in done
+        )
+        body = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n<CancelSpotInstanceRequestsResponse '
+            f'xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>{uuid.uuid4()}</requestId>'
+            f"<spotInstanceRequestSet>{items}</spotInstanceRequestSet></CancelSpotInstanceRequestsResponse>"
+        ).encode()
+        headers = [("Content-Type", "text/xml"), ("Content-Length", str(len(body)))]
+        return wire.reply(start_response, "200 OK", headers, body)

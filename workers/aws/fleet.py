@@ -234,6 +234,25 @@ class Fleet:
         types = {str(r.get("Type", "")) for r in reply.get("SpotInstanceRequests", [])}
         return "persistent" if types == {"persistent"} else "one-time"
 
+    def live_spot_requests(self, instance_id: str) -> list[str]:
+        """The ids of the instance's spot requests still ``open``, ``active`` or ``disabled``: a
+        persistent one outlives its instance, and EC2 launches another instance for it."""
+        with aws_call(f"describe the spot request of {instance_id}"):
+            reply = self.client("ec2", self.region_of(instance_id)).describe_spot_instance_requests(
+                Filters=[
+                    {"Name": "instance-id", "Values": [instance_id]},
+                    {"Name": "state", "Values": ["open", "active", "disabled"]},
+                ]
+            )
+        return [str(r["SpotInstanceRequestId"]) for r in reply.get("SpotInstanceRequests", [])]
+
+    def cancel_spot_requests(self, instance_id: str, request_ids: list[str]) -> None:
+        """Cancelling leaves the instance alone (it must be terminated on its own)."""
+        with aws_call(f"cancel the spot request {', '.join(request_ids)} of {instance_id}"):
+            self.client("ec2", self.region_of(instance_id)).cancel_spot_instance_requests(
+                SpotInstanceRequestIds=request_ids
+            )
+
     def terminate(self, instance_id: str) -> None:
         with aws_call(f"terminate {instance_id}"):
             self.client("ec2", self.region_of(instance_id)).terminate_instances(InstanceIds=[instance_id])

@@ -15,7 +15,7 @@ from workers.commands import Actor, AutostopCommand
 from workers.cost.fleetview import Row
 from workers.cost.pricing import format_rate, hourly_price, load_price_book
 from workers.errors import PermissionDenied, RunctlError
-from workers.jobs import funnel
+from workers.jobs import funnel, spot_request
 from workers.jobs.confirm import answer
 from workers.jobs.funnel import SYSTEM, Job
 from workers.jobs.session import holder
@@ -53,7 +53,8 @@ def saving(svc: Services, inst: Instance) -> str:
 
 
 def _idle_stop(svc: Services, iid: str, how: str, actor: Actor = SYSTEM) -> tuple[Instance | None, str]:
-    """Stop (or terminate) iid unless anything trains on it; (instance, why not) when it did not.
+    """Stop (or terminate) iid unless anything trains on it: (instance, what else was done) when it
+    did (a terminate cancels the spot request first), (None, why not) when it did not.
     For a person's deferred action (`actor`), their right to `how` it now, against its owner now,
     or PermissionDenied."""
     with operation(svc.redis, iid, holder(svc, actor, how)):
@@ -73,9 +74,11 @@ def _idle_stop(svc: Services, iid: str, how: str, actor: Actor = SYSTEM) -> tupl
             return None, f"run `{alive[0]}` is alive on it"
         now = svc.clock()
         if how == "terminate":
+            done = spot_request.cancel_for(svc, inst, "terminated")
             svc.fleet.terminate(iid)
             inst = svc.fleet.wait_for_state(iid, ("shutting-down", "terminated"), TERMINATED_WAIT_SECONDS)
             UptimeLedger(svc.redis).observe(iid, "terminated", None, now)
+            return inst, done
         else:
             svc.fleet.stop(iid)
             inst = svc.fleet.wait_for_state(iid, ("stopped",), STOPPED_WAIT_SECONDS)
@@ -108,14 +111,16 @@ def then(run_id: str, raw_actor: dict[str, Any] | None = None) -> str:
     except PermissionDenied as exc:
         return _revoked(svc, run, requester, before, exc)
     except RunctlError as exc:
-        _reply(svc, run, f":warning: `--then {run.then}`: {run.instance_id} was left running: {exc.what}")
+        fix = f" Fix: {exc.fix}" if exc.fix else ""
+        _reply(svc, run, f":warning: `--then {run.then}`: {run.instance_id} was left running: {exc.what}{fix}")
         return exc.what
     if inst is None:
         text = f":information_source: `--then {run.then}`: `{run.instance_id}` was left running, because {why_not}."
         _reply(svc, run, text)
         return text
     verb = "terminated" if run.then == "terminate" else "stopped"
-    back = "" if run.then == "terminate" else f" `/runctl start {inst.id}` brings it back."
+    back = f" {why_not}" if why_not else ""  # what else was done: the spot request cancelled
+    back += "" if run.then == "terminate" else f" `/runctl start {inst.id}` brings it back."
     text = (
         f":double_vertical_bar: Run `{run.run_id}` ended, so *{inst.label}* was {verb} "
         f"(`--then {run.then}`): {cost}.{back}"

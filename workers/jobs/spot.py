@@ -12,7 +12,7 @@ from workers.aws import launcher
 from workers.aws.launcher import Launcher
 from workers.commands import Actor, LaunchCommand
 from workers.errors import RunctlError
-from workers.jobs import caps, funnel
+from workers.jobs import caps, funnel, spot_request
 from workers.jobs.backup import backup_run
 from workers.jobs.launch import resolve
 from workers.jobs.resume import resume_run
@@ -38,7 +38,11 @@ def replace(run_id: str) -> str:
     except RunctlError as exc:
         fix = f" Fix: {exc.fix}" if exc.fix else ""
         why = f" ({exc.why})" if exc.why else ""
-        reply(svc, run, f":warning: run `{run.run_id}` was not resumed on a replacement: {exc.what}{why}{fix}")
+        back = (
+            f"\nIf EC2 stopped {run.instance_id} for the interruption, it restarts it when spot capacity returns, "
+            f"and it bills from then: `/runctl terminate {run.instance_id}` once you no longer need its disk."
+        )
+        reply(svc, run, f":warning: run `{run.run_id}` was not resumed on a replacement: {exc.what}{why}{fix}{back}")
         return exc.what
 
 
@@ -91,4 +95,7 @@ def continue_elsewhere(svc: Services, run: Run) -> str:
         svc, run.run_id, actor, on=iid, note=f":zap: After a spot interruption of {old.label} (`--auto-resume`)."
     )
     reply(svc, run, done.text, mention=False)
+    left = spot_request.after_interruption(svc, old)
+    if left:
+        reply(svc, run, left, mention=False)
     return f"resumed as {done.run.run_id} on {iid}"

@@ -9,7 +9,7 @@ from workers.aws import backups
 from workers.aws.instance import Instance
 from workers.commands import Actor, TerminateCommand
 from workers.errors import AgentOffline, RunctlError
-from workers.jobs import funnel
+from workers.jobs import funnel, spot_request
 from workers.jobs.backup import backup_runs
 from workers.jobs.confirm import ConfirmClick, answer
 from workers.jobs.funnel import Job
@@ -181,6 +181,10 @@ class TerminateClick(ConfirmClick):
                     f":arrows_counterclockwise: Nothing was terminated: since this was asked, "
                     f"{'; '.join(changes)}. A fresh confirmation with what would be lost now follows."
                 ), True
+        try:  # before anything touches it: a request left open would relaunch it
+            cancelled = spot_request.cancel_for(svc, inst, "terminated")
+        except RunctlError as exc:
+            return f"{exc.what}\nFix: {exc.fix}", False
         now = svc.clock()
         cost = session_cost(svc, inst, now) if inst.state == "running" else None
         reports: list[str] = []
@@ -206,7 +210,7 @@ class TerminateClick(ConfirmClick):
         UptimeLedger(svc.redis).observe(iid, "terminated", None, now)
         asked = f" (asked by <@{conf.requester_id}>)" if conf.requester_id != self.actor.user_id else ""
         lines = [f":wastebasket: *{inst.label}* terminated by <@{self.actor.user_id}>{asked}; it is `{inst.state}`."]
-        lines += reports
+        lines += [cancelled, *reports] if cancelled else reports
         if cost is not None:
             lines.append(cost.text("Up this session"))
         return "\n".join(lines), False

@@ -1,0 +1,100 @@
+"""Benchmark 10: what a month of a team loses to persistent spot requests left open (issue 25, item 2).
+
+A persistent spot request outlives its instance: after a terminate that does not cancel it,
+EC2 launches a new instance for it, without runctl's tags, so runctl never lists, autostops or
+reports it; it bills until someone finds it in the console or on the bill. Model, deterministic
+(seed 25): 10 people; on each workday each person launches a `--spot` instance with probability
+0.35 (types and on-demand prices from the shipped price book, spot at ``SPOT_SHARE`` of
+on-demand), trains 2 to 10 hours, and terminates it ([Terminate] or `--then terminate`). Before
+the fix every terminate leaves the request open and EC2 relaunches after ``RELAUNCH_MINUTES``;
+the replacement runs until it is found, ``FOUND_DAYS`` later (at most the month's end), and is
+then terminated in the console, request cancelled. After: each terminate cancels the request
+first, so nothing is relaunched (tests/test_spot_requests.py checks that on the sandbox).
+
+An interrupted stop-type instance left behind by `--auto-resume` is counted apart: EC2 restarts
+it when capacity returns (``RESTART_HOURS`` later) and, before the fix, it then runs idle until
+someone notices (same ``FOUND_DAYS``, it is tagged but runctl said nothing); after, its request
+is cancelled once the run resumed elsewhere.
+
+    python bench/spot_relaunch.py [--days 30] [--people 10] [--found-days 7] [--smoke]
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/spot_relaunch.py`
+
+from bench import harness
+from workers.cost.pricing import load_price_book
+
+START = datetime(2026, 11, 2, tzinfo=UTC)  # a Monday
+TYPES = ("g5.xlarge", "g5.2xlarge", "g4dn.xlarge", "p3.2xlarge")
+SPOT_SHARE = Decimal("0.35")  # a typical spot price as a share of on-demand (an assumption)
+RELAUNCH_MINUTES = 5
+RESTART_HOURS = 3
+LAUNCH_CHANCE = 0.35
+INTERRUPT_CHANCE = 0.05  # per spot session: an interruption that auto-resume continues elsewhere
+
+
+def simulate(days: int, people: int, found_days: float, rng: random.Random) -> dict[str, harness.Figure]:
+    book = load_price_book()
+    end = START + timedelta(days=days)
+    terminates = relaunched_hours = interrupted = restarted_hours = 0.0
+    before_usd = after_usd = leftover_usd = Decimal(0)
+    for _person in range(people):
+        for day in range(days):
+            date = START + timedelta(days=day)
+            if date.weekday() >= 5 or rng.random() >= LAUNCH_CHANCE:
+                continue
+            itype = rng.choice(TYPES)
+            price = book.on_demand("us-east-1", itype)
+            assert price is not None, itype
+            spot = price * SPOT_SHARE
+            done = date + timedelta(hours=9 + rng.uniform(2, 10))
+            if rng.random() < INTERRUPT_CHANCE:
+                interrupted += 1
+                back = done + timedelta(hours=RESTART_HOURS)
+                hours = max(0.0, (min(back + timedelta(days=found_days), end) - back).total_seconds() / 3600)
+                restarted_hours += hours
+                leftover_usd += spot * Decimal(hours)
+            terminates += 1
+            start = done + timedelta(minutes=RELAUNCH_MINUTES)
+            hours = max(0.0, (min(start + timedelta(days=found_days), end) - start).total_seconds() / 3600)
+            relaunched_hours += hours
+            before_usd += spot * Decimal(hours)
+    return {
+        "days": days,
+        "people": people,
+        "spot_terminates": int(terminates),
+        "found_after_days": found_days,
+        "before_relaunched_instances": int(terminates),
+        "before_relaunched_hours": round(relaunched_hours, 1),
+        "before_relaunched_usd": round(float(before_usd), 2),
+        "after_relaunched_instances": 0,
+        "after_relaunched_usd": round(float(after_usd), 2),
+        "auto_resume_interruptions": int(interrupted),
+        "before_restarted_idle_hours": round(restarted_hours, 1),
+        "before_restarted_idle_usd": round(float(leftover_usd), 2),
+        "after_restarted_idle_usd": 0.0,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = harness.arguments(__doc__ or "", "7 days, 3 people")
+    parser.add_argument("--days", type=int, default=30)
+    parser.add_argument("--people", type=int, default=10)
+    parser.add_argument("--found-days", type=float, default=7.0, help="days until a relaunch is found")
+    args = parser.parse_args(argv)
+    days, people = (7, 3) if args.smoke else (args.days, args.people)
+    figures = simulate(days, people, args.found_days, random.Random(25))
+    harness.report("spot_relaunch", figures, {"after_relaunched_instances": "0"})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
