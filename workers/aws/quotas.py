@@ -80,5 +80,5 @@ def launch_refusal(exc: ClientError, instance_type: str, spot: bool, region: str
         f"“{name}” → Request increase at account-level"
         + (f", or {command}" if command else "")
         + f" ({size}; ask for what should run at once, plus what already runs). Until then: "
-        + ("launch without `--spot`." if spot else "another preset."),
+        + ("launch without `--spot` (a separate quota)." if spot else "`--spot` (a separate quota) or another preset."),
     )
