@@ -29,6 +29,7 @@ from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_ba
 from werkzeug.serving import WSGIRequestHandler, make_server
 
 from runctl_sandbox.ec2 import Ec2
+from runctl_sandbox.ec2_launch import ACCOUNT_CODES
 from runctl_sandbox.imds import Imds
 from runctl_sandbox.price_list import PriceList
 from runctl_sandbox.s3_gate import S3Gate
@@ -43,6 +44,8 @@ HOST = "127.0.0.1"
 ACCESS_KEY = SECRET_KEY = "testing"
 # "Deep Learning AMI Ubuntu Linux - 2.4_Oct2017", one of moto's default AMIs in every region.
 AMI_ID = "ami-dca37ea5"
+# "Deep Learning AMI Amazon Linux - 3.3_Oct2017": its root is /dev/xvda, like AL2023 DLAMIs'.
+AMAZON_LINUX_AMI_ID = "ami-999844e0"
 MANAGED_TAG = "runctl:managed"
 
 
@@ -150,6 +153,24 @@ class Sandbox(ThreadedMotoServer):
             self._ec2.exhausted.add((instance_type, zone))
         else:
             self._ec2.exhausted.discard((instance_type, zone))
+
+    def unsupported(self, instance_type: str, zone: str, on: bool = True) -> None:
+        """Make RunInstances of ``instance_type`` in ``zone`` answer Unsupported (a type the zone does not offer)."""
+        if on:
+            self._ec2.rules.unsupported.add((instance_type, zone))
+        else:
+            self._ec2.rules.unsupported.discard((instance_type, zone))
+
+    def account_limit(self, code: str, on: bool = True) -> None:
+        """Make RunInstances answer ``code`` as a new account does: VcpuLimitExceeded for on-demand
+        launches; MaxSpotInstanceCountExceeded or AuthFailure.ServiceLinkedRoleCreationNotPermitted
+        (no right to create AWSServiceRoleForEC2Spot) for spot launches."""
+        if code not in ACCOUNT_CODES:
+            raise ValueError(f"{code} is not one of {ACCOUNT_CODES}")
+        if on:
+            self._ec2.rules.account.add(code)
+        else:
+            self._ec2.rules.account.discard(code)
 
     def slow(self, instance_id: str, seconds: float, matching: str = "") -> None:
         """Every script sent to ``instance_id`` from now on (only those containing

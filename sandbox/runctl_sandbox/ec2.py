@@ -18,6 +18,7 @@ from moto.ec2.models import ec2_backends
 from werkzeug.http import HTTP_STATUS_CODES
 
 from runctl_sandbox import wire
+from runctl_sandbox.ec2_launch import LaunchRules, add_ami_root
 from runctl_sandbox.spot_requests import SpotRequests
 from runctl_sandbox.ssm_agent import kill_instance_processes
 from runctl_sandbox.wire import ApiError, RequestContext
@@ -120,6 +121,7 @@ class Ec2:
     def __init__(self, spot: SpotRequests | None = None) -> None:
         self.exhausted: set[tuple[str, str]] = set()  # (instance type, zone) with no capacity
         self.spot = spot or SpotRequests()
+        self.rules = LaunchRules()  # Unsupported zones, account quotas
 
     def _capacity(self, ctx: RequestContext, params: dict[str, list[str]]) -> bytes | None:
         """EC2's InsufficientInstanceCapacity (a 500, "Server." error) for a zone made full
@@ -154,6 +156,9 @@ class Ec2:
             refusal = self._capacity(ctx, params)
             if refusal is not None:
                 return wire.reply(start_response, "500 Internal Server Error", [("Content-Type", "text/xml")], refusal)
+            refused = self.rules.refusal(ctx, params)
+            if refused is not None:
+                return _ec2_error(start_response, *refused)
         if action == "StopInstances":
             for iid in (v[0] for k, v in params.items() if _INSTANCE_PARAM.match(k)):
                 if one_time_spot(ctx.account_id, ctx.region, iid):
@@ -167,6 +172,8 @@ class Ec2:
         if action == "CancelSpotInstanceRequests":
             return self._cancel(ctx, params, start_response)
         status, headers, reply = wire.call_app(app, environ)
+        if action == "RunInstances" and status.startswith("200"):
+            add_ami_root(ctx, params, reply)
         if action in POWER_OFF_ACTIONS and status.startswith("200"):
             ids = [v[0] for k, v in params.items() if _INSTANCE_PARAM.match(k)]
             kill_instance_processes(ids)

@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from workers.aws.boundary import BOTO_CONFIG, translate
 from workers.aws.fleet import Fleet
 from workers.aws.instance import Instance
+from workers.aws.quotas import launch_refusal
 from workers.errors import AwsError, ConfigError
 
 OWNER_TAG = "runctl:user"
@@ -165,6 +166,10 @@ class CapacityError(AwsError):
     pass
 
 
+_roots: dict[tuple[str, str], str] = {}  # (region, AMI) -> its RootDeviceName; an AMI never changes it
+_roots_lock = threading.Lock()
+
+
 class Launcher:
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
@@ -188,7 +193,9 @@ class Launcher:
         ]
         if scope is not None:
             tags.append({"Key": scope[0], "Value": scope[1]})
+        root = self.root_device(template.ami)
         full: list[str] = []
+        unsupported: list[str] = []
         for index, subnet in enumerate(template.subnets):
             kwargs: dict[str, Any] = {
                 "ImageId": template.ami,
@@ -200,7 +207,7 @@ class Launcher:
                 "IamInstanceProfile": {"Name": template.instance_profile},
                 "BlockDeviceMappings": [
                     {
-                        "DeviceName": "/dev/sda1",
+                        "DeviceName": root,
                         "Ebs": {"VolumeSize": spec.disk_gb, "VolumeType": "gp3", "DeleteOnTermination": True},
                     }
                 ],
@@ -226,14 +233,49 @@ class Launcher:
                 if code in CAPACITY_CODES:
                     full.append(self.zone_of(subnet) or subnet)
                     continue
-                raise translate(exc, f"launch a {spec.instance_type}") from exc
+                if code == "Unsupported" and "Availability Zone" in str(exc.response.get("Error", {}).get("Message")):
+                    unsupported.append(self.zone_of(subnet) or subnet)
+                    continue
+                vcpus = self.vcpus(spec.instance_type) if code.endswith("Exceeded") else None
+                raise launch_refusal(exc, spec.instance_type, spec.spot, self.fleet.region, vcpus) from exc
             except BotoCoreError as exc:
                 raise translate(exc, f"launch a {spec.instance_type}") from exc
             return str(reply["Instances"][0]["InstanceId"])
-        raise self.capacity_error(spec, full)
+        raise self.capacity_error(spec, full, unsupported)
 
-    def capacity_error(self, spec: Spec, full: list[str]) -> CapacityError:
-        zones = [z for z in self.offered_zones(spec.instance_type) if z not in full]
+    def root_device(self, ami: str) -> str:
+        """The AMI's root device name (`/dev/xvda` on Amazon Linux, `/dev/sda1` on Ubuntu): a
+        mapping for any other name adds a second volume and leaves the root at the AMI's size."""
+        key = (self.fleet.region, ami)
+        with _roots_lock:
+            if key in _roots:
+                return _roots[key]
+        try:
+            images = self.fleet.ec2.describe_images(ImageIds=[ami])["Images"]
+        except (ClientError, BotoCoreError) as exc:
+            raise translate(exc, f"describe the launch template's AMI {ami}") from exc
+        if not images or not images[0].get("RootDeviceName"):
+            raise ConfigError(
+                f"The launch template's AMI {ami} is not available in {self.fleet.region}; nothing was launched.",
+                why="DescribeImages does not list it (deregistered, private to another account, or another region's).",
+                fix="An admin sets `ami` in the launch file to a current AMI of this region "
+                "(docs/lifecycle.md, Launch).",
+            )
+        root = str(images[0]["RootDeviceName"])
+        with _roots_lock:
+            _roots[key] = root
+        return root
+
+    def vcpus(self, instance_type: str) -> int | None:
+        try:
+            found = self.fleet.ec2.describe_instance_types(InstanceTypes=[instance_type])["InstanceTypes"]
+            return int(found[0]["VCpuInfo"]["DefaultVCpus"]) if found else None
+        except (ClientError, BotoCoreError, KeyError, ValueError):
+            return None
+
+    def capacity_error(self, spec: Spec, full: list[str], unsupported: list[str] | None = None) -> CapacityError:
+        unsupported = unsupported or []
+        zones = [z for z in self.offered_zones(spec.instance_type) if z not in full + unsupported]
         kind = "spot " if spec.spot else ""
         where = (
             f"Offered in this region also in: {', '.join(zones)}."
@@ -243,8 +285,19 @@ class Launcher:
         regions = self.offered_regions(spec.instance_type)
         if regions:
             where += f" Other regions offering it: {', '.join(regions)}."
+        if not full:
+            return CapacityError(
+                f"{spec.instance_type} is not offered in {', '.join(unsupported)}, the zones of the launch "
+                "template's subnets; nothing was launched.",
+                code="Unsupported",
+                why=where,
+                fix="Ask an admin to add a subnet in one of those zones to the launch template, or pick another "
+                "preset.",
+            )
+        missing = f" ({spec.instance_type} is not offered in {', '.join(unsupported)})" if unsupported else ""
         return CapacityError(
-            f"AWS has no {kind}capacity for {spec.instance_type} in {', '.join(full)} right now; nothing was launched.",
+            f"AWS has no {kind}capacity for {spec.instance_type} in {', '.join(full)} right now{missing}; "
+            "nothing was launched.",
             code="InsufficientInstanceCapacity",
             why=where,
             fix="Ask an admin to add a subnet in one of those zones to the launch template, try again later, "
