@@ -40,8 +40,11 @@ class Quote:
         rate = f"${format_rate(self.usd_per_hour)}/h"
         if self.kind == "spot":
             return f"{rate} spot in {self.zone}"
-        dated = f" (price from the table of {self.table_date:%Y-%m-%d})" if self.table_date else ""
-        return f"{rate} on-demand{dated}"
+        return f"{rate} on-demand{self.dated(' (', ')')}"
+
+    def dated(self, before: str = " ", after: str = "") -> str:
+        """Where the figure is the shipped table's: "price from the table of 2025-05-01"."""
+        return f"{before}price from the table of {self.table_date:%Y-%m-%d}{after}" if self.table_date else ""
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,7 @@ def check(config: LaunchFile, now_held: Held, ask: Ask) -> None:
         would = "you would burn" if you else f"<@{ask.user_id}> would burn"
         problems.append(
             f"{would} ${format_rate(now_held.user_usd_per_hour + rate)}/h "
-            f"(${format_rate(now_held.user_usd_per_hour)}/h now + ${format_rate(rate)}/h); "
+            f"(${format_rate(now_held.user_usd_per_hour)}/h now + ${format_rate(rate)}/h{ask.price.dated()}); "
             f"the cap is ${format_rate(limits.user_usd_per_hour)}/h per person"
         )
     if now_held.team_instances + 1 > limits.team_instances:
