@@ -5,6 +5,8 @@ but prices every region. Only Linux, shared-tenancy, no-pre-installed-software,
 on-demand hourly prices are kept, for the instance families asked for.
 
     python scripts/update_prices.py --regions us-east-1 eu-west-1 --families g5 p5
+
+`--endpoint-url` asks another Price List (the sandbox's); the table's source then says so.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ DEFAULT_REGIONS = (
 )
 DEFAULT_FAMILIES = (
     "t3", "m5", "m6i", "m7i", "c5", "c6i", "r5", "r6i",
-    "g4dn", "g5", "g6", "p3", "p4d", "p5", "trn1", "inf2",
+    "g4dn", "g5", "g6", "g6e", "p3", "p4d", "p5", "p5en", "trn1", "inf2",
 )  # fmt: skip
 DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "workers" / "data" / "prices.json"
 
@@ -92,9 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--regions", nargs="+", default=list(DEFAULT_REGIONS))
     parser.add_argument("--families", nargs="+", default=list(DEFAULT_FAMILIES))
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--endpoint-url", help="a Price List other than AWS's, e.g. the sandbox's")
+    parser.add_argument("--source-note", default="", help="appended to the table's source")
     args = parser.parse_args(argv)
 
-    client: PricingClient = boto3.client("pricing", region_name="us-east-1")
+    client: PricingClient = boto3.client("pricing", region_name="us-east-1", endpoint_url=args.endpoint_url)
     rows = [
         row
         for region in args.regions
@@ -110,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.output,
         {
             "as_of": datetime.now(UTC).date().isoformat(),
-            "source": SOURCE,
+            "source": ". ".join(filter(None, (SOURCE, args.source_note))),
             "currency": "USD",
             "regions": table,
         },

@@ -19,6 +19,7 @@ from runctl_sandbox.aws import LaunchSeed, Sandbox, seed_launch
 from runctl_sandbox.fake_slack import FakeSlack, Message
 from runctl_sandbox.inline import InlineWorker
 from workers import audit
+from workers.cost.pricing import load_price_book
 from workers.queueing import QUEUES, JobPath
 from workers.services import Services
 from workers.slack.ids import ActionId
@@ -170,7 +171,8 @@ def test_a_launch_past_the_users_cap_is_refused_with_the_numbers(
     refusal = slack.ephemerals("U0ALICE")[-1].text
     assert "Launch refused" in refusal
     assert "you already run 1 launched instance; the cap is 1 per person" in refusal
-    assert "you would burn $4.066/h ($1.006/h now + $3.06/h); the cap is $2.00/h per person" in refusal
+    table = f"price from the table of {load_price_book().as_of:%Y-%m-%d}"  # the sandbox's Price List is empty
+    assert f"you would burn $4.066/h ($1.006/h now + $3.06/h {table}); the cap is $2.00/h per person" in refusal
     assert len([m for m in slack.messages(CHANNEL) if "asks to *launch" in text_of(m)]) == asked
     assert len(launched_ids(svc)) == 1
     assert any(r.decision == "refused" and "Launch refused" in r.outcome for r in audit.newest(svc.redis, 10))

@@ -12,6 +12,7 @@ import pytest
 from runctl_sandbox.aws import Sandbox, SeedInfo
 from runctl_sandbox.fake_slack import FakeSlack
 from runctl_sandbox.inline import InlineWorker
+from workers.cost.pricing import load_price_book
 from workers.services import Services
 from workers.slack.ids import ActionId
 from workers.state.runs import RunState
@@ -48,7 +49,8 @@ def test_starting_a_stopped_launched_instance_past_the_cap_is_refused_with_the_n
     refusal = slack.ephemerals("U0ALICE")[-1].text
     assert f"Start of *first-gpu ({first})* refused" in refusal, refusal
     assert "you already run 1 launched instance; the cap is 1 per person" in refusal
-    assert "you would burn $2.012/h ($1.006/h now + $1.006/h); the cap is $2.00/h per person" in refusal
+    table = f"price from the table of {load_price_book().as_of:%Y-%m-%d}"  # the sandbox's Price List is empty
+    assert f"you would burn $2.012/h ($1.006/h now + $1.006/h {table}); the cap is $2.00/h per person" in refusal
     assert "`/runctl stop <instance>`" in refusal and f"`/runctl start {first}` again" in refusal
 
     # Doing what it says works.

@@ -3,12 +3,15 @@ day, with the shipped table (and its date) as the fallback; unknown stays unknow
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from runctl_sandbox.aws import AMI_ID, MANAGED_TAG, Sandbox, SeedInfo
 from runctl_sandbox.fake_slack import FakeSlack
+from scripts import update_prices
 from workers.commands import Actor, ResourcesCommand
 from workers.cost.pricing import ON_DEMAND_CACHE_SECONDS, load_price_book
 from workers.jobs.resources import resources
@@ -71,3 +74,16 @@ def test_a_denied_price_list_falls_back_to_the_table_with_its_date(
     (gpu_line,) = lines(svc, slack, fleet_seed.instances["gpu-box-1"])
     assert f"$1.006/h (table of {load_price_book().as_of:%Y-%m-%d})" in gpu_line
     assert 0 < svc.redis.ttl("runctl:price:on-demand:us-east-1:g5.xlarge") <= 600  # asks again soon
+
+
+def test_the_shipped_table_is_what_update_prices_makes_of_the_sandboxs_price_list(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    sandbox.prices.publish_catalogue()
+    out = tmp_path / "prices.json"
+
+    assert update_prices.main(["--endpoint-url", sandbox.endpoint_url, "--output", str(out)]) == 0
+
+    shipped = json.loads(update_prices.DEFAULT_OUTPUT.read_text(encoding="utf-8"))
+    assert json.loads(out.read_text())["regions"] == shipped["regions"]
+    assert "sandbox's Price List" in shipped["source"]  # it says where its figures come from

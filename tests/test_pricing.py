@@ -79,10 +79,11 @@ def test_same_type_differs_between_regions(book: PriceBook) -> None:
     assert book.on_demand("eu-west-1", "g5.xlarge") == Decimal("1.123")
 
 
-def test_big_gpu_boxes_are_priced_in_us_east_1(book: PriceBook) -> None:
-    p4d = book.on_demand("us-east-1", "p4d.24xlarge")
-    assert p4d is not None and abs(p4d - Decimal("32.77")) < Decimal("0.01")
-    assert book.on_demand("us-east-1", "p5.48xlarge") is not None
+def test_the_table_has_no_pre_june_2025_p4d_p5_figure_and_prices_p5en(book: PriceBook) -> None:
+    # AWS cut P4d/P5 by up to 45 % in June 2025; no current figure was confirmed: the Price List prices them.
+    assert book.on_demand("us-east-1", "p4d.24xlarge") is None
+    assert book.on_demand("us-east-1", "p5.48xlarge") is None
+    assert book.on_demand("us-east-1", "p5en.48xlarge") == Decimal("63.296")
 
 
 def test_unknown_type_or_region_is_none_never_zero(book: PriceBook) -> None:
@@ -98,7 +99,8 @@ def test_type_not_offered_in_region_is_absent(book: PriceBook) -> None:
 
 def test_every_listed_family_is_priced_in_us_east_1(book: PriceBook) -> None:
     families = {t.split(".")[0] for t in book.instance_types("us-east-1")}
-    assert set(DEFAULT_FAMILIES) <= families
+    unconfirmed = {"p4d", "p5", "g6e"}  # no current figure in the sandbox's catalogue: see its source
+    assert set(DEFAULT_FAMILIES) - unconfirmed <= families
 
 
 def test_every_shipped_price_is_a_positive_decimal_string() -> None:

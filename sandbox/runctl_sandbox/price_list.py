@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
 from runctl_sandbox.wire import ApiError, iso, now
+
+# Realistic prices for the whole Price List (their sources are in the file), served once
+# published: `scripts/update_prices.py --endpoint-url` regenerates the shipped table from them.
+CATALOGUE = Path(__file__).with_name("price_catalogue.json")
 
 
 class PriceList:
@@ -50,6 +55,14 @@ class PriceList:
         }
         with self._lock:
             self._items.append(item)
+
+    def publish_catalogue(self, path: Path = CATALOGUE) -> int:
+        """Serve every price of the catalogue; how many."""
+        regions: dict[str, dict[str, str]] = json.loads(path.read_text(encoding="utf-8"))["regions"]
+        for region, types in regions.items():
+            for instance_type, usd in types.items():
+                self.set(region, instance_type, usd)
+        return sum(map(len, regions.values()))
 
     def reset(self) -> None:
         with self._lock:

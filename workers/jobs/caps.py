@@ -9,6 +9,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import date
 from decimal import Decimal
 
 from redis.exceptions import LockError
@@ -17,7 +18,7 @@ from workers.aws import launcher
 from workers.aws.instance import Instance
 from workers.aws.launcher import Held, Launcher, LaunchFile, Spec
 from workers.cost import disk, fleetview
-from workers.cost.pricing import format_rate, hourly_price, load_price_book, spot_price
+from workers.cost.pricing import Price, format_rate, hourly_price, load_price_book, on_demand_price, spot_price
 from workers.errors import AwsError, ConfigError, PermissionDenied, RunConflict
 from workers.services import Services
 
@@ -31,12 +32,19 @@ class Quote:
     usd_per_hour: Decimal | None
     kind: str  # "on-demand" | "spot"
     zone: str
+    table_date: date | None = None  # set when the figure is the shipped table's, not the Price List's
 
     def text(self) -> str:
         if self.usd_per_hour is None:
             return f"price unknown ({self.kind})"
         rate = f"${format_rate(self.usd_per_hour)}/h"
-        return f"{rate} spot in {self.zone}" if self.kind == "spot" else f"{rate} on-demand"
+        if self.kind == "spot":
+            return f"{rate} spot in {self.zone}"
+        return f"{rate} on-demand{self.dated(' (', ')')}"
+
+    def dated(self, before: str = " ", after: str = "") -> str:
+        """Where the figure is the shipped table's: "price from the table of 2025-05-01"."""
+        return f"{before}price from the table of {self.table_date:%Y-%m-%d}{after}" if self.table_date else ""
 
 
 @dataclass(frozen=True)
@@ -63,7 +71,14 @@ def quote(svc: Services, config: LaunchFile, spec: Spec) -> Quote:
             log.warning("spot price of %s in %s: %s", spec.instance_type, zone, exc.what)
             rate = None
         return Quote(rate, "spot", zone)
-    return Quote(load_price_book().on_demand(spec.region, spec.instance_type), "on-demand", zone)
+    price = on_demand(svc, spec.region, spec.instance_type)
+    return Quote(price.usd_per_hour, "on-demand", zone, price.table_date)
+
+
+def on_demand(svc: Services, region: str, instance_type: str) -> Price:
+    """A launch's on-demand price, as `/runctl resources` prices a running instance: the Price
+    List API (cached), else the shipped table with its date."""
+    return on_demand_price(load_price_book(), svc.fleet, svc.redis, region, instance_type)
 
 
 def quote_instance(svc: Services, inst: Instance) -> Quote:
@@ -72,7 +87,7 @@ def quote_instance(svc: Services, inst: Instance) -> Quote:
     price = hourly_price(
         load_price_book(), svc.fleet, svc.redis, inst.region, inst.availability_zone, inst.type, lifecycle
     )
-    return Quote(price.usd_per_hour, price.kind, inst.availability_zone)
+    return Quote(price.usd_per_hour, price.kind, inst.availability_zone, price.table_date)
 
 
 def default_disk(config: LaunchFile, spec: Spec) -> int:
@@ -126,7 +141,7 @@ def check(config: LaunchFile, now_held: Held, ask: Ask) -> None:
         would = "you would burn" if you else f"<@{ask.user_id}> would burn"
         problems.append(
             f"{would} ${format_rate(now_held.user_usd_per_hour + rate)}/h "
-            f"(${format_rate(now_held.user_usd_per_hour)}/h now + ${format_rate(rate)}/h); "
+            f"(${format_rate(now_held.user_usd_per_hour)}/h now + ${format_rate(rate)}/h{ask.price.dated()}); "
             f"the cap is ${format_rate(limits.user_usd_per_hour)}/h per person"
         )
     if now_held.team_instances + 1 > limits.team_instances:

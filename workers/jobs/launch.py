@@ -14,7 +14,7 @@ from workers.aws import launcher, names
 from workers.aws.launcher import Launcher, LaunchFile, Spec
 from workers.commands import Actor, LaunchCommand
 from workers.cost import disk, fleetview
-from workers.cost.pricing import format_rate, format_usd, load_price_book
+from workers.cost.pricing import format_rate, format_usd
 from workers.errors import ConfigError, PermissionDenied, RunctlError
 from workers.jobs import caps, funnel
 from workers.jobs.caps import Ask, Quote, held, quote
@@ -67,7 +67,7 @@ def resolve(svc: Services, config: LaunchFile, cmd: LaunchCommand, actor: Actor)
         itype, disk, spot = preset.instance_type, preset.disk_gb, preset.spot
     else:
         itype, disk, spot = cmd.target, None, False
-        priced = load_price_book().on_demand(region, itype) is not None
+        priced = caps.on_demand(svc, region, itype).known
         if itype not in config.limits.instance_types and not (is_admin and priced):
             raise PermissionDenied(
                 f"`{cmd.target}` is neither a preset nor an instance type you may launch.",
