@@ -45,7 +45,12 @@ def a_run_with_checkpoints(svc: Services, sandbox: Sandbox, iid: str, run_id: st
 
 
 def test_a_listing_longer_than_ssm_returns_backs_up_every_file_or_says_which_not(
-    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, sandbox: Sandbox, worker: InlineWorker, app: App
+    svc: Services,
+    fleet_seed: SeedInfo,
+    slack: FakeSlack,
+    sandbox: Sandbox,
+    worker: InlineWorker,
+    app: App,  # noqa: F811
 ) -> None:
     iid = fleet_seed.instances["cpu-box"]
     # 90 names of 200 characters: their sum records alone pass SSM's 24,000 characters of output.
@@ -69,7 +74,7 @@ def test_upload_urls_past_64_kb_go_in_commands_ssm_accepts(
     slack: FakeSlack,
     sandbox: Sandbox,
     worker: InlineWorker,
-    app: App,
+    app: App,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The worker's temporary credentials (an instance role's): each URL carries the session token.
@@ -87,3 +92,12 @@ def test_upload_urls_past_64_kb_go_in_commands_ssm_accepts(
     assert sum(len(u) for u in urls) > MAX_DOCUMENT_BYTES  # more than one command could carry
     uploads = [s for s in sandbox.sent_scripts(iid) if "X-Amz-Signature" in s]
     assert len(uploads) > 1 and all(len(json.dumps([s])) < MAX_DOCUMENT_BYTES for s in uploads)
+
+
+def test_a_listing_without_its_end_record_counts_as_cut() -> None:
+    from workers.remote.backup import parse_sums
+
+    whole = "::runctl::more 0\n::runctl::known 0\n::runctl::sum 3 1 - bYS5wdA==\n::runctl::end\n"
+    assert parse_sums(whole).complete and len(parse_sums(whole).files) == 1
+    assert not parse_sums(whole[: whole.index("::runctl::end")]).complete
+    assert not parse_sums(whole[:30]).complete

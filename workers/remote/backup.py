@@ -19,6 +19,7 @@ Output, one record a line (names last and encoded: workers/remote/frame.py):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -35,10 +36,13 @@ LIST_BUDGET = OUTPUT_LIMIT - 200  # the listing's bytes: it and its counters sta
 # SSM refuses a command whose document and parameters pass 64 KB (MaxDocumentSizeExceeded);
 # a script, as the JSON SendCommand carries it, stays well under that.
 COMMAND_LIMIT = 48_000
-KNOWN_BUDGET = 24_000  # of a sums command: the known files it names
+KNOWN_BUDGET = 24_000  # of a sums command: the keys of the known files (17 bytes each)
 RESTORE_FAILED = 22
 
 _SUMS = (
+    "key_of() {  # a known file's key: the first 16 hex digits of the sha256 of its `size mtime name`\n"
+    "  if command -v sha256sum >/dev/null 2>&1; then sha256sum | cut -c1-16; else shasum -a 256 | cut -c1-16; fi\n"
+    "}\n"
     "fits() {  # fits <bytes>: counts a record's bytes; false once the listing would pass its budget\n"
     f"  [ $((BYTES + $1)) -le {LIST_BUDGET} ] && BYTES=$((BYTES + $1))\n"
     "}\n"
@@ -54,7 +58,8 @@ _SUMS = (
     '    size=$(wc -c < "$f" | tr -d " ")\n'
     '    mtime=$(date -r "$f" +%s 2>/dev/null || echo -)\n'
     # In S3 as it is here (same size, mtime and name): the worker knows it, skip it unhashed.
-    '    if grep -Fqx -e "$size $mtime $2$name" "$KNOWN" 2>/dev/null; then KNOWN_HITS=$((KNOWN_HITS + 1)); continue; fi\n'
+    "    k=$(printf '%s' \"$size $mtime $2$name\" | key_of)\n"
+    '    if grep -Fqx -e "$k" "$KNOWN" 2>/dev/null; then KNOWN_HITS=$((KNOWN_HITS + 1)); continue; fi\n'
     '    tok=$(enc_word "$2$name")\n'
     # A sum record is at most 110 bytes besides its name: what does not fit waits for the next pass.
     f'    if [ "$LISTED" -ge {MAX_FILES} ] || ! fits $((110 + ${{#tok}})); then MORE=$((MORE + 1)); continue; fi\n'
@@ -91,19 +96,19 @@ def listed_under(name: str, prefixes: Sequence[str]) -> bool:
     return any(name.startswith(p) and name[len(p) :] and "/" not in name[len(p) :] for p in prefixes)
 
 
+def known_key(size: int, mtime: int, name: str) -> str:
+    """What the instance matches a known file by (its `key_of`): short, whatever the name's length."""
+    return hashlib.sha256(f"{size} {mtime} {name}".encode()).hexdigest()[:16]
+
+
 def sums(root: str, run_id: str, known: Sequence[tuple[int, int, str]] = (), dirs: Sequence[str] = ()) -> str:
     """Size, mtime and sha256 of the files in every place the run saves (`places`), newest
     first, as many as MAX_FILES and LIST_BUDGET allow, leaving out the `known` ones (size,
-    mtime, name: what S3 already holds as it is here; as many as KNOWN_BUDGET holds, first
-    ones first). The counters come first and `::end` last, so a cut listing shows."""
+    mtime, name: what S3 already holds as it is here; sent as `known_key`s, as many as
+    KNOWN_BUDGET holds, first ones first). The counters come first and `::end` last, so a cut listing shows."""
     visits = "".join(f"visit {path} {q(prefix)}\n" for path, prefix in places(run_id, dirs))
-    lines, used = [], 0
-    for size, mtime, name in known:
-        line = f"{size} {mtime} {name}\n"
-        if "\n" in name or used + len(line.encode()) > KNOWN_BUDGET:
-            continue
-        lines.append(line)
-        used += len(line.encode())
+    lines = [known_key(size, mtime, name) + "\n" for size, mtime, name in known if "\n" not in name]
+    lines = lines[: KNOWN_BUDGET // 17]
     eof = heredoc_end("".join(lines))
     return (
         prelude(root, verify=True)
