@@ -101,3 +101,26 @@ def test_a_listing_without_its_end_record_counts_as_cut() -> None:
     assert parse_sums(whole).complete and len(parse_sums(whole).files) == 1
     assert not parse_sums(whole[: whole.index("::runctl::end")]).complete
     assert not parse_sums(whole[:30]).complete
+
+
+def test_a_file_the_manifest_counts_but_s3_lost_is_reported_then_uploaded_again(
+    svc: Services,
+    fleet_seed: SeedInfo,
+    slack: FakeSlack,
+    sandbox: Sandbox,
+    worker: InlineWorker,
+    app: App,  # noqa: F811
+) -> None:
+    iid = fleet_seed.instances["cpu-box"]
+    names = ["ckpt-a.pt", "ckpt-b.pt"]
+    a_run_with_checkpoints(svc, sandbox, iid, "r-backup-lost", names)
+    first = slash(app, slack, worker, f"backup {iid} --run r-backup-lost", ALICE)
+    assert ":white_check_mark:" in first and "uploaded 2 files" in first, first
+    lost = f"{backups.PREFIX}r-backup-lost/ckpt/ckpt-a.pt"
+    svc.fleet.s3.delete_object(Bucket=svc.settings.RUNCTL_S3_BUCKET, Key=lost)
+
+    second = slash(app, slack, worker, f"backup {iid} --run r-backup-lost", ALICE)
+    assert ":white_check_mark:" not in second and "`ckpt-a.pt` not backed up" in second, second
+    third = slash(app, slack, worker, f"backup {iid} --run r-backup-lost", ALICE)
+    assert ":white_check_mark:" in third and "uploaded 1 file" in third, third
+    assert lost in objects(svc, "r-backup-lost")
