@@ -20,6 +20,11 @@ if TYPE_CHECKING:
 
 DOCUMENT = "AWS-RunShellScript"
 DEFAULT_TIMEOUT = 3_600
+# SSM quotas: a document's content, with the parameters given at run time, is at most 64 KB;
+# SendCommand answers MaxDocumentSizeExceeded (botocore's SSM model). AWS-RunShellScript's own
+# content is about 1 KB; the sandbox counts that much plus the parameters as JSON.
+MAX_DOCUMENT_BYTES = 64 * 1024
+DOCUMENT_BYTES = 1_024
 AGENT_VERSION = "3.3.987.0"
 
 
@@ -40,6 +45,8 @@ class Ssm:
         commands = parameters.get("commands")
         if not isinstance(commands, list) or not commands:
             raise ApiError("InvalidParameters", "Parameters.commands is required")
+        if DOCUMENT_BYTES + len(json.dumps(parameters).encode()) > MAX_DOCUMENT_BYTES:
+            raise ApiError("MaxDocumentSizeExceeded", "The size limit of a document is 64 KB.")
         timeout = _int_param(parameters.get("executionTimeout", [DEFAULT_TIMEOUT])[0], "executionTimeout")
         delivery = DEFAULT_TIMEOUT
         if payload.get("TimeoutSeconds") is not None:

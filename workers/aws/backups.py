@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from workers.aws.boundary import aws_call
 from workers.aws.fleet import Fleet
 from workers.remote.backup import restorable_name, s3_suffix
 from workers.remote.checkpoints import FoundCheckpoint
@@ -105,6 +106,17 @@ def load_bound(fleet: Fleet, run_id: str, lookup: Callable[[str], Run | None]) -
 def save(fleet: Fleet, backup: RunBackup) -> None:
     backup.updated_at = datetime.now(UTC)
     fleet.put_object(manifest_key(backup.run_id), backup.model_dump_json(indent=1).encode())
+
+
+def sizes(fleet: Fleet, run_id: str) -> dict[str, int]:
+    """Every object under the run's prefix with its size, as S3 lists it (ListObjectsV2)."""
+    found: dict[str, int] = {}
+    with aws_call(f"list s3://{fleet.bucket}/{PREFIX}{run_id}/"):
+        for page in fleet.s3.get_paginator("list_objects_v2").paginate(
+            Bucket=str(fleet.bucket), Prefix=f"{PREFIX}{run_id}/"
+        ):
+            found.update({str(o["Key"]): int(o["Size"]) for o in page.get("Contents", [])})
+    return found
 
 
 def why_unbound(f: Stored, owner: str, lookup: Callable[[str], Run | None]) -> str:

@@ -208,14 +208,15 @@ def backup_run(svc: Services, inst: Instance, run_id: str, user_id: str | None =
     out = RunOutcome(run_id)
     # What Redis does not bind to this run and its instance is not counted as backed up.
     stored = backups.load_bound(svc.fleet, run_id, svc.runs.get) or RunBackup(run_id=run_id, instance_id=inst.id)
-    for _ in range(MAX_PASSES):
-        more = _pass(svc, inst, saver, stored, out)
-        if not more:
+    handled: list[tuple[int, int, str]] = []  # seen by this backup's passes: the next ones leave them out
+    for first in [True] + [False] * (MAX_PASSES - 1):
+        if not _pass(svc, inst, saver, stored, out, handled, first):
             break
     else:
         out.failed.append(
             ("…", f"more files than {MAX_PASSES} passes of {script.MAX_FILES} hold; run the backup again")
         )
+    _verify(svc, inst, stored, out)
     out.stored = stored
     out.refused = list(dict.fromkeys(out.refused))  # a refused file is seen again by every pass
     out.failed = list(dict.fromkeys(out.failed))
@@ -231,26 +232,36 @@ def backup_run(svc: Services, inst: Instance, run_id: str, user_id: str | None =
     return out
 
 
-def _pass(svc: Services, inst: Instance, saver: Run, stored: RunBackup, out: RunOutcome) -> bool:
-    """One pass; True when files were left for the next one and this one made progress."""
+def _pass(
+    svc: Services,
+    inst: Instance,
+    saver: Run,
+    stored: RunBackup,
+    out: RunOutcome,
+    handled: list[tuple[int, int, str]],
+    first: bool,
+) -> bool:
+    """One pass; True when files were left for the next one. A listing cut short is an error:
+    the files it did not show would be missing from a backup that said it was done."""
     fleet, root = svc.fleet, svc.settings.RUNCTL_REMOTE_ROOT
     run_id = stored.run_id
-    known = [(f.size, f.mtime, f.name) for f in stored.files]
+    known = handled + [(f.size, f.mtime, f.name) for f in stored.files]
     dirs = saved_in(svc, saver)
     prefixes = [prefix for _, prefix in script.places(run_id, dirs)]
     listed = fleet.run(inst.id, script.sums(root, run_id, known, dirs), timeout=DISCOVERY_TIMEOUT)
-    if not listed.ok:
+    sums = script.parse_sums(listed.stdout)
+    if not listed.ok or not sums.complete:
+        why = f"{listed.status}, exit {listed.exit_code}" if not listed.ok else "its listing was cut short"
         raise RemoteError(
-            f"Hashing the checkpoints of run {code(run_id)} on {inst.label} failed "
-            f"({listed.status}, exit {listed.exit_code}).",
+            f"Hashing the checkpoints of run {code(run_id)} on {inst.label} failed ({why}), "
+            "so the backup is not complete.",
             fix=f"/runctl status {inst.id}",
         )
-    sums = script.parse_sums(listed.stdout)
     files = [f for f in sums.files if script.listed_under(f.name, prefixes)]
-    out.subdirs = sums.subdirs
-    before = len(out.uploaded)
-    # What S3 held before this backup: the earlier passes' uploads are among `known` now.
-    out.already = sums.known - before
+    out.subdirs = out.subdirs or sums.subdirs
+    if first:
+        out.already = sums.known  # what S3 held as it is here before this backup
+    handled += [(f.size, f.mtime, f.name) for f in sums.files]
     todo: list[script.Sum] = []
     for f in files:
         if stored.has(f.name, f.sha256):
@@ -267,48 +278,94 @@ def _pass(svc: Services, inst: Instance, saver: Run, stored: RunBackup, out: Run
             out.failed.append((f.name, "it could not be read on the instance"))
         else:
             todo.append(f)
-    if todo:
-        timeout = upload_seconds(sum(f.size for f in todo))
-        keys = {i: backups.object_key(run_id, script.s3_suffix(f.name)) for i, f in enumerate(todo)}
-        uploads = [
-            script.Upload(i, f.name, f.sha256, fleet.presign(keys[i], url_seconds(timeout), "put_object"))
-            for i, f in enumerate(todo)
-        ]
-        result = fleet.run(inst.id, script.upload(root, run_id, uploads), timeout=timeout)
-        records = script.parse_records(result.stdout, "put")
-        if "nocurl" in result.stdout:
-            raise RunctlError(
-                f"{inst.label} has no `curl`, so it cannot upload its checkpoints.",
-                fix="Install curl on the instance (`sudo apt-get install -y curl`), then retry.",
-            )
-        now = datetime.now(UTC)
-        for i, f in enumerate(todo):
-            outcome, why = records.get(i, ("", ""))
-            if outcome == "200" and fleet.object_size(keys[i]) == f.size:
-                stored.add(
-                    Stored(
-                        name=f.name,
-                        key=keys[i],
-                        size=f.size,
-                        mtime=f.mtime,
-                        sha256=f.sha256,
-                        backed_up_at=now,
-                        run_id=saver.run_id,
-                        instance_id=inst.id,
-                    )
+    for batch in _batches(svc, run_id, todo):
+        _upload(svc, inst, saver, stored, out, batch)
+    if sums.more and not sums.files:
+        out.failed.append(("…", f"{sums.more} files could not be listed on the instance; run the backup again"))
+        return False
+    return sums.more > 0
+
+
+def _batches(svc: Services, run_id: str, todo: list[script.Sum]) -> list[list[script.Sum]]:
+    """The files in upload commands that each stay under SSM's size limit (script.COMMAND_LIMIT);
+    sized with URLs as long as the real ones (the longest expiry, the same credentials)."""
+    root, seconds = svc.settings.RUNCTL_REMOTE_ROOT, url_seconds(upload_seconds(sum(f.size for f in todo)))
+    batches: list[list[script.Sum]] = []
+    uploads: list[script.Upload] = []
+    for i, f in enumerate(todo):
+        url = svc.fleet.presign(backups.object_key(run_id, script.s3_suffix(f.name)), seconds, "put_object")
+        uploads.append(script.Upload(i, f.name, f.sha256, url))
+        if len(uploads) > 1 and script.command_size(script.upload(root, run_id, uploads)) > script.COMMAND_LIMIT:
+            batches.append([todo[u.index] for u in uploads[:-1]])
+            uploads = uploads[-1:]
+    if uploads:
+        batches.append([todo[u.index] for u in uploads])
+    return batches
+
+
+def _upload(
+    svc: Services, inst: Instance, saver: Run, stored: RunBackup, out: RunOutcome, todo: list[script.Sum]
+) -> None:
+    """One upload command: URLs presigned as it is sent, each object checked (HeadObject)."""
+    fleet, root, run_id = svc.fleet, svc.settings.RUNCTL_REMOTE_ROOT, stored.run_id
+    before = len(out.uploaded)
+    timeout = upload_seconds(sum(f.size for f in todo))
+    keys = {i: backups.object_key(run_id, script.s3_suffix(f.name)) for i, f in enumerate(todo)}
+    uploads = [
+        script.Upload(i, f.name, f.sha256, fleet.presign(keys[i], url_seconds(timeout), "put_object"))
+        for i, f in enumerate(todo)
+    ]
+    result = fleet.run(inst.id, script.upload(root, run_id, uploads), timeout=timeout)
+    records = script.parse_records(result.stdout, "put")
+    if "nocurl" in result.stdout:
+        raise RunctlError(
+            f"{inst.label} has no `curl`, so it cannot upload its checkpoints.",
+            fix="Install curl on the instance (`sudo apt-get install -y curl`), then retry.",
+        )
+    now = datetime.now(UTC)
+    for i, f in enumerate(todo):
+        outcome, why = records.get(i, ("", ""))
+        if outcome == "200" and fleet.object_size(keys[i]) == f.size:
+            stored.add(
+                Stored(
+                    name=f.name,
+                    key=keys[i],
+                    size=f.size,
+                    mtime=f.mtime,
+                    sha256=f.sha256,
+                    backed_up_at=now,
+                    run_id=saver.run_id,
+                    instance_id=inst.id,
                 )
-                out.uploaded.append(stored.files[-1])
-            elif outcome == "changed":
-                out.failed.append((f.name, "it changed while it was being backed up; run the backup again"))
-            elif outcome == "gone":
-                out.failed.append((f.name, "it was deleted before it could be uploaded"))
-            else:
-                said = f"HTTP {outcome}" + (f", {why}" if why else "") if outcome else "no answer from the upload"
-                out.failed.append((f.name, f"S3 did not take it ({said})"))
-        if len(out.uploaded) > before:
-            stored.instance_id = inst.id
-            backups.save(fleet, stored)
-    return sums.more > 0 and len(out.uploaded) > before
+            )
+            out.uploaded.append(stored.files[-1])
+        elif outcome == "changed":
+            out.failed.append((f.name, "it changed while it was being backed up; run the backup again"))
+        elif outcome == "gone":
+            out.failed.append((f.name, "it was deleted before it could be uploaded"))
+        else:
+            said = f"HTTP {outcome}" + (f", {why}" if why else "") if outcome else "no answer from the upload"
+            out.failed.append((f.name, f"S3 did not take it ({said})"))
+    if len(out.uploaded) > before:
+        stored.instance_id = inst.id
+        backups.save(fleet, stored)
+
+
+def _verify(svc: Services, inst: Instance, stored: RunBackup, out: RunOutcome) -> None:
+    """What the manifest counts as backed up is in S3 with its size (ListObjectsV2), or the
+    backup says which is not and forgets it, so the next backup uploads it again."""
+    if not stored.files:
+        return
+    held = backups.sizes(svc.fleet, stored.run_id)
+    missing = [f for f in stored.files if held.get(f.key) != f.size]
+    if not missing:
+        return
+    for f in missing:
+        out.failed.append((f.name, "it is not in S3 with its size; run the backup again"))
+    gone = {f.name for f in missing}
+    out.uploaded = [f for f in out.uploaded if f.name not in gone]
+    stored.files = [f for f in stored.files if f.name not in gone]
+    backups.save(svc.fleet, stored)
 
 
 def saved_in(svc: Services, saver: Run) -> list[str]:

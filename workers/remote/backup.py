@@ -8,7 +8,9 @@ turns one into shell text; ``s3_suffix`` into the object key under the run's pre
 
 Output, one record a line (names last and encoded: workers/remote/frame.py):
 
+    ::runctl::more <count> / ::runctl::known <count>  first: files left for the next pass, files in S3
     ::runctl::sum <size> <mtime> <sha256|-> <name>     a file the run saved (sha "-": too big to hash)
+    ::runctl::end                                      last: without it the listing was cut
     ::runctl::subdir <name>                            a directory (not backed up)
     ::runctl::put <index> <http-status|gone|changed> <S3 error code>
     ::runctl::got <index> <have|ok|sha|http-status>
@@ -17,6 +19,8 @@ Output, one record a line (names last and encoded: workers/remote/frame.py):
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,24 +31,41 @@ from workers.remote.shell import SECTION, heredoc_end, q, run_dir
 
 # S3 takes at most 5 GB in one PUT; bigger files would need a multipart upload.
 SINGLE_PUT_LIMIT = 5 * 1024**3
-MAX_FILES = 120  # sum lines per run that stay under SSM's 24,000-character output cap
+MAX_FILES = 120  # sum lines per pass
+LIST_BUDGET = OUTPUT_LIMIT - 200  # the listing's bytes: it and its counters stay under SSM's 24,000
+# SSM refuses a command whose document and parameters pass 64 KB (MaxDocumentSizeExceeded);
+# a script, as the JSON SendCommand carries it, stays well under that.
+COMMAND_LIMIT = 48_000
+KNOWN_BUDGET = 24_000  # of a sums command: the keys of the known files (17 bytes each)
 RESTORE_FAILED = 22
 
 _SUMS = (
+    "key_of() {  # a known file's key: the first 16 hex digits of the sha256 of its `size mtime name`\n"
+    "  if command -v sha256sum >/dev/null 2>&1; then sha256sum | cut -c1-16; else shasum -a 256 | cut -c1-16; fi\n"
+    "}\n"
+    "fits() {  # fits <bytes>: counts a record's bytes; false once the listing would pass its budget\n"
+    f"  [ $((BYTES + $1)) -le {LIST_BUDGET} ] && BYTES=$((BYTES + $1))\n"
+    "}\n"
     "sum_dir() {  # sum_dir <dir> <name-prefix>: every regular file, newest first\n"
     "  while IFS= read -r name; do\n"
     '    [ -n "$name" ] || continue\n'
     '    f="$1/$name"\n'
     '    case "$name" in *.tmp|*.part) continue ;; esac\n'
-    '    if [ -d "$f" ]; then printf \'%s\\n\' "' + SECTION + 'subdir $(enc_word "$2$name")"; continue; fi\n'
+    '    if [ -d "$f" ]; then tok=$(enc_word "$2$name"); fits $((20 + ${#tok})) && printf \'%s\\n\' "'
+    + SECTION
+    + 'subdir $tok"; continue; fi\n'
     '    [ -f "$f" ] || continue\n'
     '    size=$(wc -c < "$f" | tr -d " ")\n'
     '    mtime=$(date -r "$f" +%s 2>/dev/null || echo -)\n'
     # In S3 as it is here (same size, mtime and name): the worker knows it, skip it unhashed.
-    '    if grep -Fqx -e "$size $mtime $2$name" "$KNOWN" 2>/dev/null; then KNOWN_HITS=$((KNOWN_HITS + 1)); continue; fi\n'
-    f'    LISTED=$((LISTED + 1)); if [ "$LISTED" -gt {MAX_FILES} ]; then MORE=$((MORE + 1)); continue; fi\n'
+    "    k=$(printf '%s' \"$size $mtime $2$name\" | key_of)\n"
+    '    if grep -Fqx -e "$k" "$KNOWN" 2>/dev/null; then KNOWN_HITS=$((KNOWN_HITS + 1)); continue; fi\n'
+    '    tok=$(enc_word "$2$name")\n'
+    # A sum record is at most 110 bytes besides its name: what does not fit waits for the next pass.
+    f'    if [ "$LISTED" -ge {MAX_FILES} ] || ! fits $((110 + ${{#tok}})); then MORE=$((MORE + 1)); continue; fi\n'
+    "    LISTED=$((LISTED + 1))\n"
     f'    if [ "$size" -gt {SINGLE_PUT_LIMIT} ]; then HASH=-; else cached_hash "$1" "$name"; fi\n'
-    "    printf '%s\\n' \"" + SECTION + 'sum $size $mtime ${HASH:--} $(enc_word "$2$name")"\n'
+    "    printf '%s\\n' \"" + SECTION + 'sum $size $mtime ${HASH:--} $tok"\n'
     "  done <<RUNCTL_FILES\n"
     '$(ls -t "$1" 2>/dev/null)\n'
     "RUNCTL_FILES\n"
@@ -75,25 +96,28 @@ def listed_under(name: str, prefixes: Sequence[str]) -> bool:
     return any(name.startswith(p) and name[len(p) :] and "/" not in name[len(p) :] for p in prefixes)
 
 
+def known_key(size: int, mtime: int, name: str) -> str:
+    """What the instance matches a known file by (its `key_of`): short, whatever the name's length."""
+    return hashlib.sha256(f"{size} {mtime} {name}".encode()).hexdigest()[:16]
+
+
 def sums(root: str, run_id: str, known: Sequence[tuple[int, int, str]] = (), dirs: Sequence[str] = ()) -> str:
     """Size, mtime and sha256 of the files in every place the run saves (`places`), newest
-    first and at most MAX_FILES of them (then `::more <count>`), leaving out the `known` ones
-    (size, mtime, name: what S3 already holds as it is here), which are counted in `::known`."""
+    first, as many as MAX_FILES and LIST_BUDGET allow, leaving out the `known` ones (size,
+    mtime, name: what S3 already holds as it is here; sent as `known_key`s, as many as
+    KNOWN_BUDGET holds, first ones first). The counters come first and `::end` last, so a cut listing shows."""
     visits = "".join(f"visit {path} {q(prefix)}\n" for path, prefix in places(run_id, dirs))
-    lines = "".join(f"{size} {mtime} {name}\n" for size, mtime, name in known if "\n" not in name)
-    eof = heredoc_end(lines)
+    lines = [known_key(size, mtime, name) + "\n" for size, mtime, name in known if "\n" not in name]
+    lines = lines[: KNOWN_BUDGET // 17]
+    eof = heredoc_end("".join(lines))
     return (
         prelude(root, verify=True)
-        + "KNOWN=$(mktemp) || exit 1\nLISTED=0 MORE=0 KNOWN_HITS=0\n"
-        + f"cat > \"$KNOWN\" <<'{eof}'\n{lines}{eof}\n"
+        + "KNOWN=$(mktemp) || exit 1\nLIST=$(mktemp) || exit 1\nLISTED=0 MORE=0 KNOWN_HITS=0 BYTES=0\n"
+        + f"cat > \"$KNOWN\" <<'{eof}'\n{''.join(lines)}{eof}\n"
         + _SUMS
-        + f"{{\nif valid_id {q(run_id)}; then\n_cb=sum_dir; _seen=$nl\n{visits}fi\n"
-        + 'echo "'
-        + SECTION
-        + 'more $MORE"\necho "'
-        + SECTION
-        + 'known $KNOWN_HITS"\n'
-        + f'}} | head -c {OUTPUT_LIMIT}\nrm -f "$KNOWN"\nexit 0\n'
+        + f'{{\nif valid_id {q(run_id)}; then\n_cb=sum_dir; _seen=$nl\n{visits}fi\n}} > "$LIST"\n'
+        + f'{{\necho "{SECTION}more $MORE"\necho "{SECTION}known $KNOWN_HITS"\ncat "$LIST"\necho "{SECTION}end"\n'
+        + f'}} | head -c {OUTPUT_LIMIT}\nrm -f "$KNOWN" "$LIST"\nexit 0\n'
     )
 
 
@@ -164,6 +188,11 @@ _PUT = (
     '  echo "' + SECTION + 'put $1 ${code:-000} ${why:--}"\n'
     "}\n"
 )
+
+
+def command_size(text: str) -> int:
+    """A script's bytes as SendCommand's JSON parameters carry it."""
+    return len(json.dumps([text]).encode())
 
 
 def upload(root: str, run_id: str, uploads: Sequence[Upload]) -> str:
@@ -247,12 +276,14 @@ class Sums:
     subdirs: list[str]  # not backed up
     more: int = 0  # files left for another pass
     known: int = 0  # files S3 holds as they are here
+    complete: bool = True  # False: the listing was cut (no `::end`)
 
 
 def parse_sums(output: str) -> Sums:
     found: list[Sum] = []
     subdirs: list[str] = []
     counts = {"more": 0, "known": 0}
+    complete = False
     lines = output.splitlines()
     if output and not output.endswith("\n"):
         lines = lines[:-1]  # cut by the output limit mid-line
@@ -260,6 +291,9 @@ def parse_sums(output: str) -> Sums:
         word, _, rest = line[len(SECTION) :].partition(" ") if line.startswith(SECTION) else ("", "", "")
         if word in counts and rest.strip().isdigit():
             counts[word] = int(rest)
+            continue
+        if line == SECTION + "end":
+            complete = True
             continue
         if line.startswith(SECTION + "subdir "):
             if (subdir := frame.name(line[len(SECTION) + 7 :])) is not None:
@@ -273,7 +307,7 @@ def parse_sums(output: str) -> Sums:
             continue
         sha = parts[2] if re.fullmatch(r"[0-9a-f]{64}", parts[2]) else ""
         found.append(Sum(name, int(parts[0]), int(parts[1]) if parts[1].isdigit() else 0, sha))
-    return Sums(found, subdirs, counts["more"], counts["known"])
+    return Sums(found, subdirs, counts["more"], counts["known"], complete)
 
 
 def parse_records(output: str, word: str) -> dict[int, tuple[str, str]]:
