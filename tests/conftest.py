@@ -61,6 +61,7 @@ def fake_redis() -> redis_mod.Redis:
 @pytest.fixture(scope="session")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     box = Sandbox(tmp_path_factory.mktemp("sandbox"))
+    box.agent_online_after = 0  # agents register at once; a test that needs the wait sets it
     box.start()
     old = {k: os.environ.get(k) for k in box.env()}
     os.environ.update(box.env())

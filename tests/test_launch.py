@@ -276,3 +276,32 @@ def test_spot_launch_quotes_the_zones_spot_price_and_asks_for_a_stoppable_reques
     assert "is ready" in text_of(current(slack, m.ts))
     options = sent[0]["InstanceMarketOptions"]["SpotOptions"]  # a one-time spot instance could not be stopped
     assert options == {"SpotInstanceType": "persistent", "InstanceInterruptionBehavior": "stop"}
+
+
+def test_a_launch_whose_agent_never_comes_says_launched_but_with_the_id_and_leaves_autostop_set(
+    svc: Services,
+    template: LaunchSeed,
+    slack: FakeSlack,
+    sandbox: Sandbox,
+    worker: InlineWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A private subnet without NAT or endpoints: the agent registers long after runctl stops waiting.
+    monkeypatch.setattr(sandbox, "agent_online_after", 600.0)
+    monkeypatch.setattr("workers.aws.fleet.AGENT_WAIT_SECONDS", 1)
+    before = set(launched_ids(svc))
+    slash(svc, slack, worker, "launch gpu --name alice-private")
+    m = confirmation(slack)
+    dispatch(svc, slack, worker, click(as_dict(m), ActionId.LAUNCH_CONFIRM, "U0ALICE"))
+
+    [iid] = sorted(set(launched_ids(svc)) - before)
+    state = svc.fleet.ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]["State"]
+    assert state["Name"] == "running"  # it bills
+    final = text_of(current(slack, m.ts))
+    assert "did not happen" not in final
+    assert "launched but" in final and f"`{iid}` is running and billing" in final and "after 45 min" in final
+    said = " ".join(r.text for r in slack.thread(CHANNEL, m.ts)) + " ".join(e.text for e in slack.ephemerals("U0ALICE"))
+    assert "launched but" in said and "AmazonSSMManagedInstanceCore" in said and "ssmmessages" in said
+    assert f"/runctl status {iid}" in said and f"/runctl terminate {iid}" in said
+    setting = AutostopStore(svc.redis).get(iid)
+    assert setting is not None and setting.minutes == 45 and setting.owner == "U0ALICE"

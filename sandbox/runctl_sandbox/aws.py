@@ -28,7 +28,7 @@ from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 from werkzeug.serving import WSGIRequestHandler, make_server
 
-from runctl_sandbox.ec2 import Ec2
+from runctl_sandbox.ec2 import Ec2, Ec2Instance
 from runctl_sandbox.ec2_launch import ACCOUNT_CODES
 from runctl_sandbox.imds import Imds
 from runctl_sandbox.price_list import PriceList
@@ -146,6 +146,15 @@ class Sandbox(ThreadedMotoServer):
         path = self.root / "instances" / instance_id
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    @property
+    def agent_online_after(self) -> float:
+        """Seconds after RunInstances before a fresh instance's SSM agent registers (Online)."""
+        return Ec2Instance.online_after
+
+    @agent_online_after.setter
+    def agent_online_after(self, seconds: float) -> None:
+        Ec2Instance.online_after = seconds
 
     def exhaust(self, instance_type: str, zone: str, full: bool = True) -> None:
         """Make RunInstances of ``instance_type`` in ``zone`` fail with InsufficientInstanceCapacity."""

@@ -11,9 +11,10 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qs
 
+from moto.core.utils import utcnow
 from moto.ec2.models import ec2_backends
 from werkzeug.http import HTTP_STATUS_CODES
 
@@ -47,11 +48,15 @@ class Ec2Instance:
     # The policies of its instance profile's roles; None without a profile (the sandbox then
     # stands for an account with Default Host Management Configuration).
     profile_policies: frozenset[str] | None = None
+    age: float = float("inf")  # seconds since RunInstances
+    # A fresh instance's agent registers this many seconds after launch (real ones take minutes);
+    # Sandbox.agent_online_after sets it, the tests' sandbox 0.
+    online_after: ClassVar[float] = 3.0
 
     @property
     def ssm(self) -> str:
         """``online``, ``offline`` or ``none`` (not registered with SSM)."""
-        if self.state != "running":
+        if self.state != "running" or self.age < Ec2Instance.online_after:
             return "none"
         if self.profile_policies is not None and SSM_CORE_POLICY not in self.profile_policies:
             return "none"  # the agent gets no credentials to register with
@@ -81,6 +86,7 @@ def ec2_instances(account_id: str, region: str) -> dict[str, Ec2Instance]:
                     tags=dict(backend.tags.get(inst.id, {})),
                     private_ip=str(inst.private_ip or ""),
                     profile_policies=_profile_policies(backend, inst.id),
+                    age=(utcnow() - inst.launch_time).total_seconds(),
                 )
                 for inst in backend.all_instances()
             }

@@ -10,7 +10,7 @@ from decimal import Decimal
 from slack_sdk.errors import SlackApiError
 
 from workers import audit, policy
-from workers.aws import launcher, names
+from workers.aws import fleet, launcher, names
 from workers.aws.launcher import Launcher, LaunchFile, Spec
 from workers.commands import Actor, LaunchCommand
 from workers.cost import disk, fleetview
@@ -185,6 +185,9 @@ class LaunchClick(ConfirmClick):
         )
         try:
             return self.launch(conf, spec)
+        except LaunchedBut as exc:
+            self.show(conf, f":warning: {exc.what}")
+            raise
         except RunctlError as exc:
             self.show(conf, f":warning: Launch of *{spec.name}* did not happen: {exc.what}")
             raise
@@ -212,20 +215,9 @@ class LaunchClick(ConfirmClick):
             iid = run.run(config.template, spec, requester.user_id, conf.nonce, policy.scope(svc.settings))
         self.job.instance_id = iid
         self.record(conf, "launched", iid)
-        self.show(conf, f":hourglass_flowing_sand: *{spec.name}* is `{iid}`: waiting for `running` and its SSM agent…")
         settings = svc.settings
-        run.wait_running(iid, settings.RUNCTL_LAUNCH_POLL_SECONDS, settings.RUNCTL_PENDING_WAIT_SECONDS)
-        inst = svc.fleet.get(iid)
-        UptimeLedger(svc.redis).mark_running(iid, inst.launch_time or svc.clock())
-        svc.fleet.wait_for_agent(inst)
-        took = duration((svc.clock() - began).total_seconds())
-        lines = [
-            f":white_check_mark: <@{requester.user_id}> *{inst.label}* is ready: {inst.type}"
-            f"{' spot' if spec.spot else ''} in {inst.availability_zone}, `running`, SSM agent Online, "
-            f"in {took}."
-        ]
         minutes = settings.RUNCTL_AUTOSTOP_MINUTES
-        if minutes:
+        if minutes:  # at once: an instance whose agent never comes still stops
             AutostopStore(svc.redis).save(
                 Setting(
                     instance_id=iid,
@@ -236,6 +228,22 @@ class LaunchClick(ConfirmClick):
                     owner=requester.user_id,
                 )
             )
+        self.show(conf, f":hourglass_flowing_sand: *{spec.name}* is `{iid}`: waiting for `running` and its SSM agent…")
+        try:
+            run.wait_running(iid, settings.RUNCTL_LAUNCH_POLL_SECONDS, settings.RUNCTL_PENDING_WAIT_SECONDS)
+            inst = svc.fleet.get(iid)
+            UptimeLedger(svc.redis).mark_running(iid, inst.launch_time or svc.clock())
+            svc.fleet.wait_for_agent(inst, fleet.AGENT_WAIT_SECONDS)
+        except RunctlError as exc:
+            self.record(conf, "not ready", iid)
+            raise launched_but(exc, spec, iid, minutes) from exc
+        took = duration((svc.clock() - began).total_seconds())
+        lines = [
+            f":white_check_mark: <@{requester.user_id}> *{inst.label}* is ready: {inst.type}"
+            f"{' spot' if spec.spot else ''} in {inst.availability_zone}, `running`, SSM agent Online, "
+            f"in {took}."
+        ]
+        if minutes:
             lines.append(
                 f"Autostop: it stops after {minutes} min with no live run, with a heads-up here first "
                 f"(`/runctl autostop {iid} off` keeps it)."
@@ -249,3 +257,31 @@ class LaunchClick(ConfirmClick):
             log.warning("could not post the launch report: %s", exc.response.get("error"))
         self.record(conf, "ready", iid)
         return text
+
+
+class LaunchedBut(RunctlError):
+    """A failure after RunInstances succeeded: the instance exists, runs and bills."""
+
+
+def launched_but(exc: RunctlError, spec: Spec, iid: str, autostop_minutes: int) -> LaunchedBut:
+    stops = (
+        f"autostop stops it after {autostop_minutes} min with no live run"
+        if autostop_minutes
+        else "no autostop is set, so it runs until someone stops it"
+    )
+    return LaunchedBut(
+        f"*{spec.name}* launched but is not ready: `{iid}` is running and billing, and {stops}. {exc.what}",
+        why=" ".join(
+            part
+            for part in (
+                exc.why,
+                "A fresh instance's SSM agent takes minutes to register, and never does without an instance "
+                "profile with AmazonSSMManagedInstanceCore or a route to SSM (a private subnet needs a NAT "
+                "gateway or VPC endpoints).",
+            )
+            if part
+        ),
+        fix=f"Give it the agent (an instance profile with AmazonSSMManagedInstanceCore; egress to SSM or VPC "
+        f"endpoints for ssm, ssmmessages and ec2messages), then `/runctl status {iid}`; "
+        f"or `/runctl terminate {iid}`.",
+    )
