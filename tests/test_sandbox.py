@@ -349,6 +349,22 @@ def test_send_command_to_a_stopped_instance_is_rejected(fleet: SeedInfo, ssm: SS
     assert err.value.response["Error"]["Code"] == "InvalidInstanceId"
 
 
+def test_a_fresh_instances_agent_registers_only_after_the_configured_delay(
+    sandbox: Sandbox, fleet: SeedInfo, ec2: EC2Client, ssm: SSMClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sandbox, "agent_online_after", 600.0)
+    fresh = _launch(ec2, Name="fresh")
+    listed = ssm.describe_instance_information(Filters=[{"Key": "InstanceIds", "Values": [fresh]}])
+    assert listed["InstanceInformationList"] == []  # not registered yet
+    with pytest.raises(ClientError) as err:
+        _send(ssm, [fresh], "echo too early")
+    assert err.value.response["Error"]["Code"] == "InvalidInstanceId"
+    sandbox.agent_online_after = 0.0  # the delay has passed
+    listed = ssm.describe_instance_information(Filters=[{"Key": "InstanceIds", "Values": [fresh]}])
+    assert [i["PingStatus"] for i in listed["InstanceInformationList"]] == ["Online"]
+    ec2.terminate_instances(InstanceIds=[fresh])
+
+
 def test_unknown_invocation_does_not_exist(fleet: SeedInfo, ssm: SSMClient) -> None:
     with pytest.raises(ClientError) as err:
         ssm.get_command_invocation(
