@@ -50,8 +50,9 @@ class Ec2Instance:
     profile_policies: frozenset[str] | None = None
     age: float = float("inf")  # seconds since RunInstances
     # A fresh instance's agent registers this many seconds after launch (real ones take minutes);
-    # Sandbox.agent_online_after sets it, the tests' sandbox 0.
-    online_after: ClassVar[float] = 3.0
+    # Sandbox.agent_online_after sets it. 0 by default: the seeded fleet stands for instances that
+    # have run for a while, and a console or bench that trains at once must find their agents.
+    online_after: ClassVar[float] = 0.0
 
     @property
     def ssm(self) -> str:
