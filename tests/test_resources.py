@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import re
 from datetime import datetime, timedelta
@@ -194,3 +195,23 @@ def test_a_plain_name_is_resolved_or_answered_privately(
         [answer] = slack.ephemerals("U0ALICE")[-1:]
         assert said in answer.text and "/runctl resources --user @" in answer.text, answer.text
     assert len(slack.messages("C0TRAIN")) == posted  # nothing public
+
+
+def test_csv_cells_and_owner_tags_written_by_anyone_stay_inert(
+    svc: Services, slack: FakeSlack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever may tag an instance writes its Name and `runctl:user`: a formula stays text in
+    the spreadsheet, and a tag that is not a Slack user id pings nobody and owns nothing."""
+    svc.clock = lambda: NOW
+    fleet = generate(30, NOW)
+    evil = '=HYPERLINK("https://evil.example/x","click")'
+    fleet[0] = dataclasses.replace(fleet[0], name=evil, tags={"runctl:managed": "true", "runctl:user": "<!channel>"})
+    install_fleet(svc, fleet)
+
+    message = ask(slack, all=True)
+
+    rows = list(csv.DictReader(io.StringIO(slack.files[0].content.decode())))
+    mine = next(r for r in rows if r["instance_id"] == fleet[0].id)
+    assert mine["name"] == "'" + evil
+    assert mine["owner"] == ""
+    assert "<!channel>" not in text_of(message)

@@ -24,6 +24,7 @@ A policy file (every key optional; unknown keys are errors)::
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -60,6 +61,7 @@ Action = Literal[
 ]
 EVERYONE, OWNER, ADMIN = "everyone", "owner", "admin"
 OWNER_TAG = "runctl:user"  # the instance tag naming its owner when no run does
+_USER_ID = re.compile(r"[UW][A-Z0-9]{2,20}")  # a Slack user id; anyone who may tag an instance may write the tag
 BUILTIN_ROLES = (EVERYONE, OWNER, ADMIN)
 DEFAULT_COMMANDS: dict[str, tuple[str, ...]] = {
     "train": (EVERYONE,),
@@ -363,7 +365,14 @@ def owner(live: Run | None, history: Iterable[Run], tags: Mapping[str, str] | No
     for run in history:
         if run.state is not RunState.REFUSED and (run.lock_token or run.started_at):
             return run.user_id
-    return (tags or {}).get(OWNER_TAG) or None
+    return tag_owner(tags)
+
+
+def tag_owner(tags: Mapping[str, str] | None) -> str | None:
+    """The `runctl:user` tag when it holds a Slack user id, else None: a tag is written by
+    whoever may tag instances, so it never reaches a mention or a rule unchecked."""
+    value = (tags or {}).get(OWNER_TAG) or ""
+    return value if _USER_ID.fullmatch(value) else None
 
 
 def needs_owner(settings: Settings, actions: Iterable[str]) -> bool:

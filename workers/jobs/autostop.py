@@ -10,7 +10,6 @@ from typing import Any
 
 from workers import audit, policy, remote
 from workers.aws.instance import Instance
-from workers.aws.launcher import OWNER_TAG
 from workers.commands import Actor, AutostopCommand
 from workers.cost.fleetview import Row
 from workers.cost.pricing import format_rate, hourly_price, load_price_book
@@ -161,8 +160,7 @@ def _reply(svc: Services, run: Run, text: str) -> None:
 
 
 def owner_of(svc: Services, inst: Instance) -> str | None:
-    last = svc.runs.latest(inst.id)
-    return inst.tags.get(OWNER_TAG) or (last.user_id if last else None)
+    return policy.instance_owner(svc.redis, inst.id, lambda _: inst.tags)
 
 
 @funnel.command(AutostopCommand)

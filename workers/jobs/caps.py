@@ -14,6 +14,7 @@ from decimal import Decimal
 
 from redis.exceptions import LockError
 
+from workers import policy
 from workers.aws import launcher
 from workers.aws.instance import Instance
 from workers.aws.launcher import Held, Launcher, LaunchFile, Spec
@@ -208,7 +209,7 @@ def admit_start(svc: Services, inst: Instance, requester_id: str) -> contextlib.
             why=exc.why,
             fix=exc.fix,
         ) from None
-    owner = inst.tags.get(launcher.OWNER_TAG) or requester_id
+    owner = policy.tag_owner(inst.tags) or requester_id
     ask = Ask(
         what=f"Start of *{inst.label}*",
         user_id=owner,

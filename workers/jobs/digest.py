@@ -169,7 +169,7 @@ def spend(
                 attributed += seconds
         rest = total - attributed
         if rest > 0:
-            owner = row.instance.tags.get(policy.OWNER_TAG) or row.owner or NOBODY
+            owner = policy.tag_owner(row.instance.tags) or row.owner or NOBODY
             out.person[owner] += _cost(rate, rest)
         out.type[row.instance.type] += _cost(rate, total)
         out.region[row.instance.region] += _cost(rate, total)

@@ -117,7 +117,7 @@ def to_csv(rows: list[Row], findings: list[Finding], now: datetime) -> bytes:
         writer.writerow(
             [
                 r.instance.state,
-                r.instance.name,
+                cell(r.instance.name),
                 r.id,
                 r.instance.type,
                 "" if rate is None else str(rate),
@@ -125,10 +125,16 @@ def to_csv(rows: list[Row], findings: list[Finding], now: datetime) -> bytes:
                 "" if r.cost is None else f"{r.cost:.2f}",
                 r.owner or "",
                 r.live_run.run_id if r.live_run else "",
-                r.live_run.script if r.live_run else "",
+                cell(r.live_run.script) if r.live_run else "",
                 f"{r.idle_seconds(now) / 60:.0f}" if r.idle else "",
                 " ".join(warned.get(r.id, [])),
                 r.instance.region,
             ]
         )
     return out.getvalue().encode()
+
+
+def cell(text: str) -> str:
+    """A spreadsheet cell that stays text: one starting with a formula character gets a `'`
+    (OWASP, "CSV Injection"); names and scripts are written by whoever may tag or train."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
