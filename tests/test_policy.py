@@ -353,3 +353,15 @@ def test_force_is_rechecked_in_the_worker(svc: Services, fleet_seed: SeedInfo, s
     assert train(cmd.model_dump(mode="json"), who.model_dump(mode="json"), "r-force") == "refused"
     assert "You can't `force`" in slack.ephemerals(ALICE)[0].text
     assert sent_commands(svc, iid) == []
+
+
+@pytest.mark.parametrize(("verb", "button"), [("snooze", ActionId.WARN_SNOOZE), ("keep", ActionId.WARN_KEEP)])
+def test_a_policy_file_can_name_the_button_verbs(
+    app: App, settings: Settings, slack: FakeSlack, tmp_path: Path, verb: str, button: ActionId
+) -> None:
+    """`resume`, `snooze` and `keep` are actions a team may give to a role like any command."""
+    slack.reset()
+    settings.RUNCTL_POLICY_FILE = write(tmp_path / "p.toml", f"[commands]\n{verb} = ['admin']\nresume = ['admin']\n")
+    app.dispatch(action(click(message(button), button, user=BOB)))
+    (note,) = slack.ephemerals(BOB)
+    assert f"You can't `{verb}`" in note.text and "refuses commands" not in note.text

@@ -58,6 +58,9 @@ Action = Literal[
     "audit",
     "launch",
     "autostop",
+    "resume",  # [Resume training], against the stopped run's owner
+    "snooze",  # a cost warning's [Snooze 24h]
+    "keep",  # a cost warning's [Keep running]
 ]
 EVERYONE, OWNER, ADMIN = "everyone", "owner", "admin"
 OWNER_TAG = "runctl:user"  # the instance tag naming its owner when no run does
@@ -78,9 +81,11 @@ DEFAULT_COMMANDS: dict[str, tuple[str, ...]] = {
     "audit": (ADMIN,),
     "launch": (EVERYONE,),  # within the caps of RUNCTL_LAUNCH_FILE
     "autostop": (OWNER, ADMIN),
+    "resume": (OWNER, ADMIN),
+    "snooze": (OWNER, ADMIN),
+    "keep": (OWNER, ADMIN),
 }
-# Actions other modules may name that the policy file does not list (button verbs).
-FALLBACK_ROLES = (OWNER, ADMIN)
+FALLBACK_ROLES = (OWNER, ADMIN)  # an action no table lists
 
 MemberId = Annotated[str, Field(pattern=r"^[UWS][A-Z0-9]{2,}$")]
 ChannelId = Annotated[str, Field(pattern=r"^[CGD][A-Z0-9]{2,}$")]
