@@ -4,21 +4,17 @@ deployment installs none of moto, werkzeug or fakeredis. `.ci/run` checks the bu
 
 from __future__ import annotations
 
-import ast
+import importlib.util
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SANDBOX_ONLY = {"runctl_sandbox", "moto", "werkzeug", "fakeredis"}
-
-
-def imported_roots(source: str) -> set[str]:
-    roots: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            roots |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            roots.add(node.module.split(".")[0])
-    return roots
+# The wheel check's own scan, so the source tree and the built wheel are judged alike.
+_spec = importlib.util.spec_from_file_location("check_wheels", ROOT / ".ci" / "check_wheels.py")
+assert _spec is not None and _spec.loader is not None
+check_wheels = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(check_wheels)
+SANDBOX_ONLY: set[str] = check_wheels.SANDBOX_ONLY
+imported_roots = check_wheels.imported_roots
 
 
 def test_imported_roots_sees_every_form_of_import() -> None:
