@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -190,3 +191,62 @@ def test_auto_resume_continues_on_a_replacement_at_the_next_epoch(
     requests = svc.fleet.ec2.describe_spot_instance_requests(Filters=[{"Name": "instance-id", "Values": [first]}])
     assert [r["State"] for r in requests["SpotInstanceRequests"]] == ["cancelled"]
     assert any("was cancelled, so EC2 will not restart it" in t and f"/runctl terminate {first}" in t for t in said)
+
+
+@pytest.mark.usefixtures("template")
+def test_then_terminate_waits_until_the_auto_resume_backup_finished(
+    svc: Services,
+    fleet_seed: SeedInfo,
+    sandbox: Sandbox,
+    slack: FakeSlack,
+    worker: InlineWorker,
+    tmp_path: Path,
+) -> None:
+    """Issue 25 item 8: `--then terminate` of an interrupted `--auto-resume` run fires only once
+    the checkpoint its SIGTERM saved is in S3 (the old code terminated the instance first)."""
+    policy = tmp_path / "policy.toml"  # Alice may terminate, as in a team's policy file
+    policy.write_text('[roles]\nml = ["U0ALICE"]\n[commands]\nterminate = ["ml", "admin"]\n')
+    svc.settings.RUNCTL_POLICY_FILE = policy
+    from workers.aws import backups, launcher
+    from workers.aws.launcher import Launcher
+    from workers.commands import Actor, LaunchCommand, TrainCommand
+    from workers.jobs.launch import resolve
+    from workers.jobs.train import train
+
+    from .test_lifecycle import ALICE, EPOCH_LINE
+
+    path = svc.settings.RUNCTL_LAUNCH_FILE
+    assert path is not None
+    path.write_text(path.read_text().replace("user_instances = 1", "user_instances = 2  # and its replacement"))
+    config = launcher.load(path)
+    spec = resolve(svc, config, LaunchCommand(target="gpu", spot=True), Actor(user_id="U0ALICE", channel_id=CHANNEL))
+    fleet = Launcher(svc.fleet)
+    first = fleet.run(config.template, spec, "U0ALICE", "spot-then-launch", ("runctl:managed", "true"))
+    fleet.wait_running(first, 0.2, 60)
+    wait_for(lambda: svc.fleet.agent_status([first]).get(first) == "Online", "the agent")
+
+    args = ("--epochs", "12", "--steps-per-epoch", "4", "--step-seconds", "0.25", "--checkpoint-interval", "100")
+    with sandbox.metadata() as imds:
+        cmd = TrainCommand(
+            instance_id=first, script="train_with_checkpoints.py", args=args, auto_resume=True, then="terminate"
+        )
+        train(cmd.model_dump(mode="json"), ALICE.model_dump(mode="json"), "r-auto-then")
+        wait_for_epoch(sandbox, first, "r-auto-then", 3)
+        imds.raise_notice(first, "stop")
+        wait_for(lambda: (run_dir(sandbox, first, "r-auto-then") / "exit_code").exists(), "the training to exit")
+        saved = sorted(p.name for p in (run_dir(sandbox, first, "r-auto-then") / "checkpoints").glob("ckpt-*"))
+        worker.drain(timeout=240)
+
+    old = svc.runs.get("r-auto-then")
+    assert old is not None
+    said = [m.text for m in slack.thread(CHANNEL, old.message_ts or "")]
+    manifest = backups.load(svc.fleet, "r-auto-then")
+    assert manifest is not None and saved and {f.name for f in manifest.files} >= set(saved), (saved, said)
+    assert any("was terminated (`--then terminate`)" in t for t in said), said
+    assert svc.fleet.get(first).state in ("shutting-down", "terminated")
+    new_iid = next(t.split("launched `")[1].split("`")[0] for t in said if "launched `i-" in t)
+    new = svc.runs.latest(new_iid)
+    assert new is not None and new.state is RunState.SUCCEEDED, (new, said)
+    before = [int(e) for e in EPOCH_LINE.findall((run_dir(sandbox, first, "r-auto-then") / "training.log").read_text())]
+    after = [int(e) for e in EPOCH_LINE.findall((run_dir(sandbox, new_iid, new.run_id) / "training.log").read_text())]
+    assert before + after == list(range(1, 13)), (before, after)
