@@ -214,8 +214,17 @@ class Sandbox(ThreadedMotoServer):
         unless the request was cancelled (which terminates it). ``spot_requests`` has the sources."""
         if self._imds is None:
             raise RuntimeError("interrupt() needs the metadata service: call it inside `with sandbox.metadata()`")
-        notice = self._imds.raise_notice(instance_id, action)
-        self.spot_requests.interrupt(DEFAULT_ACCOUNT_ID, self.region, instance_id, action, after, restart_after)
+        imds = self._imds
+        notice = imds.raise_notice(instance_id, action)
+        self.spot_requests.interrupt(
+            DEFAULT_ACCOUNT_ID,
+            self.region,
+            instance_id,
+            action,
+            after,
+            restart_after,
+            lambda: imds.clear_notice(instance_id),
+        )
         return notice
 
     def sent_log(self, instance_id: str) -> list[tuple[float, str]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from moto.ec2.models import ec2_backends
@@ -102,11 +103,19 @@ class SpotRequests:
         return request_ids
 
     def interrupt(
-        self, account_id: str, region: str, instance_id: str, action: str, after: float, restart_after: float | None
+        self,
+        account_id: str,
+        region: str,
+        instance_id: str,
+        action: str,
+        after: float,
+        restart_after: float | None,
+        restarted: Callable[[], None] = lambda: None,
     ) -> None:
         """EC2 takes the instance ``after`` seconds from now (the notice's two minutes, scaled):
-        ``stop`` or ``terminate``; a stopped one is restarted ``restart_after`` seconds later."""
-        self._later(after, self._take, account_id, region, instance_id, action, restart_after)
+        ``stop`` or ``terminate``; a stopped one is restarted ``restart_after`` seconds later
+        (then ``restarted`` is called: the notice is withdrawn)."""
+        self._later(after, self._take, account_id, region, instance_id, action, restart_after, restarted)
 
     def _later(self, seconds: float, func: Any, *args: Any) -> None:
         timer = threading.Timer(seconds, func, args)
@@ -122,7 +131,15 @@ class SpotRequests:
                 return request
         return None
 
-    def _take(self, account_id: str, region: str, instance_id: str, action: str, restart_after: float | None) -> None:
+    def _take(
+        self,
+        account_id: str,
+        region: str,
+        instance_id: str,
+        action: str,
+        restart_after: float | None,
+        restarted: Callable[[], None],
+    ) -> None:
         backend = ec2_backends[account_id][region]
         with self._lock:
             self._timers.discard(threading.current_thread())
@@ -139,15 +156,16 @@ class SpotRequests:
                 return
             request.state, request._status_code = "disabled", "instance-stopped-no-capacity"
         if restart_after is not None:
-            self._later(restart_after, self._restart, account_id, region, instance_id)
+            self._later(restart_after, self._restart, account_id, region, instance_id, restarted)
 
-    def _restart(self, account_id: str, region: str, instance_id: str) -> None:
+    def _restart(self, account_id: str, region: str, instance_id: str, restarted: Callable[[], None]) -> None:
         backend = ec2_backends[account_id][region]
         with self._lock:
             self._timers.discard(threading.current_thread())
             request = self._request_of(backend, instance_id)
             if request is None or request.state != "disabled":  # cancelled meanwhile: terminated with it
                 return
+            restarted()
             backend.start_instances([instance_id])
             request.state, request._status_code = "active", "fulfilled"
 
