@@ -57,14 +57,18 @@ def replace(run_id: str) -> str:
     saved = False
     try:
         old = svc.fleet.get(run.instance_id)
-        save_first(svc, run, old)
-        saved = True
-        autostop.after_run(svc, run, backed_up=True)  # `--then` only once the checkpoints are in S3
+        try:
+            save_first(svc, run, old)
+        except NotSaved as exc:
+            if stopped_by_ec2(svc, run):  # its disk survives: wait for EC2 to bring it back
+                return await_restart(svc, run, exc)
+            if old.state == "running":
+                raise
+            # Terminated by EC2: what S3 holds is all there is.
+        else:
+            saved = True
+            autostop.after_run(svc, run, backed_up=True)  # `--then` only once the checkpoints are in S3
         return continue_elsewhere(svc, run, old)
-    except NotSaved as exc:
-        if stopped_by_ec2(svc, run):
-            return await_restart(svc, run, exc)
-        return failed(svc, run, exc, saved)
     except RunctlError as exc:
         return failed(svc, run, exc, saved)
 
