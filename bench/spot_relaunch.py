@@ -16,7 +16,16 @@ it when capacity returns (``RESTART_HOURS`` later) and, before the fix, it then 
 someone notices (same ``FOUND_DAYS``, it is tagged but runctl said nothing); after, its request
 is cancelled once the run resumed elsewhere.
 
-    python bench/spot_relaunch.py [--days 30] [--people 10] [--found-days 7] [--smoke]
+Item 3, the root device: before the fix every launch mapped its disk to `/dev/sda1`; on an
+AMI whose root is `/dev/xvda` (Amazon Linux, the AL2023 Deep Learning AMIs) EC2 then attaches
+that mapping as a second, empty gp3 volume of the requested size, billed while the instance
+exists, running or stopped (gp3 at $0.08/GB-month in us-east-1, workers/cost/disk.py, per the
+EBS pricing page; a month is 730 hours). Counted on the same sessions, on EC2's relaunches and
+restarts (a spot request relaunches with its launch specification, the extra mapping too), and
+on ``KEPT`` instances per person launched once and kept all month (stopped at night: EBS still
+bills). After: the disk is the AMI's own root (DescribeImages' RootDeviceName), no extra volume.
+
+    python bench/spot_relaunch.py [--days 30] [--people 10] [--found-days 7] [--disk-gb 200] [--smoke]
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/spot_relaunch.py`
 
 from bench import harness
+from workers.cost.disk import GP3_USD_PER_GB_MONTH
 from workers.cost.pricing import load_price_book
 
 START = datetime(2026, 11, 2, tzinfo=UTC)  # a Monday
@@ -39,12 +49,21 @@ RELAUNCH_MINUTES = 5
 RESTART_HOURS = 3
 LAUNCH_CHANCE = 0.35
 INTERRUPT_CHANCE = 0.05  # per spot session: an interruption that auto-resume continues elsewhere
+KEPT = 1  # instances per person launched once with `/runctl launch` and kept all month (an assumption)
+MONTH_HOURS = 730  # AWS's GB-month
 
 
-def simulate(days: int, people: int, found_days: float, rng: random.Random) -> dict[str, harness.Figure]:
+def extra_volume_usd(disk_gb: int, hours: float) -> Decimal:
+    """The empty second volume a `/dev/sda1` mapping adds on an AMI whose root is `/dev/xvda`."""
+    return GP3_USD_PER_GB_MONTH["us-east-1"] * disk_gb * Decimal(hours) / MONTH_HOURS
+
+
+def simulate(
+    days: int, people: int, found_days: float, rng: random.Random, disk_gb: int = 200
+) -> dict[str, harness.Figure]:
     book = load_price_book()
     end = START + timedelta(days=days)
-    terminates = relaunched_hours = interrupted = restarted_hours = 0.0
+    terminates = relaunched_hours = interrupted = restarted_hours = session_hours = 0.0
     before_usd = after_usd = leftover_usd = Decimal(0)
     for _person in range(people):
         for day in range(days):
@@ -56,6 +75,7 @@ def simulate(days: int, people: int, found_days: float, rng: random.Random) -> d
             assert price is not None, itype
             spot = price * SPOT_SHARE
             done = date + timedelta(hours=9 + rng.uniform(2, 10))
+            session_hours += (done - date).total_seconds() / 3600 - 9
             if rng.random() < INTERRUPT_CHANCE:
                 interrupted += 1
                 back = done + timedelta(hours=RESTART_HOURS)
@@ -67,6 +87,8 @@ def simulate(days: int, people: int, found_days: float, rng: random.Random) -> d
             hours = max(0.0, (min(start + timedelta(days=found_days), end) - start).total_seconds() / 3600)
             relaunched_hours += hours
             before_usd += spot * Decimal(hours)
+    kept_hours = float(people * KEPT * days * 24)
+    volume_hours = session_hours + kept_hours
     return {
         "days": days,
         "people": people,
@@ -81,6 +103,15 @@ def simulate(days: int, people: int, found_days: float, rng: random.Random) -> d
         "before_restarted_idle_hours": round(restarted_hours, 1),
         "before_restarted_idle_usd": round(float(leftover_usd), 2),
         "after_restarted_idle_usd": 0.0,
+        "extra_volume_gb": disk_gb,
+        "session_volume_hours": round(session_hours, 1),
+        "kept_instances": people * KEPT,
+        "before_extra_volumes_usd": round(float(extra_volume_usd(disk_gb, volume_hours)), 2),
+        "before_extra_volumes_with_relaunches_usd": round(
+            float(extra_volume_usd(disk_gb, volume_hours + relaunched_hours + restarted_hours)), 2
+        ),
+        "before_extra_volume_gb_months": round(disk_gb * volume_hours / MONTH_HOURS, 1),
+        "after_extra_volumes_usd": 0.0,
     }
 
 
@@ -89,10 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--people", type=int, default=10)
     parser.add_argument("--found-days", type=float, default=7.0, help="days until a relaunch is found")
+    parser.add_argument("--disk-gb", type=int, default=200, help="the launches' disk (the example preset's)")
     args = parser.parse_args(argv)
     days, people = (7, 3) if args.smoke else (args.days, args.people)
-    figures = simulate(days, people, args.found_days, random.Random(25))
-    harness.report("spot_relaunch", figures, {"after_relaunched_instances": "0"})
+    figures = simulate(days, people, args.found_days, random.Random(25), args.disk_gb)
+    harness.report("spot_relaunch", figures, {"after_relaunched_instances": "0", "after_extra_volumes_usd": "0"})
     return 0
 
 

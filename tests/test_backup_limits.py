@@ -22,8 +22,8 @@ from workers.services import Services
 from workers.state.runs import Run, RunState
 
 from .test_backup import objects, presigned_urls
-from .test_backup_poison import ALICE, app, slash  # noqa: F401  (the fixture)
-from .test_lifecycle import CHANNEL
+from .test_backup_poison import ALICE, QUICK, app, slash  # noqa: F401  (the fixture)
+from .test_lifecycle import CHANNEL, SCRIPT, run_dir
 
 
 def a_run_with_checkpoints(svc: Services, sandbox: Sandbox, iid: str, run_id: str, names: list[str]) -> Path:
@@ -92,6 +92,42 @@ def test_upload_urls_past_64_kb_go_in_commands_ssm_accepts(
     assert sum(len(u) for u in urls) > MAX_DOCUMENT_BYTES  # more than one command could carry
     uploads = [s for s in sandbox.sent_scripts(iid) if "X-Amz-Signature" in s]
     assert len(uploads) > 1 and all(len(json.dumps([s])) < MAX_DOCUMENT_BYTES for s in uploads)
+
+
+def test_a_restore_of_many_files_goes_in_commands_ssm_accepts_and_the_run_resumes(
+    svc: Services,
+    fleet_seed: SeedInfo,
+    slack: FakeSlack,
+    sandbox: Sandbox,
+    worker: InlineWorker,
+    app: App,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The restore path's presigned GETs, as many as the upload's, batched the same way."""
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "IQoJb3JpZ2luX2VjE" + "A" * 1100)
+    iid, other = fleet_seed.instances["gpu-box-1"], fleet_seed.instances["gpu-box-2"]
+    slash(app, slack, worker, f"train {iid} {SCRIPT} -- {QUICK}", ALICE)
+    run_id = svc.runs.history(iid)[0].run_id
+    ck = run_dir(sandbox, iid, run_id) / "checkpoints"
+    extra = [f"shard-{i:03d}.bin" for i in range(60)]
+    for i, name in enumerate(extra):
+        (ck / name).write_bytes(b"s" * (i + 1))
+    said = slash(app, slack, worker, f"backup {iid} --run {run_id}", ALICE)
+    assert ":white_check_mark:" in said and "not backed up" not in said, said
+    names = sorted(p.name for p in ck.iterdir() if not p.name.startswith("."))  # not the hash cache
+    files = len(names)
+
+    slash(app, slack, worker, f"resume {run_id} --on {other}", ALICE)
+
+    resumed = next(r for r in svc.runs.history(other) if r.checkpoint_run_id == run_id)
+    assert resumed.state is RunState.SUCCEEDED, resumed.error
+    assert any(f":inbox_tray: Restored {files} files" in n and "sha256 verified" in n for n in resumed.notes), (
+        resumed.notes
+    )
+    restored = run_dir(sandbox, other, run_id) / "checkpoints"
+    assert sorted(p.name for p in restored.iterdir() if not p.name.startswith(".")) == names
+    gets = [s for s in sandbox.sent_scripts(other) if "X-Amz-Signature" in s]
+    assert len(gets) > 1 and all(len(json.dumps([s])) < MAX_DOCUMENT_BYTES for s in gets)
 
 
 def test_a_listing_without_its_end_record_counts_as_cut() -> None:

@@ -169,3 +169,34 @@ def test_then_terminate_cancels_the_spot_request_and_says_so(
     assert run is not None
     said = [text_of(x) for x in slack.thread(CHANNEL, run.message_ts or "")]
     assert any("was terminated (`--then terminate`)" in t and f"`{rid}` was cancelled" in t for t in said), said
+
+
+def wait_state(svc: Services, iid: str, state: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while svc.fleet.get(iid).state != state:
+        assert time.monotonic() < deadline, f"{iid} never became {state}: {svc.fleet.get(iid).state}"
+        time.sleep(0.1)
+
+
+def test_the_sandbox_stops_an_interrupted_instance_after_the_notice_and_restarts_it_later(
+    svc: Services, fleet_seed: SeedInfo, sandbox: Sandbox
+) -> None:
+    """EC2 user guide, "Behavior of Spot Instance interruptions": stop-type, persistent request;
+    only EC2 restarts it, when capacity returns; cancelling the request terminates it while stopped."""
+    iid, other = persistent_spot(svc, "spot-interrupted"), persistent_spot(svc, "spot-cancelled")
+    with sandbox.metadata():
+        notice = sandbox.interrupt(iid, "stop", after=0.5, restart_after=1.0)
+        sandbox.interrupt(other, "stop", after=0.5, restart_after=1.0)
+        assert notice["action"] == "stop"
+        assert svc.fleet.get(iid).state == "running"  # the notice gives (scaled) time
+        wait_state(svc, iid, "stopped")
+        assert request_of(svc, iid)["State"] == "disabled"
+        wait_state(svc, other, "stopped")
+        svc.fleet.ec2.cancel_spot_instance_requests(
+            SpotInstanceRequestIds=[request_of(svc, other)["SpotInstanceRequestId"]]
+        )
+        wait_state(svc, iid, "running")
+        assert request_of(svc, iid)["State"] == "active"
+        time.sleep(1.5)
+        assert svc.fleet.get(other).state in ("shutting-down", "terminated")
+    svc.fleet.terminate(iid)

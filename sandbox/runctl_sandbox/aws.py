@@ -24,6 +24,7 @@ from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, ClassVar, Self
 
 import boto3
+from moto.core.models import DEFAULT_ACCOUNT_ID
 from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 from werkzeug.serving import WSGIRequestHandler, make_server
@@ -67,6 +68,7 @@ class Sandbox(ThreadedMotoServer):
         self.spot_requests = self._ec2.spot
         self.s3 = S3Gate()
         self.prices = PriceList()
+        self._imds: Imds | None = None
         self._startup_error: BaseException | None = None
 
     def _server_entry(self) -> None:
@@ -195,11 +197,35 @@ class Sandbox(ThreadedMotoServer):
         imds = Imds(HOST)
         imds.start()
         self._agent.metadata_endpoint = imds.endpoint
+        self._imds = imds
         try:
             yield imds
         finally:
+            self._imds = None
             self._agent.metadata_endpoint = None
             imds.stop()
+
+    def interrupt(
+        self, instance_id: str, action: str = "stop", after: float = 2.0, restart_after: float | None = None
+    ) -> dict[str, str]:
+        """A spot interruption: the notice in the IMDS (inside ``metadata()``), then, ``after``
+        seconds later (the notice's two minutes, scaled), EC2 stops or terminates the instance;
+        a stopped one with a persistent request EC2 restarts ``restart_after`` seconds later,
+        unless the request was cancelled (which terminates it). ``spot_requests`` has the sources."""
+        if self._imds is None:
+            raise RuntimeError("interrupt() needs the metadata service: call it inside `with sandbox.metadata()`")
+        imds = self._imds
+        notice = imds.raise_notice(instance_id, action)
+        self.spot_requests.interrupt(
+            DEFAULT_ACCOUNT_ID,
+            self.region,
+            instance_id,
+            action,
+            after,
+            restart_after,
+            lambda: imds.clear_notice(instance_id),
+        )
+        return notice
 
     def sent_log(self, instance_id: str) -> list[tuple[float, str]]:
         """``sent_scripts`` with when each arrived (``time.monotonic()``)."""

@@ -66,6 +66,11 @@ class Imds:
             self._notices[instance_id] = notice
         return notice
 
+    def clear_notice(self, instance_id: str) -> None:
+        """The instance was restarted: EC2 is no longer about to stop it (the path answers 404 again)."""
+        with self._lock:
+            self._notices.pop(instance_id, None)
+
     def asked(self, instance_id: str) -> list[tuple[str, str]]:
         with self._lock:
             return [(m, p) for iid, m, p in self.requests if iid == instance_id]

@@ -2,17 +2,28 @@
 records a request (moto records none); terminating its instance reopens it and, after
 ``relaunch_seconds``, EC2 launches a new instance for it, without the request's or the old
 instance's tags; CancelSpotInstanceRequests marks it ``cancelled`` (moto forgets it) and
-leaves its instance alone."""
+leaves a running instance alone.
+
+An interruption (``interrupt``), as the EC2 user guide describes it ("Spot Instance
+interruption notices"; "Behavior of Spot Instance interruptions"): the notice (raised in the
+IMDS by the caller) gives two minutes, scaled here to ``after`` seconds; then EC2 stops the
+instance (``stop``: its EBS volumes are kept and only they bill; the request is ``disabled``)
+or terminates it. "Only Amazon EC2 can restart an interrupted stopped Spot Instance": it does,
+``restart_after`` seconds later (capacity returned), for a persistent request still disabled;
+"If you cancel a Spot Instance request ... Amazon EC2 terminates any associated Spot Instances
+that are stopped". (https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/interruption-behavior.html)"""
 
 from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from moto.ec2.models import ec2_backends
 from moto.ec2.models.spot_requests import SpotInstanceRequest
 
+from runctl_sandbox.ssm_agent import kill_instance_processes
 from runctl_sandbox.wire import RequestContext
 
 LIVE = ("open", "active", "disabled")  # the states CancelSpotInstanceRequests accepts
@@ -84,9 +95,79 @@ class SpotRequests:
                 request = backend.spot_instance_requests[rid]
                 if request.state in LIVE:
                     request.state = "cancelled"
-                    running = request.instance is not None and str(request.instance.state) != "terminated"
+                    inst = request.instance
+                    if inst is not None and str(inst.state) == "stopped":  # AWS terminates it
+                        backend.terminate_instances([inst.id])
+                    running = inst is not None and str(inst.state) != "terminated"
                     request._status_code = "request-canceled-and-instance-running" if running else "canceled"
         return request_ids
+
+    def interrupt(
+        self,
+        account_id: str,
+        region: str,
+        instance_id: str,
+        action: str,
+        after: float,
+        restart_after: float | None,
+        restarted: Callable[[], None] = lambda: None,
+    ) -> None:
+        """EC2 takes the instance ``after`` seconds from now (the notice's two minutes, scaled):
+        ``stop`` or ``terminate``; a stopped one is restarted ``restart_after`` seconds later
+        (then ``restarted`` is called: the notice is withdrawn)."""
+        self._later(after, self._take, account_id, region, instance_id, action, restart_after, restarted)
+
+    def _later(self, seconds: float, func: Any, *args: Any) -> None:
+        timer = threading.Timer(seconds, func, args)
+        timer.daemon = True
+        with self._lock:
+            self._timers.add(timer)
+        timer.start()
+
+    def _request_of(self, backend: Any, instance_id: str) -> Any:
+        for request in list(backend.spot_instance_requests.values()):
+            inst = getattr(request, "instance", None)
+            if inst is not None and inst.id == instance_id:
+                return request
+        return None
+
+    def _take(
+        self,
+        account_id: str,
+        region: str,
+        instance_id: str,
+        action: str,
+        restart_after: float | None,
+        restarted: Callable[[], None],
+    ) -> None:
+        backend = ec2_backends[account_id][region]
+        with self._lock:
+            self._timers.discard(threading.current_thread())
+            inst = backend.get_instance(instance_id)
+            if str(inst.state) != "running":
+                return
+            request = self._request_of(backend, instance_id)
+            kill_instance_processes([instance_id])  # as losing power would
+            if action == "terminate":
+                backend.terminate_instances([instance_id])
+                return
+            backend.stop_instances([instance_id])
+            if request is None or request.type != "persistent":
+                return
+            request.state, request._status_code = "disabled", "instance-stopped-no-capacity"
+        if restart_after is not None:
+            self._later(restart_after, self._restart, account_id, region, instance_id, restarted)
+
+    def _restart(self, account_id: str, region: str, instance_id: str, restarted: Callable[[], None]) -> None:
+        backend = ec2_backends[account_id][region]
+        with self._lock:
+            self._timers.discard(threading.current_thread())
+            request = self._request_of(backend, instance_id)
+            if request is None or request.state != "disabled":  # cancelled meanwhile: terminated with it
+                return
+            restarted()
+            backend.start_instances([instance_id])
+            request.state, request._status_code = "active", "fulfilled"
 
     def terminated(self, ctx: RequestContext, instance_ids: list[str]) -> None:
         """TerminateInstances succeeded: each persistent request of those instances reopens and

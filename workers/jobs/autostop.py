@@ -88,9 +88,13 @@ def _idle_stop(svc: Services, iid: str, how: str, actor: Actor = SYSTEM) -> tupl
 # --- train --then ------------------------------------------------------------------
 
 
-def after_run(svc: Services, run: Run) -> None:
+def after_run(svc: Services, run: Run, backed_up: bool = False) -> None:
     """The monitor calls this once a run has ended, however it ended: `--then` acts for the
-    run's requester, with the rights they have when it fires."""
+    run's requester, with the rights they have when it fires. An interrupted `--auto-resume`
+    run's instance holds the checkpoint its SIGTERM saved: the spot replacement calls this
+    again (`backed_up`) once the backup finished, never before (workers/jobs/spot.py)."""
+    if run.spot_notice and run.auto_resume and not backed_up:
+        return
     if run.then in ("stop", "terminate"):
         requester = Actor(user_id=run.user_id, channel_id=run.channel_id)
         enqueue(svc.queue, JobPath.THEN, RunArgs(run_id=run.run_id), requester, what=f"`--then {run.then}` of your run")

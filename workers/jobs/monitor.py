@@ -177,6 +177,8 @@ def update(svc: Services, run: Run, snap: Snapshot | None) -> None:
     if snap.spot_notice and not run.spot_notice and run.spot:
         run.spot_notice, run.spot_signalled_at = snap.spot_notice, snap.spot_signalled_at
         run.polls = 0  # the instance goes within two minutes: follow the checkpoint closely
+        if run.auto_resume and not snap.ended:  # back up now, not after the exit: the stop will not wait
+            backup.queue_run(svc, run)
     train_lock(svc.redis, run.instance_id).extend(run.lock_token)
     if snap.ended:
         finish(svc, run, snap)

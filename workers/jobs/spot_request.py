@@ -84,5 +84,6 @@ def after_interruption(svc: Services, old: Instance) -> str:
         return ""
     return (
         f":no_entry_sign: The spot request `{', '.join(ids)}` of the interrupted {old.label} was cancelled, so EC2 "
-        f"will not restart it; its disk bills until `/runctl terminate {old.id}`."
+        f"will not restart it; its disk bills until `/runctl terminate {old.id}` (EC2 terminates it with the cancel "
+        "if it had already stopped it)."
     )

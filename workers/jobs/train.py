@@ -56,6 +56,7 @@ class TrainFlow:
         self.root = job.svc.settings.RUNCTL_REMOTE_ROOT
         self.token: str | None = None
         self.restoring: list[Stored] = []  # what restore_body fetches from S3, by index
+        self.restore_output = ""  # what the restore commands before the launch's said
 
     def execute(self) -> Run:
         run = self.run
@@ -295,7 +296,7 @@ class TrainFlow:
         before it takes its place; the launch follows only if all were. Only files Redis binds
         to the run and the instance they came from, and only into its checkpoint directory."""
         run = self.run
-        self.restoring = []
+        self.restoring, self.restore_output = [], ""
         if not run.restore_from:
             return ""
         found = backups.restorable(backups.load(self.svc.fleet, run.restore_from), run.restore_from, self.svc.runs.get)
@@ -304,16 +305,27 @@ class TrainFlow:
         if not self.restoring:
             return ""
         seconds = url_seconds(DELIVER_SECONDS)
-        downloads = [
-            backup_script.Download(i, f.name, f.sha256, self.svc.fleet.presign(f.key, seconds))
-            for i, f in enumerate(self.restoring)
-        ]
-        return backup_script.restore(self.root, run.restore_from, downloads)
+
+        def signed(files: list[tuple[int, Stored]]) -> list[backup_script.Download]:
+            presign = self.svc.fleet.presign
+            return [backup_script.Download(i, f.name, f.sha256, presign(f.key, seconds)) for i, f in files]
+
+        # Every URL in one command could pass SSM's 64 KB: batches, each signed as it is sent.
+        batches = backup_script.restore_batches(run.restore_from, signed(list(enumerate(self.restoring))))
+        for batch in batches[:-1]:
+            again = signed([(d.index, self.restoring[d.index]) for d in batch])
+            body = remote.header(self.root) + backup_script.restore_only(self.root, run.restore_from, again)
+            result = self.svc.fleet.run(run.instance_id, body, DELIVER_SECONDS)
+            self.restore_output += result.stdout
+            if not result.ok:
+                raise launch_error(run, result.exit_code, result.stderr or result.stdout, self.restoring, result)
+        last = signed([(d.index, self.restoring[d.index]) for d in batches[-1]])
+        return backup_script.restore(self.root, run.restore_from, last)
 
     def restored(self, output: str) -> None:
         if not self.restoring:
             return
-        got = backup_script.parse_records(output, "got")
+        got = backup_script.parse_records(self.restore_output + output, "got")
         fetched = [f for i, f in enumerate(self.restoring) if got.get(i, ("", ""))[0] == "ok"]
         had = sum(1 for i in range(len(self.restoring)) if got.get(i, ("", ""))[0] == "have")
         self.run.notes.append(

@@ -37,6 +37,9 @@ LIST_BUDGET = OUTPUT_LIMIT - 200  # the listing's bytes: it and its counters sta
 # a script, as the JSON SendCommand carries it, stays well under that.
 COMMAND_LIMIT = 48_000
 KNOWN_BUDGET = 24_000  # of a sums command: the keys of the known files (17 bytes each)
+# Of a restore: the part of the launch command it shares with the wrapper and the code's URL
+# (or, for the batches before it, a command of its own).
+RESTORE_BUDGET = 24_000
 RESTORE_FAILED = 22
 
 _SUMS = (
@@ -260,6 +263,27 @@ def restore(root: str, run_id: str, downloads: Sequence[Download]) -> str:
         + 'if [ "$FAILED" != 0 ]; then echo "runctl: could not restore the checkpoints from S3" >&2; '
         + f"exit {RESTORE_FAILED}; fi\n"
     )
+
+
+def restore_batches(run_id: str, downloads: Sequence[Download], budget: int = RESTORE_BUDGET) -> list[list[Download]]:
+    """The downloads in restores that each stay under `budget` bytes as SendCommand carries
+    them (a single file's restore is its own batch, whatever its size). The last batch goes in
+    the launch command; the others run first, each in a command of its own (`restore_only`)."""
+    batches: list[list[Download]] = []
+    batch: list[Download] = []
+    for d in downloads:
+        batch.append(d)
+        if len(batch) > 1 and command_size(restore("", run_id, batch)) > budget:
+            batches.append(batch[:-1])
+            batch = batch[-1:]
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+def restore_only(root: str, run_id: str, downloads: Sequence[Download]) -> str:
+    """A restore as a command of its own (a batch before the launch's)."""
+    return restore(root, run_id, downloads) + "exit 0\n"
 
 
 @dataclass(frozen=True)
