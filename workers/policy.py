@@ -49,6 +49,7 @@ Action = Literal[
     "resources",
     "checkpoints",
     "logs",
+    "chart",
     "backup",
     "stop",
     "start",
@@ -67,6 +68,7 @@ DEFAULT_COMMANDS: dict[str, tuple[str, ...]] = {
     "resources": (EVERYONE,),
     "checkpoints": (EVERYONE,),
     "logs": (EVERYONE,),
+    "chart": (EVERYONE,),  # and who may read the run's log (workers/jobs/log_access.py)
     "backup": (EVERYONE,),  # copies to S3; deletes nothing
     "help": (EVERYONE,),
     "stop": (OWNER, ADMIN),
