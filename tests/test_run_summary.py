@@ -12,7 +12,7 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
-from runctl_sandbox.aws import Sandbox, SeedInfo
+from runctl_sandbox.aws import SeedInfo
 from runctl_sandbox.fake_slack import FakeSlack, Message, UploadedFile
 from runctl_sandbox.inline import InlineWorker
 from workers.commands import Actor, ChartCommand, TrainCommand
@@ -90,6 +90,7 @@ def test_a_script_that_knows_nothing_of_runctl_gets_its_checkpoint_val_loss_char
     parent = next(m for m in slack.messages("C0TRAIN") if m.ts == run.message_ts)
     urls = [b.get("url") for b in buttons(parent) if b.get("url")]
     assert urls == ["https://wandb.ai/alice/mnist/runs/abc123"]
+    assert run.message_ts
     everything = json.dumps(parent.blocks) + json.dumps([m.blocks for m in slack.thread("C0TRAIN", run.message_ts)])
     assert "evil.example" not in everything
 

@@ -75,12 +75,16 @@ for epoch in range(1, epochs + 1):
     for step in range(1, steps + 1):
         loss = 1.0 / (epoch + step / steps)
         bar = "#" * (step * 10 // steps)
-        sys.stderr.write(f"\\rEpoch {epoch}: {step * 100 // steps:3d}%|{bar:<10}| {step}/{steps} [00:00<00:00, 99.0it/s, loss={loss:.4f}]")
+        done = step * 100 // steps
+        rate = "[00:00<00:00, 99.0it/s"
+        sys.stderr.write(f"\\rEpoch {epoch}: {done:3d}%|{bar:<10}| {step}/{steps} {rate}, loss={loss:.4f}]")
         sys.stderr.flush()
         time.sleep(0.002)
     sys.stderr.write("\\n")
     val = 1.2 / epoch + 0.01
-    print(f"epoch {epoch}/{epochs} train_loss={1.0 / (epoch + 1):.4f} val_loss={val:.4f} val_acc={100 - 30 / epoch:.1f}%", flush=True)
+    acc = 100 - 30 / epoch
+    train = 1.0 / (epoch + 1)
+    print(f"epoch {epoch}/{epochs} train_loss={train:.4f} val_loss={val:.4f} val_acc={acc:.1f}%", flush=True)
     with open(f"checkpoints/epoch_{epoch}.pt", "wb") as f:
         f.write(os.urandom(2048))
 with open("outputs/model_final.pt", "wb") as f:

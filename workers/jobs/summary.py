@@ -57,7 +57,11 @@ class Told:
         """Lines after the outcome: cost, metrics, TensorBoard directories."""
         lines = [self.cost] if self.cost else []
         if self.summary is not None:
-            lines += [t for t in (words.metrics_text(self.summary), words.tensorboard_text(self.summary.tensorboard_dirs)) if t]
+            lines += [
+                t
+                for t in (words.metrics_text(self.summary), words.tensorboard_text(self.summary.tensorboard_dirs))
+                if t
+            ]
         return "\n".join(lines)
 
 
@@ -99,11 +103,12 @@ def read(svc: Services, instance_id: str, run: Run, timeout: int = remote.SUMMAR
 
 
 def price_source(price: Price) -> str:
+    """Where the figure comes from, beside what `Price.describe` says (it names the table's date)."""
     if price.kind == "spot":
-        return "spot price history"
+        return " (EC2 spot price history)"
     if price.table_date is not None:
-        return f"runctl's price table of {price.table_date:%Y-%m-%d}"
-    return "AWS Price List"
+        return ""  # "(table of YYYY-MM-DD)": runctl's shipped table
+    return " (AWS Price List)"
 
 
 def cost_text(svc: Services, run: Run) -> str:
@@ -121,7 +126,7 @@ def cost_text(svc: Services, run: Run) -> str:
     amount = cost_of(price.usd_per_hour, seconds)
     said = f"Cost {format_usd(amount)}: {duration(seconds)} of {code(inst.type)}"
     if price.known:
-        said += f" at {escape(price.describe())} ({price_source(price)})"
+        said += f" at {escape(price.describe())}{price_source(price)}"
     else:
         said += f", {escape(price.describe())}"
     chained = run.auto_resume or run.checkpoint_run_id is not None
@@ -169,7 +174,9 @@ def post_chart(svc: Services, run: Run, summary: RunSummary, title: str, comment
         return False
     name = f"{run.run_id}-metrics.png"
     try:
-        svc.notifier.upload(run.channel_id, name, png, title=f"Metrics of run {run.run_id}", comment=comment, thread_ts=run.message_ts)
+        svc.notifier.upload(
+            run.channel_id, name, png, title=f"Metrics of run {run.run_id}", comment=comment, thread_ts=run.message_ts
+        )
     except SlackApiError as exc:
         log.warning("run %s: chart not uploaded: %s", run.run_id, exc.response.get("error"))
         return False
@@ -199,7 +206,11 @@ def chart_command(job: Job, cmd: ChartCommand) -> str:
     svc.fleet.require_agent(inst, "reads training logs")
     found = read(svc, run.instance_id, run)
     drawn = post_chart(
-        svc, run, found, f"run {run.run_id} · {run.script} · {datetime_text(svc.clock())}", comment=f"<@{job.actor.user_id}>"
+        svc,
+        run,
+        found,
+        f"run {run.run_id} · {run.script} · {datetime_text(svc.clock())}",
+        comment=f"<@{job.actor.user_id}>",
     )
     if not drawn:
         raise RunctlError(

@@ -37,7 +37,6 @@ from workers.remote import bounds, checkpoints, frame
 from workers.remote.checkpoints import CheckpointListing
 from workers.remote.shell import SECTION, interpreter, q
 
-HISTORY = "progress_history.jsonl"
 MAX_POINTS = 2000
 # The summary token must leave room for the listing in SSM's 24,000 characters of output.
 TOKEN_CHARS = 13_000
@@ -47,7 +46,7 @@ MAX_JSON = 2_000_000  # decompressed: more is not ours
 
 # The parser: stdlib only, Python 3.6+. argv: run dir, token budget, max points.
 # Prints the zlib-compressed JSON as base64 on one line; the shell encodes that again.
-PARSER = r'''
+PARSER = r"""
 import base64, json, math, os, re, sys, zlib
 run_dir, budget, max_points = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
@@ -107,8 +106,8 @@ def scan(text, line):
         epoch = float(m.group(1))
         epoch = int(epoch) if epoch.is_integer() else epoch
         t = TQDM.search(text)
-        if t and int(t.group(2)) > 0:  # inside epoch N of a bar: `epoch N/M` counts from 1
-            epoch = epoch - (1 if m.group(2) else 0) + int(t.group(1)) / float(int(t.group(2)))
+        if t and int(t.group(2)) > 0:  # inside epoch N's bar: N-1 and the bar's fraction
+            epoch = epoch - 1 + int(t.group(1)) / float(int(t.group(2)))
         state["epoch"] = int(float(m.group(1)))
     s = STEP.search(text)
     step = None
@@ -204,7 +203,9 @@ def where(p):
         return "step %d" % p[0]
     if p[1] is not None:
         e = p[1]
-        return "epoch %s" % (int(e) if float(e).is_integer() else round(e, 2))
+        if not float(e).is_integer():  # within a bar: the epoch it is in
+            e = math.floor(e) + 1
+        return "epoch %s" % int(e)
     return ""
 def thin(pts, cap):
     if len(pts) <= cap:
@@ -233,6 +234,8 @@ for n in names:
     metrics[n] = {"last": last[2], "at": where(last), "n": len(pts),
                   "best": best[2] if best else None, "best_at": where(best) if best else ""}
     kinds[n] = x_kind(pts)
+    if kinds[n] == "epoch" and min(p[1] for p in pts) < 0:  # bars of epochs counted from 0
+        series[n] = pts = [(p[0], p[1] + 1, p[2], p[3], p[4]) for p in pts]
 def encode(cap_total):
     per = max(10, cap_total // max(1, len(names)))
     out = {}
@@ -251,7 +254,7 @@ while len(blob) > budget and cap > 20:
     cap //= 2
     blob = encode(cap)
 sys.stdout.write(blob.decode() + "\n")
-'''
+"""
 
 
 def summary_script(root: str, run_id: str, owner_id: str, python: str = "") -> str:
@@ -266,8 +269,8 @@ def summary_script(root: str, run_id: str, owner_id: str, python: str = "") -> s
         + 'RUN_DIR="$RUNS/$RUN_ID"\n'
         + f"PY={py}\n"
         + 'command -v "$PY" >/dev/null 2>&1 || PY=python3\n'
-        + "if command -v \"$PY\" >/dev/null 2>&1; then\n"
-        + f"  out=$(\"$PY\" -c {q(PARSER)} \"$RUN_DIR\" {budget} {MAX_POINTS} 2>/dev/null | head -c {budget + 10})\n"
+        + 'if command -v "$PY" >/dev/null 2>&1; then\n'
+        + f'  out=$("$PY" -c {q(PARSER)} "$RUN_DIR" {budget} {MAX_POINTS} 2>/dev/null | head -c {budget + 10})\n'
         + f'  if [ -n "$out" ]; then echo "{s}summary $(printf \'%s\' "$out" | enc)"; else echo "{s}nopython"; fi\n'
         + "else\n"
         + f'  echo "{s}nopython"\n'
@@ -275,13 +278,13 @@ def summary_script(root: str, run_id: str, owner_id: str, python: str = "") -> s
         + "TOTAL_BYTES=0; TOTAL_FILES=0\n"
         + "count_dir() {\n"
         # Field 5 of `ls -ln` is the size, before any name: a name cannot shift it.
-        + "  _t=$(find \"$1\" -type f -exec ls -ln {} + 2>/dev/null | awk '{ s += $5; n += 1 } END { printf \"%.0f %d\\n\", s, n }')\n"
-        + '  TOTAL_BYTES=$((TOTAL_BYTES + ${_t% *})); TOTAL_FILES=$((TOTAL_FILES + ${_t#* }))\n'
+        + '  _t=$(find "$1" -type f -exec ls -ln {} + 2>/dev/null | awk \'{ s += $5; n += 1 } END { printf "%.0f %d\\n", s, n }\')\n'
+        + "  TOTAL_BYTES=$((TOTAL_BYTES + ${_t% *})); TOTAL_FILES=$((TOTAL_FILES + ${_t#* }))\n"
         + "}\n"
         + 'if valid_id "$OWNER" && [ -d "$RUNS/$OWNER" ]; then\n'
         + '  each_dir count_dir "$OWNER"\n'
         + f'  echo "{s}total $TOTAL_BYTES $TOTAL_FILES"\n'
-        + f'  list_run "$OWNER" | awk \'{{ n += length($0) + 1; if (n > {LISTING_CHARS}) exit; print }}\'\n'
+        + f"  list_run \"$OWNER\" | awk '{{ n += length($0) + 1; if (n > {LISTING_CHARS}) exit; print }}'\n"
         + "fi\n"
         + f'echo "{s}end"\n'
         + "exit 0\n"
@@ -325,7 +328,7 @@ ACCY = ("acc", "f1", "auc", "bleu", "rouge", "precision", "recall", "iou", "map"
 
 
 def metric_kind(name: str) -> str:
-    """"loss" (lower is better), "acc" (higher is better) or "" (neither: no best)."""
+    """ "loss" (lower is better), "acc" (higher is better) or "" (neither: no best)."""
     low = name.lower()
     if any(w in low for w in LOSSY):
         return "loss"
@@ -388,7 +391,7 @@ def _absorb(summary: RunSummary, token: str) -> None:
     summary.log_lines = bounds.count(str(doc.get("lines", 0))) or 0
     kinds = doc.get("kinds") if isinstance(doc.get("kinds"), dict) else {}
     raw_series = doc.get("series")
-    for name, rows in (raw_series.items() if isinstance(raw_series, dict) else ()):
+    for name, rows in raw_series.items() if isinstance(raw_series, dict) else ():
         if not isinstance(name, str) or not name or not isinstance(rows, list):
             continue
         points: list[tuple[float, float]] = []
@@ -402,7 +405,7 @@ def _absorb(summary: RunSummary, token: str) -> None:
             kind = kinds.get(name) if isinstance(kinds, dict) else None
             summary.kinds[name[:64]] = kind if kind in ("step", "epoch", "index") else "index"
     raw_metrics = doc.get("metrics")
-    for name, m in (raw_metrics.items() if isinstance(raw_metrics, dict) else ()):
+    for name, m in raw_metrics.items() if isinstance(raw_metrics, dict) else ():
         if not isinstance(name, str) or not name or not isinstance(m, dict):
             continue
         last = _number(m.get("last"))
@@ -431,26 +434,3 @@ def is_finite(value: float) -> bool:
 def newest_at(listing: CheckpointListing | None) -> datetime | None:
     newest = listing.newest if listing else None
     return newest.modified_at if newest else None
-
-
-HISTORY_SECONDS = 5
-HISTORY_DOUBLE_EVERY = 5000  # samples: then the interval doubles, so a week-long run stays small
-
-
-def history_sampler() -> str:
-    """Wrapper shell (after `child=$!`): while the training lives, append `progress.json` to
-    `progress_history.jsonl` whenever it changed, so the end can draw the run's whole curve
-    without the bot keeping every point. Its first 4 KiB, one line; the parser trusts none of it."""
-    return (
-        "( iv=" + str(HISTORY_SECONDS) + "; n=0; last=''\n"
-        '  while kill -0 "$child" 2>/dev/null; do\n'
-        '    if [ -f "$RUN_DIR/progress.json" ]; then\n'
-        "      cur=$(head -c 4096 \"$RUN_DIR/progress.json\" 2>/dev/null | tr -d '\\r\\n')\n"
-        '      if [ -n "$cur" ] && [ "$cur" != "$last" ]; then\n'
-        f"        printf '%s\\n' \"$cur\" >> \"$RUN_DIR/{HISTORY}\"; last=$cur; n=$((n + 1))\n"
-        f'        if [ $((n % {HISTORY_DOUBLE_EVERY})) -eq 0 ]; then iv=$((iv * 2)); fi\n'
-        "      fi\n"
-        "    fi\n"
-        '    sleep "$iv"\n'
-        "  done ) </dev/null >/dev/null 2>&1 &\n"
-    )

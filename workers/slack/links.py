@@ -4,7 +4,8 @@ hosts, each checked here (the log is the training's to write, so it may name any
 | Kind | Hosts | Button |
 | --- | --- | --- |
 | W&B | `wandb.ai` | W&B run |
-| MLflow | Databricks-hosted MLflow: `*.cloud.databricks.com`, `*.azuredatabricks.net`, `*.gcp.databricks.com` | MLflow run |
+| MLflow | Databricks' hosted MLflow (a URL naming `experiments`): `*.cloud.databricks.com`, | MLflow run |
+|  | `*.azuredatabricks.net`, `*.gcp.databricks.com` |  |
 | TensorBoard | `tensorboard.dev` | TensorBoard |
 | Comet | `comet.com`, `www.comet.com` | Comet |
 | Hugging Face | `huggingface.co` | Hugging Face |

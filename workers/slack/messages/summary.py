@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from slack_sdk.models.blocks import ButtonElement
 
-from workers.remote.checkpoints import CheckpointListing, FoundCheckpoint
-from workers.remote.summary import Metric, RunSummary
 from workers.slack.escape import code, escape
 from workers.slack.format import size
 from workers.slack.ids import LINK_ACTION_PREFIX
 from workers.slack.links import LABELS
 from workers.state.runs import Checkpoint, RunLink
+
+if TYPE_CHECKING:  # the web process renders run messages and loads no AWS code (tests/test_layers.py)
+    from workers.remote.checkpoints import CheckpointListing, FoundCheckpoint
+    from workers.remote.summary import Metric, RunSummary
 
 MAX_METRICS = 6
 NO_CHECKPOINT = "No checkpoint was written."
