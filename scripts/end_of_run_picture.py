@@ -11,7 +11,6 @@ import tempfile
 from pathlib import Path
 
 from runctl_sandbox.example_repo import PLAIN_SCRIPT
-
 from workers.remote import summary
 from workers.slack import chart
 from workers.slack.messages.summary import files_text, metrics_text
