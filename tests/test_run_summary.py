@@ -16,7 +16,7 @@ from runctl_sandbox.aws import SeedInfo
 from runctl_sandbox.fake_slack import FakeSlack, Message, UploadedFile
 from runctl_sandbox.inline import InlineWorker
 from workers.commands import Actor, ChartCommand, TrainCommand
-from workers.jobs.summary import chart_command
+from workers.jobs.summary import chart_command, cost_text
 from workers.jobs.train import train
 from workers.services import Services
 from workers.state.runs import Run, RunState
@@ -147,3 +147,30 @@ def test_chart_command_draws_the_runs_curves_in_its_thread(
     assert after[-1].initial_comment == "<@U0ALICE>"
     said = [m.text for m in slack.thread("C0TRAIN", run.message_ts or "") if "Chart of run" in m.text]
     assert said and "`val_loss`" in said[-1]
+
+
+def test_an_auto_resume_runs_cost_adds_up_its_instances(svc: Services, fleet_seed: SeedInfo) -> None:
+    now = svc.clock()
+    first = Run(
+        run_id=f"r-test-{uuid.uuid4().hex[:12]}",
+        instance_id=fleet_seed.instances["gpu-box-1"],  # g5.xlarge, $1.006/h
+        user_id="U0ALICE",
+        channel_id="C0TRAIN",
+        script="train.py",
+        auto_resume=True,
+        started_at=now - timedelta(hours=3),
+        ended_at=now - timedelta(hours=2),
+    )
+    second = first.model_copy(
+        update={
+            "run_id": f"r-test-{uuid.uuid4().hex[:12]}",
+            "instance_id": fleet_seed.instances["cpu-box"],  # t3.medium, $0.0416/h
+            "checkpoint_run_id": first.run_id,
+            "started_at": now - timedelta(hours=2),
+            "ended_at": now,
+        }
+    )
+    assert cost_text(svc, first).startswith("Cost $1.01: 1h 00m of `g5.xlarge`")
+    said = cost_text(svc, second)
+    assert said.startswith("Cost $0.08: 2h 00m of `t3.medium`"), said
+    assert "$1.09 over the 2 runs of `--auto-resume`" in said, said

@@ -260,6 +260,7 @@ def lost(svc: Services, run: Run, exc: RunctlError) -> str:
     reply(svc, run, lost_text, full_log=run.started_at is not None)
     autostop.after_run(svc, run)
     if run.spot_notice:
+        summary.count_cost(svc, run)  # its instance's share of an `--auto-resume` run's cost
         auto_resume(svc, run)
     return run.state.value
 

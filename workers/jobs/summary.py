@@ -102,6 +102,15 @@ def read(svc: Services, instance_id: str, run: Run, timeout: int = remote.SUMMAR
     return remote.parse(result.stdout)
 
 
+def count_cost(svc: Services, run: Run) -> None:
+    """A run whose end had no summary (lost to a spot interruption): its cost still counts in
+    the sum an `--auto-resume` run's end reports."""
+    try:
+        cost_text(svc, run)
+    except Exception:
+        log.exception("run %s: pricing failed", run.run_id)
+
+
 def price_source(price: Price) -> str:
     """Where the figure comes from, beside what `Price.describe` says (it names the table's date)."""
     if price.kind == "spot":
