@@ -65,18 +65,18 @@ def test_nothing_the_log_prints_forges_a_record(tmp_path: Path) -> None:
     assert all(line.startswith("::runctl::") for line in raw.splitlines())
 
 
-def test_a_million_points_come_back_downsampled_within_ssms_output_and_keep_the_best(tmp_path: Path) -> None:
+def test_a_huge_log_comes_back_downsampled_within_ssms_output_and_keeps_the_best(tmp_path: Path) -> None:
     d = run_dir(tmp_path)
     with (d / "training.log").open("w") as log:
-        for step in range(1, 300_001):
+        for step in range(1, 150_001):
             loss = 2.0 / math.sqrt(step) + (0.0001 if step != 123_457 else -1.0)  # one deep dip
-            log.write(f"step {step} loss={loss:.6f} acc={min(0.99, step / 300_000):.4f}\n")
+            log.write(f"step {step} loss={loss:.6f} acc={min(0.99, step / 150_000):.4f}\n")
     found, raw = summarize(tmp_path)
     assert len(raw) < 24_000  # SSM returns at most 24,000 characters of stdout
     assert sum(len(p) for p in found.series.values()) <= summary.MAX_POINTS
     loss = next(m for m in found.metrics if m.name == "loss")
     assert loss.best is not None and loss.best < -0.99 and loss.best_at == "step 123457"
-    assert loss.count == 300_000 and loss.at == "step 300000"
+    assert loss.count == 150_000 and loss.at == "step 150000"
     assert min(y for _, y in found.series["loss"]) == pytest.approx(loss.best, abs=1e-6)  # the dip survives
 
 
@@ -135,3 +135,12 @@ def test_the_log_offering_evil_as_a_wandb_link_gets_no_link(tmp_path: Path) -> N
         links.Link("wandb", "https://wandb.ai/alice/proj/runs/abc"),
         links.Link("huggingface", "https://huggingface.co/alice/model/tree/main/"),
     ]
+
+
+def test_a_series_without_steps_or_epochs_is_drawn_in_report_order(tmp_path: Path) -> None:
+    d = run_dir(tmp_path)
+    (d / "training.log").write_text("".join(f"train loss: {1 / i:.5f}\n" for i in range(1, 120_001)))
+    found, _ = summarize(tmp_path)
+    xs = [x for x, _ in found.series["loss"]]
+    assert found.kinds["loss"] == "index" and xs == sorted(xs) and len(set(xs)) == len(xs)
+    assert xs[0] == 0 and xs[-1] == 119_999

@@ -80,11 +80,26 @@ def finite(text):
 series = {}   # name -> list of (x_step, x_epoch, y, line, seq)
 links, tb = [], []
 state = {"epoch": None, "step": None}
+extremes = {}  # name -> [count, lowest point, highest point]: exact, whatever thinning drops
 def add(name, y, step, epoch, line):
-    pts = series.setdefault(name, [])
-    if len(pts) >= 400000:
-        del pts[::2]  # a log of millions of points: keep every other one, the shape stays
-    pts.append((step, epoch, y, line, len(pts)))
+    pts = series.get(name)
+    if pts is None:
+        if len(series) >= 200:
+            return  # a log naming thousands of "metrics" is not reporting metrics
+        pts = series[name] = []
+    ext = extremes.get(name)
+    if len(pts) >= 100000:  # a log of millions of points: every other one and the extremes stay
+        pts[:] = [q for i, q in enumerate(pts) if i % 2 or q is ext[1] or q is ext[2]]
+    p = (step, epoch, y, line, ext[0] if ext else 0)  # its place among all of the name's points
+    pts.append(p)
+    if ext is None:
+        extremes[name] = [1, p, p]
+    else:
+        ext[0] += 1
+        if y < ext[1][2]:
+            ext[1] = p
+        if y > ext[2][2]:
+            ext[2] = p
 def scan(text, line):
     text = ANSI.sub("", text)
     if "http" in text:
@@ -185,6 +200,7 @@ read_history()
 for name, pts in history.items():  # the protocol's own figures beat what the log says
     if len(pts) >= 3 or name not in series:
         series[name] = pts
+        extremes[name] = [len(pts), min(pts, key=lambda p: p[2]), max(pts, key=lambda p: p[2])]
 def useful(name, pts):
     if kind(name):
         return True
@@ -228,10 +244,11 @@ for n in names:
     pts = series[n]
     last = pts[-1]
     k = kind(n)
+    count, low, high = extremes[n]
     best = None
     if k:
-        best = (min if k == "loss" else max)(pts, key=lambda p: p[2])
-    metrics[n] = {"last": last[2], "at": where(last), "n": len(pts),
+        best = low if k == "loss" else high
+    metrics[n] = {"last": last[2], "at": where(last), "n": count,
                   "best": best[2] if best else None, "best_at": where(best) if best else ""}
     kinds[n] = x_kind(pts)
     if kinds[n] == "epoch" and min(p[1] for p in pts) < 0:  # bars of epochs counted from 0
