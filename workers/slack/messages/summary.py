@@ -50,9 +50,12 @@ def metrics_text(summary: RunSummary) -> str:
     return "Metrics (last, best): " + lines + (f" · {more} more" if more > 0 else "")
 
 
+PROTOCOL_DIR = "the run's checkpoint directory"
+
+
 def _place(name: str) -> str:
     head, _, _ = name.rpartition("/")
-    return head + "/" if head else "the run's checkpoint directory"
+    return head + "/" if head else PROTOCOL_DIR
 
 
 def files_text(listing: CheckpointListing | None, total_bytes: int | None, backed_up: set[str] | None) -> str:
@@ -76,7 +79,7 @@ def files_text(listing: CheckpointListing | None, total_bytes: int | None, backe
     if len(named) > 1:
         parts.append("Also: " + ", ".join(_one(c) for c in named[1:4]))
     summary = f"{count} file{'s' if count != 1 else ''}, {size(total)} in all, in " + ", ".join(
-        code(p, 120) for p in places[:4]
+        p if p == PROTOCOL_DIR else code(p, 120) for p in places[:4]
     )
     if backed_up is not None:
         names = {c.name for c in found}
