@@ -12,6 +12,9 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
+from slack_sdk import WebClient
+
+from bot.app import build_app
 from runctl_sandbox.aws import SeedInfo
 from runctl_sandbox.fake_slack import FakeSlack, Message, UploadedFile
 from runctl_sandbox.inline import InlineWorker
@@ -20,6 +23,9 @@ from workers.jobs.summary import chart_command, cost_text
 from workers.jobs.train import train
 from workers.services import Services
 from workers.state.runs import Run, RunState
+
+from .conftest import TOKEN
+from .slack import action, click
 
 ALICE = Actor(user_id="U0ALICE", channel_id="C0TRAIN")
 G5_XLARGE = Decimal("1.006")  # us-east-1 on-demand, the sandbox's Price List (price_catalogue.json)
@@ -90,6 +96,12 @@ def test_a_script_that_knows_nothing_of_runctl_gets_its_checkpoint_val_loss_char
     parent = next(m for m in slack.messages("C0TRAIN") if m.ts == run.message_ts)
     urls = [b.get("url") for b in buttons(parent) if b.get("url")]
     assert urls == ["https://wandb.ai/alice/mnist/runs/abc123"]
+    # Slack opens the page and still sends the click: the real app acks it, queues nothing, says nothing
+    app = build_app(svc.settings, svc.redis, WebClient(token=TOKEN, base_url=slack.base_url), token_verification=False)
+    pressed = click({"ts": parent.ts, "blocks": parent.blocks}, "run_link_wandb", "U0BOB")
+    before = (worker.pending(), len(slack.ephemerals()))
+    assert app.dispatch(action(pressed)).status == 200
+    assert (worker.pending(), len(slack.ephemerals())) == before
     assert run.message_ts
     everything = json.dumps(parent.blocks) + json.dumps([m.blocks for m in slack.thread("C0TRAIN", run.message_ts)])
     assert "evil.example" not in everything

@@ -4,7 +4,7 @@ The policy comes from ``RUNCTL_POLICY_FILE`` (TOML or YAML) when it is set, and 
 re-read whenever the file changes (cached by mtime), so an edit takes effect on the
 next check. Without a file, the default applies:
 
-- everyone may ``train``, ``status``, ``resources``, ``checkpoints`` and ``logs``;
+- everyone may ``train``, ``status``, ``resources``, ``checkpoints``, ``logs`` and ``chart``;
 - ``stop`` and ``start`` are for the instance's owner or admins (see ``owner``);
 - ``terminate``, ``force`` and ``audit`` are for admins;
 - admins come from ``RUNCTL_ADMINS``; any channel; scope ``RUNCTL_SCOPE_TAG``.
