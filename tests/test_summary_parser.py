@@ -69,8 +69,8 @@ def test_a_huge_log_comes_back_downsampled_within_ssms_output_and_keeps_the_best
     d = run_dir(tmp_path)
     with (d / "training.log").open("w") as log:
         for step in range(1, 150_001):
-            loss = 2.0 / math.sqrt(step) + (0.0001 if step != 123_457 else -1.0)  # one deep dip
-            log.write(f"step {step} loss={loss:.6f} acc={min(0.99, step / 150_000):.4f}\n")
+            value = 2.0 / math.sqrt(step) + (0.0001 if step != 123_457 else -1.0)  # one deep dip
+            log.write(f"step {step} loss={value:.6f} acc={min(0.99, step / 150_000):.4f}\n")
     found, raw = summarize(tmp_path)
     assert len(raw) < 24_000  # SSM returns at most 24,000 characters of stdout
     assert sum(len(p) for p in found.series.values()) <= summary.MAX_POINTS
