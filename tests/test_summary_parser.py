@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from workers.remote import summary
+from workers.remote import history, summary
 from workers.slack import links
 from workers.slack.messages.summary import files_text, metrics_text
 
@@ -144,3 +145,29 @@ def test_a_series_without_steps_or_epochs_is_drawn_in_report_order(tmp_path: Pat
     xs = [x for x, _ in found.series["loss"]]
     assert found.kinds["loss"] == "index" and xs == sorted(xs) and len(set(xs)) == len(xs)
     assert xs[0] == 0 and xs[-1] == 119_999
+
+
+def test_the_wrappers_sampler_keeps_each_new_progress_and_the_end_charts_the_protocols_metrics(tmp_path: Path) -> None:
+    d = run_dir(tmp_path)
+    (d / "training.log").write_text("")
+    writer = (
+        "import json, os, sys, time\n"
+        "for i in range(1, 5):\n"
+        "    doc = {'step': i * 10, 'metrics': {'reward': i * 1.5, 'loss': 1.0 / i}}\n"
+        "    open(sys.argv[1] + '.tmp', 'w').write(json.dumps(doc, indent=1))\n"
+        "    os.replace(sys.argv[1] + '.tmp', sys.argv[1])\n"
+        "    time.sleep(2.5)\n"
+    )
+    shell = (
+        f"RUN_DIR={d}\n"
+        f'python3 -c {shlex.quote(writer)} "$RUN_DIR/progress.json" &\n'
+        "child=$!\n" + history.sampler(seconds=1) + 'wait "$child"\nsleep 1.5\n'
+    )
+    subprocess.run([SH, "-c", shell], check=True, timeout=30)
+    rows = [json.loads(line) for line in (d / "progress_history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20, 30, 40]  # each change once, one line each
+    found, _ = summarize(tmp_path)
+    assert found.chartable()["reward"] == [(10, 1.5), (20, 3.0), (30, 4.5), (40, 6.0)]
+    assert found.kinds["reward"] == "step"
+    reward = next(m for m in found.metrics if m.name == "reward")
+    assert (reward.last, reward.best, reward.at) == (6.0, 6.0, "step 40")

@@ -10,12 +10,12 @@ HISTORY_SECONDS = 5
 HISTORY_DOUBLE_EVERY = 5000  # samples: then the interval doubles, so a week-long run stays small
 
 
-def sampler() -> str:
+def sampler(seconds: int = HISTORY_SECONDS) -> str:
     """Wrapper shell (after `child=$!`): while the training lives, append `progress.json` to
     `progress_history.jsonl` whenever it changed, so the end can draw the run's whole curve
     without the bot keeping every point. Its first 4 KiB, one line; the parser trusts none of it."""
     return (
-        "( iv=" + str(HISTORY_SECONDS) + "; n=0; last=''\n"
+        "( iv=" + str(int(seconds)) + "; n=0; last=''\n"
         '  while kill -0 "$child" 2>/dev/null; do\n'
         '    if [ -f "$RUN_DIR/progress.json" ]; then\n'
         "      cur=$(head -c 4096 \"$RUN_DIR/progress.json\" 2>/dev/null | tr -d '\\r\\n')\n"
