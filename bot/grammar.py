@@ -204,6 +204,16 @@ SPECS: dict[str, Spec] = {
             "4 MB) in the run's thread: anyone in the run's channel, else its owner or an admin, may click it.",
         ),
         Spec(
+            "chart",
+            "/runctl chart <instance-id|run-id>",
+            "A chart of a run's metrics so far (its loss and accuracy curves), in the run's thread.",
+            positionals=("target",),
+            build=c.ChartCommand,
+            details="An instance id means its live run, else its newest. Read from the run's training.log "
+            "(`name=value` pairs, `epoch N/M` lines, tqdm postfixes) and its progress file on the instance; "
+            "who may ask is who may read the run's log. The same chart comes with a run's final reply.",
+        ),
+        Spec(
             "backup",
             "/runctl backup <instance-id> [--run RUN_ID]",
             "Copy checkpoints to S3 (each file once by sha256), so they outlive the instance.",

@@ -16,6 +16,7 @@ from workers.commands import (
     Actor,
     AnyCommand,
     AuditCommand,
+    ChartCommand,
     CheckpointsCommand,
     HelpCommand,
     LogsCommand,
@@ -30,7 +31,7 @@ from workers.state.runs import new_run_id
 log = logging.getLogger(__name__)
 
 # Commands whose answer is the whole conversation: the worker answers within seconds.
-QUICK = (StatusCommand, CheckpointsCommand, LogsCommand, AuditCommand, ResourcesCommand)
+QUICK = (StatusCommand, CheckpointsCommand, LogsCommand, AuditCommand, ResourcesCommand, ChartCommand)
 
 
 def runctl(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None:

@@ -152,6 +152,12 @@ class LogsCommand(Command):
     grep: str | None = Field(None, min_length=1, max_length=200)
 
 
+class ChartCommand(Command):
+    name: Literal["chart"] = "chart"
+    # An instance (its live run, else its newest) or a run id.
+    target: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
+
+
 class BackupCommand(Command):
     name: Literal["backup"] = "backup"
     instance_id: InstanceId
@@ -196,6 +202,7 @@ AnyCommand = (
     | ResourcesCommand
     | CheckpointsCommand
     | LogsCommand
+    | ChartCommand
     | BackupCommand
     | ResumeCommand
     | AuditCommand

@@ -4,7 +4,7 @@ The policy comes from ``RUNCTL_POLICY_FILE`` (TOML or YAML) when it is set, and 
 re-read whenever the file changes (cached by mtime), so an edit takes effect on the
 next check. Without a file, the default applies:
 
-- everyone may ``train``, ``status``, ``resources``, ``checkpoints`` and ``logs``;
+- everyone may ``train``, ``status``, ``resources``, ``checkpoints``, ``logs`` and ``chart``;
 - ``stop`` and ``start`` are for the instance's owner or admins (see ``owner``);
 - ``terminate``, ``force`` and ``audit`` are for admins;
 - admins come from ``RUNCTL_ADMINS``; any channel; scope ``RUNCTL_SCOPE_TAG``.
@@ -50,6 +50,7 @@ Action = Literal[
     "resources",
     "checkpoints",
     "logs",
+    "chart",
     "backup",
     "stop",
     "start",
@@ -72,6 +73,7 @@ DEFAULT_COMMANDS: dict[str, tuple[str, ...]] = {
     "resources": (EVERYONE,),
     "checkpoints": (EVERYONE,),
     "logs": (EVERYONE,),
+    "chart": (EVERYONE,),  # and who may read the run's log (workers/jobs/log_access.py)
     "backup": (EVERYONE,),  # copies to S3; deletes nothing
     "help": (EVERYONE,),
     "stop": (OWNER, ADMIN),

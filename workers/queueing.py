@@ -67,6 +67,7 @@ class JobPath(StrEnum):
     AUDIT = "workers.jobs.audit.audit"
     LOGS = "workers.jobs.logs.logs"
     FULL_LOG = "workers.jobs.logs.full_log"
+    CHART = "workers.jobs.summary.chart_command"
     # Terminate's clicks; launch's too while jobs queued before LAUNCH_CLICK may wait (one release).
     CONFIRM_CLICK = "workers.jobs.terminate.confirm_click"
     LAUNCH_CLICK = "workers.jobs.launch.confirm_click"
@@ -118,7 +119,9 @@ LONG_JOBS = frozenset(
 
 
 # Commands that only read and answer: repeated after their worker died, they do no harm.
-RETRIED = frozenset({JobPath.STATUS, JobPath.RESOURCES, JobPath.CHECKPOINTS, JobPath.AUDIT, JobPath.LOGS})
+RETRIED = frozenset(
+    {JobPath.STATUS, JobPath.RESOURCES, JobPath.CHECKPOINTS, JobPath.AUDIT, JobPath.LOGS, JobPath.CHART}
+)
 ABANDONED = "workers.jobs.abandoned.report"
 
 
@@ -168,6 +171,7 @@ JOBS: dict[str, JobPath] = {
     "resources": JobPath.RESOURCES,
     "checkpoints": JobPath.CHECKPOINTS,
     "logs": JobPath.LOGS,
+    "chart": JobPath.CHART,
     "backup": JobPath.BACKUP,
     "resume": JobPath.RESUME_COMMAND,
     "audit": JobPath.AUDIT,

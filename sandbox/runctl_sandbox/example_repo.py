@@ -1,6 +1,7 @@
 """The example training repository the sandbox ships: a real git repo with the
 example scripts (stdlib and PyTorch, with their shared protocol module), a script
-with a syntax error, and one that never checkpoints."""
+with a syntax error, one that never checkpoints, runctl's examples script
+(`examples/test_training_script.py`) and one that knows nothing of runctl (`plain_train.py`)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,60 @@ for epoch in range(1, epochs + 1):
 """
 
 
+# runctl's examples script: knows nothing of the protocol; saves ./checkpoints/checkpoint_epoch_N.json
+# each epoch and ./checkpoints/final_checkpoint.json at the end (the final reply must name it).
+EXAMPLES_SCRIPT = """import argparse, json, math, os, time
+
+p = argparse.ArgumentParser()
+p.add_argument("--epochs", type=int, default=5)
+p.add_argument("--sleep", type=float, default=0.05)
+a = p.parse_args()
+os.makedirs("checkpoints", exist_ok=True)
+print("Starting training...", flush=True)
+for epoch in range(1, a.epochs + 1):
+    time.sleep(a.sleep)
+    loss = 2.0 * math.exp(-0.4 * epoch)
+    print(f"Epoch {epoch}/{a.epochs} - loss: {loss:.4f} - accuracy: {1 - loss / 3:.4f}", flush=True)
+    with open(f"checkpoints/checkpoint_epoch_{epoch}.json", "w") as f:
+        json.dump({"epoch": epoch, "loss": loss}, f)
+with open("checkpoints/final_checkpoint.json", "w") as f:
+    json.dump({"epoch": a.epochs, "final": True}, f)
+print("Training complete!", flush=True)
+"""
+
+# A script that knows nothing of runctl, as people write them: a tqdm-style bar redrawn with
+# `\\r`, `epoch N/M ... val_loss=...` lines, ./checkpoints/epoch_N.pt, ./outputs/model_final.pt,
+# and a W&B-style line naming another host (which must not become a link).
+PLAIN_SCRIPT = """import math, os, sys, time
+
+epochs = int(sys.argv[1]) if len(sys.argv) > 1 else 4
+steps = 20
+os.makedirs("checkpoints", exist_ok=True)
+os.makedirs("outputs", exist_ok=True)
+print("wandb: View run at https://evil.example/alice/mnist/runs/x1", flush=True)
+print("wandb: 🚀 View run at https://wandb.ai/alice/mnist/runs/abc123", flush=True)
+for epoch in range(1, epochs + 1):
+    for step in range(1, steps + 1):
+        loss = 1.0 / (epoch + step / steps)
+        bar = "#" * (step * 10 // steps)
+        done = step * 100 // steps
+        rate = "[00:00<00:00, 99.0it/s"
+        sys.stderr.write(f"\\rEpoch {epoch}: {done:3d}%|{bar:<10}| {step}/{steps} {rate}, loss={loss:.4f}]")
+        sys.stderr.flush()
+        time.sleep(0.002)
+    sys.stderr.write("\\n")
+    val = 1.2 / epoch + 0.01
+    acc = 100 - 30 / epoch
+    train = 1.0 / (epoch + 1)
+    print(f"epoch {epoch}/{epochs} train_loss={train:.4f} val_loss={val:.4f} val_acc={acc:.1f}%", flush=True)
+    with open(f"checkpoints/epoch_{epoch}.pt", "wb") as f:
+        f.write(os.urandom(2048))
+with open("outputs/model_final.pt", "wb") as f:
+    f.write(os.urandom(4096))
+print("done", flush=True)
+"""
+
+
 def _git(repo: Path, *args: str) -> None:
     subprocess.run(
         ["git", "-C", str(repo), "-c", "user.name=runctl", "-c", "user.email=runctl@example.invalid", *args],
@@ -57,6 +112,9 @@ def make_example_repo(dest: Path) -> Path:
     (dest / "broken.py").write_text(BROKEN)
     (dest / "no_checkpoints.py").write_text(NO_CHECKPOINTS)
     (dest / "no_handler.py").write_text(NO_HANDLER)
+    (dest / "examples").mkdir()
+    (dest / "examples" / "test_training_script.py").write_text(EXAMPLES_SCRIPT)
+    (dest / "plain_train.py").write_text(PLAIN_SCRIPT)
     (dest / "README.md").write_text("Example training code for the runctl sandbox.\n")
     _git(dest, "add", "-A")
     _git(dest, "commit", "-q", "-m", "example training code")

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 
 from workers import remote
 from workers.errors import InstanceError, RunctlError, Throttled
-from workers.jobs import autostop, backup, funnel
+from workers.jobs import autostop, backup, funnel, summary
 from workers.queueing import SYSTEM, JobPath, RunArgs, enqueue
 from workers.remote import spot
 from workers.remote.status import Snapshot, parse_many
@@ -205,18 +205,23 @@ def finish(svc: Services, run: Run, snap: Snapshot) -> None:
     run.ended_by = run.ended_by or "exit"
     run.state = ended_state(run.exit_code)
     train_lock(svc.redis, run.instance_id).release(run.lock_token)
+    told = summary.gather(svc, run)  # one SSM command: metrics, chart series, files, links; and the cost
+    summary.keep(run, told)
     publish(svc, run)
     autostop.after_run(svc, run)
     took = duration((run.ended_at - (run.started_at or run.created_at)).total_seconds())
+    more = "\n" + told.details() if told.details() else ""
     if run.spot_notice:
-        reply(svc, run, spot_report(run, f"ended (exit {run.exit_code}) after {took}"), full_log=True)
+        reply(svc, run, spot_report(run, f"ended (exit {run.exit_code}) after {took}") + more, full_log=True)
+        summary.conclude(svc, run, told)
         auto_resume(svc, run)
         return
-    ck = (
+    ck = told.files() or (
         "Checkpoint: " + checkpoint_text(run.checkpoint, run.ended_at, absolute=True)
         if run.checkpoint
         else "No checkpoint was written."
     )
+    ck += more
     if run.exit_code == 0:
         reply(svc, run, f":white_check_mark: run {code(run.run_id)} finished (exit 0) in {took}. {ck}", full_log=True)
     elif run.state is RunState.STOPPED:
@@ -238,6 +243,7 @@ def finish(svc: Services, run: Run, snap: Snapshot) -> None:
             f"Last lines of training.log:\n{block(tail[-2500:])}",
             full_log=True,
         )
+    summary.conclude(svc, run, told)
 
 
 def lost(svc: Services, run: Run, exc: RunctlError) -> str:
@@ -256,6 +262,7 @@ def lost(svc: Services, run: Run, exc: RunctlError) -> str:
     reply(svc, run, lost_text, full_log=run.started_at is not None)
     autostop.after_run(svc, run)
     if run.spot_notice:
+        summary.count_cost(svc, run)  # its instance's share of an `--auto-resume` run's cost
         auto_resume(svc, run)
     return run.state.value
 

@@ -81,6 +81,7 @@ _FUNCTIONS = (
     '  _cb=$1; _base="$RUNS/$2"; _seen=$nl\n'
     '  visit "$_base/checkpoints" ""\n'
     '  visit "$_base/work/checkpoints" "./checkpoints/"\n'
+    '  visit "$_base/work/outputs" "./outputs/"\n'
     '  if [ -f "$_base/checkpoint_dirs" ]; then\n'
     "    while IFS= read -r _d; do\n"
     '      case "$_d" in\n'

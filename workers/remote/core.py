@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from workers.remote import frame, gpu, spot
+from workers.remote import frame, gpu, history, spot
 from workers.remote.events import OFF, Sender
 from workers.remote.shell import SECTION, header, heredoc_end, home, interpreter, q, run_dir
 
@@ -90,6 +90,7 @@ def wrapper(
         "child=$!\n"
         'echo "$child" > "$RUN_DIR/pid.tmp" && mv "$RUN_DIR/pid.tmp" "$RUN_DIR/pid"\n'
         + events.started
+        + history.sampler()
         + (spot.watch() if spot_watch else "")
         + "while :; do\n"
         '  wait "$child"; rc=$?\n'

@@ -85,3 +85,49 @@ def spend_chart(
     described = "; ".join(f"{name}: ${sum(values):,.2f}" for name, values in series)
     figure.savefig(out, format="png", metadata={"Description": f"EC2 spend per person, 7 days: {described}"})
     return out.getvalue()
+
+
+MAX_SERIES = 12
+X_LABELS = {"step": "step", "epoch": "epoch", "index": "report #"}
+
+
+def run_chart(
+    title: str,
+    series: Mapping[str, Sequence[tuple[float, float]]],
+    kinds: Mapping[str, str],
+    sorts: Mapping[str, str],
+) -> bytes | None:
+    """A run's metric curves as a PNG: loss-like metrics (``sorts[name] == "loss"``) on one axes,
+    accuracy-like (``"acc"``) on another, the rest on a third; None without matplotlib or with
+    no series. Names are untrusted text (`literal`); every number is finite (the parser's word)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    chosen = list(series.items())[:MAX_SERIES]
+    if not chosen:
+        return None
+    groups: dict[str, list[tuple[str, Sequence[tuple[float, float]]]]] = {}
+    for name, points in chosen:
+        groups.setdefault(sorts.get(name, "") or "other", []).append((name, points))
+    order = [g for g in ("loss", "acc", "other") if g in groups]
+    figure = Figure(figsize=(5.0 * len(order) + 1, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    titles = {"loss": "Loss (lower is better)", "acc": "Accuracy (higher is better)", "other": "Other metrics"}
+    for i, group in enumerate(order):
+        axes = figure.add_subplot(1, len(order), i + 1)
+        xkinds = {kinds.get(name, "index") for name, _ in groups[group]}
+        for name, points in groups[group]:
+            axes.plot([p[0] for p in points], [p[1] for p in points], label=literal(name), linewidth=1.4)
+        axes.set_xlabel(X_LABELS.get(xkinds.pop(), "report #") if len(xkinds) == 1 else "step / epoch / report #")
+        axes.set_title(titles[group], fontsize="medium")
+        axes.grid(True, alpha=0.3)
+        axes.spines[["top", "right"]].set_visible(False)
+        axes.legend(fontsize="small", frameon=False)
+    figure.suptitle(literal(title), fontsize="medium")
+    figure.tight_layout()
+    out = io.BytesIO()
+    described = "; ".join(f"{name}: {len(points)} points" for name, points in chosen)
+    figure.savefig(out, format="png", metadata={"Description": f"{len(chosen)} series: {described}"})
+    return out.getvalue()

@@ -20,6 +20,11 @@ class ActionId(StrEnum):
     FULL_LOG = "run_full_log"
 
 
+# Link buttons on a run's message (W&B, MLflow, ...): `run_link_<kind>`. Slack opens the url and
+# still sends the click, which bot/actions/logs.py only acks; they need no policy tier.
+LINK_ACTION_PREFIX = "run_link_"
+
+
 class BlockId(StrEnum):
     RUN_HEADER = "run_header"
     RUN_PROGRESS = "run_progress"

@@ -24,7 +24,7 @@ RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,79}")
 # How a run ended: it exited by itself, a stop/terminate (or --force) ended it, or it was lost.
 EndedBy = Literal["", "exit", "stop", "terminate", "force", "lost"]
 # Options whose values are where scripts save: checkpoint discovery looks there too.
-DIR_OPTIONS = ("--checkpoint-dir", "--checkpoint_dir", "--output-dir", "--output_dir")
+DIR_OPTIONS = ("--checkpoint-dir", "--checkpoint_dir", "--output-dir", "--output_dir", "--save-dir", "--save_dir")
 
 
 class RunState(StrEnum):
@@ -74,6 +74,21 @@ class Checkpoint(BaseModel):
     size: int
     modified_at: datetime
     epoch: int | None = None
+
+
+class RunLink(BaseModel):
+    """A tracker's page the run's log announced, checked against its host (workers/slack/links.py)."""
+
+    kind: str
+    url: str
+
+
+class Outcome(BaseModel):
+    """What the end of a run found on its instance (workers/jobs/summary.py), kept for its final
+    message: its cost (escaped mrkdwn) and its trackers' links."""
+
+    cost: str = ""
+    links: list[RunLink] = Field(default_factory=list)
 
 
 class Gpu(BaseModel):
@@ -132,6 +147,7 @@ class Run(BaseModel):
     spot_notice: str = ""  # the interruption notice the wrapper acted on (IMDS's JSON)
     spot_signalled_at: datetime | None = None  # when the wrapper SIGTERMed the training for it
     error: ErrorInfo | None = None
+    outcome: Outcome | None = None  # the end's summary: cost and links (workers/jobs/summary.py)
     polls: int = 0
     lock_token: str = ""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from slack_sdk.models.blocks import (
@@ -21,7 +22,8 @@ from workers.slack.escape import code, escape
 from workers.slack.format import bar, duration, size
 from workers.slack.ids import ActionId, BlockId
 from workers.slack.messages import Message
-from workers.state.runs import Checkpoint, Gpu, Progress, Run, RunState
+from workers.slack.messages.summary import link_buttons
+from workers.state.runs import Checkpoint, Gpu, Progress, Run, RunLink, RunState
 
 EMOJI = {
     RunState.QUEUED: ":hourglass_flowing_sand:",
@@ -118,6 +120,8 @@ def run_blocks(run: Run, now: datetime | None = None) -> Message:
         details.append(f"{verb} by <@{run.stopped_by}>" + (" with `--force`" if run.ended_by == "force" else ""))
     if run.exit_code is not None:
         details.append(f"exit code {run.exit_code}")
+    if final and run.outcome is not None and run.outcome.cost:
+        details.append(run.outcome.cost)  # escaped when made (workers/jobs/summary.py)
     if run.setup_seconds is not None:
         details.append(f"env ready in {duration(run.setup_seconds)}")
     blocks: list[Block] = [
@@ -143,14 +147,15 @@ def run_blocks(run: Run, now: datetime | None = None) -> Message:
         )
     )
     if run.started_at is not None:  # it has a training.log
-        blocks.append(full_log_actions(run.run_id))
+        blocks.append(full_log_actions(run.run_id, run.outcome.links if final and run.outcome else ()))
     return Message(run_summary(run), blocks)
 
 
-def full_log_actions(run_id: str) -> ActionsBlock:
-    """[Full log]: the whole training.log attached in the run's thread (workers.jobs.logs)."""
+def full_log_actions(run_id: str, links: Sequence[RunLink] = ()) -> ActionsBlock:
+    """[Full log]: the whole training.log attached in the run's thread (workers.jobs.logs);
+    then the trackers' link buttons an ended run's log announced (workers/slack/links.py)."""
     button = ButtonElement(text="Full log", action_id=ActionId.FULL_LOG, value=run_id)
-    return ActionsBlock(block_id=BlockId.RUN_ACTIONS, elements=[button])
+    return ActionsBlock(block_id=BlockId.RUN_ACTIONS, elements=[button, *link_buttons(list(links))])
 
 
 _FENCE = re.compile(r"(```.*?```)", re.DOTALL)
