@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 
 from workers import remote
 from workers.errors import InstanceError, RunctlError, Throttled
-from workers.jobs import autostop, backup, funnel
+from workers.jobs import autostop, backup, funnel, queued
 from workers.queueing import SYSTEM, JobPath, RunArgs, enqueue
 from workers.remote import spot
 from workers.remote.status import Snapshot, parse_many
@@ -94,6 +94,7 @@ def tick(source: str = "scheduled") -> str:
     waiting = updates.flush(svc)
     if waiting is not None:
         ensure_tick(svc, svc.clock().timestamp() + waiting)
+    queued.fallback(svc)  # a queue whose run's end was missed moves on here
     return f"polled {len(runs)}"
 
 
@@ -209,6 +210,7 @@ def finish(svc: Services, run: Run, snap: Snapshot) -> None:
     if run.spot_notice:
         reply(svc, run, spot_report(run, f"ended (exit {run.exit_code}) after {took}"), full_log=True)
         auto_resume(svc, run)
+        queued.after_end(svc, run)
         return
     ck = (
         "Checkpoint: " + checkpoint_text(run.checkpoint, run.ended_at, absolute=True)
@@ -236,6 +238,7 @@ def finish(svc: Services, run: Run, snap: Snapshot) -> None:
             f"Last lines of training.log:\n{block(tail[-2500:])}",
             full_log=True,
         )
+    queued.after_end(svc, run)  # the next run in line starts
 
 
 def lost(svc: Services, run: Run, exc: RunctlError) -> str:
@@ -255,6 +258,7 @@ def lost(svc: Services, run: Run, exc: RunctlError) -> str:
     autostop.after_run(svc, run)
     if run.spot_notice:
         auto_resume(svc, run)
+    queued.after_end(svc, run)
     return run.state.value
 
 
