@@ -156,35 +156,33 @@ def restore(svc: Services) -> int:
     store = QueueStore(svc.redis)
     fleet = svc.fleet
     back = 0
-    for page in fleet.s3.get_paginator("list_objects_v2").paginate(Bucket=fleet.bucket, Prefix=PREFIX):
-        for item in page.get("Contents", []):
-            name = str(item["Key"])
-            data = fleet.read_object(name)
-            if data is None:
-                continue
-            try:
-                entry = verified_record(key, name, data)
-            except BadRecord as exc:
-                log.warning("queue restore: ignored s3 record %s: %s", name, exc)
-                continue
-            if svc.runs.get(entry.entry_id) is not None:  # it started; its record outlived the start
-                forget(svc, entry)
-                continue
-            try:
-                inst = fleet.get(entry.instance_id)
-                gone = inst.state in GONE
-            except InstanceError:
-                gone = True
-            if gone:
-                forget(svc, entry)
-                lost_text = (
-                    f":warning: Your queued run `{entry.entry_id}` ({code(entry.command.script)} on "
-                    f"`{entry.instance_id}`) was dropped: the instance is gone."
-                )
-                _tell(svc, entry.actor, lost_text)
-                continue
-            if store.restore(entry):
-                back += 1
+    for name in fleet.keys(PREFIX):
+        data = fleet.read_object(name)
+        if data is None:
+            continue
+        try:
+            entry = verified_record(key, name, data)
+        except BadRecord as exc:
+            log.warning("queue restore: ignored s3 record %s: %s", name, exc)
+            continue
+        if svc.runs.get(entry.entry_id) is not None:  # it started; its record outlived the start
+            forget(svc, entry)
+            continue
+        try:
+            inst = fleet.get(entry.instance_id)
+            gone = inst.state in GONE
+        except InstanceError:
+            gone = True
+        if gone:
+            forget(svc, entry)
+            lost_text = (
+                f":warning: Your queued run `{entry.entry_id}` ({code(entry.command.script)} on "
+                f"`{entry.instance_id}`) was dropped: the instance is gone."
+            )
+            _tell(svc, entry.actor, lost_text)
+            continue
+        if store.restore(entry):
+            back += 1
     return back
 
 
