@@ -4,6 +4,7 @@ the sandbox's instances really running the trainings, and the fake Slack."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -151,7 +152,7 @@ def test_three_runs_queued_behind_a_live_one_start_in_order_once_each_with_two_w
     until("every queued run to finish", lambda: all((r := svc.runs.get(i)) and r.state.ended for i in order), 240)
     runs = [svc.runs.get(i) for i in order]
     assert all(r is not None and r.state is RunState.SUCCEEDED for r in runs), [r and r.state for r in runs]
-    for before, after in zip(runs, runs[1:], strict=False):
+    for before, after in itertools.pairwise(runs):
         assert before and after and before.ended_at and after.started_at
         assert after.started_at >= before.ended_at, "two queued runs never share the instance"
     for run_id, who in zip(order[1:], (BOB, CAROL, DAVE), strict=True):
@@ -248,7 +249,7 @@ def test_terminate_lists_the_queue_and_cancels_it_each_requester_told(
     [bob] = wait_queued(svc, iid, 1)
 
     slash(svc, slack, f"terminate {iid}", ADMIN)
-    asked = until("the confirmation", lambda: [m for m in slack.messages(CHANNEL) if "asks to *terminate" in m.text])
+    asked = until("the confirmation", lambda: [m for m in slack.messages(CHANNEL) if "asks to *terminate" in text_of(m)])
     shown = text_of(asked[-1])
     assert "1 queued run" in shown and bob in shown and f"<@{BOB}>" in shown, shown
     payload = {"ts": asked[-1].ts, "blocks": asked[-1].blocks, "text": asked[-1].text}
