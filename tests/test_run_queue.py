@@ -249,7 +249,9 @@ def test_terminate_lists_the_queue_and_cancels_it_each_requester_told(
     [bob] = wait_queued(svc, iid, 1)
 
     slash(svc, slack, f"terminate {iid}", ADMIN)
-    asked = until("the confirmation", lambda: [m for m in slack.messages(CHANNEL) if "asks to *terminate" in text_of(m)])
+    asked = until(
+        "the confirmation", lambda: [m for m in slack.messages(CHANNEL) if "asks to *terminate" in text_of(m)]
+    )
     shown = text_of(asked[-1])
     assert "1 queued run" in shown and bob in shown and f"<@{BOB}>" in shown, shown
     payload = {"ts": asked[-1].ts, "blocks": asked[-1].blocks, "text": asked[-1].text}
