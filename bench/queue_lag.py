@@ -3,9 +3,10 @@
 
 Per chain, one sandbox instance (moto + the shim, which really runs the wrapper under
 /bin/sh): a live run started by `train`, then `--queue`d runs behind it (default 3), all
-checked and queued through the real job (`workers.jobs.queued.add`). Two in-process RQ
-workers (`InlineWorker`, each a real RQ `SimpleWorker` on its own thread) race for every
-job, as two `worker` processes would; real Redis (db 15), the fake Slack Web API, and the
+checked and queued through the real job (`workers.jobs.queued.add`). In-process RQ workers
+(`InlineWorker`, each a real RQ `SimpleWorker` on its own thread) as the Procfile's pool runs
+them at its defaults: two quick (runctl, runctl-events) and two long (runctl-long, then
+runctl), each pair racing for the same jobs; real Redis (db 15), the fake Slack Web API, and the
 real WSGI app (bot/web.py) on a local port for `/runctl/events`. Two passes: events on
 (RUNCTL_EVENTS_URL names that app) and blocked (it names a port that refuses connections:
 the end is found by the monitor's polling alone).
@@ -14,6 +15,9 @@ Figures, per pass:
 - lag: the ended run's `exit_code` file mtime (written by the wrapper as its training
   exits) to the next run's `started_at` (set when its launch is confirmed and its message
   shows "running"); p50 / p95 / max over every handover.
+- seen: the exit to the end recorded (`ended_at`: the end event's poll, or the monitor's);
+  start: the end recorded to the next run's `started_at` (its start job: rights, the git
+  mirror, EC2 and SSM checks, the locks, its parent message, the delivery through SSM). Raw.
 - started_once / in_order: every queued run has exactly one parent message, and each started
   after the one before it ended (the correctness the lag is measured under).
 
@@ -54,6 +58,7 @@ from workers import services
 from workers.commands import Actor, TrainCommand
 from workers.jobs import queued
 from workers.jobs.train import train
+from workers.queueing import EVENTS_QUEUE, LONG_QUEUE, QUEUE
 from workers.state.runs import Run
 
 PEOPLE = [Actor(user_id=f"U0Q{i}", channel_id="C0TRAIN") for i in range(10)]
@@ -82,7 +87,15 @@ def one_pass(
     with WebServer(wsgi(config, redis)) as web:
         config.RUNCTL_EVENTS_URL = web.events_url if events else web.blocked_url
         services.install(svc)
-        workers = [InlineWorker(redis), InlineWorker(redis)]
+        # The Procfile's pool at its defaults: 2 quick workers (runctl, runctl-events) and 2 long
+        # ones (runctl-long, then runctl); each pair races for the same jobs.
+        quick, long = (QUEUE, EVENTS_QUEUE), (LONG_QUEUE, QUEUE)
+        workers = [
+            InlineWorker(redis, quick),
+            InlineWorker(redis, quick),
+            InlineWorker(redis, long),
+            InlineWorker(redis, long),
+        ]
         try:
             for w in workers:
                 w.start(interval=0.05)
@@ -114,6 +127,8 @@ def one_pass(
             services.install(None)
     runs = svc.runs.get_many([i for _, ids in chains_ids for i in ids])
     lags: list[float] = []
+    seen: list[float] = []  # the exit to the end recorded (the end event or a poll)
+    starts: list[float] = []  # the end recorded to the next run's running (its start job)
     in_order = True
     for iid, ids in chains_ids:
         chain = [runs.get(i) for i in ids]
@@ -122,6 +137,9 @@ def one_pass(
         for before, after in itertools.pairwise(chain):
             assert before is not None and after is not None and after.started_at is not None
             lags.append(after.started_at.timestamp() - exited_at(box, before))
+            ended = (before.ended_at or after.started_at).timestamp()
+            seen.append(ended - exited_at(box, before))
+            starts.append(after.started_at.timestamp() - ended)
             in_order = in_order and after.started_at >= (before.ended_at or datetime.max.replace(tzinfo=UTC))
     parents = [m for m in slack.messages("C0TRAIN") if m.thread_ts is None]
     once = all(sum(1 for m in parents if f"({i})" in m.text) == 1 for _, ids in chains_ids for i in ids)
@@ -131,6 +149,9 @@ def one_pass(
         f"{mode}_lag_p50_s": round(harness.percentile(lags, 50) * real, 2),
         f"{mode}_lag_p95_s": round(harness.percentile(lags, 95) * real, 2),
         f"{mode}_lag_max_s": round(max(lags, default=0.0) * real, 2),
+        f"{mode}_seen_p50_s": round(harness.percentile(seen, 50) * real, 2),
+        f"{mode}_start_p50_s": round(harness.percentile(starts, 50), 2),
+        f"{mode}_start_p95_s": round(harness.percentile(starts, 95), 2),
         f"{mode}_started_once": once,
         f"{mode}_in_order": in_order,
     }

@@ -324,3 +324,44 @@ def test_redis_loss_with_two_runs_queued_both_still_start_in_order(
     assert runs[1].started_at >= runs[0].ended_at
     assert len(parents_of(slack, bob)) == 1 and len(parents_of(slack, carol)) == 1
     del first
+
+
+def test_a_stop_holds_the_queue_and_a_start_lets_it_go_on(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, racing: list[InlineWorker]
+) -> None:
+    iid = fleet_seed.instances["cpu-box"]
+    slash(svc, slack, f"train {iid} {SCRIPT} {long_run(40)}", ALICE)
+    first = live_run_id(svc, iid)
+    slash(svc, slack, f"train {iid} {SCRIPT} --queue {SHORT}", BOB)
+    [bob] = wait_queued(svc, iid, 1)
+
+    slash(svc, slack, f"stop {iid}", ALICE)  # the live run saves and ends; the instance stops
+    summary = until("the stop summary", lambda: [m for m in slack.messages(CHANNEL) if "stopped *" in text_of(m)], 120)
+    assert "1 queued run waits for it" in text_of(summary[-1]) and f"/runctl start {iid}" in text_of(summary[-1])
+    assert svc.fleet.get(iid).state == "stopped"
+    for _ in range(3):  # the fallbacks leave a held queue alone: nothing is tried on a stopped instance
+        queued.fallback(svc)
+    assert queue_of(svc, iid) == [bob] and "not started" not in told(slack, BOB)
+    assert (r := svc.runs.get(first)) is not None and r.state.ended
+
+    slash(svc, slack, f"start {iid}", ALICE)
+    until("Bob's run", lambda: parents_of(slack, bob), 120)
+    until("Bob's run to end", lambda: (r := svc.runs.get(bob)) is not None and r.state is RunState.SUCCEEDED, 120)
+
+
+def test_an_instance_stopped_outside_runctl_fails_each_queued_start_and_each_requester_is_told(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, racing: list[InlineWorker]
+) -> None:
+    iid = fleet_seed.instances["cpu-box"]
+    slash(svc, slack, f"train {iid} {SCRIPT} {long_run(40)}", ALICE)
+    first = live_run_id(svc, iid)
+    slash(svc, slack, f"train {iid} {SCRIPT} --queue {SHORT}", BOB)
+    slash(svc, slack, f"train {iid} {SCRIPT} --queue {SHORT}", CAROL)
+    bob, carol = wait_queued(svc, iid, 2)
+
+    svc.fleet.ec2.stop_instances(InstanceIds=[iid])  # the console, not runctl: the run is lost
+    until("the live run lost", lambda: (r := svc.runs.get(first)) is not None and r.state.ended, 120)
+    for who, entry in ((BOB, bob), (CAROL, carol)):
+        until(f"{who} told", lambda who=who: "was not started" in told(slack, who), 120)
+        assert f"Your queued run `{entry}`" in told(slack, who) and "stopped" in told(slack, who)
+    until("an empty queue", lambda: not queue_of(svc, iid) and QueueStore(svc.redis).starting(iid) is None)

@@ -19,6 +19,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 from redis.client import Pipeline
 from slack_sdk.errors import SlackApiError
@@ -52,6 +55,7 @@ from workers.state.runs import Run, RunState, new_run
 
 log = logging.getLogger(__name__)
 GONE = ("terminated", "shutting-down")
+STALE_HOLD_SECONDS = 660  # the reconcile's cached fleet (reconcile.FLEET_SECONDS, 600 s) and a minute
 
 
 # --- queueing ------------------------------------------------------------------------
@@ -230,7 +234,7 @@ def sweep(svc: Services) -> int:
         if store.waiting(iid) == 0:
             store.forget_instance(iid)
             continue
-        if store.starting(iid) or train_lock(svc.redis, iid).raw() is not None:
+        if store.starting(iid) or store.held(iid) or train_lock(svc.redis, iid).raw() is not None:
             continue
         if advance(svc, iid) is not None:
             started += 1
@@ -276,7 +280,6 @@ def start(entry_id: str, raw_actor: dict[str, object]) -> str:
                 after = svc.runs.get(entry_id)
                 advance(svc, entry.instance_id, after if after and after.message_ts else None)
     return outcome
-
 
 
 def _start(job: Job, entry: Entry) -> str:
@@ -398,20 +401,59 @@ def _tell(svc: Services, actor: Actor, text: str) -> None:
         log.warning("queue: could not tell %s: %s", actor.user_id, exc.response.get("error"))
 
 
-def fallback(svc: Services, load: bool = False) -> None:
+def fallback(svc: Services, load: bool = False, running: Iterable[str] = ()) -> None:
     """The monitor tick's and the reconcile's fallback (`load`: the reconcile's, which also reads
-    the durable copy back into a Redis that lost it); it never breaks them."""
+    the durable copy back into a Redis that lost it, and lets go the queues of stopped instances
+    seen `running` again, started outside runctl); it never breaks them."""
     try:
         if load:
             ensure_loaded(svc)
+        store = QueueStore(svc.redis)
+        now = svc.clock().timestamp()
+        for iid in running:
+            since = store.held_since(iid)
+            # The reconcile's list of running instances may be FLEET_SECONDS old: only a hold older
+            # than that is of an instance started again since.
+            if since is not None and now - since > STALE_HOLD_SECONDS:
+                store.unhold(iid)
         sweep(svc)
     except Exception:
         log.exception("queue: the fallback sweep failed")
 
 
+@contextmanager
+def held_while_stopping(svc: Services, instance_id: str) -> Iterator[Hold]:
+    """A stop: while it halts the live run nothing starts, and once the instance is stopped
+    (`hold.stopped`) its queue waits for `/runctl start`; a stop that did not happen lets it go on."""
+    store = QueueStore(svc.redis)
+    hold = Hold()
+    store.hold(instance_id, svc.clock().timestamp())
+    try:
+        yield hold
+    finally:
+        if not hold.stopped:
+            store.unhold(instance_id)
+            after_start(svc, instance_id)
+
+
+@dataclass
+class Hold:
+    stopped: bool = False
+
+    def note(self, svc: Services, instance_id: str) -> str:
+        waiting = QueueStore(svc.redis).waiting(instance_id)
+        if not waiting:
+            return ""
+        return (
+            f":inbox_tray: {waiting} queued run{'s' if waiting != 1 else ''} wait{'s' if waiting == 1 else ''} "
+            f"for it: the next starts when `/runctl start {instance_id}` brings it back."
+        )
+
+
 def after_start(svc: Services, instance_id: str) -> None:
     """An instance started again: runs queued while it was stopped go on."""
     try:
+        QueueStore(svc.redis).unhold(instance_id)
         advance(svc, instance_id)
     except Exception:
         log.exception("queue: could not advance %s after its start", instance_id)

@@ -99,7 +99,9 @@ def run_pass(svc: Services) -> Tally:
     times = [float(found[0][1]) for found in (upcoming, lapsing) if found]
     if times:  # the monitor's scheduled tick may be gone with the keys
         polls.ensure_tick(svc, min(times))
-    queued.fallback(svc, load=True)  # after the heal: a queue read back from S3 waits for the runs re-adopted
+    queued.fallback(
+        svc, load=True, running=ids
+    )  # after the heal: a queue read back from S3 waits for the runs re-adopted
     return tally
 
 

@@ -81,6 +81,10 @@ def starting_key(instance_id: str) -> str:
     return f"runctl:rq:starting:{instance_id}"
 
 
+def held_key(instance_id: str) -> str:
+    return f"runctl:rq:held:{instance_id}"
+
+
 def user_key(user_id: str) -> str:
     return f"runctl:rq:u:{user_id}"
 
@@ -187,13 +191,13 @@ class QueueStore:
         (no train lock, no start under way), with `queue_job(pipe, entry)` writing its start job
         in the same transaction; None when the queue is empty, the instance busy, or another
         worker took the head first."""
-        qkey, skey = queue_key(instance_id), starting_key(instance_id)
+        qkey, skey, hkey = queue_key(instance_id), starting_key(instance_id), held_key(instance_id)
         lock = train_lock(self.redis, instance_id).key
         with self.redis.pipeline() as pipe:
             try:
-                pipe.watch(qkey, skey, lock)  # type: ignore[no-untyped-call]
+                pipe.watch(qkey, skey, lock, hkey)  # type: ignore[no-untyped-call]
                 head = pipe.zrange(qkey, 0, 0)
-                if not head or pipe.exists(skey) or pipe.exists(lock):
+                if not head or pipe.exists(skey) or pipe.exists(lock) or pipe.exists(hkey):
                     return None
                 entry_id = _text(head[0])
                 raw = pipe.get(entry_key(entry_id))
@@ -237,6 +241,23 @@ class QueueStore:
             starting_key(entry.instance_id),
             entry.entry_id,
         )
+
+    def hold(self, instance_id: str, now: float) -> None:
+        """A stop powers the instance off: its queue waits for a start (`unhold`)."""
+        self.redis.set(held_key(instance_id), str(now))
+
+    def held_since(self, instance_id: str) -> float | None:
+        raw = self.redis.get(held_key(instance_id))
+        try:
+            return float(_text(raw)) if raw is not None else None
+        except ValueError:
+            return 0.0
+
+    def unhold(self, instance_id: str) -> None:
+        self.redis.delete(held_key(instance_id))
+
+    def held(self, instance_id: str) -> bool:
+        return bool(self.redis.exists(held_key(instance_id)))
 
     def forget_instance(self, instance_id: str) -> None:
         if not self.redis.zcard(queue_key(instance_id)) and not self.starting(instance_id):
