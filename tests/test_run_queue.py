@@ -362,6 +362,6 @@ def test_an_instance_stopped_outside_runctl_fails_each_queued_start_and_each_req
     svc.fleet.ec2.stop_instances(InstanceIds=[iid])  # the console, not runctl: the run is lost
     until("the live run lost", lambda: (r := svc.runs.get(first)) is not None and r.state.ended, 120)
     for who, entry in ((BOB, bob), (CAROL, carol)):
-        until(f"{who} told", lambda who=who: "was not started" in told(slack, who), 120)
+        until(f"{who} told", lambda: "was not started" in told(slack, who), 120)  # noqa: B023
         assert f"Your queued run `{entry}`" in told(slack, who) and "stopped" in told(slack, who)
     until("an empty queue", lambda: not queue_of(svc, iid) and QueueStore(svc.redis).starting(iid) is None)
