@@ -72,6 +72,12 @@ def add(job: Job, cmd: TrainCommand, entry_id: str | None = None) -> str:
     inst = svc.fleet.get(iid)
     if inst.state in GONE:
         raise RunctlError(f"{inst.label} is `{inst.state}`; nothing can be queued on it.", fix="/runctl resources")
+    if inst.state not in ("running", "pending") and not QueueStore(svc.redis).held(iid):
+        raise RunctlError(
+            f"{inst.label} is `{inst.state}`; a run is queued only behind a running instance's live run.",
+            why="A queue waits for a stopped instance only when runctl's `stop` stopped it with runs queued.",
+            fix=f"/runctl start {iid}",
+        )
     ref = cmd.ref or svc.settings.RUNCTL_REF
     sha = ""
     if cmd.sync_code:
