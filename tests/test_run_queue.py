@@ -29,6 +29,7 @@ from workers.jobs.sweep import sweep
 from workers.queueing import JobPath
 from workers.services import Services
 from workers.slack.ids import ActionId
+from workers.state.locks import Holder, train_lock
 from workers.state.run_queue import PREFIX, Entry, QueueStore
 from workers.state.runs import RunState
 
@@ -365,3 +366,29 @@ def test_an_instance_stopped_outside_runctl_fails_each_queued_start_and_each_req
         until(f"{who} told", lambda: "was not started" in told(slack, who), 120)  # noqa: B023
         assert f"Your queued run `{entry}`" in told(slack, who) and "stopped" in told(slack, who)
     until("an empty queue", lambda: not queue_of(svc, iid) and QueueStore(svc.redis).starting(iid) is None)
+
+
+def test_a_start_that_finds_the_instance_taken_goes_back_to_the_head_untold(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    """A plain `train` took the train lock between the head's take and its start job."""
+    iid = fleet_seed.instances["cpu-box"]
+    store = QueueStore(svc.redis)
+    entry = Entry(
+        entry_id="q-taken",
+        instance_id=iid,
+        actor=Actor(user_id=BOB, channel_id=CHANNEL),
+        command=TrainCommand(instance_id=iid, script=SCRIPT),
+        ref_name="main",
+        sha="",
+        queued_at=datetime.now(UTC),
+        score=1,
+    )
+    store.add(entry, 3)
+    assert queued.advance(svc, iid) is not None  # its start job is queued, not yet run
+    other = Holder(run_id="r-plain", user_id=CAROL, script=SCRIPT, since=datetime.now(UTC))
+    assert train_lock(svc.redis, iid).acquire(other.token())
+    worker.drain()
+    assert store.ids(iid) == ["q-taken"] and store.starting(iid) is None
+    assert "not started" not in told(slack, BOB) and parents_of(slack, "q-taken") == []
+    assert queued.advance(svc, iid) is None  # the lock's run ends first; its end starts this one

@@ -36,7 +36,7 @@ from workers.queueing import EntryArgs, JobPath, enqueue
 from workers.services import Services, current
 from workers.slack.escape import code
 from workers.slack.messages import queue as messages
-from workers.slack.thread import reply
+from workers.slack.thread import fail, reply
 from workers.state import records
 from workers.state.locks import train_lock
 from workers.state.run_queue import (
@@ -55,6 +55,7 @@ from workers.state.runs import Run, RunState, new_run
 
 log = logging.getLogger(__name__)
 GONE = ("terminated", "shutting-down")
+RETRY_PAUSE_SECONDS = 60  # a start that found a run Redis does not know: try again after this
 STALE_HOLD_SECONDS = 660  # the reconcile's cached fleet (reconcile.FLEET_SECONDS, 600 s) and a minute
 
 
@@ -265,18 +266,24 @@ def start(entry_id: str, raw_actor: dict[str, object]) -> str:
             nonlocal waits
             try:
                 return _start(job, entry)
-            except RunConflict:
-                if job.run is not None and not job.run.message_ts:
+            except RunConflict as exc:
+                if job.run is not None and job.run.message_ts:  # its parent was posted: close it
+                    exc.what = f"{exc.what} Your queued run goes back to the head of the queue."
+                    fail(svc, job.run, exc, RunState.REFUSED)
+                elif job.run is not None:
                     job.run.state = RunState.REFUSED
                     svc.runs.save(job.run)
-                    job.run = None
+                job.run = None
                 waits = True
                 return "waits: the instance is taken"
 
         outcome = funnel.settle(job, flow)
     finally:
         if waits:
-            store.put_back(entry)
+            # Taken by a run Redis knows (its lock): its end starts this one. Else (pid files on the
+            # instance, a run Redis lost) the fallbacks try again after a pause, not every tick.
+            locked = train_lock(svc.redis, entry.instance_id).raw() is not None
+            store.put_back(entry, pause_s=0 if locked else RETRY_PAUSE_SECONDS)
         else:
             store.started(entry)
             forget(svc, entry)

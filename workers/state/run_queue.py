@@ -123,7 +123,8 @@ class QueueStore:
 
     def waiting(self, instance_id: str) -> int:
         """Queued runs for the instance, the one starting counted: a non-empty queue keeps it up."""
-        return int(self.redis.zcard(queue_key(instance_id))) + (1 if self.starting(instance_id) else 0)
+        starting = self.starting(instance_id)
+        return int(self.redis.zcard(queue_key(instance_id))) + (1 if starting and starting != "pause" else 0)
 
     def count_of(self, user_id: str) -> int:
         return int(self.redis.scard(user_key(user_id)))
@@ -229,17 +230,20 @@ class QueueStore:
             entry.entry_id,
         )
 
-    def put_back(self, entry: Entry) -> None:
+    def put_back(self, entry: Entry, pause_s: int = 0) -> None:
         """A start that found the instance busy after all (a `train` got there first): the entry
-        goes back at the head, and the instance is free for whoever holds it to end."""
+        goes back at the head; with `pause_s`, nothing starts on the instance for that long."""
         pipe = self.redis.pipeline()
         self._put(pipe, entry)
         pipe.execute()
         self.redis.eval(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+            "if tonumber(ARGV[2]) > 0 then return redis.call('SET', KEYS[1], 'pause', 'EX', ARGV[2]) end "
+            "return redis.call('DEL', KEYS[1]) end return 0",
             1,
             starting_key(entry.instance_id),
             entry.entry_id,
+            pause_s,
         )
 
     def hold(self, instance_id: str, now: float) -> None:
