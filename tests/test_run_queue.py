@@ -148,6 +148,9 @@ def test_three_runs_queued_behind_a_live_one_start_in_order_once_each_with_two_w
     listing = until("the listing", lambda: [m.text for m in slack.ephemerals(MALLORY) if "live run" in m.text])[-1]
     assert listing.index(bob) < listing.index(carol) < listing.index(dave), listing
     assert f"1. `{bob}` <@{BOB}>" in listing and f"3. `{dave}` <@{DAVE}>" in listing
+    slash(svc, slack, f"status {iid}", MALLORY)  # status shows the queue too
+    shown = until("the status", lambda: [m.text for m in slack.ephemerals(MALLORY) if "Train lock" in m.text])[-1]
+    assert "Queue (3):" in shown and shown.index(bob) < shown.index(carol) < shown.index(dave), shown
 
     order = [first, bob, carol, dave]
     until("every queued run to finish", lambda: all((r := svc.runs.get(i)) and r.state.ended for i in order), 240)
@@ -392,3 +395,22 @@ def test_a_start_that_finds_the_instance_taken_goes_back_to_the_head_untold(
     assert store.ids(iid) == ["q-taken"] and store.starting(iid) is None
     assert "not started" not in told(slack, BOB) and parents_of(slack, "q-taken") == []
     assert queued.advance(svc, iid) is None  # the lock's run ends first; its end starts this one
+
+
+def test_a_person_may_have_three_queued_runs_unless_the_policy_says_otherwise(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, racing: list[InlineWorker], tmp_path: Path
+) -> None:
+    iid = fleet_seed.instances["cpu-box"]
+    slash(svc, slack, f"train {iid} {SCRIPT} {long_run(60)}", ALICE)
+    live_run_id(svc, iid)
+    for n in range(1, 4):
+        slash(svc, slack, f"train {iid} {SCRIPT} --queue {SHORT}", BOB)
+        wait_queued(svc, iid, n)
+    slash(svc, slack, f"train {iid} {SCRIPT} --queue {SHORT}", BOB)
+    until("the refusal", lambda: "You have 3 queued runs already" in told(slack, BOB))
+    assert len(queue_of(svc, iid)) == 3
+    write_policy(svc, tmp_path / "policy.toml", "queue_limit = 4\n")  # the policy file raises it
+    slash(svc, slack, f"train {iid} {SCRIPT} --queue {SHORT}", BOB)
+    wait_queued(svc, iid, 4)
+    for entry_id in queue_of(svc, iid):  # tidy: the live run is long
+        queued.cancel(svc, Actor(user_id=BOB, channel_id=CHANNEL), entry_id)
