@@ -72,7 +72,7 @@ SPECS: dict[str, Spec] = {
             "train",
             "/runctl train <instance-id> <script.py> [--ref REF] [--sync-code|--no-sync-code] "
             "[--wait|--no-wait] [--force] [--checkpoint-interval N] [--no-deps] [--rebuild-env] "
-            "[--then stop|terminate|keep] [--backup] [--auto-resume] -- <script args...>",
+            "[--then stop|terminate|keep] [--backup] [--auto-resume] [--queue] -- <script args...>",
             "Ship the code at REF and start a training run on an instance.",
             positionals=("instance_id", "script"),
             flags=(
@@ -106,6 +106,9 @@ SPECS: dict[str, Spec] = {
                     "auto_resume",
                     help="on a spot interruption, continue on a replacement from the same preset",
                 ),
+                _switch(
+                    "queue", "queue", help="if the instance is busy, wait in its queue (checked now, started next)"
+                ),
             ),
             passthrough=True,
             build=c.TrainCommand,
@@ -114,7 +117,20 @@ SPECS: dict[str, Spec] = {
             "first). `--wait` (default) follows the run in the message thread. `--then stop` (or "
             "`terminate`) stops the instance when the run ends, however it ends; it needs the right to "
             "`stop` (or `terminate`) that instance, checked when you send it and again when the run ends "
-            "(refused then: the instance keeps running and the thread says who may stop it).",
+            "(refused then: the instance keeps running and the thread says who may stop it). "
+            "On a busy instance runctl offers [Queue after it]; `--queue` queues at once (see `help queue`).",
+        ),
+        Spec(
+            "queue",
+            "/runctl queue [instance-id] | /runctl queue cancel <queued-id>",
+            "The runs queued behind live ones (every instance, or one); cancel one of yours.",
+            positionals=("target", "queued_id"),
+            optional_positionals=2,
+            build=lambda **values: _queue_command(**values),
+            details="A queued run was checked when queued (its ref pinned to a commit, the script compiled, your "
+            "rights) and starts when the instance's live run ends, however it ends; you are mentioned in its "
+            "message, and your rights are checked again then. At most `queue_limit` (policy file, default 3) "
+            "queued runs per person. Its requester or an admin may cancel it ([Cancel], or `queue cancel <id>`).",
         ),
         Spec(
             "status",
@@ -292,6 +308,17 @@ SPECS: dict[str, Spec] = {
         ),
     )
 }
+
+
+def _queue_command(target: str | None = None, queued_id: str | None = None) -> c.QueueCommand:
+    usage = SPECS["queue"].usage
+    if target is not None and target.lower() == "cancel":
+        if queued_id is None:
+            raise UsageError("Give the id of the queued run to cancel (`/runctl queue` lists them).", usage=usage)
+        return c.QueueCommand(cancel=queued_id)
+    if queued_id is not None:
+        raise UsageError(f"Unexpected {code(queued_id)}.", usage=usage)
+    return c.QueueCommand(instance_id=_instance(SPECS["queue"], target) if target else None)
 
 
 def parse(text: str) -> c.AnyCommand:
@@ -593,6 +620,8 @@ BUTTON_HELP: dict[ActionId, str] = {
     ActionId.WARN_STOP_NOW: "[Stop now] on a cost or uptime warning: the instance's owner or an admin (`stop`)",
     ActionId.WARN_SNOOZE: "[Snooze 24h] on a warning: the instance's owner or an admin (`snooze`)",
     ActionId.WARN_KEEP: "[Keep running] on a warning: the instance's owner or an admin (`keep`)",
+    ActionId.QUEUE_AFTER: "[Queue after it] on a busy answer: whoever asked, with `train` (checked again then)",
+    ActionId.QUEUE_CANCEL: "[Cancel] on a queued run: whoever queued it, or an admin (`queue`)",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 from redis.client import Pipeline
@@ -11,6 +12,7 @@ from rq import Queue
 from slack_bolt import Ack, App
 
 from bot.actions import launch, lifecycle, logs, warnings
+from bot.actions import queue as queue_actions
 from bot.grammar import help_text
 from workers.commands import (
     Actor,
@@ -20,6 +22,7 @@ from workers.commands import (
     CheckpointsCommand,
     HelpCommand,
     LogsCommand,
+    QueueCommand,
     ResourcesCommand,
     StatusCommand,
     TrainCommand,
@@ -31,7 +34,15 @@ from workers.state.runs import new_run_id
 log = logging.getLogger(__name__)
 
 # Commands whose answer is the whole conversation: the worker answers within seconds.
-QUICK = (StatusCommand, CheckpointsCommand, LogsCommand, AuditCommand, ResourcesCommand, ChartCommand)
+QUICK = (
+    StatusCommand,
+    CheckpointsCommand,
+    LogsCommand,
+    AuditCommand,
+    ResourcesCommand,
+    ChartCommand,
+    QueueCommand,
+)
 
 
 def runctl(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None:
@@ -48,7 +59,23 @@ def runctl(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None:
         return
     # The job is written before the ack says "queued": a Redis that stops answering now gets
     # the plain answer, never a promise.
+    busy = None
     if isinstance(command, TrainCommand):
+        try:
+            busy = queue_actions.busy(context["redis"], command, actor, datetime.now(UTC))
+        except RedisError:
+            busy = None  # the worker refuses a busy instance too
+    blocks = None
+    if busy is not None:
+        # A live run holds the instance: who, since when, how far, and [Queue after it]; nothing queued.
+        said, blocks = busy
+    elif isinstance(command, TrainCommand) and command.queue:
+        entry_id = queue_actions.queue_it(queue, command, actor, pipeline=batch)
+        said = (
+            f":hourglass_flowing_sand: Checking run `{entry_id}` ({code(command.script)} on "
+            f"`{command.instance_id}`) to queue it; the answer follows here."
+        )
+    elif isinstance(command, TrainCommand):
         run_id = new_run_id()
         said = (
             f":hourglass_flowing_sand: Queued run `{run_id}`: {code(command.script)} on "
@@ -68,8 +95,10 @@ def runctl(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None:
         batch.execute()
     except RedisError:
         log.warning("could not queue %s: Redis did not answer", command.name, exc_info=True)
-        said = unreachable().as_text()
-    if said:
+        said, blocks = unreachable().as_text(), None
+    if said and blocks:
+        ack(text=said, blocks=blocks, response_type="ephemeral")
+    elif said:
         ack(text=said, response_type="ephemeral")
     else:
         ack()
@@ -80,3 +109,4 @@ def register_actions(app: App) -> None:
     logs.register(app)
     warnings.register(app)
     launch.register(app)
+    queue_actions.register(app)

@@ -52,6 +52,8 @@ CLICK_TIERS: dict[ActionId, str] = {
     ActionId.AUTOSTOP_KEEP: "autostop",  # postpones the owner's autostop: the autostop command's right
     ActionId.AUTOSTOP_STOP_NOW: "stop",
     ActionId.FULL_LOG: "logs",
+    ActionId.QUEUE_AFTER: "train",  # the requester's own command, queued: checked again as a train
+    ActionId.QUEUE_CANCEL: "queue",  # and the queued run's requester or an admin (workers/jobs/queued.py)
 }
 
 
@@ -71,6 +73,8 @@ BUTTONS: dict[ActionId, str] = {
     ActionId.AUTOSTOP_KEEP: "[Keep running 1h]",
     ActionId.AUTOSTOP_STOP_NOW: "[Stop now]",
     ActionId.FULL_LOG: "[Full log]",
+    ActionId.QUEUE_AFTER: "[Queue after it]",
+    ActionId.QUEUE_CANCEL: "[Cancel]",
 }
 
 

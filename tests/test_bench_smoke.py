@@ -126,3 +126,11 @@ def test_spot_relaunch_prices_the_relaunches_a_cancelled_request_prevents() -> N
     printed(out, "before_relaunched_usd", "after_relaunched_usd")
     assert fig["before_relaunched_instances"] == fig["spot_terminates"] > 0
     assert fig["before_relaunched_usd"] > 0 and fig["after_relaunched_usd"] == 0
+
+
+def test_queue_lag_reports_the_handovers_with_events_on_and_blocked() -> None:
+    out, fig = run_bench("queue_lag")
+    printed(out, "events_lag_p50_s", "events_lag_p95_s", "blocked_lag_p50_s", "blocked_lag_p95_s")
+    for mode in ("events", "blocked"):
+        assert fig[f"{mode}_handovers"] == 2 and fig[f"{mode}_started_once"] and fig[f"{mode}_in_order"]
+        assert 0 < fig[f"{mode}_lag_p50_s"] <= fig[f"{mode}_lag_p95_s"] <= fig[f"{mode}_lag_max_s"]

@@ -92,7 +92,12 @@ def test_a_busy_instance_is_told_privately_with_the_holder(
     iid = fleet_seed.instances["gpu-box-2"]
     holder = Holder(run_id="r-bobs-run", user_id=BOB, script="train.py", since=datetime(2026, 1, 2, 3, 4, tzinfo=UTC))
     assert train_lock(svc.redis, iid).acquire(holder.token())
-    slash(svc, slack, worker, f"train {iid} train_with_checkpoints.py")
+    # By id: the front door sees the lock and answers in the ack itself, with [Queue after it] (issue 27).
+    ack = slash(svc, slack, worker, f"train {iid} train_with_checkpoints.py")
+    assert "is busy" in ack and f"<@{BOB}>" in ack and "r-bobs-run" in ack, ack
+    assert public(slack) == [] and slack.ephemerals() == []
+    # By name: only the worker can tell, and it refuses privately.
+    slash(svc, slack, worker, "train gpu-box-2 train_with_checkpoints.py")
     assert_only_the_requester_hears(slack, "is busy")
     assert f"<@{BOB}>" in private_to(slack, ALICE) and "r-bobs-run" in private_to(slack, ALICE)
     assert sent_commands(svc, iid) == []

@@ -81,6 +81,7 @@ class TrainCommand(Command):
     then: Then | None = None  # None: RUNCTL_THEN
     backup: bool = False  # each new checkpoint to S3 as the monitor sees it
     auto_resume: bool = False  # a spot interruption launches a replacement that continues the run
+    queue: bool = False  # `--queue`: wait behind the instance's live run (workers/jobs/queued.py)
     args: tuple[str, ...] = ()
 
     @classmethod
@@ -186,6 +187,14 @@ class LaunchCommand(Command):
     disk: int | None = Field(None, ge=8, le=16384)
 
 
+class QueueCommand(Command):
+    """`/runctl queue [instance]` lists the queued runs; `/runctl queue cancel <id>` cancels one."""
+
+    name: Literal["queue"] = "queue"
+    instance_id: InstanceId | None = None
+    cancel: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
+
+
 class AutostopCommand(Command):
     name: Literal["autostop"] = "autostop"
     instance_id: InstanceId
@@ -208,6 +217,7 @@ AnyCommand = (
     | AuditCommand
     | LaunchCommand
     | AutostopCommand
+    | QueueCommand
 )
 
 

@@ -14,6 +14,7 @@ A policy file (every key optional; unknown keys are errors)::
     admins = ["U0ADMIN", "S0PLATFORM"]      # added to RUNCTL_ADMINS; S… = a user group
     channels = ["C0TRAIN"]                  # where commands are accepted; empty = anywhere
     scope = "runctl:managed=true"           # instance tag filter; default RUNCTL_SCOPE_TAG
+    queue_limit = 3                         # queued runs per person (0: no limit)
     [roles]
     ml = ["U0ALICE", "S0MLTEAM"]
     [commands]                              # roles per command; built-ins: everyone, owner, admin
@@ -62,6 +63,7 @@ Action = Literal[
     "resume",  # [Resume training], against the stopped run's owner
     "snooze",  # a cost warning's [Snooze 24h]
     "keep",  # a cost warning's [Keep running]
+    "queue",
 ]
 EVERYONE, OWNER, ADMIN = "everyone", "owner", "admin"
 OWNER_TAG = "runctl:user"  # the instance tag naming its owner when no run does
@@ -86,6 +88,7 @@ DEFAULT_COMMANDS: dict[str, tuple[str, ...]] = {
     "resume": (OWNER, ADMIN),
     "snooze": (OWNER, ADMIN),
     "keep": (OWNER, ADMIN),
+    "queue": (EVERYONE,),  # lists; cancelling is the requester's or an admin's (workers/jobs/queued.py)
 }
 FALLBACK_ROLES = (OWNER, ADMIN)  # an action no table lists
 
@@ -101,6 +104,7 @@ class Policy(BaseModel):
     scope: str | None = None
     roles: dict[str, tuple[MemberId, ...]] = Field(default_factory=dict)
     commands: dict[Action, tuple[str, ...]] = Field(default_factory=dict)
+    queue_limit: int = Field(3, ge=0, le=1000)  # queued runs per person (issue 27); 0: no limit
 
     @field_validator("scope")
     @classmethod

@@ -87,6 +87,10 @@ class JobPath(StrEnum):
     AUTOSTOP_STOP = "workers.jobs.autostop.stop_idle"
     THEN = "workers.jobs.autostop.then"
     SPOT_REPLACE = "workers.jobs.spot.replace"
+    QUEUE = "workers.jobs.queued.queue"
+    QUEUE_ADD = "workers.jobs.queued.add"
+    QUEUED_START = "workers.jobs.queued.start"
+    QUEUE_CANCEL_CLICK = "workers.jobs.queued.cancel_click"
 
     @property
     def module(self) -> str:
@@ -114,6 +118,8 @@ LONG_JOBS = frozenset(
         JobPath.THEN,
         JobPath.FULL_LOG,  # gzip and upload of a log up to 1 GB
         JobPath.SPOT_REPLACE,
+        JobPath.QUEUE_ADD,  # a git fetch and the script's check
+        JobPath.QUEUED_START,  # a train
     }
 )
 
@@ -177,6 +183,7 @@ JOBS: dict[str, JobPath] = {
     "audit": JobPath.AUDIT,
     "launch": JobPath.LAUNCH,
     "autostop": JobPath.AUTOSTOP,
+    "queue": JobPath.QUEUE,
 }
 
 
@@ -221,6 +228,15 @@ class RunArgs(Payload):
     run_id: str
 
 
+class EntryArgs(Payload):
+    entry_id: str
+
+
+class EntryClickArgs(Payload):
+    entry_id: str
+    message_ts: str
+
+
 class InstanceArgs(Payload):
     instance_id: str
 
@@ -258,6 +274,9 @@ SPECS: dict[JobPath, Spec] = {
     JobPath.DIGEST: Spec(NoArgs, 600, None),
     JobPath.MONITOR_TICK: Spec(NoArgs, 900, None),
     JobPath.RUN_EVENT: Spec(RunArgs, 120, None),
+    JobPath.QUEUE_ADD: _COMMAND,
+    JobPath.QUEUED_START: Spec(EntryArgs, 3600, 1),  # acts for the queued run's requester
+    JobPath.QUEUE_CANCEL_CLICK: Spec(EntryClickArgs, 180, 1),
 }
 SYSTEM = Actor(user_id="runctl", channel_id="")  # who acts in a job the clock, the monitor or an event queues
 DAY = 86400

@@ -498,6 +498,12 @@ class Fleet:
             self.s3.download_file(self.bucket, key, str(path))
         return path.stat().st_size
 
+    def keys(self, prefix: str) -> list[str]:
+        """Every object key under ``prefix`` (ListObjectsV2, 1,000 a page)."""
+        with aws_call(f"list s3://{self.bucket}/{prefix}"):
+            pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+            return [str(item["Key"]) for page in pages for item in page.get("Contents", [])]
+
     def delete(self, key: str) -> None:
         with aws_call(f"delete s3://{self.bucket}/{key}"):
             self.s3.delete_object(Bucket=self.bucket, Key=key)

@@ -29,6 +29,7 @@ from workers.slack.messages.lifecycle import closed_blocks
 from workers.state import autostop as rules
 from workers.state.autostop import AutostopStore, Setting, Verdict
 from workers.state.locks import operation, train_lock
+from workers.state.run_queue import QueueStore
 from workers.state.runs import Run
 from workers.state.uptime import UptimeLedger
 
@@ -63,6 +64,9 @@ def _idle_stop(svc: Services, iid: str, how: str, actor: Actor = SYSTEM) -> tupl
         live = svc.runs.live_on(iid)
         if live is not None or train_lock(svc.redis, iid).holder() is not None:
             return None, f"run `{live.run_id}` is live on it" if live else "a training is starting on it"
+        waiting = QueueStore(svc.redis).waiting(iid)
+        if waiting:  # the next run in line needs it (issue 27)
+            return None, f"{waiting} queued run{'s' if waiting != 1 else ''} wait{'s' if waiting == 1 else ''} for it"
         if actor is not SYSTEM:
             owner = policy.instance_owner(svc.redis, iid, lambda _: inst.tags)
             policy.recheck(svc.settings, actor, how, owner_id=owner)
@@ -229,6 +233,8 @@ def check(svc: Services, rows: list[Row], now: datetime) -> int:
         idle = setting.idle_since(row.idle_since)
         verdicts[iid] = rules.decide(setting.minutes, minutes_before, idle, now, setting.headsup_at, setting.kept_until)
     busy = _busy_gpus(svc, [i for i, v in verdicts.items() if v in (Verdict.HEADS_UP, Verdict.STOP)])
+    queues = QueueStore(svc.redis)
+    busy |= {i for i in verdicts if queues.waiting(i)}  # a queue keeps it busy: autostop waits
     acted = 0
     for iid, verdict in verdicts.items():
         setting, row = settings[iid], by_id[iid]

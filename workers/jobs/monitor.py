@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 
 from workers import remote
 from workers.errors import InstanceError, RunctlError, Throttled
-from workers.jobs import autostop, backup, funnel, summary
+from workers.jobs import autostop, backup, funnel, queued, summary
 from workers.queueing import SYSTEM, JobPath, RunArgs, enqueue
 from workers.remote import spot
 from workers.remote.status import Snapshot, parse_many
@@ -94,6 +94,7 @@ def tick(source: str = "scheduled") -> str:
     waiting = updates.flush(svc)
     if waiting is not None:
         ensure_tick(svc, svc.clock().timestamp() + waiting)
+    queued.fallback(svc)  # a queue whose run's end was missed moves on here
     return f"polled {len(runs)}"
 
 
@@ -215,6 +216,7 @@ def finish(svc: Services, run: Run, snap: Snapshot) -> None:
         reply(svc, run, spot_report(run, f"ended (exit {run.exit_code}) after {took}") + more, full_log=True)
         summary.conclude(svc, run, told)
         auto_resume(svc, run)
+        queued.after_end(svc, run)
         return
     ck = told.files() or (
         "Checkpoint: " + checkpoint_text(run.checkpoint, run.ended_at, absolute=True)
@@ -243,6 +245,7 @@ def finish(svc: Services, run: Run, snap: Snapshot) -> None:
             f"Last lines of training.log:\n{block(tail[-2500:])}",
             full_log=True,
         )
+    queued.after_end(svc, run)  # the next run in line starts (its own run dir: the summary may read on)
     summary.conclude(svc, run, told)
 
 
@@ -264,6 +267,7 @@ def lost(svc: Services, run: Run, exc: RunctlError) -> str:
     if run.spot_notice:
         summary.count_cost(svc, run)  # its instance's share of an `--auto-resume` run's cost
         auto_resume(svc, run)
+    queued.after_end(svc, run)
     return run.state.value
 
 

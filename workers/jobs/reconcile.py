@@ -29,7 +29,7 @@ from datetime import timedelta
 
 from workers import audit
 from workers.errors import RunctlError, Throttled
-from workers.jobs import funnel
+from workers.jobs import funnel, queued
 from workers.remote.reconcile import Report, SeenRun, parse_report, runs_report
 from workers.services import Services, current
 from workers.slack.thread import reply
@@ -99,6 +99,9 @@ def run_pass(svc: Services) -> Tally:
     times = [float(found[0][1]) for found in (upcoming, lapsing) if found]
     if times:  # the monitor's scheduled tick may be gone with the keys
         polls.ensure_tick(svc, min(times))
+    queued.fallback(
+        svc, load=True, running=ids
+    )  # after the heal: a queue read back from S3 waits for the runs re-adopted
     return tally
 
 

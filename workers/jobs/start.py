@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from workers import policy
 from workers.commands import Actor, StartCommand, TrainCommand
-from workers.jobs import funnel
+from workers.jobs import funnel, queued
 from workers.jobs.caps import admit_start
 from workers.jobs.confirm import answer
 from workers.jobs.funnel import Job
@@ -41,6 +41,7 @@ def start_flow(svc: Services, instance_id: str, actor: Actor, wait: bool = True)
     offer = last if last and last.ended_by in ("stop", "force") and last.checkpoint else None
     body, blocks = ready_blocks(text, offer)
     svc.notifier.try_post(actor.channel_id, body, blocks, what="the start report")
+    queued.after_start(svc, instance_id)  # runs queued while it was stopped start now
     return body
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from workers.commands import StatusCommand
-from workers.jobs import funnel
+from workers.jobs import funnel, queued
 from workers.jobs.funnel import Job
 from workers.services import current
 from workers.slack.escape import code
@@ -54,4 +54,7 @@ def describe(instance_id: str) -> str:
         lines.append(f"Train lock: run `{holder.run_id}` by <@{holder.user_id}>")
     else:
         lines.append("Train lock: free")
+    waiting = queued.lines_for(svc, instance_id)
+    if waiting:
+        lines += [f"Queue ({len(waiting)}):", *waiting]
     return "\n".join(lines)

@@ -10,7 +10,7 @@ import logging
 from workers import policy
 from workers.commands import Actor, StopCommand
 from workers.errors import AgentOffline, RemoteError, WrongState
-from workers.jobs import funnel
+from workers.jobs import funnel, queued
 from workers.jobs.confirm import answer
 from workers.jobs.funnel import Job
 from workers.jobs.halt import Halt, Halter
@@ -42,8 +42,14 @@ def stop_flow(
 ) -> str:
     """Checkpoint and stop the live run, stop the instance, post the summary (in `thread_ts`
     when given); returns the outcome in a line. Raises RunctlError when the stop did not happen."""
-    with operation(svc.redis, instance_id, holder(svc, actor, "stop")):
+    with (
+        operation(svc.redis, instance_id, holder(svc, actor, "stop")),
+        queued.held_while_stopping(svc, instance_id) as hold,
+    ):
         done, lines = _stop_locked(svc, instance_id, actor, grace, force)
+        hold.stopped = done
+    if done and hold.note(svc, instance_id):
+        lines.insert(1, hold.note(svc, instance_id))
     if not done:
         answer(svc, actor, lines[0], thread_ts)
         return lines[0]

@@ -9,7 +9,7 @@ from workers.aws import backups
 from workers.aws.instance import Instance
 from workers.commands import Actor, TerminateCommand
 from workers.errors import AgentOffline, RunctlError
-from workers.jobs import funnel, spot_request
+from workers.jobs import funnel, queued, spot_request
 from workers.jobs.backup import backup_runs
 from workers.jobs.confirm import ConfirmClick, answer
 from workers.jobs.funnel import Job
@@ -67,7 +67,7 @@ def ask_to_terminate(svc: Services, iid: str, actor: Actor) -> str:
         inst,
         session_cost(svc, inst, now) if inst.state == "running" else Cost(None, "", ""),
         live,
-        checkpoints_summary(listings, now, note, risky),
+        checkpoints_summary(listings, now, note, risky) + queued_note(svc, iid),
         conf.nonce,
         actor.user_id,
         conf.expires_at,
@@ -77,6 +77,17 @@ def ask_to_terminate(svc: Services, iid: str, actor: Actor) -> str:
     conf.message_ts = svc.notifier.post(actor.channel_id, text, blocks)
     ConfirmStore(svc.redis).save(conf)
     return text
+
+
+def queued_note(svc: Services, iid: str) -> str:
+    """The queue, which terminating cancels: each run and who queued it."""
+    lines = queued.lines_for(svc, iid)
+    if not lines:
+        return ""
+    return (
+        f"\n:inbox_tray: *{len(lines)} queued run{'s' if len(lines) != 1 else ''}* wait for this instance; "
+        "terminating cancels them (each requester is told):\n" + "\n".join(lines)
+    )
 
 
 def what_would_be_lost(svc: Services, inst: Instance) -> tuple[Run | None, list[CheckpointListing] | None, str, Shown]:
@@ -188,6 +199,13 @@ class TerminateClick(ConfirmClick):
         now = svc.clock()
         cost = session_cost(svc, inst, now) if inst.state == "running" else None
         reports: list[str] = []
+        # Before the live run is halted: its end must not start the next run on a dying instance.
+        dropped = queued.drop_all(svc, iid, f"`{iid}` was terminated by <@{self.actor.user_id}>")
+        if dropped:
+            reports.append(
+                f":x: {len(dropped)} queued run{'s' if len(dropped) != 1 else ''} cancelled, "
+                "each requester told: " + ", ".join(f"`{d}`" for d in dropped) + "."
+            )
         if inst.state == "running":
             known = svc.runs.live_on(iid)
             halter = Halter(svc, inst, self.actor, svc.settings.RUNCTL_STOP_GRACE_SECONDS, False, "terminate")

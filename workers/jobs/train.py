@@ -401,7 +401,7 @@ def conflict(instance_id: str, run_id: str, holder: Holder | None, evidence: str
     return RunConflict(
         f"{instance_id} is busy: {busy}.",
         why=f"One training per instance (seen via {evidence}).",
-        fix=f"wait for it to finish; `/runctl stop {instance_id}` to checkpoint and stop it; "
+        fix=f"add `--queue` to start yours when it ends; `/runctl stop {instance_id}` to checkpoint and stop it; "
         "or add `--force` to stop it gracefully and start yours.",
     )
 

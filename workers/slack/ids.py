@@ -18,6 +18,8 @@ class ActionId(StrEnum):
     AUTOSTOP_KEEP = "autostop_keep"
     AUTOSTOP_STOP_NOW = "autostop_stop_now"
     FULL_LOG = "run_full_log"
+    QUEUE_AFTER = "queue_after_it"
+    QUEUE_CANCEL = "queue_cancel"
 
 
 # Link buttons on a run's message (W&B, MLflow, ...): `run_link_<kind>`. Slack opens the url and
@@ -35,3 +37,4 @@ class BlockId(StrEnum):
     LAUNCH_ACTIONS = "launch_actions"
     AUTOSTOP_ACTIONS = "autostop_actions"
     RUN_ACTIONS = "run_actions"
+    QUEUE_ACTIONS = "queue_actions"
