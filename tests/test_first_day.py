@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import redis as redis_mod
@@ -11,9 +12,12 @@ from slack_bolt import App
 from slack_sdk import WebClient
 
 from bot.app import build_app
+from runctl_sandbox.aws import SeedInfo
 from runctl_sandbox.fake_slack import FakeSlack
+from runctl_sandbox.inline import InlineWorker
 from tests.conftest import TOKEN
 from tests.slack import command
+from workers.services import Services
 from workers.settings import Settings
 
 IID = "i-0123456789abcdef0"
@@ -50,3 +54,24 @@ def test_a_bad_value_names_the_option_as_typed_not_a_field(
     assert "`--checkpoint-interval`" in said and "checkpoint_interval" not in said
     said = text(app.dispatch(command(f"autostop {IID} 2")))
     assert "`<minutes>`" in said and "Bad value for minutes" not in said
+
+
+def _drained(app: App, worker: InlineWorker, text_: str, user: str) -> None:
+    app.dispatch(command(text_, user=user))
+    deadline = time.monotonic() + 5
+    while not worker.pending() and time.monotonic() < deadline:  # Bolt queues after the ack
+        time.sleep(0.01)
+    worker.drain(120)
+
+
+def test_the_audit_shows_a_mention_and_escaped_text_once(
+    svc: Services, slack: FakeSlack, worker: InlineWorker, fleet_seed: SeedInfo
+) -> None:
+    app = make(svc.settings, svc.redis, slack)
+    iid = fleet_seed.instances["gpu-box-1"]
+    _drained(app, worker, f"autostop {iid} 30", "U0ADMIN")
+    _drained(app, worker, "audit 5", "U0ADMIN")
+    (note,) = slack.ephemerals("U0ADMIN")[-1:]
+    body = "\n".join(b["text"]["text"] for b in note.blocks if b["type"] == "section")
+    assert f"`/runctl autostop {iid} 30` → :alarm_clock: <@U0ADMIN> set autostop on *gpu-box-1" in body
+    assert "&lt;@" not in body and "&amp;" not in body
