@@ -12,8 +12,8 @@ from slack_bolt import App
 from slack_sdk import WebClient
 
 from bot.app import build_app
-from runctl_sandbox.aws import SeedInfo
-from runctl_sandbox.fake_slack import FakeSlack
+from runctl_sandbox.aws import Sandbox, SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack, Message
 from runctl_sandbox.inline import InlineWorker
 from tests.conftest import TOKEN
 from tests.slack import command
@@ -75,3 +75,46 @@ def test_the_audit_shows_a_mention_and_escaped_text_once(
     body = "\n".join(b["text"]["text"] for b in note.blocks if b["type"] == "section")
     assert f"`/runctl autostop {iid} 30` → :alarm_clock: <@U0ADMIN> set autostop on *gpu-box-1" in body
     assert "&lt;@" not in body and "&amp;" not in body
+
+
+# --- item 9: a script with no SIGTERM handler ---------------------------------------------
+
+
+def everywhere(slack: FakeSlack) -> list[Message]:
+    return [m for channel in ("C0TRAIN", "C0OPS") for m in slack.messages(channel)]
+
+
+def _ckpt(sandbox: Sandbox, iid: str, name: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not list(sandbox.instance_dir(iid).glob(f"runs/*/checkpoints/{name}")):
+        assert time.monotonic() < deadline, f"no {name} on {iid}"
+        time.sleep(0.1)
+
+
+def test_force_and_terminate_tell_a_script_with_no_handler_what_it_has(
+    svc: Services, slack: FakeSlack, worker: InlineWorker, fleet_seed: SeedInfo, sandbox: Sandbox
+) -> None:
+    svc.settings.RUNCTL_POLL_MIN_SECONDS, svc.settings.RUNCTL_POLL_MAX_SECONDS = 1, 2  # as the console's
+    app = make(svc.settings, svc.redis, slack)
+    iid = fleet_seed.instances["cpu-box"]
+    worker.start(0.05)
+    try:
+        app.dispatch(command(f"train {iid} no_handler.py -- 400", user="U0ADMIN"))
+        _ckpt(sandbox, iid, "ckpt-epoch-00003.json")  # its one checkpoint; it has no SIGTERM handler
+        app.dispatch(command(f"terminate {iid}", user="U0ADMIN"))
+        asks = slack.wait_for(lambda: [m for m in everywhere(slack) if "asks to *terminate" in json.dumps(m.blocks)], 60)
+        said = json.dumps(asks[-1].blocks)
+        assert "saves first" not in said  # no promise the script cannot keep
+        assert "a script that handles it can save a checkpoint" in said
+
+        app.dispatch(command(f"train --force {iid} no_handler.py -- 3", user="U0ADMIN"))
+
+        def note() -> str:
+            found = [t for m in everywhere(slack) if "`--force` stopped run" in (t := m.text + json.dumps(m.blocks))]
+            return found[-1] if found else ""
+
+        said = slack.wait_for(note, 90)
+        assert "saved no checkpoint" not in said
+        assert "its newest checkpoint is `ckpt-epoch-00003.json`, epoch 3" in said
+    finally:
+        worker.stop()
