@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -118,3 +119,19 @@ def test_force_and_terminate_tell_a_script_with_no_handler_what_it_has(
         assert "its newest checkpoint is `ckpt-epoch-00003.json`, epoch 3" in said
     finally:
         worker.stop()
+
+
+def test_status_after_a_start_counts_from_that_start(
+    svc: Services, slack: FakeSlack, worker: InlineWorker, fleet_seed: SeedInfo
+) -> None:
+    """Real EC2 resets LaunchTime on every start (boto3: "The time that the instance was last
+    launched"); the sandbox does too, so "since last start" is what it says."""
+    app = make(svc.settings, svc.redis, slack)
+    iid = fleet_seed.instances["old-box"]  # seeded, then stopped
+    time.sleep(6)
+    _drained(app, worker, f"start {iid}", "U0ADMIN")
+    _drained(app, worker, f"status {iid}", "U0ADMIN")
+    said = "\n".join(m.text + json.dumps(m.blocks) for m in slack.ephemerals("U0ADMIN")[-1:])
+    up = re.search(r"Up (\d+)s \(since last start\)", said)
+    assert up is not None, said
+    assert int(up.group(1)) < 5
