@@ -135,3 +135,29 @@ def test_status_after_a_start_counts_from_that_start(
     up = re.search(r"Up (\d+)s \(since last start\)", said)
     assert up is not None, said
     assert int(up.group(1)) < 5
+
+
+# --- item 8 and 9: resume ------------------------------------------------------------
+
+
+def test_resume_checks_its_target_before_announcing_and_names_its_sha_once(
+    svc: Services, slack: FakeSlack, worker: InlineWorker, fleet_seed: SeedInfo
+) -> None:
+    svc.settings.RUNCTL_POLL_MIN_SECONDS, svc.settings.RUNCTL_POLL_MAX_SECONDS = 1, 2
+    app = make(svc.settings, svc.redis, slack)
+    box, stopped = fleet_seed.instances["gpu-box-1"], fleet_seed.instances["old-box"]
+    args = "-- --epochs 2 --steps-per-epoch 2 --step-seconds 0.05"
+    _drained(app, worker, f"train {box} train_with_checkpoints.py {args}", "U0ADMIN")
+    first = slack.wait_for(lambda: svc.runs.latest(box), 30)
+    slack.wait_for(lambda: (r := svc.runs.get(first.run_id)) is not None and r.state.ended, 60)
+
+    _drained(app, worker, f"resume {first.run_id} --on {stopped}", "U0ADMIN")
+    said = "\n".join(m.text for m in [*everywhere(slack), *slack.ephemerals("U0ADMIN")])
+    assert "is stopped." in said and f"/runctl start {stopped}" in said
+    assert "resumes run" not in said  # nothing announced that could not happen
+
+    _drained(app, worker, f"resume {first.run_id}", "U0ADMIN")
+    resumed = slack.wait_for(lambda: (r := svc.runs.latest(box)) is not None and r.run_id != first.run_id and r, 30)
+    assert resumed.ref == resumed.sha and resumed.sha is not None
+    shown = "\n".join(json.dumps(m.blocks) for m in everywhere(slack) if resumed.run_id in json.dumps(m.blocks))
+    assert f"ref `{resumed.sha[:10]}`" in shown and resumed.sha not in shown

@@ -104,7 +104,9 @@ def run_blocks(run: Run, now: datetime | None = None) -> Message:
     head = (
         f"{EMOJI[run.state]} *{run.state.value.capitalize()}* · {code(run.script)} on {where(run)} · <@{run.user_id}>"
     )
-    details = [f"run {code(run.run_id)}", f"ref {code(run.ref)}" + (f" @ `{run.sha[:10]}`" if run.sha else "")]
+    pinned = bool(run.sha) and run.ref == run.sha  # a resumed run trains its sha itself: name it once
+    ref = f"ref `{run.sha[:10]}`" if pinned else f"ref {code(run.ref)}" + (f" @ `{run.sha[:10]}`" if run.sha else "")
+    details = [f"run {code(run.run_id)}", ref]
     final = run.state.ended
     if run.started_at and final:
         end = run.ended_at or now
