@@ -103,7 +103,9 @@ def test_force_and_terminate_tell_a_script_with_no_handler_what_it_has(
         app.dispatch(command(f"train {iid} no_handler.py -- 400", user="U0ADMIN"))
         _ckpt(sandbox, iid, "ckpt-epoch-00003.json")  # its one checkpoint; it has no SIGTERM handler
         app.dispatch(command(f"terminate {iid}", user="U0ADMIN"))
-        asks = slack.wait_for(lambda: [m for m in everywhere(slack) if "asks to *terminate" in json.dumps(m.blocks)], 60)
+        asks = slack.wait_for(
+            lambda: [m for m in everywhere(slack) if "asks to *terminate" in json.dumps(m.blocks)], 60
+        )
         said = json.dumps(asks[-1].blocks)
         assert "saves first" not in said  # no promise the script cannot keep
         assert "a script that handles it can save a checkpoint" in said
