@@ -20,6 +20,7 @@ from tests.conftest import TOKEN
 from tests.slack import command
 from workers.services import Services
 from workers.settings import Settings
+from workers.state.runs import Run
 
 IID = "i-0123456789abcdef0"
 
@@ -151,6 +152,7 @@ def test_resume_checks_its_target_before_announcing_and_names_its_sha_once(
     args = "-- --epochs 2 --steps-per-epoch 2 --step-seconds 0.05"
     _drained(app, worker, f"train {box} train_with_checkpoints.py {args}", "U0ADMIN")
     first = slack.wait_for(lambda: svc.runs.latest(box), 30)
+    assert first is not None
     slack.wait_for(lambda: (r := svc.runs.get(first.run_id)) is not None and r.state.ended, 60)
 
     _drained(app, worker, f"resume {first.run_id} --on {stopped}", "U0ADMIN")
@@ -159,7 +161,13 @@ def test_resume_checks_its_target_before_announcing_and_names_its_sha_once(
     assert "resumes run" not in said  # nothing announced that could not happen
 
     _drained(app, worker, f"resume {first.run_id}", "U0ADMIN")
-    resumed = slack.wait_for(lambda: (r := svc.runs.latest(box)) is not None and r.run_id != first.run_id and r, 30)
+
+    def second() -> Run | None:
+        r = svc.runs.latest(box)
+        return r if r is not None and r.run_id != first.run_id else None
+
+    resumed = slack.wait_for(second, 30)
+    assert resumed is not None
     assert resumed.ref == resumed.sha and resumed.sha is not None
     shown = "\n".join(json.dumps(m.blocks) for m in everywhere(slack) if resumed.run_id in json.dumps(m.blocks))
     assert f"ref `{resumed.sha[:10]}`" in shown and resumed.sha not in shown

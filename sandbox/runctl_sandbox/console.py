@@ -29,7 +29,7 @@ from typing import Any, TextIO
 from urllib.parse import urlencode
 
 import fakeredis
-from croniter import croniter
+from croniter import croniter  # rq's cron uses it: the clock's cron expressions, as rq reads them
 from redis import Redis
 from rq import Queue
 from slack_bolt import App
@@ -437,7 +437,10 @@ def banner(seeded: SeedInfo, code: Code, clock: Clock, launch_file: Path | None)
             "Your own code: --repo PATH (or RUNCTL_REPO=PATH), a git repository; --ref REF picks the ref.\n"
         )
     else:
-        trains = f"Training code: your repository {code.repo}, ref `{code.ref}` (committed code only: runs get `git archive`).\n"
+        trains = (
+            f"Training code: your repository {code.repo}, ref `{code.ref}` "
+            "(committed code only: a run gets the ref's `git archive`).\n"
+        )
     if clock.factor > 1:
         timing = (
             f"Clock: the sweep (warnings, autostop), the reconcile, the monitor and the digest run as the clock "

@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from datetime import UTC, datetime
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qs
 

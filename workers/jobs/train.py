@@ -19,8 +19,8 @@ from workers.jobs.funnel import Job
 from workers.jobs.halt import unconfirmed
 from workers.jobs.preflight import Refusals, require_running
 from workers.remote import backup as backup_script
-from workers.remote.events import OFF, Sender, sender
 from workers.remote.checkpoints import discover
+from workers.remote.events import OFF, Sender, sender
 from workers.remote.lifecycle import parse_stop
 from workers.settings import python_path
 from workers.slack.escape import code, escape
