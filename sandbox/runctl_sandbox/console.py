@@ -118,14 +118,20 @@ class Console:
 
     def show_file(self, file: UploadedFile) -> None:
         """A shared file ([Full log]): where the console put it, and its last lines."""
-        text = file.content.decode(errors="replace")
-        lines = text.splitlines()
         where = ""
         if self.files is not None:
             self.files.mkdir(parents=True, exist_ok=True)
             path = self.files / f"{file.id}-{Path(file.filename).name}"
             path.write_bytes(file.content)
             where = f", saved as {path}"
+        try:
+            text = file.content.decode()
+        except UnicodeDecodeError:
+            text = "\0"
+        if "\0" in text:  # a chart (the digest's PNG): not for a terminal
+            self.say(f"[file] {file.filename}: {file.title or 'an image'}, {len(file.content)} bytes{where}")
+            return
+        lines = text.splitlines()
         tail = lines[-LOG_LINES:]
         head = f"[file] {file.filename}: {len(lines)} lines{where}"
         head += f"; the last {len(tail)}:" if len(tail) < len(lines) else ":"
