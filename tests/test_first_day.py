@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import redis as redis_mod
@@ -171,3 +173,46 @@ def test_resume_checks_its_target_before_announcing_and_names_its_sha_once(
     assert resumed.ref == resumed.sha and resumed.sha is not None
     shown = "\n".join(json.dumps(m.blocks) for m in everywhere(slack) if resumed.run_id in json.dumps(m.blocks))
     assert f"ref `{resumed.sha[:10]}`" in shown and resumed.sha not in shown
+
+
+# --- item 14: progress read from the log ---------------------------------------------------
+
+KERAS_LIKE = """import time
+print("Epoch 1/8", flush=True)
+for step in range(1, 40):
+    print(f"{step}/100 [==>...........] - ETA: 30s - lr: 0.0500 - loss: 0.6931", flush=True)
+    time.sleep(0.25)
+"""
+
+
+def test_progress_from_a_log_counts_an_epoch_that_just_started_and_shows_the_loss(
+    svc: Services, slack: FakeSlack, worker: InlineWorker, fleet_seed: SeedInfo, tmp_path: Path
+) -> None:
+    repo = tmp_path / "keras-like"
+    repo.mkdir()
+    (repo / "fit.py").write_text(KERAS_LIKE)
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "fit"]):
+        subprocess.run(
+            ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.invalid", *args], check=True
+        )
+    svc.settings = svc.settings.model_copy(
+        update={"RUNCTL_REPO": str(repo), "RUNCTL_POLL_MIN_SECONDS": 1, "RUNCTL_POLL_MAX_SECONDS": 1}
+    )
+    app = make(svc.settings, svc.redis, slack)
+    iid = fleet_seed.instances["gpu-box-1"]
+    worker.start(0.05)
+    try:
+        app.dispatch(command(f"train {iid} fit.py", user="U0ADMIN"))
+
+        def progress() -> str:
+            for m in everywhere(slack):
+                shown = json.dumps(m.blocks, ensure_ascii=False)
+                if "epoch 1/8" in shown:
+                    return shown
+            return ""
+
+        shown = slack.wait_for(progress, 60)
+    finally:
+        worker.stop()
+    assert "0%`  epoch 1/8" in shown and "12%" not in shown  # epoch 1 of 8 has just started
+    assert "epoch 1/8  ·  loss 0.6931" in shown  # the loss first, before the learning rate

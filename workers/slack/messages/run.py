@@ -45,7 +45,7 @@ def progress_text(p: Progress, final: bool = False) -> str:
     if p.step is not None and p.total_steps:
         fraction = p.step / p.total_steps
     elif p.epoch is not None and p.total_epochs:
-        fraction = p.epoch / p.total_epochs
+        fraction = (p.epoch if p.done_epochs is None else p.done_epochs) / p.total_epochs
     where = ""
     if p.epoch is not None:
         where = f"epoch {p.epoch}/{p.total_epochs}" if p.total_epochs else f"epoch {p.epoch}"
