@@ -365,9 +365,8 @@ def clock_jobs(now: datetime) -> list[ClockJob]:
             ttl=data["ttl"],
             due=now,
         )
-        if job.cron:
-            job.advance(now)
-            job.real_next = 0.0
+        job.advance(now)  # the first run one interval (or the cron's next time) after the start
+        job.real_next = 0.0
         jobs.append(job)
     del rq_cron._job_data_registry[start:]
     return jobs
@@ -602,6 +601,8 @@ def session(console: Console, prompt: Prompt, workdir: Path, code: Code, clock: 
         if ticker is not None:
             ticker.stop()
         if worker is not None:
+            for queue in worker.queues:  # leaving: what is queued (clock jobs, ticks) goes with the sandbox
+                queue.empty()
             worker.stop()
         slack.stop()
         sandbox.stop()
