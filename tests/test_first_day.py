@@ -216,3 +216,22 @@ def test_progress_from_a_log_counts_an_epoch_that_just_started_and_shows_the_los
         worker.stop()
     assert "0%`  epoch 1/8" in shown and "12%" not in shown  # epoch 1 of 8 has just started
     assert "epoch 1/8  ·  loss 0.6931" in shown  # the loss first, before the learning rate
+
+
+# --- item 5: autostop, as set and as shown --------------------------------------------------
+
+
+def test_a_short_autostop_promises_what_the_sweep_does_and_status_shows_it(
+    svc: Services, slack: FakeSlack, worker: InlineWorker, fleet_seed: SeedInfo
+) -> None:
+    app = make(svc.settings, svc.redis, slack)
+    iid = fleet_seed.instances["cpu-box"]
+    _drained(app, worker, f"status {iid}", "U0ADMIN")
+    assert "Autostop: off" in slack.ephemerals("U0ADMIN")[-1].text + json.dumps(slack.ephemerals("U0ADMIN")[-1].blocks)
+    _drained(app, worker, f"autostop {iid} 5", "U0ADMIN")
+    said = "\n".join(m.text for m in everywhere(slack) if "set autostop" in m.text)
+    assert "10 min before" not in said  # a 5-minute autostop cannot warn 10 minutes ahead
+    assert "no sooner than 10 min after it" in said
+    _drained(app, worker, f"status {iid}", "U0ADMIN")
+    shown = slack.ephemerals("U0ADMIN")[-1]
+    assert "Autostop: after 5 min with no live run (set by <@U0ADMIN>)" in shown.text + json.dumps(shown.blocks)

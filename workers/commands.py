@@ -180,10 +180,13 @@ class LaunchCommand(Command):
     disk: int | None = Field(None, ge=8, le=16384)
 
 
+AUTOSTOP_MIN_MINUTES = 5  # a sweep runs every few minutes: a shorter autostop could not be kept
+
+
 class AutostopCommand(Command):
     name: Literal["autostop"] = "autostop"
     instance_id: InstanceId
-    minutes: int | None = Field(None, ge=5, le=7 * 24 * 60)  # None: off
+    minutes: int | None = Field(None, ge=AUTOSTOP_MIN_MINUTES, le=7 * 24 * 60)  # None: off
 
 
 AnyCommand = (
