@@ -235,3 +235,38 @@ def test_a_short_autostop_promises_what_the_sweep_does_and_status_shows_it(
     _drained(app, worker, f"status {iid}", "U0ADMIN")
     shown = slack.ephemerals("U0ADMIN")[-1]
     assert "Autostop: after 5 min with no live run (set by <@U0ADMIN>)" in shown.text + json.dumps(shown.blocks)
+
+
+# --- item 6: a refused run never displaces the last real one --------------------------------
+
+
+def test_a_train_refused_on_a_stopped_box_leaves_the_resume_offer_and_status_alone(
+    svc: Services, slack: FakeSlack, worker: InlineWorker, fleet_seed: SeedInfo, sandbox: Sandbox
+) -> None:
+    svc.settings.RUNCTL_POLL_MIN_SECONDS, svc.settings.RUNCTL_POLL_MAX_SECONDS = 1, 2
+    app = make(svc.settings, svc.redis, slack)
+    iid = fleet_seed.instances["gpu-box-1"]
+    slow = "-- --epochs 40 --steps-per-epoch 4 --step-seconds 0.1"
+    worker.start(0.05)
+    try:
+        app.dispatch(command(f"train {iid} train_with_checkpoints.py {slow}", user="U0ADMIN"))
+        _ckpt(sandbox, iid, "ckpt-epoch-00001.json")
+        first = svc.runs.latest(iid)
+        assert first is not None
+        app.dispatch(command(f"stop {iid}", user="U0ADMIN"))
+        slack.wait_for(lambda: svc.fleet.get(iid).state == "stopped", 90)
+        app.dispatch(command(f"train {iid} train_with_checkpoints.py -- --epochs 3", user="U0ADMIN"))
+        slack.wait_for(lambda: any("is stopped." in m.text for m in slack.ephemerals("U0ADMIN")), 60)
+        app.dispatch(command(f"start {iid}", user="U0ADMIN"))
+
+        def started() -> str:
+            found = [json.dumps(m.blocks) for m in everywhere(slack) if "started *gpu-box-1" in json.dumps(m.blocks)]
+            return found[-1] if found else ""
+
+        offer = slack.wait_for(started, 90)
+    finally:
+        worker.stop()
+    assert f"Run `{first.run_id}`" in offer and "Resume training" in offer
+    _drained(app, worker, f"status {iid}", "U0ADMIN")
+    shown = slack.ephemerals("U0ADMIN")[-1]
+    assert f"Last: `{first.run_id}` stopped." in shown.text + json.dumps(shown.blocks)
