@@ -602,7 +602,7 @@ def session(console: Console, prompt: Prompt, workdir: Path, code: Code, clock: 
             ticker.stop()
         if worker is not None:
             for queue in worker.queues:  # leaving: what is queued (clock jobs, ticks) goes with the sandbox
-                queue.empty()
+                queue.empty()  # type: ignore[no-untyped-call]
             worker.stop()
         slack.stop()
         sandbox.stop()
