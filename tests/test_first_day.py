@@ -15,7 +15,7 @@ from slack_bolt import App
 from slack_sdk import WebClient
 
 from bot.app import build_app
-from runctl_sandbox.aws import Sandbox, SeedInfo
+from runctl_sandbox.aws import Sandbox, SeedInfo, seed_launch
 from runctl_sandbox.fake_slack import FakeSlack, Message
 from runctl_sandbox.inline import InlineWorker
 from tests.conftest import TOKEN
@@ -270,3 +270,29 @@ def test_a_train_refused_on_a_stopped_box_leaves_the_resume_offer_and_status_alo
     _drained(app, worker, f"status {iid}", "U0ADMIN")
     shown = slack.ephemerals("U0ADMIN")[-1]
     assert f"Last: `{first.run_id}` stopped." in shown.text + json.dumps(shown.blocks)
+
+
+# --- item 4: the launch template is checked before [Launch] is offered -----------------------
+
+
+def test_a_launch_file_with_a_missing_subnet_or_profile_is_refused_before_the_click(
+    svc: Services, slack: FakeSlack, worker: InlineWorker, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    made = seed_launch(sandbox.endpoint_url, "us-east-1")
+    path = tmp_path / "launch.toml"
+
+    def ask(subnet: str, profile: str) -> str:
+        path.write_text(
+            f'[template]\nami = "{made.ami}"\nsubnets = ["{subnet}"]\nsecurity_groups = ["{made.security_group}"]\n'
+            f'instance_profile = "{profile}"\n[presets.gpu]\ninstance_type = "g5.xlarge"\n'
+        )
+        svc.settings = svc.settings.model_copy(update={"RUNCTL_LAUNCH_FILE": path})
+        _drained(make(svc.settings, svc.redis, slack), worker, "launch gpu", "U0ADMIN")
+        note = slack.ephemerals("U0ADMIN")[-1]
+        return note.text + json.dumps(note.blocks)
+
+    said = ask("subnet-0000000000000000a", made.instance_profile)  # the README's example names such subnets
+    assert "subnet `subnet-0000000000000000a` does not exist" in said and "Fix:" in said
+    said = ask(made.subnets[0], "no-such-profile")
+    assert "instance profile `no-such-profile` does not exist" in said and "Fix:" in said
+    assert not [m for m in everywhere(slack) if "asks to *launch" in json.dumps(m.blocks)]  # nothing to click
