@@ -207,7 +207,8 @@ class Launcher:
                 raise RunctlError(
                     f"The launch template's instance profile `{template.instance_profile}` does not exist.",
                     why=f"{where} names it; RunInstances would refuse it, and without it no SSM agent registers.",
-                    fix=f"An admin creates it (its role with AmazonSSMManagedInstanceCore) or names another in {where}.",
+                    fix=f"An admin creates it (its role with AmazonSSMManagedInstanceCore) or names another "
+                    f"in {where}.",
                 ) from exc
             log.warning("instance profile %s not checked: %s", template.instance_profile, code)
         except BotoCoreError as exc:
