@@ -296,3 +296,33 @@ def test_a_launch_file_with_a_missing_subnet_or_profile_is_refused_before_the_cl
     said = ask(made.subnets[0], "no-such-profile")
     assert "instance profile `no-such-profile` does not exist" in said and "Fix:" in said
     assert not [m for m in everywhere(slack) if "asks to *launch" in json.dumps(m.blocks)]  # nothing to click
+
+
+# --- item 7: checkpoints restored from S3 are in S3 ------------------------------------------
+
+
+def test_checkpoints_restored_from_s3_count_as_backed_up(
+    svc: Services, slack: FakeSlack, worker: InlineWorker, fleet_seed: SeedInfo
+) -> None:
+    svc.settings.RUNCTL_POLL_MIN_SECONDS, svc.settings.RUNCTL_POLL_MAX_SECONDS = 1, 2
+    app = make(svc.settings, svc.redis, slack)
+    box, other = fleet_seed.instances["gpu-box-1"], fleet_seed.instances["gpu-box-2"]
+    args = "-- --epochs 3 --steps-per-epoch 2 --step-seconds 0.05"
+    _drained(app, worker, f"train {box} train_with_checkpoints.py --backup {args}", "U0ADMIN")
+    first = slack.wait_for(lambda: svc.runs.latest(box), 30)
+    assert first is not None
+    slack.wait_for(lambda: (r := svc.runs.get(first.run_id)) is not None and r.state.ended, 60)
+    _drained(app, worker, f"backup {box}", "U0ADMIN")  # everything in S3, whatever --backup raced
+    _drained(app, worker, f"resume {first.run_id} --on {other}", "U0ADMIN")
+    resumed = slack.wait_for(lambda: svc.runs.latest(other), 30)
+    assert resumed is not None
+    slack.wait_for(lambda: (r := svc.runs.get(resumed.run_id)) is not None and r.state.ended, 60)
+
+    _drained(app, worker, f"checkpoints {other}", "U0ADMIN")
+    note = slack.ephemerals("U0ADMIN")[-1]
+    listed = note.text + json.dumps(note.blocks, ensure_ascii=False)
+    assert "ckpt-epoch-00003.json" in listed
+    assert "instance only" not in listed  # restored from S3, so S3 holds them as they are here
+    _drained(app, worker, f"terminate {other}", "U0ADMIN")
+    asks = [json.dumps(m.blocks) for m in everywhere(slack) if "asks to *terminate" in json.dumps(m.blocks)]
+    assert asks and "would be lost" not in asks[-1]

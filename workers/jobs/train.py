@@ -322,7 +322,7 @@ class TrainFlow:
             return ""
         seconds = url_seconds(DELIVER_SECONDS)
         downloads = [
-            backup_script.Download(i, f.name, f.sha256, self.svc.fleet.presign(f.key, seconds))
+            backup_script.Download(i, f.name, f.sha256, self.svc.fleet.presign(f.key, seconds), f.mtime)
             for i, f in enumerate(self.restoring)
         ]
         return backup_script.restore(self.root, run.restore_from, downloads)
