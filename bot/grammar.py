@@ -345,7 +345,10 @@ def parse(text: str) -> c.AnyCommand:
         command: c.AnyCommand = spec.build(**values)  # type: ignore[assignment]
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
+        field_name = str(err["loc"][0]) if err["loc"] else ""
+        flag = next((f for f in spec.flags if f.dest == field_name), None)
+        # What the person typed (`--checkpoint-interval`, `<instance-id>`), never the model's field name.
+        where = f"`--{flag.name}`" if flag else f"`<{field_name.replace('_', '-')}>`"
         raise UsageError(f"Bad value for {where}: {err['msg']}.", usage=spec.usage) from None
     return command
 
@@ -577,7 +580,11 @@ def _missing_separator(spec: Spec, tokens: list[str], i: int) -> None:
 
 
 def _separated(spec: Spec, tokens: list[str], i: int) -> str:
-    return "/runctl " + shlex.join([spec.name, *map(plain, tokens[:i]), "--", *map(plain, tokens[i:])])
+    """The command with `--` before tokens[i]; a `--` typed later is then the script's no more (one `--`)."""
+    rest = list(tokens[i:])
+    if "--" in rest:
+        rest.remove("--")
+    return "/runctl " + shlex.join([spec.name, *map(plain, tokens[:i]), "--", *map(plain, rest)])
 
 
 def _check_dashes(spec: Spec, tokens: list[str]) -> None:

@@ -21,12 +21,23 @@ PROMPT = "runctl> "
 
 
 class Terminal:
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], args: list[str] | None = None) -> None:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the console, with the pty as its controlling terminal
             os.chdir(ROOT)
-            os.execve(sys.executable, [sys.executable, "-m", "runctl_sandbox.console"], env)
+            os.execve(sys.executable, [sys.executable, "-m", "runctl_sandbox.console", *(args or [])], env)
         self.seen = ""
+
+    def drain(self) -> None:
+        """Read what the console printed so far, without waiting."""
+        while select.select([self.fd], [], [], 0)[0]:
+            try:
+                chunk = os.read(self.fd, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            self.seen += chunk.decode(errors="replace")
 
     def expect(self, pattern: str, timeout: float = 120, after: int = 0) -> int:
         """Read until `pattern` (a regex) appears past offset `after`; returns the offset past it."""

@@ -82,7 +82,7 @@ def test_parses(text: str, expected: c.Command) -> None:
         (f"train {IID} t.py --bogus-flag-before", "no `--` before it", "/runctl train"),
         (f"train --epochs 3 {IID} t.py", "Unknown option `--epochs`", "/runctl train"),
         (f"train {IID} t.py --checkpoint-interval x", "whole number", "/runctl train"),
-        (f"train {IID} t.py --checkpoint-interval 0", "checkpoint_interval", "/runctl train"),
+        (f"train {IID} t.py --checkpoint-interval 0", "Bad value for `--checkpoint-interval`", "/runctl train"),
         (f"train {IID} t.py --sync-code=maybe", "true or false", "/runctl train"),
         (f"train {IID} t.py --ref", "needs a value", "/runctl train"),
         (f"train {IID} t.py --ref -x", "not a valid git ref", "/runctl train"),

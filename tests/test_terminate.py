@@ -267,7 +267,9 @@ def test_a_confirmation_that_no_longer_holds_asks_again_instead_of_terminating(
         assert "Nothing was terminated" in old.text and f"run `{run_id}` is live now" in old.text
         fresh = confirmation(slack)
         assert fresh.ts != m.ts and buttons(fresh)
-        assert f"Live run `{run_id}`" in text_of(fresh) and "It gets SIGTERM and saves first" in text_of(fresh)
+        assert f"Live run `{run_id}`" in text_of(
+            fresh
+        ) and "It gets SIGTERM first: a script that handles it can save" in text_of(fresh)
         # the old buttons are spent
         assert ConfirmStore(svc.redis).peek(buttons(m)[0]["value"]) is None
     finally:

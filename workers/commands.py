@@ -195,10 +195,13 @@ class QueueCommand(Command):
     cancel: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 
 
+AUTOSTOP_MIN_MINUTES = 5  # a sweep runs every few minutes: a shorter autostop could not be kept
+
+
 class AutostopCommand(Command):
     name: Literal["autostop"] = "autostop"
     instance_id: InstanceId
-    minutes: int | None = Field(None, ge=5, le=7 * 24 * 60)  # None: off
+    minutes: int | None = Field(None, ge=AUTOSTOP_MIN_MINUTES, le=7 * 24 * 60)  # None: off
 
 
 AnyCommand = (

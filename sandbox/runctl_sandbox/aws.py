@@ -66,6 +66,7 @@ class Sandbox(ThreadedMotoServer):
         self._agent = Agent(self.root, self.instance_dir)
         self._ec2 = Ec2()
         self.spot_requests = self._ec2.spot
+        self.ec2 = self._ec2  # its `clock` is what LaunchTime is set from on a start
         self.s3 = S3Gate()
         self.prices = PriceList()
         self._imds: Imds | None = None

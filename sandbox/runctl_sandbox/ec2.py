@@ -9,8 +9,9 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qs
 
@@ -126,6 +127,8 @@ class Ec2:
     """The EC2 requests the sandbox answers before (or instead of) moto, the ``app``."""
 
     def __init__(self, spot: SpotRequests | None = None) -> None:
+        # What "now" is for LaunchTime: moto's clock, or the console's (which `--fast` runs ahead).
+        self.clock: Callable[[], datetime] = utcnow
         self.exhausted: set[tuple[str, str]] = set()  # (instance type, zone) with no capacity
         self.spot = spot or SpotRequests()
         self.rules = LaunchRules()  # Unsupported zones, account quotas
@@ -181,6 +184,8 @@ class Ec2:
         status, headers, reply = wire.call_app(app, environ)
         if action == "RunInstances" and status.startswith("200"):
             add_ami_root(ctx, params, reply)
+        if action == "StartInstances" and status.startswith("200"):
+            self._relaunched(ctx, [v[0] for k, v in params.items() if _INSTANCE_PARAM.match(k)])
         if action in POWER_OFF_ACTIONS and status.startswith("200"):
             ids = [v[0] for k, v in params.items() if _INSTANCE_PARAM.match(k)]
             kill_instance_processes(ids)
@@ -189,6 +194,19 @@ class Ec2:
         if action == "RunInstances" and status.startswith("200"):
             self.spot.adopt(ctx, params, [m.decode() for m in _LAUNCHED.findall(reply)])
         return wire.reply(start_response, status, headers, reply)
+
+    def _relaunched(self, ctx: RequestContext, ids: list[str]) -> None:
+        """Real EC2 resets LaunchTime on every start: "The time that the instance was last
+        launched" (boto3's EC2.Instance.launch_time, https://boto3.amazonaws.com/v1/documentation/api/
+        1.39.0/reference/services/ec2/instance/launch_time.html); moto keeps the first launch's."""
+        backend = ec2_backends[ctx.account_id][ctx.region]
+        now = self.clock()
+        now = now.astimezone(UTC).replace(tzinfo=None) if now.tzinfo else now  # moto keeps naive UTC
+        for iid in ids:
+            try:
+                backend.get_instance(iid).launch_time = now
+            except Exception:  # moto answered for an unknown instance itself
+                continue
 
     def _cancel(
         self, ctx: RequestContext, params: dict[str, list[str]], start_response: StartResponse

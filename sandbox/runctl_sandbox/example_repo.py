@@ -14,6 +14,15 @@ TRAINING_DIR = Path(__file__).resolve().parent / "training"
 # The example scripts import their protocol from the module beside them.
 EXAMPLES = ("runctl_protocol.py", "train_with_checkpoints.py", "train_torch.py")
 
+# What the console's banner lists: each script the repository holds, and what it shows.
+EXAMPLE_SCRIPTS: tuple[tuple[str, str], ...] = (
+    ("train_with_checkpoints.py", "simulated training: progress, loss, a checkpoint each epoch, saves on SIGTERM"),
+    ("train_torch.py", "the same protocol with PyTorch (needs torch on the instance)"),
+    ("no_handler.py", "checkpoints once (epoch 3) and has no SIGTERM handler: a stop loses its progress"),
+    ("no_checkpoints.py", "never checkpoints: what runctl says about a run with nothing to resume"),
+    ("broken.py", "a syntax error: refused before it reaches an instance"),
+)
+
 BROKEN = "import sys\n\ndef main(:\n    pass\n"
 NO_CHECKPOINTS = (
     "import time\n\nfor epoch in range(1, 4):\n"

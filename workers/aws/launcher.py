@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import tomllib
 from collections.abc import Iterable
@@ -41,7 +42,9 @@ from workers.aws.boundary import BOTO_CONFIG, translate
 from workers.aws.fleet import Fleet
 from workers.aws.instance import Instance
 from workers.aws.quotas import launch_refusal
-from workers.errors import AwsError, ConfigError
+from workers.errors import AwsError, ConfigError, RunctlError
+
+log = logging.getLogger(__name__)
 
 OWNER_TAG = "runctl:user"
 PRESET_TAG = "runctl:preset"
@@ -174,6 +177,42 @@ class Launcher:
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
         self.ec2: Any = fleet.session.client("ec2", config=RUN_CONFIG)
+
+    def check_template(self, template: Template, launch_file: Path | None) -> None:
+        """Before anyone is asked to click [Launch]: the template's subnets and its instance
+        profile exist (RunInstances would refuse them only after the click). A worker without
+        `iam:GetInstanceProfile` skips the profile check; RunInstances still checks it."""
+        where = f"`{launch_file}`" if launch_file else "the launch file"
+        for subnet in template.subnets:
+            try:
+                self.fleet.ec2.describe_subnets(SubnetIds=[subnet])
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code", "").startswith("InvalidSubnetID"):
+                    raise RunctlError(
+                        f"The launch template's subnet `{subnet}` does not exist in {self.fleet.region}.",
+                        why=f"{where} names subnets that RunInstances would refuse (InvalidSubnetID.NotFound).",
+                        fix=f"An admin sets `[template] subnets` in {where} to subnets of this account and region "
+                        "(`aws ec2 describe-subnets`).",
+                    ) from exc
+                raise translate(exc, f"describe subnet {subnet} of the launch template") from exc
+            except BotoCoreError as exc:
+                raise translate(exc, f"describe subnet {subnet} of the launch template") from exc
+        try:
+            self.fleet.session.client("iam", config=BOTO_CONFIG).get_instance_profile(
+                InstanceProfileName=template.instance_profile
+            )
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code == "NoSuchEntity":
+                raise RunctlError(
+                    f"The launch template's instance profile `{template.instance_profile}` does not exist.",
+                    why=f"{where} names it; RunInstances would refuse it, and without it no SSM agent registers.",
+                    fix=f"An admin creates it (its role with AmazonSSMManagedInstanceCore) or names another "
+                    f"in {where}.",
+                ) from exc
+            log.warning("instance profile %s not checked: %s", template.instance_profile, code)
+        except BotoCoreError as exc:
+            log.warning("instance profile %s not checked: %s", template.instance_profile, exc)
 
     def zone_of(self, subnet: str) -> str:
         try:

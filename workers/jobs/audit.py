@@ -3,6 +3,8 @@ as an ephemeral reply that stays within Slack's limits."""
 
 from __future__ import annotations
 
+import re
+
 from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, SectionBlock
 
 from workers import audit as trail
@@ -45,6 +47,18 @@ def title_of(cmd: AuditCommand, found: int) -> str:
     return f"*Audit*: the newest {found} record{'s' if found != 1 else ''}{where}, newest first."
 
 
+_ESCAPED_TWICE = re.compile(r"&amp;(lt|gt|amp);")
+_OUR_MENTION = re.compile(r"&lt;@([UW][A-Z0-9]{2,20})&gt;")
+
+
+def outcome(text: str) -> str:
+    """An outcome is often a message runctl wrote: mrkdwn whose untrusted parts are escaped already,
+    and its mentions. Escaped again, `&lt;` and `<@U…>` would show as text (issue 31). So: escaped,
+    then a user mention is a mention again (only a user's, in an admin's private answer: it pings
+    nobody; `<!channel>` and links stay text), then what was escaped already is escaped once."""
+    return _ESCAPED_TWICE.sub(r"&\1;", _OUR_MENTION.sub(r"<@\1>", escape(text)))
+
+
 def line(r: trail.Record) -> str:
     parts = [
         f"<!date^{int(r.time.timestamp())}^{{date_short}} {{time_secs}}|{r.time:%Y-%m-%d %H:%M:%S} UTC>",
@@ -53,7 +67,7 @@ def line(r: trail.Record) -> str:
     if r.channel:
         parts.append(f"<#{r.channel}>")
     parts.append(f"{MARK.get(r.decision, '')} {r.decision}")
-    what = " → ".join(x for x in (code(r.text, 300) if r.text else "", escape(r.outcome)) if x)
+    what = " → ".join(x for x in (code(r.text, 300) if r.text else "", outcome(r.outcome)) if x)
     if what:
         parts.append(what)
     if r.run_id:

@@ -187,10 +187,16 @@ def autostop(job: Job, cmd: AutostopCommand) -> str:
         svc.notifier.post(actor.channel_id, text)
     else:
         headsup = svc.settings.RUNCTL_AUTOSTOP_HEADSUP_MINUTES
+        whom = f"<@{owner}>" if owner else "its owner"
+        # rules.decide: the stop never comes sooner than the heads-up time after the heads-up.
+        when = (
+            f"with a heads-up to {whom} {headsup:g} min before"
+            if cmd.minutes > headsup
+            else f"after a heads-up to {whom}, sent once it is idle, and no sooner than {headsup:g} min after it"
+        )
         text = (
             f":alarm_clock: <@{actor.user_id}> set autostop on *{inst.label}*: stopped after {cmd.minutes} min "
-            f"with no live run (and idle GPUs where it has them), with a heads-up to "
-            f"{f'<@{owner}>' if owner else 'its owner'} {headsup:g} min before. A live run is never interrupted."
+            f"with no live run (and idle GPUs where it has them), {when}. A live run is never interrupted."
         )
         thread = old.thread_ts if old else None
         channel = old.channel if old else actor.channel_id

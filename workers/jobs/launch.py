@@ -117,6 +117,7 @@ def ask_to_launch(svc: Services, cmd: LaunchCommand, actor: Actor) -> str:
     names.refuse_taken(
         spec.name, svc.fleet.iter_instances(), "/runctl launch " + cmd.target + (" --spot" if cmd.spot else "")
     )
+    Launcher(svc.fleet).check_template(config.template, svc.settings.RUNCTL_LAUNCH_FILE)  # before the click
     price = quote(svc, config, spec)
     now = svc.clock()
     rows = fleetview.view(svc, now)

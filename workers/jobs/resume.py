@@ -15,6 +15,7 @@ from workers.commands import Actor, ResumeCommand, TrainCommand
 from workers.errors import RunctlError
 from workers.jobs import funnel
 from workers.jobs.funnel import Job
+from workers.jobs.preflight import Refusals, require_running
 from workers.queueing import enqueue_command
 from workers.services import Services
 from workers.slack.escape import code
@@ -30,6 +31,19 @@ class Resumed:
 
 @funnel.command(ResumeCommand)
 def resume(job: Job, cmd: ResumeCommand) -> str:
+    if cmd.instance_id is not None:  # check the target first, announce after (issue 31)
+        iid = cmd.instance_id
+        require_running(
+            job.svc.fleet.get(iid),
+            Refusals(
+                stopped=".",
+                stopped_why="A resumed run trains there, so it needs to be running.",
+                stopped_fix=f"/runctl start {iid}",
+                gone="; it cannot run anything again.",
+                gone_fix="/runctl resources",
+            ),
+            wait_pending=True,
+        )
     done = resume_run(job.svc, cmd.run_id, job.actor, on=cmd.instance_id)
     job.tell(done.text)
     return done.text

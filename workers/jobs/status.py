@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from workers.commands import StatusCommand
+from workers.commands import AUTOSTOP_MIN_MINUTES, StatusCommand
 from workers.jobs import funnel, queued
 from workers.jobs.funnel import Job
 from workers.services import current
 from workers.slack.escape import code
 from workers.slack.format import duration
 from workers.slack.messages.run import checkpoint_text, gpu_text, progress_text
+from workers.state.autostop import AutostopStore
 from workers.state.locks import train_lock
 
 
@@ -49,6 +50,12 @@ def describe(instance_id: str) -> str:
     else:
         last = svc.runs.latest(instance_id)
         lines.append("No live run." + (f" Last: `{last.run_id}` {last.state.value}." if last else ""))
+    setting = AutostopStore(svc.redis).get(instance_id)
+    lines.append(
+        f"Autostop: after {setting.minutes} min with no live run (set by <@{setting.set_by}>)"
+        if setting
+        else f"Autostop: off (`/runctl autostop {instance_id} <minutes>`, at least {AUTOSTOP_MIN_MINUTES})"
+    )
     holder = train_lock(svc.redis, instance_id).holder()
     if holder:
         lines.append(f"Train lock: run `{holder.run_id}` by <@{holder.user_id}>")

@@ -19,6 +19,7 @@ from workers.jobs.funnel import Job
 from workers.jobs.halt import unconfirmed
 from workers.jobs.preflight import Refusals, require_running
 from workers.remote import backup as backup_script
+from workers.remote.checkpoints import discover
 from workers.remote.events import OFF, Sender, sender
 from workers.remote.lifecycle import parse_stop
 from workers.settings import python_path
@@ -233,10 +234,12 @@ class TrainFlow:
         elif outcome.how == "kill":
             how = f"SIGKILL after {outcome.waited} s; it ignored SIGTERM"
         else:
-            saved = f", saved {code(outcome.saved[-1])}" if outcome.saved else ", it saved no checkpoint"
-            how = f"exited {outcome.waited} s after SIGTERM{saved}"
-        self.run.notes.append(f":octagonal_sign: `--force` stopped run `{other_run_id}` ({how}).")
+            how = f"exited {outcome.waited} s after SIGTERM"
+            how += f", saved {code(outcome.saved[-1])}" if outcome.saved else ""
         other = self.svc.runs.get(other_run_id)
+        if outcome.how != "none" and not outcome.saved:
+            how += self.kept_checkpoint(other.checkpoint_run_id if other else None, other_run_id)
+        self.run.notes.append(f":octagonal_sign: `--force` stopped run `{other_run_id}` ({how}).")
         if other and not other.state.ended:
             other.state = RunState.STOPPED
             other.ended_by = "force"
@@ -244,6 +247,20 @@ class TrainFlow:
             publish(self.svc, other)
             by = "your" if other.user_id == self.run.user_id else f"<@{self.run.user_id}>'s"
             reply(self.svc, other, f"this run was stopped with `--force` for {by} run `{self.run.run_id}`.")
+
+    def kept_checkpoint(self, checkpoint_run_id: str | None, run_id: str) -> str:
+        """What a run stopped with no checkpoint saved on the signal still has: its newest one
+        (saved before the signal), or none at all."""
+        try:
+            listing = discover(self.svc.fleet, self.root, self.run.instance_id, checkpoint_run_id or run_id)
+        except RunctlError as exc:
+            log.warning("checkpoints of %s: %s", run_id, exc.what)
+            return "; runctl could not list its checkpoints"
+        newest = listing.newest_valid or listing.newest
+        if newest is None:
+            return "; it has no checkpoint"
+        epoch = f", epoch {newest.epoch}" if newest.epoch is not None else ""
+        return f"; nothing saved on the signal, its newest checkpoint is {code(newest.name)}{epoch}"
 
     def plan_checkpoints(self, source: str | None) -> None:
         run = self.run
@@ -308,7 +325,7 @@ class TrainFlow:
 
         def signed(files: list[tuple[int, Stored]]) -> list[backup_script.Download]:
             presign = self.svc.fleet.presign
-            return [backup_script.Download(i, f.name, f.sha256, presign(f.key, seconds)) for i, f in files]
+            return [backup_script.Download(i, f.name, f.sha256, presign(f.key, seconds), f.mtime) for i, f in files]
 
         # Every URL in one command could pass SSM's 64 KB: batches, each signed as it is sent.
         batches = backup_script.restore_batches(run.restore_from, signed(list(enumerate(self.restoring))))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -176,6 +177,12 @@ class Download:
     name: str
     sha256: str
     url: str
+    mtime: int | None = None  # the file's mtime when it was backed up: restored with it, S3 still holds it as it is
+
+    @property
+    def stamp(self) -> str:
+        """`touch -t` of the mtime (POSIX; read as UTC under TZ=UTC0), "" without one."""
+        return time.strftime("%Y%m%d%H%M.%S", time.gmtime(self.mtime)) if self.mtime is not None else ""
 
 
 _PUT = (
@@ -212,7 +219,7 @@ _GET = (
     "get() {  # get <index> <name> <sha256> <url>: into $CK, in place only once its sha256 matches\n"
     '  f="$CK/$2"\n'
     # A link in the file's place is replaced, never followed; a directory there is refused.
-    '  if [ ! -L "$f" ] && [ -f "$f" ] && [ "$(hash_of "$f")" = "$3" ]; then echo "'
+    '  if [ ! -L "$f" ] && [ -f "$f" ] && [ "$(hash_of "$f")" = "$3" ]; then stamp "$f" "$5"; echo "'
     + SECTION
     + 'got $1 have"; return 0; fi\n'
     '  if [ -L "$f" ]; then rm -f "$f"; fi\n'
@@ -223,8 +230,11 @@ _GET = (
     '  if [ "$(hash_of "$tmp")" != "$3" ]; then rm -f "$tmp"; echo "'
     + SECTION
     + 'got $1 sha"; FAILED=1; return 0; fi\n'
-    '  chmod 644 "$tmp"; mv -f "$tmp" "$f" && echo "' + SECTION + 'got $1 ok"\n'
+    '  chmod 644 "$tmp"; mv -f "$tmp" "$f" && stamp "$f" "$5" && echo "' + SECTION + 'got $1 ok"\n'
     "}\n"
+    # The backed-up mtime again: S3 holds the file as it is here (name, size, mtime), so a listing,
+    # a terminate and the next backup count it as backed up (issue 31).
+    'stamp() { if [ -n "$2" ]; then TZ=UTC0 touch -t "$2" "$1" 2>/dev/null || :; fi; return 0; }\n'
 )
 # The run's checkpoint directory, physically under the run directory: no link leads a
 # restore out of it (into the work directory, or anywhere else on the instance).
@@ -248,7 +258,7 @@ def restore(root: str, run_id: str, downloads: Sequence[Download]) -> str:
     bad = [d.name for d in downloads if not restorable_name(d.name)]
     if bad:
         raise ValueError(f"not names in the checkpoint directory: {bad!r}")
-    calls = "".join(f"get {d.index} {q(d.name)} {q(d.sha256)} {q(d.url)}\n" for d in downloads)
+    calls = "".join(f"get {d.index} {q(d.name)} {q(d.sha256)} {q(d.url)} {q(d.stamp)}\n" for d in downloads)
     return (
         "LC_ALL=C\nexport LC_ALL\n"
         f"RUN={q(run_id)}\n"

@@ -14,7 +14,22 @@ from workers.remote import SECTION, bounds, frame, gpu
 from workers.state.runs import Checkpoint, Gpu, Progress
 
 _EPOCH = re.compile(r"epoch\s*[:=]?\s*(\d+)\s*/\s*(\d+)", re.IGNORECASE)
-_METRIC = re.compile(r"\b(loss|acc|accuracy|val_loss|lr)\s*[=:]\s*([-+0-9.eE]+)")
+# `loss=0.3`, `loss: 0.3`, `train_loss 0.3`, `val_acc=0.9`, `lr: 0.05` (Keras, tqdm postfixes, prints).
+_METRIC = re.compile(
+    r"\b([a-z_]*loss|[a-z_]*acc(?:uracy)?|lr)\s*[=:]?\s*([-+]?[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?)\b"
+)
+
+
+def _rank(name: str) -> int:
+    """Loss-like metrics first (what a person watches), then accuracy, then the learning rate."""
+    return 0 if "loss" in name else 1 if "acc" in name else 2
+
+
+def _metrics(line: str) -> dict[str, float]:
+    found = {m.group(1): value for m in _METRIC.finditer(line) if (value := bounds.finite(m.group(2))) is not None}
+    return dict(sorted(found.items(), key=lambda item: _rank(item[0])))
+
+
 _CKPT_EPOCH = re.compile(r"epoch[-_]?0*(\d+)", re.IGNORECASE)
 MAX_EXIT = 2**31
 
@@ -164,14 +179,19 @@ def progress_from_file(text: str) -> Progress | None:
 
 
 def progress_from_log(lines: list[str]) -> Progress | None:
+    """The newest `epoch N/M` line. With metrics on it, it reports epoch N done (`epoch 1/3
+    loss=0.6`); without, it announces epoch N starting (Keras' `Epoch 1/8`), so N - 1 are
+    done, and the metrics are those printed since (its progress lines)."""
+    since: dict[str, float] = {}
     for line in reversed(lines):
         match = _EPOCH.search(line)
         if match:
             epoch, total = bounds.count(match.group(1)), bounds.count(match.group(2))
             if epoch is None or total is None:
                 continue
-            metrics = {
-                m.group(1): value for m in _METRIC.finditer(line) if (value := bounds.finite(m.group(2))) is not None
-            }
-            return Progress(epoch=epoch, total_epochs=total, metrics=metrics, source="log")
+            metrics = _metrics(line)
+            done = epoch if metrics else max(0, epoch - 1)
+            return Progress(epoch=epoch, total_epochs=total, done_epochs=done, metrics=metrics or since, source="log")
+        if not since:
+            since = _metrics(line)
     return None

@@ -61,6 +61,7 @@ def ended_state(exit_code: int) -> RunState:
 class Progress(BaseModel):
     epoch: int | None = None
     total_epochs: int | None = None
+    done_epochs: int | None = None  # epochs finished, where it differs from `epoch` (one just started)
     step: int | None = None
     total_steps: int | None = None
     metrics: dict[str, float] = Field(default_factory=dict)

@@ -118,7 +118,8 @@ def confirmation_blocks(
         since = live.started_at or live.created_at
         lines.append(
             f":arrows_counterclockwise: Live run `{live.run_id}`: <@{live.user_id}> · {code(live.script)} · "
-            f"for {duration((now - since).total_seconds())}. It gets SIGTERM and saves first."
+            f"for {duration((now - since).total_seconds())}. It gets SIGTERM first: a script that "
+            "handles it can save a checkpoint (one that does not stops at once, with the checkpoints it has)."
         )
     else:
         lines.append("No live run.")

@@ -47,7 +47,7 @@ def progress_text(p: Progress, final: bool = False) -> str:
     if p.step is not None and p.total_steps:
         fraction = p.step / p.total_steps
     elif p.epoch is not None and p.total_epochs:
-        fraction = p.epoch / p.total_epochs
+        fraction = (p.epoch if p.done_epochs is None else p.done_epochs) / p.total_epochs
     where = ""
     if p.epoch is not None:
         where = f"epoch {p.epoch}/{p.total_epochs}" if p.total_epochs else f"epoch {p.epoch}"
@@ -106,7 +106,9 @@ def run_blocks(run: Run, now: datetime | None = None) -> Message:
     head = (
         f"{EMOJI[run.state]} *{run.state.value.capitalize()}* · {code(run.script)} on {where(run)} · <@{run.user_id}>"
     )
-    details = [f"run {code(run.run_id)}", f"ref {code(run.ref)}" + (f" @ `{run.sha[:10]}`" if run.sha else "")]
+    pinned = bool(run.sha) and run.ref == run.sha  # a resumed run trains its sha itself: name it once
+    ref = f"ref `{run.sha[:10]}`" if pinned else f"ref {code(run.ref)}" + (f" @ `{run.sha[:10]}`" if run.sha else "")
+    details = [f"run {code(run.run_id)}", ref]
     final = run.state.ended
     if run.started_at and final:
         end = run.ended_at or now
