@@ -72,8 +72,8 @@ SPECS: dict[str, Spec] = {
             "train",
             "/runctl train <instance-id> <script.py> [--ref REF] [--sync-code|--no-sync-code] "
             "[--wait|--no-wait] [--force] [--checkpoint-interval N] [--no-deps] [--rebuild-env] "
-            "[--then stop|terminate|keep] [--backup] [--auto-resume] -- <script args...>",
-            "Ship the code at REF and start a training run on an instance.",
+            "[--then stop|terminate|keep] [--backup] [--auto-resume] [--nproc-per-node N|auto] -- <script args...>",
+            "Ship the code at REF and start a training run on an instance, or on several (a,b,...) with torchrun.",
             positionals=("instance_id", "script"),
             flags=(
                 Flag("ref", "ref", "str", "REF", help="the branch, tag or commit to ship (default RUNCTL_REF)"),
@@ -105,6 +105,13 @@ SPECS: dict[str, Spec] = {
                     "auto-resume",
                     "auto_resume",
                     help="on a spot interruption, continue on a replacement from the same preset",
+                ),
+                Flag(
+                    "nproc-per-node",
+                    "nproc_per_node",
+                    "str",
+                    "N|auto",
+                    help="with several instances (a,b,...): torchrun's workers per node (auto: its GPUs, else 1)",
                 ),
             ),
             passthrough=True,
@@ -297,6 +304,9 @@ def parse(text: str) -> c.AnyCommand:
         _unknown_command([plain(t) for t in tokens])
     assert spec is not None
     values = _parse_tokens(spec, rest)
+    if isinstance(values.get("instance_id"), tuple):  # train a,b,...: one run on several instances
+        values["nodes"] = values["instance_id"]
+        values["instance_id"] = values["nodes"][0]
     if spec.name == "help" and values.get("topic") not in (None, *SPECS):
         near = nearest(values["topic"], SPECS)
         raise UsageError(
@@ -309,7 +319,8 @@ def parse(text: str) -> c.AnyCommand:
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        raise UsageError(f"Bad value for {where}: {err['msg']}.", usage=spec.usage) from None
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        raise UsageError(f"Bad value for {where}: {msg}." if where else f"{msg}.", usage=spec.usage) from None
     return command
 
 
@@ -407,6 +418,8 @@ def _parse_tokens(spec: Spec, tokens: list[str]) -> dict[str, Any]:
 
 def _positional(spec: Spec, dest: str, raw: str) -> Any:
     if dest == "instance_id":
+        if spec.name == "train" and "," in raw:
+            return tuple(_instance(spec, part) for part in raw.split(","))
         return _instance(spec, raw)
     if dest == "script":
         return check_script_path(raw, spec.usage)
