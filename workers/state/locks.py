@@ -164,17 +164,17 @@ def acquire_all(redis: Redis, instance_ids: list[str], token: str) -> str | None
     """Take every instance's train lock in one step (a Lua script runs atomically), or none:
     None when all were taken, else the first instance whose lock someone holds."""
     keys = [train_lock(redis, iid).key for iid in instance_ids]
-    busy = int(redis.eval(_ACQUIRE_ALL, len(keys), *keys, token, TRAIN_TTL_MS))  # type: ignore[arg-type]
+    busy = int(redis.eval(_ACQUIRE_ALL, len(keys), *keys, token, TRAIN_TTL_MS))
     return None if busy == 0 else instance_ids[busy - 1]
 
 
 def extend_all(redis: Redis, instance_ids: list[str], token: str) -> int:
     """Renew every lock ``token`` still holds; how many it holds."""
     keys = [train_lock(redis, iid).key for iid in instance_ids]
-    return int(redis.eval(_EXTEND_ALL, len(keys), *keys, token, TRAIN_TTL_MS))  # type: ignore[arg-type]
+    return int(redis.eval(_EXTEND_ALL, len(keys), *keys, token, TRAIN_TTL_MS))
 
 
 def release_all(redis: Redis, instance_ids: list[str], token: str) -> int:
     """Release every lock ``token`` holds; how many it released."""
     keys = [train_lock(redis, iid).key for iid in instance_ids]
-    return int(redis.eval(_RELEASE_ALL, len(keys), *keys, token))  # type: ignore[arg-type]
+    return int(redis.eval(_RELEASE_ALL, len(keys), *keys, token))

@@ -134,6 +134,15 @@ class Run(BaseModel):
     error: ErrorInfo | None = None
     polls: int = 0
     lock_token: str = ""
+    # A multi-node run (workers/jobs/multinode.py): its instances, node 0 (= instance_id) first; [] for one.
+    nodes: list[str] = Field(default_factory=list)
+    nproc_per_node: str = ""  # torchrun's --nproc-per-node, as sent ("auto": each node's GPUs, else 1)
+    failure: str = ""  # which node and rank failed, and its exception line (Slack text)
+
+    @property
+    def node_ids(self) -> list[str]:
+        """Every instance the run holds: its nodes, or its one instance."""
+        return list(self.nodes) or [self.instance_id]
 
     @property
     def command_text(self) -> str:
@@ -227,6 +236,8 @@ def new_run(svc: Context, cmd: TrainCommand, actor: Actor, run_id: str) -> Run:
         then=cmd.then or svc.settings.RUNCTL_THEN,
         backup=cmd.backup,
         auto_resume=cmd.auto_resume,
+        nodes=list(cmd.nodes),
+        nproc_per_node=cmd.nproc_per_node or ("auto" if cmd.nodes else ""),
         created_at=svc.clock(),
         response_url=actor.response_url,
     )
