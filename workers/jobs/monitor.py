@@ -10,7 +10,7 @@ from workers import remote
 from workers.errors import InstanceError, RunctlError, Throttled
 from workers.jobs import autostop, backup, funnel
 from workers.queueing import SYSTEM, JobPath, RunArgs, enqueue
-from workers.remote import spot
+from workers.remote import spot, torchrun
 from workers.remote.status import Snapshot, parse_many
 from workers.services import Services, current
 from workers.slack import updates
@@ -19,7 +19,7 @@ from workers.slack.format import duration
 from workers.slack.messages.run import checkpoint_text
 from workers.slack.thread import publish, reply
 from workers.state import event_keys
-from workers.state.locks import train_lock
+from workers.state.locks import extend_all, release_all
 from workers.state.polls import DUE, TICK_AT, claim, ensure_tick, release, renew, schedule
 from workers.state.runs import STOP_SIGNALS, Run, RunState, ended_state
 
@@ -107,6 +107,11 @@ def monitor(run_id: str) -> str:
 
 def poll(svc: Services, runs: list[Run], first_poll: float = POLL_FIRST_WAIT) -> None:
     """One status command for `runs`; someone waiting (a run event) passes a shorter first_poll."""
+    for run in [r for r in runs if r.nodes]:  # a multi-node run: every node's view, merged
+        poll_nodes(svc, run, first_poll)
+    runs = [r for r in runs if not r.nodes]
+    if not runs:
+        return
     by_instance: dict[str, list[Run]] = {}
     for run in runs:
         by_instance.setdefault(run.instance_id, []).append(run)
@@ -143,6 +148,32 @@ def poll(svc: Services, runs: list[Run], first_poll: float = POLL_FIRST_WAIT) ->
                 schedule(svc, run.run_id, next_delay(svc, run.polls + 1))
 
 
+def poll_nodes(svc: Services, run: Run, first_poll: float = POLL_FIRST_WAIT) -> None:
+    """A multi-node run: the same status script on each node, merged (workers/remote/torchrun.py);
+    it ends once every node's torchrun has, and a failure names the node, rank and exception."""
+    script = remote.runs_status(svc.settings.RUNCTL_REMOTE_ROOT, [run.run_id], log_lines=LOG_TAIL_LINES)
+    try:
+        results = svc.fleet.run_many(run.node_ids, script, first_poll=first_poll)
+    except Throttled:
+        schedule(svc, run.run_id, next_delay(svc, run.polls + 2))
+        return
+    except RunctlError as exc:
+        unreachable(svc, run, exc)
+        return
+    snaps = {iid: parse_many(res.stdout).get(run.run_id) if res else None for iid, res in results.items()}
+    missing = torchrun.gone(run.node_ids, snaps)
+    if missing and len(missing) < len(run.node_ids):
+        lost(svc, run, RunctlError(f"The run directory of {code(run.run_id)} is gone from {', '.join(missing)}."))
+        return
+    merged = torchrun.merge(run.node_ids, snaps)
+    failed = torchrun.failure(run.node_ids, snaps) if merged.ended else None
+    if failed is not None:
+        rank = f", rank {failed.rank}" if failed.rank is not None else ""
+        said = f": {code(failed.exception)}" if failed.exception else ""
+        run.failure = f"node {failed.node} ({failed.instance_id}{rank}) failed (exit {failed.exit_code}){said}"
+    update(svc, run, merged)
+
+
 def unreachable(svc: Services, run: Run, exc: RunctlError) -> None:
     """The instance did not answer: lost if it is gone or stopped, else try again later."""
     try:
@@ -177,7 +208,7 @@ def update(svc: Services, run: Run, snap: Snapshot | None) -> None:
     if snap.spot_notice and not run.spot_notice and run.spot:
         run.spot_notice, run.spot_signalled_at = snap.spot_notice, snap.spot_signalled_at
         run.polls = 0  # the instance goes within two minutes: follow the checkpoint closely
-    train_lock(svc.redis, run.instance_id).extend(run.lock_token)
+    extend_all(svc.redis, run.node_ids, run.lock_token)
     if snap.ended:
         finish(svc, run, snap)
         return
@@ -202,7 +233,7 @@ def finish(svc: Services, run: Run, snap: Snapshot) -> None:
     run.ended_at = svc.clock()
     run.ended_by = run.ended_by or "exit"
     run.state = ended_state(run.exit_code)
-    train_lock(svc.redis, run.instance_id).release(run.lock_token)
+    release_all(svc.redis, run.node_ids, run.lock_token)
     publish(svc, run)
     autostop.after_run(svc, run)
     took = duration((run.ended_at - (run.started_at or run.created_at)).total_seconds())
@@ -229,10 +260,11 @@ def finish(svc: Services, run: Run, snap: Snapshot) -> None:
     else:
         shown = "unknown (the process vanished)" if snap.exit_code is None else str(run.exit_code)
         tail = "\n".join(snap.log[-LOG_TAIL_LINES:]) or "(training.log is empty)"
+        where = f" {run.failure}." if run.failure else ""
         reply(
             svc,
             run,
-            f":x: run {code(run.run_id)} failed with exit code {shown} after {took}. {ck}\n"
+            f":x: run {code(run.run_id)} failed with exit code {shown} after {took}.{where} {ck}\n"
             f"Last lines of training.log:\n{block(tail[-2500:])}",
             full_log=True,
         )
@@ -246,7 +278,7 @@ def lost(svc: Services, run: Run, exc: RunctlError) -> str:
     run.ended_by = "lost"
     run.ended_at = svc.clock()
     run.error = exc.info()
-    train_lock(svc.redis, run.instance_id).release(run.lock_token)
+    release_all(svc.redis, run.node_ids, run.lock_token)
     publish(svc, run)
     lost_text = f":grey_question: lost track of run {code(run.run_id)}: {exc.what}"
     if run.spot_notice:  # AWS took the instance before a poll saw the training exit
