@@ -148,7 +148,7 @@ def test_a_blocked_rendezvous_port_is_found_by_a_real_tcp_check(
         sandbox.block_port(nodes[0], port, blocked=False)
     assert run is not None and run.state is RunState.REFUSED
     told = refusal(slack, "U0ALICE")
-    assert f"node 1, " in told and nodes[1] in told
+    assert "node 1, " in told and nodes[1] in told
     assert f"cannot reach node 0's private IP `{sandbox.private_ip(nodes[0])}` on TCP port {port}" in told
     assert "timed out" in told and "authorize-security-group-ingress" in told and f"--port {port}" in told
     assert all(train_lock(svc.redis, iid).holder() is None for iid in nodes)
