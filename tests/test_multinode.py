@@ -165,7 +165,8 @@ def test_an_open_port_passes_the_reach_check(
     run_id = start(nodes, "--epochs", "2", "--steps-per-epoch", "2", "--step-seconds", "0.01", deps=False)
     worker.drain()
     run = svc.runs.get(run_id)
-    assert run is not None and run.state is RunState.SUCCEEDED, (run.state, run.error, run.log_tail)
+    assert run is not None
+    assert run.state is RunState.SUCCEEDED, (run.state, run.error, run.log_tail)
     sent = [s for s in sandbox.sent_scripts(nodes[1]) if "torch.distributed.run" in s and "--node-rank" in s]
     assert len(sent) == 1
     assert f"--rdzv-endpoint {sandbox.private_ip(nodes[0])}:{svc.settings.RUNCTL_RDZV_PORT}" in sent[0]

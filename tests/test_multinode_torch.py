@@ -9,7 +9,6 @@ import socket
 import sys
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import boto3
 import pytest
@@ -17,7 +16,6 @@ import pytest
 from runctl_sandbox.aws import Sandbox, SeedInfo
 from runctl_sandbox.fake_slack import FakeSlack
 from runctl_sandbox.inline import InlineWorker
-from workers.aws.instance import PYTHON_TAG
 from workers.commands import Actor, ResumeCommand, StopCommand, TrainCommand
 from workers.jobs.resume import resume
 from workers.jobs.stop import stop
@@ -44,7 +42,9 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def nodes(svc: Services, sandbox: Sandbox, fleet_seed: SeedInfo, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+def nodes(
+    svc: Services, sandbox: Sandbox, fleet_seed: SeedInfo, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[list[str]]:
     """Two g5.xlarge nodes whose `runctl:python` is this interpreter (it has torch); a free
     rendezvous port, as parallel test processes share the host's ports."""
     monkeypatch.setattr(svc.settings, "RUNCTL_RDZV_PORT", free_port())
@@ -120,7 +120,7 @@ def test_a_rank_that_raises_ends_the_run_naming_its_node(
     assert run is not None
     assert run.state is RunState.FAILED, (run.state, [log_of(sandbox, i, run_id) for i in nodes])
     failure = next(t for t in thread(slack, svc, run_id) if "failed with exit code" in t)
-    assert f"node 1 ({nodes[1]}, rank 1)" in failure
+    assert f"node 1 ({nodes[1]}, rank 1)" in failure, failure
     assert "RuntimeError: simulated failure on rank 1 at step 6" in failure
     assert all(train_lock(svc.redis, iid).holder() is None for iid in nodes)
 
@@ -138,7 +138,8 @@ def test_stop_saves_on_rank_0_ends_both_and_resume_continues(
     )
     stop(StopCommand(instance_id=nodes[0]).model_dump(mode="json"), ALICE.model_dump(mode="json"))
     run = svc.runs.get(run_id)
-    assert run is not None and run.state is RunState.STOPPED, run.state
+    assert run is not None
+    assert run.state is RunState.STOPPED, run.state
     saved = checkpoints(sandbox, nodes[0], run_id)
     assert len(saved) == 1, saved  # interval 100: the SIGTERM save, by rank 0
     assert checkpoints(sandbox, nodes[1], run_id) == []
@@ -149,11 +150,13 @@ def test_stop_saves_on_rank_0_ends_both_and_resume_continues(
 
     ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=sandbox.endpoint_url)
     ec2.start_instances(InstanceIds=nodes)
-    resume(ResumeCommand(run_id=run_id).model_dump(mode="json"), ALICE.model_dump(mode="json"), f"{run_id}-r")
+    said = resume(ResumeCommand(run_id=run_id).model_dump(mode="json"), ALICE.model_dump(mode="json"))
+    new_id = re.search(r"as run `([^`]+)`", said)
+    assert new_id is not None, said
     worker.drain()
-    again = svc.runs.get(f"{run_id}-r")
+    again = svc.runs.get(new_id.group(1))
     assert again is not None and again.nodes == nodes
+    assert again.state is RunState.SUCCEEDED, (again.state, again.error, [m.text for m in slack.ephemerals("U0ALICE")])
     text = log_of(sandbox, nodes[0], again.run_id)
-    assert f"resuming from" in text and f"(epoch {epoch})" in text
+    assert "resuming from" in text and f"(epoch {epoch})" in text
     assert f"rank 1: resuming with rank 0 at epoch {epoch}" in log_of(sandbox, nodes[1], again.run_id)
-    _ = Path

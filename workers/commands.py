@@ -128,6 +128,8 @@ class TrainCommand(Command):
                 "backup": run.backup,
                 "auto_resume": run.auto_resume,
                 "args": run.args,
+                "nodes": tuple(run.nodes),
+                "nproc_per_node": run.nproc_per_node or None,
             }
         )
 

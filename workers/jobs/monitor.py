@@ -166,7 +166,15 @@ def poll_nodes(svc: Services, run: Run, first_poll: float = POLL_FIRST_WAIT) -> 
         lost(svc, run, RunctlError(f"The run directory of {code(run.run_id)} is gone from {', '.join(missing)}."))
         return
     merged = torchrun.merge(run.node_ids, snaps)
-    failed = torchrun.failure(run.node_ids, snaps) if merged.ended else None
+    failed = None
+    if merged.ended and merged.exit_code != 0:
+        bad = [iid for iid, snap in snaps.items() if snap is not None and snap.exit_code not in (None, 0)]
+        try:
+            told = svc.fleet.run_many(bad, torchrun.failure_report(svc.settings.RUNCTL_REMOTE_ROOT, run.run_id))
+        except RunctlError:
+            told = {}
+        reports = {iid: torchrun.parse_failure_report(res.stdout) for iid, res in told.items()}
+        failed = torchrun.failure(run.node_ids, snaps, reports)
     if failed is not None:
         rank = f", rank {failed.rank}" if failed.rank is not None else ""
         said = f": {code(failed.exception)}" if failed.exception else ""

@@ -23,6 +23,7 @@ from workers.jobs.funnel import Job
 from workers.jobs.preflight import Refusals, require_running
 from workers.remote import torchrun
 from workers.remote.lifecycle import parse_stop
+from workers.services import Services
 from workers.slack.escape import code, escape
 from workers.slack.thread import open_run
 from workers.state.locks import Holder, acquire_all, operation, release_all, train_lock
@@ -313,8 +314,12 @@ def _raw_lock(flow: MultiNode, instance_id: str) -> str | None:
 
 
 def wait_all(flow: MultiNode, sent: list[tuple[str, str]], timeout: float) -> dict[str, ScriptResult]:
+    return _wait(flow.svc, sent, timeout)
+
+
+def _wait(svc: Services, sent: list[tuple[str, str]], timeout: float) -> dict[str, ScriptResult]:
     """The results of commands sent one per instance, polled together until all are in."""
-    fleet = flow.svc.fleet
+    fleet = svc.fleet
     done: dict[str, ScriptResult] = {}
     deadline = time.monotonic() + timeout + 30
     delay = 0.1
@@ -343,3 +348,18 @@ def refused(problems: list[str], count: int, fix: str = "") -> NodeRefused:
         why="\n".join(f"• {p}" for p in problems),
         fix=fix or "Fix each node as said, then send the same command again.",
     )
+
+
+def signal_nodes(svc: Services, run: Run, script: str, timeout: int) -> ScriptResult:
+    """A stop script (`remote.stop_run`) on every node of a multi-node run in one command: each
+    torchrun gets SIGTERM at once and forwards it to its workers, which agree to stop after the
+    same step; rank 0 saves. Node 0's result (its checkpoint) is the run's; a node that did not
+    confirm is noted on the run."""
+    ids = run.node_ids
+    cid = svc.fleet.send(ids, script, timeout)
+    results = _wait(svc, [(iid, cid) for iid in ids], timeout)
+    for k, iid in enumerate(ids[1:], start=1):
+        res = results.get(iid)
+        if res is None or parse_stop(res.stdout) is None:
+            run.notes.append(f":warning: could not confirm that torchrun stopped on node {k} ({iid}).")
+    return results[ids[0]]

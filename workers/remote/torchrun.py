@@ -17,6 +17,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from workers.remote import frame
 from workers.remote.core import _probe_body
 from workers.remote.shell import SECTION, header, interpreter, q
 from workers.remote.status import Snapshot
@@ -166,17 +167,53 @@ def exception_line(log: Sequence[str]) -> str:
     return ""
 
 
-def failure(nodes: Sequence[str], snaps: Mapping[str, Snapshot | None]) -> NodeFailure | None:
+def failure_report(root: str, run_id: str) -> str:
+    """What a failed node's training.log says beyond its tail: the lines that read like Python
+    exceptions (the newest 8) and torchrun's first `rank : N (local_rank…)` (its root cause)."""
+    return (
+        header(root)
+        + frame.ENC
+        + f'log="$RUNCTL_ROOT/runs/"{q(run_id)}/training.log\n'
+        + f"echo \"{SECTION}exc $(grep -E '(^|]:? *)[A-Za-z_][A-Za-z0-9_.]*(Error|Exception|Failure|Interrupt)(:|$)' "
+        + '"$log" 2>/dev/null | tail -n 8 | cut -c1-300 | enc)"\n'
+        + f'echo "{SECTION}rank $(grep -E \'^ *rank *: *[0-9]+ *[(]local_rank\' "$log" 2>/dev/null | head -n 1 | enc)"\n'
+    )
+
+
+def parse_failure_report(output: str) -> tuple[int | None, list[str]]:
+    rank: int | None = None
+    lines: list[str] = []
+    for line in output.splitlines():
+        if not line.startswith(SECTION):
+            continue
+        word, _, rest = line[len(SECTION) :].partition(" ")
+        said = frame.text(rest.strip()) or ""
+        if word == "exc":
+            lines = said.splitlines()
+        elif word == "rank":
+            found = _RANK.search(said)
+            rank = int(found.group(1)) if found else None
+    return rank, lines
+
+
+def failure(
+    nodes: Sequence[str],
+    snaps: Mapping[str, Snapshot | None],
+    reports: Mapping[str, tuple[int | None, list[str]]] | None = None,
+) -> NodeFailure | None:
     """Which node failed: of those whose torchrun exited non-zero, the first whose exception is
-    the script's own rather than the knock-on of a peer's death; else the first that failed."""
+    the script's own rather than the knock-on of a peer's death; else the first that failed.
+    `reports`: each failed node's `failure_report`, else its log tail is all there is."""
     failed: list[NodeFailure] = []
     for k, iid in enumerate(nodes):
         snap = snaps.get(iid)
         if snap is None or snap.exit_code in (None, 0):
             continue
-        text = "\n".join(snap.log)
-        ranks = _RANK.findall(text)
-        failed.append(NodeFailure(k, iid, snap.exit_code, int(ranks[0]) if ranks else None, exception_line(snap.log)))
+        rank, lines = (reports or {}).get(iid, (None, []))
+        if rank is None:
+            ranks = _RANK.findall("\n".join(snap.log))
+            rank = int(ranks[0]) if ranks else None
+        failed.append(NodeFailure(k, iid, snap.exit_code, rank, exception_line(lines or snap.log)))
     if not failed:
         return None
     own = [f for f in failed if f.exception and not _KNOCK_ON.search(f.exception)]

@@ -336,7 +336,7 @@ class RunStore:
         return {iid: runs[rid] for iid, rid in run_ids.items() if rid in runs}
 
     def live_on(self, instance_id: str) -> Run | None:
-        return next((r for r in self.live() if r.instance_id == instance_id), None)
+        return next((r for r in self.live() if instance_id in r.node_ids), None)
 
 
 def _text(value: object) -> str:
