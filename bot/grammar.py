@@ -197,11 +197,12 @@ SPECS: dict[str, Spec] = {
         ),
         Spec(
             "logs",
-            "/runctl logs <instance-id> [--run RUN_ID] [--lines N] [--grep TEXT]",
+            "/runctl logs <instance-id> [--run RUN_ID] [--lines N] [--grep TEXT] [--node K]",
             "The tail of a run's training.log, in the run's thread.",
             positionals=("instance_id",),
             flags=(
                 Flag("run", "run_id", "str", "RUN_ID", help="that run instead of the newest one on the instance"),
+                Flag("node", "node", "int", "K", help="a multi-node run: node K's log (0: node 0, where rank 0 runs)"),
                 Flag("lines", "lines", "int", "N", help="how many of the last lines (default 50, at most 500)"),
                 Flag("grep", "grep", "str", "TEXT", help="only the lines holding TEXT (as typed, case-sensitive)"),
             ),

@@ -20,8 +20,10 @@ from runctl_sandbox.aws import AMI_ID, MANAGED_TAG, Sandbox, SeedInfo
 from runctl_sandbox.fake_slack import FakeSlack
 from runctl_sandbox.inline import InlineWorker
 from workers.aws.instance import PYTHON_TAG
-from workers.commands import Actor, TrainCommand
+from workers.commands import Actor, LogsCommand, TrainCommand
 from workers.errors import UsageError
+from workers.jobs.logs import logs
+from workers.jobs.reconcile import run_pass
 from workers.jobs.train import train
 from workers.services import Services
 from workers.state.locks import acquire_all, release_all, train_lock
@@ -172,6 +174,23 @@ def test_an_open_port_passes_the_reach_check(
     assert f"--rdzv-endpoint {sandbox.private_ip(nodes[0])}:{svc.settings.RUNCTL_RDZV_PORT}" in sent[0]
     assert "--node-rank 1" in sent[0] and "--nnodes 2" in sent[0] and f"--rdzv-id {run_id}" in sent[0]
     assert all(train_lock(svc.redis, iid).holder() is None for iid in nodes)
+    # one parent message; its thread says where the run is and what the node set costs per hour
+    assert run.message_ts is not None
+    said = [m.text for m in slack.thread("C0TRAIN", run.message_ts)]
+    assert any("One run on 2 nodes with torchrun" in t and "for all 2 nodes" in t for t in said), said
+    assert len([m for m in slack.messages("C0TRAIN") if m.ts == run.message_ts]) == 1
+    # rank 0 alone wrote checkpoints (runctl_protocol: RANK != 0 writes nothing)
+    ck = [sandbox.instance_dir(iid) / "runs" / run_id / "checkpoints" for iid in nodes]
+    assert sorted(p.name for p in ck[0].glob("ckpt-*")) == ["ckpt-epoch-00001.json", "ckpt-epoch-00002.json"]
+    assert list(ck[1].glob("ckpt-*")) == [] and not (ck[1] / "manifest.json").exists()
+    # `logs --node 1`: node 1's torchrun log, in the run's thread
+    logs(
+        LogsCommand(instance_id=nodes[0], run_id=run_id, node=1).model_dump(mode="json"),
+        ALICE.model_dump(mode="json"),
+    )
+    said = [m.text + str(m.blocks) for m in slack.thread("C0TRAIN", run.message_ts)]
+    assert any("torchstub: node rank 1 of 2" in t for t in said)
+    assert not any("torchstub: node rank 0 of 2" in t for t in said)
 
 
 # --- locks ---------------------------------------------------------------------------------
@@ -223,3 +242,18 @@ def test_a_race_with_a_single_node_train_leaves_exactly_one_running(
     assert holder is not None and holder.run_id == ids[running[0]]
     if running == ["single"]:  # the multi-node run took no node at all
         assert train_lock(svc.redis, nodes[0]).holder() is None
+
+
+def test_the_reconcile_keeps_every_node_locked_while_the_run_lives(
+    svc: Services, sandbox: Sandbox, nodes: list[str], stub_python: str
+) -> None:
+    """Node 1 reports the run as its own: the reconcile must not release node 1's lock as stale."""
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=sandbox.endpoint_url)
+    ec2.create_tags(Resources=nodes, Tags=[{"Key": PYTHON_TAG, "Value": stub_python}])
+    run_id = start(nodes, "--epochs", "50", "--steps-per-epoch", "5", "--step-seconds", "0.05", deps=False)
+    run = svc.runs.get(run_id)
+    assert run is not None and run.state is RunState.RUNNING, (run and run.state, run and run.error)
+    run_pass(svc)
+    for iid in nodes:
+        holder = train_lock(svc.redis, iid).holder()
+        assert holder is not None and holder.run_id == run_id, iid

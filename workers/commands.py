@@ -181,6 +181,7 @@ class LogsCommand(Command):
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     lines: int = Field(50, ge=1, le=500)
     grep: str | None = Field(None, min_length=1, max_length=200)
+    node: int | None = Field(None, ge=0, lt=MAX_NODES)  # a multi-node run's node k (0: where rank 0 runs)
 
 
 class BackupCommand(Command):

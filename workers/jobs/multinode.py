@@ -11,12 +11,14 @@ message. The monitor polls every node and ends the run once every node's torchru
 from __future__ import annotations
 
 import time
+from decimal import Decimal
 from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
 from workers import policy, remote
 from workers.aws.instance import Instance, ScriptResult
 from workers.code import envs
+from workers.cost.pricing import format_rate, hourly_price, load_price_book
 from workers.commands import INSTANCE_ID, TrainCommand
 from workers.errors import RunConflict, RunctlError
 from workers.jobs.funnel import Job
@@ -257,13 +259,35 @@ class MultiNode:
                 fix="Install them on the nodes' interpreter and add `--no-deps`.",
             )
 
+    def rate(self, insts: list[Instance]) -> str:
+        """The node set's price: the sum of every node's hourly price (unknown if any is)."""
+        total = Decimal(0)
+        for inst in insts:
+            lifecycle = None if inst.lifecycle == "on-demand" else inst.lifecycle
+            try:
+                price = hourly_price(
+                    load_price_book(),
+                    self.svc.fleet,
+                    self.svc.redis,
+                    inst.region,
+                    inst.availability_zone,
+                    inst.type,
+                    lifecycle,
+                )
+            except RunctlError:
+                return "its price per hour is unknown"
+            if price.usd_per_hour is None:
+                return "its price per hour is unknown"
+            total += price.usd_per_hour
+        return f"costs ${format_rate(total)}/h for all {len(insts)} nodes"
+
     def describe(self, insts: list[Instance], nproc: int) -> str:
         nodes = "; ".join(f"node {k}: {i.label} ({code(i.private_ip)})" for k, i in enumerate(insts))
         return (
             f":link: One run on {len(insts)} nodes with torchrun, {nproc} worker{'s' if nproc != 1 else ''} "
             f"per node (world size {nproc * len(insts)}), c10d rendezvous at "
             f"{code(f'{insts[0].private_ip}:{self.port}')}: {nodes}. Checkpoints are rank 0's, on node 0; "
-            f"`/runctl stop {insts[0].id}` stops every node."
+            f"`/runctl stop {insts[0].id}` stops every node. The run {self.rate(insts)}."
         )
 
     # --- launch -------------------------------------------------------------------

@@ -23,6 +23,7 @@ def main() -> None:
     os.environ.update(
         RANK=str(ns.node_rank), LOCAL_RANK="0", WORLD_SIZE=str(ns.nnodes), TORCHELASTIC_RUN_ID=str(ns.rdzv_id)
     )
+    print(f"torchstub: node rank {ns.node_rank} of {ns.nnodes}, rendezvous {ns.rdzv_endpoint}", flush=True)
     sys.argv = [ns.script, *ns.args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(ns.script)))
     runpy.run_path(ns.script, run_name="__main__")
