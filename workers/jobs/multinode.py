@@ -11,15 +11,15 @@ message. The monitor polls every node and ends the run once every node's torchru
 from __future__ import annotations
 
 import time
-from decimal import Decimal
 from contextlib import ExitStack
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from workers import policy, remote
 from workers.aws.instance import Instance, ScriptResult
 from workers.code import envs
-from workers.cost.pricing import format_rate, hourly_price, load_price_book
 from workers.commands import INSTANCE_ID, TrainCommand
+from workers.cost.pricing import format_rate, hourly_price, load_price_book
 from workers.errors import RunConflict, RunctlError
 from workers.jobs.funnel import Job
 from workers.jobs.preflight import Refusals, require_running
