@@ -40,9 +40,12 @@ except (socket.timeout, TimeoutError):
 except OSError as e:
     print("error", e.errno)
 """
-# Node 0: can the rendezvous store bind its port?
+# Node 0: can the rendezvous store bind its port? With SO_REUSEADDR, as c10d's TCPStore binds
+# (torch/csrc/distributed/c10d/socket.cpp, enableAddressReuse), so the TIME_WAIT connections a
+# previous run on that port left do not count, and only a listener does.
 _PY_BIND = """import socket, sys
 s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 try:
     s.bind(("", int(sys.argv[1])))
     print("free")
