@@ -24,6 +24,7 @@ from workers.commands import Actor, LogsCommand, TrainCommand
 from workers.errors import UsageError
 from workers.jobs.logs import logs
 from workers.jobs.reconcile import run_pass
+from workers.jobs.status import describe
 from workers.jobs.train import train
 from workers.services import Services
 from workers.state.locks import acquire_all, release_all, train_lock
@@ -257,3 +258,14 @@ def test_the_reconcile_keeps_every_node_locked_while_the_run_lives(
     for iid in nodes:
         holder = train_lock(svc.redis, iid).holder()
         assert holder is not None and holder.run_id == run_id, iid
+
+
+def test_status_of_any_node_shows_the_run_and_its_nodes(
+    svc: Services, sandbox: Sandbox, nodes: list[str], stub_python: str, slack: FakeSlack
+) -> None:
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=sandbox.endpoint_url)
+    ec2.create_tags(Resources=nodes, Tags=[{"Key": PYTHON_TAG, "Value": stub_python}])
+    run_id = start(nodes, "--epochs", "50", "--steps-per-epoch", "5", "--step-seconds", "0.05", deps=False)
+    text = describe(nodes[1])
+    assert f"Live run `{run_id}`" in text
+    assert f"On 2 nodes with torchrun (node 0 `{nodes[0]}`, node 1 `{nodes[1]}`); this is node 1." in text

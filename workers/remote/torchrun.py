@@ -69,12 +69,14 @@ def preflight(root: str, python: str, port: int, connect_to: str | None) -> str:
         f'[ "$word" = live ] && echo "{s}live $rid $pid"; done\n',
     ]
     if connect_to is None:
-        lines.append(f'echo "{s}bind $({py} -c {q(_PY_BIND)} {port} 2>/dev/null || echo none)"\n')
+        lines.append(f"said=$({py} -c {q(_PY_BIND)} {int(port)} 2>/dev/null || echo none)\n")
+        lines.append(f'echo "{s}bind $said"\n')
     else:
+        lines.append(f"REACH_HOST={q(connect_to)}\n")
         lines.append(
-            f'echo "{s}reach $({py} -c {q(_PY_CONNECT)} {q(connect_to)} {port} {CONNECT_SECONDS} 2>/dev/null '
-            '|| echo none)"\n'
+            f'said=$({py} -c {q(_PY_CONNECT)} "$REACH_HOST" {int(port)} {CONNECT_SECONDS} 2>/dev/null || echo none)\n'
         )
+        lines.append(f'echo "{s}reach $said"\n')
     return "".join(lines)
 
 
