@@ -40,9 +40,10 @@ except (socket.timeout, TimeoutError):
 except OSError as e:
     print("error", e.errno)
 """
-# Node 0: can the rendezvous store bind its port? With SO_REUSEADDR, as c10d's TCPStore binds
-# (torch/csrc/distributed/c10d/socket.cpp, enableAddressReuse), so the TIME_WAIT connections a
-# previous run on that port left do not count, and only a listener does.
+# Node 0: can the rendezvous store bind its port? With SO_REUSEADDR, so that the TIME_WAIT
+# connections a previous run on that port left do not count, only a listener does: torchrun's
+# store binds the port again in that state (tests/test_multinode_torch.py resumes on the same
+# port right after a stop; a plain bind there failed with EADDRINUSE).
 _PY_BIND = """import socket, sys
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
