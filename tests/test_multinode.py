@@ -269,3 +269,18 @@ def test_status_of_any_node_shows_the_run_and_its_nodes(
     text = describe(nodes[1])
     assert f"Live run `{run_id}`" in text
     assert f"On 2 nodes with torchrun (node 0 `{nodes[0]}`, node 1 `{nodes[1]}`); this is node 1." in text
+
+
+def test_then_stop_stops_every_node_when_the_run_ends(
+    svc: Services, sandbox: Sandbox, nodes: list[str], stub_python: str, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=sandbox.endpoint_url)
+    ec2.create_tags(Resources=nodes, Tags=[{"Key": PYTHON_TAG, "Value": stub_python}])
+    run_id = start(nodes, "--epochs", "1", "--steps-per-epoch", "2", "--step-seconds", "0.01", deps=False, then="stop")
+    worker.drain()
+    run = svc.runs.get(run_id)
+    assert run is not None and run.state is RunState.SUCCEEDED, (run and run.state, run and run.error)
+    assert run.message_ts is not None
+    said = [m.text for m in slack.thread("C0TRAIN", run.message_ts)]
+    assert [svc.fleet.get(iid).state for iid in nodes] == ["stopped", "stopped"], said
+    assert sum("(`--then stop`)" in t for t in said) == 2, said

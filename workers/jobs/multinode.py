@@ -321,6 +321,7 @@ class MultiNode:
                 detail=said,
                 fix=f"/runctl status {inst.id}",
             )
+        self.svc.runs.also_on(run, [inst.id for inst in insts[1:]])
         self.flow.mark_started()
 
     def stop_nodes(self, ids: list[str]) -> None:

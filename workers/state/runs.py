@@ -274,6 +274,14 @@ class RunStore:
         pipe.execute()
         return run
 
+    def also_on(self, run: Run, instance_ids: Sequence[str]) -> None:
+        """A multi-node run in its other nodes' histories too: their owner, newest run and logs are its."""
+        pipe = self.redis.pipeline()
+        for iid in instance_ids:
+            pipe.lpush(f"runctl:runs:instance:{iid}", run.run_id)
+            pipe.ltrim(f"runctl:runs:instance:{iid}", 0, HISTORY - 1)
+        pipe.execute()
+
     def adopt(self, run: Run) -> bool:
         """Create the record only if none exists (SET NX): of two reconciles, one adopts."""
         if not self.redis.set(self._key(run.run_id), run.model_dump_json(), nx=True):
