@@ -72,8 +72,9 @@ SPECS: dict[str, Spec] = {
             "train",
             "/runctl train <instance-id> <script.py> [--ref REF] [--sync-code|--no-sync-code] "
             "[--wait|--no-wait] [--force] [--checkpoint-interval N] [--no-deps] [--rebuild-env] "
-            "[--then stop|terminate|keep] [--backup] [--auto-resume] [--queue] -- <script args...>",
-            "Ship the code at REF and start a training run on an instance.",
+            "[--then stop|terminate|keep] [--backup] [--auto-resume] [--queue] [--nproc-per-node N|auto] "
+            "-- <script args...>",
+            "Ship the code at REF and start a training run on an instance, or on several (a,b,...) with torchrun.",
             positionals=("instance_id", "script"),
             flags=(
                 Flag("ref", "ref", "str", "REF", help="the branch, tag or commit to ship (default RUNCTL_REF)"),
@@ -108,6 +109,13 @@ SPECS: dict[str, Spec] = {
                 ),
                 _switch(
                     "queue", "queue", help="if the instance is busy, wait in its queue (checked now, started next)"
+                ),
+                Flag(
+                    "nproc-per-node",
+                    "nproc_per_node",
+                    "str",
+                    "N|auto",
+                    help="with several instances (a,b,...): torchrun's workers per node (auto: its GPUs, else 1)",
                 ),
             ),
             passthrough=True,
@@ -206,11 +214,12 @@ SPECS: dict[str, Spec] = {
         ),
         Spec(
             "logs",
-            "/runctl logs <instance-id> [--run RUN_ID] [--lines N] [--grep TEXT]",
+            "/runctl logs <instance-id> [--run RUN_ID] [--lines N] [--grep TEXT] [--node K]",
             "The tail of a run's training.log, in the run's thread.",
             positionals=("instance_id",),
             flags=(
                 Flag("run", "run_id", "str", "RUN_ID", help="that run instead of the newest one on the instance"),
+                Flag("node", "node", "int", "K", help="a multi-node run: node K's log (0: node 0, where rank 0 runs)"),
                 Flag("lines", "lines", "int", "N", help="how many of the last lines (default 50, at most 500)"),
                 Flag("grep", "grep", "str", "TEXT", help="only the lines holding TEXT (as typed, case-sensitive)"),
             ),
@@ -334,6 +343,9 @@ def parse(text: str) -> c.AnyCommand:
         _unknown_command([plain(t) for t in tokens])
     assert spec is not None
     values = _parse_tokens(spec, rest)
+    if isinstance(values.get("instance_id"), tuple):  # train a,b,...: one run on several instances
+        values["nodes"] = values["instance_id"]
+        values["instance_id"] = values["nodes"][0]
     if spec.name == "help" and values.get("topic") not in (None, *SPECS):
         near = nearest(values["topic"], SPECS)
         raise UsageError(
@@ -348,8 +360,9 @@ def parse(text: str) -> c.AnyCommand:
         field_name = str(err["loc"][0]) if err["loc"] else ""
         flag = next((f for f in spec.flags if f.dest == field_name), None)
         # What the person typed (`--checkpoint-interval`, `<instance-id>`), never the model's field name.
-        where = f"`--{flag.name}`" if flag else f"`<{field_name.replace('_', '-')}>`"
-        raise UsageError(f"Bad value for {where}: {err['msg']}.", usage=spec.usage) from None
+        where = f"`--{flag.name}`" if flag else (f"`<{field_name.replace('_', '-')}>`" if field_name else "")
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        raise UsageError(f"Bad value for {where}: {msg}." if where else f"{msg}.", usage=spec.usage) from None
     return command
 
 
@@ -447,6 +460,8 @@ def _parse_tokens(spec: Spec, tokens: list[str]) -> dict[str, Any]:
 
 def _positional(spec: Spec, dest: str, raw: str) -> Any:
     if dest == "instance_id":
+        if spec.name == "train" and "," in raw:
+            return tuple(_instance(spec, part) for part in raw.split(","))
         return _instance(spec, raw)
     if dest == "script":
         return check_script_path(raw, spec.usage)

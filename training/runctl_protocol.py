@@ -105,6 +105,20 @@ class Job:
     add_arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
     steps_per_epoch: int = 20
     step_seconds: float = 0.05
+    # Distributed jobs (several ranks, e.g. under torchrun): `share` makes every rank start from
+    # rank 0's model (rank 0 alone reads and writes checkpoints); `agree` turns this rank's wish
+    # to stop into every rank's decision, once per step, so all ranks stop at the same step.
+    share: Callable[[Model, argparse.Namespace], Model] | None = None
+    agree: Callable[[bool], bool] | None = None
+
+
+def rank() -> int:
+    """This process's global rank (torchrun sets RANK); 0 when alone. Only rank 0 writes
+    checkpoints, the manifest, the progress file and the completion marker."""
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
 
 
 # ---------------------------------------------------------------------------
@@ -277,6 +291,8 @@ class CheckpointStore:
 
     def clean_stale_temp_files(self) -> None:
         """Remove temp files left by runs that were killed mid-write."""
+        if rank() != 0:
+            return
         for tmp in self.directory.glob(f"{TMP_PREFIX}*"):
             if tmp.is_file() and not tmp.name.endswith(f"-{os.getpid()}"):
                 try:
@@ -402,8 +418,11 @@ class CheckpointStore:
         atomic_write(self.manifest_path, text.encode(), durable=True)
 
     def save(self, snapshot: Snapshot) -> Path:
-        """Write the checkpoint file, then the manifest, then prune old checkpoints."""
+        """Write the checkpoint file, then the manifest, then prune old checkpoints (rank 0 only:
+        another rank returns the path rank 0 writes)."""
         path = self.directory / self.name_of(snapshot.epoch)
+        if rank() != 0:
+            return path
         data = snapshot.encode()
         atomic_write(path, data, durable=True)
         entry = ManifestEntry(path.name, sha256_hex(data), len(data), snapshot.epoch, snapshot.step, utc_now())
@@ -582,7 +601,8 @@ class Marker:
     path: Path
 
     def remove_stale(self) -> None:
-        self.path.unlink(missing_ok=True)
+        if rank() == 0:
+            self.path.unlink(missing_ok=True)
 
     def write(
         self,
@@ -600,6 +620,8 @@ class Marker:
             "reason": reason,
             "checkpoint": checkpoint,
         }
+        if rank() != 0:
+            return
         run_id = os.environ.get(ENV_RUN_ID)
         if run_id:
             record["run_id"] = run_id
@@ -657,6 +679,16 @@ class Trainer:
         self.marker.write(status, self.completed_epoch, "signal", saved, tmp_tag="-sig")
         os._exit(status)
 
+    def _stopping(self) -> bool:
+        """Whether to stop now: this rank's signal, or with `Job.agree` any rank's (a collective
+        step: every rank calls it at the same points)."""
+        wish = self.stop.signum is not None
+        agreed = self.job.agree(wish) if self.job.agree is not None else wish
+        if agreed and self.stop.signum is None:
+            self.stop.signum = signal.SIGTERM  # a peer was told to stop: this rank stops with it
+            self.stop.announced = True
+        return agreed
+
     def run(self) -> int:
         cfg = self.config
         cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -689,18 +721,25 @@ class Trainer:
     def _start(self) -> tuple[Progress, Model] | None:
         """Resume if possible; None when training is already complete."""
         cfg = self.config
-        resume = self.store.find_resume_point()
-        if resume is None:
+        resume = self.store.find_resume_point() if rank() == 0 or self.job.share is None else None
+        if resume is None and rank() != 0 and self.job.share is not None:
+            model = self.job.share(self.job.start(cfg.args), cfg.args)
+            if model.epoch:
+                self.completed = model.snapshot()
+                print(f"rank {rank()}: resuming with rank 0 at epoch {model.epoch}", flush=True)
+        elif resume is None:
             print(f"no checkpoint in {cfg.checkpoint_dir}, starting at epoch 1", flush=True)
             model = self.job.start(cfg.args)
         else:
             model = resume.model
             self.completed, self.saved_path = model.snapshot(), resume.path
             print(f"resuming from {resume.path} (epoch {model.epoch})", flush=True)
+        if rank() == 0 and self.job.share is not None:
+            model = self.job.share(model, cfg.args)
         if cfg.progress_file is not None:
             cfg.progress_file.parent.mkdir(parents=True, exist_ok=True)
         total_steps = model.step + max(0, cfg.epochs - model.epoch) * cfg.steps_per_epoch
-        progress = Progress(cfg.progress_file, cfg.epochs, total_steps, model.step)
+        progress = Progress(cfg.progress_file if rank() == 0 else None, cfg.epochs, total_steps, model.step)
         if model.epoch >= cfg.epochs:
             print(
                 f"training already complete: checkpoint epoch {model.epoch} >= --epochs {cfg.epochs}",
@@ -719,7 +758,7 @@ class Trainer:
         """Run the remaining epochs; returns the marker reason."""
         cfg = self.config
         for epoch in range(model.epoch + 1, cfg.epochs + 1):
-            if self.stop.signum is not None:
+            if self._stopping():
                 break
             if cfg.fail_at_epoch is not None and epoch == cfg.fail_at_epoch:
                 raise SimulatedFailure(f"simulated failure at the start of epoch {epoch}")
@@ -748,7 +787,7 @@ class Trainer:
                 time.sleep(cfg.step_seconds)
             losses.append(loss)
             progress.step_done(epoch, model.step, loss)
-            if self.stop.signum is not None:
+            if self._stopping():
                 self._announce(progress)
                 if index + 1 < cfg.steps_per_epoch:
                     return None
@@ -762,7 +801,8 @@ class Trainer:
     def _save(self, progress: Progress) -> None:
         assert self.completed is not None
         self.saved_path = self.store.save(self.completed)
-        progress.say(f"checkpoint saved {self.saved_path} (epoch {self.completed.epoch})")
+        if rank() == 0:
+            progress.say(f"checkpoint saved {self.saved_path} (epoch {self.completed.epoch})")
 
     def _save_on_signal(self, progress: Progress) -> None:
         name = self.stop.name
@@ -771,6 +811,9 @@ class Trainer:
             return
         if self.saved_path is None:
             self.saved_path = self.store.save(self.completed)
+        if rank() != 0:
+            progress.say(f"received {name}, rank {rank()} stops with rank 0 (epoch {self.completed.epoch})")
+            return
         progress.say(f"received {name}, checkpoint saved {self.saved_path} (epoch {self.completed.epoch})")
 
 

@@ -6,7 +6,7 @@ import posixpath
 import re
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from workers.slack.escape import code
 
@@ -59,6 +59,7 @@ def _script(path: str) -> str:
 
 
 ScriptPath = Annotated[str, AfterValidator(_script)]
+MAX_NODES = 16
 Then = Literal["stop", "terminate", "keep"]
 
 
@@ -83,6 +84,34 @@ class TrainCommand(Command):
     auto_resume: bool = False  # a spot interruption launches a replacement that continues the run
     queue: bool = False  # `--queue`: wait behind the instance's live run (workers/jobs/queued.py)
     args: tuple[str, ...] = ()
+    # A multi-node run (workers/jobs/multinode.py): every node, node 0 first (= instance_id); () for one instance.
+    nodes: tuple[InstanceId, ...] = Field((), max_length=MAX_NODES)
+    nproc_per_node: str | None = Field(None, pattern=r"^(auto|[1-9][0-9]{0,2})$")  # None: auto
+
+    @model_validator(mode="after")
+    def _node_set(self) -> TrainCommand:
+        if not self.nodes:
+            if self.nproc_per_node is not None:
+                raise ValueError("--nproc-per-node is for a run across several instances (a,b,...)")
+            return self
+        if len(self.nodes) < 2:
+            raise ValueError("a multi-node run needs at least two instances")
+        if len(set(self.nodes)) != len(self.nodes):
+            raise ValueError("each instance may appear once in the node list")
+        if self.nodes[0] != self.instance_id:
+            raise ValueError("instance_id must be node 0")
+        unsupported = [
+            name
+            for name, on in (
+                ("--force", self.force),
+                ("--auto-resume", self.auto_resume),
+                ("--no-sync-code", not self.sync_code),
+            )
+            if on
+        ]
+        if unsupported:
+            raise ValueError(f"{', '.join(unsupported)} is not available for a multi-node run yet")
+        return self
 
     @classmethod
     def from_run(cls, run: Run) -> TrainCommand:
@@ -100,6 +129,8 @@ class TrainCommand(Command):
                 "backup": run.backup,
                 "auto_resume": run.auto_resume,
                 "args": run.args,
+                "nodes": tuple(run.nodes),
+                "nproc_per_node": run.nproc_per_node or None,
             }
         )
 
@@ -151,6 +182,7 @@ class LogsCommand(Command):
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     lines: int = Field(50, ge=1, le=500)
     grep: str | None = Field(None, min_length=1, max_length=200)
+    node: int | None = Field(None, ge=0, lt=MAX_NODES)  # a multi-node run's node k (0: where rank 0 runs)
 
 
 class ChartCommand(Command):

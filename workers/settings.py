@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     RUNCTL_REGIONS: Annotated[list[str], NoDecode] = Field(default_factory=list)
     RUNCTL_MIRROR_DIR: Path = Path.home() / ".cache" / "runctl" / "mirrors"  # one mirror per RUNCTL_REPO inside
     RUNCTL_STOP_GRACE_SECONDS: int = Field(120, ge=0, le=3600)
+    # A multi-node run's c10d rendezvous port on node 0 (torchrun's default); open it between the nodes.
+    RUNCTL_RDZV_PORT: int = Field(29500, ge=1024, le=65535)
     RUNCTL_PENDING_WAIT_SECONDS: int = Field(300, ge=0)
     RUNCTL_SWEEP_MINUTES: int = Field(5, ge=1, le=1440)
     RUNCTL_RECONCILE_SECONDS: int = Field(150, ge=1, le=3600)

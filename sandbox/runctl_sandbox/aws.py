@@ -115,6 +115,7 @@ class Sandbox(ThreadedMotoServer):
         self._thread = None
         self._agent.shutdown()
         self.spot_requests.shutdown()
+        self._ec2.network.shutdown()
         with Sandbox._live_lock:
             if Sandbox._live is self:
                 Sandbox._live = None
@@ -191,6 +192,18 @@ class Sandbox(ThreadedMotoServer):
             self._agent.delays[instance_id] = (seconds, matching)
         else:
             self._agent.delays.pop(instance_id, None)
+
+    def private_ip(self, instance_id: str) -> str:
+        """The instance's private IP: its own loopback address (runctl_sandbox/network.py)."""
+        return self._ec2.network.address(instance_id)
+
+    def block_port(self, instance_id: str, port: int, blocked: bool = True) -> None:
+        """Drop TCP connections to the instance's private IP on ``port`` (no security-group rule
+        allows it: connects time out); ``blocked=False`` adds the rule back."""
+        if blocked:
+            self._ec2.network.block(instance_id, port)
+        else:
+            self._ec2.network.unblock(instance_id, port)
 
     @contextlib.contextmanager
     def metadata(self) -> Iterator[Imds]:

@@ -21,6 +21,7 @@ from werkzeug.http import HTTP_STATUS_CODES
 
 from runctl_sandbox import wire
 from runctl_sandbox.ec2_launch import LaunchRules, add_ami_root
+from runctl_sandbox.network import Network
 from runctl_sandbox.spot_requests import SpotRequests
 from runctl_sandbox.ssm_agent import kill_instance_processes
 from runctl_sandbox.wire import ApiError, RequestContext
@@ -132,6 +133,7 @@ class Ec2:
         self.exhausted: set[tuple[str, str]] = set()  # (instance type, zone) with no capacity
         self.spot = spot or SpotRequests()
         self.rules = LaunchRules()  # Unsupported zones, account quotas
+        self.network = Network()  # private IPs on the loopback, blocked ports
 
     def _capacity(self, ctx: RequestContext, params: dict[str, list[str]]) -> bytes | None:
         """EC2's InsufficientInstanceCapacity (a 500, "Server." error) for a zone made full
@@ -192,6 +194,7 @@ class Ec2:
             if action == "TerminateInstances":
                 self.spot.terminated(ctx, ids)
         if action == "RunInstances" and status.startswith("200"):
+            self.network.assign(ctx.account_id, ctx.region, [m.decode() for m in _LAUNCHED.findall(reply)])
             self.spot.adopt(ctx, params, [m.decode() for m in _LAUNCHED.findall(reply)])
         return wire.reply(start_response, status, headers, reply)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 # Package data: in a checkout a link to the repository's training/, in a wheel a copy of its scripts.
 TRAINING_DIR = Path(__file__).resolve().parent / "training"
 # The example scripts import their protocol from the module beside them.
-EXAMPLES = ("runctl_protocol.py", "train_with_checkpoints.py", "train_torch.py")
+EXAMPLES = ("runctl_protocol.py", "train_with_checkpoints.py", "train_torch.py", "train_ddp.py")
 
 # What the console's banner lists: each script the repository holds, and what it shows.
 EXAMPLE_SCRIPTS: tuple[tuple[str, str], ...] = (

@@ -150,6 +150,8 @@ class Fleet:
             availability_zone=raw.get("Placement", {}).get("AvailabilityZone", ""),
             lifecycle=raw.get("InstanceLifecycle", "on-demand"),
             tags=tags,
+            private_ip=raw.get("PrivateIpAddress", "") or "",
+            vpc_id=raw.get("VpcId", "") or "",
         )
 
     def get(self, instance_id: str) -> Instance:

@@ -25,6 +25,8 @@ class Instance:
     availability_zone: str = ""
     lifecycle: str = "on-demand"
     tags: Mapping[str, str] = field(default_factory=dict)
+    private_ip: str = ""  # DescribeInstances' PrivateIpAddress (a multi-node run's rendezvous address)
+    vpc_id: str = ""
 
     @property
     def label(self) -> str:

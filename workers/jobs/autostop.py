@@ -111,18 +111,23 @@ def then(run_id: str, raw_actor: dict[str, Any] | None = None) -> str:
     if run is None:
         return "unknown run"
     requester = funnel.actor_of(raw_actor) if raw_actor else Actor(user_id=run.user_id, channel_id=run.channel_id)
+    # A multi-node run's nodes stop (or terminate) together, each as its own instance would.
+    return "\n".join(_then_one(svc, run, iid, requester) for iid in run.node_ids)
+
+
+def _then_one(svc: Services, run: Run, iid: str, requester: Actor) -> str:
     try:
-        before = svc.fleet.get(run.instance_id)
+        before = svc.fleet.get(iid)
         cost = saving(svc, before)
-        inst, why_not = _idle_stop(svc, run.instance_id, run.then, requester)
+        inst, why_not = _idle_stop(svc, iid, run.then, requester)
     except PermissionDenied as exc:
         return _revoked(svc, run, requester, before, exc)
     except RunctlError as exc:
         fix = f" Fix: {exc.fix}" if exc.fix else ""
-        _reply(svc, run, f":warning: `--then {run.then}`: {run.instance_id} was left running: {exc.what}{fix}")
+        _reply(svc, run, f":warning: `--then {run.then}`: {iid} was left running: {exc.what}{fix}")
         return exc.what
     if inst is None:
-        text = f":information_source: `--then {run.then}`: `{run.instance_id}` was left running, because {why_not}."
+        text = f":information_source: `--then {run.then}`: `{iid}` was left running, because {why_not}."
         _reply(svc, run, text)
         return text
     verb = "terminated" if run.then == "terminate" else "stopped"

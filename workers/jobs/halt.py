@@ -11,6 +11,7 @@ from workers import remote
 from workers.aws.instance import Instance, ScriptResult
 from workers.commands import Actor
 from workers.errors import AgentOffline, RemoteError, RunctlError
+from workers.jobs import multinode
 from workers.remote.checkpoints import CheckpointListing, FoundCheckpoint, discover
 from workers.remote.lifecycle import StopResult, parse_stop
 from workers.services import Services
@@ -126,7 +127,10 @@ class Halter:
             reply(svc, run, f"<@{self.actor.user_id}> is {self._doing()} {self.inst.label}. {verb}.", mention=False)
         ck_dir = (run.checkpoint_run_id or run_id) if run else run_id
         script = remote.stop_run(self.root, run_id, self.grace, force=self.force, checkpoint_run_id=ck_dir)
-        out = svc.fleet.run(self.inst.id, script, timeout=self.grace + 60)
+        if run is not None and run.nodes:  # a multi-node run: SIGTERM torchrun on every node at once
+            out = multinode.signal_nodes(svc, run, script, self.grace + 60)
+        else:
+            out = svc.fleet.run(self.inst.id, script, timeout=self.grace + 60)
         parsed = parse_stop(out.stdout)
         if parsed is None:  # never "nothing was alive": the script did not say so
             raise self.unconfirmed(out, f"signal run `{run_id}`")
@@ -210,7 +214,8 @@ class Halter:
         if halt.result.how == "kill":
             run.exit_code = 137
         run.stopped_by = self.actor.user_id  # the final parent says who, in the past tense
-        release_train_lock(svc, run.instance_id, run.run_id)
+        for iid in run.node_ids:
+            release_train_lock(svc, iid, run.run_id)
         publish(svc, run)
         reply(svc, run, halt.report, full_log=run.started_at is not None)
 

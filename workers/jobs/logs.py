@@ -68,17 +68,27 @@ def newest_run(svc: Services, instance_id: str) -> Run | None:
 def logs(job: Job, cmd: LogsCommand) -> str:
     svc = job.svc
     run = svc.runs.get(cmd.run_id) if cmd.run_id else newest_run(svc, cmd.instance_id)
-    if run is not None and run.instance_id != cmd.instance_id:
+    if run is not None and cmd.instance_id not in run.node_ids:
         raise RunctlError(
             f"Run {code(run.run_id)} ran on `{run.instance_id}`, not `{cmd.instance_id}`.",
             fix=f"/runctl logs {run.instance_id} --run {run.run_id}",
         )
     if run is not None or cmd.run_id:  # before anything is read
         log_access.check(svc.settings, job.actor, run, cmd.run_id or "", cmd.instance_id)
-    inst = reachable(svc, cmd.instance_id, "read its logs")
+    where = cmd.instance_id
+    if cmd.node is not None:  # a multi-node run: that node's torchrun log
+        if run is None or cmd.node >= len(run.node_ids):
+            count = len(run.node_ids) if run is not None else 0
+            raise RunctlError(
+                f"`--node {cmd.node}`: run {code(run.run_id) if run else 'on ' + cmd.instance_id} has "
+                f"{count} node{'s' if count != 1 else ''} (numbered from 0).",
+                fix=f"/runctl logs {cmd.instance_id}" + (f" --run {run.run_id}" if run else ""),
+            )
+        where = run.node_ids[cmd.node]
+    inst = reachable(svc, where, "read its logs")
     asked = run.run_id if run is not None else cmd.run_id
     script = tail_script(svc.settings.RUNCTL_REMOTE_ROOT, asked, cmd.lines, cmd.grep)
-    result = svc.fleet.run(cmd.instance_id, script, TAIL_SECONDS)
+    result = svc.fleet.run(where, script, TAIL_SECONDS)
     if not result.ok:
         raise RemoteError(f"Reading the log on {inst.label} failed.", why=escape(redact(result.stderr[-500:])))
     tail = parse_tail(result.stdout)

@@ -10,7 +10,7 @@ from workers import remote
 from workers.errors import InstanceError, RunctlError, Throttled
 from workers.jobs import autostop, backup, funnel, queued, summary
 from workers.queueing import SYSTEM, JobPath, RunArgs, enqueue
-from workers.remote import spot
+from workers.remote import spot, torchrun
 from workers.remote.status import Snapshot, parse_many
 from workers.services import Services, current
 from workers.slack import updates
@@ -19,7 +19,7 @@ from workers.slack.format import duration
 from workers.slack.messages.run import checkpoint_text
 from workers.slack.thread import publish, reply
 from workers.state import event_keys
-from workers.state.locks import train_lock
+from workers.state.locks import extend_all, release_all
 from workers.state.polls import DUE, TICK_AT, claim, ensure_tick, release, renew, schedule
 from workers.state.runs import STOP_SIGNALS, Run, RunState, ended_state
 
@@ -108,6 +108,11 @@ def monitor(run_id: str) -> str:
 
 def poll(svc: Services, runs: list[Run], first_poll: float = POLL_FIRST_WAIT) -> None:
     """One status command for `runs`; someone waiting (a run event) passes a shorter first_poll."""
+    for run in [r for r in runs if r.nodes]:  # a multi-node run: every node's view, merged
+        poll_nodes(svc, run, first_poll)
+    runs = [r for r in runs if not r.nodes]
+    if not runs:
+        return
     by_instance: dict[str, list[Run]] = {}
     for run in runs:
         by_instance.setdefault(run.instance_id, []).append(run)
@@ -142,6 +147,40 @@ def poll(svc: Services, runs: list[Run], first_poll: float = POLL_FIRST_WAIT) ->
             except Exception:  # one run's failure is its own: the rest of the batch still updates
                 log.exception("monitor %s: update failed", run.run_id)
                 schedule(svc, run.run_id, next_delay(svc, run.polls + 1))
+
+
+def poll_nodes(svc: Services, run: Run, first_poll: float = POLL_FIRST_WAIT) -> None:
+    """A multi-node run: the same status script on each node, merged (workers/remote/torchrun.py);
+    it ends once every node's torchrun has, and a failure names the node, rank and exception."""
+    script = remote.runs_status(svc.settings.RUNCTL_REMOTE_ROOT, [run.run_id], log_lines=LOG_TAIL_LINES)
+    try:
+        results = svc.fleet.run_many(run.node_ids, script, first_poll=first_poll)
+    except Throttled:
+        schedule(svc, run.run_id, next_delay(svc, run.polls + 2))
+        return
+    except RunctlError as exc:
+        unreachable(svc, run, exc)
+        return
+    snaps = {iid: parse_many(res.stdout).get(run.run_id) if res else None for iid, res in results.items()}
+    missing = torchrun.gone(run.node_ids, snaps)
+    if missing and len(missing) < len(run.node_ids):
+        lost(svc, run, RunctlError(f"The run directory of {code(run.run_id)} is gone from {', '.join(missing)}."))
+        return
+    merged = torchrun.merge(run.node_ids, snaps)
+    failed = None
+    if merged.ended and merged.exit_code != 0:
+        bad = [iid for iid, snap in snaps.items() if snap is not None and snap.exit_code not in (None, 0)]
+        try:
+            told = svc.fleet.run_many(bad, torchrun.failure_report(svc.settings.RUNCTL_REMOTE_ROOT, run.run_id))
+        except RunctlError:
+            told = {}
+        reports = {iid: torchrun.parse_failure_report(res.stdout) for iid, res in told.items()}
+        failed = torchrun.failure(run.node_ids, snaps, reports)
+    if failed is not None:
+        rank = f", rank {failed.rank}" if failed.rank is not None else ""
+        said = f": {code(failed.exception)}" if failed.exception else ""
+        run.failure = f"node {failed.node} ({failed.instance_id}{rank}) failed (exit {failed.exit_code}){said}"
+    update(svc, run, merged)
 
 
 def unreachable(svc: Services, run: Run, exc: RunctlError) -> None:
@@ -180,7 +219,7 @@ def update(svc: Services, run: Run, snap: Snapshot | None) -> None:
         run.polls = 0  # the instance goes within two minutes: follow the checkpoint closely
         if run.auto_resume and not snap.ended:  # back up now, not after the exit: the stop will not wait
             backup.queue_run(svc, run)
-    train_lock(svc.redis, run.instance_id).extend(run.lock_token)
+    extend_all(svc.redis, run.node_ids, run.lock_token)
     if snap.ended:
         finish(svc, run, snap)
         return
@@ -205,7 +244,7 @@ def finish(svc: Services, run: Run, snap: Snapshot) -> None:
     run.ended_at = svc.clock()
     run.ended_by = run.ended_by or "exit"
     run.state = ended_state(run.exit_code)
-    train_lock(svc.redis, run.instance_id).release(run.lock_token)
+    release_all(svc.redis, run.node_ids, run.lock_token)
     told = summary.gather(svc, run)  # one SSM command: metrics, chart series, files, links; and the cost
     summary.keep(run, told)
     publish(svc, run)
@@ -238,10 +277,11 @@ def finish(svc: Services, run: Run, snap: Snapshot) -> None:
     else:
         shown = "unknown (the process vanished)" if snap.exit_code is None else str(run.exit_code)
         tail = "\n".join(snap.log[-LOG_TAIL_LINES:]) or "(training.log is empty)"
+        where = f" {run.failure}." if run.failure else ""
         reply(
             svc,
             run,
-            f":x: run {code(run.run_id)} failed with exit code {shown} after {took}. {ck}\n"
+            f":x: run {code(run.run_id)} failed with exit code {shown} after {took}.{where} {ck}\n"
             f"Last lines of training.log:\n{block(tail[-2500:])}",
             full_log=True,
         )
@@ -257,7 +297,7 @@ def lost(svc: Services, run: Run, exc: RunctlError) -> str:
     run.ended_by = "lost"
     run.ended_at = svc.clock()
     run.error = exc.info()
-    train_lock(svc.redis, run.instance_id).release(run.lock_token)
+    release_all(svc.redis, run.node_ids, run.lock_token)
     publish(svc, run)
     lost_text = f":grey_question: lost track of run {code(run.run_id)}: {exc.what}"
     if run.spot_notice:  # AWS took the instance before a poll saw the training exit

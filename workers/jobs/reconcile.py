@@ -170,8 +170,8 @@ def heal(svc: Services, iid: str, report: Report, tally: Tally) -> None:
         if seen.seen == "ended" and seen.ended_at and report.now and report.now - seen.ended_at > REPORT_WINDOW:
             continue
         record = svc.runs.get(seen.run_id)
-        if record is not None and record.instance_id != iid:
-            continue  # another instance's run: this one's word is no evidence about it
+        if record is not None and iid not in record.node_ids:
+            continue  # another instance's run (a multi-node run's nodes are all its own): no evidence about it
         if record is None:
             if seen.meta is None or seen.seen == "starting":
                 continue  # its train job is still launching it (and will save its record)

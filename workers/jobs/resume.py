@@ -63,6 +63,12 @@ def resume_run(svc: Services, run_id: str, actor: Actor, on: str | None = None, 
     # It writes into the run's checkpoint directory: that run's owner's, or an admin's.
     policy.check(svc.settings, actor.user_id, "resume", old.user_id)
     owner = old.checkpoint_run_id or old.run_id
+    if old.nodes and on is not None and on != old.instance_id:
+        raise RunctlError(
+            f"Run {code(run_id)} ran on {len(old.nodes)} nodes; it resumes on the same nodes only.",
+            why="Rank 0's checkpoints are on node 0's disk; resuming on a new node set is not supported yet.",
+            fix=f"`/runctl resume {run_id}`",
+        )
     target = on or old.instance_id
     # Only what runctl's records bind to the run and the instance it came from (TrainFlow.restore_body).
     found = backups.restorable(backups.load(svc.fleet, owner), owner, svc.runs.get)

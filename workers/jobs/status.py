@@ -34,6 +34,11 @@ def describe(instance_id: str) -> str:
             f"Live run `{run.run_id}`: <@{run.user_id}> · {code(run.script)} · {run.state.value} "
             f"for {duration((now - since).total_seconds())}"
         )
+        if run.nodes:  # a multi-node run: every node, and which this is
+            nodes = ", ".join(f"node {k} `{iid}`" for k, iid in enumerate(run.nodes))
+            lines.append(
+                f"On {len(run.nodes)} nodes with torchrun ({nodes}); this is node {run.nodes.index(instance_id)}."
+            )
         if run.progress:
             lines.append(progress_text(run.progress))
         if run.checkpoint:

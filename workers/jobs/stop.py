@@ -74,6 +74,11 @@ def _stop_locked(svc: Services, iid: str, actor: Actor, grace: int | None, force
     if inst.state == "pending":
         inst = fleet.wait_for_state(iid, ("running",), svc.settings.RUNCTL_PENDING_WAIT_SECONDS)
     known = svc.runs.live_on(iid)
+    others = [n for n in known.nodes if n != iid] if known else []  # a multi-node run's other nodes stop too
+    for other in others:
+        policy.check(
+            svc.settings, actor.user_id, "stop", policy.instance_owner(svc.redis, other, lambda i: fleet.get(i).tags)
+        )
     if force:
         policy.check(svc.settings, actor.user_id, "force")
     if inst.lifecycle == "spot" and fleet.spot_request_type(iid) != "persistent":
@@ -109,7 +114,11 @@ def _stop_locked(svc: Services, iid: str, actor: Actor, grace: int | None, force
         log.warning("stop --force of %s without signalling its training: %s", iid, exc.what)
     now = svc.clock()
     cost = session_cost(svc, inst, now)
-    fleet.stop(iid)
+    for each in (iid, *others):
+        fleet.stop(each)
+    for each in others:
+        fleet.wait_for_state(each, ("stopped",), STOPPED_WAIT_SECONDS)
+        UptimeLedger(svc.redis).mark_stopped(each, now)
     inst = fleet.wait_for_state(iid, ("stopped",), STOPPED_WAIT_SECONDS)
     UptimeLedger(svc.redis).mark_stopped(iid, now)
     lines = [f":double_vertical_bar: <@{actor.user_id}> stopped *{inst.label}* ({inst.type}); it is `stopped`."]
@@ -126,6 +135,8 @@ def _stop_locked(svc: Services, iid: str, actor: Actor, grace: int | None, force
             if not force or known is None
             else "The instance was unreachable, so its training was not signalled."
         )
+    if others:
+        lines.append(f"The run's other node{'s' if len(others) != 1 else ''} ({', '.join(others)}) stopped with it.")
     lines.append(cost.text("Up this session"))
     if inst.lifecycle == "spot":
         lines.append(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from datetime import timedelta
 
 from workers import remote
@@ -13,7 +14,7 @@ from workers.aws.fleet import PRESIGN_MARGIN_SECONDS
 from workers.aws.instance import PYTHON_TAG, Instance, ScriptResult
 from workers.commands import TrainCommand
 from workers.errors import RunConflict, RunctlError
-from workers.jobs import envsetup, funnel
+from workers.jobs import envsetup, funnel, multinode
 from workers.jobs.backup import url_seconds
 from workers.jobs.funnel import Job
 from workers.jobs.halt import unconfirmed
@@ -44,7 +45,8 @@ _CHECKPOINT_SIGNS = re.compile(r"checkpoint|RUNCTL_CHECKPOINT_DIR|torch\.save|sa
 def train(job: Job, cmd: TrainCommand, run_id: str) -> str:
     svc = job.svc
     job.run = svc.runs.get(run_id) or svc.runs.create(new_run(svc, cmd, job.actor, run_id))
-    return TrainFlow(job, cmd).execute().state.value
+    flow = TrainFlow(job, cmd)
+    return (multinode.execute(flow, cmd) if cmd.nodes else flow.execute()).state.value
 
 
 class TrainFlow:
@@ -352,7 +354,8 @@ class TrainFlow:
             + "."
         )
 
-    def launch_body(self, python: str) -> str:
+    def launch_body(self, python: str, launcher: Sequence[str] = ()) -> str:
+        """`launcher`: words before the script (a multi-node run's torchrun, workers/remote/torchrun.py)."""
         run = self.run
         env = {
             "RUNCTL_RUN_ID": run.run_id,
@@ -372,6 +375,7 @@ class TrainFlow:
             pass_checkpoint_dir=run.pass_checkpoint_dir,
             checkpoint_dirs=option_values(run.args, DIR_OPTIONS),
             spot_watch=run.spot,
+            launcher=launcher,
         )
 
     def events(self, python: str) -> Sender:

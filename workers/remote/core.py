@@ -57,6 +57,7 @@ def wrapper(
     events: Sender = OFF,
     pass_checkpoint_dir: bool = False,
     spot_watch: bool = False,
+    launcher: Sequence[str] = (),
 ) -> str:
     """The detached wrapper: runs the training as a child so `pid` is the training
     process itself, and records its exit code when it ends (then sends the run's
@@ -67,7 +68,7 @@ def wrapper(
     if bad:
         raise ValueError(f"not environment variable names: {bad!r}")
     exports = "".join(f"export {k}={q(v)}\n" for k, v in env.items())
-    words = [interpreter(python), *(q(a) for a in ("-u", script, *args))]
+    words = [interpreter(python), *(q(a) for a in ("-u", *launcher, script, *args))]
     if pass_checkpoint_dir:
         words += ["--checkpoint-dir", '"$RUNCTL_CHECKPOINT_DIR"']
     argv = " ".join(words)
@@ -201,6 +202,7 @@ def launch_body(
     pass_checkpoint_dir: bool = False,
     checkpoint_dirs: Sequence[str] = (),
     spot_watch: bool = False,
+    launcher: Sequence[str] = (),
 ) -> str:
     """Start the wrapper detached (the code is already in place); ends once it runs.
 
@@ -208,7 +210,9 @@ def launch_body(
     run's predecessor left there: shipped files are refreshed, the run's own are kept).
     `checkpoint_dirs` (the script's `--checkpoint-dir`/`--output-dir` values) are recorded
     beside the checkpoints, so discovery looks there too."""
-    body = wrapper(run_id, script, args, env, python, checkpoint_run_id, events, pass_checkpoint_dir, spot_watch)
+    body = wrapper(
+        run_id, script, args, env, python, checkpoint_run_id, events, pass_checkpoint_dir, spot_watch, launcher
+    )
     eof = heredoc_end(body)
     owner = checkpoint_run_id or run_id
     record = "".join(

@@ -123,3 +123,58 @@ def _renew(lock: RedisLock, token: str, done: threading.Event) -> None:
         if not lock.extend(token):
             log.warning("lost %s while holding it", lock.key)
             return
+
+
+# All or none: a multi-node run holds every node's train lock or none of them, so a race with
+# single-node trains (which take one lock with SET NX) never leaves a node set half-held.
+_ACQUIRE_ALL = """
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
+    return i
+  end
+end
+for _, key in ipairs(KEYS) do
+  redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
+end
+return 0
+"""
+_EXTEND_ALL = """
+local n = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    redis.call('PEXPIRE', key, ARGV[2])
+    n = n + 1
+  end
+end
+return n
+"""
+_RELEASE_ALL = """
+local n = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    redis.call('DEL', key)
+    n = n + 1
+  end
+end
+return n
+"""
+
+
+def acquire_all(redis: Redis, instance_ids: list[str], token: str) -> str | None:
+    """Take every instance's train lock in one step (a Lua script runs atomically), or none:
+    None when all were taken, else the first instance whose lock someone holds."""
+    keys = [train_lock(redis, iid).key for iid in instance_ids]
+    busy = int(redis.eval(_ACQUIRE_ALL, len(keys), *keys, token, TRAIN_TTL_MS))
+    return None if busy == 0 else instance_ids[busy - 1]
+
+
+def extend_all(redis: Redis, instance_ids: list[str], token: str) -> int:
+    """Renew every lock ``token`` still holds; how many it holds."""
+    keys = [train_lock(redis, iid).key for iid in instance_ids]
+    return int(redis.eval(_EXTEND_ALL, len(keys), *keys, token, TRAIN_TTL_MS))
+
+
+def release_all(redis: Redis, instance_ids: list[str], token: str) -> int:
+    """Release every lock ``token`` holds; how many it released."""
+    keys = [train_lock(redis, iid).key for iid in instance_ids]
+    return int(redis.eval(_RELEASE_ALL, len(keys), *keys, token))

@@ -151,6 +151,15 @@ class Run(BaseModel):
     outcome: Outcome | None = None  # the end's summary: cost and links (workers/jobs/summary.py)
     polls: int = 0
     lock_token: str = ""
+    # A multi-node run (workers/jobs/multinode.py): its instances, node 0 (= instance_id) first; [] for one.
+    nodes: list[str] = Field(default_factory=list)
+    nproc_per_node: str = ""  # torchrun's --nproc-per-node, as sent ("auto": each node's GPUs, else 1)
+    failure: str = ""  # which node and rank failed, and its exception line (Slack text)
+
+    @property
+    def node_ids(self) -> list[str]:
+        """Every instance the run holds: its nodes, or its one instance."""
+        return list(self.nodes) or [self.instance_id]
 
     @property
     def command_text(self) -> str:
@@ -244,6 +253,8 @@ def new_run(svc: Context, cmd: TrainCommand, actor: Actor, run_id: str) -> Run:
         then=cmd.then or svc.settings.RUNCTL_THEN,
         backup=cmd.backup,
         auto_resume=cmd.auto_resume,
+        nodes=list(cmd.nodes),
+        nproc_per_node=cmd.nproc_per_node or ("auto" if cmd.nodes else ""),
         created_at=svc.clock(),
         response_url=actor.response_url,
     )
@@ -279,6 +290,14 @@ class RunStore:
         pipe.zadd("runctl:runs:all", {run.run_id: run.created_at.timestamp()})
         pipe.execute()
         return run
+
+    def also_on(self, run: Run, instance_ids: Sequence[str]) -> None:
+        """A multi-node run in its other nodes' histories too: their owner, newest run and logs are its."""
+        pipe = self.redis.pipeline()
+        for iid in instance_ids:
+            pipe.lpush(f"runctl:runs:instance:{iid}", run.run_id)
+            pipe.ltrim(f"runctl:runs:instance:{iid}", 0, HISTORY - 1)
+        pipe.execute()
 
     def adopt(self, run: Run) -> bool:
         """Create the record only if none exists (SET NX): of two reconciles, one adopts."""
@@ -342,7 +361,7 @@ class RunStore:
         return {iid: runs[rid] for iid, rid in run_ids.items() if rid in runs}
 
     def live_on(self, instance_id: str) -> Run | None:
-        return next((r for r in self.live() if r.instance_id == instance_id), None)
+        return next((r for r in self.live() if instance_id in r.node_ids), None)
 
 
 def _text(value: object) -> str:

@@ -1,0 +1,286 @@
+"""`/runctl train a,b script`: one run across several instances on torchrun — the grammar, the
+pre-flight refusals and the all-or-none locks. None of these needs PyTorch: the race test's nodes
+run a stand-in `torch.distributed.run` (tests/torchstub, one worker, no rendezvous), the real
+distributed run is in tests/test_multinode_torch.py (`-m torch`)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from bot.grammar import parse
+from runctl_sandbox.aws import AMI_ID, MANAGED_TAG, Sandbox, SeedInfo
+from runctl_sandbox.fake_slack import FakeSlack
+from runctl_sandbox.inline import InlineWorker
+from workers.aws.instance import PYTHON_TAG
+from workers.commands import Actor, LogsCommand, TrainCommand
+from workers.errors import UsageError
+from workers.jobs.logs import logs
+from workers.jobs.reconcile import run_pass
+from workers.jobs.status import describe
+from workers.jobs.train import train
+from workers.services import Services
+from workers.state.locks import acquire_all, release_all, train_lock
+from workers.state.runs import RunState
+
+ALICE = Actor(user_id="U0ALICE", channel_id="C0TRAIN")
+BOB = Actor(user_id="U0BOB", channel_id="C0TRAIN")
+STUB = Path(__file__).parent / "torchstub"
+
+
+def launch(sandbox: Sandbox, count: int, instance_type: str = "g5.xlarge", python: str = "", **tags: str) -> list[str]:
+    """`count` managed running instances, named uniquely, with `runctl:python` set when given."""
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=sandbox.endpoint_url)
+    ids = []
+    for _ in range(count):
+        name = f"node-{uuid.uuid4().hex[:8]}"
+        all_tags = {"Name": name, MANAGED_TAG: "true", **tags}
+        if python:
+            all_tags[PYTHON_TAG] = python
+        reply = ec2.run_instances(
+            ImageId=AMI_ID,
+            InstanceType=instance_type,  # type: ignore[arg-type]
+            MinCount=1,
+            MaxCount=1,
+            TagSpecifications=[
+                {"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in all_tags.items()]}
+            ],
+        )
+        ids.append(reply["Instances"][0]["InstanceId"])
+    return ids
+
+
+@pytest.fixture
+def nodes(sandbox: Sandbox, fleet_seed: SeedInfo) -> Iterator[list[str]]:
+    """Two managed running g5.xlarge instances (fleet_seed: the bundle bucket)."""
+    ids = launch(sandbox, 2)
+    yield ids
+    boto3.client("ec2", region_name="us-east-1", endpoint_url=sandbox.endpoint_url).terminate_instances(InstanceIds=ids)
+
+
+@pytest.fixture
+def stub_python(tmp_path: Path) -> str:
+    """An interpreter whose `torch.distributed.run` is tests/torchstub's stand-in (no PyTorch needed)."""
+    path = tmp_path / "python-torchstub"
+    path.write_text(f'#!/bin/sh\nPYTHONPATH={STUB}${{PYTHONPATH:+:$PYTHONPATH}} exec {sys.executable} "$@"\n')
+    path.chmod(0o755)
+    return str(path)
+
+
+def start(nodes: list[str], *args: str, who: Actor = ALICE, port: int | None = None, **kw: Any) -> str:
+    cmd = TrainCommand(instance_id=nodes[0], nodes=tuple(nodes), script="train_with_checkpoints.py", args=args, **kw)
+    run_id = f"r-test-{uuid.uuid4().hex[:12]}"
+    train(cmd.model_dump(mode="json"), who.model_dump(mode="json"), run_id)
+    return run_id
+
+
+def refusal(slack: FakeSlack, user: str) -> str:
+    said = [m.text for m in slack.ephemerals(user)]
+    assert said, "nothing was told to the requester"
+    return said[-1]
+
+
+# --- grammar ---------------------------------------------------------------------------
+
+
+def test_the_grammar_reads_a_node_list_and_nproc_per_node() -> None:
+    cmd = parse("train gpu-a,gpu-b,i-0123456789abcdef0 train.py --nproc-per-node auto -- --epochs 3")
+    assert isinstance(cmd, TrainCommand)
+    assert cmd.nodes == ("gpu-a", "gpu-b", "i-0123456789abcdef0") and cmd.instance_id == "gpu-a"
+    assert cmd.nproc_per_node == "auto" and cmd.args == ("--epochs", "3")
+    single = parse("train gpu-a train.py")
+    assert isinstance(single, TrainCommand) and single.nodes == ()
+    for text, said in (
+        ("train a,a x.py", "each instance may appear once"),
+        ("train a x.py --nproc-per-node 2", "several instances"),
+        ("train a,b x.py --nproc-per-node 0", "nproc_per_node"),
+        ("train a,b x.py --force", "--force is not available for a multi-node run"),
+        ("train a,,b x.py", "is not an instance id"),
+    ):
+        with pytest.raises(UsageError) as err:
+            parse(text)
+        assert said in err.value.what, (text, err.value.what)
+
+
+# --- pre-flight refusals ------------------------------------------------------------------
+
+
+def test_a_stopped_node_refuses_the_whole_run_privately(
+    svc: Services, sandbox: Sandbox, nodes: list[str], slack: FakeSlack
+) -> None:
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=sandbox.endpoint_url)
+    ec2.stop_instances(InstanceIds=[nodes[1]])
+    run = svc.runs.get(start(nodes, "--epochs", "1"))
+    assert run is not None and run.state is RunState.REFUSED
+    told = refusal(slack, "U0ALICE")
+    assert "pre-flight of this 2-node run failed" in told
+    assert f"node 1 ({nodes[1]})" in told and "stopped" in told and f"/runctl start {nodes[1]}" in told
+    assert slack.messages("C0TRAIN") == []  # private: no parent message
+    assert all(train_lock(svc.redis, iid).holder() is None for iid in nodes)
+    assert sandbox.sent_scripts(nodes[0]) == []  # nothing reached the running node
+
+
+def test_nodes_of_different_types_are_refused_with_why(svc: Services, sandbox: Sandbox, slack: FakeSlack) -> None:
+    ids = launch(sandbox, 1, "g5.xlarge") + launch(sandbox, 1, "p3.2xlarge")
+    run = svc.runs.get(start(ids, "--epochs", "1"))
+    assert run is not None and run.state is RunState.REFUSED
+    told = refusal(slack, "U0ALICE")
+    assert "different types" in told and "`g5.xlarge`" in told and "`p3.2xlarge`" in told
+    assert "slowest node" in told
+
+
+def test_a_blocked_rendezvous_port_is_found_by_a_real_tcp_check(
+    svc: Services, sandbox: Sandbox, nodes: list[str], slack: FakeSlack, stub_python: str
+) -> None:
+    """Node 1 connects to node 0's private IP (its own loopback address in the sandbox) on the
+    rendezvous port; the sandbox drops those packets as a security group without the rule does."""
+    port = svc.settings.RUNCTL_RDZV_PORT
+    assert sandbox.private_ip(nodes[0]) != sandbox.private_ip(nodes[1])
+    assert svc.fleet.get(nodes[0]).private_ip == sandbox.private_ip(nodes[0])
+    sandbox.block_port(nodes[0], port)
+    try:
+        run = svc.runs.get(start(nodes, "--epochs", "1"))
+    finally:
+        sandbox.block_port(nodes[0], port, blocked=False)
+    assert run is not None and run.state is RunState.REFUSED
+    told = refusal(slack, "U0ALICE")
+    assert "node 1, " in told and nodes[1] in told
+    assert f"cannot reach node 0's private IP `{sandbox.private_ip(nodes[0])}` on TCP port {port}" in told
+    assert "timed out" in told and "authorize-security-group-ingress" in told and f"--port {port}" in told
+    assert all(train_lock(svc.redis, iid).holder() is None for iid in nodes)
+    assert not any("torch.distributed.run --nnodes" in s for iid in nodes for s in sandbox.sent_scripts(iid))
+
+
+def test_an_open_port_passes_the_reach_check(
+    svc: Services, sandbox: Sandbox, nodes: list[str], slack: FakeSlack, stub_python: str, worker: InlineWorker
+) -> None:
+    """The same check unblocked: node 1's connect is refused by node 0's host (allowed, nothing
+    listens yet), so the run starts — here on the stand-in torchrun."""
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=sandbox.endpoint_url)
+    ec2.create_tags(Resources=nodes, Tags=[{"Key": PYTHON_TAG, "Value": stub_python}])
+    run_id = start(nodes, "--epochs", "2", "--steps-per-epoch", "2", "--step-seconds", "0.01", deps=False)
+    worker.drain()
+    run = svc.runs.get(run_id)
+    assert run is not None
+    assert run.state is RunState.SUCCEEDED, (run.state, run.error, run.log_tail)
+    sent = [s for s in sandbox.sent_scripts(nodes[1]) if "torch.distributed.run" in s and "--node-rank" in s]
+    assert len(sent) == 1
+    assert f"--rdzv-endpoint {sandbox.private_ip(nodes[0])}:{svc.settings.RUNCTL_RDZV_PORT}" in sent[0]
+    assert "--node-rank 1" in sent[0] and "--nnodes 2" in sent[0] and f"--rdzv-id {run_id}" in sent[0]
+    assert all(train_lock(svc.redis, iid).holder() is None for iid in nodes)
+    # one parent message; its thread says where the run is and what the node set costs per hour
+    assert run.message_ts is not None
+    said = [m.text for m in slack.thread("C0TRAIN", run.message_ts)]
+    assert any("One run on 2 nodes with torchrun" in t and "for all 2 nodes" in t for t in said), said
+    assert len([m for m in slack.messages("C0TRAIN") if m.ts == run.message_ts]) == 1
+    # rank 0 alone wrote checkpoints (runctl_protocol: RANK != 0 writes nothing)
+    ck = [sandbox.instance_dir(iid) / "runs" / run_id / "checkpoints" for iid in nodes]
+    assert sorted(p.name for p in ck[0].glob("ckpt-*")) == ["ckpt-epoch-00001.json", "ckpt-epoch-00002.json"]
+    assert list(ck[1].glob("ckpt-*")) == [] and not (ck[1] / "manifest.json").exists()
+    # `logs --node 1`: node 1's torchrun log, in the run's thread
+    logs(
+        LogsCommand(instance_id=nodes[0], run_id=run_id, node=1).model_dump(mode="json"),
+        ALICE.model_dump(mode="json"),
+    )
+    said = [m.text + str(m.blocks) for m in slack.thread("C0TRAIN", run.message_ts)]
+    assert any("torchstub: node rank 1 of 2" in t for t in said)
+    assert not any("torchstub: node rank 0 of 2" in t for t in said)
+
+
+# --- locks ---------------------------------------------------------------------------------
+
+
+def test_all_or_none_locks(svc: Services) -> None:
+    ids = ["i-00000000000000001", "i-00000000000000002", "i-00000000000000003"]
+    assert train_lock(svc.redis, ids[1]).acquire("single")
+    assert acquire_all(svc.redis, ids, "multi") == ids[1]
+    assert train_lock(svc.redis, ids[0]).raw() is None and train_lock(svc.redis, ids[2]).raw() is None
+    train_lock(svc.redis, ids[1]).release("single")
+    assert acquire_all(svc.redis, ids, "multi") is None
+    assert [train_lock(svc.redis, i).raw() for i in ids] == ["multi"] * 3
+    assert release_all(svc.redis, ids, "other") == 0
+    assert release_all(svc.redis, ids, "multi") == 3
+
+
+def test_a_race_with_a_single_node_train_leaves_exactly_one_running(
+    svc: Services, sandbox: Sandbox, nodes: list[str], slack: FakeSlack, stub_python: str, worker: InlineWorker
+) -> None:
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=sandbox.endpoint_url)
+    ec2.create_tags(Resources=nodes, Tags=[{"Key": PYTHON_TAG, "Value": stub_python}])
+    args = ("--epochs", "50", "--steps-per-epoch", "5", "--step-seconds", "0.05")
+    ids: dict[str, str] = {}
+    go = threading.Barrier(2)
+
+    def multi() -> None:
+        go.wait()
+        ids["multi"] = start(nodes, *args, deps=False)
+
+    def single() -> None:
+        go.wait()
+        cmd = TrainCommand(instance_id=nodes[1], script="train_with_checkpoints.py", args=args, deps=False)
+        ids["single"] = f"r-test-{uuid.uuid4().hex[:12]}"
+        train(cmd.model_dump(mode="json"), BOB.model_dump(mode="json"), ids["single"])
+
+    threads = [threading.Thread(target=multi), threading.Thread(target=single)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    runs = {k: svc.runs.get(v) for k, v in ids.items()}
+    states = {k: r.state for k, r in runs.items() if r is not None}
+    running = [k for k, s in states.items() if s is RunState.RUNNING]
+    assert len(running) == 1, states
+    loser = "single" if running == ["multi"] else "multi"
+    assert states[loser] is RunState.REFUSED
+    holder = train_lock(svc.redis, nodes[1]).holder()
+    assert holder is not None and holder.run_id == ids[running[0]]
+    if running == ["single"]:  # the multi-node run took no node at all
+        assert train_lock(svc.redis, nodes[0]).holder() is None
+
+
+def test_the_reconcile_keeps_every_node_locked_while_the_run_lives(
+    svc: Services, sandbox: Sandbox, nodes: list[str], stub_python: str
+) -> None:
+    """Node 1 reports the run as its own: the reconcile must not release node 1's lock as stale."""
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=sandbox.endpoint_url)
+    ec2.create_tags(Resources=nodes, Tags=[{"Key": PYTHON_TAG, "Value": stub_python}])
+    run_id = start(nodes, "--epochs", "50", "--steps-per-epoch", "5", "--step-seconds", "0.05", deps=False)
+    run = svc.runs.get(run_id)
+    assert run is not None and run.state is RunState.RUNNING, (run and run.state, run and run.error)
+    run_pass(svc)
+    for iid in nodes:
+        holder = train_lock(svc.redis, iid).holder()
+        assert holder is not None and holder.run_id == run_id, iid
+
+
+def test_status_of_any_node_shows_the_run_and_its_nodes(
+    svc: Services, sandbox: Sandbox, nodes: list[str], stub_python: str, slack: FakeSlack
+) -> None:
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=sandbox.endpoint_url)
+    ec2.create_tags(Resources=nodes, Tags=[{"Key": PYTHON_TAG, "Value": stub_python}])
+    run_id = start(nodes, "--epochs", "50", "--steps-per-epoch", "5", "--step-seconds", "0.05", deps=False)
+    text = describe(nodes[1])
+    assert f"Live run `{run_id}`" in text
+    assert f"On 2 nodes with torchrun (node 0 `{nodes[0]}`, node 1 `{nodes[1]}`); this is node 1." in text
+
+
+def test_then_stop_stops_every_node_when_the_run_ends(
+    svc: Services, sandbox: Sandbox, nodes: list[str], stub_python: str, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=sandbox.endpoint_url)
+    ec2.create_tags(Resources=nodes, Tags=[{"Key": PYTHON_TAG, "Value": stub_python}])
+    run_id = start(nodes, "--epochs", "1", "--steps-per-epoch", "2", "--step-seconds", "0.01", deps=False, then="stop")
+    worker.drain()
+    run = svc.runs.get(run_id)
+    assert run is not None and run.state is RunState.SUCCEEDED, (run and run.state, run and run.error)
+    assert run.message_ts is not None
+    said = [m.text for m in slack.thread("C0TRAIN", run.message_ts)]
+    assert [svc.fleet.get(iid).state for iid in nodes] == ["stopped", "stopped"], said
+    assert sum("(`--then stop`)" in t for t in said) == 2, said

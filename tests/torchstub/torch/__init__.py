@@ -1,0 +1,1 @@
+"""A stand-in for PyTorch in tests that need no tensors: only `torch.distributed.run`."""
