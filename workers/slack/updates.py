@@ -145,7 +145,11 @@ def _show(svc: Context, member: str, run: Run | None = None, place: int | None =
     if wait > 0:
         defer(svc, member, now + wait)
         return wait
-    svc.redis.hincrby(STATS, f"sent:{place}", 1)
+    pipe = svc.redis.pipeline(transaction=False)
+    pipe.hincrby(STATS, f"sent:{place}", 1)
+    if not queued:
+        pipe.zrem(PENDING, member)  # it waited (an end jumping the line): sent now, not again
+    pipe.execute()
     if member.startswith(POST):
         _send_post(svc, member, now)
         return 0.0
