@@ -134,7 +134,9 @@ def _show(svc: Context, member: str, run: Run | None = None, place: int | None =
         defer(svc, member, not_before)
         return 0.0
     if not queued and place != END and svc.redis.zcount(PENDING, "-inf", repr(now)):
-        defer(svc, member, now)  # others are waiting for the budget: round-robin, not first come
+        # Others are due and waiting for the budget (a tick is queued for them): join the
+        # line, round-robin rather than first come, and queue no tick of its own.
+        _join(svc, member, now)
         return 0.0
     if member.startswith(POST):
         message = _post_message(svc, member)
@@ -221,6 +223,12 @@ def defer(svc: Context, member: str, at: float) -> None:
     if not member.startswith(POST) and not (added[0] or added[1]):
         svc.redis.hincrby(STATS, "superseded", 1)  # it was waiting: its older state is never sent
     ensure_tick(svc, svc.clock().timestamp() + max(0.0, at - time.time()))
+
+
+def _join(svc: Context, member: str, at: float) -> None:
+    """Wait in line (no earlier than a place it already has), counting a replaced state."""
+    if not svc.redis.zadd(PENDING, {member: at}, nx=True):
+        svc.redis.hincrby(STATS, "superseded", 1)
 
 
 def flush(svc: Context) -> float | None:
