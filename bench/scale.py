@@ -42,8 +42,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/scale.py`
 
 import hashlib
-import itertools
 import hmac
+import itertools
 import json
 import logging
 import math

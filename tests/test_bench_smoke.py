@@ -126,3 +126,11 @@ def test_spot_relaunch_prices_the_relaunches_a_cancelled_request_prevents() -> N
     printed(out, "before_relaunched_usd", "after_relaunched_usd")
     assert fig["before_relaunched_instances"] == fig["spot_terminates"] > 0
     assert fig["before_relaunched_usd"] > 0 and fig["after_relaunched_usd"] == 0
+
+
+def test_scale_runs_events_through_the_budgets_and_replies_to_every_end() -> None:
+    out, fig = run_bench("scale")
+    printed(out, "slack_429", "end_to_reply_p95_s", "parent_gap_p95_s", "parent_gap_floor_s", "events_accepted_per_s")
+    assert fig["slack_429"] == 0  # the scheduler stays within the fake Slack's budgets
+    assert fig["ends"] > 0 and fig["ends_not_replied"] == 0  # every end reached its thread
+    assert fig["events_202"] > 0 and fig["events_other"] == 0

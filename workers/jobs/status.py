@@ -6,8 +6,8 @@ from workers.commands import StatusCommand
 from workers.jobs import funnel
 from workers.jobs.funnel import Job
 from workers.services import current
-from workers.slack.escape import code
 from workers.slack import updates
+from workers.slack.escape import code
 from workers.slack.format import duration
 from workers.slack.messages.run import checkpoint_text, gpu_text, progress_text
 from workers.state.locks import train_lock

@@ -229,6 +229,7 @@ def _join(svc: Context, member: str, at: float) -> None:
     """Wait in line (no earlier than a place it already has), counting a replaced state."""
     if not svc.redis.zadd(PENDING, {member: at}, nx=True):
         svc.redis.hincrby(STATS, "superseded", 1)
+    ensure_tick(svc, svc.clock().timestamp())  # one EVAL when a tick is already queued for the line
 
 
 def flush(svc: Context) -> float | None:
