@@ -140,6 +140,14 @@ def post_event(url: str, sim: Sim, kind: str, progress: dict[str, Any] | None = 
         return 0
 
 
+def db_bytes(redis: Any) -> int:
+    """MEMORY USAGE summed over this db's keys (the server's used_memory counts other dbs too)."""
+    total = 0
+    for key in redis.scan_iter(count=1000):
+        total += int(redis.memory_usage(key) or 0)
+    return total
+
+
 def task_cpu_seconds(native_id: int | None) -> float:
     """utime + stime of one thread of this process, from /proc."""
     if native_id is None:
@@ -171,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     channels = [f"C0SCALE{i:02d}" for i in range(args.channels)]
 
     redis = harness.bench_redis()
-    mem_empty = int(redis.info("memory")["used_memory"])
+    mem_empty = db_bytes(redis)
     slack = FakeSlack(member_of=channels, budgets=DEFAULT_BUDGETS)
     slack.start()
     with TemporaryDirectory(prefix="runctl-scale-") as tmp:
@@ -202,12 +210,13 @@ def main(argv: list[str] | None = None) -> int:
                 started_at=started,
                 created_at=started,
                 lock_token="bench",
+                polls=12,  # followed for 30 minutes: the monitor's backoff is at its maximum
             )
             open_run(svc, svc.runs.create(run))
             polls.schedule(svc, run_id, timedelta(seconds=config.RUNCTL_POLL_MAX_SECONDS * rng.random()))
             sims.append(Sim(run_id, channel, event_keys.issue(redis, run_id), run_dir))
         slack.budget("chat.postMessage", DEFAULT_BUDGETS["chat.postMessage"])
-        mem_live = int(redis.info("memory")["used_memory"])
+        mem_live = db_bytes(redis)
         watched = rng.sample(sims, min(10, n))
         ending = rng.sample(sims, min(ends, n))
         t0 = time.monotonic() + 5  # the generator starts 5 s into the window's warm-up
@@ -275,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             for worker in workers:
                 worker.stop()
         services.install(None)
-        mem_end = int(redis.info("memory")["used_memory"])
+        mem_end = db_bytes(redis)
         figures = _figures(
             slack,
             svc,
@@ -340,8 +349,10 @@ def _figures(
     for method in ("chat.update", "chat.postMessage"):
         figures[f"{method}_calls"] = by_method[method]
         figures[f"{method}_429"] = limited[method]
-    figures["chat.update_per_minute"] = round(
-        sum(1 for c in calls if c.method == "chat.update" and not c.error) / (window / 60), 1
+    figures["chat.update_per_minute"] = round(  # in the window only (the settle after it is shorter)
+        sum(1 for c in calls if c.method == "chat.update" and not c.error and t0 <= c.at <= t0 + window)
+        / (window / 60),
+        1,
     )
     # exit -> reply
     lags: list[tuple[float, Sim]] = []
@@ -375,9 +386,9 @@ def _figures(
     stamps: dict[str, list[float]] = {s.run_id: [] for s in sims}
     for call in calls:
         if call.method == "chat.update" and not call.error and start <= call.at <= end:
-            sim = ts_of.get(str(call.params.get("ts")))
-            if sim is not None:
-                stamps[sim.run_id].append(call.at)
+            owner = ts_of.get(str(call.params.get("ts")))
+            if owner is not None:
+                stamps[owner.run_id].append(call.at)
 
     def longest_gap(sim: Sim) -> float:
         stop = min(end, sim.exited_at or end)
@@ -393,7 +404,7 @@ def _figures(
     figures["runs_never_updated_in_window"] = sum(1 for s in live if not stamps[s.run_id])
     seen = [longest_gap(s) for s in watched if s not in ending]
     figures["watched_gap_max_s"] = round(max(seen, default=0.0), 1)
-    stats = {k.decode(): int(v) for k, v in svc.redis.hgetall(updates.STATS).items()}
+    stats = {updates._text(k): int(v) for k, v in svc.redis.hgetall(updates.STATS).items()}
     figures["updates_sent_end/watched/rest"] = "/".join(str(stats.get(f"sent:{b}", 0)) for b in (0, 1, 2))
     figures["stale_progress_dropped"] = stats.get("superseded", 0)
     # the web's answers to the generator

@@ -15,8 +15,8 @@ The workspace's update scheduler (issue 28: 500 live runs ask for 2,000 updates 
 the budget carries 40). What waits is sent in priority order, not first come:
 - band 0, ends and answers: a run whose state ended (its final parent). Only these may take
   the bucket's last RESERVE tokens, so an end never waits behind progress;
-- band 1, watched: a run someone looked at within WATCH_SECONDS (`watch`: status asked, a
-  button clicked), and the sweep's warning posts;
+- band 1, watched: a run someone looked at within WATCH_SECONDS (`watch`: status asked),
+  whose message is WATCHED_EVERY old, and the sweep's warning posts;
 - band 2, everything else, round-robin: the message updated longest ago goes first.
 A new progress state for a run that is already waiting replaces it (the message is rendered
 when sent): that is the stale progress the budget drops, counted in STATS. An end is never
@@ -52,6 +52,8 @@ BURST = 6  # updates that may go at once; with 40 a minute, at most 46 in any mi
 RESERVE = 2  # tokens of the burst only ends and answers may take
 WATCH_SECONDS = 300  # a run someone looked at is updated before the others this long
 WATCHED = "runctl:slack:watched:"  # + run id: someone looked at it lately
+WATCHED_EVERY = 60.0  # a watched message goes first once this old: watched runs never take the whole budget
+SENT_TTL = 3600  # when each message was last updated, kept for the round-robin's order
 STATS = "runctl:slack:stats"  # hash: sent:<band>, superseded (stale progress replaced while waiting)
 END, WATCH, REST = 0, 1, 2  # the scheduler's bands, first served first
 
@@ -86,7 +88,7 @@ def posted(svc: Context, run: Run) -> None:
     """The parent message was just posted: its first update waits the usual interval."""
     interval = svc.settings.RUNCTL_SLACK_UPDATE_SECONDS
     if interval > 0:
-        svc.redis.set(_sent_key(run.run_id), repr(time.time()), ex=max(60, int(interval * 10)))
+        svc.redis.set(_sent_key(run.run_id), repr(time.time()), ex=SENT_TTL)
 
 
 def show(svc: Context, run: Run) -> None:
@@ -118,7 +120,9 @@ def band(svc: Context, member: str, run: Run | None = None) -> int:
     run = run or svc.runs.get(member)
     if run is not None and run.state.ended:
         return END
-    return WATCH if svc.redis.exists(WATCHED + member) else REST
+    if svc.redis.exists(WATCHED + member) and time.time() - _float(svc.redis.get(_sent_key(member))) >= WATCHED_EVERY:
+        return WATCH
+    return REST
 
 
 def _show(svc: Context, member: str, run: Run | None = None, place: int | None = None, queued: bool = False) -> float:
@@ -211,7 +215,7 @@ def _deliver(svc: Context, member: str, channel: str, ts: str, text: str, blocks
             log.warning("could not update %s: %s", member, exc.response.get("error"))
         return False
     if svc.settings.RUNCTL_SLACK_UPDATE_SECONDS > 0:
-        svc.redis.set(_sent_key(member), repr(now), ex=max(60, int(svc.settings.RUNCTL_SLACK_UPDATE_SECONDS * 10)))
+        svc.redis.set(_sent_key(member), repr(now), ex=SENT_TTL)
     return True
 
 
@@ -269,9 +273,12 @@ def _in_order(svc: Context, members: list[str]) -> list[tuple[int, str, Run | No
     pipe.mget([_sent_key(m) for m in members])
     watched, sent = pipe.execute()
     order: list[tuple[int, float, str, Run | None]] = []
+    now = time.time()
     for member, seen, last in zip(members, watched, sent, strict=True):
         run = runs.get(member)
-        if member.startswith(POST) or (seen is not None and not (run and run.state.ended)):
+        if member.startswith(POST) or (
+            seen is not None and not (run and run.state.ended) and now - _float(last) >= WATCHED_EVERY
+        ):
             place = WATCH
         elif run is not None and run.state.ended:
             place = END
