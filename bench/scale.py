@@ -338,7 +338,7 @@ def _figures(
     window: float,
     times: tuple[float, float],
     cpu: float,
-    per_minute: int,
+    per_minute: float,
 ) -> dict[str, harness.Figure]:
     setup_done, t0 = times
     calls = [c for c in slack.calls if c.at >= setup_done]
