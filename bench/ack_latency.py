@@ -8,7 +8,10 @@ clock starts and sent over keep-alive connections (`--new-connections`: one per
 request), so the load generator stays cheap; it reports its own CPU beside the
 server's (gunicorn master + workers) and Redis's.
 
-    python bench/ack_latency.py [-n 2000] [-c 50] [--workers W] [--threads T] [--new-connections] [--smoke]
+    python bench/ack_latency.py [-n 2000] [-c 50] [--workers W] [--threads T] [--new-connections] [--bare] [--smoke]
+
+`--bare` serves `bench/bare_app.py` instead (a bare Bolt app: signature check, ack, one
+RQ enqueue) with the same gunicorn command: the floor our front door is compared with.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import redis as redis_mod
 from slack_sdk.signature import SignatureVerifier
 
 from bench import harness
+from bench.bare_app import QUEUE as BARE_QUEUE
 from runctl_sandbox.fake_slack import FakeSlack
 from workers.queueing import QUEUES
 
@@ -49,10 +53,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def procfile_web(port: int, workers: int | None, threads: int | None) -> list[str]:
-    """The Procfile's web command, with the port and (for tuning) the pool sizes swapped in."""
+BARE_APP = "bench.bare_app:create()"
+
+
+def procfile_web(port: int, workers: int | None, threads: int | None, bare: bool = False) -> list[str]:
+    """The Procfile's web command, with the port and (for tuning) the pool sizes swapped in;
+    `bare`: the same command serving the bare Bolt app."""
     line = next(line for line in (ROOT / "Procfile").read_text().splitlines() if line.startswith("web:"))
     argv = shlex.split(line.removeprefix("web:").replace("${PORT:-3000}", str(port)))
+    if bare:
+        argv[argv.index("bot.web:create()")] = BARE_APP
     for flag, value in (("--workers", workers), ("--threads", threads)):
         if value is not None and flag in argv:
             argv[argv.index(flag) + 1] = str(value)
@@ -77,7 +87,9 @@ def procfile_pool(workers: int | None, threads: int | None) -> str:
 
 
 @contextmanager
-def web_process(slack: FakeSlack, workers: int | None, threads: int | None) -> Iterator[tuple[int, int]]:
+def web_process(
+    slack: FakeSlack, workers: int | None, threads: int | None, bare: bool = False
+) -> Iterator[tuple[int, int]]:
     """gunicorn from the Procfile; (port, pid of its master)."""
     port = free_port()
     env = {
@@ -93,7 +105,7 @@ def web_process(slack: FakeSlack, workers: int | None, threads: int | None) -> I
     # A file, not a pipe: nobody drains it, and a full pipe blocks gunicorn mid-request.
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
-            procfile_web(port, workers, threads), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log
+            procfile_web(port, workers, threads, bare), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log
         )
         try:
             deadline = time.monotonic() + 60
@@ -115,10 +127,12 @@ def web_process(slack: FakeSlack, workers: int | None, threads: int | None) -> I
                 proc.kill()
 
 
-def requests(n: int, tag: str, keep_alive: bool) -> list[bytes]:
+def requests(n: int, tag: str, keep_alive: bool, response_url: str) -> list[bytes]:
     """n signed HTTP requests, alternating train and status, each with its own trigger id
     (a repeated one would be dropped as a replay). Built before the clock starts: signing
-    is the load generator's work, not the server's."""
+    is the load generator's work, not the server's. `response_url` is one the web process
+    trusts (the fake Slack's, as Slack's own would be): a foreign one is logged and dropped
+    on every request, which is not what Slack sends."""
     verifier = SignatureVerifier(harness.SECRET)
     connection = "keep-alive" if keep_alive else "close"
     out = []
@@ -133,7 +147,7 @@ def requests(n: int, tag: str, keep_alive: bool) -> list[bytes]:
                 "command": "/runctl",
                 "text": text,
                 "api_app_id": "A0RUNCTL",
-                "response_url": "https://hooks.slack.invalid/commands/1",
+                "response_url": response_url,
                 "trigger_id": f"bench.{tag}.{i}",
             }
         )
@@ -199,8 +213,8 @@ async def load(
 
 
 def queued_jobs(redis: redis_mod.Redis) -> int:
-    """Jobs waiting on every runctl queue (trains go to the long one)."""
-    return sum(int(redis.llen(f"rq:queue:{name}")) for name in QUEUES)
+    """Jobs waiting on every runctl queue (trains go to the long one), and the bare app's."""
+    return sum(int(redis.llen(f"rq:queue:{name}")) for name in (*QUEUES, BARE_QUEUE))
 
 
 def tree_cpu_seconds(pid: int) -> float:
@@ -234,12 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--new-connections", action="store_true", help="one TCP connection per request instead of keep-alive"
     )
+    parser.add_argument("--bare", action="store_true", help="serve the bare Bolt app (bench/bare_app.py)")
     args = parser.parse_args(argv)
     n, c = (100, 10) if args.smoke else (args.n, args.c)
     keep_alive = not args.new_connections
     redis = harness.bench_redis()
-    warm, payloads = requests(min(200, n), "warm", keep_alive), requests(n, "run", keep_alive)
-    with harness.fake_slack() as slack, web_process(slack, args.workers, args.threads) as (port, pid):
+    with harness.fake_slack() as slack, web_process(slack, args.workers, args.threads, args.bare) as (port, pid):
+        hook = slack.response_url("bench")
+        warm, payloads = requests(min(200, n), "warm", keep_alive, hook), requests(n, "run", keep_alive, hook)
         asyncio.run(load(port, warm, c, keep_alive))  # every worker and connection warmed up
         before = queued_jobs(redis)
         server_cpu, redis_cpu = tree_cpu_seconds(pid), redis_cpu_seconds(redis)
@@ -250,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     redis.flushdb()
     p99 = harness.percentile(latencies, 99)
     figures: dict[str, harness.Figure] = {
+        "app": "bare Bolt app" if args.bare else "runctl web",
         "requests": n,
         "concurrency": c,
         "connections": "keep-alive" if keep_alive else "one per request",

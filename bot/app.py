@@ -52,7 +52,7 @@ def build_app(
         _trust_response_url(settings, context, body)
         next()
 
-    app.middleware(gate_click)
+    app.middleware(gate_click)  # passes commands on at once
     app.command("/runctl", middleware=[admit_command])(handlers.runctl)
     handlers.register_actions(app)
 

@@ -145,7 +145,9 @@ def admit_command(ack: Ack, body: dict[str, Any], request: BoltRequest, context:
         instance = getattr(command, "instance_id", None) or ""
         try:
             if refusal is None and command is not None:
-                owner = policy.owner_of(redis, command) if needed else None
+                # The owner is read (a Redis round trip) only when the policy gives one of the
+                # needed actions to the owner role: for the others it cannot change the answer.
+                owner = policy.owner_of(redis, command) if needed and policy.needs_owner(settings, needed) else None
                 # No run on the instance: only its EC2 tag can tell the owner, and the worker reads it.
                 policy.check_command(settings, user, command, owner, defer_owner=owner is None)
         except RunctlError as exc:

@@ -134,3 +134,11 @@ def test_queue_lag_reports_the_handovers_with_events_on_and_blocked() -> None:
     for mode in ("events", "blocked"):
         assert fig[f"{mode}_handovers"] == 2 and fig[f"{mode}_started_once"] and fig[f"{mode}_in_order"]
         assert 0 < fig[f"{mode}_lag_p50_s"] <= fig[f"{mode}_lag_p95_s"] <= fig[f"{mode}_lag_max_s"]
+
+
+def test_scale_runs_events_through_the_budgets_and_replies_to_every_end() -> None:
+    out, fig = run_bench("scale")
+    printed(out, "slack_429", "end_to_reply_p95_s", "parent_gap_p95_s", "parent_gap_floor_s", "events_accepted_per_s")
+    assert fig["slack_429"] == 0  # the scheduler stays within the fake Slack's budgets
+    assert fig["ends"] > 0 and fig["ends_not_replied"] == 0  # every end reached its thread
+    assert fig["events_202"] > 0 and fig["events_other"] == 0

@@ -95,3 +95,47 @@ def test_a_429_does_not_delay_other_runs_polls(
     slack.reset()
     svc.redis.delete(updates.PENDING, updates.BLOCKED)
     worker.drain(timeout=60)  # let the runs finish
+
+
+def test_an_end_and_a_watched_run_go_before_the_progress_waiting_for_the_budget(
+    svc: Services, slack: FakeSlack
+) -> None:
+    """Issue 28's scheduler: with the budget spent on progress, a run's end is shown at once
+    (it alone may take the reserve), and a run someone asked about is updated before the
+    runs that only wait their turn."""
+    svc.settings.RUNCTL_SLACK_UPDATES_PER_MINUTE = 60  # a token a second; the burst is updates.BURST
+    svc.settings.RUNCTL_SLACK_UPDATE_SECONDS = 0
+    runs = []
+    for n in range(10):
+        run = Run(
+            run_id=f"r-sched-{n:02d}",
+            instance_id="i-0123456789abcdef0",
+            user_id="U0ALICE",
+            channel_id=f"C0RUNS{n % 5}",
+            script="train.py",
+            state=RunState.RUNNING,
+        )
+        runs.append(open_run(svc, svc.runs.create(run)))
+    for run in runs:  # the burst less the reserve goes out; the rest wait for the budget
+        run.progress = Progress(epoch=1, total_epochs=10)
+        publish(svc, run)
+    waiting = {updates._text(m) for m in svc.redis.zrange(updates.PENDING, 0, -1)}
+    assert len(waiting) == len(runs) - (updates.BURST - updates.RESERVE)
+    ended, watched = runs[-1], runs[-2]
+    assert ended.run_id in waiting and watched.run_id in waiting
+    updates.watch(svc, watched.run_id)
+
+    ended.state = RunState.SUCCEEDED
+    publish(svc, ended)
+    [parent] = [m for m in slack.messages(ended.channel_id) if m.ts == ended.message_ts]
+    assert "finished" in str(parent.blocks).lower()  # shown at once, ahead of the line
+
+    sent_before = len(slack.calls_to("chat.update"))
+    deadline = time.monotonic() + 30
+    while svc.redis.zcard(updates.PENDING) and time.monotonic() < deadline:
+        updates.flush(svc)
+        time.sleep(0.2)
+    later = slack.calls_to("chat.update")[sent_before:]
+    assert [c for c in later if c.error] == []
+    assert later[0].params["ts"] == watched.message_ts  # the watched run first
+    assert {c.params["ts"] for c in later} == {r.message_ts for r in runs if r.run_id in waiting} - {ended.message_ts}

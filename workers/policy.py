@@ -405,8 +405,8 @@ def instance_owner(
     redis: Redis, instance_id: str, tags: Callable[[str], Mapping[str, str]] | None = None
 ) -> str | None:
     """`owner` of an instance from its runs in Redis, then (when given) its tags."""
-    runs = RunStore(redis)
-    found = owner(runs.live_on(instance_id), runs.history(instance_id), None)
+    live, history = RunStore(redis).on_instance(instance_id)
+    found = owner(live, history, None)
     if found is None and tags is not None:
         found = owner(None, (), tags(instance_id))
     return found

@@ -20,7 +20,7 @@ from workers.slack.messages.run import checkpoint_text
 from workers.slack.thread import publish, reply
 from workers.state import event_keys
 from workers.state.locks import extend_all, release_all
-from workers.state.polls import DUE, TICK_AT, claim, ensure_tick, release, renew, schedule
+from workers.state.polls import DUE, claim, ensure_tick, release, renew, schedule, tick_started
 from workers.state.runs import STOP_SIGNALS, Run, RunState, ended_state
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def tick(source: str = "scheduled") -> str:
     svc = current()
     now = svc.clock().timestamp()
     if source != "clock":
-        svc.redis.delete(TICK_AT)
+        tick_started(svc, now)
     updates.flush(svc)  # message updates that waited for Slack's budget
     horizon = now + svc.settings.RUNCTL_POLL_MIN_SECONDS / 4
     claimed, lease = claim(svc, horizon)
@@ -89,11 +89,12 @@ def tick(source: str = "scheduled") -> str:
         release(svc, [r.run_id for r in runs], lease)
         raise
     upcoming = svc.redis.zrange(DUE, 0, 0, withscores=True)
-    if upcoming:
-        ensure_tick(svc, float(upcoming[0][1]))
     waiting = updates.flush(svc)
+    nexts = [float(upcoming[0][1])] if upcoming else []
     if waiting is not None:
-        ensure_tick(svc, svc.clock().timestamp() + waiting)
+        nexts.append(svc.clock().timestamp() + waiting)
+    if nexts:
+        ensure_tick(svc, min(nexts))  # one next tick, the earliest (it queues the one after)
     queued.fallback(svc)  # a queue whose run's end was missed moves on here
     return f"polled {len(runs)}"
 

@@ -6,6 +6,7 @@ from workers.commands import AUTOSTOP_MIN_MINUTES, StatusCommand
 from workers.jobs import funnel, queued
 from workers.jobs.funnel import Job
 from workers.services import current
+from workers.slack import updates
 from workers.slack.escape import code
 from workers.slack.format import duration
 from workers.slack.messages.run import checkpoint_text, gpu_text, progress_text
@@ -29,6 +30,7 @@ def describe(instance_id: str) -> str:
         lines.append(f"Up {duration((now - inst.launch_time).total_seconds())} (since last start)")
     run = svc.runs.live_on(instance_id)
     if run:
+        updates.watch(svc, run.run_id)  # someone is looking: its message is updated first (issue 28)
         since = run.started_at or run.created_at
         lines.append(
             f"Live run `{run.run_id}`: <@{run.user_id}> · {code(run.script)} · {run.state.value} "

@@ -10,6 +10,18 @@ and the update waits its turn, while the tick goes on polling.
 
 Warning posts (the sweep's) go the same way, as pending members `post:<channel>:<ts>`, and
 are only sent when what they show changed since the last update.
+
+The workspace's update scheduler (issue 28: 500 live runs ask for 2,000 updates a minute,
+the budget carries 40). What waits is sent in priority order, not first come:
+- band 0, ends and answers: a run whose state ended (its final parent). Only these may take
+  the bucket's last RESERVE tokens, so an end never waits behind progress;
+- band 1, watched: a run someone looked at within WATCH_SECONDS (`watch`: status asked),
+  whose message is WATCHED_EVERY old, and the sweep's warning posts;
+- band 2, everything else, round-robin: the message updated longest ago goes first.
+A new progress state for a run that is already waiting replaces it (the message is rendered
+when sent): that is the stale progress the budget drops, counted in STATS. An end is never
+dropped: it stays pending until Slack takes it. While others wait, a progress update joins
+the line instead of taking a token ahead of them.
 """
 
 from __future__ import annotations
@@ -37,18 +49,26 @@ BUCKET = "runctl:slack:bucket:chat.update"
 POST = "post:"  # pending members that are warning posts, not run ids
 POSTS_PER_SECOND = 1.0
 BURST = 6  # updates that may go at once; with 40 a minute, at most 46 in any minute
+RESERVE = 2  # tokens of the burst only ends and answers may take
+WATCH_SECONDS = 300  # a run someone looked at is updated before the others this long
+WATCHED = "runctl:slack:watched:"  # + run id: someone looked at it lately
+WATCHED_EVERY = 60.0  # a watched message goes first once this old: watched runs never take the whole budget
+SENT_TTL = 3600  # when each message was last updated, kept for the round-robin's order
+STATS = "runctl:slack:stats"  # hash: sent:<band>, superseded (stale progress replaced while waiting)
+END, WATCH, REST = 0, 1, 2  # the scheduler's bands, first served first
 
-# KEYS: bucket. ARGV: now, rate per second, burst. Returns "0" when a token was taken,
-# else the seconds until one is there.
+# KEYS: bucket. ARGV: now, rate per second, burst, reserve. Returns "0" when a token was
+# taken (leaving at least `reserve` behind), else the seconds until one is there.
 _TAKE = """
 local now, rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local need = 1 + (tonumber(ARGV[4]) or 0)
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
 local tokens = tonumber(state[1]) or burst
 local at = tonumber(state[2]) or now
 tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
-if tokens < 1 then
+if tokens < need then
   redis.call('HSET', KEYS[1], 'tokens', tokens, 'at', now)
-  return tostring((1 - tokens) / rate)
+  return tostring((need - tokens) / rate)
 end
 redis.call('HSET', KEYS[1], 'tokens', tokens - 1, 'at', now)
 redis.call('EXPIRE', KEYS[1], 3600)
@@ -68,7 +88,7 @@ def posted(svc: Context, run: Run) -> None:
     """The parent message was just posted: its first update waits the usual interval."""
     interval = svc.settings.RUNCTL_SLACK_UPDATE_SECONDS
     if interval > 0:
-        svc.redis.set(_sent_key(run.run_id), repr(time.time()), ex=max(60, int(interval * 10)))
+        svc.redis.set(_sent_key(run.run_id), repr(time.time()), ex=SENT_TTL)
 
 
 def show(svc: Context, run: Run) -> None:
@@ -86,26 +106,63 @@ def show_post(svc: Context, channel: str, ts: str, shown: str | None = None) -> 
     _show(svc, member)
 
 
-def _show(svc: Context, member: str, run: Run | None = None) -> None:
+def watch(svc: Context, run_id: str) -> None:
+    """Someone is looking at the run (asked its status, clicked one of its buttons): its
+    message goes before the unwatched ones for WATCH_SECONDS."""
+    svc.redis.set(WATCHED + run_id, "1", ex=WATCH_SECONDS)
+
+
+def band(svc: Context, member: str, run: Run | None = None) -> int:
+    """The member's place in line: END for an ended run, WATCH for a watched run or a
+    warning post, REST otherwise."""
+    if member.startswith(POST):
+        return WATCH
+    run = run or svc.runs.get(member)
+    if run is not None and run.state.ended:
+        return END
+    if svc.redis.exists(WATCHED + member) and time.time() - _float(svc.redis.get(_sent_key(member))) >= WATCHED_EVERY:
+        return WATCH
+    return REST
+
+
+def _show(svc: Context, member: str, run: Run | None = None, place: int | None = None, queued: bool = False) -> float:
+    """Send now if allowed, else defer; the seconds until a token is there (0: sent, or
+    nothing to wait for). `queued`: flush's call, in priority order; from anywhere else a
+    progress update joins the line when others wait for the budget."""
     now = time.time()
+    place = band(svc, member, run) if place is None else place
     not_before = max(_float(svc.redis.get(BLOCKED)), _last(svc, member) + svc.settings.RUNCTL_SLACK_UPDATE_SECONDS)
+    if place == END:
+        not_before = _float(svc.redis.get(BLOCKED))  # an end is not held back by the message's interval
     if not_before > now:
         defer(svc, member, not_before)
-        return
+        return 0.0
+    if not queued and place != END and svc.redis.zcount(PENDING, "-inf", repr(now)):
+        # Others are due and waiting for the budget (a tick is queued for them): join the
+        # line, round-robin rather than first come, and queue no tick of its own.
+        _join(svc, member, now)
+        return 0.0
     if member.startswith(POST):
         message = _post_message(svc, member)
         if message is None:
-            return  # unchanged (or gone): no call, no token
-    wait = float(svc.redis.eval(_TAKE, 1, BUCKET, repr(now), repr(_rate(svc)), BURST))
+            return 0.0  # unchanged (or gone): no call, no token
+    reserve = 0 if place == END else RESERVE
+    wait = float(svc.redis.eval(_TAKE, 1, BUCKET, repr(now), repr(_rate(svc)), BURST, reserve))
     if wait > 0:
         defer(svc, member, now + wait)
-        return
+        return wait
+    pipe = svc.redis.pipeline(transaction=False)
+    pipe.hincrby(STATS, f"sent:{place}", 1)
+    if not queued:
+        pipe.zrem(PENDING, member)  # it waited (an end jumping the line): sent now, not again
+    pipe.execute()
     if member.startswith(POST):
         _send_post(svc, member, now)
-        return
+        return 0.0
     run = run or svc.runs.get(member)
     if run is not None:
         send(svc, run, now)
+    return 0.0
 
 
 def send(svc: Context, run: Run, now: float) -> None:
@@ -158,36 +215,85 @@ def _deliver(svc: Context, member: str, channel: str, ts: str, text: str, blocks
             log.warning("could not update %s: %s", member, exc.response.get("error"))
         return False
     if svc.settings.RUNCTL_SLACK_UPDATE_SECONDS > 0:
-        svc.redis.set(_sent_key(member), repr(now), ex=max(60, int(svc.settings.RUNCTL_SLACK_UPDATE_SECONDS * 10)))
+        svc.redis.set(_sent_key(member), repr(now), ex=SENT_TTL)
     return True
 
 
 def defer(svc: Context, member: str, at: float) -> None:
-    svc.redis.zadd(PENDING, {member: at}, lt=True)
+    pipe = svc.redis.pipeline(transaction=False)
+    pipe.zadd(PENDING, {member: at}, lt=True)
+    pipe.zadd(PENDING, {member: at}, nx=True)
+    added = pipe.execute()
+    if not member.startswith(POST) and not (added[0] or added[1]):
+        svc.redis.hincrby(STATS, "superseded", 1)  # it was waiting: its older state is never sent
     ensure_tick(svc, svc.clock().timestamp() + max(0.0, at - time.time()))
 
 
+def _join(svc: Context, member: str, at: float) -> None:
+    """Wait in line (no earlier than a place it already has), counting a replaced state."""
+    if not svc.redis.zadd(PENDING, {member: at}, nx=True):
+        svc.redis.hincrby(STATS, "superseded", 1)
+    ensure_tick(svc, svc.clock().timestamp())  # one EVAL when a tick is already queued for the line
+
+
 def flush(svc: Context) -> float | None:
-    """Send the updates that are due (each message's newest state); the seconds until the
-    next pending one, or None when nothing waits."""
+    """Send the updates that are due, in the scheduler's order (ends, watched, then the
+    message updated longest ago), each message's newest state; once the budget says wait,
+    the progress still in line waits for the next token in one write, while ends may still
+    take the reserve. The seconds until the next pending one, or None when nothing waits."""
     now = time.time()
-    for raw in svc.redis.zrangebyscore(PENDING, "-inf", now):
-        member = _text(raw)
+    line = _in_order(svc, [_text(raw) for raw in svc.redis.zrangebyscore(PENDING, "-inf", now)])
+    for i, (place, member, run) in enumerate(line):
         if not svc.redis.zrem(PENDING, member):
             continue  # another tick took it
         try:
-            _show(svc, member)
+            wait = _show(svc, member, run, place, queued=True)
         except Exception:  # one message's failure is its own: the others still go out
             log.exception("update of %s failed", member)
+            continue
+        if wait > 0 and place != END:
+            # The budget is spent: the rest of the line waits for the next token, keeping its
+            # order (ends, already first, were tried before any of it).
+            rest = [m for _, m, _ in line[i + 1 :]]
+            if rest:
+                svc.redis.zadd(PENDING, dict.fromkeys(rest, now + wait), xx=True, gt=True)
+            break
     upcoming = svc.redis.zrange(PENDING, 0, 0, withscores=True)
     return max(0.0, float(upcoming[0][1]) - time.time()) if upcoming else None
+
+
+def _in_order(svc: Context, members: list[str]) -> list[tuple[int, str, Run | None]]:
+    """(band, member, run) in the order the scheduler serves them; three round trips for any number."""
+    if not members:
+        return []
+    run_ids = [m for m in members if not m.startswith(POST)]
+    runs = svc.runs.get_many(run_ids)
+    pipe = svc.redis.pipeline(transaction=False)
+    pipe.mget([WATCHED + m for m in members])
+    pipe.mget([_sent_key(m) for m in members])
+    watched, sent = pipe.execute()
+    order: list[tuple[int, float, str, Run | None]] = []
+    now = time.time()
+    for member, seen, last in zip(members, watched, sent, strict=True):
+        run = runs.get(member)
+        if member.startswith(POST) or (
+            seen is not None and not (run and run.state.ended) and now - _float(last) >= WATCHED_EVERY
+        ):
+            place = WATCH
+        elif run is not None and run.state.ended:
+            place = END
+        else:
+            place = REST
+        order.append((place, _float(last), member, run))
+    order.sort(key=lambda item: (item[0], item[1]))
+    return [(place, member, run) for place, _, member, run in order]
 
 
 def may_post(svc: Context, channel: str, burst: int) -> bool:
     """Take one of the channel's chat.postMessage tokens (about 1 a second per channel,
     api.slack.com/docs/rate-limits), for posters that can leave the rest for later."""
     key = f"runctl:slack:bucket:chat.postMessage:{channel}"
-    return float(svc.redis.eval(_TAKE, 1, key, repr(time.time()), repr(POSTS_PER_SECOND), burst)) == 0
+    return float(svc.redis.eval(_TAKE, 1, key, repr(time.time()), repr(POSTS_PER_SECOND), burst, 0)) == 0
 
 
 def _rate(svc: Context) -> float:

@@ -273,6 +273,32 @@ def option_values(args: tuple[str, ...] | list[str], names: tuple[str, ...]) -> 
     return [v for v in found if v]
 
 
+# KEYS: the instance's run list, the live set. ARGV: how many of the newest make the history.
+# Returns (record, live 0/1, in history 0/1) triples: the first `count` runs, and the newest
+# live one among all HISTORY listed, each once.
+_ON_INSTANCE = """
+local ids = redis.call('LRANGE', KEYS[1], 0, -1)
+local count, out, found = tonumber(ARGV[1]), {}, false
+for i, id in ipairs(ids) do
+  local live = 0
+  if not found and redis.call('SISMEMBER', KEYS[2], id) == 1 then live = 1 end
+  local listed = 0
+  if i <= count then listed = 1 end
+  if live == 1 or listed == 1 then
+    local raw = redis.call('GET', 'runctl:run:' .. id)
+    if raw then
+      out[#out + 1] = raw
+      out[#out + 1] = live
+      out[#out + 1] = listed
+      if live == 1 then found = true end
+    end
+  end
+  if found and i >= count then break end
+end
+return out
+"""
+
+
 class RunStore:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
@@ -336,9 +362,25 @@ class RunStore:
 
     def history(self, instance_id: str, count: int = 10) -> list[Run]:
         """The instance's runs, newest first; refused ones (never started) are not its history."""
-        ids = self.redis.lrange(f"runctl:runs:instance:{instance_id}", 0, count - 1)
-        runs = (self.get(i.decode() if isinstance(i, bytes) else str(i)) for i in ids)
-        return [r for r in runs if r is not None and r.state is not RunState.REFUSED]
+        ids = [_text(i) for i in self.redis.lrange(f"runctl:runs:instance:{instance_id}", 0, count - 1)]
+        runs = self.get_many(ids)
+        return [runs[i] for i in ids if i in runs and runs[i].state is not RunState.REFUSED]
+
+    def on_instance(self, instance_id: str, count: int = 10) -> tuple[Run | None, list[Run]]:
+        """(`live_on`, `history(count)`) of one instance in one round trip, reading only that
+        instance's runs: the front door asks it for every command that names an instance, and
+        reading every live run there cost O(live runs) per command (issue 28)."""
+        reply = self.redis.eval(_ON_INSTANCE, 2, f"runctl:runs:instance:{instance_id}", "runctl:runs:live", count)
+        live: Run | None = None
+        history: list[Run] = []
+        for i in range(0, len(reply), 3):
+            raw, is_live, in_history = reply[i], int(reply[i + 1]), int(reply[i + 2])
+            run = Run.model_validate_json(raw)
+            if is_live and live is None and instance_id in run.node_ids:
+                live = run
+            if in_history and run.state is not RunState.REFUSED:
+                history.append(run)
+        return live, history
 
     def latest(self, instance_id: str) -> Run | None:
         found = self.history(instance_id, 1)
@@ -361,7 +403,9 @@ class RunStore:
         return {iid: runs[rid] for iid, rid in run_ids.items() if rid in runs}
 
     def live_on(self, instance_id: str) -> Run | None:
-        return next((r for r in self.live() if instance_id in r.node_ids), None)
+        """The instance's live run (one train lock per instance): found among the instance's
+        own runs (its last HISTORY), not by reading every live run."""
+        return self.on_instance(instance_id, 0)[0]
 
 
 def _text(value: object) -> str:
