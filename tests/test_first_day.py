@@ -326,3 +326,36 @@ def test_checkpoints_restored_from_s3_count_as_backed_up(
     _drained(app, worker, f"terminate {other}", "U0ADMIN")
     asks = [json.dumps(m.blocks) for m in everywhere(slack) if "asks to *terminate" in json.dumps(m.blocks)]
     assert asks and "would be lost" not in asks[-1]
+
+
+# --- item 9: stop says plainly that a script with no SIGTERM handler could not save -------------
+
+
+def test_stop_of_a_script_with_no_handler_says_it_could_not_save_and_names_what_it_has(
+    svc: Services, slack: FakeSlack, worker: InlineWorker, fleet_seed: SeedInfo, sandbox: Sandbox
+) -> None:
+    svc.settings.RUNCTL_POLL_MIN_SECONDS, svc.settings.RUNCTL_POLL_MAX_SECONDS = 1, 2
+    app = make(svc.settings, svc.redis, slack)
+    iid = fleet_seed.instances["cpu-box"]
+    worker.start(0.05)
+    try:
+        app.dispatch(command(f"train {iid} no_handler.py -- 400", user="U0ADMIN"))
+        _ckpt(sandbox, iid, "ckpt-epoch-00003.json")  # its one checkpoint; it has no SIGTERM handler
+        app.dispatch(command(f"stop {iid}", user="U0ADMIN"))
+
+        def summary() -> str:
+            found = [t for m in everywhere(slack) if "stopped *cpu-box" in (t := m.text + json.dumps(m.blocks))]
+            return found[-1] if found else ""
+
+        said = slack.wait_for(summary, 90)
+    finally:
+        worker.stop()
+    # the thread's notice as the stop begins: no "up to 120 s to save" for a script that cannot
+    notice = [m.text for m in everywhere(slack) if m.thread_ts and "is stopping" in m.text]
+    assert notice, [m.text for m in slack.messages("C0TRAIN")]
+    assert "s to save" not in notice[-1]
+    assert "`no_handler.py` has no SIGTERM handler, so it cannot save a checkpoint now" in notice[-1]
+    # the report: no handler, so no save; the checkpoint it does have, by name and epoch
+    assert "wrote no checkpoint on SIGTERM" not in said
+    assert "`no_handler.py` has no SIGTERM handler, so it could not save a checkpoint when stopped." in said
+    assert re.search(r"Its newest checkpoint is `ckpt-epoch-00003\.json` \([^)]*epoch 3, ", said), said
