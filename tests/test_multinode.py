@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,13 +15,18 @@ from typing import Any
 
 import boto3
 import pytest
+from slack_sdk import WebClient
 
+from bot.app import build_app
 from bot.grammar import parse
 from runctl_sandbox.aws import AMI_ID, MANAGED_TAG, Sandbox, SeedInfo
 from runctl_sandbox.fake_slack import FakeSlack
 from runctl_sandbox.inline import InlineWorker
+from tests.conftest import TOKEN
+from tests.slack import command
 from workers.aws.instance import PYTHON_TAG
 from workers.commands import Actor, LogsCommand, TrainCommand
+from workers.cost.pricing import cost_of, format_usd, hourly_price, load_price_book
 from workers.errors import UsageError
 from workers.jobs.logs import logs
 from workers.jobs.reconcile import run_pass
@@ -284,3 +290,39 @@ def test_then_stop_stops_every_node_when_the_run_ends(
     said = [m.text for m in slack.thread("C0TRAIN", run.message_ts)]
     assert [svc.fleet.get(iid).state for iid in nodes] == ["stopped", "stopped"], said
     assert sum("(`--then stop`)" in t for t in said) == 2, said
+
+
+# --- the end of a run: cost summed over the nodes; each node's liveness -----------------------
+
+
+def _signed(svc: Services, slack: FakeSlack, worker: InlineWorker, text: str, user: str = "U0ALICE") -> None:
+    """`text` as a signed /runctl command to the Bolt app, then every job it queued, run."""
+    app = build_app(svc.settings, svc.redis, WebClient(token=TOKEN, base_url=slack.base_url), token_verification=False)
+    app.dispatch(command(text, user=user))
+    deadline = time.monotonic() + 5
+    while not worker.pending() and time.monotonic() < deadline:  # Bolt queues after the ack
+        time.sleep(0.01)
+    worker.drain(180)
+
+
+def test_the_end_of_run_cost_is_the_sum_over_the_nodes(
+    svc: Services, sandbox: Sandbox, fleet_seed: SeedInfo, slack: FakeSlack, stub_python: str, worker: InlineWorker
+) -> None:
+    """Issue 29: "cost = the sum over nodes": each node's price for the run's time, added up."""
+    svc.settings.RUNCTL_POLL_MIN_SECONDS, svc.settings.RUNCTL_POLL_MAX_SECONDS = 1, 2
+    ids = launch(sandbox, 2, "g5.24xlarge", python=stub_python)
+    args = "--epochs 3 --steps-per-epoch 10 --step-seconds 0.2"
+    _signed(svc, slack, worker, f"train {ids[0]},{ids[1]} train_with_checkpoints.py --no-deps -- {args}")
+    run = svc.runs.latest(ids[0])
+    assert run is not None and run.state is RunState.SUCCEEDED, [m.text for m in slack.messages("C0TRAIN")]
+    assert run.started_at is not None and run.ended_at is not None and run.message_ts is not None
+    inst = svc.fleet.get(ids[0])
+    price = hourly_price(load_price_book(), svc.fleet, svc.redis, inst.region, inst.availability_zone, inst.type, None)
+    seconds = (run.ended_at - run.started_at).total_seconds()
+    one = cost_of(price.usd_per_hour, seconds)
+    assert one is not None and format_usd(one) != format_usd(2 * one)  # the test tells one node from two
+    final = [m.text for m in slack.thread("C0TRAIN", run.message_ts) if "finished (exit 0)" in m.text]
+    assert final, [m.text for m in slack.thread("C0TRAIN", run.message_ts)]
+    assert f"Cost {format_usd(2 * one)}: " in final[-1], final[-1]
+    assert "of 2 nodes, each `g5.24xlarge` at " in final[-1] and "summed over the nodes" in final[-1]
+    assert f"Cost {format_usd(2 * one)}: " in (run.outcome.cost if run.outcome else "")
