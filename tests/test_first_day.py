@@ -400,8 +400,9 @@ def test_a_resumed_run_that_finishes_names_its_newest_checkpoint(
 
         run = slack.wait_for(resumed, 120)
         assert run is not None and run.message_ts is not None
+        ts = run.message_ts
         final = slack.wait_for(
-            lambda: [m.text for m in slack.thread("C0TRAIN", run.message_ts) if "finished (exit 0)" in m.text], 30
+            lambda: [m.text for m in slack.thread("C0TRAIN", ts) if "finished (exit 0)" in m.text], 30
         )
     finally:
         worker.stop()
