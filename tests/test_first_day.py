@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis as redis_mod
 from slack_bolt import App
 from slack_sdk import WebClient
@@ -326,3 +327,87 @@ def test_checkpoints_restored_from_s3_count_as_backed_up(
     _drained(app, worker, f"terminate {other}", "U0ADMIN")
     asks = [json.dumps(m.blocks) for m in everywhere(slack) if "asks to *terminate" in json.dumps(m.blocks)]
     assert asks and "would be lost" not in asks[-1]
+
+
+# --- item 9: stop says plainly that a script with no SIGTERM handler could not save -------------
+
+
+def test_stop_of_a_script_with_no_handler_says_it_could_not_save_and_names_what_it_has(
+    svc: Services, slack: FakeSlack, worker: InlineWorker, fleet_seed: SeedInfo, sandbox: Sandbox
+) -> None:
+    svc.settings.RUNCTL_POLL_MIN_SECONDS, svc.settings.RUNCTL_POLL_MAX_SECONDS = 1, 2
+    app = make(svc.settings, svc.redis, slack)
+    iid = fleet_seed.instances["cpu-box"]
+    worker.start(0.05)
+    try:
+        app.dispatch(command(f"train {iid} no_handler.py -- 400", user="U0ADMIN"))
+        _ckpt(sandbox, iid, "ckpt-epoch-00003.json")  # its one checkpoint; it has no SIGTERM handler
+        app.dispatch(command(f"stop {iid}", user="U0ADMIN"))
+
+        def summary() -> str:
+            found = [t for m in everywhere(slack) if "stopped *cpu-box" in (t := m.text + json.dumps(m.blocks))]
+            return found[-1] if found else ""
+
+        said = slack.wait_for(summary, 90)
+    finally:
+        worker.stop()
+    # the thread's notice as the stop begins: no "up to 120 s to save" for a script that cannot
+    notice = [m.text for m in everywhere(slack) if m.thread_ts and "is stopping" in m.text]
+    assert notice, [m.text for m in slack.messages("C0TRAIN")]
+    assert "s to save" not in notice[-1]
+    assert "`no_handler.py` has no SIGTERM handler, so it cannot save a checkpoint now" in notice[-1]
+    # the report: no handler, so no save; the checkpoint it does have, by name and epoch
+    assert "wrote no checkpoint on SIGTERM" not in said
+    assert "`no_handler.py` has no SIGTERM handler, so it could not save a checkpoint when stopped." in said
+    assert re.search(r"Its newest checkpoint is `ckpt-epoch-00003\.json` \([^)]*epoch 3, ", said), said
+
+
+# --- item 7, third part: the resumed run's final reply names its newest checkpoint ---------------
+
+
+@pytest.mark.parametrize("where", ["same box", "another box, restored from S3"])
+def test_a_resumed_run_that_finishes_names_its_newest_checkpoint(
+    svc: Services, slack: FakeSlack, worker: InlineWorker, fleet_seed: SeedInfo, sandbox: Sandbox, where: str
+) -> None:
+    """Stop with checkpoints, start, resume (on the box, or on another from the S3 backup),
+    let it finish: the final reply and the parent name epoch 20 (the script keeps its newest 3:
+    18, 19 and 20), never an older one."""
+    svc.settings.RUNCTL_POLL_MIN_SECONDS, svc.settings.RUNCTL_POLL_MAX_SECONDS = 1, 2
+    app = make(svc.settings, svc.redis, slack)
+    box = fleet_seed.instances["gpu-box-1"]
+    iid = box if where == "same box" else fleet_seed.instances["gpu-box-2"]
+    worker.start(0.05)
+    try:
+        args = "-- --epochs 20 --steps-per-epoch 4 --step-seconds 0.15"
+        app.dispatch(command(f"train {box} train_with_checkpoints.py --backup {args}", user="U0ADMIN"))
+        _ckpt(sandbox, box, "ckpt-epoch-00004.json")
+        first = svc.runs.latest(box)
+        assert first is not None
+        app.dispatch(command(f"stop {box}", user="U0ADMIN"))
+        slack.wait_for(lambda: svc.fleet.get(box).state == "stopped", 90)
+        app.dispatch(command(f"start {box}", user="U0ADMIN"))
+        slack.wait_for(lambda: svc.fleet.get(box).state == "running" and svc.runs.live_on(box) is None, 90)
+        if iid != box:
+            app.dispatch(command(f"backup {box}", user="U0ADMIN"))  # everything in S3, whatever --backup raced
+            slack.wait_for(lambda: [m for m in slack.ephemerals("U0ADMIN") if "Backup of" in m.text], 60)
+        time.sleep(1)
+        on = f" --on {iid}" if iid != box else ""
+        app.dispatch(command(f"resume {first.run_id}{on}", user="U0ADMIN"))
+
+        def resumed() -> Run | None:
+            found = svc.runs.latest(iid)
+            return found if found is not None and found.run_id != first.run_id and found.state.ended else None
+
+        run = slack.wait_for(resumed, 120)
+        assert run is not None and run.message_ts is not None
+        ts = run.message_ts
+        final = slack.wait_for(
+            lambda: [m.text for m in slack.thread("C0TRAIN", ts) if "finished (exit 0)" in m.text], 30
+        )
+    finally:
+        worker.stop()
+    assert run.checkpoint_run_id == first.run_id, run
+    assert "Checkpoint: `ckpt-epoch-00020.json`" in final[-1], final[-1]
+    assert run.checkpoint is not None and run.checkpoint.name == "ckpt-epoch-00020.json", run.checkpoint
+    parent = next(m for m in slack.messages("C0TRAIN") if m.ts == run.message_ts)
+    assert "ckpt-epoch-00020.json" in json.dumps(parent.blocks) and "ckpt-epoch-00018" not in json.dumps(parent.blocks)

@@ -158,9 +158,9 @@ def test_a_script_without_a_handler_still_gets_the_loud_loss_report(
     stop_cmd(iid)
 
     text = text_of(posted(slack, "stopped *gpu-box-2"))
-    assert ":rotating_light:" in text and "wrote no checkpoint on SIGTERM" in text, text
-    assert re.search(r"progress since epoch 3 \(the newest checkpoint, `ckpt-epoch-00003.json`", text), text
-    assert "no SIGTERM handler" in text and "already saved" not in text
+    assert ":rotating_light:" in text and "has no SIGTERM handler, so it could not save" in text, text
+    assert re.search(r"Its newest checkpoint is `ckpt-epoch-00003.json` \([^)]*epoch 3, ", text), text
+    assert "progress after it is lost" in text and "already saved" not in text
 
 
 def test_a_script_that_ignores_sigterm_is_killed_and_the_loss_is_reported(

@@ -5,8 +5,11 @@ distributed run is in tests/test_multinode_torch.py (`-m torch`)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,21 +17,29 @@ from typing import Any
 
 import boto3
 import pytest
+from slack_sdk import WebClient
 
+from bot.app import build_app
 from bot.grammar import parse
+from runctl_sandbox import ssm_agent
 from runctl_sandbox.aws import AMI_ID, MANAGED_TAG, Sandbox, SeedInfo
 from runctl_sandbox.fake_slack import FakeSlack
 from runctl_sandbox.inline import InlineWorker
+from tests.conftest import TOKEN
+from tests.slack import command
 from workers.aws.instance import PYTHON_TAG
 from workers.commands import Actor, LogsCommand, TrainCommand
+from workers.cost.pricing import cost_of, format_usd, hourly_price, load_price_book
 from workers.errors import UsageError
 from workers.jobs.logs import logs
 from workers.jobs.reconcile import run_pass
 from workers.jobs.status import describe
 from workers.jobs.train import train
+from workers.remote import gpu
 from workers.services import Services
+from workers.slack.ids import BlockId
 from workers.state.locks import acquire_all, release_all, train_lock
-from workers.state.runs import RunState
+from workers.state.runs import Run, RunState
 
 ALICE = Actor(user_id="U0ALICE", channel_id="C0TRAIN")
 BOB = Actor(user_id="U0BOB", channel_id="C0TRAIN")
@@ -284,3 +295,101 @@ def test_then_stop_stops_every_node_when_the_run_ends(
     said = [m.text for m in slack.thread("C0TRAIN", run.message_ts)]
     assert [svc.fleet.get(iid).state for iid in nodes] == ["stopped", "stopped"], said
     assert sum("(`--then stop`)" in t for t in said) == 2, said
+
+
+# --- the end of a run: cost summed over the nodes; each node's liveness -----------------------
+
+
+def _signed(svc: Services, slack: FakeSlack, worker: InlineWorker, text: str, user: str = "U0ALICE") -> None:
+    """`text` as a signed /runctl command to the Bolt app, then every job it queued, run."""
+    app = build_app(svc.settings, svc.redis, WebClient(token=TOKEN, base_url=slack.base_url), token_verification=False)
+    app.dispatch(command(text, user=user))
+    deadline = time.monotonic() + 5
+    while not worker.pending() and time.monotonic() < deadline:  # Bolt queues after the ack
+        time.sleep(0.01)
+    worker.drain(180)
+
+
+def test_the_end_of_run_cost_is_the_sum_over_the_nodes(
+    svc: Services, sandbox: Sandbox, fleet_seed: SeedInfo, slack: FakeSlack, stub_python: str, worker: InlineWorker
+) -> None:
+    """Issue 29: "cost = the sum over nodes": each node's price for the run's time, added up."""
+    svc.settings.RUNCTL_POLL_MIN_SECONDS, svc.settings.RUNCTL_POLL_MAX_SECONDS = 1, 2
+    ids = launch(sandbox, 2, "g5.24xlarge", python=stub_python)
+    args = "--epochs 3 --steps-per-epoch 10 --step-seconds 0.2"
+    _signed(svc, slack, worker, f"train {ids[0]},{ids[1]} train_with_checkpoints.py --no-deps -- {args}")
+    run = svc.runs.latest(ids[0])
+    assert run is not None and run.state is RunState.SUCCEEDED, [m.text for m in slack.messages("C0TRAIN")]
+    assert run.started_at is not None and run.ended_at is not None and run.message_ts is not None
+    inst = svc.fleet.get(ids[0])
+    price = hourly_price(load_price_book(), svc.fleet, svc.redis, inst.region, inst.availability_zone, inst.type, None)
+    seconds = (run.ended_at - run.started_at).total_seconds()
+    one = cost_of(price.usd_per_hour, seconds)
+    assert one is not None and format_usd(one) != format_usd(2 * one)  # the test tells one node from two
+    final = [m.text for m in slack.thread("C0TRAIN", run.message_ts) if "finished (exit 0)" in m.text]
+    assert final, [m.text for m in slack.thread("C0TRAIN", run.message_ts)]
+    assert f"Cost {format_usd(2 * one)}: " in final[-1], final[-1]
+    assert "of 2 nodes, each `g5.24xlarge` at " in final[-1] and "summed over the nodes" in final[-1]
+    assert f"Cost {format_usd(2 * one)}: " in (run.outcome.cost if run.outcome else "")
+
+
+def test_the_parent_shows_each_nodes_liveness_and_gpus(
+    svc: Services,
+    sandbox: Sandbox,
+    fleet_seed: SeedInfo,
+    slack: FakeSlack,
+    stub_python: str,
+    worker: InlineWorker,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 29: "one parent message and one thread for the run: progress from rank 0, each
+    node's liveness, GPU use per node". Each node's nvidia-smi prints its own rows (the fake
+    picks them by AWS_SSM_INSTANCE_ID, which the SSM agent sets for every command)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-smi"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" != "--query-gpu={gpu.QUERY}" ] || [ "$2" != "--format=csv,noheader,nounits" ]; then exit 2; fi\n'
+        f'cat "{tmp_path}/gpus-$AWS_SSM_INSTANCE_ID.csv"\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setattr(ssm_agent, "AGENT_PATH", f"{bin_dir}:{ssm_agent.AGENT_PATH}")
+    svc.settings.RUNCTL_POLL_MIN_SECONDS, svc.settings.RUNCTL_POLL_MAX_SECONDS = 1, 2
+    ids = launch(sandbox, 2, python=stub_python)
+    (tmp_path / f"gpus-{ids[0]}.csv").write_text("0, 87, 10035, 24564\n")
+    (tmp_path / f"gpus-{ids[1]}.csv").write_text("0, 12, 2048, 24564\n")
+    app = build_app(svc.settings, svc.redis, WebClient(token=TOKEN, base_url=slack.base_url), token_verification=False)
+    args = "--epochs 200 --steps-per-epoch 5 --step-seconds 0.1"
+    worker.start(0.05)
+    try:
+        app.dispatch(command(f"train {ids[0]},{ids[1]} train_with_checkpoints.py --no-deps -- {args}"))
+
+        def started() -> Run | None:
+            found = svc.runs.latest(ids[0])
+            return found if found is not None and found.message_ts else None
+
+        run = slack.wait_for(started, 60)
+        assert run is not None
+
+        def parent() -> str:
+            found = [m for m in slack.messages("C0TRAIN") if m.ts == run.message_ts]
+            blocks = [b for b in found[0].blocks if b.get("block_id") == BlockId.RUN_PROGRESS] if found else []
+            return str(blocks[0]["text"]["text"]) if blocks else ""
+
+        zero = f"node 0 `{ids[0]}`: alive · GPU 0: 87% · 9.8/24.0 GiB"
+        one = f"node 1 `{ids[1]}`: alive · GPU 0: 12% · 2.0/24.0 GiB"
+        slack.wait_for(lambda: zero in parent() and one in parent(), 60)
+        assert "|" not in parent()  # no flat line of every node's GPUs numbered alike
+
+        pid = int((sandbox.instance_dir(ids[1]) / "runs" / run.run_id / "pid").read_text())
+        os.kill(pid, signal.SIGKILL)  # node 1's torchrun dies; the stand-in leaves node 0 running
+        slack.wait_for(lambda: f"node 1 `{ids[1]}`: exited (exit 137)" in parent() and zero in parent(), 60)
+        assert "GPU 0: 12%" not in parent()
+
+        app.dispatch(command(f"stop {ids[0]}"))
+        slack.wait_for(lambda: all(svc.fleet.get(i).state == "stopped" for i in ids), 120)
+    finally:
+        worker.stop()
+    assert "node 0 " not in parent()  # an ended run's message keeps no liveness

@@ -478,6 +478,7 @@ def test_no_value_reaching_any_builder_is_ever_executed(
     # Everything that reads the run directories back.
     for text in (
         probe_live_runs(str(root)),
+        probe_live_runs(str(root), sigterm=True),
         utilization(str(root)),
         runs_status(str(root), [run_id, resumed]),
         stop_run(str(root), run_id, 1, checkpoint_run_id=resumed),

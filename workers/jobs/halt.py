@@ -101,13 +101,15 @@ class Halter:
         self.force = force
         self.why = why  # recorded as the run's ended_by
         self.root = svc.settings.RUNCTL_REMOTE_ROOT
+        self.sigterm: dict[str, str] = {}  # run id -> caught/ignored/default, from the live probe
 
     def live_run_ids(self, known: Run | None) -> list[str]:
         """Runs alive on the instance (its pid files are the truth) plus the one Redis knows."""
         ids = [known.run_id] if known else []
-        result = self.svc.fleet.run(self.inst.id, remote.probe_live_runs(self.root))
+        result = self.svc.fleet.run(self.inst.id, remote.probe_live_runs(self.root, sigterm=True))
         if not result.ok:
             raise self.unconfirmed(result, "look for live trainings")
+        self.sigterm = remote.parse_sigterm(result.stdout)
         for line in result.stdout.splitlines():
             parts = line.split()
             if len(parts) == 3 and parts[0] == "live" and parts[1] not in ids:
@@ -124,6 +126,12 @@ class Halter:
             run.state = RunState.STOPPING
             publish(svc, run)
             verb = "Killing it at once (`--force`)" if self.force else f"SIGTERM, up to {self.grace} s to save"
+            if not self.force and self.sigterm.get(run_id) == "default":
+                had = f" (the newest runctl saw: {code(run.checkpoint.name)})" if run.checkpoint else ""
+                verb = (
+                    f"SIGTERM: {code(run.script)} has no SIGTERM handler, so it cannot save a checkpoint now; "
+                    f"it stops at once and keeps the checkpoints it already has{had}"
+                )
             reply(svc, run, f"<@{self.actor.user_id}> is {self._doing()} {self.inst.label}. {verb}.", mention=False)
         ck_dir = (run.checkpoint_run_id or run_id) if run else run_id
         script = remote.stop_run(self.root, run_id, self.grace, force=self.force, checkpoint_run_id=ck_dir)
@@ -194,6 +202,21 @@ class Halter:
             return f":floppy_disk: {script} {saved_text} on SIGTERM and exited after {result.waited} s."
         if kept:
             return f":floppy_disk: {script} exited {result.waited} s after SIGTERM; {kept}."
+        if self.sigterm.get(halt.run_id) == "default":
+            return (
+                f":rotating_light: *{script} has no SIGTERM handler, so it could not save a checkpoint when stopped.* "
+                + (
+                    f"Its newest checkpoint is {checkpoint_line(newest, now)}; progress after it is lost."
+                    if newest is not None
+                    else "It has no checkpoint at all: all its progress is lost."
+                    if halt.listing is not None
+                    else "runctl could not list its checkpoints to tell what it has."
+                )
+                + (
+                    " To save on a stop, catch SIGTERM (`signal.signal(signal.SIGTERM, ...)`), write a checkpoint "
+                    "to `$RUNCTL_CHECKPOINT_DIR`, then exit."
+                )
+            )
         return (
             f":rotating_light: *{script} wrote no checkpoint on SIGTERM; {lost}.* It has no SIGTERM "
             "handler that saves: catch SIGTERM (`signal.signal(signal.SIGTERM, ...)`), write a checkpoint "

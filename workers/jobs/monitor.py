@@ -168,6 +168,7 @@ def poll_nodes(svc: Services, run: Run, first_poll: float = POLL_FIRST_WAIT) -> 
         lost(svc, run, RunctlError(f"The run directory of {code(run.run_id)} is gone from {', '.join(missing)}."))
         return
     merged = torchrun.merge(run.node_ids, snaps)
+    run.node_states = torchrun.node_states(run.node_ids, snaps)
     failed = None
     if merged.ended and merged.exit_code != 0:
         bad = [iid for iid, snap in snaps.items() if snap is not None and snap.exit_code not in (None, 0)]

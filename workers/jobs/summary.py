@@ -121,23 +121,32 @@ def price_source(price: Price) -> str:
 
 
 def cost_text(svc: Services, run: Run) -> str:
-    """ "Cost $0.12: 41 s of c5.xlarge at $1.00/h on-demand (AWS Price List)"; a run that
-    continues others (`--auto-resume`) adds the sum over all their instances."""
+    """ "Cost $0.12: 41 s of c5.xlarge at $1.00/h on-demand (AWS Price List)"; a multi-node run
+    is the sum over its nodes (each node's price for the run's time); a run that continues
+    others (`--auto-resume`) adds the sum over all their instances."""
     start, end = run.started_at, run.ended_at or svc.clock()
     if start is None:
         return ""
     seconds = max(0.0, (end - start).total_seconds())
-    inst = svc.fleet.get(run.instance_id)
-    lifecycle = None if inst.lifecycle == "on-demand" else inst.lifecycle
-    price = hourly_price(
-        load_price_book(), svc.fleet, svc.redis, inst.region, inst.availability_zone, inst.type, lifecycle
-    )
-    amount = cost_of(price.usd_per_hour, seconds)
-    said = f"Cost {format_usd(amount)}: {duration(seconds)} of {code(inst.type)}"
-    if price.known:
-        said += f" at {escape(price.describe())}{price_source(price)}"
+    priced: list[tuple[str, str, Price]] = []  # (instance id, type, price) per node
+    book = load_price_book()
+    for iid in run.node_ids:
+        inst = svc.fleet.get(iid)
+        lifecycle = None if inst.lifecycle == "on-demand" else inst.lifecycle
+        price = hourly_price(book, svc.fleet, svc.redis, inst.region, inst.availability_zone, inst.type, lifecycle)
+        priced.append((iid, inst.type, price))
+    amounts = [cost_of(price.usd_per_hour, seconds) for _, _, price in priced]
+    known = [a for a in amounts if a is not None]
+    amount = sum(known, Decimal(0)) if len(known) == len(amounts) else None
+    if len(priced) == 1:
+        _, itype, price = priced[0]
+        said = f"Cost {format_usd(amount)}: {duration(seconds)} of {code(itype)}"
+        if price.known:
+            said += f" at {escape(price.describe())}{price_source(price)}"
+        else:
+            said += f", {escape(price.describe())}"
     else:
-        said += f", {escape(price.describe())}"
+        said = node_costs(priced, amounts, seconds)
     chained = run.auto_resume or run.checkpoint_run_id is not None
     if amount is not None and chained:
         owner = run.checkpoint_run_id or run.run_id
@@ -154,6 +163,28 @@ def cost_text(svc: Services, run: Run) -> str:
                     continue
             said += f"; {format_usd(total)} over the {len(parts)} runs of `--auto-resume` (each on its own instance)"
     return said + "."
+
+
+def node_costs(priced: list[tuple[str, str, Price]], amounts: list[Decimal | None], seconds: float) -> str:
+    """A multi-node run's cost: the sum over its nodes, each node's price for the run's time."""
+    n = len(priced)
+    known = [a for a in amounts if a is not None]
+    total = format_usd(sum(known, Decimal(0)) if len(known) == n else None)
+    rates = {(itype, price.describe(), price_source(price)) for _, itype, price in priced}
+    if len(rates) == 1 and priced[0][2].known:
+        itype, described, source = rates.pop()
+        return (
+            f"Cost {total}: {duration(seconds)} of {n} nodes, each {code(itype)} at "
+            f"{escape(described)}{source}, summed over the nodes"
+        )
+    each = "; ".join(
+        f"node {k} {code(itype)} {format_usd(amount)}"
+        + (f" at {escape(price.describe())}{price_source(price)}" if price.known else f", {escape(price.describe())}")
+        for k, ((_, itype, price), amount) in enumerate(zip(priced, amounts, strict=True))
+    )
+    if len(known) != n and known:
+        total += f" (the priced nodes: {format_usd(sum(known, Decimal(0)))})"
+    return f"Cost {total}: {duration(seconds)} on {n} nodes, summed over the nodes ({each})"
 
 
 def keep(run: Run, told: Told) -> None:

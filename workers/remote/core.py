@@ -42,9 +42,45 @@ def _probe_body() -> str:
     )
 
 
-def probe_live_runs(root: str) -> str:
-    """Print `live <run-id> <pid>` for every run whose training process is alive."""
-    return header(root) + _probe_body()
+# SIGTERM is signal 15 on Linux: bit 14 of /proc/<pid>/status' SigCgt (caught) and SigIgn
+# (ignored) masks, in hexadecimal (proc(5), https://man7.org/linux/man-pages/man5/proc.5.html).
+# The last 4 hex digits hold it, which keeps dash's arithmetic clear of 64-bit overflow.
+_SIGTERM_DISPOSITION = (
+    'for d in "$RUNCTL_ROOT"/runs/*/; do\n'
+    '  [ -f "$d/pid" ] && [ ! -f "$d/exit_code" ] || continue\n'
+    '  pid=$(cat "$d/pid" 2>/dev/null) || continue\n'
+    '  case "$pid" in ""|*[!0-9]*) continue ;; esac\n'
+    '  rid=$(basename "$d")\n'
+    '  case "$rid" in ""|.|..|*[!A-Za-z0-9_.-]*) continue ;; esac\n'
+    '  kill -0 "$pid" 2>/dev/null || continue\n'
+    "  cgt=$(sed -n 's/^SigCgt:[[:space:]]*//p' \"/proc/$pid/status\" 2>/dev/null || true)\n"
+    "  ign=$(sed -n 's/^SigIgn:[[:space:]]*//p' \"/proc/$pid/status\" 2>/dev/null || true)\n"
+    '  c=${cgt#"${cgt%????}"}; i=${ign#"${ign%????}"}\n'
+    '  case "$c$i" in ""|*[!0-9a-fA-F]*) continue ;; esac\n'
+    "  [ ${#c} -eq 4 ] && [ ${#i} -eq 4 ] || continue\n"
+    "  if [ $((0x$c & 16384)) -ne 0 ]; then how=caught\n"
+    "  elif [ $((0x$i & 16384)) -ne 0 ]; then how=ignored\n"
+    "  else how=default; fi\n"
+    '  printf \'sigterm %s %s\\n\' "$rid" "$how"\n'
+    "done\n"
+)
+
+
+def probe_live_runs(root: str, sigterm: bool = False) -> str:
+    """Print `live <run-id> <pid>` for every run whose training process is alive; with
+    `sigterm`, also `sigterm <run-id> <caught|ignored|default>`: what the training process
+    does with SIGTERM (nothing printed where /proc does not tell)."""
+    return header(root) + _probe_body() + (_SIGTERM_DISPOSITION if sigterm else "")
+
+
+def parse_sigterm(stdout: str) -> dict[str, str]:
+    """`probe_live_runs(..., sigterm=True)`'s answer: run id -> caught, ignored or default."""
+    found: dict[str, str] = {}
+    for line in stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "sigterm" and parts[2] in ("caught", "ignored", "default"):
+            found[parts[1]] = parts[2]
+    return found
 
 
 def wrapper(

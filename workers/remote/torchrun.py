@@ -21,6 +21,7 @@ from workers.remote import frame
 from workers.remote.core import _probe_body
 from workers.remote.shell import SECTION, header, interpreter, q
 from workers.remote.status import Snapshot
+from workers.state.runs import NodeState
 
 CONNECT_SECONDS = 5  # a security group drops what it does not allow: the connect times out
 
@@ -253,6 +254,23 @@ def merge(nodes: Sequence[str], snaps: Mapping[str, Snapshot | None]) -> Snapsho
             own = snaps.get(failed.instance_id)
             merged.log = list(own.log) if own is not None else merged.log
     return merged
+
+
+def node_states(nodes: Sequence[str], snaps: Mapping[str, Snapshot | None]) -> list[NodeState]:
+    """Each node's liveness for the run's message: its torchrun alive, exited (with its exit
+    code), not started yet, or the node did not answer the poll; its GPUs when nvidia-smi said."""
+    states: list[NodeState] = []
+    for iid in nodes:
+        snap = snaps.get(iid)
+        if snap is None or snap.missing:
+            states.append(NodeState(instance_id=iid, state="no answer"))
+        elif snap.ended:
+            states.append(NodeState(instance_id=iid, state="exited", exit_code=snap.exit_code))
+        elif snap.alive:
+            states.append(NodeState(instance_id=iid, state="alive", gpus=snap.gpus))
+        else:
+            states.append(NodeState(instance_id=iid, state="starting", gpus=snap.gpus))
+    return states
 
 
 def gone(nodes: Sequence[str], snaps: Mapping[str, Snapshot | None]) -> list[str]:

@@ -101,6 +101,15 @@ class Gpu(BaseModel):
     memory_total_mib: float | None = None
 
 
+class NodeState(BaseModel):
+    """One node of a multi-node run as the monitor's newest poll saw it (workers/remote/torchrun.py)."""
+
+    instance_id: str
+    state: Literal["alive", "exited", "starting", "no answer"]
+    exit_code: int | None = None
+    gpus: list[Gpu] | None = None  # None: no nvidia-smi there (or it did not answer)
+
+
 class Run(BaseModel):
     run_id: str
     instance_id: str
@@ -155,6 +164,7 @@ class Run(BaseModel):
     nodes: list[str] = Field(default_factory=list)
     nproc_per_node: str = ""  # torchrun's --nproc-per-node, as sent ("auto": each node's GPUs, else 1)
     failure: str = ""  # which node and rank failed, and its exception line (Slack text)
+    node_states: list[NodeState] = Field(default_factory=list)  # a multi-node run's nodes, newest poll
 
     @property
     def node_ids(self) -> list[str]:

@@ -92,6 +92,20 @@ def gpu_text(gpus: list[Gpu]) -> str:
     return "  |  ".join(one(g) for g in gpus)
 
 
+def node_lines(run: Run) -> list[str]:
+    """A multi-node run's nodes, one line each: `node 1 `i-…`: alive · GPU 0: 87% · 9.8/24.0 GiB`."""
+    lines = []
+    for k, node in enumerate(run.node_states):
+        said = (
+            f"exited (exit {node.exit_code})" if node.state == "exited" and node.exit_code is not None else node.state
+        )
+        line = f"node {k} {code(node.instance_id)}: {said}"
+        if node.gpus and node.state != "exited":
+            line += " · " + gpu_text(node.gpus)
+        lines.append(line)
+    return lines
+
+
 def where(run: Run) -> str:
     """The run's instance as people know it: its name beside the id."""
     return f"{escape(run.instance_name)} (`{run.instance_id}`)" if run.instance_name else f"`{run.instance_id}`"
@@ -134,7 +148,9 @@ def run_blocks(run: Run, now: datetime | None = None) -> Message:
         lines.append(("Last progress: " if final else "") + progress_text(run.progress, final))
     if run.checkpoint:
         lines.append(("Checkpoint: " if final else "Newest checkpoint: ") + checkpoint_text(run.checkpoint, now, final))
-    if run.gpus and not run.state.ended:
+    if run.nodes and run.node_states and not final:
+        lines += node_lines(run)  # each node's liveness and its own GPUs
+    elif run.gpus and not final:
         lines.append(gpu_text(run.gpus))
     if lines:
         blocks.append(
