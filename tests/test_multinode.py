@@ -65,7 +65,20 @@ def launch(sandbox: Sandbox, count: int, instance_type: str = "g5.xlarge", pytho
             ],
         )
         ids.append(reply["Instances"][0]["InstanceId"])
+    LAUNCHED.extend(ids)
     return ids
+
+
+LAUNCHED: list[str] = []  # every instance a test launched: terminated after it, so no later test sees it
+
+
+@pytest.fixture(autouse=True)
+def _terminate_launched(sandbox: Sandbox) -> Iterator[None]:
+    yield
+    if LAUNCHED:
+        ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=sandbox.endpoint_url)
+        ec2.terminate_instances(InstanceIds=list(LAUNCHED))
+        LAUNCHED.clear()
 
 
 @pytest.fixture
@@ -111,7 +124,7 @@ def test_the_grammar_reads_a_node_list_and_nproc_per_node() -> None:
     for text, said in (
         ("train a,a x.py", "each instance may appear once"),
         ("train a x.py --nproc-per-node 2", "several instances"),
-        ("train a,b x.py --nproc-per-node 0", "nproc_per_node"),
+        ("train a,b x.py --nproc-per-node 0", "`--nproc-per-node`"),
         ("train a,b x.py --force", "--force is not available for a multi-node run"),
         ("train a,,b x.py", "is not an instance id"),
     ):
