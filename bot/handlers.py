@@ -10,12 +10,12 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import RedisError
 from rq import Queue
-from slack_bolt import Ack, App
+from slack_bolt import Ack, App, BoltRequest
 
 from bot.actions import launch, lifecycle, logs, warnings
 from bot.actions import queue as queue_actions
 from bot.grammar import help_text
-from bot.middleware import Door
+from bot.middleware import admit_command
 from workers.commands import (
     Actor,
     AnyCommand,
@@ -47,10 +47,12 @@ QUICK = (
 )
 
 
-def runctl(ack: Ack, body: dict[str, Any], context: dict[str, Any]) -> None:
-    command: AnyCommand = context["command"]
+def runctl(ack: Ack, body: dict[str, Any], request: BoltRequest, context: dict[str, Any]) -> None:
+    admitted = admit_command(ack, body, request, context)
+    if admitted is None:
+        return  # answered at the door: a usage error, a refusal, a replay, or Redis down
+    command, door = admitted  # the door: its replay and rate check and audit record, written with the job
     queue: Queue = context["queue"]
-    door: Door = context["door"]  # the request's replay and rate check and audit record (bot.middleware)
     redis: Redis = context["redis"]
     if isinstance(command, HelpCommand):
         try:

@@ -1,6 +1,6 @@
 """The front door. Everything here runs before anything is queued.
 
-Slash command (per-listener, ``admit_command``): usage, channel and permission tier; then,
+Slash command (``admit_command``, called by its listener): usage, channel and permission tier; then,
 with the audit record and the job in one round trip (``Door``), replays dropped and the rate limit.
 Button click or modal submission (global, ``gate_click``): drop replays, rate limit,
 permission tier of the clicking user. Every decision is audited (capped per user per
@@ -124,7 +124,8 @@ class Door:
         silently; over the rate limit, privately and audited). RedisError passes."""
         settings: Settings = context["settings"]
         redis: Redis = context["redis"]
-        record = audit.capped_args(settings.RUNCTL_AUDIT_MAXLEN, self.record, settings.RUNCTL_AUDIT_PER_MINUTE)
+        dumped = self.record.model_dump(mode="json")  # once, for the script and the log line
+        record = audit.capped_args(settings.RUNCTL_AUDIT_MAXLEN, self.record, settings.RUNCTL_AUDIT_PER_MINUTE, dumped)
         try:
             passed = guards.admit_writing(
                 redis, self.key, self.record.user, settings.RUNCTL_RATE_PER_MINUTE, self.counted, record, writes, lock
@@ -138,14 +139,17 @@ class Door:
             log.info("dropping repeated delivery %s (retry %s)", self.key, self.retry)
             ack()
             return None
-        audit.log_record(self.record)
+        audit.log_record(self.record, dumped)
         return passed
 
 
-def admit_command(ack: Ack, body: dict[str, Any], request: BoltRequest, context: dict[str, Any], next: Next) -> Reply:
+def admit_command(
+    ack: Ack, body: dict[str, Any], request: BoltRequest, context: dict[str, Any]
+) -> tuple[commands.AnyCommand, Door] | None:
     """Usage, channel and permission tier decided first (no Redis, but for an owner the
     policy needs); then replays dropped and the rate limit, with the decision audited, in
-    one round trip (`Door`); an allowed command's Door goes to the listener, whose job joins it.
+    one round trip (`Door`). None when the command was answered here (acked); else the
+    allowed command and its Door, which the listener passes with the command's job.
 
     The rate limit counts what may reach AWS: `help` and usage errors are answered
     uncounted (issue 17), so a user learning the grammar is never slowed down; channel and
@@ -182,26 +186,23 @@ def admit_command(ack: Ack, body: dict[str, Any], request: BoltRequest, context:
         key = guards.request_key(body, request.raw_body)
         if usage is not None:
             door = Door(key, counted, _command_record(body, "failed", f"usage error: {usage.what}"), retry)
-            if door.through(ack, context) is None:
-                return ack.response  # a replay, or over the rate limit: answered
-            return ack(text=usage.as_text(), response_type="ephemeral")
+            if door.through(ack, context) is not None:  # else a replay, answered
+                ack(text=usage.as_text(), response_type="ephemeral")
+            return None
         if refusal is not None:
             outcome = f"{type(refusal).__name__}: {refusal.what}"
             door = Door(key, counted, _command_record(body, "refused", outcome, instance), retry)
-            if door.through(ack, context) is None:
-                return ack.response  # a replay, or over the rate limit: answered
-            return ack(text=refusal.as_text(), response_type="ephemeral")
+            if door.through(ack, context) is not None:  # else a replay or over the rate limit, answered
+                ack(text=refusal.as_text(), response_type="ephemeral")
+            return None
     except RedisError:
         # Redis is down or hanging: answer within Slack's 3 s, help without it, and start nothing.
         log.warning("front door: Redis did not answer", exc_info=True)
-        if usage is not None:
-            return ack(text=usage.as_text(), response_type="ephemeral")
-        return ack(text=unreachable().as_text(), response_type="ephemeral")
+        ack(text=(usage or unreachable()).as_text(), response_type="ephemeral")
+        return None
+    assert command is not None  # parsed, since no usage error
     outcome = "queued" if needed else "answered"
-    context["command"] = command
-    context["door"] = Door(key, counted, _command_record(body, "allowed", outcome, instance), retry)
-    next()
-    return None
+    return command, Door(key, counted, _command_record(body, "allowed", outcome, instance), retry)
 
 
 def gate_click(

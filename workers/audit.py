@@ -18,7 +18,7 @@ import json
 import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 from redis import Redis
@@ -121,14 +121,17 @@ def quota_key(user: str) -> str:
     return f"runctl:audit:quota:{user}"
 
 
-def log_record(entry: Record) -> None:
-    """The record's JSON line in the runctl.audit log (written for every record)."""
-    log.info(json.dumps(entry.model_dump(mode="json"), ensure_ascii=False, sort_keys=True))
+def log_record(entry: Record, dumped: dict[str, Any] | None = None) -> None:
+    """The record's JSON line in the runctl.audit log (written for every record); `dumped`:
+    its model_dump(mode="json"), if made already."""
+    log.info(json.dumps(dumped or entry.model_dump(mode="json"), ensure_ascii=False, sort_keys=True))
 
 
-def capped_args(maxlen: int, entry: Record, per_minute: int) -> list[EncodableT]:
-    """CAPPED_FUNCTION's arguments for `entry`."""
-    fields = entry.fields()
+def capped_args(maxlen: int, entry: Record, per_minute: int, dumped: dict[str, Any] | None = None) -> list[EncodableT]:
+    """CAPPED_FUNCTION's arguments for `entry` (`dumped`: as log_record's)."""
+    fields: dict[FieldT, EncodableT] = (
+        {k: str(v) for k, v in dumped.items()} if dumped is not None else entry.fields()
+    )
     flat = [part for pair in fields.items() for part in pair]
     minute = int(entry.time.timestamp() // 60)
     label = f"{entry.time:%H:%M} UTC"
