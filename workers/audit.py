@@ -129,9 +129,7 @@ def log_record(entry: Record, dumped: dict[str, Any] | None = None) -> None:
 
 def capped_args(maxlen: int, entry: Record, per_minute: int, dumped: dict[str, Any] | None = None) -> list[EncodableT]:
     """CAPPED_FUNCTION's arguments for `entry` (`dumped`: as log_record's)."""
-    fields: dict[FieldT, EncodableT] = (
-        {k: str(v) for k, v in dumped.items()} if dumped is not None else entry.fields()
-    )
+    fields: dict[FieldT, EncodableT] = {k: str(v) for k, v in dumped.items()} if dumped is not None else entry.fields()
     flat = [part for pair in fields.items() for part in pair]
     minute = int(entry.time.timestamp() // 60)
     label = f"{entry.time:%H:%M} UTC"
