@@ -1,7 +1,7 @@
 """The front door. Everything here runs before anything is queued.
 
-Slash command (per-listener, ``admit_command``): drop replays, then usage, channel,
-rate limit, permission tier.
+Slash command (``admit_command``, called by its listener): usage, channel and permission tier; then,
+with the audit record and the job in one round trip (``Door``), replays dropped and the rate limit.
 Button click or modal submission (global, ``gate_click``): drop replays, rate limit,
 permission tier of the clicking user. Every decision is audited (capped per user per
 minute, ``front_record``); every refusal is private.
@@ -21,10 +21,10 @@ from slack_bolt import Ack, BoltRequest, BoltResponse
 from slack_sdk import WebClient
 
 from bot import guards
-from bot.grammar import help_text, parse
+from bot.grammar import parse
 from workers import audit, commands, policy
 from workers.commands import Actor
-from workers.errors import RunctlError, UsageError
+from workers.errors import RateLimited, RunctlError, UsageError
 from workers.queueing import unreachable
 from workers.settings import Settings
 from workers.slack.client import privately
@@ -106,12 +106,54 @@ class Click:
         return "your click on " + next((label for a, label in BUTTONS.items() if a.value == self.action_id), "a button")
 
 
-def admit_command(ack: Ack, body: dict[str, Any], request: BoltRequest, context: dict[str, Any], next: Next) -> Reply:
-    """Replays dropped; then rate limit, usage, channel and permission tier, each decision audited.
+@dataclass(frozen=True)
+class Door:
+    """A slash command the front door has decided without Redis: its replay and rate check,
+    its audit record and (the listener's) job reach Redis in one script, one round trip."""
+
+    key: str  # guards.request_key
+    counted: bool  # by the rate limit: not help, not a usage error (issue 17)
+    record: audit.Record
+    retry: str  # X-Slack-Retry-Num, for the log of a dropped replay
+
+    def through(
+        self, ack: Ack, context: dict[str, Any], writes: Pipeline | None = None, lock: str | None = None
+    ) -> guards.Passed | None:
+        """Admit the request, write its record and `writes` (unless `lock` is held): what
+        guards.admit_writing says, or None when the request was answered here (a replay,
+        silently; over the rate limit, privately and audited). RedisError passes."""
+        settings: Settings = context["settings"]
+        redis: Redis = context["redis"]
+        dumped = self.record.model_dump(mode="json")  # once, for the script and the log line
+        record = audit.capped_args(settings.RUNCTL_AUDIT_MAXLEN, self.record, settings.RUNCTL_AUDIT_PER_MINUTE, dumped)
+        try:
+            passed = guards.admit_writing(
+                redis, self.key, self.record.user, settings.RUNCTL_RATE_PER_MINUTE, self.counted, record, writes, lock
+            )
+        except RateLimited as exc:  # over the rate limit: that answer wins over any other
+            refused = {"decision": "refused", "outcome": f"{type(exc).__name__}: {exc.what}"}
+            front_record(settings, redis, self.record.model_copy(update=refused))
+            ack(text=exc.as_text(), response_type="ephemeral")
+            return None
+        if passed is None:
+            log.info("dropping repeated delivery %s (retry %s)", self.key, self.retry)
+            ack()
+            return None
+        audit.log_record(self.record, dumped)
+        return passed
+
+
+def admit_command(
+    ack: Ack, body: dict[str, Any], request: BoltRequest, context: dict[str, Any]
+) -> tuple[commands.AnyCommand, Door] | None:
+    """Usage, channel and permission tier decided first (no Redis, but for an owner the
+    policy needs); then replays dropped and the rate limit, with the decision audited, in
+    one round trip (`Door`). None when the command was answered here (acked); else the
+    allowed command and its Door, which the listener passes with the command's job.
 
     The rate limit counts what may reach AWS: `help` and usage errors are answered
     uncounted (issue 17), so a user learning the grammar is never slowed down; channel and
-    policy refusals count. One round trip settles replay and rate; parsing needs no Redis."""
+    policy refusals count."""
     settings: Settings = context["settings"]
     redis: Redis = context["redis"]
     user = body.get("user_id", "")
@@ -128,23 +170,12 @@ def admit_command(ack: Ack, body: dict[str, Any], request: BoltRequest, context:
         usage = exc
     except RunctlError as exc:
         refusal = exc
+    instance = getattr(command, "instance_id", None) or ""
+    counted = usage is None and not isinstance(command, commands.HelpCommand)
+    retry = request.headers.get("x-slack-retry-num", ["0"])[0]
     try:
-        key = guards.request_key(body, request.raw_body)
         try:
-            counted = usage is None and not isinstance(command, commands.HelpCommand)
-            first = guards.admit(redis, key, user, settings.RUNCTL_RATE_PER_MINUTE, count=counted)
-        except RunctlError as exc:  # over the rate limit: that answer wins over any other
-            first, usage, refusal = True, None, exc
-        if not first:
-            retry = request.headers.get("x-slack-retry-num", ["0"])[0]
-            log.info("dropping repeated delivery %s (retry %s)", key, retry)
-            return ack()
-        if usage is not None:
-            _audit_command(context, body, "failed", f"usage error: {usage.what}")
-            return ack(text=usage.as_text(), response_type="ephemeral")
-        instance = getattr(command, "instance_id", None) or ""
-        try:
-            if refusal is None and command is not None:
+            if usage is None and refusal is None and command is not None:
                 # The owner is read (a Redis round trip) only when the policy gives one of the
                 # needed actions to the owner role: for the others it cannot change the answer.
                 owner = policy.owner_of(redis, command) if needed and policy.needs_owner(settings, needed) else None
@@ -152,26 +183,26 @@ def admit_command(ack: Ack, body: dict[str, Any], request: BoltRequest, context:
                 policy.check_command(settings, user, command, owner, defer_owner=owner is None)
         except RunctlError as exc:
             refusal = exc
+        key = guards.request_key(body, request.raw_body)
+        if usage is not None:
+            door = Door(key, counted, _command_record(body, "failed", f"usage error: {usage.what}"), retry)
+            if door.through(ack, context) is not None:  # else a replay, answered
+                ack(text=usage.as_text(), response_type="ephemeral")
+            return None
         if refusal is not None:
-            _audit_command(context, body, "refused", f"{type(refusal).__name__}: {refusal.what}", instance)
-            return ack(text=refusal.as_text(), response_type="ephemeral")
-        # The listener sends this batch with its job: the allowed record and the job go in one
-        # MULTI/EXEC round trip. multi() now, because RQ refuses a pipeline that has commands but no MULTI.
-        batch = redis.pipeline()
-        batch.multi()
-        _audit_command(context, body, "allowed", "queued" if needed else "answered", instance, batch)
+            outcome = f"{type(refusal).__name__}: {refusal.what}"
+            door = Door(key, counted, _command_record(body, "refused", outcome, instance), retry)
+            if door.through(ack, context) is not None:  # else a replay or over the rate limit, answered
+                ack(text=refusal.as_text(), response_type="ephemeral")
+            return None
     except RedisError:
         # Redis is down or hanging: answer within Slack's 3 s, help without it, and start nothing.
         log.warning("front door: Redis did not answer", exc_info=True)
-        if usage is not None:
-            return ack(text=usage.as_text(), response_type="ephemeral")
-        if isinstance(command, commands.HelpCommand):
-            return ack(text=help_text(command.topic), response_type="ephemeral")
-        return ack(text=unreachable().as_text(), response_type="ephemeral")
-    context["command"] = command
-    context["batch"] = batch
-    next()
-    return None
+        ack(text=(usage or unreachable()).as_text(), response_type="ephemeral")
+        return None
+    assert command is not None  # parsed, since no usage error
+    outcome = "queued" if needed else "answered"
+    return command, Door(key, counted, _command_record(body, "allowed", outcome, instance), retry)
 
 
 def gate_click(
@@ -217,16 +248,8 @@ def gate_click(
     return None
 
 
-def _audit_command(
-    context: dict[str, Any],
-    body: dict[str, Any],
-    decision: audit.Decision,
-    outcome: str,
-    instance: str = "",
-    batch: Pipeline | None = None,
-) -> None:
-    settings: Settings = context["settings"]
-    entry = audit.Record(
+def _command_record(body: dict[str, Any], decision: audit.Decision, outcome: str, instance: str = "") -> audit.Record:
+    return audit.Record(
         user=body.get("user_id", ""),
         channel=body.get("channel_id", ""),
         text=("/runctl " + body.get("text", "")).strip()[:500],
@@ -234,7 +257,6 @@ def _audit_command(
         outcome=outcome,
         instance=instance,
     )
-    front_record(settings, batch if batch is not None else context["redis"], entry)
 
 
 def front_record(settings: Settings, redis: Redis, entry: audit.Record) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis as redis_mod
@@ -20,6 +20,7 @@ from tests.slack import command
 from workers import audit
 from workers.queueing import LONG_QUEUE, QUEUE
 from workers.settings import Settings
+from workers.state.locks import Holder, train_lock
 
 from .queues import queued
 
@@ -111,3 +112,32 @@ def test_admins_audit_records_survive_a_flood(
     counted = [int(m.group(1)) for r in mallory if (m := re.match(r"(\d+) more from U0MALLORY dropped", r.outcome))]
     written = [r for r in mallory if r.decision != "dropped"]
     assert counted and sum(counted) + len(written) == flood + 1
+
+
+def test_a_train_is_written_with_its_record_once_and_only_when_admitted(
+    settings: Settings, real_redis: redis_mod.Redis, slack: FakeSlack
+) -> None:
+    """The door's one script (issue 28): a replay writes nothing more, a train over the rate
+    limit writes no job (its refusal is audited), and a train on a busy instance writes its
+    record and no job (the ack says who holds the instance)."""
+    settings.RUNCTL_RATE_PER_MINUTE = 2
+    app = make(settings, real_redis, slack)
+    train = f"train {IID} train.py -- --epochs 1"
+    long_queue = Queue(LONG_QUEUE, connection=real_redis)
+    assert "Queued run" in text(app.dispatch(command(train, user="U0DANA", trigger_id="t.once")))
+    assert text(app.dispatch(command(train, user="U0DANA", trigger_id="t.once"))) == ""  # Slack's retry
+    assert long_queue.count == 1
+    assert [e.decision for e in audit.newest(real_redis, 10, user="U0DANA")] == ["allowed"]
+
+    holder = Holder(run_id="r-alice", user_id="U0ALICE", script="train.py", since=datetime.now(UTC))
+    assert train_lock(real_redis, IID).acquire(holder.token())
+    busy = text(app.dispatch(command(train, user="U0DANA")))
+    assert "<@U0ALICE>" in busy and "Queued run" not in busy
+    assert long_queue.count == 1
+    assert [e.decision for e in audit.newest(real_redis, 10, user="U0DANA")] == ["allowed", "allowed"]
+
+    over = text(app.dispatch(command(train, user="U0DANA")))
+    assert "you sent 2 runctl requests" in over
+    assert long_queue.count == 1
+    newest = audit.newest(real_redis, 10, user="U0DANA")[0]
+    assert (newest.decision, newest.outcome.split(":")[0]) == ("refused", "RateLimited")

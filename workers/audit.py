@@ -18,7 +18,7 @@ import json
 import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 from redis import Redis
@@ -78,38 +78,62 @@ def refuse(svc: Services, actor: Actor, error: RunctlError, run_id: str = "", in
     return "refused"
 
 
-# KEYS: stream, the user's quota hash. ARGV: maxlen, cap, minute, minute label, time, user, source, fields...
-# The hash holds the current minute's count and drops; a new minute first writes the
-# last one's "N more … dropped" record. One script, so the cap costs no extra round trip.
-_CAPPED = """
-local function add(fields)
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(fields))
-end
-local function note(outcome)
-  add({'time', ARGV[5], 'user', ARGV[6], 'channel', '', 'text', '', 'decision', 'dropped',
-       'outcome', outcome, 'run_id', '', 'instance', '', 'source', ARGV[7]})
-end
-local q = redis.call('HMGET', KEYS[2], 'minute', 'count', 'dropped', 'label')
-if q[1] ~= ARGV[3] then
-  if q[3] and tonumber(q[3]) > 0 then
-    note(q[3] .. ' more from ' .. ARGV[6] .. ' dropped in the minute from ' .. q[4] ..
-         ' (over ' .. ARGV[2] .. ' records a minute)')
+# The capped write as a Lua function, so that other scripts (the front door's, bot/guards.py)
+# can write a record in their own round trip. a: maxlen, cap, minute, minute label, time,
+# user, source, then the record's fields. The quota hash holds the current minute's count and
+# drops; a new minute first writes the last one's "N more … dropped" record.
+CAPPED_FUNCTION = """
+local function capped_record(stream, quota, a)
+  local function add(fields)
+    redis.call('XADD', stream, 'MAXLEN', '~', a[1], '*', unpack(fields))
   end
-  redis.call('HSET', KEYS[2], 'minute', ARGV[3], 'count', 0, 'dropped', 0, 'label', ARGV[4])
-  redis.call('EXPIRE', KEYS[2], 86400)
-end
-local count = redis.call('HINCRBY', KEYS[2], 'count', 1)
-if count > tonumber(ARGV[2]) then
-  redis.call('HINCRBY', KEYS[2], 'dropped', 1)
-  if count == tonumber(ARGV[2]) + 1 then
-    note('over ' .. ARGV[2] .. ' records a minute: more from ' .. ARGV[6] .. ' in the minute from ' ..
-         ARGV[4] .. ' are dropped; their number follows with the next record')
+  local function note(outcome)
+    add({'time', a[5], 'user', a[6], 'channel', '', 'text', '', 'decision', 'dropped',
+         'outcome', outcome, 'run_id', '', 'instance', '', 'source', a[7]})
   end
-  return 0
+  local q = redis.call('HMGET', quota, 'minute', 'count', 'dropped', 'label')
+  if q[1] ~= a[3] then
+    if q[3] and tonumber(q[3]) > 0 then
+      note(q[3] .. ' more from ' .. a[6] .. ' dropped in the minute from ' .. q[4] ..
+           ' (over ' .. a[2] .. ' records a minute)')
+    end
+    redis.call('HSET', quota, 'minute', a[3], 'count', 0, 'dropped', 0, 'label', a[4])
+    redis.call('EXPIRE', quota, 86400)
+  end
+  local count = redis.call('HINCRBY', quota, 'count', 1)
+  if count > tonumber(a[2]) then
+    redis.call('HINCRBY', quota, 'dropped', 1)
+    if count == tonumber(a[2]) + 1 then
+      note('over ' .. a[2] .. ' records a minute: more from ' .. a[6] .. ' in the minute from ' ..
+           a[4] .. ' are dropped; their number follows with the next record')
+    end
+    return 0
+  end
+  add({unpack(a, 8)})
+  return 1
 end
-add({unpack(ARGV, 8)})
-return 1
 """
+# KEYS: stream, the user's quota hash. ARGV: capped_args. One script, so the cap costs no extra round trip.
+_CAPPED = CAPPED_FUNCTION + "return capped_record(KEYS[1], KEYS[2], ARGV)"
+
+
+def quota_key(user: str) -> str:
+    return f"runctl:audit:quota:{user}"
+
+
+def log_record(entry: Record, dumped: dict[str, Any] | None = None) -> None:
+    """The record's JSON line in the runctl.audit log (written for every record); `dumped`:
+    its model_dump(mode="json"), if made already."""
+    log.info(json.dumps(dumped or entry.model_dump(mode="json"), ensure_ascii=False, sort_keys=True))
+
+
+def capped_args(maxlen: int, entry: Record, per_minute: int, dumped: dict[str, Any] | None = None) -> list[EncodableT]:
+    """CAPPED_FUNCTION's arguments for `entry` (`dumped`: as log_record's)."""
+    fields: dict[FieldT, EncodableT] = {k: str(v) for k, v in dumped.items()} if dumped is not None else entry.fields()
+    flat = [part for pair in fields.items() for part in pair]
+    minute = int(entry.time.timestamp() // 60)
+    label = f"{entry.time:%H:%M} UTC"
+    return [maxlen, per_minute, minute, label, fields["time"], entry.user, entry.source, *flat]
 
 
 def record(redis: Redis, maxlen: int, entry: Record, per_minute: int = 0) -> None:
@@ -117,17 +141,12 @@ def record(redis: Redis, maxlen: int, entry: Record, per_minute: int = 0) -> Non
 
     per_minute > 0 caps the stream writes of entry.user (the front door passes
     RUNCTL_AUDIT_PER_MINUTE); the workers' outcome records are not capped."""
-    log.info(json.dumps(entry.model_dump(mode="json"), ensure_ascii=False, sort_keys=True))
+    log_record(entry)
     try:
         if per_minute <= 0:
             redis.xadd(STREAM, entry.fields(), maxlen=maxlen, approximate=True)
             return
-        fields = entry.fields()
-        flat = [part for pair in fields.items() for part in pair]
-        minute = int(entry.time.timestamp() // 60)
-        label = f"{entry.time:%H:%M} UTC"
-        args = (maxlen, per_minute, minute, label, fields["time"], entry.user, entry.source, *flat)
-        redis.eval(_CAPPED, 2, STREAM, f"runctl:audit:quota:{entry.user}", *args)
+        redis.eval(_CAPPED, 2, STREAM, quota_key(entry.user), *capped_args(maxlen, entry, per_minute))
     except RedisError:
         log.exception("could not write the audit record to Redis")
 

@@ -143,11 +143,14 @@ _cache: dict[Path, tuple[tuple[int, int], Policy]] = {}
 _cache_lock = threading.Lock()
 
 
+_DEFAULT = Policy()
+
+
 def load(settings: Settings) -> Policy:
     """The current policy: the file's (re-read when it changed) or the default."""
     path = settings.RUNCTL_POLICY_FILE
     if path is None:
-        return Policy()
+        return _DEFAULT  # one instance: a front-door check loads the policy 4 times (issue 28)
     try:
         stat = path.stat()
     except OSError as exc:

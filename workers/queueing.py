@@ -148,9 +148,13 @@ class RoutedQueue(Queue):
     """The `runctl` queue, handing the LONG_JOBS it is given to `runctl-long`: every place
     that queues a job names the job, never the queue."""
 
+    _long: Queue | None = None
+
     def _route(self, func: object) -> Queue:
         if self.name == QUEUE and queue_of(func) == LONG_QUEUE:
-            return Queue(LONG_QUEUE, connection=self.connection, serializer=self.serializer)
+            if self._long is None:  # made once: a Queue resolves its serializer (~35 µs a train, issue 28)
+                self._long = Queue(LONG_QUEUE, connection=self.connection, serializer=self.serializer)
+            return self._long
         return self
 
     def enqueue_call(self, func: Any, *args: Any, **kwargs: Any) -> Job:
@@ -283,12 +287,16 @@ DAY = 86400
 META = "runctl"  # job.meta[META]: who asked and what, for workers/jobs/abandoned.py
 
 
-def args_of(spec: Spec, payload: Payload, actor: Actor) -> list[object]:
-    args: list[object] = list(payload.model_dump(mode="json").values())
+def args_of(
+    spec: Spec, payload: Payload, actor: Actor, dumped: tuple[dict[str, Any], dict[str, Any]] | None = None
+) -> list[object]:
+    """The job function's arguments (`dumped`: the payload's and the actor's JSON, if made already)."""
+    fields, person = dumped or (payload.model_dump(mode="json"), actor.model_dump(mode="json"))
+    args: list[object] = list(fields.values())
     while args and args[-1] is None:
         args.pop()
     if spec.actor_at is not None:
-        args.insert(spec.actor_at, actor.model_dump(mode="json"))
+        args.insert(spec.actor_at, person)
     return args
 
 
@@ -310,8 +318,9 @@ def enqueue(
     spec = SPECS[path]
     if not isinstance(payload, spec.payload):
         raise TypeError(f"{path.name} takes {spec.payload.__name__}, not {type(payload).__name__}")
-    if (spec.actor_at is None) != (actor == SYSTEM):
+    if (spec.actor_at is None) != (actor.user_id == SYSTEM.user_id and actor == SYSTEM):
         raise ValueError(f"{path.name}: a system job takes SYSTEM as its actor, and only a system job does")
+    dumped = (payload.model_dump(mode="json"), actor.model_dump(mode="json"))  # once: for the args and the meta
     options: dict[str, Any] = {"job_timeout": spec.timeout, "failure_ttl": 7 * DAY, "pipeline": pipeline}
     if job_id is not None:
         options["job_id"] = job_id
@@ -323,10 +332,8 @@ def enqueue(
         options["result_ttl"] = DAY
         options["on_failure"] = Callback(ABANDONED)
         options["retry"] = JobRetry(max=1) if path in RETRIED else None
-        options["meta"] = {
-            META: {"actor": actor.model_dump(mode="json"), "payload": payload.model_dump(mode="json"), "what": what}
-        }
-    args = args_of(spec, payload, actor)
+        options["meta"] = {META: {"actor": dumped[1], "payload": dumped[0], "what": what}}
+    args = args_of(spec, payload, actor, dumped)
     if when is not None:
         job: Job = queue.enqueue_at(when, path.value, *args, **options)
     elif delay is not None:

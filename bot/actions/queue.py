@@ -18,18 +18,25 @@ from workers.slack.client import privately
 from workers.slack.ids import ActionId
 from workers.slack.messages import Message
 from workers.slack.messages.queue import busy_offer
-from workers.state.locks import train_lock
+from workers.state.locks import Holder, train_lock
 from workers.state.run_queue import QueueStore, new_entry_id, offer, peek_offer, take_offer
 from workers.state.runs import RunStore
 
 
-def busy(redis: Redis, command: TrainCommand, actor: Actor, now: datetime) -> Message | None:
-    """The busy answer, when the typed instance id's train lock is held (a name, or a lock
+def busy_lock(redis: Redis, command: TrainCommand) -> str | None:
+    """The train lock to look at before queueing `command` (None: no look; a name, or a lock
     taken after this look, is refused by the worker instead)."""
     if command.force or command.queue or not INSTANCE_ID.fullmatch(command.instance_id):
         return None
-    holder = train_lock(redis, command.instance_id).holder()
-    if holder is None:
+    return train_lock(redis, command.instance_id).key
+
+
+def busy(redis: Redis, command: TrainCommand, actor: Actor, held: str, now: datetime) -> Message | None:
+    """The busy answer for `command`, whose instance's train lock holds `held` (None: not a
+    holder this can read)."""
+    try:
+        holder = Holder.model_validate_json(held)
+    except ValueError:
         return None
     live = RunStore(redis).get(holder.run_id)
     waiting = QueueStore(redis).waiting(command.instance_id)
