@@ -232,7 +232,8 @@ def test_cancel_and_a_rights_revocation_between_queue_and_start(
     payload = {"ts": mine.ts, "blocks": mine.blocks, "text": mine.text}
     send_click(svc, slack, racing[0], click(payload, ActionId.QUEUE_CANCEL, BOB))
     until("Bob's cancel", lambda: queue_of(svc, iid) == [carol])
-    assert f"Queued run `{bob}`" in told(slack, BOB) and "was cancelled" in told(slack, BOB)
+    until("Bob told", lambda: "was cancelled" in told(slack, BOB))  # said after the queue changed
+    assert f"Queued run `{bob}`" in told(slack, BOB)
 
     # Carol loses `train` before her turn: her run is not started, she is told, the queue moves on.
     write_policy(svc, policy, '[roles]\nml = ["U0ALICE", "U0BOB"]\n[commands]\ntrain = ["ml", "admin"]\n')

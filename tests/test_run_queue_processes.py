@@ -65,8 +65,8 @@ def test_two_worker_pools_one_sigkilled_start_the_queue_in_order_once_each(
     routed = RoutedQueue(QUEUE, connection=real_redis)
     first = f"r-qp-{uuid.uuid4().hex[:8]}"
     args = ("--epochs", "12", "--steps-per-epoch", "2", "--step-seconds", "0.25")  # 6 s
-    # The live run lasts long enough (24 s) for both queue jobs to land behind it on 2 loaded cores.
-    longer = ("--epochs", "12", "--steps-per-epoch", "2", "--step-seconds", "1")
+    # The live run lasts long enough (48 s) for both queue jobs to land behind it on 2 loaded cores.
+    longer = ("--epochs", "12", "--steps-per-epoch", "2", "--step-seconds", "2")
     enqueue_train(routed, TrainCommand(instance_id=iid, script=SCRIPT, args=longer), ALICE, first)
     runs = RunStore(real_redis)
     wait(lambda: (r := runs.get(first)) is not None and r.state is RunState.RUNNING, "the live run", procs)
