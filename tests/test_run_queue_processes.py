@@ -65,17 +65,20 @@ def test_two_worker_pools_one_sigkilled_start_the_queue_in_order_once_each(
     routed = RoutedQueue(QUEUE, connection=real_redis)
     first = f"r-qp-{uuid.uuid4().hex[:8]}"
     args = ("--epochs", "12", "--steps-per-epoch", "2", "--step-seconds", "0.25")  # 6 s
-    # The live run lasts long enough (48 s) for both queue jobs to land behind it on 2 loaded cores.
-    longer = ("--epochs", "12", "--steps-per-epoch", "2", "--step-seconds", "2")
+    # The live run lasts long enough (24 s) for both queue jobs to land behind it on 2 loaded cores.
+    longer = ("--epochs", "12", "--steps-per-epoch", "2", "--step-seconds", "1")
     enqueue_train(routed, TrainCommand(instance_id=iid, script=SCRIPT, args=longer), ALICE, first)
     runs = RunStore(real_redis)
     wait(lambda: (r := runs.get(first)) is not None and r.state is RunState.RUNNING, "the live run", procs)
     queued = [f"q-qp-{uuid.uuid4().hex[:8]}" for _ in range(2)]
-    for entry_id, who in zip(queued, (BOB, CAROL), strict=True):
+    store = QueueStore(real_redis)
+    # One after the other: two pools race for the two queue jobs, and the queue's order is the
+    # order their checks finish in.
+    for n, (entry_id, who) in enumerate(zip(queued, (BOB, CAROL), strict=True), 1):
         cmd = TrainCommand(instance_id=iid, script=SCRIPT, args=args, queue=True)
         enqueue(routed, JobPath.QUEUE_ADD, CommandArgs(command=cmd, run_id=entry_id), who)
-    store = QueueStore(real_redis)
-    wait(lambda: store.ids(iid) == queued, "both queued", procs)
+        head = queued[:n]
+        wait(lambda: store.ids(iid) == head, f"{n} queued", procs)  # noqa: B023 (called at once)
 
     wait(
         lambda: (r := runs.get(queued[0])) is not None and r.state is RunState.RUNNING,
