@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import botocore.loaders
+import botocore.session
 import fakeredis
 import pytest
 import redis as redis_mod
@@ -39,6 +41,14 @@ TOKEN = "xoxb-test-token"
 # channel it is not in (posts work through chat:write.public, files and ephemerals do not).
 MEMBER_OF = ("C0TRAIN", "C0OPS", "C0ENV", "C0RANDOM")
 
+# Each test's Services makes a boto3 Session, whose clients parse botocore's service models
+# afresh (~0.15 s a client, most of a short test): one loader for the process caches them.
+_LOADER = botocore.loaders.create_loader()
+botocore.session.create_loader = lambda search_path_string=None: _LOADER
+# EC2 forgets a terminated instance after about an hour (Ec2.terminated_visible_seconds); a
+# session's thousands of test instances would otherwise slow every Describe and SSM call.
+TERMINATED_VISIBLE_SECONDS = 120.0
+
 
 @pytest.fixture
 def real_redis() -> Iterator[redis_mod.Redis]:
@@ -62,6 +72,7 @@ def fake_redis() -> redis_mod.Redis:
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     box = Sandbox(tmp_path_factory.mktemp("sandbox"))
     box.agent_online_after = 0  # agents register at once; a test that needs the wait sets it
+    box.ec2.terminated_visible_seconds = TERMINATED_VISIBLE_SECONDS
     box.start()
     old = {k: os.environ.get(k) for k in box.env()}
     os.environ.update(box.env())

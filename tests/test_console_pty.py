@@ -8,6 +8,7 @@ import os
 import pty
 import re
 import select
+import signal
 import sys
 import time
 from pathlib import Path
@@ -75,8 +76,11 @@ class Terminal:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
                 return os.waitstatus_to_exitcode(status)
-        os.kill(self.pid, 9)
-        pytest.fail(f"the console did not leave within {timeout} s; the screen ends:\n{self.seen[-3000:]}")
+        os.kill(self.pid, signal.SIGUSR1)  # the console's faulthandler prints every thread's stack
+        time.sleep(1)
+        self.drain()
+        os.kill(self.pid, signal.SIGKILL)
+        pytest.fail(f"the console did not leave within {timeout} s; the screen ends:\n{self.seen[-6000:]}")
 
 
 def test_history_ctrl_c_during_wait_and_the_exit_status(tmp_path: Path) -> None:

@@ -81,6 +81,8 @@ def test_flushall_mid_run_the_run_is_adopted_and_its_end_reported_once(
     start(iid, "r-flush", epochs=12, step_seconds=0.15)
     parent_ts = svc.runs.get("r-flush").message_ts  # type: ignore[union-attr]
     wait_for(lambda: epoch_seen(run_dir, 1), "epoch 1")
+    training = int((run_dir / "pid").read_text())
+    os.kill(training, signal.SIGSTOP)  # live, but it cannot end while the passes look (a loaded machine is slow)
 
     svc.redis.flushdb()  # every key runctl and RQ have (one db), as a failover to an empty replica loses them
     # Two passes at once: one adopts, neither says so twice.
@@ -99,6 +101,7 @@ def test_flushall_mid_run_the_run_is_adopted_and_its_end_reported_once(
     picked = [t for t in replies(slack, parent_ts) if "lost track of this run at" in t and "picked it up again" in t]
     assert len(picked) == 1, replies(slack, parent_ts)
 
+    os.kill(training, signal.SIGCONT)
     worker.drain(timeout=90)
     run = svc.runs.get("r-flush")
     assert run is not None and run.state is RunState.SUCCEEDED

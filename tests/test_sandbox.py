@@ -472,3 +472,23 @@ def test_cli_serves_until_sigterm(tmp_path: Path, aws: boto3.Session) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_terminated_instance_stays_visible_for_a_while_then_ec2_forgets_it(sandbox: Sandbox, ec2: EC2Client) -> None:
+    """AWS: "Terminated instances remain visible after termination (for approximately one
+    hour)" (API_TerminateInstances); moto kept them forever."""
+    old, new = _launch(ec2, Name="soon-gone"), _launch(ec2, Name="just-gone")
+    ec2.terminate_instances(InstanceIds=[old])
+    state = ec2.describe_instances(InstanceIds=[old])["Reservations"][0]["Instances"][0]["State"]["Name"]
+    assert state == "terminated"  # visible within the window
+    window = sandbox.ec2.terminated_visible_seconds
+    sandbox.ec2.terminated_visible_seconds = 0.0
+    try:
+        ec2.terminate_instances(InstanceIds=[new])  # the window has passed for the first
+    finally:
+        sandbox.ec2.terminated_visible_seconds = window
+    with pytest.raises(ClientError) as gone:
+        ec2.describe_instances(InstanceIds=[old])
+    assert gone.value.response["Error"]["Code"] == "InvalidInstanceID.NotFound"
+    named = ec2.describe_instances(Filters=[{"Name": "tag:Name", "Values": ["soon-gone", "just-gone"]}])
+    assert [i["InstanceId"] for r in named["Reservations"] for i in r["Instances"]] == [new]  # just terminated

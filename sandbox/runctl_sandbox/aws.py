@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import signal
+import socketserver
 import sys
 import threading
 import urllib.request
@@ -38,8 +40,10 @@ from runctl_sandbox.shim import AwsShim
 from runctl_sandbox.ssm_agent import Agent
 
 if TYPE_CHECKING:
+    from types_boto3_ec2.client import EC2Client
     from types_boto3_ec2.literals import InstanceTypeType
     from types_boto3_ec2.type_defs import TagTypeDef
+    from types_boto3_s3.client import S3Client
 
 HOST = "127.0.0.1"
 ACCESS_KEY = SECRET_KEY = "testing"
@@ -77,6 +81,9 @@ class Sandbox(ThreadedMotoServer):
         app = AwsShim(moto, self._agent, self.region, self._ec2, self.s3, self.prices)
         try:
             self._server = make_server(self._ip_address, self._port, app, threaded=True, request_handler=_QuietHandler)
+            # Closing does not wait for request threads (daemons): one a client left waiting must not hold a stop.
+            if isinstance(self._server, socketserver.ThreadingMixIn):
+                self._server.block_on_close = False
         except BaseException as exc:  # start() waits on the event: never leave it unset
             self._startup_error = exc
             self._server_ready_event.set()
@@ -270,10 +277,16 @@ SEED_INSTANCES: tuple[tuple[str, InstanceTypeType, bool, bool], ...] = (
 )
 
 
+@functools.cache
+def _clients(endpoint_url: str, region: str) -> tuple[S3Client, EC2Client]:
+    """seed's S3 and EC2 clients, made once per sandbox and region (a client costs ~0.15 s)."""
+    session = boto3.Session(aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY, region_name=region)
+    return session.client("s3", endpoint_url=endpoint_url), session.client("ec2", endpoint_url=endpoint_url)
+
+
 def seed(endpoint_url: str, region: str, bucket: str) -> SeedInfo:
     """Create the demo fleet and bucket through the public API."""
-    session = boto3.Session(aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY, region_name=region)
-    s3 = session.client("s3", endpoint_url=endpoint_url)
+    s3, ec2 = _clients(endpoint_url, region)
     if region == "us-east-1":
         s3.create_bucket(Bucket=bucket)
     else:
@@ -281,7 +294,6 @@ def seed(endpoint_url: str, region: str, bucket: str) -> SeedInfo:
             Bucket=bucket,
             CreateBucketConfiguration={"LocationConstraint": region},  # type: ignore[typeddict-item]
         )
-    ec2 = session.client("ec2", endpoint_url=endpoint_url)
     instances: dict[str, str] = {}
     for name, instance_type, managed, running in SEED_INSTANCES:
         tags: list[TagTypeDef] = [{"Key": "Name", "Value": name}]

@@ -10,12 +10,14 @@ Hubot's shell adapter work the same way).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import html
 import importlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -536,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
         "a warning and an autostop within a minute of idling)",
     )
     args = parser.parse_args(argv)
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1` prints every thread's stack: a console that hangs says where
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     temporary = args.workdir is None  # removed on exit; a --workdir is kept for inspection
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="runctl-console-"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -134,6 +134,11 @@ class Ec2:
         self.spot = spot or SpotRequests()
         self.rules = LaunchRules()  # Unsupported zones, account quotas
         self.network = Network()  # private IPs on the loopback, blocked ports
+        # "Terminated instances remain visible after termination (for approximately one hour)"
+        # (https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_TerminateInstances.html);
+        # moto keeps them forever, and every Describe and SSM call then scans them all.
+        self.terminated_visible_seconds = 3600.0
+        self._terminated: dict[tuple[str, str, str], float] = {}  # (account, region, id): when, monotonic
 
     def _capacity(self, ctx: RequestContext, params: dict[str, list[str]]) -> bytes | None:
         """EC2's InsufficientInstanceCapacity (a 500, "Server." error) for a zone made full
@@ -193,10 +198,36 @@ class Ec2:
             kill_instance_processes(ids)
             if action == "TerminateInstances":
                 self.spot.terminated(ctx, ids)
+                self._forget_terminated(ctx, ids)
         if action == "RunInstances" and status.startswith("200"):
             self.network.assign(ctx.account_id, ctx.region, [m.decode() for m in _LAUNCHED.findall(reply)])
             self.spot.adopt(ctx, params, [m.decode() for m in _LAUNCHED.findall(reply)])
         return wire.reply(start_response, status, headers, reply)
+
+    def _forget_terminated(self, ctx: RequestContext, ids: list[str]) -> None:
+        """Record when `ids` were terminated, and drop those terminated longer ago than
+        terminated_visible_seconds from moto's backend (and their tags), as EC2 does."""
+        now = time.monotonic()
+        for iid in ids:
+            self._terminated.setdefault((ctx.account_id, ctx.region, iid), now)
+        gone = {key for key, when in self._terminated.items() if now - when > self.terminated_visible_seconds}
+        if not gone:
+            return
+        for account, region in {(a, r) for a, r, _ in gone}:
+            backend = ec2_backends[account][region]
+            ids_gone = {i for a, r, i in gone if (a, r) == (account, region)}
+            for rid, reservation in list(backend.reservations.items()):
+                kept = [i for i in reservation.instances if i.id not in ids_gone or i.state != "terminated"]
+                if len(kept) == len(reservation.instances):
+                    continue
+                if kept:
+                    reservation.instances = kept
+                else:
+                    backend.reservations.pop(rid, None)
+            for iid in ids_gone:
+                backend.tags.pop(iid, None)
+        for key in gone:
+            del self._terminated[key]
 
     def _relaunched(self, ctx: RequestContext, ids: list[str]) -> None:
         """Real EC2 resets LaunchTime on every start: "The time that the instance was last

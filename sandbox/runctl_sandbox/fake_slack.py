@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import re
+import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -315,6 +316,8 @@ class FakeSlack:
     # --- lifecycle ---
     def start(self) -> None:
         self._server = make_server(HOST, 0, self._app, threaded=True, request_handler=_QuietHandler)
+        if isinstance(self._server, socketserver.ThreadingMixIn):  # a stop does not wait for request threads (daemons)
+            self._server.block_on_close = False
         self._thread = threading.Thread(target=self._server.serve_forever, name="fake-slack", daemon=True)
         self._thread.start()
 
@@ -324,7 +327,7 @@ class FakeSlack:
         self._server.shutdown()
         self._server.server_close()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout=10)
         self._server = self._thread = None
 
     def __enter__(self) -> Self:
