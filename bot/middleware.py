@@ -124,8 +124,8 @@ class Door:
         silently; over the rate limit, privately and audited). RedisError passes."""
         settings: Settings = context["settings"]
         redis: Redis = context["redis"]
-        dumped = self.record.model_dump(mode="json")  # once, for the script and the log line
-        record = audit.capped_args(settings.RUNCTL_AUDIT_MAXLEN, self.record, settings.RUNCTL_AUDIT_PER_MINUTE, dumped)
+        text = audit.line(self.record)  # once, for the script and the log line
+        record = audit.capped_args(settings.RUNCTL_AUDIT_MAXLEN, self.record, settings.RUNCTL_AUDIT_PER_MINUTE, text)
         try:
             passed = guards.admit_writing(
                 redis, self.key, self.record.user, settings.RUNCTL_RATE_PER_MINUTE, self.counted, record, writes, lock
@@ -139,7 +139,7 @@ class Door:
             log.info("dropping repeated delivery %s (retry %s)", self.key, self.retry)
             ack()
             return None
-        audit.log_record(self.record, dumped)
+        audit.log_record(self.record, text)
         return passed
 
 

@@ -6,7 +6,7 @@ Before Bolt sees a request, the front door here refuses, without reading or pars
 the body: headers that cannot be a fresh Slack signature (401) and a declared length
 over MAX_BODY_BYTES (413). It then reads at most MAX_BODY_BYTES (chunked bodies too),
 within BODY_SECONDS (a watchdog ends slower reads), and checks the signature over those bytes (401). Only a signed
-body is handed to Bolt, which parses it (and checks the signature again).
+body is handed to Bolt, which parses it (`build_app(verified=True)`: Bolt does not check the signature a second time).
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ class TooLarge(Exception):
 
 
 def wsgi(settings: Settings, redis: Redis) -> WSGIApp:
-    # Signature verification is always on here: build_app enables it and requires the secret.
-    app = build_app(settings, redis)
+    # Every request reaches Bolt only once `events` checked its signature (build_app requires the secret).
+    app = build_app(settings, redis, verified=True)
     handler = SlackRequestHandler(app)
     secret = settings.secret("SLACK_SIGNING_SECRET")
     run_event = run_events.handler(redis, settings, read_capped)

@@ -8,6 +8,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 import redis as redis_mod
 from rq import Queue
 from slack_bolt import App
@@ -15,10 +16,10 @@ from slack_sdk import WebClient
 
 from bot.app import build_app
 from runctl_sandbox.fake_slack import FakeSlack
-from tests.conftest import TOKEN
+from tests.conftest import REDIS_URL, TOKEN
 from tests.slack import command
 from workers import audit
-from workers.queueing import LONG_QUEUE, QUEUE
+from workers.queueing import LONG_QUEUE, QUEUE, connect_front
 from workers.settings import Settings
 from workers.state.locks import Holder, train_lock
 
@@ -28,7 +29,34 @@ IID = "i-0123456789abcdef0"
 
 
 def make(settings: Settings, redis: redis_mod.Redis, slack: FakeSlack) -> App:
-    return build_app(settings, redis, WebClient(token=TOKEN, base_url=slack.base_url), token_verification=False)
+    """The app on the web process's own client for the same Redis (fails fast; hiredis packs its commands)."""
+    front = connect_front(REDIS_URL) if type(redis) is redis_mod.Redis else redis  # fakeredis stays itself
+    return build_app(settings, front, WebClient(token=TOKEN, base_url=slack.base_url), token_verification=False)
+
+
+def test_the_front_doors_client_sends_what_redis_py_would(real_redis: redis_mod.Redis) -> None:
+    front = connect_front(REDIS_URL)
+    values: list[Any] = [
+        "plain",
+        "é ✓ 日本",
+        b"\x00\xffbytes",
+        42,
+        -7,
+        0.1,
+        1e-7,
+        2**70,
+        bytearray(b"ba"),
+        memoryview(b"mv"),
+    ]
+    for n, value in enumerate(values):
+        front.set(f"k{n}", value)
+        real_redis.set(f"r{n}", value)
+        assert front.get(f"k{n}") == real_redis.get(f"r{n}")
+    sha = front.script_load("return ARGV[1]")  # SCRIPT LOAD: two words, as redis-py sends them
+    assert front.evalsha(sha, 0, "é") == "é".encode()
+    for bad in (True, None):
+        with pytest.raises(redis_mod.DataError):
+            front.set("bad", bad)  # type: ignore[arg-type]
 
 
 def text(response: Any) -> str:

@@ -18,7 +18,7 @@ import json
 import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
 from redis import Redis
@@ -80,7 +80,8 @@ def refuse(svc: Services, actor: Actor, error: RunctlError, run_id: str = "", in
 
 # The capped write as a Lua function, so that other scripts (the front door's, bot/guards.py)
 # can write a record in their own round trip. a: maxlen, cap, minute, minute label, time,
-# user, source, then the record's fields. The quota hash holds the current minute's count and
+# user, source, then the record as its JSON log line (one argument, not one per field: each
+# costs redis-py an encoding, issue 28). The quota hash holds the current minute's count and
 # drops; a new minute first writes the last one's "N more … dropped" record.
 CAPPED_FUNCTION = """
 local function capped_record(stream, quota, a)
@@ -109,7 +110,12 @@ local function capped_record(stream, quota, a)
     end
     return 0
   end
-  add({unpack(a, 8)})
+  local fields = {}
+  for k, v in pairs(cjson.decode(a[8])) do
+    fields[#fields + 1] = k
+    fields[#fields + 1] = (type(v) == 'string') and v or ''
+  end
+  add(fields)
   return 1
 end
 """
@@ -121,19 +127,22 @@ def quota_key(user: str) -> str:
     return f"runctl:audit:quota:{user}"
 
 
-def log_record(entry: Record, dumped: dict[str, Any] | None = None) -> None:
-    """The record's JSON line in the runctl.audit log (written for every record); `dumped`:
-    its model_dump(mode="json"), if made already."""
-    log.info(json.dumps(dumped or entry.model_dump(mode="json"), ensure_ascii=False, sort_keys=True))
+def line(entry: Record) -> str:
+    """The record as its JSON log line (and as CAPPED_FUNCTION takes it)."""
+    return json.dumps(entry.model_dump(mode="json"), ensure_ascii=False, sort_keys=True)
 
 
-def capped_args(maxlen: int, entry: Record, per_minute: int, dumped: dict[str, Any] | None = None) -> list[EncodableT]:
-    """CAPPED_FUNCTION's arguments for `entry` (`dumped`: as log_record's)."""
-    fields: dict[FieldT, EncodableT] = {k: str(v) for k, v in dumped.items()} if dumped is not None else entry.fields()
-    flat = [part for pair in fields.items() for part in pair]
+def log_record(entry: Record, text: str | None = None) -> None:
+    """The record's JSON line in the runctl.audit log (written for every record); `text`: its line, if made already."""
+    log.info(text or line(entry))
+
+
+def capped_args(maxlen: int, entry: Record, per_minute: int, text: str | None = None) -> list[EncodableT]:
+    """CAPPED_FUNCTION's arguments for `entry` (`text`: its line, if made already)."""
     minute = int(entry.time.timestamp() // 60)
     label = f"{entry.time:%H:%M} UTC"
-    return [maxlen, per_minute, minute, label, fields["time"], entry.user, entry.source, *flat]
+    when = entry.time.isoformat().replace("+00:00", "Z")  # as the line has it (pydantic's JSON)
+    return [maxlen, per_minute, minute, label, when, entry.user, entry.source, text or line(entry)]
 
 
 def record(redis: Redis, maxlen: int, entry: Record, per_minute: int = 0) -> None:
@@ -141,12 +150,13 @@ def record(redis: Redis, maxlen: int, entry: Record, per_minute: int = 0) -> Non
 
     per_minute > 0 caps the stream writes of entry.user (the front door passes
     RUNCTL_AUDIT_PER_MINUTE); the workers' outcome records are not capped."""
-    log_record(entry)
+    text = line(entry)
+    log_record(entry, text)
     try:
         if per_minute <= 0:
             redis.xadd(STREAM, entry.fields(), maxlen=maxlen, approximate=True)
             return
-        redis.eval(_CAPPED, 2, STREAM, quota_key(entry.user), *capped_args(maxlen, entry, per_minute))
+        redis.eval(_CAPPED, 2, STREAM, quota_key(entry.user), *capped_args(maxlen, entry, per_minute, text))
     except RedisError:
         log.exception("could not write the audit record to Redis")
 
