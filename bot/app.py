@@ -35,9 +35,7 @@ class Inject(Middleware):
     def __init__(self, settings: Settings, redis: Redis, queue: RoutedQueue) -> None:
         self.settings, self.redis, self.queue = settings, redis, queue
 
-    def process(
-        self, *, req: BoltRequest, resp: BoltResponse, next: Callable[[], BoltResponse]
-    ) -> BoltResponse | None:
+    def process(self, *, req: BoltRequest, resp: BoltResponse, next: Callable[[], BoltResponse]) -> BoltResponse | None:
         context = req.context
         context["settings"] = self.settings
         context["redis"] = self.redis
