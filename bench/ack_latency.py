@@ -9,9 +9,12 @@ request), so the load generator stays cheap; it reports its own CPU beside the
 server's (gunicorn master + workers) and Redis's.
 
     python bench/ack_latency.py [-n 2000] [-c 50] [--workers W] [--threads T] [--new-connections] [--bare] [--smoke]
+    python bench/ack_latency.py --pair ROUNDS [-n 20000]     # both apps at once: the CPU ratio
 
 `--bare` serves `bench/bare_app.py` instead (a bare Bolt app: signature check, ack, one
 RQ enqueue) with the same gunicorn command: the floor our front door is compared with.
+`--pair` serves both at once and alternates batches between them, which is how the ratio
+in bench/README.md is measured.
 """
 
 from __future__ import annotations
@@ -249,10 +252,19 @@ def main(argv: list[str] | None = None) -> int:
         "--new-connections", action="store_true", help="one TCP connection per request instead of keep-alive"
     )
     parser.add_argument("--bare", action="store_true", help="serve the bare Bolt app (bench/bare_app.py)")
+    parser.add_argument(
+        "--pair",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="serve both apps at once and send them the requests in ROUNDS alternating batches: the CPU ratio",
+    )
     args = parser.parse_args(argv)
     n, c = (100, 10) if args.smoke else (args.n, args.c)
     keep_alive = not args.new_connections
     redis = harness.bench_redis()
+    if args.pair:
+        return pair(redis, n, c, keep_alive, args.pair, args.workers, args.threads)
     with harness.fake_slack() as slack, web_process(slack, args.workers, args.threads, args.bare) as (port, pid):
         hook = slack.response_url("bench")
         warm, payloads = requests(min(200, n), "warm", keep_alive, hook), requests(n, "run", keep_alive, hook)
@@ -286,6 +298,52 @@ def main(argv: list[str] | None = None) -> int:
         "client_cpu_cores": round(client_cpu / wall, 2),
     }
     harness.report("ack_latency", figures, {"p99_ms": "≤ 50 at C=50", "over_3000_ms": "= 0", "non_200": "= 0"})
+    return 0
+
+
+def pair(
+    redis: redis_mod.Redis, n: int, c: int, keep_alive: bool, rounds: int, workers: int | None, threads: int | None
+) -> int:
+    """Both apps served at once, each sent n requests in `rounds` batches, web then bare in
+    turn: a load that comes and goes meets both alike, so the ratio of their CPU per ack
+    holds where two runs a minute apart differ by ±20 %."""
+    batch = max(1, n // rounds)
+    cpu = {"web": 0.0, "bare": 0.0}
+    ratios: list[float] = []
+    with (
+        harness.fake_slack() as slack,
+        web_process(slack, workers, threads) as web,
+        web_process(slack, workers, threads, bare=True) as bare,
+    ):
+        hook = slack.response_url("bench")
+        for name, (port, _pid) in (("web", web), ("bare", bare)):
+            asyncio.run(load(port, requests(min(200, n), f"warm-{name}", keep_alive, hook), c, keep_alive))
+        for r in range(rounds):
+            spent = {}
+            for name, (port, pid) in (("web", web), ("bare", bare)):
+                payloads = requests(batch, f"{name}-{r}", keep_alive, hook)
+                before = tree_cpu_seconds(pid)
+                _, statuses, _, _ = asyncio.run(load(port, payloads, c, keep_alive))
+                spent[name] = tree_cpu_seconds(pid) - before
+                cpu[name] += spent[name]
+                if any(s != 200 for s in statuses):
+                    raise SystemExit(f"{name}: {sum(s != 200 for s in statuses)} requests not acked")
+            ratios.append(spent["web"] / spent["bare"])
+    redis.flushdb()
+    ratios.sort()
+    figures: dict[str, harness.Figure] = {
+        "requests_each": batch * rounds,
+        "rounds": rounds,
+        "concurrency": c,
+        "gunicorn": procfile_pool(workers, threads),
+        "web_cpu_ms_per_ack": round(cpu["web"] * 1000 / (batch * rounds), 3),
+        "bare_cpu_ms_per_ack": round(cpu["bare"] * 1000 / (batch * rounds), 3),
+        "cpu_ratio": round(cpu["web"] / cpu["bare"], 3),
+        "round_ratio_median": round(ratios[len(ratios) // 2], 3),
+        "round_ratio_min_max": f"{ratios[0]:.2f}–{ratios[-1]:.2f}",
+        "load_avg_1min": os.getloadavg()[0],
+    }
+    harness.report("ack_latency_pair", figures, {"cpu_ratio": "≤ 1.2"})
     return 0
 
 

@@ -91,6 +91,8 @@ def test_an_allowed_command_is_audited_with_its_job(
     assert (entry.decision, entry.outcome, entry.instance) == ("allowed", "queued", IID)
     (job,) = Queue(LONG_QUEUE, connection=real_redis).jobs  # a train may build an environment: the long queue
     assert job.func_name == "workers.jobs.train.train" and job.args[1]["user_id"] == "U0DANA"
+    # What RQ's workers log for it: not its arguments (a response_url in them is a credential).
+    assert job.description == "workers.jobs.train.train for U0DANA"
 
 
 def test_help_is_audited_as_answered_and_queues_nothing(
