@@ -68,6 +68,10 @@ from datetime import UTC, datetime, timedelta
 from tempfile import TemporaryDirectory
 from typing import Any
 
+from rq import Queue
+from rq.job import Job
+from rq.registry import FinishedJobRegistry
+
 from bench import harness, scale_jobs
 from bot.web import wsgi
 from runctl_sandbox.aws import MANAGED_TAG
@@ -77,6 +81,7 @@ from runctl_sandbox.web import WebServer
 from workers import services
 from workers.aws.fleet import Fleet
 from workers.aws.instance import ScriptResult
+from workers.queueing import QUEUES
 from workers.slack import updates
 from workers.slack.thread import open_run
 from workers.state import event_keys, polls
@@ -152,6 +157,18 @@ def db_bytes(redis: Any) -> int:
     for key in redis.scan_iter(count=1000):
         total += int(redis.memory_usage(key) or 0)
     return total
+
+
+def jobs_run(redis: Any) -> str:
+    """The jobs the workers finished, by function (`monitor.tick=310 events.event=1200`)."""
+    done: Counter[str] = Counter()
+    for name in QUEUES:
+        queue = Queue(name, connection=redis)
+        ids = FinishedJobRegistry(queue=queue).get_job_ids()
+        for job in Job.fetch_many(ids, connection=redis):
+            if job is not None:
+                done[".".join(str(job.func_name).split(".")[-2:])] += 1
+    return " ".join(f"{name}={n}" for name, n in done.most_common())
 
 
 def task_cpu_seconds(native_id: int | None) -> float:
@@ -292,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                 worker.stop()
         services.install(None)
         mem_end = db_bytes(redis)
+        done = jobs_run(redis)
         figures = _figures(
             slack,
             svc,
@@ -308,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         figures["redis_bytes_per_live_run"] = round((mem_live - mem_empty) / n)
         figures["redis_bytes_window_growth_per_run"] = round((mem_end - mem_live) / n)
+        figures["jobs_run"] = done
         figures.update(jobs)
     slack.stop()
     if not os.environ.get("SCALE_KEEP"):
