@@ -15,8 +15,8 @@ The workspace's update scheduler (issue 28: 500 live runs ask for 2,000 updates 
 the budget carries 40). What waits is sent in priority order, not first come:
 - band 0, ends and answers: a run whose state ended (its final parent). Only these may take
   the bucket's last RESERVE tokens, so an end never waits behind progress;
-- band 1, watched: a run someone looked at within WATCH_SECONDS (`watch`: status asked),
-  whose message is WATCHED_EVERY old, and the sweep's warning posts;
+- band 1, watched: a run someone looked at within WATCH_SECONDS (`watch`: status asked, or
+  [Full log] clicked), whose message is WATCHED_EVERY old, and the sweep's warning posts;
 - band 2, everything else, round-robin: the message updated longest ago goes first.
 A new progress state for a run that is already waiting replaces it (the message is rendered
 when sent): that is the stale progress the budget drops, counted in STATS. An end is never
