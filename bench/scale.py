@@ -33,7 +33,7 @@ Figures:
   asked: `updates.watch`);
 - progress states dropped as stale (replaced while waiting), never an end;
 - events answered 202 / 429 at the web, accepted per second;
-- the workers' CPU per run-hour, Redis memory per live run, SSM calls per run-hour;
+- the workers' CPU per run-hour, Redis memory per live run, SSM calls per run-hour, the jobs run;
 - the sweep, digest and reconcile: seconds, AWS calls by API, Slack calls by method.
 
     python bench/scale.py [--runs 500] [--channels 20] [--minutes 3] [--ends N] [--burst-ends B]
@@ -160,7 +160,8 @@ def db_bytes(redis: Any) -> int:
 
 
 def jobs_run(redis: Any) -> str:
-    """The jobs the workers finished, by function (`monitor.tick=310 events.event=1200`)."""
+    """The jobs the workers finished, by function (`monitor.tick=310 events.event=1200`): those
+    of the last 10 minutes (RQ keeps a system job's result for 600 s), so all of a short window's."""
     done: Counter[str] = Counter()
     for name in QUEUES:
         queue = Queue(name, connection=redis)
