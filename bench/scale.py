@@ -1,4 +1,4 @@
-"""Benchmark 11: many live runs in one workspace, run events on, Slack's budgets enforced.
+"""Benchmark 12: many live runs in one workspace, run events on, Slack's budgets enforced.
 
 N live runs (default 500) spread over C channels (default 20; `--channels 1` puts them all in
 one) send signed progress events every RUNCTL_EVENTS_PROGRESS_SECONDS (15 s, with jitter)
@@ -12,6 +12,11 @@ instance side is a fast fake: one local directory holds every run's `runs/<id>/`
 (pid, exit_code, progress.json) and a "SendCommand" runs the real status script on it
 under /bin/sh, so the monitor's polls and the exit events' polls parse real output; it
 counts the calls a real SSM would get (one SendCommand and one read per 50 instances).
+Every run's instance exists in the sandbox (moto + the executing-SSM shim: bench/scale_jobs.py),
+which answers everything else (an instance's description, the bucket).
+
+Before the window, with the N runs live, the real sweep (twice), digest and reconcile run once
+each against the sandbox: their wall time, AWS calls by API and Slack calls (bench/scale_jobs.py).
 
 During the window (`--minutes`, default 3 of real time) `--ends` runs (default 10 % of
 them) exit at random times, and with `--burst-ends B` (default 50 with one channel) B of
@@ -28,7 +33,8 @@ Figures:
   asked: `updates.watch`);
 - progress states dropped as stale (replaced while waiting), never an end;
 - events answered 202 / 429 at the web, accepted per second;
-- the workers' CPU per run-hour, Redis memory per live run, SSM calls per run-hour.
+- the workers' CPU per run-hour, Redis memory per live run, SSM calls per run-hour, the jobs run;
+- the sweep, digest and reconcile: seconds, AWS calls by API, Slack calls by method.
 
     python bench/scale.py [--runs 500] [--channels 20] [--minutes 3] [--ends N] [--burst-ends B]
                           [--workers 2] [--smoke]
@@ -62,32 +68,40 @@ from datetime import UTC, datetime, timedelta
 from tempfile import TemporaryDirectory
 from typing import Any
 
-from bench import harness
+from rq import Queue
+from rq.job import Job
+from rq.registry import FinishedJobRegistry
+
+from bench import harness, scale_jobs
 from bot.web import wsgi
+from runctl_sandbox.aws import MANAGED_TAG
 from runctl_sandbox.fake_slack import DEFAULT_BUDGETS, FakeSlack
 from runctl_sandbox.inline import InlineWorker
 from runctl_sandbox.web import WebServer
 from workers import services
 from workers.aws.fleet import Fleet
-from workers.aws.instance import Instance, ScriptResult
+from workers.aws.instance import ScriptResult
+from workers.queueing import QUEUES
 from workers.slack import updates
 from workers.slack.thread import open_run
 from workers.state import event_keys, polls
 from workers.state.runs import Run, RunState
 
 INSTANCES_PER_COMMAND = 50  # SSM SendCommand takes 50 targets; one read per command
+OPS = "C0OPS"  # RUNCTL_CHANNEL (harness.settings): the digest's channel
 
 
 class FastFleet(Fleet):
-    """The instance side, fast: every instance's RUNCTL_ROOT is one local directory, and a
-    command is the real script run there under /bin/sh. Counts what SSM would be sent."""
+    """The instance side, fast: every instance's RUNCTL_ROOT is one local directory (each
+    run's directory there links to the one on its instance in the sandbox), and a command is
+    the real script run there under /bin/sh. Counts what SSM would be sent. Anything but a
+    command (an instance's description, the bucket) is the sandbox's, as for the jobs."""
 
-    def __init__(self, root: Path) -> None:  # no boto3: nothing here calls AWS
+    def __init__(self, root: Path) -> None:
+        super().__init__((MANAGED_TAG, "true"), harness.BUCKET)
         self.root = root
         self.calls: Counter[str] = Counter()
         self.lock = threading.Lock()
-        self.regions = ("us-east-1",)
-        self.region = "us-east-1"
 
     def run_many(
         self, instance_ids: list[str], script: str, timeout: int = 120, first_poll: float = 0.1
@@ -104,9 +118,6 @@ class FastFleet(Fleet):
 
     def run(self, instance_id: str, script: str, timeout: int = 120, first_poll: float = 0.1) -> ScriptResult:
         return self.run_many([instance_id], script, timeout, first_poll)[instance_id]
-
-    def get(self, instance_id: str) -> Instance:
-        raise NotImplementedError("the scale bench's instances are always reachable")
 
 
 @dataclass
@@ -148,6 +159,19 @@ def db_bytes(redis: Any) -> int:
     return total
 
 
+def jobs_run(redis: Any) -> str:
+    """The jobs the workers finished, by function (`monitor.tick=310 events.event=1200`): those
+    of the last 10 minutes (RQ keeps a system job's result for 600 s), so all of a short window's."""
+    done: Counter[str] = Counter()
+    for name in QUEUES:
+        queue = Queue(name, connection=redis)
+        ids = FinishedJobRegistry(queue=queue).get_job_ids()
+        for job in Job.fetch_many(ids, connection=redis):
+            if job is not None:
+                done[".".join(str(job.func_name).split(".")[-2:])] += 1
+    return " ".join(f"{name}={n}" for name, n in done.most_common())
+
+
 def task_cpu_seconds(native_id: int | None) -> float:
     """utime + stime of one thread of this process, from /proc."""
     if native_id is None:
@@ -180,10 +204,11 @@ def main(argv: list[str] | None = None) -> int:
 
     redis = harness.bench_redis()
     mem_empty = db_bytes(redis)
-    slack = FakeSlack(member_of=channels, budgets=DEFAULT_BUDGETS)
+    slack = FakeSlack(member_of=[*channels, OPS], budgets=DEFAULT_BUDGETS)
     slack.start()
-    with TemporaryDirectory(prefix="runctl-scale-") as tmp:
+    with TemporaryDirectory(prefix="runctl-scale-") as tmp, harness.sandbox() as box:
         root = Path(tmp)
+        instance_ids = scale_jobs.fleet_of(box, n)
         config = harness.settings(slack, RUNCTL_REMOTE_ROOT=str(root), RUNCTL_EVENTS_URL="http://127.0.0.1:1/unused")
         svc = harness.services(config, redis, slack)
         fleet = FastFleet(root)
@@ -197,12 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(n):
             run_id = f"r-scale-{i:04d}"
             channel = channels[i % len(channels)]
-            run_dir = root / "runs" / run_id
-            run_dir.mkdir(parents=True)
-            (run_dir / "pid").write_text(f"{os.getpid()}\n")  # alive while this process is
             run = Run(
                 run_id=run_id,
-                instance_id=f"i-{i:017x}",
+                instance_id=instance_ids[i],
                 user_id=f"U0USER{i % 40:02d}",
                 channel_id=channel,
                 script="train.py",
@@ -212,11 +234,14 @@ def main(argv: list[str] | None = None) -> int:
                 lock_token="bench",
                 polls=12,  # followed for 30 minutes: the monitor's backoff is at its maximum
             )
-            open_run(svc, svc.runs.create(run))
+            run_dir = scale_jobs.run_dir(box, root, run)
+            (run_dir / "pid").write_text(f"{os.getpid()}\n")  # alive while this process is
+            scale_jobs.launched(svc, open_run(svc, svc.runs.create(run)), run_dir, datetime.now(UTC))
             polls.schedule(svc, run_id, timedelta(seconds=config.RUNCTL_POLL_MAX_SECONDS * rng.random()))
             sims.append(Sim(run_id, channel, event_keys.issue(redis, run_id), run_dir))
         slack.budget("chat.postMessage", DEFAULT_BUDGETS["chat.postMessage"])
         mem_live = db_bytes(redis)
+        jobs = scale_jobs.measure(svc, slack, n)  # before the window: its Slack calls are not the window's
         watched = rng.sample(sims, min(10, n))
         ending = rng.sample(sims, min(ends, n))
         t0 = time.monotonic() + 5  # the generator starts 5 s into the window's warm-up
@@ -285,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                 worker.stop()
         services.install(None)
         mem_end = db_bytes(redis)
+        done = jobs_run(redis)
         figures = _figures(
             slack,
             svc,
@@ -301,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         figures["redis_bytes_per_live_run"] = round((mem_live - mem_empty) / n)
         figures["redis_bytes_window_growth_per_run"] = round((mem_end - mem_live) / n)
+        figures["jobs_run"] = done
+        figures.update(jobs)
     slack.stop()
     if not os.environ.get("SCALE_KEEP"):
         redis.flushdb()

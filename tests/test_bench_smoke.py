@@ -142,3 +142,8 @@ def test_scale_runs_events_through_the_budgets_and_replies_to_every_end() -> Non
     assert fig["slack_429"] == 0  # the scheduler stays within the fake Slack's budgets
     assert fig["ends"] > 0 and fig["ends_not_replied"] == 0  # every end reached its thread
     assert fig["events_202"] > 0 and fig["events_other"] == 0
+    # the digest, sweep and reconcile ran once each over every live run's instance
+    printed(out, "sweep_seconds", "digest_seconds", "reconcile_seconds", "reconcile_aws_calls")
+    assert fig["reconcile_outcome"].startswith(f"{fig['runs']} instance(s)")
+    assert "ssm:SendCommand=1" in fig["reconcile_aws_calls"]  # 20 instances: one command
+    assert "chat.postMessage=1" in fig["digest_slack_calls"]  # the digest was posted

@@ -7,11 +7,12 @@ becomes 480, and a message's 3 s interval 0.25 s. Counts (bursts) are not scaled
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
-from runctl_sandbox.aws import SeedInfo
+from runctl_sandbox.aws import Sandbox, SeedInfo
 from runctl_sandbox.fake_slack import Budget, FakeSlack
 from runctl_sandbox.inline import InlineWorker
 from workers.commands import Actor, TrainCommand
@@ -19,9 +20,13 @@ from workers.jobs import monitor
 from workers.jobs.train import train
 from workers.services import Services
 from workers.slack import updates
+from workers.slack.ids import ActionId
 from workers.slack.thread import open_run, publish
 from workers.state import polls
 from workers.state.runs import Progress, Run, RunState
+
+from .slack import click
+from .test_lifecycle import as_dict, dispatch, run_dir
 
 SCALE = 12
 
@@ -139,3 +144,35 @@ def test_an_end_and_a_watched_run_go_before_the_progress_waiting_for_the_budget(
     assert [c for c in later if c.error] == []
     assert later[0].params["ts"] == watched.message_ts  # the watched run first
     assert {c.params["ts"] for c in later} == {r.message_ts for r in runs if r.run_id in waiting} - {ended.message_ts}
+
+
+def test_a_click_on_a_live_runs_full_log_puts_its_message_first_for_a_while(
+    svc: Services, slack: FakeSlack, fleet_seed: SeedInfo, sandbox: Sandbox, worker: InlineWorker
+) -> None:
+    """Someone who clicks a live run's [Full log] is looking at it, as someone who asks its
+    status is: its message goes before the runs that wait their turn, for WATCH_SECONDS."""
+    iid = fleet_seed.instances["cpu-box"]
+    run = Run(
+        run_id="r-clicked-live",
+        instance_id=iid,
+        user_id="U0ALICE",
+        channel_id="C0TRAIN",
+        script="train.py",
+        state=RunState.RUNNING,
+        started_at=datetime.now(UTC),  # it has a training.log: its message has [Full log]
+    )
+    folder = run_dir(sandbox, iid, run.run_id)
+    folder.mkdir(parents=True)
+    (folder / "pid").write_text(f"{os.getpid()}\n")
+    (folder / "training.log").write_text("epoch 1/10 loss=0.5\n")
+    run = open_run(svc, svc.runs.create(run))
+    [parent] = [m for m in slack.messages("C0TRAIN") if m.ts == run.message_ts]
+    assert svc.redis.ttl(updates.WATCHED + run.run_id) < 0  # nobody has looked yet
+
+    dispatch(svc, slack, worker, click(as_dict(parent), ActionId.FULL_LOG, "U0ALICE"))
+
+    (attached,) = slack.files  # the click did what it says
+    assert attached.thread_ts == run.message_ts and attached.content == b"epoch 1/10 loss=0.5\n"
+    assert 0 < svc.redis.ttl(updates.WATCHED + run.run_id) <= updates.WATCH_SECONDS
+    svc.redis.set(updates._sent_key(run.run_id), repr(time.time() - updates.WATCHED_EVERY))
+    assert updates.band(svc, run.run_id) == updates.WATCH  # its next update goes before the rest

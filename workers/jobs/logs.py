@@ -27,6 +27,7 @@ from workers.jobs.preflight import Refusals, require_running
 from workers.redact import redact
 from workers.remote.logs import LOG_NAME, LogTail, LogUpload, parse_tail, parse_upload, tail_script, upload_script
 from workers.services import Services
+from workers.slack import updates
 from workers.slack.client import clamp
 from workers.slack.escape import code, escape
 from workers.slack.format import size
@@ -161,6 +162,8 @@ def full_log(job: Job, run_id: str) -> str:
         raise RunctlError(f"runctl no longer knows run {code(run_id)}.", fix="/runctl resources")
     job.instance_id = run.instance_id
     log_access.check(svc.settings, job.actor, run, run.run_id, run.instance_id)
+    if not run.state.ended:
+        updates.watch(svc, run.run_id)  # someone is looking: its message is updated first (issue 28)
     if run.message_ts and run.channel_id == job.actor.channel_id:
         job.thread_ts = run.message_ts
     inst = reachable(svc, run.instance_id, f"fetch the {LOG_NAME} of run {run.run_id}")

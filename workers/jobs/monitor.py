@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
+from rq import get_current_job
+
 from workers import remote
 from workers.errors import InstanceError, RunctlError, Throttled
 from workers.jobs import autostop, backup, funnel, queued, summary
@@ -67,8 +69,9 @@ def tick(source: str = "scheduled") -> str:
     scheduled tick lost with its worker is replaced within RUNCTL_POLL_MAX_SECONDS."""
     svc = current()
     now = svc.clock().timestamp()
-    if source != "clock":
-        tick_started(svc, now)
+    job = get_current_job()
+    if source != "clock" and not tick_started(svc, now, job.id if job else ""):
+        return "replaced by an earlier tick"
     updates.flush(svc)  # message updates that waited for Slack's budget
     horizon = now + svc.settings.RUNCTL_POLL_MIN_SECONDS / 4
     claimed, lease = claim(svc, horizon)

@@ -15,8 +15,8 @@ The workspace's update scheduler (issue 28: 500 live runs ask for 2,000 updates 
 the budget carries 40). What waits is sent in priority order, not first come:
 - band 0, ends and answers: a run whose state ended (its final parent). Only these may take
   the bucket's last RESERVE tokens, so an end never waits behind progress;
-- band 1, watched: a run someone looked at within WATCH_SECONDS (`watch`: status asked),
-  whose message is WATCHED_EVERY old, and the sweep's warning posts;
+- band 1, watched: a run someone looked at within WATCH_SECONDS (`watch`: status asked, or
+  [Full log] clicked), whose message is WATCHED_EVERY old, and the sweep's warning posts;
 - band 2, everything else, round-robin: the message updated longest ago goes first.
 A new progress state for a run that is already waiting replaces it (the message is rendered
 when sent): that is the stale progress the budget drops, counted in STATS. An end is never
@@ -135,7 +135,7 @@ def _show(svc: Context, member: str, run: Run | None = None, place: int | None =
     if place == END:
         not_before = _float(svc.redis.get(BLOCKED))  # an end is not held back by the message's interval
     if not_before > now:
-        defer(svc, member, not_before)
+        defer(svc, member, not_before, place)
         return 0.0
     if not queued and place != END and svc.redis.zcount(PENDING, "-inf", repr(now)):
         # Others are due and waiting for the budget (a tick is queued for them): join the
@@ -149,7 +149,7 @@ def _show(svc: Context, member: str, run: Run | None = None, place: int | None =
     reserve = 0 if place == END else RESERVE
     wait = float(svc.redis.eval(_TAKE, 1, BUCKET, repr(now), repr(_rate(svc)), BURST, reserve))
     if wait > 0:
-        defer(svc, member, now + wait)
+        defer(svc, member, now + wait, place)
         return wait
     pipe = svc.redis.pipeline(transaction=False)
     pipe.hincrby(STATS, f"sent:{place}", 1)
@@ -169,7 +169,7 @@ def send(svc: Context, run: Run, now: float) -> None:
     if run.message_ts is None:
         return
     text, blocks = run_blocks(run, svc.clock())
-    _deliver(svc, run.run_id, run.channel_id, run.message_ts, text, blocks, now)
+    _deliver(svc, run.run_id, run.channel_id, run.message_ts, text, blocks, now, END if run.state.ended else REST)
 
 
 def _post_message(svc: Context, member: str) -> tuple[str, str, str, list[Block], str] | None:
@@ -200,7 +200,9 @@ def fingerprint(text: str, blocks: list[Block]) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-def _deliver(svc: Context, member: str, channel: str, ts: str, text: str, blocks: list[Block], now: float) -> bool:
+def _deliver(
+    svc: Context, member: str, channel: str, ts: str, text: str, blocks: list[Block], now: float, place: int = REST
+) -> bool:
     """chat.update without sleeping; True when Slack took it. A 429 blocks every update
     for its Retry-After and puts this one back in line."""
     try:
@@ -210,7 +212,7 @@ def _deliver(svc: Context, member: str, channel: str, ts: str, text: str, blocks
             retry = _float(exc.response.headers.get("Retry-After")) or 1.0
             log.info("chat.update rate-limited for %.0f s; %s waits", retry, member)
             svc.redis.set(BLOCKED, repr(now + retry), ex=int(retry) + 60)
-            defer(svc, member, now + retry)
+            defer(svc, member, now + retry, place)
         else:
             log.warning("could not update %s: %s", member, exc.response.get("error"))
         return False
@@ -219,14 +221,14 @@ def _deliver(svc: Context, member: str, channel: str, ts: str, text: str, blocks
     return True
 
 
-def defer(svc: Context, member: str, at: float) -> None:
+def defer(svc: Context, member: str, at: float, place: int = REST) -> None:
     pipe = svc.redis.pipeline(transaction=False)
     pipe.zadd(PENDING, {member: at}, lt=True)
     pipe.zadd(PENDING, {member: at}, nx=True)
     added = pipe.execute()
     if not member.startswith(POST) and not (added[0] or added[1]):
         svc.redis.hincrby(STATS, "superseded", 1)  # it was waiting: its older state is never sent
-    ensure_tick(svc, svc.clock().timestamp() + max(0.0, at - time.time()))
+    ensure_tick(svc, svc.clock().timestamp() + max(0.0, at - time.time()), exact=place == END)
 
 
 def _join(svc: Context, member: str, at: float) -> None:

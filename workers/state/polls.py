@@ -5,6 +5,7 @@ which polls the instances, is workers/jobs/monitor.py."""
 from __future__ import annotations
 
 import math
+import uuid
 from datetime import timedelta
 
 from workers.context import Context
@@ -13,12 +14,14 @@ from workers.queueing import SYSTEM, JobPath, NoArgs, enqueue
 DUE = "runctl:monitor:due"  # zset: run id -> when it should next be polled
 LEASED = "runctl:monitor:leased"  # zset: run id -> when the claim of the tick polling it lapses
 TICK_AT = "runctl:monitor:tick_at"  # when the next tick job is scheduled
+TICK_JOB = "runctl:monitor:tick_job"  # that job's id: the one tick that is the next
 
-# Set TICK_AT to ARGV[1] unless an earlier tick, still in the future, is already scheduled.
+# Record the tick ARGV[1] (job ARGV[3]) unless an earlier one, not overdue, is recorded.
 _SET_IF_EARLIER = """
 local cur = tonumber(redis.call('GET', KEYS[1]))
 if cur == nil or cur > tonumber(ARGV[1]) or cur < tonumber(ARGV[2]) then
   redis.call('SET', KEYS[1], ARGV[1], 'EX', 86400)
+  redis.call('SET', KEYS[2], ARGV[3], 'EX', 86400)
   return 1
 end
 return 0
@@ -88,28 +91,51 @@ def followed(svc: Context, run_id: str) -> bool:
     return any(score is not None for score in pipe.execute())
 
 
-# RQ's scheduler moves a delayed job to its queue on whole seconds: a tick may start up to
-# this much before the time recorded for it, and is still that tick.
+# A tick called outside a job (tests, benchmarks) is the recorded one if due by now + this.
 TICK_SLACK = 2.0
-# Forget TICK_AT when it is this tick's (due by ARGV[1]); a later recorded tick stays.
+# Forget the recorded tick when it is this one: its job (ARGV[2]), or outside a job one due by
+# ARGV[1]; or when it is overdue (ARGV[3]: its worker died). 1: this tick runs; 0: another is
+# the next tick, this one was replaced by an earlier one.
 _TICK_STARTED = """
 local cur = tonumber(redis.call('GET', KEYS[1]))
-if cur == nil or cur <= tonumber(ARGV[1]) then redis.call('DEL', KEYS[1]) end
+if cur == nil then return 1 end
+local mine
+if ARGV[2] == '' then mine = cur <= tonumber(ARGV[1]) else mine = redis.call('GET', KEYS[2]) == ARGV[2] end
+if mine or cur < tonumber(ARGV[3]) then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  return 1
+end
+return 0
 """
 
 
-def tick_started(svc: Context, now: float) -> None:
-    """A scheduled tick begins: the recorded next tick is gone only if it was this one (or
-    overdue). An extra, earlier tick (an update waiting for Slack's budget asked for one)
-    leaves the later one recorded, so its own next tick is queued only when earlier: ticks
-    never multiply into parallel chains (at 500 runs they did, thousands a minute; issue 28)."""
-    svc.redis.eval(_TICK_STARTED, 1, TICK_AT, repr(now + TICK_SLACK))
+def tick_started(svc: Context, now: float, job_id: str = "") -> bool:
+    """A scheduled tick begins; False when it is not the next tick. A tick replaced by an
+    earlier one (an update waiting for Slack's budget, a run due sooner) stays queued in RQ;
+    the earlier one, when it ran, recorded the next tick from everything that waits (the
+    poll schedule and the update line, both in Redis), so the replaced one has nothing to
+    do and queues nothing: one chain of ticks, never parallel ones (at 100 runs there were
+    16,000 ticks in 3 minutes; issue 28)."""
+    stale = now - svc.settings.RUNCTL_POLL_MAX_SECONDS
+    args = (repr(now + TICK_SLACK), job_id, repr(stale))
+    return bool(svc.redis.eval(_TICK_STARTED, 2, TICK_AT, TICK_JOB, *args))
 
 
-def ensure_tick(svc: Context, at: float) -> None:
+def ensure_tick(svc: Context, at: float, exact: bool = False) -> None:
+    """One tick at `at`, unless one is recorded no later. The poll schedule and the update
+    line share it. `at` is rounded up to the whole second: RQ schedules on whole seconds (it
+    drops the fraction), so a tick for T.4 started at T.0, found nothing due yet and queued
+    itself again, many times a second (16,000 ticks in 3 minutes at 100 runs; issue 28).
+    Rounded up, every wish within one second is one tick, and none starts early. `exact`:
+    an end waiting for the budget, which is never held back to the second (it may start
+    early and queue itself again, for at most a second)."""
     now = svc.clock().timestamp()
+    if not exact:
+        at = float(math.ceil(at))
     # A recorded tick overdue by more than one poll interval belongs to a dead worker (or
     # its job was lost with Redis' keys): replace it.
     stale = now - svc.settings.RUNCTL_POLL_MAX_SECONDS
-    if svc.redis.eval(_SET_IF_EARLIER, 1, TICK_AT, repr(at), repr(stale)):
-        enqueue(svc.queue, JobPath.MONITOR_TICK, NoArgs(), SYSTEM, delay=timedelta(seconds=max(0.0, at - now)))
+    job_id = uuid.uuid4().hex
+    if svc.redis.eval(_SET_IF_EARLIER, 2, TICK_AT, TICK_JOB, repr(at), repr(stale), job_id):
+        delay = timedelta(seconds=max(0.0, at - now))
+        enqueue(svc.queue, JobPath.MONITOR_TICK, NoArgs(), SYSTEM, delay=delay, job_id=job_id)
