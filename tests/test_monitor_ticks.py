@@ -49,3 +49,13 @@ def test_a_tick_replaced_by_an_earlier_one_does_nothing_and_queues_nothing(svc: 
 
     assert later.perform() == "replaced by an earlier tick"
     assert len(scheduled_ticks(svc)) == 3  # nothing more queued: still one chain
+
+
+def test_a_tick_lost_with_its_worker_is_taken_over_by_the_next_one_that_starts(svc: Services) -> None:
+    svc.settings.RUNCTL_POLL_MAX_SECONDS = 300  # the default's order: a lost tick is not waited for that long
+    polls.schedule(svc, "r-ticks-orphan", timedelta(seconds=60))
+    ((queued, _),) = scheduled_ticks(svc)
+    # The recorded next tick is another job, overdue: its worker died before it ran.
+    svc.redis.set(polls.TICK_AT, repr(time.time() - polls.TICK_OVERDUE - 5))
+    svc.redis.set(polls.TICK_JOB, "a-lost-tick")
+    assert queued.perform() == "polled 0"  # it polls (nothing is due) instead of standing down

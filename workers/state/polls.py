@@ -93,6 +93,9 @@ def followed(svc: Context, run_id: str) -> bool:
 
 # A tick called outside a job (tests, benchmarks) is the recorded one if due by now + this.
 TICK_SLACK = 2.0
+# A recorded tick this overdue was lost (its worker died before it ran, or queues were
+# emptied): the next tick that starts takes its place rather than standing down.
+TICK_OVERDUE = 30.0
 # Forget the recorded tick when it is this one: its job (ARGV[2]), or outside a job one due by
 # ARGV[1]; or when it is overdue (ARGV[3]: its worker died). 1: this tick runs; 0: another is
 # the next tick, this one was replaced by an earlier one.
@@ -116,7 +119,7 @@ def tick_started(svc: Context, now: float, job_id: str = "") -> bool:
     poll schedule and the update line, both in Redis), so the replaced one has nothing to
     do and queues nothing: one chain of ticks, never parallel ones (at 100 runs there were
     16,000 ticks in 3 minutes; issue 28)."""
-    stale = now - svc.settings.RUNCTL_POLL_MAX_SECONDS
+    stale = now - min(TICK_OVERDUE, svc.settings.RUNCTL_POLL_MAX_SECONDS)
     args = (repr(now + TICK_SLACK), job_id, repr(stale))
     return bool(svc.redis.eval(_TICK_STARTED, 2, TICK_AT, TICK_JOB, *args))
 
