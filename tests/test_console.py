@@ -15,7 +15,7 @@ def test_console_runs_a_training_to_the_end_with_checkpoints_on_disk(tmp_path: P
     script = (
         "/runctl help train\n"
         "/runctl train $gpu-box-1 train_with_checkpoints.py --epochs 2\n"
-        "/runctl train $gpu-box-1 train_with_checkpoints.py -- --epochs 3 --steps-per-epoch 5 --step-seconds 0.1\n"
+        "/runctl train $gpu-box-1 train_with_checkpoints.py -- --epochs 3 --steps-per-epoch 5 --step-seconds 0.3\n"
         "/wait\n"
         "/runctl status $gpu-box-1\n"
         "/wait\n"
@@ -33,7 +33,8 @@ def test_console_runs_a_training_to_the_end_with_checkpoints_on_disk(tmp_path: P
     assert proc.returncode == 0, proc.stderr[-2000:]
     # the missing `--` is refused with the corrected command
     assert "train_with_checkpoints.py -- --epochs 2" in out
-    # queued -> started -> progress -> finished
+    # queued -> started -> progress -> finished (a parent is updated at most every
+    # RUNCTL_SLACK_UPDATE_SECONDS, 3 s, on the monitor's whole-second ticks: the run lasts 4.5 s)
     assert "Queued run `r" in out
     assert "*Running*" in out
     assert "epoch 1/3" in out or "epoch 2/3" in out
