@@ -25,7 +25,23 @@ def work_dir(run_id: str) -> str:
 BUSY_EXIT = 75  # `deliver` found another live training and changed nothing
 
 
-def _probe_body() -> str:
+# SIGTERM is signal 15 on Linux: bit 14 of /proc/<pid>/status' SigCgt (caught) and SigIgn
+# (ignored) masks, in hexadecimal (proc(5), https://man7.org/linux/man-pages/man5/proc.5.html).
+# The last 4 hex digits hold it, which keeps dash's arithmetic clear of 64-bit overflow.
+_SIGTERM_DISPOSITION = (
+    "    cgt=$(sed -n 's/^SigCgt:[[:space:]]*//p' \"/proc/$pid/status\" 2>/dev/null || true)\n"
+    "    ign=$(sed -n 's/^SigIgn:[[:space:]]*//p' \"/proc/$pid/status\" 2>/dev/null || true)\n"
+    '    c=${cgt#"${cgt%????}"}; i=${ign#"${ign%????}"}\n'
+    '    case "$c$i" in ""|*[!0-9a-fA-F]*) continue ;; esac\n'
+    "    [ ${#c} -eq 4 ] && [ ${#i} -eq 4 ] || continue\n"
+    "    if [ $((0x$c & 16384)) -ne 0 ]; then how=caught\n"
+    "    elif [ $((0x$i & 16384)) -ne 0 ]; then how=ignored\n"
+    "    else how=default; fi\n"
+    '    printf \'sigterm %s %s\\n\' "$rid" "$how"\n'
+)
+
+
+def _probe_body(sigterm: bool = False) -> str:
     return (
         'for d in "$RUNCTL_ROOT"/runs/*/; do\n'
         '  [ -f "$d/pid" ] || continue\n'
@@ -36,41 +52,16 @@ def _probe_body() -> str:
         # A run id is runctl's: a directory named otherwise is not a run, and prints nothing.
         '  case "$rid" in ""|.|..|*[!A-Za-z0-9_.-]*) continue ;; esac\n'
         '  if kill -0 "$pid" 2>/dev/null; then\n'
-        '    printf \'live %s %s\\n\' "$rid" "$pid"\n'
-        "  fi\n"
+        '    printf \'live %s %s\\n\' "$rid" "$pid"\n' + (_SIGTERM_DISPOSITION if sigterm else "") + "  fi\n"
         "done\n"
     )
-
-
-# SIGTERM is signal 15 on Linux: bit 14 of /proc/<pid>/status' SigCgt (caught) and SigIgn
-# (ignored) masks, in hexadecimal (proc(5), https://man7.org/linux/man-pages/man5/proc.5.html).
-# The last 4 hex digits hold it, which keeps dash's arithmetic clear of 64-bit overflow.
-_SIGTERM_DISPOSITION = (
-    'for d in "$RUNCTL_ROOT"/runs/*/; do\n'
-    '  [ -f "$d/pid" ] && [ ! -f "$d/exit_code" ] || continue\n'
-    '  pid=$(cat "$d/pid" 2>/dev/null) || continue\n'
-    '  case "$pid" in ""|*[!0-9]*) continue ;; esac\n'
-    '  rid=$(basename "$d")\n'
-    '  case "$rid" in ""|.|..|*[!A-Za-z0-9_.-]*) continue ;; esac\n'
-    '  kill -0 "$pid" 2>/dev/null || continue\n'
-    "  cgt=$(sed -n 's/^SigCgt:[[:space:]]*//p' \"/proc/$pid/status\" 2>/dev/null || true)\n"
-    "  ign=$(sed -n 's/^SigIgn:[[:space:]]*//p' \"/proc/$pid/status\" 2>/dev/null || true)\n"
-    '  c=${cgt#"${cgt%????}"}; i=${ign#"${ign%????}"}\n'
-    '  case "$c$i" in ""|*[!0-9a-fA-F]*) continue ;; esac\n'
-    "  [ ${#c} -eq 4 ] && [ ${#i} -eq 4 ] || continue\n"
-    "  if [ $((0x$c & 16384)) -ne 0 ]; then how=caught\n"
-    "  elif [ $((0x$i & 16384)) -ne 0 ]; then how=ignored\n"
-    "  else how=default; fi\n"
-    '  printf \'sigterm %s %s\\n\' "$rid" "$how"\n'
-    "done\n"
-)
 
 
 def probe_live_runs(root: str, sigterm: bool = False) -> str:
     """Print `live <run-id> <pid>` for every run whose training process is alive; with
     `sigterm`, also `sigterm <run-id> <caught|ignored|default>`: what the training process
     does with SIGTERM (nothing printed where /proc does not tell)."""
-    return header(root) + _probe_body() + (_SIGTERM_DISPOSITION if sigterm else "")
+    return header(root) + _probe_body(sigterm)
 
 
 def parse_sigterm(stdout: str) -> dict[str, str]:
