@@ -146,7 +146,7 @@ def cost_text(svc: Services, run: Run) -> str:
         else:
             said += f", {escape(price.describe())}"
     else:
-        said = node_costs(priced, amounts, seconds)
+        said = node_costs(priced, amounts, amount, seconds)
     chained = run.auto_resume or run.checkpoint_run_id is not None
     if amount is not None and chained:
         owner = run.checkpoint_run_id or run.run_id
@@ -165,11 +165,14 @@ def cost_text(svc: Services, run: Run) -> str:
     return said + "."
 
 
-def node_costs(priced: list[tuple[str, str, Price]], amounts: list[Decimal | None], seconds: float) -> str:
-    """A multi-node run's cost: the sum over its nodes, each node's price for the run's time."""
+def node_costs(
+    priced: list[tuple[str, str, Price]], amounts: list[Decimal | None], amount: Decimal | None, seconds: float
+) -> str:
+    """A multi-node run's cost: `amount`, the sum over its nodes (None when a node is not
+    priced), each node's `amounts` its price for the run's time."""
     n = len(priced)
     known = [a for a in amounts if a is not None]
-    total = format_usd(sum(known, Decimal(0)) if len(known) == n else None)
+    total = format_usd(amount)
     rates = {(itype, price.describe(), price_source(price)) for _, itype, price in priced}
     if len(rates) == 1 and priced[0][2].known:
         itype, described, source = rates.pop()
