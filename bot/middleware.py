@@ -139,7 +139,7 @@ class Door:
             log.info("dropping repeated delivery %s (retry %s)", self.key, self.retry)
             ack()
             return None
-        audit.log_record(self.record, text)
+        audit.log_record(text)
         return passed
 
 

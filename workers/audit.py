@@ -132,17 +132,17 @@ def line(entry: Record) -> str:
     return json.dumps(entry.model_dump(mode="json"), ensure_ascii=False, sort_keys=True)
 
 
-def log_record(entry: Record, text: str | None = None) -> None:
-    """The record's JSON line in the runctl.audit log (written for every record); `text`: its line, if made already."""
-    log.info(text or line(entry))
+def log_record(text: str) -> None:
+    """A record's JSON line (`line`) in the runctl.audit log, written for every record."""
+    log.info(text)
 
 
-def capped_args(maxlen: int, entry: Record, per_minute: int, text: str | None = None) -> list[EncodableT]:
-    """CAPPED_FUNCTION's arguments for `entry` (`text`: its line, if made already)."""
+def capped_args(maxlen: int, entry: Record, per_minute: int, text: str) -> list[EncodableT]:
+    """CAPPED_FUNCTION's arguments for `entry`, whose line is `text`."""
     minute = int(entry.time.timestamp() // 60)
     label = f"{entry.time:%H:%M} UTC"
     when = entry.time.isoformat().replace("+00:00", "Z")  # as the line has it (pydantic's JSON)
-    return [maxlen, per_minute, minute, label, when, entry.user, entry.source, text or line(entry)]
+    return [maxlen, per_minute, minute, label, when, entry.user, entry.source, text]
 
 
 def record(redis: Redis, maxlen: int, entry: Record, per_minute: int = 0) -> None:
@@ -151,7 +151,7 @@ def record(redis: Redis, maxlen: int, entry: Record, per_minute: int = 0) -> Non
     per_minute > 0 caps the stream writes of entry.user (the front door passes
     RUNCTL_AUDIT_PER_MINUTE); the workers' outcome records are not capped."""
     text = line(entry)
-    log_record(entry, text)
+    log_record(text)
     try:
         if per_minute <= 0:
             redis.xadd(STREAM, entry.fields(), maxlen=maxlen, approximate=True)
