@@ -6,11 +6,16 @@ import json
 import secrets
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from slack_bolt.request import BoltRequest
 from slack_sdk.signature import SignatureVerifier
+
+if TYPE_CHECKING:
+    from slack_bolt import App, BoltResponse
+
+    from runctl_sandbox.inline import InlineWorker
 
 SECRET = "test-signing-secret"
 
@@ -107,3 +112,14 @@ def click(
                     ],
                 }
     raise AssertionError(f"no button {action_id} in message {message.get('ts')}")
+
+
+def dispatched(app: App, worker: InlineWorker, request: BoltRequest, timeout: float = 120) -> BoltResponse:
+    """`request` through the Bolt app, then every job it queued, run (Bolt queues after the ack:
+    a command that queues nothing is waited for 5 s)."""
+    response = app.dispatch(request)
+    deadline = time.monotonic() + 5
+    while not worker.pending() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    worker.drain(timeout)
+    return response

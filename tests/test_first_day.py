@@ -7,6 +7,8 @@ import json
 import re
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from runctl_sandbox.aws import Sandbox, SeedInfo, seed_launch
 from runctl_sandbox.fake_slack import FakeSlack, Message
 from runctl_sandbox.inline import InlineWorker
 from tests.conftest import TOKEN
-from tests.slack import command
+from tests.slack import command, dispatched
 from workers.services import Services
 from workers.settings import Settings
 from workers.state.runs import Run
@@ -62,11 +64,7 @@ def test_a_bad_value_names_the_option_as_typed_not_a_field(
 
 
 def _drained(app: App, worker: InlineWorker, text_: str, user: str) -> None:
-    app.dispatch(command(text_, user=user))
-    deadline = time.monotonic() + 5
-    while not worker.pending() and time.monotonic() < deadline:  # Bolt queues after the ack
-        time.sleep(0.01)
-    worker.drain(120)
+    dispatched(app, worker, command(text_, user=user))
 
 
 def test_the_audit_shows_a_mention_and_escaped_text_once(
@@ -96,16 +94,28 @@ def _ckpt(sandbox: Sandbox, iid: str, name: str, timeout: float = 60) -> None:
         time.sleep(0.1)
 
 
-def test_force_and_terminate_tell_a_script_with_no_handler_what_it_has(
-    svc: Services, slack: FakeSlack, worker: InlineWorker, fleet_seed: SeedInfo, sandbox: Sandbox
-) -> None:
+@contextmanager
+def _no_handler_training(
+    svc: Services, slack: FakeSlack, worker: InlineWorker, sandbox: Sandbox, iid: str
+) -> Iterator[App]:
+    """`no_handler.py` (no SIGTERM handler) training on `iid` with one checkpoint, epoch 3, the
+    worker running until the block ends; the app to send more commands to."""
     svc.settings.RUNCTL_POLL_MIN_SECONDS, svc.settings.RUNCTL_POLL_MAX_SECONDS = 1, 2  # as the console's
     app = make(svc.settings, svc.redis, slack)
-    iid = fleet_seed.instances["cpu-box"]
     worker.start(0.05)
     try:
         app.dispatch(command(f"train {iid} no_handler.py -- 400", user="U0ADMIN"))
-        _ckpt(sandbox, iid, "ckpt-epoch-00003.json")  # its one checkpoint; it has no SIGTERM handler
+        _ckpt(sandbox, iid, "ckpt-epoch-00003.json")
+        yield app
+    finally:
+        worker.stop()
+
+
+def test_force_and_terminate_tell_a_script_with_no_handler_what_it_has(
+    svc: Services, slack: FakeSlack, worker: InlineWorker, fleet_seed: SeedInfo, sandbox: Sandbox
+) -> None:
+    iid = fleet_seed.instances["cpu-box"]
+    with _no_handler_training(svc, slack, worker, sandbox, iid) as app:
         app.dispatch(command(f"terminate {iid}", user="U0ADMIN"))
         asks = slack.wait_for(
             lambda: [m for m in everywhere(slack) if "asks to *terminate" in json.dumps(m.blocks)], 60
@@ -123,8 +133,6 @@ def test_force_and_terminate_tell_a_script_with_no_handler_what_it_has(
         said = slack.wait_for(note, 90)
         assert "saved no checkpoint" not in said
         assert "its newest checkpoint is `ckpt-epoch-00003.json`, epoch 3" in said
-    finally:
-        worker.stop()
 
 
 def test_status_after_a_start_counts_from_that_start(
@@ -335,13 +343,8 @@ def test_checkpoints_restored_from_s3_count_as_backed_up(
 def test_stop_of_a_script_with_no_handler_says_it_could_not_save_and_names_what_it_has(
     svc: Services, slack: FakeSlack, worker: InlineWorker, fleet_seed: SeedInfo, sandbox: Sandbox
 ) -> None:
-    svc.settings.RUNCTL_POLL_MIN_SECONDS, svc.settings.RUNCTL_POLL_MAX_SECONDS = 1, 2
-    app = make(svc.settings, svc.redis, slack)
     iid = fleet_seed.instances["cpu-box"]
-    worker.start(0.05)
-    try:
-        app.dispatch(command(f"train {iid} no_handler.py -- 400", user="U0ADMIN"))
-        _ckpt(sandbox, iid, "ckpt-epoch-00003.json")  # its one checkpoint; it has no SIGTERM handler
+    with _no_handler_training(svc, slack, worker, sandbox, iid) as app:
         app.dispatch(command(f"stop {iid}", user="U0ADMIN"))
 
         def summary() -> str:
@@ -349,8 +352,6 @@ def test_stop_of_a_script_with_no_handler_says_it_could_not_save_and_names_what_
             return found[-1] if found else ""
 
         said = slack.wait_for(summary, 90)
-    finally:
-        worker.stop()
     # the thread's notice as the stop begins: no "up to 120 s to save" for a script that cannot
     notice = [m.text for m in everywhere(slack) if m.thread_ts and "is stopping" in m.text]
     assert notice, [m.text for m in slack.messages("C0TRAIN")]

@@ -9,7 +9,6 @@ import os
 import signal
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ from runctl_sandbox.aws import AMI_ID, MANAGED_TAG, Sandbox, SeedInfo
 from runctl_sandbox.fake_slack import FakeSlack
 from runctl_sandbox.inline import InlineWorker
 from tests.conftest import TOKEN
-from tests.slack import command
+from tests.slack import command, dispatched
 from workers.aws.instance import PYTHON_TAG
 from workers.commands import Actor, LogsCommand, TrainCommand
 from workers.cost.pricing import cost_of, format_usd, hourly_price, load_price_book
@@ -316,11 +315,7 @@ def test_then_stop_stops_every_node_when_the_run_ends(
 def _signed(svc: Services, slack: FakeSlack, worker: InlineWorker, text: str, user: str = "U0ALICE") -> None:
     """`text` as a signed /runctl command to the Bolt app, then every job it queued, run."""
     app = build_app(svc.settings, svc.redis, WebClient(token=TOKEN, base_url=slack.base_url), token_verification=False)
-    app.dispatch(command(text, user=user))
-    deadline = time.monotonic() + 5
-    while not worker.pending() and time.monotonic() < deadline:  # Bolt queues after the ack
-        time.sleep(0.01)
-    worker.drain(180)
+    dispatched(app, worker, command(text, user=user), 180)
 
 
 def test_the_end_of_run_cost_is_the_sum_over_the_nodes(
