@@ -3,6 +3,7 @@ session's sandbox and fake Slack."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -69,21 +70,50 @@ class Procs:
         return proc
 
     def kill(self, proc: subprocess.Popen[bytes]) -> None:
-        """SIGKILL the process group: the worker, its work horses, their threads, no cleanup."""
-        os.killpg(proc.pid, signal.SIGKILL)
+        """SIGKILL the process and everything under it, no cleanup: its workers and their work
+        horses, which rq forks into groups of their own (`os.setpgrp`), so the worker's group
+        alone would leave a horse running its job into the next test's Redis and Slack."""
+        _signal([proc.pid, *descendants(proc.pid)], signal.SIGKILL)
         proc.wait(10)
 
     def output(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in self.logs)
 
     def stop(self) -> None:
+        tree = {proc.pid: descendants(proc.pid) for proc in self.procs}
         for proc in self.procs:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+                os.killpg(proc.pid, signal.SIGTERM)  # a warm shutdown: horses finish their job
         deadline = time.monotonic() + 15
         for proc in self.procs:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            _signal([proc.pid, *tree[proc.pid], *descendants(proc.pid)], signal.SIGKILL)
+            proc.wait()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process under `pid`, from /proc (children first seen, then theirs)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _signal(pids: list[int], sig: signal.Signals) -> None:
+    """`sig` to each process's group and to the process (a horse may have left its parent's group)."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(os.getpgid(pid), sig)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
