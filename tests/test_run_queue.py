@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -107,6 +108,12 @@ def parents_of(slack: FakeSlack, run_id: str) -> list[Message]:
     return [m for m in slack.messages(CHANNEL) if m.thread_ts is None and f"({run_id})" in m.text]
 
 
+def shows_queued(slack: FakeSlack, run_id: str) -> int | None:
+    """How many runs the run's parent says are queued after it (None: it says nothing)."""
+    found = re.search(r"(\d+) queued after it", json.dumps(parents_of(slack, run_id)[0].blocks))
+    return int(found.group(1)) if found else None
+
+
 def told(slack: FakeSlack, user: str) -> str:
     return "\n".join(m.text for m in slack.ephemerals(user)) + "\n".join(m.text for m in slack.messages(user))
 
@@ -151,6 +158,7 @@ def test_three_runs_queued_behind_a_live_one_start_in_order_once_each_with_two_w
     slash(svc, slack, f"status {iid}", MALLORY)  # status shows the queue too
     shown = until("the status", lambda: [m.text for m in slack.ephemerals(MALLORY) if "Train lock" in m.text])[-1]
     assert "Queue (3):" in shown and shown.index(bob) < shown.index(carol) < shown.index(dave), shown
+    until("the live run's parent to show the queue", lambda: shows_queued(slack, first) == 3)
 
     order = [first, bob, carol, dave]
     until("every queued run to finish", lambda: all((r := svc.runs.get(i)) and r.state.ended for i in order), 240)
@@ -163,6 +171,7 @@ def test_three_runs_queued_behind_a_live_one_start_in_order_once_each_with_two_w
         parent_msgs = parents_of(slack, run_id)
         assert len(parent_msgs) == 1, f"{run_id} started once: {[m.text for m in parent_msgs]}"
         assert f"<@{who}>" in text_of(parent_msgs[0])  # its requester is mentioned in its own message
+    assert [shows_queued(slack, i) for i in order] == [None] * 4  # an ended run's parent no longer counts
     # The ended run's thread says who is next.
     thread = [m.text for m in slack.thread(CHANNEL, parent.ts)]
     assert any(f"Next on `{iid}`: <@{BOB}>'s `{SCRIPT}`" in t for t in thread), thread
@@ -221,6 +230,7 @@ def test_cancel_and_a_rights_revocation_between_queue_and_start(
     [bob] = wait_queued(svc, iid, 1)
     slash(svc, slack, f"train {iid} {SCRIPT} --queue {SHORT}", CAROL)
     carol = wait_queued(svc, iid, 2)[1]
+    until("the live run's parent to show the queue", lambda: shows_queued(slack, first) == 2)
 
     # Mallory may neither click Carol's [Cancel] nor type it.
     slash(svc, slack, f"queue cancel {carol}", MALLORY)
@@ -233,6 +243,7 @@ def test_cancel_and_a_rights_revocation_between_queue_and_start(
     send_click(svc, slack, racing[0], click(payload, ActionId.QUEUE_CANCEL, BOB))
     until("Bob's cancel", lambda: queue_of(svc, iid) == [carol])
     until("Bob told", lambda: "was cancelled" in told(slack, BOB))  # said after the queue changed
+    until("the parent to show one left", lambda: shows_queued(slack, first) == 1)
     assert f"Queued run `{bob}`" in told(slack, BOB)
 
     # Carol loses `train` before her turn: her run is not started, she is told, the queue moves on.

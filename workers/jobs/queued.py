@@ -34,6 +34,7 @@ from workers.jobs.funnel import Job
 from workers.jobs.train import TrainFlow
 from workers.queueing import EntryArgs, JobPath, enqueue
 from workers.services import Services, current
+from workers.slack import updates
 from workers.slack.escape import code
 from workers.slack.messages import queue as messages
 from workers.slack.thread import fail, reply
@@ -116,6 +117,7 @@ def add(job: Job, cmd: TrainCommand, entry_id: str | None = None) -> str:
             store.save(entry)
         except SlackApiError as exc:
             log.warning("queue %s: could not tell run %s's thread: %s", entry.entry_id, live.run_id, exc)
+    show_queue(svc, iid)
     advance(svc, iid)  # an idle instance takes it at once
     return f"queued {entry.entry_id} at {position}"
 
@@ -360,6 +362,7 @@ def cancel(svc: Services, actor: Actor, entry_id: str) -> str:
         return f"Queued run `{entry_id}` is starting already; `/runctl stop {entry.instance_id}` stops it."
     forget(svc, entry)
     store.forget_instance(entry.instance_id)
+    show_queue(svc, entry.instance_id)
     text = f":x: Queued run `{entry_id}` ({code(entry.command.script)} on `{entry.instance_id}`) was cancelled"
     text += "." if actor.user_id == entry.user_id else f" by <@{actor.user_id}>."
     if entry.cancel_ts and entry.behind:
@@ -397,6 +400,13 @@ def drop_all(svc: Services, instance_id: str, why: str) -> list[str]:
         dropped.append(entry.entry_id)
     store.forget_instance(instance_id)
     return dropped
+
+
+def show_queue(svc: Services, instance_id: str) -> None:
+    """The live run's parent shows how many wait after it: the queue changed."""
+    live = svc.runs.live_on(instance_id)
+    if live is not None and live.message_ts:
+        updates.show(svc, live)
 
 
 def lines_for(svc: Services, instance_id: str) -> list[str]:

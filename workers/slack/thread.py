@@ -9,7 +9,7 @@ from slack_sdk.errors import SlackApiError
 from workers.context import Context
 from workers.errors import ErrorInfo, RunctlError
 from workers.slack import updates
-from workers.slack.messages.run import full_log_actions, run_blocks, text_blocks
+from workers.slack.messages.run import full_log_actions, text_blocks
 from workers.slack.reach import channel_error, refusal
 from workers.state.runs import Run, RunState
 
@@ -21,7 +21,7 @@ def open_run(svc: Context, run: Run) -> Run:
     channel refuses the bot is never started (SlackRefused, with the fix)."""
     if run.message_ts is not None:  # a retried job: the message is there
         return publish(svc, run)
-    text, blocks = run_blocks(run, svc.clock())
+    text, blocks = updates.render(svc, run)
     try:
         run.message_ts = svc.notifier.post(run.channel_id, text, blocks)
     except SlackApiError as exc:
@@ -59,7 +59,7 @@ def publish(svc: Context, run: Run) -> Run:
         return saved
     if run.state is RunState.REFUSED and run.error and run.error.kind == "SlackRefused":
         return svc.runs.save(run)  # the channel refused it once: don't knock again
-    text, blocks = run_blocks(run, svc.clock())
+    text, blocks = updates.render(svc, run)
     try:
         run.message_ts = svc.notifier.post(run.channel_id, text, blocks)
         updates.posted(svc, run)

@@ -35,9 +35,11 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.models.blocks import Block
 
 from workers.context import Context
+from workers.slack.messages import Message
 from workers.slack.messages.run import run_blocks
 from workers.slack.messages.warning import render_post
 from workers.state.polls import ensure_tick
+from workers.state.run_queue import QueueStore
 from workers.state.runs import Run
 from workers.state.warnings import WarningStore, post_id
 
@@ -165,10 +167,16 @@ def _show(svc: Context, member: str, run: Run | None = None, place: int | None =
     return 0.0
 
 
+def render(svc: Context, run: Run) -> Message:
+    """The run's parent message as it stands, with the runs queued after it while it is live."""
+    queued = 0 if run.state.ended else QueueStore(svc.redis).length(run.instance_id)
+    return run_blocks(run, svc.clock(), queued)
+
+
 def send(svc: Context, run: Run, now: float) -> None:
     if run.message_ts is None:
         return
-    text, blocks = run_blocks(run, svc.clock())
+    text, blocks = render(svc, run)
     _deliver(svc, run.run_id, run.channel_id, run.message_ts, text, blocks, now, END if run.state.ended else REST)
 
 

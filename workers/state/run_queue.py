@@ -121,6 +121,10 @@ class QueueStore:
         raw = self.redis.get(starting_key(instance_id))
         return _text(raw) if raw is not None else None
 
+    def length(self, instance_id: str) -> int:
+        """Runs waiting in the instance's queue (not the one starting)."""
+        return int(self.redis.zcard(queue_key(instance_id)))
+
     def waiting(self, instance_id: str) -> int:
         """Queued runs for the instance, the one starting counted: a non-empty queue keeps it up."""
         starting = self.starting(instance_id)

@@ -115,7 +115,8 @@ def run_summary(run: Run) -> str:
     return f"{run.state.value}: {code(run.script)} on {where(run)} ({escape(run.run_id)})"
 
 
-def run_blocks(run: Run, now: datetime | None = None) -> Message:
+def run_blocks(run: Run, now: datetime | None = None, queued: int = 0) -> Message:
+    """`queued`: runs waiting on the instance after this one (shown while it is live)."""
     now = now or datetime.now(UTC)
     head = (
         f"{EMOJI[run.state]} *{run.state.value.capitalize()}* · {code(run.script)} on {where(run)} · <@{run.user_id}>"
@@ -140,6 +141,8 @@ def run_blocks(run: Run, now: datetime | None = None) -> Message:
         details.append(run.outcome.cost)  # escaped when made (workers/jobs/summary.py)
     if run.setup_seconds is not None:
         details.append(f"env ready in {duration(run.setup_seconds)}")
+    if queued and not final:
+        details.append(f":inbox_tray: {queued} queued after it (`/runctl queue {run.instance_id}`)")
     blocks: list[Block] = [
         SectionBlock(block_id=BlockId.RUN_HEADER, text=MarkdownTextObject(text=clamp(head))),
     ]
