@@ -37,6 +37,7 @@ class InlineWorker:
         self.queues = [Queue(name, connection=redis) for name in queue_names]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._worker: _ThreadSafeWorker | None = None
         self.busy = threading.Event()
 
     def promote(self, everything: bool = False) -> int:
@@ -69,9 +70,10 @@ class InlineWorker:
             return False
         self.busy.set()
         try:
-            worker = _ThreadSafeWorker(self.queues, connection=self.redis)
+            worker = self._worker = _ThreadSafeWorker(self.queues, connection=self.redis)
             worker.work(burst=True, logging_level="WARNING")
         finally:
+            self._worker = None
             self.busy.clear()
         return True
 
@@ -95,7 +97,11 @@ class InlineWorker:
         self._thread.start()
 
     def stop(self) -> None:
+        """The thread takes no job after the one it runs (a test's jobs never run into the next
+        test); `work` and `drain` still run jobs when called."""
         self._stop.set()
+        if (worker := self._worker) is not None:
+            worker._stop_requested = True  # what rq's SIGTERM handler sets: stop after the current job
         if self._thread:
             self._thread.join(timeout=30)
 
