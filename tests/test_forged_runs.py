@@ -198,3 +198,17 @@ def test_the_record_key_is_its_own_setting_when_set(settings: Settings) -> None:
         records.record_key(settings.model_copy(update={"SLACK_BOT_TOKEN": None}))
     with pytest.raises(ValidationError, match="at least 32 characters"):
         Settings(RUNCTL_RECORD_KEY="too-short")
+
+
+def test_a_multi_node_meta_is_each_nodes_own_and_no_other_instances(settings: Settings) -> None:
+    """Every node of a multi-node run keeps node 0's meta: its signed node list makes it each
+    node's evidence, and a node added to the list breaks the signature."""
+    a, b, c = "i-0000000000000000a", "i-0000000000000000b", "i-0000000000000000c"
+    key = records.record_key(settings)
+    meta = RunMeta(run_id="r-n", instance_id=a, nodes=[a, b], user="U0ALICE", channel="C0TRAIN", script="x.py")
+    text = records.signed_meta(key, meta)
+    assert records.verified_meta(key, text, "r-n", b).rebuild().node_ids == [a, b]
+    with pytest.raises(records.Forged, match="another instance"):
+        records.verified_meta(key, text, "r-n", c)
+    with pytest.raises(records.Forged, match="not signed"):
+        records.verified_meta(key, text.replace(f'"{b}"]', f'"{b}", "{c}"]'), "r-n", c)

@@ -26,6 +26,7 @@ from runctl_sandbox.fake_slack import FakeSlack
 from runctl_sandbox.inline import InlineWorker
 from tests.conftest import TOKEN
 from tests.slack import command, dispatched
+from workers import audit
 from workers.aws.instance import PYTHON_TAG
 from workers.commands import Actor, LogsCommand, TrainCommand
 from workers.cost.pricing import cost_of, format_usd, hourly_price, load_price_book
@@ -281,6 +282,35 @@ def test_the_reconcile_keeps_every_node_locked_while_the_run_lives(
     for iid in nodes:
         holder = train_lock(svc.redis, iid).holder()
         assert holder is not None and holder.run_id == run_id, iid
+
+
+def test_a_redis_loss_mid_run_brings_back_every_node_and_then_stop_stops_them_all(
+    svc: Services, sandbox: Sandbox, nodes: list[str], stub_python: str, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    """Redis emptied while a 2-node run trains: the reconcile re-adopts it from its signed meta
+    as one run on both nodes (whichever node answers first), both locks retaken, so its end
+    reports once and `--then stop` stops both (not node 0 alone, leaving node 1 to bill)."""
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=sandbox.endpoint_url)
+    ec2.create_tags(Resources=nodes, Tags=[{"Key": PYTHON_TAG, "Value": stub_python}])
+    run_id = start(nodes, "--epochs", "6", "--steps-per-epoch", "4", "--step-seconds", "0.5", deps=False, then="stop")
+    before = svc.runs.get(run_id)
+    assert before is not None and before.state is RunState.RUNNING, (before and before.state, before and before.error)
+
+    svc.redis.flushdb()  # a failover to an empty replica
+    run_pass(svc)
+
+    run = svc.runs.get(run_id)
+    assert run is not None and run.state is RunState.RUNNING and run.node_ids == nodes
+    assert [h.run_id if (h := train_lock(svc.redis, iid).holder()) else None for iid in nodes] == [run_id] * 2
+    ignored = [r.outcome for iid in nodes for r in audit.newest(svc.redis, 20, instance=iid) if "ignored" in r.outcome]
+    assert ignored == []  # no node's meta taken for a forgery
+    assert describe(nodes[1]).count(f"Live run `{run_id}`") == 1
+    worker.drain(timeout=120)
+    run = svc.runs.get(run_id)
+    assert run is not None and run.state is RunState.SUCCEEDED and run.message_ts
+    said = [m.text for m in slack.thread("C0TRAIN", run.message_ts)]
+    assert sum("picked it up again" in t for t in said) == 1, said
+    assert [svc.fleet.get(iid).state for iid in nodes] == ["stopped", "stopped"], said
 
 
 def test_status_of_any_node_shows_the_run_and_its_nodes(

@@ -34,7 +34,7 @@ from workers.remote.reconcile import Report, SeenRun, parse_report, runs_report
 from workers.services import Services, current
 from workers.slack.thread import reply
 from workers.state import polls, records
-from workers.state.locks import Holder, op_lock, train_lock
+from workers.state.locks import Holder, acquire_all, op_lock, train_lock
 from workers.state.runs import RUN_ID, Run, RunMeta, RunState
 
 log = logging.getLogger(__name__)
@@ -199,14 +199,16 @@ def ignore(svc: Services, iid: str, name: str, why: str) -> None:
 
 
 def adopt(svc: Services, iid: str, seen: SeenRun, meta: RunMeta, tally: Tally) -> None:
-    """A run the instance has and Redis does not: rebuild it from its signed meta and hand it to the monitor."""
-    run = meta.rebuild(iid)
+    """A run the instance has and Redis does not: rebuild it from its signed meta and hand it to
+    the monitor. Any node of a multi-node run may report it first: the run comes back whole."""
+    run = meta.rebuild()
     if not svc.runs.adopt(run):
         return  # another pass adopted it
+    svc.runs.also_on(run, run.nodes[1:])
     now = svc.clock()
     if seen.seen == "live":
         holder = Holder(run_id=run.run_id, user_id=run.user_id, script=run.script, since=run.started_at or now)
-        if train_lock(svc.redis, iid).acquire(holder.token()):
+        if acquire_all(svc.redis, run.node_ids, holder.token()) is None:  # every node's lock, or none
             run.lock_token = holder.token()
             svc.runs.save(run)
         reply(svc, run, f":recycle: runctl lost track of this run at {now:%H:%M} UTC and picked it up again.")

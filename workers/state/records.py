@@ -52,7 +52,7 @@ def signed_meta(key: bytes, meta: RunMeta) -> str:
 
 def verified_meta(key: bytes, text: str, run_id: str, instance_id: str) -> RunMeta:
     """The meta in `text`, reported by `instance_id` for run directory `run_id`; Forged unless
-    the bot signed exactly it, for that run, started on that instance."""
+    the bot signed exactly it, for that run, started on that instance (or one of its nodes)."""
     if not RUN_ID.fullmatch(run_id):
         raise Forged("not a runctl run id")
     try:
@@ -66,7 +66,8 @@ def verified_meta(key: bytes, text: str, run_id: str, instance_id: str) -> RunMe
         raise Forged("meta.json is not signed by runctl")  # unsigned, altered, or signed with another key
     if fields.get("run_id") != run_id:
         raise Forged("meta.json is another run's")
-    if fields.get("instance_id") != instance_id:
+    nodes = fields.get("nodes") or []  # signed: a multi-node run's other nodes carry node 0's meta
+    if fields.get("instance_id") != instance_id and not (isinstance(nodes, list) and instance_id in nodes):
         raise Forged("meta.json is of a run started on another instance")
     try:
         return RunMeta.model_validate({**fields, "sig": sig})

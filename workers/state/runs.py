@@ -199,6 +199,7 @@ class RunMeta(BaseModel):
     checkpoint_run_id: str | None = None
     wait: bool = True
     then: str = "keep"
+    nodes: list[str] = Field(default_factory=list)  # a multi-node run's instances, node 0 first
     sig: str = ""  # records.signed_meta's
 
     @classmethod
@@ -218,13 +219,15 @@ class RunMeta(BaseModel):
             checkpoint_run_id=run.checkpoint_run_id,
             wait=run.wait,
             then=run.then,
+            nodes=list(run.nodes),
         )
 
-    def rebuild(self, instance_id: str) -> Run:
-        """The run record this metadata describes, as running."""
+    def rebuild(self) -> Run:
+        """The run record this metadata describes, as running (a multi-node run with every node)."""
         return Run(
             run_id=self.run_id,
-            instance_id=instance_id,
+            instance_id=self.instance_id,
+            nodes=list(self.nodes),
             user_id=self.user,
             channel_id=self.channel,
             script=self.script,
