@@ -15,10 +15,11 @@ from typing import Any
 from slack_sdk import WebClient
 
 from bot.app import build_app
-from runctl_sandbox.aws import SeedInfo
+from runctl_sandbox.aws import Sandbox, SeedInfo
 from runctl_sandbox.fake_slack import FakeSlack, Message, UploadedFile
 from runctl_sandbox.inline import InlineWorker
-from workers.commands import Actor, ChartCommand, TrainCommand
+from workers.commands import Actor, ChartCommand, StopCommand, TrainCommand
+from workers.jobs.stop import stop
 from workers.jobs.summary import chart_command, cost_text
 from workers.jobs.train import train
 from workers.services import Services
@@ -186,3 +187,27 @@ def test_an_auto_resume_runs_cost_adds_up_its_instances(svc: Services, fleet_see
     said = cost_text(svc, second)
     assert said.startswith("Cost $0.08: 2h 00m of `t3.medium`"), said
     assert "$1.09 over the 2 runs of `--auto-resume`" in said, said
+
+
+def test_a_stopped_run_says_what_it_cost_and_learned_with_its_chart(
+    svc: Services, fleet_seed: SeedInfo, slack: FakeSlack, sandbox: Sandbox
+) -> None:
+    """A stop ends a run too: its thread and parent say the cost, the metrics so far and the
+    chart, read before the instance stops (afterwards nothing can ask it)."""
+    iid = fleet_seed.instances["gpu-box-1"]  # g5.xlarge
+    run_id = start(svc, iid, "examples/test_training_script.py", "--epochs", "1000", "--sleep", "0.1", hours_ago=1)
+    log = sandbox.instance_dir(iid) / "runs" / run_id / "training.log"
+    slack.wait_for(lambda: log.exists() and "Epoch 4/1000" in log.read_text(), 60)
+
+    stop(StopCommand(instance_id=iid).model_dump(mode="json"), ALICE.model_dump(mode="json"))
+
+    run = svc.runs.get(run_id)
+    assert run is not None and run.state is RunState.STOPPED and run.message_ts
+    [said] = [m.text for m in slack.thread("C0TRAIN", run.message_ts) if "Cost $" in m.text]
+    assert re.search(r"Cost \$1\.0\d: 1h 00m of `g5\.xlarge` at \$1\.006/h", said), said
+    assert re.search(r"`loss` 0\.\d+", said) and "`accuracy`" in said, said
+    (png,) = charts(slack, run)
+    assert png_series(png.content) == 2
+    parent = next(m for m in slack.messages("C0TRAIN") if m.ts == run.message_ts)
+    assert "Cost $1.0" in json.dumps(parent.blocks)
+    assert svc.fleet.get(iid).state == "stopped"

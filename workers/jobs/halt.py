@@ -11,7 +11,7 @@ from workers import remote
 from workers.aws.instance import Instance, ScriptResult
 from workers.commands import Actor
 from workers.errors import AgentOffline, RemoteError, RunctlError
-from workers.jobs import multinode
+from workers.jobs import multinode, summary
 from workers.remote.checkpoints import CheckpointListing, FoundCheckpoint, discover
 from workers.remote.lifecycle import StopResult, parse_stop
 from workers.services import Services
@@ -239,8 +239,13 @@ class Halter:
         run.stopped_by = self.actor.user_id  # the final parent says who, in the past tense
         for iid in run.node_ids:
             release_train_lock(svc, iid, run.run_id)
+        # What the end of a run says (cost, metrics, chart, links), read before the instance stops or goes.
+        told = summary.gather(svc, run, summary.HALT_TIMEOUT)
+        summary.keep(run, told)
         publish(svc, run)
-        reply(svc, run, halt.report, full_log=run.started_at is not None)
+        more = "\n" + told.details() if told.details() else ""
+        reply(svc, run, halt.report + more, full_log=run.started_at is not None)
+        summary.conclude(svc, run, told)
 
 
 def inventory(listing: CheckpointListing | None) -> str:

@@ -35,6 +35,8 @@ CHAIN_KEY = "runctl:run-cost:"  # + the owner run's id: hash of run id -> its co
 CHAIN_SECONDS = 30 * 86400
 # The end's summary runs inside a monitor tick: a slow one costs that tick this long at most.
 END_TIMEOUT = 120
+# A stop or terminate waits for it before the instance goes, while the instance still bills.
+HALT_TIMEOUT = 30
 MIN_CHART_POINTS = 3
 
 
@@ -65,7 +67,7 @@ class Told:
         return "\n".join(lines)
 
 
-def gather(svc: Services, run: Run) -> Told:
+def gather(svc: Services, run: Run, timeout: int = END_TIMEOUT) -> Told:
     """One SSM command for the summary, then the price: every failure leaves its part out."""
     told = Told()
     try:
@@ -75,7 +77,7 @@ def gather(svc: Services, run: Run) -> Told:
     except Exception:
         log.exception("run %s: pricing failed", run.run_id)
     try:
-        told.summary = read(svc, run.instance_id, run, END_TIMEOUT)
+        told.summary = read(svc, run.instance_id, run, timeout)
     except RunctlError as exc:
         log.warning("run %s: no summary: %s", run.run_id, exc.what)
         return told
