@@ -333,14 +333,17 @@ def test_users_have_names(fake: FakeSlack, client: WebClient) -> None:
 
 
 def test_file_uploads_are_refused_as_slack_refuses_them(fake: FakeSlack, client: WebClient) -> None:
-    """files.getUploadURLExternal takes a whole number of bytes, never 0 and at most 1 GB;
-    completeUploadExternal's thread_ts needs exactly one channel."""
+    """files.getUploadURLExternal takes a whole number of bytes, never 0 and at most 1 GB, and
+    alt text up to 1,000 characters; completeUploadExternal's thread_ts needs exactly one channel."""
     assert _error(lambda: client.files_getUploadURLExternal(filename="a.log", length=0)) == "missing_argument"
     assert _error(lambda: client.api_call("files.getUploadURLExternal", params={"filename": "a", "length": "x"})) == (
         "invalid_arguments"
     )
     assert _error(lambda: client.files_getUploadURLExternal(filename="a.log", length=1024**3 + 1)) == (
         "file_upload_size_restricted"
+    )
+    assert _error(lambda: client.files_getUploadURLExternal(filename="a.png", length=2, alt_txt="x" * 1001)) == (
+        "alt_txt_too_large"
     )
     parent = client.chat_postMessage(channel="C1", text="parent")["ts"]
     fake.join("C2")

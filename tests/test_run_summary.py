@@ -93,6 +93,8 @@ def test_a_script_that_knows_nothing_of_runctl_gets_its_checkpoint_val_loss_char
     (png,) = charts(slack, run)
     # loss (from the tqdm postfix redrawn with \r), train_loss, val_loss, val_acc
     assert png_series(png.content) == 4
+    assert png.alt_txt and png.alt_txt.startswith(f"Line chart of run {run.run_id}"), png.alt_txt  # screen readers
+    assert "val_loss, 4 points, from 1.21 to 0.31 (best 0.31)" in png.alt_txt, png.alt_txt
     # W&B on wandb.ai is a button on the parent; the line naming evil.example is nobody's link
     parent = next(m for m in slack.messages("C0TRAIN") if m.ts == run.message_ts)
     urls = [b.get("url") for b in buttons(parent) if b.get("url")]

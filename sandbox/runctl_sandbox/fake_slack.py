@@ -57,6 +57,8 @@ MAX_BUTTON_VALUE = 2_000
 MAX_ID = 255
 MAX_VIEW_BYTES = 250_000
 MAX_FILE_BYTES = 1024**3  # Slack takes files up to 1 GB
+# files.getUploadURLExternal: alt_txt_too_large, "longer than the limit of 1000 character"
+MAX_ALT_TXT = 1000
 # Slack's format for trigger_id ("132456.7890123.abcdef"); each is exchanged once.
 TRIGGER_ID = re.compile(r"^\d+\.\d+\.[0-9a-f]+$")
 RESPONSE_URL_USES = 5
@@ -136,6 +138,7 @@ class UploadedFile:
     channel: str | None
     initial_comment: str | None
     thread_ts: str | None
+    alt_txt: str | None = None  # an image's description for screen readers
 
 
 EventCallback = Callable[[str, Message | UploadedFile], None]
@@ -762,9 +765,12 @@ class FakeSlack:
             raise SlackError("missing_argument")
         if int(length) > MAX_FILE_BYTES:
             raise SlackError("file_upload_size_restricted")
+        alt = params.get("alt_txt") or None
+        if alt is not None and len(str(alt)) > MAX_ALT_TXT:
+            raise SlackError("alt_txt_too_large")
         file_id = self._next_id("F")
         with self._lock:
-            self._uploads[file_id] = {"filename": filename, "content": None}
+            self._uploads[file_id] = {"filename": filename, "content": None, "alt_txt": alt}
         return {"upload_url": f"{self.root_url}/upload/{file_id}", "file_id": file_id}
 
     def _upload(self, request: Request, file_id: str) -> Response:
@@ -804,6 +810,7 @@ class FakeSlack:
                         channel=channel,
                         initial_comment=params.get("initial_comment") or None,
                         thread_ts=params.get("thread_ts") or None,
+                        alt_txt=upload["alt_txt"],
                     )
                 )
             for item in done:

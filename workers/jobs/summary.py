@@ -220,7 +220,13 @@ def post_chart(svc: Services, run: Run, summary: RunSummary, title: str, comment
     name = f"{run.run_id}-metrics.png"
     try:
         svc.notifier.upload(
-            run.channel_id, name, png, title=f"Metrics of run {run.run_id}", comment=comment, thread_ts=run.message_ts
+            run.channel_id,
+            name,
+            png,
+            title=f"Metrics of run {run.run_id}",
+            comment=comment,
+            thread_ts=run.message_ts,
+            alt=chart.run_alt(title, series, sorts),
         )
     except SlackApiError as exc:
         log.warning("run %s: chart not uploaded: %s", run.run_id, exc.response.get("error"))

@@ -131,3 +131,18 @@ def run_chart(
     described = "; ".join(f"{name}: {len(points)} points" for name, points in chosen)
     figure.savefig(out, format="png", metadata={"Description": f"{len(chosen)} series: {described}"})
     return out.getvalue()
+
+
+ALT_MAX = 1000  # files.getUploadURLExternal's alt_txt: alt_txt_too_large past 1,000 characters
+
+
+def run_alt(title: str, series: Mapping[str, Sequence[tuple[float, float]]], sorts: Mapping[str, str]) -> str:
+    """What `run_chart` draws, for a screen reader: each curve's first, last and best value."""
+    parts = []
+    for name, points in list(series.items())[:MAX_SERIES]:
+        ys = [y for _, y in points]
+        best = min(ys) if sorts.get(name) == "loss" else max(ys) if sorts.get(name) == "acc" else None
+        part = f"{name}, {len(ys)} points, from {ys[0]:.4g} to {ys[-1]:.4g}"
+        parts.append(part + (f" (best {best:.4g})" if best is not None else ""))
+    text = f"Line chart of {title}: " + "; ".join(parts) + "."
+    return text if len(text) <= ALT_MAX else text[: ALT_MAX - 1] + "…"

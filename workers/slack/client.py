@@ -130,12 +130,15 @@ class Notifier:
         title: str,
         comment: str = "",
         thread_ts: str | None = None,
+        alt: str = "",
     ) -> None:
+        """`alt`: an image's description for screen readers (Slack's `alt_txt`, at most 1,000 characters)."""
         self.client.files_upload_v2(
             channel=channel,
             filename=filename,
             content=content,
             title=title,
+            alt_txt=alt or None,
             initial_comment=comment or None,
             thread_ts=thread_ts,
         )
