@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from workers.jobs.summary import Told
 from workers.remote import history, summary
 from workers.slack import links
 from workers.slack.messages.summary import files_text, metrics_text
@@ -171,3 +172,19 @@ def test_the_wrappers_sampler_keeps_each_new_progress_and_the_end_charts_the_pro
     assert found.kinds["reward"] == "step"
     reward = next(m for m in found.metrics if m.name == "reward")
     assert (reward.last, reward.best, reward.at) == (6.0, 6.0, "step 40")
+
+
+def test_when_the_parser_cannot_run_the_reply_says_why_there_are_no_metrics(tmp_path: Path) -> None:
+    """An interpreter that runs nothing (here `false`, as a broken `runctl:python` would): the
+    files still come back, and the reply says why it has no metrics or chart."""
+    d = run_dir(tmp_path)
+    (d / "training.log").write_text("epoch 1/2 loss=0.5\nepoch 2/2 loss=0.25\n")
+    (d / "checkpoints").mkdir()
+    (d / "checkpoints" / "model.pt").write_bytes(b"x" * 10)
+    script = summary.summary_script(str(tmp_path), "r1", "r1", python=shutil.which("false") or "/bin/false")
+    out = subprocess.run([SH, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    found = summary.parse(out.stdout)
+    assert not found.parsed and found.metrics == [] and found.total_files == 1
+    said = Told(summary=found).details()
+    assert "No metrics or chart: runctl's log parser did not run on the instance" in said, said
+    assert "No metrics" not in Told(summary=summarize(tmp_path)[0]).details()

@@ -38,6 +38,10 @@ END_TIMEOUT = 120
 # A stop or terminate waits for it before the instance goes, while the instance still bills.
 HALT_TIMEOUT = 30
 MIN_CHART_POINTS = 3
+NOT_PARSED = (
+    "No metrics or chart: runctl's log parser did not run on the instance (it needs `python3` on the "
+    "SSM agent's PATH, or the interpreter the `runctl:python` tag names)."
+)
 
 
 @dataclass
@@ -58,6 +62,8 @@ class Told:
     def details(self) -> str:
         """Lines after the outcome: cost, metrics, TensorBoard directories."""
         lines = [self.cost] if self.cost else []
+        if self.summary is not None and not self.summary.parsed:
+            lines.append(NOT_PARSED)
         if self.summary is not None:
             lines += [
                 t
