@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 from rq import Queue
 from slack_sdk import WebClient
@@ -305,3 +306,35 @@ def test_a_launch_whose_agent_never_comes_says_launched_but_with_the_id_and_leav
     assert f"/runctl status {iid}" in said and f"/runctl terminate {iid}" in said
     setting = AutostopStore(svc.redis).get(iid)
     assert setting is not None and setting.minutes == 45 and setting.owner == "U0ALICE"
+
+
+def test_a_profile_whose_role_cannot_register_the_agent_is_refused_before_the_click(
+    svc: Services, template: LaunchSeed, slack: FakeSlack, sandbox: Sandbox, worker: InlineWorker
+) -> None:
+    """An instance whose role lacks the SSM agent's permissions runs and bills while nothing can
+    train on it: a role with no policy is refused before [Launch]; one with only its own policies
+    gets a warning on the confirmation (they may grant what the agent needs)."""
+    path = svc.settings.RUNCTL_LAUNCH_FILE
+    assert path is not None
+    good = path.read_text()
+    path.write_text(good.replace(template.instance_profile, template.bare_profile))
+    slash(svc, slack, worker, "launch gpu")
+    said = slack.ephemerals("U0ALICE")[-1].text
+    assert f"role `{template.bare_profile}` has no policies" in said, said
+    assert f"aws iam attach-role-policy --role-name {template.bare_profile}" in said
+    assert not [m for m in slack.messages(CHANNEL) if "asks to *launch" in text_of(m)]
+
+    iam = boto3.client("iam", region_name="us-east-1", endpoint_url=sandbox.endpoint_url)
+    iam.put_role_policy(
+        RoleName=template.bare_profile,
+        PolicyName="own",
+        PolicyDocument='{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:GetObject","Resource":"*"}]}',
+    )
+    slash(svc, slack, worker, "launch gpu")
+    asks = text_of(confirmation(slack))
+    assert f"role `{template.bare_profile}` does not have AmazonSSMManagedInstanceCore" in asks, asks
+
+    path.write_text(good)  # AmazonSSMManagedInstanceCore: no note
+    slash(svc, slack, worker, "launch gpu --name alice-ok")
+    assert "does not have AmazonSSMManagedInstanceCore" not in text_of(confirmation(slack))
+    assert launched_ids(svc) == []

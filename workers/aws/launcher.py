@@ -173,15 +173,43 @@ _roots: dict[tuple[str, str], str] = {}  # (region, AMI) -> its RootDeviceName; 
 _roots_lock = threading.Lock()
 
 
+# AWS managed policies that let the SSM agent register (the second is the deprecated one).
+SSM_POLICIES = ("AmazonSSMManagedInstanceCore", "AmazonEC2RoleforSSM")
+
+
+def _ssm_notes(iam: Any, profile: str, role: str) -> list[str]:
+    """The role's policies: an SSM managed policy is enough; none at all is refused; others
+    (customer policies may grant what the agent needs) make a note, not a refusal."""
+    attached = [p["PolicyName"] for p in iam.list_attached_role_policies(RoleName=role)["AttachedPolicies"]]
+    if any(p in SSM_POLICIES for p in attached):
+        return []
+    inline = iam.list_role_policies(RoleName=role)["PolicyNames"]
+    if not attached and not inline:
+        raise RunctlError(
+            f"The instance profile `{profile}`'s role `{role}` has no policies, so no SSM agent would "
+            "register on what it launches: runctl could not train there while it bills.",
+            why="The agent needs AmazonSSMManagedInstanceCore (or the same permissions) on the instance's role.",
+            fix=f"An admin runs `aws iam attach-role-policy --role-name {role} "
+            "--policy-arn arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore`.",
+        )
+    return [
+        f":warning: The instance profile's role `{role}` does not have AmazonSSMManagedInstanceCore; "
+        "runctl could not confirm its other policies let the SSM agent register (without it nothing "
+        "can train on the instance)."
+    ]
+
+
 class Launcher:
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
         self.ec2: Any = fleet.session.client("ec2", config=RUN_CONFIG)
 
-    def check_template(self, template: Template, launch_file: Path | None) -> None:
+    def check_template(self, template: Template, launch_file: Path | None) -> list[str]:
         """Before anyone is asked to click [Launch]: the template's subnets and its instance
-        profile exist (RunInstances would refuse them only after the click). A worker without
-        `iam:GetInstanceProfile` skips the profile check; RunInstances still checks it."""
+        profile exist (RunInstances would refuse them only after the click), and the profile's
+        role lets the SSM agent register (else the instance bills and nothing can train on it).
+        Returns notes for the confirmation (what could not be confirmed). A worker without the
+        IAM read permissions skips those checks; RunInstances still checks the profile."""
         where = f"`{launch_file}`" if launch_file else "the launch file"
         for subnet in template.subnets:
             try:
@@ -197,22 +225,32 @@ class Launcher:
                 raise translate(exc, f"describe subnet {subnet} of the launch template") from exc
             except BotoCoreError as exc:
                 raise translate(exc, f"describe subnet {subnet} of the launch template") from exc
+        iam = self.fleet.session.client("iam", config=BOTO_CONFIG)
+        name = template.instance_profile
         try:
-            self.fleet.session.client("iam", config=BOTO_CONFIG).get_instance_profile(
-                InstanceProfileName=template.instance_profile
-            )
+            roles = iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"].get("Roles", [])
+            if not roles:
+                raise RunctlError(
+                    f"The launch template's instance profile `{name}` has no role, so no SSM agent would "
+                    "register on what it launches: runctl could not train there while it bills.",
+                    why=f"{where} names it; the agent's permissions come from the profile's role.",
+                    fix=f"An admin adds a role with AmazonSSMManagedInstanceCore: `aws iam "
+                    f"add-role-to-instance-profile --instance-profile-name {name} --role-name ROLE`.",
+                )
+            return _ssm_notes(iam, name, str(roles[0]["RoleName"]))
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code == "NoSuchEntity":
                 raise RunctlError(
-                    f"The launch template's instance profile `{template.instance_profile}` does not exist.",
+                    f"The launch template's instance profile `{name}` does not exist.",
                     why=f"{where} names it; RunInstances would refuse it, and without it no SSM agent registers.",
                     fix=f"An admin creates it (its role with AmazonSSMManagedInstanceCore) or names another "
                     f"in {where}.",
                 ) from exc
-            log.warning("instance profile %s not checked: %s", template.instance_profile, code)
+            log.warning("instance profile %s not checked: %s", name, code)
         except BotoCoreError as exc:
-            log.warning("instance profile %s not checked: %s", template.instance_profile, exc)
+            log.warning("instance profile %s not checked: %s", name, exc)
+        return []
 
     def zone_of(self, subnet: str) -> str:
         try:

@@ -117,7 +117,7 @@ def ask_to_launch(svc: Services, cmd: LaunchCommand, actor: Actor) -> str:
     names.refuse_taken(
         spec.name, svc.fleet.iter_instances(), "/runctl launch " + cmd.target + (" --spot" if cmd.spot else "")
     )
-    Launcher(svc.fleet).check_template(config.template, svc.settings.RUNCTL_LAUNCH_FILE)  # before the click
+    notes = Launcher(svc.fleet).check_template(config.template, svc.settings.RUNCTL_LAUNCH_FILE)  # before the click
     price = quote(svc, config, spec)
     now = svc.clock()
     rows = fleetview.view(svc, now)
@@ -144,6 +144,7 @@ def ask_to_launch(svc: Services, cmd: LaunchCommand, actor: Actor) -> str:
             f"Autostop: stopped after {svc.settings.RUNCTL_AUTOSTOP_MINUTES} min with no live run "
             "(`/runctl autostop <instance> off` to keep it)."
         )
+    lines += notes
     command = "/runctl launch " + cmd.target + (" --spot" if cmd.spot else "")
     conf = Confirmation(
         nonce=new_nonce(),
