@@ -39,6 +39,7 @@ from workers.remote import gpu
 from workers.services import Services
 from workers.slack.ids import BlockId
 from workers.state.locks import acquire_all, release_all, train_lock
+from workers.state.run_queue import QueueStore
 from workers.state.runs import Run, RunState
 
 ALICE = Actor(user_id="U0ALICE", channel_id="C0TRAIN")
@@ -431,3 +432,42 @@ def test_the_parent_shows_each_nodes_liveness_and_gpus(
     finally:
         worker.stop()
     assert "node 0 " not in parent()  # an ended run's message keeps no liveness
+
+
+def test_a_queued_node_set_waits_for_every_node_and_keeps_each_nodes_order(
+    svc: Services, sandbox: Sandbox, nodes: list[str], stub_python: str, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    """`train a,b … --queue` is one request on both nodes: with b busy it does not start on a
+    (nor as a one-node run), a run queued on a after it waits its turn, and when b's run ends the
+    node set starts on both, then a's next."""
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=sandbox.endpoint_url)
+    ec2.create_tags(Resources=nodes, Tags=[{"Key": PYTHON_TAG, "Value": stub_python}])
+    bob = TrainCommand(instance_id=nodes[1], script="train_with_checkpoints.py", deps=False, args=("--epochs", "4"))
+    bob_id = f"r-test-{uuid.uuid4().hex[:12]}"
+    train(bob.model_dump(mode="json"), BOB.model_dump(mode="json"), bob_id)
+    app = build_app(svc.settings, svc.redis, WebClient(token=TOKEN, base_url=slack.base_url), token_verification=False)
+    quick = "-- --epochs 1 --steps-per-epoch 2 --step-seconds 0.01"
+    for text, user in (
+        (f"train {nodes[0]},{nodes[1]} train_with_checkpoints.py --queue --no-deps {quick}", "U0ALICE"),
+        (f"train {nodes[0]} train_with_checkpoints.py --queue --no-deps {quick}", "U0CAROL"),
+    ):
+        app.dispatch(command(text, user=user))
+        slack.wait_for(worker.pending, 5)
+        worker.work()  # its queue job alone, in the order sent (Bob's monitor ticks wait their time)
+    on_a = QueueStore(svc.redis).entries(nodes[0])
+    assert [e.user_id for e in on_a] == ["U0ALICE", "U0CAROL"]
+    assert [e.user_id for e in QueueStore(svc.redis).entries(nodes[1])] == ["U0ALICE"]
+    assert svc.runs.live_on(nodes[0]) is None  # not started on a alone
+
+    worker.drain(timeout=180)
+    alice_id, carol_id = (e.entry_id for e in on_a)
+    runs = [svc.runs.get(i) for i in (bob_id, alice_id, carol_id)]
+    assert all(r is not None and r.state is RunState.SUCCEEDED for r in runs), [r and (r.state, r.error) for r in runs]
+    bob_run, alice_run, carol_run = (r for r in runs if r is not None)
+    assert alice_run.node_ids == nodes  # a multi-node run on both, not one node
+    assert bob_run.ended_at and alice_run.started_at and alice_run.started_at >= bob_run.ended_at
+    assert alice_run.ended_at and carol_run.started_at and carol_run.started_at >= alice_run.ended_at
+    assert [
+        len([m for m in slack.messages("C0TRAIN") if m.thread_ts is None and f"({i})" in m.text])
+        for i in (alice_id, carol_id)
+    ] == [1, 1]

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from workers import policy, remote
 from workers.aws.instance import Instance, ScriptResult
 from workers.code import envs
-from workers.commands import INSTANCE_ID, TrainCommand
+from workers.commands import INSTANCE_ID, Actor, TrainCommand
 from workers.cost.pricing import format_rate, hourly_price, load_price_book
 from workers.errors import RunConflict, RunctlError
 from workers.jobs.funnel import Job
@@ -44,6 +44,27 @@ class NodeRefused(RunctlError):
 
 def execute(flow: TrainFlow, cmd: TrainCommand) -> Run:
     return MultiNode(flow, cmd).execute()
+
+
+def node_ids(svc: Services, first: str, cmd: TrainCommand) -> list[str]:
+    """The node list as instance ids: node 0 as the funnel resolved it (`first`), the others' names resolved."""
+    ids: list[str] = [first]
+    for typed in cmd.nodes[1:]:
+        iid = typed if INSTANCE_ID.fullmatch(typed) else svc.fleet.named(typed).id
+        if iid in ids:
+            raise RunctlError(
+                f"{code(typed)} names an instance already in the node list.", fix="Give each instance once."
+            )
+        ids.append(iid)
+    return ids
+
+
+def check_rights(svc: Services, actor: Actor, cmd: TrainCommand, ids: list[str]) -> None:
+    """The requester's `train` right on every node after node 0 (the funnel checked node 0)."""
+    for iid in ids[1:]:
+        one = cmd.model_copy(update={"instance_id": iid, "nodes": ()})
+        tags = (lambda i: svc.fleet.get(i).tags) if policy.needs_owner(svc.settings, ["train"]) else None
+        policy.recheck_command(svc.settings, actor, one, policy.owner_of(svc.redis, one, tags=tags))
 
 
 class MultiNode:
@@ -97,18 +118,8 @@ class MultiNode:
         """Every node's instance id (names resolved as the funnel resolves node 0's), each
         checked against the policy as the funnel checks node 0."""
         svc, run = self.svc, self.run
-        ids: list[str] = [run.instance_id]
-        for typed in self.cmd.nodes[1:]:
-            iid = typed if INSTANCE_ID.fullmatch(typed) else svc.fleet.named(typed).id
-            if iid in ids:
-                raise RunctlError(
-                    f"{code(typed)} names an instance already in the node list.", fix="Give each instance once."
-                )
-            ids.append(iid)
-        for iid in ids[1:]:
-            one = self.cmd.model_copy(update={"instance_id": iid, "nodes": ()})
-            tags = (lambda i: svc.fleet.get(i).tags) if policy.needs_owner(svc.settings, ["train"]) else None
-            policy.recheck_command(svc.settings, self.job.actor, one, policy.owner_of(svc.redis, one, tags=tags))
+        ids = node_ids(svc, run.instance_id, self.cmd)
+        check_rights(svc, self.job.actor, self.cmd, ids)
         run.nodes = ids
         svc.runs.save(run)
         return ids

@@ -29,7 +29,7 @@ from slack_sdk.errors import SlackApiError
 from workers import policy
 from workers.commands import Actor, QueueCommand, TrainCommand
 from workers.errors import InstanceError, PermissionDenied, RunConflict, RunctlError
-from workers.jobs import funnel
+from workers.jobs import funnel, multinode
 from workers.jobs.funnel import Job
 from workers.jobs.train import TrainFlow
 from workers.queueing import EntryArgs, JobPath, enqueue
@@ -71,15 +71,20 @@ def add(job: Job, cmd: TrainCommand, entry_id: str | None = None) -> str:
     ensure_loaded(svc)
     iid = cmd.instance_id
     now = svc.clock()
-    inst = svc.fleet.get(iid)
-    if inst.state in GONE:
-        raise RunctlError(f"{inst.label} is `{inst.state}`; nothing can be queued on it.", fix="/runctl resources")
-    if inst.state not in ("running", "pending") and not QueueStore(svc.redis).held(iid):
-        raise RunctlError(
-            f"{inst.label} is `{inst.state}`; a run is queued only behind a running instance's live run.",
-            why="A queue waits for a stopped instance only when runctl's `stop` stopped it with runs queued.",
-            fix=f"/runctl start {iid}",
-        )
+    if cmd.nodes:  # a node set is one request: queued on every node, started when all are free
+        ids = multinode.node_ids(svc, iid, cmd)
+        multinode.check_rights(svc, job.actor, cmd, ids)
+        cmd = cmd.model_copy(update={"nodes": tuple(ids)})
+    for node in cmd.nodes or (iid,):
+        inst = svc.fleet.get(node)
+        if inst.state in GONE:
+            raise RunctlError(f"{inst.label} is `{inst.state}`; nothing can be queued on it.", fix="/runctl resources")
+        if inst.state not in ("running", "pending") and not QueueStore(svc.redis).held(node):
+            raise RunctlError(
+                f"{inst.label} is `{inst.state}`; a run is queued only behind a running instance's live run.",
+                why="A queue waits for a stopped instance only when runctl's `stop` stopped it with runs queued.",
+                fix=f"/runctl start {node}",
+            )
     ref = cmd.ref or svc.settings.RUNCTL_REF
     sha = ""
     if cmd.sync_code:
@@ -117,8 +122,9 @@ def add(job: Job, cmd: TrainCommand, entry_id: str | None = None) -> str:
             store.save(entry)
         except SlackApiError as exc:
             log.warning("queue %s: could not tell run %s's thread: %s", entry.entry_id, live.run_id, exc)
-    show_queue(svc, iid)
-    advance(svc, iid)  # an idle instance takes it at once
+    for node in entry.nodes:
+        show_queue(svc, node)
+        advance(svc, node)  # an idle instance takes it at once
     return f"queued {entry.entry_id} at {position}"
 
 
@@ -228,11 +234,12 @@ def advance(svc: Services, instance_id: str, ended: Run | None = None) -> Entry 
 
 
 def after_end(svc: Services, run: Run) -> None:
-    """The monitor's hook: a run ended (its lock released), so the next in line starts."""
-    try:
-        advance(svc, run.instance_id, run)
-    except Exception:  # the fallbacks (tick, reconcile) start it; the end is told regardless
-        log.exception("queue: could not advance %s after run %s", run.instance_id, run.run_id)
+    """The monitor's hook: a run ended (its locks released), so the next in line starts, on each of its nodes."""
+    for iid in run.node_ids:
+        try:
+            advance(svc, iid, run)
+        except Exception:  # the fallbacks (tick, reconcile) start it; the end is told regardless
+            log.exception("queue: could not advance %s after run %s", iid, run.run_id)
 
 
 def sweep(svc: Services) -> int:
@@ -284,7 +291,7 @@ def start(entry_id: str, raw_actor: dict[str, object]) -> str:
         if waits:
             # Taken by a run Redis knows (its lock): its end starts this one. Else (pid files on the
             # instance, a run Redis lost) the fallbacks try again after a pause, not every tick.
-            locked = train_lock(svc.redis, entry.instance_id).raw() is not None
+            locked = any(train_lock(svc.redis, node).raw() is not None for node in entry.nodes)
             store.put_back(entry, pause_s=0 if locked else RETRY_PAUSE_SECONDS)
         else:
             store.started(entry)
@@ -293,7 +300,8 @@ def start(entry_id: str, raw_actor: dict[str, object]) -> str:
                 _close_cancel(svc, entry, outcome)
             if job.run is None or job.run.state.ended:  # not started: the queue moves on
                 after = svc.runs.get(entry_id)
-                advance(svc, entry.instance_id, after if after and after.message_ts else None)
+                for node in entry.nodes:
+                    advance(svc, node, after if after and after.message_ts else None)
     return outcome
 
 
@@ -308,7 +316,8 @@ def _start(job: Job, entry: Entry) -> str:
     try:
         tags = (lambda iid: svc.fleet.get(iid).tags) if policy.needs_owner(svc.settings, policy.actions(cmd)) else None
         policy.recheck_command(svc.settings, job.actor, cmd, policy.owner_of(svc.redis, cmd, tags=tags))
-        return TrainFlow(job, cmd).execute().state.value
+        flow = TrainFlow(job, cmd)
+        return (multinode.execute(flow, cmd) if cmd.nodes else flow.execute()).state.value
     except RunConflict:
         raise
     except RunctlError as exc:
@@ -361,8 +370,9 @@ def cancel(svc: Services, actor: Actor, entry_id: str) -> str:
     if store.remove(entry_id) is None:
         return f"Queued run `{entry_id}` is starting already; `/runctl stop {entry.instance_id}` stops it."
     forget(svc, entry)
-    store.forget_instance(entry.instance_id)
-    show_queue(svc, entry.instance_id)
+    for node in entry.nodes:
+        store.forget_instance(node)
+        show_queue(svc, node)
     text = f":x: Queued run `{entry_id}` ({code(entry.command.script)} on `{entry.instance_id}`) was cancelled"
     text += "." if actor.user_id == entry.user_id else f" by <@{actor.user_id}>."
     if entry.cancel_ts and entry.behind:

@@ -64,6 +64,12 @@ class Entry(BaseModel):
     def user_id(self) -> str:
         return self.actor.user_id
 
+    @property
+    def nodes(self) -> list[str]:
+        """The instances it waits for: a multi-node run's node set is one request, in every
+        node's queue at the same score, started only when it heads all of them."""
+        return list(self.command.nodes) or [self.instance_id]
+
 
 def new_entry_id(now: datetime) -> str:
     return f"q{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
@@ -149,9 +155,10 @@ class QueueStore:
                         raise QueueFull(count)
                     pipe.multi()
                     self._put(pipe, entry)
-                    pipe.zrank(queue_key(entry.instance_id), entry.entry_id)
-                    rank = pipe.execute()[-1]
-                    return int(rank) + 1
+                    for node in entry.nodes:
+                        pipe.zrank(queue_key(node), entry.entry_id)
+                    ranks = pipe.execute()[-len(entry.nodes) :]
+                    return max(int(r) for r in ranks) + 1  # behind the most on its busiest node
                 except WatchError:
                     continue
 
@@ -170,8 +177,9 @@ class QueueStore:
 
     def _put(self, pipe: Pipeline, entry: Entry) -> None:
         pipe.set(entry_key(entry.entry_id), entry.model_dump_json())
-        pipe.zadd(queue_key(entry.instance_id), {entry.entry_id: entry.score})
-        pipe.sadd(INSTANCES, entry.instance_id)
+        for node in entry.nodes:
+            pipe.zadd(queue_key(node), {entry.entry_id: entry.score})
+        pipe.sadd(INSTANCES, *entry.nodes)
         pipe.sadd(user_key(entry.user_id), entry.entry_id)
 
     def remove(self, entry_id: str) -> Entry | None:
@@ -181,28 +189,28 @@ class QueueStore:
         if entry is None:
             return None
         removed = self.redis.eval(
-            "if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then "
-            "redis.call('DEL', KEYS[2]); redis.call('SREM', KEYS[3], ARGV[1]); return 1 end return 0",
-            3,
-            queue_key(entry.instance_id),
+            "local n = 0 for i = 3, #KEYS do n = n + redis.call('ZREM', KEYS[i], ARGV[1]) end "
+            "if n > 0 then redis.call('DEL', KEYS[1]); redis.call('SREM', KEYS[2], ARGV[1]); return 1 end return 0",
+            2 + len(entry.nodes),
             entry_key(entry_id),
             user_key(entry.user_id),
+            *[queue_key(node) for node in entry.nodes],
             entry_id,
         )
         return entry if removed else None
 
     def take_next(self, instance_id: str, queue_job: Callable[[Pipeline, Entry], None]) -> Entry | None:
-        """The head of the instance's queue, taken for starting when nothing holds the instance
-        (no train lock, no start under way), with `queue_job(pipe, entry)` writing its start job
-        in the same transaction; None when the queue is empty, the instance busy, or another
-        worker took the head first."""
-        qkey, skey, hkey = queue_key(instance_id), starting_key(instance_id), held_key(instance_id)
-        lock = train_lock(self.redis, instance_id).key
+        """The head of the instance's queue, taken for starting when nothing holds any of its
+        instances (no train lock, no start under way, no stop hold) and, for a node set, when it
+        heads every node's queue; `queue_job(pipe, entry)` writes its start job in the same
+        transaction. None when the queue is empty, an instance busy, or another worker took the
+        head first."""
+        qkey = queue_key(instance_id)
         with self.redis.pipeline() as pipe:
             try:
-                pipe.watch(qkey, skey, lock, hkey)  # type: ignore[no-untyped-call]
+                pipe.watch(qkey)  # type: ignore[no-untyped-call]
                 head = pipe.zrange(qkey, 0, 0)
-                if not head or pipe.exists(skey) or pipe.exists(lock) or pipe.exists(hkey):
+                if not head:
                     return None
                 entry_id = _text(head[0])
                 raw = pipe.get(entry_key(entry_id))
@@ -212,40 +220,51 @@ class QueueStore:
                     pipe.execute()
                     return None
                 entry = Entry.model_validate_json(raw)
+                nodes = entry.nodes if instance_id in entry.nodes else [instance_id]
+                keys = [(queue_key(n), starting_key(n), train_lock(self.redis, n).key, held_key(n)) for n in nodes]
+                pipe.watch(*[k for four in keys for k in four])  # type: ignore[no-untyped-call]
+                for queue, starting, lock, held in keys:
+                    first = pipe.zrange(queue, 0, 0)
+                    if not first or _text(first[0]) != entry_id:
+                        return None  # another node's queue has others first: their ends start it
+                    if pipe.exists(starting) or pipe.exists(lock) or pipe.exists(held):
+                        return None
                 pipe.multi()
-                pipe.zrem(qkey, entry_id)
-                pipe.set(skey, entry_id, ex=STARTING_TTL_S)
+                for queue, starting, _, _ in keys:
+                    pipe.zrem(queue, entry_id)
+                    pipe.set(starting, entry_id, ex=STARTING_TTL_S)
                 queue_job(pipe, entry)
                 pipe.execute()
             except WatchError:
-                return None  # someone changed the queue, the marker or the lock: they act
+                return None  # someone changed a queue, a marker or a lock: they act
         return entry
 
     def started(self, entry: Entry) -> None:
-        """The entry's start job settled (started, refused or failed): forget it and free the instance."""
+        """The entry's start job settled (started, refused or failed): forget it and free its instances."""
         pipe = self.redis.pipeline()
         pipe.delete(entry_key(entry.entry_id))
         pipe.srem(user_key(entry.user_id), entry.entry_id)
         pipe.execute()
         self.redis.eval(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
-            1,
-            starting_key(entry.instance_id),
+            "for i = 1, #KEYS do if redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('DEL', KEYS[i]) end end "
+            "return 0",
+            len(entry.nodes),
+            *[starting_key(node) for node in entry.nodes],
             entry.entry_id,
         )
 
     def put_back(self, entry: Entry, pause_s: int = 0) -> None:
-        """A start that found the instance busy after all (a `train` got there first): the entry
-        goes back at the head; with `pause_s`, nothing starts on the instance for that long."""
+        """A start that found an instance busy after all (a `train` got there first): the entry
+        goes back at the head; with `pause_s`, nothing starts on its instances for that long."""
         pipe = self.redis.pipeline()
         self._put(pipe, entry)
         pipe.execute()
         self.redis.eval(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then "
-            "if tonumber(ARGV[2]) > 0 then return redis.call('SET', KEYS[1], 'pause', 'EX', ARGV[2]) end "
-            "return redis.call('DEL', KEYS[1]) end return 0",
-            1,
-            starting_key(entry.instance_id),
+            "for i = 1, #KEYS do if redis.call('GET', KEYS[i]) == ARGV[1] then "
+            "if tonumber(ARGV[2]) > 0 then redis.call('SET', KEYS[i], 'pause', 'EX', ARGV[2]) "
+            "else redis.call('DEL', KEYS[i]) end end end return 0",
+            len(entry.nodes),
+            *[starting_key(node) for node in entry.nodes],
             entry.entry_id,
             pause_s,
         )

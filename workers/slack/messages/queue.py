@@ -25,7 +25,8 @@ def plain(text: str) -> list[Block]:
 
 def _what(entry: Entry) -> str:
     at = f" at `{entry.sha[:10]}`" if entry.sha else ""
-    return f"{code(entry.command.script)}{at}"
+    nodes = f" on {len(entry.nodes)} nodes ({', '.join(f'`{n}`' for n in entry.nodes)})" if entry.command.nodes else ""
+    return f"{code(entry.command.script)}{at}{nodes}"
 
 
 def eta(live: Run | None, now: datetime) -> str:
@@ -66,9 +67,11 @@ def queued(entry: Entry, position: int, live: Run | None, now: datetime) -> Mess
     """To the requester: queued, where, and when it may start."""
     when = f"when <@{live.user_id}>'s run `{live.run_id}` ends" if live else "as soon as the instance is free"
     due = eta(live, now) if position == 1 else ""
+    where = "" if entry.command.nodes else f" on `{entry.instance_id}`"
+    also = " and every node is free" if entry.command.nodes else ""
     text = (
-        f":inbox_tray: Queued run `{entry.entry_id}`: {_what(entry)} on `{entry.instance_id}`, "
-        f"position {position}. It starts {when}{' (' + due + ')' if due else ''}; you'll be mentioned in its "
+        f":inbox_tray: Queued run `{entry.entry_id}`: {_what(entry)}{where}, position {position}. "
+        f"It starts {when}{also}{' (' + due + ')' if due else ''}; you'll be mentioned in its "
         f"message. `/runctl queue cancel {entry.entry_id}` cancels it."
     )
     return Message(text, [*text_blocks(text), _cancel(entry)])
