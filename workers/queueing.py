@@ -119,6 +119,7 @@ class JobPath(StrEnum):
     QUEUE_ADD = "workers.jobs.queued.add"
     QUEUED_START = "workers.jobs.queued.start"
     QUEUE_CANCEL_CLICK = "workers.jobs.queued.cancel_click"
+    REPLY = "workers.jobs.replies.deliver"
 
     @property
     def module(self) -> str:
@@ -273,6 +274,13 @@ class InstanceArgs(Payload):
     instance_id: str
 
 
+class ReplyArgs(Payload):
+    run_id: str
+    text: str
+    full_log: bool = False
+    attempt: int = 1
+
+
 class NoArgs(Payload):
     pass
 
@@ -309,6 +317,7 @@ SPECS: dict[JobPath, Spec] = {
     JobPath.QUEUE_ADD: _COMMAND,
     JobPath.QUEUED_START: Spec(EntryArgs, 3600, 1),  # acts for the queued run's requester
     JobPath.QUEUE_CANCEL_CLICK: Spec(EntryClickArgs, 180, 1),
+    JobPath.REPLY: Spec(ReplyArgs, 120, None),
 }
 SYSTEM = Actor(user_id="runctl", channel_id="")  # who acts in a job the clock, the monitor or an event queues
 DAY = 86400

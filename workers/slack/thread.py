@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 from slack_sdk.errors import SlackApiError
 
 from workers.context import Context
 from workers.errors import ErrorInfo, RunctlError
+from workers.queueing import SYSTEM, JobPath, ReplyArgs, enqueue
 from workers.slack import updates
 from workers.slack.messages.run import full_log_actions, text_blocks
 from workers.slack.reach import channel_error, refusal
 from workers.state.runs import Run, RunState
 
 log = logging.getLogger(__name__)
+MAX_ATTEMPTS = 60  # a reply Slack keeps refusing with 429 is tried this many times (about an hour) before it is logged
 
 
 def open_run(svc: Context, run: Run) -> Run:
@@ -77,13 +80,36 @@ def reply(svc: Context, run: Run, text: str, mention: bool = True, full_log: boo
         privately(svc, run, text)
         return
     said = f"<@{run.user_id}> {text}" if mention else text
+    deliver(svc, run, said, full_log)
+
+
+def deliver(svc: Context, run: Run, said: str, full_log: bool, attempt: int = 0) -> bool:
+    """Post a reply in the run's thread; True once Slack took it. Past the client's retries of a
+    429 (a burst of ends in one channel meets its 1 a second), the reply is not dropped: a job
+    posts it after Retry-After (workers/jobs/replies.py), up to MAX_ATTEMPTS times."""
+    assert run.message_ts is not None
     blocks = [*text_blocks(said), full_log_actions(run.run_id)] if full_log else None
     try:
         svc.notifier.post(run.channel_id, said, blocks, thread_ts=run.message_ts)
+        return True
     except SlackApiError as exc:
+        if exc.response.status_code == 429 and attempt < MAX_ATTEMPTS:
+            after = _seconds(exc.response.headers.get("Retry-After")) + attempt  # a little later each time
+            args = ReplyArgs(run_id=run.run_id, text=said, full_log=full_log, attempt=attempt + 1)
+            enqueue(svc.queue, JobPath.REPLY, args, SYSTEM, delay=timedelta(seconds=after))
+            log.info("reply on run %s rate-limited: again in %.0f s", run.run_id, after)
+            return False
         log.warning("could not reply on run %s: %s", run.run_id, exc.response.get("error"))
         if channel_error(exc):
-            privately(svc, run, text)
+            privately(svc, run, said)
+        return False
+
+
+def _seconds(value: object) -> float:
+    try:
+        return max(1.0, float(str(value)))
+    except ValueError:
+        return 1.0
 
 
 def privately(svc: Context, run: Run, text: str) -> None:
