@@ -28,12 +28,14 @@ from tests.conftest import TOKEN
 from tests.slack import command, dispatched
 from workers import audit
 from workers.aws.instance import PYTHON_TAG
-from workers.commands import Actor, LogsCommand, TrainCommand
+from workers.commands import Actor, LogsCommand, StopCommand, TrainCommand
 from workers.cost.pricing import cost_of, format_usd, hourly_price, load_price_book
 from workers.errors import UsageError
+from workers.jobs import queued
 from workers.jobs.logs import logs
 from workers.jobs.reconcile import run_pass
 from workers.jobs.status import describe
+from workers.jobs.stop import stop
 from workers.jobs.train import train
 from workers.remote import gpu
 from workers.services import Services
@@ -471,3 +473,30 @@ def test_a_queued_node_set_waits_for_every_node_and_keeps_each_nodes_order(
         len([m for m in slack.messages("C0TRAIN") if m.thread_ts is None and f"({i})" in m.text])
         for i in (alice_id, carol_id)
     ] == [1, 1]
+
+
+def test_stopping_a_node_set_holds_every_nodes_queue_until_it_is_started(
+    svc: Services, sandbox: Sandbox, nodes: list[str], stub_python: str, slack: FakeSlack, worker: InlineWorker
+) -> None:
+    """`stop a` of an a,b run stops both nodes and holds both queues: a run queued on b waits
+    for `/runctl start b` (the stop says so) instead of being started on a stopped instance,
+    failing and dropped."""
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=sandbox.endpoint_url)
+    ec2.create_tags(Resources=nodes, Tags=[{"Key": PYTHON_TAG, "Value": stub_python}])
+    run_id = start(nodes, "--epochs", "50", "--steps-per-epoch", "5", "--step-seconds", "0.05", deps=False)
+    carol = TrainCommand(instance_id=nodes[1], script="train_with_checkpoints.py", deps=False, queue=True)
+    queued.add(carol.model_dump(mode="json"), Actor(user_id="U0CAROL", channel_id="C0TRAIN").model_dump(mode="json"))
+    [entry] = QueueStore(svc.redis).entries(nodes[1])
+
+    said = stop(StopCommand(instance_id=nodes[0]).model_dump(mode="json"), ALICE.model_dump(mode="json"))
+    assert "stopped" in said, said
+    queued.fallback(svc)  # the monitor tick's fallback, which starts what a free instance has queued
+    worker.drain(timeout=60)
+
+    run = svc.runs.get(run_id)
+    assert run is not None and run.state is RunState.STOPPED
+    assert [svc.fleet.get(iid).state for iid in nodes] == ["stopped", "stopped"]
+    assert [e.entry_id for e in QueueStore(svc.redis).entries(nodes[1])] == [entry.entry_id]  # still waiting
+    assert "was not started" not in "\n".join(m.text for m in slack.ephemerals("U0CAROL"))
+    summary = [m.text + str(m.blocks) for m in slack.messages("C0TRAIN") if "stopped *" in m.text]
+    assert any(f"`/runctl start {nodes[1]}`" in t for t in summary), summary

@@ -6,6 +6,7 @@ another lifecycle operation on the same instance."""
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 
 from workers import policy
 from workers.commands import Actor, StopCommand
@@ -41,15 +42,20 @@ def stop_flow(
     thread_ts: str | None = None,
 ) -> str:
     """Checkpoint and stop the live run, stop the instance, post the summary (in `thread_ts`
-    when given); returns the outcome in a line. Raises RunctlError when the stop did not happen."""
-    with (
-        operation(svc.redis, instance_id, holder(svc, actor, "stop")),
-        queued.held_while_stopping(svc, instance_id) as hold,
-    ):
+    when given); returns the outcome in a line. Raises RunctlError when the stop did not happen.
+    A multi-node run's nodes stop together: each node's operation lock (in one order, as a
+    multi-node train takes them) and each node's queue are held."""
+    live = svc.runs.live_on(instance_id)
+    nodes = sorted(live.node_ids) if live is not None and live.nodes else [instance_id]
+    with ExitStack() as stack:
+        for node in nodes:
+            stack.enter_context(operation(svc.redis, node, holder(svc, actor, "stop")))
+        holds = [stack.enter_context(queued.held_while_stopping(svc, node)) for node in nodes]
         done, lines = _stop_locked(svc, instance_id, actor, grace, force)
-        hold.stopped = done
-    if done and hold.note(svc, instance_id):
-        lines.insert(1, hold.note(svc, instance_id))
+        for each in holds:
+            each.stopped = done
+    if done:
+        lines[1:1] = [note for hold, node in zip(holds, nodes, strict=True) if (note := hold.note(svc, node))]
     if not done:
         answer(svc, actor, lines[0], thread_ts)
         return lines[0]
