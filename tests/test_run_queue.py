@@ -32,7 +32,7 @@ from workers.services import Services
 from workers.slack.ids import ActionId
 from workers.state.locks import Holder, train_lock
 from workers.state.run_queue import PREFIX, Entry, QueueStore
-from workers.state.runs import RunState
+from workers.state.runs import Run, RunState
 
 from .conftest import BUCKET, TOKEN
 from .queues import queued as queued_jobs
@@ -216,6 +216,42 @@ def test_two_workers_advancing_at_once_start_the_head_once(svc: Services, fleet_
     starts = [j for j in queued_jobs(svc.redis) if j.func_name == JobPath.QUEUED_START.value]
     assert [j.args[0] for j in starts] == ["q-race-0"]
     assert store.ids(iid) == ["q-race-1"] and store.starting(iid) == "q-race-0"
+
+
+def test_a_start_job_that_died_after_its_run_started_does_not_hold_the_queue(
+    svc: Services, fleet_seed: SeedInfo
+) -> None:
+    """Its worker SIGKILLed between the run's start and the job's end (as in
+    test_run_queue_processes): the "starting" marker it never cleared would hold the queue for
+    an hour. The run's record shows the start happened: the next advance frees the instance."""
+    iid = fleet_seed.instances["cpu-box"]
+    now = datetime.now(UTC)
+    store = QueueStore(svc.redis)
+    for i, who in enumerate((BOB, CAROL)):
+        entry = Entry(
+            entry_id=f"q-orphan-{i}",
+            instance_id=iid,
+            actor=Actor(user_id=who, channel_id=CHANNEL),
+            command=TrainCommand(instance_id=iid, script=SCRIPT),
+            ref_name="main",
+            sha="",
+            queued_at=now,
+            score=i,
+        )
+        store.add(entry, 3)
+    assert queued.advance(svc, iid) is not None  # Bob's start job queued, the marker set
+    run = svc.runs.create(
+        Run(run_id="q-orphan-0", instance_id=iid, user_id=BOB, channel_id=CHANNEL, script=SCRIPT, started_at=now)
+    )
+    run.state, run.ended_at = RunState.SUCCEEDED, now  # ran and ended; its start job never settled
+    svc.runs.save(run)
+    for job in queued_jobs(svc.redis):
+        job.delete()  # the job died with its worker
+
+    taken = queued.advance(svc, iid)  # the run's end advancing the queue
+
+    assert taken is not None and taken.entry_id == "q-orphan-1"
+    assert store.starting(iid) == "q-orphan-1" and store.get("q-orphan-0") is None
 
 
 def test_cancel_and_a_rights_revocation_between_queue_and_start(

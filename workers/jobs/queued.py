@@ -213,6 +213,7 @@ def advance(svc: Services, instance_id: str, ended: Run | None = None) -> Entry 
     run's thread says who is next."""
     ensure_loaded(svc)
     store = QueueStore(svc.redis)
+    settle_orphan(svc, store, instance_id)
 
     def queue_job(pipe: Pipeline, entry: Entry) -> None:
         enqueue(
@@ -233,6 +234,25 @@ def advance(svc: Services, instance_id: str, ended: Run | None = None) -> Entry 
     return entry
 
 
+def settle_orphan(svc: Services, store: QueueStore, instance_id: str) -> None:
+    """A start job whose worker died after its run started (or ended) never cleared its
+    "starting" marker, which would hold the queue for its TTL (an hour): the run's record
+    says the start happened, so the marker is cleared here as the job would have."""
+    marker = store.starting(instance_id)
+    if not marker or marker == "pause":
+        return
+    run = svc.runs.get(marker)
+    if run is None or (run.started_at is None and not run.state.ended):
+        return  # not started yet: its job is at work (or RQ's failure handling answers for it)
+    log.warning("queue: run %s started but its start job did not settle; freeing %s", marker, instance_id)
+    entry = store.get(marker)
+    if entry is None:
+        store.clear_starting(instance_id, marker)
+        return
+    store.started(entry)
+    forget(svc, entry)
+
+
 def after_end(svc: Services, run: Run) -> None:
     """The monitor's hook: a run ended (its locks released), so the next in line starts, on each of its nodes."""
     for iid in run.node_ids:
@@ -250,6 +270,7 @@ def sweep(svc: Services) -> int:
         if store.waiting(iid) == 0:
             store.forget_instance(iid)
             continue
+        settle_orphan(svc, store, iid)
         if store.starting(iid) or store.held(iid) or train_lock(svc.redis, iid).raw() is not None:
             continue
         if advance(svc, iid) is not None:

@@ -253,6 +253,15 @@ class QueueStore:
             entry.entry_id,
         )
 
+    def clear_starting(self, instance_id: str, entry_id: str) -> None:
+        """The instance's "starting" marker, if it still names `entry_id`."""
+        self.redis.eval(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+            1,
+            starting_key(instance_id),
+            entry_id,
+        )
+
     def put_back(self, entry: Entry, pause_s: int = 0) -> None:
         """A start that found an instance busy after all (a `train` got there first): the entry
         goes back at the head; with `pause_s`, nothing starts on its instances for that long."""
