@@ -114,6 +114,20 @@ def shows_queued(slack: FakeSlack, run_id: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def waiting(entry_id: str, iid: str, who: str, at: datetime, score: int) -> Entry:
+    """A queued run as `add` would have checked it, for tests that queue directly."""
+    return Entry(
+        entry_id=entry_id,
+        instance_id=iid,
+        actor=Actor(user_id=who, channel_id=CHANNEL),
+        command=TrainCommand(instance_id=iid, script=SCRIPT),
+        ref_name="main",
+        sha="",
+        queued_at=at,
+        score=score,
+    )
+
+
 def told(slack: FakeSlack, user: str) -> str:
     return "\n".join(m.text for m in slack.ephemerals(user)) + "\n".join(m.text for m in slack.messages(user))
 
@@ -184,20 +198,7 @@ def test_two_workers_advancing_at_once_start_the_head_once(svc: Services, fleet_
     now = datetime.now(UTC)
     store = QueueStore(svc.redis)
     for i, who in enumerate((BOB, CAROL)):
-        cmd = TrainCommand(instance_id=iid, script=SCRIPT)
-        store.add(
-            Entry(
-                entry_id=f"q-race-{i}",
-                instance_id=iid,
-                actor=Actor(user_id=who, channel_id=CHANNEL),
-                command=cmd,
-                ref_name="main",
-                sha="",
-                queued_at=now,
-                score=i,
-            ),
-            3,
-        )
+        store.add(waiting(f"q-race-{i}", iid, who, now, i), 3)
     gate = threading.Barrier(8)
     taken: list[str] = []
 
@@ -228,17 +229,7 @@ def test_a_start_job_that_died_after_its_run_started_does_not_hold_the_queue(
     now = datetime.now(UTC)
     store = QueueStore(svc.redis)
     for i, who in enumerate((BOB, CAROL)):
-        entry = Entry(
-            entry_id=f"q-orphan-{i}",
-            instance_id=iid,
-            actor=Actor(user_id=who, channel_id=CHANNEL),
-            command=TrainCommand(instance_id=iid, script=SCRIPT),
-            ref_name="main",
-            sha="",
-            queued_at=now,
-            score=i,
-        )
-        store.add(entry, 3)
+        store.add(waiting(f"q-orphan-{i}", iid, who, now, i), 3)
     assert queued.advance(svc, iid) is not None  # Bob's start job queued, the marker set
     run = svc.runs.create(
         Run(run_id="q-orphan-0", instance_id=iid, user_id=BOB, channel_id=CHANNEL, script=SCRIPT, started_at=now)
@@ -324,16 +315,7 @@ def test_autostop_never_stops_an_instance_whose_queue_is_not_empty(
     slash(svc, slack, f"autostop {iid} 30", ALICE)
     worker.drain()
     QueueStore(svc.redis).add(
-        Entry(
-            entry_id="q-waits",
-            instance_id=iid,
-            actor=Actor(user_id=BOB, channel_id=CHANNEL),
-            command=TrainCommand(instance_id=iid, script=SCRIPT),
-            ref_name="main",
-            sha="",
-            queued_at=t0,
-            score=1,
-        ),
+        waiting("q-waits", iid, BOB, t0, 1),
         3,
     )
     for minutes in (25, 36, 50):
