@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -94,6 +95,18 @@ def _ckpt(sandbox: Sandbox, iid: str, name: str, timeout: float = 60) -> None:
         time.sleep(0.1)
 
 
+def _epoch(sandbox: Sandbox, iid: str, epoch: int, timeout: float = 60) -> None:
+    """Until the run's progress file says it is in `epoch` or later."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for path in sandbox.instance_dir(iid).glob("runs/*/progress.json"):
+            with contextlib.suppress(OSError, ValueError):
+                if int(json.loads(path.read_text()).get("epoch", 0)) >= epoch:
+                    return
+        assert time.monotonic() < deadline, f"no epoch {epoch} on {iid}"
+        time.sleep(0.05)
+
+
 @contextmanager
 def _no_handler_training(
     svc: Services, slack: FakeSlack, worker: InlineWorker, sandbox: Sandbox, iid: str
@@ -106,6 +119,7 @@ def _no_handler_training(
     try:
         app.dispatch(command(f"train {iid} no_handler.py -- 400", user="U0ADMIN"))
         _ckpt(sandbox, iid, "ckpt-epoch-00003.json")
+        _epoch(sandbox, iid, 6)  # epochs 4 and 5 done after the checkpoint: a stop now loses them
         yield app
     finally:
         worker.stop()
