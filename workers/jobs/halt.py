@@ -243,8 +243,7 @@ class Halter:
         told = summary.gather(svc, run, summary.HALT_TIMEOUT)
         summary.keep(run, told)
         publish(svc, run)
-        more = "\n" + told.details() if told.details() else ""
-        reply(svc, run, halt.report + more, full_log=run.started_at is not None)
+        reply(svc, run, halt.report + told.more(), full_log=run.started_at is not None)
         summary.conclude(svc, run, told)
 
 

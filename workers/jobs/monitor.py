@@ -255,7 +255,7 @@ def finish(svc: Services, run: Run, snap: Snapshot) -> None:
     publish(svc, run)
     autostop.after_run(svc, run)
     took = duration((run.ended_at - (run.started_at or run.created_at)).total_seconds())
-    more = "\n" + told.details() if told.details() else ""
+    more = told.more()
     if run.spot_notice:
         reply(svc, run, spot_report(run, f"ended (exit {run.exit_code}) after {took}") + more, full_log=True)
         summary.conclude(svc, run, told)

@@ -29,9 +29,8 @@ from slack_sdk.errors import SlackApiError
 from workers import policy
 from workers.commands import Actor, QueueCommand, TrainCommand
 from workers.errors import InstanceError, PermissionDenied, RunConflict, RunctlError
-from workers.jobs import funnel, multinode
+from workers.jobs import funnel, multinode, train
 from workers.jobs.funnel import Job
-from workers.jobs.train import TrainFlow
 from workers.queueing import EntryArgs, JobPath, enqueue
 from workers.services import Services, current
 from workers.slack import updates
@@ -247,7 +246,7 @@ def settle_orphan(svc: Services, store: QueueStore, instance_id: str) -> None:
     log.warning("queue: run %s started but its start job did not settle; freeing %s", marker, instance_id)
     entry = store.get(marker)
     if entry is None:
-        store.clear_starting(instance_id, marker)
+        store.release(marker, [instance_id])
         return
     store.started(entry)
     forget(svc, entry)
@@ -337,8 +336,7 @@ def _start(job: Job, entry: Entry) -> str:
     try:
         tags = (lambda iid: svc.fleet.get(iid).tags) if policy.needs_owner(svc.settings, policy.actions(cmd)) else None
         policy.recheck_command(svc.settings, job.actor, cmd, policy.owner_of(svc.redis, cmd, tags=tags))
-        flow = TrainFlow(job, cmd)
-        return (multinode.execute(flow, cmd) if cmd.nodes else flow.execute()).state.value
+        return train.execute(job, cmd).state.value
     except RunConflict:
         raise
     except RunctlError as exc:

@@ -46,7 +46,7 @@ def stop_flow(
     A multi-node run's nodes stop together: each node's operation lock (in one order, as a
     multi-node train takes them) and each node's queue are held."""
     live = svc.runs.live_on(instance_id)
-    nodes = sorted(live.node_ids) if live is not None and live.nodes else [instance_id]
+    nodes = sorted(live.node_ids) if live is not None else [instance_id]
     with ExitStack() as stack:
         for node in nodes:
             stack.enter_context(operation(svc.redis, node, holder(svc, actor, "stop")))

@@ -72,6 +72,11 @@ class Told:
             ]
         return "\n".join(lines)
 
+    def more(self) -> str:
+        """`details` as lines to append to a reply ("" when there are none)."""
+        details = self.details()
+        return "\n" + details if details else ""
+
 
 def gather(svc: Services, run: Run, timeout: int = END_TIMEOUT) -> Told:
     """One SSM command for the summary, then the price: every failure leaves its part out."""

@@ -45,8 +45,13 @@ _CHECKPOINT_SIGNS = re.compile(r"checkpoint|RUNCTL_CHECKPOINT_DIR|torch\.save|sa
 def train(job: Job, cmd: TrainCommand, run_id: str) -> str:
     svc = job.svc
     job.run = svc.runs.get(run_id) or svc.runs.create(new_run(svc, cmd, job.actor, run_id))
+    return execute(job, cmd).state.value
+
+
+def execute(job: Job, cmd: TrainCommand) -> Run:
+    """The train flow for `job.run`: across its nodes on torchrun, or on its one instance."""
     flow = TrainFlow(job, cmd)
-    return (multinode.execute(flow, cmd) if cmd.nodes else flow.execute()).state.value
+    return multinode.execute(flow, cmd) if cmd.nodes else flow.execute()
 
 
 class TrainFlow:

@@ -245,20 +245,15 @@ class QueueStore:
         pipe.delete(entry_key(entry.entry_id))
         pipe.srem(user_key(entry.user_id), entry.entry_id)
         pipe.execute()
+        self.release(entry.entry_id, entry.nodes)
+
+    def release(self, entry_id: str, instance_ids: list[str]) -> None:
+        """Each instance's "starting" marker that still names `entry_id`."""
         self.redis.eval(
             "for i = 1, #KEYS do if redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('DEL', KEYS[i]) end end "
             "return 0",
-            len(entry.nodes),
-            *[starting_key(node) for node in entry.nodes],
-            entry.entry_id,
-        )
-
-    def clear_starting(self, instance_id: str, entry_id: str) -> None:
-        """The instance's "starting" marker, if it still names `entry_id`."""
-        self.redis.eval(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
-            1,
-            starting_key(instance_id),
+            len(instance_ids),
+            *[starting_key(iid) for iid in instance_ids],
             entry_id,
         )
 
